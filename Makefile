@@ -1,0 +1,42 @@
+# sdcli: `make demo MODEL=...` renders an image, `make test` runs the suite. Both set everything up first.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel by default; pick another build with e.g. `make install TORCH="torch==2.13.0 --index-url ..."`.
+TORCH  ?= torch==2.13.0
+MODEL  ?= stable-diffusion-v1-5/stable-diffusion-v1-5
+PROMPT ?= a photo of a cat, highly detailed
+OUT    ?= demo.png
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sdcli-installed
+
+.PHONY: install demo demo-tiny test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# open_clip's tokenizer is our tokenizer oracle; its package pulls torchvision, which we do not need.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Needs a Stable Diffusion 1.x/2.x checkpoint: MODEL=path/to/model.safetensors works offline;
+# a hub id (the default) is downloaded once into the Hugging Face cache.
+demo: $(STAMP)
+	$(VENV)/bin/sdcli generate "$(PROMPT)" --model "$(MODEL)" --seed 42 -o "$(OUT)" --overwrite
+
+# Offline smoke render with a tiny random-weight checkpoint (the image is noise; the path is real).
+demo-tiny: $(STAMP)
+	$(PY) scripts/make_checkpoint.py .bench/tiny-sd1.safetensors --family sd1 --size tiny --seed 0
+	$(VENV)/bin/sdcli generate "$(PROMPT)" --model .bench/tiny-sd1.safetensors --steps 4 -W 64 -H 64 \
+		--seed 42 -o tiny-demo.png --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .bench

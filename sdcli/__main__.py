@@ -1,0 +1,5 @@
+"""`python -m sdcli`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,297 @@
+"""The `sdcli` command line: thin Typer commands over one library call each.
+
+Heavy imports (torch, transformers, the pipeline) happen inside command bodies, so `sdcli --help` stays instant.
+Every command runs inside `_handled`, the one place that turns known errors into a single stderr line and the
+exit code documented in the README.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import INTERRUPTED_EXIT_CODE, SdcliError
+
+app = typer.Typer(
+    name="sdcli",
+    help="Stable Diffusion from the command line: generate, img2img, encode, decode, inspect.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _handled(fn):
+    """Run a command body; map errors to one line on stderr and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from . import console
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except SdcliError as e:
+            console.error(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("interrupted; finished images were kept")
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(7) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence
+            if os.environ.get("SDCLI_DEBUG"):
+                raise
+            console.error(f"unexpected {type(e).__name__}: {e} (run with SDCLI_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so Python's exit flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """Stable Diffusion from the command line."""
+
+
+# --- options shared by the rendering commands ----------------------------------------------------
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
+VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's.")]
+PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
+]
+NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Sampling steps.")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")]
+RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
+SamplerOpt = Annotated[
+    Optional[str], typer.Option("--sampler", help="Sampler name or alias ('DPM++ 2M Karras'); 'help' lists them.")
+]
+ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...).")]
+SigmasOpt = Annotated[Optional[str], typer.Option("--sigmas", help="Custom comma-separated sigma list.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed; -1 or absent draws one (recorded).")]
+CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per UNet batch.")]
+ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+
+
+def _flags(**given) -> dict:
+    """Config-key -> value for the options actually given (None = not given)."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
+    from . import config as cfgmod
+
+    cfg = cfgmod.resolve(flags, config)
+    if as_json:
+        from .console import emit_json
+
+        emit_json(cfg.to_dict())
+    else:
+        typer.echo(cfgmod.to_yaml(cfg), nl=False)
+
+
+@app.command()
+@_handled
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (A1111 weights like (word:1.2) work).")] = None,
+    output: OutputOpt = None,
+    negative: NegativeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    guidance_rescale: RescaleOpt = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    sigmas: SigmasOpt = None,
+    seed: SeedOpt = None,
+    n: CountOpt = None,
+    batch_size: BatchOpt = None,
+    clip_skip: ClipSkipOpt = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    prediction: PredictionOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    prompts_file: Annotated[
+        Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.")
+    ] = None,
+    cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.")] = None,
+    latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.")] = None,
+    latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    print_config: PrintConfigOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
+) -> None:
+    """Render images from a text prompt."""
+    flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
+                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
+                   n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
+                   dtype=dtype, device=device)
+    if print_config:
+        return _print_config(flags, config, json_out)
+    from .console import set_quiet
+    from .runner import GenerateRequest, run_generate
+
+    set_quiet(quiet)
+    run_generate(GenerateRequest(
+        prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
+        latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run,
+    ))
+
+
+@app.command()
+@_handled
+def img2img(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).")],
+    strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
+    output: OutputOpt = None,
+    negative: NegativeOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    guidance_rescale: RescaleOpt = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    seed: SeedOpt = None,
+    n: CountOpt = None,
+    batch_size: BatchOpt = None,
+    clip_skip: ClipSkipOpt = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    prediction: PredictionOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+    print_config: PrintConfigOpt = False,
+) -> None:
+    """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
+    flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
+                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
+                   batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
+                   dtype=dtype, device=device)
+    if print_config:
+        return _print_config(flags, config, json_out)
+    from .console import set_quiet
+    from .runner import Img2ImgRequest, run_img2img
+
+    set_quiet(quiet)
+    run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
+                               json_out=json_out))
+
+
+@app.command()
+@_handled
+def encode(
+    image: Annotated[Optional[str], typer.Argument(help="Image to encode into a VAE latent ('-' = stdin).")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Latent (.safetensors or ComfyUI .latent) or embedding file.")] = "",
+    text: Annotated[Optional[str], typer.Option("--text", help="Encode this prompt with CLIP instead of an image.")] = None,
+    clip_skip: ClipSkipOpt = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run one stage forward: an image -> a VAE latent file, or --text -> a CLIP embedding file."""
+    from .console import set_quiet
+    from .runner import EncodeRequest, run_encode
+
+    set_quiet(quiet)
+    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, dtype=dtype, device=device)
+    run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
+                             overwrite=overwrite, json_out=json_out))
+
+
+@app.command()
+@_handled
+def decode(
+    latent: Annotated[Path, typer.Argument(help="Latent file (ours or ComfyUI .latent).")],
+    output: OutputOpt = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the VAE decoder: a latent file -> PNG."""
+    from .console import set_quiet
+    from .runner import DecodeRequest, run_decode
+
+    set_quiet(quiet)
+    flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device)
+    run_decode(DecodeRequest(latent=latent, flags=flags, config_file=config, overwrite=overwrite, json_out=json_out))
+
+
+@app.command()
+@_handled
+def inspect(
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
+    hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
+    from .inspecting import run_inspect
+
+    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

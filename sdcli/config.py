@@ -1,0 +1,206 @@
+"""The run configuration: built-in defaults < user config < --config FILE < flags given on the command line.
+
+YAML here is plain data, read with a YAML 1.2-style safe loader: `no`, `off`, `1:30` stay strings instead of
+YAML 1.1's False / 90, so a typo cannot silently turn into a boolean or a number. Unknown keys, wrong types and
+out-of-range values are errors that name the file and the key. No torch import: `--print-config` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInputError, UsageError
+
+SEED_MAX = 2**32 - 1
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PREDICTIONS = ("auto", "eps", "v")
+
+
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
+    return {"lo": lo, "hi": hi, "choices": choices}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a render needs besides the prompt. Field names are the YAML keys."""
+
+    model: str | None = field(default=None, metadata=_range())
+    vae: str | None = field(default=None, metadata=_range())
+    prediction: str = field(default="auto", metadata=_range(choices=PREDICTIONS))
+    sampler: str = field(default="dpm++_2m", metadata=_range())
+    schedule: str = field(default="karras", metadata=_range())
+    sigmas: str | None = field(default=None, metadata=_range())
+    steps: int = field(default=20, metadata=_range(1, 1000))
+    cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))
+    guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
+    width: int | None = field(default=None, metadata=_range(64, 4096))
+    height: int | None = field(default=None, metadata=_range(64, 4096))
+    negative: str = field(default="", metadata=_range())
+    batch_size: int = field(default=1, metadata=_range(1, 64))
+    n: int = field(default=1, metadata=_range(1, 100000))
+    clip_skip: int = field(default=1, metadata=_range(1, 12))
+    strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
+    device: str = field(default="auto", metadata=_range(choices=DEVICES))
+    output: str = field(default="sdcli-{seed}.png", metadata=_range())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+# --- YAML 1.2-ish safe loading -------------------------------------------------------------------
+
+def _strict_loader():
+    """A SafeLoader whose implicit scalars follow YAML 1.2 core: only true/false are booleans, no sexagesimals."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+_YAML11_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a config file into a plain dict; BadInputError naming the file for anything that is not a mapping."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{path}: is a directory, expected a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: cannot read config file ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise BadInputError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    return "boolean" if isinstance(value, bool) else type(value).__name__
+
+
+def check_value(key: str, value: Any, where: str, error: type[Exception] = BadInputError) -> Any:
+    """Return `value` checked and normalised for config key `key`; raise `error` naming `where` and the key."""
+    try:
+        return _check_value(key, value, where)
+    except BadInputError as e:
+        if error is BadInputError:
+            raise
+        flag = "--" + key.replace("_", "-")
+        raise error(str(e).replace(f"{where}: '{key}'", f"option {flag}")) from None
+
+
+def _check_value(key: str, value: Any, where: str) -> Any:
+    if key not in FIELDS:
+        close = ", ".join(k for k in FIELDS if k[:3] == str(key)[:3]) or ", ".join(FIELDS)
+        raise BadInputError(f"{where}: unknown key '{key}' (known: {close})")
+    f = FIELDS[key]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise BadInputError(f"{where}: '{key}' must not be empty")
+    if kind.startswith("int"):
+        value = _as_int(key, value, where)
+    elif kind.startswith("float"):
+        value = _as_float(key, value, where)
+    elif not isinstance(value, str):
+        raise BadInputError(f"{where}: '{key}' must be text, got {_type_name(value)} {value!r}")
+    return _check_range(key, value, f.metadata, where)
+
+
+def _as_int(key: str, value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise BadInputError(f"{where}: '{key}' must be an integer, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _as_float(key: str, value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInputError(f"{where}: '{key}' must be a number, got {_type_name(value)} {value!r}")
+    if not math.isfinite(value):
+        raise BadInputError(f"{where}: '{key}' must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices and value not in choices:
+        raise BadInputError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise BadInputError(f"{where}: '{key}' must be between {lo} and {hi}, got {value!r}")
+    if key in ("width", "height") and value % 8:
+        raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
+    return value
+
+
+def check_mapping(data: dict[str, Any], where: str, error: type[Exception] = BadInputError) -> dict[str, Any]:
+    return {key: check_value(key, value, where, error) for key, value in data.items()}
+
+
+# --- resolution ----------------------------------------------------------------------------------
+
+def user_config_path() -> Path:
+    """$XDG_CONFIG_HOME/sdcli/config.yaml (typer.get_app_dir honours XDG on Linux)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sdcli" / "config.yaml"
+
+
+def resolve(flags: dict[str, Any], config_file: Path | None = None) -> RunConfig:
+    """Defaults < user config < `config_file` < `flags` (only the flags the user actually gave, None = not given)."""
+    values: dict[str, Any] = {}
+    user = user_config_path()
+    if user.is_file():
+        values.update(check_mapping(read_yaml(user), str(user)))
+    if config_file is not None:
+        values.update(check_mapping(read_yaml(config_file), str(config_file)))
+    given = {k: v for k, v in flags.items() if v is not None}
+    # Flags were typed by Typer already; a range error there is a usage error, not a bad file.
+    values.update(check_mapping(given, "command line", UsageError))
+    return RunConfig(**values)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
