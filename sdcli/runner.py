@@ -1,0 +1,455 @@
+"""What each command does, end to end: resolve the config, check every input and output up front, load the model
+once, run the pipeline stages, save results atomically with their metadata, report progress on stderr.
+
+Each `run_*` function takes one request object built by `cli.py` and owns no state between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as cfgmod
+from . import console
+from .config import RunConfig
+from .errors import UsageError
+from .jobs import Job, read_prompts_file, single_job, with_seed
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str | None
+    flags: dict
+    config_file: Path | None = None
+    prompts_file: str | None = None
+    cond: Path | None = None
+    latent_in: Path | None = None
+    latent_out: str | None = None
+    overwrite: bool = False
+    json_out: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class Img2ImgRequest:
+    prompt: str
+    image: str
+    flags: dict
+    config_file: Path | None = None
+    overwrite: bool = False
+    json_out: bool = False
+
+
+@dataclass
+class EncodeRequest:
+    image: str | None
+    text: str | None
+    output: str
+    flags: dict
+    config_file: Path | None = None
+    overwrite: bool = False
+    json_out: bool = False
+
+
+@dataclass
+class DecodeRequest:
+    latent: Path
+    flags: dict
+    config_file: Path | None = None
+    overwrite: bool = False
+    json_out: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image to render: which job, which seed, where it goes."""
+
+    job: Job
+    index: int  # position in the whole run, for {index}
+    seed: int
+    path: Path
+
+
+@dataclass
+class Init:
+    """Where sampling starts for img2img-like runs: a scaled latent and the strength."""
+
+    latent: Any
+    strength: float
+    notes: list[str] = field(default_factory=list)
+
+
+# --- generate / img2img --------------------------------------------------------------------------
+
+def run_generate(req: GenerateRequest) -> None:
+    base = cfgmod.resolve(req.flags, req.config_file)
+    jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
+    if req.prompts_file and req.prompt:
+        raise UsageError("give either a PROMPT or --prompts-file, not both")
+    if req.dry_run:
+        return _dry_run(jobs)
+    _check_samplers(jobs)
+    targets = plan_targets(jobs, req.overwrite)
+    models = _load(base)
+    init = _latent_init(req.latent_in, base, models) if req.latent_in else None
+    cond = _load_cond(req.cond, models) if req.cond else None
+    _render_all(models, targets, init, cond, req)
+
+
+def run_img2img(req: Img2ImgRequest) -> None:
+    from . import images, pipeline
+
+    base = cfgmod.resolve(req.flags, req.config_file)
+    job = single_job(req.prompt, base)
+    _check_samplers([job])
+    img, notes = images.load_image(req.image)
+    for note in notes:
+        console.info(f"{req.image}: {note}")
+    job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
+    targets = plan_targets([job], req.overwrite)
+    models = _load(base)
+    latent = pipeline.encode_image(models, images.pil_to_tensor(img))
+    _render_all(models, targets, Init(latent, base.strength, notes), None, req)
+
+
+def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
+    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone."""
+    from .outputs import STDOUT, expand_template
+
+    targets, seen, index = [], set(), 0
+    for job in jobs:
+        for k in range(job.cfg.n):
+            seed = job.cfg.seed + k
+            path = Path(STDOUT) if job.cfg.output == STDOUT else expand_template(job.cfg.output, index, seed, job.prompt)
+            targets.append(Target(job, index, seed, path))
+            index += 1
+    for t in targets:
+        _check_target(t, len(targets), seen, overwrite)
+    return targets
+
+
+def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
+    from .errors import OutputError
+    from .outputs import STDOUT
+
+    if str(t.path) == STDOUT:
+        if total > 1:
+            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {total} images; use a template")
+        return
+    if t.path in seen:
+        raise UsageError(f"two images would be written to {t.path}: add {{index}} or {{seed}} to the -o template")
+    seen.add(t.path)
+    if t.path.exists() and not overwrite:
+        raise OutputError(f"{t.path} exists; pass --overwrite to replace it")
+
+
+def _check_samplers(jobs: list[Job]) -> None:
+    """Fail on a bad sampler/schedule/sigma list before the model is loaded."""
+    from . import samplers, schedule
+
+    for job in jobs:
+        if job.cfg.sampler == "help":
+            console.info(samplers.sampler_help())
+            raise SystemExit(0)
+        _name, label_schedule = samplers.resolve_sampler(job.cfg.sampler)
+        if job.cfg.sigmas:
+            schedule.parse_sigmas(job.cfg.sigmas)
+        elif (label_schedule or job.cfg.schedule) not in schedule.SCHEDULES:
+            known = ", ".join(schedule.SCHEDULES)
+            raise UsageError(f"{job.source}: unknown schedule '{job.cfg.schedule}' (known: {known})")
+
+
+def _render_all(models, targets: list[Target], init: Init | None, cond, req) -> None:
+    started = time.perf_counter()
+    by_job: dict[int, list[Target]] = {}
+    for t in targets:
+        by_job.setdefault(id(t.job), []).append(t)
+    for group in by_job.values():
+        _render_job(models, group, init, cond, req)
+    took = time.perf_counter() - started
+    console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
+
+
+def _render_job(models, targets: list[Target], init: Init | None, cond_override, req) -> None:
+    from . import pipeline
+
+    cfg = targets[0].job.cfg
+    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, models, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
+    cond, uncond = pipeline.encode_text(models, targets[0].job.prompt, cfg.negative, cfg.clip_skip)
+    if cond_override is not None:
+        cond, uncond = _match_chunks(cond_override, uncond)
+    width, height = _size(cfg, models, init)
+    for start in range(0, len(targets), cfg.batch_size):
+        batch = targets[start:start + cfg.batch_size]
+        _render_batch(models, plan, cond, uncond, batch, (height, width), init, req)
+
+
+def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: Init | None, req) -> None:
+    from . import pipeline
+
+    seeds = [t.seed for t in batch]
+    t0 = time.perf_counter()
+    with _progress(batch, len(plan.sigmas) - 1 if init is None else None) as step:
+        if init is None:
+            latents = pipeline.txt2img(models, plan, cond, uncond, seeds, *size, callback=step)
+        else:
+            latents = pipeline.img2img(models, plan, init.latent, cond, uncond, seeds, init.strength, callback=step)
+    t1 = time.perf_counter()
+    decoded = pipeline.decode_latents(models, latents)
+    t2 = time.perf_counter()
+    timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
+    for k, target in enumerate(batch):
+        _save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, size, init, timings, req)
+
+
+def _save_one(models, target: Target, image, latent, fallbacks, size, init, timings, req) -> None:
+    from . import images
+    from .outputs import save_png
+
+    meta = _metadata(models, target, size, fallbacks, init)
+    path = save_png(images.tensor_to_pil(image), target.path, _infotext(models, target, size, init), meta,
+                    overwrite=req.overwrite)
+    if getattr(req, "latent_out", None):
+        _save_latent_out(models, req, target, latent, size)
+    if req.json_out:
+        console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
+                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
+    elif str(path) != "-":
+        console.info(f"saved {path} (seed {target.seed})")
+
+
+def _save_latent_out(models, req, target: Target, latent, size) -> None:
+    from . import latents
+    from .outputs import expand_template
+
+    path = expand_template(req.latent_out, target.index, target.seed, target.job.prompt)
+    latents.save_latent(path, latent, scaled=True, scale_factor=_scale(models), family=models.info.family,
+                        source_size=(size[1], size[0]), model_hash=_model_hash(models), overwrite=req.overwrite)
+
+
+def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
+    """(width, height): given, else the model's native size (768 for SD2 v-prediction, else 512)."""
+    if init is not None:
+        _, _, h, w = init.latent.shape
+        return w * 8, h * 8
+    native = 768 if models.info.family == "sd2" and models.info.prediction == "v" else 512
+    return cfg.width or native, cfg.height or native
+
+
+def _match_chunks(cond, uncond):
+    """An embedding file may hold more 77-token chunks than the negative prompt: pad uncond by repeating its last
+    chunk (the empty-prompt padding A1111 uses), or the reverse."""
+    import torch
+
+    def grow(x, tokens):
+        reps = (tokens - x.shape[1]) // 77
+        return torch.cat([x] + [x[:, -77:]] * reps, dim=1) if reps > 0 else x
+
+    n = max(cond.shape[1], uncond.shape[1])
+    return grow(cond.to(uncond), n), grow(uncond, n)
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+def _infotext(models, target: Target, size, init: Init | None) -> str:
+    from . import __version__
+    from .metadata import format_infotext
+
+    cfg = target.job.cfg
+    params = {"prompt": target.job.prompt, "negative_prompt": cfg.negative, "steps": cfg.steps,
+              "sampler": cfg.sampler, "schedule": cfg.schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
+              "size": f"{size[1]}x{size[0]}", "model_hash": (_model_hash(models) or "")[:10],
+              "model": models.name, "version": f"sdcli {__version__}"}
+    if cfg.clip_skip > 1:
+        params["clip_skip"] = cfg.clip_skip
+    if init is not None:
+        params["denoising_strength"] = init.strength
+    return format_infotext(params)
+
+
+def _metadata(models, target: Target, size, fallbacks, init: Init | None) -> dict:
+    import torch
+
+    from . import __version__
+
+    cfg = dataclasses.replace(target.job.cfg, seed=target.seed, width=size[1], height=size[0], n=1)
+    return {
+        "sdcli_version": __version__, "torch_version": torch.__version__,
+        "prompt": target.job.prompt, "seed": target.seed, "mode": "txt2img" if init is None else "img2img",
+        "config": cfg.to_dict(),
+        "model": {"name": models.name, "sha256": _model_hash(models), "family": models.info.family,
+                  "prediction": models.info.prediction},
+        "device": models.placement.device, "dtype": models.placement.dtype_name,
+        "fallbacks": fallbacks, "notes": init.notes if init else [],
+    }
+
+
+def _model_hash(models) -> str | None:
+    from .checkpoint import file_sha256
+
+    source = Path(models.source)
+    return file_sha256(source) if source.is_file() else None
+
+
+def _scale(models) -> float:
+    from .pipeline import scale_factor
+
+    return scale_factor(models)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _load(cfg: RunConfig):
+    from . import checkpoint, device
+
+    if not cfg.model:
+        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    placement = device.choose(cfg.device, cfg.dtype)
+    prediction = None if cfg.prediction == "auto" else cfg.prediction
+    console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
+    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction)
+    models.placement = placement
+    return models
+
+
+def _latent_init(path: Path, cfg: RunConfig, models) -> Init:
+    from . import latents
+
+    lf = latents.load_latent(path)
+    return Init(lf.unet_space(_scale(models)), cfg.strength, [f"started from latent file {path}"])
+
+
+def _load_cond(path: Path, models):
+    from . import latents
+    from .errors import BadInputError
+
+    emb = latents.load_embedding(path)
+    width = models.text_encoder.hidden_size
+    if emb.cond.shape[-1] != width:
+        raise BadInputError(f"{path}: embedding width {emb.cond.shape[-1]} does not fit this model's text width {width}")
+    return emb.cond
+
+
+# --- dry run and progress ------------------------------------------------------------------------
+
+def _dry_run(jobs: list[Job]) -> None:
+    """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model."""
+    from . import samplers, schedule
+    from .prompts import describe_prompt
+    from .tokenizer import get_tokenizer
+
+    for job in jobs:
+        name, label_schedule = samplers.resolve_sampler(job.cfg.sampler)
+        if job.cfg.sigmas:
+            sigmas = schedule.parse_sigmas(job.cfg.sigmas)
+        else:
+            ms = schedule.model_sigmas(schedule.training_alphas_cumprod())
+            sigmas = schedule.get_sigmas(label_schedule or job.cfg.schedule, job.cfg.steps, ms)
+        console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": name,
+                           "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in sigmas],
+                           "tokens": describe_prompt(job.prompt, get_tokenizer(), 49407)})
+
+
+class _progress:
+    """A rich progress bar on stderr for one batch; the callback it yields advances it by one step."""
+
+    def __init__(self, batch: list[Target], total: int | None):
+        self.label = f"seed {batch[0].seed}" + (f"..{batch[-1].seed}" if len(batch) > 1 else "")
+        self.total = total
+        self.bar = None
+
+    def __enter__(self):
+        if console.is_quiet():
+            return None
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console.stderr(), transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(self.label, total=self.total, rate="")
+        self.t0 = time.perf_counter()
+        return self.step
+
+    def step(self, i, total, _x, _denoised) -> None:
+        rate = (i + 1) / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=i + 1, total=total, rate=f"{rate:.2f} it/s")
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- encode / decode -----------------------------------------------------------------------------
+
+def run_encode(req: EncodeRequest) -> None:
+    from . import images, latents, pipeline
+
+    if (req.image is None) == (req.text is None):
+        raise UsageError("give either an IMAGE to VAE-encode or --text PROMPT to CLIP-encode")
+    if not req.output:
+        raise UsageError("give the output file with -o")
+    cfg = cfgmod.resolve(req.flags, req.config_file)
+    _refuse_existing(Path(req.output), req.overwrite)
+    if req.text is not None:
+        models = _load(cfg)
+        cond, _ = pipeline.encode_text(models, req.text, "", cfg.clip_skip)
+        path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
+                                      clip_skip=cfg.clip_skip, model_hash=_model_hash(models), overwrite=req.overwrite)
+        return _report(req, {"path": str(path), "kind": "embedding", "shape": list(cond.shape)})
+    img, notes = images.load_image(req.image)
+    for note in notes:
+        console.info(f"{req.image}: {note}")
+    models = _load(cfg)
+    latent = pipeline.encode_image(models, images.pil_to_tensor(img))
+    path = latents.save_latent(req.output, latent, scaled=True, scale_factor=_scale(models), family=models.info.family,
+                               source_size=(img.width, img.height), model_hash=_model_hash(models),
+                               overwrite=req.overwrite)
+    _report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
+
+
+def run_decode(req: DecodeRequest) -> None:
+    from . import images, latents, pipeline
+    from .outputs import STDOUT, expand_template, save_png
+
+    cfg = cfgmod.resolve(req.flags, req.config_file)
+    lf = latents.load_latent(req.latent)  # checked before the model is loaded
+    n = lf.latent.shape[0]
+    paths = [Path(STDOUT) if cfg.output == STDOUT else expand_template(cfg.output, k, k, req.latent.stem)
+             for k in range(n)]
+    if len(set(paths)) != n:
+        raise UsageError(f"{req.latent} holds {n} latents: give -o a template with {{index}}")
+    for p in paths:
+        _refuse_existing(p, req.overwrite)
+    models = _load(cfg)
+    decoded = pipeline.decode_latents(models, lf.unet_space(_scale(models)))
+    for k, p in enumerate(paths):
+        meta = {"sdcli_version": _version(), "mode": "decode", "source": str(req.latent), "fallbacks": decoded.fallbacks}
+        saved = save_png(images.tensor_to_pil(decoded.images[k]), p, "", meta, overwrite=req.overwrite)
+        _report(req, {"path": str(saved), "index": k, "fallbacks": decoded.fallbacks})
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    from .errors import OutputError
+
+    if str(path) != "-" and path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _report(req, obj: dict) -> None:
+    if req.json_out:
+        console.emit_json(obj)
+    elif obj.get("path") != "-":
+        console.info(f"saved {obj['path']}")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
