@@ -1,0 +1,162 @@
+"""`sdcli inspect`: explain a checkpoint, an image's generation metadata, a latent or embedding file, or a prompt.
+
+The report is data, so it goes to stdout: `key: value` lines, or one JSON object with --json. Checkpoints are read
+from the header only (plus one streamed pass for the hashes, which --no-hash skips); no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .errors import BadInputError, UsageError
+
+PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
+         "conditioner.": "text_encoder"}
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
+
+
+def run_inspect(path: Path | None, prompt: str | None, hashes: bool, json_out: bool) -> None:
+    if (path is None) == (prompt is None):
+        raise UsageError("give a PATH to inspect or --prompt TEXT")
+    report = _prompt_report(prompt) if prompt is not None else inspect_path(path, hashes)
+    if json_out:
+        typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        _print_report(report)
+
+
+def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _checkpoint_report(path, hashes)
+    head = _head(path)
+    if head.startswith(IMAGE_MAGIC):
+        return _image_report(path)
+    if path.suffix == ".latent" or _is_small_sdcli_file(path):
+        return _tensor_file_report(path)
+    return _checkpoint_report(path, hashes)
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _is_small_sdcli_file(path: Path) -> bool:
+    """Latent/embedding files hold one or two tensors; checkpoints hold hundreds."""
+    from .checkpoint import read_header
+
+    header = read_header(path)
+    names = set(header) - {"__metadata__"}
+    return bool(names & {"latent", "latent_tensor", "cond"}) and len(names) <= 3
+
+
+def _image_report(path: Path) -> dict[str, Any]:
+    from .metadata import read_image_metadata
+
+    meta = read_image_metadata(path)
+    return {"kind": "image", "path": str(path), **meta}
+
+
+def _tensor_file_report(path: Path) -> dict[str, Any]:
+    from . import latents
+
+    header = _header(path)
+    if "cond" in header:
+        emb = latents.load_embedding(path)
+        return {"kind": "embedding", "path": str(path), "shape": list(emb.cond.shape),
+                "chunks": emb.cond.shape[1] // 77, **_stats(emb.cond), "metadata": header.get("__metadata__", {})}
+    lf = latents.load_latent(path)
+    return {"kind": "latent", "path": str(path), "format": lf.format, "shape": list(lf.latent.shape),
+            "scaled": lf.scaled, "scale_factor": lf.scale_factor, "family": lf.family,
+            "source_size": lf.source_size, **_stats(lf.latent)}
+
+
+def _header(path: Path) -> dict:
+    from .checkpoint import read_header
+
+    return read_header(path)
+
+
+def _stats(t) -> dict[str, float]:
+    t = t.float()
+    return {"mean": round(t.mean().item(), 5), "std": round(t.std().item(), 5),
+            "min": round(t.min().item(), 5), "max": round(t.max().item(), 5)}
+
+
+def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
+    from . import checkpoint
+
+    info = checkpoint.detect(path)
+    report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "family": info.family,
+                              "prediction": info.prediction, "inpaint": info.inpaint}
+    if path.is_file() and path.suffix != ".ckpt":
+        header = checkpoint.read_header(path)
+        report.update(_header_summary(header))
+        if hashes:
+            report.update(_hashes(path, header))
+    return report
+
+
+def _header_summary(header: dict) -> dict[str, Any]:
+    dtypes: Counter = Counter()
+    params: Counter = Counter()
+    other = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtypes[entry["dtype"]] += 1
+        part = next((p for prefix, p in PARTS.items() if name.startswith(prefix)), None)
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        params[part or "other"] += count
+        if part is None:
+            other.append(name)
+    return {"dtypes": dict(dtypes), "parameters": dict(params), "tensors": len(header) - ("__metadata__" in header),
+            "other_keys": sorted(other)[:50], "header_metadata": header.get("__metadata__", {})}
+
+
+def _hashes(path: Path, header: dict) -> dict[str, str]:
+    """sha256 of the file, A1111's AutoV2 short hash (its first 10 hex) and AutoV3 (sha256 of the bytes after the
+    safetensors header), in one streamed pass."""
+    import hashlib
+
+    full, body = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_bytes = f.read(int.from_bytes(prefix, "little"))
+        full.update(prefix + header_bytes)
+        for block in iter(lambda: f.read(1 << 24), b""):
+            full.update(block)
+            body.update(block)
+    digest = full.hexdigest()
+    return {"sha256": digest, "autov2": digest[:10], "autov3": body.hexdigest()}
+
+
+def _prompt_report(prompt: str) -> dict[str, Any]:
+    from .prompts import describe_prompt
+    from .tokenizer import get_tokenizer
+
+    return {"kind": "prompt", **describe_prompt(prompt, get_tokenizer(), 49407)}
+
+
+def _print_report(report: dict[str, Any], indent: str = "") -> None:
+    """Plain `key: value` lines (no markup: values may be user text)."""
+    for key, value in report.items():
+        if isinstance(value, dict) and value:
+            typer.echo(f"{indent}{key}:")
+            _print_report(value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], (dict, list)):
+            typer.echo(f"{indent}{key}: {json.dumps(value, ensure_ascii=False)}")
+        else:
+            typer.echo(f"{indent}{key}: {value if not isinstance(value, list) else ', '.join(map(str, value))}")

@@ -1,0 +1,191 @@
+"""The pipeline stages as short functions: text -> conditioning, noise -> latents (txt2img / img2img), latents <->
+images. The CLI's commands are thin layers over these; nothing here prints.
+
+Reproducibility contract: image k of a run uses its own CPU `torch.Generator` seeded with seed+k. Its initial noise
+`randn((1, 4, H/8, W/8))` is drawn first, every later stochastic draw (ancestral / SDE noise) comes from the same
+generator in step order, always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch
+is bit-identical to a single run with seed+k, and the same seed gives the same noise on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import samplers, schedule
+from .denoise import CFGDenoiser, Denoiser
+from .errors import NumericalError, OutOfMemoryError
+
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What the sampler loop needs besides the model and the conditioning."""
+
+    sampler: str  # canonical name from samplers.SAMPLERS
+    sigmas: torch.Tensor  # descending, ends with 0
+    cfg: float = 7.0
+    guidance_rescale: float = 0.0
+
+
+@dataclass
+class DecodeResult:
+    images: torch.Tensor  # (B, 3, H, W) fp32 in [-1, 1]
+    fallbacks: list[str] = field(default_factory=list)  # e.g. "vae-fp32-retry", "vae-tiled"
+
+
+def make_plan(sampler: str, schedule_name: str, steps: int, model, custom_sigmas: str | None = None,
+              cfg: float = 7.0, guidance_rescale: float = 0.0) -> SamplingPlan:
+    """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan."""
+    name, label_schedule = samplers.resolve_sampler(sampler)
+    if custom_sigmas:
+        sigmas = schedule.parse_sigmas(custom_sigmas)
+    else:
+        sigmas = schedule.get_sigmas(label_schedule or schedule_name, steps, model_sigmas(model))
+    return SamplingPlan(name, sigmas, cfg, guidance_rescale)
+
+
+def model_sigmas(models) -> torch.Tensor:
+    return schedule.model_sigmas(schedule.training_alphas_cumprod())
+
+
+# --- text ----------------------------------------------------------------------------------------
+
+def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32."""
+    from .prompts import encode_pair
+    from .tokenizer import get_tokenizer
+
+    enc = models.text_encoder
+    with torch.inference_mode():
+        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), enc.pad_id, clip_skip)
+    return cond.float(), uncond.float()
+
+
+# --- latents -------------------------------------------------------------------------------------
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int],
+            height: int, width: int, callback: Callable | None = None) -> torch.Tensor:
+    """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled."""
+    noise = _noise_source(seeds, (LATENT_CHANNELS, height // 8, width // 8), models)
+    x = noise() * plan.sigmas[0]
+    return _sample(models, plan, x, cond, uncond, noise, callback)
+
+
+def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+            seeds: list[int], strength: float, callback: Callable | None = None) -> torch.Tensor:
+    """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule."""
+    sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
+    plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
+    noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
+    first = noise()
+    x0 = init_latent.to(first).expand_as(first)
+    if len(sigmas) < 2:  # strength 0 (or too few steps): nothing to run
+        return x0.clone()
+    x = x0 + first * sigmas[0]
+    return _sample(models, plan, x, cond, uncond, noise, callback)
+
+
+def _noise_source(seeds: list[int], shape: tuple[int, ...], models):
+    device = _device_of(models.unet)
+    return samplers.make_noise_source(generators(seeds), shape, device, torch.float32)
+
+
+def _sample(models, plan, x, cond, uncond, noise, callback):
+    batch = x.shape[0]
+    denoiser = Denoiser(_UNetAdapter(models.unet), schedule.training_alphas_cumprod(), models.info.prediction)
+    cond_b = cond.expand(batch, -1, -1).to(x.device)
+    uncond_b = uncond.expand(batch, -1, -1).to(x.device) if plan.cfg != 1 else None
+    guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    sigmas = plan.sigmas.to(x.device)
+
+    def on_step(i, total, x_i, denoised):
+        if not torch.isfinite(denoised).all():
+            raise NumericalError(f"the UNet produced NaN/Inf at step {i + 1} of {total} "
+                                 "(try --dtype fp32, a lower --cfg, or check the checkpoint)")
+        if callback is not None:
+            callback(i, total, x_i, denoised)
+
+    with torch.inference_mode():
+        return samplers.sample(plan.sampler, guided, x, sigmas, noise, callback=on_step)
+
+
+class _UNetAdapter:
+    """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        param = next(unet.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        out = self.unet(x.to(self.dtype), t.to(torch.float32), context.to(self.dtype))
+        return out.float()
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# --- VAE -----------------------------------------------------------------------------------------
+
+def scale_factor(models) -> float:
+    return float(getattr(models.info.vae, "scale_factor", 0.18215))
+
+
+def encode_image(models, image: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
+    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws."""
+    vae = models.vae
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        mean, _logvar = vae.encode(image.to(param.device, param.dtype))
+    return mean.float() * scale_factor(models)
+
+
+def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
+    """Scaled latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32; out of
+    memory is retried tiled. NumericalError when the image still is not finite: never a silent black image."""
+    fallbacks: list[str] = []
+    z = latents / scale_factor(models)
+    try:
+        images = _vae_decode(models.vae, z)
+    except torch.OutOfMemoryError:
+        fallbacks.append("vae-tiled")
+        images = _vae_decode_tiled(models.vae, z)
+    if not torch.isfinite(images).all() and next(models.vae.parameters()).dtype != torch.float32:
+        fallbacks.append("vae-fp32-retry")
+        images = _vae_decode(_fp32_copy(models.vae), z)
+    if not torch.isfinite(images).all():
+        raise NumericalError("the VAE decoder produced NaN/Inf even in fp32; nothing was saved")
+    return DecodeResult(images.clamp(-1, 1), fallbacks)
+
+
+def _vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        return vae.decode(z.to(param.device, param.dtype)).float()
+
+
+def _fp32_copy(vae):
+    import copy
+
+    return copy.deepcopy(vae).float()
+
+
+def _vae_decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+    """Decode overlapping latent tiles and blend them with linear ramps, so there are no seams."""
+    from .tiling import decode_tiled
+
+    try:
+        return decode_tiled(lambda t: _vae_decode(vae, t), z, tile, overlap)
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryError("out of memory in the VAE decoder even tiled: use a smaller size, "
+                               "--dtype bf16/fp16 or --device cpu") from None
