@@ -78,6 +78,8 @@ def _open_checked(name: str, data: bytes, max_pixels: int | None) -> Image.Image
         img.load()
     except UnidentifiedImageError as exc:
         raise BadInputError(f"{name}: not an image file (starts with {data[:8]!r})") from exc
+    except Image.DecompressionBombError as exc:  # PIL's own check, at twice Image.MAX_IMAGE_PIXELS
+        raise BadInputError(f"{name}: over the pixel limit (a decompression bomb?): {exc}") from exc
     except _DECODE_ERRORS as exc:
         raise BadInputError(f"{name}: broken or truncated image ({exc})") from exc
     return img
