@@ -106,7 +106,7 @@ def canonical_schedule(name: str) -> str | None:
 def _pairs(p: dict) -> list[tuple[str, Any]]:
     """The A1111 `Key: value` pairs in A1111's order, skipping absent values."""
     sampler, schedule = p.get("sampler"), p.get("schedule")
-    size = f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None
+    size = f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else p.get("size")
     clip_skip = p.get("clip_skip")
     pairs = [
         ("Steps", p.get("steps")),
@@ -126,7 +126,7 @@ def _pairs(p: dict) -> list[tuple[str, Any]]:
 
 def format_infotext(p: dict) -> str:
     """A1111 `parameters` text from a dict with keys prompt, negative_prompt, steps, sampler, schedule,
-    cfg_scale, seed, width, height, model_hash, model, [vae, vae_hash, denoising_strength, clip_skip, extra, version].
+    cfg_scale, seed, width, height (or size "WxH"), model_hash, model, [vae, vae_hash, denoising_strength, clip_skip, extra, version].
 
     Prompts keep their text (A1111 does too); every value on the last line is sanitised."""
     lines = [str(p.get("prompt") or "")]
@@ -183,7 +183,7 @@ def parse_infotext(text: str) -> dict:
     """Inverse of format_infotext, tolerant of A1111 / sd.cpp files from the wild.
 
     Returns prompt, negative_prompt and whichever of steps, sampler (canonical name when known), schedule,
-    cfg_scale, seed, width, height, model_hash, model, ... were present; unknown pairs under 'extra'."""
+    cfg_scale, seed, width, height (or size "WxH"), model_hash, model, ... were present; unknown pairs under 'extra'."""
     lines = text.replace("\r\n", "\n").strip("\n").split("\n")
     pairs = _parse_pairs(lines[-1]) if lines else {}
     if len(pairs) >= 3:  # the same test A1111 uses to tell a parameter line from a prompt line

@@ -42,6 +42,12 @@ def test_round_trip():
         assert back[key] == value, key
 
 
+def test_size_given_as_text():
+    p = {k: v for k, v in PARAMS.items() if k not in ("width", "height")}
+    back = parse_infotext(format_infotext(dict(p, size="640x384")))
+    assert (back["width"], back["height"]) == (640, 384)
+
+
 def test_values_sanitised():
     p = dict(PARAMS, model="my,model:v2\nfinal", sampler="Weird, name: x")
     last = format_infotext(p).split("\n")[-1]
