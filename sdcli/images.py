@@ -81,7 +81,7 @@ def _open_checked(name: str, data: bytes, max_pixels: int | None) -> Image.Image
     except Image.DecompressionBombError as exc:  # PIL's own check, at twice Image.MAX_IMAGE_PIXELS
         raise BadInputError(f"{name}: over the pixel limit (a decompression bomb?): {exc}") from exc
     except _DECODE_ERRORS as exc:
-        raise BadInputError(f"{name}: broken or truncated image ({exc})") from exc
+        raise BadInputError(f"{name}: cannot decode image ({exc})") from exc
     return img
 
 

@@ -186,6 +186,18 @@ def test_decompression_bomb(tmp_path, monkeypatch):
     assert img.size == (64, 64)
 
 
+def test_huge_metadata(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    plain, packed = PngInfo(), PngInfo()
+    plain.add_text("comment", "x" * 3_000_000)  # large but stored as is: the image still loads
+    packed.add_text("comment", "x" * 3_000_000, zip=True)  # a zTXt that inflates past PIL's 1 MB cap
+    img, _ = load_image(_save(Image.new("RGB", (8, 8), (9, 9, 9)), tmp_path / "big.png", pnginfo=plain))
+    assert img.getpixel((0, 0)) == (9, 9, 9)
+    with pytest.raises(BadInputError, match="zbig.png.*too large"):
+        load_image(_save(Image.new("RGB", (8, 8)), tmp_path / "zbig.png", pnginfo=packed))
+
+
 def test_stdin(monkeypatch):
     buf = io.BytesIO()
     Image.new("RGB", (8, 16), (1, 2, 3)).save(buf, format="PNG")
