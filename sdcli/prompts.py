@@ -1,0 +1,251 @@
+"""A1111 prompt syntax: attention weights, 75-token chunks, BREAK, and the weighted text encoding.
+
+Semantics follow AUTOMATIC1111 stable-diffusion-webui (our own code, written from reading theirs):
+* ``parse_attention``: ``modules/prompt_parser.py`` ``parse_prompt_attention``;
+* ``chunk_prompt``: ``modules/sd_hijack_clip.py`` ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line``
+  (75 tokens per chunk, comma backtrack of 20 tokens, BREAK) and ``process_tokens`` (SD2 padding);
+* ``encode_prompt``: ``modules/sd_emphasis.py`` ``EmphasisOriginal`` (weights, then mean restored);
+* ``encode_pair``: ``modules/sd_samplers_cfg_denoiser.py`` ``pad_cond_uncond`` (the shorter of cond and
+  uncond is extended by the empty prompt's embedding, one chunk at a time).
+
+One deliberate difference: A1111 multiplies the BREAK marker's weight (-1) when BREAK sits inside
+brackets, so "(a BREAK b)" then encodes the word "BREAK" with weight -1.1. Here the marker keeps -1
+and starts a new chunk wherever it appears.
+
+No torch at import: ``sdcli inspect --prompt`` only parses and tokenizes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import BadInputError
+
+CHUNK_LENGTH = 75  # prompt tokens per chunk; with bos and eos a chunk is CLIP's 77
+COMMA_BACKTRACK = 20  # A1111 opts.comma_padding_backtrack default
+ROUND_MULT = 1.1
+SQUARE_MULT = 1 / 1.1
+BREAK = ("BREAK", -1.0)
+
+# Alternatives in order, as A1111's re_attention: escapes, a lone backslash, brackets, ":weight)",
+# plain text, and a stray ":".
+_ATTENTION_RE = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def _weight(value: str, text: str) -> float:
+    try:
+        return float(value)
+    except ValueError:  # "[.\d]+" also matches "1.2.3"; A1111 crashes here
+        raise BadInputError(f"prompt weight ':{value})' is not a number in: {text}") from None
+
+
+def _attention_pieces(text: str) -> tuple[list[list], list[int], list[int]]:
+    """Scan brackets; return [text, weight] pieces and the opening positions left unclosed."""
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply_from(start: int, mult: float) -> None:
+        for piece in res[start:]:
+            if piece[1] != -1:  # BREAK markers keep -1 (see the module docstring)
+                piece[1] *= mult
+
+    for m in _ATTENTION_RE.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            res.append([tok[1:], 1.0])
+        elif tok == "(":
+            round_open.append(len(res))
+        elif tok == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            multiply_from(round_open.pop(), _weight(weight, text))
+        elif tok == ")" and round_open:
+            multiply_from(round_open.pop(), ROUND_MULT)
+        elif tok == "]" and square_open:
+            multiply_from(square_open.pop(), SQUARE_MULT)
+        else:  # plain text, or a closing bracket / ":w)" with nothing open: kept as text
+            for i, part in enumerate(_BREAK_RE.split(tok)):
+                if i > 0:
+                    res.append(list(BREAK))
+                res.append([part, 1.0])
+    # Unclosed brackets still apply, to everything after them (A1111: "(unbalanced" -> 1.1).
+    for pos in round_open:
+        multiply_from(pos, ROUND_MULT)
+    for pos in square_open:
+        multiply_from(pos, SQUARE_MULT)
+    return res, round_open, square_open
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; BREAK becomes the marker ("BREAK", -1.0).
+
+    "(a)" x1.1, "((a))" x1.21, "(a:1.3)" x1.3, "[a]" /1.1, "\\(" a literal bracket; runs with equal
+    weights are merged, and an empty prompt gives [("", 1.0)].
+    """
+    res, _, _ = _attention_pieces(text)
+    if not res:
+        res = [["", 1.0]]
+    merged: list[list] = [res[0]]
+    for piece in res[1:]:
+        if piece[1] == merged[-1][1] and piece[1] != -1:  # never glue two BREAKs into "BREAKBREAK"
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(t, float(w)) for t, w in merged]
+
+
+# --- chunks --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptChunk:
+    """One CLIP window: 77 ids (bos, up to 75 prompt tokens, eos, padding) and a weight per id."""
+
+    ids: list[int]
+    weights: list[float]
+    n_tokens: int = 0  # prompt tokens in this chunk (not counting bos, eos, padding)
+
+
+class _Chunker:
+    """A1111 tokenize_line: fill 75-token chunks; at a full chunk, move the text after a comma
+    that is at most 20 tokens back into the next chunk so phrases are not cut in half."""
+
+    def __init__(self, tokenizer, pad_id: int):
+        self.tok, self.pad_id = tokenizer, pad_id
+        self.comma_id = tokenizer.encode(",")[0]
+        self.chunks: list[PromptChunk] = []
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.last_comma = -1
+
+    def close(self) -> None:
+        """Pad the open chunk to 75 with eos, wrap it in bos/eos, then SD2's pad after the first eos."""
+        n = len(self.ids)
+        ids = [self.tok.bos_id, *self.ids, *[self.tok.eos_id] * (CHUNK_LENGTH - n), self.tok.eos_id]
+        first_eos = ids.index(self.tok.eos_id)
+        ids[first_eos + 1 :] = [self.pad_id] * (len(ids) - first_eos - 1)
+        weights = [1.0, *self.weights, *[1.0] * (CHUNK_LENGTH - n), 1.0]
+        self.chunks.append(PromptChunk(ids, weights, n))
+        self.ids, self.weights, self.last_comma = [], [], -1
+
+    def add(self, token: int, weight: float) -> None:
+        if token == self.comma_id:
+            self.last_comma = len(self.ids)
+        elif len(self.ids) == CHUNK_LENGTH and self.last_comma != -1 and \
+                CHUNK_LENGTH - self.last_comma <= COMMA_BACKTRACK:
+            cut = self.last_comma + 1
+            moved_ids, moved_weights = self.ids[cut:], self.weights[cut:]
+            self.ids, self.weights = self.ids[:cut], self.weights[:cut]
+            self.close()
+            self.ids, self.weights = moved_ids, moved_weights
+        if len(self.ids) == CHUNK_LENGTH:
+            self.close()
+        self.ids.append(token)
+        self.weights.append(weight)
+
+
+def chunk_prompt(text: str, tokenizer, pad_id: int) -> list[PromptChunk]:
+    """Token chunks of a prompt as A1111 builds them: at least one; BREAK closes the current chunk
+    (even an empty one); an empty prompt gives bos, eos, then padding."""
+    chunker = _Chunker(tokenizer, pad_id)
+    for piece, weight in parse_attention(text):
+        if (piece, weight) == BREAK:
+            chunker.close()
+            continue
+        for token in tokenizer.encode(piece):
+            chunker.add(token, weight)
+    if chunker.ids or not chunker.chunks:
+        chunker.close()
+    return chunker.chunks
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _device_of(encoder):
+    """Where the encoder's weights live (a plain callable without parameters: the CPU)."""
+    params = getattr(encoder, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return None
+
+
+def _apply_weights(z, weights):
+    """A1111 EmphasisOriginal, per chunk: scale each token's vector by its weight, then rescale the
+    chunk so its overall mean is what it was before weighting.
+
+    z (n, 77, D), weights (n, 77). Chunks whose weights are all 1 are returned untouched, so an
+    unweighted prompt encodes exactly as without this step (and a zero mean cannot divide by 0).
+    """
+    import torch
+
+    plain = (weights == 1).all(dim=1)  # (n,)
+    if bool(plain.all()):
+        return z
+    w = weights.to(device=z.device, dtype=z.dtype)[..., None]  # (n, 77, 1)
+    original_mean = z.float().mean(dim=(1, 2), keepdim=True)  # (n, 1, 1)
+    weighted = z * w  # (n, 77, D), a new tensor: the encoder's output is not modified
+    new_mean = weighted.float().mean(dim=(1, 2), keepdim=True)
+    scale = (original_mean / new_mean).to(z.dtype)
+    out = weighted * scale
+    return torch.where(plain[:, None, None].to(z.device), z, out)
+
+
+def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1):
+    """Encode a prompt of any length: (1, 77 * n_chunks, D), chunks encoded independently and
+    concatenated along the token axis, with A1111's weighting and mean restoration."""
+    import torch
+
+    chunks = chunk_prompt(text, tokenizer, pad_id)
+    device = _device_of(encoder)
+    ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=device)  # (n, 77)
+    weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)  # (n, 77)
+    z = encoder(ids, clip_skip)  # (n, 77, D)
+    z = _apply_weights(z, weights)
+    return z.reshape(1, -1, z.shape[-1])  # (1, 77 * n, D)
+
+
+def encode_pair(prompt: str, negative: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1):
+    """(cond, uncond) with the same number of chunks, so they batch together for CFG: the shorter
+    one is extended by the empty prompt's embedding, repeated (A1111 pad_cond_uncond)."""
+    import torch
+
+    cond = encode_prompt(prompt, encoder, tokenizer, pad_id, clip_skip)  # (1, 77 * a, D)
+    uncond = encode_prompt(negative, encoder, tokenizer, pad_id, clip_skip)  # (1, 77 * b, D)
+    missing = (cond.shape[1] - uncond.shape[1]) // (CHUNK_LENGTH + 2)
+    if missing == 0:
+        return cond, uncond
+    empty = encode_prompt("", encoder, tokenizer, pad_id, clip_skip)  # (1, 77, D)
+    if missing > 0:
+        uncond = torch.cat([uncond, empty.repeat(1, missing, 1)], dim=1)
+    else:
+        cond = torch.cat([cond, empty.repeat(1, -missing, 1)], dim=1)
+    return cond, uncond
+
+
+def describe_prompt(text: str, tokenizer, pad_id: int) -> dict:
+    """What ``sdcli inspect --prompt`` shows: the parsed weights, the tokens, and the 77-id chunks."""
+    parsed = parse_attention(text)
+    chunks = chunk_prompt(text, tokenizer, pad_id)
+    prompt_ids = [i for c in chunks for i in c.ids[1 : 1 + c.n_tokens]]
+    return {
+        "text": text,
+        "parsed": [{"text": t, "weight": round(w, 6)} for t, w in parsed],
+        "n_tokens": len(prompt_ids),
+        "n_chunks": len(chunks),
+        "tokens": [tokenizer.id_to_token(i) for i in prompt_ids],
+        "ids": [tokenizer.bos_id, *prompt_ids, tokenizer.eos_id],
+        "chunks": [
+            {
+                "n_tokens": c.n_tokens,
+                "ids": c.ids,
+                "tokens": [tokenizer.id_to_token(i) for i in c.ids[1 : 1 + c.n_tokens]],
+                "weights": [round(w, 6) for w in c.weights],
+            }
+            for c in chunks
+        ],
+    }
