@@ -26,6 +26,8 @@ def run_inspect(path: Path | None, prompt: str | None, hashes: bool, json_out: b
     report = _prompt_report(prompt) if prompt is not None else inspect_path(path, hashes)
     if json_out:
         typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+    elif report["kind"] == "prompt":
+        _print_prompt(report)
     else:
         _print_report(report)
 
@@ -148,6 +150,18 @@ def _prompt_report(prompt: str) -> dict[str, Any]:
     from .tokenizer import get_tokenizer
 
     return {"kind": "prompt", **describe_prompt(prompt, get_tokenizer(), 49407)}
+
+
+def _print_prompt(report: dict[str, Any]) -> None:
+    """One line per 75-token chunk: the tokens, with a weight after each one that is not 1."""
+    typer.echo(f"prompt: {report['text']}")
+    typer.echo(f"tokens: {report['n_tokens']} in {report['n_chunks']} chunk(s) of 75")
+    for number, chunk in enumerate(report["chunks"], start=1):
+        # weights[0] belongs to the start token; the chunk's tokens follow it.
+        words = [tok.replace("</w>", "") + ("" if w == 1.0 else f"({w:g})")
+                 for tok, w in zip(chunk["tokens"], chunk["weights"][1:])]
+        typer.echo(f"chunk {number} ({chunk['n_tokens']} tokens): {' '.join(words)}")
+    typer.echo(f"ids: {report['ids']}")
 
 
 def _print_report(report: dict[str, Any], indent: str = "") -> None:
