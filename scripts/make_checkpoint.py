@@ -1,0 +1,236 @@
+"""Random-weight Stable Diffusion checkpoints, deterministic from a seed, for tests and benchmarks.
+
+    python scripts/make_checkpoint.py OUT --family sd1 --size full --dtype fp16 --layout single --seed 0
+
+Layouts: ``single`` = one LDM-named .safetensors file (SD1: cond_stage_model.transformer.text_model.*,
+SD2: OpenCLIP cond_stage_model.model.*), ``diffusers`` = a folder with model_index.json, unet/, vae/,
+text_encoder/, scheduler/ (names from sdcli.checkpoint's rename table). Sizes: ``tiny`` (tests, a few MB)
+and ``full`` (the real SD1.5 / SD2.1 shapes). The key list comes from sdcli's own modules built on the
+meta device; every tensor is drawn in sorted key order from one seeded generator, so the same seed gives
+the same bytes. Scales keep activations finite at full size: weights N(0, 1/fan_in), biases N(0, 0.02^2),
+norm weights 1 + N(0, 0.1^2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sdcli import checkpoint as ck
+from sdcli.models import AutoencoderKL, TextConfig, TextEncoder, UNetConfig, UNetModel, VAEConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)  # 4 levels: latent = image / 8
+TINY_TEXT = dict(vocab_size=49408, hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128)
+PRESETS = {
+    ("sd1", "tiny"): (
+        UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(True, False),
+                   context_dim=64, num_heads=8),
+        TINY_VAE, TextConfig(family="sd1", **TINY_TEXT)),
+    ("sd2", "tiny"): (  # SD2 heads are 64 channels wide, so the tiny SD2 UNet starts at 64 channels
+        UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(True, False),
+                   context_dim=64, num_heads=None, head_dim=64, use_linear_in_transformer=True),
+        TINY_VAE, TextConfig(family="sd2", hidden_act="gelu", **TINY_TEXT)),
+    ("sd1", "full"): (UNetConfig(), VAEConfig(), TextConfig()),
+    ("sd2", "full"): (  # SD 2.1 (v2-inference-v.yaml): OpenCLIP ViT-H, 23 of its 24 layers used
+        UNetConfig(context_dim=1024, num_heads=None, head_dim=64, use_linear_in_transformer=True),
+        VAEConfig(), TextConfig(family="sd2", hidden_size=1024, num_layers=23, num_heads=16,
+                                intermediate_size=4096, hidden_act="gelu")),
+}  # fmt: skip
+
+
+def preset(family: str, size: str, inpaint: bool = False) -> tuple[UNetConfig, VAEConfig, TextConfig]:
+    unet, vae, text = PRESETS[(family, size)]
+    if inpaint:
+        unet = UNetConfig(**{**unet.__dict__, "in_channels": 9})
+    return unet, vae, text
+
+
+def _meta_shapes(module: torch.nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def openclip_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
+    """OpenCLIP text-tower names of an SD2 single file: one layer more than the model uses."""
+    d, p = text.hidden_size, ck.SD2_TEXT
+    out = {p + "token_embedding.weight": (text.vocab_size, d), p + "positional_embedding": (text.max_positions, d),
+           p + "ln_final.weight": (d,), p + "ln_final.bias": (d,), p + "text_projection": (d, d),
+           p + "logit_scale": ()}  # fmt: skip
+    for i in range(text.num_layers + 1):
+        r = f"{p}transformer.resblocks.{i}."
+        out.update({r + "ln_1.weight": (d,), r + "ln_1.bias": (d,), r + "ln_2.weight": (d,), r + "ln_2.bias": (d,),
+                    r + "attn.in_proj_weight": (3 * d, d), r + "attn.in_proj_bias": (3 * d,),
+                    r + "attn.out_proj.weight": (d, d), r + "attn.out_proj.bias": (d,),
+                    r + "mlp.c_fc.weight": (text.intermediate_size, d), r + "mlp.c_fc.bias": (text.intermediate_size,),
+                    r + "mlp.c_proj.weight": (d, text.intermediate_size), r + "mlp.c_proj.bias": (d,)})  # fmt: skip
+    return out
+
+
+def ldm_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the single-file LDM layout, from our modules built on meta (no memory used)."""
+    unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
+    with torch.device("meta"):
+        shapes = _meta_shapes(UNetModel(unet_cfg), ck.UNET_PREFIX)
+        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), ck.VAE_PREFIX))
+        if family == "sd2":
+            shapes.update(openclip_shapes(text_cfg))
+        else:
+            text = TextEncoder(text_cfg)
+            shapes.update({ck.SD1_TEXT + "text_model." + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
+                           for k, v in text.state_dict().items()})  # fmt: skip
+    return shapes
+
+
+def _random(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    t = torch.randn(shape, generator=gen, dtype=torch.float32)
+    leaf = key.rsplit(".", 1)[-1]
+    if key.endswith("logit_scale"):
+        return t.mul_(0.0).add_(4.6052)  # log(100), as trained CLIP models have
+    if len(shape) == 1 and leaf == "weight":  # GroupNorm / LayerNorm scales
+        return t.mul_(0.1).add_(1.0)
+    if len(shape) == 1 or leaf == "bias":
+        return t.mul_(0.02)
+    if "embedding" in key:
+        return t.mul_(0.02)
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    return t.mul_(fan_in**-0.5)
+
+
+def ldm_state_dict(family: str, size: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   inpaint: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ldm_shapes(family, size, inpaint)
+    return {k: _random(k, shapes[k], gen).to(dtype) for k in sorted(shapes)}
+
+
+def _invert(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    return {ldm: diff for diff, ldm in pairs}
+
+
+def _openclip_to_hf(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """SD2 OpenCLIP text weights -> CLIPTextModel names, dropping the unused last layer (as diffusers does)."""
+    plan, _ = ck._text_plan(list(state), "openclip", layers, "")
+    out = {}
+    for name, (key, chunk) in plan.items():
+        t = state[key]
+        out[name] = t if chunk is None else t.chunk(3, dim=0)[chunk].clone()
+    return out
+
+
+def to_diffusers(state: dict[str, torch.Tensor], family: str, size: str, inpaint: bool = False) -> dict[str, dict]:
+    """Split an LDM state dict into diffusers component state dicts with sdcli's rename table (inverted)."""
+    unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
+    unet_table = _invert(ck.unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
+                                              unet_cfg.attention_levels))  # fmt: skip
+    vae_table = _invert(ck.vae_prefix_pairs(len(vae_cfg.ch_mult), vae_cfg.num_res_blocks))
+    comps: dict[str, dict] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    for k, t in state.items():
+        if k.startswith(ck.UNET_PREFIX):
+            comps["unet"][ck.rename(k[len(ck.UNET_PREFIX):], unet_table)] = t
+        elif k.startswith(ck.VAE_PREFIX):
+            name = k[len(ck.VAE_PREFIX):]
+            comps["vae"][ck.rename(name, vae_table)] = t.flatten(1) if ck._is_vae_attn_matrix(name) else t
+        elif k.startswith(ck.SD1_TEXT):
+            comps["text_encoder"][k[len(ck.SD1_TEXT):].removeprefix("text_model.")] = t
+    if family == "sd2":
+        comps["text_encoder"] = _openclip_to_hf(state, text_cfg.num_layers)
+    assert None not in comps["unet"] and None not in comps["vae"], "rename table does not cover every key"
+    return comps
+
+
+def unet_diffusers_config(cfg: UNetConfig, family: str) -> dict:
+    chans = [cfg.model_channels * m for m in cfg.channel_mult]
+    # diffusers' `attention_head_dim` is really the number of heads (a known misnomer in SD configs)
+    heads = 8 if family == "sd1" else [c // 64 for c in chans]
+    return {"_class_name": "UNet2DConditionModel", "sample_size": 64 if cfg.model_channels == 320 else 8,
+            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "block_out_channels": chans,
+            "layers_per_block": cfg.num_res_blocks, "cross_attention_dim": cfg.context_dim,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)],
+            "attention_head_dim": heads, "use_linear_projection": cfg.use_linear_in_transformer,
+            "transformer_layers_per_block": cfg.transformer_depth, "norm_num_groups": 32, "norm_eps": 1e-5,
+            "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1}  # fmt: skip
+
+
+def vae_diffusers_config(cfg: VAEConfig) -> dict:
+    n = len(cfg.ch_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "latent_channels": cfg.z_channels, "norm_num_groups": 32, "act_fn": "silu",
+            "sample_size": 512 if cfg.ch == 128 else 64, "scaling_factor": cfg.scale_factor}  # fmt: skip
+
+
+SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}  # fmt: skip
+
+
+def write_diffusers(out: Path, comps: dict[str, dict], family: str, size: str, prediction: str | None,
+                    inpaint: bool = False) -> None:  # fmt: skip
+    unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
+    configs = {"unet": unet_diffusers_config(unet_cfg, family), "vae": vae_diffusers_config(vae_cfg)}
+    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+             "text_encoder": "model.safetensors"}  # fmt: skip
+    for name, sd in comps.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name / files[name]), metadata={"format": "pt"})
+        if name in configs:
+            (out / name / "config.json").write_text(json.dumps(configs[name], indent=2))
+    clip = text_cfg.to_clip_config()
+    clip.architectures = ["CLIPTextModel"]
+    clip.to_json_file(str(out / "text_encoder" / "config.json"))
+    (out / "scheduler").mkdir(exist_ok=True)
+    pred = {"v": "v_prediction", "eps": "epsilon", None: "v_prediction" if family == "sd2" else "epsilon"}[prediction]
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SCHEDULER, "prediction_type": pred}))
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_checkpoint(out: str | Path, family: str = "sd1", size: str = "tiny", dtype: torch.dtype = torch.float32,
+                    layout: str = "single", seed: int = 0, prediction: str | None = None,
+                    inpaint: bool = False) -> Path:  # fmt: skip
+    """Write a random checkpoint to `out` (a .safetensors path or a folder) and return the path."""
+    out = Path(out)
+    state = ldm_state_dict(family, size, seed, dtype, inpaint)
+    if layout == "single":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "pt", "sdcli.random_seed": str(seed)}
+        if prediction is not None:
+            meta["modelspec.prediction_type"] = {"v": "v", "eps": "epsilon"}[prediction]
+        save_file(state, str(out), metadata=meta)
+    elif layout == "diffusers":
+        write_diffusers(out, to_diffusers(state, family, size, inpaint), family, size, prediction, inpaint)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--family", choices=["sd1", "sd2"], default="sd1")
+    ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--layout", choices=["single", "diffusers"], default="single")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prediction", choices=["eps", "v"], default=None)
+    ap.add_argument("--inpaint", action="store_true")
+    a = ap.parse_args(argv)
+    make_checkpoint(a.out, a.family, a.size, DTYPES[a.dtype], a.layout, a.seed, a.prediction, a.inpaint)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
