@@ -86,13 +86,14 @@ def read_header(path: str | Path) -> dict:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(64)
             sniffed = _sniff(head)
-            if sniffed is None and len(head) == 8:
-                (n,) = struct.unpack("<Q", head)
+            if sniffed is None and len(head) >= 8:
+                (n,) = struct.unpack("<Q", head[:8])
                 if n > min(size - 8, _MAX_HEADER):
                     sniffed = "its header length is past the end of the file (truncated or not safetensors)"
                 else:
+                    f.seek(8)
                     raw = f.read(n)
     except OSError as e:
         raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from e
