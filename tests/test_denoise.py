@@ -136,8 +136,9 @@ def test_cfg_broadcasts_a_single_conditioning_and_handles_unequal_lengths():
 
 
 def test_cfg_rejects_mismatched_batches_and_bad_rescale():
+    cfg = CFGDenoiser(Denoiser(Recorder(), AC), torch.zeros(2, 3, 8), None, 7.0)
     with pytest.raises(UsageError, match="batch"):
-        CFGDenoiser(Denoiser(Recorder(), AC), torch.zeros(2, 3, 8), None, 7.0)(torch.zeros(3, *SHAPE), torch.tensor(1.0))
+        cfg(torch.zeros(3, *SHAPE), torch.tensor(1.0))
     with pytest.raises(UsageError, match="rescale"):
         CFGDenoiser(Denoiser(Recorder(), AC), torch.zeros(1, 3, 8), None, 7.0, rescale=1.5)
 
