@@ -35,7 +35,7 @@ class RunConfig:
     vae: str | None = field(default=None, metadata=_range())
     prediction: str = field(default="auto", metadata=_range(choices=PREDICTIONS))
     sampler: str = field(default="dpm++_2m", metadata=_range())
-    schedule: str = field(default="karras", metadata=_range())
+    schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule
     sigmas: str | None = field(default=None, metadata=_range())
     steps: int = field(default=20, metadata=_range(1, 1000))
     cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import samplers, schedule
-from .denoise import CFGDenoiser, Denoiser
+from .denoise import CFGDenoiser, Denoiser, LCMDenoiser
 from .errors import NumericalError, OutOfMemoryError
 
 LATENT_CHANNELS = 4
@@ -37,18 +37,29 @@ class DecodeResult:
     fallbacks: list[str] = field(default_factory=list)  # e.g. "vae-fp32-retry", "vae-tiled"
 
 
-def make_plan(sampler: str, schedule_name: str, steps: int, model, custom_sigmas: str | None = None,
+def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None = None,
               cfg: float = 7.0, guidance_rescale: float = 0.0) -> SamplingPlan:
     """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan."""
-    name, label_schedule = samplers.resolve_sampler(sampler)
+    name, schedule_used = resolve_sampler_schedule(sampler, schedule_name)
     if custom_sigmas:
         sigmas = schedule.parse_sigmas(custom_sigmas)
     else:
-        sigmas = schedule.get_sigmas(label_schedule or schedule_name, steps, model_sigmas(model))
+        sigmas = schedule.get_sigmas(schedule_used, steps, model_sigmas())
     return SamplingPlan(name, sigmas, cfg, guidance_rescale)
 
 
-def model_sigmas(models) -> torch.Tensor:
+def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
+    """(canonical sampler, schedule): a schedule in the label wins, then an explicit one, then the sampler's own."""
+    name, label_schedule = samplers.resolve_sampler(sampler)
+    if label_schedule:
+        return name, label_schedule
+    if schedule_name != "auto":
+        return name, schedule_name
+    return name, samplers.SAMPLERS[name].default_schedule
+
+
+def model_sigmas() -> torch.Tensor:
+    """SD 1.x and 2.x share the training schedule (scaled-linear betas over 1000 steps)."""
     return schedule.model_sigmas(schedule.training_alphas_cumprod())
 
 
@@ -100,7 +111,9 @@ def _noise_source(seeds: list[int], shape: tuple[int, ...], models):
 
 def _sample(models, plan, x, cond, uncond, noise, callback):
     batch = x.shape[0]
-    denoiser = Denoiser(_UNetAdapter(models.unet), schedule.training_alphas_cumprod(), models.info.prediction)
+    # The LCM sampler goes with LCM-distilled models, whose x0 carries the consistency boundary condition.
+    kind = LCMDenoiser if plan.sampler == "lcm" else Denoiser
+    denoiser = kind(_UNetAdapter(models.unet), schedule.training_alphas_cumprod(), models.info.prediction)
     cond_b = cond.expand(batch, -1, -1).to(x.device)
     uncond_b = uncond.expand(batch, -1, -1).to(x.device) if plan.cfg != 1 else None
     guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)

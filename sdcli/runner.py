@@ -149,15 +149,16 @@ def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
 def _check_samplers(jobs: list[Job]) -> None:
     """Fail on a bad sampler/schedule/sigma list before the model is loaded."""
     from . import samplers, schedule
+    from .pipeline import resolve_sampler_schedule
 
     for job in jobs:
         if job.cfg.sampler == "help":
-            console.info(samplers.sampler_help())
+            print(samplers.sampler_help())  # asked-for data: stdout
             raise SystemExit(0)
-        _name, label_schedule = samplers.resolve_sampler(job.cfg.sampler)
+        _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
         if job.cfg.sigmas:
             schedule.parse_sigmas(job.cfg.sigmas)
-        elif (label_schedule or job.cfg.schedule) not in schedule.SCHEDULES:
+        elif schedule_used not in schedule.SCHEDULES:
             known = ", ".join(schedule.SCHEDULES)
             raise UsageError(f"{job.source}: unknown schedule '{job.cfg.schedule}' (known: {known})")
 
@@ -177,7 +178,7 @@ def _render_job(models, targets: list[Target], init: Init | None, cond_override,
     from . import pipeline
 
     cfg = targets[0].job.cfg
-    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, models, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
+    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
     cond, uncond = pipeline.encode_text(models, targets[0].job.prompt, cfg.negative, cfg.clip_skip)
     if cond_override is not None:
         cond, uncond = _match_chunks(cond_override, uncond)
@@ -337,18 +338,14 @@ def _load_cond(path: Path, models):
 
 def _dry_run(jobs: list[Job]) -> None:
     """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model."""
-    from . import samplers, schedule
+    from .pipeline import make_plan
     from .prompts import describe_prompt
     from .tokenizer import get_tokenizer
 
     for job in jobs:
-        name, label_schedule = samplers.resolve_sampler(job.cfg.sampler)
-        if job.cfg.sigmas:
-            sigmas = schedule.parse_sigmas(job.cfg.sigmas)
-        else:
-            ms = schedule.model_sigmas(schedule.training_alphas_cumprod())
-            sigmas = schedule.get_sigmas(label_schedule or job.cfg.schedule, job.cfg.steps, ms)
-        console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": name,
+        plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
+        sigmas = plan.sigmas
+        console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": plan.sampler,
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in sigmas],
                            "tokens": describe_prompt(job.prompt, get_tokenizer(), 49407)})
 

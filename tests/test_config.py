@@ -25,7 +25,7 @@ def _write(path: Path, text: str) -> Path:
 
 def test_defaults_are_sd15_like():
     cfg = config.resolve({})
-    assert (cfg.steps, cfg.cfg, cfg.sampler, cfg.schedule, cfg.seed) == (20, 7.0, "dpm++_2m", "karras", -1)
+    assert (cfg.steps, cfg.cfg, cfg.sampler, cfg.schedule, cfg.seed) == (20, 7.0, "dpm++_2m", "auto", -1)
 
 
 def test_order_defaults_user_file_flags(tmp_path):
