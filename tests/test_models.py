@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdcli.checkpoint import load_models
+from sdcli.errors import UsageError
 
 RTOL = 1e-5
 FAMILIES = ["sd1", "sd2"]
@@ -143,6 +144,8 @@ def test_text_encoder_matches_transformers(request, loaded, family, layout):
             assert_close(models.text_encoder(ids, clip_skip=skip), expect)
     assert models.text_encoder.pad_id == (49407 if family == "sd1" else 0)
     assert models.text_encoder.hidden_size == 64
+    with pytest.raises(UsageError, match="clip_skip"):
+        models.text_encoder(ids, clip_skip=3)  # only 2 usable layers in the tiny model
 
 
 def test_single_file_and_folder_hold_the_same_weights(loaded):

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdcli.errors import UsageError
+
 SD1_PAD_ID = 49407  # SD1 pads with <|endoftext|>
 SD2_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!")
 
@@ -78,7 +80,7 @@ class TextEncoder(nn.Module):
         layer of the file, so clip_skip counts on from there.
         """
         if clip_skip < 1 or clip_skip > self.config.num_layers:
-            raise ValueError(f"clip_skip must be in 1..{self.config.num_layers}, got {clip_skip}")
+            raise UsageError(f"clip_skip must be in 1..{self.config.num_layers}, got {clip_skip}")
         if clip_skip == 1:
             return self.transformer(input_ids=ids).last_hidden_state  # (N, T, D), final norm applied
         out = self.transformer(input_ids=ids, output_hidden_states=True)
