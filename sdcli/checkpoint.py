@@ -2,7 +2,7 @@
 
 Every layout is first seen through one lens, the LDM single-file key names (``model.diffusion_model.*``,
 ``first_stage_model.*``, ``cond_stage_model.*``). A diffusers folder is mapped onto those names by the rename
-table in ``sdcli/layouts.py``-style data below (``unet_prefix_pairs`` / ``vae_prefix_pairs``), so detection and
+table below (data: ``UNET_*_RENAMES`` / ``VAE_*_RENAMES`` crossed with ``unet_prefix_pairs`` / ``vae_prefix_pairs``), so detection and
 loading never care which layout they came from. Then each part is split off by prefix, renamed to the module's
 own names (identity for UNet/VAE, OpenCLIP -> CLIPTextModel for SD2), built on the meta device and loaded
 strictly with ``assign=True`` straight from the memory-mapped safetensors, cast once to the run dtype.
