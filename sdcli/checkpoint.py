@@ -416,8 +416,12 @@ def convert_ckpt(src: str | Path, dst: str | Path) -> Path:
         seen.add(ptr)
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".partial")
-    save_file(out, str(tmp), metadata={"format": "pt", "converted_from": Path(src).name})
-    os.replace(tmp, dst)
+    try:
+        save_file(out, str(tmp), metadata={"format": "pt", "converted_from": Path(src).name})
+        os.replace(tmp, dst)
+    except BaseException:  # a full disk or Ctrl-C must not leave a half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return dst
 
 

@@ -288,6 +288,19 @@ def inspect(
     run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out)
 
 
+@app.command()
+@_handled
+def convert(
+    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to convert.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run)."""
+    from .runner import run_convert
+
+    run_convert(source, output, overwrite)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -450,3 +450,17 @@ def _version() -> str:
     return __version__
 
 
+
+
+def run_convert(source: Path, output: Path, overwrite: bool) -> None:
+    from .checkpoint import convert_ckpt
+    from .errors import OutputError
+
+    if output.suffix != ".safetensors":
+        raise UsageError(f"{output}: the output of convert must be a .safetensors file")
+    _refuse_existing(output, overwrite)
+    try:
+        saved = convert_ckpt(source, output)
+    except OSError as e:
+        raise OutputError(f"{output}: cannot write ({e.strerror or e})") from None
+    console.info(f"saved {saved}")
