@@ -51,6 +51,7 @@ IGNORED_KEYS = [
     re.compile(r"^lora_"),  # LoRA keys merged into some files' headers are not weights of this model
 ]
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only through load_ckpt's restricted unpickler
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -357,9 +358,14 @@ def open_source(path: str | Path) -> WeightSource:
         return _diffusers_source(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from e
+    # Only a pickle extension opts in to the restricted unpickler; a pickle under any other name (say
+    # .safetensors) is refused by read_header's sniffing, so renaming a file can never make us unpickle it.
+    if path.suffix.lower() in PICKLE_SUFFIXES and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         state = load_ckpt(path)
         entries = {k: Entry(path, k, _dtype_name(t), tuple(t.shape)) for k, t in state.items()}
         return WeightSource(path, entries, {}, layout="ckpt", tensors=state)
@@ -730,11 +736,21 @@ def _read_cast(source: WeightSource, plan: Plan, dtype: torch.dtype, device: tor
     return state
 
 
+def _check_dtypes(part: str, source: WeightSource, plan: Plan) -> None:
+    """List every non-float tensor at once (load_state_dict would silently cast integers to floats)."""
+    bad = sorted(f"{key} has dtype {source.entries[key].dtype}" for key, _ in plan.values()
+                 if source.entries[key].dtype not in FLOAT_DTYPES)
+    if bad:
+        raise BadInputError(f"{source.path}: {part} tensors must be floating point (F32/F16/BF16): "
+                            f"{_listing(sorted(set(bad)))}")
+
+
 def load_part(part: str, module: nn.Module, source: WeightSource, plan: Plan, unplaced: list[str],
               dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
     """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check_strict(part, source, plan, expected, unplaced)
+    _check_dtypes(part, source, plan)
     module.load_state_dict(_read_cast(source, plan, dtype, device), strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
@@ -801,7 +817,10 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     device = torch.device(device)
     source = open_source(path)
     try:
-        info = detect(source.header, prediction)
+        try:
+            info = detect(source.header, prediction)
+        except BadInputError as e:  # detection sees only a header: say which file it came from
+            raise BadInputError(f"{path}: {e}") from None
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
         text = build_text(source, info, dtype, device)

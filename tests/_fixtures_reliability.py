@@ -1,0 +1,97 @@
+"""Helpers for the reliability tests: run the REAL `sdcli` command (Typer's CliRunner on sdcli.cli.app, or a
+subprocess where signals and pipes matter) and check the contract of RELIABILITY.md: one `error:` line on
+stderr, the documented exit code, no traceback, no partial or temp file left behind.
+
+Import in a test module with ``from _fixtures_reliability import *  # noqa: F403``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sdcli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = CliRunner()
+
+__all__ = ["ROOT", "cli", "assert_clean_error", "files_in", "temp_files", "render_args", "one_thread",
+           "isolated", "run_module", "sdcli_meta"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models are dispatch-bound, and on a shared 2-core box two spinning
+    threads per test process make each conv ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No user config, no debug tracebacks, run inside the test's own folder."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("SDCLI_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def cli(*args: str, input: str | bytes | None = None):
+    """Invoke the real command in-process; never lets a traceback or an exception escape unnoticed."""
+    result = RUNNER.invoke(app, [str(a) for a in args], input=input)
+    assert "Traceback" not in result.output, result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"exception escaped the CLI: {result.exception!r}\n{result.output}")
+    return result
+
+
+def assert_clean_error(result, code: int, *needles: str) -> str:
+    """Exit `code`, exactly one non-empty stderr line, starting 'error:' and containing every needle."""
+    assert result.exit_code == code, f"exit {result.exit_code} != {code}: {result.output}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Leftovers of an interrupted atomic write (outputs.py names them .NAME.XXXX.tmp)."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.name.endswith((".tmp", ".partial")))
+
+
+def render_args(model: Path, *extra: str, steps: int = 1, size: int = 64) -> list[str]:
+    """A fast txt2img command line on the tiny model."""
+    return ["generate", "a cat", "--model", str(model), "--steps", str(steps), "-W", str(size), "-H", str(size),
+            "--sampler", "euler", "--seed", "1", "--dtype", "fp32", "--device", "cpu", *extra]
+
+
+def run_module(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    """Start `python -m sdcli ARGS` in its own process (for real signals and pipes)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1")
+    env.pop("SDCLI_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env, **kw)
+
+
+def sdcli_meta(png: Path) -> dict:
+    """The sdcli JSON metadata chunk of a PNG we wrote."""
+    import json
+
+    from PIL import Image
+
+    from sdcli.metadata import SDCLI_JSON_KEY
+
+    with Image.open(png) as img:
+        return json.loads(img.text[SDCLI_JSON_KEY])
