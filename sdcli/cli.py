@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import INTERRUPTED_EXIT_CODE, SdcliError
+from .errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError
 
 app = typer.Typer(
     name="sdcli",
@@ -40,6 +40,8 @@ def _handled(fn):
         except typer.Exit:
             raise
         except SdcliError as e:
+            if isinstance(e.__cause__, BrokenPipeError):
+                _silence_stdout()
             console.error(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
@@ -51,10 +53,32 @@ def _handled(fn):
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if os.environ.get("SDCLI_DEBUG"):
                 raise
+            if _is_out_of_memory(e):
+                console.error(f"{_OOM_ADVICE} ({_first_line(e)})")
+                raise typer.Exit(OutOfMemoryError.exit_code) from None
             console.error(f"unexpected {type(e).__name__}: {e} (run with SDCLI_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+_OOM_ADVICE = ("out of memory: try a smaller -W/-H, a smaller --batch-size, --dtype fp16 or bf16, "
+               "or --device cpu")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, XPU), or the RuntimeError the CPU and MPS allocators raise instead."""
+    torch = sys.modules.get("torch")  # never import torch here: an OOM can only come from code that did
+    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def _silence_stdout() -> None:
