@@ -139,8 +139,20 @@ class _UNetAdapter:
         self.dtype, self.device = param.dtype, param.device
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x.to(self.dtype), t.to(torch.float32), context.to(self.dtype))
+        # x: (B, 4, h, w), t: (B,), context: (B, T, D) -> (B, 4, h, w) fp32
+        out = _per_image(self.unet, x.to(self.dtype), t.to(torch.float32), context.to(self.dtype))
         return out.float()
+
+
+def _per_image(fn: Callable[..., torch.Tensor], *batched: torch.Tensor) -> torch.Tensor:
+    """fn over the batch, one row at a time on the CPU. CPU GEMM/conv kernels (MKL, oneDNN) split their work by
+    the batch size, so a row's result moves in the last bits with the rest of the batch (a plain nn.Linear
+    already does). Row by row it cannot, which is what makes image k of a batch bit-identical to a single run
+    with seed+k. Other devices keep the batched call, for throughput."""
+    n = batched[0].shape[0]
+    if batched[0].device.type != "cpu" or n == 1:
+        return fn(*batched)
+    return torch.cat([fn(*(b[i:i + 1] for b in batched)) for i in range(n)])
 
 
 def _device_of(module) -> torch.device:
@@ -159,7 +171,7 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     vae = models.vae
     param = next(vae.parameters())
     with torch.inference_mode():
-        mean, _logvar = vae.encode(image.to(param.device, param.dtype))
+        mean = _per_image(lambda x: vae.encode(x)[0], image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
     return mean.float() * scale_factor(models)
 
 
@@ -184,7 +196,7 @@ def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
 def _vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
     with torch.inference_mode():
-        return vae.decode(z.to(param.device, param.dtype)).float()
+        return _per_image(vae.decode, z.to(param.device, param.dtype)).float()  # (B, 3, H, W)
 
 
 def _fp32_copy(vae):
