@@ -85,6 +85,8 @@ class Init:
 # --- generate / img2img --------------------------------------------------------------------------
 
 def run_generate(req: GenerateRequest) -> None:
+    if req.cond is not None:
+        req = _with_cond_prompt(req)
     base = cfgmod.resolve(req.flags, req.config_file)
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
@@ -321,6 +323,16 @@ def _latent_init(path: Path, cfg: RunConfig, models) -> Init:
 
     lf = latents.load_latent(path)
     return Init(lf.unet_space(_scale(models)), cfg.strength, [f"started from latent file {path}"])
+
+
+def _with_cond_prompt(req: GenerateRequest) -> GenerateRequest:
+    """With --cond the embedding is the prompt: record the text it was made from. A PROMPT given as well would
+    be written into the image's metadata without having conditioned it, so that is refused."""
+    from . import latents
+
+    if req.prompt is not None or req.prompts_file:
+        raise UsageError("--cond replaces the prompt: give it without a PROMPT or --prompts-file")
+    return dataclasses.replace(req, prompt=latents.load_embedding(req.cond).prompt)
 
 
 def _load_cond(path: Path, models):

@@ -243,8 +243,11 @@ def test_encode_text_then_generate_with_cond(cli, tmp_path):
     emb = json_lines(cli("encode", "--text", PROMPT, "-o", "fox.safetensors", "--json"))[0]
     assert emb["kind"] == "embedding" and emb["shape"] == [1, 77, 64]
     cli("generate", PROMPT, "--seed", "8", "-o", "text.png")
-    cli("generate", "something else entirely", "--cond", "fox.safetensors", "--seed", "8", "-o", "cond.png")
+    cli("generate", "--cond", "fox.safetensors", "--seed", "8", "-o", "cond.png")
     assert np.array_equal(pixels(tmp_path / "text.png"), pixels(tmp_path / "cond.png"))
+    # the metadata names the prompt the embedding was made from; a PROMPT that would not be used is refused
+    assert json.loads(cli("inspect", "cond.png", "--json").stdout)["parameters"]["prompt"] == PROMPT
+    cli("generate", "a different prompt", "--cond", "fox.safetensors", "-o", "no.png", expect=2)
     report = json.loads(cli("inspect", "fox.safetensors", "--json").stdout)
     assert report["kind"] == "embedding" and report["shape"] == [1, 77, 64] and report["chunks"] == 1
 
