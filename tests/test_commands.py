@@ -300,3 +300,16 @@ def test_wrong_shape_latent_is_exit_3(cli, tmp_path):
     assert "bad.safetensors" in result.stderr
     cli("generate", PROMPT, "--latent-in", "bad.safetensors", "-o", "bad.png", expect=3)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_generate_latent_in_equals_img2img(cli, tmp_path):
+    """generate --latent-in FILE starts from the file as img2img starts from the image's latent (default
+    strength 0.75 in both), so the two give the same picture."""
+    Image.fromarray(_picture(64, 64)).save(tmp_path / "in.png")
+    cli("encode", "in.png", "-o", "in.latent")
+    cli("img2img", PROMPT, "-i", "in.png", "--seed", "4", "-o", "i2i.png")
+    cli("generate", PROMPT, "--latent-in", "in.latent", "--seed", "4", "-o", "lat.png")
+    a, b = pixels(tmp_path / "i2i.png"), pixels(tmp_path / "lat.png")
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the .latent file stores raw VAE space (one ulp)
+    cli("generate", PROMPT, "--seed", "4", "-o", "txt.png")
+    assert np.abs(a.astype(int) - pixels(tmp_path / "txt.png").astype(int)).max() > 10  # it did start from the file
