@@ -182,6 +182,9 @@ def generate(
     ] = None,
     cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.")] = None,
     latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.")] = None,
+    strength: Annotated[
+        Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
+    ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -193,7 +196,7 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, strength=strength)
     if print_config:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
