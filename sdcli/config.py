@@ -104,6 +104,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise BadInputError(f"{path}: not valid YAML{where}") from None
+    except (RecursionError, ValueError) as e:  # PyYAML recurses per nesting level; int() caps digit counts
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise BadInputError(f"{path}: not a usable config ({why})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -112,6 +115,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 # --- validation ----------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    """A short repr for messages: a YAML alias bomb (`&a [*b, *b, ...]`) shares objects and must not be expanded."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 60, 60
+    return short.repr(value)
+
 
 def _type_name(value: Any) -> str:
     return "boolean" if isinstance(value, bool) else type(value).__name__
@@ -143,7 +155,7 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     elif kind.startswith("float"):
         value = _as_float(key, value, where)
     elif not isinstance(value, str):
-        raise BadInputError(f"{where}: '{key}' must be text, got {_type_name(value)} {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be text, got {_type_name(value)} {_show(value)}")
     return _check_range(key, value, f.metadata, where)
 
 
@@ -151,24 +163,24 @@ def _as_int(key: str, value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise BadInputError(f"{where}: '{key}' must be an integer, got {_type_name(value)} {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be an integer, got {_type_name(value)} {_show(value)}")
     return value
 
 
 def _as_float(key: str, value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInputError(f"{where}: '{key}' must be a number, got {_type_name(value)} {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be a number, got {_type_name(value)} {_show(value)}")
     if not math.isfinite(value):
-        raise BadInputError(f"{where}: '{key}' must be finite, got {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be finite, got {_show(value)}")
     return float(value)
 
 
 def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices and value not in choices:
-        raise BadInputError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {_show(value)}")
     if lo is not None and value < lo or hi is not None and value > hi:
-        raise BadInputError(f"{where}: '{key}' must be between {lo} and {hi}, got {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be between {lo} and {hi}, got {_show(value)}")
     if key in ("width", "height") and value % 8:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     return value
@@ -198,6 +210,16 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None) -> RunConfig
     # Flags were typed by Typer already; a range error there is a usage error, not a bad file.
     values.update(check_mapping(given, "command line", UsageError))
     return RunConfig(**values)
+
+
+def origin(key: str, flags: dict[str, Any], config_file: Path | None = None) -> str:
+    """Where the resolved value of `key` came from, for messages: "option --key", "FILE: 'key'" or "default"."""
+    if flags.get(key) is not None:
+        return "option --" + key.replace("_", "-")
+    for path in (config_file, user_config_path()):
+        if path is not None and Path(path).is_file() and key in read_yaml(Path(path)):
+            return f"{path}: '{key}'"
+    return "default"
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -84,6 +84,10 @@ def _json_job(line: str, base: RunConfig, where: str) -> Job:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadInputError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer past Python's digit limit
+        raise BadInputError(f"{where}: unusable JSON value ({str(e).split(';')[0]})") from None
     if not isinstance(obj, dict):
         raise BadInputError(f"{where}: expected a JSON object")
     prompt = obj.pop("prompt", None)

@@ -91,9 +91,9 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
+    _check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     if req.dry_run:
         return _dry_run(jobs)
-    _check_samplers(jobs)
     targets = plan_targets(jobs, req.overwrite)
     models = _load(base)
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
@@ -106,7 +106,7 @@ def run_img2img(req: Img2ImgRequest) -> None:
 
     base = cfgmod.resolve(req.flags, req.config_file)
     job = single_job(req.prompt, base)
-    _check_samplers([job])
+    _check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")
@@ -148,8 +148,8 @@ def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
         raise OutputError(f"{t.path} exists; pass --overwrite to replace it")
 
 
-def _check_samplers(jobs: list[Job]) -> None:
-    """Fail on a bad sampler/schedule/sigma list before the model is loaded."""
+def _check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
+    """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from."""
     from . import samplers, schedule
     from .pipeline import resolve_sampler_schedule
 
@@ -157,12 +157,32 @@ def _check_samplers(jobs: list[Job]) -> None:
         if job.cfg.sampler == "help":
             print(samplers.sampler_help())  # asked-for data: stdout
             raise SystemExit(0)
-        _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
+        try:
+            _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
+        except UsageError as e:
+            raise _located(e, job, "sampler", base, origin) from None
         if job.cfg.sigmas:
-            schedule.parse_sigmas(job.cfg.sigmas)
+            try:
+                schedule.parse_sigmas(job.cfg.sigmas)
+            except UsageError as e:
+                raise _located(e, job, "sigmas", base, origin) from None
         elif schedule_used not in schedule.SCHEDULES:
             known = ", ".join(schedule.SCHEDULES)
-            raise UsageError(f"{job.source}: unknown schedule '{job.cfg.schedule}' (known: {known})")
+            e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
+            raise _located(e, job, "schedule", base, origin)
+
+
+def _located(e: Exception, job: Job, key: str, base: RunConfig | None, origin) -> Exception:
+    """The error prefixed with the file:line or option that set `key`: a value from a file is bad input (exit 3),
+    one from a flag a usage error (exit 2)."""
+    from .errors import BadInputError
+
+    if job.source != "command line" and (base is None or getattr(job.cfg, key) != getattr(base, key)):
+        return BadInputError(f"{job.source}: '{key}': {e}")  # set by this line of the prompts file
+    where = origin(key) if origin is not None else "command line"
+    if where.startswith("option "):
+        return UsageError(f"{where}: {e}")
+    return BadInputError(f"{where}: {e}") if where != "default" else e
 
 
 def _render_all(models, targets: list[Target], init: Init | None, cond, req) -> None:

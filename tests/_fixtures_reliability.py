@@ -19,7 +19,28 @@ from typer.testing import CliRunner
 from sdcli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNER = CliRunner()
+
+
+class _Runner(CliRunner):
+    """CliRunner that builds the click command from the Typer app once (Typer rebuilds it on every invoke,
+    ~30 ms of signature parsing, which dominates the fuzz tests' hundreds of calls)."""
+
+    _command = None
+
+    def invoke(self, app_, *args, **kwargs):
+        import typer.main
+        import typer.testing
+
+        if _Runner._command is None:
+            _Runner._command = typer.main.get_command(app_)
+        real, typer.testing._get_command = typer.testing._get_command, lambda _app: _Runner._command
+        try:
+            return super().invoke(app_, *args, **kwargs)
+        finally:
+            typer.testing._get_command = real
+
+
+RUNNER = _Runner()
 
 __all__ = ["ROOT", "cli", "assert_clean_error", "files_in", "temp_files", "render_args", "one_thread",
            "isolated", "run_module", "sdcli_meta"]
