@@ -13,6 +13,7 @@ How sd.cpp and A1111 tell variants apart: https://github.com/leejet/stable-diffu
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -285,11 +286,11 @@ class WeightSource:
         dtype = FLOAT_DTYPES[e.dtype]
         if end == start:
             return torch.empty(e.shape, dtype=dtype)
-        buf = bytearray(end - start)
-        f.seek(start)
-        if f.readinto(buf) != len(buf):
+        t = torch.empty((end - start) // dtype.itemsize, dtype=dtype)
+        f.seek(start)  # read straight into the tensor's memory: no zero-filled bytearray, no second copy
+        if f.readinto((ctypes.c_char * (end - start)).from_address(t.data_ptr())) != end - start:
             raise BadInputError(f"{e.file}: truncated: tensor {e.key!r} ends past the end of the file")
-        return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        return t.reshape(e.shape)
 
     def close(self) -> None:
         self._handles.clear()
@@ -745,6 +746,25 @@ def check_strict(part: str, source: WeightSource, plan: Plan, expected: dict[str
         raise BadInputError(f"{source.path}: {part} weights do not match the model: " + "; ".join(problems))
 
 
+CAST_CHUNK = 1 << 20  # elements per cast-and-sum piece: 4 MB in fp32, still in cache when it is summed
+
+
+def _cast_and_sum(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(t cast to `dtype` contiguously, its float32 sum), the sum taken piece by piece right after each piece is
+    cast, while it is in cache: NaN/Inf anywhere makes the sum non-finite, without a second pass over RAM."""
+    if t.device.type != "cpu" or t.numel() <= CAST_CHUNK:
+        out = t.to(dtype).contiguous()
+        return out, out.sum(dtype=torch.float32)
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst = t.reshape(-1), out.view(-1)
+    total = torch.zeros((), dtype=torch.float32)
+    for i in range(0, dst.numel(), CAST_CHUNK):
+        piece = dst[i : i + CAST_CHUNK]
+        piece.copy_(src[i : i + CAST_CHUNK])
+        total += piece.sum(dtype=torch.float32)
+    return out, total
+
+
 def _read_cast(source: WeightSource, plan: Plan, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """Read every planned tensor once, move it, cast it once; check stored dtypes and finiteness."""
     state, sums = {}, []
@@ -755,9 +775,8 @@ def _read_cast(source: WeightSource, plan: Plan, dtype: torch.dtype, device: tor
         t = source.get(key).to(device)
         if chunk is not None:
             t = t.chunk(3, dim=0)[chunk]
-        t = t.to(dtype).contiguous()
-        sums.append(t.sum(dtype=torch.float32))  # cheap: one pass; NaN/Inf anywhere makes the sum non-finite
-        state[name] = t
+        state[name], total = _cast_and_sum(t, dtype)
+        sums.append(total)
     if sums:
         bad = ~torch.isfinite(torch.stack(sums))
         if bool(bad.any()):
