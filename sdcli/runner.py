@@ -282,8 +282,9 @@ def _infotext(models, target: Target, size, init: Init | None) -> str:
     from .metadata import format_infotext
 
     cfg = target.job.cfg
+    sampler, schedule = _sampler_schedule(cfg)
     params = {"prompt": target.job.prompt, "negative_prompt": cfg.negative, "steps": cfg.steps,
-              "sampler": cfg.sampler, "schedule": cfg.schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
+              "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (_model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
     if cfg.clip_skip > 1:
@@ -298,16 +299,32 @@ def _metadata(models, target: Target, size, fallbacks, init: Init | None) -> dic
 
     from . import __version__
 
-    cfg = dataclasses.replace(target.job.cfg, seed=target.seed, width=size[1], height=size[0], n=1)
+    job_cfg = target.job.cfg
+    sampler, schedule = _sampler_schedule(job_cfg)
+    cfg = dataclasses.replace(job_cfg, seed=target.seed, width=size[1], height=size[0], n=1, sampler=sampler,
+                              schedule=schedule)
+    recorded = cfg.to_dict()
+    # Images get shared: record file names, not the user's folders, and not where this copy was written.
+    for key in ("model", "vae"):
+        recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
+    del recorded["output"]
     return {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": "txt2img" if init is None else "img2img",
-        "config": cfg.to_dict(),
+        "config": recorded,
         "model": {"name": models.name, "sha256": _model_hash(models), "family": models.info.family,
                   "prediction": models.info.prediction},
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+
+
+def _sampler_schedule(cfg: RunConfig) -> tuple[str, str]:
+    """The canonical sampler and the schedule actually used ('auto' resolved; 'custom' for --sigmas)."""
+    from .pipeline import resolve_sampler_schedule
+
+    sampler, schedule = resolve_sampler_schedule(cfg.sampler, cfg.schedule)
+    return sampler, "custom" if cfg.sigmas else schedule
 
 
 def _model_hash(models) -> str | None:
