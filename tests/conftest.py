@@ -5,3 +5,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core box oversubscribed threads made
+    convolutions ~30x slower. One thread keeps the suite fast and its timings steady."""
+    import torch
+
+    torch.set_num_threads(1)
