@@ -113,7 +113,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback):
     batch = x.shape[0]
     # The LCM sampler goes with LCM-distilled models, whose x0 carries the consistency boundary condition.
     kind = LCMDenoiser if plan.sampler == "lcm" else Denoiser
-    denoiser = kind(_UNetAdapter(models.unet), schedule.training_alphas_cumprod(), models.info.prediction)
+    unet = _UNetAdapter(models.unet, images=batch)
+    denoiser = kind(unet, schedule.training_alphas_cumprod(), models.info.prediction)
     cond_b = cond.expand(batch, -1, -1).to(x.device)
     uncond_b = uncond.expand(batch, -1, -1).to(x.device) if plan.cfg != 1 else None
     guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
@@ -133,26 +134,35 @@ def _sample(models, plan, x, cond, uncond, noise, callback):
 class _UNetAdapter:
     """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back."""
 
-    def __init__(self, unet):
-        self.unet = unet
+    def __init__(self, unet, images: int):
+        self.unet, self.images = unet, images
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (B, 4, h, w), t: (B,), context: (B, T, D) -> (B, 4, h, w) fp32
-        out = _per_image(self.unet, x.to(self.dtype), t.to(torch.float32), context.to(self.dtype))
+        # x: (R, 4, h, w), t: (R,), context: (R, T, D) -> (R, 4, h, w) fp32; R = images x (1 or 2 with CFG)
+        out = _per_image(self.unet, x.to(self.dtype), t.to(torch.float32), context.to(self.dtype),
+                         images=self.images)
         return out.float()
 
 
-def _per_image(fn: Callable[..., torch.Tensor], *batched: torch.Tensor) -> torch.Tensor:
-    """fn over the batch, one row at a time on the CPU. CPU GEMM/conv kernels (MKL, oneDNN) split their work by
+def _per_image(fn: Callable[..., torch.Tensor], *batched: torch.Tensor, images: int | None = None) -> torch.Tensor:
+    """fn over the batch, one image at a time on the CPU. CPU GEMM/conv kernels (MKL, oneDNN) split their work by
     the batch size, so a row's result moves in the last bits with the rest of the batch (a plain nn.Linear
-    already does). Row by row it cannot, which is what makes image k of a batch bit-identical to a single run
-    with seed+k. Other devices keep the batched call, for throughput."""
-    n = batched[0].shape[0]
-    if batched[0].device.type != "cpu" or n == 1:
+    already does). One call per image cannot, which is what makes image k of a batch bit-identical to a single
+    run with seed+k. The rows of one image stay together: with CFG, [uncond; cond] lays out image k's rows at
+    k and images+k, and they run as one batch-2 call, exactly as in a single-image run. Other devices keep the
+    batched call, for throughput."""
+    rows = batched[0].shape[0]
+    images = images or rows
+    if batched[0].device.type != "cpu" or images == 1:
         return fn(*batched)
-    return torch.cat([fn(*(b[i:i + 1] for b in batched)) for i in range(n)])
+    groups = [torch.arange(k, rows, images) for k in range(images)]  # rows of image k: k, k+images, ...
+    outs = [fn(*(b[g] for b in batched)) for g in groups]
+    out = outs[0].new_empty((rows, *outs[0].shape[1:]))
+    for g, o in zip(groups, outs):
+        out[g] = o
+    return out
 
 
 def _device_of(module) -> torch.device:
