@@ -9,7 +9,7 @@ OUT    ?= demo.png
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdcli-installed
 
-.PHONY: install demo demo-tiny test bench clean
+.PHONY: install demo demo-tiny test bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ demo-tiny: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# sdcli vs diffusers on a full-size random SD1.5 checkpoint; writes docs/benchmarks.md. Slow on a CPU (~20 min).
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+bench-quick: $(STAMP)
+	$(PY) scripts/bench.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench
