@@ -180,6 +180,9 @@ def generate(
     prompts_file: Annotated[
         Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.")
     ] = None,
+    from_image: Annotated[
+        Optional[Path], typer.Option("--from-image", help="Replay the settings (and prompt) recorded in this image.")
+    ] = None,
     cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.")] = None,
     latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.")] = None,
     strength: Annotated[
@@ -197,7 +200,7 @@ def generate(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
                    dtype=dtype, device=device, strength=strength)
-    if print_config:
+    if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
     from .runner import GenerateRequest, run_generate
@@ -205,7 +208,8 @@ def generate(
     set_quiet(quiet)
     run_generate(GenerateRequest(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
-        latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run,
+        latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
+        print_config=print_config,
     ))
 
 
@@ -326,6 +330,26 @@ def convert(
     from .runner import run_convert
 
     run_convert(source, output, overwrite)
+
+
+@app.command()
+@_handled
+def verify(
+    image: Annotated[Path, typer.Argument(help="A PNG written by sdcli (its metadata holds the whole recipe).")],
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-render an image from its recorded settings and compare (PSNR, max difference); exit 9 on drift."""
+    from .console import set_quiet
+    from .runner import run_verify
+
+    set_quiet(quiet)
+    run_verify(image, _flags(model=model, vae=vae, device=device), config, min_psnr, json_out)
 
 
 def main() -> None:

@@ -198,14 +198,16 @@ def user_config_path() -> Path:
     return Path(base) / "sdcli" / "config.yaml"
 
 
-def resolve(flags: dict[str, Any], config_file: Path | None = None) -> RunConfig:
-    """Defaults < user config < `config_file` < `flags` (only the flags the user actually gave, None = not given)."""
+def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < user config < `config_file` < `replay` (settings read from an image, already checked) <
+    `flags` (only the flags the user actually gave, None = not given)."""
     values: dict[str, Any] = {}
     user = user_config_path()
     if user.is_file():
         values.update(check_mapping(read_yaml(user), str(user)))
     if config_file is not None:
         values.update(check_mapping(read_yaml(config_file), str(config_file)))
+    values.update(replay or {})
     given = {k: v for k, v in flags.items() if v is not None}
     # Flags were typed by Typer already; a range error there is a usage error, not a bad file.
     values.update(check_mapping(given, "command line", UsageError))

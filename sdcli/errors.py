@@ -53,4 +53,10 @@ class UnsupportedModelError(SdcliError):
     exit_code = 8
 
 
+class VerificationError(SdcliError):
+    """`sdcli verify`: the re-render drifted from the image beyond the allowed difference."""
+
+    exit_code = 9
+
+
 INTERRUPTED_EXIT_CODE = 130

@@ -31,6 +31,8 @@ class GenerateRequest:
     overwrite: bool = False
     json_out: bool = False
     dry_run: bool = False
+    from_image: Path | None = None
+    print_config: bool = False
 
 
 @dataclass
@@ -87,7 +89,12 @@ class Init:
 def run_generate(req: GenerateRequest) -> None:
     if req.cond is not None:
         req = _with_cond_prompt(req)
-    base = cfgmod.resolve(req.flags, req.config_file)
+    replay = _replay(req) if req.from_image else None
+    base = cfgmod.resolve(req.flags, req.config_file, replay.values if replay else None)
+    if req.print_config:
+        return console.emit_json(base.to_dict()) if req.json_out else print(cfgmod.to_yaml(base), end="")
+    if replay is not None and req.prompt is None and not req.prompts_file:
+        req = dataclasses.replace(req, prompt=replay.prompt)
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
@@ -302,7 +309,8 @@ def _metadata(models, target: Target, size, fallbacks, init: Init | None) -> dic
     job_cfg = target.job.cfg
     sampler, schedule = _sampler_schedule(job_cfg)
     cfg = dataclasses.replace(job_cfg, seed=target.seed, width=size[1], height=size[0], n=1, sampler=sampler,
-                              schedule=schedule)
+                              schedule=schedule, prediction=models.info.prediction,
+                              device=models.placement.device, dtype=models.placement.dtype_name)
     recorded = cfg.to_dict()
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
@@ -360,6 +368,15 @@ def _latent_init(path: Path, cfg: RunConfig, models) -> Init:
 
     lf = latents.load_latent(path)
     return Init(lf.unet_space(_scale(models)), cfg.strength, [f"started from latent file {path}"])
+
+
+def _replay(req: GenerateRequest):
+    from .replay import from_image
+
+    replay = from_image(req.from_image)
+    if replay.mode != "txt2img":
+        console.info(f"{req.from_image}: made by {replay.mode}; replaying its settings as text-to-image")
+    return replay
 
 
 def _with_cond_prompt(req: GenerateRequest) -> GenerateRequest:
@@ -513,3 +530,59 @@ def run_convert(source: Path, output: Path, overwrite: bool) -> None:
     except OSError as e:
         raise OutputError(f"{output}: cannot write ({e.strerror or e})") from None
     console.info(f"saved {saved}")
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: float, json_out: bool) -> None:
+    """Re-render an sdcli image from its recorded settings (dtype included) and compare the pixels."""
+    from . import images, pipeline
+    from .errors import VerificationError
+    from .replay import from_image
+
+    replay = from_image(image)
+    if replay.source != "sdcli" or replay.mode != "txt2img":
+        raise UsageError(f"{image}: verify re-renders text-to-image PNGs written by sdcli (this is {replay.source} "
+                         f"{replay.mode}); use `generate --from-image` to replay other images")
+    recorded_dtype = replay.recorded.get("dtype")
+    flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
+    cfg = cfgmod.resolve(flags, config_file, replay.values)
+    models = _load(cfg)
+    job = Job(replay.prompt, cfg, str(image))
+    cond, uncond = pipeline.encode_text(models, job.prompt, cfg.negative, cfg.clip_skip)
+    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
+    latents = pipeline.txt2img(models, plan, cond, uncond, [cfg.seed], cfg.height, cfg.width)
+    again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
+    report = compare_images(images.load_image(image)[0], again)
+    recorded_hash = (replay.recorded.get("model") or {}).get("sha256")
+    report.update(path=str(image), min_psnr=min_psnr, passed=report["psnr"] >= min_psnr,
+                  same_model=None if recorded_hash is None else recorded_hash == _model_hash(models))
+    _report_verify(report, json_out)
+    if not report["passed"]:
+        raise VerificationError(f"{image}: re-render drifted: PSNR {report['psnr']:.2f} dB < {min_psnr} dB "
+                                f"(max difference {report['max_diff']} levels)")
+
+
+def compare_images(a, b) -> dict:
+    """PSNR (dB, inf when identical) and the largest per-channel difference in 8-bit levels."""
+    import math
+
+    import torch
+
+    if a.size != b.size:
+        return {"psnr": 0.0, "max_diff": 255, "identical": False, "note": f"sizes differ: {a.size} vs {b.size}"}
+    x = torch.frombuffer(bytearray(a.tobytes()), dtype=torch.uint8).float()
+    y = torch.frombuffer(bytearray(b.tobytes()), dtype=torch.uint8).float()
+    mse = torch.mean((x - y) ** 2).item()
+    psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return {"psnr": psnr, "max_diff": int((x - y).abs().max().item()), "identical": mse == 0}
+
+
+def _report_verify(report: dict, json_out: bool) -> None:
+    if json_out:
+        shown = {**report, "psnr": None if report["psnr"] == float("inf") else round(report["psnr"], 3)}
+        return console.emit_json(shown)
+    verdict = "identical" if report["identical"] else f"PSNR {report['psnr']:.2f} dB, max diff {report['max_diff']}"
+    if report.get("same_model") is False:
+        verdict += "; note: not the checkpoint the image was made with (sha256 differs)"
+    console.info(f"{report['path']}: {'ok' if report['passed'] else 'DRIFT'} ({verdict})")

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# LDM's model.py ``Upsample`` (with conv) is the same block as the UNet's: nearest x2, then a 3x3 conv ``.conv``.
+from .unet import Upsample
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -93,17 +96,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """model.py ``Upsample`` with conv: nearest x2, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Mid(nn.Module):
