@@ -28,8 +28,8 @@ def run_inspect(path: Path | None, prompt: str | None, hashes: bool, json_out: b
         typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
     elif report["kind"] == "prompt":
         _print_prompt(report)
-    else:
-        _print_report(report)
+    else:  # the raw text chunks repeat what is parsed above; --json keeps them
+        _print_report({k: v for k, v in report.items() if k != "raw"})
 
 
 def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:

@@ -425,7 +425,7 @@ class _progress:
         self.bar = None
 
     def __enter__(self):
-        if console.is_quiet():
+        if console.is_quiet() or not console.stderr().is_terminal:  # a live bar only makes sense on a terminal
             return None
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
