@@ -134,11 +134,22 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+ProgressOpt = Annotated[
+    str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
+]
 
 
 def _flags(**given) -> dict:
     """Config-key -> value for the options actually given (None = not given)."""
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _progress_mode(mode: str) -> str:
+    if mode not in ("auto", "json", "none"):
+        from .errors import UsageError
+
+        raise UsageError(f"option --progress: must be auto, json or none, got {mode!r}")
+    return mode
 
 
 def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
@@ -192,6 +203,7 @@ def generate(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    progress: ProgressOpt = "auto",
     print_config: PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -209,7 +221,7 @@ def generate(
     run_generate(GenerateRequest(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
-        print_config=print_config,
+        print_config=print_config, progress=_progress_mode(progress),
     ))
 
 
@@ -239,6 +251,7 @@ def img2img(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    progress: ProgressOpt = "auto",
     print_config: PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
@@ -253,7 +266,7 @@ def img2img(
 
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
-                               json_out=json_out))
+                               json_out=json_out, progress=_progress_mode(progress)))
 
 
 @app.command()

@@ -51,6 +51,12 @@ def error(message: str) -> None:
     stderr().print(line)
 
 
+def emit_event(obj: Any) -> None:
+    """One JSON progress event per line on stderr (stdout stays for results)."""
+    sys.stderr.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stderr.flush()
+
+
 def emit_json(obj: Any) -> None:
     """One JSON object per line on stdout, flushed so a reading pipe sees it at once."""
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")

@@ -30,6 +30,7 @@ class GenerateRequest:
     latent_out: str | None = None
     overwrite: bool = False
     json_out: bool = False
+    progress: str = "auto"  # auto | json | none
     dry_run: bool = False
     from_image: Path | None = None
     print_config: bool = False
@@ -43,6 +44,7 @@ class Img2ImgRequest:
     config_file: Path | None = None
     overwrite: bool = False
     json_out: bool = False
+    progress: str = "auto"  # auto | json | none
 
 
 @dataclass
@@ -222,7 +224,7 @@ def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: I
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
-    with _progress(batch, len(plan.sigmas) - 1 if init is None else None) as step:
+    with _progress(batch, len(plan.sigmas) - 1 if init is None else None, req.progress) as step:
         if init is None:
             latents = pipeline.txt2img(models, plan, cond, uncond, seeds, *size, callback=step)
         else:
@@ -417,15 +419,21 @@ def _dry_run(jobs: list[Job]) -> None:
 
 
 class _progress:
-    """A rich progress bar on stderr for one batch; the callback it yields advances it by one step."""
+    """Progress of one batch on stderr: a rich bar (on a terminal), or with mode "json" one JSON line per step
+    ({"event": "step", "seeds", "step", "total", "elapsed_s"}) for programs that drive sdcli. The callback it
+    yields advances it by one step."""
 
-    def __init__(self, batch: list[Target], total: int | None):
+    def __init__(self, batch: list[Target], total: int | None, mode: str = "auto"):
+        self.seeds = [t.seed for t in batch]
         self.label = f"seed {batch[0].seed}" + (f"..{batch[-1].seed}" if len(batch) > 1 else "")
-        self.total = total
+        self.total, self.mode = total, mode
         self.bar = None
+        self.t0 = time.perf_counter()
 
     def __enter__(self):
-        if console.is_quiet() or not console.stderr().is_terminal:  # a live bar only makes sense on a terminal
+        if self.mode == "json":
+            return self.event
+        if self.mode == "none" or console.is_quiet() or not console.stderr().is_terminal:  # bars need a terminal
             return None
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
@@ -437,6 +445,10 @@ class _progress:
         self.task = self.bar.add_task(self.label, total=self.total, rate="")
         self.t0 = time.perf_counter()
         return self.step
+
+    def event(self, i, total, _x, _denoised) -> None:
+        console.emit_event({"event": "step", "seeds": self.seeds, "step": i + 1, "total": total,
+                            "elapsed_s": round(time.perf_counter() - self.t0, 3)})
 
     def step(self, i, total, _x, _denoised) -> None:
         rate = (i + 1) / max(time.perf_counter() - self.t0, 1e-9)
