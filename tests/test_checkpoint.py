@@ -20,7 +20,8 @@ from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, Unsu
 from sdcli.models import TextConfig, UNetConfig, VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SD15_TSV = ROOT.parent / "shared" / "reference" / "keys" / "sd15.tsv"
+# A copy of ../shared/reference/keys/sd15.tsv (the public SD1.5 single-file layout), so a clone tests alone.
+SD15_TSV = ROOT / "tests" / "data" / "sd15_keys.tsv"
 SD21_TSV = ROOT / "tests" / "data" / "sd21_keys.tsv"
 
 
