@@ -231,6 +231,8 @@ def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).")],
     strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (needs a "
+                                                "9-channel inpainting model; strength defaults to 1).")] = None,
     output: OutputOpt = None,
     negative: NegativeOpt = None,
     steps: StepsOpt = None,
@@ -266,7 +268,7 @@ def img2img(
 
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
-                               json_out=json_out, progress=_progress_mode(progress)))
+                               json_out=json_out, progress=_progress_mode(progress), mask=mask))
 
 
 @app.command()

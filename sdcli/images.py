@@ -148,3 +148,31 @@ def load_image(path: str | Path, multiple: int = 8, max_pixels: int | None = Non
     except BadInputError as exc:
         raise BadInputError(f"{name}: {exc}") from exc
     return img.copy(), notes
+
+
+def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = None
+              ) -> tuple[torch.Tensor, list[str]]:
+    """An inpainting mask as (1, 1, H, W) float32 of 0/1 for an image of `size` = (width, height).
+
+    White (>= 0.5 after /255) = repaint, black = keep: the A1111 / diffusers convention. As diffusers'
+    mask processor (VaeImageProcessor(do_binarize=True, do_convert_grayscale=True), image_processor.py
+    `preprocess` + `binarize`): any mode -> L (ITU-R 601 luma), then x / 255 binarised at 0.5. A mask of another
+    size is resized to the image's (noted)."""
+    name, data = _read_source(path)
+    img = _open_checked(name, data, max_pixels)
+    notes: list[str] = []
+    if img.getexif().get(0x0112, 1) not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        notes.append("EXIF orientation applied")
+    try:
+        # 16-bit and float masks go through _to_rgb's exact 8-bit reduction first; PIL's own L conversion clips.
+        img = _to_rgb(img, []).convert("L") if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F") \
+            else img.convert("L")
+    except _DECODE_ERRORS as exc:
+        raise BadInputError(f"{name}: cannot convert mask mode {img.mode} to grayscale ({exc})") from exc
+    if img.size != tuple(size):
+        notes.append(f"mask {img.width}x{img.height} resized to the image size {size[0]}x{size[1]}")
+        img = img.resize(tuple(size), Image.Resampling.LANCZOS)  # diffusers' default resample
+    arr = np.asarray(img).astype(np.float32) / 255.0  # (H, W) in [0, 1]
+    mask = torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)
+    return mask, notes

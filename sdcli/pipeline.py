@@ -83,15 +83,18 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int],
-            height: int, width: int, callback: Callable | None = None) -> torch.Tensor:
-    """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled."""
+            height: int, width: int, callback: Callable | None = None,
+            extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled.
+    `extra`: channels the UNet sees after the latent (inpainting: see inpaint_conditioning)."""
     noise = _noise_source(seeds, (LATENT_CHANNELS, height // 8, width // 8), models)
     x = noise() * plan.sigmas[0]
-    return _sample(models, plan, x, cond, uncond, noise, callback)
+    return _sample(models, plan, x, cond, uncond, noise, callback, extra)
 
 
 def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-            seeds: list[int], strength: float, callback: Callable | None = None) -> torch.Tensor:
+            seeds: list[int], strength: float, callback: Callable | None = None,
+            extra: torch.Tensor | None = None) -> torch.Tensor:
     """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule."""
     sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
     plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
@@ -101,7 +104,20 @@ def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.T
     if len(sigmas) < 2:  # strength 0 (or too few steps): nothing to run
         return x0.clone()
     x = x0 + first * sigmas[0]
-    return _sample(models, plan, x, cond, uncond, noise, callback)
+    return _sample(models, plan, x, cond, uncond, noise, callback, extra)
+
+
+def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The 5 channels an inpainting UNet (in_channels 9) sees after the latent: (1, 5, H/8, W/8) fp32 =
+    cat([mask at latent size, VAE latent of the image with the repainted area zeroed]), neither scaled by c_in.
+    As diffusers StableDiffusionInpaintPipeline (prepare_mask_latents; masked_image = image * (mask < 0.5)):
+    https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion_inpaint.py
+    image: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W) of 0/1, 1 = repaint."""
+    _, _, h, w = image.shape
+    masked = image * (mask < 0.5)  # (1, 3, H, W): the kept pixels, 0 (mid grey) where it repaints
+    masked_latent = encode_image(models, masked)  # (1, 4, H/8, W/8), scaled
+    small = torch.nn.functional.interpolate(mask.float(), size=(h // 8, w // 8))  # nearest, as diffusers
+    return torch.cat([small.to(masked_latent), masked_latent], dim=1)
 
 
 def _noise_source(seeds: list[int], shape: tuple[int, ...], models):
@@ -109,11 +125,11 @@ def _noise_source(seeds: list[int], shape: tuple[int, ...], models):
     return samplers.make_noise_source(generators(seeds), shape, device, torch.float32)
 
 
-def _sample(models, plan, x, cond, uncond, noise, callback):
+def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     batch = x.shape[0]
     # The LCM sampler goes with LCM-distilled models, whose x0 carries the consistency boundary condition.
     kind = LCMDenoiser if plan.sampler == "lcm" else Denoiser
-    unet = _UNetAdapter(models.unet, images=batch)
+    unet = _UNetAdapter(models.unet, images=batch, extra=extra)
     denoiser = kind(unet, schedule.training_alphas_cumprod(), models.info.prediction)
     cond_b = cond.expand(batch, -1, -1).to(x.device)
     uncond_b = uncond.expand(batch, -1, -1).to(x.device) if plan.cfg != 1 else None
@@ -132,17 +148,26 @@ def _sample(models, plan, x, cond, uncond, noise, callback):
 
 
 class _UNetAdapter:
-    """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back."""
+    """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back.
 
-    def __init__(self, unet, images: int):
+    `extra` (1 or `images`, C, h, w) is conditioning appended to the UNet input's channels (inpainting's mask and
+    masked-image latent). It is appended here, after the Denoiser's c_in scaling of x, because only the noisy
+    latent is scaled (diffusers concatenates after scheduler.scale_model_input); samplers never see it."""
+
+    def __init__(self, unet, images: int, extra: torch.Tensor | None = None):
         self.unet, self.images = unet, images
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.extra = None if extra is None else extra.to(self.device, self.dtype).expand(images, -1, -1, -1)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (R, 4, h, w), t: (R,), context: (R, T, D) -> (R, 4, h, w) fp32; R = images x (1 or 2 with CFG)
-        out = _per_image(self.unet, x.to(self.dtype), t.to(torch.float32), context.to(self.dtype),
-                         images=self.images)
+        x = x.to(self.dtype)
+        if self.extra is not None:
+            # rows are [uncond; cond] blocks of `images` each, so image k's extra goes to rows k, images+k, ...
+            extra = self.extra.repeat(x.shape[0] // self.images, 1, 1, 1)  # (R, C, h, w)
+            x = torch.cat([x, extra], dim=1)  # (R, 4 + C, h, w)
+        out = _per_image(self.unet, x, t.to(torch.float32), context.to(self.dtype), images=self.images)
         return out.float()
 
 

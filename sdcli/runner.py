@@ -45,6 +45,7 @@ class Img2ImgRequest:
     overwrite: bool = False
     json_out: bool = False
     progress: str = "auto"  # auto | json | none
+    mask: str | None = None  # inpainting mask (white = repaint); needs a 9-channel inpainting model
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Init:
     latent: Any
     strength: float
     notes: list[str] = field(default_factory=list)
+    extra: Any = None  # inpainting: the UNet's mask + masked-image channels (pipeline.inpaint_conditioning)
+    mask: str | None = None  # inpainting: the mask file, for the metadata
 
 
 # --- generate / img2img --------------------------------------------------------------------------
@@ -114,16 +117,41 @@ def run_img2img(req: Img2ImgRequest) -> None:
     from . import images, pipeline
 
     base = cfgmod.resolve(req.flags, req.config_file)
+    if req.mask and cfgmod.origin("strength", req.flags, req.config_file) == "default":
+        base = dataclasses.replace(base, strength=1.0)  # inpainting repaints from pure noise unless told otherwise
     job = single_job(req.prompt, base)
     _check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")
+    mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
     targets = plan_targets([job], req.overwrite)
     models = _load(base)
-    latent = pipeline.encode_image(models, images.pil_to_tensor(img))
-    _render_all(models, targets, Init(latent, base.strength, notes), None, req)
+    _check_inpaint_model(models, base, req.mask)
+    pixels = images.pil_to_tensor(img)
+    latent = pipeline.encode_image(models, pixels)
+    extra = pipeline.inpaint_conditioning(models, pixels, mask) if mask is not None else None
+    _render_all(models, targets, Init(latent, base.strength, notes, extra, req.mask), None, req)
+
+
+def _load_mask(path: str, img):
+    from . import images
+
+    mask, notes = images.load_mask(path, img.size)
+    for note in notes:
+        console.info(f"{path}: {note}")
+    return mask
+
+
+def _check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
+    """A 9-channel inpainting UNet cannot run without a mask, and a 4-channel one has no input for it."""
+    if models.info.inpaint and not mask:
+        raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): img2img needs --mask MASK.png "
+                         "(white = repaint)")
+    if mask and not models.info.inpaint:
+        raise UsageError(f"--mask needs an inpainting model (9-channel UNet, e.g. SD1.5-inpainting); "
+                         f"{cfg.model} is not one")
 
 
 def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
@@ -225,10 +253,12 @@ def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: I
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
     with _progress(batch, len(plan.sigmas) - 1 if init is None else None, req.progress) as step:
-        if init is None:
-            latents = pipeline.txt2img(models, plan, cond, uncond, seeds, *size, callback=step)
+        if init is None or (init.extra is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
+            extra = None if init is None else init.extra
+            latents = pipeline.txt2img(models, plan, cond, uncond, seeds, *size, callback=step, extra=extra)
         else:
-            latents = pipeline.img2img(models, plan, init.latent, cond, uncond, seeds, init.strength, callback=step)
+            latents = pipeline.img2img(models, plan, init.latent, cond, uncond, seeds, init.strength, callback=step,
+                                       extra=init.extra)
     t1 = time.perf_counter()
     decoded = pipeline.decode_latents(models, latents)
     t2 = time.perf_counter()
@@ -318,15 +348,24 @@ def _metadata(models, target: Target, size, fallbacks, init: Init | None) -> dic
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     del recorded["output"]
-    return {
+    meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
-        "prompt": target.job.prompt, "seed": target.seed, "mode": "txt2img" if init is None else "img2img",
+        "prompt": target.job.prompt, "seed": target.seed, "mode": _mode(init),
         "config": recorded,
         "model": {"name": models.name, "sha256": _model_hash(models), "family": models.info.family,
                   "prediction": models.info.prediction},
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    if init is not None and init.mask:
+        meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
+    return meta
+
+
+def _mode(init: Init | None) -> str:
+    if init is None:
+        return "txt2img"
+    return "inpaint" if init.extra is not None else "img2img"
 
 
 def _sampler_schedule(cfg: RunConfig) -> tuple[str, str]:
