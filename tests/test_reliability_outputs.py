@@ -33,7 +33,8 @@ def test_output_is_written_to_a_temp_file_in_the_target_folder_then_renamed(tiny
     real = os.replace
 
     def spy(src, dst):
-        renames.append((os.fspath(src), os.fspath(dst)))
+        if os.fspath(dst).endswith(".png"):  # os is shared: other renames (e.g. the hash cache) are not outputs
+            renames.append((os.fspath(src), os.fspath(dst)))
         return real(src, dst)
 
     monkeypatch.setattr(sdcli.outputs.os, "replace", spy)
