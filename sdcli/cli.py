@@ -199,6 +199,9 @@ def generate(
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
+    seamless: Annotated[
+        Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
+    ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -211,7 +214,7 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
-                   dtype=dtype, device=device, strength=strength)
+                   dtype=dtype, device=device, strength=strength, seamless=seamless)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet

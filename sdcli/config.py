@@ -48,6 +48,7 @@ class RunConfig:
     n: int = field(default=1, metadata=_range(1, 100000))
     clip_skip: int = field(default=1, metadata=_range(1, 12))
     strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    seamless: bool = field(default=False, metadata=_range())  # tileable output: circular padding in UNet and VAE
     dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
     device: str = field(default="auto", metadata=_range(choices=DEVICES))
     output: str = field(default="sdcli-{seed}.png", metadata=_range())
@@ -150,6 +151,10 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         if "None" in kind:
             return None
         raise BadInputError(f"{where}: '{key}' must not be empty")
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise BadInputError(f"{where}: '{key}' must be true or false, got {_type_name(value)} {value!r}")
+        return value
     if kind.startswith("int"):
         value = _as_int(key, value, where)
     elif kind.startswith("float"):

@@ -9,6 +9,7 @@ is bit-identical to a single run with seed+k, and the same seed gives the same n
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,6 +78,23 @@ def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple
 
 
 # --- latents -------------------------------------------------------------------------------------
+
+@contextmanager
+def seamless(models, enabled: bool = True):
+    """Tileable output: every padded convolution of the UNet and the VAE pads circularly while inside, so the
+    picture wraps around at its edges (A1111's "Tiling"). Attention and GroupNorm are global, so with it the
+    networks commute with circular shifts. Restores the modules on exit."""
+    convs = [m for part in (models.unet, models.vae) for m in part.modules()
+             if isinstance(m, torch.nn.Conv2d) and any(p > 0 for p in m.padding)] if enabled else []
+    saved = [m.padding_mode for m in convs]
+    for m in convs:
+        m.padding_mode = "circular"  # Conv2d pads with F.pad(mode=padding_mode) when it is not "zeros"
+    try:
+        yield
+    finally:
+        for m, mode in zip(convs, saved):
+            m.padding_mode = mode
+
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]

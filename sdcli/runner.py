@@ -242,9 +242,10 @@ def _render_job(models, targets: list[Target], init: Init | None, cond_override,
     if cond_override is not None:
         cond, uncond = _match_chunks(cond_override, uncond)
     width, height = _size(cfg, models, init)
-    for start in range(0, len(targets), cfg.batch_size):
-        batch = targets[start:start + cfg.batch_size]
-        _render_batch(models, plan, cond, uncond, batch, (height, width), init, req)
+    with pipeline.seamless(models, cfg.seamless):
+        for start in range(0, len(targets), cfg.batch_size):
+            batch = targets[start:start + cfg.batch_size]
+            _render_batch(models, plan, cond, uncond, batch, (height, width), init, req)
 
 
 def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: Init | None, req) -> None:
