@@ -202,6 +202,16 @@ def generate(
     seamless: Annotated[
         Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
     ] = None,
+    hires_scale: Annotated[
+        Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
+                                      "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+    ] = None,
+    hires_strength: Annotated[
+        Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
+    ] = None,
+    hires_steps: Annotated[
+        Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+    ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -214,7 +224,8 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
-                   dtype=dtype, device=device, strength=strength, seamless=seamless)
+                   dtype=dtype, device=device, strength=strength, seamless=seamless, hires_scale=hires_scale,
+                   hires_strength=hires_strength, hires_steps=hires_steps)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet

@@ -49,6 +49,10 @@ class RunConfig:
     clip_skip: int = field(default=1, metadata=_range(1, 12))
     strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
     seamless: bool = field(default=False, metadata=_range())  # tileable output: circular padding in UNet and VAE
+    # A1111 "Hires. fix": a second img2img pass on the latents upscaled by hires_scale (1 = off)
+    hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
+    hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
+    hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
     dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
     device: str = field(default="auto", metadata=_range(choices=DEVICES))
     output: str = field(default="sdcli-{seed}.png", metadata=_range())

@@ -4,7 +4,8 @@ images. The CLI's commands are thin layers over these; nothing here prints.
 Reproducibility contract: image k of a run uses its own CPU `torch.Generator` seeded with seed+k. Its initial noise
 `randn((1, 4, H/8, W/8))` is drawn first, every later stochastic draw (ancestral / SDE noise) comes from the same
 generator in step order, always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch
-is bit-identical to a single run with seed+k, and the same seed gives the same noise on every device.
+is bit-identical to a single run with seed+k, and the same seed gives the same noise on every device. The hires
+fix's second pass keeps drawing from the same generators, continuing their state after the first pass.
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int],
-            height: int, width: int, callback: Callable | None = None,
+def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor,
+            seeds: list[int] | list[torch.Generator], height: int, width: int, callback: Callable | None = None,
             extra: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled.
+    `seeds`: one seed or one CPU generator per image (a generator is drawn from in place, continuing its state).
     `extra`: channels the UNet sees after the latent (inpainting: see inpaint_conditioning)."""
     noise = _noise_source(seeds, (LATENT_CHANNELS, height // 8, width // 8), models)
     x = noise() * plan.sigmas[0]
@@ -111,9 +113,10 @@ def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor
 
 
 def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-            seeds: list[int], strength: float, callback: Callable | None = None,
+            seeds: list[int] | list[torch.Generator], strength: float, callback: Callable | None = None,
             extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule."""
+    """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule.
+    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass)."""
     sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
     plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
     noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
@@ -138,9 +141,32 @@ def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> tor
     return torch.cat([small.to(masked_latent), masked_latent], dim=1)
 
 
-def _noise_source(seeds: list[int], shape: tuple[int, ...], models):
+def hires_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(height, width) of the hires fix's second pass: the latent size scaled and rounded, so the pixel size is a
+    multiple of 8 (A1111 floors the pixel size, then divides by 8)."""
+    return round(height / 8 * scale) * 8, round(width / 8 * scale) * 8
+
+
+def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+              gens: list[torch.Generator], strength: float, size: tuple[int, int], callback: Callable | None = None
+              ) -> torch.Tensor:
+    """A1111's "Hires. fix" second pass with the "Latent" upscaler: bilinear upscaling of the pass-1 latents
+    (B, 4, h, w) to `size` (H, W) in pixels, then img2img at `strength` on them, drawing noise from the pass-1
+    generators. A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass (latent_upscale_modes
+    "Latent" = bilinear, antialias False): https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
+    target = (size[0] // 8, size[1] // 8)
+
+    def upscale(z):  # (1, 4, h, w) -> (1, 4, H/8, W/8); one image at a time, as every batched CPU kernel here
+        return torch.nn.functional.interpolate(z, size=target, mode="bilinear", antialias=False)
+
+    big = _per_image(upscale, latents)  # (B, 4, H/8, W/8)
+    return img2img(models, plan, big, cond, uncond, gens, strength, callback)
+
+
+def _noise_source(seeds: list[int] | list[torch.Generator], shape: tuple[int, ...], models):
     device = _device_of(models.unet)
-    return samplers.make_noise_source(generators(seeds), shape, device, torch.float32)
+    gens = [s if isinstance(s, torch.Generator) else generators([s])[0] for s in seeds]
+    return samplers.make_noise_source(gens, shape, device, torch.float32)
 
 
 def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):

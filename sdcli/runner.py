@@ -89,6 +89,15 @@ class Init:
     mask: str | None = None  # inpainting: the mask file, for the metadata
 
 
+@dataclass(frozen=True)
+class Hires:
+    """The hires fix's second pass (A1111 "Hires. fix", Latent upscaler): its plan, output size and strength."""
+
+    plan: Any  # pipeline.SamplingPlan with hires_steps (or steps)
+    size: tuple[int, int]  # (height, width) of the output, multiples of 8
+    strength: float
+
+
 # --- generate / img2img --------------------------------------------------------------------------
 
 def run_generate(req: GenerateRequest) -> None:
@@ -106,6 +115,8 @@ def run_generate(req: GenerateRequest) -> None:
     _check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     if req.dry_run:
         return _dry_run(jobs)
+    if req.latent_in and base.hires_scale != 1.0:
+        raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
     models = _load(base)
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
@@ -242,13 +253,44 @@ def _render_job(models, targets: list[Target], init: Init | None, cond_override,
     if cond_override is not None:
         cond, uncond = _match_chunks(cond_override, uncond)
     width, height = _size(cfg, models, init)
+    hires = _hires(cfg, (height, width)) if init is None else None
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
             batch = targets[start:start + cfg.batch_size]
-            _render_batch(models, plan, cond, uncond, batch, (height, width), init, req)
+            _render_batch(models, plan, cond, uncond, batch, (height, width), init, req, hires)
 
 
-def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: Init | None, req) -> None:
+def _hires(cfg: RunConfig, size: tuple[int, int]) -> Hires | None:
+    """The second pass when hires_scale asks for one; says the output size (rounded to a multiple of 8)."""
+    from . import pipeline
+
+    if cfg.hires_scale == 1.0:
+        return None
+    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
+                              cfg.guidance_rescale)
+    out = pipeline.hires_size(*size, cfg.hires_scale)
+    exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
+    rounded = " (rounded to a multiple of 8)" if exact != (out[1], out[0]) else ""
+    console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
+                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps")
+    return Hires(plan, out, cfg.hires_strength)
+
+
+def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
+                   callback=None, extra=None):
+    """Pass 1 at `size` (H, W), then the hires fix's pass 2 when asked. Both draw from the same per-image
+    generators, pass 2 continuing their state, so image k of a batch still equals a single run with seed+k."""
+    from . import pipeline
+
+    gens = pipeline.generators(seeds)
+    latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback, extra=extra)
+    if hires is None:
+        return latents
+    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
+
+
+def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: Init | None, req,
+                  hires: Hires | None = None) -> None:
     from . import pipeline
 
     seeds = [t.seed for t in batch]
@@ -256,7 +298,7 @@ def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: I
     with _progress(batch, len(plan.sigmas) - 1 if init is None else None, req.progress) as step:
         if init is None or (init.extra is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
             extra = None if init is None else init.extra
-            latents = pipeline.txt2img(models, plan, cond, uncond, seeds, *size, callback=step, extra=extra)
+            latents = txt2img_passes(models, plan, cond, uncond, seeds, size, hires, callback=step, extra=extra)
         else:
             latents = pipeline.img2img(models, plan, init.latent, cond, uncond, seeds, init.strength, callback=step,
                                        extra=init.extra)
@@ -265,18 +307,21 @@ def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: I
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
     for k, target in enumerate(batch):
-        _save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, size, init, timings, req)
+        _save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, size, init, timings, req,
+                  hires)
 
 
-def _save_one(models, target: Target, image, latent, fallbacks, size, init, timings, req) -> None:
+def _save_one(models, target: Target, image, latent, fallbacks, size, init, timings, req,
+              hires: Hires | None = None) -> None:
     from . import images
     from .outputs import save_png
 
-    meta = _metadata(models, target, size, fallbacks, init)
-    path = save_png(images.tensor_to_pil(image), target.path, _infotext(models, target, size, init), meta,
+    # `size` is the first pass's: A1111 writes it as Size, and the config records the width/height asked for.
+    meta = _metadata(models, target, size, fallbacks, init, hires)
+    path = save_png(images.tensor_to_pil(image), target.path, _infotext(models, target, size, init, hires), meta,
                     overwrite=req.overwrite)
     if getattr(req, "latent_out", None):
-        _save_latent_out(models, req, target, latent, size)
+        _save_latent_out(models, req, target, latent, hires.size if hires else size)
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
                            "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
@@ -317,7 +362,7 @@ def _match_chunks(cond, uncond):
 
 # --- metadata ------------------------------------------------------------------------------------
 
-def _infotext(models, target: Target, size, init: Init | None) -> str:
+def _infotext(models, target: Target, size, init: Init | None, hires: Hires | None = None) -> str:
     from . import __version__
     from .metadata import format_infotext
 
@@ -331,10 +376,14 @@ def _infotext(models, target: Target, size, init: Init | None) -> str:
         params["clip_skip"] = cfg.clip_skip
     if init is not None:
         params["denoising_strength"] = init.strength
+    if hires is not None:  # as A1111 writes a hires fix render; Hires steps only when set
+        params["denoising_strength"] = cfg.hires_strength
+        params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
+                           "Hires upscaler": "Latent"}  # format_infotext drops the None
     return format_infotext(params)
 
 
-def _metadata(models, target: Target, size, fallbacks, init: Init | None) -> dict:
+def _metadata(models, target: Target, size, fallbacks, init: Init | None, hires: Hires | None = None) -> dict:
     import torch
 
     from . import __version__
@@ -360,6 +409,8 @@ def _metadata(models, target: Target, size, fallbacks, init: Init | None) -> dic
     }
     if init is not None and init.mask:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
+    if hires is not None:
+        meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
     return meta
 
 
@@ -603,7 +654,8 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     job = Job(replay.prompt, cfg, str(image))
     cond, uncond = pipeline.encode_text(models, job.prompt, cfg.negative, cfg.clip_skip)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
-    latents = pipeline.txt2img(models, plan, cond, uncond, [cfg.seed], cfg.height, cfg.width)
+    hires = _hires(cfg, (cfg.height, cfg.width))
+    latents = txt2img_passes(models, plan, cond, uncond, [cfg.seed], (cfg.height, cfg.width), hires)
     again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
     report = compare_images(images.load_image(image)[0], again)
     recorded_hash = (replay.recorded.get("model") or {}).get("sha256")
