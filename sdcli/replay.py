@@ -15,7 +15,7 @@ from .config import check_mapping
 from .errors import BadInputError
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
-               "height", "clip_skip", "strength")
+               "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps")
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",

@@ -655,8 +655,9 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     cond, uncond = pipeline.encode_text(models, job.prompt, cfg.negative, cfg.clip_skip)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
     hires = _hires(cfg, (cfg.height, cfg.width))
-    latents = txt2img_passes(models, plan, cond, uncond, [cfg.seed], (cfg.height, cfg.width), hires)
-    again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
+    with pipeline.seamless(models, cfg.seamless):
+        latents = txt2img_passes(models, plan, cond, uncond, [cfg.seed], (cfg.height, cfg.width), hires)
+        again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
     report = compare_images(images.load_image(image)[0], again)
     recorded_hash = (replay.recorded.get("model") or {}).get("sha256")
     report.update(path=str(image), min_psnr=min_psnr, passed=report["psnr"] >= min_psnr,

@@ -106,3 +106,12 @@ def test_verify_refuses_images_it_cannot_replay(cli, tmp_path):
     png = _a1111_png(tmp_path / "w.png", "a castle\nSteps: 7, Sampler: Euler, CFG scale: 4.5, Seed: 99, Size: 64x64")
     result = cli("verify", str(png), expect=2)
     assert "written by sdcli" in result.stderr
+
+
+def test_verify_and_replay_keep_hires_and_seamless(cli, tmp_path):
+    cli("generate", "tiles", *SETTINGS, "--seed", "4", "--dtype", "fp32", "--seamless", "--hires-scale", "1.5",
+        "--hires-steps", "2", "-o", "h.png")
+    report = json.loads(cli("verify", str(tmp_path / "h.png"), "--json").stdout)
+    assert report["passed"] and report["identical"]
+    cli("generate", "--from-image", str(tmp_path / "h.png"), "-o", "h2.png")
+    assert (tmp_path / "h2.png").read_bytes() == (tmp_path / "h.png").read_bytes()
