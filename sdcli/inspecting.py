@@ -106,7 +106,32 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
         report.update(_header_summary(header))
         if hashes:
             report.update(_hashes(path, header))
+    elif path.is_dir():
+        report.update(_folder_summary(path))
     return report
+
+
+def _folder_summary(folder: Path) -> dict[str, Any]:
+    """dtypes and parameters per part of a diffusers folder, from the safetensors headers of its parts."""
+    from .checkpoint import read_header
+
+    dtypes: Counter = Counter()
+    params: dict[str, int] = {}
+    for part in ("unet", "vae", "text_encoder"):
+        for file in sorted((folder / part).glob("*.safetensors")):
+            for name, entry in read_header(file).items():
+                if name == "__metadata__":
+                    continue
+                dtypes[entry["dtype"]] += 1
+                params[part] = params.get(part, 0) + _numel(entry["shape"])
+    return {"dtypes": dict(dtypes), "parameters": params}
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
 
 
 def _header_summary(header: dict) -> dict[str, Any]:
@@ -118,10 +143,7 @@ def _header_summary(header: dict) -> dict[str, Any]:
             continue
         dtypes[entry["dtype"]] += 1
         part = next((p for prefix, p in PARTS.items() if name.startswith(prefix)), None)
-        count = 1
-        for dim in entry["shape"]:
-            count *= dim
-        params[part or "other"] += count
+        params[part or "other"] += _numel(entry["shape"])
         if part is None:
             other.append(name)
     return {"dtypes": dict(dtypes), "parameters": dict(params), "tensors": len(header) - ("__metadata__" in header),
