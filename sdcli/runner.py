@@ -119,6 +119,7 @@ def run_generate(req: GenerateRequest) -> None:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
     models = _load(base)
+    _check_inpaint_model(models, base, None)  # text-to-image has no image and mask for a 9-channel UNet
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
     cond = _load_cond(req.cond, models) if req.cond else None
     _render_all(models, targets, init, cond, req)
@@ -158,8 +159,8 @@ def _load_mask(path: str, img):
 def _check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
     """A 9-channel inpainting UNet cannot run without a mask, and a 4-channel one has no input for it."""
     if models.info.inpaint and not mask:
-        raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): img2img needs --mask MASK.png "
-                         "(white = repaint)")
+        raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): use "
+                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint)")
     if mask and not models.info.inpaint:
         raise UsageError(f"--mask needs an inpainting model (9-channel UNet, e.g. SD1.5-inpainting); "
                          f"{cfg.model} is not one")
@@ -651,6 +652,7 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     models = _load(cfg)
+    _check_inpaint_model(models, cfg, None)
     job = Job(replay.prompt, cfg, str(image))
     cond, uncond = pipeline.encode_text(models, job.prompt, cfg.negative, cfg.clip_skip)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)

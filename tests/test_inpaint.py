@@ -203,3 +203,11 @@ def test_cli_mask_with_plain_model_is_usage_error(cli, tiny_sd1, tmp_path):  # n
     result = cli(tiny_sd1, "--mask", "mask.png", "-o", "out.png", expect=2)
     assert "--mask needs an inpainting model" in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_generate_with_an_inpainting_model_is_usage_error(tiny_inpaint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["generate", "x", "-m", str(tiny_inpaint), "-W", "64", "-H", "64",
+                                      "--steps", "2", "-o", "g.png"])
+    assert result.exit_code == 2 and "inpainting model" in result.stderr and "--mask" in result.stderr
+    assert not (tmp_path / "g.png").exists()
