@@ -953,7 +953,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except Exception as e:  # offline/cold cache, network, gated or missing repo: one clear message
-        why = "offline (HF_HUB_OFFLINE=1) and not in the HF cache" if offline else f"{type(e).__name__}: {str(e)[:160]}"
+        why = "offline (HF_HUB_OFFLINE=1) and not in the HF cache" if offline else _first_sentence(e)
         raise ModelNotFoundError(
             f"{repo_id}: could not get the model ({why}); download it when online, or pass a local "
             ".safetensors file or diffusers folder with --model PATH"
@@ -964,6 +964,14 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _first_sentence(e: Exception, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut at a word boundary: hub errors are long and multi-line."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {text}"
 
 
 def file_sha256(path: str | Path) -> str:
