@@ -213,6 +213,10 @@ def generate(
         Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
     ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
+    lora: Annotated[
+        Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
+                                          "repeatable; weight 1 by default), merged before sampling.")
+    ] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -235,7 +239,7 @@ def generate(
     run_generate(GenerateRequest(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
-        print_config=print_config, progress=_progress_mode(progress),
+        print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []),
     ))
 
 

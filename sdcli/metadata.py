@@ -124,6 +124,16 @@ def _pairs(p: dict) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in pairs if v is not None and v != ""]
 
 
+# Values A1111 writes JSON-quoted because they hold ',' and ':' themselves ('Lora hashes: "name: 1a2b3c4d5e6f"').
+QUOTED_LABELS = ("Lora hashes", "TI hashes")
+
+
+def _value(label: str, value: Any) -> str:
+    if label in QUOTED_LABELS:
+        return json.dumps(" ".join(str(value).split()), ensure_ascii=False)  # one line; quotes escaped
+    return sanitize_value(_num(value))
+
+
 def format_infotext(p: dict) -> str:
     """A1111 `parameters` text from a dict with keys prompt, negative_prompt, steps, sampler, schedule,
     cfg_scale, seed, width, height (or size "WxH"), model_hash, model, [vae, vae_hash, denoising_strength, clip_skip, extra, version].
@@ -133,7 +143,7 @@ def format_infotext(p: dict) -> str:
     negative = p.get("negative_prompt")
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    pairs = ", ".join(f"{sanitize_value(k)}: {sanitize_value(_num(v))}" for k, v in _pairs(p))
+    pairs = ", ".join(f"{sanitize_value(k)}: {_value(k, v)}" for k, v in _pairs(p))
     lines.append(pairs)
     return "\n".join(lines)
 

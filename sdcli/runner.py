@@ -34,6 +34,7 @@ class GenerateRequest:
     dry_run: bool = False
     from_image: Path | None = None
     print_config: bool = False
+    loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
 
 
 @dataclass
@@ -118,7 +119,9 @@ def run_generate(req: GenerateRequest) -> None:
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
+    loras = _lora_specs(req.loras)
     models = _load(base)
+    _merge_loras(models, loras)
     _check_inpaint_model(models, base, None)  # text-to-image has no image and mask for a 9-channel UNet
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
     cond = _load_cond(req.cond, models) if req.cond else None
@@ -381,6 +384,10 @@ def _infotext(models, target: Target, size, init: Init | None, hires: Hires | No
         params["denoising_strength"] = cfg.hires_strength
         params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
                            "Hires upscaler": "Latent"}  # format_infotext drops the None
+    loras = getattr(models, "loras", None)
+    if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
+        params["extra"] = {**params.get("extra", {}),
+                           "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
     return format_infotext(params)
 
 
@@ -412,6 +419,9 @@ def _metadata(models, target: Target, size, fallbacks, init: Init | None, hires:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    if getattr(models, "loras", None):
+        meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
+                          "modules": r.total} for r in models.loras]
     return meta
 
 
@@ -455,6 +465,24 @@ def _load(cfg: RunConfig):
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction)
     models.placement = placement
     return models
+
+
+def _lora_specs(specs: list[str]) -> list:
+    """Parse and sniff every --lora file before the (slow) model load, so a bad file fails fast."""
+    from .lora import check_file, parse_spec
+
+    parsed = [parse_spec(s) for s in specs]
+    for spec in parsed:
+        check_file(spec)
+    return parsed
+
+
+def _merge_loras(models, specs: list) -> None:
+    from .lora import apply_loras
+
+    models.loras = apply_loras(models, specs)
+    for report in models.loras:
+        console.info(report.message())
 
 
 def _latent_init(path: Path, cfg: RunConfig, models) -> Init:

@@ -1,0 +1,159 @@
+"""LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x weights once, before sampling.
+
+A kohya file holds, per adapted module, ``<name>.lora_down.weight`` (rank, in[, kh, kw]), ``<name>.lora_up.weight``
+(out, rank[, 1, 1]) and an optional scalar ``<name>.alpha``; the merged weight is
+``W + weight * alpha / rank * (up @ down)``. ``<name>`` is ``lora_unet_`` or ``lora_te_`` followed by the module
+path with '.' -> '_'. kohya trains SD1 on the DIFFUSERS UNet, so its UNet names are diffusers paths
+(``lora_unet_down_blocks_0_attentions_0_proj_in``); they are mapped onto our LDM module names through the same
+rename table the diffusers-folder loader uses (``checkpoint.unet_prefix_pairs``). LDM-style names
+(``lora_unet_input_blocks_1_1_proj_in``) are accepted too.
+Upstream: kohya-ss sd-scripts networks/lora.py (LoRAModule, LORA_PREFIX_*), A1111
+extensions-builtin/Lora/networks.py and network_lora.py (key conversion, calc_updown).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sdcli.checkpoint import FLOAT_DTYPES, file_sha256, read_header, rename, unet_prefix_pairs
+from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError
+
+UNET_KEY = "lora_unet_"
+TEXT_KEY = "lora_te_"
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    """What one LoRA did to the model, for the stderr line and the image metadata."""
+
+    path: Path
+    sha256: str
+    weight: float
+    applied: int  # modules merged
+    total: int  # modules named in the file
+
+    @property
+    def name(self) -> str:
+        return self.path.stem  # A1111's name for a LoRA (<lora:name:w>, "Lora hashes")
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]  # A1111's shorthash of a LoRA file
+
+    def message(self) -> str:
+        text = f"lora {self.path.name}: applied {self.applied} of {self.total} modules (weight {self.weight:g})"
+        missed = self.total - self.applied
+        return text + (f"; {missed} match no module of this model" if missed else "")
+
+
+def parse_spec(spec: str) -> LoraSpec:
+    """``FILE[:WEIGHT]``; the split is only taken when the tail is a number, so ``C:\\x.safetensors`` works."""
+    head, sep, tail = spec.rpartition(":")
+    path, weight = Path(spec), 1.0
+    if sep and head:
+        try:
+            weight, path = float(tail), Path(head)
+        except ValueError:
+            pass
+    if not math.isfinite(weight):
+        raise UsageError(f"option --lora: weight must be a finite number, got {spec!r}")
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: no such LoRA file")
+    return LoraSpec(path, weight)
+
+
+def check_file(spec: LoraSpec) -> dict:
+    """The file's safetensors header (read_header's sniffing names a .ckpt, an HTML page, a truncated file)."""
+    header = read_header(spec.path)
+    bad = sorted(k for k, v in header.items() if k != "__metadata__" and v["dtype"] not in FLOAT_DTYPES)
+    if bad:
+        raise BadInputError(f"{spec.path}: LoRA tensor {bad[0]} is not floating point")
+    return header
+
+
+def _targets(models) -> dict[str, nn.Module]:
+    """kohya name (without .lora_*) -> the Linear/Conv2d it adapts, for UNet (diffusers and LDM spellings)
+    and text encoder (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``)."""
+    cfg = models.unet.config
+    to_diffusers = {ldm: d for d, ldm in unet_prefix_pairs(len(cfg.channel_mult), cfg.num_res_blocks,
+                                                           cfg.attention_levels)}  # fmt: skip
+    out: dict[str, nn.Module] = {}
+    for name, module in models.unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            out[UNET_KEY + name.replace(".", "_")] = module
+            diffusers = rename(name + ".weight", to_diffusers)  # rename wants a key below the prefix
+            if diffusers is not None:
+                out[UNET_KEY + diffusers.removesuffix(".weight").replace(".", "_")] = module
+    for name, module in models.text_encoder.transformer.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            name = "text_model." + name.removeprefix("text_model.")  # transformers < 5.6 nests, newer not
+            out[TEXT_KEY + name.replace(".", "_")] = module
+    return out
+
+
+def _groups(path: Path, state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{module name: {part: tensor}}; refuses LyCORIS variants (LoHa, LoKr, DoRA) by key."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, t in state.items():
+        base, _, part = key.partition(".")
+        if part not in LORA_PARTS:
+            raise BadInputError(f"{path}: key {key}: only LoRA/LoCon (lora_down/lora_up/alpha) keys are supported, "
+                                "not LyCORIS LoHa/LoKr/DoRA")  # fmt: skip
+        groups.setdefault(base, {})[part] = t
+    for base, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise BadInputError(f"{path}: {base} lacks its lora_down or lora_up weight")
+    return groups
+
+
+def _delta(path: Path, base: str, parts: dict[str, Tensor], target: Tensor) -> Tensor:
+    """alpha/rank * up @ down in float32, shaped like `target`: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
+    down, up = (parts[k].to(target.device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
+    rank = down.shape[0]
+    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)  # no alpha: scale 1
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1) or up.shape[1] != rank:
+        raise BadInputError(f"{path}: {base}: lora_up {list(up.shape)} does not fit lora_down {list(down.shape)}")
+    delta = up.flatten(1) @ down.flatten(1)  # (out, in * kh * kw)
+    if delta.shape[0] != target.shape[0] or delta.numel() != target.numel():
+        raise BadInputError(f"{path}: {base}: LoRA shape {list(up.shape[:1]) + list(down.shape[1:])} does not fit "
+                            f"the model's {list(target.shape)} (a LoRA for another model family?)")  # fmt: skip
+    return (alpha / rank) * delta.reshape(target.shape)
+
+
+@torch.no_grad()
+def apply_lora(models, spec: LoraSpec) -> LoraReport:
+    """Merge one LoRA into `models` (UNet and text encoder weights replaced, in their dtype and device)."""
+    from safetensors.torch import load_file
+
+    check_file(spec)
+    groups = _groups(spec.path, load_file(str(spec.path)))
+    targets = _targets(models)
+    matched = {base: targets[base] for base in groups if base in targets}
+    if not matched:
+        raise BadInputError(f"{spec.path}: no key of this LoRA matches the model: is it for SDXL? "
+                            f"({len(groups)} modules, e.g. {next(iter(groups), 'none')})")  # fmt: skip
+    for base, module in matched.items():
+        w = module.weight
+        delta = _delta(spec.path, base, groups[base], w)
+        merged = w.float() + spec.weight * delta
+        if not bool(torch.isfinite(merged).all()):
+            raise NumericalError(f"{spec.path}: {base}: NaN or Inf after merging the LoRA")
+        # A new Parameter, not an in-place edit: the old tensor may be shared with a caller.
+        module.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+    return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
+
+
+def apply_loras(models, specs: list[LoraSpec]) -> list[LoraReport]:
+    return [apply_lora(models, s) for s in specs]
