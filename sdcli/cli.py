@@ -134,6 +134,10 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+LoraOpt = Annotated[
+    Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
+                                      "repeatable; weight 1 by default), merged before sampling.")
+]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -213,10 +217,7 @@ def generate(
         Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
     ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
-    lora: Annotated[
-        Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
-                                          "repeatable; weight 1 by default), merged before sampling.")
-    ] = None,
+    lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -374,6 +375,7 @@ def verify(
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
+    lora: LoraOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -382,7 +384,7 @@ def verify(
     from .runner import run_verify
 
     set_quiet(quiet)
-    run_verify(image, _flags(model=model, vae=vae, device=device), config, min_psnr, json_out)
+    run_verify(image, _flags(model=model, vae=vae, device=device), config, min_psnr, json_out, list(lora or []))
 
 
 def main() -> None:

@@ -666,8 +666,10 @@ def run_convert(source: Path, output: Path, overwrite: bool) -> None:
 
 # --- verify --------------------------------------------------------------------------------------
 
-def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: float, json_out: bool) -> None:
-    """Re-render an sdcli image from its recorded settings (dtype included) and compare the pixels."""
+def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: float, json_out: bool,
+               loras: list[str] | None = None) -> None:
+    """Re-render an sdcli image from its recorded settings (dtype included) and compare the pixels. LoRAs are
+    files of the user's, like the model: they are given again with --lora, and checked against the record."""
     from . import images, pipeline
     from .errors import VerificationError
     from .replay import from_image
@@ -679,8 +681,14 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     cfg = cfgmod.resolve(flags, config_file, replay.values)
+    specs = _lora_specs(loras or [])
+    recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
+    if recorded_loras and not specs:
+        raise UsageError(f"{image} was made with LoRA {', '.join(recorded_loras)}: give them again with "
+                         "--lora FILE[:WEIGHT]")
     models = _load(cfg)
     _check_inpaint_model(models, cfg, None)
+    _merge_loras(models, specs)
     job = Job(replay.prompt, cfg, str(image))
     cond, uncond = pipeline.encode_text(models, job.prompt, cfg.negative, cfg.clip_skip)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)

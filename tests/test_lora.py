@@ -232,3 +232,14 @@ def test_cli_records_lora_in_metadata(cli, lora_file, tmp_path):
     from PIL import Image
 
     assert Image.open("l.png").tobytes() != Image.open("plain.png").tobytes()  # the LoRA changed the render
+
+
+def test_verify_needs_and_reapplies_the_loras(cli, tiny_sd1, lora_file, tmp_path):  # noqa: F811
+    path, _ = lora_file
+    cli("a fox", "--lora", f"{path}:0.8", "-o", "v.png")
+    verify = ["verify", "v.png", "-m", str(tiny_sd1), "--json"]
+    missing = CliRunner().invoke(app, verify)
+    assert missing.exit_code == 2 and "made with LoRA detail_tweak.safetensors" in missing.stderr
+    again = CliRunner().invoke(app, [*verify, "--lora", f"{path}:0.8"])
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["identical"]
