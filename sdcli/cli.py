@@ -269,6 +269,7 @@ def img2img(
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -287,7 +288,8 @@ def img2img(
 
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
-                               json_out=json_out, progress=_progress_mode(progress), mask=mask))
+                               json_out=json_out, progress=_progress_mode(progress), mask=mask,
+                               loras=list(lora or [])))
 
 
 @app.command()

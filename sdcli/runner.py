@@ -47,6 +47,7 @@ class Img2ImgRequest:
     json_out: bool = False
     progress: str = "auto"  # auto | json | none
     mask: str | None = None  # inpainting mask (white = repaint); needs a 9-channel inpainting model
+    loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
 
 
 @dataclass
@@ -142,7 +143,9 @@ def run_img2img(req: Img2ImgRequest) -> None:
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
     targets = plan_targets([job], req.overwrite)
+    loras = _lora_specs(req.loras)
     models = _load(base)
+    _merge_loras(models, loras)
     _check_inpaint_model(models, base, req.mask)
     pixels = images.pil_to_tensor(img)
     latent = pipeline.encode_image(models, pixels)

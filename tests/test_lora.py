@@ -243,3 +243,18 @@ def test_verify_needs_and_reapplies_the_loras(cli, tiny_sd1, lora_file, tmp_path
     again = CliRunner().invoke(app, [*verify, "--lora", f"{path}:0.8"])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["identical"]
+
+
+def test_img2img_applies_and_records_loras(cli, tiny_sd1, lora_file, tmp_path):  # noqa: F811
+    path, deltas = lora_file
+    cli("a fox", "-o", "src.png")
+    base = ["img2img", "a fox", "-i", "src.png", "-m", str(tiny_sd1), "--steps", "2", "--seed", "3"]
+    plain = CliRunner().invoke(app, [*base, "-o", "p.png"])
+    with_lora = CliRunner().invoke(app, [*base, "--lora", f"{path}:0.8", "-o", "q.png"])
+    assert plain.exit_code == 0 and with_lora.exit_code == 0, with_lora.stderr
+    assert f"applied {len(deltas)} of {len(deltas)} modules" in with_lora.stderr
+    from PIL import Image
+
+    meta = json.loads(Image.open(tmp_path / "q.png").text["sdcli"])
+    assert [entry["name"] for entry in meta["loras"]] == ["detail_tweak.safetensors"]
+    assert Image.open(tmp_path / "q.png").tobytes() != Image.open(tmp_path / "p.png").tobytes()
