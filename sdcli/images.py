@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdcli.errors import BadInputError, NumericalError
+from sdcli.inputs import read_input
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as A1111 does for img2img
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
@@ -49,18 +49,7 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def _read_source(path: str | Path) -> tuple[str, bytes]:
-    """('name for messages', file bytes); '-' reads stdin. Missing/directory/unreadable -> BadInputError."""
-    if str(path) == "-":
-        return "<stdin>", sys.stdin.buffer.read()
-    p = Path(path)
-    if not p.exists():
-        raise BadInputError(f"{p}: no such file")
-    if p.is_dir():
-        raise BadInputError(f"{p}: is a directory, not an image")
-    try:
-        return str(p), p.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    return read_input(path, "an image")
 
 
 def _open_checked(name: str, data: bytes, max_pixels: int | None) -> Image.Image:

@@ -40,6 +40,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sdcli.errors import BadInputError, UsageError
+from sdcli.inputs import read_input
 from sdcli.outputs import atomic_write_bytes
 
 LATENT_FORMAT = "sdcli.latent"
@@ -144,14 +145,7 @@ def _sniff(data: bytes) -> str:
 def _read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a small safetensors file; BadInputError naming the file otherwise."""
     p = Path(path)
-    if not p.exists():
-        raise BadInputError(f"{p}: no such file")
-    if p.is_dir():
-        raise BadInputError(f"{p}: is a directory")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    _, data = read_input(p, "a latent or embedding file")
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if n <= 0 or n > MAX_HEADER_BYTES or n + 8 > len(data):
         raise BadInputError(f"{p}: {'empty file' if not data else _sniff(data)}")
