@@ -251,20 +251,38 @@ def _render_all(models, targets: list[Target], init: Init | None, cond, req) -> 
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
 
 
-def _render_job(models, targets: list[Target], init: Init | None, cond_override, req) -> None:
+@dataclass(frozen=True)
+class Prepared:
+    """What every batch of one job shares: the sampling plan, the conditioning, the size, the hires pass."""
+
+    plan: Any
+    cond: Any
+    uncond: Any
+    size: tuple[int, int]  # (H, W) of the first pass
+    hires: Hires | None
+
+
+def _prepare(models, cfg: RunConfig, prompt: str, init: Init | None = None, cond_override=None) -> Prepared:
     from . import pipeline
 
-    cfg = targets[0].job.cfg
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
-    cond, uncond = pipeline.encode_text(models, targets[0].job.prompt, cfg.negative, cfg.clip_skip)
+    cond, uncond = pipeline.encode_text(models, prompt, cfg.negative, cfg.clip_skip)
     if cond_override is not None:
         cond, uncond = _match_chunks(cond_override, uncond)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width)) if init is None else None
+    return Prepared(plan, cond, uncond, (height, width), hires)
+
+
+def _render_job(models, targets: list[Target], init: Init | None, cond_override, req) -> None:
+    from . import pipeline
+
+    cfg = targets[0].job.cfg
+    p = _prepare(models, cfg, targets[0].job.prompt, init, cond_override)
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
             batch = targets[start:start + cfg.batch_size]
-            _render_batch(models, plan, cond, uncond, batch, (height, width), init, req, hires)
+            _render_batch(models, p.plan, p.cond, p.uncond, batch, p.size, init, req, p.hires)
 
 
 def _hires(cfg: RunConfig, size: tuple[int, int]) -> Hires | None:
@@ -692,12 +710,9 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     models = _load(cfg)
     _check_inpaint_model(models, cfg, None)
     _merge_loras(models, specs)
-    job = Job(replay.prompt, cfg, str(image))
-    cond, uncond = pipeline.encode_text(models, job.prompt, cfg.negative, cfg.clip_skip)
-    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
-    hires = _hires(cfg, (cfg.height, cfg.width))
+    p = _prepare(models, cfg, replay.prompt)
     with pipeline.seamless(models, cfg.seamless):
-        latents = txt2img_passes(models, plan, cond, uncond, [cfg.seed], (cfg.height, cfg.width), hires)
+        latents = txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires)
         again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
     report = compare_images(images.load_image(image)[0], again)
     recorded_hash = (replay.recorded.get("model") or {}).get("sha256")
