@@ -87,11 +87,11 @@ def token_ids(text: str):
 
 # ----------------------------------------------------------------------------------------------- workers
 class SdcliSide:
-    def __init__(self, dtype):
+    def __init__(self, dtype, device: str = "cpu"):
         from sdcli import checkpoint
 
-        self.models = checkpoint.load_models(CKPT, dtype=dtype)
-        self.dtype = dtype
+        self.models = checkpoint.load_models(CKPT, dtype=dtype, device=device)
+        self.dtype, self.device = dtype, device
 
     def text(self):
         from sdcli import pipeline
@@ -102,13 +102,14 @@ class SdcliSide:
         import torch
 
         with torch.inference_mode():
-            return self.models.unet(x.to(self.dtype), t, ctx.to(self.dtype)).float()
+            x, t, ctx = x.to(self.device, self.dtype), t.to(self.device), ctx.to(self.device, self.dtype)
+            return self.models.unet(x, t, ctx).float()
 
     def decode(self, z):
         import torch
 
         with torch.inference_mode():
-            return self.models.vae.decode(z.to(self.dtype)).float()
+            return self.models.vae.decode(z.to(self.device, self.dtype)).float()
 
     def image(self, size: int, steps: int, vae_fp32: bool = False):
         from sdcli import pipeline
@@ -120,35 +121,36 @@ class SdcliSide:
 
 
 class DiffusersSide:
-    def __init__(self, dtype):
+    def __init__(self, dtype, device: str = "cpu"):
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         cfg = write_diffusers_configs()
         kw = dict(config=str(cfg), local_files_only=True, torch_dtype=dtype)
-        self.unet = UNet2DConditionModel.from_single_file(str(CKPT), subfolder="unet", **kw).eval()
-        self.vae = AutoencoderKL.from_single_file(str(CKPT), subfolder="vae", **kw).eval()
-        self.text_encoder = load_diffusers_text(dtype)
-        self.dtype = dtype
+        self.unet = UNet2DConditionModel.from_single_file(str(CKPT), subfolder="unet", **kw).eval().to(device)
+        self.vae = AutoencoderKL.from_single_file(str(CKPT), subfolder="vae", **kw).eval().to(device)
+        self.text_encoder = load_diffusers_text(dtype).to(device)
+        self.dtype, self.device = dtype, device
         torch.set_grad_enabled(False)
 
     def text(self):
         import torch
 
         with torch.no_grad():  # diffusers' encode_prompt: cond and uncond as two batch-1 calls
-            return tuple(self.text_encoder(token_ids(s))[0].float() for s in (PROMPT, NEGATIVE))
+            return tuple(self.text_encoder(token_ids(s).to(self.device))[0].float() for s in (PROMPT, NEGATIVE))
 
     def unet_step(self, x, t, ctx):
         import torch
 
         with torch.no_grad():
-            return self.unet(x.to(self.dtype), t, encoder_hidden_states=ctx.to(self.dtype)).sample.float()
+            x, t, ctx = x.to(self.device, self.dtype), t.to(self.device), ctx.to(self.device, self.dtype)
+            return self.unet(x, t, encoder_hidden_states=ctx).sample.float()
 
     def decode(self, z):
         import torch
 
         with torch.no_grad():
-            return self.vae.decode(z.to(self.dtype)).sample.float()
+            return self.vae.decode(z.to(self.device, self.dtype)).sample.float()
 
     def image(self, size: int, steps: int, vae_fp32: bool = False):
         import torch

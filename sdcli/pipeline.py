@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import samplers, schedule
+from . import cuda_graphs, samplers, schedule
 from .denoise import CFGDenoiser, Denoiser, LCMDenoiser
 from .errors import NumericalError, OutOfMemoryError
 
@@ -90,11 +90,13 @@ def seamless(models, enabled: bool = True):
     saved = [m.padding_mode for m in convs]
     for m in convs:
         m.padding_mode = "circular"  # Conv2d pads with F.pad(mode=padding_mode) when it is not "zeros"
+    cuda_graphs.forget(models.unet)  # a captured graph keeps the padding it was captured with
     try:
         yield
     finally:
         for m, mode in zip(convs, saved):
             m.padding_mode = mode
+        cuda_graphs.forget(models.unet)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -199,9 +201,10 @@ class _UNetAdapter:
     latent is scaled (diffusers concatenates after scheduler.scale_model_input); samplers never see it."""
 
     def __init__(self, unet, images: int, extra: torch.Tensor | None = None):
-        self.unet, self.images = unet, images
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.unet = cuda_graphs.graphed(unet) if cuda_graphs.enabled(self.device) else unet
+        self.images = images
         self.extra = None if extra is None else extra.to(self.device, self.dtype).expand(images, -1, -1, -1)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

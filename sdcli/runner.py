@@ -481,6 +481,7 @@ def _load(cfg: RunConfig):
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
     placement = device.choose(cfg.device, cfg.dtype)
+    device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction)
