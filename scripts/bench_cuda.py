@@ -212,12 +212,67 @@ def cli_checks(out: Path) -> dict:
     return r
 
 
-def make_refs() -> None:
-    """Here, on the CPU: the fp32 renders the GPU's are compared with (same commands, --device cpu)."""
-    REFS.mkdir(parents=True, exist_ok=True)
+def cuda_paths(out: Path) -> dict:
+    """The other CUDA code paths, through the real command on the tiny model (fp16, the CUDA default): a batch
+    (graphs over 4 rows) against single renders, hires fix (two graph shapes), seamless, img2img, a stochastic
+    sampler, and verify re-rendering its own output."""
+    common = ["--model", str(TINY), "--steps", "8", "--overwrite", "-q", "--device", DEV]
+    base = ["-W", "128", "-H", "128", *common]
+    runs = {
+        "batch": ["generate", "a red fox", *base, "--seed", "7", "-n", "2", "-b", "2", "-o", str(out / "b-{seed}.png")],
+        "single": ["generate", "a red fox", *base, "--seed", "8", "-o", str(out / "s-8.png")],
+        "hires": ["generate", "a red fox", *base, "--seed", "7", "--hires-scale", "2", "--hires-steps", "4",
+                  "-o", str(out / "hires.png")],
+        "seamless": ["generate", "a red fox", *base, "--seed", "7", "--seamless", "-o", str(out / "seamless.png")],
+        "dpmpp_sde": ["generate", "a red fox", *base, "--seed", "7", "--sampler", "dpm++_sde",
+                      "-o", str(out / "sde.png")],
+        "img2img": ["img2img", "a red fox", "-i", str(out / "s-8.png"), *common, "--seed", "7", "--strength", "0.6",
+                    "-o", str(out / "i2i.png")],
+        "verify": ["verify", str(out / "s-8.png"), "--model", str(TINY), "--device", DEV, "-q"],
+    }  # fmt: skip
+    r = {}
+    for name, args in runs.items():
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "sdcli", *args], capture_output=True, text=True, cwd=ROOT)
+        r[name] = {"rc": p.returncode, "s": round(time.perf_counter() - t, 2), "err": p.stderr.strip()[-300:]}
+    if r["batch"]["rc"] == 0 and r["single"]["rc"] == 0:  # image 2 of the batch (seed 8) vs seed 8 alone
+        r["batch_vs_single"] = png_psnr(out / "b-8.png", out / "s-8.png")
+    return r
+
+
+def load_profile() -> dict:
+    """Where load time goes on the GPU: CUDA start-up, then a cold and a warm load_models (no probe)."""
+    import torch
+
+    from sdcli import checkpoint
+
+    t = time.perf_counter()
+    torch.empty(1, device=DEV)
+    sync()
+    r = {"cuda_init": time.perf_counter() - t}
+    for name in ("load_first", "load_again"):
+        t = time.perf_counter()
+        models = checkpoint.load_models(CKPT, dtype=torch.float16, device=DEV, prediction="eps")
+        sync()
+        r[name] = time.perf_counter() - t
+        del models
+    t = time.perf_counter()
+    checkpoint.load_models(CKPT, dtype=torch.float16, device=DEV)  # with the v-prediction probe
+    sync()
+    r["load_with_probe"] = time.perf_counter() - t
+    return r
+
+
+def ensure_tiny() -> None:
     if not TINY.exists():
         subprocess.run([sys.executable, "scripts/make_checkpoint.py", str(TINY), "--family", "sd1", "--size",
                         "tiny", "--seed", "0"], check=True, cwd=ROOT)  # fmt: skip
+
+
+def make_refs() -> None:
+    """Here, on the CPU: the fp32 renders the GPU's are compared with (same commands, --device cpu)."""
+    REFS.mkdir(parents=True, exist_ok=True)
+    ensure_tiny()
     cli(TINY_ARGS + ["--device", "cpu", "--dtype", "fp32"], REFS / "tiny-cpu-fp32.png")
     cli(CLI_ARGS + ["--device", "cpu", "--dtype", "fp32"], REFS / "full-cpu-fp32.png")
 
@@ -238,7 +293,7 @@ def environment() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "fp16_tflops": 2 * 8192**3 / t / 1e12}
 
 
-def collect(out: Path, budget: float) -> dict:
+def collect(out: Path, budget: float, only_cli: bool = False) -> dict:
     t0 = time.perf_counter()
     r: dict = {}
 
@@ -249,10 +304,12 @@ def collect(out: Path, budget: float) -> dict:
     print(json.dumps(r["env"]), flush=True)
     t = time.perf_counter()
     ensure_checkpoint()
+    ensure_tiny()
     r["make_checkpoint_s"] = time.perf_counter() - t
     r["checkpoint_sha256"] = sha256(CKPT)  # the CPU references were made from the same seeded file: same hash
     r["gflop_unet"] = unet_gflop(SIZE)
-    for side, dt in SIDES:
+    save()
+    for side, dt in SIDES if not only_cli else []:
         r[f"{side}-{dt}"] = spawn(["--worker", side, "--dtype", dt, "--out", str(out)], timeout=150)
         print(f"    {json.dumps(r[f'{side}-{dt}'])[:600]}", flush=True)
         save()
@@ -263,8 +320,12 @@ def collect(out: Path, budget: float) -> dict:
     print(f"    {json.dumps(r['cli'])}", flush=True)
     r["checks"] = agreement(out)
     save()
+    r["paths"] = cuda_paths(out)
+    r["load_profile"] = spawn(["--load-profile", "--out", str(out)], timeout=120)
+    save()
     left = budget - (time.perf_counter() - t0)
-    r["compile"] = spawn(["--compile", "--out", str(out)], timeout=left - 20) if left > 120 else {"error": "skipped"}
+    if not only_cli:
+        r["compile"] = spawn(["--compile", "--out", str(out)], timeout=left - 20) if left > 120 else {"error": "skipped"}
     save()
     return r
 
@@ -348,16 +409,22 @@ def main() -> None:
     p.add_argument("--worker", choices=["sdcli", "diffusers"])
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--load-profile", action="store_true")
+    p.add_argument("--only-cli", action="store_true", help="skip the side-by-side workers and the compile lever")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.make_refs:
         return make_refs()
+    if a.load_profile:
+        return print(json.dumps(load_profile()))
     if a.worker or a.compile:
         res = compile_worker(a.out) if a.compile else run_worker(a.worker, a.dtype, a.out)
         print(json.dumps(res))
         return
-    r = collect(a.out, a.budget)
+    r = collect(a.out, a.budget, a.only_cli)
+    if a.only_cli:
+        return print(json.dumps(r, default=str))
     table = render(r)
     (a.out / "table-cuda.md").write_text(table)
     print(json.dumps({k: r[k] for k in ("checks", "cli", "compile") if k in r}, default=str))
