@@ -442,9 +442,13 @@ def main() -> None:
 
 
 def write_docs(r: dict, table: str) -> None:
-    """Replace the generated section of docs/benchmarks.md, keep the hand-written rest."""
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    section = f"{start}\n## Latest run ({r['mode']} mode)\n\nMachine: {machine()}\n\n{table}{end}"
+    write_section("bench", f"## Latest run ({r['mode']} mode)\n\nMachine: {machine()}\n\n{table}")
+
+
+def write_section(marker: str, body: str) -> None:
+    """Replace the generated section `marker` of docs/benchmarks.md, keep the hand-written rest."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    section = f"{start}\n{body}{end}"
     text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"

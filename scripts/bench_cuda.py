@@ -397,6 +397,68 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def notes(r: dict) -> list[str]:
+    e, c, s = r["env"], r.get("checks", {}), r.get("sdcli-fp16", {})
+    out = [f"Measured fp16 matmul peak (8192^3, median of 10): {e['fp16_tflops']:.0f} TFLOP/s; UNet batch 2 at "
+           f"{SIZE}px: {r['gflop_unet']:.0f} GFLOP (FlopCounterMode). Speed-up = diffusers time / sdcli time."]
+    if c:
+        out.append("Same inputs, same weights: sdcli's UNet output vs diffusers' relative difference "
+                   + ", ".join(f"{dt} {c[f'eps_sdcli_vs_diffusers_{dt}_rel']:.1e}" for dt in ("fp16", "fp32", "bf16")
+                               if f"eps_sdcli_vs_diffusers_{dt}_rel" in c)
+                   + f"; CUDA fp32 vs the CPU's fp32 output: {c.get('eps_cuda_fp32_vs_cpu_fp32_rel', float('nan')):.1e}.")
+    if s:
+        out.append(f"CUDA graph replays vs eager: max |difference| {s.get('graphs_vs_eager_maxdiff')} for the UNet step "
+                   f"and {s.get('image_graphs_vs_eager_maxdiff')} for the whole image (bit-identical).")
+    if "image_fp16_vs_fp32_psnr" in c:
+        out.append(f"Quality guard (whole image, same seed): fp16 vs fp32 PSNR {c['image_fp16_vs_fp32_psnr']:.1f} dB, "
+                   f"bf16 vs fp32 {c['image_bf16_vs_fp32_psnr']:.1f} dB.")
+    cli = r.get("cli", {})
+    if "full_fp32_vs_cpu" in cli:
+        f32, f16 = cli["full_fp32_vs_cpu"], cli["full_fp16_vs_cpu"]
+        out.append(f"Same seed everywhere, through `sdcli generate` ({SIZE}px, {STEPS} steps, the default sampler): the "
+                   f"CUDA fp32 PNG vs the CPU fp32 PNG {f32['psnr']:.1f} dB, at most {f32['max_level_diff']} level "
+                   f"apart; CUDA fp16 vs CPU fp32 {f16['psnr']:.1f} dB, at most {f16['max_level_diff']} level(s).")
+        out.append(f"Cold `sdcli generate` to a PNG on the GPU ({SIZE}px, {STEPS} steps, process start included): "
+                   f"fp16 {cli['ttfi_fp16']:.1f} s (first run: also hashes the 2.1 GB checkpoint), fp32 "
+                   f"{cli['ttfi_fp32']:.1f} s; `sdcli --help` {cli['help']:.2f} s.")
+    if "load_profile" in r:
+        lp = r["load_profile"]
+        out.append(f"Load profile in one process: CUDA start {lp['cuda_init']:.2f} s, load_models {lp['load_first']:.2f} s "
+                   f"(again {lp['load_again']:.2f} s), with the v-prediction probe {lp['load_with_probe']:.2f} s. The "
+                   "'load to ready' row also counts importing the libraries in a fresh worker.")
+    paths = r.get("paths", {})
+    if paths:
+        ok = [k for k, v in paths.items() if isinstance(v, dict) and v.get("rc") == 0]
+        out.append(f"CUDA paths through the CLI (tiny model, fp16), exit 0: {', '.join(ok)}; image 2 of a batch of 2 "
+                   f"vs the same seed alone: max difference {paths.get('batch_vs_single', {}).get('max_level_diff')} "
+                   "levels.")
+    comp = r.get("compile", {})
+    if "compiled" in comp:
+        out.append(f"torch.compile (inductor, default mode) of the UNet, not adopted: {comp['compile_s']:.0f} s to "
+                   f"compile, then {ms(comp['compiled'])} per step vs {ms(comp['eager'])} eager and "
+                   f"{ms(s.get('unet_graphs'))} with sdcli's CUDA graphs (relative difference to eager "
+                   f"{comp['compiled_rel']:.1e}).")
+    return out
+
+
+def render_docs(files: list[Path]) -> None:
+    """Merge saved result files (a later file fills what an earlier one lacks or failed at) and write the CUDA
+    section of docs/benchmarks.md."""
+    from bench import write_section
+
+    r: dict = {}
+    for f in files:
+        for k, v in json.loads(f.read_text()).items():
+            if k not in r or not r[k] or isinstance(r[k], dict) and "error" in r[k]:
+                r[k] = v
+    e = r["env"]
+    body = (f"## Latest CUDA run\n\nMachine: {e['gpu']} ({e['sms']} SMs; {e['smi']}), torch {e['torch']}, CUDA "
+            f"{e['cuda']}; diffusers fp16 is the peer. Raw results: {', '.join(f'`{f}`' for f in files)}.\n\n"
+            + render(r) + "\n" + "".join(f"- {n}\n" for n in notes(r)))
+    write_section("bench-cuda", body)
+    print(body)
+
+
 def ms(x: float | None) -> str:
     return "n/a" if x is None else f"{1000 * x:.1f} ms" if x < 1 else f"{x:.2f} s"
 
@@ -410,9 +472,12 @@ def main() -> None:
     p.add_argument("--dtype", default="fp16")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--load-profile", action="store_true")
+    p.add_argument("--render", type=Path, nargs="+", help="write docs/benchmarks.md's CUDA section from these results")
     p.add_argument("--only-cli", action="store_true", help="skip the side-by-side workers and the compile lever")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
+    if a.render:
+        return render_docs(a.render)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.make_refs:
         return make_refs()
