@@ -90,7 +90,8 @@ def run_worker(side_name: str, dtype_name: str, out: Path) -> dict:
     side = (SdcliSide if side_name == "sdcli" else DiffusersSide)(dtype, DEV)
     sync()
     res = {"load": time.perf_counter() - t0, "mem_load": peak_memory()[0]}
-    res["text"], _ = sync_timed(side.text, 10, warmup=2)
+    res["text"], (cond, _) = sync_timed(side.text, 10, warmup=2)
+    torch.save(cond.float().cpu(), out / f"text-{side_name}-{dtype_name}.pt")
     x, t, ctx, z = (v.to(DEV) for v in inputs(SIZE))
     x, ctx, z = x.to(dtype), ctx.to(dtype), z.to(dtype)
     res["unet"], eps = sync_timed(lambda: side.unet_step(x, t, ctx), REPS, warmup=WARM)
@@ -293,7 +294,8 @@ def environment() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "fp16_tflops": 2 * 8192**3 / t / 1e12}
 
 
-def collect(out: Path, budget: float, only_cli: bool = False) -> dict:
+def collect(out: Path, budget: float, only_cli: bool = False, dtypes: list[str] | None = None,
+            skip_paths: bool = False) -> dict:
     t0 = time.perf_counter()
     r: dict = {}
 
@@ -309,7 +311,7 @@ def collect(out: Path, budget: float, only_cli: bool = False) -> dict:
     r["checkpoint_sha256"] = sha256(CKPT)  # the CPU references were made from the same seeded file: same hash
     r["gflop_unet"] = unet_gflop(SIZE)
     save()
-    for side, dt in SIDES if not only_cli else []:
+    for side, dt in [s for s in SIDES if dtypes is None or s[1] in dtypes] if not only_cli else []:
         r[f"{side}-{dt}"] = spawn(["--worker", side, "--dtype", dt, "--out", str(out)], timeout=150)
         print(f"    {json.dumps(r[f'{side}-{dt}'])[:600]}", flush=True)
         save()
@@ -320,11 +322,12 @@ def collect(out: Path, budget: float, only_cli: bool = False) -> dict:
     print(f"    {json.dumps(r['cli'])}", flush=True)
     r["checks"] = agreement(out)
     save()
-    r["paths"] = cuda_paths(out)
+    if not skip_paths:
+        r["paths"] = cuda_paths(out)
     r["load_profile"] = spawn(["--load-profile", "--out", str(out)], timeout=120)
     save()
     left = budget - (time.perf_counter() - t0)
-    if not only_cli:
+    if not only_cli and dtypes is None:
         r["compile"] = spawn(["--compile", "--out", str(out)], timeout=left - 20) if left > 120 else {"error": "skipped"}
     save()
     return r
@@ -349,9 +352,10 @@ def agreement(out: Path) -> dict:
 
     c = {}
     for dt in ("fp16", "fp32", "bf16"):
-        a, b = load(f"eps-sdcli-{dt}.pt"), load(f"eps-diffusers-{dt}.pt")
-        if a is not None and b is not None:
-            c[f"eps_sdcli_vs_diffusers_{dt}_rel"] = rel(a, b)
+        for what in ("eps", "text"):
+            a, b = load(f"{what}-sdcli-{dt}.pt"), load(f"{what}-diffusers-{dt}.pt")
+            if a is not None and b is not None:
+                c[f"{what}_sdcli_vs_diffusers_{dt}_rel"] = rel(a, b)
     ref = load("image-sdcli-fp32.pt")
     for dt in ("fp16", "bf16"):
         a = load(f"image-sdcli-{dt}.pt")
@@ -473,6 +477,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--load-profile", action="store_true")
     p.add_argument("--render", type=Path, nargs="+", help="write docs/benchmarks.md's CUDA section from these results")
+    p.add_argument("--dtypes", nargs="+", choices=["fp16", "fp32", "bf16"], help="only these sides; no compile lever")
+    p.add_argument("--no-paths", action="store_true", help="skip the CUDA path smoke runs")
     p.add_argument("--only-cli", action="store_true", help="skip the side-by-side workers and the compile lever")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -487,7 +493,7 @@ def main() -> None:
         res = compile_worker(a.out) if a.compile else run_worker(a.worker, a.dtype, a.out)
         print(json.dumps(res))
         return
-    r = collect(a.out, a.budget, a.only_cli)
+    r = collect(a.out, a.budget, a.only_cli, a.dtypes, a.no_paths)
     if a.only_cli:
         return print(json.dumps(r, default=str))
     table = render(r)

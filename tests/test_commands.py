@@ -313,3 +313,21 @@ def test_generate_latent_in_equals_img2img(cli, tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the .latent file stores raw VAE space (one ulp)
     cli("generate", PROMPT, "--seed", "4", "-o", "txt.png")
     assert np.abs(a.astype(int) - pixels(tmp_path / "txt.png").astype(int)).max() > 10  # it did start from the file
+
+
+def test_a_render_imports_neither_transformers_nor_dynamo(tiny_sd1, tmp_path):  # noqa: F811
+    """Cold-start cost: transformers' import took ~3 s of every run, torch._dynamo (pulled in by meta-device
+    nn.Embedding init) ~1 s. A whole render needs neither."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['sdcli', 'generate', 'a fox', '--model', {str(tiny_sd1)!r}, '-W', '64', '-H', '64',\n"
+            f"            '--steps', '2', '--seed', '1', '-q', '-o', {str(tmp_path / 'a.png')!r}]\n"
+            "try:\n    runpy.run_module('sdcli', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "bad = {'transformers', 'torch._dynamo'} & set(sys.modules)\n"
+            "assert not bad, bad\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "a.png").stat().st_size > 0

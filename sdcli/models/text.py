@@ -1,10 +1,13 @@
-"""The CLIP text encoders of SD 1.x (OpenAI CLIP ViT-L/14) and SD 2.x (OpenCLIP ViT-H/14).
+"""The CLIP text encoders of SD 1.x (OpenAI CLIP ViT-L/14) and SD 2.x (OpenCLIP ViT-H/14), in plain torch.
 
-Both are a transformers ``CLIPTextModel`` built from a local config (never fetched from the hub), held at
-``self.transformer``. SD1 checkpoints store it under ``cond_stage_model.transformer.[text_model.]``; SD2 stores
-OpenCLIP names under ``cond_stage_model.model.`` which ``checkpoint.py`` converts at load (fused q/k/v split,
-last layer dropped because SD2 uses the penultimate layer). So for SD2 this model has one layer fewer than the
-file, exactly as the diffusers ``text_encoder/`` folder of SD2 does.
+The module tree under ``self.transformer`` has transformers' ``CLIPTextModel`` names (embeddings, encoder.layers.N.
+self_attn.q_proj, ..., final_layer_norm), so SD files and diffusers ``text_encoder/`` folders load by name and
+kohya LoRA keys (``lora_te_text_model_encoder_...``) map onto it; tests check the output against transformers'
+CLIPTextModel on the same weights. It is ours rather than transformers' because importing transformers costs
+~3 s of every cold ``sdcli`` run. SD1 checkpoints store it under ``cond_stage_model.transformer.[text_model.]``;
+SD2 stores OpenCLIP names under ``cond_stage_model.model.`` which ``checkpoint.py`` converts at load (fused q/k/v
+split, last layer dropped because SD2 uses the penultimate layer). So for SD2 this model has one layer fewer
+than the file, exactly as the diffusers ``text_encoder/`` folder of SD2 does.
 Upstream: https://github.com/Stability-AI/stablediffusion/blob/main/ldm/modules/encoders/modules.py
 (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder with layer="penultimate").
 """
@@ -14,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdcli.errors import UsageError
 
@@ -40,7 +43,10 @@ class TextConfig:
     def pad_id(self) -> int:
         return SD2_PAD_ID if self.family == "sd2" else SD1_PAD_ID
 
-    def to_clip_config(self) -> CLIPTextConfig:
+    def to_clip_config(self):
+        """The equivalent transformers CLIPTextConfig (for diffusers folders and the test oracles)."""
+        from transformers import CLIPTextConfig
+
         return CLIPTextConfig(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -65,7 +71,7 @@ class TextEncoder(nn.Module):
         self.family = cfg.family
         self.pad_id = cfg.pad_id
         self.hidden_size = cfg.hidden_size
-        self.transformer = CLIPTextModel(cfg.to_clip_config())
+        self.transformer = CLIPTextTransformer(cfg)
 
     def reset_buffers(self) -> None:
         """Rebuild non-persistent buffers (position_ids), which a meta-device build leaves empty."""
@@ -81,7 +87,91 @@ class TextEncoder(nn.Module):
         """
         if clip_skip < 1 or clip_skip > self.config.num_layers:
             raise UsageError(f"clip_skip must be in 1..{self.config.num_layers}, got {clip_skip}")
-        if clip_skip == 1:
-            return self.transformer(input_ids=ids).last_hidden_state  # (N, T, D), final norm applied
-        out = self.transformer(input_ids=ids, output_hidden_states=True)
-        return self.transformer.final_layer_norm(out.hidden_states[-clip_skip])  # (N, T, D)
+        return self.transformer(ids, layers=self.config.num_layers - clip_skip + 1)
+
+
+class CLIPTextTransformer(nn.Module):
+    """Token + position embeddings, pre-norm causal transformer layers, final LayerNorm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+
+    def forward(self, ids: Tensor, layers: int) -> Tensor:
+        """ids (N, T) -> the final norm of the output of the first `layers` layers, (N, T, D)."""
+        h = self.embeddings(ids)
+        for layer in self.encoder.layers[:layers]:
+            h = layer(h)
+        return self.final_layer_norm(h)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        # Given uninitialised weights (the checkpoint fills them): nn.Embedding's own normal_() init would, on the
+        # meta device, import torch._dynamo, 1.1 s of every cold start.
+        self.token_embedding = uninitialised_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = uninitialised_embedding(cfg.max_positions, cfg.hidden_size)
+        self.register_buffer("position_ids", torch.arange(cfg.max_positions).expand(1, -1), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[-1] > self.position_ids.shape[-1]:
+            raise UsageError(f"{ids.shape[-1]} tokens given; the text encoder takes at most "
+                             f"{self.position_ids.shape[-1]}")  # fmt: skip
+        positions = self.position_ids[:, : ids.shape[-1]]
+        return self.token_embedding(ids) + self.position_embedding(positions)  # (N, T, D)
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + self.self_attn(self.layer_norm1(h))
+        return h + self.mlp(self.layer_norm2(h))
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, h: Tensor) -> Tensor:
+        n, t, d = h.shape
+        q, k, v = (p(h).view(n, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (N, heads, T, d/heads); CLIP is causal
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise UsageError(f"text encoder activation {act!r} is not supported (known: {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[act]
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(h)))
+
+
+def uninitialised_embedding(rows: int, dim: int) -> nn.Embedding:
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's GELU approximation (SD1)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # SD1 (OpenAI CLIP), SD2 (OpenCLIP: exact GELU)
+LAYER_NORM_EPS = 1e-5
