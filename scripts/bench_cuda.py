@@ -409,7 +409,10 @@ def notes(r: dict) -> list[str]:
         out.append("Same inputs, same weights: sdcli's UNet output vs diffusers' relative difference "
                    + ", ".join(f"{dt} {c[f'eps_sdcli_vs_diffusers_{dt}_rel']:.1e}" for dt in ("fp16", "fp32", "bf16")
                                if f"eps_sdcli_vs_diffusers_{dt}_rel" in c)
-                   + f"; CUDA fp32 vs the CPU's fp32 output: {c.get('eps_cuda_fp32_vs_cpu_fp32_rel', float('nan')):.1e}.")
+                   + f"; CUDA fp32 vs the CPU's fp32 output: {c.get('eps_cuda_fp32_vs_cpu_fp32_rel', float('nan')):.1e}. "
+                   "Text encoder (sdcli's own) vs transformers' CLIPTextModel: "
+                   + ", ".join(f"{dt} {c[f'text_sdcli_vs_diffusers_{dt}_rel']:.1e}" for dt in ("fp16", "fp32", "bf16")
+                               if f"text_sdcli_vs_diffusers_{dt}_rel" in c) + ".")
     if s:
         out.append(f"CUDA graph replays vs eager: max |difference| {s.get('graphs_vs_eager_maxdiff')} for the UNet step "
                    f"and {s.get('image_graphs_vs_eager_maxdiff')} for the whole image (bit-identical).")
@@ -455,6 +458,8 @@ def render_docs(files: list[Path]) -> None:
         for k, v in json.loads(f.read_text()).items():
             if k not in r or not r[k] or isinstance(r[k], dict) and "error" in r[k]:
                 r[k] = v
+            elif isinstance(r[k], dict) and isinstance(v, dict) and "error" not in v:
+                r[k] = {**v, **r[k]}  # e.g. checks: the earlier file's values, plus what only the later one has
     e = r["env"]
     body = (f"## Latest CUDA run\n\nMachine: {e['gpu']} ({e['sms']} SMs; {e['smi']}), torch {e['torch']}, CUDA "
             f"{e['cuda']}; diffusers fp16 is the peer. Raw results: {', '.join(f'`{f}`' for f in files)}.\n\n"
