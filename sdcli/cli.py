@@ -138,6 +138,10 @@ LoraOpt = Annotated[
     Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
                                       "repeatable; weight 1 by default), merged before sampling.")
 ]
+LoraDirOpt = Annotated[
+    Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
+                                "(sub-folders too).")
+]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -189,6 +193,7 @@ def generate(
     config: ConfigOpt = None,
     model: ModelOpt = None,
     vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -228,9 +233,9 @@ def generate(
     """Render images from a text prompt."""
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
-                   n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
-                   dtype=dtype, device=device, strength=strength, seamless=seamless, hires_scale=hires_scale,
-                   hires_strength=hires_strength, hires_steps=hires_steps)
+                   n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
@@ -266,6 +271,7 @@ def img2img(
     config: ConfigOpt = None,
     model: ModelOpt = None,
     vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -279,8 +285,8 @@ def img2img(
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
-                   batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, prediction=prediction,
-                   dtype=dtype, device=device)
+                   batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   prediction=prediction, dtype=dtype, device=device)
     if print_config:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
@@ -302,6 +308,7 @@ def encode(
     config: ConfigOpt = None,
     model: ModelOpt = None,
     vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -313,7 +320,7 @@ def encode(
     from .runner import EncodeRequest, run_encode
 
     set_quiet(quiet)
-    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, dtype=dtype, device=device)
+    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, dtype=dtype, device=device)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -374,6 +381,7 @@ def verify(
     image: Annotated[Path, typer.Argument(help="A PNG written by sdcli (its metadata holds the whole recipe).")],
     model: ModelOpt = None,
     vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
@@ -386,7 +394,8 @@ def verify(
     from .runner import run_verify
 
     set_quiet(quiet)
-    run_verify(image, _flags(model=model, vae=vae, device=device), config, min_psnr, json_out, list(lora or []))
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
+    run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
 
 
 def main() -> None:

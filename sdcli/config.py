@@ -33,6 +33,7 @@ class RunConfig:
 
     model: str | None = field(default=None, metadata=_range())
     vae: str | None = field(default=None, metadata=_range())
+    lora_dir: str | None = field(default=None, metadata=_range())  # where <lora:NAME> in prompts is looked up
     prediction: str = field(default="auto", metadata=_range(choices=PREDICTIONS))
     sampler: str = field(default="dpm++_2m", metadata=_range())
     schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule

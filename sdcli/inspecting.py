@@ -168,10 +168,12 @@ def _hashes(path: Path, header: dict) -> dict[str, str]:
 
 
 def _prompt_report(prompt: str) -> dict[str, Any]:
-    from .prompts import describe_prompt
+    from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
-    return {"kind": "prompt", **describe_prompt(prompt, get_tokenizer(), 49407)}
+    text, loras = split_extra_networks(prompt)  # what the text encoder sees, and the LoRAs the tags name
+    report = {"kind": "prompt", **describe_prompt(text, get_tokenizer(), 49407)}
+    return {**report, "loras": [{"name": t.name, "weight": t.weight} for t in loras]}
 
 
 def _print_prompt(report: dict[str, Any]) -> None:
@@ -184,6 +186,8 @@ def _print_prompt(report: dict[str, Any]) -> None:
                  for tok, w in zip(chunk["tokens"], chunk["weights"][1:])]
         typer.echo(f"chunk {number} ({chunk['n_tokens']} tokens): {' '.join(words)}")
     typer.echo(f"ids: {report['ids']}")
+    for lora in report["loras"]:
+        typer.echo(f"lora: {lora['name']} (weight {lora['weight']:g})")
 
 
 def _print_report(report: dict[str, Any], indent: str = "") -> None:

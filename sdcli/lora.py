@@ -1,4 +1,6 @@
-"""LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x weights once, before sampling.
+"""LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x weights before sampling: from --lora, or
+from a prompt's ``<lora:NAME:WEIGHT>`` tag (NAME looked up under lora_dir). Each set of LoRAs is merged once;
+jobs that switch sets get the loaded weights back first (kept only when a run needs them).
 
 A kohya file holds, per adapted module, ``<name>.lora_down.weight`` (rank, in[, kh, kw]), ``<name>.lora_up.weight``
 (out, rank[, 1, 1]) and an optional scalar ``<name>.alpha``; the merged weight is
@@ -13,6 +15,7 @@ extensions-builtin/Lora/networks.py and network_lora.py (key conversion, calc_up
 
 from __future__ import annotations
 
+import glob
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +136,9 @@ def _delta(path: Path, base: str, parts: dict[str, Tensor], target: Tensor) -> T
 
 
 @torch.no_grad()
-def apply_lora(models, spec: LoraSpec) -> LoraReport:
-    """Merge one LoRA into `models` (UNet and text encoder weights replaced, in their dtype and device)."""
+def apply_lora(models, spec: LoraSpec, originals: dict[nn.Module, Tensor] | None = None) -> LoraReport:
+    """Merge one LoRA into `models` (UNet and text encoder weights replaced, in their dtype and device).
+    `originals` collects each replaced module's weight from before any LoRA, for `restore`."""
     from safetensors.torch import load_file
 
     check_file(spec)
@@ -150,10 +154,45 @@ def apply_lora(models, spec: LoraSpec) -> LoraReport:
         merged = w.float() + spec.weight * delta
         if not bool(torch.isfinite(merged).all()):
             raise NumericalError(f"{spec.path}: {base}: NaN or Inf after merging the LoRA")
+        if originals is not None:
+            originals.setdefault(module, w)
         # A new Parameter, not an in-place edit: the old tensor may be shared with a caller.
         module.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
     return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
 
 
-def apply_loras(models, specs: list[LoraSpec]) -> list[LoraReport]:
-    return [apply_lora(models, s) for s in specs]
+def apply_loras(models, specs: list[LoraSpec], keep_originals: bool = False) -> list[LoraReport]:
+    """Merge `specs` in order. With keep_originals the weights as loaded stay in memory (one more copy of every
+    adapted module), so that `restore` can switch to another set: only asked for when jobs need that."""
+    originals = None
+    if keep_originals:
+        originals = models.lora_originals = getattr(models, "lora_originals", None) or {}
+    return [apply_lora(models, s, originals) for s in specs]
+
+
+def restore(models) -> None:
+    """Back to the weights as loaded, before the LoRAs merged with keep_originals."""
+    for module, weight in getattr(models, "lora_originals", {}).items():
+        module.weight = weight
+    models.lora_originals = {}
+
+
+def resolve_prompt_lora(name: str, weight: float, lora_dir: str | None) -> LoraSpec:
+    """A prompt's ``<lora:NAME:WEIGHT>``: NAME is a path, or a file stem found under lora_dir (in sub-folders
+    too, as A1111 looks in models/Lora). Every file is then sniffed like a --lora file."""
+    direct = Path(name).expanduser()
+    if direct.is_file():
+        return LoraSpec(direct, weight)
+    where = "set --lora-dir (or lora_dir: in a config) to the folder that holds it"
+    if not lora_dir:
+        raise ModelNotFoundError(f"<lora:{name}> in the prompt: {where}")
+    root = Path(lora_dir).expanduser()
+    if not root.is_dir():
+        raise ModelNotFoundError(f"lora_dir {root}: no such folder")
+    found = sorted(p for p in root.rglob(f"{glob.escape(name)}.safetensors") if p.is_file())
+    if not found:
+        raise ModelNotFoundError(f"<lora:{name}> in the prompt: no {name}.safetensors under {root}")
+    if len(found) > 1:
+        raise UsageError(f"<lora:{name}> in the prompt: {len(found)} files match under {root} "
+                         f"({', '.join(str(p.relative_to(root)) for p in found[:4])}); name one by its path")
+    return LoraSpec(found[0], weight)

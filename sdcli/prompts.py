@@ -8,6 +8,9 @@ Semantics follow AUTOMATIC1111 stable-diffusion-webui (our own code, written fro
 * ``encode_pair``: ``modules/sd_samplers_cfg_denoiser.py`` ``pad_cond_uncond`` (the shorter of cond and
   uncond is extended by the empty prompt's embedding, one chunk at a time).
 
+``split_extra_networks``: ``modules/extra_networks.py`` ``parse_prompt`` (``<lora:NAME:WEIGHT>`` tags are taken out
+of the prompt text and name LoRA files; other kinds of network are refused rather than read as words).
+
 One deliberate difference: A1111 multiplies the BREAK marker's weight (-1) when BREAK sits inside
 brackets, so "(a BREAK b)" then encodes the word "BREAK" with weight -1.1. Here the marker keeps -1
 and starts a new chunk wherever it appears.
@@ -17,10 +20,11 @@ No torch at import: ``sdcli inspect --prompt`` only parses and tokenizes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from .errors import BadInputError
+from .errors import BadInputError, UnsupportedModelError
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; with bos and eos a chunk is CLIP's 77
 COMMA_BACKTRACK = 20  # A1111 opts.comma_padding_backtrack default
@@ -32,6 +36,42 @@ BREAK = ("BREAK", -1.0)
 # plain text, and a stray ":".
 _ATTENTION_RE = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+_EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^<>]*)>")  # A1111's re_extra_net
+
+
+@dataclass(frozen=True)
+class PromptLora:
+    name: str  # a file stem under lora_dir, or a path
+    weight: float
+
+
+def split_extra_networks(prompt: str) -> tuple[str, list[PromptLora]]:
+    """(the prompt without its ``<lora:NAME[:WEIGHT]>`` tags, those LoRAs in order). As in A1111 the tag's text
+    is simply removed, so "a cat, <lora:x:0.8>" encodes "a cat, "."""
+    loras: list[PromptLora] = []
+
+    def take(match: re.Match) -> str:
+        kind, args = match.group(1), [a.strip() for a in match.group(2).split(":")]
+        if kind.lower() != "lora":
+            raise UnsupportedModelError(f"prompt tag {match.group(0)}: only <lora:NAME[:WEIGHT]> is supported, "
+                                        f"not A1111 '{kind}' networks")  # fmt: skip
+        if not args[0]:
+            raise BadInputError(f"prompt tag {match.group(0)}: no LoRA name")
+        if len(args) > 2:
+            raise UnsupportedModelError(f"prompt tag {match.group(0)}: separate text-encoder/UNet weights are not "
+                                        "supported; use <lora:NAME:WEIGHT>")  # fmt: skip
+        try:
+            weight = float(args[1]) if len(args) == 2 else 1.0
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise BadInputError(f"prompt tag {match.group(0)}: the weight must be a finite number")
+        loras.append(PromptLora(args[0], weight))
+        return ""
+
+    return _EXTRA_NETWORK_RE.sub(take, prompt), loras
 
 
 def _weight(value: str, text: str) -> float:

@@ -120,9 +120,9 @@ def run_generate(req: GenerateRequest) -> None:
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
-    loras = _lora_specs(req.loras)
+    for job in jobs:
+        _lora_specs(req.loras, job.prompt, job.cfg.lora_dir)
     models = _load(base)
-    _merge_loras(models, loras)
     _check_inpaint_model(models, base, None)  # text-to-image has no image and mask for a 9-channel UNet
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
     cond = _load_cond(req.cond, models) if req.cond else None
@@ -143,9 +143,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
     targets = plan_targets([job], req.overwrite)
-    loras = _lora_specs(req.loras)
+    _lora_specs(req.loras, job.prompt, base.lora_dir)
     models = _load(base)
-    _merge_loras(models, loras)
     _check_inpaint_model(models, base, req.mask)
     pixels = images.pil_to_tensor(img)
     latent = pipeline.encode_image(models, pixels)
@@ -245,7 +244,10 @@ def _render_all(models, targets: list[Target], init: Init | None, cond, req) -> 
     by_job: dict[int, list[Target]] = {}
     for t in targets:
         by_job.setdefault(id(t.job), []).append(t)
-    for group in by_job.values():
+    loras = {key: _lora_specs(req.loras, g[0].job.prompt, g[0].job.cfg.lora_dir) for key, g in by_job.items()}
+    switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
+    for key, group in by_job.items():
+        _use_loras(models, loras[key], keep_originals=switching)
         _render_job(models, group, init, cond, req)
     took = time.perf_counter() - started
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
@@ -265,8 +267,11 @@ class Prepared:
 def _prepare(models, cfg: RunConfig, prompt: str, init: Init | None = None, cond_override=None) -> Prepared:
     from . import pipeline
 
+    from .prompts import split_extra_networks
+
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
-    cond, uncond = pipeline.encode_text(models, prompt, cfg.negative, cfg.clip_skip)
+    text = split_extra_networks(prompt)[0]  # the <lora:...> tags were merged into the weights; not words
+    cond, uncond = pipeline.encode_text(models, text, cfg.negative, cfg.clip_skip)
     if cond_override is not None:
         cond, uncond = _match_chunks(cond_override, uncond)
     width, height = _size(cfg, models, init)
@@ -426,7 +431,7 @@ def _metadata(models, target: Target, size, fallbacks, init: Init | None, hires:
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    del recorded["output"]
+    del recorded["output"], recorded["lora_dir"]
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": _mode(init),
@@ -489,20 +494,33 @@ def _load(cfg: RunConfig):
     return models
 
 
-def _lora_specs(specs: list[str]) -> list:
-    """Parse and sniff every --lora file before the (slow) model load, so a bad file fails fast."""
-    from .lora import check_file, parse_spec
+def _lora_specs(specs: list[str], prompt: str = "", lora_dir: str | None = None) -> list:
+    """The --lora files, then the prompt's <lora:NAME:WEIGHT> tags, each parsed and sniffed: called before the
+    (slow) model load too, so a bad or missing file fails fast."""
+    from .lora import check_file, parse_spec, resolve_prompt_lora
+    from .prompts import split_extra_networks
 
     parsed = [parse_spec(s) for s in specs]
+    parsed += [resolve_prompt_lora(t.name, t.weight, lora_dir) for t in split_extra_networks(prompt)[1]]
     for spec in parsed:
         check_file(spec)
     return parsed
 
 
-def _merge_loras(models, specs: list) -> None:
-    from .lora import apply_loras
+def _use_loras(models, specs: list, keep_originals: bool = False) -> None:
+    """Make `specs` the merged LoRAs. Jobs that switch sets need the weights as loaded kept (keep_originals from
+    the first merge on); jobs that share one set merge it once."""
+    from .lora import apply_loras, restore
 
-    models.loras = apply_loras(models, specs)
+    key = [(s.path.resolve(), s.weight) for s in specs]
+    if key == getattr(models, "lora_key", []):
+        return
+    if getattr(models, "lora_key", []):
+        if not getattr(models, "lora_originals", None):
+            raise RuntimeError("LoRA switch without the original weights kept")  # a bug, not bad input
+        restore(models)
+    models.loras = apply_loras(models, specs, keep_originals)
+    models.lora_key = key
     for report in models.loras:
         console.info(report.message())
 
@@ -549,15 +567,17 @@ def _load_cond(path: Path, models):
 def _dry_run(jobs: list[Job]) -> None:
     """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model."""
     from .pipeline import make_plan
-    from .prompts import describe_prompt
+    from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
     for job in jobs:
         plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
         sigmas = plan.sigmas
+        text, tags = split_extra_networks(job.prompt)
         console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": plan.sampler,
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in sigmas],
-                           "tokens": describe_prompt(job.prompt, get_tokenizer(), 49407)})
+                           "prompt_loras": [{"name": t.name, "weight": t.weight} for t in tags],
+                           "tokens": describe_prompt(text, get_tokenizer(), 49407)})
 
 
 class _progress:
@@ -613,8 +633,12 @@ def run_encode(req: EncodeRequest) -> None:
     cfg = cfgmod.resolve(req.flags, req.config_file)
     _refuse_existing(Path(req.output), req.overwrite)
     if req.text is not None:
+        from .prompts import split_extra_networks
+
+        specs = _lora_specs([], req.text, cfg.lora_dir)  # a <lora:...> tag changes the text encoder's weights
         models = _load(cfg)
-        cond, _ = pipeline.encode_text(models, req.text, "", cfg.clip_skip)
+        _use_loras(models, specs)
+        cond, _ = pipeline.encode_text(models, split_extra_networks(req.text)[0], "", cfg.clip_skip)
         path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
                                       clip_skip=cfg.clip_skip, model_hash=_model_hash(models), overwrite=req.overwrite)
         return _report(req, {"path": str(path), "kind": "embedding", "shape": list(cond.shape)})
@@ -703,14 +727,15 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     cfg = cfgmod.resolve(flags, config_file, replay.values)
-    specs = _lora_specs(loras or [])
+    specs = _lora_specs(loras or [], replay.prompt, cfg.lora_dir)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
-    if recorded_loras and not specs:
-        raise UsageError(f"{image} was made with LoRA {', '.join(recorded_loras)}: give them again with "
+    missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
+    if missing:
+        raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
     models = _load(cfg)
     _check_inpaint_model(models, cfg, None)
-    _merge_loras(models, specs)
+    _use_loras(models, specs)
     p = _prepare(models, cfg, replay.prompt)
     with pipeline.seamless(models, cfg.seamless):
         latents = txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires)
