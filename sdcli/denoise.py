@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
+from .prompt_schedule import ScheduledCond
 from .schedule import model_sigmas, sigma_to_t
 
 PREDICTIONS = ("eps", "v")
@@ -92,6 +93,11 @@ def _match_batch(c: Tensor, n: int) -> Tensor:
     raise UsageError(f"conditioning batch {c.shape[0]} does not match latent batch {n}")
 
 
+def _scheduled(cond, evaluation: int):
+    """A conditioning tensor, or from a prompt-editing schedule the one in force at this evaluation."""
+    return cond.at(evaluation) if isinstance(cond, ScheduledCond) else cond
+
+
 class CFGDenoiser:
     """Classifier-free guidance over a `Denoiser`: `cfg(x, sigma) -> x0`.
 
@@ -108,15 +114,18 @@ class CFGDenoiser:
             raise UsageError(f"guidance rescale must be between 0 and 1, got {rescale}")
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
         self.scale, self.rescale = float(scale), float(rescale)
+        self.evaluations = 0  # model evaluations so far: where a prompt-editing schedule stands
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         # x: (B, C, H, W); sigma: (B,) or scalar
         sigma = _batch_sigma(sigma, x)
         b = x.shape[0]
-        cond = _match_batch(self.cond, b)
-        if self.uncond is None or self.scale == 1.0:
+        cond, uncond = (_scheduled(c, self.evaluations) for c in (self.cond, self.uncond))
+        self.evaluations += 1
+        cond = _match_batch(cond, b)
+        if uncond is None or self.scale == 1.0:
             return self.denoiser(x, sigma, cond)
-        uncond = _match_batch(self.uncond, b)
+        uncond = _match_batch(uncond, b)
         if uncond.shape[1:] == cond.shape[1:]:
             both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
             x0_u, x0_c = both.chunk(2)  # (B, C, H, W) each

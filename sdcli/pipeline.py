@@ -19,6 +19,7 @@ import torch
 from . import cuda_graphs, samplers, schedule
 from .denoise import CFGDenoiser, Denoiser, LCMDenoiser
 from .errors import NumericalError, OutOfMemoryError
+from .prompt_schedule import ScheduledCond, prompt_schedule
 
 LATENT_CHANNELS = 4
 
@@ -76,6 +77,31 @@ def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple
     with torch.inference_mode():
         cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), enc.pad_id, clip_skip)
     return cond.float(), uncond.float()
+
+
+def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,
+                     hires_steps: int | None = None):
+    """(cond, uncond) for a prompt and negative that may hold A1111 prompt editing: plain tensors when neither
+    does, else ScheduledCond pairs with one entry per change. Each entry's cond and uncond are encoded (and
+    padded to one chunk count) together, as encode_text does; the same text is encoded once."""
+    texts = prompt_schedule(prompt, steps, hires_steps)
+    negatives = prompt_schedule(negative, steps, hires_steps)
+    if len(texts) == 1 and len(negatives) == 1:
+        return encode_text(models, texts[0][1], negatives[0][1], clip_skip)
+    ends = sorted({end for end, _ in texts} | {end for end, _ in negatives})
+    pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    entries = []
+    for end in ends:
+        key = (_text_at(texts, end), _text_at(negatives, end))
+        if key not in pairs:
+            pairs[key] = encode_text(models, *key, clip_skip)
+        entries.append((end, pairs[key]))
+    return (ScheduledCond(tuple((end, c) for end, (c, _) in entries)),
+            ScheduledCond(tuple((end, u) for end, (_, u) in entries)))
+
+
+def _text_at(schedule: list[tuple[int, str]], step: int) -> str:
+    return next(text for end, text in schedule if step <= end)
 
 
 # --- latents -------------------------------------------------------------------------------------
@@ -177,8 +203,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     kind = LCMDenoiser if plan.sampler == "lcm" else Denoiser
     unet = _UNetAdapter(models.unet, images=batch, extra=extra)
     denoiser = kind(unet, schedule.training_alphas_cumprod(), models.info.prediction)
-    cond_b = cond.expand(batch, -1, -1).to(x.device)
-    uncond_b = uncond.expand(batch, -1, -1).to(x.device) if plan.cfg != 1 else None
+    cond_b = _for_batch(cond, batch, x.device)
+    uncond_b = _for_batch(uncond, batch, x.device) if plan.cfg != 1 else None
     guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     sigmas = plan.sigmas.to(x.device)
 
@@ -191,6 +217,13 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
 
     with torch.inference_mode():
         return samplers.sample(plan.sampler, guided, x, sigmas, noise, callback=on_step)
+
+
+def _for_batch(cond, batch: int, device: torch.device):
+    """(1, T, D) conditioning, or a prompt-editing schedule of them, expanded to the batch on the device."""
+    if isinstance(cond, ScheduledCond):
+        return ScheduledCond(tuple((end, _for_batch(c, batch, device)) for end, c in cond.entries))
+    return cond.expand(batch, -1, -1).to(device)
 
 
 class _UNetAdapter:

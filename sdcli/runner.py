@@ -98,6 +98,7 @@ class Hires:
     plan: Any  # pipeline.SamplingPlan with hires_steps (or steps)
     size: tuple[int, int]  # (height, width) of the output, multiples of 8
     strength: float
+    conds: tuple | None = None  # (cond, uncond) when prompt editing schedules this pass apart; else pass 1's
 
 
 # --- generate / img2img --------------------------------------------------------------------------
@@ -271,11 +272,16 @@ def _prepare(models, cfg: RunConfig, prompt: str, init: Init | None = None, cond
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale)
     text = split_extra_networks(prompt)[0]  # the <lora:...> tags were merged into the weights; not words
-    cond, uncond = pipeline.encode_text(models, text, cfg.negative, cfg.clip_skip)
-    if cond_override is not None:
-        cond, uncond = _match_chunks(cond_override, uncond)
+    if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
+        cond, uncond = _match_chunks(cond_override, pipeline.encode_text(models, text, cfg.negative, cfg.clip_skip)[1])
+    else:
+        cond, uncond = pipeline.encode_scheduled(models, text, cfg.negative, cfg.steps, cfg.clip_skip)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width)) if init is None else None
+    if hires is not None and cond_override is None:
+        conds = pipeline.encode_scheduled(models, text, cfg.negative, cfg.steps, cfg.clip_skip,
+                                          hires_steps=cfg.hires_steps or cfg.steps)
+        hires = dataclasses.replace(hires, conds=conds)
     return Prepared(plan, cond, uncond, (height, width), hires)
 
 
@@ -316,6 +322,7 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback, extra=extra)
     if hires is None:
         return latents
+    cond, uncond = hires.conds or (cond, uncond)
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
@@ -567,6 +574,7 @@ def _load_cond(path: Path, models):
 def _dry_run(jobs: list[Job]) -> None:
     """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model."""
     from .pipeline import make_plan
+    from .prompt_schedule import prompt_schedule
     from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
@@ -574,10 +582,12 @@ def _dry_run(jobs: list[Job]) -> None:
         plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
         sigmas = plan.sigmas
         text, tags = split_extra_networks(job.prompt)
+        schedule = prompt_schedule(text, job.cfg.steps)
         console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": plan.sampler,
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in sigmas],
                            "prompt_loras": [{"name": t.name, "weight": t.weight} for t in tags],
-                           "tokens": describe_prompt(text, get_tokenizer(), 49407)})
+                           "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
+                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), 49407)})
 
 
 class _progress:
@@ -635,6 +645,12 @@ def run_encode(req: EncodeRequest) -> None:
     if req.text is not None:
         from .prompts import split_extra_networks
 
+        from .errors import UnsupportedModelError
+        from .prompt_schedule import prompt_schedule
+
+        if len(prompt_schedule(split_extra_networks(req.text)[0], cfg.steps)) > 1:
+            raise UnsupportedModelError("the prompt edits itself during sampling ([from:to:when] or [a|b]); an "
+                                        "embedding file holds one conditioning: give the prompt to generate")
         specs = _lora_specs([], req.text, cfg.lora_dir)  # a <lora:...> tag changes the text encoder's weights
         models = _load(cfg)
         _use_loras(models, specs)
