@@ -15,6 +15,7 @@ extensions-builtin/Lora/networks.py and network_lora.py (key conversion, calc_up
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 from dataclasses import dataclass
@@ -180,9 +181,15 @@ def restore(models) -> None:
 def resolve_prompt_lora(name: str, weight: float, lora_dir: str | None) -> LoraSpec:
     """A prompt's ``<lora:NAME:WEIGHT>``: NAME is a path, or a file stem found under lora_dir (in sub-folders
     too, as A1111 looks in models/Lora). Every file is then sniffed like a --lora file."""
+    return LoraSpec(_find_lora(name, lora_dir), weight)
+
+
+@functools.lru_cache(maxsize=256)
+def _find_lora(name: str, lora_dir: str | None) -> Path:
+    """Cached: a prompts file names the same LoRAs job after job, and a LoRA folder can be large."""
     direct = Path(name).expanduser()
     if direct.is_file():
-        return LoraSpec(direct, weight)
+        return direct
     where = "set --lora-dir (or lora_dir: in a config) to the folder that holds it"
     if not lora_dir:
         raise ModelNotFoundError(f"<lora:{name}> in the prompt: {where}")
@@ -195,4 +202,4 @@ def resolve_prompt_lora(name: str, weight: float, lora_dir: str | None) -> LoraS
     if len(found) > 1:
         raise UsageError(f"<lora:{name}> in the prompt: {len(found)} files match under {root} "
                          f"({', '.join(str(p.relative_to(root)) for p in found[:4])}); name one by its path")
-    return LoraSpec(found[0], weight)
+    return found[0]
