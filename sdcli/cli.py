@@ -142,6 +142,10 @@ LoraDirOpt = Annotated[
     Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
                                 "(sub-folders too).")
 ]
+PreviewOpt = Annotated[
+    Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
+                                "latent-to-RGB estimate, rewritten at most twice a second).")
+]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -227,6 +231,7 @@ def generate(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
+    preview: PreviewOpt = None,
     print_config: PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -245,7 +250,7 @@ def generate(
     run_generate(GenerateRequest(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
-        print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []),
+        print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
     ))
 
 
@@ -280,6 +285,7 @@ def img2img(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
+    preview: PreviewOpt = None,
     print_config: PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
@@ -295,7 +301,7 @@ def img2img(
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or [])))
+                               loras=list(lora or []), preview=preview))
 
 
 @app.command()

@@ -35,6 +35,7 @@ class GenerateRequest:
     from_image: Path | None = None
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
+    preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Img2ImgRequest:
     progress: str = "auto"  # auto | json | none
     mask: str | None = None  # inpainting mask (white = repaint); needs a 9-channel inpainting model
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
+    preview: str | None = None
 
 
 @dataclass
@@ -332,7 +334,8 @@ def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: I
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
-    with _progress(batch, len(plan.sigmas) - 1 if init is None else None, req.progress) as step:
+    with _progress(batch, len(plan.sigmas) - 1 if init is None else None, req.progress) as progress:
+        step = _with_preview(progress, req.preview)
         if init is None or (init.extra is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
             extra = None if init is None else init.extra
             latents = txt2img_passes(models, plan, cond, uncond, seeds, size, hires, callback=step, extra=extra)
@@ -346,6 +349,16 @@ def _render_batch(models, plan, cond, uncond, batch: list[Target], size, init: I
     for k, target in enumerate(batch):
         _save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, size, init, timings, req,
                   hires)
+
+
+def _with_preview(progress, preview: str | None):
+    """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
+    from .preview import PreviewWriter
+
+    callbacks = [c for c in (progress, PreviewWriter(preview) if preview else None) if c is not None]
+    if len(callbacks) < 2:
+        return callbacks[0] if callbacks else None
+    return lambda *args: [c(*args) for c in callbacks]
 
 
 def _save_one(models, target: Target, image, latent, fallbacks, size, init, timings, req,
