@@ -80,22 +80,24 @@ def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple
 
 
 def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,
-                     hires_steps: int | None = None):
+                     hires_steps: int | None = None, encoded: dict | None = None):
     """(cond, uncond) for a prompt and negative that may hold A1111 prompt editing: plain tensors when neither
     does, else ScheduledCond pairs with one entry per change. Each entry's cond and uncond are encoded (and
-    padded to one chunk count) together, as encode_text does; the same text is encoded once."""
+    padded to one chunk count) together, as encode_text does. `encoded` caches (text, negative) -> encoding,
+    so a text is encoded once, also across calls (the first pass and the hires pass of one job)."""
+    encoded = {} if encoded is None else encoded
+
+    def encode(key: tuple[str, str]):
+        if key not in encoded:
+            encoded[key] = encode_text(models, *key, clip_skip)
+        return encoded[key]
+
     texts = prompt_schedule(prompt, steps, hires_steps)
     negatives = prompt_schedule(negative, steps, hires_steps)
     if len(texts) == 1 and len(negatives) == 1:
-        return encode_text(models, texts[0][1], negatives[0][1], clip_skip)
+        return encode((texts[0][1], negatives[0][1]))
     ends = sorted({end for end, _ in texts} | {end for end, _ in negatives})
-    pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    entries = []
-    for end in ends:
-        key = (_text_at(texts, end), _text_at(negatives, end))
-        if key not in pairs:
-            pairs[key] = encode_text(models, *key, clip_skip)
-        entries.append((end, pairs[key]))
+    entries = [(end, encode((_text_at(texts, end), _text_at(negatives, end)))) for end in ends]
     return (ScheduledCond(tuple((end, c) for end, (c, _) in entries)),
             ScheduledCond(tuple((end, u) for end, (_, u) in entries)))
 

@@ -123,13 +123,12 @@ def run_generate(req: GenerateRequest) -> None:
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
-    for job in jobs:
-        _lora_specs(req.loras, job.prompt, job.cfg.lora_dir)
+    loras = _job_loras(jobs, req.loras)
     models = _load(base)
     _check_inpaint_model(models, base, None)  # text-to-image has no image and mask for a 9-channel UNet
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
     cond = _load_cond(req.cond, models) if req.cond else None
-    _render_all(models, targets, init, cond, req)
+    _render_all(models, targets, init, cond, req, loras)
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
@@ -146,13 +145,13 @@ def run_img2img(req: Img2ImgRequest) -> None:
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
     targets = plan_targets([job], req.overwrite)
-    _lora_specs(req.loras, job.prompt, base.lora_dir)
+    loras = _job_loras([job], req.loras)
     models = _load(base)
     _check_inpaint_model(models, base, req.mask)
     pixels = images.pil_to_tensor(img)
     latent = pipeline.encode_image(models, pixels)
     extra = pipeline.inpaint_conditioning(models, pixels, mask) if mask is not None else None
-    _render_all(models, targets, Init(latent, base.strength, notes, extra, req.mask), None, req)
+    _render_all(models, targets, Init(latent, base.strength, notes, extra, req.mask), None, req, loras)
 
 
 def _load_mask(path: str, img):
@@ -242,12 +241,12 @@ def _located(e: Exception, job: Job, key: str, base: RunConfig | None, origin) -
     return BadInputError(f"{where}: {e}") if where != "default" else e
 
 
-def _render_all(models, targets: list[Target], init: Init | None, cond, req) -> None:
+def _render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list]) -> None:
+    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from _job_loras)."""
     started = time.perf_counter()
     by_job: dict[int, list[Target]] = {}
     for t in targets:
         by_job.setdefault(id(t.job), []).append(t)
-    loras = {key: _lora_specs(req.loras, g[0].job.prompt, g[0].job.cfg.lora_dir) for key, g in by_job.items()}
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     for key, group in by_job.items():
         _use_loras(models, loras[key], keep_originals=switching)
@@ -277,12 +276,13 @@ def _prepare(models, cfg: RunConfig, prompt: str, init: Init | None = None, cond
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
         cond, uncond = _match_chunks(cond_override, pipeline.encode_text(models, text, cfg.negative, cfg.clip_skip)[1])
     else:
-        cond, uncond = pipeline.encode_scheduled(models, text, cfg.negative, cfg.steps, cfg.clip_skip)
+        encoded: dict = {}  # shared with the hires pass: a plain prompt is encoded once, not twice
+        cond, uncond = pipeline.encode_scheduled(models, text, cfg.negative, cfg.steps, cfg.clip_skip, None, encoded)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width)) if init is None else None
     if hires is not None and cond_override is None:
         conds = pipeline.encode_scheduled(models, text, cfg.negative, cfg.steps, cfg.clip_skip,
-                                          hires_steps=cfg.hires_steps or cfg.steps)
+                                          hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=conds)
     return Prepared(plan, cond, uncond, (height, width), hires)
 
@@ -525,6 +525,11 @@ def _lora_specs(specs: list[str], prompt: str = "", lora_dir: str | None = None)
     for spec in parsed:
         check_file(spec)
     return parsed
+
+
+def _job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
+    """id(job) -> its LoRAs (--lora, then the prompt's tags), resolved and sniffed once, before the model load."""
+    return {id(job): _lora_specs(flags, job.prompt, job.cfg.lora_dir) for job in jobs}
 
 
 def _use_loras(models, specs: list, keep_originals: bool = False) -> None:
