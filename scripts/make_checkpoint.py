@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdcli import checkpoint as ck
+from sdcli.formats.clip_layouts import text_plan
+from sdcli.formats.diffusers import is_vae_attn_matrix, rename, unet_prefix_pairs, vae_prefix_pairs
+from sdcli.formats.ldm import OPENAI_TEXT, OPENCLIP_TEXT, UNET_PREFIX, VAE_PREFIX
 from sdcli.models import AutoencoderKL, TextConfig, TextEncoder, UNetConfig, UNetModel, VAEConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,7 +60,7 @@ def _meta_shapes(module: torch.nn.Module, prefix: str) -> dict[str, tuple[int, .
 
 def openclip_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
     """OpenCLIP text-tower names of an SD2 single file: one layer more than the model uses."""
-    d, p = text.hidden_size, ck.SD2_TEXT
+    d, p = text.hidden_size, OPENCLIP_TEXT
     out = {p + "token_embedding.weight": (text.vocab_size, d), p + "positional_embedding": (text.max_positions, d),
            p + "ln_final.weight": (d,), p + "ln_final.bias": (d,), p + "text_projection": (d, d),
            p + "logit_scale": ()}  # fmt: skip
@@ -76,13 +78,13 @@ def ldm_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tuple
     """Key -> shape of the single-file LDM layout, from our modules built on meta (no memory used)."""
     unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
     with torch.device("meta"):
-        shapes = _meta_shapes(UNetModel(unet_cfg), ck.UNET_PREFIX)
-        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), ck.VAE_PREFIX))
+        shapes = _meta_shapes(UNetModel(unet_cfg), UNET_PREFIX)
+        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), VAE_PREFIX))
         if family == "sd2":
             shapes.update(openclip_shapes(text_cfg))
         else:
             text = TextEncoder(text_cfg)
-            shapes.update({ck.SD1_TEXT + "text_model." + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
+            shapes.update({OPENAI_TEXT + "text_model." + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
                            for k, v in text.state_dict().items()})  # fmt: skip
     return shapes
 
@@ -117,7 +119,7 @@ def _invert(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 def _openclip_to_hf(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """SD2 OpenCLIP text weights -> CLIPTextModel names, dropping the unused last layer (as diffusers does)."""
-    plan, _ = ck._text_plan(list(state), "openclip", layers, "")
+    plan, _ = text_plan(list(state), "openclip", layers, "")
     out = {}
     for name, (key, chunk) in plan.items():
         t = state[key]
@@ -128,18 +130,18 @@ def _openclip_to_hf(state: dict[str, torch.Tensor], layers: int) -> dict[str, to
 def to_diffusers(state: dict[str, torch.Tensor], family: str, size: str, inpaint: bool = False) -> dict[str, dict]:
     """Split an LDM state dict into diffusers component state dicts with sdcli's rename table (inverted)."""
     unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
-    unet_table = _invert(ck.unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
+    unet_table = _invert(unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
                                               unet_cfg.attention_levels))  # fmt: skip
-    vae_table = _invert(ck.vae_prefix_pairs(len(vae_cfg.ch_mult), vae_cfg.num_res_blocks))
+    vae_table = _invert(vae_prefix_pairs(len(vae_cfg.ch_mult), vae_cfg.num_res_blocks))
     comps: dict[str, dict] = {"unet": {}, "vae": {}, "text_encoder": {}}
     for k, t in state.items():
-        if k.startswith(ck.UNET_PREFIX):
-            comps["unet"][ck.rename(k[len(ck.UNET_PREFIX):], unet_table)] = t
-        elif k.startswith(ck.VAE_PREFIX):
-            name = k[len(ck.VAE_PREFIX):]
-            comps["vae"][ck.rename(name, vae_table)] = t.flatten(1) if ck._is_vae_attn_matrix(name) else t
-        elif k.startswith(ck.SD1_TEXT):
-            comps["text_encoder"][k[len(ck.SD1_TEXT):].removeprefix("text_model.")] = t
+        if k.startswith(UNET_PREFIX):
+            comps["unet"][rename(k[len(UNET_PREFIX):], unet_table)] = t
+        elif k.startswith(VAE_PREFIX):
+            name = k[len(VAE_PREFIX):]
+            comps["vae"][rename(name, vae_table)] = t.flatten(1) if is_vae_attn_matrix(name) else t
+        elif k.startswith(OPENAI_TEXT):
+            comps["text_encoder"][k[len(OPENAI_TEXT):].removeprefix("text_model.")] = t
     if family == "sd2":
         comps["text_encoder"] = _openclip_to_hf(state, text_cfg.num_layers)
     assert None not in comps["unet"] and None not in comps["vae"], "rename table does not cover every key"

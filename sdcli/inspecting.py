@@ -55,7 +55,7 @@ def _head(path: Path) -> bytes:
 
 def _is_small_sdcli_file(path: Path) -> bool:
     """Latent/embedding files hold one or two tensors; checkpoints hold hundreds."""
-    from .checkpoint import read_header
+    from .formats.safetensors import read_header
 
     header = read_header(path)
     names = set(header) - {"__metadata__"}
@@ -84,7 +84,7 @@ def _tensor_file_report(path: Path) -> dict[str, Any]:
 
 
 def _header(path: Path) -> dict:
-    from .checkpoint import read_header
+    from .formats.safetensors import read_header
 
     return read_header(path)
 
@@ -96,13 +96,14 @@ def _stats(t) -> dict[str, float]:
 
 
 def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
-    from . import checkpoint
+    from .checkpoint import detect
+    from .formats.safetensors import read_header
 
-    info = checkpoint.detect(path)
+    info = detect(path)
     report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "family": info.family,
                               "prediction": info.prediction, "inpaint": info.inpaint}
     if path.is_file() and path.suffix != ".ckpt":
-        header = checkpoint.read_header(path)
+        header = read_header(path)
         report.update(_header_summary(header))
         if hashes:
             report.update(_hashes(path, header))
@@ -113,7 +114,7 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
 
 def _folder_summary(folder: Path) -> dict[str, Any]:
     """dtypes and parameters per part of a diffusers folder, from the safetensors headers of its parts."""
-    from .checkpoint import read_header
+    from .formats.safetensors import read_header
 
     dtypes: Counter = Counter()
     params: dict[str, int] = {}

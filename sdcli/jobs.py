@@ -26,9 +26,19 @@ PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction"}
 
 @dataclass(frozen=True)
 class Job:
-    prompt: str
+    prompt: str  # as written (recorded in the image's metadata)
     cfg: RunConfig  # seed already drawn when it was -1
     source: str  # "command line" or "FILE:LINE", for messages
+    # Taken out of `prompt` once, here: the text the encoder sees, and the <lora:...> tags it named.
+    text: str = dataclasses.field(init=False, repr=False, compare=False)
+    loras: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        from .prompts import split_extra_networks
+
+        text, tags = split_extra_networks(self.prompt)
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "loras", tuple(tags))
 
 
 def draw_seed() -> int:

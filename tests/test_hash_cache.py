@@ -5,12 +5,12 @@ import hashlib
 import json
 import os
 
-from sdcli import checkpoint
+from sdcli.formats import hashing
 
 
 def _fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
 
 
 def test_disk_cache_is_used_and_invalidated_by_mtime(tmp_path, monkeypatch):
@@ -18,20 +18,20 @@ def test_disk_cache_is_used_and_invalidated_by_mtime(tmp_path, monkeypatch):
     f = tmp_path / "m.safetensors"
     f.write_bytes(b"weights" * 1000)
     real = hashlib.sha256(f.read_bytes()).hexdigest()
-    assert checkpoint.file_sha256(f) == real
+    assert hashing.file_sha256(f) == real
     cache = tmp_path / "cache" / "sdcli" / "sha256.json"
     data = json.loads(cache.read_text())
     assert list(data.values()) == [real]
     # A later process (empty memory cache) takes the hash from disk without reading the file.
     data = {k: "0" * 64 for k in data}
     cache.write_text(json.dumps(data))
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == "0" * 64
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == "0" * 64
     # The file changed (new mtime): hashed again.
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == real
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == real
 
 
 def test_damaged_or_unwritable_cache_is_harmless(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_damaged_or_unwritable_cache_is_harmless(tmp_path, monkeypatch):
     cache.write_text("{not json")
     f = tmp_path / "m.bin"
     f.write_bytes(b"x")
-    assert checkpoint.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
+    assert hashing.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
     monkeypatch.setenv("XDG_CACHE_HOME", str(f))  # a file where the folder should be: cannot write
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == hashlib.sha256(b"x").hexdigest()

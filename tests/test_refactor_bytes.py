@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd2, tiny_sd2_diffusers  # noqa: F401
 from make_checkpoint import make_checkpoint
-from sdcli.checkpoint import read_header
+from sdcli.formats.safetensors import read_header
 
 BASE_COMMIT = "c10291d"
 ROOT = Path(__file__).resolve().parents[1]
