@@ -994,9 +994,10 @@ def file_sha256(path: str | Path) -> str:
     return _SHA_CACHE[key]
 
 
-def _hash_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sdcli" / "sha256.json"
+def _hash_cache_path() -> Path | None:
+    from .config import xdg_path
+
+    return xdg_path("XDG_CACHE_HOME", ".cache", "sdcli", "sha256.json")  # None: no home, so no cache
 
 
 def _cache_key(key: tuple[str, int, int]) -> str:
@@ -1004,8 +1005,9 @@ def _cache_key(key: tuple[str, int, int]) -> str:
 
 
 def _read_hash_cache() -> dict[str, str]:
+    path = _hash_cache_path()
     try:
-        data = json.loads(_hash_cache_path().read_text())
+        data = json.loads(path.read_text()) if path else {}
     except (OSError, ValueError):
         return {}  # no cache yet, or a damaged one: hashing again is always correct
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
@@ -1014,6 +1016,8 @@ def _read_hash_cache() -> dict[str, str]:
 def _write_hash_cache(data: dict[str, str]) -> None:
     """Best effort, atomic: a read-only home or a full disk only costs the next run a re-hash."""
     path = _hash_cache_path()
+    if path is None:
+        return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -406,7 +406,23 @@ def verify(
 
 def main() -> None:
     """Console-script entry point."""
+    _utf8_everywhere()
     app()
+
+
+def _utf8_everywhere() -> None:
+    """In an ASCII locale with Python's UTF-8 mode turned off (LC_ALL=C PYTHONUTF8=0), arguments arrive as
+    surrogate escapes: a prompt 'ü' would reach the tokenizer as two lone surrogates and could not be written to
+    a PNG. Run again in UTF-8 mode, with the same argument bytes, so prompts and file names mean what they say."""
+    import os
+    import sys
+
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower() not in ("ascii", "ansi_x3.4-1968"):
+        return
+    if os.environ.get("PYTHONUTF8") == "1":  # already tried: never loop
+        return
+    os.environ["PYTHONUTF8"] = "1"
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "sdcli", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -166,3 +166,36 @@ def test_print_config_shows_the_replayed_dtype(cli, original, cpu_kind):
     cpu_kind(True)
     result = cli("generate", "--from-image", str(original), "--print-config", "--json", with_model=False)
     assert json.loads(result.stdout)["dtype"] == "fp32"
+
+
+def test_thread_count_moves_pixels_by_at_most_one_level(cli, tmp_path):
+    """The one thread-count dependence found: oneDNN's fp32 1x1 convolutions. Bounded, and verify passes."""
+    import numpy as np
+    import torch
+
+    try:
+        for threads, name in ((1, "one.png"), (2, "two.png")):
+            torch.set_num_threads(threads)
+            cli("generate", "a red fox", *SETTINGS[:2], "-W", "128", "-H", "128", "--seed", "4", "--dtype", "fp32",
+                "-o", name)
+        one, two = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("one.png", "two.png"))
+        assert np.abs(one - two).max() <= 1
+        cli("verify", "one.png")  # rendered again with 2 threads here
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_no_home_directory_and_unwritable_cache(cli, tmp_path, monkeypatch):
+    """A container user with no HOME and no passwd entry, and a cache path that cannot be created."""
+    from pathlib import Path
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))  # mkdir fails: NotADirectory
+    cli("generate", "a red fox", *SETTINGS, "--seed", "2", "--dtype", "fp32", "-o", "h.png")
+    assert (tmp_path / "h.png").is_file()
