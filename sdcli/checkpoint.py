@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError
+from sdcli.formats.safetensors_header import decode_header
 from sdcli.models.text import TextConfig, TextEncoder
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
@@ -103,27 +104,7 @@ def read_header(path: str | Path) -> dict:
         sniffed = "the file is too short to be safetensors (truncated)"
     if sniffed:
         raise BadInputError(f"{path}: not a valid safetensors file: {sniffed}")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path}: not a valid safetensors file: header is not JSON ({e})") from e
-    _check_offsets(path, header, size - 8 - n)
-    return header
-
-
-def _check_offsets(path: Path, header: Any, data_size: int) -> None:
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path}: not a valid safetensors file: header is not a JSON object")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = entry["data_offsets"]
-            entry["dtype"], list(entry["shape"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise BadInputError(f"{path}: not a valid safetensors file: bad entry for tensor {name!r}") from e
-        if end > data_size or start > end:
-            raise BadInputError(f"{path}: truncated: tensor {name!r} ends past the end of the file")
+    return decode_header(path, raw, size - 8 - n)  # every entry checked as the safetensors library does
 
 
 # ----------------------------------------------------------------------------------------------------------
