@@ -984,12 +984,25 @@ def _cache_key(key: tuple[str, int, int]) -> str:
     return f"{key[0]}|{key[1]}|{key[2]}"
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_CACHE_KEY = re.compile(r".+\|[0-9]+\|-?[0-9]+")
+_MAX_HASH_CACHE = 16 << 20  # bytes; ~100k entries
+
+
 def _read_hash_cache() -> dict[str, str]:
+    """The well-formed entries of the disk cache: anything else (not a regular file, too big, not JSON, a value
+    that is not 64 lowercase hex digits) is dropped, so a damaged cache is rebuilt, never believed."""
+    path = _hash_cache_path()
     try:
-        data = json.loads(_hash_cache_path().read_text())
-    except (OSError, ValueError):
+        if not path.is_file() or path.stat().st_size > _MAX_HASH_CACHE:  # a FIFO would block the read
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}  # no cache yet, or a damaged one: hashing again is always correct
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and _SHA256_HEX.fullmatch(v)
+            and _CACHE_KEY.fullmatch(k)}  # fmt: skip
 
 
 def _write_hash_cache(data: dict[str, str]) -> None:
