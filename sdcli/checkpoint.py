@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError
+from sdcli.formats.safetensors_header import decode_header
 from sdcli.models.text import TextConfig, TextEncoder
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
@@ -103,27 +104,7 @@ def read_header(path: str | Path) -> dict:
         sniffed = "the file is too short to be safetensors (truncated)"
     if sniffed:
         raise BadInputError(f"{path}: not a valid safetensors file: {sniffed}")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path}: not a valid safetensors file: header is not JSON ({e})") from e
-    _check_offsets(path, header, size - 8 - n)
-    return header
-
-
-def _check_offsets(path: Path, header: Any, data_size: int) -> None:
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path}: not a valid safetensors file: header is not a JSON object")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = entry["data_offsets"]
-            entry["dtype"], list(entry["shape"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise BadInputError(f"{path}: not a valid safetensors file: bad entry for tensor {name!r}") from e
-        if end > data_size or start > end:
-            raise BadInputError(f"{path}: truncated: tensor {name!r} ends past the end of the file")
+    return decode_header(path, raw, size - 8 - n)  # every entry checked as the safetensors library does
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1004,13 +985,25 @@ def _cache_key(key: tuple[str, int, int]) -> str:
     return f"{key[0]}|{key[1]}|{key[2]}"
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_CACHE_KEY = re.compile(r".+\|[0-9]+\|-?[0-9]+")
+_MAX_HASH_CACHE = 16 << 20  # bytes; ~100k entries
+
+
 def _read_hash_cache() -> dict[str, str]:
+    """The well-formed entries of the disk cache: anything else (not a regular file, too big, not JSON, a value
+    that is not 64 lowercase hex digits) is dropped, so a damaged cache is rebuilt, never believed."""
     path = _hash_cache_path()
     try:
-        data = json.loads(path.read_text()) if path else {}
-    except (OSError, ValueError):
+        if path is None or not path.is_file() or path.stat().st_size > _MAX_HASH_CACHE:  # a FIFO would block the read
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}  # no cache yet, or a damaged one: hashing again is always correct
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and _SHA256_HEX.fullmatch(v)
+            and _CACHE_KEY.fullmatch(k)}  # fmt: skip
 
 
 def _write_hash_cache(data: dict[str, str]) -> None:
