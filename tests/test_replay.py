@@ -115,3 +115,54 @@ def test_verify_and_replay_keep_hires_and_seamless(cli, tmp_path):
     assert report["passed"] and report["identical"]
     cli("generate", "--from-image", str(tmp_path / "h.png"), "-o", "h2.png")
     assert (tmp_path / "h2.png").read_bytes() == (tmp_path / "h.png").read_bytes()
+
+
+@pytest.fixture
+def cpu_kind(monkeypatch):
+    """Run as if the CPU had (True) or lacked (False) native bf16, whatever this machine is."""
+    from sdcli import device
+
+    def pretend(native: bool):
+        monkeypatch.setenv(device.FORCE_BF16_ENV, "1" if native else "0")
+        device.cpu_has_native_bf16.cache_clear()
+
+    yield pretend
+    device.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_replay_keeps_an_explicit_fp32_dtype_on_any_cpu(cli, original, tmp_path, cpu_kind, native):
+    cpu_kind(native)  # auto would pick bf16 on a native-bf16 CPU: the image's fp32 must win over it
+    result = cli("generate", "--from-image", str(original), "-o", "b.png")
+    assert (tmp_path / "b.png").read_bytes() == original.read_bytes()
+    assert "replaying in" not in result.stderr
+
+
+def test_replay_keeps_bf16_where_it_runs_well(cli, tmp_path, cpu_kind):
+    cpu_kind(True)
+    cli("generate", "a red fox", *SETTINGS, "--seed", "3", "--dtype", "bf16", "-o", "a.png")
+    cli("generate", "--from-image", "a.png", "-o", "b.png")
+    assert _meta(tmp_path / "b.png")["dtype"] == "bf16"
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+
+
+def test_replay_of_bf16_on_an_fp32_only_cpu_says_so(cli, tmp_path, cpu_kind):
+    cpu_kind(True)
+    cli("generate", "a red fox", *SETTINGS, "--seed", "3", "--dtype", "bf16", "-o", "a.png")
+    cpu_kind(False)
+    result = cli("generate", "--from-image", "a.png", "-o", "b.png")
+    assert _meta(tmp_path / "b.png")["dtype"] == "fp32"
+    note = [line for line in result.stderr.splitlines() if "replaying in" in line]
+    assert len(note) == 1 and "bf16" in note[0] and "fp32" in note[0]
+
+
+def test_dtype_flag_beats_the_replayed_dtype(cli, original, tmp_path, cpu_kind):
+    cpu_kind(True)
+    cli("generate", "--from-image", str(original), "--dtype", "bf16", "-o", "c.png")
+    assert _meta(tmp_path / "c.png")["dtype"] == "bf16"
+
+
+def test_print_config_shows_the_replayed_dtype(cli, original, cpu_kind):
+    cpu_kind(True)
+    result = cli("generate", "--from-image", str(original), "--print-config", "--json", with_model=False)
+    assert json.loads(result.stdout)["dtype"] == "fp32"
