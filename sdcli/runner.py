@@ -192,8 +192,7 @@ def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
 
 
 def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
-    from .errors import OutputError
-    from .outputs import STDOUT
+    from .outputs import STDOUT, check_target
 
     if str(t.path) == STDOUT:
         if total > 1:
@@ -202,8 +201,7 @@ def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
     if t.path in seen:
         raise UsageError(f"two images would be written to {t.path}: add {{index}} or {{seed}} to the -o template")
     seen.add(t.path)
-    if t.path.exists() and not overwrite:
-        raise OutputError(f"{t.path} exists; pass --overwrite to replace it")
+    check_target(t.path, overwrite)
 
 
 def _check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
@@ -721,10 +719,9 @@ def run_decode(req: DecodeRequest) -> None:
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
-    from .errors import OutputError
+    from .outputs import check_target
 
-    if str(path) != "-" and path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    check_target(path, overwrite)
 
 
 def _report(req, obj: dict) -> None:
