@@ -96,7 +96,8 @@ def render_html(entries: list[ReportEntry], image_url: Callable[[int, str, Image
     legend = image_url(-1, "legend", legend_strip())
     results = json.dumps([verify_json(e.result) for e in entries], ensure_ascii=False, default=str)
     return _PAGE.format(
-        title=_esc(title), css=_CSS, count=len(entries), failed=failed, passed=len(entries) - failed,
+        title=_esc(title), css=_CSS, count=len(entries), images="image" if len(entries) == 1 else "images",
+        failed=failed, passed=len(entries) - failed,
         status="fail" if failed else "pass", legend=_esc(legend),
         legend_ticks="".join(f'<span style="left:{math.log1p(v) / math.log1p(255) * 100:.1f}%">{v}</span>'
                              for v in LEGEND_LEVELS),
@@ -193,7 +194,7 @@ _PAGE = """<!DOCTYPE html>
 <body>
 <header class="{{status}}">
 <h1>{{title}}</h1>
-<p class="summary"><span class="count">{{count}}</span> images: <span class="failed">{{failed}}</span> failed,
+<p class="summary"><span class="count">{{count}}</span> {{images}}: <span class="failed">{{failed}}</span> failed,
 <span class="passed">{{passed}}</span> passed. Failures first.</p>
 <div class="legend"><img src="{{legend}}" alt="difference colour scale"><div class="ticks">{{legend_ticks}}</div>
 <p>difference in 8-bit levels, largest channel, log scale</p></div>
