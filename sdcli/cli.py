@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError
+from .errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError, Terminated
 
 app = typer.Typer(
     name="sdcli",
@@ -47,6 +48,12 @@ def _handled(fn):
         except KeyboardInterrupt:
             console.error("interrupted; finished images were kept")
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        except Terminated as e:
+            try:  # after a hang-up the terminal may be gone
+                console.error(f"terminated by {e}; finished images were kept")
+            except OSError:
+                pass
+            raise typer.Exit(e.exit_code) from None
         except BrokenPipeError:
             _silence_stdout()
             raise typer.Exit(7) from None
@@ -404,9 +411,39 @@ def verify(
     run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
 
 
+def _on_signal(signum, _frame) -> None:
+    """SIGTERM / SIGHUP: raise Terminated where the program is, so it unwinds like Ctrl-C. A second signal
+    while it unwinds is ignored: the run is already ending, and its cleanup must not be cut short."""
+    for sig in _TERMINATING:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
+
+
 def main() -> None:
     """Console-script entry point."""
+    _utf8_everywhere()
+    for sig in _TERMINATING:
+        if signal.getsignal(sig) is signal.SIG_DFL:  # `nohup` sets SIGHUP to ignored: keep it so
+            signal.signal(sig, _on_signal)
     app()
+
+
+def _utf8_everywhere() -> None:
+    """In an ASCII locale with Python's UTF-8 mode turned off (LC_ALL=C PYTHONUTF8=0), arguments arrive as
+    surrogate escapes: a prompt 'ü' would reach the tokenizer as two lone surrogates and could not be written to
+    a PNG. Run again in UTF-8 mode, with the same argument bytes, so prompts and file names mean what they say."""
+    import os
+    import sys
+
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower() not in ("ascii", "ansi_x3.4-1968"):
+        return
+    if os.environ.get("PYTHONUTF8") == "1":  # already tried: never loop
+        return
+    os.environ["PYTHONUTF8"] = "1"
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "sdcli", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -202,10 +202,21 @@ def check_mapping(data: dict[str, Any], where: str, error: type[Exception] = Bad
 
 # --- resolution ----------------------------------------------------------------------------------
 
-def user_config_path() -> Path:
+def xdg_path(var: str, under_home: str, *parts: str) -> Path | None:
+    """$VAR/parts, else ~/under_home/parts; None when neither is known (no HOME and no passwd entry, as for some
+    container users): callers then do without a user config or a cache rather than fail."""
+    base = os.environ.get(var)
+    if not base:
+        try:
+            base = str(Path.home() / under_home)
+        except RuntimeError:
+            return None
+    return Path(base).joinpath(*parts)
+
+
+def user_config_path() -> Path | None:
     """$XDG_CONFIG_HOME/sdcli/config.yaml (typer.get_app_dir honours XDG on Linux)."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "sdcli" / "config.yaml"
+    return xdg_path("XDG_CONFIG_HOME", ".config", "sdcli", "config.yaml")
 
 
 def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict[str, Any] | None = None) -> RunConfig:
@@ -213,7 +224,7 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict
     `flags` (only the flags the user actually gave, None = not given)."""
     values: dict[str, Any] = {}
     user = user_config_path()
-    if user.is_file():
+    if user is not None and user.is_file():
         values.update(check_mapping(read_yaml(user), str(user)))
     if config_file is not None:
         values.update(check_mapping(read_yaml(config_file), str(config_file)))
@@ -228,7 +239,7 @@ def origin(key: str, flags: dict[str, Any], config_file: Path | None = None) -> 
     """Where the resolved value of `key` came from, for messages: "option --key", "FILE: 'key'" or "default"."""
     if flags.get(key) is not None:
         return "option --" + key.replace("_", "-")
-    for path in (config_file, user_config_path()):
+    for path in (config_file, user_config_path()):  # either may be None
         if path is not None and Path(path).is_file() and key in read_yaml(Path(path)):
             return f"{path}: '{key}'"
     return "default"

@@ -3,6 +3,7 @@ bf16 natively (AVX512-BF16 or AMX), else fp32. fp16 on a CPU is never chosen: it
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,18 +25,35 @@ class Placement:
         return getattr(torch, DTYPE_NAMES[self.dtype_name])
 
 
+# Forces the CPU's bf16 answer, for running the whole suite as if `auto` had resolved the other way here:
+# SDCLI_CPU_BF16=1 (as on AVX512-BF16/AMX machines) or 0 (as on AVX2-only ones). Unset: read the CPU.
+FORCE_BF16_ENV = "SDCLI_CPU_BF16"
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags in /proc/cpuinfo
+
+
+def native_bf16_from_cpuinfo(text: str | None) -> bool:
+    """Whether a /proc/cpuinfo text lists a native bf16 unit. None (no such file: macOS, Windows) and ARM's
+    `Features:` lines count as no: torch's CPU bf16 kernels are only known to beat fp32 on those x86 units."""
+    for line in (text or "").splitlines():
+        if line.startswith("flags"):
+            return bool(NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    return False
+
+
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (Linux x86); False where we cannot tell."""
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), or when SDCLI_CPU_BF16 says so."""
+    forced = os.environ.get(FORCE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UsageError(f"{FORCE_BF16_ENV}={forced!r}: use 1 (treat the CPU as bf16-native), 0 (as fp32-only) "
+                         "or leave it unset")
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return False
+        text = None
+    return native_bf16_from_cpuinfo(text)
 
 
 def _available(device: str) -> bool:
@@ -54,12 +72,40 @@ def choose(device: str = "auto", dtype: str = "auto") -> Placement:
         device = next(d for d in ("cuda", "mps", "cpu") if _available(d))
     elif not _available(device):
         raise UsageError(f"--device {device} was asked for but is not available here (try --device cpu)")
-    if dtype == "auto":
-        if device in ("cuda", "mps"):
-            dtype = "fp16"
-        else:
-            dtype = "bf16" if cpu_has_native_bf16() else "fp32"
-    return Placement(device, dtype)
+    return Placement(device, auto_dtype(device) if dtype == "auto" else dtype)
+
+
+def auto_dtype(device: str) -> str:
+    """fp16 on CUDA/MPS, bf16 on a CPU with native bf16, else fp32. fp16 on a CPU is never picked: ~300x slower."""
+    if device in ("cuda", "mps"):
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def runs_well(device: str, dtype: str) -> bool:
+    """Whether `dtype` is a sensible choice on `device`: what a replay may take from an image as it is. fp32 runs
+    everywhere; fp16 only on GPUs; bf16 on CPUs with native bf16 and on CUDA cards that support it."""
+    if dtype == "fp32":
+        return True
+    if device == "cpu":
+        return dtype == "bf16" and cpu_has_native_bf16()
+    if device == "cuda" and dtype == "bf16":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return dtype == "fp16"
+
+
+def replay_dtype(recorded: str | None, device: str) -> tuple[str, str | None]:
+    """The dtype a replay renders in on `device` (already resolved): the recorded one when it runs well here,
+    else what `auto` picks, with a one-line note naming both. No recorded dtype (A1111, ComfyUI): `auto`."""
+    if recorded is None:
+        return "auto", None
+    if recorded in DTYPE_NAMES and runs_well(device, recorded):
+        return recorded, None
+    chosen = auto_dtype(device)
+    return chosen, (f"the image was rendered in {recorded}, which does not run well on this {device}; "
+                    f"replaying in {chosen} (pixels may differ; --dtype {recorded} forces it)")
 
 
 def configure(placement: Placement) -> None:

@@ -60,3 +60,15 @@ class VerificationError(SdcliError):
 
 
 INTERRUPTED_EXIT_CODE = 130
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C (temp files removed by their `finally`, finished images kept)
+    and exit 128 + the signal number. A BaseException, so no `except Exception` on the way can swallow it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum

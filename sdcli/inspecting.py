@@ -169,11 +169,12 @@ def _hashes(path: Path, header: dict) -> dict[str, str]:
 
 
 def _prompt_report(prompt: str) -> dict[str, Any]:
+    from .families import DEFAULT
     from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
     text, loras = split_extra_networks(prompt)  # what the text encoder sees, and the LoRAs the tags name
-    report = {"kind": "prompt", **describe_prompt(text, get_tokenizer(), 49407)}
+    report = {"kind": "prompt", **describe_prompt(text, get_tokenizer(), DEFAULT.text[0].pad_id)}
     return {**report, "loras": [{"name": t.name, "weight": t.weight} for t in loras]}
 
 

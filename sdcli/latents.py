@@ -30,7 +30,6 @@ sdcli embedding (CLIP text conditioning), format version 1:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sdcli.errors import BadInputError, UsageError
+from sdcli.formats.safetensors_header import METADATA_KEY, decode_header
 from sdcli.inputs import read_input
 from sdcli.outputs import atomic_write_bytes
 
@@ -52,7 +52,6 @@ COMFY_MARKER = "latent_format_version_0"
 COMFY_LEGACY_SCALE = 0.18215  # fixed in ComfyUI's LoadLatent, whatever the model
 LATENT_CHANNELS = 4
 TOKENS_PER_CHUNK = 77
-MAX_HEADER_BYTES = 1 << 20  # our files have a few keys; a bigger header is not one of ours
 
 
 @dataclass
@@ -147,15 +146,14 @@ def _read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     p = Path(path)
     _, data = read_input(p, "a latent or embedding file")
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if n <= 0 or n > MAX_HEADER_BYTES or n + 8 > len(data):
+    if n <= 0 or n + 8 > len(data) or data[8 : 8 + n].lstrip()[:1] != b"{":
         raise BadInputError(f"{p}: {'empty file' if not data else _sniff(data)}")
+    header = decode_header(p, data[8 : 8 + n], len(data) - 8 - n)  # checked entry by entry before any read
     try:
-        header = json.loads(data[8 : 8 + n])
         tensors = st_load(data)
-    except (ValueError, SafetensorError) as exc:
+    except (ValueError, SafetensorError) as exc:  # validated above: only a library stricter than us lands here
         raise BadInputError(f"{p}: broken safetensors file ({exc})") from exc
-    meta = (header.get("__metadata__") if isinstance(header, dict) else None) or {}
-    return tensors, meta
+    return tensors, header.get(METADATA_KEY, {})
 
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:

@@ -7,13 +7,16 @@ read-only folder, a full disk or a closed pipe become an OutputError naming the 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import stat
 import string
 import sys
 import tempfile
+import time
 import unicodedata
 from pathlib import Path
 
@@ -79,9 +82,123 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+# --- the target: only a regular file may be replaced --------------------------------------------------------
+
+NAME_MAX_BYTES = 255  # the longest file name ext4, XFS, btrfs, APFS and NTFS accept
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _not_regular(path: Path) -> str | None:
+    """What is at `path` when it is something other than a regular file (None: absent or a regular file).
+    A symbolic link counts as itself: renaming over it would replace the link, and `-o link-to-/dev/null` must
+    not be a way to reach a device."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot check the target ({exc.strerror or exc})") from None
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if not stat.S_ISLNK(st.st_mode):
+        return _kind(st.st_mode)
+    try:
+        points_to = os.stat(path).st_mode
+    except OSError:
+        return "a symbolic link that points nowhere"
+    return "a symbolic link to " + ("a regular file" if stat.S_ISREG(points_to) else _kind(points_to))
+
+
+def check_target(path: str | Path, overwrite: bool) -> None:
+    """Refuse an output target up front (before any work): a name too long for the file system, a folder, a
+    device, pipe, socket or link (never replaced, --overwrite or not), an existing file without --overwrite."""
+    if str(path) == STDOUT:
+        return
+    path = Path(path)
+    if len(path.name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        raise OutputError(f"{str(path)[:60]}...: the file name is {len(path.name.encode('utf-8', 'surrogateescape'))}"
+                          f" bytes; file systems allow at most {NAME_MAX_BYTES}")
+    other = _not_regular(path)
+    if other == "a folder":
+        raise OutputError(f"{path}: is a folder; give a file name (e.g. {path / '{index}.png'})")
+    if other is not None:
+        raise OutputError(f"{path}: is {other}; sdcli only ever replaces regular files")
+    if not overwrite and os.path.lexists(path):
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+
+
+# --- temp files ---------------------------------------------------------------------------------------------
+
+TEMP_MARK = "sdcli"
+# .NAME.sdcli-PID-RANDOM.tmp; NAME is cut so that the temp name fits in NAME_MAX_BYTES too
+_TEMP_RE = re.compile(r"^\..*\." + TEMP_MARK + r"-(\d+)-[A-Za-z0-9_]+\.tmp$", re.S)
+STALE_AFTER_S = 15 * 60  # a temp file lives for the milliseconds of one write; older ones were left by a kill
+DEAD_PID_GRACE_S = 60  # ... or its writer is gone (a grace period: another machine on a shared folder)
+_swept: set[str] = set()
+
+
+def _temp_prefix(name: str) -> str:
+    cut = name
+    while len(cut.encode("utf-8", "surrogateescape")) > 120:
+        cut = cut[:-1]
+    return f".{cut}.{TEMP_MARK}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's live process (or a number no process can have)
+    return True
+
+
+def _is_stale(entry: os.DirEntry, now: float) -> bool:
+    match = _TEMP_RE.match(entry.name)
+    if match is None:
+        return False
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    age = now - st.st_mtime
+    return age > STALE_AFTER_S or (age > DEAD_PID_GRACE_S and not _pid_alive(int(match.group(1))))
+
+
+def sweep_stale_temps(folder: Path) -> list[str]:
+    """Remove temp files of our own naming that a killed run (SIGKILL, power loss) left in `folder`; once per
+    folder and process. Best effort: a folder we cannot list or a file we cannot remove is left as it is."""
+    key = os.path.abspath(folder)
+    if key in _swept:
+        return []
+    _swept.add(key)
+    removed, now = [], time.time()
+    try:
+        with os.scandir(folder) as entries:
+            stale = [e.path for e in entries if _is_stale(e, now)]
+    except OSError:
+        return []
+    for tmp in stale:
+        try:
+            os.unlink(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def _write_temp(folder: Path, name: str, data: bytes) -> str:
     """Write `data` to a new temp file in `folder` (same file system, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -101,25 +218,63 @@ def _remove(tmp: str) -> None:
         pass
 
 
+# --- publishing ---------------------------------------------------------------------------------------------
+
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _publish_new(tmp: str, path: Path) -> None:
+    """Give the finished temp file the name `path`, failing if that name exists, whoever made it meanwhile: a
+    hard link cannot replace a name (two runs racing for one name: exactly one wins)."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+    # No hard links here (FAT, some network and FUSE file systems): reserve the name with O_EXCL, which also
+    # fails if it exists, then rename the finished file over our own empty reservation.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _file_mode())
+    except FileExistsError:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it") from None
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(str(path))
+        raise
+
+
+def _publish_replace(tmp: str, path: Path) -> None:
+    """--overwrite: rename over the target, checked again just before (it must still be absent or a regular file)."""
+    other = _not_regular(path)
+    if other is not None:
+        raise OutputError(f"{path}: is {other}; sdcli only ever replaces regular files")
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
-    """Write `data` to `path` atomically ('-' = stdout). Refuses an existing target unless overwrite."""
+    """Write `data` to `path` atomically ('-' = stdout). Refuses an existing target unless overwrite, and
+    anything but a regular file always."""
     if str(path) == STDOUT:
         return _write_stdout(data)
     path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path}: already exists (pass --overwrite to replace it)")
+    check_target(path, overwrite)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(path.parent)
         tmp = _write_temp(path.parent, path.name, data)
-        os.replace(tmp, path)
+        (_publish_replace if overwrite else _publish_new)(tmp, path)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
-        # On success the temp file was renamed away; on any exception (Ctrl-C included) it must not stay.
-        if tmp is not None and os.path.exists(tmp):
+        # On success the name was moved or linked to the target; on any exception (a signal included) the temp
+        # file must not stay.
+        if tmp is not None and os.path.lexists(tmp):
             _remove(tmp)
     return path
 

@@ -125,7 +125,7 @@ def test_load_rejects_an_embedding_as_latent(tmp_path):
 
 @pytest.mark.parametrize("content,what", [
     (b"", "empty"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 32, "PNG"), (b"version https://git-lfs.github.com/spec/v1\n", "git-LFS"),
-    (b"<!DOCTYPE html><html></html>", "HTML"), (struct.pack("<Q", 10) + b"{not json}", "broken"),
+    (b"<!DOCTYPE html><html></html>", "HTML"), (struct.pack("<Q", 10) + b"{not json}", "not JSON"),
     (struct.pack("<Q", 1 << 40) + b"{}", "not a safetensors"),
 ])
 def test_load_rejects_non_safetensors(tmp_path, content, what):

@@ -45,7 +45,7 @@ def test_bad_templates(template):
 def test_save_png_refuses_overwrite(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"keep me")
-    with pytest.raises(OutputError, match="already exists"):
+    with pytest.raises(OutputError, match="exists"):
         save_png(_img(), target, "x", {})
     assert target.read_bytes() == b"keep me"
     save_png(_img(), target, "x", {}, overwrite=True)
@@ -83,24 +83,30 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, exc):
     assert _leftovers(tmp_path) == []
 
 
-def test_interrupt_at_rename_leaves_nothing(tmp_path, monkeypatch):
-    def replace(src, dst):
+# A new name is published with os.link (fails if the name exists); --overwrite renames over the old file.
+PUBLISH = [("link", False), ("replace", True)]
+
+
+@pytest.mark.parametrize("primitive, overwrite", PUBLISH)
+def test_interrupt_at_rename_leaves_nothing(tmp_path, monkeypatch, primitive, overwrite):
+    def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs.os, "replace", replace)
+    monkeypatch.setattr(outputs.os, primitive, interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_png(_img(), tmp_path / "d.png", "x", {})
+        save_png(_img(), tmp_path / "d.png", "x", {}, overwrite=overwrite)
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("primitive, overwrite", PUBLISH)
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
-def test_disk_errors_become_output_error(tmp_path, monkeypatch, code):
-    def replace(src, dst):
+def test_disk_errors_become_output_error(tmp_path, monkeypatch, code, primitive, overwrite):
+    def failing(src, dst):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(outputs.os, "replace", replace)
+    monkeypatch.setattr(outputs.os, primitive, failing)
     with pytest.raises(OutputError, match="e.png") as info:
-        save_png(_img(), tmp_path / "e.png", "x", {})
+        save_png(_img(), tmp_path / "e.png", "x", {}, overwrite=overwrite)
     assert os.strerror(code) in str(info.value)
     assert _leftovers(tmp_path) == []
 

@@ -30,14 +30,14 @@ def test_existing_target_is_refused_before_any_work(tiny_sd1, tmp_path, monkeypa
 
 def test_output_is_written_to_a_temp_file_in_the_target_folder_then_renamed(tiny_sd1, tmp_path, monkeypatch):
     renames = []
-    real = os.replace
+    real = os.link  # a new name is published with a hard link (it cannot replace a name), then the temp unlinked
 
     def spy(src, dst):
         if os.fspath(dst).endswith(".png"):  # os is shared: other renames (e.g. the hash cache) are not outputs
             renames.append((os.fspath(src), os.fspath(dst)))
         return real(src, dst)
 
-    monkeypatch.setattr(sdcli.outputs.os, "replace", spy)
+    monkeypatch.setattr(sdcli.outputs.os, "link", spy)
     result = cli(*render_args(tiny_sd1, "-o", "sub/out.png"))
     assert result.exit_code == 0, result.output
     [(src, dst)] = renames

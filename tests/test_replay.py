@@ -115,3 +115,87 @@ def test_verify_and_replay_keep_hires_and_seamless(cli, tmp_path):
     assert report["passed"] and report["identical"]
     cli("generate", "--from-image", str(tmp_path / "h.png"), "-o", "h2.png")
     assert (tmp_path / "h2.png").read_bytes() == (tmp_path / "h.png").read_bytes()
+
+
+@pytest.fixture
+def cpu_kind(monkeypatch):
+    """Run as if the CPU had (True) or lacked (False) native bf16, whatever this machine is."""
+    from sdcli import device
+
+    def pretend(native: bool):
+        monkeypatch.setenv(device.FORCE_BF16_ENV, "1" if native else "0")
+        device.cpu_has_native_bf16.cache_clear()
+
+    yield pretend
+    device.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_replay_keeps_an_explicit_fp32_dtype_on_any_cpu(cli, original, tmp_path, cpu_kind, native):
+    cpu_kind(native)  # auto would pick bf16 on a native-bf16 CPU: the image's fp32 must win over it
+    result = cli("generate", "--from-image", str(original), "-o", "b.png")
+    assert (tmp_path / "b.png").read_bytes() == original.read_bytes()
+    assert "replaying in" not in result.stderr
+
+
+def test_replay_keeps_bf16_where_it_runs_well(cli, tmp_path, cpu_kind):
+    cpu_kind(True)
+    cli("generate", "a red fox", *SETTINGS, "--seed", "3", "--dtype", "bf16", "-o", "a.png")
+    cli("generate", "--from-image", "a.png", "-o", "b.png")
+    assert _meta(tmp_path / "b.png")["dtype"] == "bf16"
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+
+
+def test_replay_of_bf16_on_an_fp32_only_cpu_says_so(cli, tmp_path, cpu_kind):
+    cpu_kind(True)
+    cli("generate", "a red fox", *SETTINGS, "--seed", "3", "--dtype", "bf16", "-o", "a.png")
+    cpu_kind(False)
+    result = cli("generate", "--from-image", "a.png", "-o", "b.png")
+    assert _meta(tmp_path / "b.png")["dtype"] == "fp32"
+    note = [line for line in result.stderr.splitlines() if "replaying in" in line]
+    assert len(note) == 1 and "bf16" in note[0] and "fp32" in note[0]
+
+
+def test_dtype_flag_beats_the_replayed_dtype(cli, original, tmp_path, cpu_kind):
+    cpu_kind(True)
+    cli("generate", "--from-image", str(original), "--dtype", "bf16", "-o", "c.png")
+    assert _meta(tmp_path / "c.png")["dtype"] == "bf16"
+
+
+def test_print_config_shows_the_replayed_dtype(cli, original, cpu_kind):
+    cpu_kind(True)
+    result = cli("generate", "--from-image", str(original), "--print-config", "--json", with_model=False)
+    assert json.loads(result.stdout)["dtype"] == "fp32"
+
+
+def test_thread_count_moves_pixels_by_at_most_one_level(cli, tmp_path):
+    """The one thread-count dependence found: oneDNN's fp32 1x1 convolutions. Bounded, and verify passes."""
+    import numpy as np
+    import torch
+
+    try:
+        for threads, name in ((1, "one.png"), (2, "two.png")):
+            torch.set_num_threads(threads)
+            cli("generate", "a red fox", *SETTINGS[:2], "-W", "128", "-H", "128", "--seed", "4", "--dtype", "fp32",
+                "-o", name)
+        one, two = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("one.png", "two.png"))
+        assert np.abs(one - two).max() <= 1
+        cli("verify", "one.png")  # rendered again with 2 threads here
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_no_home_directory_and_unwritable_cache(cli, tmp_path, monkeypatch):
+    """A container user with no HOME and no passwd entry, and a cache path that cannot be created."""
+    from pathlib import Path
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))  # mkdir fails: NotADirectory
+    cli("generate", "a red fox", *SETTINGS, "--seed", "2", "--dtype", "fp32", "-o", "h.png")
+    assert (tmp_path / "h.png").is_file()

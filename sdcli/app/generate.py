@@ -38,6 +38,8 @@ def run_generate(req: GenerateRequest) -> None:
         req = _with_cond_prompt(req)
     replay = _replay(req) if req.from_image else None
     base = cfgmod.resolve(req.flags, req.config_file, replay.values if replay else None)
+    if replay is not None and "dtype" not in req.flags:  # a --dtype flag still wins over the image's
+        base = _replayed_dtype(base, replay)
     if req.print_config:
         return console.emit_json(base.to_dict()) if req.json_out else print(cfgmod.to_yaml(base), end="")
     if replay is not None and req.prompt is None and not req.prompts_file:
@@ -74,6 +76,16 @@ def _replay(req: GenerateRequest):
     if replay.mode != "txt2img":
         console.info(f"{req.from_image}: made by {replay.mode}; replaying its settings as text-to-image")
     return replay
+
+
+def _replayed_dtype(cfg, replay):
+    """The image's dtype when it runs well on the device at hand, else `auto`'s pick, said on stderr."""
+    from .. import device
+
+    dtype, note = device.replay_dtype(replay.recorded.get("dtype"), device.choose(cfg.device, "fp32").device)
+    if note:
+        console.info(note)
+    return cfg if dtype == "auto" else dataclasses.replace(cfg, dtype=dtype)
 
 
 def _with_cond_prompt(req: GenerateRequest) -> GenerateRequest:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import console
 from ..config import RunConfig
-from ..errors import BadInputError, OutputError, UsageError
+from ..errors import BadInputError, UsageError
 from ..jobs import Job
 from . import save
 from .progress import Progress
@@ -83,7 +83,7 @@ def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
 
 
 def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
-    from ..outputs import STDOUT
+    from ..outputs import STDOUT, check_target
 
     if str(t.path) == STDOUT:
         if total > 1:
@@ -92,8 +92,7 @@ def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
     if t.path in seen:
         raise UsageError(f"two images would be written to {t.path}: add {{index}} or {{seed}} to the -o template")
     seen.add(t.path)
-    if t.path.exists() and not overwrite:
-        raise OutputError(f"{t.path} exists; pass --overwrite to replace it")
+    check_target(t.path, overwrite)
 
 
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .. import __version__, console
 from ..config import RunConfig
-from ..errors import OutputError
 
 
 def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> None:
@@ -117,8 +116,9 @@ def model_hash(models) -> str | None:
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    if str(path) != "-" and path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    from ..outputs import check_target
+
+    check_target(path, overwrite)
 
 
 def report(req, obj: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -30,26 +31,42 @@ def file_sha256(path: str | Path) -> str:
     return _SHA_CACHE[key]
 
 
-def _hash_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sdcli" / "sha256.json"
+def _hash_cache_path() -> Path | None:
+    from sdcli.config import xdg_path
+
+    return xdg_path("XDG_CACHE_HOME", ".cache", "sdcli", "sha256.json")  # None: no home, so no cache
 
 
 def _cache_key(key: tuple[str, int, int]) -> str:
     return f"{key[0]}|{key[1]}|{key[2]}"
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_CACHE_KEY = re.compile(r".+\|[0-9]+\|-?[0-9]+")
+_MAX_HASH_CACHE = 16 << 20  # bytes; ~100k entries
+
+
 def _read_hash_cache() -> dict[str, str]:
+    """The well-formed entries of the disk cache: anything else (not a regular file, too big, not JSON, a value
+    that is not 64 lowercase hex digits) is dropped, so a damaged cache is rebuilt, never believed."""
+    path = _hash_cache_path()
     try:
-        data = json.loads(_hash_cache_path().read_text())
-    except (OSError, ValueError):
+        if path is None or not path.is_file() or path.stat().st_size > _MAX_HASH_CACHE:  # a FIFO would block the read
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}  # no cache yet, or a damaged one: hashing again is always correct
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and _SHA256_HEX.fullmatch(v)
+            and _CACHE_KEY.fullmatch(k)}  # fmt: skip
 
 
 def _write_hash_cache(data: dict[str, str]) -> None:
     """Best effort, atomic: a read-only home or a full disk only costs the next run a re-hash."""
     path = _hash_cache_path()
+    if path is None:
+        return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,13 @@ File knowledge only: nothing here knows what a model family is.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from sdcli.errors import BadInputError
+from sdcli.formats.safetensors_header import decode_header
 
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -57,28 +55,7 @@ def read_header(path: str | Path) -> dict:
         sniffed = "the file is too short to be safetensors (truncated)"
     if sniffed:
         raise BadInputError(f"{path}: not a valid safetensors file: {sniffed}")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{path}: not a valid safetensors file: header is not JSON ({e})") from e
-    _check_offsets(path, header, size - 8 - n)
-    return header
-
-
-def _check_offsets(path: Path, header: Any, data_size: int) -> None:
-    if not isinstance(header, dict):
-        raise BadInputError(f"{path}: not a valid safetensors file: header is not a JSON object")
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = entry["data_offsets"]
-            entry["dtype"], list(entry["shape"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise BadInputError(f"{path}: not a valid safetensors file: bad entry for tensor {name!r}") from e
-        if end > data_size or start > end:
-            raise BadInputError(f"{path}: truncated: tensor {name!r} ends past the end of the file")
-
+    return decode_header(path, raw, size - 8 - n)  # every entry checked as the safetensors library does
 
 
 def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
