@@ -246,10 +246,13 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict
     return RunConfig(**values)
 
 
-def origin(key: str, flags: dict[str, Any], config_file: Path | None = None) -> str:
-    """Where the resolved value of `key` came from, for messages: "option --key", "FILE: 'key'" or "default"."""
+def origin(key: str, flags: dict[str, Any], config_file: Path | None = None, replay: Any = None) -> str:
+    """Where the resolved value of `key` came from, for messages: "option --key", "FILE: 'key'" or "default".
+    `replay` (a replay.Replay) is the image whose metadata set the values it holds."""
     if flags.get(key) is not None:
         return "option --" + key.replace("_", "-")
+    if replay is not None and key in replay.values:
+        return f"{replay.path} (metadata): '{key}'"
     for path in (config_file, user_config_path()):
         if path is not None and Path(path).is_file() and key in read_yaml(Path(path)):
             return f"{path}: '{key}'"

@@ -30,6 +30,7 @@ class Replay:
     source: str  # "sdcli", "a1111", "sd.cpp" or "comfyui"
     mode: str = "txt2img"
     recorded: dict[str, Any] = field(default_factory=dict)  # sdcli's whole JSON metadata, when there is one
+    path: str = ""  # the image, for messages
 
 
 def from_image(path: str | Path) -> Replay:
@@ -61,7 +62,7 @@ def from_image(path: str | Path) -> Replay:
     steps = values.get("steps") if isinstance(values.get("steps"), int) else 20
     check_prompt(prompt, where, steps)
     check_prompt(values.get("negative") if isinstance(values.get("negative"), str) else "", where, steps, tags=False)
-    return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours)
+    return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, str(path))
 
 
 _MODES = ("txt2img", "img2img", "inpaint", "decode")

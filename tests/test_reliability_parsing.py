@@ -57,6 +57,12 @@ def test_sampler_help_in_a_prompts_file_or_config_names_the_line_or_key(tmp_path
     assert_clean_error(cli("generate", "x", "-c", "c.yaml", "--dry-run"), 3, "c.yaml", "'sampler'")
 
 
+def test_unknown_sampler_in_an_image_is_bad_input_naming_the_image(tmp_path):
+    png = _a1111(tmp_path, PAIRS.replace("Euler", "Warp Drive"))
+    assert_clean_error(_replay(png), 3, "in.png (metadata): 'sampler'", "Warp Drive")
+    assert_clean_error(_replay(png, "--sampler", "nope"), 2, "option --sampler")  # the flag wins, and is blamed
+
+
 def test_sampler_help_on_the_command_line_still_lists_them():
     result = cli("generate", "x", "--sampler", "help")
     assert result.exit_code == 0 and "euler" in result.stdout.lower()
@@ -302,3 +308,52 @@ def test_closed_stdin_and_stdout_are_one_line_errors(tmp_path):
         assert proc.returncode == 7, (args, err)
         assert err.strip().splitlines() == ["error: stdout is closed: nowhere to write the output "
                                             "(redirect it, or drop -o - / --json)"], (args, err)
+
+
+# ---------------------------------------------------------------- a small metadata fuzzer (fixed seed, bounded)
+
+_VALUES = ["help", "inf", "-inf", "nan", "1e400", "-1", "0", "7.5", "", " ", "x" * 300, "9" * 400, "\u00e9\u732b",
+           '"quoted, value"', "1,2", "null", "[1]", "{}", "DPM++ 2M Karras", "euler_a karras"]
+_LABELS = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Denoising strength",
+           "Clip skip", "RNG", "Version", "Hires upscale"]
+_JSON_VALUES = [None, True, 0, -1, 1.5, 1e308, "x", "help", [], [1, "a"], {}, {"a": [None]}, 2**70]
+
+
+def _fuzz_chunks(rng) -> dict[str, str]:
+    kind = rng.choice(["a1111", "sdcli", "comfy", "workflow"])
+    if kind == "a1111":
+        pairs = ", ".join(f"{rng.choice(_LABELS)}: {rng.choice(_VALUES)}" for _ in range(rng.randrange(3, 9)))
+        return {"parameters": f"{rng.choice(_VALUES)}\nNegative prompt: {rng.choice(_VALUES)}\n{pairs}"}
+    if kind == "sdcli":
+        keys = ["prompt", "mode", "config", "loras", "model", "dtype", "seed"]
+        record = {k: rng.choice(_JSON_VALUES) for k in rng.sample(keys, rng.randrange(1, len(keys)))}
+        if rng.random() < 0.5:
+            record["config"] = {k: rng.choice(_JSON_VALUES) for k in rng.sample(
+                ["steps", "seed", "sampler", "cfg", "width", "negative", "bogus"], 3)}
+        return {"sdcli": json.dumps(record)}
+    if kind == "comfy":
+        ids = [str(i) for i in range(6)]
+        graph = {i: rng.choice([_ksampler(positive=[rng.choice(ids), 0], model=[rng.choice(ids), 0]),
+                                {"inputs": {"conditioning": [rng.choice(ids), 0], "text": rng.choice(_JSON_VALUES)}},
+                                rng.choice(_JSON_VALUES)]) for i in ids}
+        return {"prompt": json.dumps(graph)}
+    nodes = [rng.choice([{"type": "KSampler", "widgets_values": [rng.choice(_JSON_VALUES) for _ in range(7)]},
+                         {"type": "CLIPTextEncode", "widgets_values": rng.choice(_JSON_VALUES)},
+                         rng.choice(_JSON_VALUES)]) for _ in range(4)]
+    return {"workflow": json.dumps({"nodes": nodes})}
+
+
+def test_png_metadata_fuzz_never_crashes(tmp_path):
+    """150 random metadata blocks (seed 12): inspect always succeeds; a replay succeeds or is one exit-3 line."""
+    import random
+
+    rng = random.Random(12)
+    outcomes = set()
+    for i in range(150):
+        png = _png(tmp_path / f"f{i}.png", _fuzz_chunks(rng))
+        assert cli("inspect", png, "--json").exit_code == 0
+        result = _replay(png)
+        if result.exit_code != 0:
+            assert_clean_error(result, 3, f"f{i}.png")
+        outcomes.add(result.exit_code)
+    assert outcomes == {0, 3}
