@@ -171,14 +171,24 @@ def _prompt_report(prompt: str) -> dict[str, Any]:
     from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
+    from .prompt_schedule import prompt_schedule
+
     text, loras = split_extra_networks(prompt)  # what the text encoder sees, and the LoRAs the tags name
-    report = {"kind": "prompt", **describe_prompt(text, get_tokenizer(), 49407)}
+    schedule = prompt_schedule(text, SCHEDULE_STEPS)  # [from:to:when] edits: tokens of the last text, as --dry-run
+    report = {"kind": "prompt", **describe_prompt(schedule[-1][1], get_tokenizer(), 49407), "text": text}
+    if len(schedule) > 1:
+        report["prompt_schedule"] = [{"until_step": end, "text": t} for end, t in schedule]
     return {**report, "loras": [{"name": t.name, "weight": t.weight} for t in loras]}
+
+
+SCHEDULE_STEPS = 20  # inspect has no --steps: a prompt's edits are shown for the default 20
 
 
 def _print_prompt(report: dict[str, Any]) -> None:
     """One line per 75-token chunk: the tokens, with a weight after each one that is not 1."""
     typer.echo(f"prompt: {report['text']}")
+    for entry in report.get("prompt_schedule", []):
+        typer.echo(f"until step {entry['until_step']} of {SCHEDULE_STEPS}: {entry['text']}")
     typer.echo(f"tokens: {report['n_tokens']} in {report['n_chunks']} chunk(s) of 75")
     for number, chunk in enumerate(report["chunks"], start=1):
         # weights[0] belongs to the start token; the chunk's tokens follow it.

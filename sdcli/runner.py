@@ -119,7 +119,7 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
-    _check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    _check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
@@ -770,6 +770,7 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     cfg = cfgmod.resolve(flags, config_file, replay.values)
+    _check_samplers([single_job(replay.prompt, cfg)], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
     specs = _lora_specs(loras or [], replay.prompt, cfg.lora_dir)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
