@@ -368,7 +368,8 @@ def base_size_values(original_hw: Sequence[int], crop_top_left: Sequence[int],
     return (*map(float, original_hw), *map(float, crop_top_left), *map(float, target_hw))
 
 
-def refiner_size_values(original_hw: Sequence[int], crop_top_left: Sequence[int], aesthetic: float) -> tuple[float, ...]:
+def refiner_size_values(original_hw: Sequence[int], crop_top_left: Sequence[int],
+                        aesthetic: float) -> tuple[float, ...]:  # fmt: skip
     """The refiner's five: the aesthetic score replaces the target size."""
     return (*map(float, original_hw), *map(float, crop_top_left), float(aesthetic))
 
