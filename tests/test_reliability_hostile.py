@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,88 @@ def test_crafted_embedding_is_refused(tiny_sd1, tmp_path):
     args = ["generate", "--cond", path, "--model", tiny_sd1, "--steps", "1", "-W", "64", "-H", "64", "--dtype", "fp32",
             "-o", "out.png"]
     assert_clean_error(cli(*args), 3, "e.safetensors", "tensor 'cond'")
+
+
+# ---------------------------------------------------------------- PNG bombs on the metadata path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def make_png(width: int, height: int, idat: bytes, before: bytes = b"", after: bytes = b"") -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + before + png_chunk(b"IDAT", idat) + after
+            + png_chunk(b"IEND", b""))  # fmt: skip
+
+
+INFOTEXT = b"parameters\0a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64"
+SMALL_IDAT = zlib.compress(b"\0" * (64 * 3 + 1) * 64)
+
+
+def _zlib_bomb(size: int) -> bytes:
+    packer = zlib.compressobj(9)
+    return b"".join(packer.compress(bytes(1 << 20)) for _ in range(size >> 20)) + packer.flush()
+
+
+def test_pixel_bombs_are_not_decoded_to_read_metadata(tmp_path, monkeypatch):
+    """A declared size past PIL's bomb limit (PIL raised DecompressionBombError: exit 1), and a 6000x6000 image
+    whose IDAT is a zlib bomb after which the text comes (PIL decoded all 108 MB of pixels to find it):
+    the metadata is read from the chunks alone, never through PIL's pixel decoder."""
+    import time
+
+    from PIL import ImageFile
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded to read metadata")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    rows = 6000 * 3 + 1
+    bombs = {"dims.png": make_png(30000, 30000, SMALL_IDAT, before=png_chunk(b"tEXt", INFOTEXT)),
+             "pixels.png": make_png(6000, 6000, _zlib_bomb(rows * 6000 // (1 << 20) << 20),
+                                    after=png_chunk(b"tEXt", INFOTEXT))}  # fmt: skip
+    for name, data in bombs.items():
+        (tmp_path / name).write_bytes(data)
+        start = time.perf_counter()
+        result = cli("inspect", name, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["parameters"]["seed"] == 5
+        replay = cli("generate", "--from-image", name, "--dry-run")
+        assert replay.exit_code == 0, replay.output
+        assert json.loads(replay.stdout.splitlines()[0])["config"]["seed"] == 5
+        assert time.perf_counter() - start < 5
+
+
+TEXT_BOMBS = {
+    "ztxt": (png_chunk(b"zTXt", b"parameters\0\0" + _zlib_bomb(64 << 20)), "expands past 1 MB"),
+    "itxt": (png_chunk(b"iTXt", b"sdcli\0\1\0\0\0" + _zlib_bomb(64 << 20)), "expands past 1 MB"),
+    "many": (b"".join(png_chunk(b"tEXt", b"k%d\0" % i + bytes(1 << 20)) for i in range(70)), "64 MB of PNG text"),
+    "bad zlib": (png_chunk(b"zTXt", b"parameters\0\0" + b"not zlib"), "not valid zlib"),
+    "bad crc": (png_chunk(b"tEXt", INFOTEXT)[:-4] + b"\0\0\0\0", "bad CRC"),
+    "huge length": (struct.pack(">I", 0xFFFFFFF0) + b"tEXt", "claims"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_BOMBS))
+def test_text_chunk_bombs_are_one_clear_error(tmp_path, kind):
+    chunk, what = TEXT_BOMBS[kind]
+    (tmp_path / "b.png").write_bytes(make_png(64, 64, SMALL_IDAT, before=chunk))
+    assert_clean_error(cli("inspect", "b.png"), 3, "b.png", what)
+    assert_clean_error(cli("generate", "--from-image", "b.png", "--dry-run"), 3, "b.png", what)
+
+
+def test_truncated_png_and_odd_text_chunks(tmp_path):
+    data = make_png(64, 64, SMALL_IDAT, after=png_chunk(b"tEXt", INFOTEXT))
+    (tmp_path / "cut.png").write_bytes(data[:-30])  # inside the text chunk
+    assert_clean_error(cli("inspect", "cut.png"), 3, "cut.png", "truncated PNG")
+    # cut inside the image data: the pixels are not needed to read text written before them
+    data = make_png(64, 64, SMALL_IDAT, before=png_chunk(b"tEXt", INFOTEXT))
+    (tmp_path / "cut2.png").write_bytes(data[:-20])
+    assert json.loads(cli("inspect", "cut2.png", "--json").stdout)["parameters"]["seed"] == 5
+    # An iTXt that is not UTF-8 and a zTXt of an unknown method are skipped (as PIL does); the rest is read.
+    odd = png_chunk(b"iTXt", b"sdcli\0\0\0\0\0\xff\xfe") + png_chunk(b"zTXt", b"x\0\7abc")
+    (tmp_path / "odd.png").write_bytes(make_png(64, 64, SMALL_IDAT, before=odd + png_chunk(b"tEXt", INFOTEXT)))
+    result = cli("inspect", "odd.png", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["parameters"]["seed"] == 5 and set(report["raw"]) == {"parameters"}
