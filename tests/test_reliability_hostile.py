@@ -312,3 +312,94 @@ def test_truncated_png_and_odd_text_chunks(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["parameters"]["seed"] == 5 and set(report["raw"]) == {"parameters"}
+
+
+# ---------------------------------------------------------------- LoRA, latent and model mix-ups (issue 12, item 10)
+
+LORA_KEY = "lora_unet_down_blocks_0_attentions_0_proj_in"
+LORAS = {
+    "rank0": ({".lora_down.weight": torch.zeros(0, 32), ".lora_up.weight": torch.zeros(32, 0)}, "rank-0"),
+    "alpha_shape": ({".lora_down.weight": torch.zeros(4, 32), ".lora_up.weight": torch.zeros(32, 4),
+                     ".alpha": torch.ones(3)}, "alpha has shape [3]"),
+    "zero_d": ({".lora_down.weight": torch.tensor(1.0), ".lora_up.weight": torch.tensor(1.0)}, "not 2-d or 4-d"),
+    "misfit": ({".lora_down.weight": torch.zeros(4, 32), ".lora_up.weight": torch.zeros(32, 3)}, "does not fit"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(LORAS))
+def test_malformed_lora_is_refused_before_the_model_loads(tiny_sd1, tmp_path, kind):
+    parts, what = LORAS[kind]
+    from safetensors.torch import save_file
+
+    save_file({LORA_KEY + suffix: t for suffix, t in parts.items()}, str(tmp_path / "l.safetensors"))
+    result = cli(*render_args(tiny_sd1, "--lora", "l.safetensors", "-o", "out.png"))
+    assert_clean_error(result, 3, "l.safetensors", LORA_KEY, what)
+    assert "loading" not in result.stderr
+    prompt_tag = cli("generate", "a cat <lora:l:0.5>", *render_args(tiny_sd1, "--lora-dir", tmp_path)[2:])
+    assert_clean_error(prompt_tag, 3, "l.safetensors", what)
+
+
+def test_full_checkpoint_given_as_lora(tiny_sd1, tmp_path):
+    result = cli(*render_args(tiny_sd1, "--lora", tiny_sd1, "-o", "out.png"))
+    assert_clean_error(result, 3, tiny_sd1.name, "not a LoRA but model weights", "--model")
+
+
+def test_lora_given_as_vae_names_the_file(tiny_sd1, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({LORA_KEY + ".lora_down.weight": torch.zeros(4, 32), LORA_KEY + ".lora_up.weight": torch.zeros(32, 4)},
+              str(tmp_path / "l.safetensors"))
+    assert_clean_error(cli(*render_args(tiny_sd1, "--vae", "l.safetensors", "-o", "out.png")), 3, "l.safetensors",
+                       "a LoRA, not a VAE", "--lora")
+    save_file({"something.else": torch.zeros(4)}, str(tmp_path / "v.safetensors"))
+    assert_clean_error(cli(*render_args(tiny_sd1, "--vae", "v.safetensors", "-o", "out.png")), 3, "v.safetensors",
+                       "cannot read the VAE")
+
+
+def test_sdxl_detection_names_the_file(tiny_sd1, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny_sd1)
+    state["conditioner.embedders.1.model.ln_final.weight"] = torch.zeros(4)
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    assert_clean_error(cli(*render_args(tmp_path / "xl.safetensors", "-o", "out.png")), 8, "xl.safetensors", "SDXL")
+    assert_clean_error(cli("inspect", "xl.safetensors"), 8, "xl.safetensors", "SDXL")
+
+
+def test_empty_latent_is_refused(tiny_sd1, tmp_path):
+    from safetensors.torch import save_file
+
+    for name, shape in [("h0.safetensors", (1, 4, 0, 8)), ("n0.safetensors", (0, 4, 8, 8)), ("w0.latent", (1, 4, 8, 0))]:
+        key = "latent_tensor" if name.endswith(".latent") else "latent"
+        save_file({key: torch.zeros(shape)}, str(tmp_path / name))
+        assert_clean_error(cli(*render_args(tiny_sd1, "--latent-in", name, "-o", "out.png")), 3, name, "empty")
+        assert_clean_error(cli("inspect", name), 3, name, "empty")
+        assert_clean_error(cli("decode", name, "--model", tiny_sd1, "-o", "o.png"), 3, name, "empty")
+
+
+def test_several_latents_need_batches_of_that_size(tiny_sd1, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"latent": torch.randn(3, 4, 8, 8)}, str(tmp_path / "three.safetensors"))
+    for flags in (["-n", "1"], ["-n", "3"], ["-n", "3", "-b", "2"], ["-n", "4", "-b", "3"]):
+        result = cli(*render_args(tiny_sd1, "--latent-in", "three.safetensors", "-o", "o{index}.png", *flags))
+        assert_clean_error(result, 2, "three.safetensors", "holds 3 latents", "--batch-size 3")
+        assert "loading" not in result.stderr
+    result = cli(*render_args(tiny_sd1, "--latent-in", "three.safetensors", "-o", "o{index}.png", "-n", "3", "-b", "3"))
+    assert result.exit_code == 0, result.output
+    assert files_in(tmp_path) == ["o0.png", "o1.png", "o2.png", "three.safetensors"]
+
+
+def test_latent_with_a_large_metadata_block_is_read(tiny_sd1, tmp_path):
+    """ComfyUI's SaveLatent stores the whole workflow in the latent's metadata: a few MB is still a latent file
+    (it was refused as "not a safetensors file" past 1 MB)."""
+    from safetensors.torch import save_file
+
+    save_file({"latent_tensor": torch.randn(1, 4, 8, 8), "latent_format_version_0": torch.tensor([])},
+              str(tmp_path / "big.latent"), metadata={"workflow": json.dumps({"nodes": ["x" * 100] * 30_000})})
+    assert (tmp_path / "big.latent").stat().st_size > 3_000_000
+    report = cli("inspect", "big.latent", "--json")
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["shape"] == [1, 4, 8, 8]
+    result = cli(*render_args(tiny_sd1, "--latent-in", "big.latent", "-o", "out.png"))
+    assert result.exit_code == 0, result.output
