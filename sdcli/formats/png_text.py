@@ -67,7 +67,7 @@ def _next_chunk(path: Path, f) -> tuple[bytes, bytes | None]:
         raise BadInputError(f"{path}: truncated PNG (a chunk header is cut off)")
     length, kind = struct.unpack(">I4s", head)
     if length > 0x7FFFFFFF:  # the specification's limit
-        raise BadInputError(f"{path}: broken PNG (chunk {kind!r} claims {length} bytes)")
+        raise BadInputError(f"{path}: broken PNG (chunk {kind.decode('latin-1')!r} claims {length} bytes)")
     if kind not in TEXT_TYPES and kind != b"eXIf":
         f.seek(length + 4, 1)  # data and CRC, never read
         return kind, None
@@ -78,7 +78,7 @@ def _next_chunk(path: Path, f) -> tuple[bytes, bytes | None]:
     if len(data) < length or len(crc) < 4:
         raise BadInputError(f"{path}: truncated PNG (the {kind.decode('latin-1')} chunk is cut off)")
     if zlib.crc32(kind + data) != struct.unpack(">I", crc)[0]:
-        raise BadInputError(f"{path}: broken PNG (bad CRC in a {kind.decode('latin-1')} chunk)")
+        raise BadInputError(f"{path}: broken PNG (bad CRC in the {kind.decode('latin-1')} chunk)")
     return kind, data
 
 
