@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from .errors import BadInputError, UsageError
+from .errors import BadInputError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
          "conditioner.": "text_encoder"}
@@ -98,7 +98,10 @@ def _stats(t) -> dict[str, float]:
 def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
     from . import checkpoint
 
-    info = checkpoint.detect(path)
+    try:
+        info = checkpoint.detect(path)
+    except (BadInputError, UnsupportedModelError) as e:  # detection of a header alone does not name the file
+        raise e if str(path) in str(e) else type(e)(f"{path}: {e}") from None
     report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "family": info.family,
                               "prediction": info.prediction, "inpaint": info.inpaint}
     if path.is_file() and path.suffix != ".ckpt":

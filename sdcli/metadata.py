@@ -23,6 +23,7 @@ from typing import Any
 
 from sdcli import __version__
 from sdcli.errors import BadInputError
+from sdcli.formats.png_text import is_png, read_png_text
 
 SDCLI_JSON_KEY = "sdcli"
 PARAMETERS_KEY = "parameters"
@@ -315,10 +316,11 @@ def _summarize_comfy_workflow(workflow: dict) -> dict:
 # --- reading files -------------------------------------------------------------------------------------------
 
 
-def _exif_user_comment(img) -> str | None:
-    """A1111 JPEG/WebP: EXIF UserComment (0x9286 in the Exif IFD), 8-byte charset prefix then the text."""
+def _exif_user_comment(exif_of) -> str | None:
+    """A1111 JPEG/WebP: EXIF UserComment (0x9286 in the Exif IFD), 8-byte charset prefix then the text.
+    `exif_of()` gives PIL's Exif object; it is called inside the guard, so a malformed block is skipped."""
     try:
-        raw = img.getexif().get_ifd(0x8769).get(0x9286)
+        raw = exif_of().get_ifd(0x8769).get(0x9286)
     except Exception:  # a malformed EXIF block is not worth failing an inspect over
         return None
     if isinstance(raw, str):
@@ -342,19 +344,38 @@ def _text_chunks(path: Path) -> dict[str, str]:
     if path.is_dir():
         raise BadInputError(f"{path}: is a directory, not an image")
     try:
-        with Image.open(path) as img:
-            texts = dict(getattr(img, "text", None) or {})  # PNG: .text also reads chunks after IDAT
-            for key, value in img.info.items():
-                if isinstance(value, str):
-                    texts.setdefault(key, value)
-            comment = _exif_user_comment(img)
+        if _png_head(path):  # PIL's .text and getexif() decode every pixel first: a bomb on the metadata path
+            texts, exif_block = read_png_text(path)
+            comment = _exif_user_comment(lambda: _exif_from(exif_block)) if exif_block else None
+        else:
+            with Image.open(path) as img:
+                texts = {key: value for key, value in img.info.items() if isinstance(value, str)}
+                comment = _exif_user_comment(img.getexif)
     except UnidentifiedImageError as exc:
         raise BadInputError(f"{path}: not an image file") from exc
+    except Image.DecompressionBombError as exc:  # raised by Image.open for a huge declared size
+        raise BadInputError(f"{path}: over the pixel limit (a decompression bomb?)") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadInputError(f"{path}: cannot read image metadata ({exc})") from exc
     if comment and PARAMETERS_KEY not in texts:
         texts[PARAMETERS_KEY] = comment
     return texts
+
+
+def _exif_from(block: bytes):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(block)
+    return exif
+
+
+def _png_head(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return is_png(f.read(8))
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
 def _load_json(text: str | None) -> Any:

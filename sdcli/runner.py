@@ -126,9 +126,10 @@ def run_generate(req: GenerateRequest) -> None:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
     loras = _job_loras(jobs, req.loras)
+    init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     models = _load(base)
     _check_inpaint_model(models, base, None)  # text-to-image has no image and mask for a 9-channel UNet
-    init = _latent_init(req.latent_in, base, models) if req.latent_in else None
+    init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
     _render_all(models, targets, init, cond, req, loras)
 
@@ -550,10 +551,13 @@ def _use_loras(models, specs: list, keep_originals: bool = False) -> None:
         console.info(report.message())
 
 
-def _latent_init(path: Path, cfg: RunConfig, models) -> Init:
+def _init_latent_file(path: Path, jobs: list[Job]):
     from . import latents
 
-    lf = latents.load_latent(path)
+    return latents.load_init_latent(path, [(job.cfg.n, job.cfg.batch_size) for job in jobs])
+
+
+def _latent_init(path: Path, lf, cfg: RunConfig, models) -> Init:
     return Init(lf.unet_space(_scale(models)), cfg.strength, [f"started from latent file {path}"])
 
 
