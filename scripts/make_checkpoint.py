@@ -306,6 +306,93 @@ def make_checkpoint(out: str | Path, family: str = "sd1", size: str = "tiny", dt
     return out
 
 
+# --- ControlNet files (issue 15): random ControlNets in every layout sdcli reads -------------------------
+
+CONTROLNET_SDXL_UNETS = {  # SDXL encoders; tiny keeps the real structure (SDXL_CONTROLNET_TI_TAESD.md App. 2)
+    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_levels=(False, True, True),
+                       transformer_depth=(0, 2, 3), middle_depth=3, context_dim=80, num_heads=None, head_dim=16,
+                       use_linear_in_transformer=True, adm_in_channels=88),
+    "full": UNetConfig(channel_mult=(1, 2, 4), attention_levels=(False, True, True), transformer_depth=(0, 2, 10),
+                       middle_depth=10, context_dim=2048, num_heads=None, head_dim=64,
+                       use_linear_in_transformer=True, adm_in_channels=2816),
+}  # fmt: skip
+CONTROLNET_LAYOUTS = ("original", "original-bare", "diffusers", "diffusers-folder", "pth")
+
+
+def controlnet_config(family: str = "sd1", size: str = "tiny"):
+    """The ControlNet that fits preset(family, size)'s UNet (SDXL: CONTROLNET_SDXL_UNETS); tiny hint widths."""
+    from sdcli.models.controlnet import HINT_WIDTHS, ControlNetConfig
+
+    unet = CONTROLNET_SDXL_UNETS[size] if family == "sdxl" else PRESETS[(family, size)][0]
+    return ControlNetConfig(unet=unet, hint_widths=(8, 8, 16, 16) if size == "tiny" else HINT_WIDTHS)
+
+
+def controlnet_state_dict(cfg, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor random (zero convolutions included: zeros would hide the ControlNet), original names."""
+    from sdcli.models.controlnet import ControlNet
+
+    with torch.device("meta"):
+        shapes = _meta_shapes(ControlNet(cfg), "")
+    gen = torch.Generator().manual_seed(seed)
+    return {k: _random(k, shapes[k], gen).to(dtype) for k in sorted(shapes)}
+
+
+def controlnet_to_diffusers(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    from sdcli.controlnet_files import controlnet_prefix_pairs
+
+    u = cfg.unet
+    table = _invert(controlnet_prefix_pairs(len(u.channel_mult), u.num_res_blocks, u.attention_levels))
+    out = {ck.rename(k, table): t for k, t in state.items()}
+    assert None not in out, "ControlNet rename table does not cover every key"
+    return out
+
+
+def controlnet_diffusers_config(cfg) -> dict:
+    """config.json of the diffusers ControlNetModel equal to `cfg`."""
+    u = cfg.unet
+    chans = [u.model_channels * m for m in u.channel_mult]
+    depth = u.transformer_depth if isinstance(u.transformer_depth, int) else [max(1, d) for d in u.transformer_depth]
+    heads = u.num_heads if u.num_heads is not None else [max(1, c // u.head_dim) for c in chans]
+    out = {"_class_name": "ControlNetModel", "in_channels": u.in_channels, "conditioning_channels": cfg.hint_channels,
+           "flip_sin_to_cos": True, "freq_shift": 0, "block_out_channels": chans, "layers_per_block": u.num_res_blocks,
+           "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels],
+           "cross_attention_dim": u.context_dim, "attention_head_dim": heads, "transformer_layers_per_block": depth,
+           "use_linear_projection": u.use_linear_in_transformer, "norm_num_groups": 32, "norm_eps": 1e-5,
+           "downsample_padding": 1, "act_fn": "silu", "conditioning_embedding_out_channels": list(cfg.hint_widths),
+           "global_pool_conditions": cfg.global_pool, "controlnet_conditioning_channel_order": "rgb"}  # fmt: skip
+    if u.adm_in_channels is not None:  # SDXL: 6 size values embedded 256 wide (8 in the tiny one) after pooled text
+        time_dim = 256 if u.adm_in_channels == 2816 else 8
+        out.update(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                   projection_class_embeddings_input_dim=u.adm_in_channels)  # fmt: skip
+    return out
+
+
+def make_controlnet(out: str | Path, family: str = "sd1", size: str = "tiny", layout: str = "original",
+                    seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
+    """Write a random ControlNet: ``original`` (control_model.*), ``original-bare`` (no prefix), ``pth``
+    (original names in a torch.save pickle), ``diffusers`` (one file), ``diffusers-folder`` (with config.json)."""
+    out = Path(out)
+    cfg = controlnet_config(family, size)
+    state = controlnet_state_dict(cfg, seed, dtype)
+    if layout.startswith("diffusers"):
+        state = controlnet_to_diffusers(state, cfg)
+    elif layout in ("original", "pth"):
+        state = {"control_model." + k: t for k, t in state.items()}
+    elif layout != "original-bare":
+        raise ValueError(f"unknown ControlNet layout {layout!r}")
+    if layout == "diffusers-folder":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(controlnet_diffusers_config(cfg), indent=2))
+        save_file(state, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "pth":
+        torch.save({"state_dict": state}, out)
+    else:
+        save_file(state, str(out), metadata={"format": "pt"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
