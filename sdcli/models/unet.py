@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdcli.errors import BadInputError
+from sdcli.models.layout import run_layout
 
 NORM_GROUPS = 32  # GroupNorm32 in LDM: every norm of the UNet uses 32 groups
 
@@ -340,7 +341,7 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))  # size/crop (and pooled text) conditioning
         context = context.to(dtype)
-        h = x.to(dtype)
+        h = run_layout(self, x.to(dtype))  # channels_last on a bf16 CPU (layout.py)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -349,7 +350,7 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)  # (B, C_out, H, W)
+        return self.out(h).contiguous()  # (B, C_out, H, W)
 
 
 # --- SDXL's vector y ------------------------------------------------------------------------------
