@@ -851,8 +851,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     try:
         try:
             info = detect(source.header, prediction)
-        except BadInputError as e:  # detection sees only a header: say which file it came from
-            raise BadInputError(f"{path}: {e}") from None
+        except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
+            raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
         text = build_text(source, info, dtype, device)
@@ -875,6 +875,8 @@ def _vae_source(path: Path) -> WeightSource:
         return WeightSource(path, entries, layout="diffusers")
     base = open_source(path)
     keys = list(base.entries)
+    if keys and all(k.startswith("lora_") for k in keys):
+        raise BadInputError(f"{path}: a LoRA, not a VAE (lora_* keys): pass it with --lora")
     if any(k.startswith(VAE_PREFIX) for k in keys):
         entries = {k: e for k, e in base.entries.items() if k.startswith(VAE_PREFIX)}
     elif any(k.startswith("encoder.down_blocks.") for k in keys):
@@ -897,6 +899,8 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     try:
         cfg = infer_vae_config(_shapes(source.header))
         return build_vae(source, cfg, dtype, torch.device(device))
+    except BadInputError as e:  # shape inference sees only names: say which file they came from
+        raise e if str(path) in str(e) else BadInputError(f"{path}: {e}") from None
     finally:
         source.close()
 

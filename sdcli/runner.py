@@ -119,16 +119,17 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
-    _check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    _check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     targets = plan_targets(jobs, req.overwrite)
     loras = _job_loras(jobs, req.loras)
+    init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     models = _load(base)
     _check_inpaint_model(models, base, None)  # text-to-image has no image and mask for a 9-channel UNet
-    init = _latent_init(req.latent_in, base, models) if req.latent_in else None
+    init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
     _render_all(models, targets, init, cond, req, loras)
 
@@ -550,10 +551,13 @@ def _use_loras(models, specs: list, keep_originals: bool = False) -> None:
         console.info(report.message())
 
 
-def _latent_init(path: Path, cfg: RunConfig, models) -> Init:
+def _init_latent_file(path: Path, jobs: list[Job]):
     from . import latents
 
-    lf = latents.load_latent(path)
+    return latents.load_init_latent(path, [(job.cfg.n, job.cfg.batch_size) for job in jobs])
+
+
+def _latent_init(path: Path, lf, cfg: RunConfig, models) -> Init:
     return Init(lf.unet_space(_scale(models)), cfg.strength, [f"started from latent file {path}"])
 
 
@@ -770,6 +774,7 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     cfg = cfgmod.resolve(flags, config_file, replay.values)
+    _check_samplers([single_job(replay.prompt, cfg)], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
     specs = _lora_specs(loras or [], replay.prompt, cfg.lora_dir)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
