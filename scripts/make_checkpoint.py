@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdcli import checkpoint as ck
+from sdcli.formats.clip_layouts import text_plan
+from sdcli.formats.diffusers import is_vae_attn_matrix, rename, unet_prefix_pairs, vae_prefix_pairs
+from sdcli.formats.ldm import OPENAI_TEXT, OPENCLIP_TEXT, UNET_PREFIX, VAE_PREFIX
 from sdcli.models import AutoencoderKL, TextConfig, TextEncoder, UNetConfig, UNetModel, VAEConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +101,7 @@ def _meta_shapes(module: torch.nn.Module, prefix: str) -> dict[str, tuple[int, .
     return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def openclip_shapes(text: TextConfig, prefix: str = ck.SD2_TEXT, layers: int | None = None,
+def openclip_shapes(text: TextConfig, prefix: str = OPENCLIP_TEXT, layers: int | None = None,
                     proj: int | None = None) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """OpenCLIP text-tower names. SD2 (the defaults): one layer more than the model uses, a square projection.
     SDXL's bigG: `layers` = all of them, text_projection stored (width, proj), used as x @ P."""
@@ -129,8 +131,8 @@ def sdxl_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tupl
     """Key -> shape of an SDXL single file (sgm layout), from our modules built on meta."""
     unet_cfg, vae_cfg, text_l, text_g = sdxl_preset(family, size, inpaint)
     with torch.device("meta"):
-        shapes = _meta_shapes(UNetModel(unet_cfg), ck.UNET_PREFIX)
-        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), ck.VAE_PREFIX))
+        shapes = _meta_shapes(UNetModel(unet_cfg), UNET_PREFIX)
+        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), VAE_PREFIX))
         if text_l is not None:
             state = TextEncoder(text_l).state_dict()
             shapes.update({SDXL_L_PREFIX + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
@@ -146,13 +148,13 @@ def ldm_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tuple
         return sdxl_shapes(family, size, inpaint)
     unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
     with torch.device("meta"):
-        shapes = _meta_shapes(UNetModel(unet_cfg), ck.UNET_PREFIX)
-        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), ck.VAE_PREFIX))
+        shapes = _meta_shapes(UNetModel(unet_cfg), UNET_PREFIX)
+        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), VAE_PREFIX))
         if family == "sd2":
             shapes.update(openclip_shapes(text_cfg))
         else:
             text = TextEncoder(text_cfg)
-            shapes.update({ck.SD1_TEXT + "text_model." + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
+            shapes.update({OPENAI_TEXT + "text_model." + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
                            for k, v in text.state_dict().items()})  # fmt: skip
     return shapes
 
@@ -190,7 +192,7 @@ def _invert(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 def _openclip_to_hf(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """SD2 OpenCLIP text weights -> CLIPTextModel names, dropping the unused last layer (as diffusers does)."""
-    plan, _ = ck._text_plan(list(state), "openclip", layers, "")
+    plan, _ = text_plan(list(state), "openclip", layers, "")
     out = {}
     for name, (key, chunk) in plan.items():
         t = state[key]
@@ -201,18 +203,18 @@ def _openclip_to_hf(state: dict[str, torch.Tensor], layers: int) -> dict[str, to
 def to_diffusers(state: dict[str, torch.Tensor], family: str, size: str, inpaint: bool = False) -> dict[str, dict]:
     """Split an LDM state dict into diffusers component state dicts with sdcli's rename table (inverted)."""
     unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
-    unet_table = _invert(ck.unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
+    unet_table = _invert(unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
                                               unet_cfg.attention_levels))  # fmt: skip
-    vae_table = _invert(ck.vae_prefix_pairs(len(vae_cfg.ch_mult), vae_cfg.num_res_blocks))
+    vae_table = _invert(vae_prefix_pairs(len(vae_cfg.ch_mult), vae_cfg.num_res_blocks))
     comps: dict[str, dict] = {"unet": {}, "vae": {}, "text_encoder": {}}
     for k, t in state.items():
-        if k.startswith(ck.UNET_PREFIX):
-            comps["unet"][ck.rename(k[len(ck.UNET_PREFIX):], unet_table)] = t
-        elif k.startswith(ck.VAE_PREFIX):
-            name = k[len(ck.VAE_PREFIX):]
-            comps["vae"][ck.rename(name, vae_table)] = t.flatten(1) if ck._is_vae_attn_matrix(name) else t
-        elif k.startswith(ck.SD1_TEXT):
-            comps["text_encoder"][k[len(ck.SD1_TEXT):].removeprefix("text_model.")] = t
+        if k.startswith(UNET_PREFIX):
+            comps["unet"][rename(k[len(UNET_PREFIX):], unet_table)] = t
+        elif k.startswith(VAE_PREFIX):
+            name = k[len(VAE_PREFIX):]
+            comps["vae"][rename(name, vae_table)] = t.flatten(1) if is_vae_attn_matrix(name) else t
+        elif k.startswith(OPENAI_TEXT):
+            comps["text_encoder"][k[len(OPENAI_TEXT):].removeprefix("text_model.")] = t
     if family == "sd2":
         comps["text_encoder"] = _openclip_to_hf(state, text_cfg.num_layers)
     assert None not in comps["unet"] and None not in comps["vae"], "rename table does not cover every key"
@@ -342,7 +344,7 @@ def controlnet_to_diffusers(state: dict[str, torch.Tensor], cfg) -> dict[str, to
 
     u = cfg.unet
     table = _invert(controlnet_prefix_pairs(len(u.channel_mult), u.num_res_blocks, u.attention_levels))
-    out = {ck.rename(k, table): t for k, t in state.items()}
+    out = {rename(k, table): t for k, t in state.items()}
     assert None not in out, "ControlNet rename table does not cover every key"
     return out
 

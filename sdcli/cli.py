@@ -280,7 +280,7 @@ def generate(
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
-    from .runner import GenerateRequest, run_generate
+    from .app.generate import GenerateRequest, run_generate
 
     set_quiet(quiet)
     run_generate(GenerateRequest(
@@ -333,7 +333,7 @@ def img2img(
     if print_config:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
-    from .runner import Img2ImgRequest, run_img2img
+    from .app.img2img import Img2ImgRequest, run_img2img
 
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
@@ -360,7 +360,7 @@ def encode(
 ) -> None:
     """Run one stage forward: an image -> a VAE latent file, or --text -> a CLIP embedding file."""
     from .console import set_quiet
-    from .runner import EncodeRequest, run_encode
+    from .app.encode import EncodeRequest, run_encode
 
     set_quiet(quiet)
     flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, dtype=dtype, device=device)
@@ -384,7 +384,7 @@ def decode(
 ) -> None:
     """Run the VAE decoder: a latent file -> PNG."""
     from .console import set_quiet
-    from .runner import DecodeRequest, run_decode
+    from .app.encode import DecodeRequest, run_decode
 
     set_quiet(quiet)
     flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device)
@@ -414,7 +414,7 @@ def convert(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run)."""
-    from .runner import run_convert
+    from .app.convert import run_convert
 
     run_convert(source, output, overwrite)
 
@@ -435,7 +435,7 @@ def verify(
 ) -> None:
     """Re-render an image from its recorded settings and compare (PSNR, max difference); exit 9 on drift."""
     from .console import set_quiet
-    from .runner import run_verify
+    from .app.verify import run_verify
 
     if min_psnr != min_psnr:  # NaN: every comparison with it is false, so nothing could pass or fail honestly
         from .errors import UsageError

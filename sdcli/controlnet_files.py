@@ -26,13 +26,18 @@ from pathlib import Path
 
 import torch
 
-from sdcli import checkpoint as ck
+from sdcli.formats.diffusers import component_files, count, rename, unet_prefix_pairs
+from sdcli.formats.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_ckpt
+from sdcli.formats.safetensors import dtype_name, read_header
+from sdcli.formats.source import Entry, WeightSource
+from sdcli.formats.strict import is_ignored, load_part
 from sdcli.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
 from sdcli.models.controlnet import ControlNet, ControlNetConfig
 from sdcli.models.unet import UNetConfig, _depth
 
 ORIGINAL_PREFIX = "control_model."
-SD_PARTS = (ck.UNET_PREFIX, ck.VAE_PREFIX, ck.TEXT_PREFIX)  # a whole SD model inside ControlNet 1.0 .pth files
+SD_PARTS = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)  # a whole SD model inside ControlNet 1.0 .pth files
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 # diffusers name -> original name of the modules a ControlNet has beyond the UNet encoder (the encoder itself
@@ -101,7 +106,7 @@ def classify(keys: list[str]) -> tuple[str, str]:
 def controlnet_prefix_pairs(levels: int, res: int, attn: tuple[bool, ...]) -> list[tuple[str, str]]:
     """(diffusers prefix, original prefix) for every module of a ControlNet of that encoder shape."""
     decoder = ("up_blocks.", "conv_norm_out", "conv_out")  # the UNet's, not the ControlNet's
-    pairs = [p for p in ck.unet_prefix_pairs(levels, res, attn) if not p[0].startswith(decoder)]
+    pairs = [p for p in unet_prefix_pairs(levels, res, attn) if not p[0].startswith(decoder)]
     pairs += CONTROLNET_RENAMES
     skips = 1 + levels * res + levels - 1
     return pairs + [(f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0") for i in range(skips)]
@@ -109,25 +114,25 @@ def controlnet_prefix_pairs(levels: int, res: int, attn: tuple[bool, ...]) -> li
 
 def diffusers_table(keys: list[str]) -> dict[str, str]:
     """diffusers name prefix -> original name prefix for the tensors of a diffusers ControlNet."""
-    levels = ck._count(keys, r"down_blocks\.(\d+)\.")
-    res = ck._count(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
+    levels = count(keys, r"down_blocks\.(\d+)\.")
+    res = count(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
     attn = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys) for i in range(levels))
     return dict(controlnet_prefix_pairs(levels, res, attn))
 
 
-def _open_entries(path: Path) -> tuple[dict[str, ck.Entry], dict[str, torch.Tensor] | None, dict]:
+def _open_entries(path: Path) -> tuple[dict[str, Entry], dict[str, torch.Tensor] | None, dict]:
     """Raw entries of a single file (names as stored), the tensors when it is a pickle, and its metadata."""
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file")
-    if path.suffix.lower() in ck.PICKLE_SUFFIXES and ck._is_pickle(path):
-        state = ck.load_ckpt(path)  # torch's weights_only unpickler: no code of the file runs
-        return {k: ck.Entry(path, k, ck._dtype_name(t), tuple(t.shape)) for k, t in state.items()}, state, {}
-    header = ck.read_header(path)
-    entries = {k: ck.Entry(path, k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    if path.suffix.lower() in PICKLE_SUFFIXES and is_pickle(path):
+        state = load_ckpt(path)  # torch's weights_only unpickler: no code of the file runs
+        return {k: Entry(path, k, dtype_name(t), tuple(t.shape)) for k, t in state.items()}, state, {}
+    header = read_header(path)
+    entries = {k: Entry(path, k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
     return entries, None, header.get("__metadata__") or {}
 
 
-def _folder_entries(folder: Path) -> tuple[dict[str, ck.Entry], dict]:
+def _folder_entries(folder: Path) -> tuple[dict[str, Entry], dict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise BadInputError(f"{folder}: a folder, but not a diffusers ControlNet (no config.json)")
@@ -138,13 +143,13 @@ def _folder_entries(folder: Path) -> tuple[dict[str, ck.Entry], dict]:
     if not isinstance(config, dict):
         raise BadInputError(f"{config_file}: not a JSON object")
     entries = {}
-    for f in ck._component_files(folder, FOLDER_WEIGHTS):
-        header = ck.read_header(f)
-        entries.update({k: ck.Entry(f, k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
+    for f in component_files(folder, FOLDER_WEIGHTS):
+        header = read_header(f)
+        entries.update({k: Entry(f, k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"})
     return entries, config
 
 
-def open_controlnet(path: str | Path) -> tuple[ck.WeightSource, str, dict, int]:
+def open_controlnet(path: str | Path) -> tuple[WeightSource, str, dict, int]:
     """(source under original names without prefix, layout, diffusers config or {}, skipped tensor count)."""
     path = Path(path)
     tensors, config = None, {}
@@ -159,16 +164,16 @@ def open_controlnet(path: str | Path) -> tuple[ck.WeightSource, str, dict, int]:
     entries, skipped = {}, 0
     for key, e in raw.items():
         if prefix and not key.startswith(prefix):
-            if key.startswith(SD_PARTS) or ck.is_ignored(key):
+            if key.startswith(SD_PARTS) or is_ignored(key):
                 skipped += 1
                 continue
             name = f"unmapped.{key}"  # reported as unexpected by the strict load
         elif table is not None:
-            name = ck.rename(key, table) or f"unmapped.{key}"
+            name = rename(key, table) or f"unmapped.{key}"
         else:
             name = key[len(prefix):]
         entries[name] = e
-    return ck.WeightSource(path, entries, layout=layout, tensors=tensors), layout, config, skipped
+    return WeightSource(path, entries, layout=layout, tensors=tensors), layout, config, skipped
 
 
 # --- hyperparameters from shapes --------------------------------------------------------------------------
@@ -185,7 +190,7 @@ def _encoder_config(shapes: dict, base: UNetConfig | None) -> UNetConfig:
     conv_in = _need(shapes, "input_blocks.0.0.weight")
     mc = conv_in[0]
     downs = sorted(int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
-    res = downs[0] - 1 if downs else ck._count(keys, r"input_blocks\.(\d+)\.") - 1
+    res = downs[0] - 1 if downs else count(keys, r"input_blocks\.(\d+)\.") - 1
     levels = len(downs) + 1
     first = [1 + i * (res + 1) for i in range(levels)]
     mult = tuple(_need(shapes, f"input_blocks.{n}.0.out_layers.3.weight")[0] // mc for n in first)
@@ -231,7 +236,7 @@ def infer_controlnet_config(shapes: dict, base: UNetConfig | None = None, global
                             global_pool=global_pool)  # fmt: skip
 
 
-def detect_controlnet(path: str | Path, base: UNetConfig | None = None) -> tuple[ControlNetInfo, ck.WeightSource]:
+def detect_controlnet(path: str | Path, base: UNetConfig | None = None) -> tuple[ControlNetInfo, WeightSource]:
     """What the ControlNet at `path` is, from names and shapes only (no tensor data read, except in a pickle)."""
     path = Path(path)
     source, layout, config, skipped = open_controlnet(path)
@@ -294,7 +299,7 @@ def load_controlnet(path: str | Path, base: UNetConfig | None = None, base_famil
         with torch.device("meta"):
             module = ControlNet(info.config)
         plan = {k: (k, None) for k in source.entries}
-        return ck.load_part("ControlNet", module, source, plan, [], dtype, torch.device(device)), info
+        return load_part("ControlNet", module, source, plan, [], dtype, torch.device(device)), info
     finally:
         source.close()
 

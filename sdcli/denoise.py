@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .conditioning import Cond, as_cond, cat
 from .errors import UsageError
 from .prompt_schedule import ScheduledCond
 from .schedule import model_sigmas, sigma_to_t
@@ -25,23 +26,16 @@ PREDICTIONS = ("eps", "v")
 
 
 class Denoiser:
-    """Wrap `unet(x_in, t, context) -> eps or v` as `denoiser(x, sigma, cond) -> x0`."""
+    """Wrap `unet(x_in, t, context, **optional) -> eps or v` as `denoiser(x, sigma, cond) -> x0`; `cond` is a
+    conditioning.Cond (or a bare context tensor)."""
 
-    def __init__(self, unet: Callable[[Tensor, Tensor, Tensor], Tensor], alphas_cumprod: Tensor,
+    def __init__(self, unet: Callable[..., Tensor], alphas_cumprod: Tensor,
                  prediction: str = "eps"):
         if prediction not in PREDICTIONS:
             raise UsageError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.unet = unet
         self.prediction = prediction
         self.sigmas = model_sigmas(alphas_cumprod)  # (1000,) float64 CPU, ascending
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
 
     def scalings(self, sigma: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in), each (B, 1, 1, 1) in x's dtype: x0 = c_skip * x + c_out * unet(c_in * x)."""
@@ -53,12 +47,18 @@ class Denoiser:
             c_skip, c_out = 1 / (s * s + 1), -s * c_in
         return c_skip.to(x.dtype), c_out.to(x.dtype), c_in.to(x.dtype)
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
-        # x: (B, C, H, W) at noise level sigma: (B,) or scalar; cond: (B, T, D)
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | Tensor | None) -> Tensor:
+        # x: (B, C, H, W) at noise level sigma: (B,) or scalar; cond: Cond with context (B, T, D)
+        cond = as_cond(cond)
         sigma = _batch_sigma(sigma, x)
         c_skip, c_out, c_in = self.scalings(sigma, x)
         t = sigma_to_t(sigma, self.sigmas)  # (B,) fractional, not rounded
-        out = self.unet(x * c_in, t, cond)  # (B, C, H, W) eps or v
+        x_in = x * c_in
+        if cond.concat is not None:
+            # after the c_in scaling: only the noisy latent is scaled (diffusers concatenates after
+            # scheduler.scale_model_input)
+            x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)  # (B, C + C', H, W)
+        out = self.unet(x_in, t, cond.context, **cond.unet_kwargs())  # (B, C, H, W) eps or v
         return c_skip * x + c_out * out
 
 
@@ -67,7 +67,7 @@ class LCMDenoiser(Denoiser):
     condition, sigma_data = 0.5, timestep scaling 10), as diffusers LCMScheduler.step applies it to the
     variance-preserving sample x_in. It only matters at small t (c_skip < 1e-6 for t > 50)."""
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | Tensor | None) -> Tensor:
         # x: (B, C, H, W); sigma: (B,) or scalar
         sigma = _batch_sigma(sigma, x)
         x0 = super().__call__(x, sigma, cond)
@@ -84,13 +84,29 @@ def _batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
 
 
-def _match_batch(c: Tensor, n: int) -> Tensor:
-    """Conditioning for n images: a batch of 1 is repeated, anything else must already be n."""
-    if c.shape[0] == n:
+DENOISERS = {"eps": Denoiser, "v": Denoiser, "lcm": LCMDenoiser}  # by ModelInfo.denoiser
+
+
+def _match_batch(c: Cond | Tensor, n: int) -> Cond | Tensor:
+    """Conditioning for n images: a batch of 1 is repeated, anything else must already be n. A bare context
+    tensor stays a tensor: what the denoiser is given keeps the caller's form."""
+    batch = as_cond(c).batch
+    if batch == n:
         return c
-    if c.shape[0] == 1:
-        return c.expand(n, *c.shape[1:])
-    raise UsageError(f"conditioning batch {c.shape[0]} does not match latent batch {n}")
+    if batch == 1:
+        return c.map(_expand(n)) if isinstance(c, Cond) else _expand(n)(c)
+    raise UsageError(f"conditioning batch {batch} does not match latent batch {n}")
+
+
+def _expand(n: int):
+    return lambda t: t.expand(n, *t.shape[1:])
+
+
+def _cat(conds: list) -> Cond | Tensor:
+    """[uncond; cond] field by field (Cond) or along the batch (bare context tensors)."""
+    if any(isinstance(c, Cond) for c in conds):
+        return cat([as_cond(c) for c in conds])
+    return torch.cat(conds)
 
 
 def _scheduled(cond, evaluation: int):
@@ -101,14 +117,15 @@ def _scheduled(cond, evaluation: int):
 class CFGDenoiser:
     """Classifier-free guidance over a `Denoiser`: `cfg(x, sigma) -> x0`.
 
-    uncond and cond go through the UNet in one batched call, [uncond; cond], unless their token lengths
-    differ (then two calls: padding one prompt to the other's length would change its encoding).
+    uncond and cond (conditioning.Cond, or bare context tensors; either may be a prompt-editing schedule) go
+    through the UNet in one batched call, [uncond; cond] field by field, unless their token lengths differ (then
+    two calls: padding one prompt to the other's length would change its encoding). Nothing else in them is read.
     With scale == 1 (or no uncond) only cond is run. guidance rescale (phi, Lin et al. 2023, "Common
     Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 2) is applied to the UNet's own output
     (eps or v), exactly as diffusers `rescale_noise_cfg`, by undoing the linear x0 scaling.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float,
+    def __init__(self, denoiser: Denoiser, cond, uncond, scale: float,
                  rescale: float = 0.0):
         if not 0.0 <= rescale <= 1.0:
             raise UsageError(f"guidance rescale must be between 0 and 1, got {rescale}")
@@ -126,8 +143,8 @@ class CFGDenoiser:
         if uncond is None or self.scale == 1.0:
             return self.denoiser(x, sigma, cond)
         uncond = _match_batch(uncond, b)
-        if uncond.shape[1:] == cond.shape[1:]:
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uncond, cond]))
+        if as_cond(uncond).layout() == as_cond(cond).layout():
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat([uncond, cond]))
             x0_u, x0_c = both.chunk(2)  # (B, C, H, W) each
         else:
             x0_u, x0_c = self.denoiser(x, sigma, uncond), self.denoiser(x, sigma, cond)

@@ -98,7 +98,7 @@ def _load_data(path: Path) -> Any:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        from .checkpoint import read_header
+        from .formats.safetensors import read_header
 
         read_header(path)  # one clear line for truncated, HTML, LFS-pointer and renamed-pickle files
         return load_file(str(path))
@@ -144,7 +144,7 @@ def vectors_from_data(data: Any, path: Path) -> dict[str, Tensor]:
 
 def read_embedding(path: str | Path) -> Embedding:
     """One embedding file; BadInputError (one line naming the file) for anything that is not one."""
-    from .checkpoint import file_sha256
+    from .formats.hashing import file_sha256
 
     path = Path(path)
     try:

@@ -55,7 +55,7 @@ def _head(path: Path) -> bytes:
 
 def _is_small_sdcli_file(path: Path) -> bool:
     """Latent/embedding files hold one or two tensors; checkpoints hold hundreds."""
-    from .checkpoint import read_header
+    from .formats.safetensors import read_header
 
     header = read_header(path)
     names = set(header) - {"__metadata__"}
@@ -84,7 +84,7 @@ def _tensor_file_report(path: Path) -> dict[str, Any]:
 
 
 def _header(path: Path) -> dict:
-    from .checkpoint import read_header
+    from .formats.safetensors import read_header
 
     return read_header(path)
 
@@ -96,16 +96,17 @@ def _stats(t) -> dict[str, float]:
 
 
 def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
-    from . import checkpoint
+    from .checkpoint import detect
+    from .formats.safetensors import read_header
 
     try:
-        info = checkpoint.detect(path)
+        info = detect(path)
     except (BadInputError, UnsupportedModelError) as e:  # detection of a header alone does not name the file
         raise e if str(path) in str(e) else type(e)(f"{path}: {e}") from None
     report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "family": info.family,
                               "prediction": info.prediction, "inpaint": info.inpaint}
     if path.is_file() and path.suffix != ".ckpt":
-        header = checkpoint.read_header(path)
+        header = read_header(path)
         report.update(_header_summary(header))
         if hashes:
             report.update(_hashes(path, header))
@@ -116,7 +117,7 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
 
 def _folder_summary(folder: Path) -> dict[str, Any]:
     """dtypes and parameters per part of a diffusers folder, from the safetensors headers of its parts."""
-    from .checkpoint import read_header
+    from .formats.safetensors import read_header
 
     dtypes: Counter = Counter()
     params: dict[str, int] = {}
@@ -171,6 +172,7 @@ def _hashes(path: Path, header: dict) -> dict[str, str]:
 
 
 def _prompt_report(prompt: str) -> dict[str, Any]:
+    from .families import DEFAULT
     from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
@@ -178,7 +180,7 @@ def _prompt_report(prompt: str) -> dict[str, Any]:
 
     text, loras = split_extra_networks(prompt)  # what the text encoder sees, and the LoRAs the tags name
     schedule = prompt_schedule(text, SCHEDULE_STEPS)  # [from:to:when] edits: tokens of the last text, as --dry-run
-    report = {"kind": "prompt", **describe_prompt(schedule[-1][1], get_tokenizer(), 49407), "text": text}
+    report = {"kind": "prompt", **describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id), "text": text}
     if len(schedule) > 1:
         report["prompt_schedule"] = [{"until_step": end, "text": t} for end, t in schedule]
     return {**report, "loras": [{"name": t.name, "weight": t.weight} for t in loras]}

@@ -13,6 +13,7 @@ model loaded (model, vae, dtype, device, prediction) cannot change per job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import secrets
 import sys
@@ -27,9 +28,26 @@ PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction"}
 
 @dataclass(frozen=True)
 class Job:
-    prompt: str
+    prompt: str  # as written (recorded in the image's metadata)
     cfg: RunConfig  # seed already drawn when it was -1
     source: str  # "command line" or "FILE:LINE", for messages
+
+    # The extra-network tags are taken out of `prompt` once per job (after _checked has named any bad one with its
+    # line): `text` is what the encoder sees, `loras` the <lora:...> tags it named.
+    @functools.cached_property
+    def _split(self) -> tuple[str, tuple]:
+        from .prompts import split_extra_networks
+
+        text, tags = split_extra_networks(self.prompt)
+        return text, tuple(tags)
+
+    @property
+    def text(self) -> str:
+        return self._split[0]
+
+    @property
+    def loras(self) -> tuple:
+        return self._split[1]
 
 
 def draw_seed() -> int:

@@ -7,7 +7,7 @@ A kohya file holds, per adapted module, ``<name>.lora_down.weight`` (rank, in[, 
 ``W + weight * alpha / rank * (up @ down)``. ``<name>`` is ``lora_unet_`` or ``lora_te_`` followed by the module
 path with '.' -> '_'. kohya trains SD1 on the DIFFUSERS UNet, so its UNet names are diffusers paths
 (``lora_unet_down_blocks_0_attentions_0_proj_in``); they are mapped onto our LDM module names through the same
-rename table the diffusers-folder loader uses (``checkpoint.unet_prefix_pairs``). LDM-style names
+rename table the diffusers-folder loader uses (``formats.diffusers.unet_prefix_pairs``). LDM-style names
 (``lora_unet_input_blocks_1_1_proj_in``) are accepted too.
 Upstream: kohya-ss sd-scripts networks/lora.py (LoRAModule, LORA_PREFIX_*), A1111
 extensions-builtin/Lora/networks.py and network_lora.py (key conversion, calc_updown).
@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sdcli.checkpoint import FLOAT_DTYPES, file_sha256, read_header, rename, unet_prefix_pairs
+from sdcli.formats.diffusers import rename, unet_prefix_pairs
+from sdcli.formats.hashing import file_sha256
+from sdcli.formats.safetensors import FLOAT_DTYPES, read_header
 from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError
 
 UNET_KEY = "lora_unet_"
@@ -124,8 +126,7 @@ def _targets(models) -> dict[str, nn.Module]:
                 out[UNET_KEY + diffusers.removesuffix(".weight").replace(".", "_")] = module
     for name, module in models.text_encoder.transformer.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            name = "text_model." + name.removeprefix("text_model.")  # transformers < 5.6 nests, newer not
-            out[TEXT_KEY + name.replace(".", "_")] = module
+            out[TEXT_KEY + "text_model_" + name.replace(".", "_")] = module  # kohya names CLIPTextModel's
     return out
 
 
@@ -186,20 +187,38 @@ def apply_lora(models, spec: LoraSpec, originals: dict[nn.Module, Tensor] | None
     return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
 
 
-def apply_loras(models, specs: list[LoraSpec], keep_originals: bool = False) -> list[LoraReport]:
-    """Merge `specs` in order. With keep_originals the weights as loaded stay in memory (one more copy of every
-    adapted module), so that `restore` can switch to another set: only asked for when jobs need that."""
-    originals = None
-    if keep_originals:
-        originals = models.lora_originals = getattr(models, "lora_originals", None) or {}
-    return [apply_lora(models, s, originals) for s in specs]
+class LoraState:
+    """The LoRAs merged into one loaded model right now, held by the render loop that changes them (the model
+    itself stays as loaded, apart from the merged weights this object can take back out).
 
+    Jobs that share one set merge it once. With `keep_originals` (asked for when the jobs of a run switch sets) the
+    weights as loaded stay in memory, one more copy of every adapted module, so that another set can replace it."""
 
-def restore(models) -> None:
-    """Back to the weights as loaded, before the LoRAs merged with keep_originals."""
-    for module, weight in getattr(models, "lora_originals", {}).items():
-        module.weight = weight
-    models.lora_originals = {}
+    def __init__(self, models, keep_originals: bool = False):
+        self.models, self.keep_originals = models, keep_originals
+        self.key: list = []  # (resolved path, weight) of each merged LoRA, in order
+        self.reports: list[LoraReport] = []  # what the merged LoRAs did: for the log and the image metadata
+        self.originals: dict[nn.Module, Tensor] = {}  # module -> its weight before any LoRA (keep_originals only)
+
+    def use(self, specs: list[LoraSpec]) -> list[LoraReport]:
+        """Make `specs` the merged set; returns the reports of a new merge ([] when the set did not change)."""
+        key = [(s.path.resolve(), s.weight) for s in specs]
+        if key == self.key:
+            return []
+        if self.key:
+            if not self.originals:
+                raise RuntimeError("LoRA switch without the original weights kept")  # a bug, not bad input
+            self.restore()
+        originals = self.originals if self.keep_originals else None
+        self.reports = [apply_lora(self.models, s, originals) for s in specs]
+        self.key = key
+        return self.reports
+
+    def restore(self) -> None:
+        """Back to the weights as loaded, before the LoRAs merged with keep_originals."""
+        for module, weight in self.originals.items():
+            module.weight = weight
+        self.originals, self.reports, self.key = {}, [], []
 
 
 def resolve_prompt_lora(name: str, weight: float, lora_dir: str | None) -> LoraSpec:

@@ -22,36 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from sdcli import __version__
-from sdcli.errors import BadInputError
+from sdcli.errors import BadInputError, UsageError
 from sdcli.formats.png_text import is_png, read_png_text
 
 SDCLI_JSON_KEY = "sdcli"
 PARAMETERS_KEY = "parameters"
 
-# Our canonical sampler names -> A1111 labels (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py).
-A1111_SAMPLERS = {
-    "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
-    "dpm++_2m": "DPM++ 2M", "dpm++_2m_sde": "DPM++ 2M SDE", "dpm++_2s_a": "DPM++ 2S a",
-    "dpm++_sde": "DPM++ SDE", "dpm++_3m_sde": "DPM++ 3M SDE", "lms": "LMS", "ddim": "DDIM",
-    "plms": "PLMS", "unipc": "UniPC", "lcm": "LCM",
-}
-# Our canonical schedule names -> A1111 "Schedule type" labels (modules/sd_schedulers.py). A1111's "Uniform"
-# is k-diffusion's default discretisation (uniform in t), which is what sd.cpp calls "discrete".
-A1111_SCHEDULES = {
-    "discrete": "Uniform", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
-    "sgm_uniform": "SGM Uniform", "simple": "Simple", "ddim_uniform": "DDIM", "beta": "Beta",
-    "align_your_steps": "Align Your Steps", "kl_optimal": "KL Optimal", "polyexponential": "Polyexponential",
-}
-# Other tools' spellings (ComfyUI KSAMPLER_NAMES, sd.cpp sample_method names, A1111 aliases) -> canonical.
-_SAMPLER_ALIASES = {
-    "euler_ancestral": "euler_a", "k_euler_a": "euler_a", "k_euler": "euler", "dpm_2": "dpm2",
-    "dpm_2_ancestral": "dpm2_a", "dpmpp_2m": "dpm++_2m", "dpm++2m": "dpm++_2m", "dpmpp_2m_sde": "dpm++_2m_sde",
-    "dpmpp_2s_ancestral": "dpm++_2s_a", "dpm++2s_a": "dpm++_2s_a", "dpmpp_sde": "dpm++_sde",
-    "dpmpp_3m_sde": "dpm++_3m_sde", "k_lms": "lms", "uni_pc": "unipc", "pndm": "plms",
-    "ddim_trailing": "ddim",
-}
-_SCHEDULE_ALIASES = {"automatic": None, "uniform": "discrete", "sgmuniform": "sgm_uniform", "ays": "align_your_steps",
-                     "default": None, "ddim": "ddim_uniform"}
+
+
+def _names():
+    """(sampler -> A1111 label, schedule -> A1111 label, schedule aliases): samplers.py's and schedule.py's
+    tables, the one place each name is kept. Imported when needed: they import torch, reading metadata does not."""
+    from sdcli.samplers import SAMPLERS
+    from sdcli.schedule import SCHEDULE_ALIASES, SCHEDULE_LABELS
+
+    return {spec.name: spec.a1111 for spec in SAMPLERS.values() if spec.a1111}, SCHEDULE_LABELS, SCHEDULE_ALIASES
 
 # infotext label -> (our key, type); anything else lands in "extra" as text.
 _FIELDS = [
@@ -83,36 +68,40 @@ def _num(value: Any) -> str:
 
 
 def canonical_sampler(name: str) -> str:
-    """Any known spelling (A1111 label, ComfyUI, sd.cpp, ours) -> our canonical name; unknown names unchanged."""
-    by_label = {label.lower(): key for key, label in A1111_SAMPLERS.items()}
-    low = name.strip().lower()
-    if low in A1111_SAMPLERS:
-        return low
-    return by_label.get(low) or _SAMPLER_ALIASES.get(low) or name.strip()
+    """Any known spelling (A1111 label, ComfyUI, sd.cpp, diffusers, ours) -> our canonical name; unknown names
+    (samplers sdcli does not implement) unchanged."""
+    from sdcli.samplers import resolve_sampler
+
+    try:
+        return resolve_sampler(name)[0]
+    except UsageError:
+        return name.strip()
 
 
 def canonical_schedule(name: str) -> str | None:
     """Any known schedule spelling -> canonical name; 'Automatic' -> None (the sampler's default)."""
+    _, labels, aliases = _names()
     low = name.strip().lower()
-    if low in A1111_SCHEDULES:
+    if low in labels:
         return low
-    by_label = {label.lower(): key for key, label in A1111_SCHEDULES.items() if key != "ddim_uniform"}
+    by_label = {label.lower(): key for key, label in labels.items() if key != "ddim_uniform"}
     if low in by_label:
         return by_label[low]
-    if low in _SCHEDULE_ALIASES:
-        return _SCHEDULE_ALIASES[low]
+    if low in aliases:
+        return aliases[low]
     return name.strip()
 
 
 def _pairs(p: dict) -> list[tuple[str, Any]]:
     """The A1111 `Key: value` pairs in A1111's order, skipping absent values."""
+    sampler_labels, schedule_labels, _ = _names()
     sampler, schedule = p.get("sampler"), p.get("schedule")
     size = f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else p.get("size")
     clip_skip = p.get("clip_skip")
     pairs = [
         ("Steps", p.get("steps")),
-        ("Sampler", A1111_SAMPLERS.get(sampler, sampler) if sampler else None),
-        ("Schedule type", A1111_SCHEDULES.get(schedule, schedule) if schedule else None),
+        ("Sampler", sampler_labels.get(sampler, sampler) if sampler else None),
+        ("Schedule type", schedule_labels.get(schedule, schedule) if schedule else None),
         ("CFG scale", p.get("cfg_scale", p.get("cfg"))), ("Seed", p.get("seed")), ("Size", size),
         ("Model hash", p.get("model_hash")), ("Model", p.get("model")),
         ("VAE hash", p.get("vae_hash")), ("VAE", p.get("vae")),
@@ -169,7 +158,9 @@ def _split_sampler(out: dict) -> None:
     """Old A1111 ('DPM++ 2M Karras') and sd.cpp ('euler_a karras') put the schedule inside the sampler value."""
     raw = out["sampler"]
     head, _, tail = raw.strip().rpartition(" ")
-    known = {*A1111_SCHEDULES, *(v.lower() for v in A1111_SCHEDULES.values()), "ays", "gits", "smoothstep"}
+    _, labels, aliases = _names()
+    known = {*labels, *(v.lower() for v in labels.values()), *aliases, "gits",
+             "smoothstep"}
     if head and "schedule" not in out and tail.lower() in known:
         out["schedule"], raw = canonical_schedule(tail), head
     out["sampler"] = canonical_sampler(raw)

@@ -1,6 +1,9 @@
 """The pipeline stages as short functions: text -> conditioning, noise -> latents (txt2img / img2img), latents <->
 images. The CLI's commands are thin layers over these; nothing here prints.
 
+Nothing here branches on the model family: the latent space, the training schedule, the text encoder's padding and
+the denoiser kind come from the family's declaration (`models.family`, families/).
+
 Reproducibility contract: image k of a run uses its own CPU `torch.Generator` seeded with seed+k. Its initial noise
 `randn((1, 4, H/8, W/8))` is drawn first, every later stochastic draw (ancestral / SDE noise) comes from the same
 generator in step order, always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch
@@ -17,11 +20,11 @@ from typing import Callable
 import torch
 
 from . import cuda_graphs, samplers, schedule
-from .denoise import CFGDenoiser, Denoiser, LCMDenoiser
+from .conditioning import conditioning, for_batch
+from .denoise import DENOISERS, CFGDenoiser
 from .errors import NumericalError, OutOfMemoryError
+from .families import DEFAULT, Family
 from .prompt_schedule import ScheduledCond, prompt_schedule
-
-LATENT_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,14 @@ class DecodeResult:
 
 
 def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None = None,
-              cfg: float = 7.0, guidance_rescale: float = 0.0) -> SamplingPlan:
-    """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan."""
+              cfg: float = 7.0, guidance_rescale: float = 0.0, family: Family = DEFAULT) -> SamplingPlan:
+    """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan over the
+    family's training schedule."""
     name, schedule_used = resolve_sampler_schedule(sampler, schedule_name)
     if custom_sigmas:
         sigmas = schedule.parse_sigmas(custom_sigmas)
     else:
-        sigmas = schedule.get_sigmas(schedule_used, steps, model_sigmas())
+        sigmas = schedule.get_sigmas(schedule_used, steps, family.schedule.sigmas())
     return SamplingPlan(name, sigmas, cfg, guidance_rescale)
 
 
@@ -61,11 +65,6 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
     return name, samplers.SAMPLERS[name].default_schedule
 
 
-def model_sigmas() -> torch.Tensor:
-    """SD 1.x and 2.x share the training schedule (scaled-linear betas over 1000 steps)."""
-    return schedule.model_sigmas(schedule.training_alphas_cumprod())
-
-
 # --- text ----------------------------------------------------------------------------------------
 
 def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +73,9 @@ def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple
     from .tokenizer import get_tokenizer
 
     enc = models.text_encoder
+    pad_id = models.family.text[0].pad_id
     with torch.inference_mode():
-        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), enc.pad_id, clip_skip)
+        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), pad_id, clip_skip)
     return cond.float(), uncond.float()
 
 
@@ -135,9 +135,12 @@ def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor
             seeds: list[int] | list[torch.Generator], height: int, width: int, callback: Callable | None = None,
             extra: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled.
+    `cond`, `uncond`: context tensors, conditioning.Cond, or prompt-editing schedules of them.
     `seeds`: one seed or one CPU generator per image (a generator is drawn from in place, continuing its state).
-    `extra`: channels the UNet sees after the latent (inpainting: see inpaint_conditioning)."""
-    noise = _noise_source(seeds, (LATENT_CHANNELS, height // 8, width // 8), models)
+    `extra`: channels the UNet sees after the latent (inpainting: see inpaint_conditioning), for callers that do
+    not carry them in a Cond already."""
+    latent = models.family.latent
+    noise = _noise_source(seeds, (latent.channels, height // latent.downscale, width // latent.downscale), models)
     x = noise() * plan.sigmas[0]
     return _sample(models, plan, x, cond, uncond, noise, callback, extra)
 
@@ -165,16 +168,17 @@ def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> tor
     https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion_inpaint.py
     image: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W) of 0/1, 1 = repaint."""
     _, _, h, w = image.shape
+    down = models.family.latent.downscale
     masked = image * (mask < 0.5)  # (1, 3, H, W): the kept pixels, 0 (mid grey) where it repaints
     masked_latent = encode_image(models, masked)  # (1, 4, H/8, W/8), scaled
-    small = torch.nn.functional.interpolate(mask.float(), size=(h // 8, w // 8))  # nearest, as diffusers
+    small = torch.nn.functional.interpolate(mask.float(), size=(h // down, w // down))  # nearest, as diffusers
     return torch.cat([small.to(masked_latent), masked_latent], dim=1)
 
 
-def hires_size(height: int, width: int, scale: float) -> tuple[int, int]:
+def hires_size(height: int, width: int, scale: float, downscale: int = DEFAULT.latent.downscale) -> tuple[int, int]:
     """(height, width) of the hires fix's second pass: the latent size scaled and rounded, so the pixel size is a
-    multiple of 8 (A1111 floors the pixel size, then divides by 8)."""
-    return round(height / 8 * scale) * 8, round(width / 8 * scale) * 8
+    multiple of the VAE's downscale, 8 (A1111 floors the pixel size, then divides by 8)."""
+    return round(height / downscale * scale) * downscale, round(width / downscale * scale) * downscale
 
 
 def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
@@ -184,7 +188,8 @@ def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Ten
     (B, 4, h, w) to `size` (H, W) in pixels, then img2img at `strength` on them, drawing noise from the pass-1
     generators. A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass (latent_upscale_modes
     "Latent" = bilinear, antialias False): https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
-    target = (size[0] // 8, size[1] // 8)
+    down = models.family.latent.downscale
+    target = (size[0] // down, size[1] // down)
 
     def upscale(z):  # (1, 4, h, w) -> (1, 4, H/8, W/8); one image at a time, as every batched CPU kernel here
         return torch.nn.functional.interpolate(z, size=target, mode="bilinear", antialias=False)
@@ -201,12 +206,13 @@ def _noise_source(seeds: list[int] | list[torch.Generator], shape: tuple[int, ..
 
 def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     batch = x.shape[0]
-    # The LCM sampler goes with LCM-distilled models, whose x0 carries the consistency boundary condition.
-    kind = LCMDenoiser if plan.sampler == "lcm" else Denoiser
-    unet = _UNetAdapter(models.unet, images=batch, extra=extra)
-    denoiser = kind(unet, schedule.training_alphas_cumprod(), models.info.prediction)
-    cond_b = _for_batch(cond, batch, x.device)
-    uncond_b = _for_batch(uncond, batch, x.device) if plan.cfg != 1 else None
+    # An LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
+    # denoiser too, as it always has (LCM-LoRA merged models do not say what they are).
+    kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
+    unet = _UNetAdapter(models.unet, images=batch)
+    denoiser = kind(unet, models.family.schedule.alphas_cumprod(), models.info.prediction)
+    cond_b = for_batch(conditioning(cond, extra), batch, x.device)
+    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device) if plan.cfg != 1 else None
     guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     sigmas = plan.sigmas.to(x.device)
 
@@ -221,35 +227,26 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
         return samplers.sample(plan.sampler, guided, x, sigmas, noise, callback=on_step)
 
 
-def _for_batch(cond, batch: int, device: torch.device):
-    """(1, T, D) conditioning, or a prompt-editing schedule of them, expanded to the batch on the device."""
-    if isinstance(cond, ScheduledCond):
-        return ScheduledCond(tuple((end, _for_batch(c, batch, device)) for end, c in cond.entries))
-    return cond.expand(batch, -1, -1).to(device)
-
-
 class _UNetAdapter:
-    """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back.
+    """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back. Optional
+    conditioning tensors (the vector y) are cast and split per image like the context."""
 
-    `extra` (1 or `images`, C, h, w) is conditioning appended to the UNet input's channels (inpainting's mask and
-    masked-image latent). It is appended here, after the Denoiser's c_in scaling of x, because only the noisy
-    latent is scaled (diffusers concatenates after scheduler.scale_model_input); samplers never see it."""
-
-    def __init__(self, unet, images: int, extra: torch.Tensor | None = None):
+    def __init__(self, unet, images: int):
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.unet = cuda_graphs.graphed(unet) if cuda_graphs.enabled(self.device) else unet
         self.images = images
-        self.extra = None if extra is None else extra.to(self.device, self.dtype).expand(images, -1, -1, -1)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (R, 4, h, w), t: (R,), context: (R, T, D) -> (R, 4, h, w) fp32; R = images x (1 or 2 with CFG)
-        x = x.to(self.dtype)
-        if self.extra is not None:
-            # rows are [uncond; cond] blocks of `images` each, so image k's extra goes to rows k, images+k, ...
-            extra = self.extra.repeat(x.shape[0] // self.images, 1, 1, 1)  # (R, C, h, w)
-            x = torch.cat([x, extra], dim=1)  # (R, 4 + C, h, w)
-        out = _per_image(self.unet, x, t.to(torch.float32), context.to(self.dtype), images=self.images)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **optional) -> torch.Tensor:
+        # x: (R, C, h, w), t: (R,), context: (R, T, D) -> (R, 4, h, w) fp32; R = images x (1 or 2 with CFG)
+        names = list(optional)
+
+        def unet(x_r, t_r, context_r, *rest):
+            return self.unet(x_r, t_r, context_r, **dict(zip(names, rest)))
+
+        rest = [v.to(self.dtype) for v in optional.values()]
+        out = _per_image(unet, x.to(self.dtype), t.to(torch.float32), context.to(self.dtype), *rest,
+                         images=self.images)
         return out.float()
 
 
@@ -279,7 +276,8 @@ def _device_of(module) -> torch.device:
 # --- VAE -----------------------------------------------------------------------------------------
 
 def scale_factor(models) -> float:
-    return float(getattr(models.info.vae, "scale_factor", 0.18215))
+    """The family's VAE latent scale (never visible in a header: SDXL's VAE has SD1's shapes)."""
+    return models.family.latent.scale_factor
 
 
 def encode_image(models, image: torch.Tensor) -> torch.Tensor:

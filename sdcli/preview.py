@@ -1,10 +1,9 @@
 """Live preview: the sampler's current estimate of the image, written to a PNG while the render runs.
 
 A full VAE decode per step would cost as much as a UNet step on a CPU, so the preview is A1111's "Approx cheap":
-a fixed linear map from the 4 latent channels to RGB (SD 1.x/2.x share the VAE latent space), at 1/8 of the
-size and scaled up bilinearly. The coefficients were fitted by a community member
-(https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2) and are what A1111's
-``sd_vae_approx.cheap_approximation`` uses for SD 1.x.
+a fixed linear map from the latent channels to RGB, at 1/8 of the size and scaled up bilinearly. The factors are
+the model family's (``LatentSpec.rgb_factors``, families/); for SD 1.x/2.x they are what A1111's
+``sd_vae_approx.cheap_approximation`` uses.
 
 Writes are atomic (an image viewer never sees half a file) and at most every `interval` seconds, plus the last
 step, so that a fast GPU is not slowed down by PNG encoding."""
@@ -17,26 +16,23 @@ from pathlib import Path
 import torch
 
 from .errors import OutputError
-
-LATENT_TO_RGB = torch.tensor([  # (4 latent channels, 3 colours), on the scaled latent
-    [0.298, 0.207, 0.208],
-    [0.187, 0.286, 0.173],
-    [-0.158, 0.189, 0.264],
-    [-0.184, -0.271, -0.473],
-])  # fmt: skip
+from .families import DEFAULT
 
 
-def cheap_rgb(latent: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B, 4, h, w) -> a rough image (B, 3, h, w) in [-1, 1]."""
-    rgb = torch.einsum("bchw,cr->brhw", latent.float(), LATENT_TO_RGB.to(latent.device))
+def cheap_rgb(latent: torch.Tensor, rgb_factors=DEFAULT.latent.rgb_factors) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> a rough image (B, 3, h, w) in [-1, 1]; `rgb_factors` (C, 3)."""
+    factors = torch.tensor(rgb_factors, device=latent.device)
+    rgb = torch.einsum("bchw,cr->brhw", latent.float(), factors)
     return rgb.clamp(-1, 1)
 
 
 class PreviewWriter:
     """A sampler callback (step, total, x, denoised) that keeps `path` showing image 0's current estimate."""
 
-    def __init__(self, path: str | Path, interval: float = 0.5):
+    def __init__(self, path: str | Path, interval: float = 0.5, rgb_factors=DEFAULT.latent.rgb_factors,
+                 downscale: int = DEFAULT.latent.downscale):
         self.path, self.interval = Path(path), interval
+        self.rgb_factors, self.downscale = rgb_factors, downscale
         self.last = -float("inf")
         self.failed = False
 
@@ -60,7 +56,8 @@ class PreviewWriter:
         from .outputs import atomic_write_bytes
 
         _, _, h, w = latent.shape
-        img = tensor_to_pil(cheap_rgb(latent.cpu())[0]).resize((w * 8, h * 8), Image.BILINEAR)
+        rgb = cheap_rgb(latent.cpu(), self.rgb_factors)[0]
+        img = tensor_to_pil(rgb).resize((w * self.downscale, h * self.downscale), Image.BILINEAR)
         atomic_write_bytes(self.path, _png_bytes(img), overwrite=True)
 
 

@@ -301,19 +301,23 @@ def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1
 def encode_pair(prompt: str, negative: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1):
     """(cond, uncond) with the same number of chunks, so they batch together for CFG: the shorter
     one is extended by the empty prompt's embedding, repeated (A1111 pad_cond_uncond)."""
-    import torch
-
     cond = encode_prompt(prompt, encoder, tokenizer, pad_id, clip_skip)  # (1, 77 * a, D)
     uncond = encode_prompt(negative, encoder, tokenizer, pad_id, clip_skip)  # (1, 77 * b, D)
+    return pad_chunks(cond, uncond, lambda: encode_prompt("", encoder, tokenizer, pad_id, clip_skip))
+
+
+def pad_chunks(cond, uncond, empty):
+    """(cond, uncond) with the same number of 77-token chunks: the shorter one is extended by the empty prompt's
+    embedding `empty()` (1, 77, D), repeated (A1111 pad_cond_uncond). The one padding rule of sdcli."""
+    import torch
+
     missing = (cond.shape[1] - uncond.shape[1]) // (CHUNK_LENGTH + 2)
     if missing == 0:
         return cond, uncond
-    empty = encode_prompt("", encoder, tokenizer, pad_id, clip_skip)  # (1, 77, D)
+    pad = empty().to(uncond)  # (1, 77, D)
     if missing > 0:
-        uncond = torch.cat([uncond, empty.repeat(1, missing, 1)], dim=1)
-    else:
-        cond = torch.cat([cond, empty.repeat(1, -missing, 1)], dim=1)
-    return cond, uncond
+        return cond, torch.cat([uncond, pad.repeat(1, missing, 1)], dim=1)
+    return torch.cat([cond, pad.repeat(1, -missing, 1)], dim=1), uncond
 
 
 def describe_prompt(text: str, tokenizer, pad_id: int) -> dict:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import UsageError
+from .schedule import SCHEDULE_LABELS
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
@@ -442,12 +443,9 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
     SamplerSpec("lcm", sample_lcm, True, "lcm", "LCM", "lcm", "LCMScheduler"),
 ]}
 
-# Schedule words that A1111 / ComfyUI append to a sampler label ("DPM++ 2M Karras", "dpmpp_2m_sgm_uniform").
-_SCHEDULE_SUFFIXES = {
-    "karras": "karras", "exponential": "exponential", "sgm_uniform": "sgm_uniform", "simple": "simple",
-    "ddim_uniform": "ddim_uniform", "beta": "beta", "normal": "normal", "align_your_steps": "align_your_steps",
-    "automatic": None, "uniform": "normal",
-}
+# Schedule words that A1111 / ComfyUI append to a sampler label ("DPM++ 2M Karras", "dpmpp_2m_sgm_uniform"):
+# schedule.py's one table of names.
+_SCHEDULE_SUFFIXES = {**{name: name for name in SCHEDULE_LABELS}, "automatic": None, "uniform": "normal"}
 
 
 def _norm(label: str) -> str:

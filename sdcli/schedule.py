@@ -204,6 +204,17 @@ SCHEDULES = {
     "lcm": _lcm,
 }
 
+# The one table of schedule names: ours -> A1111's "Schedule type" label (modules/sd_schedulers.py), where A1111 has
+# the schedule; metadata.py writes and reads infotext with it, samplers.py reads schedule words in sampler labels.
+SCHEDULE_LABELS = {
+    "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
+    "simple": "Simple", "ddim_uniform": "DDIM", "beta": "Beta", "align_your_steps": "Align Your Steps",
+}
+# Other spellings -> ours (None: the sampler's default). A1111's "Uniform" is k-diffusion's default discretisation,
+# uniform in t, which is the schedule we (and ComfyUI) call "normal".
+SCHEDULE_ALIASES = {"automatic": None, "default": None, "uniform": "normal", "sgmuniform": "sgm_uniform",
+                    "ays": "align_your_steps", "ddim": "ddim_uniform"}
+
 
 def get_sigmas(schedule: str, steps: int, model_sigmas: Tensor) -> Tensor:
     """Sigmas for `steps` steps of the named schedule: float32, descending, ending with 0.0.

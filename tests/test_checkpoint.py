@@ -16,6 +16,12 @@ from make_checkpoint import ldm_shapes, make_checkpoint, unet_diffusers_config, 
 from safetensors.torch import load_file, save_file
 
 from sdcli import checkpoint as ck
+from sdcli.families.sd2 import probe_v_prediction
+from sdcli.formats.hashing import file_sha256
+from sdcli.formats.hub import resolve_model
+from sdcli.formats.ldm import UNET_PREFIX, VAE_PREFIX
+from sdcli.formats.pickle_ckpt import convert_ckpt, load_ckpt
+from sdcli.formats.safetensors import read_header
 from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError
 from sdcli.models import TextConfig, UNetConfig, VAEConfig
 
@@ -114,7 +120,7 @@ def test_detect_tiny_files(tiny_sd1, tiny_sd2, tiny_sd1_diffusers):
     assert (two.unet.head_dim, two.unet.use_linear_in_transformer, two.text_layout) == (64, True, "openclip")
     assert two.text.num_layers == 2  # 3 resblocks stored, the last one unused
     assert folder.unet == one.unet and folder.vae == one.vae and folder.text == one.text
-    assert one.dtypes["unet"] == {"F32": len([k for k in ck.read_header(tiny_sd1) if k.startswith(ck.UNET_PREFIX)])}
+    assert one.dtypes["unet"] == {"F32": len([k for k in read_header(tiny_sd1) if k.startswith(UNET_PREFIX)])}
     assert ck.detect(tiny_sd2, prediction="eps").prediction == "eps"
 
 
@@ -161,8 +167,8 @@ class _FakeUNet(torch.nn.Module):
 
 
 def test_v_probe_follows_a1111_rule():
-    assert ck.probe_v_prediction(_FakeUNet(-1.0))  # output far below the input: v
-    assert not ck.probe_v_prediction(_FakeUNet(1.0))
+    assert probe_v_prediction(_FakeUNet(-1.0))  # output far below the input: v
+    assert not probe_v_prediction(_FakeUNet(1.0))
 
 
 # ---------------------------------------------------------------- strict loading
@@ -190,7 +196,7 @@ def test_missing_extra_and_misshaped_keys_are_listed(tiny_sd1, tmp_path):
         ck.load_models(path)
     msg = str(e.value)
     assert str(path) in msg and "UNet" in msg
-    assert f"missing: {drop[len(ck.UNET_PREFIX):]}" in msg
+    assert f"missing: {drop[len(UNET_PREFIX):]}" in msg
     assert f"unexpected: {extra}" in msg
     assert f"wrong shape: {bad} [5] != [4]" in msg
 
@@ -269,7 +275,7 @@ def test_read_header_names_the_problem(tmp_path, kind):
     path = tmp_path / f"{kind}.safetensors"
     path.write_bytes(data)
     with pytest.raises(BadInputError, match=expect) as e:
-        ck.read_header(path)
+        read_header(path)
     assert str(path) in str(e.value)
 
 
@@ -277,7 +283,7 @@ def test_truncated_tensor_data(tiny_sd1, tmp_path):
     path = tmp_path / "cut.safetensors"
     path.write_bytes(tiny_sd1.read_bytes()[:-1000])
     with pytest.raises(BadInputError, match="truncated"):
-        ck.read_header(path)
+        read_header(path)
 
 
 # ---------------------------------------------------------------- .ckpt (pickle), restricted
@@ -305,10 +311,10 @@ def lightning_ckpt(tiny_sd1, tmp_path, monkeypatch):
 
 
 def test_ckpt_loads_and_converts(lightning_ckpt, tiny_sd1, tmp_path):
-    state = ck.load_ckpt(lightning_ckpt)
+    state = load_ckpt(lightning_ckpt)
     ref = load_file(tiny_sd1)
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
-    out = ck.convert_ckpt(lightning_ckpt, tmp_path / "old.safetensors")
+    out = convert_ckpt(lightning_ckpt, tmp_path / "old.safetensors")
     conv = load_file(out)
     assert conv.keys() == ref.keys() and all(torch.equal(conv[k], ref[k]) for k in ref)
     models = ck.load_models(lightning_ckpt)
@@ -333,7 +339,7 @@ def test_malicious_pickle_never_runs(tmp_path, name, fmt):
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload, protocol=2))
-    for call in (ck.load_models, ck.detect, ck.load_ckpt, ck.read_header, lambda p: ck.convert_ckpt(p, tmp_path / "o.safetensors")):
+    for call in (ck.load_models, ck.detect, load_ckpt, read_header, lambda p: convert_ckpt(p, tmp_path / "o.safetensors")):
         with pytest.raises(BadInputError):
             call(path)
     assert not marker.exists()
@@ -345,7 +351,7 @@ def test_malicious_pickle_never_runs(tmp_path, name, fmt):
 
 def test_vae_override_from_standalone_and_diffusers_files(tiny_sd1, tiny_sd1_diffusers, tmp_path):
     other = load_file(make_checkpoint(tmp_path / "seed7.safetensors", family="sd1", seed=7))
-    standalone = {k[len(ck.VAE_PREFIX):]: v for k, v in other.items() if k.startswith(ck.VAE_PREFIX)}
+    standalone = {k[len(VAE_PREFIX):]: v for k, v in other.items() if k.startswith(VAE_PREFIX)}
     standalone["model_ema.decay"] = torch.tensor(0.999)
     save_file(standalone, str(tmp_path / "vae-ft-mse.safetensors"))
     models = ck.load_models(tiny_sd1, vae=tmp_path / "vae-ft-mse.safetensors")
@@ -361,7 +367,7 @@ def test_vae_override_from_standalone_and_diffusers_files(tiny_sd1, tiny_sd1_dif
 
 def test_missing_local_path_is_model_not_found(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
-        ck.resolve_model(str(tmp_path / "missing.safetensors"))
+        resolve_model(str(tmp_path / "missing.safetensors"))
 
 
 def test_hub_id_offline_with_cold_cache(tmp_path, monkeypatch):
@@ -369,11 +375,11 @@ def test_hub_id_offline_with_cold_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(ModelNotFoundError) as e:
-        ck.resolve_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        resolve_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
     msg = str(e.value)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "offline" in msg and "local" in msg
 
 
 def test_file_sha256(tiny_sd1):
-    assert ck.file_sha256(tiny_sd1) == hashlib.sha256(tiny_sd1.read_bytes()).hexdigest()
-    assert ck.file_sha256(tiny_sd1) == ck.file_sha256(str(tiny_sd1))  # cached, same answer
+    assert file_sha256(tiny_sd1) == hashlib.sha256(tiny_sd1.read_bytes()).hexdigest()
+    assert file_sha256(tiny_sd1) == file_sha256(str(tiny_sd1))  # cached, same answer

@@ -162,7 +162,7 @@ def test_metadata_read_by_sd_parsers_and_inspect(cli, tiny_sd1, tmp_path):  # no
     assert (sampler.parameters["steps"], sampler.parameters["seed"]) == ("3", "77")
     assert float(sampler.parameters["cfg_scale"]) == 5.0
     assert sampler.model.name == tiny_sd1.stem
-    from sdcli.checkpoint import file_sha256
+    from sdcli.formats.hashing import file_sha256
 
     sha = file_sha256(tiny_sd1)
     assert sampler.model.hash == sha[:10]
@@ -255,7 +255,7 @@ def test_encode_text_then_generate_with_cond(cli, tmp_path):
 # --- inspect -------------------------------------------------------------------------------------
 
 def test_inspect_checkpoint_and_prompt(cli, tiny_sd1):  # noqa: F811
-    from sdcli.checkpoint import file_sha256
+    from sdcli.formats.hashing import file_sha256
 
     report = json.loads(cli("inspect", str(tiny_sd1), "--json").stdout)
     assert (report["kind"], report["family"], report["prediction"], report["inpaint"]) == ("checkpoint", "sd1", "eps", False)

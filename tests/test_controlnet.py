@@ -23,7 +23,7 @@ from make_checkpoint import (
     unet_diffusers_config,
 )
 
-from sdcli import checkpoint as ck
+from sdcli.formats.diffusers import rename, unet_prefix_pairs
 from sdcli.models.controlnet import ControlNet, scale_residuals, sum_residuals, uncond_zeros, unit_active
 from sdcli.models.unet import UNetModel, sdxl_vector
 
@@ -45,7 +45,7 @@ def _unet_pair(family: str, seed: int = 1) -> tuple[UNetModel, UNet2DConditionMo
     shapes = _meta_shapes(ours, "")
     state = {k: _random(k, shapes[k], gen) for k in sorted(shapes)}
     ours.load_state_dict(state, strict=True)
-    table = _invert(ck.unet_prefix_pairs(len(cfg.channel_mult), cfg.num_res_blocks, cfg.attention_levels))
+    table = _invert(unet_prefix_pairs(len(cfg.channel_mult), cfg.num_res_blocks, cfg.attention_levels))
     table |= {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
     config = unet_diffusers_config(cfg, family)
     if family == "sdxl":
@@ -54,7 +54,7 @@ def _unet_pair(family: str, seed: int = 1) -> tuple[UNetModel, UNet2DConditionMo
                                             "projection_class_embeddings_input_dim", "attention_head_dim",
                                             "transformer_layers_per_block")}  # fmt: skip
     ref = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    ref.load_state_dict({ck.rename(k, table): t for k, t in state.items()}, strict=True)
+    ref.load_state_dict({rename(k, table): t for k, t in state.items()}, strict=True)
     return ours, ref
 
 

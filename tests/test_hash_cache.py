@@ -7,12 +7,12 @@ import os
 
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 
-from sdcli import checkpoint
+from sdcli.formats import hashing
 
 
 def _fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
 
 
 def test_disk_cache_is_used_and_invalidated_by_mtime(tmp_path, monkeypatch):
@@ -20,20 +20,20 @@ def test_disk_cache_is_used_and_invalidated_by_mtime(tmp_path, monkeypatch):
     f = tmp_path / "m.safetensors"
     f.write_bytes(b"weights" * 1000)
     real = hashlib.sha256(f.read_bytes()).hexdigest()
-    assert checkpoint.file_sha256(f) == real
+    assert hashing.file_sha256(f) == real
     cache = tmp_path / "cache" / "sdcli" / "sha256.json"
     data = json.loads(cache.read_text())
     assert list(data.values()) == [real]
     # A later process (empty memory cache) takes the hash from disk without reading the file.
     data = {k: "0" * 64 for k in data}
     cache.write_text(json.dumps(data))
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == "0" * 64
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == "0" * 64
     # The file changed (new mtime): hashed again.
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == real
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == real
 
 
 def test_damaged_or_unwritable_cache_is_harmless(tmp_path, monkeypatch):
@@ -43,10 +43,10 @@ def test_damaged_or_unwritable_cache_is_harmless(tmp_path, monkeypatch):
     cache.write_text("{not json")
     f = tmp_path / "m.bin"
     f.write_bytes(b"x")
-    assert checkpoint.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
+    assert hashing.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
     monkeypatch.setenv("XDG_CACHE_HOME", str(f))  # a file where the folder should be: cannot write
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
 
 
 BAD_VALUES = ["0" * 63, "0" * 65, "A" * 64, "g" * 64, " " + "0" * 63, "0" * 63 + "\n", "", 7, None, ["0" * 64],
@@ -64,8 +64,8 @@ def test_malformed_cache_values_are_never_believed_and_the_cache_is_rebuilt(tmp_
     key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     for bad in BAD_VALUES:
         cache.write_text(json.dumps({key: bad, "junk key": "1" * 64, "/other|1|2": "2" * 64}))
-        monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-        assert checkpoint.file_sha256(f) == real, bad
+        monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+        assert hashing.file_sha256(f) == real, bad
         # rewritten with the real hash; the malformed entries are gone, the well-formed one kept
         assert json.loads(cache.read_text()) == {key: real, "/other|1|2": "2" * 64}
 
@@ -78,13 +78,13 @@ def test_cache_that_is_not_a_map_or_not_a_file_is_rebuilt(tmp_path, monkeypatch)
     cache.parent.mkdir(parents=True)
     for content in ['["0"]', '"abc"', "null", "[" * 100_000, '{"a": ' * 100_000]:
         cache.write_text(content)
-        monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-        assert checkpoint.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
+        monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+        assert hashing.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
         assert list(json.loads(cache.read_text()).values()) == [hashlib.sha256(b"x").hexdigest()]
     cache.unlink()
     os.mkfifo(cache)  # reading a FIFO would block for ever: it is skipped, then replaced by a real file
-    monkeypatch.setattr(checkpoint, "_SHA_CACHE", {})
-    assert checkpoint.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
+    monkeypatch.setattr(hashing, "_SHA_CACHE", {})
+    assert hashing.file_sha256(f) == hashlib.sha256(b"x").hexdigest()
     assert cache.is_file()
 
 

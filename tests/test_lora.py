@@ -21,7 +21,8 @@ from sd_parsers import ParserManager
 from transformers import CLIPTextModel
 from typer.testing import CliRunner
 
-from sdcli.checkpoint import file_sha256, load_models
+from sdcli.checkpoint import load_models
+from sdcli.formats.hashing import file_sha256
 from sdcli.cli import app
 from sdcli.errors import BadInputError
 from sdcli.lora import LoraSpec, apply_lora, parse_spec

@@ -11,7 +11,7 @@ from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_taesd import original_layout, tiny_autoencoder, write_taesd_files
 from safetensors.torch import save_file
 
-from sdcli.checkpoint import read_header
+from sdcli.formats.safetensors import read_header
 from sdcli.errors import BadInputError, NumericalError, UsageError
 from sdcli.images import tensor_to_pil
 from sdcli.models.taesd import (

@@ -180,7 +180,8 @@ class TaesdParts:
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
-    from sdcli.checkpoint import PICKLE_SUFFIXES, load_ckpt, read_header
+    from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, load_ckpt
+    from sdcli.formats.safetensors import read_header
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return load_ckpt(path)  # restricted unpickler: tensors only, no code runs

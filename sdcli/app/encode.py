@@ -1,0 +1,100 @@
+"""`sdcli encode` (an image to a VAE latent file, or a prompt to a CLIP embedding file) and `sdcli decode` (a
+latent file back to PNG)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__, console
+from .. import config as cfgmod
+from ..errors import UnsupportedModelError, UsageError
+from ..jobs import single_job
+from . import render
+from .save import model_hash, refuse_existing, report
+
+
+@dataclass
+class EncodeRequest:
+    image: str | None
+    text: str | None
+    output: str
+    flags: dict
+    config_file: Path | None = None
+    overwrite: bool = False
+    json_out: bool = False
+
+
+@dataclass
+class DecodeRequest:
+    latent: Path
+    flags: dict
+    config_file: Path | None = None
+    overwrite: bool = False
+    json_out: bool = False
+
+
+def run_encode(req: EncodeRequest) -> None:
+    if (req.image is None) == (req.text is None):
+        raise UsageError("give either an IMAGE to VAE-encode or --text PROMPT to CLIP-encode")
+    if not req.output:
+        raise UsageError("give the output file with -o")
+    cfg = cfgmod.resolve(req.flags, req.config_file)
+    refuse_existing(Path(req.output), req.overwrite)
+    if req.text is not None:
+        return _encode_text(req, cfg)
+    _encode_image(req, cfg)
+
+
+def _encode_text(req: EncodeRequest, cfg) -> None:
+    from .. import latents, pipeline
+    from ..lora import LoraState
+    from ..prompt_schedule import prompt_schedule
+
+    job = single_job(req.text, cfg)
+    if len(prompt_schedule(job.text, cfg.steps)) > 1:
+        raise UnsupportedModelError("the prompt edits itself during sampling ([from:to:when] or [a|b]); an "
+                                    "embedding file holds one conditioning: give the prompt to generate")
+    specs = render.lora_specs([], job)  # a <lora:...> tag changes the text encoder's weights
+    models = render.load(cfg)
+    render.use_loras(LoraState(models), specs)
+    cond, _ = pipeline.encode_text(models, job.text, "", cfg.clip_skip)
+    path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
+                                  clip_skip=cfg.clip_skip, model_hash=model_hash(models), overwrite=req.overwrite)
+    report(req, {"path": str(path), "kind": "embedding", "shape": list(cond.shape)})
+
+
+def _encode_image(req: EncodeRequest, cfg) -> None:
+    from .. import images, latents, pipeline
+
+    img, notes = images.load_image(req.image)
+    for note in notes:
+        console.info(f"{req.image}: {note}")
+    models = render.load(cfg)
+    latent = pipeline.encode_image(models, images.pil_to_tensor(img))
+    path = latents.save_latent(req.output, latent, scaled=True, scale_factor=pipeline.scale_factor(models),
+                               family=models.info.family, source_size=(img.width, img.height),
+                               model_hash=model_hash(models), overwrite=req.overwrite)
+    report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
+
+
+def run_decode(req: DecodeRequest) -> None:
+    from .. import images, latents, pipeline
+    from ..outputs import STDOUT, expand_template, save_png
+
+    cfg = cfgmod.resolve(req.flags, req.config_file)
+    lf = latents.load_latent(req.latent)  # checked before the model is loaded
+    n = lf.latent.shape[0]
+    paths = [Path(STDOUT) if cfg.output == STDOUT else expand_template(cfg.output, k, k, req.latent.stem)
+             for k in range(n)]
+    if len(set(paths)) != n:
+        raise UsageError(f"{req.latent} holds {n} latents: give -o a template with {{index}}")
+    for p in paths:
+        refuse_existing(p, req.overwrite)
+    models = render.load(cfg)
+    decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models)))
+    for k, p in enumerate(paths):
+        meta = {"sdcli_version": __version__, "mode": "decode", "source": str(req.latent),
+                "fallbacks": decoded.fallbacks}
+        saved = save_png(images.tensor_to_pil(decoded.images[k]), p, "", meta, overwrite=req.overwrite)
+        report(req, {"path": str(saved), "index": k, "fallbacks": decoded.fallbacks})

@@ -1,0 +1,132 @@
+"""`sdcli generate`: text to image, from a prompt, a prompts file, an embedding file (--cond), a latent file
+(--latent-in) or the settings recorded in an image (--from-image)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import config as cfgmod
+from .. import console
+from ..errors import BadInputError, UsageError
+from ..jobs import Job, read_prompts_file, single_job
+from . import render
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str | None
+    flags: dict
+    config_file: Path | None = None
+    prompts_file: str | None = None
+    cond: Path | None = None
+    latent_in: Path | None = None
+    latent_out: str | None = None
+    overwrite: bool = False
+    json_out: bool = False
+    progress: str = "auto"  # auto | json | none
+    dry_run: bool = False
+    from_image: Path | None = None
+    print_config: bool = False
+    loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
+    preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+
+
+def run_generate(req: GenerateRequest) -> None:
+    if req.cond is not None:
+        req = _with_cond_prompt(req)
+    replay = _replay(req) if req.from_image else None
+    base = cfgmod.resolve(req.flags, req.config_file, replay.values if replay else None)
+    if replay is not None and "dtype" not in req.flags:  # a --dtype flag still wins over the image's
+        base = _replayed_dtype(base, replay)
+    if req.print_config:
+        return console.emit_json(base.to_dict()) if req.json_out else print(cfgmod.to_yaml(base), end="")
+    if replay is not None and req.prompt is None and not req.prompts_file:
+        req = dataclasses.replace(req, prompt=replay.prompt)
+    jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
+    if req.prompts_file and req.prompt:
+        raise UsageError("give either a PROMPT or --prompts-file, not both")
+    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
+    if req.dry_run:
+        return _dry_run(jobs)
+    if req.latent_in and base.hires_scale != 1.0:
+        raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
+    targets = render.plan_targets(jobs, req.overwrite)
+    loras = render.job_loras(jobs, req.loras)
+    init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
+    models = render.load(base)
+    render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
+    init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
+    cond = _load_cond(req.cond, models) if req.cond else None
+    render.render_all(models, targets, init, cond, req, loras)
+
+
+def _init_latent_file(path: Path, jobs: list[Job]):
+    from .. import latents
+
+    return latents.load_init_latent(path, [(job.cfg.n, job.cfg.batch_size) for job in jobs])
+
+
+def _latent_init(path: Path, lf, cfg, models) -> render.Init:
+    from ..pipeline import scale_factor
+
+    return render.Init(lf.unet_space(scale_factor(models)), cfg.strength, [f"started from latent file {path}"])
+
+
+def _replay(req: GenerateRequest):
+    from ..replay import from_image
+
+    replay = from_image(req.from_image)
+    if replay.mode != "txt2img":
+        console.info(f"{req.from_image}: made by {replay.mode}; replaying its settings as text-to-image")
+    return replay
+
+
+def _replayed_dtype(cfg, replay):
+    """The image's dtype when it runs well on the device at hand, else `auto`'s pick, said on stderr."""
+    from .. import device
+
+    dtype, note = device.replay_dtype(replay.recorded.get("dtype"), device.choose(cfg.device, "fp32").device)
+    if note:
+        console.info(note)
+    return cfg if dtype == "auto" else dataclasses.replace(cfg, dtype=dtype)
+
+
+def _with_cond_prompt(req: GenerateRequest) -> GenerateRequest:
+    """With --cond the embedding is the prompt: record the text it was made from. A PROMPT given as well would
+    be written into the image's metadata without having conditioned it, so that is refused."""
+    from .. import latents
+
+    if req.prompt is not None or req.prompts_file:
+        raise UsageError("--cond replaces the prompt: give it without a PROMPT or --prompts-file")
+    return dataclasses.replace(req, prompt=latents.load_embedding(req.cond).prompt)
+
+
+def _load_cond(path: Path, models):
+    from .. import latents
+
+    emb = latents.load_embedding(path)
+    width = models.text_encoder.hidden_size
+    if emb.cond.shape[-1] != width:
+        raise BadInputError(f"{path}: embedding width {emb.cond.shape[-1]} does not fit this model's text width {width}")
+    return emb.cond
+
+
+def _dry_run(jobs: list[Job]) -> None:
+    """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model, so the
+    tokens are shown as the default family's text encoder pads them."""
+    from ..families import DEFAULT
+    from ..pipeline import make_plan
+    from ..prompt_schedule import prompt_schedule
+    from ..prompts import describe_prompt
+    from ..tokenizer import get_tokenizer
+
+    for job in jobs:
+        plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
+        schedule = prompt_schedule(job.text, job.cfg.steps)
+        console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": plan.sampler,
+                           "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in plan.sigmas],
+                           "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
+                           "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
+                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id)})

@@ -1,0 +1,60 @@
+"""`sdcli img2img`: an input image noised to --strength and re-sampled; with --mask an inpainting model repaints
+the white area (its UNet sees the mask and the masked image through Cond.concat)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import config as cfgmod
+from .. import console
+from ..jobs import single_job
+from . import render
+
+
+@dataclass
+class Img2ImgRequest:
+    prompt: str
+    image: str
+    flags: dict
+    config_file: Path | None = None
+    overwrite: bool = False
+    json_out: bool = False
+    progress: str = "auto"  # auto | json | none
+    mask: str | None = None  # inpainting mask (white = repaint); needs a 9-channel inpainting model
+    loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
+    preview: str | None = None
+
+
+def run_img2img(req: Img2ImgRequest) -> None:
+    from .. import images, pipeline
+
+    base = cfgmod.resolve(req.flags, req.config_file)
+    if req.mask and cfgmod.origin("strength", req.flags, req.config_file) == "default":
+        base = dataclasses.replace(base, strength=1.0)  # inpainting repaints from pure noise unless told otherwise
+    job = single_job(req.prompt, base)
+    render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    img, notes = images.load_image(req.image)
+    for note in notes:
+        console.info(f"{req.image}: {note}")
+    mask = _load_mask(req.mask, img) if req.mask else None
+    job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
+    targets = render.plan_targets([job], req.overwrite)
+    loras = render.job_loras([job], req.loras)
+    models = render.load(base)
+    render.check_inpaint_model(models, base, req.mask)
+    pixels = images.pil_to_tensor(img)
+    latent = pipeline.encode_image(models, pixels)
+    concat = pipeline.inpaint_conditioning(models, pixels, mask) if mask is not None else None
+    init = render.Init(latent, base.strength, notes, concat, req.mask)
+    render.render_all(models, targets, init, None, req, loras)
+
+
+def _load_mask(path: str, img):
+    from .. import images
+
+    mask, notes = images.load_mask(path, img.size)
+    for note in notes:
+        console.info(f"{path}: {note}")
+    return mask

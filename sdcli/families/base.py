@@ -1,0 +1,105 @@
+"""What a model family is, as data: one frozen `Family` per family, declared in its own file (sd1.py, sd2.py, ...)
+and walked by the registry (families/__init__.py). Shapes say the network sizes (families/shapes.py); a family says
+what shapes cannot: how to recognise it, its text encoders, its latent space, its prediction type and how that is
+settled, its native size, its training schedule, its diffusers components.
+
+Shape taken from ComfyUI comfy/supported_models.py (one small class of data per model, detection walks the list).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Shapes = dict[str, tuple[int, ...]]
+
+# A1111's "Approx cheap" latent -> RGB factors for the SD 1.x/2.x VAE latent space, on the scaled latent
+# (4 latent channels x 3 colours). Fitted by a community member:
+# https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2
+SD_LATENT_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family."""
+
+    prefix: str  # where its weights sit in an LDM single file
+    pad_id: int  # the id that fills a 77-token window after the end token
+    hidden_act: str  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP)
+    hidden_layer: str = "last"  # "penultimate": the file's last layer is dropped at load (SD2's conditioning)
+    pooled: bool = False  # whether the UNet needs its pooled output (SDXL's vector y)
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """The VAE latent space."""
+
+    channels: int = 4
+    scale_factor: float = 0.18215  # scaled latent = VAE latent * scale_factor (the space the UNet works in)
+    downscale: int = 8  # pixels per latent cell
+    rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB  # (channels, 3): the cheap preview's map
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The DDPM noise schedule the UNet was trained on: "scaled linear" betas (sqrt-spaced), as LDM's configs."""
+
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    steps: int = 1000
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        from sdcli.schedule import training_alphas_cumprod
+
+        return training_alphas_cumprod(self.steps, self.beta_start, self.beta_end)
+
+    def sigmas(self) -> torch.Tensor:
+        from sdcli.schedule import model_sigmas
+
+        return model_sigmas(self.alphas_cumprod())
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # recorded in metadata and latent files ("sd1", "sd2", ...)
+    title: str  # for people: "SD 1.x", "SDXL"
+    a1111_name: str  # A1111's SdVersion name (extensions-builtin/Lora/network.py): SD1, SD2, SDXL
+    matches: Callable[[Shapes], bool]  # recognises the family from header shapes (LDM names), in registry order
+    text: tuple[TextEncoderSpec, ...]
+    unet_heads: dict  # attention heads: dict(num_heads=8, head_dim=None) or dict(num_heads=None, head_dim=64)
+    latent: LatentSpec = LatentSpec()
+    schedule: TrainingSchedule = TrainingSchedule()
+    prediction: str = "eps"  # of the base model when the file does not say
+    # When set, `prediction` is only a guess (variants share every shape) settled by this probe forward:
+    # unet -> "eps" | "v".
+    settle_prediction: Callable | None = None
+    inpaint_prediction: str = "eps"  # the inpainting variants' (in_channels = 2 * latent channels + 1)
+    native_sizes: dict = field(default_factory=lambda: {"eps": 512, "v": 512})  # by prediction
+    diffusers_components: tuple[str, ...] = ("unet", "vae", "text_encoder")
+    supported: bool = True  # False: recognised, then refused with exit 8 naming the family
+
+    @property
+    def inpaint_in_channels(self) -> int:
+        """An inpainting UNet sees the noisy latent, the mask and the masked image's latent."""
+        return 2 * self.latent.channels + 1
+
+    def native_size(self, prediction: str) -> int:
+        return self.native_sizes[prediction]
+
+    def hub_patterns(self) -> list[str]:
+        """What a diffusers repo of this family must give us (safetensors only, full precision)."""
+        files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
+        return [f"{c}/{files.get(c, 'model.safetensors')}" for c in self.diffusers_components]
+
+    def default_prediction(self, inpaint: bool) -> tuple[str, str]:
+        """(prediction, how we know) when neither the user nor the file says."""
+        if inpaint:
+            return self.inpaint_prediction, "family"
+        return self.prediction, "guess" if self.settle_prediction is not None else "family"

@@ -1,0 +1,72 @@
+"""safetensors files: sniffing what a file really is, reading and validating the JSON header, tensor byte ranges.
+
+File knowledge only: nothing here knows what a model family is.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+import torch
+from torch import Tensor
+
+from sdcli.errors import BadInputError
+from sdcli.formats.safetensors_header import decode_header
+
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def sniff(head: bytes) -> str | None:
+    """What a file that is not safetensors looks like, from its first bytes."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a git-LFS pointer, not the weights (run `git lfs pull` or download the real file)"
+    if head.lstrip()[:1] == b"<":
+        return "it is an HTML/XML page (a failed download?)"
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip/PyTorch pickle checkpoint (.ckpt); convert it with `sdcli convert` first"
+    if head[:1] == b"\x80":
+        return "it is a Python pickle (.ckpt/.pt); only the restricted .ckpt loader may read it"
+    if head.startswith(b"GGUF"):
+        return "it is a GGUF file (stable-diffusion.cpp format), not safetensors"
+    return None
+
+
+def read_header(path: str | Path) -> dict:
+    """The safetensors JSON header of `path` (tensor names -> dtype/shape/offsets, plus ``__metadata__``)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+            sniffed = sniff(head)
+            if sniffed is None and len(head) >= 8:
+                (n,) = struct.unpack("<Q", head[:8])
+                if n > min(size - 8, _MAX_HEADER):
+                    sniffed = "its header length is past the end of the file (truncated or not safetensors)"
+                else:
+                    f.seek(8)
+                    raw = f.read(n)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from e
+    if sniffed is None and len(head) < 8:
+        sniffed = "the file is too short to be safetensors (truncated)"
+    if sniffed:
+        raise BadInputError(f"{path}: not a valid safetensors file: {sniffed}")
+    return decode_header(path, raw, size - 8 - n)  # every entry checked as the safetensors library does
+
+
+def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte range of every tensor of a safetensors file (``read_header`` validates the offsets)."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}  # fmt: skip
+
+
+def dtype_name(t: Tensor) -> str:
+    names = {v: k for k, v in FLOAT_DTYPES.items()}
+    return names.get(t.dtype, str(t.dtype).removeprefix("torch.").upper())

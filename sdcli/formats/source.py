@@ -1,0 +1,132 @@
+"""Weight sources: LDM key -> where its tensor lives (a single safetensors file, a diffusers folder, an in-memory
+.ckpt), read lazily, one tensor at a time, never through a memory map kept open."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from sdcli.errors import BadInputError, ModelNotFoundError
+from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, load_ckpt, looks_pickled
+from sdcli.formats.safetensors import FLOAT_DTYPES, dtype_name, read_header, tensor_ranges
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    key: str  # name inside `file`
+    dtype: str  # safetensors dtype string ("F16", ...)
+    shape: tuple[int, ...]  # shape under its LDM name
+    as_conv: bool = False  # stored (C, C) Linear, presented as (C, C, 1, 1) conv (diffusers VAE attention)
+
+
+class WeightSource:
+    """LDM-named view of the tensors of one model, read lazily from memory-mapped safetensors."""
+
+    def __init__(self, path: Path, entries: dict[str, Entry], metadata: dict | None = None,
+                 prediction_hint: str | None = None, layout: str = "single",
+                 tensors: dict[str, Tensor] | None = None):  # fmt: skip
+        self.path, self.entries, self.layout = path, entries, layout
+        self.metadata = metadata or {}
+        self.prediction_hint = prediction_hint
+        self._tensors = tensors  # only for .ckpt files, already in memory
+        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, tuple[Any, dict[str, tuple[int, int]]]] = {}
+
+    @property
+    def header(self) -> dict:
+        """A safetensors-style header under LDM names (what `detect` reads)."""
+        head: dict[str, Any] = {k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in self.entries.items()}
+        head["__metadata__"] = dict(self.metadata, **({"sdcli.prediction_hint": self.prediction_hint}
+                                                       if self.prediction_hint else {}))  # fmt: skip
+        return head
+
+    def get(self, key: str) -> Tensor:
+        e = self.entries[key]
+        if self._tensors is not None:
+            t = self._tensors[e.key]
+        elif e.dtype in FLOAT_DTYPES:
+            t = self._read(e)
+        else:
+            from safetensors import safe_open
+
+            if e.file not in self._handles:
+                self._handles[e.file] = safe_open(str(e.file), framework="pt", device="cpu")
+            t = self._handles[e.file].get_tensor(e.key)
+        return t.reshape(e.shape) if e.as_conv else t
+
+    def _read(self, e: Entry) -> Tensor:
+        """One float tensor read with a plain file read into its own buffer, not through a memory map: mapped
+        pages count in the process's RSS until the map closes, which would add the whole file (2 GB for SD1.5)
+        on top of the cast weights at the peak of a load (measured in scripts/bench.py)."""
+        if e.file not in self._files:
+            self._files[e.file] = (open(e.file, "rb", buffering=0), tensor_ranges(e.file))
+        f, ranges = self._files[e.file]
+        start, end = ranges[e.key]
+        dtype = FLOAT_DTYPES[e.dtype]
+        if end == start:
+            return torch.empty(e.shape, dtype=dtype)
+        t = torch.empty((end - start) // dtype.itemsize, dtype=dtype)
+        f.seek(start)  # read straight into the tensor's memory: no zero-filled bytearray, no second copy
+        if f.readinto((ctypes.c_char * (end - start)).from_address(t.data_ptr())) != end - start:
+            raise BadInputError(f"{e.file}: truncated: tensor {e.key!r} ends past the end of the file")
+        return t.reshape(e.shape)
+
+    def close(self) -> None:
+        self._handles.clear()
+        for f, _ in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def entries_from_header(path: Path, header: dict, prefix: str = "", rename_fn: Callable[[str], str] | None = None,
+                        as_conv: Callable[[str], bool] | None = None) -> dict[str, Entry]:
+    """Entries under LDM names; `as_conv(ldm_key)` marks (C, C) Linear weights presented as (C, C, 1, 1) convs."""
+    out = {}
+    for key, e in header.items():
+        if key == "__metadata__":
+            continue
+        ldm = prefix + (rename_fn(key) if rename_fn else key)
+        shape = tuple(e["shape"])
+        conv = as_conv is not None and as_conv(ldm) and len(shape) == 2
+        out[ldm] = Entry(path, key, e["dtype"], shape + (1, 1) if conv else shape, conv)
+    return out
+
+
+def single_file_source(path: Path) -> WeightSource:
+    header = read_header(path)
+    return WeightSource(path, entries_from_header(path, header), header.get("__metadata__"))
+
+
+def open_source(path: str | Path) -> WeightSource:
+    """A WeightSource for a single file (.safetensors or, restricted, .ckpt) or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise BadInputError(f"{path}: a folder, but not a diffusers model (no model_index.json or unet/)")
+        from sdcli.formats.diffusers import diffusers_source
+
+        return diffusers_source(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from e
+    # Only a pickle extension opts in to the restricted unpickler; a pickle under any other name (say
+    # .safetensors) is refused by read_header's sniffing, so renaming a file can never make us unpickle it.
+    if path.suffix.lower() in PICKLE_SUFFIXES and looks_pickled(head):
+        state = load_ckpt(path)
+        entries = {k: Entry(path, k, dtype_name(t), tuple(t.shape)) for k, t in state.items()}
+        return WeightSource(path, entries, {}, layout="ckpt", tensors=state)
+    return single_file_source(path)
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())

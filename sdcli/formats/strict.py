@@ -1,0 +1,127 @@
+"""Strict loading: every module key filled from the file, every file key placed, shapes and dtypes checked, all
+problems listed in one error; known extras of real files skipped on purpose by IGNORED_KEYS.
+
+A plan maps each module key to (LDM key, chunk of a fused q/k/v tensor or None).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from sdcli.errors import BadInputError, NumericalError
+from sdcli.formats.safetensors import FLOAT_DTYPES
+
+# Known extras in real files, skipped on purpose (never loaded, never an error):
+IGNORED_KEYS = [
+    re.compile(r"^model_ema\."),  # EMA copies and their bookkeeping (decay, num_updates)
+    re.compile(  # diffusion schedule buffers of LatentDiffusion; our schedule is computed, not loaded
+        r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod|"
+        r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|"
+        r"posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|"
+        r"logvar|model_ema_decay|num_updates)$"
+    ),
+    re.compile(r"position_ids$"),  # a buffer, not a parameter (transformers >= 4.31 does not store it)
+    re.compile(r"^cond_stage_model\.model\.(logit_scale|text_projection)$"),  # only for CLIP's pooled output
+    re.compile(r"^lora_"),  # LoRA keys merged into some files' headers are not weights of this model
+]
+
+
+def is_ignored(key: str) -> bool:
+    return any(p.search(key) for p in IGNORED_KEYS)
+
+
+Plan = dict[str, tuple[str, int | None]]
+
+
+def identity_plan(keys: list[str], prefix: str) -> tuple[Plan, list[str]]:
+    return {k[len(prefix):]: (k, None) for k in keys if k.startswith(prefix) and not is_ignored(k)}, []
+
+
+def listing(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _planned_shape(source, ldm_key: str, chunk: int | None) -> tuple[int, ...]:
+    shape = source.entries[ldm_key].shape
+    return shape if chunk is None else (shape[0] // 3, *shape[1:])
+
+
+def check_strict(part: str, source, plan: Plan, expected: dict[str, tuple[int, ...]],
+                 unplaced: list[str]) -> None:  # fmt: skip
+    """Raise BadInputError listing missing, unexpected and mis-shaped keys (file names where we have them)."""
+    missing = sorted(k for k in expected if k not in plan)
+    unexpected = sorted([plan[k][0] for k in plan if k not in expected] + unplaced)
+    wrong = sorted(
+        f"{plan[k][0]} {list(_planned_shape(source, *plan[k]))} != {list(shape)}"
+        for k, shape in expected.items()
+        if k in plan and _planned_shape(source, *plan[k]) != shape
+    )
+    problems = [f"{name}: {listing(items)}" for name, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]  # fmt: skip
+    if problems:
+        raise BadInputError(f"{source.path}: {part} weights do not match the model: " + "; ".join(problems))
+
+
+CAST_CHUNK = 1 << 20  # elements per cast-and-sum piece: 4 MB in fp32, still in cache when it is summed
+
+
+def _cast_and_sum(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(t cast to `dtype` contiguously, its float32 sum), the sum taken piece by piece right after each piece is
+    cast, while it is in cache: NaN/Inf anywhere makes the sum non-finite, without a second pass over RAM."""
+    if t.device.type != "cpu" or t.numel() <= CAST_CHUNK:
+        out = t.to(dtype).contiguous()
+        return out, out.sum(dtype=torch.float32)
+    out = torch.empty(t.shape, dtype=dtype)
+    src, dst = t.reshape(-1), out.view(-1)
+    total = torch.zeros((), dtype=torch.float32)
+    for i in range(0, dst.numel(), CAST_CHUNK):
+        piece = dst[i : i + CAST_CHUNK]
+        piece.copy_(src[i : i + CAST_CHUNK])
+        total += piece.sum(dtype=torch.float32)
+    return out, total
+
+
+def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """Read every planned tensor once, move it, cast it once; check stored dtypes and finiteness."""
+    state, sums = {}, []
+    for name, (key, chunk) in plan.items():
+        entry = source.entries[key]
+        if entry.dtype not in FLOAT_DTYPES:
+            raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
+        t = source.get(key).to(device)
+        if chunk is not None:
+            t = t.chunk(3, dim=0)[chunk]
+        state[name], total = _cast_and_sum(t, dtype)
+        sums.append(total)
+    if sums:
+        bad = ~torch.isfinite(torch.stack(sums))
+        if bool(bad.any()):
+            names = [plan[n][0] for n, b in zip(plan, bad.tolist()) if b]
+            if all(bool(torch.isfinite(state[n].float()).all()) for n, b in zip(plan, bad.tolist()) if b):
+                return state  # only the float32 sum overflowed; every element is finite
+            raise NumericalError(f"{source.path}: NaN or Inf in the weights of {listing(names)}")
+    return state
+
+
+def _check_dtypes(part: str, source, plan: Plan) -> None:
+    """List every non-float tensor at once (load_state_dict would silently cast integers to floats)."""
+    bad = sorted(f"{key} has dtype {source.entries[key].dtype}" for key, _ in plan.values()
+                 if source.entries[key].dtype not in FLOAT_DTYPES)
+    if bad:
+        raise BadInputError(f"{source.path}: {part} tensors must be floating point (F32/F16/BF16): "
+                            f"{listing(sorted(set(bad)))}")
+
+
+def load_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str],
+              dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
+    """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_strict(part, source, plan, expected, unplaced)
+    _check_dtypes(part, source, plan)
+    module.load_state_dict(_read_cast(source, plan, dtype, device), strict=True, assign=True)
+    return module.requires_grad_(False).eval()
+
