@@ -143,6 +143,7 @@ class Models:
     name: str  # for metadata: file stem or folder name
     vae_source: Path | None = None  # the --vae override, if any
     placement: Any = None  # device.Placement the models were loaded for (None when loaded without one)
+    embeddings: Any = None  # embeddings.EmbeddingLibrary the prompts may trigger (pipeline.with_embeddings)
 
     @property
     def family(self) -> Family:

@@ -149,6 +149,11 @@ LoraDirOpt = Annotated[
     Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
                                 "(sub-folders too).")
 ]
+EmbeddingsDirOpt = Annotated[
+    Optional[str], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's "
+                                "embeddings/, sub-folders too): a file's name in the prompt, or embedding:NAME, "
+                                "places its vectors.")
+]
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
@@ -205,6 +210,7 @@ def generate(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -246,6 +252,7 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
     if print_config and from_image is None:
@@ -284,6 +291,7 @@ def img2img(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -299,6 +307,7 @@ def img2img(
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device)
     if print_config:
         return _print_config(flags, config, json_out)
@@ -322,6 +331,7 @@ def encode(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -333,7 +343,8 @@ def encode(
     from .app.encode import EncodeRequest, run_encode
 
     set_quiet(quiet)
-    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, dtype=dtype, device=device)
+    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                   dtype=dtype, device=device)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -367,12 +378,13 @@ def inspect(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
     hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
+    embeddings_dir: EmbeddingsDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
     from .inspecting import run_inspect
 
-    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out)
+    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
 
 
 @app.command()
@@ -395,6 +407,7 @@ def verify(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
@@ -407,7 +420,7 @@ def verify(
     from .app.verify import run_verify
 
     set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device)
     run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
 
 

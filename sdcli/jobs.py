@@ -6,7 +6,7 @@ Prompts file format (`--prompts-file F`, `-` = stdin), one job per line:
     besides `prompt` is a config key (as in the YAML configs) overriding the run's config for that job;
   - blank lines and lines starting with `#` are skipped.
 Every line is checked before any work starts; a bad one fails with its line number. Keys that would need another
-model loaded (model, vae, dtype, device, prediction) cannot change per job.
+model loaded (model, vae, dtype, device, prediction) or another embeddings folder cannot change per job.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import SEED_MAX, RunConfig, check_value
 from .errors import BadInputError, UsageError
 
-PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction"}
+PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir"}
 
 
 @dataclass(frozen=True)

@@ -68,15 +68,35 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
 # --- text ----------------------------------------------------------------------------------------
 
 def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32."""
+    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32. Textual-inversion
+    embeddings the texts trigger (models.embeddings) take the rows of this encoder's key."""
     from .prompts import encode_pair
     from .tokenizer import get_tokenizer
 
     enc = models.text_encoder
-    pad_id = models.family.text[0].pad_id
+    spec = models.family.text[0]
     with torch.inference_mode():
-        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), pad_id, clip_skip)
+        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), spec.pad_id, clip_skip,
+                                   models.embeddings, spec.embedding_key)
     return cond.float(), uncond.float()
+
+
+def embedding_widths(models) -> dict[str, int]:
+    """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
+    return {spec.embedding_key: enc.hidden_size for spec, enc in zip(models.family.text, (models.text_encoder,))}
+
+
+def with_embeddings(models, folder):
+    """The models with the embeddings of `folder` (sub-folders too) available to every prompt; files that do
+    not fit the model are said once on stderr when a prompt names them, and left out."""
+    import dataclasses
+
+    from . import console
+    from .embeddings import EmbeddingLibrary
+    from .tokenizer import get_tokenizer
+
+    library = EmbeddingLibrary(folder, embedding_widths(models), get_tokenizer().encode, console.info)
+    return dataclasses.replace(models, embeddings=library)
 
 
 def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,

@@ -117,6 +117,11 @@ def _dry_run(jobs: list[Job]) -> None:
     from ..prompts import describe_prompt
     from ..tokenizer import get_tokenizer
 
+    library = None
+    if jobs[0].cfg.embeddings_dir:  # no model: every file taken as it is, as inspect --prompt does
+        from ..embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(jobs[0].cfg.embeddings_dir, None, get_tokenizer().encode, console.info)
     for job in jobs:
         plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
         schedule = prompt_schedule(job.text, job.cfg.steps)
@@ -124,4 +129,5 @@ def _dry_run(jobs: list[Job]) -> None:
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in plan.sigmas],
                            "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
                            "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
-                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id)})
+                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id,
+                                                     library)})

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import console
 from ..config import RunConfig
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, ModelNotFoundError, UsageError
 from ..jobs import Job
 from . import save
 from .progress import Progress
@@ -148,15 +148,23 @@ def job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
 
 
 def load(cfg: RunConfig):
-    from .. import checkpoint, device
+    from .. import checkpoint, device, pipeline
 
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
-    return checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_embeddings_dir(cfg: RunConfig) -> None:
+    """A named embeddings folder must exist: said before the (slow) model load."""
+    if cfg.embeddings_dir and not Path(cfg.embeddings_dir).expanduser().is_dir():
+        raise ModelNotFoundError(f"embeddings_dir {cfg.embeddings_dir}: no such folder")
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:

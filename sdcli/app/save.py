@@ -59,7 +59,24 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
+    used = used_embeddings(models, target.job)
+    if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
+        params["extra"] = {**params.get("extra", {}),
+                           "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
     return format_infotext(params)
+
+
+def used_embeddings(models, job) -> list:
+    """The textual-inversion embeddings the job's prompt and negative place, at any step of any pass."""
+    from ..prompt_schedule import prompt_schedule
+
+    if models.embeddings is None:
+        return []
+    cfg = job.cfg
+    passes = [None] if cfg.hires_scale == 1.0 else [None, cfg.hires_steps or cfg.steps]
+    texts = {t: None for text in (job.text, cfg.negative) for hires in passes
+             for _, t in prompt_schedule(text, cfg.steps, hires)}
+    return models.embeddings.used_in(texts)
 
 
 def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dict:
@@ -74,7 +91,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    del recorded["output"], recorded["lora_dir"]
+    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir"):  # the user's folders
+        del recorded[key]
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),
@@ -88,6 +106,10 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    used = used_embeddings(models, target.job)
+    if used:  # the file name (A1111's name is its stem) and the whole file's sha256
+        meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
+                              for e in used]
     if loras:
         meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
                           "modules": r.total} for r in loras]

@@ -35,6 +35,9 @@ class TextEncoderSpec:
     hidden_act: str  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP)
     hidden_layer: str = "last"  # "penultimate": the file's last layer is dropped at load (SD2's conditioning)
     pooled: bool = False  # whether the UNet needs its pooled output (SDXL's vector y)
+    # Which vectors of a textual-inversion file it takes: "clip_l" (OpenAI ViT-L), "clip_g" (OpenCLIP bigG) are
+    # the keys of SDXL embedding files; a single-tensor file fits any one-encoder model of its width.
+    embedding_key: str = "clip_l"
 
 
 @dataclass(frozen=True)

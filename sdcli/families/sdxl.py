@@ -34,7 +34,7 @@ def _is_sdxl(shapes: Shapes) -> bool:
 SDXL_REFINER = Family(
     name="sdxl-refiner", title="SDXL refiner", a1111_name="SDXL", matches=_is_refiner,
     text=(TextEncoderSpec(prefix=CONDITIONER_PREFIX + "0.model.", pad_id=0, hidden_act="gelu",
-                          hidden_layer="penultimate", pooled=True),),
+                          hidden_layer="penultimate", pooled=True, embedding_key="clip_g"),),
     unet_heads=dict(num_heads=None, head_dim=64), latent=SDXL_LATENT,
     native_sizes={"eps": 1024, "v": 1024},
     diffusers_components=("unet", "vae", "text_encoder_2"), supported=False,
@@ -45,7 +45,7 @@ SDXL = Family(
     text=(TextEncoderSpec(prefix=CONDITIONER_PREFIX + "0.transformer.", pad_id=49407, hidden_act="quick_gelu",
                           hidden_layer="penultimate"),
           TextEncoderSpec(prefix=CONDITIONER_PREFIX + "1.model.", pad_id=0, hidden_act="gelu",
-                          hidden_layer="penultimate", pooled=True)),
+                          hidden_layer="penultimate", pooled=True, embedding_key="clip_g")),
     unet_heads=dict(num_heads=None, head_dim=64), latent=SDXL_LATENT,
     native_sizes={"eps": 1024, "v": 1024},
     diffusers_components=("unet", "vae", "text_encoder", "text_encoder_2"), supported=False,
