@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import check_mapping
-from .errors import BadInputError
+from .errors import BadInputError, ModelNotFoundError
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps")
@@ -29,6 +29,7 @@ class Replay:
     source: str  # "sdcli", "a1111", "sd.cpp" or "comfyui"
     mode: str = "txt2img"
     recorded: dict[str, Any] = field(default_factory=dict)  # sdcli's whole JSON metadata, when there is one
+    embeddings: dict[str, str] = field(default_factory=dict)  # textual-inversion name -> recorded hash
 
 
 def from_image(path: str | Path) -> Replay:
@@ -49,4 +50,42 @@ def from_image(path: str | Path) -> Replay:
         ours = {}
     if values.get("schedule") is None:
         values.pop("schedule", None)
-    return Replay(prompt, check_mapping(values, f"{path} (metadata)"), meta["source"], mode, ours)
+    embeddings = _embeddings(ours, meta["parameters"])
+    return Replay(prompt, check_mapping(values, f"{path} (metadata)"), meta["source"], mode, ours, embeddings)
+
+
+def _embeddings(ours: dict, params: dict) -> dict[str, str]:
+    """name -> hash (sdcli: the whole sha256; A1111's "TI hashes": its first 12 digits) of the textual-inversion
+    embeddings the image was made with."""
+    if isinstance(ours.get("embeddings"), list):
+        return {str(e.get("name")): str(e.get("sha256", "")) for e in ours["embeddings"] if isinstance(e, dict)}
+    found = {}
+    for entry in str((params.get("extra") or {}).get("TI hashes", "")).split(","):
+        name, _, digest = entry.strip().rpartition(":")
+        if name.strip():
+            found[name.strip()] = digest.strip()
+    return found
+
+
+def check_embeddings(image: str | Path, replay: Replay, folder: str | None) -> None:
+    """Every embedding the image was made with must be in `folder` (the run's embeddings_dir), found by name as
+    the prompt will find it: ModelNotFoundError (exit 4, as a missing LoRA or checkpoint) naming what is missing.
+    A file of that name whose hash differs is said on stderr, and used (A1111 does the same)."""
+    from . import console
+    from .embeddings import find_embeddings
+    from .formats.hashing import file_sha256
+
+    if not replay.embeddings:
+        return
+    names = ", ".join(replay.embeddings)
+    if not folder:
+        raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {names}: give their folder "
+                                 "with --embeddings-dir (or embeddings_dir: in a config)")
+    paths = find_embeddings(folder).paths
+    missing = [n for n in replay.embeddings if n not in paths]
+    if missing:
+        raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {', '.join(missing)}: "
+                                 f"not found under {folder}")
+    for name, digest in replay.embeddings.items():
+        if digest and not file_sha256(paths[name]).startswith(digest.lower()):
+            console.info(f"{paths[name]}: not the embedding {name} the image was made with (hash differs)")

@@ -136,3 +136,94 @@ def test_render_equals_diffusers_pipeline_with_the_embedding(vectors, tmp_path, 
         "--cfg", str(CFG), "--seed", str(SEED), "-o", str(tmp_path / "plain.png")])
     assert plain.exit_code == 0
     assert (np.abs(np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")).astype(int) - ref) > 2).mean() > 0.05
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(tiny_sd1, tmp_path, monkeypatch, vectors):  # noqa: F811
+    """run(command, *args, expect=0) in tmp_path, with an embeddings folder at tmp_path/emb (fooemb, baremb)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    embeddings_folder(tmp_path / "emb", vectors, "emb_params")
+    model = ["-m", str(tiny_sd1), "--device", "cpu", "--dtype", "fp32"]
+    fast = ["--steps", "3", "-W", "64", "-H", "64", "--sampler", "euler", "--cfg", "5"]
+
+    def run(command: str, *args: str, expect: int = 0):
+        extra = {"generate": model + fast, "encode": model, "verify": model[:4]}.get(command, [])
+        result = CliRunner().invoke(app, [command, *extra, *args])
+        assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
+        return result
+
+    return run
+
+
+def _meta(path) -> tuple[str, dict]:
+    info = Image.open(path).info
+    return info["parameters"], json.loads(info["sdcli"])
+
+
+def test_metadata_replay_and_verify_find_the_embeddings(cli, tmp_path):
+    cli("generate", "a (fooemb:1.2) in [fooemb:a cat:0.5]", "--negative", "baremb", "--seed", "5",
+        "--embeddings-dir", "emb", "-o", "a.png")
+    text, meta = _meta(tmp_path / "a.png")
+    sha = {n: __import__("hashlib").sha256((tmp_path / "emb" / "sub" / f"{n}.safetensors").read_bytes()).hexdigest()
+           for n in ("fooemb", "baremb")}
+    assert f'TI hashes: "fooemb: {sha["fooemb"][:12]}, baremb: {sha["baremb"][:12]}"' in text
+    assert meta["embeddings"] == [{"name": n, "file": f"{n}.safetensors", "sha256": sha[n], "vectors": v}
+                                  for n, v in (("fooemb", 2), ("baremb", 1))]
+    assert "embeddings_dir" not in meta["config"]
+    cli("generate", "--from-image", "a.png", "--embeddings-dir", "emb", "-o", "b.png")
+    assert (tmp_path / "a.png").read_bytes() != b"" and \
+        np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    cli("verify", "a.png", "--embeddings-dir", "emb")
+    no_dir = cli("generate", "--from-image", "a.png", "-o", "c.png", expect=4)
+    assert "fooemb, baremb" in no_dir.stderr and "--embeddings-dir" in no_dir.stderr
+    (tmp_path / "emb" / "sub" / "baremb.safetensors").rename(tmp_path / "baremb.safetensors")
+    missing = cli("verify", "a.png", "--embeddings-dir", "emb", expect=4)
+    assert "baremb: not found under emb" in missing.stderr and not (tmp_path / "c.png").exists()
+
+
+def test_an_image_without_embeddings_records_none(cli, tmp_path):
+    cli("generate", "a cat", "--embeddings-dir", "emb", "-o", "a.png")
+    text, meta = _meta(tmp_path / "a.png")
+    assert "TI hashes" not in text and "embeddings" not in meta
+
+
+def test_prompts_file_lines_use_the_folder(cli, tmp_path):
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a cat", "seed": 1}\n'
+                                         '{"prompt": "a cat", "seed": 1, "negative": "embedding:baremb"}\n'
+                                         'a fooemb\n')  # fmt: skip
+    cli("generate", "--prompts-file", "jobs.jsonl", "--embeddings-dir", "emb", "-o", "{index}.png")
+    metas = [_meta(tmp_path / f"{k}.png")[1] for k in range(3)]
+    assert [[e["name"] for e in m.get("embeddings", [])] for m in metas] == [[], ["baremb"], ["fooemb"]]
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "0.png")), np.asarray(Image.open(tmp_path / "1.png")))
+
+
+def test_encode_text_and_inspect_prompt(cli, tmp_path):
+    cli("encode", "--text", "a fooemb", "--embeddings-dir", "emb", "-o", "e.safetensors")
+    cli("encode", "--text", "a fooemb", "-o", "p.safetensors")
+    from safetensors.torch import load_file
+
+    assert not torch.equal(*(next(iter(load_file(str(tmp_path / f)).values())) for f in ("e.safetensors",
+                                                                                         "p.safetensors")))
+    shown = cli("inspect", "--prompt", "a (fooemb:1.2), embedding:baremb", "--embeddings-dir", "emb")
+    assert "embedding: fooemb (2 vectors" in shown.stdout and "embedding: baremb (1 vector," in shown.stdout
+    assert "<fooemb>(1.2) <fooemb#1>(1.2)" in shown.stdout
+    report = json.loads(cli("inspect", "--prompt", "a fooemb", "--embeddings-dir", "emb", "--json").stdout)
+    assert [(e["name"], e["vectors"]) for e in report["embeddings"]] == [("fooemb", 2)]
+    assert report["tokens"] == ["a</w>", "<fooemb>", "<fooemb#1>"]
+
+
+def test_missing_folder_is_exit_4_before_loading(cli):
+    result = cli("generate", "a cat", "--embeddings-dir", "nope", expect=4)
+    assert "embeddings_dir nope: no such folder" in result.stderr
+
+
+def test_prompt_editing_switches_the_embedding(vectors, tmp_path, sd1_models):  # noqa: F811
+    models = P.with_embeddings(sd1_models, embeddings_folder(tmp_path, vectors, "emb_params"))
+    cond, _ = P.encode_scheduled(models, "a [fooemb:cat:2] photo", "", 4)
+    first, second = (c for _, c in cond.entries)
+    torch.testing.assert_close(first, P.encode_text(models, "a fooemb photo", "")[0], rtol=0, atol=0)
+    torch.testing.assert_close(second, P.encode_text(models, "a cat photo", "")[0], rtol=0, atol=0)

@@ -52,6 +52,10 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
+    if replay is not None:
+        from ..replay import check_embeddings
+
+        check_embeddings(req.from_image, replay, base.embeddings_dir)
     targets = render.plan_targets(jobs, req.overwrite)
     loras = render.job_loras(jobs, req.loras)
     models = render.load(base)
