@@ -115,7 +115,8 @@ def _root(
 # --- options shared by the rendering commands ----------------------------------------------------
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
-VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's.")]
+VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
+                                               "file (taesd_decoder.safetensors) for fast decodes.")]
 PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
@@ -157,6 +158,10 @@ EmbeddingsDirOpt = Annotated[
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
+]
+PreviewVaeOpt = Annotated[
+    Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
+                                "that draws the --preview picture; by default the family's taesd file in vae_dir.")
 ]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
@@ -245,6 +250,7 @@ def generate(
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
+    preview_vae: PreviewVaeOpt = None,
     print_config: PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -265,6 +271,7 @@ def generate(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
+        preview_vae=preview_vae,
     ))
 
 
@@ -301,6 +308,7 @@ def img2img(
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
+    preview_vae: PreviewVaeOpt = None,
     print_config: PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
@@ -317,7 +325,7 @@ def img2img(
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or []), preview=preview))
+                               loras=list(lora or []), preview=preview, preview_vae=preview_vae))
 
 
 @app.command()

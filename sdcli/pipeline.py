@@ -302,27 +302,38 @@ def scale_factor(models) -> float:
 
 def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
-    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws."""
+    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws. A TAESD encoder gives
+    scaled latents itself."""
+    from .vae_files import is_tiny, latent_scale
+
     vae = models.vae
     param = next(vae.parameters())
+    encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
     with torch.inference_mode():
-        mean = _per_image(lambda x: vae.encode(x)[0], image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
-    return mean.float() * scale_factor(models)
+        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
+    return latent.float() * latent_scale(vae, models.family)
 
 
 def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
-    """Scaled latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32; out of
-    memory is retried tiled. NumericalError when the image still is not finite: never a silent black image."""
+    """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
+    from .vae_files import latent_scale
+
+    return decode_with(models.vae, latents / latent_scale(models.vae, models.family))
+
+
+def decode_with(vae, z: torch.Tensor) -> DecodeResult:
+    """The VAE's own latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32;
+    out of memory is retried tiled. NumericalError when the image still is not finite: never a silent black
+    image."""
     fallbacks: list[str] = []
-    z = latents / scale_factor(models)
     try:
-        images = _vae_decode(models.vae, z)
+        images = _vae_decode(vae, z)
     except torch.OutOfMemoryError:
         fallbacks.append("vae-tiled")
-        images = _vae_decode_tiled(models.vae, z)
-    if not torch.isfinite(images).all() and next(models.vae.parameters()).dtype != torch.float32:
+        images = _vae_decode_tiled(vae, z)
+    if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
         fallbacks.append("vae-fp32-retry")
-        images = _vae_decode(_fp32_copy(models.vae), z)
+        images = _vae_decode(_fp32_copy(vae), z)
     if not torch.isfinite(images).all():
         raise NumericalError("the VAE decoder produced NaN/Inf even in fp32; nothing was saved")
     return DecodeResult(images.clamp(-1, 1), fallbacks)

@@ -31,6 +31,7 @@ class GenerateRequest:
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+    preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
 
 
 def run_generate(req: GenerateRequest) -> None:

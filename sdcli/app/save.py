@@ -48,6 +48,8 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
               "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
+    if models.vae_source is not None:  # as A1111 records a VAE chosen apart from the checkpoint
+        params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
     if init is not None:
@@ -102,6 +104,11 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    if models.vae_source is not None:
+        from ..vae_files import is_tiny
+
+        meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
+                       "kind": "taesd" if is_tiny(models.vae) else "full"}
     if init is not None and init.mask:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
@@ -135,6 +142,13 @@ def model_hash(models) -> str | None:
 
     source = Path(models.source)
     return file_sha256(source) if source.is_file() else None
+
+
+def vae_hash(models) -> str | None:
+    from ..formats.hashing import file_sha256
+
+    source = models.vae_source
+    return file_sha256(source) if source is not None and source.is_file() else None
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

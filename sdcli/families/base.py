@@ -48,6 +48,7 @@ class LatentSpec:
     scale_factor: float = 0.18215  # scaled latent = VAE latent * scale_factor (the space the UNet works in)
     downscale: int = 8  # pixels per latent cell
     rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB  # (channels, 3): the cheap preview's map
+    taesd: str = "taesd"  # which tiny autoencoder decodes this space: madebyollin's taesd_* or taesdxl_* files
 
 
 @dataclass(frozen=True)

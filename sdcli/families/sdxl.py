@@ -15,7 +15,7 @@ from .base import Family, LatentSpec, Shapes, TextEncoderSpec
 ADM = UNET_PREFIX + "label_emb.0.0.weight"  # (model channels * 4, adm width)
 # The SDXL VAE has SD's shapes but another latent scale (never visible in a header: declared here). Preview
 # factors: ComfyUI comfy/latent_formats.py SDXL.latent_rgb_factors.
-SDXL_LATENT = LatentSpec(scale_factor=0.13025, rgb_factors=(
+SDXL_LATENT = LatentSpec(scale_factor=0.13025, taesd="taesdxl", rgb_factors=(
     (0.3920, 0.4054, 0.4549), (-0.2634, -0.0196, 0.0653), (0.0568, 0.1687, -0.0755), (-0.3112, -0.2359, -0.2076),
 ))  # fmt: skip
 
