@@ -6,7 +6,8 @@ Formats (as A1111 ``textual_inversion.py`` ``load_from_file`` / ``create_embeddi
 * ``.safetensors`` / ``.bin`` with a single tensor under any key (kohya ``emb_params``, diffusers
   ``learned_embeds`` ``{"<token>": Tensor[d] or [n, d]}``): the key is NOT the trigger, the file stem is;
 * SDXL ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``.
-Pickles are read only with torch's weights_only unpickler: tensors, dicts, lists, strings and numbers.
+Pickles are read only through the one restricted loader (formats/pickle_ckpt.load_pickle): tensors, dicts, lists,
+strings and numbers.
 
 An embedding's ``vectors`` maps an encoder key to its rows: ``"clip_l"`` / ``"clip_g"`` for SDXL files, and
 ``ANY_ENCODER`` ("*") for single-tensor files, which A1111 gives to any one-encoder model of the right width.

@@ -214,6 +214,8 @@ def test_encode_text_and_inspect_prompt(cli, tmp_path):
     report = json.loads(cli("inspect", "--prompt", "a fooemb", "--embeddings-dir", "emb", "--json").stdout)
     assert [(e["name"], e["vectors"]) for e in report["embeddings"]] == [("fooemb", 2)]
     assert report["tokens"] == ["a</w>", "<fooemb>", "<fooemb#1>"]
+    plan = json.loads(cli("generate", "a fooemb", "--embeddings-dir", "emb", "--dry-run").stdout)
+    assert plan["tokens"]["tokens"] == ["a</w>", "<fooemb>", "<fooemb#1>"]
 
 
 def test_missing_folder_is_exit_4_before_loading(cli):
