@@ -143,7 +143,8 @@ def _root(
 # --- options shared by the rendering commands ----------------------------------------------------
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
-VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's.")]
+VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
+                                               "file (taesd_decoder.safetensors) for fast decodes.")]
 PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
@@ -177,9 +178,18 @@ LoraDirOpt = Annotated[
     Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
                                 "(sub-folders too).")
 ]
+EmbeddingsDirOpt = Annotated[
+    Optional[str], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's "
+                                "embeddings/, sub-folders too): a file's name in the prompt, or embedding:NAME, "
+                                "places its vectors.")
+]
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
+]
+PreviewVaeOpt = Annotated[
+    Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
+                                "that draws the --preview picture; by default the family's taesd file in vae_dir.")
 ]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
@@ -233,6 +243,7 @@ def generate(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -267,6 +278,7 @@ def generate(
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
+    preview_vae: PreviewVaeOpt = None,
     print_config: PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -274,6 +286,7 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
     _stdout_needed(output, json_out or print_config or dry_run)
@@ -287,6 +300,7 @@ def generate(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
+        preview_vae=preview_vae,
     ))
 
 
@@ -313,6 +327,7 @@ def img2img(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -322,12 +337,14 @@ def img2img(
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
+    preview_vae: PreviewVaeOpt = None,
     print_config: PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device)
     _stdout_needed(output, json_out or print_config)
     if print_config:
@@ -338,7 +355,7 @@ def img2img(
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or []), preview=preview))
+                               loras=list(lora or []), preview=preview, preview_vae=preview_vae))
 
 
 @app.command()
@@ -352,6 +369,7 @@ def encode(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -363,7 +381,8 @@ def encode(
     from .app.encode import EncodeRequest, run_encode
 
     set_quiet(quiet)
-    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, dtype=dtype, device=device)
+    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                   dtype=dtype, device=device)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -398,12 +417,13 @@ def inspect(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
     hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
+    embeddings_dir: EmbeddingsDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
     from .inspecting import run_inspect
 
-    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out)
+    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
 
 
 @app.command()
@@ -426,6 +446,7 @@ def verify(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
@@ -442,7 +463,7 @@ def verify(
 
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device)
     run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
 
 

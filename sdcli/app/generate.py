@@ -31,6 +31,7 @@ class GenerateRequest:
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+    preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -52,6 +53,10 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
+    if replay is not None:
+        from ..replay import check_embeddings
+
+        check_embeddings(req.from_image, replay, base.embeddings_dir)
     targets = render.plan_targets(jobs, req.overwrite)
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
@@ -122,6 +127,11 @@ def _dry_run(jobs: list[Job]) -> None:
     from ..prompts import describe_prompt
     from ..tokenizer import get_tokenizer
 
+    library = None
+    if jobs[0].cfg.embeddings_dir:  # no model: every file taken as it is, as inspect --prompt does
+        from ..embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(jobs[0].cfg.embeddings_dir, None, get_tokenizer().encode, console.info)
     for job in jobs:
         plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
         schedule = prompt_schedule(job.text, job.cfg.steps)
@@ -129,4 +139,5 @@ def _dry_run(jobs: list[Job]) -> None:
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in plan.sigmas],
                            "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
                            "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
-                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id)})
+                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id,
+                                                     library)})

@@ -25,6 +25,7 @@ class Img2ImgRequest:
     mask: str | None = None  # inpainting mask (white = repaint); needs a 9-channel inpainting model
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None
+    preview_vae: str | None = None
 
 
 def run_img2img(req: Img2ImgRequest) -> None:

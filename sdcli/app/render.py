@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import console
 from ..config import RunConfig
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, ModelNotFoundError, UsageError
 from ..jobs import Job
 from . import save
 from .progress import Progress
@@ -148,15 +148,23 @@ def job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
 
 
 def load(cfg: RunConfig):
-    from .. import checkpoint, device
+    from .. import checkpoint, device, pipeline
 
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
-    return checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_embeddings_dir(cfg: RunConfig) -> None:
+    """A named embeddings folder must exist: said before the (slow) model load."""
+    if cfg.embeddings_dir and not Path(cfg.embeddings_dir).expanduser().is_dir():
+        raise ModelNotFoundError(f"embeddings_dir {cfg.embeddings_dir}: no such folder")
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
@@ -272,7 +280,7 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
     with Progress(seeds, len(p.plan.sigmas) - 1 if init is None else None, req.progress) as progress:
-        step = _with_preview(progress, req.preview, models)
+        step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
         if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
             latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step)
         else:
@@ -287,16 +295,48 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
                       timings, req, p.hires, loras)
 
 
-def _with_preview(progress, preview: str | None, models):
+def _with_preview(progress, req, models, vae_dir: str | None):
     """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
     from ..preview import PreviewWriter
 
     latent = models.family.latent
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale) if preview else None
+    preview = req.preview
+    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
+        if preview else None
     callbacks = [c for c in (progress, writer) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]
+
+
+def preview_decoder(models, preview_vae: str | None, vae_dir: str | None):
+    """The TAESD the live preview decodes with: --preview-vae, else the family's taesd decoder in vae_dir, else the
+    render's own VAE when it is a TAESD; None for the cheap linear estimate. Loaded once per run."""
+    from .. import vae_files
+
+    path = preview_vae or vae_files.find_preview_decoder(vae_dir, models.family)
+    if path is None:
+        return models.vae if vae_files.is_tiny(models.vae) else None
+    param = next(models.unet.parameters())
+    key = (str(path), param.dtype, param.device, models.family.name)
+    if key not in _PREVIEW_DECODERS:
+        _PREVIEW_DECODERS.clear()  # one run, one preview decoder
+        _PREVIEW_DECODERS[key] = _load_preview_decoder(str(path), param.dtype, param.device, models.family)
+    return _PREVIEW_DECODERS[key]
+
+
+_PREVIEW_DECODERS: dict = {}
+
+
+def _load_preview_decoder(path: str, dtype, device, family):
+    from .. import vae_files
+
+    vae = vae_files.load_vae_file(path, dtype, device, family)
+    if not vae_files.is_tiny(vae):
+        raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
+    console.info(f"preview: decoded by {Path(path).name}")
+    return vae
 
 
 def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:

@@ -48,6 +48,8 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
               "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
+    if models.vae_source is not None:  # as A1111 records a VAE chosen apart from the checkpoint
+        params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
     if init is not None:
@@ -59,7 +61,24 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
+    used = used_embeddings(models, target.job)
+    if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
+        params["extra"] = {**params.get("extra", {}),
+                           "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
     return format_infotext(params)
+
+
+def used_embeddings(models, job) -> list:
+    """The textual-inversion embeddings the job's prompt and negative place, at any step of any pass."""
+    from ..prompt_schedule import prompt_schedule
+
+    if models.embeddings is None:
+        return []
+    cfg = job.cfg
+    passes = [None] if cfg.hires_scale == 1.0 else [None, cfg.hires_steps or cfg.steps]
+    texts = {t: None for text in (job.text, cfg.negative) for hires in passes
+             for _, t in prompt_schedule(text, cfg.steps, hires)}
+    return models.embeddings.used_in(texts)
 
 
 def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dict:
@@ -74,7 +93,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    del recorded["output"], recorded["lora_dir"]
+    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir"):  # the user's folders
+        del recorded[key]
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),
@@ -84,10 +104,19 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    if models.vae_source is not None:
+        from ..vae_files import is_tiny
+
+        meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
+                       "kind": "taesd" if is_tiny(models.vae) else "full"}
     if init is not None and init.mask:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    used = used_embeddings(models, target.job)
+    if used:  # the file name (A1111's name is its stem) and the whole file's sha256
+        meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
+                              for e in used]
     if loras:
         meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
                           "modules": r.total} for r in loras]
@@ -113,6 +142,13 @@ def model_hash(models) -> str | None:
 
     source = Path(models.source)
     return file_sha256(source) if source.is_file() else None
+
+
+def vae_hash(models) -> str | None:
+    from ..formats.hashing import file_sha256
+
+    source = models.vae_source
+    return file_sha256(source) if source is not None and source.is_file() else None
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     files of the user's, like the model: they are given again with --lora, and checked against the record."""
     from .. import images, pipeline
     from ..lora import LoraState
-    from ..replay import from_image
+    from ..replay import check_embeddings, from_image
 
     replay = from_image(image)
     if replay.source != "sdcli" or replay.mode != "txt2img":
@@ -35,6 +35,7 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     if missing:
         raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
+    check_embeddings(image, replay, cfg.embeddings_dir)
     models = render.load(cfg)
     render.check_inpaint_model(models, cfg, None)
     render.use_loras(LoraState(models), specs)
