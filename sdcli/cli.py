@@ -153,6 +153,15 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+GridOpt = Annotated[
+    Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
+                                "(the first image's metadata plus every seed).")
+]
+GridRowsOpt = Annotated[
+    int, typer.Option("--grid-rows", help="Rows of the --grid sheet: -1 = about sqrt(n), 0 = one per batch "
+                      "(A1111's rules).")
+]
+GridOnlyOpt = Annotated[bool, typer.Option("--grid-only", help="Write the --grid sheet only, not the single images.")]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -233,6 +242,9 @@ def generate(
         Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
     ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
+    grid: GridOpt = None,
+    grid_rows: GridRowsOpt = -1,
+    grid_only: GridOnlyOpt = False,
     lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -258,6 +270,7 @@ def generate(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
+        grid=grid, grid_rows=grid_rows, grid_only=grid_only,
     ))
 
 
@@ -288,6 +301,9 @@ def img2img(
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     lora: LoraOpt = None,
+    grid: GridOpt = None,
+    grid_rows: GridRowsOpt = -1,
+    grid_only: GridOnlyOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -308,7 +324,8 @@ def img2img(
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or []), preview=preview))
+                               loras=list(lora or []), preview=preview, grid=grid, grid_rows=grid_rows,
+                               grid_only=grid_only))
 
 
 @app.command()

@@ -31,6 +31,9 @@ class GenerateRequest:
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+    grid: str | None = None  # --grid FILE: a contact sheet of the run's images
+    grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
+    grid_only: bool = False  # write the grid, not the single images
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -52,7 +55,8 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
-    targets = render.plan_targets(jobs, req.overwrite)
+    targets = render.plan_targets(jobs, req.overwrite, write_images=not req.grid_only)
+    render.plan_grid(req, targets)
     loras = render.job_loras(jobs, req.loras)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet

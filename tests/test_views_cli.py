@@ -1,0 +1,87 @@
+"""Grids, sweeps and the verify report through the real commands (tiny SD1 model, fp32, 64x64, 2 steps):
+the grid sheet's rows/columns and recorded seeds, --grid-only; sweep cells equal the same settings rendered
+alone by `generate`; the report's numbers equal verify's JSON for the same images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
+from _fixtures_pipeline import one_thread  # noqa: F401
+from sdcli import grid
+from sdcli.cli import app
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a watercolor fox"
+
+
+@pytest.fixture
+def cli(tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
+    """run(command, *args): rendering commands get the tiny model and fast settings first (a test's flags win)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    model = ["-m", str(tiny_sd1), "--device", "cpu", "--dtype", "fp32"]
+    fast = ["--steps", "2", "-W", "64", "-H", "64", "--sampler", "euler", "--cfg", "5"]
+
+    def run(command: str, *args: str, expect: int | None = 0):
+        extra = {"generate": model + fast, "img2img": model + fast[:2] + fast[6:], "sweep": model + fast,
+                 "verify": ["-m", str(tiny_sd1), "--device", "cpu"]}.get(command, [])
+        result = runner.invoke(app, [command, *extra, *args])
+        if expect is not None:
+            assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
+        return result
+
+    return run
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def sdcli_meta(path) -> dict:
+    return json.loads(Image.open(path).info["sdcli"])
+
+
+# --- generate --grid -----------------------------------------------------------------------------
+
+def test_grid_sheet_rows_cols_and_seeds(cli, tmp_path):
+    cli("generate", PROMPT, "--seed", "10", "-n", "3", "-b", "2", "-o", "img-{index}.png", "--grid", "sheet.png")
+    singles = [pixels(tmp_path / f"img-{k}.png") for k in range(3)]
+    sheet = pixels(tmp_path / "sheet.png")
+    rows, cols = grid.grid_shape(3)  # automatic rows: round(sqrt(3)) = 2, so 2 x 2 with one empty spot
+    assert (rows, cols) == (2, 2) and sheet.shape == (rows * 64, cols * 64, 3)
+    for k, img in enumerate(singles):
+        r, c = divmod(k, cols)
+        assert np.array_equal(sheet[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64], img)
+    assert (sheet[64:, 64:] == 0).all()  # the empty spot stays black
+    meta = sdcli_meta(tmp_path / "sheet.png")
+    assert meta["grid_seeds"] == [10, 11, 12] and meta["seed"] == 10
+    assert meta["grid_shape"] == {"rows": 2, "cols": 2}
+    assert Image.open(tmp_path / "sheet.png").info["parameters"] == Image.open(tmp_path / "img-0.png").info["parameters"]
+
+
+def test_grid_rows_per_batch_and_grid_only(cli, tmp_path):
+    cli("generate", PROMPT, "--seed", "3", "-n", "2", "-b", "2", "-o", "x-{index}.png", "--grid", "g.png",
+        "--grid-rows", "0", "--grid-only")
+    assert not list(tmp_path.glob("x-*.png"))  # the single images are not written
+    assert pixels(tmp_path / "g.png").shape == (2 * 64, 64, 3)  # --grid-rows 0: one row per batch (2 rows)
+    assert sdcli_meta(tmp_path / "g.png")["grid_seeds"] == [3, 4]
+
+
+def test_grid_refused_before_the_model_loads(cli, tmp_path):
+    r = cli("generate", PROMPT, "-m", "missing.safetensors", "-n", "2", "-o", "a-{index}.png", "--grid", "a-1.png",
+            expect=2)
+    assert "also the name of an image" in r.stderr
+    r = cli("generate", PROMPT, "-m", "missing.safetensors", "--grid-only", expect=2)
+    assert "--grid-only needs --grid" in r.stderr
+    (tmp_path / "taken.png").write_bytes(b"x")
+    r = cli("generate", PROMPT, "-m", "missing.safetensors", "--grid", "taken.png", expect=7)
+    assert "exists" in r.stderr and (tmp_path / "taken.png").read_bytes() == b"x"
