@@ -330,6 +330,64 @@ def img2img(
 
 @app.command()
 @_handled
+def sweep(
+    prompt: Annotated[str, typer.Argument(help="The prompt every cell starts from.")],
+    x: Annotated[str, typer.Option("--x", help="Columns: KEY=V1,V2,... (a config key, prompt_sr or lora:NAME; "
+                                   "ranges like seed=1-8, cfg=3-11 (+2), steps=10-40 [4]).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The plot PNG (several --z values: STEM-zK.png); "
+                                        "the cells' JSON goes beside it as STEM.json.")],
+    y: Annotated[Optional[str], typer.Option("--y", help="Rows: KEY=V1,V2,...")] = None,
+    z: Annotated[Optional[str], typer.Option("--z", help="One plot per value: KEY=V1,V2,...")] = None,
+    keep_cells: Annotated[
+        Optional[str], typer.Option("--keep-cells", help="Also keep each cell's PNG (full metadata) in this folder.")
+    ] = None,
+    json_path: Annotated[
+        Optional[str], typer.Option("--json-out", help="Write the cells' JSON here instead of beside the plot.")
+    ] = None,
+    negative: NegativeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    guidance_rescale: RescaleOpt = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    sigmas: SigmasOpt = None,
+    seed: SeedOpt = None,
+    clip_skip: ClipSkipOpt = None,
+    seamless: Annotated[Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output.")] = None,
+    hires_scale: Annotated[Optional[float], typer.Option("--hires-scale", help="Hires fix upscale (1 = off).")] = None,
+    hires_strength: Annotated[Optional[float], typer.Option("--hires-strength", help="Hires fix strength.")] = None,
+    hires_steps: Annotated[Optional[int], typer.Option("--hires-steps", help="Hires fix steps.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
+    prediction: PredictionOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    lora: LoraOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = "auto",
+) -> None:
+    """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
+    from .console import set_quiet
+    from .app.sweep import SweepRequest, run_sweep
+
+    set_quiet(quiet)
+    flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
+                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
+                   clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
+                   hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
+                   dtype=dtype, device=device)
+    run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
+                           loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
+                           progress=_progress_mode(progress)))
+
+
+@app.command()
+@_handled
 def encode(
     image: Annotated[Optional[str], typer.Argument(help="Image to encode into a VAE latent ('-' = stdin).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Latent (.safetensors or ComfyUI .latent) or embedding file.")] = "",
