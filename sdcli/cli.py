@@ -466,7 +466,7 @@ def convert(
 @app.command()
 @_handled
 def verify(
-    image: Annotated[Path, typer.Argument(help="A PNG written by sdcli (its metadata holds the whole recipe).")],
+    images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
@@ -474,16 +474,24 @@ def verify(
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
+    report: Annotated[
+        Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
+                                    "re-render, a difference heat map, the numbers; failures first.")
+    ] = None,
+    report_dir: Annotated[
+        Optional[str], typer.Option("--report-dir", help="Like --report, as DIR/index.html with the PNGs beside it.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-render an image from its recorded settings and compare (PSNR, max difference); exit 9 on drift."""
+    """Re-render images from their recorded settings and compare (PSNR, max difference); exit 9 if any drifted."""
     from .console import set_quiet
     from .app.verify import run_verify
 
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
-    run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
+    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite)
 
 
 def _on_signal(signum, _frame) -> None:

@@ -5,6 +5,7 @@ alone by `generate`; the report's numbers equal verify's JSON for the same image
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from _browser import find_browser, load_page
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from sdcli import grid
@@ -20,6 +22,7 @@ from sdcli.cli import app
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a watercolor fox"
+BROWSER = find_browser()  # report.py's tests say why when there is none
 
 
 @pytest.fixture
@@ -154,3 +157,74 @@ def test_sweep_errors_exit_2_before_the_model_loads(cli, tmp_path, axis, message
     r = cli("sweep", "a fox", "-m", "missing.safetensors", *axis, "-o", "p.png", expect=2)
     assert message in r.stderr and "loading" not in r.stderr
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.json"))
+
+
+# --- verify IMAGES... --report -------------------------------------------------------------------
+
+def _drifted_copy(src: Path, dst: Path) -> None:
+    """The same metadata over pixels changed in a corner: verify must call it drifted."""
+    from PIL import PngImagePlugin
+
+    img = Image.open(src)
+    info = PngImagePlugin.PngInfo()
+    for key, value in img.text.items():
+        info.add_itxt(key, value)
+    changed = img.convert("RGB")
+    changed.paste((255, 255, 255), (0, 0, 24, 24))
+    changed.save(dst, pnginfo=info)
+
+
+def _page_numbers(html: str) -> list[dict]:
+    """path, psnr text, max difference and verdict of each section, read back from the page."""
+    import re
+
+    sections = re.findall(r'<section class="result (\w+)">(.*?)</section>', html, re.S)
+    out = []
+    for status, body in sections:
+        field = lambda cls: re.search(rf'class="{cls}">(.*?)<', body, re.S).group(1)  # noqa: E731
+        out.append({"status": status, "path": field("path"), "psnr": field("psnr"), "max_diff": field("max-diff")})
+    return out
+
+
+@pytest.mark.parametrize("variant", ["--report", "--report-dir"])
+def test_report_numbers_equal_verify_json(cli, tmp_path, variant):
+    import html as htmlmod
+
+    cli("generate", PROMPT, "--seed", "21", "-o", "good.png")
+    _drifted_copy(tmp_path / "good.png", tmp_path / "bad.png")
+    one_by_one = [json.loads(cli("verify", name, "--json", expect=code).stdout)
+                  for name, code in (("good.png", 0), ("bad.png", 9))]
+    target = "r.html" if variant == "--report" else "rep"
+    r = cli("verify", "good.png", "bad.png", "--json", variant, target, expect=9)
+    assert [json.loads(line) for line in r.stdout.splitlines()] == one_by_one  # one image at a time, or several
+    assert "1 of 2 images drifted" in r.stderr and "bad.png" in r.stderr
+    page = (tmp_path / target if variant == "--report" else tmp_path / target / "index.html").read_text()
+    embedded = json.loads(re.search(r'id="verify-results">(.*?)</script>', page, re.S).group(1))
+    assert embedded == [one_by_one[1], one_by_one[0]]  # failures first, each verify's JSON as printed
+    shown = _page_numbers(page)
+    assert [(s["status"], htmlmod.unescape(s["path"])) for s in shown] == [("fail", "bad.png"), ("pass", "good.png")]
+    for s, j in zip(shown, [one_by_one[1], one_by_one[0]]):
+        expected_psnr = "inf (identical)" if j["psnr"] is None else f"{j['psnr']:.2f}"
+        assert s["psnr"] == expected_psnr and s["max_diff"] == str(j["max_diff"])
+    assert one_by_one[0]["identical"] and one_by_one[1]["max_diff"] > 0
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium/chrome on PATH (Debian: apt-get install chromium) - the "
+                    "command's report was not checked in a browser")
+def test_command_report_loads_in_a_browser(cli, tmp_path):
+    cli("generate", PROMPT, "--seed", "8", "-o", "good.png")
+    _drifted_copy(tmp_path / "good.png", tmp_path / "bad.png")
+    cli("verify", "good.png", "bad.png", "--report-dir", "rep", expect=9)
+    seen = load_page(BROWSER, tmp_path / "rep" / "index.html")
+    assert seen["errors"] == [] and len(seen["images"]) == 1 + 3 * 2  # legend + stored/re-render/diff each
+    assert all(img["complete"] and img["naturalWidth"] > 0 for img in seen["images"])
+    assert "1 failed" in seen["text"]
+
+
+def test_report_target_checked_before_any_model_loads(cli, tmp_path):
+    cli("generate", PROMPT, "--seed", "2", "-o", "a.png")
+    (tmp_path / "r.html").write_text("keep")
+    r = cli("verify", "a.png", "--report", "r.html", expect=7)
+    assert "exists" in r.stderr and "loading" not in r.stderr and (tmp_path / "r.html").read_text() == "keep"
+    r = cli("verify", "a.png", "--report", "x.html", "--report-dir", "d", expect=2)
+    assert "not both" in r.stderr
