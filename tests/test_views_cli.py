@@ -14,8 +14,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from _browser import find_browser, load_page
-from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
+from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd1_diffusers  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
+from test_lora import lora_file, oracle  # noqa: F401 - a kohya LoRA for the tiny model
 from sdcli import grid
 from sdcli.cli import app
 
@@ -228,3 +229,15 @@ def test_report_target_checked_before_any_model_loads(cli, tmp_path):
     assert "exists" in r.stderr and "loading" not in r.stderr and (tmp_path / "r.html").read_text() == "keep"
     r = cli("verify", "a.png", "--report", "x.html", "--report-dir", "d", expect=2)
     assert "not both" in r.stderr
+
+
+def test_sweep_lora_weight_axis_equals_generate_with_lora(cli, tmp_path, lora_file):  # noqa: F811
+    path, _ = lora_file
+    cli("sweep", "a fox", "--seed", "9", "--x", f"lora:{path}=0.8,0", "-o", "l.png", "--keep-cells", "k")
+    doc = json.loads((tmp_path / "l.png").with_suffix(".json").read_text())
+    assert [c["loras"][0]["weight"] for c in doc["cells"]] == [0.8, 0.0]
+    assert doc["cells"][0]["command"].endswith(f"--lora {path.name}:0.8")
+    for c, weight in zip(doc["cells"], ("0.8", "0")):  # rendered weight 0 first (grouped), then merged 0.8
+        cli("generate", "a fox", "--seed", "9", "--lora", f"{path}:{weight}", "-o", f"alone-{weight}.png")
+        assert (tmp_path / f"alone-{weight}.png").read_bytes() == (tmp_path / c["path"]).read_bytes()
+    assert pixels(tmp_path / doc["cells"][0]["path"]).tobytes() != pixels(tmp_path / doc["cells"][1]["path"]).tobytes()
