@@ -153,6 +153,19 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+SeamlessOpt = Annotated[
+    Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
+]
+HiresScaleOpt = Annotated[
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+]
+HiresStrengthOpt = Annotated[
+    Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
+]
+HiresStepsOpt = Annotated[
+    Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
 GridOpt = Annotated[
     Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
                                 "(the first image's metadata plus every seed).")
@@ -228,19 +241,10 @@ def generate(
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
-    seamless: Annotated[
-        Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
-    ] = None,
-    hires_scale: Annotated[
-        Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                      "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
-    ] = None,
-    hires_strength: Annotated[
-        Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
-    ] = None,
-    hires_steps: Annotated[
-        Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
-    ] = None,
+    seamless: SeamlessOpt = None,
+    hires_scale: HiresScaleOpt = None,
+    hires_strength: HiresStrengthOpt = None,
+    hires_steps: HiresStepsOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     grid: GridOpt = None,
     grid_rows: GridRowsOpt = -1,
@@ -355,10 +359,10 @@ def sweep(
     sigmas: SigmasOpt = None,
     seed: SeedOpt = None,
     clip_skip: ClipSkipOpt = None,
-    seamless: Annotated[Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output.")] = None,
-    hires_scale: Annotated[Optional[float], typer.Option("--hires-scale", help="Hires fix upscale (1 = off).")] = None,
-    hires_strength: Annotated[Optional[float], typer.Option("--hires-strength", help="Hires fix strength.")] = None,
-    hires_steps: Annotated[Optional[int], typer.Option("--hires-steps", help="Hires fix steps.")] = None,
+    seamless: SeamlessOpt = None,
+    hires_scale: HiresScaleOpt = None,
+    hires_strength: HiresStrengthOpt = None,
+    hires_steps: HiresStepsOpt = None,
     config: ConfigOpt = None,
     model: ModelOpt = None,
     vae: VaeOpt = None,
