@@ -153,9 +153,11 @@ def test_sweep_seed_range_gives_one_plot_per_z_and_replays(cli, tmp_path):
     (["--x", "cfg=3,4", "--y", "cfg=5,6"], "swept on two axes"),
     (["--x", "prompt_sr=wolf,cat"], "is not in the prompt"),
     (["--x", "cfg=3,4", "--json-out", "p.png"], "two outputs"),
+    (["--x", "lora:fox=0,1"], "tag sets this LoRA's weight too"),
 ])
 def test_sweep_errors_exit_2_before_the_model_loads(cli, tmp_path, axis, message):
-    r = cli("sweep", "a fox", "-m", "missing.safetensors", *axis, "-o", "p.png", expect=2)
+    prompt = "a <lora:fox:0.5> fox" if "lora:fox" in axis[1] else "a fox"
+    r = cli("sweep", prompt, "-m", "missing.safetensors", *axis, "-o", "p.png", expect=2)
     assert message in r.stderr and "loading" not in r.stderr
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.json"))
 

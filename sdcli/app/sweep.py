@@ -95,18 +95,18 @@ def _axis(spec: str, option: str) -> sweep_axes.Axis:
 def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> PlannedCell:
     from ..lora import check_file, resolve_prompt_lora
 
-    settings = {k: v for k, v in cell.settings.items() if not k.startswith(sweep_axes.LORA_PREFIX)}
+    prefix = sweep_axes.LORA_PREFIX
+    settings = {k: v for k, v in cell.settings.items() if not k.startswith(prefix)}
     cfg = dataclasses.replace(base, negative=cell.negative, **settings)
     job = Job(cell.prompt, cfg, "command line")
+    swept = {k[len(prefix):]: w for k, w in cell.settings.items() if k.startswith(prefix)}  # LoRA name -> weight
+    for tag in job.loras:
+        if tag.name in swept:
+            raise UsageError(f"lora:{tag.name}: the prompt's <lora:{tag.name}:...> tag sets this LoRA's weight too; "
+                             "sweep the tag with prompt_sr instead, or drop it from the prompt")
     specs = render.lora_specs(req.loras, job)
-    for key, weight in cell.settings.items():
-        if not key.startswith(sweep_axes.LORA_PREFIX):
-            continue
-        name = key[len(sweep_axes.LORA_PREFIX):]
+    for name, weight in swept.items():
         spec = resolve_prompt_lora(name, weight, cfg.lora_dir)
-        if any(t.name == name or Path(t.name).expanduser() == Path(name).expanduser() for t in job.loras):
-            raise UsageError(f"{key}: the prompt's <lora:{name}:...> tag sets this LoRA's weight too; sweep the "
-                             "tag with prompt_sr instead, or drop it from the prompt")
         check_file(spec)
         same = [i for i, s in enumerate(specs) if s.path.resolve() == spec.path.resolve()]
         specs = [s for i, s in enumerate(specs) if i not in same] + [spec]  # the axis's weight replaces --lora's
