@@ -22,7 +22,7 @@ from .. import __version__, console, sweep_axes
 from .. import config as cfgmod
 from ..config import RunConfig
 from ..errors import BadInputError, UsageError
-from ..jobs import Job, draw_seed, with_seed
+from ..jobs import Job, draw_seed, single_job, with_seed
 from . import render, save
 
 # Config keys a text-to-image sweep cannot vary, beyond sweep_axes.FIXED_KEYS.
@@ -60,7 +60,7 @@ def run_sweep(req: SweepRequest) -> None:
     x, y, z = (_axis(spec, option) if spec else None for spec, option in ((req.x, "--x"), (req.y, "--y"),
                                                                           (req.z, "--z")))
     base = with_seed(cfgmod.resolve(req.flags, req.config_file))
-    render.check_samplers([Job(req.prompt, base, "command line")], base,
+    render.check_samplers([single_job(req.prompt, base)], base,
                           lambda key: cfgmod.origin(key, req.flags, req.config_file))
     cells = sweep_axes.expand(req.prompt, base.negative, x, y, z)
     planned = [_plan_cell(c, base, req) for c in cells]
@@ -98,7 +98,7 @@ def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> Pla
     prefix = sweep_axes.LORA_PREFIX
     settings = {k: v for k, v in cell.settings.items() if not k.startswith(prefix)}
     cfg = dataclasses.replace(base, negative=cell.negative, **settings)
-    job = Job(cell.prompt, cfg, "command line")
+    job = single_job(cell.prompt, cfg)  # the prompt checked as generate checks it (seed already drawn)
     swept = {k[len(prefix):]: w for k, w in cell.settings.items() if k.startswith(prefix)}  # LoRA name -> weight
     for tag in job.loras:
         if tag.name in swept:
