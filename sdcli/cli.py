@@ -191,6 +191,28 @@ PreviewVaeOpt = Annotated[
     Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
                                 "that draws the --preview picture; by default the family's taesd file in vae_dir.")
 ]
+SeamlessOpt = Annotated[
+    Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
+]
+HiresScaleOpt = Annotated[
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+]
+HiresStrengthOpt = Annotated[
+    Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
+]
+HiresStepsOpt = Annotated[
+    Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
+GridOpt = Annotated[
+    Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
+                                "(the first image's metadata plus every seed).")
+]
+GridRowsOpt = Annotated[
+    int, typer.Option("--grid-rows", help="Rows of the --grid sheet: -1 = about sqrt(n), 0 = one per batch "
+                      "(A1111's rules).")
+]
+GridOnlyOpt = Annotated[bool, typer.Option("--grid-only", help="Write the --grid sheet only, not the single images.")]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -258,20 +280,14 @@ def generate(
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
-    seamless: Annotated[
-        Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
-    ] = None,
-    hires_scale: Annotated[
-        Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                      "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
-    ] = None,
-    hires_strength: Annotated[
-        Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
-    ] = None,
-    hires_steps: Annotated[
-        Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
-    ] = None,
+    seamless: SeamlessOpt = None,
+    hires_scale: HiresScaleOpt = None,
+    hires_strength: HiresStrengthOpt = None,
+    hires_steps: HiresStepsOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
+    grid: GridOpt = None,
+    grid_rows: GridRowsOpt = -1,
+    grid_only: GridOnlyOpt = False,
     lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -301,6 +317,7 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         preview_vae=preview_vae,
+        grid=grid, grid_rows=grid_rows, grid_only=grid_only,
     ))
 
 
@@ -332,6 +349,9 @@ def img2img(
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     lora: LoraOpt = None,
+    grid: GridOpt = None,
+    grid_rows: GridRowsOpt = -1,
+    grid_only: GridOnlyOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -355,7 +375,66 @@ def img2img(
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or []), preview=preview, preview_vae=preview_vae))
+                               loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
+                               grid_only=grid_only))
+
+
+@app.command()
+@_handled
+def sweep(
+    prompt: Annotated[str, typer.Argument(help="The prompt every cell starts from.")],
+    x: Annotated[str, typer.Option("--x", help="Columns: KEY=V1,V2,... (a config key, prompt_sr or lora:NAME; "
+                                   "ranges like seed=1-8, cfg=3-11 (+2), steps=10-40 [4]).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The plot PNG (several --z values: STEM-zK.png); "
+                                        "the cells' JSON goes beside it as STEM.json.")],
+    y: Annotated[Optional[str], typer.Option("--y", help="Rows: KEY=V1,V2,...")] = None,
+    z: Annotated[Optional[str], typer.Option("--z", help="One plot per value: KEY=V1,V2,...")] = None,
+    keep_cells: Annotated[
+        Optional[str], typer.Option("--keep-cells", help="Also keep each cell's PNG (full metadata) in this folder.")
+    ] = None,
+    json_path: Annotated[
+        Optional[str], typer.Option("--json-out", help="Write the cells' JSON here instead of beside the plot.")
+    ] = None,
+    negative: NegativeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    guidance_rescale: RescaleOpt = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    sigmas: SigmasOpt = None,
+    seed: SeedOpt = None,
+    clip_skip: ClipSkipOpt = None,
+    seamless: SeamlessOpt = None,
+    hires_scale: HiresScaleOpt = None,
+    hires_strength: HiresStrengthOpt = None,
+    hires_steps: HiresStepsOpt = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
+    prediction: PredictionOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    lora: LoraOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = "auto",
+) -> None:
+    """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
+    from .console import set_quiet
+    from .app.sweep import SweepRequest, run_sweep
+
+    set_quiet(quiet)
+    flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
+                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
+                   clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
+                   hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
+                   dtype=dtype, device=device)
+    run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
+                           loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
+                           progress=_progress_mode(progress)))
 
 
 @app.command()
@@ -442,7 +521,7 @@ def convert(
 @app.command()
 @_handled
 def verify(
-    image: Annotated[Path, typer.Argument(help="A PNG written by sdcli (its metadata holds the whole recipe).")],
+    images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
@@ -451,10 +530,18 @@ def verify(
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
+    report: Annotated[
+        Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
+                                    "re-render, a difference heat map, the numbers; failures first.")
+    ] = None,
+    report_dir: Annotated[
+        Optional[str], typer.Option("--report-dir", help="Like --report, as DIR/index.html with the PNGs beside it.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-render an image from its recorded settings and compare (PSNR, max difference); exit 9 on drift."""
+    """Re-render images from their recorded settings and compare (PSNR, max difference); exit 9 if any drifted."""
     from .console import set_quiet
     from .app.verify import run_verify
 
@@ -464,7 +551,7 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device)
-    run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
+    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite)
 
 
 def _on_signal(signum, _frame) -> None:

@@ -32,6 +32,9 @@ class GenerateRequest:
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
     preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
+    grid: str | None = None  # --grid FILE: a contact sheet of the run's images
+    grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
+    grid_only: bool = False  # write the grid, not the single images
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -57,7 +60,8 @@ def run_generate(req: GenerateRequest) -> None:
         from ..replay import check_embeddings
 
         check_embeddings(req.from_image, replay, base.embeddings_dir)
-    targets = render.plan_targets(jobs, req.overwrite)
+    targets = render.plan_targets(jobs, req.overwrite, write_images=not req.grid_only)
+    render.plan_grid(req, targets)
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     models = render.load(base)

@@ -66,8 +66,9 @@ class Prepared:
 
 # --- before any work -----------------------------------------------------------------------------
 
-def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
-    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone."""
+def plan_targets(jobs: list[Job], overwrite: bool, write_images: bool = True) -> list[Target]:
+    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone.
+    With `write_images` False (--grid-only) the paths are only names: nothing is written there."""
     from ..outputs import STDOUT, expand_template
 
     targets, seen, index = [], set(), 0
@@ -77,9 +78,31 @@ def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
             path = Path(STDOUT) if job.cfg.output == STDOUT else expand_template(job.cfg.output, index, seed, job.prompt)
             targets.append(Target(job, index, seed, path))
             index += 1
-    for t in targets:
+    for t in targets if write_images else ():
         _check_target(t, len(targets), seen, overwrite)
     return targets
+
+
+def plan_grid(req, targets: list[Target]) -> None:
+    """--grid FILE checked with the images, before the model loads: a free target, not one of the images' names,
+    and one image size for the whole run (a contact sheet's cells are all alike)."""
+    from ..outputs import check_target
+
+    grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
+    if grid is None:
+        if grid_only:
+            raise UsageError("--grid-only needs --grid FILE")
+        return
+    if req.grid_rows < -1:
+        raise UsageError(f"--grid-rows must be -1 (automatic), 0 (one row per batch) or a row count, got {req.grid_rows}")
+    if not grid_only and any(str(t.path) == grid or t.path == Path(grid) for t in targets):
+        raise UsageError(f"--grid {grid} is also the name of an image of this run: give the grid its own name")
+    if getattr(req, "preview", None) and Path(req.preview) == Path(grid):
+        raise UsageError(f"--grid {grid} is also the --preview file: give the grid its own name")
+    sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
+    if len(sizes) > 1:
+        raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
+    check_target(grid, req.overwrite)
 
 
 def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
@@ -195,15 +218,20 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
         by_job.setdefault(id(t.job), []).append(t)
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
+    saved: list[save.Saved] = []
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        _render_job(models, group, init, cond, req, tuple(state.reports))
+        saved += _render_job(models, group, init, cond, req, tuple(state.reports))
+    if getattr(req, "grid", None):
+        save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
 
 
-def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None) -> Prepared:
-    """The job's plan, its Cond pair (the inpainting channels attached), its size and hires pass."""
+def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
+            encoded: dict | None = None) -> Prepared:
+    """The job's plan, its Cond pair (the inpainting channels attached), its size and hires pass. `encoded`
+    ((text, negative) -> encoding) lets jobs with one clip_skip and one LoRA set share their text encodings."""
     from .. import pipeline
     from ..conditioning import conditioning
 
@@ -213,7 +241,7 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
         cond, uncond = _with_negative(models, cond_override, cfg)
     else:
-        encoded: dict = {}  # shared with the hires pass: a plain prompt is encoded once, not twice
+        encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
         cond, uncond = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip, None, encoded)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
@@ -234,14 +262,16 @@ def _with_negative(models, cond, cfg: RunConfig):
     return pad_chunks(cond.to(uncond), uncond, lambda: pipeline.encode_text(models, "", "", cfg.clip_skip)[0])
 
 
-def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple) -> None:
+def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple) -> list:
     from .. import pipeline
 
     cfg = targets[0].job.cfg
     p = prepare(models, cfg, targets[0].job, init, cond_override)
+    saved = []
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
-            _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+            saved += _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+    return saved
 
 
 def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
@@ -274,7 +304,7 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
-def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> None:
+def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list:
     from .. import pipeline
 
     seeds = [t.seed for t in batch]
@@ -290,9 +320,8 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
     decoded = pipeline.decode_latents(models, latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
-    for k, target in enumerate(batch):
-        save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                      timings, req, p.hires, loras)
+    return [save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
+                          timings, req, p.hires, loras) for k, target in enumerate(batch)]
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):

@@ -6,22 +6,55 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .. import __version__, console
 from ..config import RunConfig
 
 
-def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> None:
+class Saved(NamedTuple):
+    """An image as saved (or, with --grid-only, as it would have been): for the grid."""
+
+    image: Any  # PIL image
+    seed: int
+    infotext: str
+    meta: dict
+
+
+def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> Saved:
     """Image `target` of a batch: PNG (and latent when asked), then the report. `size` is the first pass's:
-    A1111 writes it as Size, and the config records the width/height asked for."""
+    A1111 writes it as Size, and the config records the width/height asked for. With --grid-only the PNG is
+    not written: the image goes on the grid only."""
     from .. import images
     from ..outputs import save_png
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras)
     text = infotext(models, target, size, init, hires, loras)
-    path = save_png(images.tensor_to_pil(image), target.path, text, meta, overwrite=req.overwrite)
+    pil = images.tensor_to_pil(image)
+    grid_only = getattr(req, "grid_only", False)
+    path = None if grid_only else save_png(pil, target.path, text, meta, overwrite=req.overwrite)
     if getattr(req, "latent_out", None):
         save_latent_out(models, req, target, latent, hires.size if hires else size)
+    if path is not None:
+        _report_image(path, target, timings, fallbacks, req)
+    return Saved(pil, target.seed, text, meta)
+
+
+def save_grid(saved: list[Saved], req, batch_size: int) -> None:
+    """--grid FILE: a contact sheet of the run's images (grid.image_grid: A1111's rows and columns) carrying the
+    first image's infotext and metadata, plus every image's seed in order."""
+    from .. import grid
+    from ..outputs import save_png
+
+    sheet = grid.image_grid([s.image for s in saved], rows=req.grid_rows, batch_size=batch_size)
+    first = saved[0]
+    meta = {**first.meta, "grid_seeds": [s.seed for s in saved],
+            "grid_shape": dict(zip(("rows", "cols"), grid.grid_shape(len(saved), req.grid_rows, batch_size)))}
+    path = save_png(sheet, req.grid, first.infotext, meta, overwrite=req.overwrite)
+    report(req, {"path": str(path), "grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
+
+
+def _report_image(path, target, timings, fallbacks, req) -> None:
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
                            "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
