@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import SEED_MAX, RunConfig, check_value
 from .errors import BadInputError, UsageError
 
-PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction"}
+PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "ray"}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from .. import config as cfgmod
 from .. import console
 from ..errors import BadInputError, UsageError
 from ..jobs import Job, read_prompts_file, single_job
-from . import render
+from . import cluster, render, resume
 
 
 @dataclass
@@ -31,6 +31,8 @@ class GenerateRequest:
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+    skip_existing: bool = False  # render only the outputs missing (or not this job's image)
+    workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -52,8 +54,12 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
-    targets = render.plan_targets(jobs, req.overwrite)
+    targets = resume.plan_targets(jobs, req.overwrite, req.skip_existing)
+    if not targets:
+        return console.info("nothing to render: every image exists")
     loras = render.job_loras(jobs, req.loras)
+    if base.ray:
+        return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None

@@ -266,7 +266,26 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One finished image as its PNG file's bytes (metadata included), before anything is written: the local run
+    writes it at once, a Ray worker (app/cluster.py) sends it to the driver, which writes it the same way."""
+
+    target: Target
+    png: bytes
+    latent: Any  # the final latent of this image, for --latent-out
+    size: tuple[int, int]  # (H, W) of the output
+    timings: dict
+    fallbacks: list
+
+
 def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> None:
+    for done in render_batch(models, p, batch, init, req, loras):
+        save.save_rendered(models, done, req)
+
+
+def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list[Rendered]:
+    """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made."""
     from .. import pipeline
 
     seeds = [t.seed for t in batch]
@@ -282,9 +301,11 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
     decoded = pipeline.decode_latents(models, latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
-    for k, target in enumerate(batch):
-        save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                      timings, req, p.hires, loras)
+    out_size = p.hires.size if p.hires else p.size
+    return [Rendered(target, save.png_for(models, target, decoded.images[k], decoded.fallbacks, p.size, init,
+                                          p.hires, loras),
+                     latents[k:k + 1], out_size, timings, decoded.fallbacks)
+            for k, target in enumerate(batch)]
 
 
 def _with_preview(progress, preview: str | None, models):

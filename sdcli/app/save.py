@@ -11,20 +11,36 @@ from .. import __version__, console
 from ..config import RunConfig
 
 
-def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> None:
-    """Image `target` of a batch: PNG (and latent when asked), then the report. `size` is the first pass's:
+def png_for(models, target, image, fallbacks, size, init, hires=None, loras=()) -> bytes:
+    """Image `target` of a batch as the bytes of its PNG file, metadata included. `size` is the first pass's:
     A1111 writes it as Size, and the config records the width/height asked for."""
     from .. import images
-    from ..outputs import save_png
+    from ..outputs import png_bytes
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras)
     text = infotext(models, target, size, init, hires, loras)
-    path = save_png(images.tensor_to_pil(image), target.path, text, meta, overwrite=req.overwrite)
+    return png_bytes(images.tensor_to_pil(image), text, meta)
+
+
+def save_rendered(models, done, req) -> None:
+    """A rendered image (render.Rendered): its PNG written atomically, its latent when asked, then the report."""
+    path = write_png(done.target, done.png, req)
     if getattr(req, "latent_out", None):
-        save_latent_out(models, req, target, latent, hires.size if hires else size)
+        save_latent_out(models, req, done.target, done.latent, done.size)
+    announce(req, done.target, path, done.timings, done.fallbacks)
+
+
+def write_png(target, png: bytes, req) -> Path:
+    from ..outputs import atomic_write_bytes
+
+    return atomic_write_bytes(target.path, png, overwrite=req.overwrite)
+
+
+def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -> None:
+    """The line (or --json object) that says an image was saved; `extra` adds fields (e.g. the Ray worker)."""
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
-                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
+                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks, **extra})
     elif str(path) != "-":
         console.info(f"saved {path} (seed {target.seed})")
 
@@ -74,7 +90,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    del recorded["output"], recorded["lora_dir"]
+    del recorded["output"], recorded["lora_dir"], recorded["ray"]  # where, not what: the bytes are the same
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),
