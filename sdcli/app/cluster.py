@@ -221,11 +221,11 @@ def _finish(result: dict, target, req, written: set, failures: list, progress) -
         failure = {"index": target.index, "source": target.job.source, **result["error"]}
         failures.append(failure)
         console.error(f"{failure['source']} (image {target.index}, seed {target.seed}): {failure['message']}")
-        progress.advance(target, None, result["worker"], failed=True)
+        progress.advance(target, None, result, failed=True)
         return
     path = save.write_png(target, result["png"], req)
     save.announce(req, target, path, result["timings"], result["fallbacks"], worker=result["worker"])
-    progress.advance(target, path, result["worker"])
+    progress.advance(target, path, result)
 
 
 class BatchProgress:
@@ -247,12 +247,13 @@ class BatchProgress:
             self.task = self.bar.add_task("images", total=self.total, rate="")
         return self
 
-    def advance(self, target, path, worker: str, failed: bool = False) -> None:
+    def advance(self, target, path, result: dict, failed: bool = False) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.t0
         if self.mode == "json":
             console.emit_event({"event": "image", "index": target.index, "seed": target.seed,
-                                "path": str(path) if path else None, "worker": worker, "failed": failed,
+                                "path": str(path) if path else None, "worker": result["worker"],
+                                "pid": result["pid"], "failed": failed,
                                 "done": self.done, "total": self.total, "elapsed_s": round(elapsed, 3)})
         elif self.bar is not None:
             self.bar.update(self.task, completed=self.done, rate=f"{60 * self.done / max(elapsed, 1e-9):.1f} img/min")
@@ -305,7 +306,7 @@ class Worker:
                                            tuple(self.lora_state.reports))
         except Exception as e:  # noqa: BLE001 - this job's own failure: reported with its line, the rest go on
             error = {"message": str(e) or type(e).__name__, "exit_code": getattr(e, "exit_code", 1)}
-            return [{"index": t.index, "worker": self.name, "error": error} for t in batch]
+            return [{"index": t.index, "worker": self.name, "pid": os.getpid(), "error": error} for t in batch]
         return [{"index": d.target.index, "png": d.png, "timings": d.timings, "fallbacks": d.fallbacks,
                  "worker": self.name, "pid": os.getpid()} for d in done]
 
