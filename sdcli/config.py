@@ -59,6 +59,7 @@ class RunConfig:
     dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
     device: str = field(default="auto", metadata=_range(choices=DEVICES))
     output: str = field(default="sdcli-{seed}.png", metadata=_range())
+    ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -304,7 +304,29 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One finished image as its PNG file's bytes (metadata included), before anything is written: the local run
+    writes it at once, a Ray worker (app/cluster.py) sends it to the driver, which writes it the same way."""
+
+    target: Target
+    png: bytes
+    latent: Any  # the final latent of this image, for --latent-out
+    size: tuple[int, int]  # (H, W) of the output
+    timings: dict
+    fallbacks: list
+    picture: Any = None  # save.Saved (PIL image and metadata) for --grid; dropped before a worker sends it
+
+
 def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list:
+    rendered = render_batch(models, p, batch, init, req, loras)
+    for done in rendered:
+        save.save_rendered(models, done, req)
+    return [done.picture for done in rendered]
+
+
+def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list[Rendered]:
+    """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made."""
     from .. import pipeline
 
     seeds = [t.seed for t in batch]
@@ -320,8 +342,11 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
     decoded = pipeline.decode_latents(models, latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
-    return [save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                          timings, req, p.hires, loras) for k, target in enumerate(batch)]
+    out_size = p.hires.size if p.hires else p.size
+    pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras)
+                for k, t in enumerate(batch)]
+    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+            for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):
