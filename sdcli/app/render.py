@@ -197,23 +197,31 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
 def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None) -> Prepared:
     """The job's plan, its Cond pair (the inpainting channels attached), its size and hires pass."""
     from .. import pipeline
-    from ..conditioning import conditioning
+    from ..denoise import guided
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family)
     concat = init.concat if init is not None else None
+    negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
-        cond, uncond = _with_negative(models, cond_override, cfg)
+        cond, uncond = _with_negative(models, cond_override, cfg) if negative is not None else (cond_override, None)
     else:
         encoded: dict = {}  # shared with the hires pass: a plain prompt is encoded once, not twice
-        cond, uncond = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip, None, encoded)
+        cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
     if hires is not None and cond_override is None:
-        conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip,
+        conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
-        hires = dataclasses.replace(hires, conds=tuple(conditioning(c) for c in conds))
-    return Prepared(plan, conditioning(cond, concat), conditioning(uncond, concat), (height, width), hires)
+        hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
+    return Prepared(plan, _conditioning(cond, concat), _conditioning(uncond, concat), (height, width), hires)
+
+
+def _conditioning(value, concat=None):
+    """conditioning.conditioning, keeping an absent uncond (no guidance) absent."""
+    from ..conditioning import conditioning
+
+    return None if value is None else conditioning(value, concat)
 
 
 def _with_negative(models, cond, cfg: RunConfig):
