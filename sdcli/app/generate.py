@@ -52,7 +52,8 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
-    targets = render.plan_targets(jobs, req.overwrite)
+    targets, outputs = render.plan_outputs(jobs, req)
+    outputs.check()
     loras = render.job_loras(jobs, req.loras)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet

@@ -40,7 +40,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
-    targets = render.plan_targets([job], req.overwrite)
+    targets, outputs = render.plan_outputs([job], req)
+    outputs.check()
     loras = render.job_loras([job], req.loras)
     models = render.load(base)
     render.check_inpaint_model(models, base, req.mask)

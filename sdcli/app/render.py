@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..errors import BadInputError, UsageError
 from ..jobs import Job
 from . import save
+from .planning import OutputPlan
 from .progress import Progress
 
 
@@ -30,6 +31,7 @@ class Target:
     index: int  # position in the whole run, for {index}
     seed: int
     path: Path
+    latent_path: Path | None = None  # --latent-out's name for this image
 
 
 @dataclass
@@ -66,33 +68,29 @@ class Prepared:
 
 # --- before any work -----------------------------------------------------------------------------
 
-def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
-    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone."""
-    from ..outputs import STDOUT, expand_template
-
-    targets, seen, index = [], set(), 0
+def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
+    """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
+    the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
+    calls `plan.check()`, before the model loads."""
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    latent_out = getattr(req, "latent_out", None)
+    targets, index = [], 0
     for job in jobs:
         for k in range(job.cfg.n):
             seed = job.cfg.seed + k
-            path = Path(STDOUT) if job.cfg.output == STDOUT else expand_template(job.cfg.output, index, seed, job.prompt)
-            targets.append(Target(job, index, seed, path))
+            path = plan.add("image", _name(job.cfg.output, index, seed, job.prompt))
+            latent = plan.add("latent", _name(latent_out, index, seed, job.prompt)) if latent_out else None
+            targets.append(Target(job, index, seed, path, latent))
             index += 1
-    for t in targets:
-        _check_target(t, len(targets), seen, overwrite)
-    return targets
+    if getattr(req, "preview", None):
+        plan.add("preview", req.preview)
+    return targets, plan
 
 
-def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
-    from ..outputs import STDOUT, check_target
+def _name(template: str, index: int, seed: int, prompt: str) -> Path:
+    from ..outputs import STDOUT, expand_template
 
-    if str(t.path) == STDOUT:
-        if total > 1:
-            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {total} images; use a template")
-        return
-    if t.path in seen:
-        raise UsageError(f"two images would be written to {t.path}: add {{index}} or {{seed}} to the -o template")
-    seen.add(t.path)
-    check_target(t.path, overwrite)
+    return Path(STDOUT) if template == STDOUT else expand_template(template, index, seed, prompt)
 
 
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:

@@ -20,7 +20,7 @@ def save_one(models, target, image, latent, fallbacks, size, init, timings, req,
     meta = metadata(models, target, size, fallbacks, init, hires, loras)
     text = infotext(models, target, size, init, hires, loras)
     path = save_png(images.tensor_to_pil(image), target.path, text, meta, overwrite=req.overwrite)
-    if getattr(req, "latent_out", None):
+    if target.latent_path is not None:
         save_latent_out(models, req, target, latent, hires.size if hires else size)
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
@@ -31,11 +31,9 @@ def save_one(models, target, image, latent, fallbacks, size, init, timings, req,
 
 def save_latent_out(models, req, target, latent, size) -> None:
     from .. import latents
-    from ..outputs import expand_template
     from ..pipeline import scale_factor
 
-    path = expand_template(req.latent_out, target.index, target.seed, target.job.prompt)
-    latents.save_latent(path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
+    latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
