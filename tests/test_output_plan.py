@@ -119,6 +119,7 @@ def test_prompts_file_images_colliding_is_exit_2(loads):
     (("-o", "a.png", "--latent-out", "-", "--json"), ("latent", "--json")),
     (("-o", "-", "--latent-out", "-"), ("stdout", "image", "latent")),
     (("-o", "-", "-n", "2"), ("-o -", "2 images")),
+    (("-o", "a.png", "--preview", "-"), ("--preview", "stdout")),
 ])
 def test_stdout_carries_one_stream(extra, needles, loads):
     refused(generate(*extra), 2, *needles, loads=loads)

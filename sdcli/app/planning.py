@@ -61,6 +61,8 @@ class OutputPlan:
         if not on_stdout:
             return
         kinds = {o.kind for o in on_stdout}
+        if "preview" in kinds:  # rewritten while sampling: a stream of PNGs is no file a viewer can show
+            raise UsageError("--preview is a file rewritten while sampling; it cannot go to stdout (-)")
         if len(on_stdout) > 1 and kinds == {"image"}:
             raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(on_stdout)} images; "
                              "use a template")
