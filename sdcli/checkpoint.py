@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdcli.errors import BadInputError, ModelNotFoundError
+from sdcli.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
 from sdcli.families import Family, by_name, detect_family
 from sdcli.families.shapes import infer_text_config, infer_unet_config, infer_vae_config
 from sdcli.formats.clip_layouts import text_plan
@@ -189,8 +189,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     try:
         try:
             info = detect(source.header, prediction)
-        except BadInputError as e:  # detection sees only a header: say which file it came from
-            raise BadInputError(f"{path}: {e}") from None
+        except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
+            raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
         text = build_text(source, info, dtype, device)
@@ -213,5 +213,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     try:
         cfg = infer_vae_config(shapes_of(source.header))
         return build_vae(source, cfg, dtype, torch.device(device))
+    except BadInputError as e:  # shape inference sees only names: say which file they came from
+        raise e if str(path) in str(e) else BadInputError(f"{path}: {e}") from None
     finally:
         source.close()

@@ -78,7 +78,7 @@ def test_the_conditioning_moves_once_per_model_evaluation():
 
     class Recorder:
         def __call__(self, x, sigma, cond):
-            seen.append(tuple(int(v) for v in cond.context[:, 0, 0]))  # one call, [uncond; cond] rows
+            seen.append(tuple(int(v) for v in cond[:, 0, 0]))  # one call, [uncond; cond] rows
             return torch.zeros_like(x)
 
     tag = lambda v: torch.full((1, 2, 3), float(v))  # noqa: E731

@@ -47,7 +47,7 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
-    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
@@ -55,18 +55,23 @@ def run_generate(req: GenerateRequest) -> None:
     targets, outputs = render.plan_outputs(jobs, req)
     outputs.check()
     loras = render.job_loras(jobs, req.loras)
+    init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
-    init = _latent_init(req.latent_in, base, models) if req.latent_in else None
+    init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
     render.render_all(models, targets, init, cond, req, loras)
 
 
-def _latent_init(path: Path, cfg, models) -> render.Init:
+def _init_latent_file(path: Path, jobs: list[Job]):
     from .. import latents
+
+    return latents.load_init_latent(path, [(job.cfg.n, job.cfg.batch_size) for job in jobs])
+
+
+def _latent_init(path: Path, lf, cfg, models) -> render.Init:
     from ..pipeline import scale_factor
 
-    lf = latents.load_latent(path)
     return render.Init(lf.unet_space(scale_factor(models)), cfg.strength, [f"started from latent file {path}"])
 
 
