@@ -62,10 +62,12 @@ def run_generate(req: GenerateRequest) -> None:
         from ..replay import check_embeddings
 
         check_embeddings(req.from_image, replay, base.embeddings_dir)
-    targets = resume.plan_targets(jobs, req.overwrite, req.skip_existing, write_images=not req.grid_only)
+    targets, outputs = render.plan_outputs(jobs, req)
+    render.plan_grid(req, targets, outputs)
+    targets = resume.skip_done(targets, outputs, req)
+    outputs.check()
     if not targets:
         return console.info("nothing to render: every image exists")
-    render.plan_grid(req, targets)
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     if base.ray:

@@ -47,10 +47,12 @@ def run_img2img(req: Img2ImgRequest) -> None:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
-    targets = resume.plan_targets([job], req.overwrite, req.skip_existing, write_images=not req.grid_only)
+    targets, outputs = render.plan_outputs([job], req)
+    render.plan_grid(req, targets, outputs)
+    targets = resume.skip_done(targets, outputs, req)
+    outputs.check()
     if not targets:
         return console.info("nothing to render: every image exists")
-    render.plan_grid(req, targets)
     loras = render.job_loras([job], req.loras)
     setup = functools.partial(_init, base, img, mask, notes, req.mask)
     if base.ray:

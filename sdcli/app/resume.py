@@ -15,20 +15,23 @@ from pathlib import Path
 
 from .. import console
 from ..errors import OutputError
-from . import render, save
+from . import save
 
 LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
 
 
-def plan_targets(jobs: list, overwrite: bool, skip_existing: bool, write_images: bool = True) -> list:
-    """render.plan_targets, less the images already there when `skip_existing` (said on stderr)."""
-    if not skip_existing:
-        return render.plan_targets(jobs, overwrite, write_images)
-    targets = render.plan_targets(jobs, overwrite=True)  # names still checked: duplicates, folders, devices
-    missing = [t for t in targets if not _done(t, overwrite)]
-    if len(missing) < len(targets):
-        console.info(f"skipping {len(targets) - len(missing)} of {len(targets)} images that exist already")
-    return missing
+def skip_done(targets: list, outputs, req) -> list:
+    """With --skip-existing: the targets less the images already there (said on stderr), whose names (and latent
+    names) leave the output plan, so the plan's checks do not refuse them as existing files."""
+    if not getattr(req, "skip_existing", False):
+        return targets
+    done = {id(t) for t in targets if _done(t, req.overwrite)}
+    if not done:
+        return targets
+    console.info(f"skipping {len(done)} of {len(targets)} images that exist already")
+    gone = {p for t in targets if id(t) in done for p in (t.path, t.latent_path) if p is not None}
+    outputs.outputs = [o for o in outputs.outputs if o.path not in gone]
+    return [t for t in targets if id(t) not in done]
 
 
 def _done(target, overwrite: bool) -> bool:

@@ -42,7 +42,7 @@ def save_rendered(models, done, req) -> None:
     """A rendered image (render.Rendered): its PNG written atomically (not with --grid-only: the image goes on the
     grid only), its latent when asked, then the report."""
     path = None if getattr(req, "grid_only", False) else write_png(done.target, done.png, req)
-    if getattr(req, "latent_out", None):
+    if done.target.latent_path is not None:
         save_latent_out(models, req, done.target, done.latent, done.size)
     if path is not None:
         announce(req, done.target, path, done.timings, done.fallbacks)
@@ -79,11 +79,9 @@ def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -
 
 def save_latent_out(models, req, target, latent, size) -> None:
     from .. import latents
-    from ..outputs import expand_template
     from ..pipeline import scale_factor
 
-    path = expand_template(req.latent_out, target.index, target.seed, target.job.prompt)
-    latents.save_latent(path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
+    latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
