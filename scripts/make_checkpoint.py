@@ -3,9 +3,11 @@
     python scripts/make_checkpoint.py OUT --family sd1 --size full --dtype fp16 --layout single --seed 0
 
 Layouts: ``single`` = one LDM-named .safetensors file (SD1: cond_stage_model.transformer.text_model.*,
-SD2: OpenCLIP cond_stage_model.model.*), ``diffusers`` = a folder with model_index.json, unet/, vae/,
+SD2: OpenCLIP cond_stage_model.model.*; SDXL: conditioner.embedders.0.transformer.text_model.* (CLIP-L) and
+conditioner.embedders.1.model.* (OpenCLIP bigG, all layers, text_projection stored (width, proj)); the refiner
+has bigG alone under conditioner.embedders.0.model.*), ``diffusers`` (SD1/SD2 only) = a folder with model_index.json, unet/, vae/,
 text_encoder/, scheduler/ (names from sdcli.checkpoint's rename table). Sizes: ``tiny`` (tests, a few MB)
-and ``full`` (the real SD1.5 / SD2.1 shapes). The key list comes from sdcli's own modules built on the
+and ``full`` (the real SD1.5 / SD2.1 / SDXL 1.0 base and refiner shapes). The key list comes from sdcli's own modules built on the
 meta device; every tensor is drawn in sorted key order from one seeded generator, so the same seed gives
 the same bytes. Scales keep activations finite at full size: weights N(0, 1/fan_in), biases N(0, 0.02^2),
 norm weights 1 + N(0, 0.1^2).
@@ -47,6 +49,47 @@ PRESETS = {
 }  # fmt: skip
 
 
+SDXL_VAE_SCALE = 0.13025
+SDXL_L = dict(family="sdxl", hidden_act="quick_gelu", pad_token_id=49407)  # CLIP ViT-L: pads with EOS
+SDXL_G = dict(family="sdxl", hidden_act="gelu", pad_token_id=0)  # OpenCLIP bigG: pads with "!" (id 0)
+# family, size -> (UNet, VAE, CLIP-L or None, bigG). The tiny ones keep the real structure: two encoders of
+# different widths (context 64 + 128), a non-square projection (128 -> 96), no attention at level 0, depth 2
+# on a level, 64-channel heads, y = pooled 96 + 6 (refiner 5) embeddings 8 wide.
+SDXL_PRESETS = {
+    ("sdxl", "tiny"): (
+        UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(False, True, True),
+                   transformer_depth=(0, 1, 2), middle_depth=2, context_dim=192, num_heads=None, head_dim=64,
+                   use_linear_in_transformer=True, adm_in_channels=96 + 6 * 8),
+        VAEConfig(**{**TINY_VAE.__dict__, "scale_factor": SDXL_VAE_SCALE}),
+        TextConfig(hidden_size=64, num_layers=3, num_heads=1, intermediate_size=256, **SDXL_L),
+        TextConfig(hidden_size=128, num_layers=3, num_heads=2, intermediate_size=512, projection_dim=96, **SDXL_G)),
+    ("sdxl-refiner", "tiny"): (
+        UNetConfig(model_channels=64, channel_mult=(1, 2, 2, 2), attention_levels=(False, True, True, False),
+                   transformer_depth=2, context_dim=128, num_heads=None, head_dim=64,
+                   use_linear_in_transformer=True, adm_in_channels=96 + 5 * 8),
+        VAEConfig(**{**TINY_VAE.__dict__, "scale_factor": SDXL_VAE_SCALE}), None,
+        TextConfig(hidden_size=128, num_layers=3, num_heads=2, intermediate_size=512, projection_dim=96, **SDXL_G)),
+    ("sdxl", "full"): (  # sd_xl_base.yaml
+        UNetConfig(channel_mult=(1, 2, 4), attention_levels=(False, True, True), transformer_depth=(0, 2, 10),
+                   middle_depth=10, context_dim=2048, num_heads=None, head_dim=64, use_linear_in_transformer=True,
+                   adm_in_channels=2816),
+        VAEConfig(scale_factor=SDXL_VAE_SCALE),
+        TextConfig(**SDXL_L),
+        TextConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, projection_dim=1280,
+                   **SDXL_G)),
+    ("sdxl-refiner", "full"): (  # sd_xl_refiner.yaml
+        UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(False, True, True, False),
+                   transformer_depth=4, context_dim=1280, num_heads=None, head_dim=64,
+                   use_linear_in_transformer=True, adm_in_channels=2560),
+        VAEConfig(scale_factor=SDXL_VAE_SCALE), None,
+        TextConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, projection_dim=1280,
+                   **SDXL_G)),
+}  # fmt: skip
+SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
+SDXL_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_G_PREFIX = {"sdxl": "conditioner.embedders.1.model.", "sdxl-refiner": "conditioner.embedders.0.model."}
+
+
 def preset(family: str, size: str, inpaint: bool = False) -> tuple[UNetConfig, VAEConfig, TextConfig]:
     unet, vae, text = PRESETS[(family, size)]
     if inpaint:
@@ -58,13 +101,15 @@ def _meta_shapes(module: torch.nn.Module, prefix: str) -> dict[str, tuple[int, .
     return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def openclip_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
-    """OpenCLIP text-tower names of an SD2 single file: one layer more than the model uses."""
-    d, p = text.hidden_size, OPENCLIP_TEXT
+def openclip_shapes(text: TextConfig, prefix: str = OPENCLIP_TEXT, layers: int | None = None,
+                    proj: int | None = None) -> dict[str, tuple[int, ...]]:  # fmt: skip
+    """OpenCLIP text-tower names. SD2 (the defaults): one layer more than the model uses, a square projection.
+    SDXL's bigG: `layers` = all of them, text_projection stored (width, proj), used as x @ P."""
+    d, p = text.hidden_size, prefix
     out = {p + "token_embedding.weight": (text.vocab_size, d), p + "positional_embedding": (text.max_positions, d),
-           p + "ln_final.weight": (d,), p + "ln_final.bias": (d,), p + "text_projection": (d, d),
+           p + "ln_final.weight": (d,), p + "ln_final.bias": (d,), p + "text_projection": (d, proj or d),
            p + "logit_scale": ()}  # fmt: skip
-    for i in range(text.num_layers + 1):
+    for i in range(text.num_layers + 1 if layers is None else layers):
         r = f"{p}transformer.resblocks.{i}."
         out.update({r + "ln_1.weight": (d,), r + "ln_1.bias": (d,), r + "ln_2.weight": (d,), r + "ln_2.bias": (d,),
                     r + "attn.in_proj_weight": (3 * d, d), r + "attn.in_proj_bias": (3 * d,),
@@ -74,8 +119,33 @@ def openclip_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def sdxl_preset(family: str, size: str, inpaint: bool = False):
+    """(UNet, VAE, CLIP-L or None, bigG) configs of an SDXL preset; `inpaint`: the 9-channel UNet."""
+    unet, vae, text_l, text_g = SDXL_PRESETS[(family, size)]
+    if inpaint:
+        unet = UNetConfig(**{**unet.__dict__, "in_channels": 9})
+    return unet, vae, text_l, text_g
+
+
+def sdxl_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an SDXL single file (sgm layout), from our modules built on meta."""
+    unet_cfg, vae_cfg, text_l, text_g = sdxl_preset(family, size, inpaint)
+    with torch.device("meta"):
+        shapes = _meta_shapes(UNetModel(unet_cfg), UNET_PREFIX)
+        shapes.update(_meta_shapes(AutoencoderKL(vae_cfg), VAE_PREFIX))
+        if text_l is not None:
+            state = TextEncoder(text_l).state_dict()
+            shapes.update({SDXL_L_PREFIX + k.removeprefix("transformer.").removeprefix("text_model."): tuple(v.shape)
+                           for k, v in state.items()})  # fmt: skip
+            shapes[SDXL_L_PREFIX + "embeddings.position_ids"] = (1, text_l.max_positions)  # real files carry it
+    shapes.update(openclip_shapes(text_g, SDXL_G_PREFIX[family], text_g.num_layers, text_g.projection_dim))
+    return shapes
+
+
 def ldm_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the single-file LDM layout, from our modules built on meta (no memory used)."""
+    if family in SDXL_FAMILIES:
+        return sdxl_shapes(family, size, inpaint)
     unet_cfg, vae_cfg, text_cfg = preset(family, size, inpaint)
     with torch.device("meta"):
         shapes = _meta_shapes(UNetModel(unet_cfg), UNET_PREFIX)
@@ -92,6 +162,8 @@ def ldm_shapes(family: str, size: str, inpaint: bool = False) -> dict[str, tuple
 def _random(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     t = torch.randn(shape, generator=gen, dtype=torch.float32)
     leaf = key.rsplit(".", 1)[-1]
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1]).expand(shape).clone()  # int64, as real files store it
     if key.endswith("logit_scale"):
         return t.mul_(0.0).add_(4.6052)  # log(100), as trained CLIP models have
     if len(shape) == 1 and leaf == "weight":  # GroupNorm / LayerNorm scales
@@ -110,7 +182,8 @@ def ldm_state_dict(family: str, size: str, seed: int = 0, dtype: torch.dtype = t
                    inpaint: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     shapes = ldm_shapes(family, size, inpaint)
-    return {k: _random(k, shapes[k], gen).to(dtype) for k in sorted(shapes)}
+    out = {k: _random(k, shapes[k], gen) for k in sorted(shapes)}
+    return {k: t if k.endswith("position_ids") else t.to(dtype) for k, t in out.items()}
 
 
 def _invert(pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -148,18 +221,32 @@ def to_diffusers(state: dict[str, torch.Tensor], family: str, size: str, inpaint
     return comps
 
 
-def unet_diffusers_config(cfg: UNetConfig, family: str) -> dict:
+def unet_diffusers_config(cfg: UNetConfig, family: str, pooled_dim: int | None = None) -> dict:
+    """diffusers' UNet2DConditionModel config for `cfg`. SDXL (family sdxl / sdxl-refiner) needs the pooled
+    width to split y into diffusers' addition_time_embed_dim."""
     chans = [cfg.model_channels * m for m in cfg.channel_mult]
     # diffusers' `attention_head_dim` is really the number of heads (a known misnomer in SD configs)
     heads = 8 if family == "sd1" else [c // 64 for c in chans]
-    return {"_class_name": "UNet2DConditionModel", "sample_size": 64 if cfg.model_channels == 320 else 8,
-            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "block_out_channels": chans,
-            "layers_per_block": cfg.num_res_blocks, "cross_attention_dim": cfg.context_dim,
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)],
-            "attention_head_dim": heads, "use_linear_projection": cfg.use_linear_in_transformer,
-            "transformer_layers_per_block": cfg.transformer_depth, "norm_num_groups": 32, "norm_eps": 1e-5,
-            "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1}  # fmt: skip
+    depth = cfg.transformer_depth
+    if isinstance(depth, tuple):  # diffusers' middle block takes the last level's depth; no-attention levels: any
+        assert depth[-1] == cfg.mid_depth, "diffusers cannot express a middle depth unlike the last level's"
+        depth = [max(d, 1) for d in depth]
+    full = cfg.model_channels in (320, 384)
+    sample = (128 if family in SDXL_FAMILIES else 64) if full else 8  # latent side of the native image size
+    out = {"_class_name": "UNet2DConditionModel", "sample_size": sample,
+           "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "block_out_channels": chans,
+           "layers_per_block": cfg.num_res_blocks, "cross_attention_dim": cfg.context_dim,
+           "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
+           "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)],
+           "attention_head_dim": heads, "use_linear_projection": cfg.use_linear_in_transformer,
+           "transformer_layers_per_block": depth, "norm_num_groups": 32, "norm_eps": 1e-5,
+           "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "downsample_padding": 1}  # fmt: skip
+    if cfg.adm_in_channels is not None:  # SDXL: y = pooled + one sinusoidal embedding per size/crop value
+        assert pooled_dim is not None
+        n_values = 5 if family == "sdxl-refiner" else 6
+        out.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=cfg.adm_in_channels,
+                   addition_time_embed_dim=(cfg.adm_in_channels - pooled_dim) // n_values)
+    return out
 
 
 def vae_diffusers_config(cfg: VAEConfig) -> dict:
@@ -212,6 +299,8 @@ def make_checkpoint(out: str | Path, family: str = "sd1", size: str = "tiny", dt
         if prediction is not None:
             meta["modelspec.prediction_type"] = {"v": "v", "eps": "epsilon"}[prediction]
         save_file(state, str(out), metadata=meta)
+    elif family in SDXL_FAMILIES:
+        raise ValueError("SDXL presets are written in the single-file layout only")
     elif layout == "diffusers":
         write_diffusers(out, to_diffusers(state, family, size, inpaint), family, size, prediction, inpaint)
     else:
@@ -219,10 +308,97 @@ def make_checkpoint(out: str | Path, family: str = "sd1", size: str = "tiny", dt
     return out
 
 
+# --- ControlNet files (issue 15): random ControlNets in every layout sdcli reads -------------------------
+
+CONTROLNET_SDXL_UNETS = {  # SDXL encoders; tiny keeps the real structure (SDXL_CONTROLNET_TI_TAESD.md App. 2)
+    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_levels=(False, True, True),
+                       transformer_depth=(0, 2, 3), middle_depth=3, context_dim=80, num_heads=None, head_dim=16,
+                       use_linear_in_transformer=True, adm_in_channels=88),
+    "full": UNetConfig(channel_mult=(1, 2, 4), attention_levels=(False, True, True), transformer_depth=(0, 2, 10),
+                       middle_depth=10, context_dim=2048, num_heads=None, head_dim=64,
+                       use_linear_in_transformer=True, adm_in_channels=2816),
+}  # fmt: skip
+CONTROLNET_LAYOUTS = ("original", "original-bare", "diffusers", "diffusers-folder", "pth")
+
+
+def controlnet_config(family: str = "sd1", size: str = "tiny"):
+    """The ControlNet that fits preset(family, size)'s UNet (SDXL: CONTROLNET_SDXL_UNETS); tiny hint widths."""
+    from sdcli.models.controlnet import HINT_WIDTHS, ControlNetConfig
+
+    unet = CONTROLNET_SDXL_UNETS[size] if family == "sdxl" else PRESETS[(family, size)][0]
+    return ControlNetConfig(unet=unet, hint_widths=(8, 8, 16, 16) if size == "tiny" else HINT_WIDTHS)
+
+
+def controlnet_state_dict(cfg, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor random (zero convolutions included: zeros would hide the ControlNet), original names."""
+    from sdcli.models.controlnet import ControlNet
+
+    with torch.device("meta"):
+        shapes = _meta_shapes(ControlNet(cfg), "")
+    gen = torch.Generator().manual_seed(seed)
+    return {k: _random(k, shapes[k], gen).to(dtype) for k in sorted(shapes)}
+
+
+def controlnet_to_diffusers(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    from sdcli.controlnet_files import controlnet_prefix_pairs
+
+    u = cfg.unet
+    table = _invert(controlnet_prefix_pairs(len(u.channel_mult), u.num_res_blocks, u.attention_levels))
+    out = {rename(k, table): t for k, t in state.items()}
+    assert None not in out, "ControlNet rename table does not cover every key"
+    return out
+
+
+def controlnet_diffusers_config(cfg) -> dict:
+    """config.json of the diffusers ControlNetModel equal to `cfg`."""
+    u = cfg.unet
+    chans = [u.model_channels * m for m in u.channel_mult]
+    depth = u.transformer_depth if isinstance(u.transformer_depth, int) else [max(1, d) for d in u.transformer_depth]
+    heads = u.num_heads if u.num_heads is not None else [max(1, c // u.head_dim) for c in chans]
+    out = {"_class_name": "ControlNetModel", "in_channels": u.in_channels, "conditioning_channels": cfg.hint_channels,
+           "flip_sin_to_cos": True, "freq_shift": 0, "block_out_channels": chans, "layers_per_block": u.num_res_blocks,
+           "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention_levels],
+           "cross_attention_dim": u.context_dim, "attention_head_dim": heads, "transformer_layers_per_block": depth,
+           "use_linear_projection": u.use_linear_in_transformer, "norm_num_groups": 32, "norm_eps": 1e-5,
+           "downsample_padding": 1, "act_fn": "silu", "conditioning_embedding_out_channels": list(cfg.hint_widths),
+           "global_pool_conditions": cfg.global_pool, "controlnet_conditioning_channel_order": "rgb"}  # fmt: skip
+    if u.adm_in_channels is not None:  # SDXL: 6 size values embedded 256 wide (8 in the tiny one) after pooled text
+        time_dim = 256 if u.adm_in_channels == 2816 else 8
+        out.update(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                   projection_class_embeddings_input_dim=u.adm_in_channels)  # fmt: skip
+    return out
+
+
+def make_controlnet(out: str | Path, family: str = "sd1", size: str = "tiny", layout: str = "original",
+                    seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
+    """Write a random ControlNet: ``original`` (control_model.*), ``original-bare`` (no prefix), ``pth``
+    (original names in a torch.save pickle), ``diffusers`` (one file), ``diffusers-folder`` (with config.json)."""
+    out = Path(out)
+    cfg = controlnet_config(family, size)
+    state = controlnet_state_dict(cfg, seed, dtype)
+    if layout.startswith("diffusers"):
+        state = controlnet_to_diffusers(state, cfg)
+    elif layout in ("original", "pth"):
+        state = {"control_model." + k: t for k, t in state.items()}
+    elif layout != "original-bare":
+        raise ValueError(f"unknown ControlNet layout {layout!r}")
+    if layout == "diffusers-folder":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(controlnet_diffusers_config(cfg), indent=2))
+        save_file(state, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if layout == "pth":
+        torch.save({"state_dict": state}, out)
+    else:
+        save_file(state, str(out), metadata={"format": "pt"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--family", choices=["sd1", "sd2"], default="sd1")
+    ap.add_argument("--family", choices=["sd1", "sd2", *SDXL_FAMILIES], default="sd1")
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--layout", choices=["single", "diffusers"], default="single")

@@ -1,4 +1,5 @@
-"""The CLIP text encoders of SD 1.x (OpenAI CLIP ViT-L/14) and SD 2.x (OpenCLIP ViT-H/14), in plain torch.
+"""The CLIP text encoders of SD 1.x (OpenAI CLIP ViT-L/14), SD 2.x (OpenCLIP ViT-H/14) and SDXL (ViT-L/14 and
+OpenCLIP ViT-bigG/14 with its text projection), in plain torch.
 
 The module tree under ``self.transformer`` has transformers' ``CLIPTextModel`` names (embeddings, encoder.layers.N.
 self_attn.q_proj, ..., final_layer_norm), so SD files and diffusers ``text_encoder/`` folders load by name and
@@ -8,8 +9,12 @@ CLIPTextModel on the same weights. It is ours rather than transformers' because 
 SD2 stores OpenCLIP names under ``cond_stage_model.model.`` which ``checkpoint.py`` converts at load (fused q/k/v
 split, last layer dropped because SD2 uses the penultimate layer). So for SD2 this model has one layer fewer
 than the file, exactly as the diffusers ``text_encoder/`` folder of SD2 does.
+SDXL (``encode_xl``) keeps every layer: it conditions on the penultimate hidden state WITHOUT the final norm,
+and bigG's pooled vector needs the last layer (final norm, first EOS token, then ``text_projection``, a bias-free
+Linear named as in transformers' CLIPTextModelWithProjection; OpenCLIP files store its transpose).
 Upstream: https://github.com/Stability-AI/stablediffusion/blob/main/ldm/modules/encoders/modules.py
-(FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder with layer="penultimate").
+(FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder with layer="penultimate"); SDXL: generative-models
+sgm/modules/encoders/modules.py (FrozenCLIPEmbedder layer="hidden", FrozenOpenCLIPEmbedder2).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import Tensor, nn
 from sdcli.errors import UsageError
 
 SD1_PAD_ID = 49407  # SD1 pads with <|endoftext|>
-SD2_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!")
+SD2_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!"): SD2 and SDXL's bigG
+EOS_ID = 49407
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,13 @@ class TextConfig:
     intermediate_size: int = 3072
     max_positions: int = 77
     hidden_act: str = "quick_gelu"  # SD2/OpenCLIP: "gelu"
+    projection_dim: int | None = None  # SDXL bigG: width of the pooled output (text_projection), else None
+    pad_token_id: int | None = None  # None: the family's rule; SDXL sets it per encoder (CLIP-L 49407, bigG 0)
 
     @property
     def pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
         return SD2_PAD_ID if self.family == "sd2" else SD1_PAD_ID
 
     def to_clip_config(self):
@@ -59,6 +69,7 @@ class TextConfig:
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=self.pad_id,
+            **({} if self.projection_dim is None else {"projection_dim": self.projection_dim}),
         )
 
 
@@ -72,6 +83,8 @@ class TextEncoder(nn.Module):
         self.pad_id = cfg.pad_id
         self.hidden_size = cfg.hidden_size
         self.transformer = CLIPTextTransformer(cfg)
+        if cfg.projection_dim is not None:
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     def reset_buffers(self) -> None:
         """Rebuild non-persistent buffers (position_ids), which a meta-device build leaves empty."""
@@ -88,6 +101,30 @@ class TextEncoder(nn.Module):
         if clip_skip < 1 or clip_skip > self.config.num_layers:
             raise UsageError(f"clip_skip must be in 1..{self.config.num_layers}, got {clip_skip}")
         return self.transformer(ids, layers=self.config.num_layers - clip_skip + 1)
+
+    def encode_xl(self, ids: Tensor, hidden_index: int = -2) -> tuple[Tensor, Tensor | None]:
+        """SDXL: (hidden state `hidden_index` (N, T, D) WITHOUT the final norm, pooled (N, P) or None).
+
+        `hidden_index` counts as transformers' ``hidden_states`` (0 = embeddings, -1 = last layer); SDXL uses
+        -2, diffusers' clip_skip=c uses -(c + 2). The pooled vector (only with a text_projection) is the final
+        norm of the LAST layer at the first EOS token (sgm takes argmax(ids): the same for CLIP's own ids),
+        projected.
+        """
+        n = self.config.num_layers
+        index = hidden_index + n + 1 if hidden_index < 0 else hidden_index
+        if not 0 <= index <= n:
+            raise UsageError(f"hidden state {hidden_index} out of range for a {n}-layer text encoder")
+        pooled_wanted = self.config.projection_dim is not None
+        t = self.transformer
+        h = picked = t.embeddings(ids)  # (N, T, D)
+        for i, layer in enumerate(t.encoder.layers[: n if pooled_wanted else index], start=1):
+            h = layer(h)
+            if i == index:
+                picked = h
+        if not pooled_wanted:
+            return picked, None
+        last = t.final_layer_norm(h)  # (N, T, D)
+        return picked, self.text_projection(last[torch.arange(ids.shape[0], device=ids.device), eos_index(ids)])
 
 
 class CLIPTextTransformer(nn.Module):
@@ -162,6 +199,14 @@ class CLIPMLP(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(h)))
+
+
+def eos_index(ids: Tensor) -> Tensor:
+    """(N,) position of each row's first EOS; rows without one fall back to argmax(ids), sgm's rule.
+
+    The first EOS rather than argmax: textual-inversion ids above 49407 must not be taken for the EOS."""
+    is_eos = ids == EOS_ID
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), ids.argmax(-1))
 
 
 def uninitialised_embedding(rows: int, dim: int) -> nn.Embedding:

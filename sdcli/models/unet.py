@@ -319,10 +319,13 @@ class UNetModel(nn.Module):
             nn.GroupNorm(NORM_GROUPS, mc), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
         )
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
+                control: tuple[list[Tensor], Tensor] | None = None) -> Tensor:  # fmt: skip
         """x (B, C_in, H, W), timesteps (B,) float, context (B, T, D), SDXL's y (B, adm_in) -> (B, C_out, H, W).
 
-        H and W may be any size: an upsampler meets its skip connection at that skip's size."""
+        H and W may be any size: an upsampler meets its skip connection at that skip's size.
+        control: ControlNet residuals (one per skip connection, in push order; one for the middle output),
+        added as cldm's ControlledUnetModel and diffusers' *_additional_residuals do (models/controlnet.py)."""
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4mc)
         if (y is None) != (self.config.adm_in_channels is None):
@@ -336,6 +339,10 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)  # (B, C_max, ~H/2^k, ~W/2^k)
+        if control is not None:
+            down, mid = control
+            skips = [s + r.to(dtype) for s, r in zip(skips, down, strict=True)]
+            h = h + mid.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
@@ -368,7 +375,8 @@ def base_size_values(original_hw: Sequence[int], crop_top_left: Sequence[int],
     return (*map(float, original_hw), *map(float, crop_top_left), *map(float, target_hw))
 
 
-def refiner_size_values(original_hw: Sequence[int], crop_top_left: Sequence[int], aesthetic: float) -> tuple[float, ...]:
+def refiner_size_values(original_hw: Sequence[int], crop_top_left: Sequence[int],
+                        aesthetic: float) -> tuple[float, ...]:  # fmt: skip
     """The refiner's five: the aesthetic score replaces the target size."""
     return (*map(float, original_hw), *map(float, crop_top_left), float(aesthetic))
 
