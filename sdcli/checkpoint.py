@@ -42,14 +42,24 @@ class ModelInfo:
     prediction: str  # "eps" | "v"
     unet: UNetConfig
     vae: VAEConfig
-    text: TextConfig | None
+    texts: tuple[TextConfig, ...]  # one per text encoder the family declares (families/base.TextEncoderSpec)
     prediction_source: str = "family"  # override | metadata | scheduler_config | family | guess | probe
-    text_layout: str | None = "openai"  # "openai" (transformers names) | "openclip" (SD2 single file)
+    # per text encoder: (layout, where its weights sit): "openai" (transformers names) | "openclip" (SD2/SDXL files)
+    text_places: tuple[tuple[str, str], ...] = ()
     dtypes: dict = field(default_factory=dict)  # part -> {dtype: tensor count}
     params: dict = field(default_factory=dict)  # part -> parameter count (as stored)
     ignored_keys: int = 0  # entries skipped by IGNORED_KEYS (EMA, schedule buffers, ...)
     metadata: dict = field(default_factory=dict)  # the file's __metadata__
     consistency: bool = False  # consistency-distilled (LCM): the file says so in its metadata
+
+    @property
+    def text(self) -> TextConfig | None:
+        """The first text encoder's config (the only one before SDXL)."""
+        return self.texts[0] if self.texts else None
+
+    @property
+    def text_layout(self) -> str | None:
+        return self.text_places[0][0] if self.text_places else None
 
     @property
     def spec(self) -> Family:
@@ -118,14 +128,19 @@ def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> 
         header = open_source(path).header if path.is_dir() or is_pickle(path) else read_header(path)
     shapes = shapes_of(header)
     family = detect_family(shapes)
-    unet = infer_unet_config(shapes, family.unet_heads, family.name)
-    text, layout = infer_text_config(shapes, family.name, family.text[0].hidden_act)
+    unet = infer_unet_config(shapes, family.unet_heads)
+    found = [infer_text_config(shapes, family.name, spec) for spec in family.text]
+    texts = tuple(cfg for cfg, _, _ in found if cfg is not None)
+    if 0 < len(texts) < len(found):
+        missing = [spec.prefix for spec, (cfg, _, _) in zip(family.text, found) if cfg is None]
+        raise BadInputError(f"{family.title} needs {len(found)} text encoders; missing: {', '.join(missing)}*")
     pred, source = _prediction(family, unet.in_channels == family.inpaint_in_channels, header, prediction)
     dtypes, params, ignored = _tally(header)
     meta = dict(header.get("__metadata__") or {})
     return ModelInfo(
-        family=family.name, prediction=pred, unet=unet, vae=infer_vae_config(shapes), text=text,
-        prediction_source=source, text_layout=layout, dtypes=dtypes, params=params, ignored_keys=ignored,
+        family=family.name, prediction=pred, unet=unet, vae=infer_vae_config(shapes), texts=texts,
+        prediction_source=source, text_places=tuple((layout, p) for _, layout, p in found if layout),
+        dtypes=dtypes, params=params, ignored_keys=ignored,
         metadata=meta, consistency=_is_consistency(meta),
     )  # fmt: skip
 
@@ -137,7 +152,7 @@ class Models:
 
     unet: UNetModel
     vae: AutoencoderKL
-    text_encoder: TextEncoder
+    text_encoders: tuple[TextEncoder, ...]  # in the family's order (SDXL: CLIP-L, bigG)
     info: ModelInfo
     source: Path  # the checkpoint file or diffusers folder
     name: str  # for metadata: file stem or folder name
@@ -147,6 +162,11 @@ class Models:
     @property
     def family(self) -> Family:
         return self.info.spec
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The first text encoder (the only one before SDXL)."""
+        return self.text_encoders[0]
 
 
 def build_unet(source: WeightSource, cfg: UNetConfig, dtype: torch.dtype, device: torch.device) -> UNetModel:
@@ -163,15 +183,23 @@ def build_vae(source: WeightSource, cfg: VAEConfig, dtype: torch.dtype, device: 
     return load_part("VAE", module, source, plan, unplaced, dtype, device)
 
 
-def build_text(source: WeightSource, info: ModelInfo, dtype: torch.dtype, device: torch.device) -> TextEncoder:
-    if info.text is None:
-        raise BadInputError(f"{source.path}: no text encoder weights (cond_stage_model.*) in this checkpoint")
-    with torch.device("meta"):
-        module = TextEncoder(info.text)
-    plan, unplaced = text_plan(list(source.entries), info.text_layout or "openai", info.text.num_layers)
-    module = load_part("text encoder", module, source, plan, unplaced, dtype, device)
-    module.reset_buffers()
-    return module
+def build_texts(source: WeightSource, info: ModelInfo, dtype: torch.dtype,
+                device: torch.device) -> tuple[TextEncoder, ...]:  # fmt: skip
+    """Every text encoder the family declares, each strictly from its own place in the file."""
+    if not info.texts:
+        where = ", ".join(spec.prefix + "*" for spec in info.spec.text)
+        raise BadInputError(f"{source.path}: no text encoder weights ({where}) in this checkpoint")
+    out = []
+    for n, (cfg, (layout, prefix)) in enumerate(zip(info.texts, info.text_places)):
+        with torch.device("meta"):
+            module = TextEncoder(cfg)
+        src = prefix.removesuffix("text_model.")
+        plan, unplaced = text_plan(list(source.entries), layout, cfg.num_layers, src=src)
+        name = "text encoder" if len(info.texts) == 1 else f"text encoder {n + 1}"
+        module = load_part(name, module, source, plan, unplaced, dtype, device)
+        module.reset_buffers()
+        out.append(module)
+    return tuple(out)
 
 
 def _check_leftovers(source: WeightSource) -> None:
@@ -193,7 +221,7 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
             raise BadInputError(f"{path}: {e}") from None
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
-        text = build_text(source, info, dtype, device)
+        text = build_texts(source, info, dtype, device)
         vae_model = load_vae(vae, dtype, device) if vae is not None else build_vae(source, info.vae, dtype, device)
     finally:
         source.close()

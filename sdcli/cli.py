@@ -153,6 +153,19 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+OriginalSizeOpt = Annotated[Optional[str], typer.Option("--original-size", help="SDXL: the original size WxH it "
+                                                         "conditions on (default: the output size).")]
+TargetSizeOpt = Annotated[Optional[str], typer.Option("--target-size", help="SDXL: the target size WxH it "
+                                                     "conditions on (default: the output size).")]
+CropOpt = Annotated[Optional[str], typer.Option("--crop-coords", help="SDXL: crop TOP,LEFT it conditions on (0,0).")]
+AestheticOpt = Annotated[Optional[float], typer.Option("--aesthetic-score", help="SDXL refiner: the prompt's "
+                                                       "aesthetic score (6.0).")]
+NegAestheticOpt = Annotated[Optional[float], typer.Option("--negative-aesthetic-score", help="SDXL refiner: the "
+                                                          "negative prompt's aesthetic score (2.5).")]
+RefinerOpt = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner checkpoint: it takes over the "
+                                                   "sampling at --refiner-switch.")]
+RefinerSwitchOpt = Annotated[Optional[float], typer.Option("--refiner-switch", help="Fraction of the steps the "
+                                                           "base model runs before the refiner (0.8).")]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -233,6 +246,13 @@ def generate(
         Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
     ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
+    original_size: OriginalSizeOpt = None,
+    target_size: TargetSizeOpt = None,
+    crop_coords: CropOpt = None,
+    aesthetic_score: AestheticOpt = None,
+    negative_aesthetic_score: NegAestheticOpt = None,
+    refiner: RefinerOpt = None,
+    refiner_switch: RefinerSwitchOpt = None,
     lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -247,7 +267,10 @@ def generate(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
+                   original_size=original_size, target_size=target_size, crop_coords=crop_coords,
+                   aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                   refiner=refiner, refiner_switch=refiner_switch)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
@@ -287,6 +310,11 @@ def img2img(
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    original_size: OriginalSizeOpt = None,
+    target_size: TargetSizeOpt = None,
+    crop_coords: CropOpt = None,
+    aesthetic_score: AestheticOpt = None,
+    negative_aesthetic_score: NegAestheticOpt = None,
     lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -299,7 +327,9 @@ def img2img(
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   prediction=prediction, dtype=dtype, device=device)
+                   prediction=prediction, dtype=dtype, device=device, original_size=original_size,
+                   target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
+                   negative_aesthetic_score=negative_aesthetic_score)
     if print_config:
         return _print_config(flags, config, json_out)
     from .console import set_quiet

@@ -14,16 +14,17 @@ fix's second pass keeps drawing from the same generators, continuing their state
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from . import cuda_graphs, samplers, schedule
-from .conditioning import conditioning, for_batch
+from .conditioning import Cond, conditioning, for_batch
 from .denoise import DENOISERS, CFGDenoiser
 from .errors import NumericalError, OutOfMemoryError
 from .families import DEFAULT, Family
+from .families.base import SizeCond
 from .prompt_schedule import ScheduledCond, prompt_schedule
 
 
@@ -67,16 +68,43 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
 
 # --- text ----------------------------------------------------------------------------------------
 
-def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32."""
-    from .prompts import encode_pair
+def encode_text(models, prompt: str, negative: str, clip_skip: int = 1):
+    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32; for a family whose UNet
+    takes a pooled text vector, Conds carrying it (`pooled`, turned into y by with_size_vector). The shorter of
+    the two is extended by the empty prompt's encoding (prompts.pad_chunks); an empty negative is all zeros
+    where the family says so (SDXL: A1111's force_zero_negative_prompt)."""
+    from .prompts import CHUNK_LENGTH, encode_with, pad_chunks
     from .tokenizer import get_tokenizer
 
-    enc = models.text_encoder
-    pad_id = models.family.text[0].pad_id
+    family, tokenizer = models.family, get_tokenizer()
+
+    def encode(text: str):
+        return encode_with(text, models.text_encoders, family.text, tokenizer, clip_skip)
+
     with torch.inference_mode():
-        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), pad_id, clip_skip)
-    return cond.float(), uncond.float()
+        cond, pooled = encode(prompt)
+        if negative == "" and family.zero_empty_negative:
+            uncond = torch.zeros_like(cond[:, : CHUNK_LENGTH + 2])  # (1, 77, D)
+            uncond_pooled = None if pooled is None else torch.zeros_like(pooled)
+        else:
+            uncond, uncond_pooled = encode(negative)
+        cond, uncond = pad_chunks(cond, uncond, lambda: encode("")[0])
+    if pooled is None:
+        return cond.float(), uncond.float()
+    return Cond(cond.float(), pooled=pooled.float()), Cond(uncond.float(), pooled=uncond_pooled.float())
+
+
+def with_size_vector(models, value, size: SizeCond, negative: bool = False):
+    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings) built into a Cond
+    (or each entry of a prompt-editing schedule) that carries a pooled vector; anything else is returned as is."""
+    if isinstance(value, ScheduledCond):
+        return ScheduledCond(tuple((end, with_size_vector(models, c, size, negative)) for end, c in value.entries))
+    if not isinstance(value, Cond) or value.pooled is None:
+        return value
+    from .models.unet import sdxl_vector
+
+    values = models.family.size_values(size, negative)
+    return replace(value, y=sdxl_vector(value.pooled, values, models.unet.config.adm_in_channels))
 
 
 def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,

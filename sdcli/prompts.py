@@ -249,6 +249,29 @@ def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1
     return z.reshape(1, -1, z.shape[-1])  # (1, 77 * n, D)
 
 
+def encode_with(text: str, encoders, specs, tokenizer, clip_skip: int = 1):
+    """(context (1, 77 * n, sum of widths), pooled (1, P) or None) of a prompt for a family's text encoders
+    (`specs`: families/base.TextEncoderSpec, one per encoder). As A1111 does for SDXL, each encoder chunks the
+    prompt itself (the same tokens, its own pad id), is weighted on its own (EmphasisOriginal per encoder), and
+    the chunks' contexts are concatenated along the channels; the pooled vector is the first chunk's, unweighted.
+    A single-encoder family encodes exactly as encode_prompt."""
+    import torch
+
+    contexts, pooled = [], None
+    for encoder, spec in zip(encoders, specs, strict=True):
+        chunks = chunk_prompt(text, tokenizer, spec.pad_id)
+        ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=_device_of(encoder))  # (n, 77)
+        weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)  # (n, 77)
+        if spec.hidden_layer == "penultimate-raw":  # SDXL: penultimate state, no final norm; clip skip unused
+            z, chunk_pooled = encoder.encode_xl(ids, -2)  # (n, 77, D), (n, P) or None
+            pooled = chunk_pooled[:1] if spec.pooled else pooled
+        else:
+            z = encoder(ids, clip_skip)  # (n, 77, D)
+        z = _apply_weights(z, weights)
+        contexts.append(z.reshape(1, -1, z.shape[-1]))  # (1, 77 * n, D)
+    return (contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)), pooled
+
+
 def encode_pair(prompt: str, negative: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1):
     """(cond, uncond) with the same number of chunks, so they batch together for CFG: the shorter
     one is extended by the empty prompt's embedding, repeated (A1111 pad_cond_uncond)."""

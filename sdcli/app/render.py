@@ -213,7 +213,32 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
         conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=tuple(conditioning(c) for c in conds))
+    if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
+        hires = dataclasses.replace(hires, conds=sized(models, cfg, hires.conds, hires.size))
+    cond, uncond = sized(models, cfg, (cond, uncond), (height, width))
     return Prepared(plan, conditioning(cond, concat), conditioning(uncond, concat), (height, width), hires)
+
+
+def size_cond(cfg: RunConfig, size: tuple[int, int]):
+    """SDXL's size/crop conditioning for a pass rendering `size` (H, W): the configured sizes, else that size."""
+    from ..config import pair_of
+    from ..families.base import SizeCond
+
+    def pair(key: str, default: tuple[int, int]) -> tuple[int, int]:
+        value = getattr(cfg, key)
+        return default if value is None else pair_of(key, value)
+
+    return SizeCond(original=pair("original_size", size), crop=pair("crop_coords", (0, 0)),
+                    target=pair("target_size", size), aesthetic=cfg.aesthetic_score,
+                    negative_aesthetic=cfg.negative_aesthetic_score)
+
+
+def sized(models, cfg: RunConfig, conds: tuple, size: tuple[int, int]) -> tuple:
+    """(cond, uncond) with the family's vector y for a pass rendering `size` (unchanged for families without)."""
+    from .. import pipeline
+
+    at = size_cond(cfg, size)
+    return (pipeline.with_size_vector(models, conds[0], at), pipeline.with_size_vector(models, conds[1], at, True))
 
 
 def _with_negative(models, cond, cfg: RunConfig):
