@@ -222,7 +222,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
         text = build_texts(source, info, dtype, device)
-        vae_model = load_vae(vae, dtype, device) if vae is not None else build_vae(source, info.vae, dtype, device)
+        vae_model = load_vae(vae, dtype, device) if vae is not None else \
+            build_vae(source, info.vae, vae_dtype(info.spec, dtype), device)
     finally:
         source.close()
     if info.prediction_source == "guess":  # the family's default was a guess: its probe settles it
@@ -230,6 +231,18 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     name = path.name if path.is_dir() else path.stem
     vae_path = Path(vae) if vae is not None else None
     return Models(unet, vae_model, text, info, path, name, vae_path, placement)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def vae_dtype(family: Family, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the checkpoint's own VAE runs in: the run's, except in fp16 for a family whose VAE overflows
+    there (SDXL's: diffusers' force_upcast); a --vae file (an fp16-fix) keeps the run's dtype. The NaN retry of
+    pipeline.decode_latents stays the last guard."""
+    if dtype == torch.float16 and family.vae_fp16_fallback is not None:
+        return _DTYPES[family.vae_fp16_fallback]
+    return dtype
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKL:

@@ -429,6 +429,7 @@ def verify(
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
+    refiner: RefinerOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -437,7 +438,7 @@ def verify(
     from .app.verify import run_verify
 
     set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device, refiner=refiner)
     run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
 
 

@@ -189,6 +189,29 @@ def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.T
     return _sample(models, plan, x, cond, uncond, noise, callback, extra)
 
 
+def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[SamplingPlan, SamplingPlan | None]:
+    """The base model's and the refiner's parts of one schedule (SDXL's ensemble of experts): the base keeps the
+    steps whose timestep t >= round(1000 * (1 - switch)), as diffusers' denoising_end and A1111's "Refiner switch
+    at" (completed_ratio = (999 - t) / 1000); the refiner runs the rest from the sigma the base stopped at (the
+    latent is handed over still noisy, not denoised). The base always takes the first step (A1111 checks the switch
+    after a step); the refiner's part is None when no step is left to it."""
+    steps = len(plan.sigmas) - 1
+    timesteps = schedule.sigma_to_t(plan.sigmas[:-1], family.schedule.sigmas())  # unrounded, as k-diffusion's
+    cutoff = int(round(family.schedule.steps * (1 - switch)))
+    keep = max(1, int((timesteps >= cutoff).sum()))
+    if keep >= steps:
+        return plan, None
+    return replace(plan, sigmas=plan.sigmas[: keep + 1]), replace(plan, sigmas=plan.sigmas[keep:])
+
+
+def continue_sampling(models, plan: SamplingPlan, latents: torch.Tensor, cond, uncond,
+                      gens: list[torch.Generator], callback: Callable | None = None) -> torch.Tensor:
+    """Run `plan` on scaled latents already at its first sigma (the refiner taking over from the base), drawing any
+    noise from the same per-image generators, which continue their state."""
+    noise = _noise_source(gens, tuple(latents.shape[1:]), models)
+    return _sample(models, plan, latents.to(_device_of(models.unet)), cond, uncond, noise, callback)
+
+
 def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The 5 channels an inpainting UNet (in_channels 9) sees after the latent: (1, 5, H/8, W/8) fp32 =
     cat([mask at latent size, VAE latent of the image with the repainted area zeroed]), neither scaled by c_in.

@@ -19,6 +19,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from typer.testing import CliRunner
 
 from _fixtures_pipeline import clip_tokenizer_dir, one_thread  # noqa: F401
@@ -227,3 +228,133 @@ def test_generate_defaults_to_the_family_size_and_inspect_names_the_family(tiny_
 
 
 
+
+
+# --- the refiner (ensemble of experts) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def refiner(tiny_sdxl_refiner, tmp_path_factory, clip_tokenizer_dir):  # noqa: F811
+    config = _config_folder(tmp_path_factory.mktemp("xl_refiner_config"), "sdxl-refiner", clip_tokenizer_dir)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(
+        str(tiny_sdxl_refiner), config=str(config), local_files_only=True, torch_dtype=torch.float32,
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, ck.load_models(tiny_sdxl_refiner, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("sampler,steps,switch", [("euler", 6, 0.8), ("dpm++_2m", 6, 0.7)])
+def test_base_and_refiner_ensemble_matches_diffusers(xl, refiner, sampler, steps, switch, monkeypatch):
+    """diffusers' denoising_end (base, latents out still noisy) then denoising_start (refiner, same generators)
+    against our split of one schedule: the refiner's own text encoder, its aesthetic-score vector y."""
+    (pipe, models), (ref_pipe, ref_models) = xl, refiner
+    assert ref_models.info.family == "sdxl-refiner" and len(ref_models.text_encoders) == 1
+    plan = our_plan(models, sampler, steps)
+    base_plan, rest = P.split_at_switch(plan, switch, models.family)
+    assert rest is not None and 1 < len(base_plan.sigmas) - 1 < steps  # both models run
+    t = P.schedule.sigma_to_t(plan.sigmas[:-1], models.family.schedule.sigmas())
+    assert (t - round(1000 * (1 - switch))).abs().min() > 0.5  # DPM-Solver rounds t: stay off the boundary
+    cond, uncond = our_conds(models, "blurry")
+    rcond, runcond = our_conds(ref_models, "blurry")
+    gens = P.generators([5])
+    latents = P.txt2img(models, base_plan, cond, uncond, gens, SIZE, SIZE)
+    latents = P.continue_sampling(ref_models, rest, latents, rcond, runcond, gens)
+
+    for p in (pipe, ref_pipe):
+        p.scheduler = scheduler(sampler)
+        if sampler == "dpm++_2m":
+            unround_timesteps(monkeypatch, p)
+    pipe.scheduler.set_timesteps(**steps_kwargs(sampler, plan))
+    ref_gens, noise = first_draws([5])
+    sigma0 = float(plan.sigmas[0])
+    start = noise * sigma0 / ((sigma0**2 + 1) ** 0.5 if sampler == "dpm++_2m" else 1)
+    handed = pipe(PROMPT, negative_prompt="blurry", height=SIZE, width=SIZE, guidance_scale=CFG,
+                  latents=start / pipe.scheduler.init_noise_sigma, generator=ref_gens, output_type="latent",
+                  denoising_end=switch, **steps_kwargs(sampler, plan)).images
+    final = FinalLatents()
+    out = ref_pipe(PROMPT, image=handed, negative_prompt="blurry", guidance_scale=CFG, generator=ref_gens,
+                   denoising_start=switch, output_type="pil", callback_on_step_end=final,
+                   **steps_kwargs(sampler, plan))
+    assert_latents_close(latents, final.latents)
+    assert_pixels_close(pixels(ref_models, latents), [np.asarray(out.images[0])])  # the refiner's VAE decodes
+
+
+def test_refiner_run_records_and_replays(tiny_sdxl, tiny_sdxl_refiner, tmp_path):  # noqa: F811
+    """generate --refiner: A1111's Refiner fields, sdcli's record; verify and --from-image need it again."""
+    from sdcli.metadata import read_image_metadata
+
+    runner = CliRunner()
+    out = tmp_path / "r.png"
+    args = ["-m", str(tiny_sdxl), "--dtype", "fp32", "--progress", "none"]
+    made = runner.invoke(app, ["generate", "a cat", *args, "--refiner", str(tiny_sdxl_refiner), "--refiner-switch",
+                               "0.7", "--steps", "4", "--sampler", "euler", "-W", "64", "-H", "64", "--seed", "3",
+                               "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    meta = read_image_metadata(out)
+    extra = meta["parameters"]["extra"]
+    assert extra["Refiner switch at"] == "0.7" and extra["Refiner"].startswith(tiny_sdxl_refiner.stem + " [")
+    assert meta["sdcli"]["refiner"]["family"] == "sdxl-refiner"
+    missing = runner.invoke(app, ["verify", str(out), "-m", str(tiny_sdxl)])
+    assert missing.exit_code == 2 and "--refiner" in missing.stderr
+    again = runner.invoke(app, ["verify", str(out), "-m", str(tiny_sdxl), "--refiner", str(tiny_sdxl_refiner),
+                                "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["identical"], again.output
+    no_refiner = tmp_path / "n.png"
+    plain = runner.invoke(app, ["generate", "a cat", *args, "--steps", "4", "--sampler", "euler", "-W", "64", "-H",
+                                "64", "--seed", "3", "-o", str(no_refiner)])
+    assert plain.exit_code == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(no_refiner)))
+    replay = runner.invoke(app, ["generate", "--from-image", str(out), *args, "--refiner", str(tiny_sdxl_refiner),
+                                 "-o", str(tmp_path / "again.png")])
+    assert replay.exit_code == 0, replay.output
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
+    hires = runner.invoke(app, ["generate", "a cat", *args, "--refiner", str(tiny_sdxl_refiner), "--hires-scale", "2"])
+    assert hires.exit_code == 2
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+def test_kohya_sdxl_lora_reaches_both_text_encoders_and_the_unet(tiny_sdxl, tmp_path):  # noqa: F811
+    """lora_te1_ -> CLIP-L, lora_te2_ -> bigG, lora_unet_ in sgm (LDM) names and in diffusers names: each merged
+    as W + weight * alpha / rank * up @ down."""
+    from safetensors.torch import save_file
+
+    from sdcli.lora import LoraSpec, apply_lora
+
+    models = ck.load_models(tiny_sdxl, dtype=torch.float32)
+    l_enc, g_enc = models.text_encoders
+    unet = models.unet
+    targets = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": l_enc.transformer.encoder.layers[0].self_attn.q_proj,
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1": g_enc.transformer.encoder.layers[1].mlp.fc1,
+        "lora_unet_input_blocks_7_1_transformer_blocks_1_attn2_to_k":
+            unet.input_blocks[7][1].transformer_blocks[1].attn2.to_k,
+        "lora_unet_down_blocks_1_attentions_0_proj_in": unet.input_blocks[4][1].proj_in,
+    }
+    g, tensors, expected, rank = torch.Generator().manual_seed(4), {}, {}, 4
+    for key, module in targets.items():
+        out_f, in_f = module.weight.shape
+        down, up = torch.randn(rank, in_f, generator=g), torch.randn(out_f, rank, generator=g)
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(2.0)})
+        expected[key] = module.weight + 0.5 * (2.0 / rank) * (up @ down)
+    save_file(tensors, str(tmp_path / "xl_lora.safetensors"))
+    report = apply_lora(models, LoraSpec(tmp_path / "xl_lora.safetensors", 0.5))
+    assert (report.applied, report.total) == (4, 4)
+    for key, module in targets.items():
+        torch.testing.assert_close(module.weight, expected[key], rtol=1e-6, atol=1e-6)
+
+
+# --- the SDXL VAE in fp16 --------------------------------------------------------------------------
+
+def test_fp16_run_keeps_the_sdxl_vae_in_fp32_unless_a_vae_is_given(tiny_sdxl, tmp_path):  # noqa: F811
+    half = ck.load_models(tiny_sdxl, dtype=torch.float16)
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert next(half.vae.parameters()).dtype == torch.float32  # SDXL's VAE overflows fp16 (force_upcast)
+    from safetensors.torch import save_file
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_sdxl), "pt") as f:
+        vae = {k: f.get_tensor(k) for k in f.keys() if k.startswith("first_stage_model.")}
+    save_file(vae, str(tmp_path / "fixed_vae.safetensors"))
+    fixed = ck.load_models(tiny_sdxl, vae=tmp_path / "fixed_vae.safetensors", dtype=torch.float16)
+    assert next(fixed.vae.parameters()).dtype == torch.float16  # an fp16-fix VAE given with --vae

@@ -52,13 +52,18 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
+    render.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
+    if replay is not None:
+        from ..replay import check_refiner_given
+
+        check_refiner_given(replay, req.from_image, base.refiner)
     targets = render.plan_targets(jobs, req.overwrite)
     loras = render.job_loras(jobs, req.loras)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, base, models) if req.latent_in else None
     cond = _load_cond(req.cond, models) if req.cond else None
-    render.render_all(models, targets, init, cond, req, loras)
+    render.render_all(models, targets, init, cond, req, loras, render.load_refiner(base, models))
 
 
 def _latent_init(path: Path, cfg, models) -> render.Init:

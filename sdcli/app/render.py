@@ -54,6 +54,18 @@ class Hires:
 
 
 @dataclass(frozen=True)
+class Refiner:
+    """SDXL's refiner taking over the sampling at the switch: its models, its part of the plan, its conditioning
+    (its own text encoder and size vector)."""
+
+    models: Any
+    plan: Any  # pipeline.SamplingPlan: the sigmas from the switch on
+    cond: Any
+    uncond: Any
+    steps_before: int  # steps the base model ran, for the progress count
+
+
+@dataclass(frozen=True)
 class Prepared:
     """What every batch of one job shares: the sampling plan, the conditioning, the size, the hires pass."""
 
@@ -62,6 +74,7 @@ class Prepared:
     uncond: Any
     size: tuple[int, int]  # (H, W) of the first pass
     hires: Hires | None
+    refiner: Refiner | None = None
 
 
 # --- before any work -----------------------------------------------------------------------------
@@ -159,6 +172,31 @@ def load(cfg: RunConfig):
     return checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
 
 
+def load_refiner(cfg: RunConfig, models):
+    """The --refiner checkpoint, loaded once beside the base model, or None. Its latent space must be the base's:
+    it continues the base's latents. Its VAE (or --vae) decodes what it finished, as in A1111 (the refiner is then
+    the loaded model) and diffusers' ensemble."""
+    from .. import checkpoint
+
+    if not cfg.refiner:
+        return None
+    console.info(f"loading refiner {cfg.refiner}")
+    placement = models.placement
+    refiner = checkpoint.load_models(cfg.refiner, cfg.vae, placement.dtype, placement.device, None, placement)
+    if refiner.family.latent != models.family.latent or refiner.info.inpaint:
+        raise UsageError(f"--refiner {cfg.refiner} ({refiner.family.title}) cannot continue the latents of "
+                         f"{cfg.model} ({models.family.title}): another latent space or an inpainting model")
+    return refiner
+
+
+def check_refiner_use(cfg: RunConfig, txt2img: bool) -> None:
+    """The refiner continues a text-to-image first pass; other passes are refused before any load."""
+    if cfg.refiner and not txt2img:
+        raise UsageError("--refiner continues a text-to-image render: it cannot be used with img2img or --latent-in")
+    if cfg.refiner and (cfg.hires_scale != 1.0 or cfg.seamless):
+        raise UsageError("--refiner with --hires-scale or --seamless is not supported yet: use one of them")
+
+
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
     """An inpainting UNet cannot run without a mask, and a plain one has no input for it."""
     if models.info.inpaint and not mask:
@@ -177,8 +215,10 @@ def use_loras(state, specs: list) -> None:
 
 # --- rendering -----------------------------------------------------------------------------------
 
-def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list]) -> None:
-    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras)."""
+def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list],
+               refiner=None) -> None:  # fmt: skip
+    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras); `refiner`:
+    load_refiner's models, or None."""
     from ..lora import LoraState
 
     started = time.perf_counter()
@@ -189,13 +229,14 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     state = LoraState(models, keep_originals=switching)
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        _render_job(models, group, init, cond, req, tuple(state.reports))
+        _render_job(models, group, init, cond, req, tuple(state.reports), refiner)
     took = time.perf_counter() - started
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
 
 
-def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None) -> Prepared:
-    """The job's plan, its Cond pair (the inpainting channels attached), its size and hires pass."""
+def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
+            refiner=None) -> Prepared:  # fmt: skip
+    """The job's plan, its Cond pair (the inpainting channels attached), its size, hires pass and refiner part."""
     from .. import pipeline
     from ..conditioning import conditioning
 
@@ -216,7 +257,23 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
         hires = dataclasses.replace(hires, conds=sized(models, cfg, hires.conds, hires.size))
     cond, uncond = sized(models, cfg, (cond, uncond), (height, width))
-    return Prepared(plan, conditioning(cond, concat), conditioning(uncond, concat), (height, width), hires)
+    refined = None
+    if refiner is not None:
+        plan, refiner_plan = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
+        refined = _refiner_part(refiner, cfg, job, refiner_plan, (height, width), len(plan.sigmas) - 1)
+    return Prepared(plan, conditioning(cond, concat), conditioning(uncond, concat), (height, width), hires, refined)
+
+
+def _refiner_part(models, cfg: RunConfig, job: Job, plan, size: tuple[int, int], steps_before: int):
+    """The refiner's plan and conditioning (its own encoders, its own vector y), or None without steps for it."""
+    from .. import pipeline
+    from ..conditioning import conditioning
+
+    if plan is None:
+        return None
+    conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip)
+    cond, uncond = sized(models, cfg, conds, size)
+    return Refiner(models, plan, conditioning(cond), conditioning(uncond), steps_before)
 
 
 def size_cond(cfg: RunConfig, size: tuple[int, int]):
@@ -251,11 +308,12 @@ def _with_negative(models, cond, cfg: RunConfig):
     return pad_chunks(cond.to(uncond), uncond, lambda: pipeline.encode_text(models, "", "", cfg.clip_skip)[0])
 
 
-def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple) -> None:
+def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
+                refiner=None) -> None:  # fmt: skip
     from .. import pipeline
 
     cfg = targets[0].job.cfg
-    p = prepare(models, cfg, targets[0].job, init, cond_override)
+    p = prepare(models, cfg, targets[0].job, init, cond_override, refiner)
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
             _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
@@ -278,13 +336,19 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
-                   callback=None):
-    """Pass 1 at `size` (H, W), then the hires fix's pass 2 when asked. Both draw from the same per-image
-    generators, pass 2 continuing their state, so image k of a batch still equals a single run with seed+k."""
+                   callback=None, refiner: Refiner | None = None):
+    """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
+    when asked. All draw from the same per-image generators, each part continuing their state, so image k of a
+    batch still equals a single run with seed+k."""
     from .. import pipeline
 
     gens = pipeline.generators(seeds)
     latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback)
+    if refiner is not None:
+        offset = refiner.steps_before
+        step = None if callback is None else (lambda i, total, *rest: callback(i + offset, total + offset, *rest))
+        latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond, refiner.uncond,
+                                             gens, step)
     if hires is None:
         return latents
     cond, uncond = hires.conds or (cond, uncond)
@@ -296,20 +360,27 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
-    with Progress(seeds, len(p.plan.sigmas) - 1 if init is None else None, req.progress) as progress:
+    steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
+    with Progress(seeds, steps if init is None else None, req.progress) as progress:
         step = _with_preview(progress, req.preview, models)
         if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
-            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step)
+            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step,
+                                     refiner=p.refiner)
         else:
             latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
                                        callback=step)
     t1 = time.perf_counter()
-    decoded = pipeline.decode_latents(models, latents)
+    decoded = pipeline.decode_latents(decoder(models, p), latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
     for k, target in enumerate(batch):
         save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                      timings, req, p.hires, loras)
+                      timings, req, p.hires, loras, p.refiner)
+
+
+def decoder(models, p: Prepared):
+    """The models whose VAE decodes a job's latents: the refiner's when it finished them (see load_refiner)."""
+    return p.refiner.models if p.refiner is not None else models
 
 
 def _with_preview(progress, preview: str | None, models):

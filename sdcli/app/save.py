@@ -11,14 +11,15 @@ from .. import __version__, console
 from ..config import RunConfig
 
 
-def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> None:
+def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=(),
+             refiner=None) -> None:  # fmt: skip
     """Image `target` of a batch: PNG (and latent when asked), then the report. `size` is the first pass's:
     A1111 writes it as Size, and the config records the width/height asked for."""
     from .. import images
     from ..outputs import save_png
 
-    meta = metadata(models, target, size, fallbacks, init, hires, loras)
-    text = infotext(models, target, size, init, hires, loras)
+    meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
+    text = infotext(models, target, size, init, hires, loras, refiner)
     path = save_png(images.tensor_to_pil(image), target.path, text, meta, overwrite=req.overwrite)
     if getattr(req, "latent_out", None):
         save_latent_out(models, req, target, latent, hires.size if hires else size)
@@ -39,7 +40,7 @@ def save_latent_out(models, req, target, latent, size) -> None:
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
-def infotext(models, target, size, init, hires=None, loras=()) -> str:
+def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> str:
     from ..metadata import format_infotext
 
     cfg = target.job.cfg
@@ -59,10 +60,24 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
+    params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models)}
+    if refiner is not None:  # A1111: "Refiner: NAME [shorthash], Refiner switch at: 0.8"
+        short = (model_hash(refiner.models) or "")[:10]
+        params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
+                           "Refiner switch at": cfg.refiner_switch}
     return format_infotext(params)
 
 
-def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dict:
+def size_fields(cfg: RunConfig, models) -> dict:
+    """SDXL's size conditioning where it was asked for (A1111 has no fields for it: sdcli's own labels); the
+    refiner's aesthetic scores when not the defaults (A1111 keeps them in its settings, not the infotext)."""
+    if models.family.size_values is None:
+        return {}
+    fields = {"Original size": cfg.original_size, "Target size": cfg.target_size, "Crop coords": cfg.crop_coords}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refiner=None) -> dict:
     import torch
 
     job_cfg = target.job.cfg
@@ -72,7 +87,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
                               device=models.placement.device, dtype=models.placement.dtype_name)
     recorded = cfg.to_dict()
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
-    for key in ("model", "vae"):
+    for key in ("model", "vae", "refiner"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     del recorded["output"], recorded["lora_dir"]
     meta = {
@@ -88,6 +103,9 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    if refiner is not None:
+        meta["refiner"] = {"name": refiner.models.name, "sha256": model_hash(refiner.models),
+                           "family": refiner.models.info.family, "switch_at": job_cfg.refiner_switch}
     if loras:
         meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
                           "modules": r.total} for r in loras]

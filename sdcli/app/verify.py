@@ -34,13 +34,17 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     if missing:
         raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
+    from ..replay import check_refiner_given
+
+    check_refiner_given(replay, image, cfg.refiner)
     models = render.load(cfg)
     render.check_inpaint_model(models, cfg, None)
     render.use_loras(LoraState(models), specs)
-    p = render.prepare(models, cfg, job)
+    p = render.prepare(models, cfg, job, refiner=render.load_refiner(cfg, models))
     with pipeline.seamless(models, cfg.seamless):
-        latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires)
-        again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
+        latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires,
+                                        refiner=p.refiner)
+        again = images.tensor_to_pil(pipeline.decode_latents(render.decoder(models, p), latents).images[0])
     result = compare_images(images.load_image(image)[0], again)
     recorded_hash = (replay.recorded.get("model") or {}).get("sha256")
     result.update(path=str(image), min_psnr=min_psnr, passed=result["psnr"] >= min_psnr,
