@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdcli.errors import BadInputError, ModelNotFoundError
+from sdcli.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
 from sdcli.families import Family, by_name, detect_family
 from sdcli.families.shapes import infer_text_config, infer_unet_config, infer_vae_config
 from sdcli.formats.clip_layouts import text_plan
@@ -102,6 +102,16 @@ def _is_consistency(meta: dict) -> bool:
     return arch.endswith("/lcm") or str(meta.get("sdcli.denoiser", "")).lower() == "lcm"
 
 
+def _check_text_places(shapes: dict, family: Family) -> None:
+    """Text-encoder weights where the family has none (SD-Turbo's sgm layout on an SD 2.x UNet, a mixed file):
+    refused by name rather than silently left out."""
+    roots = tuple({spec.prefix.rsplit(".", 2)[0] + "." for spec in family.text})
+    stray = sorted(k for k in shapes if part_of(k) == "text" and not k.startswith(roots) and not is_ignored(k))
+    if stray:
+        raise UnsupportedModelError(f"text-encoder weights where a {family.title} checkpoint has none ("
+                                    f"{listing(stray)}): a layout other than SD 1.x/2.x/SDXL as sdcli knows them")
+
+
 def _tally(header: dict) -> tuple[dict, dict, int]:
     """(dtypes per part, parameters per part, ignored entries) of a header."""
     dtypes: dict[str, Counter] = {}
@@ -128,6 +138,7 @@ def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> 
         header = open_source(path).header if path.is_dir() or is_pickle(path) else read_header(path)
     shapes = shapes_of(header)
     family = detect_family(shapes)
+    _check_text_places(shapes, family)
     unet = infer_unet_config(shapes, family.unet_heads)
     found = [infer_text_config(shapes, family.name, spec) for spec in family.text]
     texts = tuple(cfg for cfg, _, _ in found if cfg is not None)
@@ -217,8 +228,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     try:
         try:
             info = detect(source.header, prediction)
-        except BadInputError as e:  # detection sees only a header: say which file it came from
-            raise BadInputError(f"{path}: {e}") from None
+        except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
+            raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
         text = build_texts(source, info, dtype, device)
@@ -254,5 +265,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
     try:
         cfg = infer_vae_config(shapes_of(source.header))
         return build_vae(source, cfg, dtype, torch.device(device))
+    except BadInputError as e:  # shape inference sees only names: say which file they came from
+        raise e if str(path) in str(e) else BadInputError(f"{path}: {e}") from None
     finally:
         source.close()

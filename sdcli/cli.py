@@ -97,6 +97,34 @@ def _silence_stdout() -> None:
         pass
 
 
+class _ClosedStdout:
+    """Stands in for sys.stdout when the process was started with stdout closed (`>&-`): Python then sets it to
+    None, and a write would be an AttributeError (exit 1) or, through click, silently nothing (exit 0)."""
+
+    closed = False
+
+    def write(self, _data) -> int:
+        from .errors import OutputError
+
+        raise OutputError("stdout is closed: nowhere to write the output (redirect it, or drop -o - / --json)")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def buffer(self):
+        return self
+
+
+def _stdout_needed(output: Optional[str], json_out: bool) -> None:
+    """Data for stdout with stdout closed: refused before any work."""
+    if isinstance(sys.stdout, _ClosedStdout) and (output == "-" or json_out):
+        sys.stdout.write("")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"sdcli {__version__}")
@@ -271,6 +299,7 @@ def generate(
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch)
+    _stdout_needed(output, json_out or print_config or dry_run)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
@@ -330,6 +359,7 @@ def img2img(
                    prediction=prediction, dtype=dtype, device=device, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score)
+    _stdout_needed(output, json_out or print_config)
     if print_config:
         return _print_config(flags, config, json_out)
     from .console import set_quiet
@@ -388,6 +418,7 @@ def decode(
 
     set_quiet(quiet)
     flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device)
+    _stdout_needed(output, json_out)
     run_decode(DecodeRequest(latent=latent, flags=flags, config_file=config, overwrite=overwrite, json_out=json_out))
 
 
@@ -437,6 +468,10 @@ def verify(
     from .console import set_quiet
     from .app.verify import run_verify
 
+    if min_psnr != min_psnr:  # NaN: every comparison with it is false, so nothing could pass or fail honestly
+        from .errors import UsageError
+
+        raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device, refiner=refiner)
     run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
@@ -456,10 +491,18 @@ _TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 def main() -> None:
     """Console-script entry point."""
     _utf8_everywhere()
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
     for sig in _TERMINATING:
         if signal.getsignal(sig) is signal.SIG_DFL:  # `nohup` sets SIGHUP to ignored: keep it so
             signal.signal(sig, _on_signal)
-    app()
+    try:
+        app()
+    except SdcliError as e:  # outside a command (`--help` with stdout closed): the same one line
+        from . import console
+
+        console.error(str(e))
+        sys.exit(e.exit_code)
 
 
 def _utf8_everywhere() -> None:

@@ -100,17 +100,29 @@ def _strict_loader():
 _YAML11_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
 
 
+def decode_utf8(data: bytes, name: str) -> str:
+    """Strict UTF-8 text of a file, without a byte order mark at its start (Windows editors write one, and it
+    would glue itself to the first line); BadInputError naming the line of the first invalid byte."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BadInputError(f"{name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a config file into a plain dict; BadInputError naming the file for anything that is not a mapping."""
     import yaml
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = decode_utf8(Path(path).read_bytes(), str(path))
     except FileNotFoundError:
         raise BadInputError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise BadInputError(f"{path}: is a directory, expected a YAML config file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise BadInputError(f"{path}: cannot read config file ({e})") from None
     try:
         data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
@@ -144,7 +156,14 @@ def _type_name(value: Any) -> str:
 
 
 def check_value(key: str, value: Any, where: str, error: type[Exception] = BadInputError) -> Any:
-    """Return `value` checked and normalised for config key `key`; raise `error` naming `where` and the key."""
+    """Return `value` checked and normalised for config key `key`; raise `error` naming `where` and the key.
+
+    This is the one typed check for every value, whatever it was read from: a flag (`error` UsageError, exit 2)
+    or a file (a config, a prompts-file line, an image's metadata: BadInputError, exit 3, naming FILE and key)."""
+    if error is BadInputError and key == "sampler" and isinstance(value, str) and value.strip().lower() == "help":
+        # `--sampler help` lists the samplers and exits 0; read from a file it would end a CI job "successfully"
+        # without an image.
+        raise BadInputError(f"{where}: 'sampler' is 'help', which is not a sampler (`--sampler help` lists them)")
     try:
         return _check_value(key, value, where)
     except BadInputError as e:
@@ -181,6 +200,9 @@ def _as_int(key: str, value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, float) and not math.isnan(value) and math.isinf(value):
+            lo, hi = FIELDS[key].metadata.get("lo"), FIELDS[key].metadata.get("hi")
+            raise BadInputError(f"{where}: '{key}' must be between {lo} and {hi}, got {value}")
         raise BadInputError(f"{where}: '{key}' must be an integer, got {_type_name(value)} {_show(value)}")
     return value
 
@@ -258,10 +280,13 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict
     return RunConfig(**values)
 
 
-def origin(key: str, flags: dict[str, Any], config_file: Path | None = None) -> str:
-    """Where the resolved value of `key` came from, for messages: "option --key", "FILE: 'key'" or "default"."""
+def origin(key: str, flags: dict[str, Any], config_file: Path | None = None, replay: Any = None) -> str:
+    """Where the resolved value of `key` came from, for messages: "option --key", "FILE: 'key'" or "default".
+    `replay` (a replay.Replay) is the image whose metadata set the values it holds."""
     if flags.get(key) is not None:
         return "option --" + key.replace("_", "-")
+    if replay is not None and key in replay.values:
+        return f"{replay.path} (metadata): '{key}'"
     for path in (config_file, user_config_path()):  # either may be None
         if path is not None and Path(path).is_file() and key in read_yaml(Path(path)):
             return f"{path}: '{key}'"

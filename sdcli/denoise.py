@@ -87,13 +87,26 @@ def _batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
 DENOISERS = {"eps": Denoiser, "v": Denoiser, "lcm": LCMDenoiser}  # by ModelInfo.denoiser
 
 
-def _match_batch(c: Cond, n: int) -> Cond:
-    """Conditioning for n images: a batch of 1 is repeated, anything else must already be n."""
-    if c.batch == n:
+def _match_batch(c: Cond | Tensor, n: int) -> Cond | Tensor:
+    """Conditioning for n images: a batch of 1 is repeated, anything else must already be n. A bare context
+    tensor stays a tensor: what the denoiser is given keeps the caller's form."""
+    batch = as_cond(c).batch
+    if batch == n:
         return c
-    if c.batch == 1:
-        return c.map(lambda t: t.expand(n, *t.shape[1:]))
-    raise UsageError(f"conditioning batch {c.batch} does not match latent batch {n}")
+    if batch == 1:
+        return c.map(_expand(n)) if isinstance(c, Cond) else _expand(n)(c)
+    raise UsageError(f"conditioning batch {batch} does not match latent batch {n}")
+
+
+def _expand(n: int):
+    return lambda t: t.expand(n, *t.shape[1:])
+
+
+def _cat(conds: list) -> Cond | Tensor:
+    """[uncond; cond] field by field (Cond) or along the batch (bare context tensors)."""
+    if any(isinstance(c, Cond) for c in conds):
+        return cat([as_cond(c) for c in conds])
+    return torch.cat(conds)
 
 
 def _scheduled(cond, evaluation: int):
@@ -126,12 +139,12 @@ class CFGDenoiser:
         b = x.shape[0]
         cond, uncond = (_scheduled(c, self.evaluations) for c in (self.cond, self.uncond))
         self.evaluations += 1
-        cond = _match_batch(as_cond(cond), b)
+        cond = _match_batch(cond, b)
         if uncond is None or self.scale == 1.0:
             return self.denoiser(x, sigma, cond)
-        uncond = _match_batch(as_cond(uncond), b)
-        if uncond.layout() == cond.layout():
-            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat([uncond, cond]))
+        uncond = _match_batch(uncond, b)
+        if as_cond(uncond).layout() == as_cond(cond).layout():
+            both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat([uncond, cond]))
             x0_u, x0_c = both.chunk(2)  # (B, C, H, W) each
         else:
             x0_u, x0_c = self.denoiser(x, sigma, uncond), self.denoiser(x, sigma, cond)

@@ -97,8 +97,7 @@ def plot_layout(cell_w: int, cell_h: int, x_labels: list[str], y_labels: list[st
     """Where every cell and every line of label text goes, for a plot of len(y_labels) rows of len(x_labels)
     cells. The largest font up to A1111's (cell_w + cell_h) // 25 with which every label fits its band."""
     x_labels, y_labels = list(x_labels) or [""], list(y_labels) or [""]
-    base = max(MIN_FONT, (cell_w + cell_h) // 25)
-    size = base
+    size = max(MIN_FONT, (cell_w + cell_h) // 25)
     while True:
         if size == MIN_FONT or _fits(_wrap_all(size, cell_w, x_labels, y_labels, title), size, cell_h):
             break

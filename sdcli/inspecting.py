@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from .errors import BadInputError, UsageError
+from .errors import BadInputError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
          "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2"}
@@ -99,7 +99,10 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
     from .checkpoint import detect
     from .formats.safetensors import read_header
 
-    info = detect(path)
+    try:
+        info = detect(path)
+    except (BadInputError, UnsupportedModelError) as e:  # detection of a header alone does not name the file
+        raise e if str(path) in str(e) else type(e)(f"{path}: {e}") from None
     report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "family": info.family,
                               "prediction": info.prediction, "inpaint": info.inpaint}
     if path.is_file() and path.suffix != ".ckpt":
@@ -173,14 +176,24 @@ def _prompt_report(prompt: str) -> dict[str, Any]:
     from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
+    from .prompt_schedule import prompt_schedule
+
     text, loras = split_extra_networks(prompt)  # what the text encoder sees, and the LoRAs the tags name
-    report = {"kind": "prompt", **describe_prompt(text, get_tokenizer(), DEFAULT.text[0].pad_id)}
+    schedule = prompt_schedule(text, SCHEDULE_STEPS)  # [from:to:when] edits: tokens of the last text, as --dry-run
+    report = {"kind": "prompt", **describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id), "text": text}
+    if len(schedule) > 1:
+        report["prompt_schedule"] = [{"until_step": end, "text": t} for end, t in schedule]
     return {**report, "loras": [{"name": t.name, "weight": t.weight} for t in loras]}
+
+
+SCHEDULE_STEPS = 20  # inspect has no --steps: a prompt's edits are shown for the default 20
 
 
 def _print_prompt(report: dict[str, Any]) -> None:
     """One line per 75-token chunk: the tokens, with a weight after each one that is not 1."""
     typer.echo(f"prompt: {report['text']}")
+    for entry in report.get("prompt_schedule", []):
+        typer.echo(f"until step {entry['until_step']} of {SCHEDULE_STEPS}: {entry['text']}")
     typer.echo(f"tokens: {report['n_tokens']} in {report['n_chunks']} chunk(s) of 75")
     for number, chunk in enumerate(report["chunks"], start=1):
         # weights[0] belongs to the start token; the chunk's tokens follow it.

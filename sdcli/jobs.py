@@ -4,7 +4,8 @@ Prompts file format (`--prompts-file F`, `-` = stdin), one job per line:
   - a plain line is a prompt;
   - a line starting with `{` is a JSON object: {"prompt": "...", "seed": 7, "steps": 30, ...} where every key
     besides `prompt` is a config key (as in the YAML configs) overriding the run's config for that job;
-  - blank lines and lines starting with `#` are skipped.
+  - blank lines and lines starting with `#` are skipped;
+  - the file is UTF-8 (a byte order mark at its start is dropped; an invalid byte is an error naming its line).
 Every line is checked before any work starts; a bad one fails with its line number. Keys that would need another
 model loaded (model, vae, dtype, device, prediction) cannot change per job.
 """
@@ -12,13 +13,14 @@ model loaded (model, vae, dtype, device, prediction) cannot change per job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SEED_MAX, RunConfig, check_value
+from .config import SEED_MAX, RunConfig, check_value, decode_utf8
 from .errors import BadInputError, UsageError
 
 PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction"}
@@ -29,16 +31,23 @@ class Job:
     prompt: str  # as written (recorded in the image's metadata)
     cfg: RunConfig  # seed already drawn when it was -1
     source: str  # "command line" or "FILE:LINE", for messages
-    # Taken out of `prompt` once, here: the text the encoder sees, and the <lora:...> tags it named.
-    text: str = dataclasses.field(init=False, repr=False, compare=False)
-    loras: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    # The extra-network tags are taken out of `prompt` once per job (after _checked has named any bad one with its
+    # line): `text` is what the encoder sees, `loras` the <lora:...> tags it named.
+    @functools.cached_property
+    def _split(self) -> tuple[str, tuple]:
         from .prompts import split_extra_networks
 
         text, tags = split_extra_networks(self.prompt)
-        object.__setattr__(self, "text", text)
-        object.__setattr__(self, "loras", tuple(tags))
+        return text, tuple(tags)
+
+    @property
+    def text(self) -> str:
+        return self._split[0]
+
+    @property
+    def loras(self) -> tuple:
+        return self._split[1]
 
 
 def draw_seed() -> int:
@@ -53,7 +62,23 @@ def with_seed(cfg: RunConfig) -> RunConfig:
 def single_job(prompt: str | None, cfg: RunConfig) -> Job:
     if prompt is None:
         raise UsageError("give a PROMPT or --prompts-file FILE")
-    return Job(prompt, with_seed(cfg), "command line")
+    return _checked(Job(prompt, with_seed(cfg), "command line"))
+
+
+def _checked(job: Job) -> Job:
+    """The job's prompt and negative prompt checked before the model loads (see prompts.check_prompt); from the
+    command line a text that is not UTF-8 is a usage error naming the argument or flag."""
+    from .prompts import check_prompt
+
+    in_file = job.source != "command line"
+    for text, name, tags in ((job.prompt, "PROMPT", True), (job.cfg.negative, "--negative", False)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            if not in_file:
+                raise UsageError(f"{name}: not valid UTF-8 text") from None
+        check_prompt(text, job.source if in_file else None, job.cfg.steps, tags)
+    return job
 
 
 def read_prompts_file(path: str, base: RunConfig) -> list[Job]:
@@ -66,27 +91,32 @@ def read_prompts_file(path: str, base: RunConfig) -> list[Job]:
             continue
         where = f"{name}:{number}"
         if stripped.startswith("{"):
-            jobs.append(_json_job(stripped, base, where))
+            jobs.append(_checked(_json_job(stripped, base, where)))
         else:
-            jobs.append(Job(stripped, with_seed(base), where))
+            jobs.append(_checked(Job(stripped, with_seed(base), where)))
     if not jobs:
         raise BadInputError(f"{name}: no prompts in the file")
     return jobs
 
 
 def _read_text(path: str) -> tuple[str, str]:
-    if path == "-":
-        return "<stdin>", sys.stdin.read()
+    """The file's text, decoded strictly as UTF-8 (a BOM at the start dropped): a bad byte is named by line."""
+    name = "<stdin>" if path == "-" else path
     try:
-        return path, Path(path).read_text(encoding="utf-8")
+        if path == "-":
+            if sys.stdin is None or sys.stdin.closed:
+                raise BadInputError("--prompts-file -: stdin is closed")
+            stream = getattr(sys.stdin, "buffer", None)  # bytes, decoded below; a text-only stdin (tests): as is
+            data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        else:
+            data = Path(path).read_bytes()
     except FileNotFoundError:
         raise BadInputError(f"{path}: prompts file not found") from None
     except IsADirectoryError:
         raise BadInputError(f"{path}: is a directory, expected a prompts file") from None
-    except UnicodeDecodeError:
-        raise BadInputError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror})") from None
+    except (OSError, ValueError) as e:  # ValueError: a stdin closed under us
+        raise BadInputError(f"{name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    return name, decode_utf8(data, name)
 
 
 def _json_job(line: str, base: RunConfig, where: str) -> Job:

@@ -97,8 +97,9 @@ class EmbeddingFile:
 
 
 def _check_latent(t: torch.Tensor, where: str) -> None:
-    if t.dim() != 4 or t.shape[1] != LATENT_CHANNELS:
-        raise BadInputError(f"{where}: latent has shape {tuple(t.shape)}, expected (N, {LATENT_CHANNELS}, h, w)")
+    if t.dim() != 4 or t.shape[1] != LATENT_CHANNELS or 0 in t.shape:
+        raise BadInputError(f"{where}: latent has shape {tuple(t.shape)}, expected (N, {LATENT_CHANNELS}, h, w) "
+                            "with no empty dimension")  # fmt: skip
     if not t.is_floating_point():
         raise BadInputError(f"{where}: latent has dtype {t.dtype}, expected a float type")
     if not torch.isfinite(t).all():
@@ -194,6 +195,19 @@ def load_latent(path) -> LatentFile:
     scaled = meta.get("scaled", "true").lower() == "true"
     return LatentFile(t.float(), scaled=scaled, scale_factor=_float_or_none(meta.get("scale_factor")),
                       format="sdcli", **common)
+
+
+def load_init_latent(path, runs: list[tuple[int, int]]) -> LatentFile:
+    """A --latent-in file, checked against each job's (n, batch_size) before the model loads: every batch starts
+    from all its latents or from the one latent, so N latents need batches of exactly N."""
+    lf = load_latent(path)
+    count = lf.latent.shape[0]
+    for n, batch_size in runs:
+        if count != 1 and (batch_size != count or n % count):
+            raise UsageError(f"{path} holds {count} latents, but this run makes {n} image(s) in batches of "
+                             f"{batch_size}: use --batch-size {count} with -n a multiple of {count}, "
+                             "or a file of one latent")  # fmt: skip
+    return lf
 
 
 def save_embedding(path, cond: torch.Tensor, *, prompt: str, family: str, clip_skip: int, model_hash,

@@ -80,13 +80,35 @@ def parse_spec(spec: str) -> LoraSpec:
     return LoraSpec(path, weight)
 
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
+                       "encoder.", "decoder.", "text_model.", "down_blocks.", "mid_block.", "up_blocks.")
+
+
 def check_file(spec: LoraSpec) -> dict:
-    """The file's safetensors header (read_header's sniffing names a .ckpt, an HTML page, a truncated file)."""
+    """The file's safetensors header, checked as a kohya LoRA from shapes alone, before any model loads
+    (read_header's sniffing names a .ckpt, an HTML page, a truncated file)."""
     header = read_header(spec.path)
-    bad = sorted(k for k, v in header.items() if k != "__metadata__" and v["dtype"] not in FLOAT_DTYPES)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    bad = sorted(k for k, v in tensors.items() if v["dtype"] not in FLOAT_DTYPES)
     if bad:
         raise BadInputError(f"{spec.path}: LoRA tensor {bad[0]} is not floating point")
+    for base, parts in _groups(spec.path, tensors).items():
+        _check_shapes(spec.path, base, {part: tuple(v["shape"]) for part, v in parts.items()})
     return header
+
+
+def _check_shapes(path: Path, base: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """down (rank, in[, kh, kw]), up (out, rank[, 1, 1]) with rank > 0, alpha a single number."""
+    down, up = shapes["lora_down.weight"], shapes["lora_up.weight"]
+    if len(down) not in (2, 4) or len(up) not in (2, 4):
+        raise BadInputError(f"{path}: {base}: lora_down {list(down)} / lora_up {list(up)} are not 2-d or 4-d weights")
+    if 0 in down or 0 in up:
+        raise BadInputError(f"{path}: {base}: rank-0 or empty LoRA weights (lora_down {list(down)})")
+    if up[1] != down[0] or len(up) == 4 and up[2:] != (1, 1):
+        raise BadInputError(f"{path}: {base}: lora_up {list(up)} does not fit lora_down {list(down)}")
+    alpha = shapes.get("alpha", ())
+    if math.prod(alpha) != 1:
+        raise BadInputError(f"{path}: {base}: alpha has shape {list(alpha)}, expected a single number")
 
 
 def _targets(models) -> dict[str, nn.Module]:
@@ -112,11 +134,15 @@ def _targets(models) -> dict[str, nn.Module]:
     return out
 
 
-def _groups(path: Path, state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """{module name: {part: tensor}}; refuses LyCORIS variants (LoHa, LoKr, DoRA) by key."""
-    groups: dict[str, dict[str, Tensor]] = {}
+def _groups(path: Path, state: dict) -> dict[str, dict]:
+    """{module name: {part: tensor or header entry}}; refuses full checkpoints and LyCORIS variants (LoHa, LoKr,
+    DoRA) by key."""
+    groups: dict[str, dict] = {}
     for key, t in state.items():
         base, _, part = key.partition(".")
+        if key.startswith(CHECKPOINT_PREFIXES):
+            raise BadInputError(f"{path}: not a LoRA but model weights ({key}): pass a checkpoint as --model, "
+                                "a VAE as --vae")  # fmt: skip
         if part not in LORA_PARTS:
             raise BadInputError(f"{path}: key {key}: only LoRA/LoCon (lora_down/lora_up/alpha) keys are supported, "
                                 "not LyCORIS LoHa/LoKr/DoRA")  # fmt: skip
@@ -130,10 +156,8 @@ def _groups(path: Path, state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]
 def _delta(path: Path, base: str, parts: dict[str, Tensor], target: Tensor) -> Tensor:
     """alpha/rank * up @ down in float32, shaped like `target`: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
     down, up = (parts[k].to(target.device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
-    rank = down.shape[0]
+    rank = down.shape[0]  # shapes were checked from the header by check_file
     alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)  # no alpha: scale 1
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1) or up.shape[1] != rank:
-        raise BadInputError(f"{path}: {base}: lora_up {list(up.shape)} does not fit lora_down {list(down.shape)}")
     delta = up.flatten(1) @ down.flatten(1)  # (out, in * kh * kw)
     if delta.shape[0] != target.shape[0] or delta.numel() != target.numel():
         raise BadInputError(f"{path}: {base}: LoRA shape {list(up.shape[:1]) + list(down.shape[1:])} does not fit "

@@ -23,6 +23,7 @@ from typing import Any
 
 from sdcli import __version__
 from sdcli.errors import BadInputError, UsageError
+from sdcli.formats.png_text import is_png, read_png_text
 
 SDCLI_JSON_KEY = "sdcli"
 PARAMETERS_KEY = "parameters"
@@ -43,7 +44,7 @@ _FIELDS = [
     ("CFG scale", "cfg_scale", float), ("Seed", "seed", int), ("Size", "size", str),
     ("Model hash", "model_hash", str), ("Model", "model", str), ("VAE hash", "vae_hash", str),
     ("VAE", "vae", str), ("Denoising strength", "denoising_strength", float), ("Clip skip", "clip_skip", int),
-    ("Version", "version", str),
+    ("RNG", "rng", str), ("Version", "version", str),
 ]
 _LABEL_TO_KEY = {label: (key, typ) for label, key, typ in _FIELDS}
 
@@ -107,6 +108,8 @@ def _pairs(p: dict) -> list[tuple[str, Any]]:
         ("Denoising strength", p.get("denoising_strength")),
         # A1111 writes Clip skip only when it is not the default (1 = last layer).
         ("Clip skip", clip_skip if clip_skip not in (None, 0, 1) else None),
+        # sdcli's noise is A1111's CPU scheme (torch's CPU generator); without the field A1111 assumes GPU noise.
+        ("RNG", p.get("rng", "CPU")),
     ]
     pairs += list((p.get("extra") or {}).items())
     pairs.append(("Version", p.get("version") or f"sdcli {__version__}"))
@@ -169,7 +172,7 @@ def _typed(out: dict, pairs: dict[str, str]) -> None:
     for label, raw in pairs.items():
         key, typ = _LABEL_TO_KEY.get(label, (None, str))
         try:
-            value = typ(float(raw)) if typ is int else typ(raw)
+            value = _integer(raw) if typ is int else typ(raw)
         except ValueError:
             key = None
         if key is None:
@@ -178,6 +181,16 @@ def _typed(out: dict, pairs: dict[str, str]) -> None:
             out[key] = value
     if extra:
         out["extra"] = extra
+
+
+def _integer(raw: str) -> int | float:
+    """'20' or '20.0' -> 20. A value that is no integer ('inf', '1e400', '7.5') stays a float, for the caller to
+    refuse with a range or type error (int('inf') would raise OverflowError); ValueError for text."""
+    try:
+        return int(raw)
+    except ValueError:
+        value = float(raw)  # ValueError for text; '1e400' and a 5000-digit number are inf
+    return int(value) if value.is_integer() else value
 
 
 def parse_infotext(text: str) -> dict:
@@ -213,22 +226,35 @@ def parse_infotext(text: str) -> dict:
 _COMFY_SAMPLERS = ("KSampler", "KSamplerAdvanced")
 
 
-def _comfy_follow(graph: dict, link: Any, want: str, depth: int = 0) -> Any:
-    """Follow a ComfyUI link ([node_id, slot]) upstream until a node has input `want`; None if never."""
-    if not (isinstance(link, list) and link) or depth > 32:
-        return None
-    node = graph.get(str(link[0]))
-    if not isinstance(node, dict):
-        return None
-    inputs = node.get("inputs") or {}
-    if want in inputs and not isinstance(inputs[want], list):
-        return inputs[want]
-    # Pass-through nodes (LoRA loaders, conditioning tweaks) carry the value on an input of the same kind.
-    for key in ("model", "conditioning", "conditioning_1", "samples", "latent_image", want):
-        if isinstance(inputs.get(key), list):
-            found = _comfy_follow(graph, inputs[key], want, depth + 1)
-            if found is not None:
-                return found
+MAX_COMFY_HOPS = 256  # nodes visited per lookup: real graphs are a few dozen nodes deep
+
+
+def _inputs(node: Any) -> dict:
+    """A node's inputs, or {} for anything that is not a well-formed node."""
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    return inputs if isinstance(inputs, dict) else {}
+
+
+def _comfy_follow(graph: dict, link: Any, want: str) -> Any:
+    """Follow a ComfyUI link ([node_id, slot]) upstream until a node has input `want`; None if never.
+
+    Depth-first like the graph's wiring (pass-through nodes such as LoRA loaders carry the value on an input of
+    the same kind), but iterative, with a visited set and a bounded number of hops: a node linked to itself, a
+    cycle or a hostile graph ends the walk instead of hanging or recursing into a crash."""
+    stack, seen = [link], set()
+    while stack and len(seen) < MAX_COMFY_HOPS:
+        link = stack.pop()
+        if not (isinstance(link, list) and link and isinstance(link[0], (str, int))) or isinstance(link[0], bool):
+            continue
+        node_id = str(link[0])
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        inputs = _inputs(graph.get(node_id))
+        if want in inputs and not isinstance(inputs[want], list):
+            return inputs[want]
+        keys = ("model", "conditioning", "conditioning_1", "samples", "latent_image", want)
+        stack.extend(inputs[k] for k in reversed(keys) if isinstance(inputs.get(k), list))  # first key first
     return None
 
 
@@ -238,11 +264,11 @@ def summarize_comfyui(prompt_graph: dict) -> dict:
     ks = next((n for n in nodes if n.get("class_type") in _COMFY_SAMPLERS), None)
     if ks is None:
         return {}
-    inp = ks.get("inputs") or {}
+    inp = _inputs(ks)
     out: dict[str, Any] = {}
     for src, dst in (("seed", "seed"), ("noise_seed", "seed"), ("steps", "steps"), ("cfg", "cfg_scale"),
                      ("denoise", "denoising_strength")):
-        if isinstance(inp.get(src), (int, float)):
+        if isinstance(inp.get(src), (int, float)) and not isinstance(inp.get(src), bool):
             out[dst] = inp[src]
     if isinstance(inp.get("sampler_name"), str):
         out["sampler"] = canonical_sampler(inp["sampler_name"])
@@ -257,7 +283,7 @@ def summarize_comfyui(prompt_graph: dict) -> dict:
         out["model"] = model
     width = _comfy_follow(prompt_graph, inp.get("latent_image"), "width")
     height = _comfy_follow(prompt_graph, inp.get("latent_image"), "height")
-    if isinstance(width, int) and isinstance(height, int):
+    if isinstance(width, int) and isinstance(height, int) and not isinstance(width, bool):
         out["width"], out["height"] = width, height
     return out
 
@@ -265,8 +291,11 @@ def summarize_comfyui(prompt_graph: dict) -> dict:
 def _summarize_comfy_workflow(workflow: dict) -> dict:
     """Only the UI graph: KSampler widgets are [seed, control, steps, cfg, sampler, scheduler, denoise]."""
     out: dict[str, Any] = {}
-    for node in workflow.get("nodes") or []:
-        values = node.get("widgets_values") if isinstance(node, dict) else None
+    nodes = workflow.get("nodes")
+    for node in nodes if isinstance(nodes, list) else []:
+        if not isinstance(node, dict):
+            continue
+        values = node.get("widgets_values")
         if node.get("type") == "KSampler" and isinstance(values, list) and len(values) >= 6 and "seed" not in out:
             out.update(seed=values[0], steps=values[2], cfg_scale=values[3],
                        sampler=canonical_sampler(str(values[4])), schedule=canonical_schedule(str(values[5])))
@@ -278,10 +307,11 @@ def _summarize_comfy_workflow(workflow: dict) -> dict:
 # --- reading files -------------------------------------------------------------------------------------------
 
 
-def _exif_user_comment(img) -> str | None:
-    """A1111 JPEG/WebP: EXIF UserComment (0x9286 in the Exif IFD), 8-byte charset prefix then the text."""
+def _exif_user_comment(exif_of) -> str | None:
+    """A1111 JPEG/WebP: EXIF UserComment (0x9286 in the Exif IFD), 8-byte charset prefix then the text.
+    `exif_of()` gives PIL's Exif object; it is called inside the guard, so a malformed block is skipped."""
     try:
-        raw = img.getexif().get_ifd(0x8769).get(0x9286)
+        raw = exif_of().get_ifd(0x8769).get(0x9286)
     except Exception:  # a malformed EXIF block is not worth failing an inspect over
         return None
     if isinstance(raw, str):
@@ -305,14 +335,17 @@ def _text_chunks(path: Path) -> dict[str, str]:
     if path.is_dir():
         raise BadInputError(f"{path}: is a directory, not an image")
     try:
-        with Image.open(path) as img:
-            texts = dict(getattr(img, "text", None) or {})  # PNG: .text also reads chunks after IDAT
-            for key, value in img.info.items():
-                if isinstance(value, str):
-                    texts.setdefault(key, value)
-            comment = _exif_user_comment(img)
+        if _png_head(path):  # PIL's .text and getexif() decode every pixel first: a bomb on the metadata path
+            texts, exif_block = read_png_text(path)
+            comment = _exif_user_comment(lambda: _exif_from(exif_block)) if exif_block else None
+        else:
+            with Image.open(path) as img:
+                texts = {key: value for key, value in img.info.items() if isinstance(value, str)}
+                comment = _exif_user_comment(img.getexif)
     except UnidentifiedImageError as exc:
         raise BadInputError(f"{path}: not an image file") from exc
+    except Image.DecompressionBombError as exc:  # raised by Image.open for a huge declared size
+        raise BadInputError(f"{path}: over the pixel limit (a decompression bomb?)") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadInputError(f"{path}: cannot read image metadata ({exc})") from exc
     if comment and PARAMETERS_KEY not in texts:
@@ -320,10 +353,28 @@ def _text_chunks(path: Path) -> dict[str, str]:
     return texts
 
 
+def _exif_from(block: bytes):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(block)
+    return exif
+
+
+def _png_head(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return is_png(f.read(8))
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
 def _load_json(text: str | None) -> Any:
+    """A JSON text chunk, or None when it is not usable JSON (malformed, nested past Python's recursion limit,
+    or an integer past its digit limit): metadata we cannot read is metadata we do not have."""
     try:
         return json.loads(text) if text else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
 
 

@@ -46,15 +46,32 @@ def template_fields(template: str) -> set[str]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise UsageError(f"output template {template!r}: {exc}") from exc
-    for _, name, _, _ in parsed:
+    if template.endswith(("/", os.sep)):
+        raise UsageError(f"output {template!r} names a folder; give a file name or a template, "
+                         f"e.g. {template.rstrip('/' + os.sep)}/{{index}}.png")
+    for _, name, spec, _ in parsed:
         if name is None:
             continue
+        _check_spec(template, name, spec or "")
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
         if base not in TEMPLATE_FIELDS:
             raise UsageError(f"output template {template!r}: unknown field {{{name}}}; "
                              f"use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
         names.add(base)
     return names
+
+
+MAX_FIELD_WIDTH = 64  # '{index:999999999d}' would build a 1 GB name before the file system refused it
+
+
+def _check_spec(template: str, name: str, spec: str) -> None:
+    """A field's format spec may not nest fields ('{index:{seed}d}' takes its width from the seed) nor ask
+    for a width or precision past MAX_FIELD_WIDTH."""
+    if "{" in spec:
+        raise UsageError(f"output template {template!r}: no fields inside {{{name}:...}}")
+    numbers = [int(n) for n in re.findall(r"\d+", spec)]
+    if any(n > MAX_FIELD_WIDTH for n in numbers):
+        raise UsageError(f"output template {template!r}: {{{name}:{spec}}} asks for a width over {MAX_FIELD_WIDTH}")
 
 
 def expand_template(template: str, index: int, seed: int, prompt: str) -> Path:

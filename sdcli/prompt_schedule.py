@@ -10,7 +10,7 @@ syntax ``(word:1.2)``, which the prompt encoder reads afterwards. Semantics are 
 * ``[a|b|c]`` takes option (step - 1) mod n at every step; an empty option is the empty text.
 * The grammar is A1111's: ``(..)``, ``(..:..)`` and ``[..]`` are emphasis (kept as text), ``\\x`` escapes a
   character; stray brackets and colons at the top level are text. A prompt that still does not parse (a stray
-  ``|``, a trailing backslash) is used unscheduled, as A1111 does.
+  ``|``, a trailing backslash, brackets nested over MAX_NESTING deep) is used unscheduled, as A1111 does.
 
 During sampling A1111 moves along the schedule once per model evaluation, starting at 0
 (``CFGDenoiser.step``): evaluation k uses the first entry whose last step is >= k. ``ScheduledCond`` does the same.
@@ -46,9 +46,18 @@ class _NoParse(Exception):
     pass
 
 
+MAX_NESTING = 100  # brackets inside brackets; deeper prompts are used unscheduled (the parser recurses per level)
+
+
 class _Parser:
     def __init__(self, text: str):
         self.s, self.n = text, len(text)
+        self.depth = 0
+
+    def _enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise _NoParse
 
     def top(self) -> list[Node]:
         """start: (prompt | /[][():]/+)*"""
@@ -94,6 +103,13 @@ class _Parser:
 
     def round(self, i: int) -> tuple[list[Node], int] | None:
         """( prompt ) | ( prompt : prompt )"""
+        self._enter()
+        try:
+            return self._round(i)
+        finally:
+            self.depth -= 1
+
+    def _round(self, i: int) -> tuple[list[Node], int] | None:
         inner, k = self.prompt(i + 1)
         if self.at(k) == ")":
             return ["(", *inner, ")"], k + 1
@@ -105,6 +121,13 @@ class _Parser:
 
     def square(self, i: int) -> tuple[list[Node], int] | None:
         """[ prompt ] | [ [prompt :] prompt : NUMBER ] | [ prompt (| [prompt])+ ]"""
+        self._enter()
+        try:
+            return self._square(i)
+        finally:
+            self.depth -= 1
+
+    def _square(self, i: int) -> tuple[list[Node], int] | None:
         first, k = self.prompt(i + 1)
         c = self.at(k)
         if c == "]":
@@ -163,7 +186,7 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
         if isinstance(node, _Edit):
             v = float(node.when)
             v = (v - frac_offset) * total if "." in node.when else v - int_offset
-            node.step = min(total, int(v))
+            node.step = int(max(-1.0, min(total, v)))  # clamped first: '[a:b:1e400]' is inf, which int() refuses
             if node.step >= 1:
                 ends.add(node.step)
         elif isinstance(node, _Alternate):

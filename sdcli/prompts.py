@@ -11,9 +11,13 @@ Semantics follow AUTOMATIC1111 stable-diffusion-webui (our own code, written fro
 ``split_extra_networks``: ``modules/extra_networks.py`` ``parse_prompt`` (``<lora:NAME:WEIGHT>`` tags are taken out
 of the prompt text and name LoRA files; other kinds of network are refused rather than read as words).
 
-One deliberate difference: A1111 multiplies the BREAK marker's weight (-1) when BREAK sits inside
-brackets, so "(a BREAK b)" then encodes the word "BREAK" with weight -1.1. Here the marker keeps -1
-and starts a new chunk wherever it appears.
+One deliberate difference: A1111 marks BREAK with a weight of -1 and recognises it by that weight, so
+"(a BREAK b)" encodes the word "BREAK" with weight -1.1 and any text weighted exactly -1 ("(cat:-1)") would be taken
+for a BREAK. Here the marker is its own object (``BREAK``, recognised by identity, never by its weight): it starts a
+new chunk wherever it appears, and "(cat:-1)" is the word cat weighted -1.
+
+Weights are bounded (``MAX_WEIGHT``): A1111 accepts any number, but a weight like 1e60 overflows the text
+encoding into NaN, which would surface as a numerical failure blamed on the model.
 
 No torch at import: ``sdcli inspect --prompt`` only parses and tokenizes.
 """
@@ -30,11 +34,18 @@ CHUNK_LENGTH = 75  # prompt tokens per chunk; with bos and eos a chunk is CLIP's
 COMMA_BACKTRACK = 20  # A1111 opts.comma_padding_backtrack default
 ROUND_MULT = 1.1
 SQUARE_MULT = 1 / 1.1
-BREAK = ("BREAK", -1.0)
+MAX_WEIGHT = 100.0  # |weight| of any token; fp16 text features (|z| up to ~30) stay far from overflow
 
-# Alternatives in order, as A1111's re_attention: escapes, a lone backslash, brackets, ":weight)",
-# plain text, and a stray ":".
-_ATTENTION_RE = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
+
+class _BreakMarker(tuple):
+    """The one BREAK marker: compares equal to ("BREAK", -1.0) for readers, but code tests `is BREAK`."""
+
+
+BREAK = _BreakMarker(("BREAK", -1.0))
+
+# Alternatives in order, as A1111's re_attention (modules/prompt_parser.py, current master): escapes, a lone
+# backslash, brackets, ":weight)" (spaces allowed around the number: "(word: 1.5 )"), plain text, a stray ":".
+_ATTENTION_RE = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -89,7 +100,7 @@ def _attention_pieces(text: str) -> tuple[list[list], list[int], list[int]]:
 
     def multiply_from(start: int, mult: float) -> None:
         for piece in res[start:]:
-            if piece[1] != -1:  # BREAK markers keep -1 (see the module docstring)
+            if piece is not BREAK:  # the marker has no weight to scale (see the module docstring)
                 piece[1] *= mult
 
     for m in _ATTENTION_RE.finditer(text):
@@ -109,7 +120,7 @@ def _attention_pieces(text: str) -> tuple[list[list], list[int], list[int]]:
         else:  # plain text, or a closing bracket / ":w)" with nothing open: kept as text
             for i, part in enumerate(_BREAK_RE.split(tok)):
                 if i > 0:
-                    res.append(list(BREAK))
+                    res.append(BREAK)
                 res.append([part, 1.0])
     # Unclosed brackets still apply, to everything after them (A1111: "(unbalanced" -> 1.1).
     for pos in round_open:
@@ -128,13 +139,50 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     res, _, _ = _attention_pieces(text)
     if not res:
         res = [["", 1.0]]
-    merged: list[list] = [res[0]]
+    merged: list = [res[0]]
     for piece in res[1:]:
-        if piece[1] == merged[-1][1] and piece[1] != -1:  # never glue two BREAKs into "BREAKBREAK"
-            merged[-1][0] += piece[0]
+        last = merged[-1]
+        if piece is not BREAK and last is not BREAK and piece[1] == last[1]:
+            last[0] += piece[0]
         else:
             merged.append(piece)
-    return [(t, float(w)) for t, w in merged]
+    out = [BREAK if p is BREAK else (p[0], float(p[1])) for p in merged]
+    _check_weights(out, text)
+    return out
+
+
+def _check_weights(pieces: list, text: str) -> None:
+    for piece in pieces:
+        if piece is not BREAK and not (math.isfinite(piece[1]) and abs(piece[1]) <= MAX_WEIGHT):
+            raise BadInputError(f"prompt weight {piece[1]:g} of {piece[0]!r} is out of range "
+                                f"(-{MAX_WEIGHT:g} to {MAX_WEIGHT:g}) in: {_short(text)}")
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_prompt(text: str, where: str | None = None, steps: int = 20, tags: bool = True) -> str:
+    """Everything that can be wrong in a prompt, found before the model loads: text that is not valid UTF-8
+    (lone surrogates from undecodable bytes), <lora:...> tags (when `tags`: a negative prompt has none), and
+    the attention weights of every text its [from:to:when] schedule produces. Errors keep their class and are
+    prefixed with `where` (a FILE:LINE, or a file's key)."""
+    from .prompt_schedule import prompt_schedule
+
+    try:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInputError(f"not valid UTF-8 text (byte {e.object[e.start]!r} at character {e.start + 1})"
+                                ) from None
+        plain = split_extra_networks(text)[0] if tags else text
+        for scheduled in {t for _, t in prompt_schedule(plain, steps)}:
+            parse_attention(scheduled)
+    except (BadInputError, UnsupportedModelError) as e:
+        if where is None:
+            raise
+        raise type(e)(f"{where}: {e}") from None
+    return text
 
 
 # --- chunks --------------------------------------------------------------------------------------
@@ -191,10 +239,11 @@ def chunk_prompt(text: str, tokenizer, pad_id: int) -> list[PromptChunk]:
     """Token chunks of a prompt as A1111 builds them: at least one; BREAK closes the current chunk
     (even an empty one); an empty prompt gives bos, eos, then padding."""
     chunker = _Chunker(tokenizer, pad_id)
-    for piece, weight in parse_attention(text):
-        if (piece, weight) == BREAK:
+    for item in parse_attention(text):
+        if item is BREAK:
             chunker.close()
             continue
+        piece, weight = item
         for token in tokenizer.encode(piece):
             chunker.add(token, weight)
     if chunker.ids or not chunker.chunks:

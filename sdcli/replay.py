@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import check_mapping
+from .config import check_mapping, check_value
 from .errors import BadInputError
+from .prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
@@ -31,6 +32,7 @@ class Replay:
     source: str  # "sdcli", "a1111", "sd.cpp" or "comfyui"
     mode: str = "txt2img"
     recorded: dict[str, Any] = field(default_factory=dict)  # sdcli's whole JSON metadata, when there is one
+    path: str = ""  # the image, for messages
     refiner: str | None = None  # the SDXL refiner it was made with (a file of the user's, like the model)
 
 
@@ -42,24 +44,34 @@ def from_image(path: str | Path) -> Replay:
     if meta["source"] is None:
         raise BadInputError(f"{path}: no generation metadata found (sdcli, A1111, ComfyUI or stable-diffusion.cpp)")
     if meta["source"] == "sdcli":
-        ours = meta["sdcli"]
+        ours = _checked_record(meta["sdcli"], f"{path} (sdcli metadata)")
         values = {k: v for k, v in ours.get("config", {}).items() if k in RENDER_KEYS}
         prompt, mode = ours.get("prompt", ""), ours.get("mode", "txt2img")
         refiner = (ours.get("refiner") or {}).get("name")
     else:
         params = meta["parameters"]
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
-        refiner = (params.get("extra") or {}).get("Refiner")
-        switch = (params.get("extra") or {}).get("Refiner switch at")
-        if switch is not None:
-            values["refiner_switch"] = _number(switch)
+        extra = params.get("extra") or {}
+        refiner = extra.get("Refiner")
+        if extra.get("Refiner switch at") is not None:
+            values["refiner_switch"] = _number(extra["Refiner switch at"])
         prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
         ours = {}
-    if values.get("refiner_switch") is None:
-        values.pop("refiner_switch", None)
+        if meta["source"] == "a1111":
+            rng_note(params.get("rng"), path)
+        else:  # sd.cpp draws its own noise (a CUDA-like Philox by default)
+            from . import console
+
+            console.info(f"{path}: made by stable-diffusion.cpp, whose noise differs from sdcli's (A1111's CPU "
+                         "noise), so the same seed gives a different image")
     if values.get("schedule") is None:
         values.pop("schedule", None)
-    return Replay(prompt, check_mapping(values, f"{path} (metadata)"), meta["source"], mode, ours, refiner)
+    where = f"{path} (metadata)"
+    steps = values.get("steps") if isinstance(values.get("steps"), int) else 20
+    check_prompt(prompt, where, steps)
+    check_prompt(values.get("negative") if isinstance(values.get("negative"), str) else "", where, steps, tags=False)
+    return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, str(path),
+                  refiner if isinstance(refiner, str) else None)
 
 
 def _number(text: str):
@@ -69,10 +81,54 @@ def _number(text: str):
         return text  # refused by check_mapping, naming the image and the key
 
 
-
 def check_refiner_given(replay: Replay, image, refiner: str | None) -> None:
     """An image made with a refiner replays only with one given again (--refiner), as its model is."""
     from .errors import UsageError
 
     if replay.refiner and not refiner:
         raise UsageError(f"{image} was made with the refiner {replay.refiner}: give it again with --refiner FILE")
+
+
+_MODES = ("txt2img", "img2img", "inpaint", "decode")
+
+
+def _checked_record(ours: dict, where: str) -> dict:
+    """sdcli's own JSON chunk, typed: every field replay and verify read is checked here, so a hand-edited or
+    hostile chunk is exit 3 naming the file and key, never a crash or an error blamed on an option."""
+    def need(key: str, ok: bool, what: str) -> None:
+        if key in ours and not ok:
+            raise BadInputError(f"{where}: '{key}' must be {what}, got {_show(ours[key])}")
+
+    need("config", isinstance(ours.get("config"), dict), "an object of config keys")
+    need("prompt", isinstance(ours.get("prompt"), str), "text")
+    need("mode", ours.get("mode") in _MODES, "one of " + ", ".join(_MODES))
+    loras = ours.get("loras")
+    need("loras", isinstance(loras, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                   for e in loras), "a list of objects with a 'name'")
+    model = ours.get("model")
+    need("model", isinstance(model, dict) and isinstance(model.get("sha256", ""), (str, type(None))),
+         "an object with a text 'sha256'")
+    if "dtype" in ours:
+        if ours["dtype"] == "auto":
+            raise BadInputError(f"{where}: 'dtype' must be the dtype used (fp32, bf16 or fp16), got 'auto'")
+        check_value("dtype", ours["dtype"], where)
+    return ours
+
+
+def _show(value: Any) -> str:
+    from .config import _show as short
+
+    return f"{type(value).__name__} {short(value)}"
+
+
+def rng_note(rng: Any, path: str | Path) -> None:
+    """sdcli draws A1111's CPU noise ("RNG: CPU"); an image made with GPU or NV noise ("RNG: GPU", "RNG: NV", or no
+    RNG field at all, which A1111 reads as GPU) replays with the same settings but different noise: say so."""
+    from . import console
+
+    if rng is None:
+        console.info(f"{path}: no RNG field (A1111 then used GPU noise); sdcli draws A1111's CPU noise, so the same "
+                     "seed gives a different image")
+    elif rng.strip().upper() != "CPU":
+        console.info(f"{path}: made with RNG: {rng.strip()} noise; sdcli draws A1111's CPU noise, so the same seed "
+                     "gives a different image")

@@ -33,7 +33,7 @@ def test_infotext_layout():
     assert lines[0] == PARAMS["prompt"]
     assert lines[1] == "Negative prompt: blurry, low quality"
     assert lines[2].startswith("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234, "
-                               "Size: 64x48, Model hash: abcdef1234, Model: tiny-sd15, Version: sdcli ")
+                               "Size: 64x48, Model hash: abcdef1234, Model: tiny-sd15, RNG: CPU, Version: sdcli ")
 
 
 def test_round_trip():

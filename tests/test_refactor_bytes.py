@@ -1,6 +1,7 @@
 """The refactor of issue 13 (family registry, Cond, split of checkpoint.py and runner.py) changes no output byte.
 
-The package as it was at the base commit (c10291d) is extracted with `git archive` into a temp folder; the same
+The package as it was at the base commit (BASE_COMMIT: main just before the refactor landed, with every output
+change made in parallel to it, e.g. "RNG: CPU" in the infotext) is extracted with `git archive` into a temp folder; the same
 fixed commands (txt2img, batch, img2img, inpaint, hires fix, LoRA from a flag and from a prompt tag, LoRA sets that
 switch between jobs, seamless, prompt editing, --from-image, encode --text -> --cond, latents out and decode, SD2
 single file and diffusers folder) are run once with the old package and once with this one, each package in one
@@ -28,7 +29,9 @@ from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd2, tiny_sd2_diffu
 from make_checkpoint import make_checkpoint
 from sdcli.formats.safetensors import read_header
 
-BASE_COMMIT = "c10291d"
+# A deliberate change of output bytes (a new infotext field, a numerics fix) moves this to the commit that made it;
+# a refactor never does.
+BASE_COMMIT = "224e85a"
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """

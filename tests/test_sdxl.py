@@ -34,6 +34,7 @@ from sdcli.app import render
 from sdcli.app.render import sized
 from sdcli.cli import app
 from sdcli.config import RunConfig
+from sdcli.errors import UnsupportedModelError
 from sdcli.images import pil_to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,10 +64,12 @@ def test_real_layouts_are_detected_with_every_part(name, family, context, adm, t
 
 
 def test_sd_turbo_layout_is_not_sdxl():
-    """SD-Turbo (SD 2.1) ships under conditioner.embedders.0.model but has no label_emb: never an SDXL family."""
+    """SD-Turbo (SD 2.1) ships under conditioner.embedders.0.model but has no label_emb: never taken for an SDXL
+    refiner (A1111's misfire), and its text weights are named rather than dropped (exit 8)."""
     shapes = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v
               for k, v in read_tsv(ROOT / "tests" / "data" / "sd21_keys.tsv").items()}
-    assert ck.detect(header_of(shapes)).family == "sd2"
+    with pytest.raises(UnsupportedModelError, match="SD 2.x checkpoint has none"):
+        ck.detect(header_of(shapes))
 
 
 # --- the oracle ----------------------------------------------------------------------------------
@@ -358,3 +361,20 @@ def test_fp16_run_keeps_the_sdxl_vae_in_fp32_unless_a_vae_is_given(tiny_sdxl, tm
     save_file(vae, str(tmp_path / "fixed_vae.safetensors"))
     fixed = ck.load_models(tiny_sdxl, vae=tmp_path / "fixed_vae.safetensors", dtype=torch.float16)
     assert next(fixed.vae.parameters()).dtype == torch.float16  # an fp16-fix VAE given with --vae
+
+
+def test_encode_decode_record_the_family_and_embeddings_are_refused(tiny_sdxl, tmp_path):  # noqa: F811
+    from sdcli.latents import load_latent
+
+    runner = CliRunner()
+    init_image().save(tmp_path / "in.png")
+    enc = runner.invoke(app, ["encode", str(tmp_path / "in.png"), "-m", str(tiny_sdxl), "--dtype", "fp32",
+                              "-o", str(tmp_path / "in.safetensors")])
+    assert enc.exit_code == 0, enc.output
+    lf = load_latent(tmp_path / "in.safetensors")
+    assert (lf.family, lf.scale_factor) == ("sdxl", 0.13025)
+    dec = runner.invoke(app, ["decode", str(tmp_path / "in.safetensors"), "-m", str(tiny_sdxl), "--dtype", "fp32",
+                              "-o", str(tmp_path / "out.png")])
+    assert dec.exit_code == 0, dec.output
+    text = runner.invoke(app, ["encode", "--text", "a cat", "-m", str(tiny_sdxl), "-o", str(tmp_path / "e.st")])
+    assert text.exit_code == 8 and "pooled" in text.stderr

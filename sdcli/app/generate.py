@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import config as cfgmod
 from .. import console
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, UnsupportedModelError, UsageError
 from ..jobs import Job, read_prompts_file, single_job
 from . import render
 
@@ -47,7 +47,7 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
-    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
@@ -59,18 +59,23 @@ def run_generate(req: GenerateRequest) -> None:
         check_refiner_given(replay, req.from_image, base.refiner)
     targets = render.plan_targets(jobs, req.overwrite)
     loras = render.job_loras(jobs, req.loras)
+    init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
-    init = _latent_init(req.latent_in, base, models) if req.latent_in else None
+    init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
     render.render_all(models, targets, init, cond, req, loras, render.load_refiner(base, models))
 
 
-def _latent_init(path: Path, cfg, models) -> render.Init:
+def _init_latent_file(path: Path, jobs: list[Job]):
     from .. import latents
+
+    return latents.load_init_latent(path, [(job.cfg.n, job.cfg.batch_size) for job in jobs])
+
+
+def _latent_init(path: Path, lf, cfg, models) -> render.Init:
     from ..pipeline import scale_factor
 
-    lf = latents.load_latent(path)
     return render.Init(lf.unet_space(scale_factor(models)), cfg.strength, [f"started from latent file {path}"])
 
 
@@ -107,6 +112,9 @@ def _load_cond(path: Path, models):
     from .. import latents
 
     emb = latents.load_embedding(path)
+    if models.family.size_values is not None:
+        raise UnsupportedModelError(f"--cond: {models.family.title} also needs the pooled text vector, which an "
+                                    "embedding file does not hold: give the prompt instead")
     width = models.text_encoder.hidden_size
     if emb.cond.shape[-1] != width:
         raise BadInputError(f"{path}: embedding width {emb.cond.shape[-1]} does not fit this model's text width {width}")

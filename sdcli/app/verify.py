@@ -28,6 +28,7 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
+    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
     specs = render.lora_specs(loras or [], job)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]

@@ -202,6 +202,8 @@ def standalone_vae_source(path: Path) -> WeightSource:
         return WeightSource(path, entries, layout="diffusers")
     base = open_source(path)
     keys = list(base.entries)
+    if keys and all(k.startswith("lora_") for k in keys):
+        raise BadInputError(f"{path}: a LoRA, not a VAE (lora_* keys): pass it with --lora")
     if any(k.startswith(VAE_PREFIX) for k in keys):
         entries = {k: e for k, e in base.entries.items() if k.startswith(VAE_PREFIX)}
     elif any(k.startswith("encoder.down_blocks.") for k in keys):
