@@ -378,3 +378,79 @@ def test_encode_decode_record_the_family_and_embeddings_are_refused(tiny_sdxl, t
     assert dec.exit_code == 0, dec.output
     text = runner.invoke(app, ["encode", "--text", "a cat", "-m", str(tiny_sdxl), "-o", str(tmp_path / "e.st")])
     assert text.exit_code == 8 and "pooled" in text.stderr
+
+
+# --- SDXL inpainting (9-channel UNet) ------------------------------------------------------------
+
+def test_inpaint_matches_diffusers(tiny_sdxl_dir, clip_tokenizer_dir, posterior_mean, tmp_path):  # noqa: F811
+    """StableDiffusionXLInpaintPipeline (strength 1: pure noise; diffusers' default 0.9999 is not) on a 9-channel
+    tiny SDXL: UNet input cat([latent, mask, masked-image latent]), SDXL's conditioning and latent scale."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from make_checkpoint import make_checkpoint
+    from test_inpaint import mask_image
+
+    from sdcli.images import load_mask
+
+    path = make_checkpoint(tiny_sdxl_dir / "tiny_sdxl_inpaint.safetensors", family="sdxl", size="tiny", seed=2,
+                           inpaint=True)
+    models = ck.load_models(path, dtype=torch.float32)
+    assert models.info.family == "sdxl" and models.info.inpaint
+    config = _config_folder(tmp_path, "sdxl", clip_tokenizer_dir)
+    unet_config = json.loads((config / "unet" / "config.json").read_text())
+    (config / "unet" / "config.json").write_text(json.dumps({**unet_config, "in_channels": 9}))
+    pipe = StableDiffusionXLInpaintPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                             torch_dtype=torch.float32, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = scheduler("euler")
+    mask_image().save(tmp_path / "mask.png")
+    plan = our_plan(models, "euler", 3)
+    cond, uncond = our_conds(models, "blurry")
+    image = pil_to_tensor(init_image())
+    mask, _ = load_mask(tmp_path / "mask.png", (SIZE, SIZE))
+    latents = P.txt2img(models, plan, cond, uncond, [4], SIZE, SIZE,
+                        extra=P.inpaint_conditioning(models, image, mask))
+    pipe.scheduler.set_timesteps(sigmas=plan.sigmas.tolist())
+    gens, noise = first_draws([4])
+    final = FinalLatents()
+    out = pipe(PROMPT, image=init_image(), mask_image=mask_image(), strength=1.0, negative_prompt="blurry",
+               height=SIZE, width=SIZE, guidance_scale=CFG, generator=gens,
+               latents=noise * float(plan.sigmas[0]) / pipe.scheduler.init_noise_sigma, output_type="pil",
+               callback_on_step_end=final, sigmas=plan.sigmas.tolist())
+    assert_latents_close(latents, final.latents)
+    assert_pixels_close(pixels(models, latents), [np.asarray(out.images[0])])
+
+
+# --- hires fix, prompt editing, metadata ---------------------------------------------------------
+
+def test_each_pass_conditions_on_its_own_size(xl):
+    """A1111 builds the hires pass's SDXL conditioning with the hires size; given sizes apply to both passes."""
+    from sdcli.families.sdxl import base_values
+    from sdcli.jobs import single_job
+    from sdcli.models.unet import sdxl_vector
+    from sdcli.prompt_schedule import ScheduledCond
+
+    _, models = xl
+    cfg = RunConfig(steps=2, width=64, height=64, hires_scale=1.5, crop_coords="4,8", negative="blurry")
+    p = render.prepare(models, cfg, single_job("a [cat:dog:0.5]", cfg))
+    assert isinstance(p.cond, ScheduledCond) and p.hires.size == (96, 96)
+    for conds, size in (((p.cond, p.uncond), 64), (p.hires.conds, 96)):
+        for value in conds:
+            for _, c in value.entries if isinstance(value, ScheduledCond) else [(None, value)]:
+                values = base_values(render.size_cond(cfg, (size, size)), False)
+                assert values == (size, size, 4, 8, size, size)
+                torch.testing.assert_close(c.y, sdxl_vector(c.pooled, values, models.unet.config.adm_in_channels))
+
+
+def test_size_options_are_recorded_and_replayed(tiny_sdxl, tmp_path):  # noqa: F811
+    from sdcli.metadata import read_image_metadata
+
+    runner = CliRunner()
+    out = tmp_path / "s.png"
+    args = ["-m", str(tiny_sdxl), "--dtype", "fp32", "--progress", "none", "--steps", "1", "-W", "64", "-H", "64"]
+    made = runner.invoke(app, ["generate", "a cat", *args, "--target-size", "512x384", "--seed", "2", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    meta = read_image_metadata(out)
+    assert meta["parameters"]["extra"]["Target size"] == "512x384"
+    assert meta["sdcli"]["config"]["target_size"] == "512x384"
+    again = runner.invoke(app, ["verify", str(out), "-m", str(tiny_sdxl), "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["identical"], again.output
