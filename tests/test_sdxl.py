@@ -454,3 +454,18 @@ def test_size_options_are_recorded_and_replayed(tiny_sdxl, tmp_path):  # noqa: F
     assert meta["sdcli"]["config"]["target_size"] == "512x384"
     again = runner.invoke(app, ["verify", str(out), "-m", str(tiny_sdxl), "--json"])
     assert again.exit_code == 0 and json.loads(again.stdout)["identical"], again.output
+
+
+def test_seamless_and_preview_run_on_sdxl(tiny_sdxl, tmp_path):  # noqa: F811
+    """--seamless and --preview run on SDXL; the live preview is given SDXL's latent-to-RGB factors."""
+    from sdcli.families import by_name
+
+    runner = CliRunner()
+    args = ["-m", str(tiny_sdxl), "--dtype", "fp32", "--progress", "none", "--steps", "2", "-W", "64", "-H", "64",
+            "--seed", "9", "--seamless", "--preview", str(tmp_path / "p.png")]
+    made = runner.invoke(app, ["generate", "a cat", *args, "-o", str(tmp_path / "s.png")])
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "p.png").is_file() and Image.open(tmp_path / "s.png").size == (64, 64)
+    models = ck.load_models(tiny_sdxl, dtype=torch.float32)
+    writer = render._with_preview(None, str(tmp_path / "q.png"), models)
+    assert writer.rgb_factors == by_name("sdxl").latent.rgb_factors != by_name("sd1").latent.rgb_factors
