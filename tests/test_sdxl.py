@@ -469,3 +469,13 @@ def test_seamless_and_preview_run_on_sdxl(tiny_sdxl, tmp_path):  # noqa: F811
     models = ck.load_models(tiny_sdxl, dtype=torch.float32)
     writer = render._with_preview(None, str(tmp_path / "q.png"), models)
     assert writer.rgb_factors == by_name("sdxl").latent.rgb_factors != by_name("sd1").latent.rgb_factors
+
+
+def test_refiner_sees_prompt_editing_where_the_base_left_it():
+    from sdcli.prompt_schedule import ScheduledCond
+
+    schedule = ScheduledCond(((4, "a"), (9, "b")))
+    assert render._after(schedule, 3).entries == ((1, "a"), (6, "b"))  # evaluation 0 of the refiner is 3 of the run
+    assert render._after(schedule, 6).entries == ((3, "b"),)
+    assert render._after(schedule, 12).entries == ((9, "b"),)  # past every end: the last text stays
+    assert render._after("plain", 5) == "plain"

@@ -192,7 +192,7 @@ def load_refiner(cfg: RunConfig, models):
 def check_refiner_use(cfg: RunConfig, txt2img: bool) -> None:
     """The refiner continues a text-to-image first pass; other passes are refused before any load."""
     if cfg.refiner and not txt2img:
-        raise UsageError("--refiner continues a text-to-image render: it cannot be used with img2img or --latent-in")
+        raise UsageError("--refiner continues a text-to-image render: not with img2img, --latent-in or --cond")
     if cfg.refiner and (cfg.hires_scale != 1.0 or cfg.seamless):
         raise UsageError("--refiner with --hires-scale or --seamless is not supported yet: use one of them")
 
@@ -272,8 +272,19 @@ def _refiner_part(models, cfg: RunConfig, job: Job, plan, size: tuple[int, int],
     if plan is None:
         return None
     conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip)
-    cond, uncond = sized(models, cfg, conds, size)
+    cond, uncond = (_after(c, steps_before) for c in sized(models, cfg, conds, size))
     return Refiner(models, plan, conditioning(cond), conditioning(uncond), steps_before)
+
+
+def _after(value, steps: int):
+    """A prompt-editing schedule as seen by a sampler that starts `steps` evaluations in (the refiner counts its
+    evaluations from 0; the schedule counts them over the whole run, as A1111's continuing sampler does)."""
+    from ..prompt_schedule import ScheduledCond
+
+    if not isinstance(value, ScheduledCond):
+        return value
+    entries = tuple((end - steps, c) for end, c in value.entries if end - steps >= 0)
+    return ScheduledCond(entries or value.entries[-1:])
 
 
 def size_cond(cfg: RunConfig, size: tuple[int, int]):
