@@ -34,6 +34,8 @@ class RunConfig:
     model: str | None = field(default=None, metadata=_range())
     vae: str | None = field(default=None, metadata=_range())
     lora_dir: str | None = field(default=None, metadata=_range())  # where <lora:NAME> in prompts is looked up
+    embeddings_dir: str | None = field(default=None, metadata=_range())  # textual-inversion files (A1111's folder)
+    vae_dir: str | None = field(default=None, metadata=_range())  # VAE files; a taesd decoder here drives --preview
     prediction: str = field(default="auto", metadata=_range(choices=PREDICTIONS))
     sampler: str = field(default="dpm++_2m", metadata=_range())
     schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule
@@ -65,6 +67,7 @@ class RunConfig:
     dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
     device: str = field(default="auto", metadata=_range(choices=DEVICES))
     output: str = field(default="sdcli-{seed}.png", metadata=_range())
+    ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

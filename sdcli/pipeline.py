@@ -21,7 +21,7 @@ import torch
 
 from . import cuda_graphs, samplers, schedule
 from .conditioning import Cond, conditioning, for_batch
-from .denoise import DENOISERS, CFGDenoiser
+from .denoise import DENOISERS, CFGDenoiser, guided
 from .errors import NumericalError, OutOfMemoryError
 from .families import DEFAULT, Family
 from .families.base import SizeCond
@@ -68,30 +68,35 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
 
 # --- text ----------------------------------------------------------------------------------------
 
-def encode_text(models, prompt: str, negative: str, clip_skip: int = 1):
+def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32; for a family whose UNet
     takes a pooled text vector, Conds carrying it (`pooled`, turned into y by with_size_vector). The shorter of
     the two is extended by the empty prompt's encoding (prompts.pad_chunks); an empty negative is all zeros
-    where the family says so (SDXL: A1111's force_zero_negative_prompt)."""
+    where the family says so (SDXL: A1111's force_zero_negative_prompt). Textual-inversion embeddings the texts
+    trigger (models.embeddings) take the rows of each encoder's key. `negative` None (no guidance, cfg <= 1): the
+    prompt alone, unpadded, as diffusers encodes it then; uncond is None."""
     from .prompts import CHUNK_LENGTH, encode_with, pad_chunks
     from .tokenizer import get_tokenizer
 
     family, tokenizer = models.family, get_tokenizer()
 
     def encode(text: str):
-        return encode_with(text, models.text_encoders, family.text, tokenizer, clip_skip)
+        return encode_with(text, models.text_encoders, family.text, tokenizer, clip_skip, models.embeddings)
+
+    def result(context, pooled):
+        return context.float() if pooled is None else Cond(context.float(), pooled=pooled.float())
 
     with torch.inference_mode():
         cond, pooled = encode(prompt)
+        if negative is None:
+            return result(cond, pooled), None
         if negative == "" and family.zero_empty_negative:
             uncond = torch.zeros_like(cond[:, : CHUNK_LENGTH + 2])  # (1, 77, D)
             uncond_pooled = None if pooled is None else torch.zeros_like(pooled)
         else:
             uncond, uncond_pooled = encode(negative)
         cond, uncond = pad_chunks(cond, uncond, lambda: encode("")[0])
-    if pooled is None:
-        return cond.float(), uncond.float()
-    return Cond(cond.float(), pooled=pooled.float()), Cond(uncond.float(), pooled=uncond_pooled.float())
+    return result(cond, pooled), result(uncond, uncond_pooled)
 
 
 def with_size_vector(models, value, size: SizeCond, negative: bool = False):
@@ -107,12 +112,31 @@ def with_size_vector(models, value, size: SizeCond, negative: bool = False):
     return replace(value, y=sdxl_vector(value.pooled, values, models.unet.config.adm_in_channels))
 
 
-def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,
+def embedding_widths(models) -> dict[str, int]:
+    """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
+    return {spec.embedding_key: enc.hidden_size for spec, enc in zip(models.family.text, models.text_encoders)}
+
+
+def with_embeddings(models, folder):
+    """The models with the embeddings of `folder` (sub-folders too) available to every prompt; files that do
+    not fit the model are said once on stderr when a prompt names them, and left out."""
+    import dataclasses
+
+    from . import console
+    from .embeddings import EmbeddingLibrary
+    from .tokenizer import get_tokenizer
+
+    library = EmbeddingLibrary(folder, embedding_widths(models), get_tokenizer().encode, console.info)
+    return dataclasses.replace(models, embeddings=library)
+
+
+def encode_scheduled(models, prompt: str, negative: str | None, steps: int, clip_skip: int = 1,
                      hires_steps: int | None = None, encoded: dict | None = None):
     """(cond, uncond) for a prompt and negative that may hold A1111 prompt editing: plain tensors when neither
     does, else ScheduledCond pairs with one entry per change. Each entry's cond and uncond are encoded (and
     padded to one chunk count) together, as encode_text does. `encoded` caches (text, negative) -> encoding,
-    so a text is encoded once, also across calls (the first pass and the hires pass of one job)."""
+    so a text is encoded once, also across calls (the first pass and the hires pass of one job). `negative`
+    None (cfg <= 1): no uncond is encoded and None comes back in its place."""
     encoded = {} if encoded is None else encoded
 
     def encode(key: tuple[str, str]):
@@ -121,13 +145,13 @@ def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: 
         return encoded[key]
 
     texts = prompt_schedule(prompt, steps, hires_steps)
-    negatives = prompt_schedule(negative, steps, hires_steps)
+    negatives = prompt_schedule(negative, steps, hires_steps) if negative is not None else [(texts[-1][0], None)]
     if len(texts) == 1 and len(negatives) == 1:
         return encode((texts[0][1], negatives[0][1]))
     ends = sorted({end for end, _ in texts} | {end for end, _ in negatives})
     entries = [(end, encode((_text_at(texts, end), _text_at(negatives, end)))) for end in ends]
-    return (ScheduledCond(tuple((end, c) for end, (c, _) in entries)),
-            ScheduledCond(tuple((end, u) for end, (_, u) in entries)))
+    uncond = ScheduledCond(tuple((end, u) for end, (_, u) in entries)) if negative is not None else None
+    return ScheduledCond(tuple((end, c) for end, (c, _) in entries)), uncond
 
 
 def _text_at(schedule: list[tuple[int, str]], step: int) -> str:
@@ -263,8 +287,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     unet = _UNetAdapter(models.unet, images=batch)
     denoiser = kind(unet, models.family.schedule.alphas_cumprod(), models.info.prediction)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device)
-    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device) if plan.cfg != 1 else None
-    guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device) if guided(plan.cfg) else None
+    model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     sigmas = plan.sigmas.to(x.device)
 
     def on_step(i, total, x_i, denoised):
@@ -275,7 +299,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
             callback(i, total, x_i, denoised)
 
     with torch.inference_mode():
-        return samplers.sample(plan.sampler, guided, x, sigmas, noise, callback=on_step)
+        return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
 
 
 class _UNetAdapter:
@@ -333,27 +357,38 @@ def scale_factor(models) -> float:
 
 def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
-    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws."""
+    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws. A TAESD encoder gives
+    scaled latents itself."""
+    from .vae_files import is_tiny, latent_scale
+
     vae = models.vae
     param = next(vae.parameters())
+    encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
     with torch.inference_mode():
-        mean = _per_image(lambda x: vae.encode(x)[0], image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
-    return mean.float() * scale_factor(models)
+        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
+    return latent.float() * latent_scale(vae, models.family)
 
 
 def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
-    """Scaled latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32; out of
-    memory is retried tiled. NumericalError when the image still is not finite: never a silent black image."""
+    """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
+    from .vae_files import latent_scale
+
+    return decode_with(models.vae, latents / latent_scale(models.vae, models.family))
+
+
+def decode_with(vae, z: torch.Tensor) -> DecodeResult:
+    """The VAE's own latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32;
+    out of memory is retried tiled. NumericalError when the image still is not finite: never a silent black
+    image."""
     fallbacks: list[str] = []
-    z = latents / scale_factor(models)
     try:
-        images = _vae_decode(models.vae, z)
+        images = _vae_decode(vae, z)
     except torch.OutOfMemoryError:
         fallbacks.append("vae-tiled")
-        images = _vae_decode_tiled(models.vae, z)
-    if not torch.isfinite(images).all() and next(models.vae.parameters()).dtype != torch.float32:
+        images = _vae_decode_tiled(vae, z)
+    if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
         fallbacks.append("vae-fp32-retry")
-        images = _vae_decode(_fp32_copy(models.vae), z)
+        images = _vae_decode(_fp32_copy(vae), z)
     if not torch.isfinite(images).all():
         raise NumericalError("the VAE decoder produced NaN/Inf even in fp32; nothing was saved")
     return DecodeResult(images.clamp(-1, 1), fallbacks)

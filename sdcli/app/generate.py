@@ -11,7 +11,7 @@ from .. import config as cfgmod
 from .. import console
 from ..errors import BadInputError, UnsupportedModelError, UsageError
 from ..jobs import Job, read_prompts_file, single_job
-from . import render
+from . import cluster, refine, render, resume
 
 
 @dataclass
@@ -31,6 +31,12 @@ class GenerateRequest:
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+    preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
+    grid: str | None = None  # --grid FILE: a contact sheet of the run's images
+    grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
+    grid_only: bool = False  # write the grid, not the single images
+    skip_existing: bool = False  # render only the outputs missing (or not this job's image)
+    workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -52,19 +58,27 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
-    render.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
+    refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
     if replay is not None:
-        from ..replay import check_refiner_given
+        from ..replay import check_embeddings, check_refiner_given
 
+        check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
-    targets = render.plan_targets(jobs, req.overwrite)
+    targets, outputs = render.plan_outputs(jobs, req)
+    render.plan_grid(req, targets, outputs)
+    targets = resume.skip_done(targets, outputs, req)
+    outputs.check()
+    if not targets:
+        return console.info("nothing to render: every image exists")
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
+    if base.ray:
+        return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
-    render.render_all(models, targets, init, cond, req, loras, render.load_refiner(base, models))
+    render.render_all(models, targets, init, cond, req, loras, refine.load_refiner(base, models))
 
 
 def _init_latent_file(path: Path, jobs: list[Job]):
@@ -130,6 +144,11 @@ def _dry_run(jobs: list[Job]) -> None:
     from ..prompts import describe_prompt
     from ..tokenizer import get_tokenizer
 
+    library = None
+    if jobs[0].cfg.embeddings_dir:  # no model: every file taken as it is, as inspect --prompt does
+        from ..embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(jobs[0].cfg.embeddings_dir, None, get_tokenizer().encode, console.info)
     for job in jobs:
         plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
         schedule = prompt_schedule(job.text, job.cfg.steps)
@@ -137,4 +156,5 @@ def _dry_run(jobs: list[Job]) -> None:
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in plan.sigmas],
                            "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
                            "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
-                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id)})
+                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id,
+                                                     library)})

@@ -16,9 +16,10 @@ from typing import Any
 
 from .. import console
 from ..config import RunConfig
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, ModelNotFoundError, UsageError
 from ..jobs import Job
 from . import save
+from .planning import OutputPlan
 from .progress import Progress
 
 
@@ -30,6 +31,7 @@ class Target:
     index: int  # position in the whole run, for {index}
     seed: int
     path: Path
+    latent_path: Path | None = None  # --latent-out's name for this image
 
 
 @dataclass
@@ -54,18 +56,6 @@ class Hires:
 
 
 @dataclass(frozen=True)
-class Refiner:
-    """SDXL's refiner taking over the sampling at the switch: its models, its part of the plan, its conditioning
-    (its own text encoder and size vector)."""
-
-    models: Any
-    plan: Any  # pipeline.SamplingPlan: the sigmas from the switch on
-    cond: Any
-    uncond: Any
-    steps_before: int  # steps the base model ran, for the progress count
-
-
-@dataclass(frozen=True)
 class Prepared:
     """What every batch of one job shares: the sampling plan, the conditioning, the size, the hires pass."""
 
@@ -74,38 +64,54 @@ class Prepared:
     uncond: Any
     size: tuple[int, int]  # (H, W) of the first pass
     hires: Hires | None
-    refiner: Refiner | None = None
+    refiner: Any = None  # refine.Refiner: SDXL's refiner taking over at the switch
 
 
 # --- before any work -----------------------------------------------------------------------------
 
-def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
-    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone."""
-    from ..outputs import STDOUT, expand_template
-
-    targets, seen, index = [], set(), 0
+def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
+    """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
+    the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
+    calls `plan.check()`, before the model loads."""
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    latent_out = getattr(req, "latent_out", None)
+    targets, index = [], 0
     for job in jobs:
         for k in range(job.cfg.n):
             seed = job.cfg.seed + k
-            path = Path(STDOUT) if job.cfg.output == STDOUT else expand_template(job.cfg.output, index, seed, job.prompt)
-            targets.append(Target(job, index, seed, path))
+            path = _name(job.cfg.output, index, seed, job.prompt)
+            if not getattr(req, "grid_only", False):  # --grid-only: the name is never written
+                plan.add("image", path)
+            latent = plan.add("latent", _name(latent_out, index, seed, job.prompt)) if latent_out else None
+            targets.append(Target(job, index, seed, path, latent))
             index += 1
-    for t in targets:
-        _check_target(t, len(targets), seen, overwrite)
-    return targets
+    if getattr(req, "preview", None):
+        plan.add("preview", req.preview)
+    return targets, plan
 
 
-def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
-    from ..outputs import STDOUT, check_target
-
-    if str(t.path) == STDOUT:
-        if total > 1:
-            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {total} images; use a template")
+def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
+    """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
+    and one image size for the whole run (a contact sheet's cells are all alike)."""
+    grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
+    if grid is None:
+        if grid_only:
+            raise UsageError("--grid-only needs --grid FILE")
         return
-    if t.path in seen:
-        raise UsageError(f"two images would be written to {t.path}: add {{index}} or {{seed}} to the -o template")
-    seen.add(t.path)
-    check_target(t.path, overwrite)
+    if req.grid_rows < -1:
+        raise UsageError(f"--grid-rows must be -1 (automatic), 0 (one row per batch) or a row count, got {req.grid_rows}")
+    if getattr(req, "skip_existing", False):
+        raise UsageError("--grid puts every image of the run on one sheet: it cannot be used with --skip-existing")
+    sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
+    if len(sizes) > 1:
+        raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
+    outputs.add("grid", grid)
+
+
+def _name(template: str, index: int, seed: int, prompt: str) -> Path:
+    from ..outputs import STDOUT, expand_template
+
+    return Path(STDOUT) if template == STDOUT else expand_template(template, index, seed, prompt)
 
 
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
@@ -161,40 +167,23 @@ def job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
 
 
 def load(cfg: RunConfig):
-    from .. import checkpoint, device
+    from .. import checkpoint, device, pipeline
 
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
-    return checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
 
 
-def load_refiner(cfg: RunConfig, models):
-    """The --refiner checkpoint, loaded once beside the base model, or None. Its latent space must be the base's:
-    it continues the base's latents. Its VAE (or --vae) decodes what it finished, as in A1111 (the refiner is then
-    the loaded model) and diffusers' ensemble."""
-    from .. import checkpoint
-
-    if not cfg.refiner:
-        return None
-    console.info(f"loading refiner {cfg.refiner}")
-    placement = models.placement
-    refiner = checkpoint.load_models(cfg.refiner, cfg.vae, placement.dtype, placement.device, None, placement)
-    if refiner.family.latent != models.family.latent or refiner.info.inpaint:
-        raise UsageError(f"--refiner {cfg.refiner} ({refiner.family.title}) cannot continue the latents of "
-                         f"{cfg.model} ({models.family.title}): another latent space or an inpainting model")
-    return refiner
-
-
-def check_refiner_use(cfg: RunConfig, txt2img: bool) -> None:
-    """The refiner continues a text-to-image first pass; other passes are refused before any load."""
-    if cfg.refiner and not txt2img:
-        raise UsageError("--refiner continues a text-to-image render: not with img2img, --latent-in or --cond")
-    if cfg.refiner and (cfg.hires_scale != 1.0 or cfg.seamless):
-        raise UsageError("--refiner with --hires-scale or --seamless is not supported yet: use one of them")
+def check_embeddings_dir(cfg: RunConfig) -> None:
+    """A named embeddings folder must exist: said before the (slow) model load."""
+    if cfg.embeddings_dir and not Path(cfg.embeddings_dir).expanduser().is_dir():
+        raise ModelNotFoundError(f"embeddings_dir {cfg.embeddings_dir}: no such folder")
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
@@ -218,7 +207,7 @@ def use_loras(state, specs: list) -> None:
 def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list],
                refiner=None) -> None:  # fmt: skip
     """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras); `refiner`:
-    load_refiner's models, or None."""
+    refine.load_refiner's models, or None."""
     from ..lora import LoraState
 
     started = time.perf_counter()
@@ -227,86 +216,57 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
         by_job.setdefault(id(t.job), []).append(t)
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
+    saved: list[save.Saved] = []
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        _render_job(models, group, init, cond, req, tuple(state.reports), refiner)
+        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner)
+    if getattr(req, "grid", None):
+        save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
 
 
 def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
-            refiner=None) -> Prepared:  # fmt: skip
-    """The job's plan, its Cond pair (the inpainting channels attached), its size, hires pass and refiner part."""
+            encoded: dict | None = None, refiner=None) -> Prepared:
+    """The job's plan, its Cond pair (the inpainting channels attached, the family's vector y built for each
+    pass's size), its size, hires pass and refiner part. `encoded` ((text, negative) -> encoding) lets jobs with
+    one clip_skip and one LoRA set share their text encodings."""
+    from .refine import refiner_part, sized
+
     from .. import pipeline
-    from ..conditioning import conditioning
+    from ..denoise import guided
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family)
     concat = init.concat if init is not None else None
+    negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
-        cond, uncond = _with_negative(models, cond_override, cfg)
+        cond, uncond = _with_negative(models, cond_override, cfg) if negative is not None else (cond_override, None)
     else:
-        encoded: dict = {}  # shared with the hires pass: a plain prompt is encoded once, not twice
-        cond, uncond = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip, None, encoded)
+        encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
+        cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
     if hires is not None and cond_override is None:
-        conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip,
+        conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
-        hires = dataclasses.replace(hires, conds=tuple(conditioning(c) for c in conds))
+        hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
     if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
         hires = dataclasses.replace(hires, conds=sized(models, cfg, hires.conds, hires.size))
     cond, uncond = sized(models, cfg, (cond, uncond), (height, width))
     refined = None
     if refiner is not None:
-        plan, refiner_plan = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
-        refined = _refiner_part(refiner, cfg, job, refiner_plan, (height, width), len(plan.sigmas) - 1)
-    return Prepared(plan, conditioning(cond, concat), conditioning(uncond, concat), (height, width), hires, refined)
+        plan, rest = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
+        refined = refiner_part(refiner, cfg, job, rest, negative, (height, width), len(plan.sigmas) - 1)
+    return Prepared(plan, _conditioning(cond, concat), _conditioning(uncond, concat), (height, width), hires,
+                    refined)
 
 
-def _refiner_part(models, cfg: RunConfig, job: Job, plan, size: tuple[int, int], steps_before: int):
-    """The refiner's plan and conditioning (its own encoders, its own vector y), or None without steps for it."""
-    from .. import pipeline
+def _conditioning(value, concat=None):
+    """conditioning.conditioning, keeping an absent uncond (no guidance) absent."""
     from ..conditioning import conditioning
 
-    if plan is None:
-        return None
-    conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip)
-    cond, uncond = (_after(c, steps_before) for c in sized(models, cfg, conds, size))
-    return Refiner(models, plan, conditioning(cond), conditioning(uncond), steps_before)
-
-
-def _after(value, steps: int):
-    """A prompt-editing schedule as seen by a sampler that starts `steps` evaluations in (the refiner counts its
-    evaluations from 0; the schedule counts them over the whole run, as A1111's continuing sampler does)."""
-    from ..prompt_schedule import ScheduledCond
-
-    if not isinstance(value, ScheduledCond):
-        return value
-    entries = tuple((end - steps, c) for end, c in value.entries if end - steps >= 0)
-    return ScheduledCond(entries or value.entries[-1:])
-
-
-def size_cond(cfg: RunConfig, size: tuple[int, int]):
-    """SDXL's size/crop conditioning for a pass rendering `size` (H, W): the configured sizes, else that size."""
-    from ..config import pair_of
-    from ..families.base import SizeCond
-
-    def pair(key: str, default: tuple[int, int]) -> tuple[int, int]:
-        value = getattr(cfg, key)
-        return default if value is None else pair_of(key, value)
-
-    return SizeCond(original=pair("original_size", size), crop=pair("crop_coords", (0, 0)),
-                    target=pair("target_size", size), aesthetic=cfg.aesthetic_score,
-                    negative_aesthetic=cfg.negative_aesthetic_score)
-
-
-def sized(models, cfg: RunConfig, conds: tuple, size: tuple[int, int]) -> tuple:
-    """(cond, uncond) with the family's vector y for a pass rendering `size` (unchanged for families without)."""
-    from .. import pipeline
-
-    at = size_cond(cfg, size)
-    return (pipeline.with_size_vector(models, conds[0], at), pipeline.with_size_vector(models, conds[1], at, True))
+    return None if value is None else conditioning(value, concat)
 
 
 def _with_negative(models, cond, cfg: RunConfig):
@@ -320,14 +280,16 @@ def _with_negative(models, cond, cfg: RunConfig):
 
 
 def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
-                refiner=None) -> None:  # fmt: skip
+                refiner=None) -> list:  # fmt: skip
     from .. import pipeline
 
     cfg = targets[0].job.cfg
-    p = prepare(models, cfg, targets[0].job, init, cond_override, refiner)
+    p = prepare(models, cfg, targets[0].job, init, cond_override, refiner=refiner)
+    saved = []
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
-            _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+            saved += _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+    return saved
 
 
 def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
@@ -347,7 +309,7 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
-                   callback=None, refiner: Refiner | None = None):
+                   callback=None, refiner=None):
     """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
     when asked. All draw from the same per-image generators, each part continuing their state, so image k of a
     batch still equals a single run with seed+k."""
@@ -366,14 +328,37 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
-def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> None:
+@dataclass(frozen=True)
+class Rendered:
+    """One finished image as its PNG file's bytes (metadata included), before anything is written: the local run
+    writes it at once, a Ray worker (app/cluster.py) sends it to the driver, which writes it the same way."""
+
+    target: Target
+    png: bytes
+    latent: Any  # the final latent of this image, for --latent-out
+    size: tuple[int, int]  # (H, W) of the output
+    timings: dict
+    fallbacks: list
+    picture: Any = None  # save.Saved (PIL image and metadata) for --grid; dropped before a worker sends it
+
+
+def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list:
+    rendered = render_batch(models, p, batch, init, req, loras)
+    for done in rendered:
+        save.save_rendered(models, done, req)
+    return [done.picture for done in rendered]
+
+
+def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list[Rendered]:
+    """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made."""
     from .. import pipeline
+    from .refine import decoder
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
     steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
     with Progress(seeds, steps if init is None else None, req.progress) as progress:
-        step = _with_preview(progress, req.preview, models)
+        step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
         if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
             latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step,
                                      refiner=p.refiner)
@@ -381,29 +366,58 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
             latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
                                        callback=step)
     t1 = time.perf_counter()
-    decoded = pipeline.decode_latents(decoder(models, p), latents)
+    decoded = pipeline.decode_latents(decoder(models, p.refiner), latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
-    for k, target in enumerate(batch):
-        save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                      timings, req, p.hires, loras, p.refiner)
+    out_size = p.hires.size if p.hires else p.size
+    pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
+                                 p.refiner) for k, t in enumerate(batch)]
+    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+            for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 
-def decoder(models, p: Prepared):
-    """The models whose VAE decodes a job's latents: the refiner's when it finished them (see load_refiner)."""
-    return p.refiner.models if p.refiner is not None else models
-
-
-def _with_preview(progress, preview: str | None, models):
+def _with_preview(progress, req, models, vae_dir: str | None):
     """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
     from ..preview import PreviewWriter
 
     latent = models.family.latent
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale) if preview else None
+    preview = req.preview
+    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
+        if preview else None
     callbacks = [c for c in (progress, writer) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]
+
+
+def preview_decoder(models, preview_vae: str | None, vae_dir: str | None):
+    """The TAESD the live preview decodes with: --preview-vae, else the family's taesd decoder in vae_dir, else the
+    render's own VAE when it is a TAESD; None for the cheap linear estimate. Loaded once per run."""
+    from .. import vae_files
+
+    path = preview_vae or vae_files.find_preview_decoder(vae_dir, models.family)
+    if path is None:
+        return models.vae if vae_files.is_tiny(models.vae) else None
+    param = next(models.unet.parameters())
+    key = (str(path), param.dtype, param.device, models.family.name)
+    if key not in _PREVIEW_DECODERS:
+        _PREVIEW_DECODERS.clear()  # one run, one preview decoder
+        _PREVIEW_DECODERS[key] = _load_preview_decoder(str(path), param.dtype, param.device, models.family)
+    return _PREVIEW_DECODERS[key]
+
+
+_PREVIEW_DECODERS: dict = {}
+
+
+def _load_preview_decoder(path: str, dtype, device, family):
+    from .. import vae_files
+
+    vae = vae_files.load_vae_file(path, dtype, device, family)
+    if not vae_files.is_tiny(vae):
+        raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
+    console.info(f"preview: decoded by {Path(path).name}")
+    return vae
 
 
 def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:

@@ -6,37 +6,82 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .. import __version__, console
 from ..config import RunConfig
 
 
-def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=(),
-             refiner=None) -> None:  # fmt: skip
-    """Image `target` of a batch: PNG (and latent when asked), then the report. `size` is the first pass's:
-    A1111 writes it as Size, and the config records the width/height asked for."""
+class Saved(NamedTuple):
+    """An image with its metadata, as saved (or, with --grid-only, as it would have been): for the grid."""
+
+    image: Any  # PIL image
+    seed: int
+    infotext: str
+    meta: dict
+
+
+def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=(), refiner=None) -> Saved:
+    """Image `target` of a batch with its metadata. `size` is the first pass's: A1111 writes it as Size, and the
+    config records the width/height asked for."""
     from .. import images
-    from ..outputs import save_png
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
     text = infotext(models, target, size, init, hires, loras, refiner)
-    path = save_png(images.tensor_to_pil(image), target.path, text, meta, overwrite=req.overwrite)
-    if getattr(req, "latent_out", None):
-        save_latent_out(models, req, target, latent, hires.size if hires else size)
+    return Saved(images.tensor_to_pil(image), target.seed, text, meta)
+
+
+def png_of(picture: Saved) -> bytes:
+    """The bytes of the image's PNG file, metadata included: the same wherever it is made (locally, on a worker)."""
+    from ..outputs import png_bytes
+
+    return png_bytes(picture.image, picture.infotext, picture.meta)
+
+
+def save_rendered(models, done, req) -> None:
+    """A rendered image (render.Rendered): its PNG written atomically (not with --grid-only: the image goes on the
+    grid only), its latent when asked, then the report."""
+    path = None if getattr(req, "grid_only", False) else write_png(done.target, done.png, req)
+    if done.target.latent_path is not None:
+        save_latent_out(models, req, done.target, done.latent, done.size)
+    if path is not None:
+        announce(req, done.target, path, done.timings, done.fallbacks)
+
+
+def save_grid(saved: list[Saved], req, batch_size: int) -> None:
+    """--grid FILE: a contact sheet of the run's images (grid.image_grid: A1111's rows and columns) carrying the
+    first image's infotext and metadata, plus every image's seed in order."""
+    from .. import grid
+    from ..outputs import save_png
+
+    sheet = grid.image_grid([s.image for s in saved], rows=req.grid_rows, batch_size=batch_size)
+    first = saved[0]
+    meta = {**first.meta, "grid_seeds": [s.seed for s in saved],
+            "grid_shape": dict(zip(("rows", "cols"), grid.grid_shape(len(saved), req.grid_rows, batch_size)))}
+    path = save_png(sheet, req.grid, first.infotext, meta, overwrite=req.overwrite)
+    report(req, {"path": str(path), "grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
+
+
+def write_png(target, png: bytes, req) -> Path:
+    from ..outputs import atomic_write_bytes
+
+    return atomic_write_bytes(target.path, png, overwrite=req.overwrite)
+
+
+def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -> None:
+    """The line (or --json object) that says an image was saved; `extra` adds fields (e.g. the Ray worker)."""
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
-                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
+                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks, **extra})
     elif str(path) != "-":
         console.info(f"saved {path} (seed {target.seed})")
 
 
 def save_latent_out(models, req, target, latent, size) -> None:
     from .. import latents
-    from ..outputs import expand_template
     from ..pipeline import scale_factor
 
-    path = expand_template(req.latent_out, target.index, target.seed, target.job.prompt)
-    latents.save_latent(path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
+    latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
@@ -49,6 +94,8 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
               "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
+    if models.vae_source is not None:  # as A1111 records a VAE chosen apart from the checkpoint
+        params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
     if init is not None:
@@ -60,6 +107,10 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
+    used = used_embeddings(models, target.job)
+    if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
+        params["extra"] = {**params.get("extra", {}),
+                           "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
     params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models)}
     if refiner is not None:  # A1111: "Refiner: NAME [shorthash], Refiner switch at: 0.8"
         short = (model_hash(refiner.models) or "")[:10]
@@ -69,12 +120,25 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
 
 
 def size_fields(cfg: RunConfig, models) -> dict:
-    """SDXL's size conditioning where it was asked for (A1111 has no fields for it: sdcli's own labels); the
-    refiner's aesthetic scores when not the defaults (A1111 keeps them in its settings, not the infotext)."""
+    """SDXL's size conditioning where it was asked for (A1111 has no fields for it: sdcli's own labels; the
+    refiner's aesthetic scores stay in sdcli's record, as A1111 keeps them in its settings)."""
     if models.family.size_values is None:
         return {}
     fields = {"Original size": cfg.original_size, "Target size": cfg.target_size, "Crop coords": cfg.crop_coords}
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def used_embeddings(models, job) -> list:
+    """The textual-inversion embeddings the job's prompt and negative place, at any step of any pass."""
+    from ..prompt_schedule import prompt_schedule
+
+    if models.embeddings is None:
+        return []
+    cfg = job.cfg
+    passes = [None] if cfg.hires_scale == 1.0 else [None, cfg.hires_steps or cfg.steps]
+    texts = {t: None for text in (job.text, cfg.negative) for hires in passes
+             for _, t in prompt_schedule(text, cfg.steps, hires)}
+    return models.embeddings.used_in(texts)
 
 
 def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refiner=None) -> dict:
@@ -89,7 +153,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae", "refiner"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    del recorded["output"], recorded["lora_dir"]
+    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray"):  # the user's folders, and where it ran
+        del recorded[key]
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),
@@ -99,10 +164,19 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    if models.vae_source is not None:
+        from ..vae_files import is_tiny
+
+        meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
+                       "kind": "taesd" if is_tiny(models.vae) else "full"}
     if init is not None and init.mask:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    used = used_embeddings(models, target.job)
+    if used:  # the file name (A1111's name is its stem) and the whole file's sha256
+        meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
+                              for e in used]
     if refiner is not None:
         meta["refiner"] = {"name": refiner.models.name, "sha256": model_hash(refiner.models),
                            "family": refiner.models.info.family, "switch_at": job_cfg.refiner_switch}
@@ -131,6 +205,13 @@ def model_hash(models) -> str | None:
 
     source = Path(models.source)
     return file_sha256(source) if source.is_file() else None
+
+
+def vae_hash(models) -> str | None:
+    from ..formats.hashing import file_sha256
+
+    source = models.vae_source
+    return file_sha256(source) if source is not None and source.is_file() else None
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
