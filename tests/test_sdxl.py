@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from test_pipeline_oracle import (FinalLatents, assert_latents_close, assert_pix
 from sdcli import checkpoint as ck
 from sdcli import pipeline as P
 from sdcli.app import render
-from sdcli.app.render import sized
+from sdcli.app import refine
+from sdcli.app.refine import sized
 from sdcli.cli import app
 from sdcli.config import RunConfig
 from sdcli.errors import UnsupportedModelError
@@ -436,7 +438,7 @@ def test_each_pass_conditions_on_its_own_size(xl):
     for conds, size in (((p.cond, p.uncond), 64), (p.hires.conds, 96)):
         for value in conds:
             for _, c in value.entries if isinstance(value, ScheduledCond) else [(None, value)]:
-                values = base_values(render.size_cond(cfg, (size, size)), False)
+                values = base_values(refine.size_cond(cfg, (size, size)), False)
                 assert values == (size, size, 4, 8, size, size)
                 torch.testing.assert_close(c.y, sdxl_vector(c.pooled, values, models.unet.config.adm_in_channels))
 
@@ -467,7 +469,7 @@ def test_seamless_and_preview_run_on_sdxl(tiny_sdxl, tmp_path):  # noqa: F811
     assert made.exit_code == 0, made.output
     assert (tmp_path / "p.png").is_file() and Image.open(tmp_path / "s.png").size == (64, 64)
     models = ck.load_models(tiny_sdxl, dtype=torch.float32)
-    writer = render._with_preview(None, str(tmp_path / "q.png"), models)
+    writer = render._with_preview(None, SimpleNamespace(preview=str(tmp_path / "q.png")), models, None)
     assert writer.rgb_factors == by_name("sdxl").latent.rgb_factors != by_name("sd1").latent.rgb_factors
 
 
@@ -475,7 +477,37 @@ def test_refiner_sees_prompt_editing_where_the_base_left_it():
     from sdcli.prompt_schedule import ScheduledCond
 
     schedule = ScheduledCond(((4, "a"), (9, "b")))
-    assert render._after(schedule, 3).entries == ((1, "a"), (6, "b"))  # evaluation 0 of the refiner is 3 of the run
-    assert render._after(schedule, 6).entries == ((3, "b"),)
-    assert render._after(schedule, 12).entries == ((9, "b"),)  # past every end: the last text stays
-    assert render._after("plain", 5) == "plain"
+    assert refine.after(schedule, 3).entries == ((1, "a"), (6, "b"))  # evaluation 0 of the refiner is 3 of the run
+    assert refine.after(schedule, 6).entries == ((3, "b"),)
+    assert refine.after(schedule, 12).entries == ((9, "b"),)  # past every end: the last text stays
+    assert refine.after("plain", 5) == "plain"
+
+
+# --- textual inversion ---------------------------------------------------------------------------
+
+def test_sdxl_embedding_reaches_both_encoders_as_diffusers(xl, tmp_path):
+    """An SDXL embedding file (clip_l and clip_g vectors) in a prompt: each encoder takes its own rows; the context
+    equals diffusers' after load_textual_inversion into text_encoder and text_encoder_2. (The pooled vector is
+    not compared: transformers takes it at argmax(ids), the embedding's added id; we take the first EOS, as
+    sd.cpp does and A1111's ids (the EOS is the largest of CLIP's own) imply.)"""
+    import copy
+
+    from _fixtures_embeddings import random_vectors, write_embedding
+
+    pipe, models = xl
+    vectors = {"clip_l": random_vectors(2, 64, 1), "clip_g": random_vectors(2, 128, 2)}
+    write_embedding(tmp_path / "emb" / "xlemb.safetensors", "sdxl", vectors)
+    ours = P.with_embeddings(models, tmp_path / "emb")
+    cond, _ = P.encode_text(ours, "a photo of xlemb, a cat", "blurry")
+    plain, _ = P.encode_text(models, "a photo of xlemb, a cat", "blurry")
+    ref = StableDiffusionXLPipeline(**{**pipe.components, **{k: copy.deepcopy(pipe.components[k]) for k in (
+        "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}})
+    ref.load_textual_inversion(vectors["clip_l"], token="xlemb", text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(vectors["clip_g"], token="xlemb", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    with torch.no_grad():
+        pe, _, _, _ = ref.encode_prompt("a photo of xlemb, a cat", device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond.context, pe, rtol=0, atol=1e-5)
+    assert not torch.allclose(cond.context[..., :64], plain.context[..., :64], atol=1e-3)  # CLIP-L half moved
+    assert not torch.allclose(cond.context[..., 64:], plain.context[..., 64:], atol=1e-3)  # bigG half moved
