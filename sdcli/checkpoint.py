@@ -43,14 +43,24 @@ class ModelInfo:
     prediction: str  # "eps" | "v"
     unet: UNetConfig
     vae: VAEConfig
-    text: TextConfig | None
+    texts: tuple[TextConfig, ...]  # one per text encoder the family declares (families/base.TextEncoderSpec)
     prediction_source: str = "family"  # override | metadata | scheduler_config | family | guess | probe
-    text_layout: str | None = "openai"  # "openai" (transformers names) | "openclip" (SD2 single file)
+    # per text encoder: (layout, where its weights sit): "openai" (transformers names) | "openclip" (SD2/SDXL files)
+    text_places: tuple[tuple[str, str], ...] = ()
     dtypes: dict = field(default_factory=dict)  # part -> {dtype: tensor count}
     params: dict = field(default_factory=dict)  # part -> parameter count (as stored)
     ignored_keys: int = 0  # entries skipped by IGNORED_KEYS (EMA, schedule buffers, ...)
     metadata: dict = field(default_factory=dict)  # the file's __metadata__
     consistency: bool = False  # consistency-distilled (LCM): the file says so in its metadata
+
+    @property
+    def text(self) -> TextConfig | None:
+        """The first text encoder's config (the only one before SDXL)."""
+        return self.texts[0] if self.texts else None
+
+    @property
+    def text_layout(self) -> str | None:
+        return self.text_places[0][0] if self.text_places else None
 
     @property
     def spec(self) -> Family:
@@ -93,6 +103,16 @@ def _is_consistency(meta: dict) -> bool:
     return arch.endswith("/lcm") or str(meta.get("sdcli.denoiser", "")).lower() == "lcm"
 
 
+def _check_text_places(shapes: dict, family: Family) -> None:
+    """Text-encoder weights where the family has none (SD-Turbo's sgm layout on an SD 2.x UNet, a mixed file):
+    refused by name rather than silently left out."""
+    roots = tuple({spec.prefix.rsplit(".", 2)[0] + "." for spec in family.text})
+    stray = sorted(k for k in shapes if part_of(k) == "text" and not k.startswith(roots) and not is_ignored(k))
+    if stray:
+        raise UnsupportedModelError(f"text-encoder weights where a {family.title} checkpoint has none ("
+                                    f"{listing(stray)}): a layout other than SD 1.x/2.x/SDXL as sdcli knows them")
+
+
 def _tally(header: dict) -> tuple[dict, dict, int]:
     """(dtypes per part, parameters per part, ignored entries) of a header."""
     dtypes: dict[str, Counter] = {}
@@ -119,14 +139,20 @@ def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> 
         header = open_source(path).header if path.is_dir() or is_pickle(path) else read_header(path)
     shapes = shapes_of(header)
     family = detect_family(shapes)
-    unet = infer_unet_config(shapes, family.unet_heads, family.name)
-    text, layout = infer_text_config(shapes, family.name, family.text[0].hidden_act)
+    _check_text_places(shapes, family)
+    unet = infer_unet_config(shapes, family.unet_heads)
+    found = [infer_text_config(shapes, family.name, spec) for spec in family.text]
+    texts = tuple(cfg for cfg, _, _ in found if cfg is not None)
+    if 0 < len(texts) < len(found):
+        missing = [spec.prefix for spec, (cfg, _, _) in zip(family.text, found) if cfg is None]
+        raise BadInputError(f"{family.title} needs {len(found)} text encoders; missing: {', '.join(missing)}*")
     pred, source = _prediction(family, unet.in_channels == family.inpaint_in_channels, header, prediction)
     dtypes, params, ignored = _tally(header)
     meta = dict(header.get("__metadata__") or {})
     return ModelInfo(
-        family=family.name, prediction=pred, unet=unet, vae=infer_vae_config(shapes), text=text,
-        prediction_source=source, text_layout=layout, dtypes=dtypes, params=params, ignored_keys=ignored,
+        family=family.name, prediction=pred, unet=unet, vae=infer_vae_config(shapes), texts=texts,
+        prediction_source=source, text_places=tuple((layout, p) for _, layout, p in found if layout),
+        dtypes=dtypes, params=params, ignored_keys=ignored,
         metadata=meta, consistency=_is_consistency(meta),
     )  # fmt: skip
 
@@ -138,7 +164,7 @@ class Models:
 
     unet: UNetModel
     vae: AutoencoderKL  # or models.taesd.TinyAutoencoder (--vae taesd_decoder...): see vae_files.latent_scale
-    text_encoder: TextEncoder
+    text_encoders: tuple[TextEncoder, ...]  # in the family's order (SDXL: CLIP-L, bigG)
     info: ModelInfo
     source: Path  # the checkpoint file or diffusers folder
     name: str  # for metadata: file stem or folder name
@@ -149,6 +175,11 @@ class Models:
     @property
     def family(self) -> Family:
         return self.info.spec
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The first text encoder (the only one before SDXL)."""
+        return self.text_encoders[0]
 
 
 def build_unet(source: WeightSource, cfg: UNetConfig, dtype: torch.dtype, device: torch.device) -> UNetModel:
@@ -165,15 +196,23 @@ def build_vae(source: WeightSource, cfg: VAEConfig, dtype: torch.dtype, device: 
     return load_part("VAE", module, source, plan, unplaced, dtype, device)
 
 
-def build_text(source: WeightSource, info: ModelInfo, dtype: torch.dtype, device: torch.device) -> TextEncoder:
-    if info.text is None:
-        raise BadInputError(f"{source.path}: no text encoder weights (cond_stage_model.*) in this checkpoint")
-    with torch.device("meta"):
-        module = TextEncoder(info.text)
-    plan, unplaced = text_plan(list(source.entries), info.text_layout or "openai", info.text.num_layers)
-    module = load_part("text encoder", module, source, plan, unplaced, dtype, device)
-    module.reset_buffers()
-    return module
+def build_texts(source: WeightSource, info: ModelInfo, dtype: torch.dtype,
+                device: torch.device) -> tuple[TextEncoder, ...]:  # fmt: skip
+    """Every text encoder the family declares, each strictly from its own place in the file."""
+    if not info.texts:
+        where = ", ".join(spec.prefix + "*" for spec in info.spec.text)
+        raise BadInputError(f"{source.path}: no text encoder weights ({where}) in this checkpoint")
+    out = []
+    for n, (cfg, (layout, prefix)) in enumerate(zip(info.texts, info.text_places)):
+        with torch.device("meta"):
+            module = TextEncoder(cfg)
+        src = prefix.removesuffix("text_model.")
+        plan, unplaced = text_plan(list(source.entries), layout, cfg.num_layers, src=src)
+        name = "text encoder" if len(info.texts) == 1 else f"text encoder {n + 1}"
+        module = load_part(name, module, source, plan, unplaced, dtype, device)
+        module.reset_buffers()
+        out.append(module)
+    return tuple(out)
 
 
 def _check_leftovers(source: WeightSource) -> None:
@@ -195,9 +234,9 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
             raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
-        text = build_text(source, info, dtype, device)
+        text = build_texts(source, info, dtype, device)
         vae_model = load_vae_file(vae, dtype, device, info.spec) if vae is not None else \
-            build_vae(source, info.vae, dtype, device)  # fmt: skip
+            build_vae(source, info.vae, vae_dtype(info.spec, dtype), device)  # fmt: skip
     finally:
         source.close()
     if info.prediction_source == "guess":  # the family's default was a guess: its probe settles it
@@ -205,6 +244,18 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     name = path.name if path.is_dir() else path.stem
     vae_path = Path(vae) if vae is not None else None
     return Models(unet, vae_model, text, info, path, name, vae_path, placement)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def vae_dtype(family: Family, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the checkpoint's own VAE runs in: the run's, except in fp16 for a family whose VAE overflows
+    there (SDXL's: diffusers' force_upcast); a --vae file (an fp16-fix) keeps the run's dtype. The NaN retry of
+    pipeline.decode_latents stays the last guard."""
+    if dtype == torch.float16 and family.vae_fp16_fallback is not None:
+        return _DTYPES[family.vae_fp16_fallback]
+    return dtype
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKL:

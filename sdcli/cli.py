@@ -213,6 +213,20 @@ GridRowsOpt = Annotated[
                       "(A1111's rules).")
 ]
 GridOnlyOpt = Annotated[bool, typer.Option("--grid-only", help="Write the --grid sheet only, not the single images.")]
+# SDXL's conditioning and refiner (config keys of the same names)
+OriginalSizeOpt = Annotated[Optional[str], typer.Option("--original-size", help="SDXL: the original size WxH it "
+                                                         "conditions on (default: the output size).")]
+TargetSizeOpt = Annotated[Optional[str], typer.Option("--target-size", help="SDXL: the target size WxH it "
+                                                     "conditions on (default: the output size).")]
+CropOpt = Annotated[Optional[str], typer.Option("--crop-coords", help="SDXL: crop TOP,LEFT it conditions on (0,0).")]
+AestheticOpt = Annotated[Optional[float], typer.Option("--aesthetic-score", help="SDXL refiner: the prompt's "
+                                                       "aesthetic score (6.0).")]
+NegAestheticOpt = Annotated[Optional[float], typer.Option("--negative-aesthetic-score", help="SDXL refiner: the "
+                                                          "negative prompt's aesthetic score (2.5).")]
+RefinerOpt = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner checkpoint: it takes over the "
+                                                   "sampling at --refiner-switch.")]
+RefinerSwitchOpt = Annotated[Optional[float], typer.Option("--refiner-switch", help="Fraction of the steps the "
+                                                           "base model runs before the refiner (0.8).")]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -314,6 +328,13 @@ def generate(
     grid: GridOpt = None,
     grid_rows: GridRowsOpt = -1,
     grid_only: GridOnlyOpt = False,
+    original_size: OriginalSizeOpt = None,
+    target_size: TargetSizeOpt = None,
+    crop_coords: CropOpt = None,
+    aesthetic_score: AestheticOpt = None,
+    negative_aesthetic_score: NegAestheticOpt = None,
+    refiner: RefinerOpt = None,
+    refiner_switch: RefinerSwitchOpt = None,
     lora: LoraOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -335,7 +356,10 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray)
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
+                   original_size=original_size, target_size=target_size, crop_coords=crop_coords,
+                   aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                   refiner=refiner, refiner_switch=refiner_switch)
     _stdout_needed(output, json_out or print_config or dry_run)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
@@ -380,6 +404,11 @@ def img2img(
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
+    original_size: OriginalSizeOpt = None,
+    target_size: TargetSizeOpt = None,
+    crop_coords: CropOpt = None,
+    aesthetic_score: AestheticOpt = None,
+    negative_aesthetic_score: NegAestheticOpt = None,
     lora: LoraOpt = None,
     grid: GridOpt = None,
     grid_rows: GridRowsOpt = -1,
@@ -402,7 +431,9 @@ def img2img(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir,
-                   prediction=prediction, dtype=dtype, device=device, ray=ray)
+                   prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
+                   target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
+                   negative_aesthetic_score=negative_aesthetic_score)
     _stdout_needed(output, json_out or print_config)
     if print_config:
         return _print_config(flags, config, json_out)
@@ -568,6 +599,7 @@ def verify(
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
+    refiner: RefinerOpt = None,
     report: Annotated[
         Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
                                     "re-render, a difference heat map, the numbers; failures first.")
@@ -588,7 +620,8 @@ def verify(
 
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
+                   refiner=refiner)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite)
 
 

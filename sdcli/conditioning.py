@@ -24,6 +24,9 @@ class Cond:
     y: Tensor | None = None  # (B, adm) vector for the UNet's label_emb (SDXL: pooled text + size/crop embeddings)
     concat: Tensor | None = None  # (B, C, h, w) channels after the latent's (inpainting: mask + masked-image latent)
     control: Any = None  # ControlNet residuals: a tensor or a tuple of tensors with a batch dimension
+    # (B, P) pooled text (SDXL's bigG), carried from the prompt encoding until the family's size vector turns it
+    # into `y` (pipeline.with_size_vector); never given to the UNet itself
+    pooled: Tensor | None = None
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Cond:
         """`fn` applied to every tensor held (tuples element-wise); absent fields stay None."""

@@ -56,6 +56,14 @@ class RunConfig:
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
     hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
     hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
+    # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
+    original_size: str | None = field(default=None, metadata=_range())
+    target_size: str | None = field(default=None, metadata=_range())
+    crop_coords: str | None = field(default=None, metadata=_range())
+    aesthetic_score: float = field(default=6.0, metadata=_range(0.0, 10.0))  # SDXL refiner: prompt's score
+    negative_aesthetic_score: float = field(default=2.5, metadata=_range(0.0, 10.0))  # ... and the negative's
+    refiner: str | None = field(default=None, metadata=_range())  # SDXL refiner checkpoint: ensemble of experts
+    refiner_switch: float = field(default=0.8, metadata=_range(0.0, 1.0))  # A1111 "Refiner switch at"
     dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
     device: str = field(default="auto", metadata=_range(choices=DEVICES))
     output: str = field(default="sdcli-{seed}.png", metadata=_range())
@@ -218,7 +226,22 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
         raise BadInputError(f"{where}: '{key}' must be between {lo} and {hi}, got {_show(value)}")
     if key in ("width", "height") and value % 8:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
+    if key in PAIRS:
+        pair_of(key, value, where)
     return value
+
+
+PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT")}
+
+
+def pair_of(key: str, value: str, where: str = "config") -> tuple[int, int]:
+    """Two non-negative integers from "WxH" (returned as (height, width), SDXL's order) or "TOP,LEFT"."""
+    sep, form = PAIRS[key]
+    parts = value.lower().replace(" ", "").split(sep)
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+        raise BadInputError(f"{where}: '{key}' must be {form} (two whole numbers), got {_show(value)}")
+    a, b = int(parts[0]), int(parts[1])
+    return (b, a) if sep == "x" else (a, b)
 
 
 def check_mapping(data: dict[str, Any], where: str, error: type[Exception] = BadInputError) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from . import console
 from .errors import BadInputError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
-         "conditioner.": "text_encoder"}
+         "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2"}
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
 
 
@@ -123,7 +123,7 @@ def _folder_summary(folder: Path) -> dict[str, Any]:
 
     dtypes: Counter = Counter()
     params: dict[str, int] = {}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         for file in sorted((folder / part).glob("*.safetensors")):
             for name, entry in read_header(file).items():
                 if name == "__metadata__":

@@ -1,4 +1,4 @@
-"""LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x weights before sampling: from --lora, or
+"""LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x/2.x/SDXL weights before sampling: from --lora, or
 from a prompt's ``<lora:NAME:WEIGHT>`` tag (NAME looked up under lora_dir). Each set of LoRAs is merged once;
 jobs that switch sets get the loaded weights back first (kept only when a run needs them).
 
@@ -124,9 +124,13 @@ def _targets(models) -> dict[str, nn.Module]:
             diffusers = rename(name + ".weight", to_diffusers)  # rename wants a key below the prefix
             if diffusers is not None:
                 out[UNET_KEY + diffusers.removesuffix(".weight").replace(".", "_")] = module
-    for name, module in models.text_encoder.transformer.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            out[TEXT_KEY + "text_model_" + name.replace(".", "_")] = module  # kohya names CLIPTextModel's
+    encoders = models.text_encoders
+    for n, encoder in enumerate(encoders):
+        # kohya: lora_te_ for the one text encoder; SDXL's lora_te1_ (CLIP-L) and lora_te2_ (bigG)
+        prefix = TEXT_KEY if len(encoders) == 1 else f"lora_te{n + 1}_"
+        for name, module in encoder.transformer.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                out[prefix + "text_model_" + name.replace(".", "_")] = module  # kohya names CLIPTextModel's
     return out
 
 
@@ -172,7 +176,8 @@ def apply_lora(models, spec: LoraSpec, originals: dict[nn.Module, Tensor] | None
     targets = _targets(models)
     matched = {base: targets[base] for base in groups if base in targets}
     if not matched:
-        raise BadInputError(f"{spec.path}: no key of this LoRA matches the model: is it for SDXL? "
+        raise BadInputError(f"{spec.path}: no key of this LoRA matches the model: is it for another family "
+                            f"(SD1/SD2/SDXL)? "
                             f"({len(groups)} modules, e.g. {next(iter(groups), 'none')})")  # fmt: skip
     for base, module in matched.items():
         w = module.weight

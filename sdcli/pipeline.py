@@ -14,16 +14,17 @@ fix's second pass keeps drawing from the same generators, continuing their state
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from . import cuda_graphs, samplers, schedule
-from .conditioning import conditioning, for_batch
+from .conditioning import Cond, conditioning, for_batch
 from .denoise import DENOISERS, CFGDenoiser, guided
 from .errors import NumericalError, OutOfMemoryError
 from .families import DEFAULT, Family
+from .families.base import SizeCond
 from .prompt_schedule import ScheduledCond, prompt_schedule
 
 
@@ -67,28 +68,53 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
 
 # --- text ----------------------------------------------------------------------------------------
 
-def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32. Textual-inversion
-    embeddings the texts trigger (models.embeddings) take the rows of this encoder's key. `negative` None (no
-    guidance, cfg <= 1): the prompt alone, unpadded, as diffusers encodes it then; uncond is None."""
-    from .prompts import encode_pair, encode_prompt
+def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
+    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32; for a family whose UNet
+    takes a pooled text vector, Conds carrying it (`pooled`, turned into y by with_size_vector). The shorter of
+    the two is extended by the empty prompt's encoding (prompts.pad_chunks); an empty negative is all zeros
+    where the family says so (SDXL: A1111's force_zero_negative_prompt). Textual-inversion embeddings the texts
+    trigger (models.embeddings) take the rows of each encoder's key. `negative` None (no guidance, cfg <= 1): the
+    prompt alone, unpadded, as diffusers encodes it then; uncond is None."""
+    from .prompts import CHUNK_LENGTH, encode_with, pad_chunks
     from .tokenizer import get_tokenizer
 
-    enc = models.text_encoder
-    spec = models.family.text[0]
+    family, tokenizer = models.family, get_tokenizer()
+
+    def encode(text: str):
+        return encode_with(text, models.text_encoders, family.text, tokenizer, clip_skip, models.embeddings)
+
+    def result(context, pooled):
+        return context.float() if pooled is None else Cond(context.float(), pooled=pooled.float())
+
     with torch.inference_mode():
+        cond, pooled = encode(prompt)
         if negative is None:
-            return encode_prompt(prompt, enc, get_tokenizer(), spec.pad_id, clip_skip, models.embeddings,
-                                 spec.embedding_key).float(), None
-        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), spec.pad_id, clip_skip,
-                                   models.embeddings, spec.embedding_key)
-    return cond.float(), uncond.float()
+            return result(cond, pooled), None
+        if negative == "" and family.zero_empty_negative:
+            uncond = torch.zeros_like(cond[:, : CHUNK_LENGTH + 2])  # (1, 77, D)
+            uncond_pooled = None if pooled is None else torch.zeros_like(pooled)
+        else:
+            uncond, uncond_pooled = encode(negative)
+        cond, uncond = pad_chunks(cond, uncond, lambda: encode("")[0])
+    return result(cond, pooled), result(uncond, uncond_pooled)
+
+
+def with_size_vector(models, value, size: SizeCond, negative: bool = False):
+    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings) built into a Cond
+    (or each entry of a prompt-editing schedule) that carries a pooled vector; anything else is returned as is."""
+    if isinstance(value, ScheduledCond):
+        return ScheduledCond(tuple((end, with_size_vector(models, c, size, negative)) for end, c in value.entries))
+    if not isinstance(value, Cond) or value.pooled is None:
+        return value
+    from .models.unet import sdxl_vector
+
+    values = models.family.size_values(size, negative)
+    return replace(value, y=sdxl_vector(value.pooled, values, models.unet.config.adm_in_channels))
 
 
 def embedding_widths(models) -> dict[str, int]:
     """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
-    return {spec.embedding_key: enc.hidden_size for spec, enc in zip(models.family.text, (models.text_encoder,))}
+    return {spec.embedding_key: enc.hidden_size for spec, enc in zip(models.family.text, models.text_encoders)}
 
 
 def with_embeddings(models, folder):
@@ -185,6 +211,29 @@ def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.T
         return x0.clone()
     x = x0 + first * sigmas[0]
     return _sample(models, plan, x, cond, uncond, noise, callback, extra)
+
+
+def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[SamplingPlan, SamplingPlan | None]:
+    """The base model's and the refiner's parts of one schedule (SDXL's ensemble of experts): the base keeps the
+    steps whose timestep t >= round(1000 * (1 - switch)), as diffusers' denoising_end and A1111's "Refiner switch
+    at" (completed_ratio = (999 - t) / 1000); the refiner runs the rest from the sigma the base stopped at (the
+    latent is handed over still noisy, not denoised). The base always takes the first step (A1111 checks the switch
+    after a step); the refiner's part is None when no step is left to it."""
+    steps = len(plan.sigmas) - 1
+    timesteps = schedule.sigma_to_t(plan.sigmas[:-1], family.schedule.sigmas())  # unrounded, as k-diffusion's
+    cutoff = int(round(family.schedule.steps * (1 - switch)))
+    keep = max(1, int((timesteps >= cutoff).sum()))
+    if keep >= steps:
+        return plan, None
+    return replace(plan, sigmas=plan.sigmas[: keep + 1]), replace(plan, sigmas=plan.sigmas[keep:])
+
+
+def continue_sampling(models, plan: SamplingPlan, latents: torch.Tensor, cond, uncond,
+                      gens: list[torch.Generator], callback: Callable | None = None) -> torch.Tensor:
+    """Run `plan` on scaled latents already at its first sigma (the refiner taking over from the base), drawing any
+    noise from the same per-image generators, which continue their state."""
+    noise = _noise_source(gens, tuple(latents.shape[1:]), models)
+    return _sample(models, plan, latents.to(_device_of(models.unet)), cond, uncond, noise, callback)
 
 
 def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -335,6 +335,14 @@ def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1
 
     `embeddings` (embeddings.EmbeddingLibrary, or None): textual-inversion embeddings the prompt may trigger;
     their rows for encoder `key` ("clip_l", "clip_g", "clip_h") replace the placeholder ids' token embeddings."""
+    def run(ids, fixes):
+        return encoder(ids, clip_skip, fixes) if fixes else encoder(ids, clip_skip)  # (n, 77, D)
+
+    return _encode_chunks(text, encoder, tokenizer, pad_id, embeddings, key, run)
+
+
+def _encode_chunks(text: str, encoder, tokenizer, pad_id: int, embeddings, key: str, run):
+    """The prompt's 77-token windows through `run(ids (n, 77), fixes) -> (n, 77, D)`, weighted, concatenated."""
     import torch
 
     chunks = chunk_prompt(text, tokenizer, pad_id, embeddings.units if embeddings is not None else None)
@@ -343,9 +351,35 @@ def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1
     weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)  # (n, 77)
     fixes = [(k, offset + 1, embeddings.rows(name, key))  # +1: the window starts with bos
              for k, c in enumerate(chunks) for offset, name in c.fixes]
-    z = encoder(ids, clip_skip, fixes) if fixes else encoder(ids, clip_skip)  # (n, 77, D)
+    z = run(ids, fixes)  # (n, 77, D)
     z = _apply_weights(z, weights)
     return z.reshape(1, -1, z.shape[-1])  # (1, 77 * n, D)
+
+
+def encode_with(text: str, encoders, specs, tokenizer, clip_skip: int = 1, embeddings=None):
+    """(context (1, 77 * n, sum of widths), pooled (1, P) or None) of a prompt for a family's text encoders
+    (`specs`: families/base.TextEncoderSpec, one per encoder). As A1111 does for SDXL, each encoder chunks the
+    prompt itself (the same tokens, its own pad id), is weighted on its own (EmphasisOriginal per encoder), and
+    the chunks' contexts are concatenated along the channels; the pooled vector is the first chunk's, unweighted.
+    A single-encoder family encodes with encode_prompt. `embeddings`: as for encode_prompt, each encoder taking
+    the rows of its own key (SDXL: clip_l, clip_g)."""
+    import torch
+
+    contexts, pooled = [], None
+    for encoder, spec in zip(encoders, specs, strict=True):
+        if spec.hidden_layer != "penultimate-raw":
+            contexts.append(encode_prompt(text, encoder, tokenizer, spec.pad_id, clip_skip, embeddings,
+                                          spec.embedding_key))
+            continue
+
+        def run(ids, fixes, encoder=encoder, spec=spec):  # SDXL: penultimate state, no final norm; no clip skip
+            nonlocal pooled
+            z, chunk_pooled = encoder.encode_xl(ids, -2, fixes or None)  # (n, 77, D), (n, P) or None
+            pooled = chunk_pooled[:1] if spec.pooled else pooled
+            return z
+
+        contexts.append(_encode_chunks(text, encoder, tokenizer, spec.pad_id, embeddings, spec.embedding_key, run))
+    return (contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)), pooled
 
 
 def encode_pair(prompt: str, negative: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1, embeddings=None,

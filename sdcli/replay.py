@@ -16,7 +16,9 @@ from .errors import BadInputError, ModelNotFoundError
 from .prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
-               "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps")
+               "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
+               "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
+               "refiner_switch")
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
@@ -32,6 +34,7 @@ class Replay:
     recorded: dict[str, Any] = field(default_factory=dict)  # sdcli's whole JSON metadata, when there is one
     path: str = ""  # the image, for messages
     embeddings: dict[str, str] = field(default_factory=dict)  # textual-inversion name -> recorded hash
+    refiner: str | None = None  # the SDXL refiner it was made with (a file of the user's, like the model)
 
 
 def from_image(path: str | Path) -> Replay:
@@ -45,9 +48,14 @@ def from_image(path: str | Path) -> Replay:
         ours = _checked_record(meta["sdcli"], f"{path} (sdcli metadata)")
         values = {k: v for k, v in ours.get("config", {}).items() if k in RENDER_KEYS}
         prompt, mode = ours.get("prompt", ""), ours.get("mode", "txt2img")
+        refiner = (ours.get("refiner") or {}).get("name")
     else:
         params = meta["parameters"]
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
+        extra = params.get("extra") or {}
+        refiner = extra.get("Refiner")
+        if extra.get("Refiner switch at") is not None:
+            values["refiner_switch"] = _number(extra["Refiner switch at"])
         prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
         ours = {}
         if meta["source"] == "a1111":
@@ -64,7 +72,23 @@ def from_image(path: str | Path) -> Replay:
     check_prompt(prompt, where, steps)
     check_prompt(values.get("negative") if isinstance(values.get("negative"), str) else "", where, steps, tags=False)
     return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
-                  embeddings=_embeddings(ours, meta["parameters"]))
+                  embeddings=_embeddings(ours, meta["parameters"]),
+                  refiner=refiner if isinstance(refiner, str) else None)
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # refused by check_mapping, naming the image and the key
+
+
+def check_refiner_given(replay: Replay, image, refiner: str | None) -> None:
+    """An image made with a refiner replays only with one given again (--refiner), as its model is."""
+    from .errors import UsageError
+
+    if replay.refiner and not refiner:
+        raise UsageError(f"{image} was made with the refiner {replay.refiner}: give it again with --refiner FILE")
 
 
 _MODES = ("txt2img", "img2img", "inpaint", "decode")
@@ -83,6 +107,8 @@ def _checked_record(ours: dict, where: str) -> dict:
     loras = ours.get("loras")
     need("loras", isinstance(loras, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                    for e in loras), "a list of objects with a 'name'")
+    refiner = ours.get("refiner")
+    need("refiner", isinstance(refiner, dict) and isinstance(refiner.get("name"), str), "an object with a 'name'")
     model = ours.get("model")
     need("model", isinstance(model, dict) and isinstance(model.get("sha256", ""), (str, type(None))),
          "an object with a text 'sha256'")

@@ -124,17 +124,6 @@ def test_detect_tiny_files(tiny_sd1, tiny_sd2, tiny_sd1_diffusers):
     assert ck.detect(tiny_sd2, prediction="eps").prediction == "eps"
 
 
-def test_detect_sdxl_is_unsupported():
-    shapes = dict(read_tsv(SD15_TSV))
-    shapes["conditioner.embedders.1.model.ln_final.weight"] = (1280,)
-    with pytest.raises(UnsupportedModelError, match="SDXL"):
-        ck.detect(header_of(shapes))
-    shapes = {k: v for k, v in read_tsv(SD15_TSV).items()}
-    shapes["model.diffusion_model.label_emb.0.0.weight"] = (1280, 2816)
-    with pytest.raises(UnsupportedModelError):
-        ck.detect(header_of(shapes))
-
-
 def test_detect_inpaint_and_prediction_hints():
     shapes = read_tsv(SD21_TSV)
     shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)

@@ -199,7 +199,7 @@ def test_lora_matching_nothing_is_exit_3(cli, tiny_sd1, tmp_path):  # noqa: F811
     result = cli("a fox", "--lora", str(bad), "-o", "x.png", expect=3)
     assert "xl.safetensors" in result.stderr and "no key of this LoRA matches the model" in result.stderr
     assert not (tmp_path / "x.png").exists()
-    with pytest.raises(BadInputError, match="is it for SDXL"):
+    with pytest.raises(BadInputError, match="is it for another family"):
         apply_lora(load_models(tiny_sd1), parse_spec(str(bad)))
 
 

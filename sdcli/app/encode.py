@@ -60,6 +60,9 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
                                     "embedding file holds one conditioning: give the prompt to generate")
     specs = render.lora_specs([], job)  # a <lora:...> tag changes the text encoder's weights
     models = render.load(cfg)
+    if models.family.size_values is not None:
+        raise UnsupportedModelError(f"{models.family.title}: an embedding file holds one context, not the pooled "
+                                    "text vector this model also needs: give the prompt to generate")
     render.use_loras(LoraState(models), specs)
     cond, _ = pipeline.encode_text(models, job.text, "", cfg.clip_skip)
     path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from .. import config as cfgmod
 from .. import console
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, UnsupportedModelError, UsageError
 from ..jobs import Job, read_prompts_file, single_job
-from . import cluster, render, resume
+from . import cluster, refine, render, resume
 
 
 @dataclass
@@ -58,10 +58,12 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
+    refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
     if replay is not None:
-        from ..replay import check_embeddings
+        from ..replay import check_embeddings, check_refiner_given
 
         check_embeddings(req.from_image, replay, base.embeddings_dir)
+        check_refiner_given(replay, req.from_image, base.refiner)
     targets, outputs = render.plan_outputs(jobs, req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)
@@ -76,7 +78,7 @@ def run_generate(req: GenerateRequest) -> None:
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
-    render.render_all(models, targets, init, cond, req, loras)
+    render.render_all(models, targets, init, cond, req, loras, refine.load_refiner(base, models))
 
 
 def _init_latent_file(path: Path, jobs: list[Job]):
@@ -124,6 +126,9 @@ def _load_cond(path: Path, models):
     from .. import latents
 
     emb = latents.load_embedding(path)
+    if models.family.size_values is not None:
+        raise UnsupportedModelError(f"--cond: {models.family.title} also needs the pooled text vector, which an "
+                                    "embedding file does not hold: give the prompt instead")
     width = models.text_encoder.hidden_size
     if emb.cond.shape[-1] != width:
         raise BadInputError(f"{path}: embedding width {emb.cond.shape[-1]} does not fit this model's text width {width}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import config as cfgmod
 from .. import console
 from ..jobs import single_job
-from . import cluster, render, resume
+from . import cluster, refine, render, resume
 
 
 @dataclass
@@ -41,6 +41,7 @@ def run_img2img(req: Img2ImgRequest) -> None:
     if req.mask and cfgmod.origin("strength", req.flags, req.config_file) == "default":
         base = dataclasses.replace(base, strength=1.0)  # inpainting repaints from pure noise unless told otherwise
     job = single_job(req.prompt, base)
+    refine.check_refiner_use(base, txt2img=False)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     img, notes = images.load_image(req.image)
     for note in notes:

@@ -64,6 +64,7 @@ class Prepared:
     uncond: Any
     size: tuple[int, int]  # (H, W) of the first pass
     hires: Hires | None
+    refiner: Any = None  # refine.Refiner: SDXL's refiner taking over at the switch
 
 
 # --- before any work -----------------------------------------------------------------------------
@@ -203,8 +204,10 @@ def use_loras(state, specs: list) -> None:
 
 # --- rendering -----------------------------------------------------------------------------------
 
-def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list]) -> None:
-    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras)."""
+def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list],
+               refiner=None) -> None:  # fmt: skip
+    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras); `refiner`:
+    refine.load_refiner's models, or None."""
     from ..lora import LoraState
 
     started = time.perf_counter()
@@ -216,7 +219,7 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     saved: list[save.Saved] = []
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports))
+        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
@@ -224,9 +227,12 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
 
 
 def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
-            encoded: dict | None = None) -> Prepared:
-    """The job's plan, its Cond pair (the inpainting channels attached), its size and hires pass. `encoded`
-    ((text, negative) -> encoding) lets jobs with one clip_skip and one LoRA set share their text encodings."""
+            encoded: dict | None = None, refiner=None) -> Prepared:
+    """The job's plan, its Cond pair (the inpainting channels attached, the family's vector y built for each
+    pass's size), its size, hires pass and refiner part. `encoded` ((text, negative) -> encoding) lets jobs with
+    one clip_skip and one LoRA set share their text encodings."""
+    from .refine import refiner_part, sized
+
     from .. import pipeline
     from ..denoise import guided
 
@@ -245,7 +251,15 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
         conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
-    return Prepared(plan, _conditioning(cond, concat), _conditioning(uncond, concat), (height, width), hires)
+    if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
+        hires = dataclasses.replace(hires, conds=sized(models, cfg, hires.conds, hires.size))
+    cond, uncond = sized(models, cfg, (cond, uncond), (height, width))
+    refined = None
+    if refiner is not None:
+        plan, rest = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
+        refined = refiner_part(refiner, cfg, job, rest, negative, (height, width), len(plan.sigmas) - 1)
+    return Prepared(plan, _conditioning(cond, concat), _conditioning(uncond, concat), (height, width), hires,
+                    refined)
 
 
 def _conditioning(value, concat=None):
@@ -265,11 +279,12 @@ def _with_negative(models, cond, cfg: RunConfig):
     return pad_chunks(cond.to(uncond), uncond, lambda: pipeline.encode_text(models, "", "", cfg.clip_skip)[0])
 
 
-def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple) -> list:
+def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
+                refiner=None) -> list:  # fmt: skip
     from .. import pipeline
 
     cfg = targets[0].job.cfg
-    p = prepare(models, cfg, targets[0].job, init, cond_override)
+    p = prepare(models, cfg, targets[0].job, init, cond_override, refiner=refiner)
     saved = []
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
@@ -294,13 +309,19 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
-                   callback=None):
-    """Pass 1 at `size` (H, W), then the hires fix's pass 2 when asked. Both draw from the same per-image
-    generators, pass 2 continuing their state, so image k of a batch still equals a single run with seed+k."""
+                   callback=None, refiner=None):
+    """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
+    when asked. All draw from the same per-image generators, each part continuing their state, so image k of a
+    batch still equals a single run with seed+k."""
     from .. import pipeline
 
     gens = pipeline.generators(seeds)
     latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback)
+    if refiner is not None:
+        offset = refiner.steps_before
+        step = None if callback is None else (lambda i, total, *rest: callback(i + offset, total + offset, *rest))
+        latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond, refiner.uncond,
+                                             gens, step)
     if hires is None:
         return latents
     cond, uncond = hires.conds or (cond, uncond)
@@ -331,23 +352,26 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
 def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list[Rendered]:
     """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made."""
     from .. import pipeline
+    from .refine import decoder
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
-    with Progress(seeds, len(p.plan.sigmas) - 1 if init is None else None, req.progress) as progress:
+    steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
+    with Progress(seeds, steps if init is None else None, req.progress) as progress:
         step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
         if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
-            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step)
+            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step,
+                                     refiner=p.refiner)
         else:
             latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
                                        callback=step)
     t1 = time.perf_counter()
-    decoded = pipeline.decode_latents(models, latents)
+    decoded = pipeline.decode_latents(decoder(models, p.refiner), latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
     out_size = p.hires.size if p.hires else p.size
-    pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras)
-                for k, t in enumerate(batch)]
+    pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
+                                 p.refiner) for k, t in enumerate(batch)]
     return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
 

@@ -21,13 +21,13 @@ class Saved(NamedTuple):
     meta: dict
 
 
-def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=()) -> Saved:
+def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=(), refiner=None) -> Saved:
     """Image `target` of a batch with its metadata. `size` is the first pass's: A1111 writes it as Size, and the
     config records the width/height asked for."""
     from .. import images
 
-    meta = metadata(models, target, size, fallbacks, init, hires, loras)
-    text = infotext(models, target, size, init, hires, loras)
+    meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
+    text = infotext(models, target, size, init, hires, loras, refiner)
     return Saved(images.tensor_to_pil(image), target.seed, text, meta)
 
 
@@ -85,7 +85,7 @@ def save_latent_out(models, req, target, latent, size) -> None:
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
-def infotext(models, target, size, init, hires=None, loras=()) -> str:
+def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> str:
     from ..metadata import format_infotext
 
     cfg = target.job.cfg
@@ -111,7 +111,21 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
     if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
         params["extra"] = {**params.get("extra", {}),
                            "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
+    params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models)}
+    if refiner is not None:  # A1111: "Refiner: NAME [shorthash], Refiner switch at: 0.8"
+        short = (model_hash(refiner.models) or "")[:10]
+        params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
+                           "Refiner switch at": cfg.refiner_switch}
     return format_infotext(params)
+
+
+def size_fields(cfg: RunConfig, models) -> dict:
+    """SDXL's size conditioning where it was asked for (A1111 has no fields for it: sdcli's own labels; the
+    refiner's aesthetic scores stay in sdcli's record, as A1111 keeps them in its settings)."""
+    if models.family.size_values is None:
+        return {}
+    fields = {"Original size": cfg.original_size, "Target size": cfg.target_size, "Crop coords": cfg.crop_coords}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def used_embeddings(models, job) -> list:
@@ -127,7 +141,7 @@ def used_embeddings(models, job) -> list:
     return models.embeddings.used_in(texts)
 
 
-def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dict:
+def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refiner=None) -> dict:
     import torch
 
     job_cfg = target.job.cfg
@@ -137,7 +151,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
                               device=models.placement.device, dtype=models.placement.dtype_name)
     recorded = cfg.to_dict()
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
-    for key in ("model", "vae"):
+    for key in ("model", "vae", "refiner"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray"):  # the user's folders, and where it ran
         del recorded[key]
@@ -163,6 +177,9 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     if used:  # the file name (A1111's name is its stem) and the whole file's sha256
         meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
                               for e in used]
+    if refiner is not None:
+        meta["refiner"] = {"name": refiner.models.name, "sha256": model_hash(refiner.models),
+                           "family": refiner.models.info.family, "switch_at": job_cfg.refiner_switch}
     if loras:
         meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
                           "modules": r.total} for r in loras]

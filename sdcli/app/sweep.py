@@ -60,6 +60,8 @@ def run_sweep(req: SweepRequest) -> None:
     x, y, z = (_axis(spec, option) if spec else None for spec, option in ((req.x, "--x"), (req.y, "--y"),
                                                                           (req.z, "--z")))
     base = with_seed(cfgmod.resolve(req.flags, req.config_file))
+    if base.refiner:
+        raise UsageError("a refiner (config key 'refiner') is not supported by sweep yet")
     render.check_samplers([single_job(req.prompt, base)], base,
                           lambda key: cfgmod.origin(key, req.flags, req.config_file))
     cells = sweep_axes.expand(req.prompt, base.negative, x, y, z)

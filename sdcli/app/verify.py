@@ -11,7 +11,7 @@ from .. import console
 from ..errors import UsageError, VerificationError
 from ..jobs import Job, single_job
 from ..replay import RENDER_KEYS
-from . import render
+from . import refine, render
 from .save import model_hash
 
 
@@ -54,7 +54,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
 
 
 def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str]) -> Check:
-    from ..replay import check_embeddings, from_image
+    from ..replay import check_embeddings, check_refiner_given, from_image
 
     replay = from_image(image)
     if replay.source != "sdcli" or replay.mode != "txt2img":
@@ -72,6 +72,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str])
         raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
+    check_refiner_given(replay, image, cfg.refiner)
     return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"))
 
 
@@ -85,14 +86,15 @@ def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
     switching = len({tuple((s.path.resolve(), s.weight) for s in c.loras) for c in checks}) > 1
     for c in checks:
         cfg = c.job.cfg
-        wanted = (cfg.model, cfg.vae, cfg.dtype, cfg.device, cfg.prediction)
+        wanted = (cfg.model, cfg.vae, cfg.dtype, cfg.device, cfg.prediction, cfg.refiner)
         if wanted != key:
-            loaded = None  # let the previous model go before the next one loads
+            loaded = refiner = None  # let the previous models go before the next ones load
             loaded, key = render.load(cfg), wanted
+            refiner = refine.load_refiner(cfg, loaded)
             render.check_inpaint_model(loaded, cfg, None)
             state = LoraState(loaded, keep_originals=switching)
         render.use_loras(state, c.loras)
-        stored, again = _rerender(loaded, c)
+        stored, again = _rerender(loaded, c, refiner)
         result = compare_images(stored, again)
         result.update(path=str(c.image), min_psnr=min_psnr, passed=result["psnr"] >= min_psnr,
                       same_model=None if c.recorded_hash is None else c.recorded_hash == model_hash(loaded))
@@ -101,15 +103,17 @@ def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
     return entries
 
 
-def _rerender(models, c: Check):
+def _rerender(models, c: Check, refiner=None):
     """(the stored image, its re-render), as PIL images."""
     from .. import images, pipeline
 
     cfg = c.job.cfg
-    p = render.prepare(models, cfg, c.job)
+    p = render.prepare(models, cfg, c.job, refiner=refiner)
     with pipeline.seamless(models, cfg.seamless):
-        latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires)
-        again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
+        latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires,
+                                        refiner=p.refiner)
+        decoded = pipeline.decode_latents(refine.decoder(models, p.refiner), latents)
+        again = images.tensor_to_pil(decoded.images[0])
     return images.load_image(c.image)[0], again
 
 

@@ -30,14 +30,35 @@ SD_LATENT_RGB = (
 class TextEncoderSpec:
     """One text encoder of a family."""
 
-    prefix: str  # where its weights sit in an LDM single file
+    prefix: str  # where its weights sit in an LDM single file (OpenCLIP names under ``.model.``)
     pad_id: int  # the id that fills a 77-token window after the end token
     hidden_act: str  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP)
-    hidden_layer: str = "last"  # "penultimate": the file's last layer is dropped at load (SD2's conditioning)
+    # "last": the last layer, final norm (clip skip counts back from it); "penultimate": the file's last layer is
+    # dropped at load (SD2's conditioning); "penultimate-raw": every layer kept, the penultimate hidden state taken
+    # WITHOUT the final norm (SDXL: sgm's layer="penultimate"/"hidden", and the pooled output needs the last layer)
+    hidden_layer: str = "last"
     pooled: bool = False  # whether the UNet needs its pooled output (SDXL's vector y)
     # Which vectors of a textual-inversion file it takes: "clip_l" (OpenAI ViT-L), "clip_g" (OpenCLIP bigG) are
     # the keys of SDXL embedding files; a single-tensor file fits any one-encoder model of its width.
     embedding_key: str = "clip_l"
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """Where to look for its weights: the single file's prefix, and the same place in transformers names
+        (a diffusers folder's text encoders are mapped to ``...transformer.``: formats/diffusers.py)."""
+        return tuple(dict.fromkeys((self.prefix, self.prefix.replace(".model.", ".transformer."))))
+
+
+@dataclass(frozen=True)
+class SizeCond:
+    """SDXL's size and crop conditioning (sgm's original_size_as_tuple, crop_coords_top_left, target_size_as_tuple,
+    aesthetic_score): what the run asked for, in (height, width) and (top, left) order."""
+
+    original: tuple[int, int]
+    crop: tuple[int, int] = (0, 0)
+    target: tuple[int, int] | None = None  # None: the original size
+    aesthetic: float = 6.0  # the refiner's, for the prompt ...
+    negative_aesthetic: float = 2.5  # ... and for the negative prompt
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,13 @@ class Family:
     native_sizes: dict = field(default_factory=lambda: {"eps": 512, "v": 512})  # by prediction
     diffusers_components: tuple[str, ...] = ("unet", "vae", "text_encoder")
     supported: bool = True  # False: recognised, then refused with exit 8 naming the family
+    # SDXL: the numbers the vector y embeds besides the pooled text, (SizeCond, negative) -> values; None: no y
+    size_values: Callable[[SizeCond, bool], tuple[float, ...]] | None = None
+    # An empty negative prompt conditions on zeros (context and pooled), not on the encoded "" (A1111's
+    # force_zero_negative_prompt, diffusers' force_zeros_for_empty_prompt)
+    zero_empty_negative: bool = False
+    # The VAE overflows in fp16 (SDXL's): on a GPU in fp16 it runs in this dtype instead, unless --vae is given
+    vae_fp16_fallback: str | None = None
 
     @property
     def inpaint_in_channels(self) -> int:

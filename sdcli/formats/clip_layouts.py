@@ -23,17 +23,34 @@ OPENCLIP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", (r"encoder.layers.\1.mlp.fc2.\2",)),
     (r"ln_final\.(weight|bias)", (r"final_layer_norm.\1",)),
 )
+TRANSPOSED = "T"  # plan marker: the stored tensor is the transpose of the module's (OpenCLIP text_projection)
 
 
-def text_plan(keys: list[str], layout: str, layers: int, module_prefix: str = "transformer.") -> tuple[Plan, list[str]]:
-    """Plan for the text encoder and the file keys it could not place (reported as unexpected)."""
+def _projection(name: str, layout: str):
+    """The pooled output's projection, at the module's root: OpenCLIP stores P (width, proj) used as x @ P, so the
+    Linear weight is its transpose (square in the real bigG: a missed transpose gives no shape error)."""
+    if layout == "openclip" and name == "text_projection":
+        return "text_projection.weight", TRANSPOSED
+    if layout == "openai" and name == "text_projection.weight":
+        return name, None
+    return None
+
+
+def text_plan(keys: list[str], layout: str, layers: int, module_prefix: str = "transformer.",
+              src: str | None = None) -> tuple[Plan, list[str]]:  # fmt: skip
+    """Plan for the text encoder whose weights sit under `src` (default: SD1/SD2's place) and the keys under the
+    same embedder (``cond_stage_model.``, ``conditioner.embedders.N.``) it could not place (unexpected)."""
     plan: Plan = {}
     unplaced = []
-    src = OPENCLIP_TEXT if layout == "openclip" else OPENAI_TEXT
+    src = src or (OPENCLIP_TEXT if layout == "openclip" else OPENAI_TEXT)
+    root = src.rsplit(".", 2)[0] + "." if src.count(".") >= 2 else TEXT_PREFIX
     for k in keys:
-        if not k.startswith(TEXT_PREFIX) or is_ignored(k):
+        if not k.startswith(root) or is_ignored(k):
             continue
         name = k[len(src):] if k.startswith(src) else None
+        if name is not None and (projection := _projection(name, layout)) is not None:
+            plan[projection[0]] = (k, projection[1])
+            continue
         if name is not None and layout == "openai":
             plan[module_prefix + name.removeprefix("text_model.")] = (k, None)
             continue

@@ -29,6 +29,7 @@ VAE_ATTN_RENAMES = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v
 UNET_TOP_RENAMES = (
     ("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
     ("time_embedding.linear_2", "time_embed.2"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
+    ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"),  # SDXL's vector y
 )  # fmt: skip
 
 
@@ -117,11 +118,18 @@ def is_vae_attn_matrix(ldm_key: str) -> bool:
 
 
 def _text_rename(key: str) -> str:
-    """transformers names, with or without the `text_model.` level."""
-    return "text_model." + key.removeprefix("text_model.")
+    """transformers names, with or without the `text_model.` level (CLIPTextModelWithProjection's
+    text_projection sits beside it)."""
+    return key if key == "text_projection.weight" else "text_model." + key.removeprefix("text_model.")
 
 
-REQUIRED = ("unet", "vae", "text_encoder")  # what every diffusers model has; other known components are optional
+REQUIRED = ("unet", "vae")  # what every diffusers model has, with at least one text encoder
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+# SDXL folders: the text encoders go where an sgm single file has them (in transformers names, under
+# ``.transformer.``), so the family registry sees one layout: CLIP-L and bigG, or the refiner's bigG alone.
+SGM_TEXT = {("text_encoder", "text_encoder_2"): ("conditioner.embedders.0.transformer.",
+                                                  "conditioner.embedders.1.transformer."),
+            ("text_encoder_2",): ("conditioner.embedders.0.transformer.",)}
 
 # Component folder -> (LDM prefix, rename table builder or None for the text encoder's own names, weight files in
 # order of preference: full precision first, then the fp16 variant). A folder is read for every component it has.
@@ -131,6 +139,7 @@ COMPONENTS: dict[str, tuple[str, Callable[[list[str]], dict[str, str]] | None, t
     "vae": (VAE_PREFIX, vae_table_from_diffusers,
             ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")),
     "text_encoder": (OPENAI_TEXT, None, ("model.safetensors", "model.fp16.safetensors")),
+    "text_encoder_2": (OPENAI_TEXT, None, ("model.safetensors", "model.fp16.safetensors")),
 }
 
 
@@ -163,10 +172,11 @@ def component_files(folder: Path, names: tuple[str, ...]) -> list[Path]:
     raise BadInputError(f"{folder}: no weights found (expected {' or '.join(names)}; .bin pickles are not read)")
 
 
-def component_entries(directory: Path, component: str) -> dict[str, Entry]:
+def component_entries(directory: Path, component: str, prefix: str | None = None) -> dict[str, Entry]:
     """The LDM-named entries of one component folder (``unet/``, ``vae/``, ``text_encoder/`` of a diffusers model,
-    or a standalone VAE folder), read as `component`."""
-    prefix, table_fn, names = COMPONENTS[component]
+    or a standalone VAE folder), read as `component` (under `prefix` instead of the component's own)."""
+    own, table_fn, names = COMPONENTS[component]
+    prefix = prefix or own
     headers = [(f, read_header(f)) for f in component_files(directory, names)]
     keys = [k for _, h in headers for k in h if k != "__metadata__"]
     if table_fn is None:
@@ -183,9 +193,11 @@ def component_entries(directory: Path, component: str) -> dict[str, Entry]:
 def diffusers_source(folder: Path) -> WeightSource:
     """Every known component the folder holds (unet, vae, text_encoder at least), and the scheduler's prediction type as a hint."""
     entries: dict[str, Entry] = {}
+    texts = tuple(c for c in TEXT_COMPONENTS if (folder / c).is_dir()) or ("text_encoder",)
+    text_prefixes = dict(zip(texts, SGM_TEXT.get(texts, (OPENAI_TEXT,))))
     for component in COMPONENTS:
-        if component in REQUIRED or (folder / component).is_dir():
-            entries.update(component_entries(folder / component, component))
+        if component in REQUIRED or component in texts or (folder / component).is_dir():
+            entries.update(component_entries(folder / component, component, text_prefixes.get(component)))
     hint = None
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():

@@ -1,7 +1,7 @@
 """Strict loading: every module key filled from the file, every file key placed, shapes and dtypes checked, all
 problems listed in one error; known extras of real files skipped on purpose by IGNORED_KEYS.
 
-A plan maps each module key to (LDM key, chunk of a fused q/k/v tensor or None).
+A plan maps each module key to (LDM key, chunk of a fused q/k/v tensor, "T" for a stored transpose, or None).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ IGNORED_KEYS = [
     ),
     re.compile(r"position_ids$"),  # a buffer, not a parameter (transformers >= 4.31 does not store it)
     re.compile(r"^cond_stage_model\.model\.(logit_scale|text_projection)$"),  # only for CLIP's pooled output
+    re.compile(r"^conditioner\.embedders\.\d+\.model\.logit_scale$"),  # SDXL's OpenCLIP: CLIP's training only
+    re.compile(r"^denoiser\.sigmas$"),  # sgm's DiscreteDenoiser buffer (computed, as the schedule above)
     re.compile(r"^lora_"),  # LoRA keys merged into some files' headers are not weights of this model
 ]
 
@@ -33,7 +35,7 @@ def is_ignored(key: str) -> bool:
     return any(p.search(key) for p in IGNORED_KEYS)
 
 
-Plan = dict[str, tuple[str, int | None]]
+Plan = dict[str, tuple[str, int | str | None]]
 
 
 def identity_plan(keys: list[str], prefix: str) -> tuple[Plan, list[str]]:
@@ -45,8 +47,10 @@ def listing(items: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _planned_shape(source, ldm_key: str, chunk: int | None) -> tuple[int, ...]:
+def _planned_shape(source, ldm_key: str, chunk: int | str | None) -> tuple[int, ...]:
     shape = source.entries[ldm_key].shape
+    if chunk == "T":
+        return tuple(reversed(shape))
     return shape if chunk is None else (shape[0] // 3, *shape[1:])
 
 
@@ -93,7 +97,9 @@ def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device) -> 
         if entry.dtype not in FLOAT_DTYPES:
             raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
         t = source.get(key).to(device)
-        if chunk is not None:
+        if chunk == "T":
+            t = t.t()
+        elif chunk is not None:
             t = t.chunk(3, dim=0)[chunk]
         state[name], total = _cast_and_sum(t, dtype)
         sums.append(total)

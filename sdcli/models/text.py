@@ -104,7 +104,8 @@ class TextEncoder(nn.Module):
             raise UsageError(f"clip_skip must be in 1..{self.config.num_layers}, got {clip_skip}")
         return self.transformer(ids, layers=self.config.num_layers - clip_skip + 1, fixes=fixes)
 
-    def encode_xl(self, ids: Tensor, hidden_index: int = -2) -> tuple[Tensor, Tensor | None]:
+    def encode_xl(self, ids: Tensor, hidden_index: int = -2,
+                  fixes: list | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """SDXL: (hidden state `hidden_index` (N, T, D) WITHOUT the final norm, pooled (N, P) or None).
 
         `hidden_index` counts as transformers' ``hidden_states`` (0 = embeddings, -1 = last layer); SDXL uses
@@ -118,7 +119,7 @@ class TextEncoder(nn.Module):
             raise UsageError(f"hidden state {hidden_index} out of range for a {n}-layer text encoder")
         pooled_wanted = self.config.projection_dim is not None
         t = self.transformer
-        h = picked = t.embeddings(ids)  # (N, T, D)
+        h = picked = t.embeddings(ids, fixes)  # (N, T, D); fixes: textual-inversion rows, as for forward
         for i, layer in enumerate(t.encoder.layers[: n if pooled_wanted else index], start=1):
             h = layer(h)
             if i == index:
