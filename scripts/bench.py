@@ -2,6 +2,8 @@
 
     python scripts/bench.py            # full mode: 512x512, a real 20-step image on each side (slow on a CPU)
     python scripts/bench.py --quick    # ~2-4 min: smaller shapes, the whole image extrapolated (labelled)
+    python scripts/bench.py --bf16-full   # CPUs with native bf16 (AVX512-BF16/AMX): 512x512 in bf16, ~10-12 min
+    python scripts/bench.py --bf16-full --size 64 --steps 2 --no-docs   # rehearsal of that mode (~1-2 min)
 
 Each side (sdcli fp32/bf16, diffusers fp32/bf16) runs in its own subprocess (`--worker`), so load time and
 peak RSS are honest. The table goes to stdout and, with the machine description, to docs/benchmarks.md.
@@ -226,12 +228,12 @@ def run_worker(a) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- main side
-def worker(side: str, dtype: str, size: int, **kw) -> dict:
+def worker(side: str, dtype: str, size: int, env: dict | None = None, **kw) -> dict:
     args = [sys.executable, __file__, "--worker", side, "--dtype", dtype, "--size", str(size)]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    print(f"  running {side} {dtype} {size}px {kw} ...", file=sys.stderr, flush=True)
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    print(f"  running {side} {dtype} {size}px {kw} {env or ''} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise SystemExit(f"worker {side} {dtype} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -338,6 +340,98 @@ def collect(a) -> dict:
     return r
 
 
+# --bf16-full: everything in the CPU's default dtype (bf16 where it is native) at 512x512, sdcli vs diffusers in
+# the same run, plus the fp32 image of the same seed for the quality guard. ~10-12 min on 2 Zen 4/5 cores.
+BF16_FULL = dict(reps=2, unet_reps=2, warmup=1, vae_reps=1, image_steps=20)
+
+
+def cpu_name() -> str:
+    """Model name with family/model numbers (an "AMD EPYC" alone does not say Zen 3, 4 or 5)."""
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name", platform.processor())
+    return f"{name} (cpu family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
+def cold_render_rss(size: int, steps: int, dtype: str) -> dict:
+    """Wall time and peak RSS of a cold `sdcli generate` (its own process: every stage, as a user runs it)."""
+    sdcli = str(Path(sys.executable).with_name("sdcli"))
+    out = BENCH / "render-rss.png"
+    cmd = [sdcli, "generate", PROMPT, "--model", str(CKPT), "-W", str(size), "-H", str(size), "--steps", str(steps),
+           "--seed", str(SEED), "-o", str(out), "--overwrite", "-q", "--dtype", dtype]  # fmt: skip
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    res = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"sdcli generate failed:\n{res.stderr[-3000:]}")
+    wall, kib = res.stdout.split()
+    return {"wall": float(wall), "rss": int(kib) / 1e6, "steps": steps}
+
+
+def collect_bf16_full(a) -> dict:
+    import torch
+
+    from sdcli.device import auto_dtype, cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        raise SystemExit("--bf16-full needs a CPU with native bf16 (AVX512-BF16 or AMX): bf16 is emulated here, "
+                         "~200x slower; use --quick --bf16")
+    size, steps = a.size or 512, a.steps or 20
+    dtype = auto_dtype("cpu")
+    r = {"mode": "bf16-full", "size": size, "steps": steps, "dtype": dtype, "cpu": cpu_name(),
+         "threads": torch.get_num_threads()}
+    r["peak"] = {d: gemm_peak(d, n=2048, reps=3) for d in ("fp32", "bf16")}
+    r["gflop"] = flops(size)
+    run = dict(BF16_FULL, image_steps=steps)
+    for side in ("sdcli", "diffusers"):
+        r[f"{side}-{dtype}"] = worker(side, dtype, size, **run)
+    # the channels_last lever (sdcli/models/layout.py) switched off, after diffusers: UNet step and VAE decode
+    r["sdcli-contiguous"] = worker("sdcli", dtype, size, env={"SDCLI_CPU_CHANNELS_LAST": "0"}, reps=1, unet_reps=2,
+                                   warmup=1, vae_reps=1, image_steps=0)  # fmt: skip
+    r["sdcli-fp32-image"] = worker("sdcli", "fp32", size, reps=1, unet_reps=0, warmup=0, vae_reps=0, image_steps=steps)
+    r["render"] = cold_render_rss(size, min(steps, 2), dtype)  # peak RSS does not grow with the step count
+    img = {k: torch.load(BENCH / f"image-{k}-{size}-{steps}.pt") for k in (f"sdcli-{dtype}", "sdcli-fp32")}
+    r["psnr_image"] = psnr(img[f"sdcli-{dtype}"], img["sdcli-fp32"])  # sdcli's images are in [-1, 1]
+    return r
+
+
+def render_bf16_full(r: dict) -> str:
+    dt, sz, n = r["dtype"], r["size"], r["steps"]
+    s, d, c, pk = r[f"sdcli-{dt}"], r[f"diffusers-{dt}"], r["sdcli-contiguous"], r["peak"][dt]
+    eff = lambda gf, t: f"{100 * gf / t / pk:.0f}%"  # noqa: E731
+    head = ["what", "shape", f"sdcli {dt}", f"diffusers {dt}", "sdcli speed-up", f"sdcli % of {dt} GEMM peak"]
+    rows = [
+        ["load to ready (fp16 file)", "-", fmt(s["load"]), fmt(d["load"]), ratio(s["load"], d["load"]), ""],
+        ["text encoding (cond + uncond)", "77 tok", fmt(s["text"]), fmt(d["text"]), ratio(s["text"], d["text"]), ""],
+        ["UNet step, CFG batch 2", f"{sz}px", fmt(s["unet"]), fmt(d["unet"]), ratio(s["unet"], d["unet"]),
+         eff(r["gflop"]["unet"], s["unet"])],
+        ["VAE decode", f"{sz}px", fmt(s["vae"]), fmt(d["vae"]), ratio(s["vae"], d["vae"]), eff(r["gflop"]["vae"], s["vae"])],
+        [f"whole image, {n} steps euler (measured, after load)", f"{sz}px", fmt(s["image"]), fmt(d["image"]),
+         ratio(s["image"], d["image"]), ""],
+        ["peak RSS of that process", f"{sz}px", fmt(s["rss"], "GB"), fmt(d["rss"], "GB"), ratio(s["rss"], d["rss"]), ""],
+        ["lever off: sdcli contiguous (SDCLI_CPU_CHANNELS_LAST=0): UNet step / VAE decode", f"{sz}px",
+         f"{fmt(c['unet'])} / {fmt(c['vae'])}", "", f"{ratio(c['unet'], d['unet'])} / {ratio(c['vae'], d['vae'])}", ""],
+        [f"peak RSS of a cold `sdcli generate --dtype {dt}` ({r['render']['steps']} steps, {fmt(r['render']['wall'])})",
+         f"{sz}px", fmt(r["render"]["rss"], "GB"), "", "", ""],
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(x) + " |" for x in rows]
+    notes = [
+        f"CPU: {r['cpu']}, {r['threads']} threads. GEMM peak (2048^3 matmul, best of 3, this run): "
+        f"fp32 {r['peak']['fp32']:.0f} GFLOP/s, bf16 {r['peak']['bf16']:.0f} GFLOP/s.",
+        f"FLOPs (torch FlopCounterMode): UNet batch 2 at {sz}px {r['gflop']['unet']:.0f} GFLOP, VAE decode "
+        f"{r['gflop']['vae']:.0f} GFLOP. Speed-up = diffusers time / sdcli time; for RSS, diffusers GB / sdcli GB.",
+        "Order of the runs: sdcli, diffusers, sdcli contiguous, sdcli fp32 image, cold CLI render; each in its own "
+        "process. UNet step: median of 2 after a warm-up; VAE decode: one run. A quiet machine only: the ratios "
+        "move +-20% when other jobs share the cores.",
+        f"Quality guard (whole image, same seed, same checkpoint): sdcli {dt} vs sdcli fp32 PSNR "
+        f"{r['psnr_image']:.1f} dB.",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
+
+
 def whole_image(w: dict, steps: int) -> tuple[float, str]:
     if "image" in w:
         return w["image"], "measured"
@@ -410,15 +504,12 @@ def machine() -> str:
     import torch
 
     flags = ""
-    model = platform.processor()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
         if line.startswith("flags") and not flags:
             have = set(line.split(":", 1)[1].split())
-            keys = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni")
+            keys = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
             flags = " ".join(f"{k}{'+' if k in have else '-'}" for k in keys)
-    return (f"{model}, {os.cpu_count()} logical CPUs, flags {flags}; torch {torch.__version__} "
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, flags {flags}; torch {torch.__version__} "
             f"({torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}); "
             f"{datetime.date.today().isoformat()}")
 
@@ -427,14 +518,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller shapes, whole image extrapolated (~2-4 min)")
     p.add_argument("--bf16", action="store_true", help="also run the bf16 sides in quick mode")
+    p.add_argument("--bf16-full", action="store_true",
+                   help="bf16-native CPUs: 512x512 in the default dtype vs diffusers, the fp32 image as quality guard")
+    p.add_argument("--size", type=int, help="--bf16-full: image side (default 512; small only to rehearse)")
+    p.add_argument("--steps", type=int, help="--bf16-full: sampling steps (default 20)")
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     ensure_checkpoint()
     t0 = time.perf_counter()
-    r = collect(a)
-    (BENCH / f"results-{r['mode']}.json").write_text(json.dumps(r, indent=1))
-    table = render(r)
+    r = collect_bf16_full(a) if a.bf16_full else collect(a)
+    (BENCH / f"results-{r['mode']}-{r['size']}.json").write_text(json.dumps(r, indent=1))
+    table = render_bf16_full(r) if a.bf16_full else render(r)
     print(table)
     print(f"({r['mode']} mode, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if not a.no_docs:
@@ -442,7 +537,8 @@ def main() -> None:
 
 
 def write_docs(r: dict, table: str) -> None:
-    write_section("bench", f"## Latest run ({r['mode']} mode)\n\nMachine: {machine()}\n\n{table}")
+    marker = "bench-bf16" if r["mode"] == "bf16-full" else "bench"
+    write_section(marker, f"## Latest run ({r['mode']} mode)\n\nMachine: {machine()}\n\n{table}")
 
 
 def write_section(marker: str, body: str) -> None:

@@ -47,9 +47,12 @@ def _unet_pair(family: str, seed: int = 1) -> tuple[UNetModel, UNet2DConditionMo
     ours.load_state_dict(state, strict=True)
     table = _invert(unet_prefix_pairs(len(cfg.channel_mult), cfg.num_res_blocks, cfg.attention_levels))
     table |= {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
-    config = unet_diffusers_config(cfg, family)
+    pooled_dim = None
     if family == "sdxl":
         diff_cfg = controlnet_diffusers_config(controlnet_config(family))
+        pooled_dim = diff_cfg["projection_class_embeddings_input_dim"] - 6 * diff_cfg["addition_time_embed_dim"]
+    config = unet_diffusers_config(cfg, family, pooled_dim)
+    if family == "sdxl":
         config |= {k: diff_cfg[k] for k in ("addition_embed_type", "addition_time_embed_dim",
                                             "projection_class_embeddings_input_dim", "attention_head_dim",
                                             "transformer_layers_per_block")}  # fmt: skip

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdcli.errors import BadInputError
+from sdcli.models.layout import run_layout
 
 NORM_GROUPS = 32  # GroupNorm32 in LDM: every norm of the UNet uses 32 groups
 
@@ -78,10 +79,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head attention on (B, N, heads*d) tensors; the one place to optimise later."""
     b, n, inner = q.shape
     d = inner // heads
-    # (B, N, H*d) -> (B, H, N, d)
-    q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    # (B, N, H*d) -> (B, H, N, d), made contiguous: the CPU flash kernel runs its small-K (d = 40..64) GEMMs
+    # ~20% faster on packed heads than on strided views, and the three copies cost ~1% of the kernel
+    q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2).contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
     return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def same_layout(t: Tensor, like: Tensor) -> Tensor:
+    """`t` in the memory format of `like` (a copy only when they differ): channels_last maps stay channels_last,
+    and a contiguous run keeps its convolutions on contiguous inputs (the same fp32 bytes as ever)."""
+    cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -201,14 +210,16 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear:
             y = self.proj_in(y)  # (B, inner, H, W)
-        y = y.flatten(2).transpose(1, 2)  # (B, HW, C or inner)
+        # (B, HW, C or inner), contiguous: a transposed view would make each LayerNorm copy it and each residual
+        # add run strided (3 copies per block); from a channels_last map this is free
+        y = y.flatten(2).transpose(1, 2).contiguous()
         if self.linear:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
             y = block(y, context)  # (B, HW, inner)
         if self.linear:
             y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, -1, h, w)  # (B, C or inner, H, W)
+        y = same_layout(y.transpose(1, 2).reshape(b, -1, h, w), x)  # (B, C or inner, H, W)
         if not self.linear:
             y = self.proj_out(y)
         return x + y
@@ -333,7 +344,7 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))  # size/crop (and pooled text) conditioning
         context = context.to(dtype)
-        h = x.to(dtype)
+        h = run_layout(self, x.to(dtype))  # channels_last on a bf16 CPU (layout.py)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -346,7 +357,7 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h)  # (B, C_out, H, W)
+        return self.out(h).contiguous()  # (B, C_out, H, W)
 
 
 # --- SDXL's vector y ------------------------------------------------------------------------------

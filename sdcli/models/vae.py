@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layout import run_layout
+
 # LDM's model.py ``Upsample`` (with conv) is the same block as the UNet's: nearest x2, then a 3x3 conv ``.conv``.
 from .unet import Upsample
 
@@ -190,10 +192,12 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x in [-1, 1] (B, 3, H, W) -> (mean, logvar), each (B, z, H/f, W/f), unscaled."""
-        moments = self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype)))  # (B, 2z, H/f, W/f)
+        x = run_layout(self, x.to(self.quant_conv.weight.dtype))  # channels_last on a bf16 CPU (layout.py)
+        moments = self.quant_conv(self.encoder(x)).contiguous()  # (B, 2z, H/f, W/f)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the clamp of DiagonalGaussianDistribution
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latent (B, z, h, w) -> image in about [-1, 1] (B, 3, h*f, w*f)."""
-        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        z = run_layout(self, z.to(self.post_quant_conv.weight.dtype))  # channels_last on a bf16 CPU (layout.py)
+        return self.decoder(self.post_quant_conv(z)).contiguous()

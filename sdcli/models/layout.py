@@ -1,0 +1,33 @@
+"""Memory layout of the convolutional models: channels_last where it measured faster, contiguous elsewhere.
+
+On a CPU in bf16 (oneDNN, AVX512-BF16/AMX) channels_last convolutions run 1.1-2.5x faster than contiguous ones
+(docs/benchmarks.md: UNet ResBlocks 0.78-0.90x the time, 1x1 projections 0.4x, VAE decode 0.93x). In fp32 it was
+within noise on AVX2 and would move the fp32 bytes, and on CUDA it was slower: those stay contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+CHANNELS_LAST = torch.channels_last
+# SDCLI_CPU_CHANNELS_LAST=0 keeps bf16 CPU runs contiguous: scripts/bench.py measures the lever with it.
+SWITCH_ENV = "SDCLI_CPU_CHANNELS_LAST"
+
+
+def wants_channels_last(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and os.environ.get(SWITCH_ENV, "1") != "0"
+
+
+def run_layout(module: nn.Module, x: Tensor) -> Tensor:
+    """`x` in the layout `module` runs fastest in; the first channels_last call also converts the module's conv
+    weights, once (a weight replaced later, by a LoRA merge, keeps working in either layout, only slower)."""
+    if not wants_channels_last(x):
+        return x
+    if not getattr(module, "_channels_last", False):
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors even when called under inference
+            module.to(memory_format=CHANNELS_LAST)
+        module._channels_last = True
+    return x.contiguous(memory_format=CHANNELS_LAST)

@@ -1,0 +1,90 @@
+"""Memory layout (sdcli/models/layout.py): channels_last only for bf16 on a CPU, same results either way."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from sdcli.models import layout
+from sdcli.models.unet import UNetConfig, UNetModel
+from sdcli.models.vae import AutoencoderKL, VAEConfig
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True), num_heads=2,
+                       context_dim=32)  # fmt: skip
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+def _unet(dtype: torch.dtype) -> UNetModel:
+    torch.manual_seed(0)
+    return UNetModel(TINY_UNET).to(dtype).eval().requires_grad_(False)
+
+
+def _conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.dim() == 4]
+
+
+def _unet_inputs(dtype: torch.dtype):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 12, 10, generator=g), torch.tensor([10.0, 500.0]), torch.randn(2, 7, 32, generator=g)
+
+
+@torch.inference_mode()
+def test_bf16_cpu_unet_runs_channels_last_and_matches_contiguous(monkeypatch):
+    fast = _unet(torch.bfloat16)
+    plain = copy.deepcopy(fast)
+    x, t, ctx = _unet_inputs(torch.bfloat16)
+    out = fast(x, t, ctx)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
+    assert out.is_contiguous()  # callers may .view() the prediction
+    monkeypatch.setattr(layout, "wants_channels_last", lambda x: False)
+    ref = plain(x, t, ctx)
+    assert all(w.is_contiguous() for w in _conv_weights(plain))
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2  # bf16 rounding, not a layout bug
+
+
+@torch.inference_mode()
+def test_fp32_stays_contiguous_and_bit_identical():
+    unet = _unet(torch.float32)
+    x, t, ctx = _unet_inputs(torch.float32)
+    first = unet(x, t, ctx)
+    assert not getattr(unet, "_channels_last", False)
+    assert all(w.is_contiguous() for w in _conv_weights(unet))
+    assert torch.equal(first, unet(x, t, ctx))
+
+
+@torch.inference_mode()
+def test_bf16_cpu_vae_channels_last_matches_contiguous(monkeypatch):
+    torch.manual_seed(0)
+    fast = AutoencoderKL(TINY_VAE).to(torch.bfloat16).eval()
+    plain = copy.deepcopy(fast)
+    z = torch.randn(1, 4, 6, 5)
+    img = fast.decode(z)
+    mean, _ = fast.encode(img)
+    assert img.is_contiguous() and mean.is_contiguous()
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
+    monkeypatch.setattr(layout, "wants_channels_last", lambda x: False)
+    ref = plain.decode(z)
+    assert (img.float() - ref.float()).norm() / ref.float().norm() < 2e-2
+
+
+def test_lora_style_weight_replacement_after_channels_last_still_runs():
+    """A LoRA merge replaces conv weights by new Parameters built from the old ones; either layout must run."""
+    unet = _unet(torch.bfloat16)
+    x, t, ctx = _unet_inputs(torch.bfloat16)
+    with torch.inference_mode():
+        unet(x, t, ctx)
+    conv = unet.input_blocks[0][0]
+    with torch.no_grad():
+        conv.weight = torch.nn.Parameter(conv.weight.float().contiguous().to(torch.bfloat16), requires_grad=False)
+        conv.weight.add_(0)
+    with torch.inference_mode():
+        assert torch.isfinite(unet(x, t, ctx).float()).all()
+
+
+def test_switch_env_keeps_bf16_contiguous(monkeypatch):
+    monkeypatch.setenv(layout.SWITCH_ENV, "0")
+    unet = _unet(torch.bfloat16)
+    with torch.inference_mode():
+        unet(*_unet_inputs(torch.bfloat16))
+    assert all(w.is_contiguous() for w in _conv_weights(unet))
