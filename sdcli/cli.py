@@ -181,6 +181,52 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+ControlNetOpt = Annotated[
+    Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
+                                      "unit each; needs --control-image).")
+]
+ControlImageOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-image", help="The hint image of the n-th --controlnet (an edge, "
+                                      "depth, pose... map; resized to the output).")
+]
+ControlWeightOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-weight", help="ControlNet weight (once: every unit; else the "
+                                        "n-th unit's). Default 1.")
+]
+ControlStartOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-start", help="Fraction of the steps where the unit starts (0).")
+]
+ControlEndOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-end", help="Fraction of the steps where the unit ends (1).")
+]
+GuessModeOpt = Annotated[
+    bool, typer.Option("--guess-mode", help="ControlNet guess mode for every unit (conditional half only, "
+                       "shallow residuals scaled down).")
+]
+ControlResizeOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-resize", help="just (stretch, default), crop or fill.")
+]
+ControlPreprocessOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-preprocess", help="Turn the control image into a hint first: "
+                                      "canny, invert, threshold, scribble, tile, shuffle.")
+]
+
+
+def _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode, control_resize,
+             control_preprocess) -> dict:  # fmt: skip
+    """The ControlNet flags as given (lists), for control_config.from_flags / replayed."""
+    return dict(models=list(controlnet or []), images=list(control_image or []), weights=list(control_weight or []),
+                starts=list(control_start or []), ends=list(control_end or []), guess=guess_mode,
+                resizes=list(control_resize or []), preprocesses=list(control_preprocess or []))  # fmt: skip
+
+
+def _with_controlnets(flags: dict, control: dict) -> dict:
+    from .control_config import from_flags
+
+    units = from_flags(**control)
+    return flags if units is None else {**flags, "controlnets": units}
+
+
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -262,6 +308,14 @@ def generate(
     ] = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     lora: LoraOpt = None,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
+    control_weight: ControlWeightOpt = None,
+    control_start: ControlStartOpt = None,
+    control_end: ControlEndOpt = None,
+    guess_mode: GuessModeOpt = False,
+    control_resize: ControlResizeOpt = None,
+    control_preprocess: ControlPreprocessOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -276,6 +330,10 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
+    control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
+                       control_resize, control_preprocess)
+    if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
+        flags = _with_controlnets(flags, control)
     _stdout_needed(output, json_out or print_config or dry_run)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
@@ -287,6 +345,7 @@ def generate(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
+        control=control,
     ))
 
 
@@ -317,6 +376,14 @@ def img2img(
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     lora: LoraOpt = None,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
+    control_weight: ControlWeightOpt = None,
+    control_start: ControlStartOpt = None,
+    control_end: ControlEndOpt = None,
+    guess_mode: GuessModeOpt = False,
+    control_resize: ControlResizeOpt = None,
+    control_preprocess: ControlPreprocessOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -329,6 +396,8 @@ def img2img(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    prediction=prediction, dtype=dtype, device=device)
+    flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
+                                              guess_mode, control_resize, control_preprocess))
     _stdout_needed(output, json_out or print_config)
     if print_config:
         return _print_config(flags, config, json_out)
@@ -430,6 +499,8 @@ def verify(
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -443,7 +514,8 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
-    run_verify(image, flags, config, min_psnr, json_out, list(lora or []))
+    run_verify(image, flags, config, min_psnr, json_out, list(lora or []),
+               {"models": list(controlnet or []), "images": list(control_image or [])})
 
 
 def _on_signal(signum, _frame) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfgmod
-from .. import console
+from .. import console, control_config
 from ..jobs import single_job
 from . import render
 
@@ -42,13 +42,14 @@ def run_img2img(req: Img2ImgRequest) -> None:
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
     targets = render.plan_targets([job], req.overwrite)
     loras = render.job_loras([job], req.loras)
+    control_config.check_files([job], base.model)
     models = render.load(base)
     render.check_inpaint_model(models, base, req.mask)
     pixels = images.pil_to_tensor(img)
     latent = pipeline.encode_image(models, pixels)
     concat = pipeline.inpaint_conditioning(models, pixels, mask) if mask is not None else None
     init = render.Init(latent, base.strength, notes, concat, req.mask)
-    render.render_all(models, targets, init, None, req, loras)
+    render.render_all(models, targets, init, None, req, loras, control_config.load_nets([job], models))
 
 
 def _load_mask(path: str, img):

@@ -177,8 +177,10 @@ def use_loras(state, specs: list) -> None:
 
 # --- rendering -----------------------------------------------------------------------------------
 
-def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list]) -> None:
-    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras)."""
+def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list],
+               nets: dict | None = None) -> None:
+    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras) and its
+    ControlNet units (`nets`: the run's loaded ControlNets, control_config.load_nets)."""
     from ..lora import LoraState
 
     started = time.perf_counter()
@@ -189,13 +191,15 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     state = LoraState(models, keep_originals=switching)
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        _render_job(models, group, init, cond, req, tuple(state.reports))
+        _render_job(models, group, init, cond, req, tuple(state.reports), nets)
     took = time.perf_counter() - started
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
 
 
-def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None) -> Prepared:
-    """The job's plan, its Cond pair (the inpainting channels attached), its size and hires pass."""
+def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
+            nets: dict | None = None) -> Prepared:
+    """The job's plan, its Cond pair (the inpainting channels and ControlNet units attached), its size and
+    hires pass."""
     from .. import pipeline
     from ..conditioning import conditioning
 
@@ -213,7 +217,21 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
         conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=tuple(conditioning(c) for c in conds))
-    return Prepared(plan, conditioning(cond, concat), conditioning(uncond, concat), (height, width), hires)
+    cond, uncond = conditioning(cond, concat), conditioning(uncond, concat)
+    if cfg.controlnets:
+        cond, uncond, hires = _with_control(cfg, nets, cond, uncond, hires)
+    return Prepared(plan, cond, uncond, (height, width), hires)
+
+
+def _with_control(cfg: RunConfig, nets: dict | None, cond, uncond, hires: Hires | None):
+    """The job's ControlNet units on both passes' conditioning (the hint is fitted to each pass's size)."""
+    from ..control import attach
+    from ..control_config import units_for
+
+    units = units_for(cfg.controlnets, nets or {})
+    if hires is not None and hires.conds is not None:
+        hires = dataclasses.replace(hires, conds=attach(*hires.conds, units))
+    return (*attach(cond, uncond, units), hires)
 
 
 def _with_negative(models, cond, cfg: RunConfig):
@@ -226,11 +244,12 @@ def _with_negative(models, cond, cfg: RunConfig):
     return pad_chunks(cond.to(uncond), uncond, lambda: pipeline.encode_text(models, "", "", cfg.clip_skip)[0])
 
 
-def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple) -> None:
+def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
+                nets: dict | None = None) -> None:
     from .. import pipeline
 
     cfg = targets[0].job.cfg
-    p = prepare(models, cfg, targets[0].job, init, cond_override)
+    p = prepare(models, cfg, targets[0].job, init, cond_override, nets)
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
             _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)

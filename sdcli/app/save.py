@@ -59,6 +59,10 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
+    if cfg.controlnets:  # sd-webui-controlnet's `ControlNet N: "Module: ..., Model: name [hash], ..."`
+        from ..control_config import infotext_fields
+
+        params["extra"] = {**params.get("extra", {}), **infotext_fields(cfg.controlnets)}
     return format_infotext(params)
 
 
@@ -75,6 +79,10 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     del recorded["output"], recorded["lora_dir"]
+    if cfg.controlnets:  # names and sha256 of the ControlNet files and hint images, every setting
+        from ..control_config import recorded as control_record
+
+        recorded["controlnets"] = control_record(cfg.controlnets)
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import config as cfgmod
-from .. import console
+from .. import console, control_config
 from ..errors import UsageError, VerificationError
 from ..jobs import single_job
 from . import render
@@ -13,9 +13,10 @@ from .save import model_hash
 
 
 def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: float, json_out: bool,
-               loras: list[str] | None = None) -> None:
+               loras: list[str] | None = None, control: dict | None = None) -> None:
     """Re-render an sdcli image from its recorded settings (dtype included) and compare the pixels. LoRAs are
-    files of the user's, like the model: they are given again with --lora, and checked against the record."""
+    files of the user's, like the model: they are given again with --lora, and checked against the record;
+    so are ControlNets (--controlnet; the hint beside the image or --control-image: control_config.replayed)."""
     from .. import images, pipeline
     from ..lora import LoraState
     from ..replay import from_image
@@ -26,6 +27,11 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
                          f"{replay.mode}); use `generate --from-image` to replay other images")
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
+    recorded_units = (replay.recorded.get("config") or {}).get("controlnets")
+    if recorded_units:
+        control = control or {}
+        flags = {**flags, "controlnets": control_config.replayed(recorded_units, Path(image), control.get("models", []),
+                                                                 control.get("images", []))}  # fmt: skip
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
     render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
@@ -35,10 +41,11 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     if missing:
         raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
+    control_config.check_files([job], cfg.model)
     models = render.load(cfg)
     render.check_inpaint_model(models, cfg, None)
     render.use_loras(LoraState(models), specs)
-    p = render.prepare(models, cfg, job)
+    p = render.prepare(models, cfg, job, nets=control_config.load_nets([job], models))
     with pipeline.seamless(models, cfg.seamless):
         latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires)
         again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
