@@ -477,6 +477,32 @@ def inspect(
 
 @app.command()
 @_handled
+def preprocess(
+    kind: Annotated[str, typer.Argument(help="canny, invert, threshold, scribble, tile, shuffle or inpaint.")],
+    image: Annotated[str, typer.Argument(help="The picture to turn into a ControlNet hint.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The hint PNG to write.")],
+    low: Annotated[float, typer.Option("--low", help="canny: low threshold (cv2.Canny's scale).")] = 100.0,
+    high: Annotated[float, typer.Option("--high", help="canny: high threshold.")] = 200.0,
+    blur: Annotated[float, typer.Option("--blur", help="canny, tile: Gaussian blur sigma in pixels first.")] = 0.0,
+    level: Annotated[int, typer.Option("--level", help="threshold/scribble/inpaint: gray >= level is white.")] = 128,
+    invert_first: Annotated[bool, typer.Option("--invert-first", help="threshold: dark strokes on a light page.")] = False,
+    factor: Annotated[float, typer.Option("--factor", help="tile: downscale factor.")] = 8.0,
+    seed: Annotated[int, typer.Option("--seed", help="shuffle: the warp's seed.")] = 0,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="inpaint: white = the hole.")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Make a ControlNet hint from a picture (preprocessors that need no model)."""
+    from .app.preprocess import PreprocessRequest, run_preprocess
+    from .console import set_quiet
+
+    set_quiet(quiet)
+    run_preprocess(PreprocessRequest(kind, image, output, low, high, blur, level, invert_first, factor, seed, mask,
+                                     overwrite))  # fmt: skip
+
+
+@app.command()
+@_handled
 def convert(
     source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to convert.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],

@@ -274,3 +274,30 @@ def replayed(entries: Any, image: Path, models: list[str], images: list[str]) ->
         units.append({**{key: entry[key] for key in KEYS if key in entry}, "model": models[k], "image": hint})
     parse_specs(units, where)
     return units
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+def inspect_report(path: Path, hashes: bool = True) -> dict | None:
+    """`sdcli inspect` on a ControlNet file or folder (controlnet_files.describe), or None when `path` is not
+    one (then it is inspected as a checkpoint). Only headers are read (a .pth is unpickled, restricted)."""
+    from .controlnet_files import describe, detect_controlnet, open_controlnet
+    from .models.unet import UNetConfig
+
+    looks_like = (path.is_dir() and (path / "config.json").is_file() and not (path / "model_index.json").exists()
+                  or path.is_file() and path.suffix.lower() in (".safetensors", ".pth"))  # fmt: skip
+    if not looks_like:
+        return None
+    try:  # Control-LoRA, T2I-Adapter and other look-alikes are refused here, named (exit 8)
+        open_controlnet(path)[0].close()
+    except BadInputError:
+        return None  # not a ControlNet: the checkpoint report says what it is
+    # The attention head split is in no file and not shown: a neutral one, so any width is read.
+    info, source = detect_controlnet(path, UNetConfig(num_heads=1, head_dim=None))
+    source.close()
+    report = {"kind": "controlnet", "path": str(path), "family": info.family, "layout": info.layout,
+              "hint_channels": info.config.hint_channels, "bgr": info.bgr, "global_pool": info.config.global_pool,
+              "parameters": info.params, "dtypes": info.dtypes, "about": describe(info)}  # fmt: skip
+    if hashes:
+        report["sha256"] = _sha256(str(path))
+    return report
