@@ -9,7 +9,7 @@ OUT    ?= demo.png
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdcli-installed
 
-.PHONY: install browser demo demo-tiny test bench bench-quick clean
+.PHONY: install browser demo demo-tiny test bench bench-quick bench-controlnet clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick
+
+# one SD1.5-shaped ControlNet unit per CFG step at 512px, sdcli vs diffusers, same run
+bench-controlnet: $(STAMP)
+	$(PY) scripts/bench.py --controlnet
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench
