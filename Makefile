@@ -9,7 +9,7 @@ OUT    ?= demo.png
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdcli-installed
 
-.PHONY: install browser demo demo-tiny test bench bench-quick bench-controlnet clean
+.PHONY: install browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) scripts/bench.py --quick
+
+# Only the TAESD table: a TAESD decode against the full VAE decode at 512 and 1024 (a minute or two on a CPU).
+bench-taesd: $(STAMP)
+	$(PY) scripts/bench.py --taesd
 
 # one SD1.5-shaped ControlNet unit per CFG step at 512px, sdcli vs diffusers, same run
 bench-controlnet: $(STAMP)

@@ -4,6 +4,7 @@
     python scripts/bench.py --quick    # ~2-4 min: smaller shapes, the whole image extrapolated (labelled)
     python scripts/bench.py --bf16-full   # CPUs with native bf16 (AVX512-BF16/AMX): 512x512 in bf16, ~10-12 min
     python scripts/bench.py --bf16-full --size 64 --steps 2 --no-docs   # rehearsal of that mode (~1-2 min)
+    python scripts/bench.py --taesd    # only: a TAESD decode against the full VAE decode at 512 and 1024
 
 Each side (sdcli fp32/bf16, diffusers fp32/bf16) runs in its own subprocess (`--worker`), so load time and
 peak RSS are honest. The table goes to stdout and, with the machine description, to docs/benchmarks.md.
@@ -556,6 +557,35 @@ def render_controlnet(r: dict) -> str:
             f"({ratio(r['sdcli_s'], r['diffusers_s'])}); residuals differ by at most {r['max_abs_diff']:.2g}\n")
 
 
+def taesd_vs_vae(sizes=(512, 1024), dtype_name: str = "fp32", reps: int = 3) -> str:
+    """A markdown table: one image decoded by TAESD and by SD's full VAE (random weights of the real shapes:
+    the time does not depend on the values) at each size, in this process, on the CPU (or CUDA when present)."""
+    import torch
+
+    from sdcli.models.taesd import TinyAutoencoder, TinyDecoder
+    from sdcli.models.vae import AutoencoderKL, VAEConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    full = AutoencoderKL(VAEConfig()).to(device, dtype).eval()
+    tiny = TinyAutoencoder(None, TinyDecoder(), 4).to(device, dtype).eval()
+    rows = ["| size | full VAE decode | TAESD decode | speed-up |", "|---|---|---|---|"]
+    for size in sizes:
+        z = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=dtype)
+
+        def run(vae):
+            with torch.inference_mode():
+                out = vae.decode(z)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        t_full, _ = timed(lambda: run(full), reps, warmup=1)
+        t_tiny, _ = timed(lambda: run(tiny), reps, warmup=1)
+        rows.append(f"| {size}x{size} | {fmt(t_full)} | {fmt(t_tiny)} | {t_full / t_tiny:.1f}x |")
+    return f"TAESD vs full VAE, one image, {dtype_name} on {device} (median of {reps}):\n\n" + "\n".join(rows) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller shapes, whole image extrapolated (~2-4 min)")
@@ -568,8 +598,17 @@ def main() -> None:
     p.add_argument("--controlnet", action="store_true",
                    help="only the cost of one ControlNet unit per step vs diffusers (--size, default 512)")
     p.add_argument("--controlnet-preset", default="full", choices=["full", "tiny"], help=argparse.SUPPRESS)
+    p.add_argument("--taesd", action="store_true", help="only time a TAESD decode against the full VAE's")
+    p.add_argument("--taesd-sizes", default="512,1024", help="image sizes for the TAESD table (comma-separated)")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
+    taesd_table = lambda: taesd_vs_vae(tuple(int(s) for s in a.taesd_sizes.split(",")))  # noqa: E731
+    if a.taesd:
+        table = taesd_table()
+        print(table)
+        if not a.no_docs:
+            write_section("taesd", f"## TAESD decode\n\nMachine: {machine()}\n\n{table}")
+        return
     if a.controlnet:
         r = controlnet_cost(a.size or 512, preset=a.controlnet_preset)
         print(render_controlnet(r), end="")
@@ -586,6 +625,10 @@ def main() -> None:
     print(f"({r['mode']} mode, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if not a.no_docs:
         write_docs(r, table)
+    tiny = taesd_table()
+    print(tiny)
+    if not a.no_docs:
+        write_section("taesd", f"## TAESD decode\n\nMachine: {machine()}\n\n{tiny}")
 
 
 def write_docs(r: dict, table: str) -> None:

@@ -34,6 +34,7 @@ from sdcli.formats.strict import identity_plan, is_ignored, listing, load_part
 from sdcli.models.text import TextConfig, TextEncoder
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
+from sdcli.vae_files import load_vae_file
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,14 @@ class Models:
     the code that changes it (lora.LoraState, pipeline.seamless) and undone there."""
 
     unet: UNetModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL  # or models.taesd.TinyAutoencoder (--vae taesd_decoder...): see vae_files.latent_scale
     text_encoder: TextEncoder
     info: ModelInfo
     source: Path  # the checkpoint file or diffusers folder
     name: str  # for metadata: file stem or folder name
     vae_source: Path | None = None  # the --vae override, if any
     placement: Any = None  # device.Placement the models were loaded for (None when loaded without one)
+    embeddings: Any = None  # embeddings.EmbeddingLibrary the prompts may trigger (pipeline.with_embeddings)
 
     @property
     def family(self) -> Family:
@@ -194,7 +196,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         _check_leftovers(source)
         unet = build_unet(source, info.unet, dtype, device)
         text = build_text(source, info, dtype, device)
-        vae_model = load_vae(vae, dtype, device) if vae is not None else build_vae(source, info.vae, dtype, device)
+        vae_model = load_vae_file(vae, dtype, device, info.spec) if vae is not None else \
+            build_vae(source, info.vae, dtype, device)  # fmt: skip
     finally:
         source.close()
     if info.prediction_source == "guess":  # the family's default was a guess: its probe settles it

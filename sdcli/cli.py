@@ -143,7 +143,8 @@ def _root(
 # --- options shared by the rendering commands ----------------------------------------------------
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
-VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's.")]
+VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
+                                               "file (taesd_decoder.safetensors) for fast decodes.")]
 PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
@@ -176,6 +177,11 @@ LoraOpt = Annotated[
 LoraDirOpt = Annotated[
     Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
                                 "(sub-folders too).")
+]
+EmbeddingsDirOpt = Annotated[
+    Optional[str], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's "
+                                "embeddings/, sub-folders too): a file's name in the prompt, or embedding:NAME, "
+                                "places its vectors.")
 ]
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
@@ -227,6 +233,32 @@ def _with_controlnets(flags: dict, control: dict) -> dict:
     return flags if units is None else {**flags, "controlnets": units}
 
 
+PreviewVaeOpt = Annotated[
+    Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
+                                "that draws the --preview picture; by default the family's taesd file in vae_dir.")
+]
+SeamlessOpt = Annotated[
+    Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
+]
+HiresScaleOpt = Annotated[
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+]
+HiresStrengthOpt = Annotated[
+    Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
+]
+HiresStepsOpt = Annotated[
+    Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
+GridOpt = Annotated[
+    Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
+                                "(the first image's metadata plus every seed).")
+]
+GridRowsOpt = Annotated[
+    int, typer.Option("--grid-rows", help="Rows of the --grid sheet: -1 = about sqrt(n), 0 = one per batch "
+                      "(A1111's rules).")
+]
+GridOnlyOpt = Annotated[bool, typer.Option("--grid-only", help="Write the --grid sheet only, not the single images.")]
 ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
@@ -279,6 +311,7 @@ def generate(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -293,20 +326,14 @@ def generate(
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
-    seamless: Annotated[
-        Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
-    ] = None,
-    hires_scale: Annotated[
-        Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                      "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
-    ] = None,
-    hires_strength: Annotated[
-        Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
-    ] = None,
-    hires_steps: Annotated[
-        Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
-    ] = None,
+    seamless: SeamlessOpt = None,
+    hires_scale: HiresScaleOpt = None,
+    hires_strength: HiresStrengthOpt = None,
+    hires_steps: HiresStepsOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
+    grid: GridOpt = None,
+    grid_rows: GridRowsOpt = -1,
+    grid_only: GridOnlyOpt = False,
     lora: LoraOpt = None,
     controlnet: ControlNetOpt = None,
     control_image: ControlImageOpt = None,
@@ -321,6 +348,7 @@ def generate(
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
+    preview_vae: PreviewVaeOpt = None,
     print_config: PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -328,6 +356,7 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
@@ -346,6 +375,8 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         control=control,
+        preview_vae=preview_vae,
+        grid=grid, grid_rows=grid_rows, grid_only=grid_only,
     ))
 
 
@@ -372,6 +403,7 @@ def img2img(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     prediction: PredictionOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -384,17 +416,22 @@ def img2img(
     guess_mode: GuessModeOpt = False,
     control_resize: ControlResizeOpt = None,
     control_preprocess: ControlPreprocessOpt = None,
+    grid: GridOpt = None,
+    grid_rows: GridRowsOpt = -1,
+    grid_only: GridOnlyOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
+    preview_vae: PreviewVaeOpt = None,
     print_config: PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device)
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
@@ -407,7 +444,66 @@ def img2img(
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or []), preview=preview))
+                               loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
+                               grid_only=grid_only))
+
+
+@app.command()
+@_handled
+def sweep(
+    prompt: Annotated[str, typer.Argument(help="The prompt every cell starts from.")],
+    x: Annotated[str, typer.Option("--x", help="Columns: KEY=V1,V2,... (a config key, prompt_sr or lora:NAME; "
+                                   "ranges like seed=1-8, cfg=3-11 (+2), steps=10-40 [4]).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The plot PNG (several --z values: STEM-zK.png); "
+                                        "the cells' JSON goes beside it as STEM.json.")],
+    y: Annotated[Optional[str], typer.Option("--y", help="Rows: KEY=V1,V2,...")] = None,
+    z: Annotated[Optional[str], typer.Option("--z", help="One plot per value: KEY=V1,V2,...")] = None,
+    keep_cells: Annotated[
+        Optional[str], typer.Option("--keep-cells", help="Also keep each cell's PNG (full metadata) in this folder.")
+    ] = None,
+    json_path: Annotated[
+        Optional[str], typer.Option("--json-out", help="Write the cells' JSON here instead of beside the plot.")
+    ] = None,
+    negative: NegativeOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    guidance_rescale: RescaleOpt = None,
+    sampler: SamplerOpt = None,
+    schedule: ScheduleOpt = None,
+    sigmas: SigmasOpt = None,
+    seed: SeedOpt = None,
+    clip_skip: ClipSkipOpt = None,
+    seamless: SeamlessOpt = None,
+    hires_scale: HiresScaleOpt = None,
+    hires_strength: HiresStrengthOpt = None,
+    hires_steps: HiresStepsOpt = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    vae: VaeOpt = None,
+    lora_dir: LoraDirOpt = None,
+    prediction: PredictionOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    lora: LoraOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = "auto",
+) -> None:
+    """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
+    from .console import set_quiet
+    from .app.sweep import SweepRequest, run_sweep
+
+    set_quiet(quiet)
+    flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
+                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
+                   clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
+                   hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
+                   dtype=dtype, device=device)
+    run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
+                           loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
+                           progress=_progress_mode(progress)))
 
 
 @app.command()
@@ -421,6 +517,7 @@ def encode(
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -432,7 +529,8 @@ def encode(
     from .app.encode import EncodeRequest, run_encode
 
     set_quiet(quiet)
-    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, dtype=dtype, device=device)
+    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                   dtype=dtype, device=device)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -467,12 +565,13 @@ def inspect(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
     hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
+    embeddings_dir: EmbeddingsDirOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
     from .inspecting import run_inspect
 
-    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out)
+    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
 
 
 @app.command()
@@ -517,20 +616,29 @@ def convert(
 @app.command()
 @_handled
 def verify(
-    image: Annotated[Path, typer.Argument(help="A PNG written by sdcli (its metadata holds the whole recipe).")],
+    images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
     model: ModelOpt = None,
     vae: VaeOpt = None,
     lora_dir: LoraDirOpt = None,
+    embeddings_dir: EmbeddingsDirOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
     controlnet: ControlNetOpt = None,
     control_image: ControlImageOpt = None,
+    report: Annotated[
+        Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
+                                    "re-render, a difference heat map, the numbers; failures first.")
+    ] = None,
+    report_dir: Annotated[
+        Optional[str], typer.Option("--report-dir", help="Like --report, as DIR/index.html with the PNGs beside it.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-render an image from its recorded settings and compare (PSNR, max difference); exit 9 on drift."""
+    """Re-render images from their recorded settings and compare (PSNR, max difference); exit 9 if any drifted."""
     from .console import set_quiet
     from .app.verify import run_verify
 
@@ -539,8 +647,8 @@ def verify(
 
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, device=device)
-    run_verify(image, flags, config, min_psnr, json_out, list(lora or []),
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device)
+    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])})
 
 

@@ -34,6 +34,8 @@ class RunConfig:
     model: str | None = field(default=None, metadata=_range())
     vae: str | None = field(default=None, metadata=_range())
     lora_dir: str | None = field(default=None, metadata=_range())  # where <lora:NAME> in prompts is looked up
+    embeddings_dir: str | None = field(default=None, metadata=_range())  # textual-inversion files (A1111's folder)
+    vae_dir: str | None = field(default=None, metadata=_range())  # VAE files; a taesd decoder here drives --preview
     prediction: str = field(default="auto", metadata=_range(choices=PREDICTIONS))
     sampler: str = field(default="dpm++_2m", metadata=_range())
     schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule

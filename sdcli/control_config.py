@@ -193,12 +193,16 @@ def _base_unet(model: str | None):
 def load_nets(jobs, models) -> dict[str, tuple]:
     """model path -> (ControlNet, ControlNetInfo), each file loaded once for the run, in the model's dtype on
     its device, checked against the loaded base UNet."""
+    return _load(all_specs(jobs), models)
+
+
+def _load(specs, models) -> dict[str, tuple]:
     from .console import info as say
     from .controlnet_files import load_controlnet
 
     param = next(models.unet.parameters())
     nets: dict[str, tuple] = {}
-    for spec in all_specs(jobs):
+    for spec in specs:
         if spec.model not in nets:
             net, info = load_controlnet(spec.model, models.info.unet, models.family.title, param.dtype, param.device)
             say(f"ControlNet {Path(spec.model).name}: for {info.family}, {info.layout} layout")
@@ -206,9 +210,14 @@ def load_nets(jobs, models) -> dict[str, tuple]:
     return nets
 
 
-def units_for(specs, nets: dict[str, tuple]) -> list:
-    """The job's runnable units (control.Unit), hint pictures read and preprocessed."""
+def units_for(specs, nets: dict[str, tuple], models) -> list:
+    """The job's runnable units (control.Unit), hint pictures read and preprocessed; a ControlNet not in `nets`
+    yet (a caller that did not load the run's up front) is loaded into it now."""
     from .control import Unit
+
+    missing = [s for s in specs if s.model not in nets]
+    if missing:
+        nets.update(_load(missing, models))
 
     return [Unit(nets[s.model][0], hint_picture(s), s.weight, s.start, s.end, s.guess_mode, s.resize,
                  nets[s.model][1].bgr) for s in specs]  # fmt: skip

@@ -6,7 +6,8 @@ Formats (as A1111 ``textual_inversion.py`` ``load_from_file`` / ``create_embeddi
 * ``.safetensors`` / ``.bin`` with a single tensor under any key (kohya ``emb_params``, diffusers
   ``learned_embeds`` ``{"<token>": Tensor[d] or [n, d]}``): the key is NOT the trigger, the file stem is;
 * SDXL ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``.
-Pickles are read only with torch's weights_only unpickler: tensors, dicts, lists, strings and numbers.
+Pickles are read only through the one restricted loader (formats/pickle_ckpt.load_pickle): tensors, dicts, lists,
+strings and numbers.
 
 An embedding's ``vectors`` maps an encoder key to its rows: ``"clip_l"`` / ``"clip_g"`` for SDXL files, and
 ``ANY_ENCODER`` ("*") for single-tensor files, which A1111 gives to any one-encoder model of the right width.
@@ -17,7 +18,7 @@ In the prompt (A1111 ``sd_hijack_clip.py`` ``tokenize_line``, ``find_embedding_a
 ``sd1_clip.py``): an embedding is triggered by the BPE id sequence of its name inside one weighted text piece
 (so ``myemb`` inside ``xmyembx`` does not trigger), longest name first, or by ComfyUI's ``embedding:NAME``.
 It becomes n placeholder ids (0) carrying the piece's weight, is never split across a 75-token chunk (it moves
-whole to the next one), and its vectors replace the token embeddings at those places (``ChunkLayout.fixes``).
+whole to the next one), and its vectors replace the token embeddings at those places (``prompts.PromptChunk.fixes``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ import torch
 from torch import Tensor
 
 from .errors import BadInputError
+from .formats.pickle_ckpt import ParameterDictData, load_pickle
+from .prompts import Slot
 
 ANY_ENCODER = "*"
 SDXL_KEYS = ("clip_l", "clip_g")
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
-PLACEHOLDER_ID = 0  # A1111 fills an embedding's places with id 0 ("!"); the rows are replaced anyway
-CHUNK_LENGTH = 75  # prompts.CHUNK_LENGTH and COMMA_BACKTRACK (A1111 defaults), repeated to keep this module
-COMMA_BACKTRACK = 20  # free of prompts.py until the integration folds the two chunkers into one
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,26 +72,6 @@ class Skipped:
 # Reading one file
 
 
-class _ParameterDictData:
-    """Stands in for torch.nn.ParameterDict in old A1111/rinongal .pt files: only its state is recorded (a dict
-    holding ``_parameters``); no module is built and no code of the file runs."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.parameters = state.get("_parameters", {}) if isinstance(state, dict) else {}
-
-
-_PICKLE_ALLOWED = [(_ParameterDictData, "torch.nn.modules.container.ParameterDict")]
-
-
-def _load_pickle(path: Path) -> Any:
-    try:
-        with torch.serialization.safe_globals(_PICKLE_ALLOWED):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for a refused global, RuntimeError/EOFError for a broken file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"{path}: refused or unreadable embedding pickle ({first[:200]})") from e
-
-
 def _load_data(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise BadInputError(f"{path}: the embedding file is empty")
@@ -102,7 +82,7 @@ def _load_data(path: Path) -> Any:
 
         read_header(path)  # one clear line for truncated, HTML, LFS-pointer and renamed-pickle files
         return load_file(str(path))
-    return _load_pickle(path)
+    return load_pickle(path, "embedding")
 
 
 def _as_rows(t: Any, path: Path, what: str) -> Tensor:
@@ -125,7 +105,7 @@ def vectors_from_data(data: Any, path: Path) -> dict[str, Tensor]:
         raise BadInputError(f"{path}: not an embedding (expected a dict of tensors, got {type(data).__name__})")
     if "string_to_param" in data:
         params = data["string_to_param"]
-        params = params.parameters if isinstance(params, _ParameterDictData) else params
+        params = params.parameters if isinstance(params, ParameterDictData) else params
         if not isinstance(params, dict) or len(params) != 1:
             raise BadInputError(f"{path}: string_to_param must hold exactly one embedding")
         return {ANY_ENCODER: _as_rows(next(iter(params.values())), path, "string_to_param")}
@@ -213,14 +193,6 @@ def find_embeddings(folder: str | Path) -> EmbeddingFolder:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """An embedding's place in the token stream: n_vectors ids, kept together."""
-
-    name: str
-    n_vectors: int
-
-
-@dataclass(frozen=True)
 class EmbeddingRef:
     """ComfyUI's ``embedding:NAME`` written in the prompt text."""
 
@@ -297,82 +269,6 @@ def units_of_piece(ids: Sequence[int], table: TriggerTable, n_vectors: dict[str,
     return units
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 75-token chunks with embeddings kept whole
-
-
-@dataclass
-class ChunkLayout:
-    """One chunk's prompt tokens (no bos/eos/padding) and where embeddings go in it.
-
-    ``fixes``: (offset, name) with offset counted in prompt tokens, so in the 77-id window the rows
-    ``offset + 1 ... offset + n`` (after bos) take the embedding's vectors."""
-
-    ids: list[int] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    fixes: list[tuple[int, str]] = field(default_factory=list)
-
-
-class _LayoutChunker:
-    """prompts._Chunker (A1111 tokenize_line) with embeddings: a Slot moves whole to the next chunk when it does
-    not fit, and the comma backtrack carries the embeddings it moves (A1111 leaves them behind, a bug)."""
-
-    def __init__(self, comma_id: int):
-        self.comma_id = comma_id
-        self.chunks: list[ChunkLayout] = []
-        self.open = ChunkLayout()
-        self.last_comma = -1
-
-    def close(self) -> None:
-        self.chunks.append(self.open)
-        self.open, self.last_comma = ChunkLayout(), -1
-
-    def _backtrack(self) -> None:
-        """Full chunk and a comma at most 20 tokens back: the text after it starts the next chunk."""
-        cut, full = self.last_comma + 1, self.open
-        moved = ChunkLayout(full.ids[cut:], full.weights[cut:], [(o - cut, n) for o, n in full.fixes if o >= cut])
-        self.open = ChunkLayout(full.ids[:cut], full.weights[:cut], [(o, n) for o, n in full.fixes if o < cut])
-        self.close()
-        self.open = moved
-
-    def add(self, unit: int | Slot, weight: float) -> None:
-        n = len(self.open.ids)
-        if unit == self.comma_id:
-            self.last_comma = n
-        elif n == CHUNK_LENGTH and self.last_comma != -1 and CHUNK_LENGTH - self.last_comma <= COMMA_BACKTRACK:
-            self._backtrack()
-        if len(self.open.ids) == CHUNK_LENGTH:
-            self.close()
-        if isinstance(unit, Slot):
-            if unit.n_vectors > CHUNK_LENGTH:
-                raise BadInputError(f"embedding {unit.name} has {unit.n_vectors} vectors: more than the "
-                                    f"{CHUNK_LENGTH} tokens of a prompt chunk")  # fmt: skip
-            if len(self.open.ids) + unit.n_vectors > CHUNK_LENGTH:
-                self.close()
-            self.open.fixes.append((len(self.open.ids), unit.name))
-            self.open.ids += [PLACEHOLDER_ID] * unit.n_vectors
-            self.open.weights += [weight] * unit.n_vectors
-        else:
-            self.open.ids.append(unit)
-            self.open.weights.append(weight)
-
-
-def layout_chunks(pieces: Iterable[tuple[list[int | Slot], float] | None], comma_id: int) -> list[ChunkLayout]:
-    """Chunks of a prompt whose weighted pieces are already tokenized into units (ids and Slots); None is a
-    BREAK, which closes the current chunk even when empty. At least one chunk comes back."""
-    chunker = _LayoutChunker(comma_id)
-    for piece in pieces:
-        if piece is None:
-            chunker.close()
-            continue
-        units, weight = piece
-        for unit in units:
-            chunker.add(unit, weight)
-    if chunker.open.ids or not chunker.chunks:
-        chunker.close()
-    return chunker.chunks
-
-
 def units_of_text(text: str, encode: Callable[[str], list[int]], table: TriggerTable,
                   n_vectors: dict[str, int]) -> tuple[list[int | Slot], list[str]]:  # fmt: skip
     """(units, names of ``embedding:NAME`` references with no usable embedding) for one weighted text piece.
@@ -401,3 +297,76 @@ def mentioned_names(text: str, encode: Callable[[str], list[int]], table: Trigge
         else:
             names += [name for _, _, name in find_triggers(encode(part), table)]
     return list(dict.fromkeys(names))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run's embeddings
+
+
+class EmbeddingLibrary:
+    """The embeddings folder of one run, seen through one model: what prompts.encode_prompt and describe_prompt
+    ask for. Files are read when a prompt first mentions them (a folder can hold thousands), once each; one that
+    does not fit the model is said once on stderr (A1111 lists it as skipped) and its name stays plain words.
+
+    `widths`: {encoder key: width} of the model's text encoders (fit), or None to take every file as it is
+    (``inspect --prompt``, which loads no model)."""
+
+    def __init__(self, folder: str | Path | None, widths: dict[str, int] | None, encode: Callable[[str], list[int]],
+                 warn: Callable[[str], None] = lambda line: None):  # fmt: skip
+        self.root = Path(folder).expanduser() if folder else None
+        self.folder = find_embeddings(self.root) if self.root else EmbeddingFolder({})
+        self.widths, self.encode, self.warn = widths, encode, warn
+        self.table = trigger_table(self.folder.paths, encode)
+        self.loaded: dict[str, Embedding | Skipped] = {}
+        self._warned: set[str] = set()
+
+    def _load(self, name: str) -> Embedding | Skipped | None:
+        if name not in self.loaded and name in self.folder.paths:
+            emb = read_embedding(self.folder.paths[name])
+            self.loaded[name] = emb if self.widths is None else fit(emb, self.widths)
+        found = self.loaded.get(name)
+        if isinstance(found, Skipped):
+            self._warn_once(name, f"embedding {found.path}: skipped, {found.reason}")
+        return found
+
+    def _warn_once(self, name: str, line: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            self.warn(line)
+
+    def units(self, piece: str) -> list[int | Slot]:
+        """A weighted text piece as ids and embedding Slots (prompts.chunk_prompt's `units_of`)."""
+        for name in mentioned_names(piece, self.encode, self.table):
+            self._load(name)
+        usable = {n: e.n_vectors for n, e in self.loaded.items() if isinstance(e, Embedding)}
+        units, missing = units_of_text(piece, self.encode, self.table, usable)
+        for name in missing:
+            self._warn_once(name, f"embedding:{name} in the prompt: no usable embedding of that name "
+                                  f"{'in ' + str(self.root) if self.root else '(no --embeddings-dir given)'}; "
+                                  "left out")  # fmt: skip
+        return units
+
+    def get(self, name: str) -> Embedding:
+        found = self.loaded[name]
+        assert isinstance(found, Embedding), name  # units() only places usable embeddings
+        return found
+
+    def rows(self, name: str, key: str) -> Tensor:
+        """The (n, width) vectors of `name` for the text encoder `key` (SDXL: clip_l to encoder 1, clip_g to 2)."""
+        vectors = self.get(name).vectors
+        return vectors[key] if key in vectors else vectors[ANY_ENCODER]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        emb = self.get(name)
+        return {"name": emb.name, "vectors": emb.n_vectors, "file": str(emb.path), "sha256": emb.sha256}
+
+    def used_in(self, texts: Iterable[str]) -> list[Embedding]:
+        """The embeddings these prompt texts place (after A1111 attention parsing), in order of first use."""
+        from .prompts import BREAK, parse_attention
+
+        names: dict[str, None] = {}
+        for text in texts:
+            for piece, weight in parse_attention(text):
+                if (piece, weight) != BREAK:
+                    names.update((u.name, None) for u in self.units(piece) if isinstance(u, Slot))
+        return [self.get(n) for n in names]

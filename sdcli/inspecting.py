@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from . import console
 from .errors import BadInputError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
@@ -20,10 +21,11 @@ PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_st
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
 
 
-def run_inspect(path: Path | None, prompt: str | None, hashes: bool, json_out: bool) -> None:
+def run_inspect(path: Path | None, prompt: str | None, hashes: bool, json_out: bool,
+                embeddings_dir: str | None = None) -> None:
     if (path is None) == (prompt is None):
         raise UsageError("give a PATH to inspect or --prompt TEXT")
-    report = _prompt_report(prompt) if prompt is not None else inspect_path(path, hashes)
+    report = _prompt_report(prompt, embeddings_dir) if prompt is not None else inspect_path(path, hashes)
     if json_out:
         typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
     elif report["kind"] == "prompt":
@@ -176,16 +178,25 @@ def _hashes(path: Path, header: dict) -> dict[str, str]:
     return {"sha256": digest, "autov2": digest[:10], "autov3": body.hexdigest()}
 
 
-def _prompt_report(prompt: str) -> dict[str, Any]:
+def _prompt_report(prompt: str, embeddings_dir: str | None = None) -> dict[str, Any]:
+    from . import config as cfgmod
     from .families import DEFAULT
     from .prompts import describe_prompt, split_extra_networks
     from .tokenizer import get_tokenizer
 
     from .prompt_schedule import prompt_schedule
 
+    tok = get_tokenizer()
+    folder = cfgmod.resolve({"embeddings_dir": embeddings_dir}).embeddings_dir  # the flag, else a user config's
+    library = None
+    if folder:  # no model here: every file is taken as it is (a width that does not fit shows at render time)
+        from .embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(folder, None, tok.encode, console.info)
     text, loras = split_extra_networks(prompt)  # what the text encoder sees, and the LoRAs the tags name
     schedule = prompt_schedule(text, SCHEDULE_STEPS)  # [from:to:when] edits: tokens of the last text, as --dry-run
-    report = {"kind": "prompt", **describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id), "text": text}
+    report = {"kind": "prompt", **describe_prompt(schedule[-1][1], tok, DEFAULT.text[0].pad_id, library),
+              "text": text}
     if len(schedule) > 1:
         report["prompt_schedule"] = [{"until_step": end, "text": t} for end, t in schedule]
     return {**report, "loras": [{"name": t.name, "weight": t.weight} for t in loras]}
@@ -208,6 +219,9 @@ def _print_prompt(report: dict[str, Any]) -> None:
     typer.echo(f"ids: {report['ids']}")
     for lora in report["loras"]:
         typer.echo(f"lora: {lora['name']} (weight {lora['weight']:g})")
+    for emb in report["embeddings"]:
+        typer.echo(f"embedding: {emb['name']} ({emb['vectors']} vector{'s' if emb['vectors'] != 1 else ''}, "
+                   f"{emb['file']})")
 
 
 def _print_report(report: dict[str, Any], indent: str = "") -> None:

@@ -7,7 +7,7 @@ Prompts file format (`--prompts-file F`, `-` = stdin), one job per line:
   - blank lines and lines starting with `#` are skipped;
   - the file is UTF-8 (a byte order mark at its start is dropped; an invalid byte is an error naming its line).
 Every line is checked before any work starts; a bad one fails with its line number. Keys that would need another
-model loaded (model, vae, dtype, device, prediction) cannot change per job.
+model loaded (model, vae, dtype, device, prediction) or another embeddings folder cannot change per job.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from .config import SEED_MAX, RunConfig, check_value, decode_utf8
 from .errors import BadInputError, UsageError
 
-PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction"}
+PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir"}
 
 
 @dataclass(frozen=True)

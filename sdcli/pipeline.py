@@ -68,15 +68,35 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
 # --- text ----------------------------------------------------------------------------------------
 
 def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32."""
+    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32. Textual-inversion
+    embeddings the texts trigger (models.embeddings) take the rows of this encoder's key."""
     from .prompts import encode_pair
     from .tokenizer import get_tokenizer
 
     enc = models.text_encoder
-    pad_id = models.family.text[0].pad_id
+    spec = models.family.text[0]
     with torch.inference_mode():
-        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), pad_id, clip_skip)
+        cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), spec.pad_id, clip_skip,
+                                   models.embeddings, spec.embedding_key)
     return cond.float(), uncond.float()
+
+
+def embedding_widths(models) -> dict[str, int]:
+    """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
+    return {spec.embedding_key: enc.hidden_size for spec, enc in zip(models.family.text, (models.text_encoder,))}
+
+
+def with_embeddings(models, folder):
+    """The models with the embeddings of `folder` (sub-folders too) available to every prompt; files that do
+    not fit the model are said once on stderr when a prompt names them, and left out."""
+    import dataclasses
+
+    from . import console
+    from .embeddings import EmbeddingLibrary
+    from .tokenizer import get_tokenizer
+
+    library = EmbeddingLibrary(folder, embedding_widths(models), get_tokenizer().encode, console.info)
+    return dataclasses.replace(models, embeddings=library)
 
 
 def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,
@@ -289,27 +309,38 @@ def scale_factor(models) -> float:
 
 def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
-    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws."""
+    posterior's std is tiny for SD's VAE, so sampling it would only spend random draws. A TAESD encoder gives
+    scaled latents itself."""
+    from .vae_files import is_tiny, latent_scale
+
     vae = models.vae
     param = next(vae.parameters())
+    encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
     with torch.inference_mode():
-        mean = _per_image(lambda x: vae.encode(x)[0], image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
-    return mean.float() * scale_factor(models)
+        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
+    return latent.float() * latent_scale(vae, models.family)
 
 
 def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
-    """Scaled latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32; out of
-    memory is retried tiled. NumericalError when the image still is not finite: never a silent black image."""
+    """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
+    from .vae_files import latent_scale
+
+    return decode_with(models.vae, latents / latent_scale(models.vae, models.family))
+
+
+def decode_with(vae, z: torch.Tensor) -> DecodeResult:
+    """The VAE's own latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32;
+    out of memory is retried tiled. NumericalError when the image still is not finite: never a silent black
+    image."""
     fallbacks: list[str] = []
-    z = latents / scale_factor(models)
     try:
-        images = _vae_decode(models.vae, z)
+        images = _vae_decode(vae, z)
     except torch.OutOfMemoryError:
         fallbacks.append("vae-tiled")
-        images = _vae_decode_tiled(models.vae, z)
-    if not torch.isfinite(images).all() and next(models.vae.parameters()).dtype != torch.float32:
+        images = _vae_decode_tiled(vae, z)
+    if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
         fallbacks.append("vae-fp32-retry")
-        images = _vae_decode(_fp32_copy(models.vae), z)
+        images = _vae_decode(_fp32_copy(vae), z)
     if not torch.isfinite(images).all():
         raise NumericalError("the VAE decoder produced NaN/Inf even in fp32; nothing was saved")
     return DecodeResult(images.clamp(-1, 1), fallbacks)

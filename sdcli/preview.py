@@ -1,6 +1,8 @@
 """Live preview: the sampler's current estimate of the image, written to a PNG while the render runs.
 
-A full VAE decode per step would cost as much as a UNet step on a CPU, so the preview is A1111's "Approx cheap":
+With a TAESD decoder (--preview-vae, or the family's taesd file in vae_dir) the estimate is decoded by it: a real
+picture at full size for a few percent of a step. Otherwise:
+a full VAE decode per step would cost as much as a UNet step on a CPU, so the preview is A1111's "Approx cheap":
 a fixed linear map from the latent channels to RGB, at 1/8 of the size and scaled up bilinearly. The factors are
 the model family's (``LatentSpec.rgb_factors``, families/); for SD 1.x/2.x they are what A1111's
 ``sd_vae_approx.cheap_approximation`` uses.
@@ -30,8 +32,9 @@ class PreviewWriter:
     """A sampler callback (step, total, x, denoised) that keeps `path` showing image 0's current estimate."""
 
     def __init__(self, path: str | Path, interval: float = 0.5, rgb_factors=DEFAULT.latent.rgb_factors,
-                 downscale: int = DEFAULT.latent.downscale):
+                 downscale: int = DEFAULT.latent.downscale, decoder=None):
         self.path, self.interval = Path(path), interval
+        self.decoder = decoder  # a TAESD (models/taesd.py): a real picture of the estimate, on scaled latents
         self.rgb_factors, self.downscale = rgb_factors, downscale
         self.last = -float("inf")
         self.failed = False
@@ -56,8 +59,12 @@ class PreviewWriter:
         from .outputs import atomic_write_bytes
 
         _, _, h, w = latent.shape
-        rgb = cheap_rgb(latent.cpu(), self.rgb_factors)[0]
-        img = tensor_to_pil(rgb).resize((w * self.downscale, h * self.downscale), Image.BILINEAR)
+        if self.decoder is not None:
+            with torch.inference_mode():
+                img = tensor_to_pil(self.decoder.decode(latent).float().cpu()[0])  # clamped to [-1, 1] there
+        else:
+            rgb = cheap_rgb(latent.cpu(), self.rgb_factors)[0]
+            img = tensor_to_pil(rgb).resize((w * self.downscale, h * self.downscale), Image.BILINEAR)
         atomic_write_bytes(self.path, _png_bytes(img), overwrite=True)
 
 

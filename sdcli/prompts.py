@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import BadInputError, UnsupportedModelError
 
@@ -188,18 +188,36 @@ def check_prompt(text: str, where: str | None = None, steps: int = 20, tags: boo
 # --- chunks --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Slot:
+    """A textual-inversion embedding's place in a prompt's token stream: `n_vectors` placeholder ids, kept
+    together in one chunk (embeddings.py finds them; the chunker only needs the name and the length)."""
+
+    name: str
+    n_vectors: int
+
+
+PLACEHOLDER_ID = 0  # A1111 fills an embedding's places with id 0 ("!"); the text encoder replaces those rows
+
+
 @dataclass
 class PromptChunk:
-    """One CLIP window: 77 ids (bos, up to 75 prompt tokens, eos, padding) and a weight per id."""
+    """One CLIP window: 77 ids (bos, up to 75 prompt tokens, eos, padding) and a weight per id.
+
+    ``fixes``: (offset, name) of each embedding in the chunk, offset counted in prompt tokens, so the rows
+    ``offset + 1 ... offset + n`` of the window (after bos) take the embedding's vectors."""
 
     ids: list[int]
     weights: list[float]
     n_tokens: int = 0  # prompt tokens in this chunk (not counting bos, eos, padding)
+    fixes: list[tuple[int, str]] = field(default_factory=list)
 
 
 class _Chunker:
-    """A1111 tokenize_line: fill 75-token chunks; at a full chunk, move the text after a comma
-    that is at most 20 tokens back into the next chunk so phrases are not cut in half."""
+    """A1111 tokenize_line: fill 75-token chunks; at a full chunk, move the text after a comma that is at most 20
+    tokens back into the next chunk so phrases are not cut in half. An embedding (Slot) moves whole to the next
+    chunk when it does not fit, and the comma backtrack carries the embeddings it moves (A1111 leaves them
+    behind, a bug)."""
 
     def __init__(self, tokenizer, pad_id: int):
         self.tok, self.pad_id = tokenizer, pad_id
@@ -207,6 +225,7 @@ class _Chunker:
         self.chunks: list[PromptChunk] = []
         self.ids: list[int] = []
         self.weights: list[float] = []
+        self.fixes: list[tuple[int, str]] = []
         self.last_comma = -1
 
     def close(self) -> None:
@@ -216,36 +235,62 @@ class _Chunker:
         first_eos = ids.index(self.tok.eos_id)
         ids[first_eos + 1 :] = [self.pad_id] * (len(ids) - first_eos - 1)
         weights = [1.0, *self.weights, *[1.0] * (CHUNK_LENGTH - n), 1.0]
-        self.chunks.append(PromptChunk(ids, weights, n))
-        self.ids, self.weights, self.last_comma = [], [], -1
+        self.chunks.append(PromptChunk(ids, weights, n, self.fixes))
+        self.ids, self.weights, self.fixes, self.last_comma = [], [], [], -1
 
-    def add(self, token: int, weight: float) -> None:
-        if token == self.comma_id:
-            self.last_comma = len(self.ids)
-        elif len(self.ids) == CHUNK_LENGTH and self.last_comma != -1 and \
-                CHUNK_LENGTH - self.last_comma <= COMMA_BACKTRACK:
-            cut = self.last_comma + 1
-            moved_ids, moved_weights = self.ids[cut:], self.weights[cut:]
-            self.ids, self.weights = self.ids[:cut], self.weights[:cut]
-            self.close()
-            self.ids, self.weights = moved_ids, moved_weights
+    def _backtrack(self) -> None:
+        """Full chunk and a comma at most 20 tokens back: the text after it starts the next chunk."""
+        cut = self.last_comma + 1
+        moved = self.ids[cut:], self.weights[cut:], [(o - cut, n) for o, n in self.fixes if o >= cut]
+        self.ids, self.weights = self.ids[:cut], self.weights[:cut]
+        self.fixes = [(o, n) for o, n in self.fixes if o < cut]
+        self.close()
+        self.ids, self.weights, self.fixes = moved
+
+    def add(self, unit: int | Slot, weight: float) -> None:
+        n = len(self.ids)
+        if unit == self.comma_id:
+            self.last_comma = n
+        elif n == CHUNK_LENGTH and self.last_comma != -1 and CHUNK_LENGTH - self.last_comma <= COMMA_BACKTRACK:
+            self._backtrack()
         if len(self.ids) == CHUNK_LENGTH:
             self.close()
-        self.ids.append(token)
-        self.weights.append(weight)
+        if isinstance(unit, Slot):
+            self._add_slot(unit, weight)
+        else:
+            self.ids.append(unit)
+            self.weights.append(weight)
+
+    def _add_slot(self, slot: Slot, weight: float) -> None:
+        if slot.n_vectors > CHUNK_LENGTH:
+            raise BadInputError(f"embedding {slot.name} has {slot.n_vectors} vectors: more than the "
+                                f"{CHUNK_LENGTH} tokens of a prompt chunk")  # fmt: skip
+        if len(self.ids) + slot.n_vectors > CHUNK_LENGTH:
+            self.close()
+        self.fixes.append((len(self.ids), slot.name))
+        self.ids += [PLACEHOLDER_ID] * slot.n_vectors
+        self.weights += [weight] * slot.n_vectors
 
 
-def chunk_prompt(text: str, tokenizer, pad_id: int) -> list[PromptChunk]:
+def chunk_prompt(text: str, tokenizer, pad_id: int, units_of=None) -> list[PromptChunk]:
     """Token chunks of a prompt as A1111 builds them: at least one; BREAK closes the current chunk
-    (even an empty one); an empty prompt gives bos, eos, then padding."""
+    (even an empty one); an empty prompt gives bos, eos, then padding. `units_of(piece)` turns a weighted text
+    piece into ids and embedding Slots (embeddings.EmbeddingLibrary.units); without it, the tokenizer's ids."""
+    units_of = units_of or tokenizer.encode
+    pieces = (None if item is BREAK else (units_of(item[0]), item[1]) for item in parse_attention(text))
+    return chunk_units(pieces, tokenizer, pad_id)
+
+
+def chunk_units(pieces, tokenizer, pad_id: int) -> list[PromptChunk]:
+    """Chunks of weighted pieces already cut into units, (ids and Slots, weight), None for a BREAK."""
     chunker = _Chunker(tokenizer, pad_id)
-    for item in parse_attention(text):
-        if item is BREAK:
+    for piece in pieces:
+        if piece is None:
             chunker.close()
             continue
-        piece, weight = item
-        for token in tokenizer.encode(piece):
-            chunker.add(token, weight)
+        units, weight = piece
+        for unit in units:
+            chunker.add(unit, weight)
     if chunker.ids or not chunker.chunks:
         chunker.close()
     return chunker.chunks
@@ -284,26 +329,35 @@ def _apply_weights(z, weights):
     return torch.where(plain[:, None, None].to(z.device), z, out)
 
 
-def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1):
+def encode_prompt(text: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1, embeddings=None, key: str = ""):
     """Encode a prompt of any length: (1, 77 * n_chunks, D), chunks encoded independently and
-    concatenated along the token axis, with A1111's weighting and mean restoration."""
+    concatenated along the token axis, with A1111's weighting and mean restoration.
+
+    `embeddings` (embeddings.EmbeddingLibrary, or None): textual-inversion embeddings the prompt may trigger;
+    their rows for encoder `key` ("clip_l", "clip_g", "clip_h") replace the placeholder ids' token embeddings."""
     import torch
 
-    chunks = chunk_prompt(text, tokenizer, pad_id)
+    chunks = chunk_prompt(text, tokenizer, pad_id, embeddings.units if embeddings is not None else None)
     device = _device_of(encoder)
     ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=device)  # (n, 77)
     weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32)  # (n, 77)
-    z = encoder(ids, clip_skip)  # (n, 77, D)
+    fixes = [(k, offset + 1, embeddings.rows(name, key))  # +1: the window starts with bos
+             for k, c in enumerate(chunks) for offset, name in c.fixes]
+    z = encoder(ids, clip_skip, fixes) if fixes else encoder(ids, clip_skip)  # (n, 77, D)
     z = _apply_weights(z, weights)
     return z.reshape(1, -1, z.shape[-1])  # (1, 77 * n, D)
 
 
-def encode_pair(prompt: str, negative: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1):
+def encode_pair(prompt: str, negative: str, encoder, tokenizer, pad_id: int, clip_skip: int = 1, embeddings=None,
+                key: str = ""):
     """(cond, uncond) with the same number of chunks, so they batch together for CFG: the shorter
     one is extended by the empty prompt's embedding, repeated (A1111 pad_cond_uncond)."""
-    cond = encode_prompt(prompt, encoder, tokenizer, pad_id, clip_skip)  # (1, 77 * a, D)
-    uncond = encode_prompt(negative, encoder, tokenizer, pad_id, clip_skip)  # (1, 77 * b, D)
-    return pad_chunks(cond, uncond, lambda: encode_prompt("", encoder, tokenizer, pad_id, clip_skip))
+    def encode(text: str):
+        return encode_prompt(text, encoder, tokenizer, pad_id, clip_skip, embeddings, key)
+
+    cond = encode(prompt)  # (1, 77 * a, D)
+    uncond = encode(negative)  # (1, 77 * b, D)
+    return pad_chunks(cond, uncond, lambda: encode(""))
 
 
 def pad_chunks(cond, uncond, empty):
@@ -320,25 +374,39 @@ def pad_chunks(cond, uncond, empty):
     return torch.cat([cond, pad.repeat(1, -missing, 1)], dim=1), uncond
 
 
-def describe_prompt(text: str, tokenizer, pad_id: int) -> dict:
-    """What ``sdcli inspect --prompt`` shows: the parsed weights, the tokens, and the 77-id chunks."""
+def describe_prompt(text: str, tokenizer, pad_id: int, embeddings=None) -> dict:
+    """What ``sdcli inspect --prompt`` shows: the parsed weights, the tokens, the 77-id chunks, and the
+    textual-inversion embeddings the prompt triggers (`embeddings`: an embeddings.EmbeddingLibrary, or None)."""
     parsed = parse_attention(text)
-    chunks = chunk_prompt(text, tokenizer, pad_id)
+    chunks = chunk_prompt(text, tokenizer, pad_id, embeddings.units if embeddings is not None else None)
     prompt_ids = [i for c in chunks for i in c.ids[1 : 1 + c.n_tokens]]
+    used = [embeddings.describe(name) for name in dict.fromkeys(n for c in chunks for _, n in c.fixes)]
+    lengths = {e["name"]: e["vectors"] for e in used}
     return {
         "text": text,
         "parsed": [{"text": t, "weight": round(w, 6)} for t, w in parsed],
         "n_tokens": len(prompt_ids),
         "n_chunks": len(chunks),
-        "tokens": [tokenizer.id_to_token(i) for i in prompt_ids],
+        "tokens": [t for c in chunks for t in _token_names(c, tokenizer, lengths)],
         "ids": [tokenizer.bos_id, *prompt_ids, tokenizer.eos_id],
+        "embeddings": used,
         "chunks": [
             {
                 "n_tokens": c.n_tokens,
                 "ids": c.ids,
-                "tokens": [tokenizer.id_to_token(i) for i in c.ids[1 : 1 + c.n_tokens]],
+                "tokens": _token_names(c, tokenizer, lengths),
                 "weights": [round(w, 6) for w in c.weights],
+                "embeddings": [{"offset": offset, "name": name} for offset, name in c.fixes],
             }
             for c in chunks
         ],
     }
+
+
+def _token_names(chunk: PromptChunk, tokenizer, lengths: dict[str, int]) -> list[str]:
+    """The chunk's prompt tokens as text; an embedding's places show as <NAME>, <NAME#1>, ..."""
+    names = [tokenizer.id_to_token(i) for i in chunk.ids[1 : 1 + chunk.n_tokens]]
+    for offset, name in chunk.fixes:
+        for k in range(lengths[name]):
+            names[offset + k] = f"<{name}>" if k == 0 else f"<{name}#{k}>"
+    return names

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import check_mapping, check_value
-from .errors import BadInputError
+from .errors import BadInputError, ModelNotFoundError
 from .prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
@@ -31,6 +31,7 @@ class Replay:
     mode: str = "txt2img"
     recorded: dict[str, Any] = field(default_factory=dict)  # sdcli's whole JSON metadata, when there is one
     path: str = ""  # the image, for messages
+    embeddings: dict[str, str] = field(default_factory=dict)  # textual-inversion name -> recorded hash
 
 
 def from_image(path: str | Path) -> Replay:
@@ -62,7 +63,8 @@ def from_image(path: str | Path) -> Replay:
     steps = values.get("steps") if isinstance(values.get("steps"), int) else 20
     check_prompt(prompt, where, steps)
     check_prompt(values.get("negative") if isinstance(values.get("negative"), str) else "", where, steps, tags=False)
-    return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, str(path))
+    return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
+                  embeddings=_embeddings(ours, meta["parameters"]))
 
 
 _MODES = ("txt2img", "img2img", "inpaint", "decode")
@@ -108,3 +110,40 @@ def rng_note(rng: Any, path: str | Path) -> None:
     elif rng.strip().upper() != "CPU":
         console.info(f"{path}: made with RNG: {rng.strip()} noise; sdcli draws A1111's CPU noise, so the same seed "
                      "gives a different image")
+
+
+def _embeddings(ours: dict, params: dict) -> dict[str, str]:
+    """name -> hash (sdcli: the whole sha256; A1111's "TI hashes": its first 12 digits) of the textual-inversion
+    embeddings the image was made with."""
+    if isinstance(ours.get("embeddings"), list):
+        return {str(e.get("name")): str(e.get("sha256", "")) for e in ours["embeddings"] if isinstance(e, dict)}
+    found = {}
+    for entry in str((params.get("extra") or {}).get("TI hashes", "")).split(","):
+        name, _, digest = entry.strip().rpartition(":")
+        if name.strip():
+            found[name.strip()] = digest.strip()
+    return found
+
+
+def check_embeddings(image: str | Path, replay: Replay, folder: str | None) -> None:
+    """Every embedding the image was made with must be in `folder` (the run's embeddings_dir), found by name as
+    the prompt will find it: ModelNotFoundError (exit 4, as a missing LoRA or checkpoint) naming what is missing.
+    A file of that name whose hash differs is said on stderr, and used (A1111 does the same)."""
+    from . import console
+    from .embeddings import find_embeddings
+    from .formats.hashing import file_sha256
+
+    if not replay.embeddings:
+        return
+    names = ", ".join(replay.embeddings)
+    if not folder:
+        raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {names}: give their folder "
+                                 "with --embeddings-dir (or embeddings_dir: in a config)")
+    paths = find_embeddings(folder).paths
+    missing = [n for n in replay.embeddings if n not in paths]
+    if missing:
+        raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {', '.join(missing)}: "
+                                 f"not found under {folder}")
+    for name, digest in replay.embeddings.items():
+        if digest and not file_sha256(paths[name]).startswith(digest.lower()):
+            console.info(f"{paths[name]}: not the embedding {name} the image was made with (hash differs)")

@@ -29,6 +29,8 @@ FIXED_KEYS = {
     "dtype": "the model is loaded once per sweep",
     "device": "the model is loaded once per sweep",
     "lora_dir": "LoRAs are resolved once per sweep",
+    "embeddings_dir": "embeddings are found once per sweep",
+    "vae_dir": "the model is loaded once per sweep",
     "output": "the sweep names its own files",
     "n": "a cell is one image",
     "batch_size": "a cell is one image",

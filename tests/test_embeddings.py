@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,11 +16,9 @@ from sdcli.embeddings import (
     ANY_ENCODER,
     EmbeddingRef,
     Skipped,
-    Slot,
     find_embeddings,
     find_triggers,
     fit,
-    layout_chunks,
     mentioned_names,
     name_of_ref,
     read_embedding,
@@ -29,6 +28,7 @@ from sdcli.embeddings import (
     units_of_text,
 )
 from sdcli.errors import BadInputError
+from sdcli.prompts import Slot
 from sdcli.tokenizer import get_tokenizer
 
 SD1 = {"clip_l": 64}
@@ -191,6 +191,12 @@ def test_comfyui_embedding_syntax(tok):
 # Chunks
 
 
+def layout_chunks(pieces, tok):
+    """The chunks' prompt tokens (no bos/eos/padding), weights and embedding places: prompts' one chunker."""
+    return [SimpleNamespace(ids=c.ids[1:1 + c.n_tokens], weights=c.weights[1:1 + c.n_tokens], fixes=c.fixes)
+            for c in prompts.chunk_units(pieces, tok, tok.eos_id)]
+
+
 def _pieces(text: str, tok, table, n_vectors):
     out = []
     for piece, weight in prompts.parse_attention(text):
@@ -201,25 +207,9 @@ def _pieces(text: str, tok, table, n_vectors):
     return out
 
 
-@pytest.mark.parametrize("text", [
-    "a photo of a cat",
-    ", ".join(f"word{i}" for i in range(60)),  # long, with commas: the backtrack
-    "one BREAK two BREAK",
-    " ".join(["x"] * 160),
-    "",
-])  # fmt: skip
-def test_without_embeddings_layout_equals_the_prompt_chunker(tok, text):
-    comma = tok.encode(",")[0]
-    got = layout_chunks(_pieces(text, tok, {}, {}), comma)
-    want = prompts.chunk_prompt(text, tok, tok.eos_id)
-    assert [c.ids for c in got] == [c.ids[1 : 1 + c.n_tokens] for c in want]
-    assert [c.weights for c in got] == [c.weights[1 : 1 + c.n_tokens] for c in want]
-    assert all(c.fixes == [] for c in got)
-
-
 def test_embedding_positions_and_weights(tok):
     table = trigger_table(["fooemb"], tok.encode)
-    (chunk,) = layout_chunks(_pieces("a photo of (fooemb:1.2) on a table", tok, table, {"fooemb": 2}), 267)
+    (chunk,) = layout_chunks(_pieces("a photo of (fooemb:1.2) on a table", tok, table, {"fooemb": 2}), tok)
     plain = tok.encode("a photo of")
     assert chunk.fixes == [(len(plain), "fooemb")]
     assert chunk.ids[:5] == [*plain, 0, 0] and chunk.weights[3:5] == [1.2, 1.2]
@@ -229,30 +219,30 @@ def test_embedding_positions_and_weights(tok):
 def test_multi_vector_embedding_moves_whole_to_the_next_chunk(tok):
     table = trigger_table(["fooemb"], tok.encode)
     x = tok.encode("x")[0]
-    chunks = layout_chunks([([x] * 74 + [Slot("fooemb", 3)] + [x], 1.0)], 267)
+    chunks = layout_chunks([([x] * 74 + [Slot("fooemb", 3)] + [x], 1.0)], tok)
     assert [len(c.ids) for c in chunks] == [74, 4]  # 74 + 3 > 75: the first chunk is closed short
     assert chunks[0].fixes == [] and chunks[1].fixes == [(0, "fooemb")]
     # exactly fitting: 72 + 3 = 75 stays
-    chunks = layout_chunks([([x] * 72 + [Slot("fooemb", 3)] + [x], 1.0)], 267)
+    chunks = layout_chunks([([x] * 72 + [Slot("fooemb", 3)] + [x], 1.0)], tok)
     assert [len(c.ids) for c in chunks] == [75, 1] and chunks[0].fixes == [(72, "fooemb")]
     # through the text path: the name starting at token 74
     text = " ".join(["x"] * 74) + " fooemb y"
-    chunks = layout_chunks(_pieces(text, tok, table, {"fooemb": 2}), 267)
+    chunks = layout_chunks(_pieces(text, tok, table, {"fooemb": 2}), tok)
     assert chunks[1].fixes == [(0, "fooemb")] and chunks[1].ids[:2] == [0, 0]
 
 
 def test_comma_backtrack_carries_the_embedding(tok):
     x, comma = tok.encode("x")[0], tok.encode(",")[0]
     units = [x] * 60 + [comma] + [x] * 5 + [Slot("e", 2)] + [x] * 7 + [x]  # 75 tokens, then the 76th forces the cut
-    chunks = layout_chunks([(units, 1.0)], comma)
+    chunks = layout_chunks([(units, 1.0)], tok)
     assert [len(c.ids) for c in chunks] == [61, 15]  # 14 moved after the comma, then the new one
     assert chunks[0].fixes == [] and chunks[1].fixes == [(5, "e")]
     assert chunks[1].ids[5:7] == [0, 0]
 
 
-def test_too_many_vectors_is_a_clear_error():
+def test_too_many_vectors_is_a_clear_error(tok):
     with pytest.raises(BadInputError, match="76 vectors"):
-        layout_chunks([([Slot("huge", 76)], 1.0)], 267)
+        layout_chunks([([Slot("huge", 76)], 1.0)], tok)
 
 
 def test_positions_match_diffusers_textual_inversion_tokens(clip_tokenizer_dir):  # noqa: F811
@@ -267,7 +257,7 @@ def test_positions_match_diffusers_textual_inversion_tokens(clip_tokenizer_dir):
     converted = TextualInversionLoaderMixin._maybe_convert_prompt(None, prompt, hf)
     want = hf(converted).input_ids  # bos ... eos
     tok = get_tokenizer()
-    (chunk,) = layout_chunks(_pieces(prompt, tok, trigger_table(["fooemb"], tok.encode), {"fooemb": 2}), 267)
+    (chunk,) = layout_chunks(_pieces(prompt, tok, trigger_table(["fooemb"], tok.encode), {"fooemb": 2}), tok)
     added = [i for i, t in enumerate(want) if t >= 49408]
     ours = [offset + 1 + k for offset, _ in chunk.fixes for k in range(2)]  # +1: bos
     assert ours == added

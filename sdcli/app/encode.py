@@ -78,6 +78,25 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
     report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
 
 
+def _decode_with_vae(cfg, lf, where: Path):
+    """Decode with --vae alone. The latent file says its family (which TAESD fits, the VAE scale) when it was
+    written by sdcli; a TAESD decodes the scaled latent, a full VAE the unscaled one."""
+    from .. import device, pipeline, vae_files
+    from ..families import FAMILIES
+
+    placement = device.choose(cfg.device, cfg.dtype)
+    device.configure(placement)
+    family = next((f for f in FAMILIES if f.name == lf.family), None)
+    vae = vae_files.load_vae_file(cfg.vae, placement.dtype, placement.device, family)
+    factor = lf.scale_factor or (family.latent.scale_factor if family else None)
+    try:
+        z = lf.unet_space(factor) if vae_files.is_tiny(vae) else lf.vae_space(factor)
+    except UsageError:
+        raise UsageError(f"{where}: the file does not record its VAE scale factor; give the checkpoint with "
+                         "--model instead of --vae") from None
+    return pipeline.decode_with(vae, z)
+
+
 def run_decode(req: DecodeRequest) -> None:
     from .. import images, latents, pipeline
     from ..outputs import STDOUT, expand_template, save_png
@@ -91,10 +110,15 @@ def run_decode(req: DecodeRequest) -> None:
         raise UsageError(f"{req.latent} holds {n} latents: give -o a template with {{index}}")
     for p in paths:
         refuse_existing(p, req.overwrite)
-    models = render.load(cfg)
-    decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models)))
+    if cfg.vae:  # a latent file and a VAE (full or TAESD) are enough: no checkpoint is loaded
+        decoded = _decode_with_vae(cfg, lf, req.latent)
+    else:
+        models = render.load(cfg)
+        decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models)))
     for k, p in enumerate(paths):
         meta = {"sdcli_version": __version__, "mode": "decode", "source": str(req.latent),
                 "fallbacks": decoded.fallbacks}
+        if cfg.vae:
+            meta["vae"] = Path(cfg.vae).name
         saved = save_png(images.tensor_to_pil(decoded.images[k]), p, "", meta, overwrite=req.overwrite)
         report(req, {"path": str(saved), "index": k, "fallbacks": decoded.fallbacks})

@@ -32,6 +32,10 @@ class GenerateRequest:
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
     control: dict = field(default_factory=dict)  # the ControlNet flags as given (cli._control), for a replay
+    preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
+    grid: str | None = None  # --grid FILE: a contact sheet of the run's images
+    grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
+    grid_only: bool = False  # write the grid, not the single images
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -55,7 +59,12 @@ def run_generate(req: GenerateRequest) -> None:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
-    targets = render.plan_targets(jobs, req.overwrite)
+    if replay is not None:
+        from ..replay import check_embeddings
+
+        check_embeddings(req.from_image, replay, base.embeddings_dir)
+    targets = render.plan_targets(jobs, req.overwrite, write_images=not req.grid_only)
+    render.plan_grid(req, targets)
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     control_config.check_files(jobs, base.model)
@@ -137,6 +146,11 @@ def _dry_run(jobs: list[Job]) -> None:
     from ..prompts import describe_prompt
     from ..tokenizer import get_tokenizer
 
+    library = None
+    if jobs[0].cfg.embeddings_dir:  # no model: every file taken as it is, as inspect --prompt does
+        from ..embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(jobs[0].cfg.embeddings_dir, None, get_tokenizer().encode, console.info)
     for job in jobs:
         plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
         schedule = prompt_schedule(job.text, job.cfg.steps)
@@ -144,4 +158,5 @@ def _dry_run(jobs: list[Job]) -> None:
                            "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in plan.sigmas],
                            "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
                            "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
-                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id)})
+                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id,
+                                                     library)})

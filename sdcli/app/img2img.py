@@ -25,6 +25,10 @@ class Img2ImgRequest:
     mask: str | None = None  # inpainting mask (white = repaint); needs a 9-channel inpainting model
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None
+    preview_vae: str | None = None
+    grid: str | None = None  # --grid FILE: a contact sheet of the run's images
+    grid_rows: int = -1
+    grid_only: bool = False
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
@@ -40,7 +44,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
-    targets = render.plan_targets([job], req.overwrite)
+    targets = render.plan_targets([job], req.overwrite, write_images=not req.grid_only)
+    render.plan_grid(req, targets)
     loras = render.job_loras([job], req.loras)
     control_config.check_files([job], base.model)
     models = render.load(base)

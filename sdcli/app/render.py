@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import console
 from ..config import RunConfig
-from ..errors import BadInputError, UsageError
+from ..errors import BadInputError, ModelNotFoundError, UsageError
 from ..jobs import Job
 from . import save
 from .progress import Progress
@@ -66,8 +66,9 @@ class Prepared:
 
 # --- before any work -----------------------------------------------------------------------------
 
-def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
-    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone."""
+def plan_targets(jobs: list[Job], overwrite: bool, write_images: bool = True) -> list[Target]:
+    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone.
+    With `write_images` False (--grid-only) the paths are only names: nothing is written there."""
     from ..outputs import STDOUT, expand_template
 
     targets, seen, index = [], set(), 0
@@ -77,9 +78,31 @@ def plan_targets(jobs: list[Job], overwrite: bool) -> list[Target]:
             path = Path(STDOUT) if job.cfg.output == STDOUT else expand_template(job.cfg.output, index, seed, job.prompt)
             targets.append(Target(job, index, seed, path))
             index += 1
-    for t in targets:
+    for t in targets if write_images else ():
         _check_target(t, len(targets), seen, overwrite)
     return targets
+
+
+def plan_grid(req, targets: list[Target]) -> None:
+    """--grid FILE checked with the images, before the model loads: a free target, not one of the images' names,
+    and one image size for the whole run (a contact sheet's cells are all alike)."""
+    from ..outputs import check_target
+
+    grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
+    if grid is None:
+        if grid_only:
+            raise UsageError("--grid-only needs --grid FILE")
+        return
+    if req.grid_rows < -1:
+        raise UsageError(f"--grid-rows must be -1 (automatic), 0 (one row per batch) or a row count, got {req.grid_rows}")
+    if not grid_only and any(str(t.path) == grid or t.path == Path(grid) for t in targets):
+        raise UsageError(f"--grid {grid} is also the name of an image of this run: give the grid its own name")
+    if getattr(req, "preview", None) and Path(req.preview) == Path(grid):
+        raise UsageError(f"--grid {grid} is also the --preview file: give the grid its own name")
+    sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
+    if len(sizes) > 1:
+        raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
+    check_target(grid, req.overwrite)
 
 
 def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
@@ -148,15 +171,23 @@ def job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
 
 
 def load(cfg: RunConfig):
-    from .. import checkpoint, device
+    from .. import checkpoint, device, pipeline
 
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
-    return checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_embeddings_dir(cfg: RunConfig) -> None:
+    """A named embeddings folder must exist: said before the (slow) model load."""
+    if cfg.embeddings_dir and not Path(cfg.embeddings_dir).expanduser().is_dir():
+        raise ModelNotFoundError(f"embeddings_dir {cfg.embeddings_dir}: no such folder")
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
@@ -189,17 +220,21 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
         by_job.setdefault(id(t.job), []).append(t)
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
+    saved: list[save.Saved] = []
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        _render_job(models, group, init, cond, req, tuple(state.reports), nets)
+        saved += _render_job(models, group, init, cond, req, tuple(state.reports), nets)
+    if getattr(req, "grid", None):
+        save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
     console.info(f"done: {len(targets)} image{'s' if len(targets) != 1 else ''} in {took:.1f} s")
 
 
 def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
-            nets: dict | None = None) -> Prepared:
-    """The job's plan, its Cond pair (the inpainting channels and ControlNet units attached), its size and
-    hires pass."""
+            encoded: dict | None = None, nets: dict | None = None) -> Prepared:
+    """The job's plan, its Cond pair (the inpainting channels and ControlNet units attached), its size and hires
+    pass. `encoded` ((text, negative) -> encoding) lets jobs with one clip_skip and one LoRA set share their text
+    encodings; `nets`: the run's loaded ControlNets (control_config.load_nets)."""
     from .. import pipeline
     from ..conditioning import conditioning
 
@@ -209,7 +244,7 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
         cond, uncond = _with_negative(models, cond_override, cfg)
     else:
-        encoded: dict = {}  # shared with the hires pass: a plain prompt is encoded once, not twice
+        encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
         cond, uncond = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip, None, encoded)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
@@ -219,16 +254,16 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
         hires = dataclasses.replace(hires, conds=tuple(conditioning(c) for c in conds))
     cond, uncond = conditioning(cond, concat), conditioning(uncond, concat)
     if cfg.controlnets:
-        cond, uncond, hires = _with_control(cfg, nets, cond, uncond, hires)
+        cond, uncond, hires = _with_control(models, cfg, nets, cond, uncond, hires)
     return Prepared(plan, cond, uncond, (height, width), hires)
 
 
-def _with_control(cfg: RunConfig, nets: dict | None, cond, uncond, hires: Hires | None):
+def _with_control(models, cfg: RunConfig, nets: dict | None, cond, uncond, hires: Hires | None):
     """The job's ControlNet units on both passes' conditioning (the hint is fitted to each pass's size)."""
     from ..control import attach
     from ..control_config import units_for
 
-    units = units_for(cfg.controlnets, nets or {})
+    units = units_for(cfg.controlnets, {} if nets is None else nets, models)
     if hires is not None and hires.conds is not None:
         hires = dataclasses.replace(hires, conds=attach(*hires.conds, units))
     return (*attach(cond, uncond, units), hires)
@@ -245,14 +280,16 @@ def _with_negative(models, cond, cfg: RunConfig):
 
 
 def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
-                nets: dict | None = None) -> None:
+                nets: dict | None = None) -> list:
     from .. import pipeline
 
     cfg = targets[0].job.cfg
-    p = prepare(models, cfg, targets[0].job, init, cond_override, nets)
+    p = prepare(models, cfg, targets[0].job, init, cond_override, nets=nets)
+    saved = []
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
-            _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+            saved += _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+    return saved
 
 
 def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
@@ -285,13 +322,13 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
-def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> None:
+def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list:
     from .. import pipeline
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
     with Progress(seeds, len(p.plan.sigmas) - 1 if init is None else None, req.progress) as progress:
-        step = _with_preview(progress, req.preview, models)
+        step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
         if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
             latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step)
         else:
@@ -301,21 +338,52 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
     decoded = pipeline.decode_latents(models, latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
-    for k, target in enumerate(batch):
-        save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                      timings, req, p.hires, loras)
+    return [save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
+                          timings, req, p.hires, loras) for k, target in enumerate(batch)]
 
 
-def _with_preview(progress, preview: str | None, models):
+def _with_preview(progress, req, models, vae_dir: str | None):
     """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
     from ..preview import PreviewWriter
 
     latent = models.family.latent
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale) if preview else None
+    preview = req.preview
+    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
+        if preview else None
     callbacks = [c for c in (progress, writer) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]
+
+
+def preview_decoder(models, preview_vae: str | None, vae_dir: str | None):
+    """The TAESD the live preview decodes with: --preview-vae, else the family's taesd decoder in vae_dir, else the
+    render's own VAE when it is a TAESD; None for the cheap linear estimate. Loaded once per run."""
+    from .. import vae_files
+
+    path = preview_vae or vae_files.find_preview_decoder(vae_dir, models.family)
+    if path is None:
+        return models.vae if vae_files.is_tiny(models.vae) else None
+    param = next(models.unet.parameters())
+    key = (str(path), param.dtype, param.device, models.family.name)
+    if key not in _PREVIEW_DECODERS:
+        _PREVIEW_DECODERS.clear()  # one run, one preview decoder
+        _PREVIEW_DECODERS[key] = _load_preview_decoder(str(path), param.dtype, param.device, models.family)
+    return _PREVIEW_DECODERS[key]
+
+
+_PREVIEW_DECODERS: dict = {}
+
+
+def _load_preview_decoder(path: str, dtype, device, family):
+    from .. import vae_files
+
+    vae = vae_files.load_vae_file(path, dtype, device, family)
+    if not vae_files.is_tiny(vae):
+        raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
+    console.info(f"preview: decoded by {Path(path).name}")
+    return vae
 
 
 def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:

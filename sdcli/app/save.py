@@ -6,22 +6,55 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .. import __version__, console
 from ..config import RunConfig
 
 
-def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> None:
+class Saved(NamedTuple):
+    """An image as saved (or, with --grid-only, as it would have been): for the grid."""
+
+    image: Any  # PIL image
+    seed: int
+    infotext: str
+    meta: dict
+
+
+def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> Saved:
     """Image `target` of a batch: PNG (and latent when asked), then the report. `size` is the first pass's:
-    A1111 writes it as Size, and the config records the width/height asked for."""
+    A1111 writes it as Size, and the config records the width/height asked for. With --grid-only the PNG is
+    not written: the image goes on the grid only."""
     from .. import images
     from ..outputs import save_png
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras)
     text = infotext(models, target, size, init, hires, loras)
-    path = save_png(images.tensor_to_pil(image), target.path, text, meta, overwrite=req.overwrite)
+    pil = images.tensor_to_pil(image)
+    grid_only = getattr(req, "grid_only", False)
+    path = None if grid_only else save_png(pil, target.path, text, meta, overwrite=req.overwrite)
     if getattr(req, "latent_out", None):
         save_latent_out(models, req, target, latent, hires.size if hires else size)
+    if path is not None:
+        _report_image(path, target, timings, fallbacks, req)
+    return Saved(pil, target.seed, text, meta)
+
+
+def save_grid(saved: list[Saved], req, batch_size: int) -> None:
+    """--grid FILE: a contact sheet of the run's images (grid.image_grid: A1111's rows and columns) carrying the
+    first image's infotext and metadata, plus every image's seed in order."""
+    from .. import grid
+    from ..outputs import save_png
+
+    sheet = grid.image_grid([s.image for s in saved], rows=req.grid_rows, batch_size=batch_size)
+    first = saved[0]
+    meta = {**first.meta, "grid_seeds": [s.seed for s in saved],
+            "grid_shape": dict(zip(("rows", "cols"), grid.grid_shape(len(saved), req.grid_rows, batch_size)))}
+    path = save_png(sheet, req.grid, first.infotext, meta, overwrite=req.overwrite)
+    report(req, {"path": str(path), "grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
+
+
+def _report_image(path, target, timings, fallbacks, req) -> None:
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
                            "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
@@ -48,6 +81,8 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
               "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
+    if models.vae_source is not None:  # as A1111 records a VAE chosen apart from the checkpoint
+        params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
     if init is not None:
@@ -63,7 +98,24 @@ def infotext(models, target, size, init, hires=None, loras=()) -> str:
         from ..control_config import infotext_fields
 
         params["extra"] = {**params.get("extra", {}), **infotext_fields(cfg.controlnets)}
+    used = used_embeddings(models, target.job)
+    if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
+        params["extra"] = {**params.get("extra", {}),
+                           "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
     return format_infotext(params)
+
+
+def used_embeddings(models, job) -> list:
+    """The textual-inversion embeddings the job's prompt and negative place, at any step of any pass."""
+    from ..prompt_schedule import prompt_schedule
+
+    if models.embeddings is None:
+        return []
+    cfg = job.cfg
+    passes = [None] if cfg.hires_scale == 1.0 else [None, cfg.hires_steps or cfg.steps]
+    texts = {t: None for text in (job.text, cfg.negative) for hires in passes
+             for _, t in prompt_schedule(text, cfg.steps, hires)}
+    return models.embeddings.used_in(texts)
 
 
 def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dict:
@@ -78,7 +130,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    del recorded["output"], recorded["lora_dir"]
+    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir"):  # the user's folders
+        del recorded[key]
     if cfg.controlnets:  # names and sha256 of the ControlNet files and hint images, every setting
         from ..control_config import recorded as control_record
 
@@ -92,10 +145,19 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    if models.vae_source is not None:
+        from ..vae_files import is_tiny
+
+        meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
+                       "kind": "taesd" if is_tiny(models.vae) else "full"}
     if init is not None and init.mask:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    used = used_embeddings(models, target.job)
+    if used:  # the file name (A1111's name is its stem) and the whole file's sha256
+        meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
+                              for e in used]
     if loras:
         meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
                           "modules": r.total} for r in loras]
@@ -121,6 +183,13 @@ def model_hash(models) -> str | None:
 
     source = Path(models.source)
     return file_sha256(source) if source.is_file() else None
+
+
+def vae_hash(models) -> str | None:
+    from ..formats.hashing import file_sha256
+
+    source = models.vae_source
+    return file_sha256(source) if source is not None and source.is_file() else None
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

@@ -1,25 +1,61 @@
-"""`sdcli verify`: re-render an sdcli text-to-image PNG from its recorded settings and compare the pixels."""
+"""`sdcli verify`: re-render sdcli text-to-image PNGs from their recorded settings and compare the pixels; with
+--report / --report-dir, one HTML page showing each stored image, its re-render and their difference."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfgmod
 from .. import console, control_config
 from ..errors import UsageError, VerificationError
-from ..jobs import single_job
+from ..jobs import Job, single_job
+from ..replay import RENDER_KEYS
 from . import render
 from .save import model_hash
 
 
-def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: float, json_out: bool,
-               loras: list[str] | None = None, control: dict | None = None) -> None:
-    """Re-render an sdcli image from its recorded settings (dtype included) and compare the pixels. LoRAs are
-    files of the user's, like the model: they are given again with --lora, and checked against the record;
-    so are ControlNets (--controlnet; the hint beside the image or --control-image: control_config.replayed)."""
-    from .. import images, pipeline
-    from ..lora import LoraState
-    from ..replay import from_image
+@dataclass(frozen=True)
+class Check:
+    """One image to verify, read and checked before any model loads."""
+
+    image: Path
+    job: Job
+    loras: list  # lora.LoraSpec
+    recorded_hash: str | None  # the sha256 of the checkpoint the image records
+
+
+def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_psnr: float, json_out: bool,
+               loras: list[str] | None = None, report: str | None = None, report_dir: str | None = None,
+               overwrite: bool = False, control: dict | None = None) -> None:
+    """Re-render sdcli images from their recorded settings (dtype included) and compare the pixels. LoRAs are
+    files of the user's, like the model: they are given again with --lora, and checked against the record; so
+    are ControlNets (--controlnet; the hint beside the image or --control-image: control_config.replayed).
+    Every image is read, and the report's target checked, before a model loads; the report is written once,
+    after every image; then exit 9 when any drifted."""
+    from ..outputs import check_target
+
+    checks = [_check(image, flags, config_file, loras or [], control or {}) for image in images]
+    if report and report_dir:
+        raise UsageError("give --report FILE or --report-dir DIR, not both")
+    if report:
+        check_target(report, overwrite)
+    if report_dir:
+        check_target(Path(report_dir) / "index.html", overwrite)
+    entries = _verify_all(checks, min_psnr, json_out)
+    _write_report(entries, report, report_dir, overwrite)
+    failed = [e.result for e in entries if not e.result["passed"]]
+    if len(failed) == 1 and len(entries) == 1:
+        r = failed[0]
+        raise VerificationError(f"{r['path']}: re-render drifted: PSNR {r['psnr']:.2f} dB < {min_psnr} dB "
+                                f"(max difference {r['max_diff']} levels)")
+    if failed:
+        raise VerificationError(f"{len(failed)} of {len(entries)} images drifted (PSNR < {min_psnr} dB): "
+                                + ", ".join(r["path"] for r in failed))
+
+
+def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict) -> Check:
+    from ..replay import check_embeddings, from_image
 
     replay = from_image(image)
     if replay.source != "sdcli" or replay.mode != "txt2img":
@@ -29,34 +65,75 @@ def run_verify(image: Path, flags: dict, config_file: Path | None, min_psnr: flo
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     recorded_units = (replay.recorded.get("config") or {}).get("controlnets")
     if recorded_units:
-        control = control or {}
         flags = {**flags, "controlnets": control_config.replayed(recorded_units, Path(image), control.get("models", []),
                                                                  control.get("images", []))}  # fmt: skip
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
     render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
-    specs = render.lora_specs(loras or [], job)
+    specs = render.lora_specs(loras, job)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
     if missing:
         raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
+    check_embeddings(image, replay, cfg.embeddings_dir)
     control_config.check_files([job], cfg.model)
-    models = render.load(cfg)
-    render.check_inpaint_model(models, cfg, None)
-    render.use_loras(LoraState(models), specs)
-    p = render.prepare(models, cfg, job, nets=control_config.load_nets([job], models))
+    return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"))
+
+
+def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
+    """One ReportEntry per image, in order. A model is loaded once for the images that share its settings
+    (model, VAE, dtype, device, prediction); LoRA sets switch between images on one model."""
+    from ..lora import LoraState
+    from ..report import ReportEntry
+
+    entries, loaded, key = [], None, None
+    switching = len({tuple((s.path.resolve(), s.weight) for s in c.loras) for c in checks}) > 1
+    for c in checks:
+        cfg = c.job.cfg
+        wanted = (cfg.model, cfg.vae, cfg.dtype, cfg.device, cfg.prediction)
+        if wanted != key:
+            loaded = None  # let the previous model go before the next one loads
+            loaded, key = render.load(cfg), wanted
+            render.check_inpaint_model(loaded, cfg, None)
+            state = LoraState(loaded, keep_originals=switching)
+        render.use_loras(state, c.loras)
+        stored, again = _rerender(loaded, c)
+        result = compare_images(stored, again)
+        result.update(path=str(c.image), min_psnr=min_psnr, passed=result["psnr"] >= min_psnr,
+                      same_model=None if c.recorded_hash is None else c.recorded_hash == model_hash(loaded))
+        _report_verify(result, json_out)
+        entries.append(ReportEntry(result, stored, again, _settings(c.job)))
+    return entries
+
+
+def _rerender(models, c: Check):
+    """(the stored image, its re-render), as PIL images."""
+    from .. import images, pipeline
+
+    cfg = c.job.cfg
+    p = render.prepare(models, cfg, c.job, nets=control_config.load_nets([c.job], models))
     with pipeline.seamless(models, cfg.seamless):
         latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires)
         again = images.tensor_to_pil(pipeline.decode_latents(models, latents).images[0])
-    result = compare_images(images.load_image(image)[0], again)
-    recorded_hash = (replay.recorded.get("model") or {}).get("sha256")
-    result.update(path=str(image), min_psnr=min_psnr, passed=result["psnr"] >= min_psnr,
-                  same_model=None if recorded_hash is None else recorded_hash == model_hash(models))
-    _report_verify(result, json_out)
-    if not result["passed"]:
-        raise VerificationError(f"{image}: re-render drifted: PSNR {result['psnr']:.2f} dB < {min_psnr} dB "
-                                f"(max difference {result['max_diff']} levels)")
+    return images.load_image(c.image)[0], again
+
+
+def _settings(job: Job) -> dict:
+    """What the report shows of a re-render: the prompt and the recorded settings that shaped it."""
+    shown = {"prompt": job.prompt}
+    shown.update({k: v for k, v in job.cfg.to_dict().items()
+                  if k in RENDER_KEYS and v is not None and v != "" or k in ("model", "dtype")})
+    return shown
+
+
+def _write_report(entries: list, report: str | None, report_dir: str | None, overwrite: bool) -> None:
+    from .. import report as html_report
+
+    if report:
+        console.info(f"report: {html_report.write_report(entries, report, overwrite)}")
+    elif report_dir:
+        console.info(f"report: {html_report.write_report_dir(entries, report_dir, overwrite)}")
 
 
 def compare_images(a, b) -> dict:
@@ -75,9 +152,10 @@ def compare_images(a, b) -> dict:
 
 
 def _report_verify(report: dict, json_out: bool) -> None:
+    from ..report import verify_json
+
     if json_out:
-        shown = {**report, "psnr": None if report["psnr"] == float("inf") else round(report["psnr"], 3)}
-        return console.emit_json(shown)
+        return console.emit_json(verify_json(report))
     verdict = "identical" if report["identical"] else f"PSNR {report['psnr']:.2f} dB, max diff {report['max_diff']}"
     if report.get("same_model") is False:
         verdict += "; note: not the checkpoint the image was made with (sha256 differs)"

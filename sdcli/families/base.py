@@ -35,6 +35,9 @@ class TextEncoderSpec:
     hidden_act: str  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP)
     hidden_layer: str = "last"  # "penultimate": the file's last layer is dropped at load (SD2's conditioning)
     pooled: bool = False  # whether the UNet needs its pooled output (SDXL's vector y)
+    # Which vectors of a textual-inversion file it takes: "clip_l" (OpenAI ViT-L), "clip_g" (OpenCLIP bigG) are
+    # the keys of SDXL embedding files; a single-tensor file fits any one-encoder model of its width.
+    embedding_key: str = "clip_l"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class LatentSpec:
     scale_factor: float = 0.18215  # scaled latent = VAE latent * scale_factor (the space the UNet works in)
     downscale: int = 8  # pixels per latent cell
     rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB  # (channels, 3): the cheap preview's map
+    taesd: str = "taesd"  # which tiny autoencoder decodes this space: madebyollin's taesd_* or taesdxl_* files
 
 
 @dataclass(frozen=True)

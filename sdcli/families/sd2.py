@@ -42,7 +42,8 @@ def _settle(unet) -> str:
 SD2 = Family(
     name="sd2", title="SD 2.x", a1111_name="SD2", matches=_is_sd2,
     # OpenCLIP's tokenizer pads with 0 ("!"); the file's last layer is dropped (penultimate conditioning)
-    text=(TextEncoderSpec(prefix=OPENCLIP_TEXT, pad_id=0, hidden_act="gelu", hidden_layer="penultimate"),),
+    text=(TextEncoderSpec(prefix=OPENCLIP_TEXT, pad_id=0, hidden_act="gelu", hidden_layer="penultimate",
+                          embedding_key="clip_h"),),
     unet_heads=dict(num_heads=None, head_dim=64),
     prediction="v", settle_prediction=_settle, inpaint_prediction="eps",
     native_sizes={"eps": 512, "v": 768},

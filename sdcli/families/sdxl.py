@@ -15,7 +15,7 @@ from .base import Family, LatentSpec, Shapes, TextEncoderSpec
 ADM = UNET_PREFIX + "label_emb.0.0.weight"  # (model channels * 4, adm width)
 # The SDXL VAE has SD's shapes but another latent scale (never visible in a header: declared here). Preview
 # factors: ComfyUI comfy/latent_formats.py SDXL.latent_rgb_factors.
-SDXL_LATENT = LatentSpec(scale_factor=0.13025, rgb_factors=(
+SDXL_LATENT = LatentSpec(scale_factor=0.13025, taesd="taesdxl", rgb_factors=(
     (0.3920, 0.4054, 0.4549), (-0.2634, -0.0196, 0.0653), (0.0568, 0.1687, -0.0755), (-0.3112, -0.2359, -0.2076),
 ))  # fmt: skip
 
@@ -34,7 +34,7 @@ def _is_sdxl(shapes: Shapes) -> bool:
 SDXL_REFINER = Family(
     name="sdxl-refiner", title="SDXL refiner", a1111_name="SDXL", matches=_is_refiner,
     text=(TextEncoderSpec(prefix=CONDITIONER_PREFIX + "0.model.", pad_id=0, hidden_act="gelu",
-                          hidden_layer="penultimate", pooled=True),),
+                          hidden_layer="penultimate", pooled=True, embedding_key="clip_g"),),
     unet_heads=dict(num_heads=None, head_dim=64), latent=SDXL_LATENT,
     native_sizes={"eps": 1024, "v": 1024},
     diffusers_components=("unet", "vae", "text_encoder_2"), supported=False,
@@ -45,7 +45,7 @@ SDXL = Family(
     text=(TextEncoderSpec(prefix=CONDITIONER_PREFIX + "0.transformer.", pad_id=49407, hidden_act="quick_gelu",
                           hidden_layer="penultimate"),
           TextEncoderSpec(prefix=CONDITIONER_PREFIX + "1.model.", pad_id=0, hidden_act="gelu",
-                          hidden_layer="penultimate", pooled=True)),
+                          hidden_layer="penultimate", pooled=True, embedding_key="clip_g")),
     unet_heads=dict(num_heads=None, head_dim=64), latent=SDXL_LATENT,
     native_sizes={"eps": 1024, "v": 1024},
     diffusers_components=("unet", "vae", "text_encoder", "text_encoder_2"), supported=False,

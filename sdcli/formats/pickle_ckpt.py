@@ -29,28 +29,51 @@ def is_pickle(path: Path) -> bool:
     return looks_pickled(head)
 
 
-class _LightningCheckpointStub:
-    """Stands in for pytorch_lightning's ModelCheckpoint callback pickled inside old SD .ckpt files.
-
-    Unpickling it only records its state; no code of the file runs (weights_only allows nothing else).
-    """
+class _StateOnly:
+    """Stands in for a class named in ALLOWED_CLASSES: unpickling it only records its state (a dict); no module
+    is built and no code of the file runs."""
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
 
-_CKPT_ALLOWED = [(_LightningCheckpointStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+class LightningCheckpointStub(_StateOnly):
+    """pytorch_lightning's ModelCheckpoint callback, pickled inside old SD .ckpt files."""
+
+
+class ParameterDictData(_StateOnly):
+    """torch.nn.ParameterDict in very old A1111 / rinongal textual-inversion .pt files: read as its parameters."""
+
+    @property
+    def parameters(self) -> dict:
+        return self.state.get("_parameters", {}) if isinstance(self.state, dict) else {}
+
+
+# The only names a pickle may instantiate besides what torch's weights_only unpickler allows (tensors, dicts,
+# lists, strings, numbers): data, each stood in for by a state-only class.
+ALLOWED_CLASSES = {
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint": LightningCheckpointStub,
+    "torch.nn.modules.container.ParameterDict": ParameterDictData,
+}
+
+
+def load_pickle(path: str | Path, what: str = "checkpoint") -> Any:
+    """A pickle file's object, read with torch's weights_only unpickler plus ALLOWED_CLASSES' stand-ins: the one
+    restricted loader of sdcli. A refused global or a broken file is BadInputError naming the file and `what`."""
+    path = Path(path)
+    allowed = [(stub, name) for name, stub in ALLOWED_CLASSES.items()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=None)
+    except Exception as e:  # the unpickler raises UnpicklingError, RuntimeError, EOFError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"{path}: refused or unreadable {what} pickle ({first[:200]})") from e
 
 
 def load_ckpt(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a pickled .ckpt, read with torch's weights_only unpickler (no arbitrary code)."""
+    """The tensors of a pickled .ckpt, read with the restricted loader (no arbitrary code)."""
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_CKPT_ALLOWED):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=None)
-    except Exception as e:  # the unpickler raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"{path}: refused or unreadable pickle checkpoint ({first[:200]})") from e
+    obj = load_pickle(path)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise BadInputError(f"{path}: pickle checkpoint holds no state_dict")

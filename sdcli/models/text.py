@@ -92,15 +92,17 @@ class TextEncoder(nn.Module):
         device = emb.position_embedding.weight.device
         emb.position_ids = torch.arange(self.config.max_positions, device=device).expand(1, -1)
 
-    def forward(self, ids: Tensor, clip_skip: int = 1) -> Tensor:
+    def forward(self, ids: Tensor, clip_skip: int = 1, fixes: list | None = None) -> Tensor:
         """ids (N, T<=77) -> (N, T, D). clip_skip=k takes hidden state k from the end, then the final norm.
 
         A1111 semantics: clip_skip=1 is the last layer. For SD2 the model already ends at the penultimate
         layer of the file, so clip_skip counts on from there.
+        `fixes`: textual-inversion rows, (window n, position t, vectors (k, D)) replacing the token embeddings of
+        window n at t..t+k-1 (before the position embedding is added, as A1111's EmbeddingsWithFixes).
         """
         if clip_skip < 1 or clip_skip > self.config.num_layers:
             raise UsageError(f"clip_skip must be in 1..{self.config.num_layers}, got {clip_skip}")
-        return self.transformer(ids, layers=self.config.num_layers - clip_skip + 1)
+        return self.transformer(ids, layers=self.config.num_layers - clip_skip + 1, fixes=fixes)
 
     def encode_xl(self, ids: Tensor, hidden_index: int = -2) -> tuple[Tensor, Tensor | None]:
         """SDXL: (hidden state `hidden_index` (N, T, D) WITHOUT the final norm, pooled (N, P) or None).
@@ -137,9 +139,9 @@ class CLIPTextTransformer(nn.Module):
         self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=LAYER_NORM_EPS)
 
-    def forward(self, ids: Tensor, layers: int) -> Tensor:
+    def forward(self, ids: Tensor, layers: int, fixes: list | None = None) -> Tensor:
         """ids (N, T) -> the final norm of the output of the first `layers` layers, (N, T, D)."""
-        h = self.embeddings(ids)
+        h = self.embeddings(ids, fixes)
         for layer in self.encoder.layers[:layers]:
             h = layer(h)
         return self.final_layer_norm(h)
@@ -154,12 +156,17 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = uninitialised_embedding(cfg.max_positions, cfg.hidden_size)
         self.register_buffer("position_ids", torch.arange(cfg.max_positions).expand(1, -1), persistent=False)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, fixes: list | None = None) -> Tensor:
         if ids.shape[-1] > self.position_ids.shape[-1]:
             raise UsageError(f"{ids.shape[-1]} tokens given; the text encoder takes at most "
                              f"{self.position_ids.shape[-1]}")  # fmt: skip
         positions = self.position_ids[:, : ids.shape[-1]]
-        return self.token_embedding(ids) + self.position_embedding(positions)  # (N, T, D)
+        tokens = self.token_embedding(ids)  # (N, T, D)
+        if fixes:
+            tokens = tokens.clone()
+            for n, t, rows in fixes:
+                tokens[n, t : t + rows.shape[0]] = rows.to(tokens)
+        return tokens + self.position_embedding(positions)  # (N, T, D)
 
 
 class CLIPEncoderLayer(nn.Module):
