@@ -136,6 +136,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         from ..control_config import recorded as control_record
 
         recorded["controlnets"] = control_record(cfg.controlnets)
+    else:
+        del recorded["controlnets"]  # images without ControlNet keep their record as it was
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),
