@@ -9,7 +9,9 @@ OUT    ?= demo.png
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdcli-installed
 
-.PHONY: install browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet clean
+RAY_STAMP := $(VENV)/.sdcli-ray-installed
+
+.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +22,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) browser
+
+# The optional Ray extra (`--ray`, ~80 MB); `make test` installs it too, since the Ray tests are in the suite.
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
+	touch $(RAY_STAMP)
+
+install-ray: $(RAY_STAMP)
 
 # tests/test_report.py opens the verify report in a real headless browser. Best effort: Debian's chromium when no
 # browser is on PATH and we are root with apt-get; never fails the install (the test then says it was skipped).
@@ -44,7 +53,7 @@ demo-tiny: $(STAMP)
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model .bench/tiny-sd1.safetensors --steps 4 -W 64 -H 64 \
 		--seed 42 -o tiny-demo.png --overwrite
 
-test: $(STAMP) browser
+test: $(STAMP) $(RAY_STAMP) browser
 	$(PY) -m pytest
 
 # sdcli vs diffusers on a full-size random SD1.5 checkpoint; writes docs/benchmarks.md. Slow on a CPU (~20 min).

@@ -263,6 +263,32 @@ ProgressOpt = Annotated[
     str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
 ]
 
+RayOpt = Annotated[
+    Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
+                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+]
+WorkersOpt = Annotated[
+    Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "
+                                "one per machine without GPUs).")
+]
+GpusPerWorkerOpt = Annotated[
+    Optional[float], typer.Option("--gpus-per-worker", min=0, help="With --ray: GPUs per replica (default 1 "
+                                  "when the cluster has GPUs, else 0).")
+]
+CpusPerWorkerOpt = Annotated[
+    float, typer.Option("--cpus-per-worker", min=0.01, help="With --ray: CPUs per replica (its torch threads).")
+]
+SkipExistingOpt = Annotated[
+    bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
+                       "metadata is this job's counts as done (resumes an interrupted batch).")
+]
+
+
+def _workers(workers, gpus_per_worker, cpus_per_worker):
+    from .app.cluster import Workers
+
+    return Workers(workers, gpus_per_worker, cpus_per_worker)
+
 
 def _flags(**given) -> dict:
     """Config-key -> value for the options actually given (None = not given)."""
@@ -349,6 +375,11 @@ def generate(
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
     preview_vae: PreviewVaeOpt = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
+    skip_existing: SkipExistingOpt = False,
     print_config: PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -358,7 +389,7 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps)
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray)
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
                        control_resize, control_preprocess)
     if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
@@ -377,6 +408,7 @@ def generate(
         control=control,
         preview_vae=preview_vae,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
+        skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
     ))
 
 
@@ -425,6 +457,11 @@ def img2img(
     progress: ProgressOpt = "auto",
     preview: PreviewOpt = None,
     preview_vae: PreviewVaeOpt = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    cpus_per_worker: CpusPerWorkerOpt = 1.0,
+    skip_existing: SkipExistingOpt = False,
     print_config: PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
@@ -432,7 +469,7 @@ def img2img(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir,
-                   prediction=prediction, dtype=dtype, device=device)
+                   prediction=prediction, dtype=dtype, device=device, ray=ray)
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
     _stdout_needed(output, json_out or print_config)
@@ -445,7 +482,8 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               grid_only=grid_only))
+                               grid_only=grid_only, skip_existing=skip_existing,
+                               workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
 @app.command()

@@ -61,6 +61,7 @@ class RunConfig:
     output: str = field(default="sdcli-{seed}.png", metadata=_range())
     # ControlNet units (control_config.ControlSpec); in YAML a list of {model, image, weight, start, end, ...}
     controlnets: tuple = field(default=(), metadata=_range())
+    ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

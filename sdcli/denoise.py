@@ -84,6 +84,14 @@ def _batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
 
 
+def guided(scale: float) -> bool:
+    """Whether classifier-free guidance runs the negative pass at all: only above 1, as diffusers
+    (`do_classifier_free_guidance = guidance_scale > 1`) and the Turbo / LCM model cards mean `cfg 0` or `1`. At
+    or below 1 the conditional prediction is used alone: one UNet call per step, no negative prompt encoded.
+    (A1111 still extrapolates below 1: uncond + scale * (cond - uncond); at 0 that is the negative's prediction.)"""
+    return float(scale) > 1.0
+
+
 DENOISERS = {"eps": Denoiser, "v": Denoiser, "lcm": LCMDenoiser}  # by ModelInfo.denoiser
 
 
@@ -120,7 +128,7 @@ class CFGDenoiser:
     uncond and cond (conditioning.Cond, or bare context tensors; either may be a prompt-editing schedule) go
     through the UNet in one batched call, [uncond; cond] field by field, unless their token lengths differ (then
     two calls: padding one prompt to the other's length would change its encoding). Nothing else in them is read.
-    With scale == 1 (or no uncond) only cond is run. guidance rescale (phi, Lin et al. 2023, "Common
+    With scale <= 1 (see `guided`) or no uncond only cond is run. guidance rescale (phi, Lin et al. 2023, "Common
     Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 2) is applied to the UNet's own output
     (eps or v), exactly as diffusers `rescale_noise_cfg`, by undoing the linear x0 scaling.
     """
@@ -140,7 +148,7 @@ class CFGDenoiser:
         cond, uncond = (_scheduled(c, self.evaluations) for c in (self.cond, self.uncond))
         self.evaluations += 1
         cond = _match_batch(cond, b)
-        if uncond is None or self.scale == 1.0:
+        if uncond is None or not guided(self.scale):
             return self.denoiser(x, sigma, cond)
         uncond = _match_batch(uncond, b)
         if as_cond(uncond).layout() == as_cond(cond).layout():

@@ -21,7 +21,7 @@ import torch
 
 from . import cuda_graphs, samplers, schedule
 from .conditioning import conditioning, for_batch
-from .denoise import DENOISERS, CFGDenoiser
+from .denoise import DENOISERS, CFGDenoiser, guided
 from .errors import NumericalError, OutOfMemoryError
 from .families import DEFAULT, Family
 from .prompt_schedule import ScheduledCond, prompt_schedule
@@ -67,15 +67,20 @@ def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str
 
 # --- text ----------------------------------------------------------------------------------------
 
-def encode_text(models, prompt: str, negative: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32. Textual-inversion
-    embeddings the texts trigger (models.embeddings) take the rows of this encoder's key."""
-    from .prompts import encode_pair
+    embeddings the texts trigger (models.embeddings) take the rows of this encoder's key. `negative` None (no
+    guidance, cfg <= 1): the prompt alone, unpadded, as diffusers encodes it then; uncond is None."""
+    from .prompts import encode_pair, encode_prompt
     from .tokenizer import get_tokenizer
 
     enc = models.text_encoder
     spec = models.family.text[0]
     with torch.inference_mode():
+        if negative is None:
+            return encode_prompt(prompt, enc, get_tokenizer(), spec.pad_id, clip_skip, models.embeddings,
+                                 spec.embedding_key).float(), None
         cond, uncond = encode_pair(prompt, negative, enc, get_tokenizer(), spec.pad_id, clip_skip,
                                    models.embeddings, spec.embedding_key)
     return cond.float(), uncond.float()
@@ -99,12 +104,13 @@ def with_embeddings(models, folder):
     return dataclasses.replace(models, embeddings=library)
 
 
-def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: int = 1,
+def encode_scheduled(models, prompt: str, negative: str | None, steps: int, clip_skip: int = 1,
                      hires_steps: int | None = None, encoded: dict | None = None):
     """(cond, uncond) for a prompt and negative that may hold A1111 prompt editing: plain tensors when neither
     does, else ScheduledCond pairs with one entry per change. Each entry's cond and uncond are encoded (and
     padded to one chunk count) together, as encode_text does. `encoded` caches (text, negative) -> encoding,
-    so a text is encoded once, also across calls (the first pass and the hires pass of one job)."""
+    so a text is encoded once, also across calls (the first pass and the hires pass of one job). `negative`
+    None (cfg <= 1): no uncond is encoded and None comes back in its place."""
     encoded = {} if encoded is None else encoded
 
     def encode(key: tuple[str, str]):
@@ -113,13 +119,13 @@ def encode_scheduled(models, prompt: str, negative: str, steps: int, clip_skip: 
         return encoded[key]
 
     texts = prompt_schedule(prompt, steps, hires_steps)
-    negatives = prompt_schedule(negative, steps, hires_steps)
+    negatives = prompt_schedule(negative, steps, hires_steps) if negative is not None else [(texts[-1][0], None)]
     if len(texts) == 1 and len(negatives) == 1:
         return encode((texts[0][1], negatives[0][1]))
     ends = sorted({end for end, _ in texts} | {end for end, _ in negatives})
     entries = [(end, encode((_text_at(texts, end), _text_at(negatives, end)))) for end in ends]
-    return (ScheduledCond(tuple((end, c) for end, (c, _) in entries)),
-            ScheduledCond(tuple((end, u) for end, (_, u) in entries)))
+    uncond = ScheduledCond(tuple((end, u) for end, (_, u) in entries)) if negative is not None else None
+    return ScheduledCond(tuple((end, c) for end, (c, _) in entries)), uncond
 
 
 def _text_at(schedule: list[tuple[int, str]], step: int) -> str:
@@ -232,8 +238,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     unet = _UNetAdapter(models.unet, images=batch)
     denoiser = kind(unet, models.family.schedule.alphas_cumprod(), models.info.prediction)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
-    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if plan.cfg != 1 else None
-    guided = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
+    model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     sigmas = plan.sigmas.to(x.device)
 
     def on_step(i, total, x_i, denoised):
@@ -244,7 +250,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
             callback(i, total, x_i, denoised)
 
     with torch.inference_mode():
-        return samplers.sample(plan.sampler, guided, x, sigmas, noise, callback=on_step)
+        return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
 
 
 class _UNetAdapter:

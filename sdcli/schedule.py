@@ -92,6 +92,18 @@ def _simple(steps: int, ms: Tensor) -> Tensor:
     return _finish(torch.stack([ms[-(1 + int(i * stride))] for i in range(steps)]))
 
 
+def _trailing(steps: int, ms: Tensor) -> Tensor:
+    """diffusers' timestep_spacing="trailing" (the Turbo / few-step models' schedule): timesteps
+    round(1000 - i * 1000 / steps) - 1, so 999, 749, 499, 249 for 4 steps, at their training sigmas.
+
+    Where steps divides 1000 this is `simple`; elsewhere it rounds where `simple` floors (3 steps: 999, 666, 332
+    here, 999, 666, 333 there). diffusers EulerDiscreteScheduler.set_timesteps, "trailing" branch.
+    """
+    n = len(ms)
+    t = torch.round(torch.arange(n, 0, -n / steps, dtype=torch.float64)).long() - 1
+    return _finish(ms[t])
+
+
 def _ddim_uniform(steps: int, ms: Tensor) -> Tensor:
     """Timesteps 1, 1+k, 1+2k, ... with k = 1000 // steps: diffusers' "leading" spacing with steps_offset=1.
 
@@ -198,6 +210,7 @@ SCHEDULES = {
     "exponential": _exponential,
     "sgm_uniform": _sgm_uniform,
     "simple": _simple,
+    "trailing": _trailing,
     "ddim_uniform": _ddim_uniform,
     "beta": _beta,
     "align_your_steps": _align_your_steps,
@@ -206,9 +219,12 @@ SCHEDULES = {
 
 # The one table of schedule names: ours -> A1111's "Schedule type" label (modules/sd_schedulers.py), where A1111 has
 # the schedule; metadata.py writes and reads infotext with it, samplers.py reads schedule words in sampler labels.
+# "Trailing" is not one of A1111's: it is written in A1111's style, and A1111 reads a label it does not know as
+# "Automatic" (sd_samplers.get_sampler_and_scheduler); sdcli reads it back as `trailing`.
 SCHEDULE_LABELS = {
     "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-    "simple": "Simple", "ddim_uniform": "DDIM", "beta": "Beta", "align_your_steps": "Align Your Steps",
+    "simple": "Simple", "trailing": "Trailing", "ddim_uniform": "DDIM", "beta": "Beta",
+    "align_your_steps": "Align Your Steps",
 }
 # Other spellings -> ours (None: the sampler's default). A1111's "Uniform" is k-diffusion's default discretisation,
 # uniform in t, which is the schedule we (and ComfyUI) call "normal".

@@ -206,3 +206,13 @@ def test_metadata_module_does_not_import_torch():
     code = "import sys, sdcli.metadata, sdcli.outputs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_trailing_schedule_written_in_a1111_style_and_read_back():
+    # Turbo's schedule: A1111 has no such "Schedule type"; written in its style, read back as ours
+    text = format_infotext(dict(PARAMS, sampler="euler_a", schedule="trailing", cfg_scale=0.0))
+    assert "Sampler: Euler a, Schedule type: Trailing, CFG scale: 0, " in text
+    back = parse_infotext(text)
+    assert (back["sampler"], back["schedule"], back["cfg_scale"]) == ("euler_a", "trailing", 0.0)
+    assert parse_infotext(text.replace("Sampler: Euler a, Schedule type: Trailing", "Sampler: Euler a Trailing")
+                          )["schedule"] == "trailing"  # old A1111 style: the schedule inside the sampler label

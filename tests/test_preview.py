@@ -1,6 +1,6 @@
 """--preview: a PNG rewritten during sampling with the cheap latent-to-RGB estimate of image 0. It exists and has
 the output's size after generate, img2img and a hires pass; writes are throttled but the last step is always
-written; a preview that cannot be written turns itself off and the render still succeeds."""
+written; a preview that cannot be written during the render turns itself off and the render still succeeds."""
 
 from __future__ import annotations
 
@@ -64,7 +64,19 @@ def test_the_preview_is_the_cheap_estimate_of_the_latent(tmp_path):
     assert colour != (127, 127, 127) and torch.equal(cheap_rgb(torch.zeros(1, 4, 2, 2)), torch.zeros(1, 3, 2, 2))
 
 
-def test_an_unwritable_preview_is_turned_off_and_the_render_succeeds(run, tmp_path):
-    (tmp_path / "taken").mkdir()
-    result = run("generate", "a fox", "-W", "64", "-H", "64", "-o", "a.png", "--preview", "taken")
-    assert "preview off:" in result.stderr and Path("a.png").exists()
+def test_a_preview_that_fails_while_sampling_is_turned_off_and_the_render_succeeds(run, tmp_path, monkeypatch):
+    # A target that is wrong from the start (a folder) is refused before the load (tests/test_output_plan.py);
+    # one that fails during the render (the folder removed, the disk full) only turns the preview off.
+    import sdcli.outputs
+    from sdcli.errors import OutputError
+
+    real = sdcli.outputs.atomic_write_bytes
+
+    def failing(path, data, overwrite=False):
+        if str(path).endswith("p.png"):
+            raise OutputError(f"{path}: cannot write (No space left on device)")
+        return real(path, data, overwrite)
+
+    monkeypatch.setattr(sdcli.outputs, "atomic_write_bytes", failing)
+    result = run("generate", "a fox", "-W", "64", "-H", "64", "-o", "a.png", "--preview", "p.png")
+    assert "preview off:" in result.stderr and Path("a.png").exists() and not Path("p.png").exists()

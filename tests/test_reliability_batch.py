@@ -27,14 +27,14 @@ def test_long_prompts_file_batch_has_flat_memory(tiny_sd1, tmp_path, monkeypatch
     prompts.write_text("".join(f"a tiny picture number {i}\n" for i in range(JOBS)), encoding="utf-8")
     proc = psutil.Process()
     samples: dict[int, tuple[int, int]] = {}
-    real = sdcli.app.save.save_one
+    real = sdcli.app.save.save_rendered
 
-    def save_and_measure(models, target, *args, **kwargs):
-        real(models, target, *args, **kwargs)
-        if target.index + 1 in (WARMUP, JOBS):
-            samples[target.index + 1] = (proc.memory_info().rss, _live_tensors())
+    def save_and_measure(models, done, req):
+        real(models, done, req)
+        if done.target.index + 1 in (WARMUP, JOBS):
+            samples[done.target.index + 1] = (proc.memory_info().rss, _live_tensors())
 
-    monkeypatch.setattr(sdcli.app.save, "save_one", save_and_measure)
+    monkeypatch.setattr(sdcli.app.save, "save_rendered", save_and_measure)
     args = render_args(tiny_sd1, "--prompts-file", prompts, "--cfg", "1", "-o", "out/{index:03d}.png", "--quiet")
     args.remove("a cat")  # the prompts come from the file
     result = cli(*args)

@@ -72,6 +72,26 @@ def test_simple_matches_diffusers_trailing(steps):
                                rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 7, 8, 13, 30, 999, 1000])
+def test_trailing_matches_diffusers_trailing(steps):
+    # The Turbo / few-step schedule: diffusers' timesteps exactly (4 steps: 999, 749, 499, 249), each at its
+    # training sigma (diffusers computes those in float32, hence the rtol).
+    sched = EulerDiscreteScheduler(**SD, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    ours = get_sigmas("trailing", steps, SIGMAS)
+    expected = torch.cat([SIGMAS[sched.timesteps.long()], torch.zeros(1, dtype=torch.float64)]).float()
+    assert torch.equal(ours, expected)
+    torch.testing.assert_close(ours, sched.sigmas, rtol=1e-6, atol=0)
+    if steps == 4:
+        assert sched.timesteps.long().tolist() == [999, 749, 499, 249]
+
+
+def test_trailing_is_not_simple_where_steps_do_not_divide_1000():
+    # `simple` floors the stride (ComfyUI / A1111), trailing rounds: an alias would be wrong at 3, 6, 7 steps
+    assert torch.equal(get_sigmas("trailing", 4, SIGMAS), get_sigmas("simple", 4, SIGMAS))
+    assert not torch.equal(get_sigmas("trailing", 3, SIGMAS), get_sigmas("simple", 3, SIGMAS))
+
+
 @pytest.mark.parametrize("steps", [7, 10, 50])
 def test_ddim_uniform_matches_diffusers_ddim_leading(steps):
     sched = DDIMScheduler(**SD, timestep_spacing="leading", steps_offset=1)

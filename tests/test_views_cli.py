@@ -83,7 +83,7 @@ def test_grid_rows_per_batch_and_grid_only(cli, tmp_path):
 def test_grid_refused_before_the_model_loads(cli, tmp_path):
     r = cli("generate", PROMPT, "-m", "missing.safetensors", "-n", "2", "-o", "a-{index}.png", "--grid", "a-1.png",
             expect=2)
-    assert "also the name of an image" in r.stderr
+    assert "grid and the image would both be written to a-1.png" in r.stderr
     r = cli("generate", PROMPT, "-m", "missing.safetensors", "--grid-only", expect=2)
     assert "--grid-only needs --grid" in r.stderr
     (tmp_path / "taken.png").write_bytes(b"x")

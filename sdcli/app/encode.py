@@ -11,7 +11,8 @@ from .. import config as cfgmod
 from ..errors import UnsupportedModelError, UsageError
 from ..jobs import single_job
 from . import render
-from .save import model_hash, refuse_existing, report
+from .planning import OutputPlan
+from .save import model_hash, report
 
 
 @dataclass
@@ -40,7 +41,9 @@ def run_encode(req: EncodeRequest) -> None:
     if not req.output:
         raise UsageError("give the output file with -o")
     cfg = cfgmod.resolve(req.flags, req.config_file)
-    refuse_existing(Path(req.output), req.overwrite)
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    plan.add("embedding" if req.text is not None else "latent", req.output)
+    plan.check()
     if req.text is not None:
         return _encode_text(req, cfg)
     _encode_image(req, cfg)
@@ -104,12 +107,12 @@ def run_decode(req: DecodeRequest) -> None:
     cfg = cfgmod.resolve(req.flags, req.config_file)
     lf = latents.load_latent(req.latent)  # checked before the model is loaded
     n = lf.latent.shape[0]
-    paths = [Path(STDOUT) if cfg.output == STDOUT else expand_template(cfg.output, k, k, req.latent.stem)
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    paths = [plan.add("image", STDOUT if cfg.output == STDOUT else expand_template(cfg.output, k, k, req.latent.stem))
              for k in range(n)]
-    if len(set(paths)) != n:
+    if n > 1 and len(set(paths)) != n:
         raise UsageError(f"{req.latent} holds {n} latents: give -o a template with {{index}}")
-    for p in paths:
-        refuse_existing(p, req.overwrite)
+    plan.check()
     if cfg.vae:  # a latent file and a VAE (full or TAESD) are enough: no checkpoint is loaded
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:

@@ -11,7 +11,7 @@ from .. import config as cfgmod
 from .. import console, control_config
 from ..errors import BadInputError, UsageError
 from ..jobs import Job, read_prompts_file, single_job
-from . import render
+from . import cluster, render, resume
 
 
 @dataclass
@@ -36,6 +36,8 @@ class GenerateRequest:
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
     grid_only: bool = False  # write the grid, not the single images
+    skip_existing: bool = False  # render only the outputs missing (or not this job's image)
+    workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -63,11 +65,17 @@ def run_generate(req: GenerateRequest) -> None:
         from ..replay import check_embeddings
 
         check_embeddings(req.from_image, replay, base.embeddings_dir)
-    targets = render.plan_targets(jobs, req.overwrite, write_images=not req.grid_only)
-    render.plan_grid(req, targets)
+    targets, outputs = render.plan_outputs(jobs, req)
+    render.plan_grid(req, targets, outputs)
+    targets = resume.skip_done(targets, outputs, req)
+    outputs.check()
+    if not targets:
+        return console.info("nothing to render: every image exists")
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     control_config.check_files(jobs, base.model)
+    if base.ray:
+        return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, init_file, base, models) if init_file else None

@@ -4,13 +4,14 @@ the white area (its UNet sees the mask and the masked image through Cond.concat)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfgmod
 from .. import console, control_config
 from ..jobs import single_job
-from . import render
+from . import cluster, render, resume
 
 
 @dataclass
@@ -29,10 +30,12 @@ class Img2ImgRequest:
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1
     grid_only: bool = False
+    skip_existing: bool = False
+    workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
-    from .. import images, pipeline
+    from .. import images
 
     base = cfgmod.resolve(req.flags, req.config_file)
     if req.mask and cfgmod.origin("strength", req.flags, req.config_file) == "default":
@@ -44,17 +47,32 @@ def run_img2img(req: Img2ImgRequest) -> None:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=img.width, height=img.height))
-    targets = render.plan_targets([job], req.overwrite, write_images=not req.grid_only)
-    render.plan_grid(req, targets)
+    targets, outputs = render.plan_outputs([job], req)
+    render.plan_grid(req, targets, outputs)
+    targets = resume.skip_done(targets, outputs, req)
+    outputs.check()
+    if not targets:
+        return console.info("nothing to render: every image exists")
     loras = render.job_loras([job], req.loras)
     control_config.check_files([job], base.model)
+    setup = functools.partial(_init, base, img, mask, notes, req.mask)
+    if base.ray:
+        return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req, setup)
     models = render.load(base)
-    render.check_inpaint_model(models, base, req.mask)
+    init, _ = setup(models)
+    render.render_all(models, targets, init, None, req, loras, control_config.load_nets([job], models))
+
+
+def _init(base, img, mask, notes, mask_path, models) -> tuple:
+    """(Init, no embedding) for a loaded model: the image encoded, the inpainting channels when masked. A Ray
+    worker calls it too, once its own model is loaded."""
+    from .. import images, pipeline
+
+    render.check_inpaint_model(models, base, mask_path)
     pixels = images.pil_to_tensor(img)
     latent = pipeline.encode_image(models, pixels)
     concat = pipeline.inpaint_conditioning(models, pixels, mask) if mask is not None else None
-    init = render.Init(latent, base.strength, notes, concat, req.mask)
-    render.render_all(models, targets, init, None, req, loras, control_config.load_nets([job], models))
+    return render.Init(latent, base.strength, notes, concat, mask_path), None
 
 
 def _load_mask(path: str, img):

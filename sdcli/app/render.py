@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..errors import BadInputError, ModelNotFoundError, UsageError
 from ..jobs import Job
 from . import save
+from .planning import OutputPlan
 from .progress import Progress
 
 
@@ -30,6 +31,7 @@ class Target:
     index: int  # position in the whole run, for {index}
     seed: int
     path: Path
+    latent_path: Path | None = None  # --latent-out's name for this image
 
 
 @dataclass
@@ -66,28 +68,30 @@ class Prepared:
 
 # --- before any work -----------------------------------------------------------------------------
 
-def plan_targets(jobs: list[Job], overwrite: bool, write_images: bool = True) -> list[Target]:
-    """Every output path, decided and checked before any work: no duplicates, no clobbering, '-' only alone.
-    With `write_images` False (--grid-only) the paths are only names: nothing is written there."""
-    from ..outputs import STDOUT, expand_template
-
-    targets, seen, index = [], set(), 0
+def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
+    """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
+    the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
+    calls `plan.check()`, before the model loads."""
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    latent_out = getattr(req, "latent_out", None)
+    targets, index = [], 0
     for job in jobs:
         for k in range(job.cfg.n):
             seed = job.cfg.seed + k
-            path = Path(STDOUT) if job.cfg.output == STDOUT else expand_template(job.cfg.output, index, seed, job.prompt)
-            targets.append(Target(job, index, seed, path))
+            path = _name(job.cfg.output, index, seed, job.prompt)
+            if not getattr(req, "grid_only", False):  # --grid-only: the name is never written
+                plan.add("image", path)
+            latent = plan.add("latent", _name(latent_out, index, seed, job.prompt)) if latent_out else None
+            targets.append(Target(job, index, seed, path, latent))
             index += 1
-    for t in targets if write_images else ():
-        _check_target(t, len(targets), seen, overwrite)
-    return targets
+    if getattr(req, "preview", None):
+        plan.add("preview", req.preview)
+    return targets, plan
 
 
-def plan_grid(req, targets: list[Target]) -> None:
-    """--grid FILE checked with the images, before the model loads: a free target, not one of the images' names,
+def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
+    """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
     and one image size for the whole run (a contact sheet's cells are all alike)."""
-    from ..outputs import check_target
-
     grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
     if grid is None:
         if grid_only:
@@ -95,27 +99,18 @@ def plan_grid(req, targets: list[Target]) -> None:
         return
     if req.grid_rows < -1:
         raise UsageError(f"--grid-rows must be -1 (automatic), 0 (one row per batch) or a row count, got {req.grid_rows}")
-    if not grid_only and any(str(t.path) == grid or t.path == Path(grid) for t in targets):
-        raise UsageError(f"--grid {grid} is also the name of an image of this run: give the grid its own name")
-    if getattr(req, "preview", None) and Path(req.preview) == Path(grid):
-        raise UsageError(f"--grid {grid} is also the --preview file: give the grid its own name")
+    if getattr(req, "skip_existing", False):
+        raise UsageError("--grid puts every image of the run on one sheet: it cannot be used with --skip-existing")
     sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
     if len(sizes) > 1:
         raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
-    check_target(grid, req.overwrite)
+    outputs.add("grid", grid)
 
 
-def _check_target(t: Target, total: int, seen: set, overwrite: bool) -> None:
-    from ..outputs import STDOUT, check_target
+def _name(template: str, index: int, seed: int, prompt: str) -> Path:
+    from ..outputs import STDOUT, expand_template
 
-    if str(t.path) == STDOUT:
-        if total > 1:
-            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {total} images; use a template")
-        return
-    if t.path in seen:
-        raise UsageError(f"two images would be written to {t.path}: add {{index}} or {{seed}} to the -o template")
-    seen.add(t.path)
-    check_target(t.path, overwrite)
+    return Path(STDOUT) if template == STDOUT else expand_template(template, index, seed, prompt)
 
 
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
@@ -236,26 +231,34 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     pass. `encoded` ((text, negative) -> encoding) lets jobs with one clip_skip and one LoRA set share their text
     encodings; `nets`: the run's loaded ControlNets (control_config.load_nets)."""
     from .. import pipeline
-    from ..conditioning import conditioning
+    from ..denoise import guided
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family)
     concat = init.concat if init is not None else None
+    negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
-        cond, uncond = _with_negative(models, cond_override, cfg)
+        cond, uncond = _with_negative(models, cond_override, cfg) if negative is not None else (cond_override, None)
     else:
         encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
-        cond, uncond = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip, None, encoded)
+        cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
     width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
     if hires is not None and cond_override is None:
-        conds = pipeline.encode_scheduled(models, job.text, cfg.negative, cfg.steps, cfg.clip_skip,
+        conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
-        hires = dataclasses.replace(hires, conds=tuple(conditioning(c) for c in conds))
-    cond, uncond = conditioning(cond, concat), conditioning(uncond, concat)
+        hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
+    cond, uncond = _conditioning(cond, concat), _conditioning(uncond, concat)
     if cfg.controlnets:
         cond, uncond, hires = _with_control(models, cfg, nets, cond, uncond, hires)
     return Prepared(plan, cond, uncond, (height, width), hires)
+
+
+def _conditioning(value, concat=None):
+    """conditioning.conditioning, keeping an absent uncond (no guidance) absent."""
+    from ..conditioning import conditioning
+
+    return None if value is None else conditioning(value, concat)
 
 
 def _with_control(models, cfg: RunConfig, nets: dict | None, cond, uncond, hires: Hires | None):
@@ -322,7 +325,29 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One finished image as its PNG file's bytes (metadata included), before anything is written: the local run
+    writes it at once, a Ray worker (app/cluster.py) sends it to the driver, which writes it the same way."""
+
+    target: Target
+    png: bytes
+    latent: Any  # the final latent of this image, for --latent-out
+    size: tuple[int, int]  # (H, W) of the output
+    timings: dict
+    fallbacks: list
+    picture: Any = None  # save.Saved (PIL image and metadata) for --grid; dropped before a worker sends it
+
+
 def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list:
+    rendered = render_batch(models, p, batch, init, req, loras)
+    for done in rendered:
+        save.save_rendered(models, done, req)
+    return [done.picture for done in rendered]
+
+
+def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list[Rendered]:
+    """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made."""
     from .. import pipeline
 
     seeds = [t.seed for t in batch]
@@ -338,8 +363,11 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
     decoded = pipeline.decode_latents(models, latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
-    return [save.save_one(models, target, decoded.images[k], latents[k:k + 1], decoded.fallbacks, p.size, init,
-                          timings, req, p.hires, loras) for k, target in enumerate(batch)]
+    out_size = p.hires.size if p.hires else p.size
+    pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras)
+                for k, t in enumerate(batch)]
+    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+            for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):

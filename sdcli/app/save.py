@@ -13,7 +13,7 @@ from ..config import RunConfig
 
 
 class Saved(NamedTuple):
-    """An image as saved (or, with --grid-only, as it would have been): for the grid."""
+    """An image with its metadata, as saved (or, with --grid-only, as it would have been): for the grid."""
 
     image: Any  # PIL image
     seed: int
@@ -21,23 +21,31 @@ class Saved(NamedTuple):
     meta: dict
 
 
-def save_one(models, target, image, latent, fallbacks, size, init, timings, req, hires=None, loras=()) -> Saved:
-    """Image `target` of a batch: PNG (and latent when asked), then the report. `size` is the first pass's:
-    A1111 writes it as Size, and the config records the width/height asked for. With --grid-only the PNG is
-    not written: the image goes on the grid only."""
+def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=()) -> Saved:
+    """Image `target` of a batch with its metadata. `size` is the first pass's: A1111 writes it as Size, and the
+    config records the width/height asked for."""
     from .. import images
-    from ..outputs import save_png
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras)
     text = infotext(models, target, size, init, hires, loras)
-    pil = images.tensor_to_pil(image)
-    grid_only = getattr(req, "grid_only", False)
-    path = None if grid_only else save_png(pil, target.path, text, meta, overwrite=req.overwrite)
-    if getattr(req, "latent_out", None):
-        save_latent_out(models, req, target, latent, hires.size if hires else size)
+    return Saved(images.tensor_to_pil(image), target.seed, text, meta)
+
+
+def png_of(picture: Saved) -> bytes:
+    """The bytes of the image's PNG file, metadata included: the same wherever it is made (locally, on a worker)."""
+    from ..outputs import png_bytes
+
+    return png_bytes(picture.image, picture.infotext, picture.meta)
+
+
+def save_rendered(models, done, req) -> None:
+    """A rendered image (render.Rendered): its PNG written atomically (not with --grid-only: the image goes on the
+    grid only), its latent when asked, then the report."""
+    path = None if getattr(req, "grid_only", False) else write_png(done.target, done.png, req)
+    if done.target.latent_path is not None:
+        save_latent_out(models, req, done.target, done.latent, done.size)
     if path is not None:
-        _report_image(path, target, timings, fallbacks, req)
-    return Saved(pil, target.seed, text, meta)
+        announce(req, done.target, path, done.timings, done.fallbacks)
 
 
 def save_grid(saved: list[Saved], req, batch_size: int) -> None:
@@ -54,21 +62,26 @@ def save_grid(saved: list[Saved], req, batch_size: int) -> None:
     report(req, {"path": str(path), "grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
 
 
-def _report_image(path, target, timings, fallbacks, req) -> None:
+def write_png(target, png: bytes, req) -> Path:
+    from ..outputs import atomic_write_bytes
+
+    return atomic_write_bytes(target.path, png, overwrite=req.overwrite)
+
+
+def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -> None:
+    """The line (or --json object) that says an image was saved; `extra` adds fields (e.g. the Ray worker)."""
     if req.json_out:
         console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
-                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks})
+                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks, **extra})
     elif str(path) != "-":
         console.info(f"saved {path} (seed {target.seed})")
 
 
 def save_latent_out(models, req, target, latent, size) -> None:
     from .. import latents
-    from ..outputs import expand_template
     from ..pipeline import scale_factor
 
-    path = expand_template(req.latent_out, target.index, target.seed, target.job.prompt)
-    latents.save_latent(path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
+    latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
@@ -130,7 +143,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir"):  # the user's folders
+    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray"):  # the user's folders, and where it ran
         del recorded[key]
     if cfg.controlnets:  # names and sha256 of the ControlNet files and hint images, every setting
         from ..control_config import recorded as control_record
