@@ -262,6 +262,15 @@ def recorded(specs) -> list[dict]:
              "model_sha256": _sha256(s.model), "image_sha256": _sha256(s.image)} for s in specs]  # fmt: skip
 
 
+def put_record(config: dict, specs) -> None:
+    """A recorded config's `controlnets` (save.metadata, and resume comparing an image with its job): the
+    units as `recorded` lists them; absent without units, so such images keep their record as it was."""
+    if specs:
+        config["controlnets"] = recorded(specs)
+    else:
+        config.pop("controlnets", None)
+
+
 def replayed(entries: Any, image: Path, models: list[str], images: list[str]) -> list[dict]:
     """The recorded units of `image` as unit objects for this run: models from --controlnet (n-th flag, n-th
     unit), hints from --control-image or beside the image under the recorded name. Exit 2 saying what to give."""

@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import __version__, console
+from .. import __version__, console, control_config
 from ..config import RunConfig
 
 
@@ -145,12 +145,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=()) -> dic
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray"):  # the user's folders, and where it ran
         del recorded[key]
-    if cfg.controlnets:  # names and sha256 of the ControlNet files and hint images, every setting
-        from ..control_config import recorded as control_record
-
-        recorded["controlnets"] = control_record(cfg.controlnets)
-    else:
-        del recorded["controlnets"]  # images without ControlNet keep their record as it was
+    control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),
