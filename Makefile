@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd clean
+.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-quick: $(STAMP)
 # Only the TAESD table: a TAESD decode against the full VAE decode at 512 and 1024 (a minute or two on a CPU).
 bench-taesd: $(STAMP)
 	$(PY) scripts/bench.py --taesd
+
+# one SD1.5-shaped ControlNet unit per CFG step at 512px, sdcli vs diffusers, same run
+bench-controlnet: $(STAMP)
+	$(PY) scripts/bench.py --controlnet
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

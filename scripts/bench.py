@@ -515,6 +515,48 @@ def machine() -> str:
             f"{datetime.date.today().isoformat()}")
 
 
+def controlnet_cost(size: int = 512, reps: int = 3, preset: str = "full", threads: int | None = None) -> dict:
+    """One ControlNet unit per sampling step (a CFG batch of 2, fp32), sdcli's ControlNet vs diffusers'
+    ControlNetModel on the same random SD1.5-shaped weights, in this process: the extra cost a unit adds to each
+    UNet step. Also the residuals' largest difference, so a fast wrong network cannot pass."""
+    import torch
+    from diffusers import ControlNetModel
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_checkpoint import controlnet_config, controlnet_diffusers_config, controlnet_state_dict, \
+        controlnet_to_diffusers  # fmt: skip
+    from sdcli.models.controlnet import ControlNet
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = controlnet_config("sd1", preset)
+    state = controlnet_state_dict(cfg, seed=0)
+    ours = ControlNet(cfg).eval()
+    ours.load_state_dict(state, strict=True)
+    config = {k: v for k, v in controlnet_diffusers_config(cfg).items() if not k.startswith("_")}
+    ref = ControlNetModel(**config).eval()
+    ref.load_state_dict(controlnet_to_diffusers(state, cfg), strict=True)
+    del state
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size // 8, size // 8, generator=gen)
+    hint = torch.rand(2, 3, size, size, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, cfg.unet.context_dim, generator=gen)
+    with torch.inference_mode():
+        ours_s, (down, mid) = timed(lambda: ours(x, hint, t, ctx), reps, warmup=1)
+        ref_s, (rdown, rmid) = timed(lambda: ref(x, t, encoder_hidden_states=ctx, controlnet_cond=hint,
+                                                 return_dict=False), reps, warmup=1)  # fmt: skip
+    err = max(float((a - b).abs().max()) for a, b in zip([*down, mid], [*rdown, rmid]))
+    return {"size": size, "preset": preset, "threads": torch.get_num_threads(), "sdcli_s": ours_s,
+            "diffusers_s": ref_s, "max_abs_diff": err}
+
+
+def render_controlnet(r: dict) -> str:
+    return (f"ControlNet unit, one CFG step (batch 2, {r['size']}x{r['size']}, fp32, {r['preset']}, "
+            f"{r['threads']} threads): sdcli {r['sdcli_s'] * 1e3:.1f} ms, diffusers {r['diffusers_s'] * 1e3:.1f} ms "
+            f"({ratio(r['sdcli_s'], r['diffusers_s'])}); residuals differ by at most {r['max_abs_diff']:.2g}\n")
+
+
 def taesd_vs_vae(sizes=(512, 1024), dtype_name: str = "fp32", reps: int = 3) -> str:
     """A markdown table: one image decoded by TAESD and by SD's full VAE (random weights of the real shapes:
     the time does not depend on the values) at each size, in this process, on the CPU (or CUDA when present)."""
@@ -553,6 +595,9 @@ def main() -> None:
     p.add_argument("--size", type=int, help="--bf16-full: image side (default 512; small only to rehearse)")
     p.add_argument("--steps", type=int, help="--bf16-full: sampling steps (default 20)")
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--controlnet", action="store_true",
+                   help="only the cost of one ControlNet unit per step vs diffusers (--size, default 512)")
+    p.add_argument("--controlnet-preset", default="full", choices=["full", "tiny"], help=argparse.SUPPRESS)
     p.add_argument("--taesd", action="store_true", help="only time a TAESD decode against the full VAE's")
     p.add_argument("--taesd-sizes", default="512,1024", help="image sizes for the TAESD table (comma-separated)")
     a = p.parse_args()
@@ -563,6 +608,13 @@ def main() -> None:
         print(table)
         if not a.no_docs:
             write_section("taesd", f"## TAESD decode\n\nMachine: {machine()}\n\n{table}")
+        return
+    if a.controlnet:
+        r = controlnet_cost(a.size or 512, preset=a.controlnet_preset)
+        print(render_controlnet(r), end="")
+        if not a.no_docs:
+            write_section("bench-controlnet", f"## ControlNet unit per step\n\nMachine: {machine()}\n\n"
+                                              f"{render_controlnet(r)}")  # fmt: skip
         return
     ensure_checkpoint()
     t0 = time.perf_counter()

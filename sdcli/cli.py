@@ -187,6 +187,52 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+ControlNetOpt = Annotated[
+    Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
+                                      "unit each; needs --control-image).")
+]
+ControlImageOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-image", help="The hint image of the n-th --controlnet (an edge, "
+                                      "depth, pose... map; resized to the output).")
+]
+ControlWeightOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-weight", help="ControlNet weight (once: every unit; else the "
+                                        "n-th unit's). Default 1.")
+]
+ControlStartOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-start", help="Fraction of the steps where the unit starts (0).")
+]
+ControlEndOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-end", help="Fraction of the steps where the unit ends (1).")
+]
+GuessModeOpt = Annotated[
+    bool, typer.Option("--guess-mode", help="ControlNet guess mode for every unit (conditional half only, "
+                       "shallow residuals scaled down).")
+]
+ControlResizeOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-resize", help="just (stretch, default), crop or fill.")
+]
+ControlPreprocessOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-preprocess", help="Turn the control image into a hint first: "
+                                      "canny, invert, threshold, scribble, tile, shuffle.")
+]
+
+
+def _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode, control_resize,
+             control_preprocess) -> dict:  # fmt: skip
+    """The ControlNet flags as given (lists), for control_config.from_flags / replayed."""
+    return dict(models=list(controlnet or []), images=list(control_image or []), weights=list(control_weight or []),
+                starts=list(control_start or []), ends=list(control_end or []), guess=guess_mode,
+                resizes=list(control_resize or []), preprocesses=list(control_preprocess or []))  # fmt: skip
+
+
+def _with_controlnets(flags: dict, control: dict) -> dict:
+    from .control_config import from_flags
+
+    units = from_flags(**control)
+    return flags if units is None else {**flags, "controlnets": units}
+
+
 PreviewVaeOpt = Annotated[
     Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
                                 "that draws the --preview picture; by default the family's taesd file in vae_dir.")
@@ -336,6 +382,14 @@ def generate(
     refiner: RefinerOpt = None,
     refiner_switch: RefinerSwitchOpt = None,
     lora: LoraOpt = None,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
+    control_weight: ControlWeightOpt = None,
+    control_start: ControlStartOpt = None,
+    control_end: ControlEndOpt = None,
+    guess_mode: GuessModeOpt = False,
+    control_resize: ControlResizeOpt = None,
+    control_preprocess: ControlPreprocessOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -360,6 +414,10 @@ def generate(
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch)
+    control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
+                       control_resize, control_preprocess)
+    if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
+        flags = _with_controlnets(flags, control)
     _stdout_needed(output, json_out or print_config or dry_run)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
@@ -371,6 +429,7 @@ def generate(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
+        control=control,
         preview_vae=preview_vae,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
@@ -410,6 +469,14 @@ def img2img(
     aesthetic_score: AestheticOpt = None,
     negative_aesthetic_score: NegAestheticOpt = None,
     lora: LoraOpt = None,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
+    control_weight: ControlWeightOpt = None,
+    control_start: ControlStartOpt = None,
+    control_end: ControlEndOpt = None,
+    guess_mode: GuessModeOpt = False,
+    control_resize: ControlResizeOpt = None,
+    control_preprocess: ControlPreprocessOpt = None,
     grid: GridOpt = None,
     grid_rows: GridRowsOpt = -1,
     grid_only: GridOnlyOpt = False,
@@ -434,6 +501,8 @@ def img2img(
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score)
+    flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
+                                              guess_mode, control_resize, control_preprocess))
     _stdout_needed(output, json_out or print_config)
     if print_config:
         return _print_config(flags, config, json_out)
@@ -576,6 +645,32 @@ def inspect(
 
 @app.command()
 @_handled
+def preprocess(
+    kind: Annotated[str, typer.Argument(help="canny, invert, threshold, scribble, tile, shuffle or inpaint.")],
+    image: Annotated[str, typer.Argument(help="The picture to turn into a ControlNet hint.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The hint PNG to write.")],
+    low: Annotated[float, typer.Option("--low", help="canny: low threshold (cv2.Canny's scale).")] = 100.0,
+    high: Annotated[float, typer.Option("--high", help="canny: high threshold.")] = 200.0,
+    blur: Annotated[float, typer.Option("--blur", help="canny, tile: Gaussian blur sigma in pixels first.")] = 0.0,
+    level: Annotated[int, typer.Option("--level", help="threshold/scribble/inpaint: gray >= level is white.")] = 128,
+    invert_first: Annotated[bool, typer.Option("--invert-first", help="threshold: dark strokes on a light page.")] = False,
+    factor: Annotated[float, typer.Option("--factor", help="tile: downscale factor.")] = 8.0,
+    seed: Annotated[int, typer.Option("--seed", help="shuffle: the warp's seed.")] = 0,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="inpaint: white = the hole.")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Make a ControlNet hint from a picture (preprocessors that need no model)."""
+    from .app.preprocess import PreprocessRequest, run_preprocess
+    from .console import set_quiet
+
+    set_quiet(quiet)
+    run_preprocess(PreprocessRequest(kind, image, output, low, high, blur, level, invert_first, factor, seed, mask,
+                                     overwrite))  # fmt: skip
+
+
+@app.command()
+@_handled
 def convert(
     source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to convert.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
@@ -600,6 +695,8 @@ def verify(
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: LoraOpt = None,
     refiner: RefinerOpt = None,
+    controlnet: ControlNetOpt = None,
+    control_image: ControlImageOpt = None,
     report: Annotated[
         Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
                                     "re-render, a difference heat map, the numbers; failures first.")
@@ -622,7 +719,8 @@ def verify(
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
                    refiner=refiner)
-    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite)
+    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
+               {"models": list(controlnet or []), "images": list(control_image or [])})
 
 
 def _on_signal(signum, _frame) -> None:

@@ -23,7 +23,9 @@ class Cond:
     context: Tensor | None  # (B, T, D) cross-attention tokens (77 per prompt chunk)
     y: Tensor | None = None  # (B, adm) vector for the UNet's label_emb (SDXL: pooled text + size/crop embeddings)
     concat: Tensor | None = None  # (B, C, h, w) channels after the latent's (inpainting: mask + masked-image latent)
-    control: Any = None  # ControlNet residuals: a tensor or a tuple of tensors with a batch dimension
+    # ControlNet: the job's units (control.ControlSet), turned into residuals inside each UNet call (they depend
+    # on x and t); not a tensor, so batching passes it through and `cat` lets it join its CFG halves itself
+    control: Any = None
     # (B, P) pooled text (SDXL's bigG), carried from the prompt encoding until the family's size vector turns it
     # into `y` (pipeline.with_size_vector); never given to the UNet itself
     pooled: Tensor | None = None
@@ -32,9 +34,10 @@ class Cond:
         """`fn` applied to every tensor held (tuples element-wise); absent fields stay None."""
         return replace(self, **{f.name: _apply(fn, getattr(self, f.name)) for f in fields(self)})
 
-    def unet_kwargs(self) -> dict[str, Any]:
-        """The optional UNet arguments, only those present."""
-        return {name: value for name, value in (("y", self.y), ("control", self.control)) if value is not None}
+    def unet_kwargs(self, sigma: Tensor | None = None) -> dict[str, Any]:
+        """The optional UNet arguments, only those present; `control` as it stands at noise level `sigma`."""
+        control = self.control.at(sigma) if hasattr(self.control, "at") and sigma is not None else self.control
+        return {name: value for name, value in (("y", self.y), ("control", control)) if value is not None}
 
     @property
     def batch(self) -> int:
@@ -50,7 +53,7 @@ def _apply(fn, value):
         return None
     if isinstance(value, tuple):
         return tuple(fn(v) for v in value)
-    return fn(value)
+    return fn(value) if isinstance(value, Tensor) else value  # a ControlSet holds no batch
 
 
 def _shapes(value):
@@ -58,7 +61,7 @@ def _shapes(value):
         return None
     if isinstance(value, tuple):
         return tuple(tuple(v.shape[1:]) for v in value)
-    return tuple(value.shape[1:])
+    return tuple(value.shape[1:]) if isinstance(value, Tensor) else value.layout()
 
 
 def as_cond(value) -> Cond:
@@ -75,6 +78,8 @@ def cat(conds: list[Cond]) -> Cond:
             out[f.name] = None
         elif isinstance(values[0], tuple):
             out[f.name] = tuple(torch.cat(parts) for parts in zip(*values))
+        elif not isinstance(values[0], Tensor):
+            out[f.name] = type(values[0]).cat(values)  # a ControlSet: records which rows are which half
         else:
             out[f.name] = torch.cat(values)
     return Cond(**out)
@@ -89,8 +94,12 @@ def conditioning(value, concat: Tensor | None = None):
     return cond if concat is None else replace(cond, concat=concat)
 
 
-def for_batch(value, batch: int, device: torch.device):
-    """Conditioning of one image (batch 1), or a schedule of it, expanded to `batch` images on `device`."""
+def for_batch(value, batch: int, device: torch.device, sigmas: Tensor | None = None):
+    """Conditioning of one image (batch 1), or a schedule of it, expanded to `batch` images on `device`; a
+    ControlNet set is told the pass's `sigmas` (it counts steps by them)."""
     if isinstance(value, ScheduledCond):
-        return ScheduledCond(tuple((end, for_batch(c, batch, device)) for end, c in value.entries))
-    return as_cond(value).map(lambda t: t.expand(batch, *t.shape[1:]).to(device))
+        return ScheduledCond(tuple((end, for_batch(c, batch, device, sigmas)) for end, c in value.entries))
+    cond = as_cond(value).map(lambda t: t.expand(batch, *t.shape[1:]).to(device))
+    if sigmas is not None and hasattr(cond.control, "for_pass"):
+        cond = replace(cond, control=cond.control.for_pass(sigmas))
+    return cond

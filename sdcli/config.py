@@ -67,10 +67,14 @@ class RunConfig:
     dtype: str = field(default="auto", metadata=_range(choices=DTYPES))
     device: str = field(default="auto", metadata=_range(choices=DEVICES))
     output: str = field(default="sdcli-{seed}.png", metadata=_range())
+    # ControlNet units (control_config.ControlSpec); in YAML a list of {model, image, weight, start, end, ...}
+    controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["controlnets"] = [dict(u) for u in out["controlnets"]]  # plain lists for YAML and JSON
+        return out
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
@@ -181,6 +185,10 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         close = ", ".join(k for k in FIELDS if k[:3] == str(key)[:3]) or ", ".join(FIELDS)
         raise BadInputError(f"{where}: unknown key '{key}' (known: {close})")
     f = FIELDS[key]
+    if key == "controlnets":  # a list of unit objects, checked by their own rules
+        from .control_config import parse_specs
+
+        return parse_specs(value, where)
     kind = f.type if isinstance(f.type, str) else str(f.type)
     if value is None:
         if "None" in kind:

@@ -58,7 +58,7 @@ class Denoiser:
             # after the c_in scaling: only the noisy latent is scaled (diffusers concatenates after
             # scheduler.scale_model_input)
             x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)  # (B, C + C', H, W)
-        out = self.unet(x_in, t, cond.context, **cond.unet_kwargs())  # (B, C, H, W) eps or v
+        out = self.unet(x_in, t, cond.context, **cond.unet_kwargs(sigma))  # (B, C, H, W) eps or v
         return c_skip * x + c_out * out
 
 

@@ -99,7 +99,12 @@ def _stats(t) -> dict[str, float]:
 
 def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
     from .checkpoint import detect
+    from .control_config import inspect_report
     from .formats.safetensors import read_header
+
+    controlnet = inspect_report(path, hashes)
+    if controlnet is not None:
+        return controlnet
 
     try:
         info = detect(path)

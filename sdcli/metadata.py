@@ -121,7 +121,7 @@ QUOTED_LABELS = ("Lora hashes", "TI hashes")
 
 
 def _value(label: str, value: Any) -> str:
-    if label in QUOTED_LABELS:
+    if label in QUOTED_LABELS or label.startswith("ControlNet "):  # sd-webui-controlnet quotes its units
         return json.dumps(" ".join(str(value).split()), ensure_ascii=False)  # one line; quotes escaped
     return sanitize_value(_num(value))
 

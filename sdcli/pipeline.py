@@ -286,8 +286,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
     unet = _UNetAdapter(models.unet, images=batch)
     denoiser = kind(unet, models.family.schedule.alphas_cumprod(), models.info.prediction)
-    cond_b = for_batch(conditioning(cond, extra), batch, x.device)
-    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device) if guided(plan.cfg) else None
+    cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
+    uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
     model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     sigmas = plan.sigmas.to(x.device)
 
@@ -304,20 +304,27 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
 
 class _UNetAdapter:
     """The sampler keeps its state in fp32; the UNet runs in its own dtype and hands fp32 back. Optional
-    conditioning tensors (the vector y) are cast and split per image like the context."""
+    conditioning tensors (the vector y) are cast and split per image like the context. A ControlNet step
+    (control.ControlStep) computes its residuals on each image's own rows, right before the UNet takes them."""
 
     def __init__(self, unet, images: int):
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.eager = unet
         self.unet = cuda_graphs.graphed(unet) if cuda_graphs.enabled(self.device) else unet
         self.images = images
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **optional) -> torch.Tensor:
         # x: (R, C, h, w), t: (R,), context: (R, T, D) -> (R, 4, h, w) fp32; R = images x (1 or 2 with CFG)
+        control = optional.pop("control", None)
         names = list(optional)
 
         def unet(x_r, t_r, context_r, *rest):
-            return self.unet(x_r, t_r, context_r, **dict(zip(names, rest)))
+            kwargs = dict(zip(names, rest))
+            if control is None:
+                return self.unet(x_r, t_r, context_r, **kwargs)
+            residuals = control.residuals(x_r, t_r, context_r, kwargs.get("y"))
+            return self.eager(x_r, t_r, context_r, **kwargs, control=residuals)  # graphs take no residuals
 
         rest = [v.to(self.dtype) for v in optional.values()]
         out = _per_image(unet, x.to(self.dtype), t.to(torch.float32), context.to(self.dtype), *rest,

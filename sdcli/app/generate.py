@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfgmod
-from .. import console
+from .. import console, control_config
 from ..errors import BadInputError, UnsupportedModelError, UsageError
 from ..jobs import Job, read_prompts_file, single_job
 from . import cluster, refine, render, resume
@@ -31,6 +31,7 @@ class GenerateRequest:
     print_config: bool = False
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
+    control: dict = field(default_factory=dict)  # the ControlNet flags as given (cli._control), for a replay
     preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
@@ -43,6 +44,8 @@ def run_generate(req: GenerateRequest) -> None:
     if req.cond is not None:
         req = _with_cond_prompt(req)
     replay = _replay(req) if req.from_image else None
+    if replay is not None:
+        req = dataclasses.replace(req, flags=_replayed_controlnets(req, replay))
     base = cfgmod.resolve(req.flags, req.config_file, replay.values if replay else None)
     if replay is not None and "dtype" not in req.flags:  # a --dtype flag still wins over the image's
         base = _replayed_dtype(base, replay)
@@ -72,13 +75,26 @@ def run_generate(req: GenerateRequest) -> None:
         return console.info("nothing to render: every image exists")
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
+    control_config.check_files(jobs, base.model)
     if base.ray:
         return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
-    render.render_all(models, targets, init, cond, req, loras, refine.load_refiner(base, models))
+    render.render_all(models, targets, init, cond, req, loras, refiner=refine.load_refiner(base, models),
+                      nets=control_config.load_nets(jobs, models))
+
+
+def _replayed_controlnets(req: GenerateRequest, replay) -> dict:
+    """The flags with the image's ControlNet units (files from --controlnet, hints beside it or given)."""
+    recorded = (replay.recorded.get("config") or {}).get("controlnets")
+    if recorded:
+        units = control_config.replayed(recorded, Path(replay.path), req.control.get("models", []),
+                                        req.control.get("images", []))
+    else:
+        units = control_config.from_flags(**req.control) if req.control else None
+    return req.flags if units is None else {**req.flags, "controlnets": units}
 
 
 def _init_latent_file(path: Path, jobs: list[Job]):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfgmod
-from .. import console
+from .. import console, control_config
 from ..jobs import single_job
 from . import cluster, refine, render, resume
 
@@ -55,12 +55,13 @@ def run_img2img(req: Img2ImgRequest) -> None:
     if not targets:
         return console.info("nothing to render: every image exists")
     loras = render.job_loras([job], req.loras)
+    control_config.check_files([job], base.model)
     setup = functools.partial(_init, base, img, mask, notes, req.mask)
     if base.ray:
         return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req, setup)
     models = render.load(base)
     init, _ = setup(models)
-    render.render_all(models, targets, init, None, req, loras)
+    render.render_all(models, targets, init, None, req, loras, nets=control_config.load_nets([job], models))
 
 
 def _init(base, img, mask, notes, mask_path, models) -> tuple:

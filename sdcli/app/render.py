@@ -205,8 +205,9 @@ def use_loras(state, specs: list) -> None:
 # --- rendering -----------------------------------------------------------------------------------
 
 def render_all(models, targets: list[Target], init: Init | None, cond, req, loras: dict[int, list],
-               refiner=None) -> None:  # fmt: skip
-    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras); `refiner`:
+               refiner=None, nets: dict | None = None) -> None:  # fmt: skip
+    """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras) and its
+    ControlNet units (`nets`: the run's loaded ControlNets, control_config.load_nets); `refiner`:
     refine.load_refiner's models, or None."""
     from ..lora import LoraState
 
@@ -219,7 +220,7 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     saved: list[save.Saved] = []
     for key, group in by_job.items():
         use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner)
+        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
@@ -227,10 +228,11 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
 
 
 def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_override=None,
-            encoded: dict | None = None, refiner=None) -> Prepared:
-    """The job's plan, its Cond pair (the inpainting channels attached, the family's vector y built for each
-    pass's size), its size, hires pass and refiner part. `encoded` ((text, negative) -> encoding) lets jobs with
-    one clip_skip and one LoRA set share their text encodings."""
+            encoded: dict | None = None, refiner=None, nets: dict | None = None) -> Prepared:
+    """The job's plan, its Cond pair (the inpainting channels and ControlNet units attached, the family's vector y
+    built for each pass's size), its size, hires pass and refiner part. `encoded` ((text, negative) -> encoding)
+    lets jobs with one clip_skip and one LoRA set share their text encodings; `nets`: the run's loaded
+    ControlNets (control_config.load_nets)."""
     from .refine import refiner_part, sized
 
     from .. import pipeline
@@ -258,8 +260,10 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if refiner is not None:
         plan, rest = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
         refined = refiner_part(refiner, cfg, job, rest, negative, (height, width), len(plan.sigmas) - 1)
-    return Prepared(plan, _conditioning(cond, concat), _conditioning(uncond, concat), (height, width), hires,
-                    refined)
+    cond, uncond = _conditioning(cond, concat), _conditioning(uncond, concat)
+    if cfg.controlnets:
+        cond, uncond, hires = _with_control(models, cfg, nets, cond, uncond, hires)
+    return Prepared(plan, cond, uncond, (height, width), hires, refined)
 
 
 def _conditioning(value, concat=None):
@@ -267,6 +271,17 @@ def _conditioning(value, concat=None):
     from ..conditioning import conditioning
 
     return None if value is None else conditioning(value, concat)
+
+
+def _with_control(models, cfg: RunConfig, nets: dict | None, cond, uncond, hires: Hires | None):
+    """The job's ControlNet units on both passes' conditioning (the hint is fitted to each pass's size)."""
+    from ..control import attach
+    from ..control_config import units_for
+
+    units = units_for(cfg.controlnets, {} if nets is None else nets, models)
+    if hires is not None and hires.conds is not None:
+        hires = dataclasses.replace(hires, conds=attach(*hires.conds, units))
+    return (*attach(cond, uncond, units), hires)
 
 
 def _with_negative(models, cond, cfg: RunConfig):
@@ -280,11 +295,11 @@ def _with_negative(models, cond, cfg: RunConfig):
 
 
 def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
-                refiner=None) -> list:  # fmt: skip
+                refiner=None, nets: dict | None = None) -> list:  # fmt: skip
     from .. import pipeline
 
     cfg = targets[0].job.cfg
-    p = prepare(models, cfg, targets[0].job, init, cond_override, refiner=refiner)
+    p = prepare(models, cfg, targets[0].job, init, cond_override, refiner=refiner, nets=nets)
     saved = []
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):

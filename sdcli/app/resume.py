@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .. import console
+from .. import console, control_config
 from ..errors import OutputError
 from . import save
 
@@ -66,6 +66,7 @@ def expected_config(target) -> dict:
     for key in LOAD_TIME_KEYS:
         if expected[key] in (None, "auto"):
             del expected[key]
+    control_config.put_record(expected, cfg.controlnets)
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists
 
 

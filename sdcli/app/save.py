@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import __version__, console
+from .. import __version__, console, control_config
 from ..config import RunConfig
 
 
@@ -107,6 +107,10 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
+    if cfg.controlnets:  # sd-webui-controlnet's `ControlNet N: "Module: ..., Model: name [hash], ..."`
+        from ..control_config import infotext_fields
+
+        params["extra"] = {**params.get("extra", {}), **infotext_fields(cfg.controlnets)}
     used = used_embeddings(models, target.job)
     if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
         params["extra"] = {**params.get("extra", {}),
@@ -155,6 +159,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray"):  # the user's folders, and where it ran
         del recorded[key]
+    control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
         "prompt": target.job.prompt, "seed": target.seed, "mode": mode(init),

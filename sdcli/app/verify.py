@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfgmod
-from .. import console
+from .. import console, control_config
 from ..errors import UsageError, VerificationError
 from ..jobs import Job, single_job
 from ..replay import RENDER_KEYS
@@ -27,14 +27,15 @@ class Check:
 
 def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_psnr: float, json_out: bool,
                loras: list[str] | None = None, report: str | None = None, report_dir: str | None = None,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, control: dict | None = None) -> None:
     """Re-render sdcli images from their recorded settings (dtype included) and compare the pixels. LoRAs are
-    files of the user's, like the model: they are given again with --lora, and checked against the record.
+    files of the user's, like the model: they are given again with --lora, and checked against the record; so
+    are ControlNets (--controlnet; the hint beside the image or --control-image: control_config.replayed).
     Every image is read, and the report's target checked, before a model loads; the report is written once,
     after every image; then exit 9 when any drifted."""
     from ..outputs import check_target
 
-    checks = [_check(image, flags, config_file, loras or []) for image in images]
+    checks = [_check(image, flags, config_file, loras or [], control or {}) for image in images]
     if report and report_dir:
         raise UsageError("give --report FILE or --report-dir DIR, not both")
     if report:
@@ -53,7 +54,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
                                 + ", ".join(r["path"] for r in failed))
 
 
-def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str]) -> Check:
+def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict) -> Check:
     from ..replay import check_embeddings, check_refiner_given, from_image
 
     replay = from_image(image)
@@ -62,6 +63,10 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str])
                          f"{replay.mode}); use `generate --from-image` to replay other images")
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
+    recorded_units = (replay.recorded.get("config") or {}).get("controlnets")
+    if recorded_units:
+        flags = {**flags, "controlnets": control_config.replayed(recorded_units, Path(image), control.get("models", []),
+                                                                 control.get("images", []))}  # fmt: skip
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
     render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
@@ -73,6 +78,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str])
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
+    control_config.check_files([job], cfg.model)
     return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"))
 
 
@@ -108,7 +114,7 @@ def _rerender(models, c: Check, refiner=None):
     from .. import images, pipeline
 
     cfg = c.job.cfg
-    p = render.prepare(models, cfg, c.job, refiner=refiner)
+    p = render.prepare(models, cfg, c.job, refiner=refiner, nets=control_config.load_nets([c.job], models))
     with pipeline.seamless(models, cfg.seamless):
         latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires,
                                         refiner=p.refiner)
