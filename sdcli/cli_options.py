@@ -1,0 +1,147 @@
+"""The options the commands share, declared once (Typer reads each command's signature, so each command lists the
+ones it takes: `model: opt.ModelOpt = None`). Kept apart from cli.py so the commands stay readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
+VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
+                                               "file (taesd_decoder.safetensors) for fast decodes.")]
+PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
+]
+NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Sampling steps.")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")]
+RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
+SamplerOpt = Annotated[
+    Optional[str], typer.Option("--sampler", help="Sampler name or alias ('DPM++ 2M Karras'); 'help' lists them.")
+]
+ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...).")]
+SigmasOpt = Annotated[Optional[str], typer.Option("--sigmas", help="Custom comma-separated sigma list.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed; -1 or absent draws one (recorded).")]
+CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per UNet batch.")]
+ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+LoraOpt = Annotated[
+    Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
+                                      "repeatable; weight 1 by default), merged before sampling.")
+]
+LoraDirOpt = Annotated[
+    Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
+                                "(sub-folders too).")
+]
+EmbeddingsDirOpt = Annotated[
+    Optional[str], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's "
+                                "embeddings/, sub-folders too): a file's name in the prompt, or embedding:NAME, "
+                                "places its vectors.")
+]
+PreviewOpt = Annotated[
+    Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
+                                "latent-to-RGB estimate, rewritten at most twice a second).")
+]
+ControlNetOpt = Annotated[
+    Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
+                                      "unit each; needs --control-image).")
+]
+ControlImageOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-image", help="The hint image of the n-th --controlnet (an edge, "
+                                      "depth, pose... map; resized to the output).")
+]
+ControlWeightOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-weight", help="ControlNet weight (once: every unit; else the "
+                                        "n-th unit's). Default 1.")
+]
+ControlStartOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-start", help="Fraction of the steps where the unit starts (0).")
+]
+ControlEndOpt = Annotated[
+    Optional[list[float]], typer.Option("--control-end", help="Fraction of the steps where the unit ends (1).")
+]
+GuessModeOpt = Annotated[
+    bool, typer.Option("--guess-mode", help="ControlNet guess mode for every unit (conditional half only, "
+                       "shallow residuals scaled down).")
+]
+ControlResizeOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-resize", help="just (stretch, default), crop or fill.")
+]
+ControlPreprocessOpt = Annotated[
+    Optional[list[str]], typer.Option("--control-preprocess", help="Turn the control image into a hint first: "
+                                      "canny, invert, threshold, scribble, tile, shuffle.")
+]
+PreviewVaeOpt = Annotated[
+    Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
+                                "that draws the --preview picture; by default the family's taesd file in vae_dir.")
+]
+SeamlessOpt = Annotated[
+    Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
+]
+HiresScaleOpt = Annotated[
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+]
+HiresStrengthOpt = Annotated[
+    Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
+]
+HiresStepsOpt = Annotated[
+    Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
+GridOpt = Annotated[
+    Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
+                                "(the first image's metadata plus every seed).")
+]
+GridRowsOpt = Annotated[
+    int, typer.Option("--grid-rows", help="Rows of the --grid sheet: -1 = about sqrt(n), 0 = one per batch "
+                      "(A1111's rules).")
+]
+GridOnlyOpt = Annotated[bool, typer.Option("--grid-only", help="Write the --grid sheet only, not the single images.")]
+# SDXL's conditioning and refiner (config keys of the same names)
+OriginalSizeOpt = Annotated[Optional[str], typer.Option("--original-size", help="SDXL: the original size WxH it "
+                                                         "conditions on (default: the output size).")]
+TargetSizeOpt = Annotated[Optional[str], typer.Option("--target-size", help="SDXL: the target size WxH it "
+                                                     "conditions on (default: the output size).")]
+CropOpt = Annotated[Optional[str], typer.Option("--crop-coords", help="SDXL: crop TOP,LEFT it conditions on (0,0).")]
+AestheticOpt = Annotated[Optional[float], typer.Option("--aesthetic-score", help="SDXL refiner: the prompt's "
+                                                       "aesthetic score (6.0).")]
+NegAestheticOpt = Annotated[Optional[float], typer.Option("--negative-aesthetic-score", help="SDXL refiner: the "
+                                                          "negative prompt's aesthetic score (2.5).")]
+RefinerOpt = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner checkpoint: it takes over the "
+                                                   "sampling at --refiner-switch.")]
+RefinerSwitchOpt = Annotated[Optional[float], typer.Option("--refiner-switch", help="Fraction of the steps the "
+                                                           "base model runs before the refiner (0.8).")]
+ProgressOpt = Annotated[
+    str, typer.Option("--progress", help="auto (a bar on a terminal), json (one event per step on stderr) or none.")
+]
+RayOpt = Annotated[
+    Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
+                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+]
+WorkersOpt = Annotated[
+    Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "
+                                "one per machine without GPUs).")
+]
+GpusPerWorkerOpt = Annotated[
+    Optional[float], typer.Option("--gpus-per-worker", min=0, help="With --ray: GPUs per replica (default 1 "
+                                  "when the cluster has GPUs, else 0).")
+]
+CpusPerWorkerOpt = Annotated[
+    float, typer.Option("--cpus-per-worker", min=0.01, help="With --ray: CPUs per replica (its torch threads).")
+]
+SkipExistingOpt = Annotated[
+    bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
+                       "metadata is this job's counts as done (resumes an interrupted batch).")
+]
