@@ -6,6 +6,7 @@ reference render is made once, by the same command without --ray."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -80,14 +81,21 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(work):
     killed = {}
 
     def kill_when_the_first_image_lands():
+        """Learn w0's pid as soon as it exists (its first call runs once its model is loaded), then kill it the
+        moment the first image lands, with no call in between that would queue behind its batches."""
         deadline = time.time() + 60
+        actor = None
+        while time.time() < deadline and actor is None:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("sdcli-worker-") and a["name"].endswith("-0")]
+            actor = ray.get_actor(names[-1]) if names else time.sleep(0.01)
+        if actor is None:
+            return
+        killed["pid"] = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
         while time.time() < deadline and not list(out.glob("*.png")):
-            time.sleep(0.01)
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("sdcli-worker-") and a["name"].endswith("-0")]
-        if names:
-            ray.kill(ray.get_actor(names[-1]), no_restart=False)  # its process dies, as under the OOM killer
-            killed["name"] = names[-1]
+            time.sleep(0.005)
+        ray.kill(actor, no_restart=False)  # its process dies, as under the OOM killer
+        killed["name"] = names[-1]
 
     killer = threading.Thread(target=kill_when_the_first_image_lands)
     killer.start()
@@ -96,7 +104,9 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(work):
     assert result.exit_code == 0, result.output
     assert "name" in killed, "the worker was not found to kill"
     events = [json.loads(line) for line in result.stderr.splitlines() if '"event": "image"' in line]
-    assert len({e["pid"] for e in events if e["worker"] == "w0"}) == 2  # killed mid-batch, restarted, went on
+    # the killed process was replaced and the new one rendered: w0's images came from a pid other than the dead one
+    # (whether the dead one had landed an image first depends on timing, so that is not asserted)
+    assert {e["pid"] for e in events if e["worker"] == "w0"} - {killed["pid"]}
     results = _results(result.stdout)
     assert sorted(r["index"] for r in results) == list(range(6))  # each image reported (and written) once
     assert _pngs(out) == work["local"]
