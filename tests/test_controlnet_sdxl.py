@@ -102,3 +102,27 @@ def test_weight_zero_is_no_controlnet_and_the_controlnet_changes_the_image(xl, n
     _, steered = ours(models, [Unit(net[0], hint_image(1), weight=1.0)], 9)
     assert (steered - plain).abs().max() > 0.1
     assert np.abs(pixels(models, steered)[0].astype(int) - pixels(models, plain)[0].astype(int)).max() > 10
+
+
+def test_generate_with_an_sdxl_controlnet_file_equals_diffusers(xl, net, tiny_sdxl, tmp_path):  # noqa: F811
+    """The CLI path: the ControlNet read from an original-layout file (control_model.*), checked against the SDXL
+    model, the hint read from a PNG, the size vector built by render: the PNG equals diffusers' image."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from sdcli.cli import app
+
+    pipe, models = xl
+    save_file({"control_model." + k: v for k, v in net[2].items()}, str(tmp_path / "cn.safetensors"))
+    hint_image(5).save(tmp_path / "hint.png")
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(app, [
+        "generate", PROMPT, "-m", str(tiny_sdxl), "--negative", NEGATIVE, "--dtype", "fp32", "--sampler", "euler",
+        "--schedule", "karras", "--steps", str(STEPS), "--cfg", str(CFG), "--seed", "4", "-W", str(SIZE), "-H",
+        str(SIZE), "--controlnet", str(tmp_path / "cn.safetensors"), "--control-image", str(tmp_path / "hint.png"),
+        "--control-weight", "0.8", "--control-start", "0.2", "--control-end", "0.8", "--progress", "none",
+        "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = P.make_plan("euler", "karras", STEPS, cfg=CFG, family=models.family)
+    _, ref_images = theirs(pipe, net[1], plan, hint_image(5), 0.8, 0.2, 0.8, False, 4)
+    assert_pixels_close([np.asarray(Image.open(out).convert("RGB"))], ref_images)
