@@ -6,9 +6,9 @@ conventions), tolerances test_sdxl's (SDXL latents 2e-5 of max(1, |ref|), pixels
 
 What SDXL adds over tests/test_controlnet_pipeline.py (SD1): the ControlNet takes the vector y (pooled bigG text
 + size/crop embeddings) through its own label_emb, on both CFG halves, the uncond's y from the negative prompt;
-diffusers takes the default original_size from the hint image, so the hint is the output size here. Covered:
+diffusers' default original_size is the prepared hint's size, which is the output size (ours too). Covered:
 start/end with weight != 1, guess mode under CFG, non-default size conditioning; weight 0 equals no ControlNet
-byte for byte; the CLI's generate with the file on disk equals the pipeline run."""
+byte for byte; the CLI's generate with an original-layout file on disk equals diffusers' image."""
 
 from __future__ import annotations
 
