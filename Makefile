@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd clean
+.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-sdxl clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ bench-quick: $(STAMP)
 # Only the TAESD table: a TAESD decode against the full VAE decode at 512 and 1024 (a minute or two on a CPU).
 bench-taesd: $(STAMP)
 	$(PY) scripts/bench.py --taesd
+
+# SDXL base at 1024x1024 (and Turbo at 512) vs diffusers on a random full-size checkpoint (~7 GB in .bench/, made
+# once); ~30 min on a 2-core bf16 CPU, more with STEPS=20. Rehearsal: scripts/bench_sdxl.py --tiny --size 64 --steps 2
+STEPS ?= 4
+bench-sdxl: $(STAMP)
+	$(PY) scripts/bench_sdxl.py --steps $(STEPS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench
