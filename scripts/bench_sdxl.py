@@ -97,7 +97,8 @@ def write_diffusers_config(preset: str) -> Path:
                "vae/config.json": {**vae_diffusers_config(vae), "force_upcast": True},
                "scheduler/scheduler_config.json": {"_class_name": "EulerDiscreteScheduler", **SD},
                "model_index.json": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-                                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                                    "unet": ["diffusers", "UNet2DConditionModel"],
+                                    "vae": ["diffusers", "AutoencoderKL"],
                                     "scheduler": ["diffusers", "EulerDiscreteScheduler"],
                                     "text_encoder": ["transformers", "CLIPTextModel"],
                                     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
@@ -307,8 +308,8 @@ def render(r: dict) -> str:
             row("UNet step, CFG batch 2", f"{sz}px", "unet"),
             row(f"whole image, {r['steps']} steps euler karras, cfg {CFG} (measured, after load)", f"{sz}px", "image"),
             row("peak RSS of that process", f"{sz}px", "rss", "GB"),
-            row("Turbo-shaped image: euler_a trailing, 1 step, cfg 0 (one UNet call), VAE decode", f"{r['turbo_size']}px",
-                "turbo")]  # fmt: skip
+            row("Turbo-shaped image: euler_a trailing, 1 step, cfg 0 (one UNet call), VAE decode",
+                f"{r['turbo_size']}px", "turbo")]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(x) + " |" for x in rows]
     guard = (f"sdcli {dt} vs sdcli fp32, the same {r['steps']}-step image and seed at {r['guard_size']}px"
              + (f" (fp32 at {sz}px is too slow on this CPU)" if r["guard_size"] != sz else "")
@@ -333,7 +334,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024, help="image side of the UNet step and the image (default 1024)")
     p.add_argument("--steps", type=int, default=4, help="steps of the measured image (default 4; 20 for a real one)")
     p.add_argument("--turbo-size", type=int, help="Turbo image side (default size / 2: 512)")
-    p.add_argument("--guard-size", type=int, default=None, help="quality-guard image side (default 256; size with --tiny)")
+    p.add_argument("--guard-size", type=int, default=None,
+                   help="quality-guard image side (default 256, or the size if smaller; the size with --tiny)")
     p.add_argument("--unet-reps", type=int, default=1, help="timed UNet steps after the warm-up (default 1)")
     p.add_argument("--tiny", action="store_true", help="rehearse with the tiny SDXL preset instead of the full one")
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -347,7 +349,8 @@ def main() -> None:
     print(table)
     print(f"(sdxl {r['preset']} mode, {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     if not a.no_docs:
-        write_section("bench-sdxl", f"## SDXL ({r['size']}x{r['size']}, {r['dtype']})\n\nMachine: {machine()}\n\n{table}")
+        title = f"## SDXL base ({r['size']}x{r['size']}, {r['dtype']})"
+        write_section("bench-sdxl", f"{title}\n\nMachine: {machine()}\n\n{table}")
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
