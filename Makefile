@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet clean
+.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench-taesd: $(STAMP)
 # one SD1.5-shaped ControlNet unit per CFG step at 512px, sdcli vs diffusers, same run
 bench-controlnet: $(STAMP)
 	$(PY) scripts/bench.py --controlnet
+
+# SDXL base at 1024x1024 (and Turbo at 512) vs diffusers on a random full-size checkpoint (~7 GB in .bench/, made
+# once); ~30 min on a 2-core bf16 CPU, more with STEPS=20. Rehearsal: scripts/bench_sdxl.py --tiny --size 64 --steps 2
+STEPS ?= 4
+bench-sdxl: $(STAMP)
+	$(PY) scripts/bench_sdxl.py --steps $(STEPS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

@@ -25,3 +25,7 @@ def _private_cache_dir(tmp_path_factory):
     import os
 
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
+# tests/slow/ (full-size models, minutes and ~20 GB of RAM each) runs only when asked: SDCLI_SLOW=1 pytest tests/slow
+collect_ignore = [] if __import__("os").environ.get("SDCLI_SLOW") == "1" else ["slow"]

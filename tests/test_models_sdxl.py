@@ -300,9 +300,9 @@ def test_pad_ids_per_encoder():
 
 # --- diffusers' single-file loader accepts the files ----------------------------------------------
 
-def _config_folder(root: Path, family: str, tokenizer_dir: Path) -> Path:
+def _config_folder(root: Path, family: str, tokenizer_dir: Path, size: str = "tiny") -> Path:
     """A local diffusers config folder (no weights) so from_single_file runs offline."""
-    unet_cfg, vae_cfg, text_l, text_g = sdxl_preset(family, "tiny")
+    unet_cfg, vae_cfg, text_l, text_g = sdxl_preset(family, size)
     out = root / f"{family}_config"
     comps = {"unet": unet_diffusers_config(unet_cfg, family, text_g.projection_dim),
              "vae": {**vae_diffusers_config(vae_cfg), "force_upcast": True}}
