@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -89,7 +88,7 @@ def ensure_checkpoint(preset: str) -> Path:
 def write_diffusers_config(preset: str) -> Path:
     """A local config folder (no weights, no tokenizers: the diffusers side gets token ids from our tokenizer,
     as bench.py's SD1.5 side does) so from_single_file runs offline."""
-    from make_checkpoint import sdxl_preset, unet_diffusers_config, vae_diffusers_config
+    from make_checkpoint import clip_config, sdxl_preset, unet_diffusers_config, vae_diffusers_config
 
     unet, vae, text_l, text_g = sdxl_preset("sdxl", preset)
     out = BENCH / f"diffusers-sdxl-{preset}"
@@ -108,7 +107,7 @@ def write_diffusers_config(preset: str) -> Path:
         (out / name).write_text(json.dumps(cfg))
     for name, cfg, cls in (("text_encoder", text_l, "CLIPTextModel"),
                            ("text_encoder_2", text_g, "CLIPTextModelWithProjection")):  # fmt: skip
-        clip = cfg.to_clip_config()
+        clip = clip_config(cfg)
         clip.architectures = [cls]
         (out / name).mkdir(exist_ok=True)
         clip.to_json_file(str(out / name / "config.json"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -88,6 +87,20 @@ SDXL_PRESETS = {
 SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 SDXL_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_G_PREFIX = {"sdxl": "conditioner.embedders.1.model.", "sdxl-refiner": "conditioner.embedders.0.model."}
+
+
+def clip_config(text: TextConfig):
+    """The transformers CLIPTextConfig equal to our TextConfig: for diffusers folders and the test oracles (sdcli
+    itself never imports transformers)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads, intermediate_size=text.intermediate_size,
+        max_position_embeddings=text.max_positions, hidden_act=text.hidden_act, layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=text.pad_id,
+        **({} if text.projection_dim is None else {"projection_dim": text.projection_dim}),
+    )
 
 
 def preset(family: str, size: str, inpaint: bool = False) -> tuple[UNetConfig, VAEConfig, TextConfig]:
@@ -274,7 +287,7 @@ def write_diffusers(out: Path, comps: dict[str, dict], family: str, size: str, p
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out / name / files[name]), metadata={"format": "pt"})
         if name in configs:
             (out / name / "config.json").write_text(json.dumps(configs[name], indent=2))
-    clip = text_cfg.to_clip_config()
+    clip = clip_config(text_cfg)
     clip.architectures = ["CLIPTextModel"]
     clip.to_json_file(str(out / "text_encoder" / "config.json"))
     (out / "scheduler").mkdir(exist_ok=True)

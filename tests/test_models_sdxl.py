@@ -31,6 +31,7 @@ from make_checkpoint import (
     PRESETS,
     SDXL_G_PREFIX,
     SDXL_PRESETS,
+    clip_config,
     ldm_shapes,
     sdxl_preset,
     unet_diffusers_config,
@@ -247,13 +248,13 @@ def test_text_encoders_of_the_file_equal_transformers(request, family):
     path = _file(request, family)
     state = load_file(path)
     _unet, _vae, text_l, text_g = sdxl_preset(family, "tiny")
-    big_g = CLIPTextModelWithProjection(text_g.to_clip_config()).eval()
+    big_g = CLIPTextModelWithProjection(clip_config(text_g)).eval()
     converted = convert_open_clip_checkpoint(big_g, state, prefix=SDXL_G_PREFIX[family])
     big_g.load_state_dict(converted, strict=True)
     assert torch.equal(big_g.text_projection.weight, state[SDXL_G_PREFIX[family] + "text_projection"].T)
     _check_text(_ours_from_transformers(big_g, text_g), big_g, projection=True)
     if text_l is not None:
-        clip_l = CLIPTextModel(text_l.to_clip_config()).eval()
+        clip_l = CLIPTextModel(clip_config(text_l)).eval()
         converted = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()
                      if "position_ids" not in k}  # fmt: skip
         clip_l.load_state_dict(converted, strict=True)
@@ -265,7 +266,7 @@ def test_full_width_bigg_layers_equal_transformers():
     cfg = TextConfig(family="sdxl", hidden_size=1280, num_layers=2, num_heads=20, intermediate_size=5120,
                      hidden_act="gelu", projection_dim=1280, pad_token_id=0)  # fmt: skip
     with torch.device("meta"):  # transformers' own init of 66 M parameters takes ~5 s: fill them ourselves
-        ref = CLIPTextModelWithProjection(cfg.to_clip_config()).eval()
+        ref = CLIPTextModelWithProjection(clip_config(cfg)).eval()
     ref.to_empty(device="cpu")
     g = torch.Generator().manual_seed(8)
     with torch.no_grad():
@@ -281,7 +282,7 @@ def test_pooled_takes_the_first_eos_not_a_larger_id():
     """A textual-inversion id above 49407 must not be taken for the EOS (sgm's argmax would)."""
     cfg = TextConfig(**{**sdxl_preset("sdxl", "tiny")[3].__dict__, "vocab_size": 49410})  # two TI ids added
     torch.manual_seed(9)
-    ref = CLIPTextModelWithProjection(cfg.to_clip_config()).eval()  # eos_token_id 49407: first-EOS rule
+    ref = CLIPTextModelWithProjection(clip_config(cfg)).eval()  # eos_token_id 49407: first-EOS rule
     ours = _ours_from_transformers(ref, cfg)
     ids = _ids(1, [6], 0, seed=10)
     ids[0, 3] = 49409
@@ -317,7 +318,7 @@ def _config_folder(root: Path, family: str, tokenizer_dir: Path, size: str = "ti
              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": [None, None],
              "tokenizer": [None, None], "force_zeros_for_empty_prompt": family == "sdxl"}  # fmt: skip
     for name, (cfg, cls) in encoders.items():
-        clip = cfg.to_clip_config()
+        clip = clip_config(cfg)
         clip.architectures = [cls]
         (out / name).mkdir(exist_ok=True)
         clip.to_json_file(str(out / name / "config.json"))

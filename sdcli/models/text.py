@@ -53,25 +53,6 @@ class TextConfig:
             return self.pad_token_id
         return SD2_PAD_ID if self.family == "sd2" else SD1_PAD_ID
 
-    def to_clip_config(self):
-        """The equivalent transformers CLIPTextConfig (for diffusers folders and the test oracles)."""
-        from transformers import CLIPTextConfig
-
-        return CLIPTextConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_positions,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=1e-5,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=self.pad_id,
-            **({} if self.projection_dim is None else {"projection_dim": self.projection_dim}),
-        )
-
 
 class TextEncoder(nn.Module):
     """Token ids (N, 77) -> per-token embeddings (N, 77, D) for the UNet's cross-attention."""
