@@ -21,6 +21,7 @@ import torch
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from sdcli import latents
+from _cli import invoker, pixels
 from sdcli.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,23 +36,11 @@ def cli(tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
     (64x64, 3 steps, euler_a, cfg 5) placed first, so that a flag the test gives wins (Click keeps the last)."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
     model = ["-m", str(tiny_sd1), "--device", "cpu", "--dtype", "fp32"]
     render = ["--steps", "3", "-W", "64", "-H", "64", "--sampler", "euler_a", "--cfg", "5", "--negative", NEG]
 
-    def run(command: str, *args: str, input=None, expect: int | None = 0):
-        extra = {"generate": model + render, "img2img": model + render[:2] + render[6:], "encode": model,
-                 "decode": model}.get(command, [])
-        result = runner.invoke(app, [command, *extra, *args], input=input)  # the test's own flags win
-        if expect is not None:
-            assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
-        return result
-
-    return run
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return invoker({"generate": model + render, "img2img": model + render[:2] + render[6:], "encode": model,
+                    "decode": model})  # the test's own flags come after these, so they win
 
 
 def json_lines(result) -> list[dict]:

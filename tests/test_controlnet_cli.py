@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from sdcli import preprocess
+from _cli import invoker, pixels
 from sdcli.cli import app
 from sdcli.metadata import read_image_metadata
 
@@ -32,22 +33,10 @@ def files(tmp_path):
 def cli(tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
     model = ["-m", str(tiny_sd1), "--device", "cpu", "--dtype", "fp32"]
     render = ["--steps", "3", "-W", "64", "-H", "64", "--sampler", "euler", "--cfg", "5", "--seed", "3"]
 
-    def run(command: str, *args: str, expect: int | None = 0):
-        extra = {"generate": model + render, "img2img": model + render[:2] + render[6:], "verify": model[:2]}
-        result = runner.invoke(app, [command, *extra.get(command, []), *args])
-        if expect is not None:
-            assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
-        return result
-
-    return run
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return invoker({"generate": model + render, "img2img": model + render[:2] + render[6:], "verify": model[:2]})
 
 
 def test_generate_records_replays_and_verifies(cli, files, tmp_path):

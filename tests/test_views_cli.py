@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from _browser import find_browser, load_page
 from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd1_diffusers  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from test_lora import lora_file, oracle  # noqa: F401 - a kohya LoRA for the tiny model
 from sdcli import grid
-from sdcli.cli import app
+from _cli import invoker, pixels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,23 +30,11 @@ def cli(tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
     """run(command, *args): rendering commands get the tiny model and fast settings first (a test's flags win)."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
     model = ["-m", str(tiny_sd1), "--device", "cpu", "--dtype", "fp32"]
     fast = ["--steps", "2", "-W", "64", "-H", "64", "--sampler", "euler", "--cfg", "5"]
 
-    def run(command: str, *args: str, expect: int | None = 0):
-        extra = {"generate": model + fast, "img2img": model + fast[:2] + fast[6:], "sweep": model + fast,
-                 "verify": ["-m", str(tiny_sd1), "--device", "cpu"]}.get(command, [])
-        result = runner.invoke(app, [command, *extra, *args])
-        if expect is not None:
-            assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
-        return result
-
-    return run
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return invoker({"generate": model + fast, "img2img": model + fast[:2] + fast[6:], "sweep": model + fast,
+                    "verify": ["-m", str(tiny_sd1), "--device", "cpu"]})
 
 
 def sdcli_meta(path) -> dict:
