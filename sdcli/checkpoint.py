@@ -35,7 +35,7 @@ from sdcli.models.text import TextConfig, TextEncoder
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
 from sdcli import vae_files
-from sdcli.residency import Residency, stamps
+from sdcli.residency import Residency, home_of, stamps
 from sdcli.vae_files import load_vae_file
 
 
@@ -348,14 +348,16 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
             raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
         files = stamps({e.file for e in source.entries.values()} | ({Path(vae)} if vae is not None else set()))
-        parts = Residency({}, _skeletons(info), residency, device, dtype, files)
-        parts.builders = _builders(path, info, vae, dtype, parts.home)
-        if residency == "keep":  # everything now, from the source already open
-            parts.parts["unet"] = build_unet(source, info.unet, dtype, device)
-            parts.parts["text"] = build_texts(source, info, dtype, device)
-            parts.parts["vae"] = load_vae_file(vae, dtype, device, info.spec) if vae is not None else \
-                build_vae(source, info.vae, vae_dtype(info.spec, dtype), device)  # fmt: skip
-            parts.where.update({part: device for part in parts.parts})
+        home = home_of(residency, device)
+        parts = Residency(_builders(path, info, vae, dtype, home), _skeletons(info), residency, device, dtype, files)
+        # A pickle has no tensor to read alone: reading a part again unpickles the whole file, which would cost
+        # more memory than holding the parts; so it is read once, now (lean/offload may still let parts go).
+        if residency == "keep" or source.layout == "ckpt":  # everything now, from the source already open
+            parts.parts["unet"] = build_unet(source, info.unet, dtype, home)
+            parts.parts["text"] = build_texts(source, info, dtype, home)
+            parts.parts["vae"] = load_vae_file(vae, dtype, home, info.spec) if vae is not None else \
+                build_vae(source, info.vae, vae_dtype(info.spec, dtype), home)  # fmt: skip
+            parts.where.update({part: home for part in parts.parts})
         else:
             _check_headers(source, info, vae)
     finally:

@@ -168,9 +168,9 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir,
+                   embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray, offload=offload,
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch)
@@ -258,8 +258,8 @@ def img2img(
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir,
-                   prediction=prediction, dtype=dtype, device=device, ray=ray, offload=offload, original_size=original_size,
+                   embeddings_dir=embeddings_dir, offload=offload,
+                   prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score)
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,

@@ -53,6 +53,11 @@ def choose(offload: bool, device: str, lazy: bool = False) -> str:
     return "lean" if lazy or torch.device(device).type == "cpu" else "keep"
 
 
+def home_of(policy: str, device: torch.device) -> torch.device:
+    """Where idle parts live: CPU RAM under offload on an accelerator, else the run's device."""
+    return torch.device("cpu") if policy == "offload" and device.type != "cpu" else device
+
+
 def stamps(paths) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of each file: what a rebuild compares to see that nothing changed since the load."""
     out = {}
@@ -75,8 +80,7 @@ class Residency:
             raise ValueError(f"unknown residency policy {policy!r}")
         self.builders, self.skeletons, self.policy = builders, skeletons, policy
         self.device, self.dtype, self.files = device, dtype, files
-        # where idle parts live: CPU RAM under offload on an accelerator, else the run's device
-        self.home = torch.device("cpu") if policy == "offload" and device.type != "cpu" else device
+        self.home = home_of(policy, device)
         self.parts: dict[str, Any] = {}
         self.where: dict[str, torch.device] = {}
         self.watchers: dict[str, Any] = {}
@@ -85,6 +89,16 @@ class Residency:
         self.events: collections.deque = collections.deque(maxlen=1000)  # ("build"|"release"|"move", part)
         self._skeletons: dict[str, Any] = {}
         self.loaded = False  # set once the load returns: later builds check the files first
+
+    @classmethod
+    def holding(cls, parts: dict[str, Any], device: str | torch.device = "cpu") -> Residency:
+        """Modules built elsewhere, held under keep (nothing to read again): for tests and tools."""
+        device = torch.device(device)
+        held = cls({}, {}, "keep", device, torch.float32, {})
+        held.parts = dict(parts)
+        held.where = {part: device for part in parts}
+        held.loaded = True
+        return held
 
     # --- what callers ask -------------------------------------------------------------------------
 

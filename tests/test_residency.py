@@ -276,3 +276,48 @@ def test_header_problems_still_fail_at_load(tiny_sd1, tmp_path):  # noqa: F811
     save_file(state, str(bad))
     with pytest.raises(BadInputError, match="conv_out.bias has dtype I32"):
         load_models(bad, residency="lean")
+
+
+def test_encode_and_decode_read_only_the_part_they_use(tiny_sd1, inputs, tmp_path, monkeypatch):  # noqa: F811
+    built = []
+    build = Residency._build
+    monkeypatch.setattr(Residency, "_build", lambda self, part: (built.append(part), build(self, part)))
+    monkeypatch.delenv(residency.POLICY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = invoker({name: ["-m", str(tiny_sd1), "--device", "cpu", "--dtype", "fp32"]
+                   for name in ("encode", "decode")})
+    run("encode", str(inputs / "in.png"), "-o", "in.latent")
+    run("decode", "in.latent", "-o", "back.png")
+    assert built == ["vae", "vae"]
+    built.clear()
+    run("encode", "--text", "a fox <lora:style:0.5>", "--lora-dir", str(inputs / "loras"), "-o", "fox.emb.safetensors")
+    assert built == ["text"]  # the LoRA's UNet half is checked against names and shapes, never read
+
+
+def test_offload_from_a_config_is_not_recorded(tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
+    """`offload: true` in YAML picks the policy; the image does not record it (the bytes are the same)."""
+    policies = []
+    build = Residency._build
+    monkeypatch.setattr(Residency, "_build", lambda self, part: (policies.append(self.policy), build(self, part)))
+    monkeypatch.delenv(residency.POLICY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "low.yaml").write_text("offload: true\n")
+    run = invoker({"generate": ["-m", str(tiny_sd1), "--device", "cpu", *RENDER]})
+    run("generate", "a fox", "--config", "low.yaml", "-o", "low.png")
+    assert set(policies) == {"offload"}
+    policies.clear()
+    run("generate", "a fox", "-o", "plain.png")
+    assert set(policies) == {"lean"}
+    assert (tmp_path / "low.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+
+
+def test_a_pickle_checkpoint_is_read_once_at_load_and_rebuilt_equal(tiny_sd1, tmp_path):  # noqa: F811
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_sd1))}, path)
+    models = load_models(path, residency="lean")
+    assert models.parts.resident() == {"text": "cpu", "unet": "cpu", "vae": "cpu"}  # one unpickling for all
+    before = {k: v.clone() for k, v in models.text_encoder.state_dict().items()}
+    models.stage("unet")
+    assert "text" not in models.parts.resident()
+    after = models.text_encoder.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
