@@ -232,7 +232,8 @@ def _text_parts(source: WeightSource, info: ModelInfo) -> list[tuple]:
     for n, (cfg, (layout, prefix)) in enumerate(zip(info.texts, info.text_places)):
         with torch.device("meta"):
             module = TextEncoder(cfg)
-        plan, unplaced = text_plan(list(source.entries), layout, cfg.num_layers, src=prefix.removesuffix("text_model."))
+        src = prefix.removesuffix("text_model.")
+        plan, unplaced = text_plan(list(source.entries), layout, cfg.num_layers, src=src)
         name = "text encoder" if len(info.texts) == 1 else f"text encoder {n + 1}"
         out.append((name, module, source, plan, unplaced))
     return out
@@ -333,6 +334,16 @@ def _skeletons(info: ModelInfo) -> dict:
             "text": on_meta(lambda: tuple(TextEncoder(cfg) for cfg in info.texts))}
 
 
+def _read_all(parts: Residency, source: WeightSource, info: ModelInfo, vae: str | Path | None) -> None:
+    """Every part read now, from the source already open, in the order errors have always been found."""
+    dtype, home = parts.dtype, parts.home
+    parts.parts["unet"] = build_unet(source, info.unet, dtype, home)
+    parts.parts["text"] = build_texts(source, info, dtype, home)
+    parts.parts["vae"] = load_vae_file(vae, dtype, home, info.spec) if vae is not None else \
+        build_vae(source, info.vae, vae_dtype(info.spec, dtype), home)  # fmt: skip
+    parts.where.update({part: home for part in parts.parts})
+
+
 def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", prediction: str | None = None, placement: Any = None,
                 residency: str = "keep") -> Models:
@@ -352,12 +363,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         parts = Residency(_builders(path, info, vae, dtype, home), _skeletons(info), residency, device, dtype, files)
         # A pickle has no tensor to read alone: reading a part again unpickles the whole file, which would cost
         # more memory than holding the parts; so it is read once, now (lean/offload may still let parts go).
-        if residency == "keep" or source.layout == "ckpt":  # everything now, from the source already open
-            parts.parts["unet"] = build_unet(source, info.unet, dtype, home)
-            parts.parts["text"] = build_texts(source, info, dtype, home)
-            parts.parts["vae"] = load_vae_file(vae, dtype, home, info.spec) if vae is not None else \
-                build_vae(source, info.vae, vae_dtype(info.spec, dtype), home)  # fmt: skip
-            parts.where.update({part: home for part in parts.parts})
+        if residency == "keep" or source.layout == "ckpt":
+            _read_all(parts, source, info, vae)
         else:
             _check_headers(source, info, vae)
     finally:
