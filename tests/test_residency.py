@@ -321,3 +321,26 @@ def test_a_pickle_checkpoint_is_read_once_at_load_and_rebuilt_equal(tiny_sd1, tm
     assert "text" not in models.parts.resident()
     after = models.text_encoder.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_offload_on_an_accelerator_moves_parts_and_companions(monkeypatch):
+    """The device bookkeeping of offload on CUDA, without a GPU: the one move function records instead of moving.
+    Parts are read into CPU RAM, each goes to the device for its stage and home after; a ControlNet follows the
+    UNet; nothing is released."""
+    moves = []
+    monkeypatch.setattr(residency, "_to", lambda module, device: moves.append((module, device.type)))
+    made = {part: torch.nn.Linear(2, 2) for part in ("unet", "vae")}
+    made["text"] = (torch.nn.Linear(2, 2),)
+    parts = Residency({part: (lambda part=part: made[part]) for part in made}, {}, "offload",
+                      torch.device("cuda"), torch.float16, {})
+    assert parts.home.type == "cpu"
+    net = torch.nn.Linear(2, 2)
+    parts.attach("unet", net)
+    assert parts.stage("text") is made["text"] and parts.resident() == {"text": "cuda"}
+    parts.stage("unet")
+    assert parts.resident() == {"text": "cpu", "unet": "cuda"}
+    assert (net, "cpu") in moves and moves[-1] == (net, "cuda")  # built at home with the UNet, then moved with it
+    parts.stage("vae")
+    assert parts.resident() == {"text": "cpu", "unet": "cpu", "vae": "cuda"}
+    assert moves[-3:] == [(made["unet"], "cpu"), (net, "cpu"), (made["vae"], "cuda")]
+    assert [e for e in parts.events if e[0] == "release"] == []
