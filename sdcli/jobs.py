@@ -23,7 +23,7 @@ from pathlib import Path
 from .config import SEED_MAX, RunConfig, check_value, decode_utf8
 from .errors import BadInputError, UsageError
 
-PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir", "ray"}
+PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir", "ray", "offload"}
 
 
 @dataclass(frozen=True)

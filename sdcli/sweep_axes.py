@@ -31,6 +31,7 @@ FIXED_KEYS = {
     "lora_dir": "LoRAs are resolved once per sweep",
     "embeddings_dir": "embeddings are found once per sweep",
     "vae_dir": "the model is loaded once per sweep",
+    "offload": "the model is loaded once per sweep",
     "output": "the sweep names its own files",
     "n": "a cell is one image",
     "batch_size": "a cell is one image",

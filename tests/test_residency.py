@@ -344,3 +344,13 @@ def test_offload_on_an_accelerator_moves_parts_and_companions(monkeypatch):
     assert parts.resident() == {"text": "cpu", "unet": "cpu", "vae": "cuda"}
     assert moves[-3:] == [(made["unet"], "cpu"), (net, "cpu"), (made["vae"], "cuda")]
     assert [e for e in parts.events if e[0] == "release"] == []
+
+
+def test_offload_is_per_run(tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a fox", "offload": true}\n')
+    result = invoker({})("generate", "--prompts-file", "jobs.jsonl", "-m", str(tiny_sd1), *RENDER, expect=3)
+    assert "'offload' cannot change per job" in result.stderr
+    result = invoker({})("sweep", "a fox", "--x", "offload=true,false", "-m", str(tiny_sd1), "-o", "p.png",
+                         expect=2)
+    assert "offload: cannot be swept" in result.stderr
