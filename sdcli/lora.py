@@ -1,6 +1,7 @@
 """LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x/2.x/SDXL weights before sampling: from --lora, or
 from a prompt's ``<lora:NAME:WEIGHT>`` tag (NAME looked up under lora_dir). Each set of LoRAs is merged once;
-jobs that switch sets get the loaded weights back first (kept only when a run needs them).
+jobs that switch sets get the loaded weights back first (kept only when a run needs them). A part the residency reads
+again (residency.py: lean, offload) gets the set merged again, to the same bytes.
 
 A kohya file holds, per adapted module, ``<name>.lora_down.weight`` (rank, in[, kh, kw]), ``<name>.lora_up.weight``
 (out, rank[, 1, 1]) and an optional scalar ``<name>.alpha``; the merged weight is

@@ -147,7 +147,7 @@ class Residency:
         self.events.append(("release", part))
 
     def resident(self) -> dict[str, str]:
-        """part -> device type of each part in memory: what tests and --verbose report."""
+        """part -> device type ("cpu", "cuda") of each part in memory."""
         return {part: self.where[part].type for part in PARTS if part in self.parts}
 
     def peek(self, part: str):
