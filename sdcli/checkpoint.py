@@ -30,10 +30,12 @@ from sdcli.formats.ldm import UNET_PREFIX, VAE_PREFIX, numel, part_of, shapes_of
 from sdcli.formats.pickle_ckpt import is_pickle
 from sdcli.formats.safetensors import read_header
 from sdcli.formats.source import WeightSource, open_source
-from sdcli.formats.strict import identity_plan, is_ignored, listing, load_part
+from sdcli.formats.strict import check_part, identity_plan, is_ignored, listing, load_part
 from sdcli.models.text import TextConfig, TextEncoder
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
+from sdcli import vae_files
+from sdcli.residency import Residency, home_of, stamps
 from sdcli.vae_files import load_vae_file
 
 
@@ -159,46 +161,70 @@ def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> 
 
 @dataclass(frozen=True)
 class Models:
-    """One loaded checkpoint. Immutable: what changes while rendering (merged LoRAs, seamless padding) is held by
-    the code that changes it (lora.LoraState, pipeline.seamless) and undone there."""
+    """One loaded checkpoint. Its networks are held by `parts` (residency.Residency): `unet`, `vae` and
+    `text_encoders` build a part that is not in memory when asked for; `stage(part)` says a stage that runs it
+    starts. What changes modules while rendering (merged LoRAs, seamless padding) is held by the code that
+    changes it (lora.LoraState, pipeline.seamless), which watches the residency so a rebuilt part gets it too."""
 
-    unet: UNetModel
-    vae: AutoencoderKL  # or models.taesd.TinyAutoencoder (--vae taesd_decoder...): see vae_files.latent_scale
-    text_encoders: tuple[TextEncoder, ...]  # in the family's order (SDXL: CLIP-L, bigG)
+    parts: Residency
     info: ModelInfo
     source: Path  # the checkpoint file or diffusers folder
     name: str  # for metadata: file stem or folder name
     vae_source: Path | None = None  # the --vae override, if any
     placement: Any = None  # device.Placement the models were loaded for (None when loaded without one)
     embeddings: Any = None  # embeddings.EmbeddingLibrary the prompts may trigger (pipeline.with_embeddings)
+    vae_is_tiny: bool = False  # the VAE is a TAESD (--vae taesd_decoder...): known from the header, not built
 
     @property
-    def family(self) -> Family:
-        return self.info.spec
+    def unet(self) -> UNetModel:
+        return self.parts.get("unet")
+
+    @property
+    def vae(self) -> AutoencoderKL:  # or models.taesd.TinyAutoencoder: see vae_files.latent_scale
+        return self.parts.get("vae")
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoder, ...]:
+        """In the family's order (SDXL: CLIP-L, bigG)."""
+        return self.parts.get("text")
 
     @property
     def text_encoder(self) -> TextEncoder:
         """The first text encoder (the only one before SDXL)."""
         return self.text_encoders[0]
 
+    def stage(self, part: str):
+        """A stage running `part` ("text", "unet", "vae") starts: the part, ready on the run's device."""
+        return self.parts.stage(part)
 
-def build_unet(source: WeightSource, cfg: UNetConfig, dtype: torch.dtype, device: torch.device) -> UNetModel:
+    @property
+    def device(self) -> torch.device:
+        """The device the stages run on (under offload on CUDA, idle parts wait in CPU RAM)."""
+        return self.parts.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The run's dtype (the UNet's and the text encoders'; see vae_dtype for the VAE's)."""
+        return self.parts.dtype
+
+    @property
+    def family(self) -> Family:
+        return self.info.spec
+
+
+def _unet_part(source: WeightSource, cfg: UNetConfig) -> tuple:
     with torch.device("meta"):
         module = UNetModel(cfg)
-    plan, unplaced = identity_plan(list(source.entries), UNET_PREFIX)
-    return load_part("UNet", module, source, plan, unplaced, dtype, device)
+    return ("UNet", module, source, *identity_plan(list(source.entries), UNET_PREFIX))
 
 
-def build_vae(source: WeightSource, cfg: VAEConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
+def _vae_part(source: WeightSource, cfg: VAEConfig) -> tuple:
     with torch.device("meta"):
         module = AutoencoderKL(cfg)
-    plan, unplaced = identity_plan(list(source.entries), VAE_PREFIX)
-    return load_part("VAE", module, source, plan, unplaced, dtype, device)
+    return ("VAE", module, source, *identity_plan(list(source.entries), VAE_PREFIX))
 
 
-def build_texts(source: WeightSource, info: ModelInfo, dtype: torch.dtype,
-                device: torch.device) -> tuple[TextEncoder, ...]:  # fmt: skip
-    """Every text encoder the family declares, each strictly from its own place in the file."""
+def _text_parts(source: WeightSource, info: ModelInfo) -> list[tuple]:
     if not info.texts:
         where = ", ".join(spec.prefix + "*" for spec in info.spec.text)
         raise BadInputError(f"{source.path}: no text encoder weights ({where}) in this checkpoint")
@@ -206,10 +232,26 @@ def build_texts(source: WeightSource, info: ModelInfo, dtype: torch.dtype,
     for n, (cfg, (layout, prefix)) in enumerate(zip(info.texts, info.text_places)):
         with torch.device("meta"):
             module = TextEncoder(cfg)
-        src = prefix.removesuffix("text_model.")
-        plan, unplaced = text_plan(list(source.entries), layout, cfg.num_layers, src=src)
+        plan, unplaced = text_plan(list(source.entries), layout, cfg.num_layers, src=prefix.removesuffix("text_model."))
         name = "text encoder" if len(info.texts) == 1 else f"text encoder {n + 1}"
-        module = load_part(name, module, source, plan, unplaced, dtype, device)
+        out.append((name, module, source, plan, unplaced))
+    return out
+
+
+def build_unet(source: WeightSource, cfg: UNetConfig, dtype: torch.dtype, device: torch.device) -> UNetModel:
+    return load_part(*_unet_part(source, cfg), dtype, device)
+
+
+def build_vae(source: WeightSource, cfg: VAEConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
+    return load_part(*_vae_part(source, cfg), dtype, device)
+
+
+def build_texts(source: WeightSource, info: ModelInfo, dtype: torch.dtype,
+                device: torch.device) -> tuple[TextEncoder, ...]:  # fmt: skip
+    """Every text encoder the family declares, each strictly from its own place in the file."""
+    out = []
+    for part in _text_parts(source, info):
+        module = load_part(*part, dtype, device)
         module.reset_buffers()
         out.append(module)
     return tuple(out)
@@ -221,9 +263,81 @@ def _check_leftovers(source: WeightSource) -> None:
         raise BadInputError(f"{source.path}: unexpected tensors outside UNet/VAE/text encoder: {listing(other)}")
 
 
+def _check_headers(source: WeightSource, info: ModelInfo, vae: str | Path | None) -> None:
+    """What a strict load would refuse, from the header alone (names, shapes, stored dtypes): a part built later
+    (residency lean/offload) fails no differently than one built now, except for NaN/Inf in its values."""
+    for part in (_unet_part(source, info.unet), *_text_parts(source, info)):
+        check_part(*part)
+    if vae is None:
+        check_part(*_vae_part(source, info.vae))
+    else:
+        check_vae_file(vae, info.spec)
+
+
+def check_vae_file(path: str | Path, family: Family | None) -> bool:
+    """A --vae file or folder checked from its header: True for a TAESD (its name must fit the family)."""
+    from sdcli import vae_files
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such VAE file or folder")
+    tiny = vae_files.tiny_file(path)
+    if tiny is not None:
+        if family is not None:
+            vae_files.check_taesd_fits(tiny, family)
+        return True
+    source = standalone_vae_source(path)
+    try:
+        check_part(*_vae_part(source, infer_vae_config(shapes_of(source.header))))
+    except BadInputError as e:  # as load_vae says it
+        raise e if str(path) in str(e) else BadInputError(f"{path}: {e}") from None
+    finally:
+        source.close()
+    return False
+
+
+def _builders(path: Path, info: ModelInfo, vae: str | Path | None, dtype: torch.dtype, home: torch.device) -> dict:
+    """part -> a function reading it from the files (the checkpoint opened anew each time)."""
+
+    def from_checkpoint(build):
+        def read():
+            source = open_source(path)
+            try:
+                return build(source)
+            finally:
+                source.close()
+
+        return read
+
+    if vae is not None:
+        def read_vae():
+            return load_vae_file(vae, dtype, home, info.spec)
+    else:
+        read_vae = from_checkpoint(lambda s: build_vae(s, info.vae, vae_dtype(info.spec, dtype), home))
+    return {"unet": from_checkpoint(lambda s: build_unet(s, info.unet, dtype, home)),
+            "text": from_checkpoint(lambda s: build_texts(s, info, dtype, home)),
+            "vae": read_vae}
+
+
+def _skeletons(info: ModelInfo) -> dict:
+    """part -> its modules built on the meta device (no weights): LoRA names are matched against these."""
+
+    def on_meta(make):
+        def build():
+            with torch.device("meta"):
+                return make()
+
+        return build
+
+    return {"unet": on_meta(lambda: UNetModel(info.unet)),
+            "text": on_meta(lambda: tuple(TextEncoder(cfg) for cfg in info.texts))}
+
+
 def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", prediction: str | None = None, placement: Any = None) -> Models:
-    """Resolve, detect and strictly load UNet, VAE and text encoder of one checkpoint."""
+                device: str | torch.device = "cpu", prediction: str | None = None, placement: Any = None,
+                residency: str = "keep") -> Models:
+    """Resolve, detect and check UNet, VAE and text encoder of one checkpoint strictly; `residency` (a policy of
+    residency.py) says which parts are read now: all of them under keep, the others when first used."""
     path = resolve_model(str(model))
     device = torch.device(device)
     source = open_source(path)
@@ -233,17 +347,29 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
             raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
-        unet = build_unet(source, info.unet, dtype, device)
-        text = build_texts(source, info, dtype, device)
-        vae_model = load_vae_file(vae, dtype, device, info.spec) if vae is not None else \
-            build_vae(source, info.vae, vae_dtype(info.spec, dtype), device)  # fmt: skip
+        files = stamps({e.file for e in source.entries.values()} | ({Path(vae)} if vae is not None else set()))
+        home = home_of(residency, device)
+        parts = Residency(_builders(path, info, vae, dtype, home), _skeletons(info), residency, device, dtype, files)
+        # A pickle has no tensor to read alone: reading a part again unpickles the whole file, which would cost
+        # more memory than holding the parts; so it is read once, now (lean/offload may still let parts go).
+        if residency == "keep" or source.layout == "ckpt":  # everything now, from the source already open
+            parts.parts["unet"] = build_unet(source, info.unet, dtype, home)
+            parts.parts["text"] = build_texts(source, info, dtype, home)
+            parts.parts["vae"] = load_vae_file(vae, dtype, home, info.spec) if vae is not None else \
+                build_vae(source, info.vae, vae_dtype(info.spec, dtype), home)  # fmt: skip
+            parts.where.update({part: home for part in parts.parts})
+        else:
+            _check_headers(source, info, vae)
     finally:
         source.close()
     if info.prediction_source == "guess":  # the family's default was a guess: its probe settles it
+        unet = parts.stage("unet")
         info = dataclasses.replace(info, prediction=info.spec.settle_prediction(unet), prediction_source="probe")
+    parts.loaded = True
     name = path.name if path.is_dir() else path.stem
     vae_path = Path(vae) if vae is not None else None
-    return Models(unet, vae_model, text, info, path, name, vae_path, placement)
+    tiny = vae is not None and vae_files.tiny_file(Path(vae)) is not None
+    return Models(parts, info, path, name, vae_path, placement, vae_is_tiny=tiny)
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -156,6 +156,7 @@ def generate(
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
     ray: opt.RayOpt = None,
+    offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
@@ -167,7 +168,7 @@ def generate(
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir,
+                   embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
@@ -246,6 +247,7 @@ def img2img(
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
     ray: opt.RayOpt = None,
+    offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
@@ -256,7 +258,7 @@ def img2img(
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir,
+                   embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score)
@@ -315,6 +317,7 @@ def sweep(
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
     lora: opt.LoraOpt = None,
+    offload: opt.OffloadOpt = None,
     overwrite: opt.OverwriteOpt = False,
     quiet: opt.QuietOpt = False,
     progress: opt.ProgressOpt = "auto",
@@ -328,7 +331,7 @@ def sweep(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
                    hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, offload=offload)
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
                            progress=_progress_mode(progress)))
@@ -454,6 +457,7 @@ def verify(
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
     lora: opt.LoraOpt = None,
     refiner: opt.RefinerOpt = None,
+    offload: opt.OffloadOpt = None,
     controlnet: opt.ControlNetOpt = None,
     control_image: opt.ControlImageOpt = None,
     report: Annotated[
@@ -477,7 +481,7 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner)
+                   refiner=refiner, offload=offload)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])})
 

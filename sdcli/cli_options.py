@@ -87,6 +87,10 @@ PreviewVaeOpt = Annotated[
     Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
                                 "that draws the --preview picture; by default the family's taesd file in vae_dir.")
 ]
+OffloadOpt = Annotated[
+    Optional[bool], typer.Option("--offload/--no-offload", help="Low memory: one of text encoders, UNet, VAE in "
+                                 "memory at a time on a CPU (on a GPU only while it runs); slower. See README.")
+]
 SeamlessOpt = Annotated[
     Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
 ]

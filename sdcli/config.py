@@ -70,6 +70,7 @@ class RunConfig:
     # ControlNet units (control_config.ControlSpec); in YAML a list of {model, image, weight, start, end, ...}
     controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
+    offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (residency.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

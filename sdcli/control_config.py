@@ -200,12 +200,13 @@ def _load(specs, models) -> dict[str, tuple]:
     from .console import info as say
     from .controlnet_files import load_controlnet
 
-    param = next(models.unet.parameters())
     nets: dict[str, tuple] = {}
     for spec in specs:
         if spec.model not in nets:
-            net, info = load_controlnet(spec.model, models.info.unet, models.family.title, param.dtype, param.device)
+            net, info = load_controlnet(spec.model, models.info.unet, models.family.title, models.dtype,
+                                        models.parts.home)
             say(f"ControlNet {Path(spec.model).name}: for {info.family}, {info.layout} layout")
+            models.parts.attach("unet", net)  # it runs with the UNet: moves with it under offload
             nets[spec.model] = (net.eval(), info)
     return nets
 

@@ -111,26 +111,39 @@ def _check_shapes(path: Path, base: str, shapes: dict[str, tuple[int, ...]]) -> 
         raise BadInputError(f"{path}: {base}: alpha has shape {list(alpha)}, expected a single number")
 
 
-def _targets(models) -> dict[str, nn.Module]:
-    """kohya name (without .lora_*) -> the Linear/Conv2d it adapts, for UNet (diffusers and LDM spellings)
-    and text encoder (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``)."""
-    cfg = models.unet.config
-    to_diffusers = {ldm: d for d, ldm in unet_prefix_pairs(len(cfg.channel_mult), cfg.num_res_blocks,
-                                                           cfg.attention_levels)}  # fmt: skip
+def _part_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
+    """kohya name (without .lora_*) -> the Linear/Conv2d it adapts in one part of the model: the UNet (diffusers
+    and LDM spellings) or the text encoders (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``). The
+    modules may be meta-device skeletons (residency.skeleton): names and shapes are all that is read then."""
     out: dict[str, nn.Module] = {}
-    for name, module in models.unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            out[UNET_KEY + name.replace(".", "_")] = module
-            diffusers = rename(name + ".weight", to_diffusers)  # rename wants a key below the prefix
-            if diffusers is not None:
-                out[UNET_KEY + diffusers.removesuffix(".weight").replace(".", "_")] = module
-    encoders = models.text_encoders
-    for n, encoder in enumerate(encoders):
-        # kohya: lora_te_ for the one text encoder; SDXL's lora_te1_ (CLIP-L) and lora_te2_ (bigG)
-        prefix = TEXT_KEY if len(encoders) == 1 else f"lora_te{n + 1}_"
-        for name, module in encoder.transformer.named_modules():
+    if part == "unet":
+        to_diffusers = {ldm: d for d, ldm in unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
+                                                               unet_cfg.attention_levels)}  # fmt: skip
+        for name, module in modules[0].named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                out[prefix + "text_model_" + name.replace(".", "_")] = module  # kohya names CLIPTextModel's
+                out[UNET_KEY + name.replace(".", "_")] = module
+                diffusers = rename(name + ".weight", to_diffusers)  # rename wants a key below the prefix
+                if diffusers is not None:
+                    out[UNET_KEY + diffusers.removesuffix(".weight").replace(".", "_")] = module
+    elif part == "text":
+        for n, encoder in enumerate(modules):
+            # kohya: lora_te_ for the one text encoder; SDXL's lora_te1_ (CLIP-L) and lora_te2_ (bigG)
+            prefix = TEXT_KEY if len(modules) == 1 else f"lora_te{n + 1}_"
+            for name, module in encoder.transformer.named_modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    out[prefix + "text_model_" + name.replace(".", "_")] = module  # kohya names CLIPTextModel's
+    return out
+
+
+MERGED_PARTS = ("unet", "text")  # the parts a LoRA changes
+
+
+def _targets(models, skeletons: bool = False) -> dict[str, nn.Module]:
+    """Every adapted module of the model; `skeletons`: parts not in memory as meta-device modules (not built)."""
+    out: dict[str, nn.Module] = {}
+    for part in MERGED_PARTS:
+        modules = models.parts.skeleton(part) if skeletons else models.parts.get(part)
+        out.update(_part_targets(part, tuple(modules) if part == "text" else (modules,), models.info.unet))
     return out
 
 
@@ -153,42 +166,68 @@ def _groups(path: Path, state: dict) -> dict[str, dict]:
     return groups
 
 
+def _check_fits(path: Path, base: str, up: tuple, down: tuple, target: tuple) -> None:
+    """up @ down must reshape to the target's weight: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
+    if up[0] != target[0] or up[0] * math.prod(down[1:]) != math.prod(target):
+        raise BadInputError(f"{path}: {base}: LoRA shape {list(up[:1]) + list(down[1:])} does not fit "
+                            f"the model's {list(target)} (a LoRA for another model family?)")  # fmt: skip
+
+
 def _delta(path: Path, base: str, parts: dict[str, Tensor], target: Tensor) -> Tensor:
     """alpha/rank * up @ down in float32, shaped like `target`: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
     down, up = (parts[k].to(target.device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
     rank = down.shape[0]  # shapes were checked from the header by check_file
     alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)  # no alpha: scale 1
+    _check_fits(path, base, tuple(up.shape), tuple(down.shape), tuple(target.shape))
     delta = up.flatten(1) @ down.flatten(1)  # (out, in * kh * kw)
-    if delta.shape[0] != target.shape[0] or delta.numel() != target.numel():
-        raise BadInputError(f"{path}: {base}: LoRA shape {list(up.shape[:1]) + list(down.shape[1:])} does not fit "
-                            f"the model's {list(target.shape)} (a LoRA for another model family?)")  # fmt: skip
     return (alpha / rank) * delta.reshape(target.shape)
 
 
-@torch.no_grad()
-def apply_lora(models, spec: LoraSpec, originals: dict[nn.Module, Tensor] | None = None) -> LoraReport:
-    """Merge one LoRA into `models` (UNet and text encoder weights replaced, in their dtype and device).
-    `originals` collects each replaced module's weight from before any LoRA, for `restore`."""
-    from safetensors.torch import load_file
-
-    check_file(spec)
-    groups = _groups(spec.path, load_file(str(spec.path)))
-    targets = _targets(models)
+def _matched(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
     matched = {base: targets[base] for base in groups if base in targets}
     if not matched:
         raise BadInputError(f"{spec.path}: no key of this LoRA matches the model: is it for another family "
                             f"(SD1/SD2/SDXL)? "
                             f"({len(groups)} modules, e.g. {next(iter(groups), 'none')})")  # fmt: skip
-    for base, module in matched.items():
+    return matched
+
+
+@torch.no_grad()
+def _merge(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module], originals: dict[nn.Module, Tensor] | None,
+           device: torch.device) -> None:  # fmt: skip
+    """Merge one LoRA's matching modules into `targets` (weights replaced, in their dtype and device). The sum is
+    taken on the run's `device` wherever the module waits (residency offload keeps it in CPU RAM), so a part
+    merged there has the bytes it has merged in place."""
+    for base in groups:  # in the file's order, as a module named twice (both spellings) always merged
+        module = targets.get(base)
+        if module is None:
+            continue
         w = module.weight
-        delta = _delta(spec.path, base, groups[base], w)
-        merged = w.float() + spec.weight * delta
+        here = w.to(device)
+        delta = _delta(spec.path, base, groups[base], here)
+        merged = here.float() + spec.weight * delta
         if not bool(torch.isfinite(merged).all()):
             raise NumericalError(f"{spec.path}: {base}: NaN or Inf after merging the LoRA")
         if originals is not None:
             originals.setdefault(module, w)
         # A new Parameter, not an in-place edit: the old tensor may be shared with a caller.
-        module.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+        module.weight = nn.Parameter(merged.to(w.dtype).to(w.device), requires_grad=False)
+
+
+def _read(spec: LoraSpec) -> dict:
+    from safetensors.torch import load_file
+
+    check_file(spec)
+    return _groups(spec.path, load_file(str(spec.path)))
+
+
+def apply_lora(models, spec: LoraSpec, originals: dict[nn.Module, Tensor] | None = None) -> LoraReport:
+    """Merge one LoRA into the whole of `models` (UNet and text encoders, built if they are not in memory).
+    `originals` collects each replaced module's weight from before any LoRA."""
+    groups = _read(spec)
+    targets = _targets(models)
+    matched = _matched(spec, groups, targets)
+    _merge(spec, groups, targets, originals, models.device)
     return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
 
 
@@ -197,33 +236,69 @@ class LoraState:
     itself stays as loaded, apart from the merged weights this object can take back out).
 
     Jobs that share one set merge it once. With `keep_originals` (asked for when the jobs of a run switch sets) the
-    weights as loaded stay in memory, one more copy of every adapted module, so that another set can replace it."""
+    weights as loaded stay in memory, one more copy of every adapted module, so that another set can replace it.
+    It watches the model's residency: a part built (or rebuilt) later gets the current set merged the same way,
+    module by module in the same order, so its weights are the ones it would have had never released."""
 
     def __init__(self, models, keep_originals: bool = False):
         self.models, self.keep_originals = models, keep_originals
         self.key: list = []  # (resolved path, weight) of each merged LoRA, in order
+        self.specs: list[LoraSpec] = []
         self.reports: list[LoraReport] = []  # what the merged LoRAs did: for the log and the image metadata
-        self.originals: dict[nn.Module, Tensor] = {}  # module -> its weight before any LoRA (keep_originals only)
+        self.originals: dict[str, dict[nn.Module, Tensor]] = {}  # part -> {module: weight before any LoRA}
+        models.parts.watch("lora", self)
 
     def use(self, specs: list[LoraSpec]) -> list[LoraReport]:
-        """Make `specs` the merged set; returns the reports of a new merge ([] when the set did not change)."""
+        """Make `specs` the merged set; returns the reports of a new merge ([] when the set did not change).
+        Every file is checked against the model's names and shapes before anything is merged."""
         key = [(s.path.resolve(), s.weight) for s in specs]
         if key == self.key:
             return []
         if self.key:
-            if not self.originals:
+            if not self.keep_originals:
                 raise RuntimeError("LoRA switch without the original weights kept")  # a bug, not bad input
             self.restore()
-        originals = self.originals if self.keep_originals else None
-        self.reports = [apply_lora(self.models, s, originals) for s in specs]
-        self.key = key
+        reports = [self._report(s) for s in specs]
+        self.specs, self.key, self.reports = list(specs), key, reports
+        for part in MERGED_PARTS:
+            value = self.models.parts.peek(part)
+            if value is not None:
+                self._merge_part(part, tuple(value) if part == "text" else (value,))
         return self.reports
 
     def restore(self) -> None:
         """Back to the weights as loaded, before the LoRAs merged with keep_originals."""
-        for module, weight in self.originals.items():
-            module.weight = weight
-        self.originals, self.reports, self.key = {}, [], []
+        for by_module in self.originals.values():
+            for module, weight in by_module.items():
+                if weight.device != module.weight.device:  # moved by the residency since (offload)
+                    weight = nn.Parameter(weight.to(module.weight.device), requires_grad=False)
+                module.weight = weight
+        self.originals, self.reports, self.key, self.specs = {}, [], [], []
+
+    # residency watcher: a part built later gets the set merged; a released one takes its originals along
+    def built(self, part: str, modules: tuple) -> None:
+        if part in MERGED_PARTS and self.specs:
+            self._merge_part(part, modules)
+
+    def released(self, part: str, modules: tuple) -> None:
+        self.originals.pop(part, None)
+
+    def _report(self, spec: LoraSpec) -> LoraReport:
+        """The file checked against the model from headers and module shapes alone (no part is built)."""
+        header = check_file(spec)
+        groups = _groups(spec.path, {k: v for k, v in header.items() if k != "__metadata__"})
+        matched = _matched(spec, groups, _targets(self.models, skeletons=True))
+        for base, module in matched.items():
+            parts = groups[base]
+            _check_fits(spec.path, base, tuple(parts["lora_up.weight"]["shape"]),
+                        tuple(parts["lora_down.weight"]["shape"]), tuple(module.weight.shape))
+        return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
+
+    def _merge_part(self, part: str, modules: tuple) -> None:
+        targets = _part_targets(part, modules, self.models.info.unet)
+        originals = self.originals.setdefault(part, {}) if self.keep_originals else None
+        for spec in self.specs:
+            _merge(spec, _read(spec), targets, originals, self.models.device)
 
 
 def resolve_prompt_lora(name: str, weight: float, lora_dir: str | None) -> LoraSpec:

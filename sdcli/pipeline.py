@@ -79,9 +79,10 @@ def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     from .tokenizer import get_tokenizer
 
     family, tokenizer = models.family, get_tokenizer()
+    encoders = models.stage("text")
 
     def encode(text: str):
-        return encode_with(text, models.text_encoders, family.text, tokenizer, clip_skip, models.embeddings)
+        return encode_with(text, encoders, family.text, tokenizer, clip_skip, models.embeddings)
 
     def result(context, pooled):
         return context.float() if pooled is None else Cond(context.float(), pooled=pooled.float())
@@ -109,12 +110,12 @@ def with_size_vector(models, value, size: SizeCond, negative: bool = False):
     from .models.unet import sdxl_vector
 
     values = models.family.size_values(size, negative)
-    return replace(value, y=sdxl_vector(value.pooled, values, models.unet.config.adm_in_channels))
+    return replace(value, y=sdxl_vector(value.pooled, values, models.info.unet.adm_in_channels))
 
 
 def embedding_widths(models) -> dict[str, int]:
     """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
-    return {spec.embedding_key: enc.hidden_size for spec, enc in zip(models.family.text, models.text_encoders)}
+    return {spec.embedding_key: cfg.hidden_size for spec, cfg in zip(models.family.text, models.info.texts)}
 
 
 def with_embeddings(models, folder):
@@ -164,19 +165,51 @@ def _text_at(schedule: list[tuple[int, str]], step: int) -> str:
 def seamless(models, enabled: bool = True):
     """Tileable output: every padded convolution of the UNet and the VAE pads circularly while inside, so the
     picture wraps around at its edges (A1111's "Tiling"). Attention and GroupNorm are global, so with it the
-    networks commute with circular shifts. Restores the modules on exit."""
-    convs = [m for part in (models.unet, models.vae) for m in part.modules()
-             if isinstance(m, torch.nn.Conv2d) and any(p > 0 for p in m.padding)] if enabled else []
-    saved = [m.padding_mode for m in convs]
-    for m in convs:
-        m.padding_mode = "circular"  # Conv2d pads with F.pad(mode=padding_mode) when it is not "zeros"
-    cuda_graphs.forget(models.unet)  # a captured graph keeps the padding it was captured with
+    networks commute with circular shifts. A part built inside (residency lean/offload) gets the padding too;
+    the modules still in memory are restored on exit."""
+    if not enabled:
+        yield
+        return
+    padding = _CircularPadding()
+    models.parts.watch("seamless", padding)
     try:
         yield
     finally:
-        for m, mode in zip(convs, saved):
-            m.padding_mode = mode
-        cuda_graphs.forget(models.unet)
+        models.parts.unwatch("seamless")
+        padding.undo()
+
+
+class _CircularPadding:
+    """The residency watcher of `seamless`: pads the UNet's and the VAE's convolutions circularly as they are
+    in memory or built, remembering each one's mode until undone."""
+
+    def __init__(self):
+        self.saved: dict[str, tuple] = {}  # part -> (its modules, [(conv, its mode before)])
+
+    def built(self, part: str, modules: tuple) -> None:
+        if part not in ("unet", "vae"):
+            return
+        convs = [m for module in modules for m in module.modules()
+                 if isinstance(m, torch.nn.Conv2d) and any(p > 0 for p in m.padding)]
+        self.saved[part] = (modules, [(m, m.padding_mode) for m in convs])
+        for m in convs:
+            m.padding_mode = "circular"  # Conv2d pads with F.pad(mode=padding_mode) when it is not "zeros"
+        self._forget_graphs(part, modules)
+
+    def released(self, part: str, modules: tuple) -> None:
+        self.saved.pop(part, None)
+
+    def undo(self) -> None:
+        for part, (modules, convs) in self.saved.items():
+            for m, mode in convs:
+                m.padding_mode = mode
+            self._forget_graphs(part, modules)
+        self.saved.clear()
+
+    @staticmethod
+    def _forget_graphs(part: str, modules: tuple) -> None:
+        if part == "unet":
+            cuda_graphs.forget(modules[0])  # a captured graph keeps the padding it was captured with
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
@@ -233,7 +266,7 @@ def continue_sampling(models, plan: SamplingPlan, latents: torch.Tensor, cond, u
     """Run `plan` on scaled latents already at its first sigma (the refiner taking over from the base), drawing any
     noise from the same per-image generators, which continue their state."""
     noise = _noise_source(gens, tuple(latents.shape[1:]), models)
-    return _sample(models, plan, latents.to(_device_of(models.unet)), cond, uncond, noise, callback)
+    return _sample(models, plan, latents.to(models.device), cond, uncond, noise, callback)
 
 
 def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -274,7 +307,7 @@ def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Ten
 
 
 def _noise_source(seeds: list[int] | list[torch.Generator], shape: tuple[int, ...], models):
-    device = _device_of(models.unet)
+    device = models.device
     gens = [s if isinstance(s, torch.Generator) else generators([s])[0] for s in seeds]
     return samplers.make_noise_source(gens, shape, device, torch.float32)
 
@@ -284,7 +317,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     # An LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
     # denoiser too, as it always has (LCM-LoRA merged models do not say what they are).
     kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
-    unet = _UNetAdapter(models.unet, images=batch)
+    unet = _UNetAdapter(models.stage("unet"), images=batch)
     denoiser = kind(unet, models.family.schedule.alphas_cumprod(), models.info.prediction)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
@@ -351,10 +384,6 @@ def _per_image(fn: Callable[..., torch.Tensor], *batched: torch.Tensor, images: 
     return out
 
 
-def _device_of(module) -> torch.device:
-    return next(module.parameters()).device
-
-
 # --- VAE -----------------------------------------------------------------------------------------
 
 def scale_factor(models) -> float:
@@ -368,7 +397,7 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     scaled latents itself."""
     from .vae_files import is_tiny, latent_scale
 
-    vae = models.vae
+    vae = models.stage("vae")
     param = next(vae.parameters())
     encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
     with torch.inference_mode():
@@ -380,7 +409,8 @@ def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
     """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
     from .vae_files import latent_scale
 
-    return decode_with(models.vae, latents / latent_scale(models.vae, models.family))
+    vae = models.stage("vae")
+    return decode_with(vae, latents / latent_scale(vae, models.family))
 
 
 def decode_with(vae, z: torch.Tensor) -> DecodeResult:

@@ -22,7 +22,7 @@ TAESD_KINDS = ("taesdxl", "taesd")  # longest first: "taesdxl_decoder" also star
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _tiny_file(path: Path) -> Path | None:
+def tiny_file(path: Path) -> Path | None:
     """The TAESD weights `path` names (itself, or a diffusers AutoencoderTiny folder's file), or None when it is
     not a TAESD file. Header only for safetensors; a pickle is taken on its name (load_taesd checks its keys)."""
     from .formats.pickle_ckpt import PICKLE_SUFFIXES
@@ -66,7 +66,7 @@ def load_vae_file(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such VAE file or folder")
-    tiny = _tiny_file(path)
+    tiny = tiny_file(path)
     if tiny is None:
         return load_vae(path, dtype, device)
     return load_tiny(tiny, dtype, device, family)

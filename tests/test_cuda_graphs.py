@@ -14,6 +14,7 @@ from torch import nn
 
 from sdcli import cuda_graphs
 from sdcli.device import Placement, configure
+from sdcli.residency import Residency
 
 
 class FakeGraph:
@@ -100,7 +101,8 @@ def test_seamless_drops_graphs_captured_with_other_padding(recording):
     from sdcli.pipeline import seamless
 
     unet = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
-    models = types.SimpleNamespace(unet=unet, vae=nn.Sequential(nn.Conv2d(3, 3, 3, padding=1)))
+    vae = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
+    models = types.SimpleNamespace(parts=Residency.holding({"unet": unet, "vae": vae}))
     first = cuda_graphs.graphed(unet)
     with seamless(models):
         inside = cuda_graphs.graphed(unet)

@@ -59,7 +59,7 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
         raise UnsupportedModelError("the prompt edits itself during sampling ([from:to:when] or [a|b]); an "
                                     "embedding file holds one conditioning: give the prompt to generate")
     specs = render.lora_specs([], job)  # a <lora:...> tag changes the text encoder's weights
-    models = render.load(cfg)
+    models = render.load(cfg, lazy=True)  # the text encoders alone are read
     if models.family.size_values is not None:
         raise UnsupportedModelError(f"{models.family.title}: an embedding file holds one context, not the pooled "
                                     "text vector this model also needs: give the prompt to generate")
@@ -76,7 +76,7 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")
-    models = render.load(cfg)
+    models = render.load(cfg, lazy=True)  # the VAE alone is read
     latent = pipeline.encode_image(models, images.pil_to_tensor(img))
     path = latents.save_latent(req.output, latent, scaled=True, scale_factor=pipeline.scale_factor(models),
                                family=models.info.family, source_size=(img.width, img.height),
@@ -119,7 +119,7 @@ def run_decode(req: DecodeRequest) -> None:
     if cfg.vae:  # a latent file and a VAE (full or TAESD) are enough: no checkpoint is loaded
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:
-        models = render.load(cfg)
+        models = render.load(cfg, lazy=True)  # the VAE alone is read
         decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models)))
     for k, p in enumerate(paths):
         meta = {"sdcli_version": __version__, "mode": "decode", "source": str(req.latent),

@@ -145,7 +145,7 @@ def _load_cond(path: Path, models):
     if models.family.size_values is not None:
         raise UnsupportedModelError(f"--cond: {models.family.title} also needs the pooled text vector, which an "
                                     "embedding file does not hold: give the prompt instead")
-    width = models.text_encoder.hidden_size
+    width = models.info.text.hidden_size
     if emb.cond.shape[-1] != width:
         raise BadInputError(f"{path}: embedding width {emb.cond.shape[-1]} does not fit this model's text width {width}")
     return emb.cond

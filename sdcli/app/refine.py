@@ -37,7 +37,9 @@ def load_refiner(cfg: RunConfig, models):
         return None
     console.info(f"loading refiner {cfg.refiner}")
     placement = models.placement
-    refiner = checkpoint.load_models(cfg.refiner, cfg.vae, placement.dtype, placement.device, None, placement)
+    refiner = checkpoint.load_models(cfg.refiner, cfg.vae, placement.dtype, placement.device, None, placement,
+                                     models.parts.policy)
+    refiner.parts.join(models.parts)  # one run: a stage of either acts on the parts of both
     if refiner.family.latent != models.family.latent or refiner.info.inpaint:
         raise UsageError(f"--refiner {cfg.refiner} ({refiner.family.title}) cannot continue the latents of "
                          f"{cfg.model} ({models.family.title}): another latent space or an inpainting model")

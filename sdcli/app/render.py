@@ -166,8 +166,10 @@ def job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
     return {id(job): lora_specs(flags, job) for job in jobs}
 
 
-def load(cfg: RunConfig):
-    from .. import checkpoint, device, pipeline
+def load(cfg: RunConfig, lazy: bool = False):
+    """The run's checkpoint, its parts held by the run's residency policy (residency.choose: `lazy` for a
+    command that uses one part, so it reads no other)."""
+    from .. import checkpoint, device, pipeline, residency
 
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
@@ -176,7 +178,9 @@ def load(cfg: RunConfig):
     device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
-    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement)
+    policy = residency.choose(cfg.offload, placement.device, lazy)
+    models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement,
+                                    policy)
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
 
 
@@ -218,9 +222,10 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
     saved: list[save.Saved] = []
-    for key, group in by_job.items():
+    for n, (key, group) in enumerate(by_job.items()):
         use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets)
+        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
+                             last=n == len(by_job) - 1)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
@@ -295,7 +300,8 @@ def _with_negative(models, cond, cfg: RunConfig):
 
 
 def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
-                refiner=None, nets: dict | None = None) -> list:  # fmt: skip
+                refiner=None, nets: dict | None = None, last: bool = False) -> list:  # fmt: skip
+    """One job's batches; `last`: the run's last job, whose last batch is the run's last sampling."""
     from .. import pipeline
 
     cfg = targets[0].job.cfg
@@ -303,7 +309,8 @@ def _render_job(models, targets: list[Target], init: Init | None, cond_override,
     saved = []
     with pipeline.seamless(models, cfg.seamless):
         for start in range(0, len(targets), cfg.batch_size):
-            saved += _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras)
+            final = last and start + cfg.batch_size >= len(targets)
+            saved += _render_batch(models, p, targets[start:start + cfg.batch_size], init, req, loras, final)
     return saved
 
 
@@ -357,15 +364,18 @@ class Rendered:
     picture: Any = None  # save.Saved (PIL image and metadata) for --grid; dropped before a worker sends it
 
 
-def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list:
-    rendered = render_batch(models, p, batch, init, req, loras)
+def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple,
+                  last: bool = False) -> list:  # fmt: skip
+    rendered = render_batch(models, p, batch, init, req, loras, last)
     for done in rendered:
         save.save_rendered(models, done, req)
     return [done.picture for done in rendered]
 
 
-def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple) -> list[Rendered]:
-    """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made."""
+def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, req, loras: tuple,
+                 last: bool = False) -> list[Rendered]:  # fmt: skip
+    """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made. `last`:
+    no sampling follows in this run, so the residency may let the UNet go before the decode."""
     from .. import pipeline
     from .refine import decoder
 
@@ -381,6 +391,8 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
             latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
                                        callback=step)
     t1 = time.perf_counter()
+    if last:
+        models.parts.done_sampling()
     decoded = pipeline.decode_latents(decoder(models, p.refiner), latents)
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
@@ -413,12 +425,11 @@ def preview_decoder(models, preview_vae: str | None, vae_dir: str | None):
 
     path = preview_vae or vae_files.find_preview_decoder(vae_dir, models.family)
     if path is None:
-        return models.vae if vae_files.is_tiny(models.vae) else None
-    param = next(models.unet.parameters())
-    key = (str(path), param.dtype, param.device, models.family.name)
+        return models.vae if models.vae_is_tiny else None
+    key = (str(path), models.dtype, models.device, models.family.name)
     if key not in _PREVIEW_DECODERS:
         _PREVIEW_DECODERS.clear()  # one run, one preview decoder
-        _PREVIEW_DECODERS[key] = _load_preview_decoder(str(path), param.dtype, param.device, models.family)
+        _PREVIEW_DECODERS[key] = _load_preview_decoder(str(path), models.dtype, models.device, models.family)
     return _PREVIEW_DECODERS[key]
 
 

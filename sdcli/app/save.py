@@ -157,7 +157,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae", "refiner"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
-    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray"):  # the user's folders, and where it ran
+    # the user's folders, and where and how it ran
+    for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray", "offload"):
         del recorded[key]
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {
@@ -170,10 +171,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
     if models.vae_source is not None:
-        from ..vae_files import is_tiny
-
         meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
-                       "kind": "taesd" if is_tiny(models.vae) else "full"}
+                       "kind": "taesd" if models.vae_is_tiny else "full"}
     if init is not None and init.mask:
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:

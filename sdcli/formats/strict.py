@@ -132,12 +132,17 @@ def _check_dtypes(part: str, source, plan: Plan) -> None:
                             f"{listing(sorted(set(bad)))}")
 
 
-def load_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str],
-              dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
-    """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init)."""
+def check_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str]) -> None:
+    """Everything load_part checks before reading a value: names, shapes, stored dtypes (the header alone)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check_strict(part, source, plan, expected, unplaced)
     _check_dtypes(part, source, plan)
+
+
+def load_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str],
+              dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
+    """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init)."""
+    check_part(part, module, source, plan, unplaced)
     module.load_state_dict(_read_cast(source, plan, dtype, device), strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
