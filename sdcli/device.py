@@ -116,3 +116,25 @@ def configure(placement: Placement) -> None:
     if placement.device == "cuda" and placement.dtype_name == "fp32":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    fix_heap_threshold()
+
+
+# glibc's M_MMAP_THRESHOLD (mallopt parameter -3): blocks above it get their own mapping, returned on free.
+MMAP_THRESHOLD = 32 << 20
+
+
+def fix_heap_threshold() -> bool:
+    """Pin glibc's mmap threshold at 32 MB (its dynamic maximum) instead of letting it float. Floating, it rises
+    with every freed mapping, and the heap then kept ~1.1 GB of freed read and reduction buffers beside the SDXL
+    weights at the peak of a load (8.1 GB vs 7.0 GB of weights and libraries, measured on 2 threads; SD1.5
+    0.1-0.3 GB); pinned, the peak is the weights. Step time was unchanged (5.5 s per 512px bf16 step either way;
+    a 4 MB threshold cost 15%). No-op outside glibc. Returns whether it was set."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

@@ -372,3 +372,27 @@ def test_hub_id_offline_with_cold_cache(tmp_path, monkeypatch):
 def test_file_sha256(tiny_sd1):
     assert file_sha256(tiny_sd1) == hashlib.sha256(tiny_sd1.read_bytes()).hexdigest()
     assert file_sha256(tiny_sd1) == file_sha256(str(tiny_sd1))  # cached, same answer
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float32])
+def test_stream_reads_pieces_into_final_dtype(tmp_path, stored, target):
+    """WeightSource.stream fills the final tensor piece by piece (one reused buffer, or straight in when the
+    dtypes agree): the same values as reading the whole tensor and casting it, for any piece size."""
+    from safetensors.torch import save_file
+
+    from sdcli.formats.source import open_source
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 7, generator=g).to(stored), "b": torch.randn(3, generator=g).to(stored),
+               "empty": torch.zeros(0, 4, dtype=stored)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    source = open_source(tmp_path / "w.safetensors")
+    for key, want in tensors.items():
+        for piece in (1, 6, 35, 100):
+            out = torch.full(want.shape, float("nan"), dtype=target)
+            pieces = list(source.stream(key, out, piece))
+            assert torch.equal(out, want.to(target)), (key, piece)
+            assert [p.numel() for p in pieces] == [min(piece, want.numel() - i)
+                                                   for i in range(0, want.numel(), piece)]
+    source.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -64,18 +64,47 @@ class WeightSource:
         """One float tensor read with a plain file read into its own buffer, not through a memory map: mapped
         pages count in the process's RSS until the map closes, which would add the whole file (2 GB for SD1.5)
         on top of the cast weights at the peak of a load (measured in scripts/bench.py)."""
+        f, start = self._locate(e)
+        t = torch.empty(e.shape, dtype=FLOAT_DTYPES[e.dtype])
+        f.seek(start)
+        self._fill(f, e, t)
+        return t
+
+    def stream(self, key: str, out: Tensor, piece: int) -> Iterator[Tensor]:
+        """Fill `out` (CPU, contiguous, the entry's shape, any float dtype) with the stored tensor `piece` elements
+        at a time, yielding each filled flat piece of `out` while it is still in cache. The stored bytes pass
+        through one reused `piece`-sized buffer (or go straight into `out` when the dtypes agree), so a load never
+        holds a whole second copy of a tensor: freed read buffers stayed in glibc's heap and added ~1.1 GB to the
+        peak RSS of an SDXL load (measured)."""
+        e, flat = self.entries[key], out.view(-1)
+        stored = FLOAT_DTYPES[e.dtype]
+        if self._tensors is not None:  # a .ckpt: already in memory
+            src = self._tensors[e.key].reshape(-1)
+            for i in range(0, flat.numel(), piece):
+                yield flat[i : i + piece].copy_(src[i : i + piece])
+            return
+        f, start = self._locate(e)
+        f.seek(start)
+        buf = None if stored == out.dtype else torch.empty(min(piece, flat.numel()), dtype=stored)
+        for i in range(0, flat.numel(), piece):
+            dst = flat[i : i + piece]
+            target = dst if buf is None else buf[: dst.numel()]
+            self._fill(f, e, target)
+            yield dst if buf is None else dst.copy_(target)
+
+    def _locate(self, e: Entry) -> tuple[Any, int]:
+        """(the open file, the entry's first byte), checking the entry's byte length against its shape."""
         if e.file not in self._files:
             self._files[e.file] = (open(e.file, "rb", buffering=0), tensor_ranges(e.file))
         f, ranges = self._files[e.file]
-        start, end = ranges[e.key]
-        dtype = FLOAT_DTYPES[e.dtype]
-        if end == start:
-            return torch.empty(e.shape, dtype=dtype)
-        t = torch.empty((end - start) // dtype.itemsize, dtype=dtype)
-        f.seek(start)  # read straight into the tensor's memory: no zero-filled bytearray, no second copy
-        if f.readinto((ctypes.c_char * (end - start)).from_address(t.data_ptr())) != end - start:
+        return f, ranges[e.key][0]  # read_header checked that the range holds exactly the shape's bytes
+
+    @staticmethod
+    def _fill(f, e: Entry, t: Tensor) -> None:
+        """Read exactly t's bytes from `f` into t's memory (no zero-filled bytearray, no second copy)."""
+        n = t.numel() * t.element_size()
+        if n and f.readinto((ctypes.c_char * n).from_address(t.data_ptr())) != n:
             raise BadInputError(f"{e.file}: truncated: tensor {e.key!r} ends past the end of the file")
-        return t.reshape(e.shape)
 
     def close(self) -> None:
         self._handles.clear()

@@ -89,6 +89,16 @@ def _cast_and_sum(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return out, total
 
 
+def _streamed(source, key: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(the tensor read straight into its final dtype on the CPU, its float32 sum), piece by piece
+    (WeightSource.stream): no whole stored-dtype copy is ever allocated."""
+    out = torch.empty(source.entries[key].shape, dtype=dtype)
+    total = torch.zeros((), dtype=torch.float32)
+    for piece in source.stream(key, out, CAST_CHUNK):
+        total += piece.sum(dtype=torch.float32)
+    return out, total
+
+
 def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
     """Read every planned tensor once, move it, cast it once; check stored dtypes and finiteness."""
     state, sums = {}, []
@@ -96,12 +106,12 @@ def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device) -> 
         entry = source.entries[key]
         if entry.dtype not in FLOAT_DTYPES:
             raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
-        t = source.get(key).to(device)
-        if chunk == "T":
-            t = t.t()
-        elif chunk is not None:
-            t = t.chunk(3, dim=0)[chunk]
-        state[name], total = _cast_and_sum(t, dtype)
+        if device.type == "cpu" and chunk is None:
+            state[name], total = _streamed(source, key, dtype)
+        else:  # a fused q/k/v part, a stored transpose, or an accelerator: whole tensor, then cast
+            t = source.get(key).to(device)
+            t = t.t() if chunk == "T" else t if chunk is None else t.chunk(3, dim=0)[chunk]
+            state[name], total = _cast_and_sum(t, dtype)
         sums.append(total)
     if sums:
         bad = ~torch.isfinite(torch.stack(sums))
