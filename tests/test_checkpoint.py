@@ -4,6 +4,7 @@ safety, --vae, hub resolution offline, hashes."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import pickle
 import sys
 import types
@@ -376,23 +377,44 @@ def test_file_sha256(tiny_sd1):
 
 @pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("target", [torch.bfloat16, torch.float32])
-def test_stream_reads_pieces_into_final_dtype(tmp_path, stored, target):
-    """WeightSource.stream fills the final tensor piece by piece (one reused buffer, or straight in when the
-    dtypes agree): the same values as reading the whole tensor and casting it, for any piece size."""
+def test_stream_reads_pieces_into_final_dtype_and_layout(tmp_path, stored, target):
+    """WeightSource.stream fills the final tensor by blocks of whole rows (one reused buffer, or straight in when
+    dtype and layout agree), contiguous or channels_last: the same values as reading the whole tensor and
+    casting it, for any piece size, every element written exactly once."""
     from safetensors.torch import save_file
 
     from sdcli.formats.source import open_source
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(5, 7, generator=g).to(stored), "b": torch.randn(3, generator=g).to(stored),
-               "empty": torch.zeros(0, 4, dtype=stored)}
+               "conv": torch.randn(6, 4, 3, 3, generator=g).to(stored), "empty": torch.zeros(0, 4, dtype=stored)}
     save_file(tensors, tmp_path / "w.safetensors")
     source = open_source(tmp_path / "w.safetensors")
     for key, want in tensors.items():
-        for piece in (1, 6, 35, 100):
-            out = torch.full(want.shape, float("nan"), dtype=target)
-            pieces = list(source.stream(key, out, piece))
-            assert torch.equal(out, want.to(target)), (key, piece)
-            assert [p.numel() for p in pieces] == [min(piece, want.numel() - i)
-                                                   for i in range(0, want.numel(), piece)]
+        layouts = [torch.contiguous_format] + ([torch.channels_last] if want.dim() == 4 else [])
+        for layout, piece in itertools.product(layouts, (1, 6, 35, 100, 1000)):
+            out = torch.full(want.shape, float("nan"), dtype=target).contiguous(memory_format=layout)
+            blocks = list(source.stream(key, out, piece))
+            assert torch.equal(out, want.to(target)), (key, layout, piece)
+            assert out.is_contiguous(memory_format=layout)
+            assert sum(b.numel() for b in blocks) == want.numel()
+            row = want[0].numel() if want.dim() and want.shape[0] else 1
+            assert all(b.numel() <= max(piece, row) and b.numel() % row == 0 for b in blocks)
     source.close()
+
+
+def test_bf16_cpu_conv_weights_load_in_channels_last(tiny_sd1, monkeypatch):  # noqa: F811
+    """On a bf16 CPU run the UNet's and VAE's conv weights are read straight into channels_last (the layout they
+    run in: converting them at the first call left the contiguous copies in the heap); fp32 stays contiguous,
+    and so does everything with SDCLI_CPU_CHANNELS_LAST=0."""
+    from sdcli.checkpoint import load_models
+
+    def layouts(models):
+        convs = [m.weight for part in (models.unet, models.vae) for m in part.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+        return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs}
+
+    assert layouts(load_models(tiny_sd1, dtype=torch.bfloat16)) == {True}
+    assert layouts(load_models(tiny_sd1, dtype=torch.float32)) == {False}
+    monkeypatch.setenv("SDCLI_CPU_CHANNELS_LAST", "0")
+    assert layouts(load_models(tiny_sd1, dtype=torch.bfloat16)) == {False}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -71,26 +72,33 @@ class WeightSource:
         return t
 
     def stream(self, key: str, out: Tensor, piece: int) -> Iterator[Tensor]:
-        """Fill `out` (CPU, contiguous, the entry's shape, any float dtype) with the stored tensor `piece` elements
-        at a time, yielding each filled flat piece of `out` while it is still in cache. The stored bytes pass
-        through one reused `piece`-sized buffer (or go straight into `out` when the dtypes agree), so a load never
-        holds a whole second copy of a tensor: freed read buffers stayed in glibc's heap and added ~1.1 GB to the
-        peak RSS of an SDXL load (measured)."""
-        e, flat = self.entries[key], out.view(-1)
+        """Fill `out` (CPU, the entry's shape, any float dtype, contiguous or channels_last) with the stored tensor,
+        a block of whole rows (dim 0) of about `piece` elements at a time, yielding each filled block of `out`
+        while it is still in cache. The stored bytes pass through one reused buffer (or go straight into `out`
+        when dtype and layout agree), so a load never holds a second copy of a tensor, and a weight is read
+        straight into the layout it runs in (models/layout.py): converting it later left the old copies in glibc's
+        heap (measured: ~0.35 GB for SD1.5's UNet in bf16)."""
+        e = self.entries[key]
+        rows = out.reshape(1) if out.dim() == 0 else out
+        row = math.prod(rows.shape[1:])
+        step = max(1, piece // max(row, 1))  # rows per block
         stored = FLOAT_DTYPES[e.dtype]
         if self._tensors is not None:  # a .ckpt: already in memory
-            src = self._tensors[e.key].reshape(-1)
-            for i in range(0, flat.numel(), piece):
-                yield flat[i : i + piece].copy_(src[i : i + piece])
+            src = self._tensors[e.key].reshape(rows.shape)
+            for r in range(0, rows.shape[0], step):
+                yield rows[r : r + step].copy_(src[r : r + step])
             return
         f, start = self._locate(e)
         f.seek(start)
-        buf = None if stored == out.dtype else torch.empty(min(piece, flat.numel()), dtype=stored)
-        for i in range(0, flat.numel(), piece):
-            dst = flat[i : i + piece]
-            target = dst if buf is None else buf[: dst.numel()]
-            self._fill(f, e, target)
-            yield dst if buf is None else dst.copy_(target)
+        buf = torch.empty(min(step * row, rows.numel()), dtype=stored)
+        for r in range(0, rows.shape[0], step):
+            dst = rows[r : r + step]
+            if stored == out.dtype and dst.is_contiguous():
+                self._fill(f, e, dst)
+            else:
+                self._fill(f, e, buf[: dst.numel()])
+                dst.copy_(buf[: dst.numel()].view(dst.shape))
+            yield dst
 
     def _locate(self, e: Entry) -> tuple[Any, int]:
         """(the open file, the entry's first byte), checking the entry's byte length against its shape."""

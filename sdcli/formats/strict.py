@@ -89,25 +89,29 @@ def _cast_and_sum(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return out, total
 
 
-def _streamed(source, key: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(the tensor read straight into its final dtype on the CPU, its float32 sum), piece by piece
-    (WeightSource.stream): no whole stored-dtype copy is ever allocated."""
-    out = torch.empty(source.entries[key].shape, dtype=dtype)
+def _streamed(source, key: str, dtype: torch.dtype, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """(the tensor read straight into its final dtype and layout on the CPU, its float32 sum), piece by piece
+    (WeightSource.stream): no whole stored-dtype or contiguous copy is ever allocated."""
+    shape = source.entries[key].shape
+    layout = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+    out = torch.empty(shape, dtype=dtype, memory_format=layout)
     total = torch.zeros((), dtype=torch.float32)
     for piece in source.stream(key, out, CAST_CHUNK):
         total += piece.sum(dtype=torch.float32)
     return out, total
 
 
-def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Read every planned tensor once, move it, cast it once; check stored dtypes and finiteness."""
+def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device,
+               channels_last: bool = False) -> dict[str, Tensor]:  # fmt: skip
+    """Read every planned tensor once, move it, cast it once; check stored dtypes and finiteness.
+    `channels_last`: 4-d weights are read into that layout (a convolutional part that runs in it)."""
     state, sums = {}, []
     for name, (key, chunk) in plan.items():
         entry = source.entries[key]
         if entry.dtype not in FLOAT_DTYPES:
             raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
         if device.type == "cpu" and chunk is None:
-            state[name], total = _streamed(source, key, dtype)
+            state[name], total = _streamed(source, key, dtype, channels_last)
         else:  # a fused q/k/v part, a stored transpose, or an accelerator: whole tensor, then cast
             t = source.get(key).to(device)
             t = t.t() if chunk == "T" else t if chunk is None else t.chunk(3, dim=0)[chunk]
@@ -141,8 +145,13 @@ def check_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[
 
 def load_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str],
               dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
-    """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init)."""
+    """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init), its conv
+    weights already in the layout the module will run in (models/layout.py)."""
+    from sdcli.models.layout import prefers_channels_last
+
     check_part(part, module, source, plan, unplaced)
-    module.load_state_dict(_read_cast(source, plan, dtype, device), strict=True, assign=True)
+    channels_last = prefers_channels_last(device, dtype) and any(isinstance(m, nn.Conv2d) for m in module.modules())
+    module.load_state_dict(_read_cast(source, plan, dtype, device, channels_last), strict=True, assign=True)
+    module._channels_last = channels_last  # run_layout's conversion is done
     return module.requires_grad_(False).eval()
 

@@ -17,8 +17,12 @@ CHANNELS_LAST = torch.channels_last
 SWITCH_ENV = "SDCLI_CPU_CHANNELS_LAST"
 
 
+def prefers_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get(SWITCH_ENV, "1") != "0"
+
+
 def wants_channels_last(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and os.environ.get(SWITCH_ENV, "1") != "0"
+    return prefers_channels_last(x.device, x.dtype)
 
 
 def run_layout(module: nn.Module, x: Tensor) -> Tensor:
