@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl clean
+.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,10 +72,18 @@ bench-controlnet: $(STAMP)
 	$(PY) scripts/bench.py --controlnet
 
 # SDXL base at 1024x1024 (and Turbo at 512) vs diffusers on a random full-size checkpoint (~7 GB in .bench/, made
-# once); ~30 min on a 2-core bf16 CPU, more with STEPS=20. Rehearsal: scripts/bench_sdxl.py --tiny --size 64 --steps 2
+# once); ~14 min on a 2-core bf16 CPU with STEPS=1, ~20 min with the default 4, ~50 with STEPS=20. Rehearsal: scripts/bench_sdxl.py --tiny --size 64 --steps 2
 STEPS ?= 4
 bench-sdxl: $(STAMP)
 	$(PY) scripts/bench_sdxl.py --steps $(STEPS)
+
+# peak RSS and wall of cold renders under each residency policy (keep, lean, --offload), SD1.5 512 and SDXL 1024
+bench-memory: $(STAMP)
+	$(PY) scripts/bench_memory.py
+
+# fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
+bench-avx2: $(STAMP)
+	$(PY) scripts/bench.py --avx2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

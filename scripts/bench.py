@@ -400,8 +400,9 @@ def collect_bf16_full(a) -> dict:
     return r
 
 
-# torch's own kernels and oneDNN's, capped at AVX2: an AVX-512 machine then runs the kernels a Zen 3 runs
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# torch's own kernels, oneDNN's and MKL's (torch's fp32 GEMM), capped at AVX2: an AVX-512 machine then runs the
+# kernels a Zen 3 runs
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def collect_avx2(a) -> dict:

@@ -12,11 +12,12 @@ fp32 at --guard-size (fp32 at 1024 is slow on a CPU: the table says which size) 
 The checkpoint (.bench/sdxl-full-fp16.safetensors, ~7 GB) is made once, tensor by tensor straight to disk.
 bench.py's helpers (timing, RSS, PSNR, CPU name, docs section) are imported, not copied.
 
-Time here (AMD EPYC, AVX512-BF16, 2 threads, bf16; measured pieces, the rest scaled by FLOPs): the checkpoint
-58 s once; one UNet CFG step at 512 px, cold, sdcli 9.4 s (~340 GFLOP/s) vs diffusers 36.8 s, so at 1024 px
-(13.5 TFLOP) ~40 s vs ~150 s; load 13 s vs 59 s. Full mode (--steps 4): sdcli ~5 min, diffusers ~19 min, the
-guard ~1.5 min: about 27 min. --steps 20: about 80 min. Peak RSS seen at load: sdcli 9.1 GB, diffusers 21.8 GB
-(its single-file loader holds the whole fp16 state dict beside the models): on a 24 GiB box run nothing else.
+Time here (AMD EPYC Zen 4, AVX512-BF16, 2 threads, bf16, quiet; docs/benchmarks.md): the checkpoint 32 s once;
+`--steps 1` took 485 s in all (sdcli: load 9.2 s, a 1024px UNet CFG step 41.6 s; diffusers: load 42.3 s, step
+42.3 s; the guard at 256px). The default 4 steps adds ~6 min; --steps 20 ~50 min. Peak RSS of the workers (every
+part kept, as `load_models` does by default): sdcli 8.8 GB, diffusers 21.7 GB (its single-file loader holds the
+whole state dict beside the models): on a 24 GiB box run nothing else. A cold `sdcli generate` (lean residency)
+peaks at 5.8 GB: scripts/bench_memory.py.
 """
 
 from __future__ import annotations
