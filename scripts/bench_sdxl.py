@@ -323,8 +323,9 @@ def render(r: dict) -> str:
         "UNet step: median after a warm-up; Turbo: one run after a warm-up. Speed-up = diffusers / sdcli (RSS too).",
         f"UNet step outputs of the two sides on the same input: max |diff| / max |ref| = {r['step_rel_diff']:.1e}.",
         f"Quality guard: {guard}.",
-        "diffusers decodes with the SDXL VAE upcast to fp32 (force_upcast); the text of the diffusers side is its "
-        "own encoders on our token ids (no tokenizer files offline), as the SD1.5 table's.",
+        "diffusers upcasts the SDXL VAE to fp32 only in fp16 (force_upcast); in bf16 and fp32 both sides decode in "
+        "the run's dtype. The text of the diffusers side is its own encoders on our token ids (no tokenizer files "
+        "offline), as the SD1.5 table's. The image rows are one run each (a 1024px decode alone moves +-10%).",
     ]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
