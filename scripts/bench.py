@@ -357,18 +357,19 @@ def cpu_name() -> str:
     return f"{name} (cpu family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
-def cold_render_rss(size: int, steps: int, dtype: str) -> dict:
+def cold_render_rss(size: int, steps: int, dtype: str, model: Path = CKPT, out: Path = BENCH / "render-rss.png",
+                    images: int = 1, env: dict | None = None) -> dict:
     """Wall time and peak RSS of a cold `sdcli generate` (its own process: every stage, as a user runs it)."""
     sdcli = str(Path(sys.executable).with_name("sdcli"))
-    out = BENCH / "render-rss.png"
-    cmd = [sdcli, "generate", PROMPT, "--model", str(CKPT), "-W", str(size), "-H", str(size), "--steps", str(steps),
-           "--seed", str(SEED), "-o", str(out), "--overwrite", "-q", "--dtype", dtype]  # fmt: skip
+    cmd = [sdcli, "generate", PROMPT, "--model", str(model), "-W", str(size), "-H", str(size), "--steps", str(steps),
+           "--seed", str(SEED), "-n", str(images), "-o", str(out), "--overwrite", "-q", "--dtype", dtype]  # fmt: skip
     probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
              "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
              "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    res = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **(env or {})})  # fmt: skip
     if res.returncode != 0:
-        raise SystemExit(f"sdcli generate failed:\n{res.stderr[-3000:]}")
+        raise SystemExit(f"sdcli generate failed ({env or ''}):\n{res.stderr[-3000:]}")
     wall, kib = res.stdout.split()
     return {"wall": float(wall), "rss": int(kib) / 1e6, "steps": steps}
 

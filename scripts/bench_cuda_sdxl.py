@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import time
@@ -25,19 +23,12 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from bench import fmt, ratio  # noqa: E402
+from bench_cuda import DEV, DRY, sync, sync_timed  # noqa: E402  (BENCH_CUDA_DRY=1: the CPU rehearsal)
 from bench_sdxl import CFG, NEGATIVE, PROMPT, SEED, DiffusersSide, ensure_checkpoint, step_inputs  # noqa: E402
 
-DRY = os.environ.get("BENCH_CUDA_DRY") == "1"
-DEV, PRESET = ("cpu", "tiny") if DRY else ("cuda", "full")
+PRESET = "tiny" if DRY else "full"
 SIZE, STEPS, REPS = (64, 2, 2) if DRY else (1024, 20, 10)
 CAP_GB = 8.0
-
-
-def sync() -> None:
-    import torch
-
-    if DEV == "cuda":
-        torch.cuda.synchronize()
 
 
 def cap_memory(gb: float) -> None:
@@ -51,19 +42,6 @@ def peak_gb() -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None
-
-
-def timed_step(step) -> float:
-    step()
-    step()
-    times = []
-    for _ in range(REPS):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def sdcli_worker(policy: str, capped: bool) -> dict:
@@ -87,7 +65,7 @@ def sdcli_worker(policy: str, capped: bool) -> dict:
         unet, d = models.unet, next(models.unet.parameters()).dtype
         y = sdxl_vector(pooled, (SIZE, SIZE, 0, 0, SIZE, SIZE), unet.config.adm_in_channels).to(d)
         with torch.inference_mode():
-            res["unet"] = timed_step(lambda: unet(x.to(d), t, ctx.to(d), y=y))
+            res["unet"], _ = sync_timed(lambda: unet(x.to(d), t, ctx.to(d), y=y), REPS, warmup=2)
     sync()
     t1 = time.perf_counter()
     cond, uncond = pipeline.encode_text(models, PROMPT, NEGATIVE)
@@ -116,7 +94,7 @@ def diffusers_worker(offload: bool) -> dict:
     res = {"load": time.perf_counter() - t0}
     if not offload:
         x, t, ctx, pooled = (v.to(DEV) for v in step_inputs(PRESET, SIZE))
-        res["unet"] = timed_step(lambda: side.unet_step(x, t, ctx, pooled, SIZE))
+        res["unet"], _ = sync_timed(lambda: side.unet_step(x, t, ctx, pooled, SIZE), REPS, warmup=2)
     sync()
     t1 = time.perf_counter()
     side.image(SIZE, STEPS)

@@ -17,8 +17,6 @@ bench_sdxl.py's random ones (made once in .bench/).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,27 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench import BENCH, CKPT, PROMPT, SEED, cpu_name, ensure_checkpoint, fmt, machine, write_section  # noqa: E402
+from bench import BENCH, CKPT, cold_render_rss, cpu_name, ensure_checkpoint, fmt, machine, write_section  # noqa: E402
 
 POLICIES = ("keep", "lean", "offload")
 TARGETS = {"sd15": 2.6, "sdxl": {"lean": 8.0, "offload": 6.0}}  # GB, issue 17's targets
-
-
-def cold_render(model: Path, size: int, steps: int, dtype: str, policy: str, out: Path, images: int = 1) -> dict:
-    """Wall time and peak RSS of one `sdcli generate` process."""
-    sdcli = str(Path(sys.executable).with_name("sdcli"))
-    cmd = [sdcli, "generate", PROMPT, "--model", str(model), "-W", str(size), "-H", str(size), "--steps", str(steps),
-           "--seed", str(SEED), "-n", str(images), "-o", str(out), "--overwrite", "-q", "--dtype", dtype]  # fmt: skip
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    env = dict(os.environ, SDCLI_RESIDENCY=policy)
-    print(f"  {model.name} {size}px {steps} step(s) x{images} {dtype} {policy} ...", file=sys.stderr, flush=True)
-    res = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, cwd=ROOT, env=env)
-    if res.returncode != 0:
-        raise SystemExit(f"sdcli generate ({policy}) failed:\n{res.stderr[-3000:]}")
-    wall, kib = res.stdout.split()
-    return {"wall": float(wall), "rss": int(kib) / 1e6}
 
 
 def same_pixels(paths: list[Path]) -> bool:
@@ -60,7 +41,8 @@ def measure(name: str, model: Path, size: int, steps: int, dtype: str, images: i
     rows, outs = {}, []
     for policy in POLICIES:
         out = BENCH / f"mem-{name}-{policy}-{{index}}.png"
-        rows[policy] = cold_render(model, size, steps, dtype, policy, out, images)
+        print(f"  {model.name} {size}px {steps} step(s) x{images} {dtype} {policy} ...", file=sys.stderr, flush=True)
+        rows[policy] = cold_render_rss(size, steps, dtype, model, out, images, env={"SDCLI_RESIDENCY": policy})
         outs.append(BENCH / f"mem-{name}-{policy}-0.png")
     if not same_pixels(outs):
         raise SystemExit(f"{name}: the policies gave different pixels for the same seed: a residency bug")

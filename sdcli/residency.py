@@ -22,17 +22,15 @@ others' parts as it would its own.
 from __future__ import annotations
 
 import collections
-import ctypes
 import gc
 import os
-import sys
 import weakref
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .device import trim_heap
 from .errors import BadInputError, UsageError
 
 PARTS = ("text", "unet", "vae")
@@ -121,7 +119,7 @@ class Residency:
         if self.policy == "offload":
             self._release_others(part)
         if part != self.running and self.device.type == "cpu":
-            _malloc_trim()  # glibc keeps the last stage's freed working set (~0.35 GB after 512px UNet steps)
+            trim_heap()  # glibc keeps the last stage's freed working set (~0.35 GB after 512px UNet steps)
         self.running = part
         value = self.get(part)
         self._place(part, self.device)
@@ -149,7 +147,7 @@ class Residency:
         del value
         if any(ref() is not None for ref in gone):  # held by a cycle: a full collection (~0.15 s) lets it go
             gc.collect()
-        _malloc_trim()
+        trim_heap()
         self.events.append(("release", part))
 
     def resident(self) -> dict[str, str]:
@@ -250,21 +248,3 @@ def _modules(value) -> tuple:
 
 def _to(module: torch.nn.Module, device: torch.device) -> None:
     module.to(device)
-
-
-@lru_cache(maxsize=1)
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # musl has none
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> None:
-    """glibc keeps freed heap (0.45 GB measured after a release) unless asked to return it to the system."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
