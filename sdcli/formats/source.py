@@ -90,10 +90,11 @@ class WeightSource:
             return
         f, start = self._locate(e)
         f.seek(start)
-        buf = torch.empty(min(step * row, rows.numel()), dtype=stored)
+        direct = stored == out.dtype and out.is_contiguous()  # every row block of `out` is then contiguous too
+        buf = None if direct else torch.empty(min(step * row, rows.numel()), dtype=stored)
         for r in range(0, rows.shape[0], step):
             dst = rows[r : r + step]
-            if stored == out.dtype and dst.is_contiguous():
+            if buf is None:
                 self._fill(f, e, dst)
             else:
                 self._fill(f, e, buf[: dst.numel()])
