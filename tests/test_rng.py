@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcli.errors import UsageError
+from sdcli.runtime.errors import UsageError
 from sdcli.sampling import a1111_params
 from sdcli.sampling.rng import (
     ImageNoise, PhiloxGenerator, batch_seeds, cuda_thread_capacity, make_generator, paste_centred, philox4x32_10,
@@ -358,7 +358,7 @@ def test_noise_dtype_device_and_missing_subseed():
 
 
 def test_a1111_params_table_is_consistent():
-    from sdcli.samplers import SAMPLERS
+    from sdcli.sampling.samplers import SAMPLERS
 
     for row in a1111_params.A1111_SAMPLERS:
         assert row.noise in {"none", "rng", "churn", "brownian"}

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
+from sdcli.runtime.errors import UsageError
 
 SOURCES = ("cpu", "gpu", "nv")
 
