@@ -16,6 +16,7 @@ from typing import Any
 
 from sdcli.runtime.errors import BadInputError, UsageError
 from sdcli.runtime.paths import xdg_path
+from sdcli.sampling.a1111_params import SOURCES
 
 SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -44,6 +45,20 @@ class RunConfig:
     cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))
     guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
+    # A1111's noise (sampling/rng.py): its source, variation seed (subseed -1 is drawn when the strength is not 0),
+    # "Resize seed from" WxH, "Eta noise seed delta"
+    rng: str = field(default="cpu", metadata=_range(choices=SOURCES))
+    subseed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
+    subseed_strength: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    seed_resize_from: str | None = field(default=None, metadata=_range())
+    ensd: int = field(default=0, metadata=_range(-SEED_MAX, SEED_MAX))
+    # A1111's sampler parameters (sampling/a1111_params.py): eta (None: the sampler's own, 1 or DDIM's 0) and the
+    # churn of Euler / Heun / DPM2 (s_tmax 0 = infinity, as A1111's setting)
+    eta: float | None = field(default=None, metadata=_range(0.0, 1.0))
+    s_churn: float = field(default=0.0, metadata=_range(0.0, 100.0))
+    s_tmin: float = field(default=0.0, metadata=_range(0.0, 1000.0))
+    s_tmax: float = field(default=0.0, metadata=_range(0.0, 1000.0))
+    s_noise: float = field(default=1.0, metadata=_range(0.0, 2.0))
     width: int | None = field(default=None, metadata=_range(64, 4096))
     height: int | None = field(default=None, metadata=_range(64, 4096))
     negative: str = field(default="", metadata=_range())
@@ -205,6 +220,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         value = _as_float(key, value, where)
     elif not isinstance(value, str):
         raise BadInputError(f"{where}: '{key}' must be text, got {_type_name(value)} {_show(value)}")
+    if key == "rng":  # A1111's infotext writes the source in upper case ("RNG: NV")
+        value = value.strip().lower()
     return _check_range(key, value, f.metadata, where)
 
 
@@ -240,7 +257,8 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     return value
 
 
-PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT")}
+PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT"),
+         "seed_resize_from": ("x", "WxH")}
 
 
 def pair_of(key: str, value: str, where: str = "config") -> tuple[int, int]:

@@ -60,7 +60,8 @@ def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
-    expected = dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler, schedule=schedule).to_dict()
+    expected = dataclasses.replace(cfg, seed=target.seed, subseed=target.image_subseed, n=1, sampler=sampler,
+                                   schedule=schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
     for key in ("model", "vae"):

@@ -70,7 +70,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                                                                  control.get("images", []))}  # fmt: skip
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
-    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
+    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay), warn=False)
     specs = render.lora_specs(loras, job)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
@@ -119,7 +119,7 @@ def _rerender(models, c: Check, refiner=None):
     p = render.prepare(models, cfg, c.job, refiner=refiner, nets=control_config.load_nets([c.job], models))
     with pipeline.seamless(models, cfg.seamless):
         latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires,
-                                        refiner=p.refiner)
+                                        refiner=p.refiner, noise=render.noise_settings(cfg, [cfg.subseed]))
         decoded = pipeline.decode_latents(refine.decoder(models, p.refiner), latents)
         again = images.tensor_to_pil(decoded.images[0])
     return images.load_image(c.image)[0], again
