@@ -253,10 +253,13 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     if key in ("width", "height") and value % 8:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     if key in PAIRS:
-        pair_of(key, value, where)
+        pair = pair_of(key, value, where)
+        if key == "seed_resize_from" and max(pair) > SEED_RESIZE_MAX:  # noise is drawn at this size
+            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got {value}")
     return value
 
 
+SEED_RESIZE_MAX = 8192
 PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT"),
          "seed_resize_from": ("x", "WxH")}
 
