@@ -2,12 +2,9 @@
 the same random-weight file; tiled inference against spandrel's direct call; PIL modes and scales; file
 detection errors; the spandrel fallback for other architectures.
 
-The oracle is spandrel 0.4.2 installed without its dependencies (`pip install --no-deps spandrel` plus
-`einops`, which its SwinIR/CRAFT modules import). Importing the package imports every architecture, and two of
-them (LaMa, RestoreFormer) import torchvision at module level: no torchvision matching this CPU torch can be
-installed here, so `spandrel_oracle` puts a stub with the three names they import into sys.modules while
-spandrel is imported and removes it afterwards. Nothing here calls the stub (ESRGAN, Compact and SwinIR need no
-torchvision); a real torchvision, where one imports, is used as is.
+The oracle is spandrel 0.4.2 installed without its dependencies (`pip install --no-deps spandrel einops`),
+imported by scripts/spandrel_oracle.py with a torchvision stub where no torchvision matches this CPU torch (the
+stub is never called for ESRGAN, Compact or SwinIR; see that file).
 """
 
 from __future__ import annotations
@@ -15,140 +12,31 @@ from __future__ import annotations
 import math
 import pickle
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from sdcli.errors import BadInputError, OutOfMemoryError, UnsupportedModelError
-from sdcli.models.esrgan import CompactConfig, RRDBConfig, RRDBNet, SRVGGNetCompact
+from sdcli.models.esrgan import CompactConfig, RRDBConfig, RRDBNet
 from sdcli.upscale.files import describe, inspect_upscaler, load_upscaler
 from sdcli.upscale.tiled import spans, upscale, upscale_pil
+
+from make_upscaler import rrdb_state, smooth_image, write, write_compact, write_rrdb  # scripts/
 
 
 # --- the oracle ------------------------------------------------------------------------------------------
 
 
-def _torchvision_stub() -> dict[str, types.ModuleType]:
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("torchvision stub (tests/test_upscale.py): not available here")
-
-    tv, transforms, functional = (types.ModuleType(n) for n in
-                                  ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"))
-    functional.InterpolationMode = type("InterpolationMode", (), {"NEAREST": "nearest", "BILINEAR": "bilinear"})
-    functional.rotate = functional.normalize = unavailable
-    tv.transforms, transforms.functional = transforms, functional
-    return {m.__name__: m for m in (tv, transforms, functional)}
-
-
 @pytest.fixture(scope="module")
 def spandrel_oracle():
-    try:
-        import torchvision  # noqa: F401
-        stub = {}
-    except Exception:  # absent, or a build for another torch ("operator torchvision::nms does not exist")
-        stub = _torchvision_stub()
-    saved = {name: sys.modules.get(name) for name in stub}
-    sys.modules.update(stub)
-    try:
-        import spandrel
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return spandrel
+    from spandrel_oracle import import_spandrel  # scripts/ (conftest.py puts it on sys.path)
+
+    return import_spandrel()
 
 
 # --- random-weight models in every layout ------------------------------------------------------------------
-
-
-def smooth_image(h: int, w: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
-    """A picture-like input in [0, 1]: low-frequency colour plus some fine noise."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, channels, max(2, h // 4), max(2, w // 4), generator=g)
-    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-    return (0.8 * x + 0.2 * torch.rand(1, channels, h, w, generator=g)).clamp(0, 1)
-
-
-def _calibrate(net: torch.nn.Module, last: torch.nn.Conv2d, std: float, mean: float | None) -> None:
-    """Scale the last conv so each output channel has `std` (and `mean`) on a smooth image: random weights
-    otherwise give a near-constant output that would hide errors."""
-    x = smooth_image(24, 20, net.cfg.image_channels, seed=99)
-    with torch.no_grad():
-        out = net(x)
-        k = std / out.std((0, 2, 3)).repeat_interleave(last.out_channels // out.shape[1])
-        centre = out.mean((0, 2, 3)).repeat_interleave(last.out_channels // out.shape[1])
-        last.weight.mul_(k[:, None, None, None])
-        last.bias.copy_(mean - k * (centre - last.bias) if mean is not None else last.bias * k)
-
-
-def rrdb_state(cfg: RRDBConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    net = RRDBNet(cfg).eval()
-    _calibrate(net, net.conv_last, 0.25, 0.5)
-    return {k: v.contiguous() for k, v in net.state_dict().items()}
-
-
-def compact_state(cfg: CompactConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    net = SRVGGNetCompact(cfg).eval()
-    with torch.no_grad():  # the residual over the nearest-upsampled input: about 0.1
-        for m in net.body:
-            if isinstance(m, torch.nn.PReLU):
-                m.weight.uniform_(0.05, 0.4)  # non-trivial PReLU slopes, one per channel
-    last = net.body[-1]
-    x = smooth_image(24, 20, cfg.in_channels, seed=99)
-    with torch.no_grad():
-        res = net(x) - torch.nn.functional.interpolate(x, scale_factor=cfg.scale, mode="nearest")
-        last.weight.mul_(0.1 / res.std())
-        last.bias.mul_(0.1 / res.std())
-    return {k: v.contiguous() for k, v in net.state_dict().items()}
-
-
-def old_layout(state: dict, cfg: RRDBConfig) -> dict:
-    """BasicSR names -> the original ESRGAN Sequential names, written out independently of sdcli's table
-    (spandrel's strict load of its old-arch model checks them)."""
-    n, out = cfg.num_upsamples, {}
-    for key, v in state.items():
-        name, _, kind = key.rpartition(".")
-        if name.startswith("body."):
-            _, b, rdb, conv = name.split(".")
-            new = f"model.1.sub.{b}.RDB{rdb[-1]}.{conv}.0"
-        elif name.startswith("conv_up"):
-            new = f"model.{3 * int(name[7:])}"
-        else:
-            new = {"conv_first": "model.0", "conv_body": f"model.1.sub.{cfg.num_blocks}",
-                   "conv_hr": f"model.{3 * n + 2}", "conv_last": f"model.{3 * n + 4}"}[name]  # fmt: skip
-        out[f"{new}.{kind}"] = v
-    return out
-
-
-def layout_2019(state: dict) -> dict:
-    """BasicSR names -> xinntao/ESRGAN's 2019 names (BSRGAN, RealSR)."""
-    def rename(key: str) -> str:
-        if key.startswith("body."):
-            _, b, rdb, rest = key.split(".", 3)
-            return f"RRDB_trunk.{b}.RDB{rdb[-1]}.{rest}"
-        for ours, theirs in (("conv_body.", "trunk_conv."), ("conv_hr.", "HRconv."), ("conv_up", "upconv")):
-            if key.startswith(ours):
-                return theirs + key[len(ours):]
-        return key
-
-    return {rename(k): v for k, v in state.items()}
-
-
-def write(state: dict, path, wrapper: str | None = None):
-    """A .safetensors file, or a .pth as torch.save writes it (optionally nested, as Real-ESRGAN's files are)."""
-    if path.suffix == ".safetensors":
-        save_file(state, str(path))
-    else:
-        torch.save({wrapper: state} if wrapper else state, path)
-    return path
 
 
 RRDB_X4 = RRDBConfig(num_features=16, num_blocks=2, growth=32, num_upsamples=2)
@@ -156,18 +44,16 @@ RRDB_CASES = {  # (layout, config); spandrel fixes the growth at 32, so ours is 
     "basicsr-x4": ("basicsr", RRDB_X4),
     "basicsr-x2-unshuffle": ("basicsr", RRDBConfig(in_channels=12, num_features=16, num_blocks=2, unshuffle=2)),
     "basicsr-x1-unshuffle": ("basicsr", RRDBConfig(in_channels=48, num_features=16, num_blocks=1, unshuffle=4)),
-    "old-x4": ("esrgan-old", RRDB_X4),
-    "old-x2": ("esrgan-old", RRDBConfig(num_features=16, num_blocks=3, num_upsamples=1)),
-    "old-x8": ("esrgan-old", RRDBConfig(num_features=8, num_blocks=1, num_upsamples=3)),
-    "2019-x4": ("esrgan-2019", RRDB_X4),
+    "old-x4": ("old", RRDB_X4),
+    "old-x2": ("old", RRDBConfig(num_features=16, num_blocks=3, num_upsamples=1)),
+    "old-x8": ("old", RRDBConfig(num_features=8, num_blocks=1, num_upsamples=3)),
+    "2019-x4": ("2019", RRDB_X4),
 }
 
 
 def rrdb_file(tmp_path, case: str, suffix: str):
     layout, cfg = RRDB_CASES[case]
-    state = rrdb_state(cfg)
-    state = {"basicsr": state, "esrgan-old": old_layout(state, cfg), "esrgan-2019": layout_2019(state)}[layout]
-    return write(state, tmp_path / f"{case}{suffix}", "params_ema" if layout == "basicsr" else None), cfg
+    return write_rrdb(tmp_path / f"{case}{suffix}", cfg, layout), cfg
 
 
 COMPACT_X4 = CompactConfig(num_features=16, num_convs=4, scale=4)
@@ -176,7 +62,7 @@ COMPACT_CASES = {"compact-x4": COMPACT_X4, "compact-x2": CompactConfig(num_featu
 
 def compact_file(tmp_path, case: str, suffix: str):
     cfg = COMPACT_CASES[case]
-    return write(compact_state(cfg), tmp_path / f"{case}{suffix}", "params"), cfg
+    return write_compact(tmp_path / f"{case}{suffix}", cfg), cfg
 
 
 def levels(x: torch.Tensor) -> torch.Tensor:
@@ -391,8 +277,8 @@ def _tensors(*names: str) -> dict[str, torch.Tensor]:
 
 
 NOT_UPSCALERS = {
-    "sd-checkpoint": (_tensors("model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight"),
-                      "Stable Diffusion checkpoint"),
+    "sd-checkpoint": (_tensors("model.diffusion_model.input_blocks.0.0.weight",
+                               "first_stage_model.decoder.conv_in.weight"), "Stable Diffusion checkpoint"),
     "lora": (_tensors("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"), "LoRA"),
     "gfpgan": (_tensors("conv_body_first.weight", "toRGB.0.weight", "stylegan_decoder.style_mlp.1.weight"), "GFPGAN"),
     "codeformer": (_tensors("quantize.embedding.weight", "position_emb", "ft_layers.0.norm1.weight"), "CodeFormer"),

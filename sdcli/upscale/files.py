@@ -76,7 +76,8 @@ NOT_UPSCALERS = (
     (lambda ks: _prefixed(ks, "stylegan_decoder."), "GFPGAN, a face-restoration model"),
     (lambda ks: "quantize.embedding.weight" in ks and _prefixed(ks, "position_emb", "ft_layers.", "idx_pred_layer."),
      "CodeFormer, a face-restoration model"),
-    (lambda ks: {"quantize.embedding.weight", "encoder.conv_in.weight"} <= ks, "RestoreFormer, a face-restoration model"),
+    (lambda ks: {"quantize.embedding.weight", "encoder.conv_in.weight"} <= ks,
+     "RestoreFormer, a face-restoration model"),
     (lambda ks: _prefixed(ks, "model.model.1.bn_l.", "generator.model.1.bn_l."), "LaMa, an inpainting model"),
     (lambda ks: {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= ks, "a VAE (an autoencoder)"),
     (lambda ks: bool(ks) and ks <= {"emb_params", "clip_l", "clip_g"}, "a textual-inversion embedding"),
@@ -300,7 +301,8 @@ def _spandrel_load(stored: StoredFile, keys: set[str]):
     try:
         spandrel = _spandrel()
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{stored.path}: {'a ' + guess + ' model' if guess else 'this upscaler'} {e}") from None
+        what = f"a {guess} model" if guess else "this upscaler"
+        raise UnsupportedModelError(f"{stored.path}: {what} {e}") from None
     try:
         desc = spandrel.ModelLoader(registry=spandrel.MAIN_REGISTRY).load_from_state_dict(_read_tensors(stored))
     except spandrel.UnsupportedModelError:
@@ -316,9 +318,9 @@ def _spandrel_load(stored: StoredFile, keys: set[str]):
 
 def _spandrel_info(stored: StoredFile, desc) -> UpscalerInfo:
     params = sum(p.numel() for p in desc.model.parameters())
+    dtypes = dict(Counter(e.dtype for e in stored.entries.values()))
     return UpscalerInfo(stored.path, desc.architecture.name, "spandrel", desc.scale, desc.input_channels,
-                        desc.output_channels, params, tags=tuple(desc.tags),
-                        dtypes=dict(Counter(e.dtype for e in stored.entries.values())), format=stored.format)  # fmt: skip
+                        desc.output_channels, params, tags=tuple(desc.tags), dtypes=dtypes, format=stored.format)
 
 
 def _identify(path: str | Path) -> tuple[StoredFile, str]:
