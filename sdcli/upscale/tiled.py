@@ -1,8 +1,10 @@
 """Running an upscaler on images of any size: tiles with context, blended seams, out-of-memory fallback, and
 the PIL-level wrapper (modes, a requested scale other than the model's).
 
-Tiling: the image is covered by windows of at most `tile` x `tile` input pixels, spread evenly so neighbours
-share at least `overlap` pixels. Of each shared band, the outer three eighths on each side are context only
+Tiling: the image is covered by the fewest windows of at most `tile` x `tile` input pixels whose neighbours
+can share at least `overlap` pixels, each shrunk to what that needs and spread evenly (512 px at tile 256: three
+windows of 192 along each side, 1.27x the untiled work, where full 256 px windows would be 2.25x). Of each
+shared band, the outer three eighths on each side are context only
 (Real-ESRGAN's ``tile_pad``: the model sees real pixels there, and that part of its output is cropped away) and
 the middle quarter is blended with complementary linear ramps, so no seam can show. (At the default overlap of 32:
 12 px of context, as Real-ESRGAN's 10, and an 8 px blend, 32 px of output at x4. More context and less blend
@@ -50,17 +52,22 @@ def spans(size: int, tile: int, overlap: int) -> list[Span]:
     band split into context (outer 3/8 on each side, cropped) and a blend (the middle quarter) around its centre."""
     if size <= tile:
         return [Span(0, size, 0, size, 0, 0)]
-    n = 1 + math.ceil((size - tile) / (tile - overlap))
-    starts = [(i * (size - tile) + (n - 1) // 2) // (n - 1) for i in range(n)]
+    n = 1 + math.ceil((size - tile) / (tile - overlap))  # the fewest windows of `tile` that can do it
+    window = -(-(size + (n - 1) * overlap) // n)  # ...then as small as they can be: less work than full tiles
+    while True:
+        starts = [(i * (size - window) + (n - 1) // 2) // (n - 1) for i in range(n)]
+        if window >= tile or all(a + window - b >= overlap for a, b in zip(starts, starts[1:])):
+            break
+        window += 1  # rounding the starts lost a pixel of overlap somewhere
     seams = []  # (centre, half width of the blend) between window i and i + 1
     for a, b in zip(starts, starts[1:]):
-        shared = a + tile - b  # >= overlap
+        shared = a + window - b  # >= overlap
         seams.append((b + shared // 2, shared // 8))
     out = []
     for i, a in enumerate(starts):
         lo, lo_half = seams[i - 1] if i else (0, 0)
         hi, hi_half = seams[i] if i < n - 1 else (size, 0)
-        out.append(Span(a, a + tile, lo - lo_half, hi + hi_half, 2 * lo_half, 2 * hi_half))
+        out.append(Span(a, a + window, lo - lo_half, hi + hi_half, 2 * lo_half, 2 * hi_half))
     return out
 
 
