@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdcli.errors import BadInputError, OutOfMemoryError, UnsupportedModelError
+from sdcli.errors import BadInputError, NumericalError, OutOfMemoryError, UnsupportedModelError
 from sdcli.models.esrgan import CompactConfig, RRDBConfig, RRDBNet
 from sdcli.upscale.files import describe, inspect_upscaler, load_upscaler
 from sdcli.upscale.tiled import spans, upscale, upscale_pil
@@ -47,6 +47,7 @@ RRDB_CASES = {  # (layout, config); spandrel fixes the growth at 32, so ours is 
     "old-x4": ("old", RRDB_X4),
     "old-x2": ("old", RRDBConfig(num_features=16, num_blocks=3, num_upsamples=1)),
     "old-x8": ("old", RRDBConfig(num_features=8, num_blocks=1, num_upsamples=3)),
+    "old-x1": ("old", RRDBConfig(num_features=8, num_blocks=1, num_upsamples=0)),  # 1x restoration models
     "2019-x4": ("2019", RRDB_X4),
 }
 
@@ -210,6 +211,16 @@ def test_out_of_memory_halves_the_tile():
     with pytest.raises(OutOfMemoryError) as e:
         upscale(OutOfMemoryAbove(10), x, tile=256, overlap=16)
     assert e.value.exit_code == 6
+
+
+def test_non_finite_output_is_a_numerical_error():
+    class Overflow(PointwiseX2):
+        def __call__(self, x):
+            return super().__call__(x) * torch.tensor(float("nan"))
+
+    with pytest.raises(NumericalError) as e:
+        upscale(Overflow(), smooth_image(8, 8), tile=None)
+    assert e.value.exit_code == 5
 
 
 # --- PIL images: modes and scales ---------------------------------------------------------------------------

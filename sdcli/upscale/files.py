@@ -243,12 +243,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _native_info(stored: StoredFile, layout: str, entries: dict[str, Entry]) -> UpscalerInfo:
-    shapes = {k: e.shape for k, e in entries.items()}
-    cfg = esrgan.compact_config(shapes) if layout == "compact" else esrgan.rrdb_config(shapes)
-    return UpscalerInfo(stored.path, ARCHITECTURES[layout], layout, cfg.scale, cfg.image_channels,
+def _native(stored: StoredFile, layout: str) -> tuple[UpscalerInfo, dict[str, Entry]]:
+    """(what it is, its entries under our names) for an architecture sdcli runs, from names and shapes only."""
+    try:
+        entries = renamed(stored, layout)
+        shapes = {k: e.shape for k, e in entries.items()}
+        cfg = esrgan.compact_config(shapes) if layout == "compact" else esrgan.rrdb_config(shapes)
+    except BadInputError as e:
+        raise BadInputError(f"{stored.path}: {e}") from None
+    info = UpscalerInfo(stored.path, ARCHITECTURES[layout], layout, cfg.scale, cfg.image_channels,
                         cfg.out_channels, sum(_numel(s) for s in shapes.values()), cfg,
                         dtypes=dict(Counter(e.dtype for e in entries.values())), format=stored.format)  # fmt: skip
+    return info, entries
 
 
 class Upscaler:
@@ -337,10 +343,7 @@ def inspect_upscaler(path: str | Path) -> UpscalerInfo:
     stored, layout = _identify(path)
     if layout == "other":
         return _spandrel_info(stored, _spandrel_load(stored, set(stored.entries)))
-    try:
-        return _native_info(stored, layout, renamed(stored, layout))
-    except BadInputError as e:
-        raise BadInputError(f"{stored.path}: {e}") from None
+    return _native(stored, layout)[0]
 
 
 def describe(path: str | Path) -> dict:
@@ -369,11 +372,7 @@ def load_upscaler(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         dtype = dtype if ok else torch.float32
         desc.to(device, dtype).eval()
         return Upscaler(_spandrel_info(stored, desc), desc, dtype, device)
-    entries = renamed(stored, layout)
-    try:
-        info = _native_info(stored, layout, entries)
-    except BadInputError as e:
-        raise BadInputError(f"{stored.path}: {e}") from None
+    info, entries = _native(stored, layout)
     net = _build(info)
     source = WeightSource(stored.path, entries, layout="single", tensors=stored.tensors)
     try:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sdcli.errors import BadInputError, OutOfMemoryError
+from sdcli.errors import BadInputError, NumericalError, OutOfMemoryError
 
 DEFAULT_TILE = 512  # ComfyUI's ImageUpscaleWithModel: 512, overlap 32, halved on out-of-memory
 DEFAULT_OVERLAP = 32
@@ -128,12 +128,16 @@ def _is_oom(e: BaseException) -> bool:
 def upscale(model: Any, image: Tensor, tile: int | None = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Tensor:
     """(1, C, H, W) in [0, 1] -> (1, C', sH, sW) in [0, 1] at the model's native scale `s`, tiled by `tile`
     (None: the whole image at once). Out of memory halves the tile (the whole image first becomes tiles of half
-    its longer side) down to MIN_TILE, then raises sdcli's OutOfMemoryError (exit 6)."""
+    its longer side) down to MIN_TILE, then raises sdcli's OutOfMemoryError (exit 6). NaN or Inf in the result
+    (an fp16 overflow) is NumericalError (exit 5), never a silently black image."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"upscale expects one image (1, C, H, W), got {tuple(image.shape)}")
     while True:
         try:
-            return _tiled(model, image, tile, overlap)
+            out = _tiled(model, image, tile, overlap)
+            if not bool(torch.isfinite(out).all()):
+                raise NumericalError("the upscaler produced NaN or Inf (an fp16 overflow?): run it in fp32 or bf16")
+            return out
         except Exception as e:
             if not _is_oom(e):
                 raise
