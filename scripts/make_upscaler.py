@@ -17,6 +17,7 @@ out here independently of sdcli's rename table, and spandrel's strict load of it
 from __future__ import annotations
 
 import argparse
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -97,13 +98,15 @@ def layout_2019(state: dict) -> dict:
     return {rename(k): v for k, v in state.items()}
 
 
-def write(state: dict, path: Path, wrapper: str | None = None) -> Path:
-    """A .safetensors file, or a .pth as torch.save writes it (optionally nested under `wrapper`)."""
+def write(state: dict, path: Path, wrapper: str | None = None, legacy: bool = False) -> Path:
+    """A .safetensors file, or a .pth as training code writes it: torch.save of an OrderedDict (a module's
+    state_dict), optionally nested under `wrapper`; `legacy`: the pre-zip pickle format of 2018-era files."""
     path = Path(path)
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:
-        torch.save({wrapper: state} if wrapper else state, path)
+        state = OrderedDict(state)
+        torch.save({wrapper: state} if wrapper else state, path, _use_new_zipfile_serialization=not legacy)
     return path
 
 

@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from safetensors.torch import load_file
+
 from sdcli.errors import BadInputError, NumericalError, OutOfMemoryError, UnsupportedModelError
 from sdcli.models.esrgan import CompactConfig, RRDBConfig, RRDBNet
 from sdcli.upscale.files import describe, inspect_upscaler, load_upscaler
@@ -102,6 +104,16 @@ def test_compact_equals_spandrel(tmp_path, spandrel_oracle, case, suffix):
         a, b = ours.net(x), theirs.model(x)
     assert torch.equal(a, b), f"fp32 max abs diff {(a - b).abs().max().item():.3g}"
     assert (a - torch.nn.functional.interpolate(x, scale_factor=cfg.scale)).abs().mean() > 0.02  # not trivial
+
+
+def test_legacy_pickle_format(tmp_path):
+    """2018-era ESRGAN .pth files predate torch's zip format: the restricted unpickler reads those too."""
+    layout, cfg = RRDB_CASES["old-x4"]
+    stored = write_rrdb(tmp_path / "4x-new.safetensors", cfg, layout)
+    legacy = write(load_file(str(stored)), tmp_path / "4x-legacy.pth", legacy=True)
+    assert legacy.read_bytes()[:1] == b"\x80"  # a raw pickle stream, not a zip
+    x = smooth_image(12, 10)
+    assert torch.equal(load_upscaler(legacy)(x), load_upscaler(stored)(x))
 
 
 def test_describe_reads_the_config(tmp_path):
