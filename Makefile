@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# open_clip's tokenizer is our tokenizer oracle; its package pulls torchvision, which we do not need.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps open-clip-torch==3.3.0
+	# spandrel is the upscalers' oracle; its torchvision (no CPU build for this torch) is never needed by the
+	# architectures we compare (tests/test_upscale.py stubs the import), so it comes without its dependencies.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps spandrel==0.4.2 einops
 	touch $(STAMP)
 
 install: $(STAMP) browser

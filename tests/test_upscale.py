@@ -20,7 +20,7 @@ from PIL import Image
 
 from safetensors.torch import load_file
 
-from sdcli.errors import BadInputError, NumericalError, OutOfMemoryError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, NumericalError, OutOfMemoryError, UnsupportedModelError
 from sdcli.models.esrgan import CompactConfig, RRDBConfig, RRDBNet
 from sdcli.upscale.files import describe, inspect_upscaler, load_upscaler
 from sdcli.upscale.tiled import spans, upscale, upscale_pil

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.models.layout import run_layout
 
 LEAKY_SLOPE = 0.2  # every LeakyReLU of RRDBNet (BasicSR: negative_slope=0.2)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
 from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_pickle
 from sdcli.formats.safetensors import dtype_name, read_header
 from sdcli.formats.source import Entry, WeightSource

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sdcli.errors import BadInputError, NumericalError, OutOfMemoryError
+from sdcli.runtime.errors import BadInputError, NumericalError, OutOfMemoryError
 
 DEFAULT_TILE = 512  # ComfyUI's ImageUpscaleWithModel: 512, overlap 32, halved on out-of-memory
 DEFAULT_OVERLAP = 32
