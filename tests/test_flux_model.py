@@ -22,7 +22,8 @@ RTOL = 1e-6  # of the output's largest magnitude; on this CPU the two agree bit 
 
 
 def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Every tensor non-trivially random: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.3^2), norm scales 1 + N(0, 0.3^2)."""
+    """Every tensor non-trivially random: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.3^2), norm scales
+    1 + N(0, 0.3^2)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in model.state_dict().items():
@@ -59,7 +60,8 @@ def _single_block(out: dict, sd: dict, i: int, cfg: FluxConfig) -> None:
     _linear(out, sd, d + "norm.linear", s + "modulation.lin")
     sizes = [cfg.hidden_size] * 3 + [cfg.mlp_hidden_dim]
     for part in ("weight", "bias"):
-        for name, chunk in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), sd[f"{s}linear1.{part}"].split(sizes)):
+        chunks = sd[f"{s}linear1.{part}"].split(sizes)  # q, k, v, then the MLP input
+        for name, chunk in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), chunks):
             out[f"{d}{name}.{part}"] = chunk
     out[d + "attn.norm_q.weight"] = sd[s + "norm.query_norm.scale"]
     out[d + "attn.norm_k.weight"] = sd[s + "norm.key_norm.scale"]
@@ -210,6 +212,21 @@ def test_pack_unpack_and_ids_match_diffusers():
     assert torch.equal(text_ids(5), torch.zeros(5, 3))
     # channel-first inside each 2x2 patch: feature c*4 + dy*2 + dx of token (row, col)
     assert packed[1, 1 * 5 + 3, 7 * 4 + 1 * 2 + 0] == latent[1, 7, 2 * 1 + 1, 2 * 3 + 0]
+
+
+def test_latent_velocity_is_the_pipelines_pack_forward_unpack():
+    cfg = FluxConfig(**{**TINY, "in_channels": 16})  # 4 latent channels x 2x2
+    ours, ref = pair(cfg, seed=11)
+    g = torch.Generator().manual_seed(12)
+    latent, txt = torch.randn(2, 4, 6, 4, generator=g), torch.randn(2, 7, cfg.context_in_dim, generator=g)
+    t, y, guidance = torch.tensor([0.9, 0.4]), torch.randn(2, cfg.vec_in_dim, generator=g), torch.tensor([3.5, 3.5])
+    with torch.no_grad():
+        got = ours.latent_velocity(latent, t, txt, y, guidance)
+        packed = ref(hidden_states=FluxPipeline._pack_latents(latent, 2, 4, 6, 4), encoder_hidden_states=txt,
+                     pooled_projections=y, timestep=t, guidance=guidance, return_dict=False,
+                     img_ids=FluxPipeline._prepare_latent_image_ids(2, 3, 2, "cpu", torch.float32),
+                     txt_ids=torch.zeros(7, 3))[0]  # fmt: skip
+    assert_close(got, FluxPipeline._unpack_latents(packed, 48, 32, 8))
 
 
 def test_pack_rejects_odd_sides():

@@ -54,7 +54,8 @@ class FluxConfig:
         if self.hidden_size % self.num_heads:
             raise BadInputError(f"Flux width {self.hidden_size} does not split into {self.num_heads} heads")
         if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
-            raise BadInputError(f"Flux RoPE axes {self.axes_dim} must be even and sum to the head width {self.head_dim}")
+            raise BadInputError(f"Flux RoPE axes {self.axes_dim} must be even and sum to the head width "
+                                f"{self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -387,6 +388,15 @@ class FluxModel(nn.Module):
         for block in self.single_blocks:
             x = block(x, vec, pe)
         return self.final_layer(x[:, ctx.shape[1] :], vec)  # (B, L, C_out)
+
+    def latent_velocity(self, latent: Tensor, t: Tensor, txt: Tensor, y: Tensor,
+                        guidance: Tensor | None = None) -> Tensor:  # fmt: skip
+        """The model on an unpacked (B, 16, H, W) latent, as a denoiser calls it: pack, image and text ids,
+        forward, unpack -> (B, 16, H, W) velocity. (Fill / Depth / Canny models take extra packed channels after
+        the latent's: build `img` yourself and call the model.)"""
+        b, _, h, w = latent.shape
+        img_id, txt_id = image_ids(h, w, latent.device), text_ids(txt.shape[1], latent.device)
+        return unpack(self(pack(latent), img_id, txt, txt_id, t, y, guidance), h, w)
 
 
 def _batched(ids: Tensor, batch: int) -> Tensor:
