@@ -236,6 +236,56 @@ def _comfy_euler_ancestral_rf(model, x, sigmas, noise_sampler, eta=1.0, s_noise=
     return x
 
 
+def _comfy_dpm_2_ancestral_rf(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0):
+    """ComfyUI sample_dpm_2_ancestral_RF, transcribed."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        downstep_ratio = 1 + (sigmas[i + 1] / sigmas[i] - 1) * eta
+        sigma_down = sigmas[i + 1] * downstep_ratio
+        alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+        renoise_coeff = (sigmas[i + 1] ** 2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2) ** 0.5
+        d = (x - denoised) / sigmas[i]
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = (x_2 - model(x_2, sigma_mid * s_in)) / sigma_mid
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = (alpha_ip1 / alpha_down) * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
+def _comfy_dpmpp_2s_ancestral_rf(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0):
+    """ComfyUI sample_dpmpp_2s_ancestral_RF, transcribed."""
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda lbda: (lbda.exp() + 1) ** -1  # noqa: E731
+    lambda_fn = lambda sigma: ((1 - sigma) / sigma).log()  # noqa: E731
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        downstep_ratio = 1 + (sigmas[i + 1] / sigmas[i] - 1) * eta
+        sigma_down = sigmas[i + 1] * downstep_ratio
+        alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+        renoise_coeff = (sigmas[i + 1] ** 2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2) ** 0.5
+        if sigmas[i + 1] == 0:
+            x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        else:
+            if sigmas[i] == 1.0:
+                sigma_s = 0.9999
+            else:
+                t_i, t_down = lambda_fn(sigmas[i]), lambda_fn(sigma_down)
+                sigma_s = sigma_fn(t_i + 0.5 * (t_down - t_i))
+            sigma_s_i_ratio = sigma_s / sigmas[i]
+            u = sigma_s_i_ratio * x + (1 - sigma_s_i_ratio) * denoised
+            D_i = model(u, sigma_s * s_in)
+            sigma_down_i_ratio = sigma_down / sigmas[i]
+            x = sigma_down_i_ratio * x + (1 - sigma_down_i_ratio) * D_i
+        if sigmas[i + 1] > 0 and eta > 0:
+            x = (alpha_ip1 / alpha_down) * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
 def _comfy_dpmpp_2m_sde_const(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0):
     """ComfyUI sample_dpmpp_2m_sde (midpoint) with CONST sampling: lambda = -logit(sigma), alpha_t = 1 - sigma_t.
     (ComfyUI first moves a sigma of 1 to just under it; the schedules used here start below 1.)"""
@@ -300,6 +350,17 @@ def test_euler_a_flow_equals_comfy_rf(sigmas):
     _assert_trajectory(ours, ref)
 
 
+@pytest.mark.parametrize("sigmas", [F.sd3_sigmas(9), F.flux_sigmas(6, 1024)[1:]], ids=["from-1", "img2img"])
+@pytest.mark.parametrize("ours, comfy", [(F.sample_dpm2_a_flow, _comfy_dpm_2_ancestral_rf),
+                                         (F.sample_dpmpp_2s_a_flow, _comfy_dpmpp_2s_ancestral_rf)],
+                         ids=["dpm2_a", "dpm++_2s_a"])  # fmt: skip
+def test_second_order_ancestral_flow_equals_comfy_rf(sigmas, ours, comfy):
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(13)) * float(sigmas[0])
+    draws = _noises(x.shape, len(sigmas), 14)
+    ref = comfy(_flow_model(), x, sigmas, lambda a, b, it=iter(draws): next(it))
+    _assert_trajectory(ours(_flow_model(), x, sigmas, lambda it=iter(draws): next(it)), ref)
+
+
 def test_dpmpp_2m_sde_flow_equals_comfy_const():
     sigmas = F.img2img_sigmas(F.flux_sigmas(10, 1024), 0.8)  # starts below 1, where ComfyUI's offset is idle
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(10))
@@ -350,7 +411,7 @@ def test_flow_variants_sample_the_data(name):
     assert abs(float(out.mean()) - MU) < 0.01 and abs(float(out.std()) - STD) < 0.02, (out.mean(), out.std())
 
 
-@pytest.mark.parametrize("name", ["euler_a", "dpm++_2m_sde", *F.NO_FLOW_VARIANT])
+@pytest.mark.parametrize("name", ["euler_a", "dpm2_a", "dpm++_2s_a", "dpm++_2m_sde", "dpm++_sde"])
 def test_ve_noise_injection_is_wrong_for_flow(name):
     """Why the variants exist: VE renoising (x + sigma_up * noise) leaves the signal at full scale, so the mean
     drifts far from MU (1.20 .. 1.25 against 0.7 at 300 steps here, and worse with more steps)."""

@@ -8,9 +8,10 @@ shape the denoiser returns that x0, and the probability-flow ODE is
 
 exactly the form the variance-exploding samplers integrate. So every deterministic sampler of sdcli.samplers
 (euler, heun, dpm2, lms, dpm++_2m, ddim, plms, unipc) runs a flow model unchanged, as ComfyUI runs them. Samplers
-that add noise assume x = x0 + sigma * noise, which a flow model's x is not: they need the variants here, where
-the signal is rescaled by (1 - sigma) when noise is put back (ComfyUI sample_euler_ancestral_RF, the half-log-SNR
-DPM-Solver++ SDE, LCM with CONST noise scaling).
+that add noise assume x = x0 + sigma * noise, which a flow model's x is not (run as they are, the signal keeps
+growing: the result's mean drifts far off). They need the variants here (`FLOW_VARIANTS`), where the signal is
+rescaled to (1 - sigma) when noise is put back: euler_a, dpm2_a and dpm++_2s_a as ComfyUI's "_RF" samplers,
+dpm++_2m_sde in half-log-SNR, lcm with the flow forward process. dpm++_sde has none yet (`NO_FLOW_VARIANT`).
 
 Schedules reproduce diffusers' FlowMatchEulerDiscreteScheduler sigmas bit for bit, dtype quirks included.
 """
@@ -150,13 +151,26 @@ class FlowDenoiser:
 
 # ----------------------------------------------------------------------------- samplers that add noise
 
-def sample_euler_a_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
-    """Euler ancestral for flow models, eta = 1 (ComfyUI k_diffusion sample_euler_ancestral_RF).
+def _rf_ancestral(sigma: float, sigma_next: float) -> tuple[float, float, float]:
+    """(sigma_down, signal rescale, renoise) of an eta = 1 ancestral step of a flow model (ComfyUI's "_RF"
+    samplers): go down the ODE to sigma_down = sigma_next^2 / sigma, then x <- rescale * x + renoise * noise
+    brings the signal from (1 - sigma_down) back to (1 - sigma_next) and the noise up to sigma_next exactly."""
+    down = sigma_next * sigma_next / sigma  # downstep ratio 1 + (s'/s - 1) * eta with eta = 1
+    alpha_next, alpha_down = 1 - sigma_next, 1 - down
+    renoise = (sigma_next**2 - down**2 * alpha_next**2 / alpha_down**2) ** 0.5
+    return down, alpha_next / alpha_down, renoise
 
-    Step down to sigma_down = sigma_next^2 / sigma along the ODE, then rescale the signal from (1 - sigma_down)
-    to (1 - sigma_next) and add fresh noise so the total noise level is sigma_next again. Lands on x0 at the end.
-    One noise() per step but the last.
-    """
+
+def _half_log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) = log((1 - sigma) / sigma) of a flow noise level (ComfyUI sigma_to_half_log_snr
+    for CONST); -inf at sigma = 1."""
+    return -math.inf if sigma >= 1 else math.log1p(-sigma) - math.log(sigma)
+
+
+def sample_euler_a_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
+    """Euler ancestral for flow models, eta = 1 (ComfyUI k_diffusion sample_euler_ancestral_RF): an Euler step
+    to sigma_down, then the flow renoising of `_rf_ancestral`. Lands on x0 at the end. One noise() per step but
+    the last."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
     for i in range(run.total):
@@ -164,19 +178,52 @@ def sample_euler_a_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, c
         if s[i + 1] == 0:
             x = denoised
         else:
-            down = s[i + 1] * s[i + 1] / s[i]  # downstep ratio 1 + (s'/s - 1) * eta, eta = 1
-            alpha_next, alpha_down = 1 - s[i + 1], 1 - down
-            renoise = (s[i + 1] ** 2 - down**2 * alpha_next**2 / alpha_down**2) ** 0.5
-            x = (down / s[i]) * x + (1 - down / s[i]) * denoised
-            x = (alpha_next / alpha_down) * x + noise() * renoise
+            down, rescale, renoise = _rf_ancestral(s[i], s[i + 1])
+            x = (down / s[i]) * x + (1 - down / s[i]) * denoised  # the Euler step x + d * (down - sigma)
+            x = rescale * x + noise() * renoise
         run.done(i, x, denoised)
     return x
 
 
-def _half_log_snr(sigma: float) -> float:
-    """lambda = log(alpha / sigma) = log((1 - sigma) / sigma) of a flow noise level (ComfyUI sigma_to_half_log_snr
-    for CONST); -inf at sigma = 1."""
-    return -math.inf if sigma >= 1 else math.log1p(-sigma) - math.log(sigma)
+def sample_dpm2_a_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
+    """Ancestral DPM-Solver-2 for flow models (ComfyUI sample_dpm_2_ancestral_RF): sdcli's dpm2_a step (midpoint
+    in log-sigma) down to sigma_down, then the flow renoising. One noise() per step but the last."""
+    run = _Stepper(model, x, sigmas, callback)
+    s = run.sigmas
+    for i in range(run.total):
+        denoised = run(x, s[i])
+        d = (x - denoised) / s[i]
+        if s[i + 1] == 0:
+            x = x + d * (0 - s[i])
+        else:
+            down, rescale, renoise = _rf_ancestral(s[i], s[i + 1])
+            mid = math.exp((math.log(s[i]) + math.log(down)) / 2)
+            x_2 = x + d * (mid - s[i])
+            x = x + (x_2 - run(x_2, mid)) / mid * (down - s[i])
+            x = rescale * x + noise() * renoise
+        run.done(i, x, denoised)
+    return x
+
+
+def sample_dpmpp_2s_a_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
+    """DPM-Solver++(2S) ancestral for flow models (ComfyUI sample_dpmpp_2s_ancestral_RF): the intermediate point
+    sits halfway in half-log-SNR between sigma and sigma_down (at 0.9999 when sigma = 1, where that is -inf, as
+    ComfyUI), then the flow renoising. One noise() per step but the last."""
+    run = _Stepper(model, x, sigmas, callback)
+    s = run.sigmas
+    for i in range(run.total):
+        denoised = run(x, s[i])
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            down, rescale, renoise = _rf_ancestral(s[i], s[i + 1])
+            lam = (_half_log_snr(s[i]) + _half_log_snr(down)) / 2
+            mid = 0.9999 if s[i] == 1.0 else 1 / (math.exp(lam) + 1)
+            x_2 = (mid / s[i]) * x + (1 - mid / s[i]) * denoised
+            x = (down / s[i]) * x + (1 - down / s[i]) * run(x_2, mid)
+            x = rescale * x + noise() * renoise
+        run.done(i, x, denoised)
+    return x
 
 
 def sample_dpmpp_2m_sde_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
@@ -225,8 +272,10 @@ def sample_lcm_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callb
 # except those in NO_FLOW_VARIANT
 FLOW_VARIANTS: dict[str, Callable[..., Tensor]] = {
     "euler_a": sample_euler_a_flow,
+    "dpm2_a": sample_dpm2_a_flow,
+    "dpm++_2s_a": sample_dpmpp_2s_a_flow,
     "dpm++_2m_sde": sample_dpmpp_2m_sde_flow,
     "lcm": sample_lcm_flow,
 }
 # stochastic samplers whose VE noise injection is wrong for flow models and that have no flow variant yet
-NO_FLOW_VARIANT = ("dpm2_a", "dpm++_2s_a", "dpm++_sde")
+NO_FLOW_VARIANT = ("dpm++_sde",)
