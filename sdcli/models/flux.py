@@ -162,13 +162,14 @@ def timestep_embedding(t: Tensor, dim: int = FREQ_DIM, max_period: float = 10000
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Tensor, Tensor]:
     """(cos, sin), each (B, 1, N, head_dim / 2), of the rotary angles for (B, N, n_axes) ids: axis i owns
     axes_dim[i] channels. Angles are computed in float64 and rounded once (diffusers FluxPosEmbed, ComfyUI rope;
-    BFL's math.py rope works in the ids' dtype)."""
+    BFL's math.py rope works in the ids' dtype). MPS has no float64: there the angles are made on the CPU."""
+    where = torch.device("cpu") if ids.device.type == "mps" else ids.device
     angles = []
     for i, dim in enumerate(axes_dim):
-        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)  # (dim/2,)
-        angles.append(ids[..., i].to(torch.float64)[..., None] * omega)  # (B, N, dim/2)
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=where) / dim)  # (dim/2,)
+        angles.append(ids[..., i].to(where, torch.float64)[..., None] * omega)  # (B, N, dim/2)
     a = torch.cat(angles, dim=-1)[:, None]  # (B, 1, N, head_dim/2)
-    return a.cos().float(), a.sin().float()
+    return a.cos().float().to(ids.device), a.sin().float().to(ids.device)
 
 
 def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
@@ -394,7 +395,7 @@ class FluxModel(nn.Module):
         """The model on an unpacked (B, 16, H, W) latent, as a denoiser calls it: pack, image and text ids,
         forward, unpack -> (B, 16, H, W) velocity. (Fill / Depth / Canny models take extra packed channels after
         the latent's: build `img` yourself and call the model.)"""
-        b, _, h, w = latent.shape
+        h, w = latent.shape[-2:]
         img_id, txt_id = image_ids(h, w, latent.device), text_ids(txt.shape[1], latent.device)
         return unpack(self(pack(latent), img_id, txt, txt_id, t, y, guidance), h, w)
 
