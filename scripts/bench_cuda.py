@@ -81,7 +81,9 @@ def rel(a, b) -> float:
 def run_worker(side_name: str, dtype_name: str, out: Path) -> dict:
     import torch
 
-    from sdcli import cuda_graphs, device
+    from sdcli.runtime import cuda_graphs
+
+    from sdcli.runtime import device
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     device.configure(device.Placement(DEV, dtype_name))  # fp32 means no TF32, for both sides alike
@@ -245,7 +247,7 @@ def load_profile() -> dict:
     """Where load time goes on the GPU: CUDA start-up, then a cold and a warm load_models (no probe)."""
     import torch
 
-    from sdcli import checkpoint
+    from sdcli.loading import checkpoint
 
     t = time.perf_counter()
     torch.empty(1, device=DEV)

@@ -6,7 +6,7 @@ Layouts: ``single`` = one LDM-named .safetensors file (SD1: cond_stage_model.tra
 SD2: OpenCLIP cond_stage_model.model.*; SDXL: conditioner.embedders.0.transformer.text_model.* (CLIP-L) and
 conditioner.embedders.1.model.* (OpenCLIP bigG, all layers, text_projection stored (width, proj)); the refiner
 has bigG alone under conditioner.embedders.0.model.*), ``diffusers`` (SD1/SD2 only) = a folder with model_index.json, unet/, vae/,
-text_encoder/, scheduler/ (names from sdcli.checkpoint's rename table). Sizes: ``tiny`` (tests, a few MB)
+text_encoder/, scheduler/ (names from sdcli.loading.checkpoint's rename table). Sizes: ``tiny`` (tests, a few MB)
 and ``full`` (the real SD1.5 / SD2.1 / SDXL 1.0 base and refiner shapes). The key list comes from sdcli's own modules built on the
 meta device; every tensor is drawn in sorted key order from one seeded generator, so the same seed gives
 the same bytes. Scales keep activations finite at full size: weights N(0, 1/fan_in), biases N(0, 0.02^2),
@@ -35,22 +35,22 @@ PRESETS = {
     ("sd1", "tiny"): (
         UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(True, False),
                    context_dim=64, num_heads=8),
-        TINY_VAE, TextConfig(family="sd1", **TINY_TEXT)),
+        TINY_VAE, TextConfig(**TINY_TEXT)),
     ("sd2", "tiny"): (  # SD2 heads are 64 channels wide, so the tiny SD2 UNet starts at 64 channels
         UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(True, False),
                    context_dim=64, num_heads=None, head_dim=64, use_linear_in_transformer=True),
-        TINY_VAE, TextConfig(family="sd2", hidden_act="gelu", **TINY_TEXT)),
+        TINY_VAE, TextConfig(pad_id=0, hidden_act="gelu", **TINY_TEXT)),
     ("sd1", "full"): (UNetConfig(), VAEConfig(), TextConfig()),
     ("sd2", "full"): (  # SD 2.1 (v2-inference-v.yaml): OpenCLIP ViT-H, 23 of its 24 layers used
         UNetConfig(context_dim=1024, num_heads=None, head_dim=64, use_linear_in_transformer=True),
-        VAEConfig(), TextConfig(family="sd2", hidden_size=1024, num_layers=23, num_heads=16,
+        VAEConfig(), TextConfig(pad_id=0, hidden_size=1024, num_layers=23, num_heads=16,
                                 intermediate_size=4096, hidden_act="gelu")),
 }  # fmt: skip
 
 
 SDXL_VAE_SCALE = 0.13025
-SDXL_L = dict(family="sdxl", hidden_act="quick_gelu", pad_token_id=49407)  # CLIP ViT-L: pads with EOS
-SDXL_G = dict(family="sdxl", hidden_act="gelu", pad_token_id=0)  # OpenCLIP bigG: pads with "!" (id 0)
+SDXL_L = dict(hidden_act="quick_gelu", pad_id=49407)  # CLIP ViT-L: pads with EOS
+SDXL_G = dict(hidden_act="gelu", pad_id=0)  # OpenCLIP bigG: pads with "!" (id 0)
 # family, size -> (UNet, VAE, CLIP-L or None, bigG). The tiny ones keep the real structure: two encoders of
 # different widths (context 64 + 128), a non-square projection (128 -> 96), no attention at level 0, depth 2
 # on a level, 64-channel heads, y = pooled 96 + 6 (refiner 5) embeddings 8 wide.
@@ -353,7 +353,7 @@ def controlnet_state_dict(cfg, seed: int = 0, dtype: torch.dtype = torch.float32
 
 
 def controlnet_to_diffusers(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    from sdcli.controlnet_files import controlnet_prefix_pairs
+    from sdcli.control.files import controlnet_prefix_pairs
 
     u = cfg.unet
     table = _invert(controlnet_prefix_pairs(len(u.channel_mult), u.num_res_blocks, u.attention_levels))

@@ -13,10 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from . import cli_guard as guard
-from . import cli_options as opt
-from .errors import SdcliError
+from sdcli import __version__
+from sdcli import cli_guard as guard
+from sdcli import cli_options as opt
+from sdcli.runtime.errors import SdcliError
 
 app = typer.Typer(
     name="sdcli",
@@ -52,13 +52,13 @@ def _control(controlnet, control_image, control_weight, control_start, control_e
                 resizes=list(control_resize or []), preprocesses=list(control_preprocess or []))  # fmt: skip
 
 def _with_controlnets(flags: dict, control: dict) -> dict:
-    from .control_config import from_flags
+    from sdcli.control.settings import from_flags
 
     units = from_flags(**control)
     return flags if units is None else {**flags, "controlnets": units}
 
 def _workers(workers, gpus_per_worker, cpus_per_worker):
-    from .app.cluster import Workers
+    from sdcli.app.cluster import Workers
 
     return Workers(workers, gpus_per_worker, cpus_per_worker)
 
@@ -70,18 +70,18 @@ def _flags(**given) -> dict:
 
 def _progress_mode(mode: str) -> str:
     if mode not in ("auto", "json", "none"):
-        from .errors import UsageError
+        from sdcli.runtime.errors import UsageError
 
         raise UsageError(f"option --progress: must be auto, json or none, got {mode!r}")
     return mode
 
 
 def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
-    from . import config as cfgmod
+    from sdcli import config as cfgmod
 
     cfg = cfgmod.resolve(flags, config)
     if as_json:
-        from .console import emit_json
+        from sdcli.runtime.console import emit_json
 
         emit_json(cfg.to_dict())
     else:
@@ -181,8 +181,8 @@ def generate(
     guard.stdout_needed(output, json_out or print_config or dry_run)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
-    from .console import set_quiet
-    from .app.generate import GenerateRequest, run_generate
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.generate import GenerateRequest, run_generate
 
     set_quiet(quiet)
     run_generate(GenerateRequest(
@@ -267,8 +267,8 @@ def img2img(
     guard.stdout_needed(output, json_out or print_config)
     if print_config:
         return _print_config(flags, config, json_out)
-    from .console import set_quiet
-    from .app.img2img import Img2ImgRequest, run_img2img
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.img2img import Img2ImgRequest, run_img2img
 
     set_quiet(quiet)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
@@ -323,8 +323,8 @@ def sweep(
     progress: opt.ProgressOpt = "auto",
 ) -> None:
     """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
-    from .console import set_quiet
-    from .app.sweep import SweepRequest, run_sweep
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.sweep import SweepRequest, run_sweep
 
     set_quiet(quiet)
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
@@ -356,8 +356,8 @@ def encode(
     json_out: opt.JsonOpt = False,
 ) -> None:
     """Run one stage forward: an image -> a VAE latent file, or --text -> a CLIP embedding file."""
-    from .console import set_quiet
-    from .app.encode import EncodeRequest, run_encode
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.encode import EncodeRequest, run_encode
 
     set_quiet(quiet)
     flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
@@ -381,8 +381,8 @@ def decode(
     json_out: opt.JsonOpt = False,
 ) -> None:
     """Run the VAE decoder: a latent file -> PNG."""
-    from .console import set_quiet
-    from .app.encode import DecodeRequest, run_decode
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.encode import DecodeRequest, run_decode
 
     set_quiet(quiet)
     flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device)
@@ -400,7 +400,7 @@ def inspect(
     json_out: opt.JsonOpt = False,
 ) -> None:
     """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
-    from .inspecting import run_inspect
+    from sdcli.app.inspect import run_inspect
 
     run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
 
@@ -423,8 +423,8 @@ def preprocess(
     quiet: opt.QuietOpt = False,
 ) -> None:
     """Make a ControlNet hint from a picture (preprocessors that need no model)."""
-    from .app.preprocess import PreprocessRequest, run_preprocess
-    from .console import set_quiet
+    from sdcli.app.preprocess import PreprocessRequest, run_preprocess
+    from sdcli.runtime.console import set_quiet
 
     set_quiet(quiet)
     run_preprocess(PreprocessRequest(kind, image, output, low, high, blur, level, invert_first, factor, seed, mask,
@@ -439,7 +439,7 @@ def convert(
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
     """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run)."""
-    from .app.convert import run_convert
+    from sdcli.app.convert import run_convert
 
     run_convert(source, output, overwrite)
 
@@ -472,11 +472,11 @@ def verify(
     json_out: opt.JsonOpt = False,
 ) -> None:
     """Re-render images from their recorded settings and compare (PSNR, max difference); exit 9 if any drifted."""
-    from .console import set_quiet
-    from .app.verify import run_verify
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.verify import run_verify
 
     if min_psnr != min_psnr:  # NaN: every comparison with it is false, so nothing could pass or fail honestly
-        from .errors import UsageError
+        from sdcli.runtime.errors import UsageError
 
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
@@ -492,7 +492,7 @@ def main() -> None:
     try:
         app()
     except SdcliError as e:  # outside a command (`--help` with stdout closed): the same one line
-        from . import console
+        from sdcli.runtime import console
 
         console.error(str(e))
         sys.exit(e.exit_code)

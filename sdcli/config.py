@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.paths import xdg_path
 
 SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -70,7 +70,7 @@ class RunConfig:
     # ControlNet units (control_config.ControlSpec); in YAML a list of {model, image, weight, start, end, ...}
     controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
-    offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (residency.py)
+    offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (loading/residency.py)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -187,7 +187,7 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         raise BadInputError(f"{where}: unknown key '{key}' (known: {close})")
     f = FIELDS[key]
     if key == "controlnets":  # a list of unit objects, checked by their own rules
-        from .control_config import parse_specs
+        from sdcli.control.settings import parse_specs
 
         return parse_specs(value, where)
     kind = f.type if isinstance(f.type, str) else str(f.type)
@@ -258,18 +258,6 @@ def check_mapping(data: dict[str, Any], where: str, error: type[Exception] = Bad
 
 
 # --- resolution ----------------------------------------------------------------------------------
-
-def xdg_path(var: str, under_home: str, *parts: str) -> Path | None:
-    """$VAR/parts, else ~/under_home/parts; None when neither is known (no HOME and no passwd entry, as for some
-    container users): callers then do without a user config or a cache rather than fail."""
-    base = os.environ.get(var)
-    if not base:
-        try:
-            base = str(Path.home() / under_home)
-        except RuntimeError:
-            return None
-    return Path(base).joinpath(*parts)
-
 
 def user_config_path() -> Path | None:
     """$XDG_CONFIG_HOME/sdcli/config.yaml (typer.get_app_dir honours XDG on Linux)."""

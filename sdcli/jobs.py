@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SEED_MAX, RunConfig, check_value, decode_utf8
-from .errors import BadInputError, UsageError
+from sdcli.config import SEED_MAX, RunConfig, check_value, decode_utf8
+from sdcli.runtime.errors import BadInputError, UsageError
 
 PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir", "ray", "offload"}
 
@@ -36,7 +36,7 @@ class Job:
     # line): `text` is what the encoder sees, `loras` the <lora:...> tags it named.
     @functools.cached_property
     def _split(self) -> tuple[str, tuple]:
-        from .prompts import split_extra_networks
+        from sdcli.text.prompts import split_extra_networks
 
         text, tags = split_extra_networks(self.prompt)
         return text, tuple(tags)
@@ -68,7 +68,7 @@ def single_job(prompt: str | None, cfg: RunConfig) -> Job:
 def _checked(job: Job) -> Job:
     """The job's prompt and negative prompt checked before the model loads (see prompts.check_prompt); from the
     command line a text that is not UTF-8 is a usage error naming the argument or flag."""
-    from .prompts import check_prompt
+    from sdcli.text.prompts import check_prompt
 
     in_file = job.source != "command line"
     for text, name, tags in ((job.prompt, "PROMPT", True), (job.cfg.negative, "--negative", False)):

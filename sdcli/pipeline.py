@@ -19,13 +19,17 @@ from typing import Callable
 
 import torch
 
-from . import cuda_graphs, samplers, schedule
-from .conditioning import Cond, conditioning, for_batch
-from .denoise import DENOISERS, CFGDenoiser, guided
-from .errors import NumericalError, OutOfMemoryError
-from .families import DEFAULT, Family
-from .families.base import SizeCond
-from .prompt_schedule import ScheduledCond, prompt_schedule
+from sdcli.runtime import cuda_graphs
+
+from sdcli.sampling import samplers
+
+from sdcli.sampling import schedule
+from sdcli.sampling.conditioning import Cond, conditioning, for_batch
+from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
+from sdcli.runtime.errors import NumericalError, OutOfMemoryError
+from sdcli.families import DEFAULT, Family
+from sdcli.families.base import SizeCond
+from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     if custom_sigmas:
         sigmas = schedule.parse_sigmas(custom_sigmas)
     else:
-        sigmas = schedule.get_sigmas(schedule_used, steps, family.schedule.sigmas())
+        sigmas = schedule.get_sigmas(schedule_used, steps, schedule.sigmas_of(family.schedule))
     return SamplingPlan(name, sigmas, cfg, guidance_rescale)
 
 
@@ -75,8 +79,8 @@ def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     where the family says so (SDXL: A1111's force_zero_negative_prompt). Textual-inversion embeddings the texts
     trigger (models.embeddings) take the rows of each encoder's key. `negative` None (no guidance, cfg <= 1): the
     prompt alone, unpadded, as diffusers encodes it then; uncond is None."""
-    from .prompts import CHUNK_LENGTH, encode_with, pad_chunks
-    from .tokenizer import get_tokenizer
+    from sdcli.text.prompts import CHUNK_LENGTH, encode_with, pad_chunks
+    from sdcli.text.clip_tokenizer import get_tokenizer
 
     family, tokenizer = models.family, get_tokenizer()
     encoders = models.stage("text")
@@ -107,7 +111,7 @@ def with_size_vector(models, value, size: SizeCond, negative: bool = False):
         return ScheduledCond(tuple((end, with_size_vector(models, c, size, negative)) for end, c in value.entries))
     if not isinstance(value, Cond) or value.pooled is None:
         return value
-    from .models.unet import sdxl_vector
+    from sdcli.models.unet import sdxl_vector
 
     values = models.family.size_values(size, negative)
     return replace(value, y=sdxl_vector(value.pooled, values, models.info.unet.adm_in_channels))
@@ -123,9 +127,9 @@ def with_embeddings(models, folder):
     not fit the model are said once on stderr when a prompt names them, and left out."""
     import dataclasses
 
-    from . import console
-    from .embeddings import EmbeddingLibrary
-    from .tokenizer import get_tokenizer
+    from sdcli.runtime import console
+    from sdcli.text.embeddings import EmbeddingLibrary
+    from sdcli.text.clip_tokenizer import get_tokenizer
 
     library = EmbeddingLibrary(folder, embedding_widths(models), get_tokenizer().encode, console.info)
     return dataclasses.replace(models, embeddings=library)
@@ -253,7 +257,7 @@ def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[
     latent is handed over still noisy, not denoised). The base always takes the first step (A1111 checks the switch
     after a step); the refiner's part is None when no step is left to it."""
     steps = len(plan.sigmas) - 1
-    timesteps = schedule.sigma_to_t(plan.sigmas[:-1], family.schedule.sigmas())  # unrounded, as k-diffusion's
+    timesteps = schedule.sigma_to_t(plan.sigmas[:-1], schedule.sigmas_of(family.schedule))  # unrounded, as k-diffusion's
     cutoff = int(round(family.schedule.steps * (1 - switch)))
     keep = max(1, int((timesteps >= cutoff).sum()))
     if keep >= steps:
@@ -318,7 +322,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     # denoiser too, as it always has (LCM-LoRA merged models do not say what they are).
     kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
     unet = _UNetAdapter(models.stage("unet"), images=batch)
-    denoiser = kind(unet, models.family.schedule.alphas_cumprod(), models.info.prediction)
+    denoiser = kind(unet, schedule.alphas_cumprod_of(models.family.schedule), models.info.prediction)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
     model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
@@ -395,7 +399,7 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
     posterior's std is tiny for SD's VAE, so sampling it would only spend random draws. A TAESD encoder gives
     scaled latents itself."""
-    from .vae_files import is_tiny, latent_scale
+    from sdcli.loading.vae import is_tiny, latent_scale
 
     vae = models.stage("vae")
     param = next(vae.parameters())
@@ -407,7 +411,7 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
 
 def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
     """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
-    from .vae_files import latent_scale
+    from sdcli.loading.vae import latent_scale
 
     vae = models.stage("vae")
     return decode_with(vae, latents / latent_scale(vae, models.family))
@@ -445,7 +449,7 @@ def _fp32_copy(vae):
 
 def _vae_decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
     """Decode overlapping latent tiles and blend them with linear ramps, so there are no seams."""
-    from .tiling import decode_tiled
+    from sdcli.runtime.tiling import decode_tiled
 
     try:
         return decode_tiled(lambda t: _vae_decode(vae, t), z, tile, overlap)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sdcli import config
-from sdcli.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 

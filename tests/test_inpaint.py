@@ -34,9 +34,9 @@ from test_pipeline_oracle import (  # noqa: F401  (posterior_mean is a fixture)
     init_image, our_plan, pixels, posterior_mean,
 )
 from sdcli import pipeline as P
-from sdcli.checkpoint import load_models
+from sdcli.loading.checkpoint import load_models
 from sdcli.cli import app
-from sdcli.images import load_mask, pil_to_tensor
+from sdcli.formats.images import load_mask, pil_to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The refactor of issue 13 (family registry, Cond, split of checkpoint.py and runner.py) changes no output byte.
+"""Refactors (issue 13: family registry, Cond, split of loading/checkpoint.py and runner.py; issue 23: modules grouped into packages) change no output byte.
 
 The package as it was at the base commit (BASE_COMMIT: main just before the refactor landed, with every output
 change made in parallel to it, e.g. "RNG: CPU" in the infotext) is extracted with `git archive` into a temp folder; the same
@@ -31,7 +31,7 @@ from sdcli.formats.safetensors import read_header
 
 # A deliberate change of output bytes (a new infotext field, a numerics fix) moves this to the commit that made it;
 # a refactor never does.
-BASE_COMMIT = "224e85a"
+BASE_COMMIT = "4e5dd70"  # main just before issue 23 moved the modules into packages
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """

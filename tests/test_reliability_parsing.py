@@ -18,7 +18,7 @@ from _fixtures_reliability import *  # noqa: F403
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdcli.prompts import BREAK, check_prompt, chunk_prompt, parse_attention
+from sdcli.text.prompts import BREAK, check_prompt, chunk_prompt, parse_attention
 
 INFOTEXT = "a cat\nNegative prompt: blurry\n{pairs}"
 PAIRS = "Steps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Model: x"
@@ -217,7 +217,7 @@ def test_bom_before_a_json_first_line_is_dropped(tmp_path):
 
 
 def test_invalid_utf8_in_a_prompts_file_names_the_line_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("sdcli.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sdcli.loading.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "p.txt").write_bytes(b"a dog\n# note\ncaf\xe9 au lait\n")
     assert_clean_error(cli("generate", "--prompts-file", "p.txt", "-m", "x.safetensors"), 3, "p.txt:3", "UTF-8")
     (tmp_path / "c.yaml").write_bytes(b"steps: 3\nnegative: caf\xe9\n")
@@ -251,7 +251,7 @@ def test_huge_width_specifier_is_a_usage_error_at_once():
 
 
 def test_output_names_that_cannot_work_fail_before_the_model_loads(tiny_sd1, tmp_path, monkeypatch):
-    monkeypatch.setattr("sdcli.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sdcli.loading.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
     assert_clean_error(cli(*render_args(tiny_sd1, "-o", "x" * 300 + ".png")), 7, "255")
     (tmp_path / "existing_dir").mkdir()
     assert_clean_error(cli(*render_args(tiny_sd1, "-o", "existing_dir")), 7, "existing_dir", "folder")

@@ -16,7 +16,7 @@ from _browser import find_browser, load_page
 from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd1_diffusers  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from test_lora import lora_file, oracle  # noqa: F401 - a kohya LoRA for the tiny model
-from sdcli import grid
+from sdcli.output import grid
 from _cli import invoker, pixels
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import console
-from ..errors import OutputError, UsageError
-from .save import refuse_existing
+from sdcli.runtime import console
+from sdcli.runtime.errors import OutputError, UsageError
+from sdcli.app.save import refuse_existing
 
 
 def run_convert(source: Path, output: Path, overwrite: bool) -> None:
-    from ..formats.pickle_ckpt import convert_ckpt
+    from sdcli.formats.pickle_ckpt import convert_ckpt
 
     if output.suffix != ".safetensors":
         raise UsageError(f"{output}: the output of convert must be a .safetensors file")

@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__, console
-from .. import config as cfgmod
-from ..errors import UnsupportedModelError, UsageError
-from ..jobs import single_job
-from . import render
-from .planning import OutputPlan
-from .save import model_hash, report
+from sdcli import __version__
+
+from sdcli.runtime import console
+from sdcli import config as cfgmod
+from sdcli.runtime.errors import UnsupportedModelError, UsageError
+from sdcli.jobs import single_job
+from sdcli.app import render
+from sdcli.app.planning import OutputPlan
+from sdcli.app.save import model_hash, report
 
 
 @dataclass
@@ -50,9 +52,10 @@ def run_encode(req: EncodeRequest) -> None:
 
 
 def _encode_text(req: EncodeRequest, cfg) -> None:
-    from .. import latents, pipeline
-    from ..lora import LoraState
-    from ..prompt_schedule import prompt_schedule
+    from sdcli import pipeline
+    from sdcli.output import latents
+    from sdcli.loading.lora import LoraState
+    from sdcli.text.editing import prompt_schedule
 
     job = single_job(req.text, cfg)
     if len(prompt_schedule(job.text, cfg.steps)) > 1:
@@ -71,7 +74,9 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
 
 
 def _encode_image(req: EncodeRequest, cfg) -> None:
-    from .. import images, latents, pipeline
+    from sdcli import pipeline
+    from sdcli.formats import images
+    from sdcli.output import latents
 
     img, notes = images.load_image(req.image)
     for note in notes:
@@ -87,8 +92,10 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
 def _decode_with_vae(cfg, lf, where: Path):
     """Decode with --vae alone. The latent file says its family (which TAESD fits, the VAE scale) when it was
     written by sdcli; a TAESD decodes the scaled latent, a full VAE the unscaled one."""
-    from .. import device, pipeline, vae_files
-    from ..families import FAMILIES
+    from sdcli import pipeline
+    from sdcli.runtime import device
+    from sdcli.loading import vae as vae_files
+    from sdcli.families import FAMILIES
 
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
@@ -104,8 +111,10 @@ def _decode_with_vae(cfg, lf, where: Path):
 
 
 def run_decode(req: DecodeRequest) -> None:
-    from .. import images, latents, pipeline
-    from ..outputs import STDOUT, expand_template, save_png
+    from sdcli import pipeline
+    from sdcli.formats import images
+    from sdcli.output import latents
+    from sdcli.output.targets import STDOUT, expand_template, save_png
 
     cfg = cfgmod.resolve(req.flags, req.config_file)
     lf = latents.load_latent(req.latent)  # checked before the model is loaded

@@ -7,11 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import config as cfgmod
-from .. import console, control_config
-from ..errors import BadInputError, UnsupportedModelError, UsageError
-from ..jobs import Job, read_prompts_file, single_job
-from . import cluster, refine, render, resume
+from sdcli import config as cfgmod
+from sdcli.runtime import console
+from sdcli.control import settings as control_config
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
+from sdcli.jobs import Job, read_prompts_file, single_job
+from sdcli.app import cluster, refine, render, resume
 
 
 @dataclass
@@ -63,7 +64,7 @@ def run_generate(req: GenerateRequest) -> None:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
     if replay is not None:
-        from ..replay import check_embeddings, check_refiner_given
+        from sdcli.output.replay import check_embeddings, check_refiner_given
 
         check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
@@ -98,19 +99,19 @@ def _replayed_controlnets(req: GenerateRequest, replay) -> dict:
 
 
 def _init_latent_file(path: Path, jobs: list[Job]):
-    from .. import latents
+    from sdcli.output import latents
 
     return latents.load_init_latent(path, [(job.cfg.n, job.cfg.batch_size) for job in jobs])
 
 
 def _latent_init(path: Path, lf, cfg, models) -> render.Init:
-    from ..pipeline import scale_factor
+    from sdcli.pipeline import scale_factor
 
     return render.Init(lf.unet_space(scale_factor(models)), cfg.strength, [f"started from latent file {path}"])
 
 
 def _replay(req: GenerateRequest):
-    from ..replay import from_image
+    from sdcli.output.replay import from_image
 
     replay = from_image(req.from_image)
     if replay.mode != "txt2img":
@@ -120,7 +121,7 @@ def _replay(req: GenerateRequest):
 
 def _replayed_dtype(cfg, replay):
     """The image's dtype when it runs well on the device at hand, else `auto`'s pick, said on stderr."""
-    from .. import device
+    from sdcli.runtime import device
 
     dtype, note = device.replay_dtype(replay.recorded.get("dtype"), device.choose(cfg.device, "fp32").device)
     if note:
@@ -131,7 +132,7 @@ def _replayed_dtype(cfg, replay):
 def _with_cond_prompt(req: GenerateRequest) -> GenerateRequest:
     """With --cond the embedding is the prompt: record the text it was made from. A PROMPT given as well would
     be written into the image's metadata without having conditioned it, so that is refused."""
-    from .. import latents
+    from sdcli.output import latents
 
     if req.prompt is not None or req.prompts_file:
         raise UsageError("--cond replaces the prompt: give it without a PROMPT or --prompts-file")
@@ -139,7 +140,7 @@ def _with_cond_prompt(req: GenerateRequest) -> GenerateRequest:
 
 
 def _load_cond(path: Path, models):
-    from .. import latents
+    from sdcli.output import latents
 
     emb = latents.load_embedding(path)
     if models.family.size_values is not None:
@@ -154,15 +155,15 @@ def _load_cond(path: Path, models):
 def _dry_run(jobs: list[Job]) -> None:
     """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model, so the
     tokens are shown as the default family's text encoder pads them."""
-    from ..families import DEFAULT
-    from ..pipeline import make_plan
-    from ..prompt_schedule import prompt_schedule
-    from ..prompts import describe_prompt
-    from ..tokenizer import get_tokenizer
+    from sdcli.families import DEFAULT
+    from sdcli.pipeline import make_plan
+    from sdcli.text.editing import prompt_schedule
+    from sdcli.text.prompts import describe_prompt
+    from sdcli.text.clip_tokenizer import get_tokenizer
 
     library = None
     if jobs[0].cfg.embeddings_dir:  # no model: every file taken as it is, as inspect --prompt does
-        from ..embeddings import EmbeddingLibrary
+        from sdcli.text.embeddings import EmbeddingLibrary
 
         library = EmbeddingLibrary(jobs[0].cfg.embeddings_dir, None, get_tokenizer().encode, console.info)
     for job in jobs:

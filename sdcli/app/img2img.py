@@ -8,10 +8,11 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import config as cfgmod
-from .. import console, control_config
-from ..jobs import single_job
-from . import cluster, refine, render, resume
+from sdcli import config as cfgmod
+from sdcli.runtime import console
+from sdcli.control import settings as control_config
+from sdcli.jobs import single_job
+from sdcli.app import cluster, refine, render, resume
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Img2ImgRequest:
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
-    from .. import images
+    from sdcli.formats import images
 
     base = cfgmod.resolve(req.flags, req.config_file)
     if req.mask and cfgmod.origin("strength", req.flags, req.config_file) == "default":
@@ -67,7 +68,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
 def _init(base, img, mask, notes, mask_path, models) -> tuple:
     """(Init, no embedding) for a loaded model: the image encoded, the inpainting channels when masked. A Ray
     worker calls it too, once its own model is loaded."""
-    from .. import images, pipeline
+    from sdcli import pipeline
+    from sdcli.formats import images
 
     render.check_inpaint_model(models, base, mask_path)
     pixels = images.pil_to_tensor(img)
@@ -77,7 +79,7 @@ def _init(base, img, mask, notes, mask_path, models) -> tuple:
 
 
 def _load_mask(path: str, img):
-    from .. import images
+    from sdcli.formats import images
 
     mask, notes = images.load_mask(path, img.size)
     for note in notes:

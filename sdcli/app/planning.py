@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
-from ..outputs import STDOUT, check_target
+from sdcli.runtime.errors import UsageError
+from sdcli.output.targets import STDOUT, check_target
 
 # What the kinds are called in messages (one, several); a kind not listed is shown as given.
 _WHAT = {"image": ("image", "images"), "latent": ("latent file (--latent-out)", "latent files (--latent-out)"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .. import console
+from sdcli.runtime import console
 
 
 class Progress:

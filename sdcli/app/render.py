@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import console
-from ..config import RunConfig
-from ..errors import BadInputError, ModelNotFoundError, UsageError
-from ..jobs import Job
-from . import save
-from .planning import OutputPlan
-from .progress import Progress
+from sdcli.runtime import console
+from sdcli.config import RunConfig
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError
+from sdcli.jobs import Job
+from sdcli.app import save
+from sdcli.app.planning import OutputPlan
+from sdcli.app.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -109,15 +109,16 @@ def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
 
 
 def _name(template: str, index: int, seed: int, prompt: str) -> Path:
-    from ..outputs import STDOUT, expand_template
+    from sdcli.output.targets import STDOUT, expand_template
 
     return Path(STDOUT) if template == STDOUT else expand_template(template, index, seed, prompt)
 
 
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
     """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from."""
-    from .. import samplers, schedule
-    from ..pipeline import resolve_sampler_schedule
+    from sdcli.sampling import samplers
+    from sdcli.sampling import schedule
+    from sdcli.pipeline import resolve_sampler_schedule
 
     for job in jobs:
         if job.cfg.sampler == "help":
@@ -152,7 +153,7 @@ def _located(e: Exception, job: Job, key: str, base: RunConfig | None, origin) -
 def lora_specs(flags: list[str], job: Job) -> list:
     """The --lora files, then the job's <lora:NAME:WEIGHT> tags, each parsed and sniffed: called before the
     (slow) model load, so a bad or missing file fails fast."""
-    from ..lora import check_file, parse_spec, resolve_prompt_lora
+    from sdcli.loading.lora import check_file, parse_spec, resolve_prompt_lora
 
     parsed = [parse_spec(s) for s in flags]
     parsed += [resolve_prompt_lora(t.name, t.weight, job.cfg.lora_dir) for t in job.loras]
@@ -169,7 +170,10 @@ def job_loras(jobs: list[Job], flags: list[str]) -> dict[int, list]:
 def load(cfg: RunConfig, lazy: bool = False):
     """The run's checkpoint, its parts held by the run's residency policy (residency.choose: `lazy` for a
     command that uses one part, so it reads no other)."""
-    from .. import checkpoint, device, pipeline, residency
+    from sdcli import pipeline
+    from sdcli.loading import checkpoint
+    from sdcli.runtime import device
+    from sdcli.loading import residency
 
     if not cfg.model:
         raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
@@ -213,7 +217,7 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     """Every job's images, each job with its LoRA set (`loras`: id(job) -> specs, from job_loras) and its
     ControlNet units (`nets`: the run's loaded ControlNets, control_config.load_nets); `refiner`:
     refine.load_refiner's models, or None."""
-    from ..lora import LoraState
+    from sdcli.loading.lora import LoraState
 
     started = time.perf_counter()
     by_job: dict[int, list[Target]] = {}
@@ -238,10 +242,10 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     built for each pass's size), its size, hires pass and refiner part. `encoded` ((text, negative) -> encoding)
     lets jobs with one clip_skip and one LoRA set share their text encodings; `nets`: the run's loaded
     ControlNets (control_config.load_nets)."""
-    from .refine import refiner_part, sized
+    from sdcli.app.refine import refiner_part, sized
 
-    from .. import pipeline
-    from ..denoise import guided
+    from sdcli import pipeline
+    from sdcli.sampling.denoise import guided
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family)
@@ -273,15 +277,15 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
 
 def _conditioning(value, concat=None):
     """conditioning.conditioning, keeping an absent uncond (no guidance) absent."""
-    from ..conditioning import conditioning
+    from sdcli.sampling.conditioning import conditioning
 
     return None if value is None else conditioning(value, concat)
 
 
 def _with_control(models, cfg: RunConfig, nets: dict | None, cond, uncond, hires: Hires | None):
     """The job's ControlNet units on both passes' conditioning (the hint is fitted to each pass's size)."""
-    from ..control import attach
-    from ..control_config import units_for
+    from sdcli.control.apply import attach
+    from sdcli.control.settings import units_for
 
     units = units_for(cfg.controlnets, {} if nets is None else nets, models)
     if hires is not None and hires.conds is not None:
@@ -292,8 +296,8 @@ def _with_control(models, cfg: RunConfig, nets: dict | None, cond, uncond, hires
 def _with_negative(models, cond, cfg: RunConfig):
     """An embedding file's conditioning and the negative prompt's, padded to one chunk count by the rule the
     prompt encoder uses (prompts.pad_chunks: the empty prompt's encoding, as A1111)."""
-    from .. import pipeline
-    from ..prompts import pad_chunks
+    from sdcli import pipeline
+    from sdcli.text.prompts import pad_chunks
 
     uncond = pipeline.encode_text(models, "", cfg.negative, cfg.clip_skip)[1]
     return pad_chunks(cond.to(uncond), uncond, lambda: pipeline.encode_text(models, "", "", cfg.clip_skip)[0])
@@ -302,7 +306,7 @@ def _with_negative(models, cond, cfg: RunConfig):
 def _render_job(models, targets: list[Target], init: Init | None, cond_override, req, loras: tuple,
                 refiner=None, nets: dict | None = None, last: bool = False) -> list:  # fmt: skip
     """One job's batches; `last`: the run's last job, whose last batch is the run's last sampling."""
-    from .. import pipeline
+    from sdcli import pipeline
 
     cfg = targets[0].job.cfg
     p = prepare(models, cfg, targets[0].job, init, cond_override, refiner=refiner, nets=nets)
@@ -316,7 +320,7 @@ def _render_job(models, targets: list[Target], init: Init | None, cond_override,
 
 def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     """The second pass when hires_scale asks for one; says the output size (rounded to the latent grid)."""
-    from .. import pipeline
+    from sdcli import pipeline
 
     if cfg.hires_scale == 1.0:
         return None
@@ -335,7 +339,7 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
     when asked. All draw from the same per-image generators, each part continuing their state, so image k of a
     batch still equals a single run with seed+k."""
-    from .. import pipeline
+    from sdcli import pipeline
 
     gens = pipeline.generators(seeds)
     latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback)
@@ -376,8 +380,8 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
                  last: bool = False) -> list[Rendered]:  # fmt: skip
     """One UNet batch of a job, sampled, decoded and encoded as PNG files: the one place images are made. `last`:
     no sampling follows in this run, so the residency may let the UNet go before the decode."""
-    from .. import pipeline
-    from .refine import decoder
+    from sdcli import pipeline
+    from sdcli.app.refine import decoder
 
     seeds = [t.seed for t in batch]
     t0 = time.perf_counter()
@@ -405,7 +409,7 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
 
 def _with_preview(progress, req, models, vae_dir: str | None):
     """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
-    from ..preview import PreviewWriter
+    from sdcli.output.preview import PreviewWriter
 
     latent = models.family.latent
     preview = req.preview
@@ -421,7 +425,7 @@ def _with_preview(progress, req, models, vae_dir: str | None):
 def preview_decoder(models, preview_vae: str | None, vae_dir: str | None):
     """The TAESD the live preview decodes with: --preview-vae, else the family's taesd decoder in vae_dir, else the
     render's own VAE when it is a TAESD; None for the cheap linear estimate. Loaded once per run."""
-    from .. import vae_files
+    from sdcli.loading import vae as vae_files
 
     path = preview_vae or vae_files.find_preview_decoder(vae_dir, models.family)
     if path is None:
@@ -437,7 +441,7 @@ _PREVIEW_DECODERS: dict = {}
 
 
 def _load_preview_decoder(path: str, dtype, device, family):
-    from .. import vae_files
+    from sdcli.loading import vae as vae_files
 
     vae = vae_files.load_vae_file(path, dtype, device, family)
     if not vae_files.is_tiny(vae):

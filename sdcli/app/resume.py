@@ -13,9 +13,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .. import console, control_config
-from ..errors import OutputError
-from . import save
+from sdcli.runtime import console
+
+from sdcli.control import settings as control_config
+from sdcli.runtime.errors import OutputError
+from sdcli.app import save
 
 LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
 
@@ -73,7 +75,7 @@ def expected_config(target) -> dict:
 def _recorded(path: Path) -> dict | None:
     from PIL import Image
 
-    from ..metadata import SDCLI_JSON_KEY
+    from sdcli.output.metadata import SDCLI_JSON_KEY
 
     try:
         with Image.open(path) as img:

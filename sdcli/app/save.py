@@ -8,8 +8,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .. import __version__, console, control_config
-from ..config import RunConfig
+from sdcli import __version__
+
+from sdcli.runtime import console
+
+from sdcli.control import settings as control_config
+from sdcli.config import RunConfig
 
 
 class Saved(NamedTuple):
@@ -24,7 +28,7 @@ class Saved(NamedTuple):
 def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=(), refiner=None) -> Saved:
     """Image `target` of a batch with its metadata. `size` is the first pass's: A1111 writes it as Size, and the
     config records the width/height asked for."""
-    from .. import images
+    from sdcli.formats import images
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
     text = infotext(models, target, size, init, hires, loras, refiner)
@@ -33,7 +37,7 @@ def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=
 
 def png_of(picture: Saved) -> bytes:
     """The bytes of the image's PNG file, metadata included: the same wherever it is made (locally, on a worker)."""
-    from ..outputs import png_bytes
+    from sdcli.output.targets import png_bytes
 
     return png_bytes(picture.image, picture.infotext, picture.meta)
 
@@ -51,8 +55,8 @@ def save_rendered(models, done, req) -> None:
 def save_grid(saved: list[Saved], req, batch_size: int) -> None:
     """--grid FILE: a contact sheet of the run's images (grid.image_grid: A1111's rows and columns) carrying the
     first image's infotext and metadata, plus every image's seed in order."""
-    from .. import grid
-    from ..outputs import save_png
+    from sdcli.output import grid
+    from sdcli.output.targets import save_png
 
     sheet = grid.image_grid([s.image for s in saved], rows=req.grid_rows, batch_size=batch_size)
     first = saved[0]
@@ -63,7 +67,7 @@ def save_grid(saved: list[Saved], req, batch_size: int) -> None:
 
 
 def write_png(target, png: bytes, req) -> Path:
-    from ..outputs import atomic_write_bytes
+    from sdcli.output.targets import atomic_write_bytes
 
     return atomic_write_bytes(target.path, png, overwrite=req.overwrite)
 
@@ -78,15 +82,15 @@ def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -
 
 
 def save_latent_out(models, req, target, latent, size) -> None:
-    from .. import latents
-    from ..pipeline import scale_factor
+    from sdcli.output import latents
+    from sdcli.pipeline import scale_factor
 
     latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
                         source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
 
 
 def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> str:
-    from ..metadata import format_infotext
+    from sdcli.output.metadata import format_infotext
 
     cfg = target.job.cfg
     sampler, schedule = sampler_schedule(cfg)
@@ -108,7 +112,7 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
     if cfg.controlnets:  # sd-webui-controlnet's `ControlNet N: "Module: ..., Model: name [hash], ..."`
-        from ..control_config import infotext_fields
+        from sdcli.control.settings import infotext_fields
 
         params["extra"] = {**params.get("extra", {}), **infotext_fields(cfg.controlnets)}
     used = used_embeddings(models, target.job)
@@ -134,7 +138,7 @@ def size_fields(cfg: RunConfig, models) -> dict:
 
 def used_embeddings(models, job) -> list:
     """The textual-inversion embeddings the job's prompt and negative place, at any step of any pass."""
-    from ..prompt_schedule import prompt_schedule
+    from sdcli.text.editing import prompt_schedule
 
     if models.embeddings is None:
         return []
@@ -198,28 +202,28 @@ def mode(init) -> str:
 
 def sampler_schedule(cfg: RunConfig) -> tuple[str, str]:
     """The canonical sampler and the schedule actually used ('auto' resolved; 'custom' for --sigmas)."""
-    from ..pipeline import resolve_sampler_schedule
+    from sdcli.pipeline import resolve_sampler_schedule
 
     sampler, schedule = resolve_sampler_schedule(cfg.sampler, cfg.schedule)
     return sampler, "custom" if cfg.sigmas else schedule
 
 
 def model_hash(models) -> str | None:
-    from ..formats.hashing import file_sha256
+    from sdcli.formats.hashing import file_sha256
 
     source = Path(models.source)
     return file_sha256(source) if source.is_file() else None
 
 
 def vae_hash(models) -> str | None:
-    from ..formats.hashing import file_sha256
+    from sdcli.formats.hashing import file_sha256
 
     source = models.vae_source
     return file_sha256(source) if source is not None and source.is_file() else None
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    from ..outputs import check_target
+    from sdcli.output.targets import check_target
 
     check_target(path, overwrite)
 

@@ -1,5 +1,5 @@
 """`sdcli sweep`: A1111's X/Y/Z plot from the command line. Every cell is a text-to-image render of the prompt
-with the axes' values set (sweep_axes.py parses and expands them); each z value gets one labelled plot
+with the axes' values set (app/sweep_axes.py parses and expands them); each z value gets one labelled plot
 (grid.plot_grid), and a JSON file beside the plot (STEM.json of -o, or --json-out) lists every cell's settings,
 its full config, its place in its plot and a `generate` command that renders it alone.
 
@@ -18,12 +18,16 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, console, sweep_axes
-from .. import config as cfgmod
-from ..config import RunConfig
-from ..errors import BadInputError, UsageError
-from ..jobs import Job, draw_seed, single_job, with_seed
-from . import render, save
+from sdcli import __version__
+
+from sdcli.runtime import console
+
+from sdcli.app import sweep_axes
+from sdcli import config as cfgmod
+from sdcli.config import RunConfig
+from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.jobs import Job, draw_seed, single_job, with_seed
+from sdcli.app import render, save
 
 # Config keys a text-to-image sweep cannot vary, beyond sweep_axes.FIXED_KEYS.
 NOT_SWEPT = {
@@ -95,7 +99,7 @@ def _axis(spec: str, option: str) -> sweep_axes.Axis:
 
 
 def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> PlannedCell:
-    from ..lora import check_file, resolve_prompt_lora
+    from sdcli.loading.lora import check_file, resolve_prompt_lora
 
     prefix = sweep_axes.LORA_PREFIX
     settings = {k: v for k, v in cell.settings.items() if not k.startswith(prefix)}
@@ -136,7 +140,7 @@ def _plot_paths(output: str, count: int) -> list[Path]:
 
 
 def _check_outputs(plots: list[Path], json_path: Path, kept: list[Path], overwrite: bool) -> None:
-    from ..outputs import check_target
+    from sdcli.output.targets import check_target
 
     seen: set[Path] = set()
     for path in [*plots, json_path, *kept]:
@@ -157,7 +161,7 @@ class Done:
 
 def _render_cells(models, planned: list[PlannedCell], req: SweepRequest) -> dict[int, Done]:
     """id(planned cell) -> its image, rendered grouped by LoRA set, text encodings shared where they can be."""
-    from ..lora import LoraState
+    from sdcli.loading.lora import LoraState
 
     def lora_key(p: PlannedCell) -> tuple:
         return tuple((s.path.resolve(), s.weight) for s in p.loras)
@@ -175,9 +179,10 @@ def _render_cells(models, planned: list[PlannedCell], req: SweepRequest) -> dict
 
 def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras: tuple) -> Done:
     """One cell as `generate` renders one image (render.prepare, txt2img_passes, decode, save.metadata)."""
-    from .. import images, pipeline
-    from ..outputs import save_png
-    from .progress import Progress
+    from sdcli import pipeline
+    from sdcli.formats import images
+    from sdcli.output.targets import save_png
+    from sdcli.app.progress import Progress
 
     cfg = p.job.cfg
     prepared = render.prepare(models, cfg, p.job, encoded=encoded)
@@ -204,8 +209,8 @@ def _describe(cell: sweep_axes.Cell) -> str:
 def _write_plot(path: Path, cells: list, axes: tuple, iz: int, req: SweepRequest, json_path: Path) -> list[dict]:
     """The plot of one z value: cells padded to one size (a width/height axis makes them differ), labelled;
     its metadata holds the first cell's infotext and, per cell, the settings and a command that renders it."""
-    from .. import grid
-    from ..outputs import save_png
+    from sdcli.output import grid
+    from sdcli.output.targets import save_png
 
     x, y, z = axes
     pictures = _same_size([done.image for _, done in cells])
@@ -275,7 +280,7 @@ def _write_json(path: Path, req: SweepRequest, base: RunConfig, axes: tuple, plo
                 records: list[dict]) -> None:
     import json
 
-    from ..outputs import atomic_write_bytes
+    from sdcli.output.targets import atomic_write_bytes
 
     doc = {"sdcli_version": __version__, "prompt": req.prompt, "negative": base.negative, "seed": base.seed,
            "axes": _axes_json(axes), "plots": [str(p) for p in plots], "cells": records}

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import config as cfgmod
-from .. import console, control_config
-from ..errors import UsageError, VerificationError
-from ..jobs import Job, single_job
-from ..replay import RENDER_KEYS
-from . import refine, render
-from .save import model_hash
+from sdcli import config as cfgmod
+from sdcli.runtime import console
+from sdcli.control import settings as control_config
+from sdcli.runtime.errors import UsageError, VerificationError
+from sdcli.jobs import Job, single_job
+from sdcli.output.replay import RENDER_KEYS
+from sdcli.app import refine, render
+from sdcli.app.save import model_hash
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
     are ControlNets (--controlnet; the hint beside the image or --control-image: control_config.replayed).
     Every image is read, and the report's target checked, before a model loads; the report is written once,
     after every image; then exit 9 when any drifted."""
-    from ..outputs import check_target
+    from sdcli.output.targets import check_target
 
     checks = [_check(image, flags, config_file, loras or [], control or {}) for image in images]
     if report and report_dir:
@@ -55,7 +56,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
 
 
 def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict) -> Check:
-    from ..replay import check_embeddings, check_refiner_given, from_image
+    from sdcli.output.replay import check_embeddings, check_refiner_given, from_image
 
     replay = from_image(image)
     if replay.source != "sdcli" or replay.mode != "txt2img":
@@ -85,8 +86,8 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
 def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
     """One ReportEntry per image, in order. A model is loaded once for the images that share its settings
     (model, VAE, dtype, device, prediction); LoRA sets switch between images on one model."""
-    from ..lora import LoraState
-    from ..report import ReportEntry
+    from sdcli.loading.lora import LoraState
+    from sdcli.output.report import ReportEntry
 
     entries, loaded, key = [], None, None
     switching = len({tuple((s.path.resolve(), s.weight) for s in c.loras) for c in checks}) > 1
@@ -111,7 +112,8 @@ def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
 
 def _rerender(models, c: Check, refiner=None):
     """(the stored image, its re-render), as PIL images."""
-    from .. import images, pipeline
+    from sdcli import pipeline
+    from sdcli.formats import images
 
     cfg = c.job.cfg
     p = render.prepare(models, cfg, c.job, refiner=refiner, nets=control_config.load_nets([c.job], models))
@@ -132,7 +134,7 @@ def _settings(job: Job) -> dict:
 
 
 def _write_report(entries: list, report: str | None, report_dir: str | None, overwrite: bool) -> None:
-    from .. import report as html_report
+    from sdcli.output import report as html_report
 
     if report:
         console.info(f"report: {html_report.write_report(entries, report, overwrite)}")
@@ -156,7 +158,7 @@ def compare_images(a, b) -> dict:
 
 
 def _report_verify(report: dict, json_out: bool) -> None:
-    from ..report import verify_json
+    from sdcli.output.report import verify_json
 
     if json_out:
         return console.emit_json(verify_json(report))

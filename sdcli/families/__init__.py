@@ -6,13 +6,13 @@ also accept it. Nothing outside families/ branches on a family's name; callers r
 
 from __future__ import annotations
 
-from sdcli.errors import BadInputError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 from sdcli.formats.ldm import UNET_PREFIX, part_of
 
-from .base import Family, LatentSpec, Shapes, TextEncoderSpec, TrainingSchedule
-from .sd1 import SD1
-from .sd2 import SD2
-from .sdxl import SDXL, SDXL_REFINER
+from sdcli.families.base import Family, LatentSpec, Shapes, TextEncoderSpec, TrainingSchedule
+from sdcli.families.sd1 import SD1
+from sdcli.families.sd2 import SD2
+from sdcli.families.sdxl import SDXL, SDXL_REFINER
 
 FAMILIES: tuple[Family, ...] = (SDXL_REFINER, SDXL, SD2, SD1)  # most specific first
 DEFAULT = SD1  # what a prompt is shown for, and the schedule planned on, before any model is loaded

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -74,21 +73,13 @@ class LatentSpec:
 
 @dataclass(frozen=True)
 class TrainingSchedule:
-    """The DDPM noise schedule the UNet was trained on: "scaled linear" betas (sqrt-spaced), as LDM's configs."""
+    """The DDPM noise schedule the UNet was trained on: "scaled linear" betas (sqrt-spaced), as LDM's configs
+    (sampling.schedule.sigmas_of turns it into sigmas)."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
     steps: int = 1000
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        from sdcli.schedule import training_alphas_cumprod
-
-        return training_alphas_cumprod(self.steps, self.beta_start, self.beta_end)
-
-    def sigmas(self) -> torch.Tensor:
-        from sdcli.schedule import model_sigmas
-
-        return model_sigmas(self.alphas_cumprod())
 
 
 @dataclass(frozen=True)

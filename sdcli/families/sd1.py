@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sdcli.formats.ldm import OPENAI_TEXT, UNET_PREFIX
 
-from .base import Family, Shapes, TextEncoderSpec
+from sdcli.families.base import Family, Shapes, TextEncoderSpec
 
 
 def _is_sd1(shapes: Shapes) -> bool:

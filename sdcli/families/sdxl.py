@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sdcli.formats.ldm import CONDITIONER_PREFIX, UNET_PREFIX
 
-from .base import Family, LatentSpec, Shapes, SizeCond, TextEncoderSpec
+from sdcli.families.base import Family, LatentSpec, Shapes, SizeCond, TextEncoderSpec
 
 ADM = UNET_PREFIX + "label_emb.0.0.weight"  # (model channels * 4, adm width): only SDXL-style UNets take a y
 # The SDXL VAE has SD's shapes but another latent scale (never visible in a header: declared here). Preview

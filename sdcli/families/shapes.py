@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.formats.diffusers import count
 from sdcli.formats.ldm import UNET_PREFIX, VAE_PREFIX
 from sdcli.models.text import TextConfig
@@ -92,9 +92,9 @@ def infer_text_config(shapes: dict, family: str, spec) -> tuple[TextConfig | Non
         raise BadInputError(f"the {family} text encoder at {spec.prefix} has no text_projection (its pooled "
                             "output is needed)")
     # Heads are not visible in shapes: CLIP ViT-L (768/12), OpenCLIP ViT-H (1024/16) and bigG (1280/20) use 64.
-    cfg = TextConfig(family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+    cfg = TextConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
                      num_heads=max(1, hidden // 64), intermediate_size=inter, max_positions=positions,
                      hidden_act=spec.hidden_act, projection_dim=projection if spec.pooled else None,
-                     pad_token_id=None if spec.pad_id == TextConfig(family=family).pad_id else spec.pad_id,
+                     pad_id=spec.pad_id,
                      )  # fmt: skip
     return cfg, layout, p

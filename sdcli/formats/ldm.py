@@ -1,7 +1,7 @@
 """The LDM single-file key layout: the one lens through which every file is seen.
 
 A diffusers folder is mapped onto these names (formats/diffusers.py), OpenCLIP text keys are split by
-formats/clip_layouts.py; detection (families/) and loading (checkpoint.py) only ever see LDM names.
+formats/clip_layouts.py; detection (families/) and loading (loading/checkpoint.py) only ever see LDM names.
 """
 
 from __future__ import annotations

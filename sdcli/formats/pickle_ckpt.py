@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only through load_ckpt's restricted unpickler
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.formats.safetensors_header import decode_header
 
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}

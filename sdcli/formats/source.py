@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from sdcli.errors import BadInputError, ModelNotFoundError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError
 from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, load_ckpt, looks_pickled
 from sdcli.formats.safetensors import FLOAT_DTYPES, dtype_name, read_header, tensor_ranges
 
@@ -141,15 +141,9 @@ def single_file_source(path: Path) -> WeightSource:
     return WeightSource(path, entries_from_header(path, header), header.get("__metadata__"))
 
 
-def open_source(path: str | Path) -> WeightSource:
-    """A WeightSource for a single file (.safetensors or, restricted, .ckpt) or a diffusers folder."""
+def open_file(path: str | Path) -> WeightSource:
+    """A WeightSource for a single file: .safetensors or, restricted, .ckpt (diffusers.open_source adds folders)."""
     path = Path(path)
-    if path.is_dir():
-        if not is_diffusers_folder(path):
-            raise BadInputError(f"{path}: a folder, but not a diffusers model (no model_index.json or unet/)")
-        from sdcli.formats.diffusers import diffusers_source
-
-        return diffusers_source(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file")
     try:

@@ -11,7 +11,8 @@ import re
 import torch
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError, NumericalError
+from sdcli.runtime.device import prefers_channels_last
+from sdcli.runtime.errors import BadInputError, NumericalError
 from sdcli.formats.safetensors import FLOAT_DTYPES
 
 # Known extras in real files, skipped on purpose (never loaded, never an error):
@@ -147,8 +148,6 @@ def load_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[s
               dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
     """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init), its conv
     weights already in the layout the module will run in (models/layout.py)."""
-    from sdcli.models.layout import prefers_channels_last
-
     check_part(part, module, source, plan, unplaced)
     channels_last = prefers_channels_last(device, dtype) and any(isinstance(m, nn.Conv2d) for m in module.modules())
     module.load_state_dict(_read_cast(source, plan, dtype, device, channels_last), strict=True, assign=True)

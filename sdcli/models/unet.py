@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.models.layout import run_layout
 
 NORM_GROUPS = 32  # GroupNorm32 in LDM: every norm of the UNet uses 32 groups
@@ -30,7 +30,7 @@ NORM_GROUPS = 32  # GroupNorm32 in LDM: every norm of the UNet uses 32 groups
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyperparameters of an LDM UNet; SD1.5 defaults. ``checkpoint.py`` infers them from tensor shapes."""
+    """Hyperparameters of an LDM UNet; SD1.5 defaults. ``loading/checkpoint.py`` infers them from tensor shapes."""
 
     in_channels: int = 4  # 9 for inpainting (latent + mask + masked-image latent)
     out_channels: int = 4

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import run_layout
+from sdcli.models.layout import run_layout
 
 # LDM's model.py ``Upsample`` (with conv) is the same block as the UNet's: nearest x2, then a 3x3 conv ``.conv``.
-from .unet import Upsample
+from sdcli.models.unet import Upsample
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Hyperparameters of the LDM AutoencoderKL; SD1/SD2 defaults. Inferred from shapes by checkpoint.py."""
+    """Hyperparameters of the LDM AutoencoderKL; SD1/SD2 defaults. Inferred from shapes by loading/checkpoint.py."""
 
     in_channels: int = 3
     out_channels: int = 3
