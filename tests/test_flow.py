@@ -13,9 +13,9 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_flux_img2img import FluxImg2ImgPipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import StableDiffusion3Img2ImgPipeline
 
-from sdcli import samplers as S
-from sdcli.denoise import CFGDenoiser
-from sdcli.errors import UsageError
+from sdcli.sampling import samplers as S
+from sdcli.sampling.denoise import CFGDenoiser
+from sdcli.runtime.errors import UsageError
 from sdcli.sampling import flow as F
 
 # the schedulers' configs of the released models (scheduler/scheduler_config.json)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from sdcli.errors import BadInputError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.models.flux import (FluxConfig, FluxModel, config_from_shapes, default_axes_dim, image_ids, pack,
                                text_ids, unpack)  # fmt: skip
 

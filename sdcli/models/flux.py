@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 
 REAL_AXES_DIM = (16, 56, 56)  # RoPE channels per id axis (time/index, row, col) of every released FLUX.1
 TIME_FACTOR = 1000.0  # BFL timestep_embedding(t, 256, time_factor=1000): the model sees t * 1000

@@ -6,7 +6,7 @@ shape the denoiser returns that x0, and the probability-flow ODE is
 
     dx/dsigma = v = (x - x0) / sigma
 
-exactly the form the variance-exploding samplers integrate. So every deterministic sampler of sdcli.samplers
+exactly the form the variance-exploding samplers integrate. So every deterministic sampler of sampling.samplers
 (euler, heun, dpm2, lms, dpm++_2m, ddim, plms, unipc) runs a flow model unchanged, as ComfyUI runs them. Samplers
 that add noise assume x = x0 + sigma * noise, which a flow model's x is not (run as they are, the signal keeps
 growing: the result's mean drifts far off). They need the variants here (`FLOW_VARIANTS`), where the signal is
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdcli.errors import UsageError
-from sdcli.samplers import Model, Noise, _Stepper
+from sdcli.runtime.errors import UsageError
+from sdcli.sampling.samplers import Model, Noise, _Stepper
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' flow schedulers: sigma = t / 1000
 SD3_SHIFT = 3.0  # SD3 / SD3.5 scheduler_config.json "shift"
@@ -229,7 +229,7 @@ def sample_dpmpp_2s_a_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise
 def sample_dpmpp_2m_sde_flow(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint, eta = 1, for flow models: k-diffusion sample_dpmpp_2m_sde written with the
     half-log-SNR lambda = log((1 - sigma) / sigma) and signal scale alpha = 1 - sigma, as ComfyUI runs it for CONST
-    models. With alpha = 1 and lambda = -log(sigma) it is sdcli.samplers.sample_dpmpp_2m_sde.
+    models. With alpha = 1 and lambda = -log(sigma) it is samplers.sample_dpmpp_2m_sde.
 
     From sigma = 1 (lambda = -inf) the step is its exact limit, x = alpha' * x0 + sigma' * noise, with no
     second-order term after it; ComfyUI instead moves the first sigma to just under 1 (offset_first_sigma_for_snr).
