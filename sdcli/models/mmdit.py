@@ -71,10 +71,12 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = PREFIX,
         raise UnsupportedModelError(f"this MMDiT uses options no SD3 release has ({unsupported[0]})")
     hidden, in_channels, patch, _ = need("x_embedder.proj.weight")
     blocks = {int(m.group(1)) for n in names if (m := re.match(r"joint_blocks\.(\d+)\.", n))}
-    if not blocks or hidden % head_dim:
-        raise BadInputError("cannot read the SD3 MMDiT: no joint_blocks, or a width that is not a multiple of 64")
     max_size = math.isqrt(need("pos_embed")[1])
-    dual = tuple(sorted({int(m.group(1)) for n in names if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", n))}))
+    if not blocks or hidden % head_dim or max_size**2 != need("pos_embed")[1]:
+        raise BadInputError(f"cannot read the SD3 MMDiT: no joint_blocks, a width {hidden} that is not a multiple "
+                            f"of {head_dim}, or a pos_embed that is not a square grid")  # fmt: skip
+    dual_blocks = (re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", n) for n in names)
+    dual = tuple(sorted({int(m.group(1)) for m in dual_blocks if m}))
     return MMDiTConfig(
         depth=max(blocks) + 1, hidden_size=hidden, num_heads=hidden // head_dim, patch_size=patch,
         in_channels=in_channels, out_channels=need("final_layer.linear.weight")[0] // (patch * patch),
@@ -207,7 +209,7 @@ class DismantledBlock(nn.Module):
 
     def post_attention(self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: tuple[Tensor, ...]) -> Tensor:
         """Gated residual of the attention output(s), then the gated, modulated MLP."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2:6]
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)  # (B, T, D)
         if attn2 is not None:
             x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2)

@@ -53,10 +53,12 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> 
     use v1.1's gated-GELU."""
 
     def need(name: str) -> tuple[int, ...]:
-        for key in (prefix + name, *((prefix + EMBEDDING_ALIAS[0],) if name == EMBEDDING_ALIAS[1] else ())):
-            if key in shapes:
-                return tuple(shapes[key])
-        raise BadInputError(f"cannot read the T5 encoder: tensor {prefix + name!r} is missing")
+        key = prefix + name
+        if key not in shapes and name == EMBEDDING_ALIAS[1]:
+            key = prefix + EMBEDDING_ALIAS[0]  # a file with only the alias
+        if key not in shapes:
+            raise BadInputError(f"cannot read the T5 encoder: tensor {prefix + name!r} is missing")
+        return tuple(shapes[key])
 
     ff = "encoder.block.0.layer.1.DenseReluDense."
     if prefix + ff + "wi_0.weight" not in shapes and prefix + ff + "wi.weight" in shapes:
@@ -196,7 +198,7 @@ class T5Encoder(nn.Module):
         self.encoder = nn.Module()
         self.encoder.block = nn.ModuleList(T5Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers))
         self.encoder.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self._register_load_state_dict_pre_hook(_accept_embedding_alias)
+        self.register_load_state_dict_pre_hook(_accept_embedding_alias)
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.shared.weight.dtype == torch.float16:
@@ -208,8 +210,9 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(h)  # (B, T, D)
 
 
-def _accept_embedding_alias(state: dict, prefix: str, *args) -> None:
-    """Load ``encoder.embed_tokens.weight`` as ``shared.weight`` (files carry one or both, the same matrix)."""
+def _accept_embedding_alias(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    """Load ``encoder.embed_tokens.weight`` as ``shared.weight`` (files carry one or both, the same matrix).
+    `state` is load_state_dict's own copy of the caller's dict."""
     alias, name = prefix + EMBEDDING_ALIAS[0], prefix + EMBEDDING_ALIAS[1]
     if alias in state:
         tied = state.pop(alias)
