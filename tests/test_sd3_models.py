@@ -22,7 +22,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
-from sdcli.errors import BadInputError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 from sdcli.formats.sd3_layouts import diffusers_names, from_diffusers, to_diffusers
 from sdcli.models.mmdit import PREFIX, MMDiT, MMDiTConfig, config_from_shapes
 from sdcli.models.vae import AutoencoderKL, VAEConfig

@@ -24,7 +24,7 @@ import tokenizers
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from sdcli.errors import BadInputError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.models.t5 import T5Config, T5Encoder, config_from_shapes
 from sdcli.text.t5_tokenizer import EOS_ID, PAD_ID, T5Tokenizer, graphemes, t5_tokenizer
 

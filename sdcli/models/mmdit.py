@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 
 PREFIX = "model.diffusion_model."
 

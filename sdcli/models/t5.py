@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 
 PAD_ID = 0
 EOS_ID = 1
