@@ -132,7 +132,7 @@ ProgressOpt = Annotated[
 ]
 RayOpt = Annotated[
     Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
-                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+                                "local (start one on this machine) or ray://HOST:PORT. Needs the ray extra (make install-ray).")
 ]
 WorkersOpt = Annotated[
     Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "
