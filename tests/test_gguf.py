@@ -246,6 +246,21 @@ def test_dequantize_is_bit_equal_to_gguf(name, extreme):
     assert _bits_equal(bf16.float().numpy(), torch.from_numpy(ref.astype(np.float32)).bfloat16().float().numpy())
 
 
+@pytest.mark.parametrize("name", BLOCK_TYPES + ["F16"])
+def test_dequantize_in_pieces_on_a_cpu(monkeypatch, name):
+    """Big CPU tensors are dequantized piece by piece (CPU_CHUNK elements): the same bits, the last piece short."""
+    import sdcli.quant.dequantize as dq
+
+    monkeypatch.setattr(dq, "CPU_CHUNK", 512)
+    t = BY_NAME[name]
+    shape = (7, 256 * 3)
+    raw = _random_blocks(name, math.prod(shape) // t.block_size)
+    ref = _reference(raw, name, shape)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = dequantize(torch.from_numpy(raw.copy()), t, shape, dtype)
+        assert ours.dtype == dtype and _bits_equal(ours.float().numpy(), torch.from_numpy(ref).to(dtype).float().numpy())
+
+
 def test_dequantize_f64_and_bad_sizes():
     values = RNG.standard_normal(8)
     assert torch.equal(dequantize(torch.from_numpy(values.view(np.uint8).copy()), "F64", (2, 4)),
