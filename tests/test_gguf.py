@@ -261,6 +261,17 @@ def test_dequantize_in_pieces_on_a_cpu(monkeypatch, name):
         assert ours.dtype == dtype and _bits_equal(ours.float().numpy(), torch.from_numpy(ref).to(dtype).float().numpy())
 
 
+@pytest.mark.parametrize("name", sorted(DEQUANTIZERS))
+def test_dequantize_follows_the_device(name):
+    """Every dequantizer runs on the meta device: no host round trip (.item(), numpy) and no CPU-made constant
+    in its path, so CUDA inputs stay on CUDA (no GPU here to run them on)."""
+    t = BY_NAME[name]
+    raw = torch.empty(t.nbytes(4 * 512), dtype=torch.uint8, device="meta")
+    for dtype in (torch.float32, torch.bfloat16):
+        out = dequantize(raw, t, (4, 512), dtype)
+        assert (out.device.type, out.shape, out.dtype) == ("meta", (4, 512), dtype)
+
+
 def test_dequantize_f64_and_bad_sizes():
     values = RNG.standard_normal(8)
     assert torch.equal(dequantize(torch.from_numpy(values.view(np.uint8).copy()), "F64", (2, 4)),

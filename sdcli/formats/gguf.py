@@ -118,7 +118,7 @@ class _Cursor:
         itype, count = self.scalar("I", what), self.scalar("Q", what)
         if itype == _STRING:
             self.need(8 * count, what)  # each string takes at least its length: a huge count stops here
-            return [self.string(f"{what}[{i}]", strict=False) for i in range(count)]
+            return [self.string(what, strict=False) for _ in range(count)]
         if itype not in _SCALARS:
             raise _refuse(self.path, f"{what} is an array of value type {itype} (nested or unknown)")
         itemsize = struct.calcsize(_SCALARS[itype])

@@ -29,8 +29,8 @@ from sdcli.quant.tensor import QuantizedTensor
 
 @dataclass(frozen=True)
 class RuntimeLora:
-    """One LoRA's update of one layer: W + weight * ratio * (up @ down), ratio = alpha / rank, in float32 (the
-    order of sdcli.lora._delta and _merge, so one LoRA gives the merged weight's bits). Keep up/down on the run
+    """One LoRA's update of one layer: W + weight * ratio * (up @ down), ratio = alpha / rank, in float32 in the
+    order of sdcli.lora._delta and _merge (so the result has the merged weight's bits). Keep up/down on the run
     device: elsewhere they are copied there in every forward."""
 
     up: Tensor  # (out, rank[, 1, 1])
