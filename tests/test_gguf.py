@@ -4,7 +4,7 @@ Oracles: the gguf package (llama.cpp's gguf-py): ``GGUFWriter`` writes the valid
 back, ``gguf.quants.dequantize`` (numpy) is the reference every dequantizer must equal BIT FOR BIT (float32
 results compared as integers; NaN only where the reference is NaN too: random scale bytes include NaN and Inf).
 The layers are compared with the plain op on the dequantized weight (bit-identical: the same op on the same
-values), runtime LoRA with sdcli.lora's own merge into that weight (bit-identical: the same float32 steps).
+values), runtime LoRA with sdcli.loading.lora's own merge into that weight (bit-identical: the same float32 steps).
 Crafted files are built byte by byte (``_gguf``, itself checked against GGUFReader on a valid file).
 """
 
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.errors import BadInputError, OutputError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, OutputError, UnsupportedModelError, UsageError
 from sdcli.formats.gguf import header_view, load_gguf_state, read_gguf_header
-from sdcli.lora import LoraSpec, _merge
+from sdcli.loading.lora import LoraSpec, _merge
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.quant.dequantize import DEQUANTIZERS, dequantize
 from sdcli.quant.ggml_types import BY_NAME, GGML_TYPES
@@ -403,7 +403,7 @@ def _lora(out_shape: tuple[int, ...], rank: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_runtime_lora_equals_merging_into_the_dequantized_weight(dtype, kind):
-    """sdcli.lora's merge (the float path) of two LoRAs into the dequantized weight vs the quantized layer adding
+    """sdcli.loading.lora's merge (the float path) of two LoRAs into the dequantized weight vs the quantized layer adding
     them after dequantization in each forward: the same bits, in float32 and bf16."""
     shape = (64, 128) if kind == "linear" else (64, 32, 3, 3)
     q = _quantized(shape)

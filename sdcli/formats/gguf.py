@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdcli.errors import BadInputError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 from sdcli.quant.dequantize import check_supported
 from sdcli.quant.ggml_types import GGML_TYPES, GGMLType
 from sdcli.quant.tensor import QuantizedTensor
@@ -257,12 +257,11 @@ def read_gguf_header(path: str | Path) -> GGUFInfo:
         buf.close()
 
 
-# city96's convert.py (ComfyUI-GGUF tools/) writes these for a denoiser alone, with the checkpoint's prefix
+# city96's convert.py (ComfyUI-GGUF tools/) writes an architecture (flux, sdxl, ...) for a denoiser alone, with the checkpoint's prefix
 # ("model.diffusion_model.") removed; his T5 files use llama.cpp's names; stable-diffusion.cpp writes no
 # architecture and keeps the checkpoint's own names.
-DENOISER_ARCHS = frozenset({"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan",
-                            "lumina2", "qwen_image"})  # fmt: skip
 T5_ARCHS = frozenset({"t5", "t5encoder"})
+LLM_ROOTS = ("blk.", "token_embd.", "output_norm.")
 UNET_PREFIX = "model.diffusion_model."
 PART_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.")
 DENOISER_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "double_blocks.", "single_blocks.",
@@ -295,9 +294,11 @@ def ldm_names(info: GGUFInfo) -> dict[str, str]:
     arch, names = info.architecture, list(info.tensors)
     if arch in T5_ARCHS:
         out = {n: _t5_name(n) for n in names}
-    elif arch is not None and arch not in DENOISER_ARCHS:
-        raise UnsupportedModelError(f"{info.path}: GGUF architecture {arch[:40]!r} is not an image model or T5 "
-                                    f"encoder sdcli reads ({', '.join(sorted(DENOISER_ARCHS | T5_ARCHS))})")  # fmt: skip
+    elif arch is not None and any(n.startswith(LLM_ROOTS) for n in names):  # llama.cpp's language models
+        raise UnsupportedModelError(f"{info.path}: a language model (GGUF architecture {str(arch)[:40]!r}), not an "
+                                    "image model or T5 encoder sdcli reads")  # fmt: skip
+    # any other architecture is taken as a denoiser: which family (or none) detection says from the names, as for
+    # a safetensors file, so no architecture name is listed here
     elif arch is None and (any(n.startswith(PART_PREFIXES) for n in names) or
                            not any(n.startswith(DENOISER_ROOTS) for n in names)):  # fmt: skip
         out = {n: n for n in names}

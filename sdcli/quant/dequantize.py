@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from sdcli.errors import UnsupportedModelError
+from sdcli.runtime.errors import UnsupportedModelError
 from sdcli.quant.ggml_types import GGMLType, ggml_type
 
 QK_K = 256

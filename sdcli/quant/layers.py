@@ -9,7 +9,7 @@ input's dtype on the input's device: the weight exists at full size only while i
 
 LoRA cannot be merged into blocks, so it is applied at run time, after dequantization (ComfyUI's way;
 stable-diffusion.cpp's ``--lora-apply-mode at_runtime``): ``layer.loras`` holds RuntimeLora updates, added to the
-weight in each forward with the float32 steps sdcli.lora takes to merge them into a float weight (the same bits).
+weight in each forward with the float32 steps sdcli.loading.lora takes to merge them into a float weight (the same bits).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.quant.dequantize import dequantize
 from sdcli.quant.tensor import QuantizedTensor
 
@@ -30,7 +30,7 @@ from sdcli.quant.tensor import QuantizedTensor
 @dataclass(frozen=True)
 class RuntimeLora:
     """One LoRA's update of one layer: W + weight * ratio * (up @ down), ratio = alpha / rank, in float32 in the
-    order of sdcli.lora._delta and _merge (so the result has the merged weight's bits). Keep up/down on the run
+    order of sdcli.loading.lora._delta and _merge (so the result has the merged weight's bits). Keep up/down on the run
     device: elsewhere they are copied there in every forward."""
 
     up: Tensor  # (out, rank[, 1, 1])
@@ -58,7 +58,7 @@ class _QuantizedWeight:
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """The weight as `dtype` with the runtime LoRAs added, each in float32 then rounded to `dtype`: the steps
-        sdcli.lora takes merging LoRAs one by one into a `dtype` weight, so the bits are those of a dequantized
+        sdcli.loading.lora takes merging LoRAs one by one into a `dtype` weight, so the bits are those of a dequantized
         model with the LoRAs merged."""
         w = dequantize(self.weight, self.qtype, self.weight_shape, dtype)
         for lora in self.loras:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdcli.errors import BadInputError, OutputError, UsageError
+from sdcli.runtime.errors import BadInputError, OutputError, UsageError
 from sdcli.quant.ggml_types import BY_NAME, GGMLType, ggml_type
 
 WRITABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf.quants.quantize makes
