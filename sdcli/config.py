@@ -24,8 +24,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PREDICTIONS = ("auto", "eps", "v")
 
 
-def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "choices": choices}
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
+           sparse: bool = False) -> dict:
+    """A key's checks. `sparse`: recorded in an image's sdcli metadata only when not at its default (a feature
+    that is off unless asked for, added after images existed: those images keep their bytes, and an image without
+    the key replays with the feature off, as it was made)."""
+    return {"lo": lo, "hi": hi, "choices": choices, "sparse": sparse}
+
+
+def sparse_keys() -> dict[str, Any]:
+    """The sparse keys (see _range) and their defaults."""
+    return {f.name: f.default for f in fields(RunConfig) if f.metadata.get("sparse")}
 
 
 @dataclass(frozen=True)
@@ -46,19 +55,19 @@ class RunConfig:
     guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
     # A1111's noise (sampling/rng.py): its source, variation seed (subseed -1 is drawn when the strength is not 0),
-    # "Resize seed from" WxH, "Eta noise seed delta"
-    rng: str = field(default="cpu", metadata=_range(choices=SOURCES))
-    subseed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
-    subseed_strength: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    seed_resize_from: str | None = field(default=None, metadata=_range())
-    ensd: int = field(default=0, metadata=_range(-SEED_MAX, SEED_MAX))
+    # "Resize seed from" WxH, "Eta noise seed delta"; like the sampler parameters below, recorded only when set
+    rng: str = field(default="cpu", metadata=_range(choices=SOURCES, sparse=True))
+    subseed: int = field(default=-1, metadata=_range(-1, SEED_MAX, sparse=True))
+    subseed_strength: float = field(default=0.0, metadata=_range(0.0, 1.0, sparse=True))
+    seed_resize_from: str | None = field(default=None, metadata=_range(sparse=True))
+    ensd: int = field(default=0, metadata=_range(-SEED_MAX, SEED_MAX, sparse=True))
     # A1111's sampler parameters (sampling/a1111_params.py): eta (None: the sampler's own, 1 or DDIM's 0) and the
     # churn of Euler / Heun / DPM2 (s_tmax 0 = infinity, as A1111's setting)
-    eta: float | None = field(default=None, metadata=_range(0.0, 1.0))
-    s_churn: float = field(default=0.0, metadata=_range(0.0, 100.0))
-    s_tmin: float = field(default=0.0, metadata=_range(0.0, 1000.0))
-    s_tmax: float = field(default=0.0, metadata=_range(0.0, 1000.0))
-    s_noise: float = field(default=1.0, metadata=_range(0.0, 2.0))
+    eta: float | None = field(default=None, metadata=_range(0.0, 1.0, sparse=True))
+    s_churn: float = field(default=0.0, metadata=_range(0.0, 100.0, sparse=True))
+    s_tmin: float = field(default=0.0, metadata=_range(0.0, 1000.0, sparse=True))
+    s_tmax: float = field(default=0.0, metadata=_range(0.0, 1000.0, sparse=True))
+    s_noise: float = field(default=1.0, metadata=_range(0.0, 2.0, sparse=True))
     width: int | None = field(default=None, metadata=_range(64, 4096))
     height: int | None = field(default=None, metadata=_range(64, 4096))
     negative: str = field(default="", metadata=_range())
@@ -71,6 +80,10 @@ class RunConfig:
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
     hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
     hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
+    # Token merging (models/tome.py), A1111's "Token merging ratio" (and "... hr" for the hires pass; 0 there: the
+    # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
+    tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
+    tome_ratio_hr: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
     # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
     original_size: str | None = field(default=None, metadata=_range())
     target_size: str | None = field(default=None, metadata=_range())

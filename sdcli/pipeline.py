@@ -34,6 +34,7 @@ from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
+from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
@@ -45,6 +46,7 @@ class SamplingPlan:
     sigmas: torch.Tensor  # descending, ends with 0
     cfg: float = 7.0
     guidance_rescale: float = 0.0
+    token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
     options: tuple = ()  # the sampler's keyword parameters as (name, value) pairs: a1111_params.sampler_options
 
 
@@ -68,7 +70,7 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     else:
         sigmas = schedule.get_sigmas(schedule_used, steps, schedule.sigmas_of(family.schedule))
     options = tuple(sampler_options(name, **(sampler_params or {})).items())
-    return SamplingPlan(name, sigmas, cfg, guidance_rescale, options)
+    return SamplingPlan(name, sigmas, cfg, guidance_rescale, options=options)
 
 
 def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
@@ -380,7 +382,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), token_merging(models.stage("unet"), plan.token_merging):
         return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step, **dict(plan.options))
 
 

@@ -174,10 +174,7 @@ def test_outputs_are_byte_identical_to_the_base_commit(tmp_path, tiny_sd1, tiny_
 # Config keys added since the base commit: the sdcli metadata chunk records the whole config, so at their
 # defaults they are left out of the comparison (everything else of the PNG is compared: pixels, every chunk).
 NEW_KEYS = {"original_size": None, "target_size": None, "crop_coords": None, "aesthetic_score": 6.0,
-            "negative_aesthetic_score": 2.5, "refiner": None, "refiner_switch": 0.8,
-            # issue 29: A1111's noise and sampler parameters
-            "rng": "cpu", "subseed": -1, "subseed_strength": 0.0, "seed_resize_from": None, "ensd": 0, "eta": None,
-            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+            "negative_aesthetic_score": 2.5, "refiner": None, "refiner_switch": 0.8}
 
 
 def _content(path: Path):

@@ -40,11 +40,17 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
     if path.is_dir():
         return _checkpoint_report(path, hashes)
     head = _head(path)
-    if head.startswith(IMAGE_MAGIC):
+    if head.startswith(IMAGE_MAGIC) and not _is_safetensors(path):  # the header decides, not a magic number
         return _image_report(path)
     if path.suffix == ".latent" or _is_small_sdcli_file(path):
         return _tensor_file_report(path)
     return _checkpoint_report(path, hashes)
+
+
+def _is_safetensors(path: Path) -> bool:
+    from sdcli.formats.safetensors import is_safetensors  # imports torch: only asked of files that look like images
+
+    return is_safetensors(path)
 
 
 def _head(path: Path) -> bytes:

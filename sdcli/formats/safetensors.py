@@ -18,7 +18,9 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def sniff(head: bytes) -> str | None:
-    """What a file that is not safetensors looks like, from its first bytes."""
+    """What a file that failed the safetensors test looks like, from its first bytes. Only an explanation: a file
+    whose header length and JSON header are valid is safetensors whatever its first byte (the length's low byte
+    can be 0x80, a pickle's first byte, or 0x3C, '<')."""
     if not head:
         return "the file is empty"
     if head.startswith(b"version https://git-lfs"):
@@ -34,28 +36,54 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def _read_raw(path: Path) -> tuple[bytes, bytes | None, int]:
+    """(first bytes, the JSON header's bytes or None when the length cannot be one, size of the data section)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 8:
+            return head, None, 0
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > min(size - 8, _MAX_HEADER):
+            return head, None, 0
+        f.seek(8)
+        return head, f.read(n), size - 8 - n
+
+
 def read_header(path: str | Path) -> dict:
-    """The safetensors JSON header of `path` (tensor names -> dtype/shape/offsets, plus ``__metadata__``)."""
+    """The safetensors JSON header of `path` (tensor names -> dtype/shape/offsets, plus ``__metadata__``).
+
+    The header itself decides: a valid length and a JSON header that passes every check make a safetensors file,
+    whatever its first bytes. Only a file that fails is sniffed, to say what it is instead."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(64)
-            sniffed = sniff(head)
-            if sniffed is None and len(head) >= 8:
-                (n,) = struct.unpack("<Q", head[:8])
-                if n > min(size - 8, _MAX_HEADER):
-                    sniffed = "its header length is past the end of the file (truncated or not safetensors)"
-                else:
-                    f.seek(8)
-                    raw = f.read(n)
+        head, raw, data_size = _read_raw(path)
     except OSError as e:
         raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from e
-    if sniffed is None and len(head) < 8:
-        sniffed = "the file is too short to be safetensors (truncated)"
+    failure = None
+    if raw is not None:
+        try:
+            return decode_header(path, raw, data_size)  # every entry checked as the safetensors library does
+        except BadInputError as e:
+            failure = e
+    sniffed = sniff(head)
     if sniffed:
-        raise BadInputError(f"{path}: not a valid safetensors file: {sniffed}")
-    return decode_header(path, raw, size - 8 - n)  # every entry checked as the safetensors library does
+        raise BadInputError(f"{path}: not a valid safetensors file: {sniffed}") from None
+    if failure is not None:
+        raise failure
+    if len(head) < 8:
+        raise BadInputError(f"{path}: not a valid safetensors file: the file is too short to be safetensors (truncated)")
+    raise BadInputError(f"{path}: not a valid safetensors file: its header length is past the end of the file "
+                        "(truncated or not safetensors)")
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether `path` passes read_header's test (no error raised: callers use it to decide, not to explain)."""
+    try:
+        read_header(path)
+    except BadInputError:
+        return False
+    return True
 
 
 def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import BadInputError, ModelNotFoundError
-from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, load_ckpt, looks_pickled
+from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_ckpt
 from sdcli.formats.safetensors import FLOAT_DTYPES, dtype_name, read_header, tensor_ranges
 
 
@@ -146,14 +146,10 @@ def open_file(path: str | Path) -> WeightSource:
     path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from e
     # Only a pickle extension opts in to the restricted unpickler; a pickle under any other name (say
-    # .safetensors) is refused by read_header's sniffing, so renaming a file can never make us unpickle it.
-    if path.suffix.lower() in PICKLE_SUFFIXES and looks_pickled(head):
+    # .safetensors) is refused by read_header's sniffing, so renaming a file can never make us unpickle it. A valid
+    # safetensors file is read as one whatever its name and first bytes (is_pickle asks the header first).
+    if path.suffix.lower() in PICKLE_SUFFIXES and is_pickle(path):
         state = load_ckpt(path)
         entries = {k: Entry(path, k, dtype_name(t), tuple(t.shape)) for k, t in state.items()}
         return WeightSource(path, entries, {}, layout="ckpt", tensors=state)
