@@ -335,3 +335,16 @@ def test_sweep_cell_equals_generate(run, tmp_path):
     cells = json.loads((tmp_path / "plot.json").read_text())["cells"]
     command = next(c["command"] for c in cells if c["index"] == [1, 1, 0])
     assert "--rng nv" in command and "--subseed 4" in command and "--subseed-strength 0.5" in command
+
+
+def test_skip_existing_knows_the_images_of_a_variation_batch(run):
+    """--skip-existing matches each image's record: its own variation seed, the noise keys (recorded only when
+    set) and the defaults of a plain render."""
+    args = ["a fox", *RENDER, "--sampler", "euler_a", "--rng", "nv", "--seed", "2", "--subseed", "5",
+            "--subseed-strength", "0.3", "-n", "2", "-o", "s{index}.png"]
+    run("generate", *args)
+    assert "nothing to render" in run("generate", *args, "--skip-existing").stderr
+    run("generate", "a fox", *RENDER, "--seed", "2", "-o", "plain.png")
+    assert "nothing to render" in run("generate", "a fox", *RENDER, "--seed", "2", "-o", "plain.png",
+                                      "--skip-existing").stderr
+    assert "rng" not in json.loads(Image.open("plain.png").text["sdcli"])["config"]  # sparse: a default is left out
