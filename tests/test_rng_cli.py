@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from _cli import invoker, pixels
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from sdcli.app import sweep_axes
+from sdcli.sampling import a1111_params
 from sdcli.sampling import rng as rng_module
 from sdcli.sampling import samplers as samplers_module
 from sdcli.sampling.rng import PhiloxGenerator, paste_centred, randn, slerp
@@ -348,3 +349,21 @@ def test_skip_existing_knows_the_images_of_a_variation_batch(run):
     assert "nothing to render" in run("generate", "a fox", *RENDER, "--seed", "2", "-o", "plain.png",
                                       "--skip-existing").stderr
     assert "rng" not in json.loads(Image.open("plain.png").text["sdcli"])["config"]  # sparse: a default is left out
+
+
+@pytest.mark.parametrize("sampler", sorted(samplers_module.SAMPLERS))
+def test_sampler_fields_round_trip_for_every_sampler(sampler):
+    """What the infotext writes for a sampler reads back to the same parameters; a parameter it does not take is
+    neither written nor passed, and is the one reported as unused."""
+    churn = {"s_churn": 1.5, "s_tmin": 0.2, "s_tmax": 9.0, "s_noise": 1.01}
+    row = a1111_params.row_of(sampler)
+    fields = a1111_params.infotext_fields(sampler, 0.4, churn, 31337)
+    back = a1111_params.from_infotext(sampler, fields)
+    options = a1111_params.sampler_options(sampler, 0.4, **churn)
+    takes_eta = row is not None and row.eta is not None
+    assert (back.get("eta") == 0.4) == takes_eta == ("eta" in options)
+    assert all((back.get(k) == v) == bool(row and row.churn) for k, v in churn.items())
+    assert set(options) - {"eta"} == (set(churn) if row and row.churn else set())
+    assert ("ENSD" in fields) == bool(row and row.uses_ensd)
+    assert set(a1111_params.unused(sampler, 0.4, churn)) == {"eta", *churn} - set(options)
+    assert a1111_params.sampler_options(sampler, None) == {}  # defaults: the function's own

@@ -73,8 +73,8 @@ def from_image(path: str | Path) -> Replay:
         else:  # sd.cpp draws its own noise (a CUDA-like Philox by default)
             from sdcli.runtime import console
 
-            console.info(f"{path}: made by stable-diffusion.cpp, whose noise differs from sdcli's (A1111's CPU "
-                         "noise), so the same seed gives a different image")
+            console.info(f"{path}: made by stable-diffusion.cpp, which draws its noise and steps its samplers its "
+                         "own way (not A1111's), so the same seed gives a different image")
     if values.get("schedule") is None:
         values.pop("schedule", None)
     where = f"{path} (metadata)"
