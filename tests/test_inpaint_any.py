@@ -435,3 +435,17 @@ def test_verify_rerenders_an_inpainting_image(cli, tiny_sd1, tmp_path):  # noqa:
     assert "--image" in result.stderr
     Image.fromarray(255 - np.asarray(init_image())).save("other.png")  # another picture: the pixels drift
     cli(None, "out.png", "-m", str(tiny_sd1), "--image", "other.png", expect=9, command="verify")
+
+
+@pytest.mark.parametrize("size", [(64, 40), (40, 64), (64, 64), (72, 24)])
+def test_resize_modes_match_diffusers_port_of_a1111(size):
+    """images.resize_image 1 (crop and resize) and 2 (resize and fill) against diffusers' ports of them
+    (VaeImageProcessor._resize_and_crop / _resize_and_fill, Lanczos), other aspect ratios included."""
+    rng = np.random.default_rng(size[0])
+    picture = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    port = VaeImageProcessor(resample="lanczos")
+    for width, height in ((48, 48), (64, 32), (32, 56)):
+        assert np.array_equal(np.asarray(masking.resize_image(1, picture, width, height)),
+                              np.asarray(port._resize_and_crop(picture, width, height)))
+        assert np.array_equal(np.asarray(masking.resize_image(2, picture, width, height)),
+                              np.asarray(port._resize_and_fill(picture, width, height)))

@@ -117,15 +117,16 @@ class Inpaint:
 
 def prepare(image, mask, s: InpaintSettings) -> Inpaint:
     """An image (PIL RGB) and its mask (PIL L of the same size, 255 = repaint; None with --pad alone) made ready
-    to render at the canvas size, in A1111's order: invert, blur, crop region, overlay, crop and resize, fill."""
+    to render at the canvas size, in A1111's order: invert, (sdcli: the outpainting canvas), blur, crop region,
+    overlay, crop and resize, fill."""
     from PIL import ImageOps
 
     from sdcli.formats import masking
 
+    if s.invert and mask is not None:  # the given mask; an outpainting border is always repainted
+        mask = ImageOps.invert(mask.convert("L"))
     if s.pad is not None:
         image, mask = masking.pad_canvas(image, mask, s.pad, overlap=2 * s.blur)
-    if s.invert:
-        mask = ImageOps.invert(mask.convert("L"))
     mask = masking.blur_mask(mask, s.blur) if s.blur > 0 else mask.convert("L")
     region = _region(mask, image.size, s) if s.area == "masked" else None
     if region is None:

@@ -112,9 +112,11 @@ def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Imag
         return image.resize((width, height), LANCZOS)
     ratio, src_ratio = width / height, image.width / image.height
     cover = mode == 1
-    wide = ratio > src_ratio if cover else ratio < src_ratio
-    src_w = width if wide else image.width * height // image.height
-    src_h = height if (ratio <= src_ratio if cover else ratio >= src_ratio) else image.height * width // image.width
+    # cover: the side that is short for the render's ratio takes its full length; fit: the long side does
+    full_width = ratio > src_ratio if cover else ratio < src_ratio
+    full_height = ratio <= src_ratio if cover else ratio >= src_ratio
+    src_w = width if full_width else image.width * height // image.height
+    src_h = height if full_height else image.height * width // image.width
     resized = image.resize((src_w, src_h), LANCZOS)
     out = Image.new(image.mode, (width, height))
     out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
