@@ -129,6 +129,8 @@ def generate(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     grid: opt.GridOpt = None,
     grid_rows: opt.GridRowsOpt = -1,
@@ -170,7 +172,7 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, ray=ray,
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch)
@@ -217,6 +219,7 @@ def img2img(
     steps: opt.StepsOpt = None,
     cfg: opt.CfgOpt = None,
     guidance_rescale: opt.RescaleOpt = None,
+    tome_ratio: opt.TomeOpt = None,
     sampler: opt.SamplerOpt = None,
     schedule: opt.ScheduleOpt = None,
     seed: opt.SeedOpt = None,
@@ -265,7 +268,7 @@ def img2img(
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
     --pad, inpaint or outpaint it as A1111 does."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
-                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
+                   guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
@@ -320,6 +323,8 @@ def sweep(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
@@ -341,7 +346,7 @@ def sweep(
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
+                   hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
                    dtype=dtype, device=device, offload=offload)
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,

@@ -25,8 +25,17 @@ INPAINT_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 MAX_PAD = 4096
 
 
-def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "choices": choices}
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
+           sparse: bool = False) -> dict:
+    """A key's checks. `sparse`: recorded in an image's sdcli metadata only when not at its default (a feature
+    that is off unless asked for, added after images existed: those images keep their bytes, and an image without
+    the key replays with the feature off, as it was made)."""
+    return {"lo": lo, "hi": hi, "choices": choices, "sparse": sparse}
+
+
+def sparse_keys() -> dict[str, Any]:
+    """The sparse keys (see _range) and their defaults."""
+    return {f.name: f.default for f in fields(RunConfig) if f.metadata.get("sparse")}
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,10 @@ class RunConfig:
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
     hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
     hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
+    # Token merging (models/tome.py), A1111's "Token merging ratio" (and "... hr" for the hires pass; 0 there: the
+    # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
+    tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
+    tome_ratio_hr: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
     # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
     original_size: str | None = field(default=None, metadata=_range())
     target_size: str | None = field(default=None, metadata=_range())

@@ -30,6 +30,7 @@ from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
+from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
@@ -41,6 +42,7 @@ class SamplingPlan:
     sigmas: torch.Tensor  # descending, ends with 0
     cfg: float = 7.0
     guidance_rescale: float = 0.0
+    token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
 
 
 @dataclass
@@ -342,7 +344,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), token_merging(models.stage("unet"), plan.token_merging):
         out = samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 
