@@ -63,13 +63,13 @@ class RunConfig:
     clip_skip: int = field(default=1, metadata=_range(1, 12))
     strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
     # Inpainting (img2img --mask), A1111's inpaint settings (app/inpaint.py); None: the model's default
-    mask_blur: int | None = field(default=None, metadata=_range(0, 64))  # Gaussian radius in pixels (4; 0 9-channel)
-    inpaint_fill: str = field(default="original", metadata=_range(choices=INPAINT_FILLS))  # A1111 "Masked content"
-    inpaint_area: str = field(default="whole", metadata=_range(choices=("whole", "masked")))  # "Only masked": masked
-    inpaint_padding: int = field(default=32, metadata=_range(0, 256))  # "Only masked padding, pixels"
-    mask_invert: bool = field(default=False, metadata=_range())  # A1111 "Inpaint not masked"
-    overlay: bool | None = field(default=None, metadata=_range())  # the original put back outside the mask
-    pad: str | None = field(default=None, metadata=_range())  # outpainting: "LEFT,TOP,RIGHT,BOTTOM" pixels added
+    mask_blur: int | None = field(default=None, metadata=_range(0, 64, sparse=True))  # Gaussian radius in pixels (4; 0 9-channel)
+    inpaint_fill: str = field(default="original", metadata=_range(choices=INPAINT_FILLS, sparse=True))  # A1111 "Masked content"
+    inpaint_area: str = field(default="whole", metadata=_range(choices=("whole", "masked"), sparse=True))  # "Only masked"
+    inpaint_padding: int = field(default=32, metadata=_range(0, 256, sparse=True))  # "Only masked padding, pixels"
+    mask_invert: bool = field(default=False, metadata=_range(sparse=True))  # A1111 "Inpaint not masked"
+    overlay: bool | None = field(default=None, metadata=_range(sparse=True))  # the original put back outside the mask
+    pad: str | None = field(default=None, metadata=_range(sparse=True))  # outpainting: "LEFT,TOP,RIGHT,BOTTOM" pixels added
     seamless: bool = field(default=False, metadata=_range())  # tileable output: circular padding in UNet and VAE
     # A1111 "Hires. fix": a second img2img pass on the latents upscaled by hires_scale (1 = off)
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))

@@ -245,7 +245,7 @@ def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.T
     `keep` (1 or B, 1, h, w; 1 = keep): inpainting with any model (sampling/inpaint.py): every x0, and the result,
     is `init_latent` where it keeps (A1111 blends with the latent it started from, its latent fills included)."""
     sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
-    plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
+    plan = replace(plan, sigmas=sigmas)
     noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
     first = noise()
     x0 = init_latent.to(first).expand_as(first)
