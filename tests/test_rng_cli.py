@@ -367,3 +367,15 @@ def test_sampler_fields_round_trip_for_every_sampler(sampler):
     assert ("ENSD" in fields) == bool(row and row.uses_ensd)
     assert set(a1111_params.unused(sampler, 0.4, churn)) == {"eta", *churn} - set(options)
     assert a1111_params.sampler_options(sampler, None) == {}  # defaults: the function's own
+
+
+def test_inpaint_latent_noise_fill_draws_from_the_source(run, sampled, tmp_path):
+    """A1111's "latent noise" masked content comes from create_random_tensors, i.e. the run's source: with the
+    whole image repainted the start is that Philox draw, and the initial noise (the seed's first draw) is too."""
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / "mask.png")
+    run("img2img", "a fox", "-i", "in.png", "--mask", "mask.png", "--mask-blur", "0", "--inpaint-fill",
+        "latent-noise", "--steps", "3", "--cfg", "5", "--dtype", "fp32", "--sampler", "euler", "--strength", "0.6",
+        "--rng", "nv", "--seed", "8", "-o", "p.png")
+    call, drawn = sampled.calls[0], PhiloxGenerator(8).randn(SHAPE).unsqueeze(0)
+    assert torch.equal(call["x"], drawn + drawn * call["sigmas"][0])
