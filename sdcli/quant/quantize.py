@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +62,9 @@ def parse_type_rules(text: str) -> list[TypeRule]:
 
 
 def _float_type(shape: Sequence[int], dtype: torch.dtype) -> GGMLType:
-    """What a kept tensor is written as: 1-d and small ones F32 (city96), the rest F16, or BF16 from bf16."""
-    if len(shape) < 2 or math.prod(shape) <= SMALL:
+    """What a kept tensor is written as: 1-d and small ones F32 (city96), the rest in the precision they came in
+    (F32, BF16, else F16): a tensor that is not quantized is not rounded either."""
+    if len(shape) < 2 or math.prod(shape) <= SMALL or dtype in (torch.float32, torch.float64):
         return BY_NAME["F32"]
     return BY_NAME["BF16" if dtype == torch.bfloat16 else "F16"]
 
@@ -98,16 +99,45 @@ def _stored_shape(shape: Sequence[int], qtype: GGMLType) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] // qtype.block_size * qtype.type_size)
 
 
-def write_gguf(path: str | Path, tensors: Mapping[str, Tensor], qtype: GGMLType | str, arch: str | None = None,
-               rules: Sequence[TypeRule] = ()) -> dict[str, str]:  # fmt: skip
-    """Write `tensors` (names kept) as a GGUF file, each as ``choose_type`` says; `arch` becomes
-    ``general.architecture`` (city96's convention; None writes none, as stable-diffusion.cpp). The file appears
-    whole or not at all (written aside, then renamed). Returns name -> the type name written."""
-    import gguf
+def import_gguf():
+    """The gguf package (the optional extra), or a one-line UsageError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        from sdcli.runtime.extras import install_hint
 
-    qtype = ggml_type(qtype)
-    if qtype.name not in WRITABLE:
-        raise UsageError(f"cannot write {qtype.name} GGUF files (gguf.quants makes {', '.join(WRITABLE)})")
+        raise UsageError(f"writing GGUF files needs the gguf package, an optional extra: {install_hint('gguf')}") \
+            from None  # fmt: skip
+    return gguf
+
+
+def check_writable(qtype: GGMLType | str) -> GGMLType:
+    """The type, or a UsageError saying why not and what can be written instead."""
+    name = str(getattr(qtype, "name", qtype)).upper()
+    if name in WRITABLE:
+        return BY_NAME[name]
+    if name in BY_NAME and (BY_NAME[name].block_size == 256 or name.startswith("IQ")):
+        why = "K-quants and i-quants are made by llama.cpp's llama-quantize or stable-diffusion.cpp's convert " \
+              "(sdcli reads their files)"  # fmt: skip
+    elif name in BY_NAME:
+        why = "the gguf package does not quantize to it"
+    else:
+        why = "no such ggml type"
+    raise UsageError(f"cannot write {name.lower()} GGUF files: {why}; use one of "
+                     f"{', '.join(t.lower() for t in WRITABLE)}")
+
+
+def write_gguf(path: str | Path, tensors: Mapping[str, Tensor], qtype: GGMLType | str, arch: str | None = None,
+               rules: Sequence[TypeRule] = (), read: Callable[[str], Tensor] | None = None,
+               metadata: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+    """Write `tensors` (names kept) as a GGUF file, each as ``choose_type`` says; `arch` becomes
+    ``general.architecture`` (city96's convention; None writes none, as stable-diffusion.cpp). With `read`, the
+    values of `tensors` only describe (meta tensors: shape and dtype) and ``read(name)`` gives each one's values
+    when it is written, so one tensor is in memory at a time. `metadata`: string entries to keep (a checkpoint's
+    ``modelspec.*``...). The file appears whole or not at all (written aside, then renamed). Returns name -> the
+    type name written."""
+    gguf = import_gguf()
+    qtype = check_writable(qtype)
     path = Path(path)
     not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
     if not_float:
@@ -118,8 +148,11 @@ def write_gguf(path: str | Path, tensors: Mapping[str, Tensor], qtype: GGMLType 
     if arch is None:  # gguf-py skips an empty string; older versions wrote it
         writer.kv_data[0].pop("general.architecture", None)
     writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    for key, value in (metadata or {}).items():
+        if not key.startswith("general.") and key not in writer.kv_data[0]:
+            writer.add_string(key, str(value))
     try:
-        _write(writer, tensors, chosen)
+        _write(writer, tensors, chosen, read)
         writer.close()  # flushed before the rename
         os.replace(tmp, path)
     except OSError as e:
@@ -130,7 +163,8 @@ def write_gguf(path: str | Path, tensors: Mapping[str, Tensor], qtype: GGMLType 
     return {k: t.name for k, t in chosen.items()}
 
 
-def _write(writer, tensors: Mapping[str, Tensor], chosen: Mapping[str, GGMLType]) -> None:
+def _write(writer, tensors: Mapping[str, Tensor], chosen: Mapping[str, GGMLType],
+           read: Callable[[str], Tensor] | None) -> None:  # fmt: skip
     """Header and tensor list first (sizes known from the shapes), then each tensor quantized as it is written."""
     import gguf
     import numpy as np
@@ -144,4 +178,5 @@ def _write(writer, tensors: Mapping[str, Tensor], chosen: Mapping[str, GGMLType]
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for name, t in tensors.items():
-        writer.write_tensor_data(_blocks(t.reshape(_stored_shape(t.shape, BY_NAME["F32"])), chosen[name]))
+        data = read(name) if read is not None else t
+        writer.write_tensor_data(_blocks(data.reshape(_stored_shape(t.shape, BY_NAME["F32"])), chosen[name]))
