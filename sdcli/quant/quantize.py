@@ -30,6 +30,7 @@ from sdcli.runtime.errors import BadInputError, OutputError, UsageError
 from sdcli.quant.ggml_types import BY_NAME, GGMLType, ggml_type
 
 WRITABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf.quants.quantize makes
+MAX_DIMS = 4  # GGML_MAX_DIMS
 SMALL = 1024  # tensors of at most this many elements stay float (city96's QUANTIZATION_THRESHOLD)
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 KEEP_FLOAT = re.compile(  # stable-diffusion.cpp tensor_should_be_converted: embedders and input/output layers
@@ -123,7 +124,7 @@ def check_writable(qtype: GGMLType | str) -> GGMLType:
         why = "the gguf package does not quantize to it"
     else:
         why = "no such ggml type"
-    raise UsageError(f"cannot write {name.lower()} GGUF files: {why}; use one of "
+    raise UsageError(f"cannot write {name} GGUF files: {why}; use one of "
                      f"{', '.join(t.lower() for t in WRITABLE)}")
 
 
@@ -142,6 +143,9 @@ def write_gguf(path: str | Path, tensors: Mapping[str, Tensor], qtype: GGMLType 
     not_float = [k for k, t in tensors.items() if not t.is_floating_point()]
     if not_float:
         raise BadInputError(f"{path}: not floating-point weights, cannot be written as GGUF: {', '.join(not_float[:6])}")
+    too_deep = [k for k, t in tensors.items() if t.dim() > MAX_DIMS]
+    if too_deep:
+        raise BadInputError(f"{path}: GGUF tensors have at most {MAX_DIMS} dimensions: {', '.join(too_deep[:6])}")
     chosen = {k: choose_type(k, tuple(t.shape), t.dtype, qtype, rules) for k, t in tensors.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, arch or "")
