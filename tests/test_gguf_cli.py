@@ -1,8 +1,8 @@
 """GGUF models through the real commands: `convert --quantize` -> `generate`, `inspect`, LoRA, residency, bad files.
 
 What is proved, on the tiny random checkpoints (tests/_fixtures_models.py, _fixtures_sdxl.py):
-- a float GGUF (F32, F16) of the same weights renders the SAME latents and pixels as the safetensors file, at every
-  --dtype (fp32, bf16, fp16) on the CPU: GGUF float tensors take the safetensors path byte for byte;
+- a float GGUF (F32, F16) of the same weights renders the SAME latents and pixels as the safetensors file, in fp32
+  and bf16 compute on the CPU: GGUF float tensors take the safetensors path byte for byte;
 - a Q8_0 GGUF renders exactly what its dequantized weights render through the ordinary float path (`convert
   q8.gguf -o deq.safetensors`, GGML blocks -> float32 bit-equal to gguf.quants, tests/test_gguf.py): the
   quantized layers compute with those weights, dequantized per layer; the dequantized weights are within Q8_0's
@@ -93,6 +93,21 @@ def _render(tmp_path: Path, model: Path, *args: str, name: str = "out", dtype: s
     return pixels(png), next(iter(load_file(latent).values()))
 
 
+@pytest.fixture(scope="module")
+def rendered(files, tmp_path_factory):
+    """render(name of a file in `files`, dtype, *args): _render's result, made once per module (the same
+    reference renders serve several tests)."""
+    folder, done = tmp_path_factory.mktemp("renders"), {}
+
+    def render(model: str, dtype: str = "fp32", *args: str):
+        key = (model, dtype, args)
+        if key not in done:
+            done[key] = _render(folder, files[model], *args, name=f"r{len(done)}", dtype=dtype)
+        return done[key]
+
+    return render
+
+
 def _same(a, b) -> None:
     assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
@@ -104,20 +119,20 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 # --- float GGUF = safetensors, bit for bit ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("pair", [("st32", "f32"), ("st16", "f16")])
-def test_float_gguf_renders_the_safetensors_bytes(files, pair, dtype, tmp_path):
+def test_float_gguf_renders_the_safetensors_bytes(rendered, pair, dtype):
     st, gg = pair
-    _same(_render(tmp_path, files[st], name="st", dtype=dtype), _render(tmp_path, files[gg], name="gg", dtype=dtype))
+    _same(rendered(st, dtype), rendered(gg, dtype))
 
 
 # --- Q8_0: the dequantized model's bytes, close to the float one -------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_q8_0_renders_its_dequantized_weights(files, dtype, tmp_path):
-    q8 = _render(tmp_path, files["q8"], name="q8", dtype=dtype)
-    _same(q8, _render(tmp_path, files["deq"], name="deq", dtype=dtype))
-    ref = _render(tmp_path, files["st32"], name="ref", dtype=dtype)
+def test_q8_0_renders_its_dequantized_weights(rendered, dtype):
+    q8 = rendered("q8", dtype)
+    _same(q8, rendered("deq", dtype))
+    ref = rendered("st32", dtype)
     assert not np.array_equal(q8[0], ref[0])  # the blocks were used, not a float copy
     assert _psnr(q8[0], ref[0]) > MIN_Q8_PSNR
 
@@ -135,11 +150,11 @@ def test_the_quantized_layers_hold_blocks(files):
 
 # --- LoRA and residency -------------------------------------------------------------------------------------------
 
-def test_lora_on_quantized_layers_equals_merging_into_the_dequantized_model(files, tmp_path):
-    lora = ["--lora", f"{files['lora']}:0.8"]
-    q8 = _render(tmp_path, files["q8"], *lora, name="q8")
-    _same(q8, _render(tmp_path, files["deq"], *lora, name="deq"))
-    assert not np.array_equal(q8[0], _render(tmp_path, files["q8"], name="plain")[0])  # the LoRA did something
+def test_lora_on_quantized_layers_equals_merging_into_the_dequantized_model(files, rendered):
+    lora = ("--lora", f"{files['lora']}:0.8")
+    q8 = rendered("q8", "fp32", *lora)
+    _same(q8, rendered("deq", "fp32", *lora))
+    assert not np.array_equal(q8[0], rendered("q8")[0])  # the LoRA did something
 
 
 def test_switching_loras_under_every_residency_policy(files, tmp_path, monkeypatch):
