@@ -54,11 +54,14 @@ def files(tmp_path_factory, tiny_sd1):  # noqa: F811
     run = invoker({})
     out = {"st32": tiny_sd1, "st16": folder / "sd1-fp16.safetensors"}
     save_file({k: v.half() for k, v in load_file(tiny_sd1).items()}, str(out["st16"]))
-    for name, src, qtype in (("f32", tiny_sd1, "f32"), ("q8", tiny_sd1, "q8_0"), ("f16", out["st16"], "f16")):
+    for name, src, qtype, *extra in (("f32", tiny_sd1, "f32"), ("q8", tiny_sd1, "q8_0"), ("f16", out["st16"], "f16"),
+                                     ("q4c", tiny_sd1, "q4_0", "--quantize-convs")):  # fmt: skip
         out[name] = folder / f"sd1-{name}.gguf"
-        run("convert", str(src), "-o", str(out[name]), "--quantize", qtype)
-    out["deq"] = folder / "sd1-q8-dequantized.safetensors"
-    run("convert", str(out["q8"]), "-o", str(out["deq"]))
+        run("convert", str(src), "-o", str(out[name]), "--quantize", qtype, *extra)
+    for name in ("q8", "q4c"):
+        out[f"deq-{name}"] = folder / f"sd1-{name}-dequantized.safetensors"
+        run("convert", str(out[name]), "-o", str(out[f"deq-{name}"]))
+    out["deq"] = out["deq-q8"]
     out["lora"] = folder / "loras" / "style.safetensors"
     out["lora"].parent.mkdir()
     _make_lora(load_models(tiny_sd1), out["lora"])
@@ -135,6 +138,20 @@ def test_q8_0_renders_its_dequantized_weights(rendered, dtype):
     ref = rendered("st32", dtype)
     assert not np.array_equal(q8[0], ref[0])  # the blocks were used, not a float copy
     assert _psnr(q8[0], ref[0]) > MIN_Q8_PSNR
+
+
+def test_quantized_convs_city96_layout(files, rendered):
+    """--quantize-convs: 3x3 kernels stored as 256-wide Q4_0 rows with their shape in comfy.gguf.orig_shape.*,
+    run as QuantizedConv2d, rendering exactly their dequantized weights."""
+    reader = gguf.GGUFReader(files["q4c"])
+    conv = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    stored = next(t for t in reader.tensors if t.name == conv)
+    assert stored.tensor_type.name == "Q4_0" and list(stored.shape) == [256, 32 * 32 * 9 // 256]
+    assert list(reader.fields["comfy.gguf.orig_shape." + conv].contents()) == [32, 32, 3, 3]
+    unet = load_models(files["q4c"]).unet
+    assert holds_blocks(unet.input_blocks[1][0].in_layers[2]) and unet.input_blocks[1][0].in_layers[2].weight_shape \
+        == (32, 32, 3, 3)  # fmt: skip
+    _same(rendered("q4c"), rendered("deq-q4c"))
 
 
 def test_the_quantized_layers_hold_blocks(files):

@@ -23,19 +23,20 @@ KEPT_METADATA = ("modelspec.", "sdcli.")
 
 
 def run_convert(source: Path, output: Path, overwrite: bool, quantize: str | None = None,
-                type_rules: str | None = None) -> None:  # fmt: skip
+                type_rules: str | None = None, convs: bool = False) -> None:  # fmt: skip
     suffix = output.suffix.lower()
     if suffix not in (".safetensors", ".gguf"):
         raise UsageError(f"{output}: the output of convert must be a .safetensors or .gguf file")
     if suffix == ".gguf" and quantize is None:
         raise UsageError(f"{output}: a GGUF output needs --quantize TYPE (q8_0, q4_0, f16, ...)")
-    if suffix == ".safetensors" and (quantize is not None or type_rules is not None):
-        raise UsageError("--quantize and --tensor-type-rules write a GGUF file: name the output .gguf")
+    if suffix == ".safetensors" and (quantize is not None or type_rules is not None or convs):
+        raise UsageError("--quantize, --tensor-type-rules and --quantize-convs write a GGUF file: name the output "
+                         ".gguf")  # fmt: skip
     if suffix == ".gguf":
         _check_types(quantize, type_rules)
     refuse_existing(output, overwrite)
     if suffix == ".gguf":
-        _to_gguf(source, output, quantize, type_rules)
+        _to_gguf(source, output, quantize, type_rules, convs)
     else:
         _to_safetensors(source, output)
 
@@ -79,7 +80,7 @@ def _dequantized(source: Path, output: Path) -> Path:
     return output
 
 
-def _to_gguf(source: Path, output: Path, quantize: str, type_rules: str | None) -> None:
+def _to_gguf(source: Path, output: Path, quantize: str, type_rules: str | None, convs: bool) -> None:
     import torch
 
     from sdcli.formats.diffusers import open_source
@@ -102,7 +103,7 @@ def _to_gguf(source: Path, output: Path, quantize: str, type_rules: str | None) 
         if src.prediction_hint:
             meta["sdcli.prediction_hint"] = src.prediction_hint
         written = write_gguf(output, described, quantize, None, parse_type_rules(type_rules or ""), read=src.get,
-                             metadata=meta)  # fmt: skip
+                             metadata=meta, convs=convs)  # fmt: skip
     finally:
         src.close()
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(written.values()).items()))
