@@ -334,7 +334,8 @@ def ldm_names(info: GGUFInfo) -> dict[str, str]:
     """Stored name -> the name a safetensors file of the same model gives the tensor, seen through sdcli's LDM lens
     (formats/ldm.py): city96's bare denoiser names get ``model.diffusion_model.`` back, so detection and
     ``strict.identity_plan`` (which strips the prefix per part, as for any checkpoint) work unchanged; T5 names
-    become transformers'; stable-diffusion.cpp's names stay (a bare denoiser of its is prefixed as city96's)."""
+    become transformers'; stable-diffusion.cpp's names stay (a bare denoiser of its is prefixed as city96's), but
+    for its SDXL text encoders, put back where an sgm file has them (SDCPP_SDXL_TEXT)."""
     arch, names = info.architecture, list(info.tensors)
     if arch in T5_ARCHS:
         out = {n: _t5_name(n) for n in names}

@@ -8,12 +8,11 @@ dequantizing in their forward (quant/layers.py); any other quantized tensor is d
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 from torch import Tensor, nn
-
-import dataclasses
 
 from sdcli.runtime.device import prefers_channels_last
 from sdcli.runtime.errors import BadInputError, NumericalError
