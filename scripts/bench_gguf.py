@@ -163,7 +163,7 @@ def table(results: dict[str, dict], errors: list, args: argparse.Namespace, src:
              "| weights | file MB | peak RSS GB | load s | step s | decode s | PSNR vs bf16 dB |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in results.items():
-        lines.append(f"| {label} | {r['file_mb']:.0f} | {r['rss_gb']:.2f} | {r['load_s']:.2f} | {r['step_s']:.3f} | "
+        lines.append(f"| {label} | {r['file_mb']:.1f} | {r['rss_gb']:.2f} | {r['load_s']:.2f} | {r['step_s']:.3f} | "
                      f"{r['decode_s']:.2f} | {r['psnr']:.1f} |")  # fmt: skip
     lines += ["", "| layer | type | relative error of the output |", "|---|---|---|"]
     lines += [f"| {layer} | {qtype} | {err:.2e} |" for layer, qtype, err in errors]
