@@ -84,12 +84,13 @@ def _make_lora(models, path: Path) -> None:
     save_file(state, str(path))
 
 
-def _render(tmp_path: Path, model: Path, *args: str, name: str = "out", dtype: str = "fp32",
+def _render(tmp_path: Path, model: Path, *args: str, name: str = "out", dtype: str = "fp32", device: str = "cpu",
             expect: int = 0) -> tuple[np.ndarray, torch.Tensor] | None:  # fmt: skip
     """(pixels, latent) of one `generate` of `model`, written under tmp_path as NAME.png / NAME.safetensors."""
     png, latent = tmp_path / f"{name}.png", tmp_path / f"{name}.latent.safetensors"
-    invoker({})("generate", "a red fox", "-m", str(model), *RENDER, "--dtype", dtype, "--device", "cpu", "-o",
-                str(png), "--latent-out", str(latent), *args, expect=expect)  # fmt: skip
+    result = invoker({})("generate", "a red fox", "-m", str(model), *RENDER, "--dtype", dtype, "--device", device,
+                         "-o", str(png), "--latent-out", str(latent), *args, expect=expect)  # fmt: skip
+    assert "CUDA graphs off" not in result.stderr  # dequantizing layers capture like any other
     if expect:
         assert not png.exists() and not latent.exists()
         return None
@@ -152,6 +153,16 @@ def test_quantized_convs_city96_layout(files, rendered):
     assert holds_blocks(unet.input_blocks[1][0].in_layers[2]) and unet.input_blocks[1][0].in_layers[2].weight_shape \
         == (32, 32, 3, 3)  # fmt: skip
     _same(rendered("q4c"), rendered("deq-q4c"))
+
+
+@pytest.mark.parametrize("device", ["cuda"] if torch.cuda.is_available() else [])
+def test_q8_0_on_cuda_in_fp16(files, device, tmp_path):
+    """On a GPU (fp16, the UNet replayed as a CUDA graph): the Q8_0 file renders its dequantized weights' bytes,
+    with a LoRA too, and under --offload (blocks moved between the GPU and CPU RAM)."""
+    lora = ("--lora", f"{files['lora']}:0.8")
+    for i, extra in enumerate(((), lora, ("--offload",), (*lora, "--offload"))):
+        q8 = _render(tmp_path, files["q8"], *extra, name=f"q8-{i}", dtype="fp16", device=device)
+        _same(q8, _render(tmp_path, files["deq"], *extra, name=f"deq-{i}", dtype="fp16", device=device))
 
 
 def test_the_quantized_layers_hold_blocks(files):
