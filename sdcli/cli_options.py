@@ -104,6 +104,15 @@ HiresStrengthOpt = Annotated[
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
 ]
+HiresUpscalerOpt = Annotated[
+    Optional[str], typer.Option("--hires-upscaler", help="Hires fix: how pass 1 is enlarged: Latent (default), "
+                                "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), Lanczos, "
+                                "Nearest, None, or an upscaler model: a file, or a name in --upscaler-dir.")
+]
+UpscalerDirOpt = Annotated[
+    Optional[str], typer.Option("--upscaler-dir", help="Folder where upscaler models are found by name (A1111's "
+                                "models/ layout: ESRGAN/, RealESRGAN/, ... and sub-folders).")
+]
 GridOpt = Annotated[
     Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
                                 "(the first image's metadata plus every seed).")

@@ -63,6 +63,7 @@ def expected_config(target) -> dict:
     expected = dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler, schedule=schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
+    save.record_hires_upscaler(expected, cfg)
     for key in ("model", "vae"):
         expected[key] = Path(expected[key]).name if expected[key] else expected[key]
     for key in LOAD_TIME_KEYS:

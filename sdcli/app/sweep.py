@@ -72,6 +72,7 @@ def run_sweep(req: SweepRequest) -> None:
     planned = [_plan_cell(c, base, req) for c in cells]
     for p in planned:
         _check_cell(p, base)
+    render.check_hires_upscalers([p.job for p in planned])
     plots = _plot_paths(req.output, len(z.values) if z else 1)
     json_path = Path(req.json_path) if req.json_path else Path(req.output).with_suffix(".json")
     _check_outputs(plots, json_path, [p.keep for p in planned if p.keep], req.overwrite)
@@ -249,7 +250,7 @@ def _record(p: PlannedCell, done: Done, plot: Path, box: tuple) -> dict:
 
 
 REPLAYED_FLAGS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
-                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "dtype")
+                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "hires_upscaler", "dtype")
 
 
 def reproduce_command(p: PlannedCell, meta: dict) -> str:

@@ -79,6 +79,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
+    render.check_hires_upscalers([job])
     control_config.check_files([job], cfg.model)
     return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"))
 

@@ -17,7 +17,7 @@ from sdcli.text.prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
-               "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
+               "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
                "refiner_switch")
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
@@ -56,6 +56,7 @@ def from_image(path: str | Path) -> Replay:
         refiner = extra.get("Refiner")
         if extra.get("Refiner switch at") is not None:
             values["refiner_switch"] = _number(extra["Refiner switch at"])
+        _hires_values(values, extra)
         prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
         ours = {}
         if meta["source"] == "a1111":
@@ -67,6 +68,10 @@ def from_image(path: str | Path) -> Replay:
                          "noise), so the same seed gives a different image")
     if values.get("schedule") is None:
         values.pop("schedule", None)
+    if isinstance(values.get("hires_upscaler"), str):  # a name, found in the user's upscaler_dir: never a path
+        from sdcli.upscale.names import display_name  # that an image's metadata points at
+
+        values["hires_upscaler"] = display_name(values["hires_upscaler"])
     where = f"{path} (metadata)"
     steps = values.get("steps") if isinstance(values.get("steps"), int) else 20
     check_prompt(prompt, where, steps)
@@ -76,9 +81,27 @@ def from_image(path: str | Path) -> Replay:
                   refiner=refiner if isinstance(refiner, str) else None)
 
 
-def _number(text: str):
+# A1111's hires fix fields -> config keys (processing.py StableDiffusionProcessingTxt2Img: extra_generation_params)
+HIRES_FIELDS = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+                "Hires upscaler": ("hires_upscaler", str)}
+
+
+def _hires_values(values: dict, extra: dict) -> None:
+    """An A1111 hires fix render: its Hires fields, and its Denoising strength as the second pass's (it is not an
+    img2img strength there)."""
+    if extra.get("Hires upscale") is None:
+        return
+    for label, (key, kind) in HIRES_FIELDS.items():
+        if extra.get(label) is not None:
+            values[key] = extra[label] if kind is str else _number(extra[label], kind)
+    if "strength" in values:
+        values["hires_strength"] = values.pop("strength")
+
+
+def _number(text: str, kind=float):
     try:
-        return float(text)
+        value = float(text)
+        return int(value) if kind is int and value.is_integer() else value
     except ValueError:
         return text  # refused by check_mapping, naming the image and the key
 

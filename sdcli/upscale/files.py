@@ -346,9 +346,9 @@ def inspect_upscaler(path: str | Path) -> UpscalerInfo:
     return _native(stored, layout)[0]
 
 
-def describe(path: str | Path) -> dict:
-    """Fields for `sdcli inspect` on an upscaler file."""
-    info = inspect_upscaler(path)
+def describe(path: str | Path, info: UpscalerInfo | None = None) -> dict:
+    """Fields for `sdcli inspect` on an upscaler file (`info`: inspect_upscaler's, when it was read already)."""
+    info = inspect_upscaler(path) if info is None else info
     cfg = info.config
     return {
         "kind": "upscaler", "architecture": info.architecture, "layout": LAYOUT_NAMES[info.layout],
