@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
+.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 bench-upscale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,10 @@ bench-memory: $(STAMP)
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)
 	$(PY) scripts/bench.py --avx2
+
+# ESRGAN x4 (23 blocks, 64 features) 512 -> 2048 untiled and tiled vs spandrel; the table into docs/benchmarks.md
+bench-upscale: $(STAMP)
+	$(PY) scripts/bench_upscale.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

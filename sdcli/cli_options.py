@@ -95,8 +95,8 @@ SeamlessOpt = Annotated[
     Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
 ]
 HiresScaleOpt = Annotated[
-    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the first pass by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix'; --hires-upscaler says how).")
 ]
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")

@@ -145,6 +145,8 @@ def test_metadata_is_carried_over(run, tmp_path, model_file):
     again = Image.open(tmp_path / "again.png").text
     assert [s["name"] for s in json.loads(again["sdcli"])["postprocessing"]] == ["4x-Test", "Lanczos"]
     assert again["postprocessing"] == "Postprocess upscale by: 0.5, Postprocess upscaler: Lanczos"
+    refused = one_line_error(run("verify", "again.png", "-m", "never-loaded.safetensors", expect=None), 2)
+    assert "upscaled after it was rendered (4x-Test, Lanczos)" in refused
 
 
 def test_outputs_are_checked_before_the_model_loads(run, tmp_path, model_file):

@@ -62,6 +62,10 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     if replay.source != "sdcli" or replay.mode != "txt2img":
         raise UsageError(f"{image}: verify re-renders text-to-image PNGs written by sdcli (this is {replay.source} "
                          f"{replay.mode}); use `generate --from-image` to replay other images")
+    upscaled = replay.recorded.get("postprocessing")
+    if isinstance(upscaled, list) and upscaled:  # `sdcli upscale` output: the render's record, another image
+        steps = ", ".join(str(step.get("name")) for step in upscaled if isinstance(step, dict))
+        raise UsageError(f"{image} was upscaled after it was rendered ({steps}): verify the image as it was rendered")
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     recorded_units = (replay.recorded.get("config") or {}).get("controlnets")

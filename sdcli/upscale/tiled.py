@@ -177,7 +177,9 @@ def _to_tensor(img: Image.Image) -> Tensor:
 
 
 def _to_pil(x: Tensor) -> Image.Image:
-    arr = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (H, W, C), rounded as A1111 does
+    # (H, W, C), rounded as spandrel and chaiNNer do: A1111 (upscaler_utils.upscale_without_tiling) truncates
+    # with astype(uint8), which darkens by half a level on average
+    arr = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[-1]])
 
 
