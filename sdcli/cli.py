@@ -131,6 +131,8 @@ def generate(
     hires_steps: opt.HiresStepsOpt = None,
     hires_upscaler: opt.HiresUpscalerOpt = None,
     upscaler_dir: opt.UpscalerDirOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     grid: opt.GridOpt = None,
     grid_rows: opt.GridRowsOpt = -1,
@@ -173,8 +175,9 @@ def generate(
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
-                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, original_size=original_size,
-                   target_size=target_size, crop_coords=crop_coords,
+                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio=tome_ratio,
+                   tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
+                   crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch)
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
@@ -212,6 +215,7 @@ def img2img(
     steps: opt.StepsOpt = None,
     cfg: opt.CfgOpt = None,
     guidance_rescale: opt.RescaleOpt = None,
+    tome_ratio: opt.TomeOpt = None,
     sampler: opt.SamplerOpt = None,
     schedule: opt.ScheduleOpt = None,
     seed: opt.SeedOpt = None,
@@ -259,7 +263,7 @@ def img2img(
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
-                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
+                   guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
@@ -314,6 +318,8 @@ def sweep(
     hires_steps: opt.HiresStepsOpt = None,
     hires_upscaler: opt.HiresUpscalerOpt = None,
     upscaler_dir: opt.UpscalerDirOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
@@ -335,8 +341,9 @@ def sweep(
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, model=model,
-                   vae=vae, lora_dir=lora_dir, prediction=prediction, dtype=dtype, device=device, offload=offload)
+                   hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
+                   tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
+                   prediction=prediction, dtype=dtype, device=device, offload=offload)
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
                            progress=_progress_mode(progress)))

@@ -101,6 +101,13 @@ HiresScaleOpt = Annotated[
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
 ]
+TomeOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio", help="Token merging (ToMe, as A1111): merge this fraction of "
+                                  "the full-resolution self-attention tokens (0 off, up to 0.9); faster, lossy.")
+]
+TomeHrOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio-hr", help="Token merging of the hires fix pass (default: --tome-ratio).")
+]
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
 ]
@@ -141,7 +148,7 @@ ProgressOpt = Annotated[
 ]
 RayOpt = Annotated[
     Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
-                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+                                "local (start one on this machine) or ray://HOST:PORT. Needs the ray extra (make install-ray).")
 ]
 WorkersOpt = Annotated[
     Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "

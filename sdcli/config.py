@@ -23,8 +23,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PREDICTIONS = ("auto", "eps", "v")
 
 
-def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "choices": choices}
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
+           sparse: bool = False) -> dict:
+    """A key's checks. `sparse`: recorded in an image's sdcli metadata only when not at its default (a feature
+    that is off unless asked for, added after images existed: those images keep their bytes, and an image without
+    the key replays with the feature off, as it was made)."""
+    return {"lo": lo, "hi": hi, "choices": choices, "sparse": sparse}
+
+
+def sparse_keys() -> dict[str, Any]:
+    """The sparse keys (see _range) and their defaults."""
+    return {f.name: f.default for f in fields(RunConfig) if f.metadata.get("sparse")}
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,10 @@ class RunConfig:
     # how pass 1 is brought to the hires size: an A1111 latent mode, Lanczos/Nearest/None, or a model (file or name)
     hires_upscaler: str = field(default="Latent", metadata=_range())
     upscaler_dir: str | None = field(default=None, metadata=_range())  # upscaler files by name (A1111's models/)
+    # Token merging (models/tome.py), A1111's "Token merging ratio" (and "... hr" for the hires pass; 0 there: the
+    # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
+    tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
+    tome_ratio_hr: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
     # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
     original_size: str | None = field(default=None, metadata=_range())
     target_size: str | None = field(default=None, metadata=_range())

@@ -29,6 +29,7 @@ from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
+from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
@@ -40,6 +41,7 @@ class SamplingPlan:
     sigmas: torch.Tensor  # descending, ends with 0
     cfg: float = 7.0
     guidance_rescale: float = 0.0
+    token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
 
 
 @dataclass
@@ -364,7 +366,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), token_merging(models.stage("unet"), plan.token_merging):
         return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
 
 

@@ -250,6 +250,7 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
     concat = init.concat if init is not None else None
     negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
@@ -327,6 +328,7 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
         return None
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
                               cfg.guidance_rescale, models.family)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
     out = pipeline.hires_size(*size, cfg.hires_scale, models.family.latent.downscale)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = " (rounded to a multiple of 8)" if exact != (out[1], out[0]) else ""

@@ -13,7 +13,7 @@ from sdcli import __version__
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
-from sdcli.config import RunConfig
+from sdcli.config import RunConfig, sparse_keys
 
 
 class Saved(NamedTuple):
@@ -108,6 +108,7 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["denoising_strength"] = cfg.hires_strength
         params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
                            "Hires upscaler": hires_upscaler_name(hires)}  # format_infotext drops the None
+    params["extra"] = {**params.get("extra", {}), **token_merging_fields(cfg, hires is not None)}
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
@@ -144,6 +145,14 @@ def record_hires_upscaler(recorded: dict, cfg: RunConfig) -> None:
         recorded.pop("hires_upscaler", None)
     else:
         recorded["hires_upscaler"] = name
+
+
+def token_merging_fields(cfg: RunConfig, hires: bool) -> dict:
+    """A1111's token merging fields (processing.py create_infotext): each written only when not 0; the hires ratio
+    is the pass's own, falling back to the base ratio, and only when there is a hires pass."""
+    hr = (cfg.tome_ratio_hr or cfg.tome_ratio) if hires else 0
+    fields = {"Token merging ratio": cfg.tome_ratio or None, "Token merging ratio hr": hr or None}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def size_fields(cfg: RunConfig, models) -> dict:
@@ -183,6 +192,9 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     # the user's folders, and where and how it ran
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray", "offload"):
         del recorded[key]
+    for key, default in sparse_keys().items():  # features that are off stay out of the record (config._range)
+        if recorded[key] == default:
+            del recorded[key]
     record_hires_upscaler(recorded, cfg)
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {

@@ -17,8 +17,11 @@ from sdcli.text.prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
-               "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
-               "refiner_switch")
+               "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score",
+               "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr")
+# A1111 infotext fields of the "extra" part that replay as numbers -> config key
+INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
+                    "Token merging ratio hr": "tome_ratio_hr"}
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
@@ -54,8 +57,8 @@ def from_image(path: str | Path) -> Replay:
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
         extra = params.get("extra") or {}
         refiner = extra.get("Refiner")
-        if extra.get("Refiner switch at") is not None:
-            values["refiner_switch"] = _number(extra["Refiner switch at"])
+        values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
+                       if extra.get(field) is not None})
         _hires_values(values, extra)
         prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
         ours = {}
