@@ -165,3 +165,21 @@ SkipExistingOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
                        "metadata is this job's counts as done (resumes an interrupted batch).")
 ]
+# Inpainting and outpainting (img2img --mask / --pad; app/inpaint.py), A1111's img2img inpaint settings
+MaskBlurOpt = Annotated[Optional[int], typer.Option("--mask-blur", help="Blur the mask by this Gaussian radius in "
+                                                    "pixels (A1111 'Mask blur'; default 4, 0 with a 9-channel "
+                                                    "inpainting model).")]
+InpaintFillOpt = Annotated[Optional[str], typer.Option("--inpaint-fill", help="What the masked area starts from "
+                                                       "(A1111 'Masked content'): original (default), fill, "
+                                                       "latent-noise or latent-nothing.")]
+InpaintAreaOpt = Annotated[Optional[str], typer.Option("--inpaint-area", help="whole (default) or masked: render "
+                                                       "only the mask's region, scaled up to the image size, and "
+                                                       "paste it back (A1111 'Only masked').")]
+InpaintPaddingOpt = Annotated[Optional[int], typer.Option("--inpaint-padding", help="--inpaint-area masked: pixels "
+                                                          "around the mask's region (32).")]
+MaskInvertOpt = Annotated[bool, typer.Option("--mask-invert", help="Repaint the black area, keep the white "
+                                             "(A1111 'Inpaint not masked').")]
+OverlayOpt = Annotated[Optional[bool], typer.Option("--overlay/--no-overlay", help="Put the original back outside "
+                                                    "the blurred mask (default on; off with a 9-channel model).")]
+PadOpt = Annotated[Optional[str], typer.Option("--pad", help="Outpaint: grow the canvas by LEFT,TOP,RIGHT,BOTTOM "
+                                               "pixels (edge colours repeated) and paint the new border.")]

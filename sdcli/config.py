@@ -21,6 +21,8 @@ SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PREDICTIONS = ("auto", "eps", "v")
+INPAINT_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+MAX_PAD = 4096
 
 
 def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
@@ -60,6 +62,14 @@ class RunConfig:
     n: int = field(default=1, metadata=_range(1, 100000))
     clip_skip: int = field(default=1, metadata=_range(1, 12))
     strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    # Inpainting (img2img --mask), A1111's inpaint settings (app/inpaint.py); None: the model's default
+    mask_blur: int | None = field(default=None, metadata=_range(0, 64, sparse=True))  # Gaussian radius in pixels (4; 0 9-channel)
+    inpaint_fill: str = field(default="original", metadata=_range(choices=INPAINT_FILLS, sparse=True))  # A1111 "Masked content"
+    inpaint_area: str = field(default="whole", metadata=_range(choices=("whole", "masked"), sparse=True))  # "Only masked"
+    inpaint_padding: int = field(default=32, metadata=_range(0, 256, sparse=True))  # "Only masked padding, pixels"
+    mask_invert: bool = field(default=False, metadata=_range(sparse=True))  # A1111 "Inpaint not masked"
+    overlay: bool | None = field(default=None, metadata=_range(sparse=True))  # the original put back outside the mask
+    pad: str | None = field(default=None, metadata=_range(sparse=True))  # outpainting: "LEFT,TOP,RIGHT,BOTTOM" pixels added
     seamless: bool = field(default=False, metadata=_range())  # tileable output: circular padding in UNet and VAE
     # A1111 "Hires. fix": a second img2img pass on the latents upscaled by hires_scale (1 = off)
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
@@ -253,6 +263,8 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     if key in PAIRS:
         pair_of(key, value, where)
+    if key == "pad":
+        pad_of(value, where)
     if key == "hires_upscaler":
         if not value.strip():
             raise BadInputError(f"{where}: '{key}' must name an upscaler (Latent, Lanczos, a model...), got ''")
@@ -260,6 +272,18 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
 
         value = canonical(value)
     return value
+
+
+def pad_of(value: str, where: str = "config") -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) from "LEFT,TOP,RIGHT,BOTTOM": whole pixels, 0 to MAX_PAD, not all 0."""
+    parts = value.replace(" ", "").split(",")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 5 and int(p) <= MAX_PAD for p in parts):
+        raise BadInputError(f"{where}: 'pad' must be LEFT,TOP,RIGHT,BOTTOM (four whole numbers of pixels, 0 to "
+                            f"{MAX_PAD}), got {_show(value)}")
+    pad = tuple(int(p) for p in parts)
+    if not any(pad):
+        raise BadInputError(f"{where}: 'pad' adds nothing (all four are 0)")
+    return pad
 
 
 PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT")}

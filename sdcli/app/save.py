@@ -32,7 +32,10 @@ def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
     text = infotext(models, target, size, init, hires, loras, refiner)
-    return Saved(images.tensor_to_pil(image), target.seed, text, meta)
+    picture = images.tensor_to_pil(image)
+    if init is not None and init.inpaint is not None:  # the original put back as the inpaint settings say
+        picture = init.inpaint.finish(picture)
+    return Saved(picture, target.seed, text, meta)
 
 
 def png_of(picture: Saved) -> bytes:
@@ -104,6 +107,8 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["clip_skip"] = cfg.clip_skip
     if init is not None:
         params["denoising_strength"] = init.strength
+    if init is not None and init.inpaint is not None:  # A1111's inpaint fields (Mask blur, Masked content, ...)
+        params["extra"] = init.inpaint.fields()
     if hires is not None:  # as A1111 writes a hires fix render; Hires steps only when set
         params["denoising_strength"] = cfg.hires_strength
         params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
@@ -238,7 +243,7 @@ def upscaler_record(choice) -> dict:
 def mode(init) -> str:
     if init is None:
         return "txt2img"
-    return "inpaint" if init.concat is not None else "img2img"
+    return "inpaint" if init.concat is not None or init.inpaint is not None else "img2img"
 
 
 def sampler_schedule(cfg: RunConfig) -> tuple[str, str]:

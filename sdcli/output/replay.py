@@ -18,7 +18,8 @@ from sdcli.text.prompts import check_prompt
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
                "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score",
-               "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr")
+               "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur",
+               "inpaint_fill", "inpaint_area", "inpaint_padding", "mask_invert", "overlay", "pad")
 # A1111 infotext fields of the "extra" part that replay as numbers -> config key
 INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
                     "Token merging ratio hr": "tome_ratio_hr"}
@@ -60,7 +61,10 @@ def from_image(path: str | Path) -> Replay:
         values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
                        if extra.get(field) is not None})
         _hires_values(values, extra)
-        prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
+        masked = _inpaint_values(extra)
+        values.update(masked)
+        mode = "inpaint" if masked else "img2img" if "strength" in values else "txt2img"
+        prompt = params.get("prompt", "")
         ours = {}
         if meta["source"] == "a1111":
             rng_note(params.get("rng"), path)
@@ -99,6 +103,37 @@ def _hires_values(values: dict, extra: dict) -> None:
             values[key] = extra[label] if kind is str else _number(extra[label], kind)
     if "strength" in values:
         values["hires_strength"] = values.pop("strength")
+
+
+# A1111's inpaint fields -> (config key, {A1111's word: ours}; None: a number)
+_INPAINT_FIELDS = {
+    "Mask blur": ("mask_blur", None),
+    "Masked content": ("inpaint_fill", {"original": "original", "fill": "fill", "latent noise": "latent-noise",
+                                        "latent nothing": "latent-nothing"}),
+    "Inpaint area": ("inpaint_area", {"Whole picture": "whole", "Only masked": "masked"}),
+    "Masked area padding": ("inpaint_padding", None),
+    "Mask mode": ("mask_invert", {"Inpaint masked": False, "Inpaint not masked": True}),
+}
+
+
+def _inpaint_values(extra: dict) -> dict:
+    """The config values of A1111's inpaint fields (and sdcli's "Outpaint pad"), as written by app/inpaint.py. A
+    value that is no known word or number is kept as text, for check_mapping to refuse naming the image."""
+    values = {}
+    for label, (key, words) in _INPAINT_FIELDS.items():
+        if label in extra:
+            raw = str(extra[label]).strip()
+            values[key] = _whole_number(raw) if words is None else words.get(raw, raw)
+    if "Outpaint pad" in extra:
+        values["pad"] = ",".join(str(extra["Outpaint pad"]).split())
+    return values
+
+
+def _whole_number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _number(text: str, kind=float):
