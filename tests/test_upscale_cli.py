@@ -65,7 +65,10 @@ def picture(path, size=(100, 72), mode="RGB", texts=None):
     """A smooth test picture saved as PNG in `mode`, with optional text chunks."""
     arr = (smooth_image(size[1], size[0], 4, seed=5)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr, "RGBA")
-    img = img if mode == "RGBA" else img.convert("RGB").convert(mode) if mode != "P" else img.convert("RGB").quantize(64)
+    if mode == "P":
+        img = img.convert("RGB").quantize(64)
+    elif mode != "RGBA":
+        img = img.convert("RGB").convert(mode)
     info = PngInfo()
     for key, value in (texts or {}).items():
         info.add_itxt(key, value)
