@@ -15,7 +15,8 @@ STAMP  := $(VENV)/.sdcli-installed
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
-.PHONY: install install-runtime install-ray install-gguf browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 clean
+.PHONY: install install-runtime install-ray install-gguf install-spandrel browser demo demo-tiny test bench bench-quick \
+	bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale clean
 
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,11 @@ $(GGUF_STAMP): $(RUNTIME_STAMP)
 	touch $(GGUF_STAMP)
 
 install-gguf: $(GGUF_STAMP)
+
+# The optional spandrel extra: upscaler architectures sdcli does not run itself (SwinIR, HAT, DAT, ...). It pulls
+# torchvision, which must match the installed torch (pass the same index as TORCH).
+install-spandrel: $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[spandrel]"
 
 # tests/test_report.py opens the verify report in a real headless browser. Best effort: Debian's chromium when no
 # browser is on PATH and we are root with apt-get; never fails the install (the test then says it was skipped).
@@ -110,6 +116,10 @@ bench-gguf: $(STAMP)
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)
 	$(PY) scripts/bench.py --avx2
+
+# ESRGAN x4 (23 blocks, 64 features) 512 -> 2048 untiled and tiled vs spandrel; the table into docs/benchmarks.md
+bench-upscale: $(STAMP)
+	$(PY) scripts/bench_upscale.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

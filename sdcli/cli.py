@@ -145,6 +145,8 @@ def generate(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     tome_ratio: opt.TomeOpt = None,
     tome_ratio_hr: opt.TomeHrOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
@@ -188,8 +190,10 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, ray=ray,
-                   original_size=original_size, target_size=target_size, crop_coords=crop_coords,
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
+                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio=tome_ratio,
+                   tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
+                   crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
@@ -363,6 +367,8 @@ def sweep(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     tome_ratio: opt.TomeOpt = None,
     tome_ratio_hr: opt.TomeHrOpt = None,
     config: opt.ConfigOpt = None,
@@ -386,8 +392,9 @@ def sweep(
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
-                   dtype=dtype, device=device, offload=offload,
+                   hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
+                   tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
+                   prediction=prediction, dtype=dtype, device=device, offload=offload,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
@@ -451,16 +458,49 @@ def decode(
 @app.command()
 @guard.handled
 def inspect(
-    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, upscaler, image, latent or embedding file.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
     hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     json_out: opt.JsonOpt = False,
 ) -> None:
-    """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
+    """Explain an artifact: checkpoint, upscaler, image metadata, latent/embedding file, or a prompt's tokens."""
     from sdcli.app.inspect import run_inspect
 
     run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
+
+
+@app.command()
+@guard.handled
+def upscale(
+    images: Annotated[list[str], typer.Argument(help="Images to upscale ('-' = stdin).")],
+    upscaler: Annotated[str, typer.Option("--upscaler", "-u", help="An upscaler model file (ESRGAN, Real-ESRGAN, "
+                                          "...), a name in --upscaler-dir (R-ESRGAN 4x+, 4x-UltraSharp), or Lanczos / "
+                                          "Nearest (with --scale).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template "
+                                                  "with {index} {stem} {seed} {prompt} (default: {stem}-upscaled.png).")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="Scale factor (default: the model's own); the "
+                                                   "model runs up to 3 times, then one Lanczos resize.")] = None,
+    tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (0 = the whole image at once).")] = 512,
+    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Pixels neighbouring tiles share.")] = 32,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    config: opt.ConfigOpt = None,
+    dtype: opt.DtypeOpt = None,
+    device: opt.DeviceOpt = None,
+    overwrite: opt.OverwriteOpt = False,
+    quiet: opt.QuietOpt = False,
+    json_out: opt.JsonOpt = False,
+) -> None:
+    """Upscale images with an upscaler model (A1111's Extras tab); metadata carried over."""
+    from sdcli.app.upscale import UpscaleRequest, run_upscale
+    from sdcli.runtime.console import set_quiet
+
+    set_quiet(quiet)
+    guard.stdout_needed(output, json_out)
+    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device)
+    run_upscale(UpscaleRequest(images=list(images), upscaler=upscaler, output=output, scale=scale, tile=tile,
+                               overlap=tile_overlap, flags=flags, config_file=config, overwrite=overwrite,
+                               json_out=json_out))
 
 
 @app.command()
@@ -518,6 +558,7 @@ def verify(
     vae: opt.VaeOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     config: opt.ConfigOpt = None,
     device: opt.DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
@@ -551,7 +592,7 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload)
+                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
 

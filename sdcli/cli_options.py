@@ -113,8 +113,8 @@ SeamlessOpt = Annotated[
     Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
 ]
 HiresScaleOpt = Annotated[
-    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the first pass by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix'; --hires-upscaler says how).")
 ]
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
@@ -128,6 +128,15 @@ TomeHrOpt = Annotated[
 ]
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
+HiresUpscalerOpt = Annotated[
+    Optional[str], typer.Option("--hires-upscaler", help="Hires fix: how pass 1 is enlarged: Latent (default), "
+                                "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), Lanczos, "
+                                "Nearest, None, or an upscaler model: a file, or a name in --upscaler-dir.")
+]
+UpscalerDirOpt = Annotated[
+    Optional[str], typer.Option("--upscaler-dir", help="Folder where upscaler models are found by name (A1111's "
+                                "models/ layout: ESRGAN/, RealESRGAN/, ... and sub-folders).")
 ]
 GridOpt = Annotated[
     Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "

@@ -63,6 +63,7 @@ def run_generate(req: GenerateRequest) -> None:
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
+    render.check_hires_upscalers(jobs)
     if replay is not None:
         from sdcli.output.replay import check_embeddings, check_refiner_given
 

@@ -44,6 +44,10 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
         return _image_report(path)
     if _is_gguf(path):
         return _gguf_report(path, hashes)
+    if path.suffix.lower() == ".pth":  # a pickle: an upscaler's usual file (others fail the header read below)
+        upscaler = _upscaler_report(path, hashes)
+        if upscaler is not None:
+            return upscaler
     if path.suffix == ".latent" or _is_small_sdcli_file(path):
         return _tensor_file_report(path)
     return _checkpoint_report(path, hashes)
@@ -182,6 +186,9 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
     from sdcli.control.settings import inspect_report
     from sdcli.formats.safetensors import read_header
 
+    upscaler = _upscaler_report(path, hashes)  # first: ControlNet's T2I-Adapter test takes an RRDBNet's `body.N`
+    if upscaler is not None:
+        return upscaler
     controlnet = inspect_report(path, hashes)
     if controlnet is not None:
         return controlnet
@@ -200,6 +207,44 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
     elif path.is_dir():
         report.update(_folder_summary(path))
     return report
+
+
+def _upscaler_report(path: Path, hashes: bool) -> dict[str, Any] | None:
+    """An upscaler file (ESRGAN, Real-ESRGAN, Compact; other architectures through spandrel): what it is, its
+    scale and purpose, what sizes it takes and how `upscale` tiles it. None for anything that is not one: a
+    .safetensors file by its header, a .pth (an upscaler's usual suffix) by its tensors; other pickles (.ckpt)
+    are not read twice."""
+    from sdcli.upscale import files
+
+    if path.is_dir() or path.suffix.lower() not in (".pth", ".safetensors"):
+        return None
+    try:
+        stored = files.read_stored(path)
+        layout = files.classify(set(stored.entries))
+    except (BadInputError, UnsupportedModelError):
+        return None  # not an upscaler's tensors: the checkpoint path says what the file is
+    if layout == "other" and not any(test(set(stored.entries)) for test, _ in files.SPANDREL_NAMES):
+        return None
+    info = files.inspect_upscaler(path)
+    report = {"kind": "upscaler", "path": str(path), **files.describe(path, info), **_upscaler_sizes(info.config)}
+    if hashes:
+        from sdcli.formats.hashing import file_sha256
+
+        report["sha256"] = file_sha256(path)
+    return report
+
+
+def _upscaler_sizes(cfg) -> dict[str, Any]:
+    """What input sizes it takes and how `sdcli upscale` runs it: ESRGAN and Compact take any size (an x2 or x1
+    RRDBNet pads to a multiple of its pixel-unshuffle factor itself); every model runs in tiles of 512 px with
+    32 px shared between neighbours by default (--tile, --tile-overlap)."""
+    from sdcli.upscale import tiled
+
+    multiple = getattr(cfg, "unshuffle", 1) if cfg is not None else None
+    sizes = ("any" if multiple == 1 else f"any (padded to a multiple of {multiple})" if multiple
+             else "as spandrel requires")
+    return {"input_size": sizes, "tiling": f"tiles of {tiled.DEFAULT_TILE} px, {tiled.DEFAULT_OVERLAP} px overlap "
+                                           "by default (--tile, --tile-overlap); 0 = untiled"}
 
 
 def _folder_summary(folder: Path) -> dict[str, Any]:

@@ -55,12 +55,13 @@ class Init:
 
 @dataclass(frozen=True)
 class Hires:
-    """The hires fix's second pass (A1111 "Hires. fix", Latent upscaler): its plan, output size and strength."""
+    """The hires fix's second pass (A1111 "Hires. fix"): its plan, output size, strength and upscaler."""
 
     plan: Any  # pipeline.SamplingPlan with hires_steps (or steps)
     size: tuple[int, int]  # (height, width) of the output, multiples of 8
     strength: float
     conds: tuple | None = None  # (cond, uncond) when prompt editing schedules this pass apart; else pass 1's
+    upscaler: Any = None  # upscale.resize.HiresUpscaler: how pass 1 reaches the size (None: "Latent")
 
 
 @dataclass(frozen=True)
@@ -382,9 +383,49 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     out = pipeline.hires_size(*size, cfg.hires_scale, models.family.latent.downscale)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = " (rounded to a multiple of 8)" if exact != (out[1], out[0]) else ""
+    upscaler = hires_upscaler(cfg, models)
+    named = "" if upscaler.choice.name == "Latent" else f", upscaler {upscaler.choice.name}"
     console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
-                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps")
-    return Hires(plan, out, cfg.hires_strength)
+                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps{named}")
+    return Hires(plan, out, cfg.hires_strength, upscaler=upscaler)
+
+
+def hires_upscaler(cfg: RunConfig, models):
+    """The job's hires upscaler (upscale.resize.HiresUpscaler), its network loaded once per run on the model's
+    device and dtype when it is a model file."""
+    from sdcli.upscale.names import choose
+    from sdcli.upscale.resize import HiresUpscaler
+
+    choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
+    if choice.kind != "model":
+        return HiresUpscaler(choice)
+    key = (str(choice.path), models.dtype, models.device)
+    if key not in _HIRES_MODELS:
+        from sdcli.upscale.files import load_upscaler
+
+        _HIRES_MODELS.clear()  # one run, one hires upscaler
+        console.info(f"hires upscaler: {choice.path}")
+        _HIRES_MODELS[key] = load_upscaler(choice.path, models.dtype, models.device)
+    return HiresUpscaler(choice, _HIRES_MODELS[key])
+
+
+_HIRES_MODELS: dict = {}
+
+
+def check_hires_upscalers(jobs: list[Job]) -> None:
+    """Every hires upscaler the jobs name, found (exit 4 naming the file and where it was looked for) and known
+    to be an upscaler (exit 3 / 8): said before the (slow) model load."""
+    from sdcli.upscale.files import inspect_upscaler
+    from sdcli.upscale.names import choose
+
+    checked = set()
+    for job in jobs:
+        if job.cfg.hires_scale == 1.0:
+            continue
+        choice = choose(job.cfg.hires_upscaler, job.cfg.upscaler_dir)
+        if choice.kind == "model" and choice.path not in checked:
+            inspect_upscaler(choice.path)
+            checked.add(choice.path)
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
@@ -410,7 +451,8 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
         big = (shape[0], hires.size[0] // down, hires.size[1] // down)
         draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
-    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback)
+    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback,
+                              hires.upscaler)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from sdcli.control import settings as control_config
 from sdcli.config import sparse_keys
 from sdcli.runtime.errors import OutputError
 from sdcli.app import save
+from sdcli.config import sparse_keys
 
 LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
 
@@ -66,6 +67,10 @@ def expected_config(target) -> dict:
                                    schedule=schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
+    for key, default in sparse_keys().items():  # as save.metadata: a feature that is off is not recorded
+        if expected.get(key) == default:
+            del expected[key]
+    save.record_hires_upscaler(expected, cfg)
     for key in ("model", "vae"):
         expected[key] = Path(expected[key]).name if expected[key] else expected[key]
     for key in LOAD_TIME_KEYS:

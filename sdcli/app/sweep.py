@@ -73,6 +73,7 @@ def run_sweep(req: SweepRequest) -> None:
     planned = [_plan_cell(c, base, req) for c in cells]
     for p in planned:
         _check_cell(p, base)
+    render.check_hires_upscalers([p.job for p in planned])
     render.warn_unused_params([p.job for p in planned])
     plots = _plot_paths(req.output, len(z.values) if z else 1)
     json_path = Path(req.json_path) if req.json_path else Path(req.output).with_suffix(".json")
@@ -252,7 +253,8 @@ def _record(p: PlannedCell, done: Done, plot: Path, box: tuple) -> dict:
 
 
 REPLAYED_FLAGS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
-                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "dtype")
+                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "hires_upscaler",
+                  "dtype")
 # A1111's noise and sampler parameters: on the command line only where they differ from their defaults.
 NOISE_FLAGS = ("rng", "subseed", "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax",
                "s_noise")

@@ -66,6 +66,10 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     if replay.source != "sdcli" or replay.mode not in ("txt2img", "img2img", "inpaint"):
         raise UsageError(f"{image}: verify re-renders PNGs written by sdcli (this is {replay.source} "
                          f"{replay.mode}); use `generate --from-image` to replay other images")
+    upscaled = replay.recorded.get("postprocessing")
+    if isinstance(upscaled, list) and upscaled:  # `sdcli upscale` output: the render's record, another image
+        steps = ", ".join(str(step.get("name")) for step in upscaled if isinstance(step, dict))
+        raise UsageError(f"{image} was upscaled after it was rendered ({steps}): verify the image as it was rendered")
     inputs = _inputs(image, replay, *given) if replay.mode != "txt2img" else None
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
@@ -84,6 +88,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
+    render.check_hires_upscalers([job])
     control_config.check_files([job], cfg.model)
     return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"), inputs)
 

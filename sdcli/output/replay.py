@@ -17,10 +17,10 @@ from sdcli.text.prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
-               "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
-               "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur", "inpaint_fill", "inpaint_area",
-               "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed", "subseed_strength",
-               "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+               "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score",
+               "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur",
+               "inpaint_fill", "inpaint_area", "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed",
+               "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 # A1111 infotext fields of the "extra" part that replay as numbers -> config key
 INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
                     "Token merging ratio hr": "tome_ratio_hr"}
@@ -67,6 +67,7 @@ def from_image(path: str | Path) -> Replay:
         refiner = extra.get("Refiner")
         values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
                        if extra.get(field) is not None})
+        _hires_values(values, extra)
         masked = _inpaint_values(extra)
         values.update(masked)
         mode = "inpaint" if masked else "img2img" if "strength" in values else "txt2img"
@@ -74,6 +75,7 @@ def from_image(path: str | Path) -> Replay:
         ours = {}
         if meta["source"] == "a1111":
             values.update(a1111_noise(params, path))
+            _cpu_hires_note(values, path)
         else:  # sd.cpp draws its own noise (a CUDA-like Philox by default)
             from sdcli.runtime import console
 
@@ -81,6 +83,10 @@ def from_image(path: str | Path) -> Replay:
                          "own way (not A1111's), so the same seed gives a different image")
     if values.get("schedule") is None:
         values.pop("schedule", None)
+    if isinstance(values.get("hires_upscaler"), str):  # a name, found in the user's upscaler_dir: never a path
+        from sdcli.upscale.names import display_name  # that an image's metadata points at
+
+        values["hires_upscaler"] = display_name(values["hires_upscaler"])
     where = f"{path} (metadata)"
     steps = values.get("steps") if isinstance(values.get("steps"), int) else 20
     check_prompt(prompt, where, steps)
@@ -88,6 +94,33 @@ def from_image(path: str | Path) -> Replay:
     return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
                   embeddings=_embeddings(ours, meta["parameters"]),
                   refiner=refiner if isinstance(refiner, str) else None)
+
+
+# A1111's hires fix fields -> config keys (processing.py StableDiffusionProcessingTxt2Img: extra_generation_params)
+HIRES_FIELDS = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+                "Hires upscaler": ("hires_upscaler", str)}
+
+
+def _hires_values(values: dict, extra: dict) -> None:
+    """An A1111 hires fix render: its Hires fields, and its Denoising strength as the second pass's (it is not an
+    img2img strength there)."""
+    if extra.get("Hires upscale") is None:
+        return
+    for label, (key, kind) in HIRES_FIELDS.items():
+        if extra.get(label) is not None:
+            values[key] = extra[label] if kind is str else _number(extra[label], kind)
+    if "strength" in values:
+        values["hires_strength"] = values.pop("strength")
+
+
+def _cpu_hires_note(values: dict, path) -> None:
+    """An A1111 hires fix render made with CPU noise: A1111 starts new generators for the second pass, sdcli's `cpu`
+    noise goes on with the first pass's (pipeline.NoiseSettings.fresh_hires_noise), so the second pass differs."""
+    if values.get("hires_scale", 1) != 1 and str(values.get("rng", "")).lower() == "cpu":
+        from sdcli.runtime import console
+
+        console.info(f"{path}: a hires fix with CPU noise: A1111 draws the second pass's noise from new generators, "
+                     "sdcli's cpu noise goes on with the first pass's, so the hires pass differs")
 
 
 # A1111's inpaint fields -> (config key, {A1111's word: ours}; None: a number)
@@ -121,9 +154,10 @@ def _whole_number(text: str):
         return text
 
 
-def _number(text: str):
+def _number(text: str, kind=float):
     try:
-        return float(text)
+        value = float(text)
+        return int(value) if kind is int and value.is_integer() else value
     except ValueError:
         return text  # refused by check_mapping, naming the image and the key
 
