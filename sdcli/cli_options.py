@@ -149,3 +149,7 @@ SkipExistingOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
                        "metadata is this job's counts as done (resumes an interrupted batch).")
 ]
+ServerOpt = Annotated[
+    Optional[str], typer.Option("--server", envvar="SDCLI_SERVER", help="Render in a warm `sdcli serve` at this URL "
+                                "(http://HOST:PORT; user:pass@ for --api-auth); the files are written here.")
+]

@@ -12,7 +12,7 @@ from sdcli.runtime import console
 from sdcli.control import settings as control_config
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.jobs import Job, read_prompts_file, single_job
-from sdcli.app import cluster, refine, render, resume
+from sdcli.app import cluster, refine, remote, render, resume
 
 
 @dataclass
@@ -39,6 +39,7 @@ class GenerateRequest:
     grid_only: bool = False  # write the grid, not the single images
     skip_existing: bool = False  # render only the outputs missing (or not this job's image)
     workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
+    server: str | None = None  # --server URL: rendered by a warm `sdcli serve`, written here (app/remote.py)
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -63,6 +64,8 @@ def run_generate(req: GenerateRequest) -> None:
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
+    if req.server:
+        remote.check_request(req, base)
     if replay is not None:
         from sdcli.output.replay import check_embeddings, check_refiner_given
 
@@ -74,6 +77,8 @@ def run_generate(req: GenerateRequest) -> None:
     outputs.check()
     if not targets:
         return console.info("nothing to render: every image exists")
+    if req.server:  # the server finds the LoRA files in its own folder
+        return remote.render_on_server(req.server, targets, req)
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     control_config.check_files(jobs, base.model)

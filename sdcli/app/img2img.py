@@ -12,7 +12,7 @@ from sdcli import config as cfgmod
 from sdcli.runtime import console
 from sdcli.control import settings as control_config
 from sdcli.jobs import single_job
-from sdcli.app import cluster, refine, render, resume
+from sdcli.app import cluster, refine, remote, render, resume
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Img2ImgRequest:
     grid_only: bool = False
     skip_existing: bool = False
     workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
+    server: str | None = None  # --server URL: rendered by a warm `sdcli serve`, written here (app/remote.py)
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
@@ -43,6 +44,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
         base = dataclasses.replace(base, strength=1.0)  # inpainting repaints from pure noise unless told otherwise
     job = single_job(req.prompt, base)
     refine.check_refiner_use(base, txt2img=False)
+    if req.server:
+        remote.check_request(req, base)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     img, notes = images.load_image(req.image)
     for note in notes:
@@ -55,9 +58,11 @@ def run_img2img(req: Img2ImgRequest) -> None:
     outputs.check()
     if not targets:
         return console.info("nothing to render: every image exists")
+    if req.server:  # the picture as loaded here, so the server encodes the same pixels
+        return remote.render_on_server(req.server, targets, req, (img, notes, mask, req.mask))
     loras = render.job_loras([job], req.loras)
     control_config.check_files([job], base.model)
-    setup = functools.partial(_init, base, img, mask, notes, req.mask)
+    setup = functools.partial(prepare_init, base, img, mask, notes, req.mask)
     if base.ray:
         return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req, setup)
     models = render.load(base)
@@ -65,9 +70,9 @@ def run_img2img(req: Img2ImgRequest) -> None:
     render.render_all(models, targets, init, None, req, loras, nets=control_config.load_nets([job], models))
 
 
-def _init(base, img, mask, notes, mask_path, models) -> tuple:
+def prepare_init(base, img, mask, notes, mask_path, models) -> tuple:
     """(Init, no embedding) for a loaded model: the image encoded, the inpainting channels when masked. A Ray
-    worker calls it too, once its own model is loaded."""
+    worker calls it too, once its own model is loaded, and the server (app/serve.py) for each request."""
     from sdcli import pipeline
     from sdcli.formats import images
 

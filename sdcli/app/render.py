@@ -408,7 +408,8 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):
-    """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
+    """The sampler callback: progress, the live preview when asked for, and the request's own `on_step` hook
+    (the server's: its progress and interrupt; any may be absent)."""
     from sdcli.output.preview import PreviewWriter
 
     latent = models.family.latent
@@ -416,7 +417,7 @@ def _with_preview(progress, req, models, vae_dir: str | None):
     writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
                            decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
-    callbacks = [c for c in (progress, writer) if c is not None]
+    callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]

@@ -1,0 +1,566 @@
+"""The server's routes: A1111's `/sdapi/v1/...`, OpenAI's `/v1/images/generations` and sdcli's `/sdcli/v1/render`
+(the NDJSON stream `generate --server` reads). Each handler parses (a1111_api), builds a RenderSpec (the job, its
+seeds, its LoRAs and init image, files looked up in the server's folders only), hands it to the render thread
+and answers with the response shape its API has."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from sdcli import __version__
+from sdcli.app import a1111_api as api
+from sdcli.app.serve import PROTOCOL, HEARTBEAT_S, State, error_response, wait_for
+from sdcli.app.serve_device import Init, RenderSpec, log
+from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
+
+PER_RUN = ("model", "vae", "dtype", "device", "prediction")  # what --server's client may ask of the loaded model
+SERVERS_OWN = ("lora_dir", "embeddings_dir", "vae_dir", "ray", "offload", "output")  # the server's folders and ways
+
+
+def table(state: State) -> dict:
+    """(method, path) -> handler, each wrapped so that any error becomes a JSON answer."""
+    plain = {
+        ("GET", "/sdapi/v1/sd-models"): _sd_models, ("GET", "/sdapi/v1/samplers"): lambda s, r: api.samplers(),
+        ("GET", "/sdapi/v1/schedulers"): lambda s, r: api.schedulers(),
+        ("GET", "/sdapi/v1/upscalers"): lambda s, r: api.upscalers(),
+        ("GET", "/sdapi/v1/latent-upscale-modes"): lambda s, r: [{"name": "Latent"}],
+        ("GET", "/sdapi/v1/loras"): _loras, ("GET", "/sdapi/v1/sd-vae"): _vaes,
+        ("GET", "/sdapi/v1/options"): _options, ("GET", "/sdapi/v1/memory"): _memory,
+        ("GET", "/sdapi/v1/prompt-styles"): lambda s, r: [], ("GET", "/sdapi/v1/face-restorers"): lambda s, r: [],
+        ("GET", "/sdapi/v1/scripts"): lambda s, r: {"txt2img": [], "img2img": []},
+        ("GET", "/sdapi/v1/script-info"): lambda s, r: [], ("GET", "/sdapi/v1/extensions"): lambda s, r: [],
+        ("POST", "/sdapi/v1/interrupt"): _interrupt, ("POST", "/sdapi/v1/skip"): _skip,
+        ("POST", "/sdapi/v1/refresh-checkpoints"): lambda s, r: None,  # the folders are read on every listing
+        ("POST", "/sdapi/v1/refresh-loras"): lambda s, r: None, ("POST", "/sdapi/v1/refresh-vae"): lambda s, r: None,
+        ("GET", "/sdcli/v1/info"): _info,
+    }
+    slow = {("GET", "/sdapi/v1/progress"): _progress, ("GET", "/sdapi/v1/embeddings"): _embeddings,
+            ("POST", "/sdapi/v1/png-info"): _png_info}
+    jobs = {("POST", "/sdapi/v1/txt2img"): _txt2img, ("POST", "/sdapi/v1/img2img"): _img2img,
+            ("POST", "/sdapi/v1/options"): _set_options, ("POST", "/v1/images/generations"): _openai,
+            ("POST", "/sdcli/v1/render"): _render}
+    out = {key: _answer(state, fn, threaded=False) for key, fn in plain.items()}
+    out.update({key: _answer(state, fn, threaded=True) for key, fn in slow.items()})
+    out.update({key: functools.partial(_guarded, state, fn) for key, fn in jobs.items()})
+    return out
+
+
+def _answer(state: State, fn, threaded: bool):
+    """A handler `fn(state, request) -> JSON value` (run on a worker thread when `threaded`) as an endpoint."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    async def endpoint(request):
+        try:
+            body = await request.body() if request.method == "POST" else b""
+            value = await run_in_threadpool(fn, state, request, body) if threaded else fn(state, request)
+        except Exception as e:  # noqa: BLE001 - answered as JSON, never a traceback
+            return error_response(e)
+        return JSONResponse(value)
+
+    return endpoint
+
+
+async def _guarded(state: State, fn, request):
+    try:
+        return await fn(state, request)
+    except Exception as e:  # noqa: BLE001
+        return error_response(e)
+
+
+# --- listings ------------------------------------------------------------------------------------------------
+
+def _sd_models(state: State, _request) -> list[dict]:
+    titles = state.service.titles()
+    return [{"title": titles[name], "model_name": str(Path(name).with_suffix("")), "hash": (state.service.hashes.get(name)
+             or "")[:10] or None, "sha256": state.service.hashes.get(name), "filename": path, "config": None}
+            for name, path in state.folders.models().items()]
+
+
+def _loras(state: State, _request) -> list[dict]:
+    return [{"name": Path(name).stem, "alias": Path(name).stem, "path": path, "metadata": {}}
+            for name, path in state.folders.loras().items()]
+
+
+def _vaes(state: State, _request) -> list[dict]:
+    return [{"model_name": name, "filename": path} for name, path in state.folders.vaes().items()]
+
+
+def _options(state: State, _request) -> dict:
+    service = state.service
+    model, vae = service.current
+    name = service.name_of(model)
+    return {"sd_model_checkpoint": service.titles().get(name, name), "sd_checkpoint_hash": service.hashes.get(name),
+            "sd_vae": Path(vae).name if vae else "Automatic",
+            "CLIP_stop_at_last_layers": state.options.get("clip_skip", state.base.clip_skip),
+            "samples_format": "png", "eta_noise_seed_delta": 0, "randn_source": "CPU",
+            "sd_model_name": Path(name).stem, "sdcli_version": __version__}
+
+
+def _info(state: State, _request) -> dict:
+    placement = state.service.placement
+    return {"sdcli_version": __version__, "protocol": PROTOCOL, "model": Path(state.service.current[0]).name,
+            "device": getattr(placement, "device", None), "dtype": getattr(placement, "dtype_name", None)}
+
+
+def _memory(_state: State, _request) -> dict:
+    """A1111's /memory: this process's RAM and, on CUDA, the device's (torch's allocator counters)."""
+    ram = {"error": "unavailable"}
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(info["MemTotal"].split()[0]) * 1024
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        ram = {"free": total - rss, "used": rss, "total": total}
+    except (OSError, KeyError, ValueError) as e:
+        ram = {"error": str(e)}
+    return {"ram": ram, "cuda": _cuda_memory()}
+
+
+def _cuda_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info()
+    s = torch.cuda.memory_stats()
+
+    def pair(name):
+        return {"current": s.get(f"{name}.all.current", 0), "peak": s.get(f"{name}.all.peak", 0)}
+
+    return {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+            "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": s.get("num_alloc_retries", 0), "oom": s.get("num_ooms", 0)}}
+
+
+def _embeddings(state: State, _request, _body) -> dict:
+    """Every embedding of the server's folder, split as A1111 does: loaded (fits the model) and skipped."""
+    from sdcli.text.embeddings import Skipped, fit, read_embedding
+
+    library = state.service.models.embeddings if state.service.models is not None else None
+    loaded, skipped = {}, {}
+    if library is not None:
+        for name, path in library.folder.paths.items():
+            try:
+                emb = fit(read_embedding(path), library.widths)
+            except SdcliError as e:
+                log(f"embedding {path}: {e}")
+                continue
+            row = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                   "shape": int(next(iter(getattr(emb, "vectors", {}).values())).shape[-1]) if not isinstance(
+                       emb, Skipped) else 0, "vectors": getattr(emb, "n_vectors", 0)}
+            (skipped if isinstance(emb, Skipped) else loaded)[name] = row
+    return {"loaded": loaded, "skipped": skipped}
+
+
+# --- progress, interrupt, skip -------------------------------------------------------------------------------
+
+def _progress(state: State, request, _body) -> dict:
+    ticket = state.device.current
+    if ticket is None or ticket.name in ("load", "options"):
+        return api.progress(api.idle_state(), None, None)
+    skip_image = request.query_params.get("skip_current_image", "false").lower() in ("true", "1")
+    image = None
+    if not skip_image:
+        ticket.preview_wanted = time.time() + 2.0  # the sampler keeps a copy of its estimate while polled
+        image = _preview(ticket)
+    state_dict = ticket.state()
+    state_dict["queued"] = len(state.device.waiting)
+    return api.progress(state_dict, ticket.started, image)
+
+
+def _preview(ticket) -> str | None:
+    """The newest estimate as A1111's "Approx cheap" live preview: a base64 PNG (None before the first step)."""
+    latest, latent = ticket.latest, ticket.latent
+    if latest is None or latent is None:
+        return None
+    import io
+
+    from PIL import Image
+
+    from sdcli.formats.images import tensor_to_pil
+    from sdcli.output.preview import cheap_rgb
+
+    _, _, h, w = latest.shape
+    img = tensor_to_pil(cheap_rgb(latest, latent.rgb_factors)[0]).resize((w * latent.downscale, h * latent.downscale),
+                                                                          Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return api.b64(buf.getvalue())
+
+
+def _interrupt(state: State, _request) -> dict:
+    state.device.interrupt()
+    return {}
+
+
+def _skip(state: State, _request) -> None:
+    state.device.skip()
+
+
+# --- png-info ------------------------------------------------------------------------------------------------
+
+def _png_info(state: State, _request, body: bytes) -> dict:
+    """A1111's /png-info: the infotext, the other text chunks, and the infotext parsed with A1111's labels."""
+    from sdcli.output.metadata import PARAMETERS_KEY, read_image_metadata
+
+    ask = api.parse_body(body)
+    errors: list[dict] = []
+    data = api._image_bytes("image", ask.get("image"), errors)
+    if errors:
+        raise api.Invalid(errors)
+    with _scratch_file(state, "image.png", data) as path:
+        try:
+            meta = read_image_metadata(path)
+        except SdcliError as e:
+            raise BadInputError(str(e).replace(str(path), "image")) from None
+    infotext = meta["raw"].get(PARAMETERS_KEY, "")
+    items = {k: v for k, v in meta["raw"].items() if k != PARAMETERS_KEY}
+    return {"info": infotext, "items": items, "parameters": api.infotext_parameters(infotext)}
+
+
+class _scratch_file:
+    """A request's upload as a file of the server's private scratch folder, removed afterwards: the readers a
+    local run uses (images.load_image, metadata) take paths, and so get the same checks."""
+
+    def __init__(self, state: State, name: str, data: bytes):
+        self.folder = Path(tempfile.mkdtemp(dir=state.scratch))
+        self.path = self.folder / (Path(name).name or "upload.png")
+        self.path.write_bytes(data)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- rendering: A1111 ----------------------------------------------------------------------------------------
+
+async def _txt2img(state: State, request):
+    return await _a1111_job(state, request, api.txt2img_request, "txt2img")
+
+
+async def _img2img(state: State, request):
+    return await _a1111_job(state, request, api.img2img_request, "img2img")
+
+
+async def _a1111_job(state: State, request, parse, name: str):
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response
+
+    ask = parse(api.parse_body(await request.body()))
+    spec = await run_in_threadpool(spec_for, state, ask)
+    ticket = state.submit(lambda t: state.service.render(t, spec), name)
+    result = await wait_for(request, ticket)
+    if result is None:
+        return Response(status_code=499)  # nobody is listening any more
+    for warning in ask.warnings:
+        log(f"{name}: {warning}")
+    return JSONResponse(a1111_response(ask, spec, result))
+
+
+def a1111_response(ask: api.Ask, spec: RenderSpec, result) -> dict:
+    done = result.images
+    cfg = spec.job.cfg
+    if done:
+        height, width = done[0].size
+        cfg = dataclasses.replace(cfg, width=width, height=height)
+    extra = {"warnings": ask.warnings, "interrupted": result.interrupted, "job_started": result.started,
+             "job_finished": result.finished, "inpainting": spec.init is not None and spec.init.mask is not None,
+             "denoising_strength": cfg.strength if spec.init is not None else
+             (cfg.hires_strength if cfg.hires_scale != 1.0 else None)}
+    info = api.info(cfg, spec.job.prompt, [r.target.seed for r in done], [r.picture.infotext for r in done],
+                    result.model, extra)
+    images = [api.b64(r.png) for r in done] if ask.send_images else []
+    return {"images": images, "parameters": api.parameters(ask.given, spec.job.cfg.to_dict() | ask.flags),
+            "info": info}
+
+
+def spec_for(state: State, ask: api.Ask) -> RenderSpec:
+    """An A1111 request as one job on the server's configuration: seeds drawn, files found in its folders."""
+    from sdcli.jobs import single_job
+
+    cfg = dataclasses.replace(state.base, **{**state.options, **ask.flags})
+    if ask.hires_size is not None:
+        cfg = dataclasses.replace(cfg, hires_scale=_hires_scale(cfg, *ask.hires_size))
+    init = _decode_init(state, ask) if ask.images else None
+    if init is not None:
+        cfg = dataclasses.replace(cfg, width=init.image.width, height=init.image.height)
+    job = single_job(ask.prompt, cfg)
+    _check_sampler(job)
+    return RenderSpec(job, [job.cfg.seed + k for k in range(ask.count)], list(range(ask.count)),
+                      _lora_specs(state, [], job), init, *_model_choice(state, ask.options))
+
+
+def _hires_scale(cfg, x: int, y: int) -> float:
+    """hr_resize_x / hr_resize_y as sdcli's one hires scale (the aspect ratio is kept, as the Latent pass does)."""
+    if not cfg.width or not cfg.height:
+        raise UsageError("hr_resize_x / hr_resize_y need width and height in the request")
+    scales = {round(v / size, 6) for v, size in ((x, cfg.width), (y, cfg.height)) if v}
+    if len(scales) != 1:
+        raise UsageError("hr_resize_x / hr_resize_y must keep the aspect ratio of width x height in sdcli")
+    from sdcli.config import check_value
+
+    return check_value("hires_scale", scales.pop(), "request", UsageError)
+
+
+def _check_sampler(job) -> None:
+    from sdcli.app.render import check_samplers
+
+    check_samplers([job])  # the sampler name was checked; this checks the schedule pairing and sigmas
+
+
+def _model_choice(state: State, options: dict) -> tuple:
+    model = options.get("sd_model_checkpoint")
+    vae = options.get("sd_vae")
+    return (state.folders.find_model(model, state.service.titles()) if model else None,
+            state.folders.find_vae(vae) if vae is not None else "current")
+
+
+def _lora_specs(state: State, flags: list, job) -> list:
+    """--lora files (by name, from --server) then the prompt's <lora:NAME:W> tags, found in the server's
+    lora_dir only, each sniffed as a local run does before it loads anything."""
+    from sdcli.loading.lora import LoraSpec, check_file
+
+    specs = [LoraSpec(state.folders.find_lora(name), weight) for name, weight in flags]
+    specs += [LoraSpec(state.folders.find_lora(tag.name), tag.weight) for tag in job.loras]
+    for spec in specs:
+        check_file(spec)
+    return specs
+
+
+def _decode_init(state: State, ask: api.Ask) -> Init:
+    """init_images[0] (resized to width x height when both are given and differ: A1111's "just resize") and the
+    mask (inverted when asked; an RGBA mask with transparency is its alpha channel, as A1111 reads it)."""
+    from PIL import Image
+
+    from sdcli.formats import images
+
+    with _scratch_file(state, "init.png", ask.images[0]) as path:
+        img, notes = _named(lambda: images.load_image(path), path, "init_images[0]")
+    width, height = ask.flags.get("width"), ask.flags.get("height")
+    if width and height and (width, height) != img.size:
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    if ask.mask is None:
+        return Init(img, notes)
+    with _scratch_file(state, "mask.png", _mask_png(ask.mask, ask.mask_invert)) as path:
+        mask, _ = _named(lambda: images.load_mask(path, img.size), path, "mask")
+    return Init(img, notes, mask, "mask.png")
+
+
+def _mask_png(data: bytes, invert: bool) -> bytes:
+    """The mask as load_mask should read it: an RGBA mask with transparency is its alpha channel (A1111's
+    create_binary_mask: alpha > 128 is white), inverted when asked (inpainting_mask_invert)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise BadInputError(f"mask: {img.width}x{img.height} pixels is over the pixel limit")
+            transparent = img.mode == "RGBA" and img.getchannel("A").getextrema() != (255, 255)
+            if not transparent and not invert:
+                return data  # load_mask reads it as it is
+            mask = img.getchannel("A").point(lambda v: 255 if v > 128 else 0) if transparent else img.convert("L")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadInputError(f"mask: cannot decode image ({e})") from None
+    buf = io.BytesIO()
+    (ImageOps.invert(mask) if invert else mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _named(load, path: Path, name: str):
+    try:
+        return load()
+    except SdcliError as e:
+        raise BadInputError(str(e).replace(str(path), name)) from None
+
+
+# --- rendering: OpenAI ---------------------------------------------------------------------------------------
+
+async def _openai(state: State, request):
+    """OpenAI's images API as stable-diffusion.cpp's server offers it: prompt, n, size, response_format b64_json."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response
+
+    try:
+        ask = api.openai_request(api.parse_body(await request.body()))
+    except api.Invalid as e:
+        return JSONResponse(api.openai_error(e), status_code=422)
+    spec = await run_in_threadpool(spec_for, state, ask)
+    result = await wait_for(request, state.submit(lambda t: state.service.render(t, spec), "openai"))
+    if result is None:
+        return Response(status_code=499)
+    return JSONResponse({"created": int(time.time()), "output_format": "png",
+                         "data": [{"b64_json": api.b64(r.png), "revised_prompt": spec.job.prompt}
+                                  for r in result.images]})
+
+
+# --- options -------------------------------------------------------------------------------------------------
+
+async def _set_options(state: State, request):
+    """POST /sdapi/v1/options: clip skip for later requests; a checkpoint or VAE switch, loaded in turn."""
+    from starlette.responses import JSONResponse
+
+    ask = api.options_request(api.parse_body(await request.body()))
+    model, vae = _model_choice(state, ask.options)
+    state.options.update(ask.flags)
+    for warning in ask.warnings:
+        log(f"options: {warning}")
+    if model is not None or vae != "current":
+        await wait_for(request, state.submit(lambda t: state.service.switch(model, vae), "options"))
+    return JSONResponse(None)
+
+
+# --- rendering: sdcli's own (generate --server) --------------------------------------------------------------
+
+async def _render(state: State, request):
+    """One job of a `generate --server` / `img2img --server` run, answered as an NDJSON stream of events:
+    queued, wait (heartbeats), step, image (the PNG file's bytes), then end or error."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    try:
+        spec = await run_in_threadpool(spec_from_client, state, api.parse_body(await request.body()))
+    except (api.Invalid, SdcliError) as e:
+        code = getattr(e, "exit_code", UsageError.exit_code)
+        return JSONResponse({"error": str(e), "exit_code": code}, status_code=422)
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    ticket = state.submit(lambda t: state.service.render(t, spec), "sdcli",
+                          listener=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    ticket.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(events.put_nowait, {"event": "_done"}))
+    return StreamingResponse(_stream(state, ticket, events), media_type="application/x-ndjson")
+
+
+async def _stream(state: State, ticket, events: asyncio.Queue):
+    try:
+        yield _line({"event": "queued", "ahead": state.device.ahead_of(ticket), "sdcli_version": __version__})
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), HEARTBEAT_S)
+            except asyncio.TimeoutError:
+                yield _line({"event": "wait", "ahead": state.device.ahead_of(ticket)})
+                continue
+            if event["event"] == "_done":
+                break
+            if event["event"] == "image":
+                r = event["rendered"]
+                event = {"event": "image", "index": r.target.index, "png": api.b64(r.png), "timings": r.timings,
+                         "fallbacks": r.fallbacks}
+            yield _line(event)
+        yield _line(_ending(ticket))
+    finally:
+        if not ticket.future.done():  # the client went away mid-job: the job ends at its next step
+            ticket.cancelled.set()
+            log("sdcli: the client went away; job cancelled")
+
+
+def _ending(ticket) -> dict:
+    error = ticket.future.exception()
+    if error is None:
+        return {"event": "end", "interrupted": ticket.future.result().interrupted}
+    if not isinstance(error, SdcliError):
+        error_response(error)  # logs the traceback
+    return {"event": "error", "message": str(error) or type(error).__name__,
+            "exit_code": getattr(error, "exit_code", 1)}
+
+
+def _line(obj: dict) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def spec_from_client(state: State, body: dict) -> RenderSpec:
+    """A `--server` client's job: its resolved config (checked again here: the request is untrusted), its seeds,
+    its LoRA names and init image. Files are the server's: the model by name among the served ones."""
+    from sdcli.config import check_mapping
+    from sdcli.jobs import single_job
+
+    if body.get("protocol") != PROTOCOL:
+        raise UsageError(f"this server speaks protocol {PROTOCOL} (sdcli {__version__}); the client sent "
+                         f"{body.get('protocol')!r}: use the same sdcli version on both sides")
+    config = body.get("config")
+    if not isinstance(config, dict) or not isinstance(body.get("prompt"), str):
+        raise BadInputError("request: 'config' (an object) and 'prompt' (text) are required")
+    model, vae = _client_model(state, {k: config.pop(k, None) for k in PER_RUN})
+    for key in SERVERS_OWN:
+        config.pop(key, None)
+    if config.pop("refiner", None) or config.pop("controlnets", None):
+        raise UsageError("--refiner and ControlNet units are not available with --server yet")
+    cfg = dataclasses.replace(state.base, **check_mapping(config, "request"))
+    job = dataclasses.replace(single_job(body["prompt"], cfg), source=str(body.get("source", "request")))
+    targets = _client_targets(body.get("targets"))
+    flags = [(str(name), float(w)) for name, w in _pairs(body.get("loras") or [])]
+    init = _client_init(state, body) if body.get("image") else None
+    return RenderSpec(job, [s for _, s in targets], [i for i, _ in targets], _lora_specs(state, flags, job), init,
+                      model, vae)
+
+
+def _client_model(state: State, asked: dict) -> tuple:
+    """The client's model, VAE, dtype, device and prediction against what this server runs: files by name among
+    the served ones; a dtype or device it does not run is refused (the bytes would differ)."""
+    model = state.folders.find_model(Path(asked["model"]).name, state.service.titles()) if asked["model"] else None
+    vae = None  # no --vae on the client: the checkpoint's own, as its local run would use
+    if asked["vae"]:
+        name = Path(asked["vae"]).name
+        vae = state.base.vae if state.base.vae and Path(state.base.vae).name == name else state.folders.find_vae(name)
+    placement = state.service.placement
+    runs = {"dtype": placement.dtype_name, "device": placement.device, "prediction": state.base.prediction}
+    for key in ("dtype", "device", "prediction"):
+        value = asked[key] or "auto"
+        if value != "auto" and not str(runs[key]).startswith(value):
+            raise UsageError(f"--{key} {value}: the server runs {runs[key]}; drop the option, or start the "
+                             f"server with --{key} {value}")
+    return model, vae
+
+
+def _client_targets(value) -> list[tuple[int, int]]:
+    from sdcli.config import SEED_MAX
+
+    if not isinstance(value, list) or not value:
+        raise BadInputError("request: 'targets' must be a list of {index, seed}")
+    out = []
+    for t in value:
+        if not isinstance(t, dict) or not all(isinstance(t.get(k), int) and not isinstance(t.get(k), bool)
+                                              for k in ("index", "seed")):
+            raise BadInputError("request: each target is {index, seed} (integers)")
+        if not 0 <= t["seed"] <= SEED_MAX + 100000:
+            raise BadInputError(f"request: seed {t['seed']} out of range")
+        out.append((t["index"], t["seed"]))
+    return out
+
+
+def _pairs(value) -> list:
+    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 for p in value):
+        raise BadInputError("request: 'loras' must be a list of [file name, weight]")
+    return value
+
+
+def _client_init(state: State, body: dict) -> Init:
+    """The client's image as it loaded it (PNG: the same pixels), its notes, the binarised mask and its name."""
+    from sdcli.formats import images
+
+    errors: list[dict] = []
+    data = api._image_bytes("image", body["image"], errors)
+    mask = api._image_bytes("mask", body["mask"], errors) if body.get("mask") else None
+    if errors:
+        raise api.Invalid(errors)
+    with _scratch_file(state, "init.png", data) as path:
+        img, _ = _named(lambda: images.load_image(path), path, "image")
+    notes = [str(n) for n in body.get("notes") or []]
+    if mask is None:
+        return Init(img, notes)
+    name = Path(str(body.get("mask_name") or "mask.png")).name
+    with _scratch_file(state, name, mask) as path:
+        tensor, _ = _named(lambda: images.load_mask(path, img.size), path, "mask")
+    return Init(img, notes, tensor, name)
