@@ -18,6 +18,7 @@ import base64
 import dataclasses
 import ipaddress
 import json
+import math
 import secrets
 import socket
 import tempfile
@@ -144,6 +145,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        sock.listen(128)  # connections queue from now on, before uvicorn starts accepting them
     except OSError as e:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
@@ -197,12 +199,11 @@ def build_app(state: State, credentials: dict[str, str], max_bytes: int):
     """The Starlette app: A1111's routes, OpenAI's, sdcli's; behind the auth and size guard."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse
     from starlette.routing import Route
 
     from sdcli.app import serve_routes as routes
 
-    async def http_error(_request, exc: HTTPException):
+    async def http_error(_request, exc: HTTPException):  # FastAPI's shape: {"detail": ...}
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     table = routes.table(state)
@@ -281,9 +282,26 @@ async def wait_for(request, ticket: Ticket):
             return None
 
 
+def JSONResponse(content, status_code: int = 200, headers=None):
+    """Starlette's JSONResponse of `content` made strict JSON first: a NaN or Infinity a client sent (Python's
+    json reads them) comes back as text instead of failing the response."""
+    from starlette.responses import JSONResponse as Response
+
+    return Response(_finite(content), status_code=status_code, headers=headers)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def error_response(e: BaseException):
     """A JSON response for an error raised while handling a request (never a traceback to the client)."""
-    from starlette.responses import JSONResponse
 
     if isinstance(e, api.Invalid):
         return JSONResponse(e.body(), status_code=422)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdcli import __version__
 from sdcli.app import a1111_api as api
-from sdcli.app.serve import PROTOCOL, HEARTBEAT_S, State, error_response, wait_for
+from sdcli.app.serve import HEARTBEAT_S, PROTOCOL, JSONResponse, State, error_response, wait_for
 from sdcli.app.serve_device import Init, RenderSpec, log
 from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
 
@@ -55,7 +55,6 @@ def table(state: State) -> dict:
 def _answer(state: State, fn, threaded: bool):
     """A handler `fn(state, request) -> JSON value` (run on a worker thread when `threaded`) as an endpoint."""
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
 
     async def endpoint(request):
         try:
@@ -256,7 +255,7 @@ async def _img2img(state: State, request):
 
 async def _a1111_job(state: State, request, parse, name: str):
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
 
     ask = parse(api.parse_body(await request.body()))
     spec = await run_in_threadpool(spec_for, state, ask)
@@ -392,7 +391,7 @@ def _named(load, path: Path, name: str):
 async def _openai(state: State, request):
     """OpenAI's images API as stable-diffusion.cpp's server offers it: prompt, n, size, response_format b64_json."""
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
 
     try:
         ask = api.openai_request(api.parse_body(await request.body()))
@@ -411,8 +410,6 @@ async def _openai(state: State, request):
 
 async def _set_options(state: State, request):
     """POST /sdapi/v1/options: clip skip for later requests; a checkpoint or VAE switch, loaded in turn."""
-    from starlette.responses import JSONResponse
-
     ask = api.options_request(api.parse_body(await request.body()))
     model, vae = _model_choice(state, ask.options)
     state.options.update(ask.flags)
@@ -429,7 +426,7 @@ async def _render(state: State, request):
     """One job of a `generate --server` / `img2img --server` run, answered as an NDJSON stream of events:
     queued, wait (heartbeats), step, image (the PNG file's bytes), then end or error."""
     from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import StreamingResponse
 
     try:
         spec = await run_in_threadpool(spec_from_client, state, api.parse_body(await request.body()))
