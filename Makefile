@@ -10,8 +10,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
+SERVE_STAMP := $(VENV)/.sdcli-serve-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
+.PHONY: install install-ray install-serve bench-serve browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,13 @@ $(RAY_STAMP): $(STAMP)
 	touch $(RAY_STAMP)
 
 install-ray: $(RAY_STAMP)
+
+# The optional server extra (`sdcli serve`: Starlette + uvicorn, ~6 MB); `make test` installs it for tests/test_serve.py.
+$(SERVE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[serve]"
+	touch $(SERVE_STAMP)
+
+install-serve: $(SERVE_STAMP)
 
 # tests/test_report.py opens the verify report in a real headless browser. Best effort: Debian's chromium when no
 # browser is on PATH and we are root with apt-get; never fails the install (the test then says it was skipped).
@@ -56,7 +64,7 @@ demo-tiny: $(STAMP)
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model .bench/tiny-sd1.safetensors --steps 4 -W 64 -H 64 \
 		--seed 42 -o tiny-demo.png --overwrite
 
-test: $(STAMP) $(RAY_STAMP) browser
+test: $(STAMP) $(RAY_STAMP) $(SERVE_STAMP) browser
 	$(PY) -m pytest
 
 # sdcli vs diffusers on a full-size random SD1.5 checkpoint; writes docs/benchmarks.md. Slow on a CPU (~20 min).
@@ -87,6 +95,12 @@ bench-memory: $(STAMP)
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)
 	$(PY) scripts/bench.py --avx2
+
+# A shell loop of 20 prompts three ways (cold generate each, --server, one prompts file) and the server's own
+# overhead per request; tiny model by default, SERVE_MODEL=path/to/sd15.safetensors for a full-size one.
+SERVE_MODEL ?=
+bench-serve: $(SERVE_STAMP)
+	$(PY) scripts/bench_serve.py $(if $(SERVE_MODEL),--model $(SERVE_MODEL)) --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

@@ -315,7 +315,7 @@ def test_progress_preview_and_interrupt(server):
 
 def test_skip_drops_the_current_batch_only(server):
     results = {}
-    worker = threading.Thread(target=lambda: results.setdefault("r", _txt2img(server, steps=300, n_iter=2, seed=40)))
+    worker = threading.Thread(target=lambda: results.setdefault("r", _txt2img(server, steps=60, n_iter=2, seed=40)))
     worker.start()
     _running(server)
     assert server.call("POST", "/sdapi/v1/skip")[0] == 200

@@ -9,33 +9,29 @@ and the listings answer while a job runs. A client that disconnects cancels its 
 Safe by default: loopback only unless --api-auth is given (or --insecure); HTTP basic auth as A1111's --api-auth;
 a request-size limit; files named by a request are looked up in the configured folders only; a bad request is a
 422 with FastAPI's body (A1111's), an error while rendering a JSON body with A1111's fields, never a traceback.
+
+The modules: serve.py (this: start, exposure rules, bind, the auth and size guard), serve_routes.py (A1111's and
+OpenAI's handlers), serve_remote.py (the endpoint of `--server`), serve_http.py (what the handlers share),
+serve_device.py (the render thread and the loaded model, no HTTP), a1111_api.py (the API's mapping, as data).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import ipaddress
 import json
-import math
 import secrets
 import socket
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli import __version__
 from sdcli import config as cfgmod
-from sdcli.app import a1111_api as api
-from sdcli.app.serve_device import Device, Folders, Service, Ticket, log, status_of
-from sdcli.runtime.errors import SdcliError, UsageError
+from sdcli.app.serve_device import Device, Folders, Service, Ticket, log
+from sdcli.app.serve_http import JSONResponse, State
+from sdcli.runtime.errors import UsageError
 
 INSTALL = "pip install 'sdcli[serve]' (in a checkout: make install-serve)"
-PROTOCOL = 1  # /sdcli/v1/render's wire format (app/remote.py speaks it)
-HEARTBEAT_S = 5.0  # a streaming client hears from the server at least this often while its job waits
-DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -171,28 +167,6 @@ def _server_class(uvicorn):
     return Server
 
 
-# --- the state the handlers share ----------------------------------------------------------------------------
-
-@dataclass
-class State:
-    base: cfgmod.RunConfig
-    folders: Folders
-    service: Service
-    device: Device
-
-    def __post_init__(self):
-        self.options: dict = {}  # POST /options settings (clip skip) applied below every request's own
-        self.scratch = Path(tempfile.mkdtemp(prefix="sdcli-serve-"))  # uploads are decoded through files here
-
-    def cleanup(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.scratch, ignore_errors=True)
-
-    def submit(self, work, name: str, listener=None) -> Ticket:
-        return self.device.submit(Ticket(work, name, listener))
-
-
 # --- the app -------------------------------------------------------------------------------------------------
 
 def build_app(state: State, credentials: dict[str, str], max_bytes: int):
@@ -266,53 +240,3 @@ async def _send_json(send, status: int, body: dict, headers: list | None = None)
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": data})
-
-
-async def wait_for(request, ticket: Ticket):
-    """The ticket's result, or None when the client disconnected first (the ticket is then cancelled)."""
-    future = asyncio.wrap_future(ticket.future)
-    while True:
-        done, _ = await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
-        if done:
-            return future.result()
-        if await request.is_disconnected():
-            ticket.cancelled.set()
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
-            log(f"{ticket.name}: the client went away; job cancelled")
-            return None
-
-
-def JSONResponse(content, status_code: int = 200, headers=None):
-    """Starlette's JSONResponse of `content` made strict JSON first: a NaN or Infinity a client sent (Python's
-    json reads them) comes back as text instead of failing the response."""
-    from starlette.responses import JSONResponse as Response
-
-    return Response(_finite(content), status_code=status_code, headers=headers)
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def error_response(e: BaseException):
-    """A JSON response for an error raised while handling a request (never a traceback to the client)."""
-
-    if isinstance(e, api.Invalid):
-        return JSONResponse(e.body(), status_code=422)
-    if isinstance(e, SdcliError):
-        status = status_of(e)
-        return JSONResponse(api.failure(status, e, str(e)), status_code=status)
-    import traceback
-
-    log(f"unexpected {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    return JSONResponse(api.failure(500, e, f"unexpected {type(e).__name__}: {e}"), status_code=500)
-
-
-def now() -> float:
-    return time.time()

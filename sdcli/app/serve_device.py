@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,43 @@ def _files(folder: Path | None, suffixes: tuple[str, ...]) -> dict[str, str]:
         return {}
     found = (p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     return {p.relative_to(folder).as_posix(): str(p) for p in sorted(found)}
+
+
+def lora_specs(folders: Folders, flags: list, job) -> list:
+    """--lora files (by name, from --server) then the prompt's <lora:NAME:W> tags, found in the server's
+    lora_dir only, each sniffed as a local run does before it loads anything."""
+    from sdcli.loading.lora import LoraSpec, check_file
+
+    specs = [LoraSpec(folders.find_lora(name), weight) for name, weight in flags]
+    specs += [LoraSpec(folders.find_lora(tag.name), tag.weight) for tag in job.loras]
+    for spec in specs:
+        check_file(spec)
+    return specs
+
+
+class scratch_file:
+    """A request's upload as a file of the server's private scratch folder, removed afterwards: the readers a
+    local run uses (images.load_image, metadata) take paths, and so get the same checks."""
+
+    def __init__(self, scratch: Path, name: str, data: bytes):
+        self.folder = Path(tempfile.mkdtemp(dir=scratch))
+        self.path = self.folder / (Path(name).name or "upload.png")
+        self.path.write_bytes(data)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def named(load, path: Path, name: str):
+    try:
+        return load()
+    except SdcliError as e:
+        raise BadInputError(str(e).replace(str(path), name)) from None
 
 
 # --- what a request asks the device for ---------------------------------------------------------------------

@@ -5,24 +5,18 @@ and answers with the response shape its API has."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
-import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from sdcli import __version__
 from sdcli.app import a1111_api as api
-from sdcli.app.serve import HEARTBEAT_S, PROTOCOL, JSONResponse, State, error_response, wait_for
-from sdcli.app.serve_device import Init, RenderSpec, log
+from sdcli.app import serve_remote
+from sdcli.app.serve_http import PROTOCOL, JSONResponse, State, error_response, wait_for
+from sdcli.app.serve_device import Init, RenderSpec, log, lora_specs, named, scratch_file
 from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
-
-PER_RUN = ("model", "vae", "dtype", "device", "prediction")  # what --server's client may ask of the loaded model
-SERVERS_OWN = ("lora_dir", "embeddings_dir", "vae_dir", "ray", "offload", "output")  # the server's folders and ways
-
 
 def table(state: State) -> dict:
     """(method, path) -> handler, each wrapped so that any error becomes a JSON answer."""
@@ -45,7 +39,7 @@ def table(state: State) -> dict:
             ("POST", "/sdapi/v1/png-info"): _png_info}
     jobs = {("POST", "/sdapi/v1/txt2img"): _txt2img, ("POST", "/sdapi/v1/img2img"): _img2img,
             ("POST", "/sdapi/v1/options"): _set_options, ("POST", "/v1/images/generations"): _openai,
-            ("POST", "/sdcli/v1/render"): _render}
+            ("POST", "/sdcli/v1/render"): serve_remote.render}
     out = {key: _answer(state, fn, threaded=False) for key, fn in plain.items()}
     out.update({key: _answer(state, fn, threaded=True) for key, fn in slow.items()})
     out.update({key: functools.partial(_guarded, state, fn) for key, fn in jobs.items()})
@@ -215,7 +209,7 @@ def _png_info(state: State, _request, body: bytes) -> dict:
     data = api._image_bytes("image", ask.get("image"), errors)
     if errors:
         raise api.Invalid(errors)
-    with _scratch_file(state, "image.png", data) as path:
+    with scratch_file(state.scratch, "image.png", data) as path:
         try:
             meta = read_image_metadata(path)
         except SdcliError as e:
@@ -223,24 +217,6 @@ def _png_info(state: State, _request, body: bytes) -> dict:
     infotext = meta["raw"].get(PARAMETERS_KEY, "")
     items = {k: v for k, v in meta["raw"].items() if k != PARAMETERS_KEY}
     return {"info": infotext, "items": items, "parameters": api.infotext_parameters(infotext)}
-
-
-class _scratch_file:
-    """A request's upload as a file of the server's private scratch folder, removed afterwards: the readers a
-    local run uses (images.load_image, metadata) take paths, and so get the same checks."""
-
-    def __init__(self, state: State, name: str, data: bytes):
-        self.folder = Path(tempfile.mkdtemp(dir=state.scratch))
-        self.path = self.folder / (Path(name).name or "upload.png")
-        self.path.write_bytes(data)
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # --- rendering: A1111 ----------------------------------------------------------------------------------------
@@ -298,7 +274,7 @@ def spec_for(state: State, ask: api.Ask) -> RenderSpec:
     job = single_job(ask.prompt, cfg)
     _check_sampler(job)
     return RenderSpec(job, [job.cfg.seed + k for k in range(ask.count)], list(range(ask.count)),
-                      _lora_specs(state, [], job), init, *_model_choice(state, ask.options))
+                      lora_specs(state.folders, [], job), init, *_model_choice(state, ask.options))
 
 
 def _hires_scale(cfg, x: int, y: int) -> float:
@@ -326,18 +302,6 @@ def _model_choice(state: State, options: dict) -> tuple:
             state.folders.find_vae(vae) if vae is not None else "current")
 
 
-def _lora_specs(state: State, flags: list, job) -> list:
-    """--lora files (by name, from --server) then the prompt's <lora:NAME:W> tags, found in the server's
-    lora_dir only, each sniffed as a local run does before it loads anything."""
-    from sdcli.loading.lora import LoraSpec, check_file
-
-    specs = [LoraSpec(state.folders.find_lora(name), weight) for name, weight in flags]
-    specs += [LoraSpec(state.folders.find_lora(tag.name), tag.weight) for tag in job.loras]
-    for spec in specs:
-        check_file(spec)
-    return specs
-
-
 def _decode_init(state: State, ask: api.Ask) -> Init:
     """init_images[0] (resized to width x height when both are given and differ: A1111's "just resize") and the
     mask (inverted when asked; an RGBA mask with transparency is its alpha channel, as A1111 reads it)."""
@@ -345,15 +309,15 @@ def _decode_init(state: State, ask: api.Ask) -> Init:
 
     from sdcli.formats import images
 
-    with _scratch_file(state, "init.png", ask.images[0]) as path:
-        img, notes = _named(lambda: images.load_image(path), path, "init_images[0]")
+    with scratch_file(state.scratch, "init.png", ask.images[0]) as path:
+        img, notes = named(lambda: images.load_image(path), path, "init_images[0]")
     width, height = ask.flags.get("width"), ask.flags.get("height")
     if width and height and (width, height) != img.size:
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     if ask.mask is None:
         return Init(img, notes)
-    with _scratch_file(state, "mask.png", _mask_png(ask.mask, ask.mask_invert)) as path:
-        mask, _ = _named(lambda: images.load_mask(path, img.size), path, "mask")
+    with scratch_file(state.scratch, "mask.png", _mask_png(ask.mask, ask.mask_invert)) as path:
+        mask, _ = named(lambda: images.load_mask(path, img.size), path, "mask")
     return Init(img, notes, mask, "mask.png")
 
 
@@ -377,13 +341,6 @@ def _mask_png(data: bytes, invert: bool) -> bytes:
     buf = io.BytesIO()
     (ImageOps.invert(mask) if invert else mask).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _named(load, path: Path, name: str):
-    try:
-        return load()
-    except SdcliError as e:
-        raise BadInputError(str(e).replace(str(path), name)) from None
 
 
 # --- rendering: OpenAI ---------------------------------------------------------------------------------------
@@ -418,146 +375,3 @@ async def _set_options(state: State, request):
     if model is not None or vae != "current":
         await wait_for(request, state.submit(lambda t: state.service.switch(model, vae), "options"))
     return JSONResponse(None)
-
-
-# --- rendering: sdcli's own (generate --server) --------------------------------------------------------------
-
-async def _render(state: State, request):
-    """One job of a `generate --server` / `img2img --server` run, answered as an NDJSON stream of events:
-    queued, wait (heartbeats), step, image (the PNG file's bytes), then end or error."""
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import StreamingResponse
-
-    try:
-        spec = await run_in_threadpool(spec_from_client, state, api.parse_body(await request.body()))
-    except (api.Invalid, SdcliError) as e:
-        code = getattr(e, "exit_code", UsageError.exit_code)
-        return JSONResponse({"error": str(e), "exit_code": code}, status_code=422)
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    ticket = state.submit(lambda t: state.service.render(t, spec), "sdcli",
-                          listener=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-    ticket.future.add_done_callback(lambda _f: loop.call_soon_threadsafe(events.put_nowait, {"event": "_done"}))
-    return StreamingResponse(_stream(state, ticket, events), media_type="application/x-ndjson")
-
-
-async def _stream(state: State, ticket, events: asyncio.Queue):
-    try:
-        yield _line({"event": "queued", "ahead": state.device.ahead_of(ticket), "sdcli_version": __version__})
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), HEARTBEAT_S)
-            except asyncio.TimeoutError:
-                yield _line({"event": "wait", "ahead": state.device.ahead_of(ticket)})
-                continue
-            if event["event"] == "_done":
-                break
-            if event["event"] == "image":
-                r = event["rendered"]
-                event = {"event": "image", "index": r.target.index, "png": api.b64(r.png), "timings": r.timings,
-                         "fallbacks": r.fallbacks}
-            yield _line(event)
-        yield _line(_ending(ticket))
-    finally:
-        if not ticket.future.done():  # the client went away mid-job: the job ends at its next step
-            ticket.cancelled.set()
-            log("sdcli: the client went away; job cancelled")
-
-
-def _ending(ticket) -> dict:
-    error = ticket.future.exception()
-    if error is None:
-        return {"event": "end", "interrupted": ticket.future.result().interrupted}
-    if not isinstance(error, SdcliError):
-        error_response(error)  # logs the traceback
-    return {"event": "error", "message": str(error) or type(error).__name__,
-            "exit_code": getattr(error, "exit_code", 1)}
-
-
-def _line(obj: dict) -> bytes:
-    return (json.dumps(obj) + "\n").encode()
-
-
-def spec_from_client(state: State, body: dict) -> RenderSpec:
-    """A `--server` client's job: its resolved config (checked again here: the request is untrusted), its seeds,
-    its LoRA names and init image. Files are the server's: the model by name among the served ones."""
-    from sdcli.config import check_mapping
-    from sdcli.jobs import single_job
-
-    if body.get("protocol") != PROTOCOL:
-        raise UsageError(f"this server speaks protocol {PROTOCOL} (sdcli {__version__}); the client sent "
-                         f"{body.get('protocol')!r}: use the same sdcli version on both sides")
-    config = body.get("config")
-    if not isinstance(config, dict) or not isinstance(body.get("prompt"), str):
-        raise BadInputError("request: 'config' (an object) and 'prompt' (text) are required")
-    model, vae = _client_model(state, {k: config.pop(k, None) for k in PER_RUN})
-    for key in SERVERS_OWN:
-        config.pop(key, None)
-    if config.pop("refiner", None) or config.pop("controlnets", None):
-        raise UsageError("--refiner and ControlNet units are not available with --server yet")
-    cfg = dataclasses.replace(state.base, **check_mapping(config, "request"))
-    job = dataclasses.replace(single_job(body["prompt"], cfg), source=str(body.get("source", "request")))
-    targets = _client_targets(body.get("targets"))
-    flags = [(str(name), float(w)) for name, w in _pairs(body.get("loras") or [])]
-    init = _client_init(state, body) if body.get("image") else None
-    return RenderSpec(job, [s for _, s in targets], [i for i, _ in targets], _lora_specs(state, flags, job), init,
-                      model, vae)
-
-
-def _client_model(state: State, asked: dict) -> tuple:
-    """The client's model, VAE, dtype, device and prediction against what this server runs: files by name among
-    the served ones; a dtype or device it does not run is refused (the bytes would differ)."""
-    model = state.folders.find_model(Path(asked["model"]).name, state.service.titles()) if asked["model"] else None
-    vae = None  # no --vae on the client: the checkpoint's own, as its local run would use
-    if asked["vae"]:
-        name = Path(asked["vae"]).name
-        vae = state.base.vae if state.base.vae and Path(state.base.vae).name == name else state.folders.find_vae(name)
-    placement = state.service.placement
-    runs = {"dtype": placement.dtype_name, "device": placement.device, "prediction": state.base.prediction}
-    for key in ("dtype", "device", "prediction"):
-        value = asked[key] or "auto"
-        if value != "auto" and not str(runs[key]).startswith(value):
-            raise UsageError(f"--{key} {value}: the server runs {runs[key]}; drop the option, or start the "
-                             f"server with --{key} {value}")
-    return model, vae
-
-
-def _client_targets(value) -> list[tuple[int, int]]:
-    from sdcli.config import SEED_MAX
-
-    if not isinstance(value, list) or not value:
-        raise BadInputError("request: 'targets' must be a list of {index, seed}")
-    out = []
-    for t in value:
-        if not isinstance(t, dict) or not all(isinstance(t.get(k), int) and not isinstance(t.get(k), bool)
-                                              for k in ("index", "seed")):
-            raise BadInputError("request: each target is {index, seed} (integers)")
-        if not 0 <= t["seed"] <= SEED_MAX + 100000:
-            raise BadInputError(f"request: seed {t['seed']} out of range")
-        out.append((t["index"], t["seed"]))
-    return out
-
-
-def _pairs(value) -> list:
-    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 for p in value):
-        raise BadInputError("request: 'loras' must be a list of [file name, weight]")
-    return value
-
-
-def _client_init(state: State, body: dict) -> Init:
-    """The client's image as it loaded it (PNG: the same pixels), its notes, the binarised mask and its name."""
-    from sdcli.formats import images
-
-    errors: list[dict] = []
-    data = api._image_bytes("image", body["image"], errors)
-    mask = api._image_bytes("mask", body["mask"], errors) if body.get("mask") else None
-    if errors:
-        raise api.Invalid(errors)
-    with _scratch_file(state, "init.png", data) as path:
-        img, _ = _named(lambda: images.load_image(path), path, "image")
-    notes = [str(n) for n in body.get("notes") or []]
-    if mask is None:
-        return Init(img, notes)
-    name = Path(str(body.get("mask_name") or "mask.png")).name
-    with _scratch_file(state, name, mask) as path:
-        tensor, _ = _named(lambda: images.load_mask(path, img.size), path, "mask")
-    return Init(img, notes, tensor, name)
