@@ -176,6 +176,18 @@ def test_txt2img_is_the_png_generate_writes(server, tiny_sd1, tmp_path):  # noqa
         assert Image.open(io.BytesIO(local)).text["parameters"] == info["infotexts"][k]
 
 
+def test_hires_fix_is_the_png_generate_writes(server, tiny_sd1, tmp_path):  # noqa: F811
+    result = _txt2img(server, enable_hr=True, hr_scale=2, hr_second_pass_steps=2, denoising_strength=0.5,
+                      hr_upscaler="Latent")
+    info = json.loads(result["info"])
+    assert info["width"] == 64 and info["denoising_strength"] == 0.5  # A1111's: the first pass's size
+    assert Image.open(io.BytesIO(_png(result["images"][0]))).size == (128, 128)
+    _local("generate", "a red fox", "-m", str(tiny_sd1), *FAST, "--sampler", "euler_a", "--seed", "11",
+           "--hires-scale", "2", "--hires-strength", "0.5", "--hires-steps", "2", "-o", str(tmp_path / "h.png"),
+           "--embeddings-dir", str(server.files["emb"]))
+    assert _png(result["images"][0]) == (tmp_path / "h.png").read_bytes()
+
+
 def test_img2img_and_inpainting_are_the_pngs_img2img_writes(server, files, tiny_sd1, tmp_path):  # noqa: F811
     init = base64.b64encode(files["init"].read_bytes()).decode()
     result = _post_img2img(server, init_images=[init], denoising_strength=0.6)

@@ -329,9 +329,11 @@ class Service:
             self.hashes[self.name_of(path)] = digest
 
     def switch(self, model: str | None, vae: str | None = "current") -> None:
-        """POST /options: the checkpoint (and VAE) every later request gets, loaded now."""
-        self.current = (model or self.current[0], self.current[1] if vae == "current" else vae)
-        self.ensure(None)
+        """POST /options: the checkpoint (and VAE) every later request gets, loaded now; one that fails to load
+        leaves the current choice as it was."""
+        choice = (model or self.current[0], self.current[1] if vae == "current" else vae)
+        self.ensure(*choice)
+        self.current = choice
 
     def render(self, ticket: Ticket, spec: RenderSpec) -> Result:
         """The spec's images, batch by batch, through render.render_batch; interrupted: the ones finished."""

@@ -247,8 +247,8 @@ async def _a1111_job(state: State, request, parse, name: str):
 def a1111_response(ask: api.Ask, spec: RenderSpec, result) -> dict:
     done = result.images
     cfg = spec.job.cfg
-    if done:
-        height, width = done[0].size
+    if done and not (cfg.width and cfg.height):  # the family's native size: A1111 reports the first pass's
+        height, width = (round(side / cfg.hires_scale) for side in done[0].size)
         cfg = dataclasses.replace(cfg, width=width, height=height)
     extra = {"warnings": ask.warnings, "interrupted": result.interrupted, "job_started": result.started,
              "job_finished": result.finished, "inpainting": spec.init is not None and spec.init.mask is not None,
