@@ -101,6 +101,13 @@ HiresScaleOpt = Annotated[
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
 ]
+TomeOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio", help="Token merging (ToMe, as A1111): merge this fraction of "
+                                  "the full-resolution self-attention tokens (0 off, up to 0.9); faster, lossy.")
+]
+TomeHrOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio-hr", help="Token merging of the hires fix pass (default: --tome-ratio).")
+]
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
 ]
@@ -132,7 +139,7 @@ ProgressOpt = Annotated[
 ]
 RayOpt = Annotated[
     Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
-                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+                                "local (start one on this machine) or ray://HOST:PORT. Needs the ray extra (make install-ray).")
 ]
 WorkersOpt = Annotated[
     Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "
@@ -149,6 +156,24 @@ SkipExistingOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
                        "metadata is this job's counts as done (resumes an interrupted batch).")
 ]
+# Inpainting and outpainting (img2img --mask / --pad; app/inpaint.py), A1111's img2img inpaint settings
+MaskBlurOpt = Annotated[Optional[int], typer.Option("--mask-blur", help="Blur the mask by this Gaussian radius in "
+                                                    "pixels (A1111 'Mask blur'; default 4, 0 with a 9-channel "
+                                                    "inpainting model).")]
+InpaintFillOpt = Annotated[Optional[str], typer.Option("--inpaint-fill", help="What the masked area starts from "
+                                                       "(A1111 'Masked content'): original (default), fill, "
+                                                       "latent-noise or latent-nothing.")]
+InpaintAreaOpt = Annotated[Optional[str], typer.Option("--inpaint-area", help="whole (default) or masked: render "
+                                                       "only the mask's region, scaled up to the image size, and "
+                                                       "paste it back (A1111 'Only masked').")]
+InpaintPaddingOpt = Annotated[Optional[int], typer.Option("--inpaint-padding", help="--inpaint-area masked: pixels "
+                                                          "around the mask's region (32).")]
+MaskInvertOpt = Annotated[bool, typer.Option("--mask-invert", help="Repaint the black area, keep the white "
+                                             "(A1111 'Inpaint not masked').")]
+OverlayOpt = Annotated[Optional[bool], typer.Option("--overlay/--no-overlay", help="Put the original back outside "
+                                                    "the blurred mask (default on; off with a 9-channel model).")]
+PadOpt = Annotated[Optional[str], typer.Option("--pad", help="Outpaint: grow the canvas by LEFT,TOP,RIGHT,BOTTOM "
+                                               "pixels (edge colours repeated) and paint the new border.")]
 ServerOpt = Annotated[
     Optional[str], typer.Option("--server", envvar="SDCLI_SERVER", help="Render in a warm `sdcli serve` at this URL "
                                 "(http://HOST:PORT; user:pass@ for --api-auth); the files are written here.")

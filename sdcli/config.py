@@ -21,10 +21,21 @@ SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PREDICTIONS = ("auto", "eps", "v")
+INPAINT_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+MAX_PAD = 4096
 
 
-def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "choices": choices}
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
+           sparse: bool = False) -> dict:
+    """A key's checks. `sparse`: recorded in an image's sdcli metadata only when not at its default (a feature
+    that is off unless asked for, added after images existed: those images keep their bytes, and an image without
+    the key replays with the feature off, as it was made)."""
+    return {"lo": lo, "hi": hi, "choices": choices, "sparse": sparse}
+
+
+def sparse_keys() -> dict[str, Any]:
+    """The sparse keys (see _range) and their defaults."""
+    return {f.name: f.default for f in fields(RunConfig) if f.metadata.get("sparse")}
 
 
 @dataclass(frozen=True)
@@ -51,11 +62,23 @@ class RunConfig:
     n: int = field(default=1, metadata=_range(1, 100000))
     clip_skip: int = field(default=1, metadata=_range(1, 12))
     strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    # Inpainting (img2img --mask), A1111's inpaint settings (app/inpaint.py); None: the model's default
+    mask_blur: int | None = field(default=None, metadata=_range(0, 64, sparse=True))  # Gaussian radius in pixels (4; 0 9-channel)
+    inpaint_fill: str = field(default="original", metadata=_range(choices=INPAINT_FILLS, sparse=True))  # A1111 "Masked content"
+    inpaint_area: str = field(default="whole", metadata=_range(choices=("whole", "masked"), sparse=True))  # "Only masked"
+    inpaint_padding: int = field(default=32, metadata=_range(0, 256, sparse=True))  # "Only masked padding, pixels"
+    mask_invert: bool = field(default=False, metadata=_range(sparse=True))  # A1111 "Inpaint not masked"
+    overlay: bool | None = field(default=None, metadata=_range(sparse=True))  # the original put back outside the mask
+    pad: str | None = field(default=None, metadata=_range(sparse=True))  # outpainting: "LEFT,TOP,RIGHT,BOTTOM" pixels added
     seamless: bool = field(default=False, metadata=_range())  # tileable output: circular padding in UNet and VAE
     # A1111 "Hires. fix": a second img2img pass on the latents upscaled by hires_scale (1 = off)
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
     hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
     hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
+    # Token merging (models/tome.py), A1111's "Token merging ratio" (and "... hr" for the hires pass; 0 there: the
+    # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
+    tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
+    tome_ratio_hr: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
     # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
     original_size: str | None = field(default=None, metadata=_range())
     target_size: str | None = field(default=None, metadata=_range())
@@ -237,7 +260,21 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     if key in PAIRS:
         pair_of(key, value, where)
+    if key == "pad":
+        pad_of(value, where)
     return value
+
+
+def pad_of(value: str, where: str = "config") -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) from "LEFT,TOP,RIGHT,BOTTOM": whole pixels, 0 to MAX_PAD, not all 0."""
+    parts = value.replace(" ", "").split(",")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 5 and int(p) <= MAX_PAD for p in parts):
+        raise BadInputError(f"{where}: 'pad' must be LEFT,TOP,RIGHT,BOTTOM (four whole numbers of pixels, 0 to "
+                            f"{MAX_PAD}), got {_show(value)}")
+    pad = tuple(int(p) for p in parts)
+    if not any(pad):
+        raise BadInputError(f"{where}: 'pad' adds nothing (all four are 0)")
+    return pad
 
 
 PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT")}

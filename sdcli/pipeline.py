@@ -26,9 +26,11 @@ from sdcli.sampling import samplers
 from sdcli.sampling import schedule
 from sdcli.sampling.conditioning import Cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
+from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
+from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
@@ -40,6 +42,7 @@ class SamplingPlan:
     sigmas: torch.Tensor  # descending, ends with 0
     cfg: float = 7.0
     guidance_rescale: float = 0.0
+    token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
 
 
 @dataclass
@@ -236,18 +239,21 @@ def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor
 
 def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
             seeds: list[int] | list[torch.Generator], strength: float, callback: Callable | None = None,
-            extra: torch.Tensor | None = None) -> torch.Tensor:
+            extra: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule.
-    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass)."""
+    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass).
+    `keep` (1 or B, 1, h, w; 1 = keep): inpainting with any model (sampling/inpaint.py): every x0, and the result,
+    is `init_latent` where it keeps (A1111 blends with the latent it started from, its latent fills included)."""
     sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
-    plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
+    plan = replace(plan, sigmas=sigmas)
     noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
     first = noise()
     x0 = init_latent.to(first).expand_as(first)
     if len(sigmas) < 2:  # strength 0 (or too few steps): nothing to run
         return x0.clone()
     x = x0 + first * sigmas[0]
-    return _sample(models, plan, x, cond, uncond, noise, callback, extra)
+    pin = None if keep is None else (x0, keep.to(first))
+    return _sample(models, plan, x, cond, uncond, noise, callback, extra, pin)
 
 
 def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[SamplingPlan, SamplingPlan | None]:
@@ -316,7 +322,8 @@ def _noise_source(seeds: list[int] | list[torch.Generator], shape: tuple[int, ..
     return samplers.make_noise_source(gens, shape, device, torch.float32)
 
 
-def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
+def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None):
+    """`pin`: (original, keep) for inpainting with any model (sampling/inpaint.MaskedDenoiser)."""
     batch = x.shape[0]
     # An LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
     # denoiser too, as it always has (LCM-LoRA merged models do not say what they are).
@@ -326,6 +333,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
     model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    if pin is not None:
+        model = MaskedDenoiser(model, *pin)
     sigmas = plan.sigmas.to(x.device)
 
     def on_step(i, total, x_i, denoised):
@@ -335,8 +344,9 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode():
-        return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
+    with torch.inference_mode(), token_merging(models.stage("unet"), plan.token_merging):
+        out = samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
+        return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 
 
 class _UNetAdapter:

@@ -30,8 +30,11 @@ from sdcli.runtime.errors import BadInputError
 SETTINGS = {
     "negative_prompt": "negative", "seed": "seed", "steps": "steps", "cfg_scale": "cfg", "width": "width",
     "height": "height", "batch_size": "batch_size", "tiling": "seamless", "hr_scale": "hires_scale",
-    "hr_second_pass_steps": "hires_steps",
+    "hr_second_pass_steps": "hires_steps", "token_merging_ratio": "tome_ratio",
+    "token_merging_ratio_hr": "tome_ratio_hr",
 }
+# img2img's inpaint fields are read only with a mask, as A1111 uses them (_inpaint: sdcli's app/inpaint.py keys)
+INPAINT_FILLS = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}  # A1111's inpainting_fill
 # A1111 options (override_settings, POST /sdapi/v1/options) -> sdcli config key
 OPTION_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}
 # Options a request may name to pick files: resolved by name inside the server's folders only (app/serve.py).
@@ -42,15 +45,16 @@ INERT = {
     "send_images", "do_not_save_samples", "do_not_save_grid", "force_task_id", "comments", "sampler_index",
     "override_settings_restore_afterwards", "firstphase_width", "firstphase_height", "seed_enable_extras",
     "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise", "eta", "ddim_discretize", "include_init_images",
-    "token_merging_ratio", "token_merging_ratio_hr", "disable_extra_networks", "subseed", "mask_round",
-    "inpaint_full_res_padding", "refiner_switch_at", "infotext", "outpath_samples", "outpath_grids",
+    "disable_extra_networks", "subseed", "mask_round", "refiner_switch_at", "infotext", "outpath_samples",
+    "outpath_grids",
 }
 # Fields read by name below (prompt, sampler, hires, img2img inputs, options, scripts).
 MAPPED = {
     "prompt", "sampler_name", "scheduler", "n_iter", "denoising_strength", "enable_hr", "hr_upscaler",
     "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "override_settings", "styles", "alwayson_scripts", "init_images", "mask", "resize_mode",
-    "inpainting_mask_invert",
+    "inpainting_mask_invert", "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
+    "inpaint_full_res_padding",
 }
 
 # Fields sdcli cannot do: refused (422) unless they hold one of A1111's "off" values, with the reason.
@@ -70,14 +74,9 @@ UNSUPPORTED = {
 # Fields accepted but not applied when not at these values: said in the response's info["warnings"].
 APPROXIMATED = {
     "restore_faces": ((None, False), "face restoration is not available; the image is returned as sampled"),
-    "mask_blur": ((None, 0), "the mask is used sharp (the inpainting model sees it rounded, as in A1111); "
-                             "the result is not pasted back over the picture"),
-    "mask_blur_x": ((None, 0, 4), None), "mask_blur_y": ((None, 0, 4), None),  # A1111 mirrors mask_blur in them
-    "inpaint_full_res": ((None, False, 0), "'only masked' is not available: the whole picture is repainted"),
-    "inpainting_fill": ((None, 1), "masked content starts from the original picture (A1111's 'original')"),
     "save_images": ((None, False), "the server never saves images: they are in the response"),
 }
-LATENT_UPSCALERS = ("Latent", "Latent (bilinear)", "None", "", None)  # sdcli's hires pass upscales the latent bilinearly
+LATENT_UPSCALERS = ("Latent", "Latent (bilinear)", "None", "", None)  # sdcli's hires pass: the latent, bilinear
 RESIZE_JUST = 0  # A1111 resize_mode "Just resize"
 
 
@@ -116,7 +115,6 @@ class Ask:
     send_images: bool = True
     images: list[bytes] = field(default_factory=list)  # img2img: the decoded init_images
     mask: bytes | None = None
-    mask_invert: bool = False
     hires_size: tuple[int, int] | None = None  # (hr_resize_x, hr_resize_y), checked against the scale later
     given: dict = field(default_factory=dict)  # the request as sent, for `parameters`
 
@@ -166,13 +164,47 @@ def img2img_request(body: dict) -> Ask:
             ask.warnings.append(f"init_images: {len(images)} given; sdcli uses the first for every image")
     if body.get("mask") not in (None, ""):
         ask.mask = _image_bytes("mask", body["mask"], errors)
-        ask.mask_invert = bool(_int(body, "inpainting_mask_invert", errors, 0))
+        ask.flags.update(_inpaint(body, errors))
     mode = _int(body, "resize_mode", errors, RESIZE_JUST)
     if mode not in (RESIZE_JUST, None):
         errors.append(error("resize_mode", "only 0 (just resize) is available in sdcli", mode))
     if errors:
         raise Invalid(errors)
     return ask
+
+
+def _inpaint(body: dict, errors: list[dict]) -> dict:
+    """A1111's inpaint fields -> sdcli's inpaint keys: mask_blur (else mask_blur_x / _y, which must agree),
+    inpainting_fill, inpaint_full_res ("Only masked") and its padding, inpainting_mask_invert."""
+    out = {}
+    blur = body.get("mask_blur")
+    if blur is None and (body.get("mask_blur_x") is not None or body.get("mask_blur_y") is not None):
+        blur_x, blur_y = body.get("mask_blur_x", 4), body.get("mask_blur_y", 4)
+        if blur_x != blur_y:
+            errors.append(error("mask_blur_x", "sdcli blurs the mask alike in x and y; give mask_blur", blur_x))
+        blur = blur_x
+    for name, key, value in (("mask_blur", "mask_blur", blur),
+                             ("inpaint_full_res_padding", "inpaint_padding", body.get("inpaint_full_res_padding"))):
+        if value is not None:
+            try:
+                out[key] = check_value(key, value, "request")
+            except BadInputError as e:
+                errors.append(error(name, str(e).replace(f"request: '{key}'", name), value))
+    fill = body.get("inpainting_fill")
+    if fill is not None:
+        if fill not in INPAINT_FILLS or isinstance(fill, bool):
+            errors.append(error("inpainting_fill", "inpainting_fill must be 0 (fill), 1 (original), 2 (latent "
+                                                   "noise) or 3 (latent nothing)", fill))
+        else:
+            out["inpaint_fill"] = INPAINT_FILLS[fill]
+    if body.get("inpaint_full_res") is not None:
+        out["inpaint_area"] = "masked" if body["inpaint_full_res"] else "whole"
+    invert = _int(body, "inpainting_mask_invert", errors, 0)
+    if invert not in (0, 1, None):
+        errors.append(error("inpainting_mask_invert", "inpainting_mask_invert must be 0 or 1", invert))
+    elif invert is not None:
+        out["mask_invert"] = bool(invert)
+    return out
 
 
 def _common(body: dict, errors: list[dict]) -> Ask:

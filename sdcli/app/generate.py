@@ -58,7 +58,9 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
-    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
+    if not req.server or any(job.cfg.sampler == "help" for job in jobs):
+        # with --server the server checks them (its exit code comes back): this process need not import torch
+        render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:

@@ -202,18 +202,17 @@ def _picture(png: bytes, seed: int) -> save.Saved:
 
 
 def _init_body(image, notes: list, mask, mask_name: str | None) -> dict:
-    """img2img's picture as it was loaded here (PNG keeps the pixels), its notes, and the binarised mask."""
-    from PIL import Image
+    """img2img's picture and mask (grayscale) as they were loaded here (PNG keeps the pixels), and the notes."""
+    out = {"image": _png_b64(image), "notes": list(notes)}
+    if mask is not None:
+        out.update(mask=_png_b64(mask), mask_name=Path(mask_name).name)
+    return out
 
+
+def _png_b64(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
-    out = {"image": base64.b64encode(buf.getvalue()).decode(), "notes": list(notes)}
-    if mask is not None:
-        arr = (mask[0, 0].numpy() * 255).astype("uint8")  # (H, W) of 0 / 255
-        buf = io.BytesIO()
-        Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=1)
-        out.update(mask=base64.b64encode(buf.getvalue()).decode(), mask_name=Path(mask_name).name)
-    return out
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _lora_name(spec: str) -> tuple[str, float]:

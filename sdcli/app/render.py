@@ -43,6 +43,8 @@ class Init:
     notes: list[str] = field(default_factory=list)
     concat: Any = None  # inpainting: the UNet's mask + masked-image channels (pipeline.inpaint_conditioning)
     mask: str | None = None  # inpainting: the mask file, for the metadata
+    inpaint: Any = None  # inpainting / outpainting: app/inpaint.Inpaint (its fills, overlay and infotext)
+    keep: Any = None  # inpainting with any model: (1, 1, h, w) latent mask, 1 = keep (sampling/inpaint.py)
 
 
 @dataclass(frozen=True)
@@ -195,13 +197,10 @@ def check_embeddings_dir(cfg: RunConfig) -> None:
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
-    """An inpainting UNet cannot run without a mask, and a plain one has no input for it."""
+    """An inpainting UNet cannot run without a mask (any model inpaints with one: app/inpaint.py)."""
     if models.info.inpaint and not mask:
         raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): use "
-                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint)")
-    if mask and not models.info.inpaint:
-        raise UsageError(f"--mask needs an inpainting model (9-channel UNet, e.g. SD1.5-inpainting); "
-                         f"{cfg.model} is not one")
+                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint) or --pad")
 
 
 def use_loras(state, specs: list) -> None:
@@ -249,6 +248,7 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
 
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
     concat = init.concat if init is not None else None
     negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
@@ -326,6 +326,7 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
         return None
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
                               cfg.guidance_rescale, models.family)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
     out = pipeline.hires_size(*size, cfg.hires_scale, models.family.latent.downscale)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = " (rounded to a multiple of 8)" if exact != (out[1], out[0]) else ""
@@ -388,12 +389,7 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
     with Progress(seeds, steps if init is None else None, req.progress) as progress:
         step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
-        if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
-            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step,
-                                     refiner=p.refiner)
-        else:
-            latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
-                                       callback=step)
+        latents = sample_batch(models, p, seeds, init, step)
     t1 = time.perf_counter()
     if last:
         models.parts.done_sampling()
@@ -405,6 +401,19 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
                                  p.refiner) for k, t in enumerate(batch)]
     return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
+
+
+def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callback=None):
+    """The final latents of one batch: from noise (txt2img, its hires pass and refiner; a 9-channel inpainting
+    model at strength 1), else img2img from the init latent, the inpainting's latent fill and mask applied."""
+    from sdcli import pipeline
+
+    if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
+        return txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=callback,
+                              refiner=p.refiner)
+    start = init.inpaint.start(init.latent, seeds) if init.inpaint is not None else init.latent
+    return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, seeds, init.strength, callback=callback,
+                            keep=init.keep)
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):

@@ -1,10 +1,10 @@
 """`sdcli serve`: one warm process that answers AUTOMATIC1111's web API (`/sdapi/v1/...`), OpenAI's
 `/v1/images/generations` and sdcli's own `/sdcli/v1/render` (what `generate --server` talks to).
 
-The stack is Starlette on uvicorn (the optional extra `sdcli[serve]`, imported only here): what FastAPI is built on,
-without pydantic, since requests are checked by a1111_api's tables and config.check_value. Work goes to the one
-render thread of serve_device.py, in arrival order; handlers only parse, wait and answer, so /progress, /interrupt
-and the listings answer while a job runs. A client that disconnects cancels its job.
+The stack is Starlette on uvicorn (the optional extra `serve`, imported only by these modules): what FastAPI is
+built on, without pydantic, since requests are checked by a1111_api's tables and config.check_value. Work goes to
+the one render thread of serve_device.py, in arrival order; handlers only parse, wait and answer, so /progress,
+/interrupt and the listings answer while a job runs. A client that disconnects cancels its job.
 
 Safe by default: loopback only unless --api-auth is given (or --insecure); HTTP basic auth as A1111's --api-auth;
 a request-size limit; files named by a request are looked up in the configured folders only; a bad request is a
@@ -31,7 +31,6 @@ from sdcli.app.serve_device import Device, Folders, Service, Ticket, log
 from sdcli.app.serve_http import JSONResponse, State
 from sdcli.runtime.errors import UsageError
 
-INSTALL = "pip install 'sdcli[serve]' (in a checkout: make install-serve)"
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,9 @@ def _import_stack():
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
-        raise UsageError(f"sdcli serve needs the server extra: {INSTALL}") from None
+        from sdcli.runtime.extras import install_hint
+
+        raise UsageError(f"sdcli serve needs the server extra: {install_hint('serve')}") from None
     return starlette, uvicorn
 
 

@@ -127,6 +127,13 @@ def lora_specs(folders: Folders, flags: list, job) -> list:
     return specs
 
 
+def check_sampler(job) -> None:
+    """The job's sampler, schedule and sigmas, checked as a local run checks them before anything loads."""
+    from sdcli.app.render import check_samplers
+
+    check_samplers([job])  # its name was checked (never "help"); this checks the schedule and the sigmas
+
+
 class scratch_file:
     """A request's upload as a file of the server's private scratch folder, removed afterwards: the readers a
     local run uses (images.load_image, metadata) take paths, and so get the same checks."""
@@ -156,7 +163,7 @@ def named(load, path: Path, name: str):
 
 @dataclass
 class Init:
-    """img2img's inputs, decoded: the picture (PIL, RGB, a multiple of 8), its notes, the mask (1, 1, H, W)."""
+    """img2img's inputs, decoded: the picture (PIL, RGB, a multiple of 8), its notes, the mask (PIL, "L")."""
 
     image: Any
     notes: list[str]

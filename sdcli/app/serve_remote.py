@@ -16,7 +16,7 @@ from pathlib import Path
 from sdcli import __version__
 from sdcli.app import a1111_api as api
 from sdcli.app.serve_http import HEARTBEAT_S, PROTOCOL, JSONResponse, State, error_response
-from sdcli.app.serve_device import Init, RenderSpec, log, lora_specs, named, scratch_file
+from sdcli.app.serve_device import Init, RenderSpec, check_sampler, log, lora_specs, named, scratch_file
 from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
 
 PER_RUN = ("model", "vae", "dtype", "device", "prediction")  # what the client may ask of the loaded model
@@ -97,6 +97,7 @@ def spec_from_client(state: State, body: dict) -> RenderSpec:
         raise UsageError("--refiner and ControlNet units are not available with --server yet")
     cfg = dataclasses.replace(state.base, **check_mapping(config, "request"))
     job = dataclasses.replace(single_job(body["prompt"], cfg), source=str(body.get("source", "request")))
+    check_sampler(job)
     targets = _client_targets(body.get("targets"))
     try:
         flags = [(str(name), float(w)) for name, w in _pairs(body.get("loras") or [])]
@@ -163,5 +164,5 @@ def _client_init(state: State, body: dict) -> Init:
         return Init(img, notes)
     name = Path(str(body.get("mask_name") or "mask.png")).name
     with scratch_file(state.scratch, name, mask) as path:
-        tensor, _ = named(lambda: images.load_mask(path, img.size), path, "mask")
-    return Init(img, notes, tensor, name)
+        mask, _ = named(lambda: images.load_mask_image(path, img.size), path, "mask")
+    return Init(img, notes, mask, name)

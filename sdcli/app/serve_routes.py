@@ -15,7 +15,7 @@ from sdcli import __version__
 from sdcli.app import a1111_api as api
 from sdcli.app import serve_remote
 from sdcli.app.serve_http import PROTOCOL, JSONResponse, State, error_response, wait_for
-from sdcli.app.serve_device import Init, RenderSpec, log, lora_specs, named, scratch_file
+from sdcli.app.serve_device import Init, RenderSpec, check_sampler, log, lora_specs, named, scratch_file
 from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
 
 def table(state: State) -> dict:
@@ -71,10 +71,10 @@ async def _guarded(state: State, fn, request):
 # --- listings ------------------------------------------------------------------------------------------------
 
 def _sd_models(state: State, _request) -> list[dict]:
-    titles = state.service.titles()
-    return [{"title": titles[name], "model_name": str(Path(name).with_suffix("")), "hash": (state.service.hashes.get(name)
-             or "")[:10] or None, "sha256": state.service.hashes.get(name), "filename": path, "config": None}
-            for name, path in state.folders.models().items()]
+    titles, hashes = state.service.titles(), state.service.hashes
+    return [{"title": titles[name], "model_name": str(Path(name).with_suffix("")),
+             "hash": hashes[name][:10] if name in hashes else None, "sha256": hashes.get(name), "filename": path,
+             "config": None} for name, path in state.folders.models().items()]
 
 
 def _loras(state: State, _request) -> list[dict]:
@@ -272,7 +272,7 @@ def spec_for(state: State, ask: api.Ask) -> RenderSpec:
     if init is not None:
         cfg = dataclasses.replace(cfg, width=init.image.width, height=init.image.height)
     job = single_job(ask.prompt, cfg)
-    _check_sampler(job)
+    check_sampler(job)
     return RenderSpec(job, [job.cfg.seed + k for k in range(ask.count)], list(range(ask.count)),
                       lora_specs(state.folders, [], job), init, *_model_choice(state, ask.options))
 
@@ -289,12 +289,6 @@ def _hires_scale(cfg, x: int, y: int) -> float:
     return check_value("hires_scale", scales.pop(), "request", UsageError)
 
 
-def _check_sampler(job) -> None:
-    from sdcli.app.render import check_samplers
-
-    check_samplers([job])  # the sampler name was checked; this checks the schedule pairing and sigmas
-
-
 def _model_choice(state: State, options: dict) -> tuple:
     model = options.get("sd_model_checkpoint")
     vae = options.get("sd_vae")
@@ -304,7 +298,7 @@ def _model_choice(state: State, options: dict) -> tuple:
 
 def _decode_init(state: State, ask: api.Ask) -> Init:
     """init_images[0] (resized to width x height when both are given and differ: A1111's "just resize") and the
-    mask (inverted when asked; an RGBA mask with transparency is its alpha channel, as A1111 reads it)."""
+    mask as a grayscale image (an RGBA mask with transparency is its alpha channel, as A1111 reads it)."""
     from PIL import Image
 
     from sdcli.formats import images
@@ -316,30 +310,29 @@ def _decode_init(state: State, ask: api.Ask) -> Init:
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     if ask.mask is None:
         return Init(img, notes)
-    with scratch_file(state.scratch, "mask.png", _mask_png(ask.mask, ask.mask_invert)) as path:
-        mask, _ = named(lambda: images.load_mask(path, img.size), path, "mask")
+    with scratch_file(state.scratch, "mask.png", _mask_png(ask.mask)) as path:
+        mask, _ = named(lambda: images.load_mask_image(path, img.size), path, "mask")
     return Init(img, notes, mask, "mask.png")
 
 
-def _mask_png(data: bytes, invert: bool) -> bytes:
-    """The mask as load_mask should read it: an RGBA mask with transparency is its alpha channel (A1111's
-    create_binary_mask: alpha > 128 is white), inverted when asked (inpainting_mask_invert)."""
+def _mask_png(data: bytes) -> bytes:
+    """The mask as load_mask_image should read it: an RGBA mask with transparency is its alpha channel (A1111's
+    create_binary_mask: alpha > 128 is white); any other as it is."""
     import io
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > Image.MAX_IMAGE_PIXELS:
                 raise BadInputError(f"mask: {img.width}x{img.height} pixels is over the pixel limit")
-            transparent = img.mode == "RGBA" and img.getchannel("A").getextrema() != (255, 255)
-            if not transparent and not invert:
-                return data  # load_mask reads it as it is
-            mask = img.getchannel("A").point(lambda v: 255 if v > 128 else 0) if transparent else img.convert("L")
+            if img.mode != "RGBA" or img.getchannel("A").getextrema() == (255, 255):
+                return data
+            mask = img.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadInputError(f"mask: cannot decode image ({e})") from None
     buf = io.BytesIO()
-    (ImageOps.invert(mask) if invert else mask).save(buf, format="PNG")
+    mask.save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -18,7 +18,11 @@ from sdcli.text.prompts import check_prompt
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
                "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
-               "refiner_switch")
+               "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur", "inpaint_fill", "inpaint_area",
+               "inpaint_padding", "mask_invert", "overlay", "pad")
+# A1111 infotext fields of the "extra" part that replay as numbers -> config key
+INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
+                    "Token merging ratio hr": "tome_ratio_hr"}
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
@@ -54,9 +58,12 @@ def from_image(path: str | Path) -> Replay:
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
         extra = params.get("extra") or {}
         refiner = extra.get("Refiner")
-        if extra.get("Refiner switch at") is not None:
-            values["refiner_switch"] = _number(extra["Refiner switch at"])
-        prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
+        values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
+                       if extra.get(field) is not None})
+        masked = _inpaint_values(extra)
+        values.update(masked)
+        mode = "inpaint" if masked else "img2img" if "strength" in values else "txt2img"
+        prompt = params.get("prompt", "")
         ours = {}
         if meta["source"] == "a1111":
             rng_note(params.get("rng"), path)
@@ -74,6 +81,37 @@ def from_image(path: str | Path) -> Replay:
     return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
                   embeddings=_embeddings(ours, meta["parameters"]),
                   refiner=refiner if isinstance(refiner, str) else None)
+
+
+# A1111's inpaint fields -> (config key, {A1111's word: ours}; None: a number)
+_INPAINT_FIELDS = {
+    "Mask blur": ("mask_blur", None),
+    "Masked content": ("inpaint_fill", {"original": "original", "fill": "fill", "latent noise": "latent-noise",
+                                        "latent nothing": "latent-nothing"}),
+    "Inpaint area": ("inpaint_area", {"Whole picture": "whole", "Only masked": "masked"}),
+    "Masked area padding": ("inpaint_padding", None),
+    "Mask mode": ("mask_invert", {"Inpaint masked": False, "Inpaint not masked": True}),
+}
+
+
+def _inpaint_values(extra: dict) -> dict:
+    """The config values of A1111's inpaint fields (and sdcli's "Outpaint pad"), as written by app/inpaint.py. A
+    value that is no known word or number is kept as text, for check_mapping to refuse naming the image."""
+    values = {}
+    for label, (key, words) in _INPAINT_FIELDS.items():
+        if label in extra:
+            raw = str(extra[label]).strip()
+            values[key] = _whole_number(raw) if words is None else words.get(raw, raw)
+    if "Outpaint pad" in extra:
+        values["pad"] = ",".join(str(extra["Outpaint pad"]).split())
+    return values
+
+
+def _whole_number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _number(text: str):
