@@ -203,6 +203,13 @@ def test_img2img_and_inpainting_are_the_pngs_img2img_writes(server, files, tiny_
     _local("img2img", "a red fox", "-i", str(files["init"]), "--mask", str(files["mask"]), "-m",
            str(files["models"] / "inpaint.safetensors"), *same, "--strength", "0.9", "-o", str(tmp_path / "p.png"))
     assert _png(result["images"][0]) == (tmp_path / "p.png").read_bytes()
+    # any model inpaints, A1111's inpaint fields mapped onto img2img's flags
+    result = _post_img2img(server, init_images=[init], mask=mask, denoising_strength=0.75, mask_blur=4,
+                           inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=8, inpainting_mask_invert=1)
+    _local("img2img", "a red fox", "-i", str(files["init"]), "--mask", str(files["mask"]), "-m", str(tiny_sd1), *same,
+           "--strength", "0.75", "--mask-blur", "4", "--inpaint-fill", "fill", "--inpaint-area", "masked",
+           "--inpaint-padding", "8", "--mask-invert", "-o", str(tmp_path / "q.png"))
+    assert _png(result["images"][0]) == (tmp_path / "q.png").read_bytes()
 
 
 def _post_img2img(server, expect=200, **fields):
