@@ -376,6 +376,8 @@ class Service:
                 raise
             result.interrupted = True
         result.finished = time.time()
+        log(f"{ticket.name}: {len(result.images)} image{'s' if len(result.images) != 1 else ''} in "
+            f"{result.finished - result.started:.1f} s{' (interrupted)' if result.interrupted else ''}")
         return result
 
     def _batch(self, ticket: Ticket, models, prepared, batch: list, init, hooks) -> list:

@@ -18,42 +18,49 @@ from sdcli.app.serve_http import PROTOCOL, JSONResponse, State, error_response, 
 from sdcli.app.serve_device import Init, RenderSpec, check_sampler, log, lora_specs, named, scratch_file
 from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
 
+def _const(value):
+    return lambda _state, _request, _body: value
+
+
 def table(state: State) -> dict:
-    """(method, path) -> handler, each wrapped so that any error becomes a JSON answer."""
-    plain = {
-        ("GET", "/sdapi/v1/sd-models"): _sd_models, ("GET", "/sdapi/v1/samplers"): lambda s, r: api.samplers(),
-        ("GET", "/sdapi/v1/schedulers"): lambda s, r: api.schedulers(),
-        ("GET", "/sdapi/v1/upscalers"): lambda s, r: api.upscalers(),
-        ("GET", "/sdapi/v1/latent-upscale-modes"): lambda s, r: [{"name": "Latent"}],
-        ("GET", "/sdapi/v1/loras"): _loras, ("GET", "/sdapi/v1/sd-vae"): _vaes,
+    """(method, path) -> endpoint: answers (a JSON value from `fn(state, request, body)`) and jobs (async
+    handlers that wait for the render thread), each wrapped so that any error becomes a JSON answer."""
+    answers = {
+        ("GET", "/sdapi/v1/sd-models"): _sd_models, ("GET", "/sdapi/v1/loras"): _loras,
+        ("GET", "/sdapi/v1/sd-vae"): _vaes, ("GET", "/sdapi/v1/embeddings"): _embeddings,
+        ("GET", "/sdapi/v1/samplers"): lambda *_: api.samplers(),
+        ("GET", "/sdapi/v1/schedulers"): lambda *_: api.schedulers(),
+        ("GET", "/sdapi/v1/upscalers"): lambda *_: api.upscalers(),
+        ("GET", "/sdapi/v1/latent-upscale-modes"): _const([{"name": "Latent"}]),
         ("GET", "/sdapi/v1/options"): _options, ("GET", "/sdapi/v1/memory"): _memory,
-        ("GET", "/sdapi/v1/prompt-styles"): lambda s, r: [], ("GET", "/sdapi/v1/face-restorers"): lambda s, r: [],
-        ("GET", "/sdapi/v1/scripts"): lambda s, r: {"txt2img": [], "img2img": []},
-        ("GET", "/sdapi/v1/script-info"): lambda s, r: [], ("GET", "/sdapi/v1/extensions"): lambda s, r: [],
+        ("GET", "/sdapi/v1/progress"): _progress, ("POST", "/sdapi/v1/png-info"): _png_info,
         ("POST", "/sdapi/v1/interrupt"): _interrupt, ("POST", "/sdapi/v1/skip"): _skip,
-        ("POST", "/sdapi/v1/refresh-checkpoints"): lambda s, r: None,  # the folders are read on every listing
-        ("POST", "/sdapi/v1/refresh-loras"): lambda s, r: None, ("POST", "/sdapi/v1/refresh-vae"): lambda s, r: None,
+        # what sdcli has none of, answered as an A1111 without them answers
+        ("GET", "/sdapi/v1/prompt-styles"): _const([]), ("GET", "/sdapi/v1/face-restorers"): _const([]),
+        ("GET", "/sdapi/v1/scripts"): _const({"txt2img": [], "img2img": []}),
+        ("GET", "/sdapi/v1/script-info"): _const([]), ("GET", "/sdapi/v1/extensions"): _const([]),
+        # the folders are read on every listing: nothing to refresh
+        ("POST", "/sdapi/v1/refresh-checkpoints"): _const(None), ("POST", "/sdapi/v1/refresh-loras"): _const(None),
+        ("POST", "/sdapi/v1/refresh-vae"): _const(None),
         ("GET", "/sdcli/v1/info"): _info,
     }
-    slow = {("GET", "/sdapi/v1/progress"): _progress, ("GET", "/sdapi/v1/embeddings"): _embeddings,
-            ("POST", "/sdapi/v1/png-info"): _png_info}
     jobs = {("POST", "/sdapi/v1/txt2img"): _txt2img, ("POST", "/sdapi/v1/img2img"): _img2img,
             ("POST", "/sdapi/v1/options"): _set_options, ("POST", "/v1/images/generations"): _openai,
             ("POST", "/sdcli/v1/render"): serve_remote.render}
-    out = {key: _answer(state, fn, threaded=False) for key, fn in plain.items()}
-    out.update({key: _answer(state, fn, threaded=True) for key, fn in slow.items()})
+    out = {key: _answer(state, fn) for key, fn in answers.items()}
     out.update({key: functools.partial(_guarded, state, fn) for key, fn in jobs.items()})
     return out
 
 
-def _answer(state: State, fn, threaded: bool):
-    """A handler `fn(state, request) -> JSON value` (run on a worker thread when `threaded`) as an endpoint."""
+def _answer(state: State, fn):
+    """A handler `fn(state, request, body) -> JSON value` as an endpoint; it runs on a worker thread, so a slow
+    listing (a large models folder) never holds the event loop."""
     from starlette.concurrency import run_in_threadpool
 
     async def endpoint(request):
         try:
             body = await request.body() if request.method == "POST" else b""
-            value = await run_in_threadpool(fn, state, request, body) if threaded else fn(state, request)
+            value = await run_in_threadpool(fn, state, request, body)
         except Exception as e:  # noqa: BLE001 - answered as JSON, never a traceback
             return error_response(e)
         return JSONResponse(value)
@@ -70,23 +77,23 @@ async def _guarded(state: State, fn, request):
 
 # --- listings ------------------------------------------------------------------------------------------------
 
-def _sd_models(state: State, _request) -> list[dict]:
+def _sd_models(state: State, _request, _body) -> list[dict]:
     titles, hashes = state.service.titles(), state.service.hashes
     return [{"title": titles[name], "model_name": str(Path(name).with_suffix("")),
              "hash": hashes[name][:10] if name in hashes else None, "sha256": hashes.get(name), "filename": path,
              "config": None} for name, path in state.folders.models().items()]
 
 
-def _loras(state: State, _request) -> list[dict]:
+def _loras(state: State, _request, _body) -> list[dict]:
     return [{"name": Path(name).stem, "alias": Path(name).stem, "path": path, "metadata": {}}
             for name, path in state.folders.loras().items()]
 
 
-def _vaes(state: State, _request) -> list[dict]:
+def _vaes(state: State, _request, _body) -> list[dict]:
     return [{"model_name": name, "filename": path} for name, path in state.folders.vaes().items()]
 
 
-def _options(state: State, _request) -> dict:
+def _options(state: State, _request, _body) -> dict:
     service = state.service
     model, vae = service.current
     name = service.name_of(model)
@@ -97,13 +104,13 @@ def _options(state: State, _request) -> dict:
             "sd_model_name": Path(name).stem, "sdcli_version": __version__}
 
 
-def _info(state: State, _request) -> dict:
+def _info(state: State, _request, _body) -> dict:
     placement = state.service.placement
     return {"sdcli_version": __version__, "protocol": PROTOCOL, "model": Path(state.service.current[0]).name,
             "device": getattr(placement, "device", None), "dtype": getattr(placement, "dtype_name", None)}
 
 
-def _memory(_state: State, _request) -> dict:
+def _memory(_state: State, _request, _body) -> dict:
     """A1111's /memory: this process's RAM and, on CUDA, the device's (torch's allocator counters)."""
     ram = {"error": "unavailable"}
     try:
@@ -189,12 +196,12 @@ def _preview(ticket) -> str | None:
     return api.b64(buf.getvalue())
 
 
-def _interrupt(state: State, _request) -> dict:
+def _interrupt(state: State, _request, _body) -> dict:
     state.device.interrupt()
     return {}
 
 
-def _skip(state: State, _request) -> None:
+def _skip(state: State, _request, _body) -> None:
     state.device.skip()
 
 
