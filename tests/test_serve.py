@@ -413,6 +413,15 @@ def test_no_file_outside_the_configured_folders(server, prompt, options, status)
 def test_limits_auth_and_http_errors(server):
     big = json.dumps({"prompt": "x" * (1 << 20 + 1)}).encode()
     assert server.call("POST", "/sdapi/v1/txt2img", raw=big)[0] == 413
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # no length: counted as it comes
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                     + f"Authorization: Basic {token}\r\n\r\n".encode())
+        chunk = b"x" * (256 << 10)
+        for _ in range(5):
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.1 413")
     status, value, headers = server.call("GET", "/sdapi/v1/options", auth=False)
     assert status == 401 and headers.get("www-authenticate") == "Basic"
     wrong = Server.__new__(Server)

@@ -75,8 +75,12 @@ def _finite(value):
 def error_response(e: BaseException):
     """A JSON response for an error raised while handling a request (never a traceback to the client)."""
 
+    from starlette.exceptions import HTTPException
+
     if isinstance(e, api.Invalid):
         return JSONResponse(e.body(), status_code=422)
+    if isinstance(e, HTTPException):  # the size guard's 413 for a chunked body, met while reading it
+        return JSONResponse({"detail": e.detail}, status_code=e.status_code)
     if isinstance(e, SdcliError):
         status = status_of(e)
         return JSONResponse(api.failure(status, e, str(e)), status_code=status)
