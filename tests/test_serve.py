@@ -385,6 +385,18 @@ BAD = [
     ("/sdapi/v1/png-info", {"image": base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode()}, None),
     ("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 99}, "options"),
     ("/v1/images/generations", {"n": 2}, "prompt"),
+    # the endpoint of --server: as untrusted as any other
+    ("/sdcli/v1/render", {"protocol": 99, "prompt": "x", "config": {}, "targets": [{"index": 0, "seed": 1}]},
+     "protocol"),
+    ("/sdcli/v1/render", {"protocol": 1, "prompt": "x", "config": {"steps": 0}, "targets": [{"index": 0, "seed": 1}]},
+     "steps"),
+    ("/sdcli/v1/render", {"protocol": 1, "prompt": "x", "config": {"nonsense": 1},
+                          "targets": [{"index": 0, "seed": 1}]}, "nonsense"),
+    ("/sdcli/v1/render", {"protocol": 1, "prompt": "x", "config": {}, "targets": "all"}, "targets"),
+    ("/sdcli/v1/render", {"protocol": 1, "prompt": "x", "config": {}, "targets": [{"index": 0, "seed": 1}],
+                          "loras": [["../../etc/passwd", 1]]}, "without a folder"),
+    ("/sdcli/v1/render", {"protocol": 1, "prompt": "x", "config": {"sampler": "help"},
+                          "targets": [{"index": 0, "seed": 1}]}, "sampler"),
 ]
 
 
