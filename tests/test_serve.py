@@ -93,13 +93,14 @@ class Server:
         finally:
             conn.close()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM: the server ends cleanly (exit 0); its exit status."""
         self.proc.terminate()
         try:
-            self.proc.wait(30)
+            return self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait(10)
+            return self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,8 @@ def server(files, tiny_sd1):  # noqa: F811
                 "--api-auth", f"{USER}:{PASSWORD}", "--max-request-mb", "1"], auth=(USER, PASSWORD))
     s.files = files
     yield s
-    s.stop()
+    assert s.stop() == 0, "".join(s.lines)
+    assert "serve: stopped" in "".join(s.lines)
 
 
 def _local(command: str, *args: str, expect: int = 0):

@@ -29,7 +29,7 @@ from pathlib import Path
 from sdcli import config as cfgmod
 from sdcli.app.serve_device import Device, Folders, Service, Ticket, log
 from sdcli.app.serve_http import JSONResponse, State
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import Terminated, UsageError
 
 
 
@@ -46,25 +46,31 @@ class ServeRequest:
 
 
 def run_serve(req: ServeRequest) -> None:
-    """Check the exposure, load the model, bind, serve until Ctrl-C / SIGTERM."""
+    """Check the exposure, bind (a taken port fails before the slow load), load the model, serve until Ctrl-C or
+    SIGTERM, which end it cleanly (exit 0): the running job is interrupted, waiting ones are cancelled."""
     check_exposure(req.host, req.api_auth, req.insecure)
     credentials = parse_auth(req.api_auth)
-    starlette, uvicorn = _import_stack()
-    if req.max_request_mb <= 0 or req.max_request_mb != req.max_request_mb:
+    uvicorn = _import_stack()
+    if not req.max_request_mb > 0:
         raise UsageError(f"option --max-request-mb: must be a positive number, got {req.max_request_mb}")
-    state = _start(req)
-    sock = _bind(req.host, req.port)
-    app = build_app(state, credentials, int(req.max_request_mb * (1 << 20)))
-    host, port = sock.getsockname()[:2]
-    log(f"listening on http://{_url_host(host)}:{port} (model {Path(state.service.current[0]).name}; "
-        f"{'basic auth' if credentials else 'no auth'})")
-    server = _server_class(uvicorn)(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                                   timeout_graceful_shutdown=10), state.device)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        state.device.stop()
-        state.cleanup()
+    with _bind(req.host, req.port) as sock:
+        state = _start(req)
+        app = build_app(state, credentials, int(req.max_request_mb * (1 << 20)))
+        host, port = sock.getsockname()[:2]
+        if not _is_loopback(req.host):
+            log("WARNING: reachable from other machines" + (" without a password (--insecure)" if not credentials
+                else "; basic auth sends the password in clear: put TLS in front"))
+        log(f"listening on http://{_url_host(host)}:{port} (model {Path(state.service.current[0]).name}; "
+            f"{'basic auth' if credentials else 'no auth'})")
+        server = _server_class(uvicorn)(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                       timeout_graceful_shutdown=10), state.device)
+        try:
+            server.run(sockets=[sock])
+        except (KeyboardInterrupt, Terminated):  # uvicorn raises the signal again once it has shut down
+            log("stopped")
+        finally:
+            state.device.stop()
+            state.cleanup()
 
 
 def check_exposure(host: str, api_auth: str | None, insecure: bool) -> None:
@@ -98,14 +104,15 @@ def parse_auth(text: str | None) -> dict[str, str]:
 
 
 def _import_stack():
+    """uvicorn (and the check that Starlette is there): the optional extra, imported only by `sdcli serve`."""
     try:
-        import starlette  # noqa: F401
+        __import__("starlette")
         import uvicorn
     except ImportError:
         from sdcli.runtime.extras import install_hint
 
         raise UsageError(f"sdcli serve needs the server extra: {install_hint('serve')}") from None
-    return starlette, uvicorn
+    return uvicorn
 
 
 def _start(req: ServeRequest) -> State:
