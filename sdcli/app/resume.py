@@ -16,6 +16,7 @@ from pathlib import Path
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
+from sdcli.config import sparse_keys
 from sdcli.runtime.errors import OutputError
 from sdcli.app import save
 
@@ -53,14 +54,16 @@ def matches(path: Path, target) -> bool:
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
-    return all(config.get(key) == value for key, value in expected.items())
+    sparse = sparse_keys()  # recorded only when not at their defaults (save.metadata): absent means the default
+    return all(config.get(key, sparse.get(key)) == value for key, value in expected.items())
 
 
 def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
-    expected = dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler, schedule=schedule).to_dict()
+    expected = dataclasses.replace(cfg, seed=target.seed, subseed=target.image_subseed, n=1, sampler=sampler,
+                                   schedule=schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
     for key in ("model", "vae"):
