@@ -178,6 +178,18 @@ def test_txt2img_is_the_png_generate_writes(server, tiny_sd1, tmp_path):  # noqa
         assert Image.open(io.BytesIO(local)).text["parameters"] == info["infotexts"][k]
 
 
+def test_variation_seeds_and_noise_options_are_generate_s(server, tiny_sd1, tmp_path):  # noqa: F811
+    result = _txt2img(server, subseed=5, subseed_strength=0.3, seed_resize_from_w=48, seed_resize_from_h=64,
+                      batch_size=2, eta=0.5, override_settings={"randn_source": "NV", "eta_noise_seed_delta": 31337})
+    info = json.loads(result["info"])
+    assert info["all_seeds"] == [11, 11] and info["all_subseeds"] == [5, 6] and info["subseed_strength"] == 0.3
+    _local("generate", "a red fox", "-m", str(tiny_sd1), *FAST, "--sampler", "euler_a", "--seed", "11", "-n", "2",
+           "--batch-size", "2", "--subseed", "5", "--subseed-strength", "0.3", "--seed-resize-from", "48x64",
+           "--eta", "0.5", "--rng", "nv", "--ensd", "31337", "-o", f"{tmp_path}/{{index}}.png",
+           "--embeddings-dir", str(server.files["emb"]))
+    assert [_png(b) for b in result["images"]] == [(tmp_path / f"{k}.png").read_bytes() for k in (0, 1)]
+
+
 def test_hires_fix_is_the_png_generate_writes(server, tiny_sd1, tmp_path):  # noqa: F811
     result = _txt2img(server, enable_hr=True, hr_scale=2, hr_second_pass_steps=2, denoising_strength=0.5,
                       hr_upscaler="Latent")
@@ -377,7 +389,9 @@ BAD = [
     ("/sdapi/v1/txt2img", {"prompt": "x", "n_iter": 10**6}, "n_iter"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "script_name": "x/y/z plot"}, "script_name"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "subseed_strength": 0.3}, "subseed_strength"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "subseed_strength": 2}, "subseed_strength"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "s_min_uncond": 0.5}, "s_min_uncond"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "seed_resize_from_w": 64}, "seed_resize_from_w"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
     ("/sdapi/v1/txt2img", {"prompt": "x (a:1000) y"}, None),
     ("/sdapi/v1/img2img", {"prompt": "x"}, "init_images"),
@@ -476,13 +490,14 @@ def test_serve_refuses_an_open_host_before_binding(monkeypatch, tiny_sd1):  # no
 
 def test_generate_with_server_writes_the_bytes_of_a_local_run(server, tiny_sd1, tmp_path):  # noqa: F811
     jobs = tmp_path / "jobs.txt"
-    jobs.write_text('a cat\n{"prompt": "a dog <lora:tweak:0.7>", "seed": 7}\n{"prompt": "a boat", "steps": 2}\n')
+    jobs.write_text('a cat\n{"prompt": "a dog <lora:tweak:0.7>", "seed": 7}\n'
+                    '{"prompt": "a boat", "steps": 2, "subseed": 3, "subseed_strength": 0.5, "n": 2}\n')
     common = ["--prompts-file", str(jobs), "-m", str(tiny_sd1), *FAST, "--seed", "1", "--lora-dir",
               str(server.files["loras"]), "--embeddings-dir", str(server.files["emb"]), "--json"]
     local = _local("generate", *common, "-o", f"{tmp_path}/local/{{index}}-{{seed}}.png")
     remote = _local("generate", *common, "-o", f"{tmp_path}/remote/{{index}}-{{seed}}.png", "--server", server.url)
     names = sorted(p.name for p in (tmp_path / "local").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "remote").iterdir()) and len(names) == 3
+    assert names == sorted(p.name for p in (tmp_path / "remote").iterdir()) and len(names) == 4
     for name in names:
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes()
 

@@ -31,12 +31,13 @@ SETTINGS = {
     "negative_prompt": "negative", "seed": "seed", "steps": "steps", "cfg_scale": "cfg", "width": "width",
     "height": "height", "batch_size": "batch_size", "tiling": "seamless", "hr_scale": "hires_scale",
     "hr_second_pass_steps": "hires_steps", "token_merging_ratio": "tome_ratio",
-    "token_merging_ratio_hr": "tome_ratio_hr",
+    "token_merging_ratio_hr": "tome_ratio_hr", "subseed": "subseed", "subseed_strength": "subseed_strength",
+    "eta": "eta", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise",
 }
 # img2img's inpaint fields are read only with a mask, as A1111 uses them (_inpaint: sdcli's app/inpaint.py keys)
 INPAINT_FILLS = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}  # A1111's inpainting_fill
 # A1111 options (override_settings, POST /sdapi/v1/options) -> sdcli config key
-OPTION_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip"}
+OPTION_SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "ensd", "randn_source": "rng"}
 # Options a request may name to pick files: resolved by name inside the server's folders only (app/serve.py).
 FILE_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 
@@ -44,9 +45,8 @@ FILE_OPTIONS = ("sd_model_checkpoint", "sd_vae")
 INERT = {
     "send_images", "do_not_save_samples", "do_not_save_grid", "force_task_id", "comments", "sampler_index",
     "override_settings_restore_afterwards", "firstphase_width", "firstphase_height", "seed_enable_extras",
-    "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise", "eta", "ddim_discretize", "include_init_images",
-    "disable_extra_networks", "subseed", "mask_round", "refiner_switch_at", "infotext", "outpath_samples",
-    "outpath_grids",
+    "ddim_discretize", "include_init_images", "disable_extra_networks", "mask_round", "refiner_switch_at",
+    "infotext", "outpath_samples", "outpath_grids",
 }
 # Fields read by name below (prompt, sampler, hires, img2img inputs, options, scripts).
 MAPPED = {
@@ -54,14 +54,12 @@ MAPPED = {
     "hr_resize_x", "hr_resize_y", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
     "override_settings", "styles", "alwayson_scripts", "init_images", "mask", "resize_mode",
     "inpainting_mask_invert", "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill", "inpaint_full_res",
-    "inpaint_full_res_padding",
+    "inpaint_full_res_padding", "seed_resize_from_w", "seed_resize_from_h",
 }
 
 # Fields sdcli cannot do: refused (422) unless they hold one of A1111's "off" values, with the reason.
 UNSUPPORTED = {
-    "subseed_strength": ((0, None), "variation seeds are not available in sdcli yet"),
-    "seed_resize_from_h": ((-1, 0, None), "seed resize is not available in sdcli yet"),
-    "seed_resize_from_w": ((-1, 0, None), "seed resize is not available in sdcli yet"),
+    "s_min_uncond": ((None, 0, 0.0), "negative guidance minimum sigma (NGMS) is not available in sdcli"),
     "script_name": ((None, "", "None"), "scripts are A1111 extensions; sdcli has none"),
     "script_args": ((None, []), "scripts are A1111 extensions; sdcli has none"),
     "image_cfg_scale": ((None,), "instruct-pix2pix models are not supported"),
@@ -69,7 +67,6 @@ UNSUPPORTED = {
     "latent_mask": ((None, ""), "a separate latent mask is not supported; send `mask`"),
     "refiner_checkpoint": ((None, "", "None"), "the SDXL refiner is not available through the server yet"),
     "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "the hires pass runs on the same checkpoint"),
-    "eta_noise_seed_delta": ((None, 0), "sdcli draws A1111's CPU noise without an ENSD offset"),
 }
 # Fields accepted but not applied when not at these values: said in the response's info["warnings"].
 APPROXIMATED = {
@@ -219,6 +216,7 @@ def _common(body: dict, errors: list[dict]) -> Ask:
         if value is not None:
             ask.flags[key] = value
     ask.flags.update(_sampler(body, errors))
+    ask.flags.update(_seed_resize(body, errors))
     batch = ask.flags.get("batch_size", 1)
     n_iter = _int(body, "n_iter", errors, 1)
     if n_iter is not None and not 1 <= n_iter <= 1000:
@@ -240,13 +238,28 @@ def _setting(body: dict, name: str, key: str, errors: list[dict]) -> Any:
     value = body.get(name)
     if value is None:
         return None
-    if name == "seed" and isinstance(value, (int, float)) and value < -1:  # A1111 draws a seed for any negative
+    if name in ("seed", "subseed") and isinstance(value, (int, float)) and value < -1:  # A1111 draws for any negative
         value = -1
     try:
         return check_value(key, value, "request")
     except BadInputError as e:
         errors.append(error(name, str(e).replace(f"request: '{key}'", name), value))
         return None
+
+
+def _seed_resize(body: dict, errors: list[dict]) -> dict:
+    """seed_resize_from_w / _h (A1111's "Resize seed from"; 0 or -1: off) -> seed_resize_from "WxH"."""
+    w, h = _int(body, "seed_resize_from_w", errors, -1), _int(body, "seed_resize_from_h", errors, -1)
+    if w is None or h is None or (w <= 0 and h <= 0):
+        return {}
+    if w <= 0 or h <= 0:
+        errors.append(error("seed_resize_from_w", "give both seed_resize_from_w and seed_resize_from_h", w))
+        return {}
+    try:
+        return {"seed_resize_from": check_value("seed_resize_from", f"{w}x{h}", "request")}
+    except BadInputError as e:
+        errors.append(error("seed_resize_from_w", str(e).replace("request: 'seed_resize_from'", "seed resize"), w))
+        return {}
 
 
 def _int(body: dict, name: str, errors: list[dict], default: int) -> int | None:
@@ -491,20 +504,25 @@ def parameters(body: dict, flags: dict) -> dict:
     return out
 
 
-def info(job_cfg, prompt: str, seeds: list[int], infotexts: list[str], model: dict, extra: dict) -> str:
-    """`info`: A1111's Processed.js() (a JSON string) for the images made; `extra` adds sdcli's fields."""
+def info(job_cfg, prompt: str, seeds: list[tuple[int, int]], infotexts: list[str], model: dict, extra: dict) -> str:
+    """`info`: A1111's Processed.js() (a JSON string) for the images made ((seed, variation seed) each); `extra`
+    adds sdcli's fields."""
     from sdcli.app.save import sampler_schedule
 
     sampler, schedule = sampler_schedule(job_cfg)
+    resize = job_cfg.seed_resize_from.lower().split("x") if job_cfg.seed_resize_from else (-1, -1)
+    resize = [int(v) for v in resize]
     obj = {
         "prompt": prompt, "all_prompts": [prompt] * len(seeds), "negative_prompt": job_cfg.negative,
-        "all_negative_prompts": [job_cfg.negative] * len(seeds), "seed": seeds[0] if seeds else job_cfg.seed,
-        "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "all_negative_prompts": [job_cfg.negative] * len(seeds), "seed": seeds[0][0] if seeds else job_cfg.seed,
+        "all_seeds": [s for s, _ in seeds], "subseed": seeds[0][1] if seeds else job_cfg.subseed,
+        "all_subseeds": [s for _, s in seeds], "subseed_strength": job_cfg.subseed_strength,
         "width": job_cfg.width, "height": job_cfg.height, "sampler_name": a1111_sampler(sampler),
         "scheduler": schedule, "cfg_scale": job_cfg.cfg, "steps": job_cfg.steps, "batch_size": job_cfg.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model.get("name"),
         "sd_model_hash": model.get("hash"), "sd_vae_name": model.get("vae_name"), "sd_vae_hash": model.get("vae_hash"),
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": extra.pop("denoising_strength", None),
+        "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
+        "denoising_strength": extra.pop("denoising_strength", None),
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": job_cfg.clip_skip,
         "is_using_inpainting_conditioning": extra.pop("inpainting", False), "version": f"sdcli {__version__}",

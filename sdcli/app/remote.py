@@ -83,7 +83,7 @@ class Server:
         """One job's images: sent, streamed back, written; the Saved pictures (for --grid)."""
         job = targets[0].job
         body = {"protocol": PROTOCOL, "sdcli_version": __version__, "prompt": job.prompt, "source": job.source,
-                "config": job.cfg.to_dict(), "targets": [{"index": t.index, "seed": t.seed} for t in targets],
+                "config": job.cfg.to_dict(), "targets": [{"index": t.index, "seed": t.seed, "subseed": t.subseed} for t in targets],
                 "loras": [list(_lora_name(spec)) for spec in getattr(req, "loras", [])]}
         if init is not None:
             body.update(_init_body(*init))

@@ -177,6 +177,7 @@ class RenderSpec:
 
     job: Any  # jobs.Job; its cfg.model / cfg.vae are set on the device, once the model is known
     seeds: list[int]
+    subseeds: list  # each image's variation seed (render.image_seeds); None: the job's own
     indices: list[int]  # the client's image numbers (a prompts file's run index with --server)
     loras: list = field(default_factory=list)  # lora.LoraSpec, resolved in the server's lora_dir
     init: Init | None = None
@@ -359,8 +360,8 @@ class Service:
         else:
             render.check_inpaint_model(models, cfg, None)
         self._use_loras(spec.loras)
-        targets = [render.Target(job, index, seed, Path(f"{index}.png"))
-                   for index, seed in zip(spec.indices, spec.seeds)]
+        targets = [render.Target(job, index, seed, Path(f"{index}.png"), None, subseed)
+                   for index, seed, subseed in zip(spec.indices, spec.seeds, spec.subseeds)]
         result = Result([], model=self.describe(models), started=time.time())
         prepared = render.prepare(models, cfg, job, init)
         batches = [targets[i:i + cfg.batch_size] for i in range(0, len(targets), cfg.batch_size)]

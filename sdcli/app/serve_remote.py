@@ -104,8 +104,8 @@ def spec_from_client(state: State, body: dict) -> RenderSpec:
     except (TypeError, ValueError):
         raise BadInputError("request: a LoRA weight must be a number") from None
     init = _client_init(state, body) if body.get("image") else None
-    return RenderSpec(job, [s for _, s in targets], [i for i, _ in targets], lora_specs(state.folders, flags, job),
-                      init, model, vae)
+    return RenderSpec(job, [t[1] for t in targets], [t[2] for t in targets], [t[0] for t in targets],
+                      lora_specs(state.folders, flags, job), init, model, vae)
 
 
 def _client_model(state: State, asked: dict) -> tuple:
@@ -126,19 +126,24 @@ def _client_model(state: State, asked: dict) -> tuple:
     return model, vae
 
 
-def _client_targets(value) -> list[tuple[int, int]]:
+def _client_targets(value) -> list[tuple[int, int, int | None]]:
+    """(index, seed, variation seed or None) of each image the client planned (render.plan_outputs' numbering)."""
     from sdcli.config import SEED_MAX
 
     if not isinstance(value, list) or not value:
-        raise BadInputError("request: 'targets' must be a list of {index, seed}")
+        raise BadInputError("request: 'targets' must be a list of {index, seed, subseed}")
+
+    def whole(v, optional=False) -> bool:
+        return (optional and v is None) or isinstance(v, int) and not isinstance(v, bool)
+
     out = []
     for t in value:
-        if not isinstance(t, dict) or not all(isinstance(t.get(k), int) and not isinstance(t.get(k), bool)
-                                              for k in ("index", "seed")):
-            raise BadInputError("request: each target is {index, seed} (integers)")
-        if not 0 <= t["seed"] <= SEED_MAX + 100000:
-            raise BadInputError(f"request: seed {t['seed']} out of range")
-        out.append((t["index"], t["seed"]))
+        if not isinstance(t, dict) or not (whole(t.get("index")) and whole(t.get("seed"))
+                                           and whole(t.get("subseed"), optional=True)):
+            raise BadInputError("request: each target is {index, seed, subseed} (integers; subseed may be null)")
+        if not all(-1 <= s <= SEED_MAX + 100000 for s in (t["seed"], t.get("subseed") or 0)):
+            raise BadInputError(f"request: seed {t['seed']} / {t.get('subseed')} out of range")
+        out.append((t["index"], t["seed"], t.get("subseed")))
     return out
 
 

@@ -100,7 +100,8 @@ def _options(state: State, _request, _body) -> dict:
     return {"sd_model_checkpoint": service.titles().get(name, name), "sd_checkpoint_hash": service.hashes.get(name),
             "sd_vae": Path(vae).name if vae else "Automatic",
             "CLIP_stop_at_last_layers": state.options.get("clip_skip", state.base.clip_skip),
-            "samples_format": "png", "eta_noise_seed_delta": 0, "randn_source": "CPU",
+            "samples_format": "png", "eta_noise_seed_delta": state.options.get("ensd", state.base.ensd),
+            "randn_source": state.options.get("rng", state.base.rng).upper(),
             "sd_model_name": Path(name).stem, "sdcli_version": __version__}
 
 
@@ -261,8 +262,8 @@ def a1111_response(ask: api.Ask, spec: RenderSpec, result) -> dict:
              "job_finished": result.finished, "inpainting": spec.init is not None and spec.init.mask is not None,
              "denoising_strength": cfg.strength if spec.init is not None else
              (cfg.hires_strength if cfg.hires_scale != 1.0 else None)}
-    info = api.info(cfg, spec.job.prompt, [r.target.seed for r in done], [r.picture.infotext for r in done],
-                    result.model, extra)
+    info = api.info(cfg, spec.job.prompt, [(r.target.seed, r.target.image_subseed) for r in done],
+                    [r.picture.infotext for r in done], result.model, extra)
     images = [api.b64(r.png) for r in done] if ask.send_images else []
     return {"images": images, "parameters": api.parameters(ask.given, spec.job.cfg.to_dict() | ask.flags),
             "info": info}
@@ -270,6 +271,7 @@ def a1111_response(ask: api.Ask, spec: RenderSpec, result) -> dict:
 
 def spec_for(state: State, ask: api.Ask) -> RenderSpec:
     """An A1111 request as one job on the server's configuration: seeds drawn, files found in its folders."""
+    from sdcli.app.render import image_seeds
     from sdcli.jobs import single_job
 
     cfg = dataclasses.replace(state.base, **{**state.options, **ask.flags})
@@ -280,8 +282,9 @@ def spec_for(state: State, ask: api.Ask) -> RenderSpec:
         cfg = dataclasses.replace(cfg, width=init.image.width, height=init.image.height)
     job = single_job(ask.prompt, cfg)
     check_sampler(job)
-    return RenderSpec(job, [job.cfg.seed + k for k in range(ask.count)], list(range(ask.count)),
-                      lora_specs(state.folders, [], job), init, *_model_choice(state, ask.options))
+    seeds, subseeds = image_seeds(job.cfg)  # A1111's numbering: seed+k, or with a variation subseed+k
+    return RenderSpec(job, seeds, subseeds, list(range(ask.count)), lora_specs(state.folders, [], job), init,
+                      *_model_choice(state, ask.options))
 
 
 def _hires_scale(cfg, x: int, y: int) -> float:
