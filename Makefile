@@ -14,8 +14,9 @@ STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 SERVE_STAMP := $(VENV)/.sdcli-serve-installed
+GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
-.PHONY: install install-runtime install-ray install-serve bench-serve browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
+.PHONY: install install-runtime install-ray install-gguf install-serve browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-serve bench-avx2 clean
 
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,14 @@ $(SERVE_STAMP): $(RUNTIME_STAMP)
 
 install-serve: $(SERVE_STAMP)
 
+# The optional gguf extra: writing GGUF files (`sdcli convert --quantize`); reading needs nothing more. The dev extra
+# has it too (the dequantizers' oracle), so `make test` gets it either way.
+$(GGUF_STAMP): $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[gguf]"
+	touch $(GGUF_STAMP)
+
+install-gguf: $(GGUF_STAMP)
+
 # tests/test_report.py opens the verify report in a real headless browser. Best effort: Debian's chromium when no
 # browser is on PATH and we are root with apt-get; never fails the install (the test then says it was skipped).
 BROWSERS := chromium chromium-browser google-chrome google-chrome-stable
@@ -73,7 +82,7 @@ demo-tiny: $(RUNTIME_STAMP)
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model .bench/tiny-sd1.safetensors --steps 4 -W 64 -H 64 \
 		--seed 42 -o tiny-demo.png --overwrite
 
-test: $(STAMP) $(RAY_STAMP) $(SERVE_STAMP) browser
+test: $(STAMP) $(RAY_STAMP) $(GGUF_STAMP) $(SERVE_STAMP) browser
 	$(PY) -m pytest
 
 # sdcli vs diffusers on a full-size random SD1.5 checkpoint; writes docs/benchmarks.md. Slow on a CPU (~20 min).
@@ -100,6 +109,11 @@ bench-sdxl: $(STAMP)
 # peak RSS and wall of cold renders under each residency policy (keep, lean, --offload), SD1.5 512 and SDXL 1024
 bench-memory: $(STAMP)
 	$(PY) scripts/bench_memory.py
+
+# GGUF Q8_0 / Q4_0 (convolutions quantized too) against bf16 on an SD1.5-shaped random checkpoint: size, peak RSS,
+# load and step time, PSNR, per-type layer error (`scripts/bench_gguf.py --help` for a real file, SDXL, Q4_K).
+bench-gguf: $(STAMP)
+	$(PY) scripts/bench_gguf.py --convs
 
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)

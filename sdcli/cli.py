@@ -495,14 +495,22 @@ def preprocess(
 @app.command()
 @guard.handled
 def convert(
-    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to convert.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
+    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to make .safetensors; with "
+                                           "--quantize any model sdcli reads; a .gguf to dequantize.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors or .gguf file to write.")],
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Write a GGUF file of this type: q8_0, "
+                        "q5_1, q5_0, q4_1, q4_0 (or f16, bf16, f32); the VAE, norms and biases stay float.")] = None,
+    type_rules: Annotated[Optional[str], typer.Option("--tensor-type-rules", help="Per-tensor types, "
+                          "stable-diffusion.cpp's syntax: REGEX=TYPE,... (first match wins).")] = None,
+    convs: Annotated[bool, typer.Option("--quantize-convs", help="Quantize conv kernels too, as 256-wide rows "
+                     "(city96's layout: much smaller UNets; ComfyUI-GGUF reads it, stable-diffusion.cpp not).")] = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
-    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run)."""
+    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run); write a model as
+    a quantized GGUF file (--quantize), or a GGUF back to .safetensors."""
     from sdcli.app.convert import run_convert
 
-    run_convert(source, output, overwrite)
+    run_convert(source, output, overwrite, quantize, type_rules, convs)
 
 
 @app.command()

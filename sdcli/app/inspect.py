@@ -42,9 +42,83 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
     head = _head(path)
     if head.startswith(IMAGE_MAGIC) and not _is_safetensors(path):  # the header decides, not a magic number
         return _image_report(path)
+    if _is_gguf(path):
+        return _gguf_report(path, hashes)
     if path.suffix == ".latent" or _is_small_sdcli_file(path):
         return _tensor_file_report(path)
     return _checkpoint_report(path, hashes)
+
+
+def _is_gguf(path: Path) -> bool:
+    from sdcli.formats.gguf import is_gguf
+
+    return is_gguf(path)
+
+
+def _gguf_report(path: Path, hashes: bool) -> dict[str, Any]:
+    """A GGUF file from its header: the family (as for any checkpoint), and per part the tensor types, the bytes
+    they take and the bits per weight; the sha256 and A1111's short hash of the whole file with --hash."""
+    from sdcli.formats.gguf import T5_ARCHS, ldm_names, read_gguf_header
+    from sdcli.quant.dequantize import is_supported
+
+    info = read_gguf_header(path)
+    names = ldm_names(info)
+    report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "format": f"GGUF v{info.version}",
+                              "architecture": info.architecture, **_gguf_family(path)}  # fmt: skip
+    parts: dict[str, dict[str, Any]] = {}
+    for t in info.tensors.values():
+        name = names[t.name]
+        part = "t5" if info.architecture in T5_ARCHS else \
+            next((p for prefix, p in PARTS.items() if name.startswith(prefix)), "other")  # fmt: skip
+        entry = parts.setdefault(part, {"types": Counter(), "parameters": 0, "bytes": 0})
+        entry["types"][t.qtype.name] += 1
+        entry["parameters"] += _numel(list(t.shape))
+        entry["bytes"] += t.nbytes
+    for entry in (*parts.values(), total := _total(parts)):
+        entry["types"] = dict(sorted(entry["types"].items()))
+        entry["bits_per_weight"] = round(8 * entry["bytes"] / max(entry["parameters"], 1), 2)
+    report.update(parts=parts, total=total, tensors=len(info.tensors))
+    unread = sorted({t.qtype.name for t in info.tensors.values() if not is_supported(t.qtype)})
+    if unread:
+        report["unsupported_types"] = unread  # a load refuses these (exit 8)
+    report["header_metadata"] = {k: str(v)[:200] for k, v in info.metadata.items() if not isinstance(v, list)}
+    if hashes:
+        from sdcli.formats.hashing import file_sha256
+
+        digest = file_sha256(path)
+        report.update(sha256=digest, autov2=digest[:10])
+    return report
+
+
+def _total(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    types: Counter = Counter()
+    for entry in parts.values():
+        types.update(entry["types"])
+    return {"types": types, "parameters": sum(e["parameters"] for e in parts.values()),
+            "bytes": sum(e["bytes"] for e in parts.values())}  # fmt: skip
+
+
+def _gguf_family(path: Path) -> dict[str, Any]:
+    """family/prediction/inpaint as detection says; a file it cannot place (a T5 encoder, a denoiser whose other
+    parts come from elsewhere) keeps the family its shapes show, or none, and the reason."""
+    from sdcli.loading.checkpoint import detect
+
+    try:
+        info = detect(path)
+    except (BadInputError, UnsupportedModelError) as e:
+        return {"family": _family_only(path), "note": str(e)}
+    return {"family": info.family, "prediction": info.prediction, "inpaint": info.inpaint}
+
+
+def _family_only(path: Path) -> str | None:
+    from sdcli.families import detect_family
+    from sdcli.formats.gguf import header_view, read_gguf_header
+    from sdcli.formats.ldm import shapes_of
+
+    try:
+        return detect_family(shapes_of(header_view(read_gguf_header(path)))).name
+    except (BadInputError, UnsupportedModelError):
+        return None
 
 
 def _is_safetensors(path: Path) -> bool:

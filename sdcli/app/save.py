@@ -214,6 +214,9 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    quantized = quantization(models)
+    if quantized:  # a GGUF holding GGML blocks: which types, per part (the sha256 names the file itself)
+        meta["model"]["quantization"] = quantized
     if models.vae_source is not None:
         meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
                        "kind": "taesd" if models.vae_is_tiny else "full"}
@@ -246,6 +249,16 @@ def sampler_schedule(cfg: RunConfig) -> tuple[str, str]:
 
     sampler, schedule = resolve_sampler_schedule(cfg.sampler, cfg.schedule)
     return sampler, "custom" if cfg.sigmas else schedule
+
+
+def quantization(models) -> dict[str, dict[str, int]] | None:
+    """part -> {ggml type: tensors} of a model whose file holds GGML blocks (a quantized GGUF), else None."""
+    from sdcli.formats.safetensors import FLOAT_DTYPES
+
+    dtypes = models.info.dtypes
+    if not any(t not in FLOAT_DTYPES for counts in dtypes.values() for t in counts):
+        return None
+    return {part: dict(sorted(counts.items())) for part, counts in sorted(dtypes.items())}
 
 
 def model_hash(models) -> str | None:
