@@ -181,6 +181,7 @@ def generate(
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
     skip_existing: opt.SkipExistingOpt = False,
+    server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -217,6 +218,7 @@ def generate(
         preview_vae=preview_vae,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
+        server=server,
     ))
 
 
@@ -295,6 +297,7 @@ def img2img(
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
     skip_existing: opt.SkipExistingOpt = False,
+    server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
@@ -322,7 +325,7 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               grid_only=grid_only, skip_existing=skip_existing,
+                               grid_only=grid_only, skip_existing=skip_existing, server=server,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
@@ -595,6 +598,38 @@ def verify(
                    refiner=refiner, offload=offload, upscaler_dir=upscaler_dir)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
+
+
+@app.command()
+@guard.handled
+def serve(
+    model: opt.ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; beyond loopback it needs --api-auth "
+                                      "(or --insecure).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: a free one, said on stderr).")] = 7860,
+    models_dir: Annotated[Optional[str], typer.Option("--models-dir", help="Checkpoints a request may switch to "
+                                                      "(A1111's sd_model_checkpoint).")] = None,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", help="USER:PASS[,USER:PASS...]: HTTP basic "
+                                                    "auth, as A1111's --api-auth.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Listen beyond loopback without --api-auth.")] = False,
+    max_request_mb: Annotated[float, typer.Option("--max-request-mb", help="Largest request body taken.")] = 64.0,
+    config: opt.ConfigOpt = None,
+    vae: opt.VaeOpt = None,
+    lora_dir: opt.LoraDirOpt = None,
+    embeddings_dir: opt.EmbeddingsDirOpt = None,
+    dtype: opt.DtypeOpt = None,
+    device: opt.DeviceOpt = None,
+    offload: opt.OffloadOpt = None,
+    quiet: opt.QuietOpt = False,
+) -> None:
+    """Keep a model loaded and answer A1111's web API, OpenAI's images API and `generate --server`."""
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.serve import ServeRequest, run_serve
+
+    set_quiet(quiet)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, dtype=dtype,
+                   device=device, offload=offload)
+    run_serve(ServeRequest(flags, config, host, port, models_dir, api_auth, insecure, max_request_mb))
 
 
 def main() -> None:

@@ -201,3 +201,7 @@ OverlayOpt = Annotated[Optional[bool], typer.Option("--overlay/--no-overlay", he
                                                     "the blurred mask (default on; off with a 9-channel model).")]
 PadOpt = Annotated[Optional[str], typer.Option("--pad", help="Outpaint: grow the canvas by LEFT,TOP,RIGHT,BOTTOM "
                                                "pixels (edge colours repeated) and paint the new border.")]
+ServerOpt = Annotated[
+    Optional[str], typer.Option("--server", envvar="SDCLI_SERVER", help="Render in a warm `sdcli serve` at this URL "
+                                "(http://HOST:PORT; user:pass@ for --api-auth); the files are written here.")
+]

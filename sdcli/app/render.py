@@ -3,7 +3,7 @@ LoRAs merged (lora.LoraState), the conditioning built (conditioning.Cond), the p
 image saved through save.py.
 
 Reproducibility: image k of a batch equals a single run with its own seeds (seed+k, or with a variation the seed and
-subseed+k: A1111's numbering, sampling/rng.py batch_seeds; see pipeline.py); the hires fix's second pass continues
+subseed+k: A1111's numbering, sampling/seeds.py batch_seeds; see pipeline.py); the hires fix's second pass continues
 the same per-image generators (`cpu` noise) or starts new ones from the same seeds (`gpu` / `nv`, as A1111).
 """
 
@@ -100,10 +100,10 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
 
 
 def image_seeds(cfg: RunConfig) -> tuple[list[int], list[int]]:
-    """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (rng.batch_seeds: seed+k,
+    """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (seeds.batch_seeds: seed+k,
     or with a variation the seed for all and subseed+k); without a variation every subseed is the job's own, so the
     record of each image says what was given."""
-    from sdcli.sampling.rng import batch_seeds
+    from sdcli.sampling.seeds import batch_seeds  # no torch: a --server client plans with it
 
     seeds, subseeds = batch_seeds(cfg.seed, cfg.n, cfg.subseed, cfg.subseed_strength)
     return seeds, subseeds if cfg.subseed_strength != 0 else [cfg.subseed] * cfg.n
@@ -521,7 +521,8 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):
-    """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
+    """The sampler callback: progress, the live preview when asked for, and the request's own `on_step` hook
+    (the server's: its progress and interrupt; any may be absent)."""
     from sdcli.output.preview import PreviewWriter
 
     latent = models.family.latent
@@ -529,7 +530,7 @@ def _with_preview(progress, req, models, vae_dir: str | None):
     writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
                            decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
-    callbacks = [c for c in (progress, writer) if c is not None]
+    callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]
