@@ -68,6 +68,7 @@ def run_generate(req: GenerateRequest) -> None:
 
         check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
+    jobs = resume.adopt_seeds(jobs, req)
     targets, outputs = render.plan_outputs(jobs, req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)

@@ -52,6 +52,7 @@ def run_img2img(req: Img2ImgRequest) -> None:
     mask = _load_mask(req.mask, img) if req.mask else None
     width, height = inpaint.canvas_size(img.size, base.pad)
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=width, height=height))
+    job, = resume.adopt_seeds([job], req)
     targets, outputs = render.plan_outputs([job], req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)

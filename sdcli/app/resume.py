@@ -5,6 +5,10 @@ seed and model file, and every setting the job fixes before a model is loaded (t
 sampler and schedule canonical). Settings decided at load time (device, dtype, prediction and the size when
 'auto') are compared only when the job names them. Anything else at that path is refused as a plain run refuses
 an existing file. Outputs are published atomically, so an existing one is never a half-written file.
+
+A job whose seed was drawn (seed -1, the default) would draw another on the rerun, and no image of the first run
+would be its own: with --skip-existing such a job takes the seed its existing images record (`adopt_seeds`), when
+they are otherwise this job's images and agree on it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+from sdcli.config import sparse_keys
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
@@ -20,6 +26,45 @@ from sdcli.runtime.errors import OutputError
 from sdcli.app import save
 
 LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
+
+
+def adopt_seeds(jobs: list, req) -> list:
+    """With --skip-existing: each job whose seed was drawn takes the base seed its existing outputs record (image
+    k of a job has seed+k), so an interrupted random-seed run resumes; OutputError when they disagree."""
+    if not getattr(req, "skip_existing", False):
+        return jobs
+    adopted, index = [], 0
+    for job in jobs:
+        seeds = _recorded_seeds(job, index) if job.seed_drawn else set()
+        index += job.cfg.n
+        if len(seeds) > 1:
+            raise OutputError(f"the existing images of this run ({job.source}) record different seeds "
+                              f"({', '.join(map(str, sorted(seeds)))}): pass --seed to say which run to resume")
+        if seeds:
+            seed = seeds.pop()
+            console.info(f"resuming with seed {seed}, recorded in the existing images")
+            job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed))
+        adopted.append(job)
+    return adopted
+
+
+def _recorded_seeds(job, first_index: int) -> set[int]:
+    """The base seeds (recorded seed - k) of the job's existing outputs that are otherwise this job's images."""
+    from sdcli.output.targets import STDOUT, expand_template
+
+    if job.cfg.output == STDOUT:
+        return set()
+    seeds = set()
+    for k in range(job.cfg.n):
+        path = expand_template(job.cfg.output, first_index + k, job.cfg.seed + k, job.prompt)
+        recorded = _recorded(path) if path.exists() else None
+        seed = recorded.get("seed") if recorded else None
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed - k < 0:
+            continue
+        job_there = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed - k))
+        if matches(path, SimpleNamespace(job=job_there, seed=seed)):
+            seeds.add(seed - k)
+    return seeds
 
 
 def skip_done(targets: list, outputs, req) -> list:
@@ -53,7 +98,8 @@ def matches(path: Path, target) -> bool:
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
-    return all(config.get(key) == value for key, value in expected.items())
+    absent = json.loads(json.dumps(sparse_keys()))  # a sparse key is recorded only when not at its default
+    return all(config.get(key, absent.get(key)) == value for key, value in expected.items())
 
 
 def expected_config(target) -> dict:

@@ -1,0 +1,61 @@
+"""What a new user trips over (issue 30), each through the real command: resuming a random-seed run, binary
+output into a terminal, peers' short flags, --from-image with another checkpoint, the preview file, cheap errors
+before `import torch`, sweep's recorded commands, the output format from the extension, the run's progress."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
+from _fixtures_reliability import *  # noqa: F403
+
+
+def fast_args(model, *extra: str) -> list[str]:
+    """render_args without a seed: the default, -1, draws one."""
+    args = render_args(model, *extra)
+    i = args.index("--seed")
+    return args[:i] + args[i + 2:]
+
+
+# --- 3: --skip-existing resumes a run whose seed was drawn -----------------------------------------------------
+
+def test_skip_existing_resumes_an_interrupted_random_seed_run(tiny_sd1, tmp_path):
+    n = 12
+    proc = run_module(fast_args(tiny_sd1, "-n", str(n), "-o", "i/{index}.png"), tmp_path, stdout=-1, stderr=-1)
+    out = tmp_path / "i"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "0.png").exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1].decode()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    kept = files_in(out)
+    assert 1 <= len(kept) < n
+    seed = sdcli_meta(out / "0.png")["seed"]
+
+    result = cli(*fast_args(tiny_sd1, "-n", str(n), "-o", "i/{index}.png", "--skip-existing"))
+    assert result.exit_code == 0, result.output
+    assert f"resuming with seed {seed}" in result.stderr
+    assert files_in(out) == sorted(f"{i}.png" for i in range(n))
+    assert [sdcli_meta(out / f"{i}.png")["seed"] for i in range(n)] == [seed + i for i in range(n)]
+    # the resumed images are the ones the uninterrupted run would have made: the last one, made fresh
+    fresh = cli(*render_args(tiny_sd1, "-o", "fresh.png"))
+    args = render_args(tiny_sd1, "-o", "last.png")
+    args[args.index("--seed") + 1] = str(seed + n - 1)
+    assert cli(*args).exit_code == 0 and fresh.exit_code == 0
+    assert (tmp_path / "last.png").read_bytes() == (out / f"{n - 1}.png").read_bytes()
+
+
+def test_skip_existing_refuses_images_of_two_random_seed_runs(tiny_sd1, tmp_path):
+    assert cli(*fast_args(tiny_sd1, "-o", "i/0.png")).exit_code == 0
+    assert cli(*fast_args(tiny_sd1, "-o", "i/1.png")).exit_code == 0
+    result = cli(*fast_args(tiny_sd1, "-n", "3", "-o", "i/{index}.png", "--skip-existing"))
+    assert_clean_error(result, 7, "record different seeds", "--seed")
+
+
+def test_explicit_seed_still_refuses_another_runs_image(tiny_sd1, tmp_path):
+    assert cli(*fast_args(tiny_sd1, "-o", "i/0.png")).exit_code == 0
+    result = cli(*render_args(tiny_sd1, "-n", "2", "-o", "i/{index}.png", "--skip-existing"))
+    assert_clean_error(result, 7, "i/0.png exists but is not this job's image")
