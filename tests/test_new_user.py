@@ -11,6 +11,19 @@ from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
 
+def run_here(args: list[str], cwd, **kw):
+    """run_module with this checkout's sdcli first on the path (from the test's folder, `python -m sdcli` would
+    find whichever sdcli the venv has installed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("SDCLI_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env, **kw)
+
+
 def fast_args(model, *extra: str) -> list[str]:
     """render_args without a seed: the default, -1, draws one."""
     args = render_args(model, *extra)
@@ -22,7 +35,7 @@ def fast_args(model, *extra: str) -> list[str]:
 
 def test_skip_existing_resumes_an_interrupted_random_seed_run(tiny_sd1, tmp_path):
     n = 12
-    proc = run_module(fast_args(tiny_sd1, "-n", str(n), "-o", "i/{index}.png"), tmp_path, stdout=-1, stderr=-1)
+    proc = run_here(fast_args(tiny_sd1, "-n", str(n), "-o", "i/{index}.png"), tmp_path, stdout=-1, stderr=-1)
     out = tmp_path / "i"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not (out / "0.png").exists():
@@ -59,3 +72,32 @@ def test_explicit_seed_still_refuses_another_runs_image(tiny_sd1, tmp_path):
     assert cli(*fast_args(tiny_sd1, "-o", "i/0.png")).exit_code == 0
     result = cli(*render_args(tiny_sd1, "-n", "2", "-o", "i/{index}.png", "--skip-existing"))
     assert_clean_error(result, 7, "i/0.png exists but is not this job's image")
+
+
+# --- 10: binary output is not written into a terminal ----------------------------------------------------------
+
+def test_png_to_stdout_that_is_a_terminal_is_refused(tiny_sd1, tmp_path):
+    import os
+    import pty
+
+    main, terminal = pty.openpty()
+    try:
+        proc = run_here(render_args(tiny_sd1, "-o", "-"), tmp_path, stdout=terminal, stderr=-1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(terminal)
+    assert proc.returncode == 2, err.decode()
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and "stdout (-), which is a terminal" in lines[0] and "loading" not in err.decode()
+    os.set_blocking(main, False)
+    try:
+        written = os.read(main, 1 << 16)
+    except (BlockingIOError, OSError):
+        written = b""
+    os.close(main)
+    assert b"PNG" not in written
+
+
+def test_png_to_redirected_stdout_is_written(tiny_sd1, tmp_path):
+    result = cli(*render_args(tiny_sd1, "-o", "-"))
+    assert result.exit_code == 0 and result.stdout_bytes.startswith(b"\x89PNG")

@@ -4,6 +4,7 @@ register with `OutputPlan.add`). Found here, a bad plan costs nothing; found aft
 and leaves half of the outputs written.
 
 The checks, in order (usage errors, exit 2, before any look at the disk):
+- binary output never goes to a terminal (`-o -` with stdout not redirected: curl refuses it too);
 - stdout carries one stream: one binary output (`-o -` or `--latent-out -`, one image), and never binary and
   text together (`--json`'s lines);
 - no two outputs share a name, whatever their kinds (`--preview X -o X`, a latent name without {index} for
@@ -15,6 +16,7 @@ a name too long).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,9 @@ class OutputPlan:
         if not on_stdout:
             return
         kinds = {o.kind for o in on_stdout}
+        if _terminal(sys.stdout):  # PNG or latent bytes would garble the terminal, and the output is lost
+            raise UsageError(f"the {_what(on_stdout[0].kind)} goes to stdout (-), which is a terminal: redirect it "
+                             "(> FILE, or | a viewer) or give a file name")
         if "preview" in kinds:  # rewritten while sampling: a stream of PNGs is no file a viewer can show
             raise UsageError("--preview is a file rewritten while sampling; it cannot go to stdout (-)")
         if len(on_stdout) > 1 and kinds == {"image"}:
@@ -88,6 +93,13 @@ class OutputPlan:
                 raise UsageError(f"two {_what(out.kind, plural=True)} would be written to {out.path}: {hint}")
             raise UsageError(f"the {_what(out.kind)} and the {_what(first.kind)} would both be written to "
                              f"{out.path}: give them different names")
+
+
+def _terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _what(kind: str, plural: bool = False) -> str:
