@@ -16,7 +16,7 @@ import typer
 from sdcli import __version__
 from sdcli import cli_guard as guard
 from sdcli import cli_options as opt
-from sdcli.runtime.errors import SdcliError
+from sdcli.runtime.errors import SdcliError, UsageError
 
 app = typer.Typer(
     name="sdcli",
@@ -510,6 +510,9 @@ def main() -> None:
     """Console-script entry point."""
     guard.prepare_process()
     try:
+        hint = opt.peer_flag(sys.argv[1:])
+        if hint is not None:
+            raise UsageError(hint)
         app()
     except SdcliError as e:  # outside a command (`--help` with stdout closed): the same one line
         from sdcli.runtime import console

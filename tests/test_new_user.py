@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
@@ -101,3 +102,31 @@ def test_png_to_stdout_that_is_a_terminal_is_refused(tiny_sd1, tmp_path):
 def test_png_to_redirected_stdout_is_written(tiny_sd1, tmp_path):
     result = cli(*render_args(tiny_sd1, "-o", "-"))
     assert result.exit_code == 0 and result.stdout_bytes.startswith(b"\x89PNG")
+
+
+# --- 4: peers' short flags and --preview NAME --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, needles", [("-s", ("--steps N", "--seed N")), ("-b", ("-n N", "--batch-size N"))])
+def test_peer_short_flags_are_refused_with_what_to_write(tiny_sd1, tmp_path, flag, needles):
+    proc = run_here(fast_args(tiny_sd1, flag, "4", "-o", "x.png"), tmp_path, stdout=-1, stderr=-1)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: sdcli has no {flag}"), lines
+    assert all(needle in lines[0] for needle in needles) and not (tmp_path / "x.png").exists()
+    result = cli(*fast_args(tiny_sd1, flag, "4", "-o", "x.png"))  # in-process (no main): still a usage error
+    assert result.exit_code == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_peer_flag_scan_leaves_values_and_the_end_of_options_alone():
+    from sdcli.cli_options import peer_flag
+
+    assert peer_flag(["generate", "a cat", "--steps", "4", "-n", "2", "--sampler", "euler"]) is None
+    assert peer_flag(["generate", "--", "-s"]) is None
+    assert peer_flag(["generate", "x", "-s42"]).startswith("sdcli has no -s")
+
+
+@pytest.mark.parametrize("name, needle", [("tae", "--preview-vae"), ("taesd", "--preview-vae"), ("p.jpg", "FILE.png")])
+def test_preview_name_that_is_no_png_is_refused(tiny_sd1, tmp_path, name, needle):
+    result = cli(*render_args(tiny_sd1, "-o", "x.png", "--preview", name))
+    assert_clean_error(result, 2, needle)
+    assert not (tmp_path / name).exists() and not (tmp_path / "x.png").exists()

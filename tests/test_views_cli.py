@@ -44,7 +44,7 @@ def sdcli_meta(path) -> dict:
 # --- generate --grid -----------------------------------------------------------------------------
 
 def test_grid_sheet_rows_cols_and_seeds(cli, tmp_path):
-    cli("generate", PROMPT, "--seed", "10", "-n", "3", "-b", "2", "-o", "img-{index}.png", "--grid", "sheet.png")
+    cli("generate", PROMPT, "--seed", "10", "-n", "3", "--batch-size", "2", "-o", "img-{index}.png", "--grid", "sheet.png")
     singles = [pixels(tmp_path / f"img-{k}.png") for k in range(3)]
     sheet = pixels(tmp_path / "sheet.png")
     rows, cols = grid.grid_shape(3)  # automatic rows: round(sqrt(3)) = 2, so 2 x 2 with one empty spot
@@ -60,7 +60,7 @@ def test_grid_sheet_rows_cols_and_seeds(cli, tmp_path):
 
 
 def test_grid_rows_per_batch_and_grid_only(cli, tmp_path):
-    cli("generate", PROMPT, "--seed", "3", "-n", "2", "-b", "2", "-o", "x-{index}.png", "--grid", "g.png",
+    cli("generate", PROMPT, "--seed", "3", "-n", "2", "--batch-size", "2", "-o", "x-{index}.png", "--grid", "g.png",
         "--grid-rows", "0", "--grid-only")
     assert not list(tmp_path.glob("x-*.png"))  # the single images are not written
     assert pixels(tmp_path / "g.png").shape == (2 * 64, 64, 3)  # --grid-rows 0: one row per batch (2 rows)

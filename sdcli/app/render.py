@@ -88,8 +88,19 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
             targets.append(Target(job, index, seed, path, latent))
             index += 1
     if getattr(req, "preview", None):
-        plan.add("preview", req.preview)
+        plan.add("preview", _preview_name(req.preview))
     return targets, plan
+
+
+def _preview_name(name: str) -> str:
+    """--preview names a PNG file; a name without .png (`--preview tae`) is more likely meant for --preview-vae."""
+    suffix = Path(name).suffix.lower()
+    if name == "-" or suffix == ".png":
+        return name
+    if not suffix:
+        raise UsageError(f"--preview {name}: --preview names the PNG file to keep the preview in (FILE.png); "
+                         "the decoder that draws it is --preview-vae FILE")
+    raise UsageError(f"--preview {name}: the preview is a PNG, name it FILE.png")
 
 
 def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
