@@ -130,3 +130,57 @@ def test_preview_name_that_is_no_png_is_refused(tiny_sd1, tmp_path, name, needle
     result = cli(*render_args(tiny_sd1, "-o", "x.png", "--preview", name))
     assert_clean_error(result, 2, needle)
     assert not (tmp_path / name).exists() and not (tmp_path / "x.png").exists()
+
+
+# --- 6: --from-image with another checkpoint than the image's ------------------------------------------------------
+
+def _other_checkpoint(model, path):
+    """The tiny model with one weight changed: another file, another hash."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 0.001
+    save_file(tensors, path)
+    return path
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_from_image_with_another_checkpoint_warns_naming_both(tiny_sd1, tmp_path):
+    assert cli(*render_args(tiny_sd1, "-o", "made.png")).exit_code == 0
+    other = _other_checkpoint(tiny_sd1, tmp_path / "other.safetensors")
+    result = cli("generate", "--from-image", "made.png", "-m", other, "-o", "again.png")
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, result.stderr
+    for needle in ("made.png", f"tiny_sd1 (sha256 {_sha(tiny_sd1)[:10]})", f"other.safetensors (sha256 {_sha(other)[:10]})"):
+        assert needle in warning[0]
+    same = cli("generate", "--from-image", "made.png", "-m", tiny_sd1, "-o", "same.png")
+    assert same.exit_code == 0 and "warning:" not in same.stderr
+    assert (tmp_path / "same.png").read_bytes() == (tmp_path / "made.png").read_bytes()
+
+
+def test_from_image_without_a_model_names_the_images(tiny_sd1, tmp_path):
+    assert cli(*render_args(tiny_sd1, "-o", "made.png")).exit_code == 0
+    result = cli("generate", "--from-image", "made.png", "-o", "again.png")
+    assert_clean_error(result, 2, "no model given", f"tiny_sd1 (sha256 {_sha(tiny_sd1)[:10]})", "--model")
+
+
+def test_from_image_of_a1111_with_another_checkpoint_warns(tiny_sd1, tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, "
+                                "Model hash: 0123456789, Model: someone_elses, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save("a1111.png", pnginfo=info)
+    result = cli("generate", "--from-image", "a1111.png", "-m", tiny_sd1, "--dtype", "fp32", "-o", "x.png")
+    assert result.exit_code == 0, result.output
+    assert "someone_elses (sha256 0123456789)" in result.stderr and _sha(tiny_sd1)[:10] in result.stderr
+    missing = cli("generate", "--from-image", "a1111.png", "-o", "y.png")
+    assert_clean_error(missing, 2, "someone_elses (sha256 0123456789)")

@@ -64,8 +64,9 @@ def run_generate(req: GenerateRequest) -> None:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
     if replay is not None:
-        from sdcli.output.replay import check_embeddings, check_refiner_given
+        from sdcli.output.replay import check_embeddings, check_model, check_refiner_given
 
+        check_model(replay, base.model)
         check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
     jobs = resume.adopt_seeds(jobs, req)
