@@ -157,6 +157,7 @@ def generate(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
@@ -192,7 +193,7 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         control=control,
-        preview_vae=preview_vae,
+        preview_vae=preview_vae, preview_interval=preview_interval,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
     ))
@@ -257,6 +258,7 @@ def img2img(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
@@ -288,7 +290,7 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               grid_only=grid_only, skip_existing=skip_existing,
+                               preview_interval=preview_interval, grid_only=grid_only, skip_existing=skip_existing,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 

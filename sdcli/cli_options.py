@@ -76,6 +76,10 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+PreviewIntervalOpt = Annotated[
+    float, typer.Option("--preview-interval", help="Seconds between --preview rewrites (the last step is always "
+                        "written; 0: every step).")
+]
 ControlNetOpt = Annotated[
     Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
                                       "unit each; needs --control-image).")

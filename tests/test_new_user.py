@@ -184,3 +184,46 @@ def test_from_image_of_a1111_with_another_checkpoint_warns(tiny_sd1, tmp_path):
     assert "someone_elses (sha256 0123456789)" in result.stderr and _sha(tiny_sd1)[:10] in result.stderr
     missing = cli("generate", "--from-image", "a1111.png", "-o", "y.png")
     assert_clean_error(missing, 2, "someone_elses (sha256 0123456789)")
+
+
+# --- 14: the preview file is the run's own scratch file; --preview-interval ----------------------------------------
+
+def test_preview_file_of_an_earlier_run_is_replaced_without_overwrite(tiny_sd1, tmp_path):
+    from sdcli.output.metadata import is_preview_file
+
+    assert cli(*render_args(tiny_sd1, "-o", "a.png", "--preview", "p.png")).exit_code == 0
+    assert is_preview_file(tmp_path / "p.png") and not is_preview_file(tmp_path / "a.png")
+    before = (tmp_path / "p.png").stat().st_mtime_ns
+    time.sleep(0.01)
+    result = cli(*render_args(tiny_sd1, "-o", "b.png", "--preview", "p.png"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.png").stat().st_mtime_ns != before and is_preview_file(tmp_path / "p.png")
+
+
+def test_preview_over_a_file_sdcli_did_not_write_as_a_preview_is_refused(tiny_sd1, tmp_path):
+    assert cli(*render_args(tiny_sd1, "-o", "a.png")).exit_code == 0
+    kept = (tmp_path / "a.png").read_bytes()
+    result = cli(*render_args(tiny_sd1, "-o", "b.png", "--preview", "a.png"))
+    assert_clean_error(result, 7, "a.png exists", "--overwrite")
+    assert (tmp_path / "a.png").read_bytes() == kept and not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("interval, writes", [("0", 3), ("1000", 2)])
+def test_preview_interval_sets_how_often_the_preview_is_written(tiny_sd1, tmp_path, monkeypatch, interval, writes):
+    import sdcli.output.targets as targets
+
+    real, written = targets.atomic_write_bytes, []
+
+    def counting(path, data, *args, **kwargs):
+        written.append(str(path))
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(targets, "atomic_write_bytes", counting)
+    args = render_args(tiny_sd1, "-o", "a.png", "--preview", "p.png", "--preview-interval", interval, steps=3)
+    assert cli(*args).exit_code == 0
+    assert written.count("p.png") == writes  # every step with 0; the first and the last with a long interval
+
+
+def test_negative_preview_interval_is_a_usage_error(tiny_sd1, tmp_path):
+    result = cli(*render_args(tiny_sd1, "-o", "a.png", "--preview", "p.png", "--preview-interval", "-1"))
+    assert_clean_error(result, 2, "--preview-interval")

@@ -34,6 +34,7 @@ class GenerateRequest:
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
     control: dict = field(default_factory=dict)  # the ControlNet flags as given (cli._control), for a replay
     preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
+    preview_interval: float = 0.5  # --preview-interval SECONDS between preview rewrites
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
     grid_only: bool = False  # write the grid, not the single images

@@ -29,6 +29,7 @@ class Img2ImgRequest:
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None
     preview_vae: str | None = None
+    preview_interval: float = 0.5  # --preview-interval SECONDS
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1
     grid_only: bool = False

@@ -10,7 +10,7 @@ The checks, in order (usage errors, exit 2, before any look at the disk):
 - no two outputs share a name, whatever their kinds (`--preview X -o X`, a latent name without {index} for
   several images);
 then each target through outputs.check_target (exit 7: an existing file without --overwrite, a folder, a device,
-a name too long).
+a name too long). An existing --preview file that an earlier run wrote (its PNG marked as a preview) is replaced.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class OutputPlan:
         self._check_collisions()
         for out in self.outputs:
             if str(out.path) != STDOUT:
-                check_target(out.path, self.overwrite)
+                check_target(out.path, self.overwrite or (out.kind == "preview" and _own_preview(out.path)))
 
     def _check_stdout(self) -> None:
         on_stdout = [o for o in self.outputs if str(o.path) == STDOUT]
@@ -93,6 +93,13 @@ class OutputPlan:
                 raise UsageError(f"two {_what(out.kind, plural=True)} would be written to {out.path}: {hint}")
             raise UsageError(f"the {_what(out.kind)} and the {_what(first.kind)} would both be written to "
                              f"{out.path}: give them different names")
+
+
+def _own_preview(path: Path) -> bool:
+    """A preview file an earlier run wrote (marked so): a scratch file, replaced without --overwrite."""
+    from sdcli.output.metadata import is_preview_file
+
+    return path.is_file() and not path.is_symlink() and is_preview_file(path)
 
 
 def _terminal(stream) -> bool:

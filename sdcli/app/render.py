@@ -89,6 +89,9 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
             index += 1
     if getattr(req, "preview", None):
         plan.add("preview", _preview_name(req.preview))
+        interval = getattr(req, "preview_interval", 0.5)
+        if not 0 <= interval < float("inf"):
+            raise UsageError(f"--preview-interval must be a number of seconds, 0 or more, got {interval}")
     return targets, plan
 
 
@@ -433,7 +436,7 @@ def _with_preview(progress, req, models, vae_dir: str | None):
 
     latent = models.family.latent
     preview = req.preview
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors, downscale=latent.downscale,
                            decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
     callbacks = [c for c in (progress, writer) if c is not None]

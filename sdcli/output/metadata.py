@@ -401,3 +401,17 @@ def read_image_metadata(path: str | Path) -> dict:
         elif isinstance(workflow, dict):
             result.update(source="comfyui", parameters=_summarize_comfy_workflow(workflow))
     return result
+
+
+# --- the live preview's mark -------------------------------------------------------------------------------------
+
+PREVIEW_KEY = "sdcli-preview"  # a PNG text chunk: this file is a --preview scratch file, replaced on every run
+
+
+def is_preview_file(path: str | Path) -> bool:
+    """Whether `path` is a PNG sdcli wrote as a live preview (so a rerun may replace it without --overwrite)."""
+    try:
+        texts, _ = read_png_text(path)
+    except (OSError, BadInputError):
+        return False
+    return PREVIEW_KEY in texts
