@@ -227,3 +227,60 @@ def test_preview_interval_sets_how_often_the_preview_is_written(tiny_sd1, tmp_pa
 def test_negative_preview_interval_is_a_usage_error(tiny_sd1, tmp_path):
     result = cli(*render_args(tiny_sd1, "-o", "a.png", "--preview", "p.png", "--preview-interval", "-1"))
     assert_clean_error(result, 2, "--preview-interval")
+
+
+# --- 5: cheap errors do not wait for `import torch` ----------------------------------------------------------------
+
+_PROBE = """
+import sys
+from sdcli.cli import main
+sys.argv = ["sdcli", *sys.argv[1:]]
+try:
+    main()
+    code = 0
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+sys.stderr.write(f"\\nPROBE exit={code} torch={'torch' in sys.modules}\\n")
+sys.exit(code)
+"""
+
+
+def _probe(args: list[str], cwd) -> tuple[int, bool, str]:
+    """(exit code, whether torch was imported, stderr) of the real command in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("PROBE"), proc.stderr
+    return proc.returncode, last.endswith("torch=True"), proc.stderr
+
+
+def test_cheap_errors_and_inspect_of_an_image_never_import_torch(tiny_sd1, tmp_path):
+    assert cli(*render_args(tiny_sd1, "-o", "made.png")).exit_code == 0
+    cases = [
+        (["generate", "a cat"], 2, "no model given"),
+        (["generate", "a cat", "-m", tiny_sd1, "-o", "made.png"], 7, "exists"),
+        (["generate", "a cat", "-m", tiny_sd1, "--sampler", "eulr", "-o", "x.png"], 2, "unknown sampler"),
+        (["generate", "a cat", "-m", tiny_sd1, "--schedule", "kars", "-o", "x.png"], 2, "unknown schedule"),
+        (["img2img", "a cat", "-i", "made.png", "--sampler", "eulr", "-o", "x.png"], 2, "unknown sampler"),
+        (["generate", "a cat", "--sampler", "help"], 0, ""),
+        (["inspect", "made.png"], 0, ""),
+    ]
+    for args, code, needle in cases:
+        exit_code, torch_imported, err = _probe(args, tmp_path)
+        assert exit_code == code and needle in err, (args, err)
+        assert not torch_imported, args
+    assert _probe(["inspect", tiny_sd1], tmp_path)[1]  # the probe can see torch: a checkpoint's report loads it
+
+
+def test_torch_free_name_tables_agree_with_the_samplers_and_schedules():
+    from sdcli.sampling import names, samplers, schedule
+
+    assert tuple(schedule.SCHEDULES) == names.SCHEDULE_NAMES
+    assert list(samplers.SAMPLERS) == list(names.SAMPLER_NAMES)
+    for name, spec in samplers.SAMPLERS.items():
+        assert callable(spec.fn) and spec.aliases == names.SAMPLER_NAMES[name].aliases

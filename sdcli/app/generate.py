@@ -70,6 +70,7 @@ def run_generate(req: GenerateRequest) -> None:
         check_model(replay, base.model)
         check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
+    render.check_model_given(base)
     jobs = resume.adopt_seeds(jobs, req)
     targets, outputs = render.plan_outputs(jobs, req)
     render.plan_grid(req, targets, outputs)

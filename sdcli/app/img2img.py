@@ -38,8 +38,6 @@ class Img2ImgRequest:
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
-    from sdcli.formats import images
-
     base = cfgmod.resolve(req.flags, req.config_file)
     masked = bool(req.mask or base.pad)
     if masked and cfgmod.origin("strength", req.flags, req.config_file) == "default":
@@ -47,6 +45,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
     job = single_job(req.prompt, base)
     refine.check_refiner_use(base, txt2img=False)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    render.check_model_given(base)
+    from sdcli.formats import images  # imports torch: after the checks that need none
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")

@@ -132,25 +132,25 @@ def _name(template: str, index: int, seed: int, prompt: str) -> Path:
 
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
     """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from."""
-    from sdcli.sampling import samplers
-    from sdcli.sampling import schedule
-    from sdcli.pipeline import resolve_sampler_schedule
+    from sdcli.sampling import names
 
     for job in jobs:
         if job.cfg.sampler == "help":
-            print(samplers.sampler_help())  # asked-for data: stdout
+            print(names.sampler_help())  # asked-for data: stdout
             raise SystemExit(0)
         try:
-            _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
+            _name, schedule_used = names.resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
         except UsageError as e:
             raise _located(e, job, "sampler", base, origin) from None
         if job.cfg.sigmas:
+            from sdcli.sampling import schedule  # parses into a tensor: torch only when --sigmas is given
+
             try:
                 schedule.parse_sigmas(job.cfg.sigmas)
             except UsageError as e:
                 raise _located(e, job, "sigmas", base, origin) from None
-        elif schedule_used not in schedule.SCHEDULES:
-            known = ", ".join(schedule.SCHEDULES)
+        elif schedule_used not in names.SCHEDULE_NAMES:
+            known = ", ".join(names.SCHEDULE_NAMES)
             e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
 
@@ -191,8 +191,7 @@ def load(cfg: RunConfig, lazy: bool = False):
     from sdcli.runtime import device
     from sdcli.loading import residency
 
-    if not cfg.model:
-        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_model_given(cfg)
     check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
@@ -202,6 +201,12 @@ def load(cfg: RunConfig, lazy: bool = False):
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement,
                                     policy)
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_model_given(cfg: RunConfig) -> None:
+    """Before any heavy import: a run needs a model."""
+    if not cfg.model:
+        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
 
 
 def check_embeddings_dir(cfg: RunConfig) -> None:

@@ -32,11 +32,10 @@ PARAMETERS_KEY = "parameters"
 
 def _names():
     """(sampler -> A1111 label, schedule -> A1111 label, schedule aliases): sampling/samplers.py's and schedule.py's
-    tables, the one place each name is kept. Imported when needed: they import torch, reading metadata does not."""
-    from sdcli.sampling.samplers import SAMPLERS
-    from sdcli.sampling.schedule import SCHEDULE_ALIASES, SCHEDULE_LABELS
+    tables (sampling/names.py, torch-free), the one place each name is kept."""
+    from sdcli.sampling.names import SAMPLER_NAMES, SCHEDULE_ALIASES, SCHEDULE_LABELS
 
-    return {spec.name: spec.a1111 for spec in SAMPLERS.values() if spec.a1111}, SCHEDULE_LABELS, SCHEDULE_ALIASES
+    return {spec.name: spec.a1111 for spec in SAMPLER_NAMES.values() if spec.a1111}, SCHEDULE_LABELS, SCHEDULE_ALIASES
 
 # infotext label -> (our key, type); anything else lands in "extra" as text.
 _FIELDS = [
@@ -70,7 +69,7 @@ def _num(value: Any) -> str:
 def canonical_sampler(name: str) -> str:
     """Any known spelling (A1111 label, ComfyUI, sd.cpp, diffusers, ours) -> our canonical name; unknown names
     (samplers sdcli does not implement) unchanged."""
-    from sdcli.sampling.samplers import resolve_sampler
+    from sdcli.sampling.names import resolve_sampler
 
     try:
         return resolve_sampler(name)[0]
