@@ -284,3 +284,23 @@ def test_torch_free_name_tables_agree_with_the_samplers_and_schedules():
     assert list(samplers.SAMPLERS) == list(names.SAMPLER_NAMES)
     for name, spec in samplers.SAMPLERS.items():
         assert callable(spec.fn) and spec.aliases == names.SAMPLER_NAMES[name].aliases
+
+
+# --- 7: sweep records commands that run from where it ran ----------------------------------------------------------
+
+def test_sweep_recorded_command_reproduces_the_cell_from_the_run_folder(tiny_sd1, tmp_path):
+    import json
+    import shlex
+    import shutil
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny_sd1, tmp_path / "models" / "mine.safetensors")
+    fast = render_args("models/mine.safetensors")[2:]  # the flags after `generate PROMPT`
+    assert cli("sweep", "a cat", *fast, "--x", "cfg=3,7", "-o", "plot.png", "--keep-cells", "cells").exit_code == 0
+    cells = json.loads((tmp_path / "plot.json").read_text())["cells"]
+    for cell in cells:
+        words = shlex.split(cell["command"])
+        assert words[:5] == ["sdcli", "generate", "a cat", "-m", "models/mine.safetensors"], words
+        out = f"alone-{cell['index'][0]}.png"
+        assert cli(*words[1:], "-o", out).exit_code == 0
+        assert (tmp_path / out).read_bytes() == (tmp_path / cell["path"]).read_bytes()
