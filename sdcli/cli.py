@@ -158,6 +158,7 @@ def generate(
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
     preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
@@ -193,7 +194,7 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         control=control,
-        preview_vae=preview_vae, preview_interval=preview_interval,
+        preview_vae=preview_vae, preview_interval=preview_interval, quality=quality,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
     ))
@@ -259,6 +260,7 @@ def img2img(
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
     preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
@@ -290,7 +292,7 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               preview_interval=preview_interval, grid_only=grid_only, skip_existing=skip_existing,
+                               preview_interval=preview_interval, quality=quality, grid_only=grid_only, skip_existing=skip_existing,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 

@@ -76,6 +76,10 @@ PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
 ]
+QualityOpt = Annotated[
+    Optional[int], typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality, 1-100 (-o x.jpg, x.webp; "
+                                "default 90; WebP 100 is lossless).")
+]
 PreviewIntervalOpt = Annotated[
     float, typer.Option("--preview-interval", help="Seconds between --preview rewrites (the last step is always "
                         "written; 0: every step).")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import signal
 import time
 
+import numpy as np
 import pytest
+from _cli import pixels
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
@@ -304,3 +306,45 @@ def test_sweep_recorded_command_reproduces_the_cell_from_the_run_folder(tiny_sd1
         out = f"alone-{cell['index'][0]}.png"
         assert cli(*words[1:], "-o", out).exit_code == 0
         assert (tmp_path / out).read_bytes() == (tmp_path / cell["path"]).read_bytes()
+
+
+# --- 2: the extension names the format -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, fmt, extra", [("a.jpg", "JPEG", ()), ("a.jpeg", "JPEG", ("--quality", "70")),
+                                              ("a.webp", "WEBP", ()), ("a.webp", "WEBP", ("--quality", "100"))])
+def test_output_format_follows_the_extension_and_keeps_the_parameters(tiny_sd1, tmp_path, name, fmt, extra):
+    import json
+
+    from PIL import Image
+
+    from sdcli.output.metadata import read_image_metadata
+
+    assert cli(*render_args(tiny_sd1, "-o", "ref.png")).exit_code == 0
+    assert cli(*render_args(tiny_sd1, "-o", name, *extra)).exit_code == 0
+    with Image.open(name) as img:
+        assert img.format == fmt
+        comment = img.getexif().get_ifd(0x8769)[0x9286]  # A1111's place: EXIF UserComment, UNICODE + UTF-16-BE
+    ref = read_image_metadata(tmp_path / "ref.png")
+    assert comment == b"UNICODE\0" + ref["raw"]["parameters"].encode("utf-16-be")
+    meta = read_image_metadata(tmp_path / name)
+    quality = int(extra[1]) if extra else 90
+    assert meta["source"] == "sdcli" and meta["parameters"] == ref["parameters"]
+    assert meta["sdcli"] == {**ref["sdcli"], "file": {"format": fmt, "quality": quality}}
+    inspected = cli("inspect", name, "--json")
+    assert inspected.exit_code == 0 and json.loads(inspected.stdout)["source"] == "sdcli"
+    replayed = cli("generate", "--from-image", name, "-m", tiny_sd1, "-o", "again.png")
+    assert replayed.exit_code == 0 and (tmp_path / "again.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+    if fmt == "WEBP" and quality == 100:  # lossless
+        assert np.array_equal(pixels(tmp_path / name), pixels(tmp_path / "ref.png"))
+    # verify encodes its re-render as the file records (format, quality) and compares: the same pixels
+    verified = cli("verify", name, "-m", tiny_sd1, "--json")
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout.splitlines()[-1])["identical"] is True
+
+
+@pytest.mark.parametrize("name, needle", [("a.gif", "'.gif' is not one of them"), ("myimage", "has none"),
+                                          ("out/{index}", "has none")])
+def test_unknown_or_missing_extension_is_a_usage_error(tiny_sd1, tmp_path, name, needle):
+    result = cli(*render_args(tiny_sd1, "-o", name))
+    assert_clean_error(result, 2, ".png, .jpg (.jpeg) or .webp", needle)
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []

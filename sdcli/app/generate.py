@@ -35,6 +35,7 @@ class GenerateRequest:
     control: dict = field(default_factory=dict)  # the ControlNet flags as given (cli._control), for a replay
     preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
     preview_interval: float = 0.5  # --preview-interval SECONDS between preview rewrites
+    quality: int | None = None  # --quality for -o x.jpg / x.webp (targets.DEFAULT_QUALITY)
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
     grid_only: bool = False  # write the grid, not the single images

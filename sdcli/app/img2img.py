@@ -30,6 +30,7 @@ class Img2ImgRequest:
     preview: str | None = None
     preview_vae: str | None = None
     preview_interval: float = 0.5  # --preview-interval SECONDS
+    quality: int | None = None  # --quality for -o x.jpg / x.webp
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1
     grid_only: bool = False

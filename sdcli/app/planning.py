@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdcli.runtime.errors import UsageError
-from sdcli.output.targets import STDOUT, check_target
+from sdcli.output.targets import STDOUT, check_target, image_format
 
 # What the kinds are called in messages (one, several); a kind not listed is shown as given.
 _WHAT = {"image": ("image", "images"), "latent": ("latent file (--latent-out)", "latent files (--latent-out)"),
@@ -42,6 +42,7 @@ class OutputPlan:
 
     overwrite: bool = False
     json_stdout: bool = False  # --json: result lines (text) on stdout
+    formats: bool = False  # images are written in the format their extension names (targets.image_format)
     outputs: list[Output] = field(default_factory=list)
 
     def add(self, kind: str, path: str | Path) -> Path:
@@ -57,6 +58,8 @@ class OutputPlan:
         for out in self.outputs:
             if str(out.path) != STDOUT:
                 check_target(out.path, self.overwrite or (out.kind == "preview" and _own_preview(out.path)))
+                if self.formats and out.kind == "image":
+                    image_format(out.path)  # exit 2: an extension that names no format we write
 
     def _check_stdout(self) -> None:
         on_stdout = [o for o in self.outputs if str(o.path) == STDOUT]

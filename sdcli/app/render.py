@@ -75,7 +75,7 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
     """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
     the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
     calls `plan.check()`, before the model loads."""
-    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out, formats=True)
     latent_out = getattr(req, "latent_out", None)
     targets, index = [], 0
     for job in jobs:
@@ -418,7 +418,7 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     out_size = p.hires.size if p.hires else p.size
     pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
                                  p.refiner) for k, t in enumerate(batch)]
-    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+    return [Rendered(t, save.file_bytes(pic, t.path, req), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 

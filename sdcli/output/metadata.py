@@ -325,6 +325,20 @@ def _exif_user_comment(exif_of) -> str | None:
     return body.decode("utf-8", "replace").rstrip("\0")
 
 
+SDCLI_EXIF_MARK = b"sdcli-json\0"  # sdcli's JSON in a JPEG/WebP: the Exif MakerNote, after this mark
+
+
+def _exif_sdcli_json(exif_of) -> str | None:
+    """sdcli's JSON in a JPEG/WebP it wrote: the Exif MakerNote after the mark (output/targets.image_bytes)."""
+    try:
+        raw = exif_of().get_ifd(0x8769).get(0x927C)
+    except Exception:  # as _exif_user_comment: a malformed EXIF block is skipped
+        return None
+    if isinstance(raw, bytes) and raw.startswith(SDCLI_EXIF_MARK):
+        return raw[len(SDCLI_EXIF_MARK):].decode("utf-8", "replace")
+    return None
+
+
 def _text_chunks(path: Path) -> dict[str, str]:
     """All text metadata of an image file (PNG tEXt/zTXt/iTXt, JPEG/WebP EXIF UserComment)."""
     from PIL import Image, UnidentifiedImageError  # pillow only when a file is actually read
@@ -341,6 +355,9 @@ def _text_chunks(path: Path) -> dict[str, str]:
             with Image.open(path) as img:
                 texts = {key: value for key, value in img.info.items() if isinstance(value, str)}
                 comment = _exif_user_comment(img.getexif)
+                ours = _exif_sdcli_json(img.getexif)
+                if ours is not None:
+                    texts.setdefault(SDCLI_JSON_KEY, ours)
     except UnidentifiedImageError as exc:
         raise BadInputError(f"{path}: not an image file") from exc
     except Image.DecompressionBombError as exc:  # raised by Image.open for a huge declared size
