@@ -348,3 +348,9 @@ def test_unknown_or_missing_extension_is_a_usage_error(tiny_sd1, tmp_path, name,
     result = cli(*render_args(tiny_sd1, "-o", name))
     assert_clean_error(result, 2, ".png, .jpg (.jpeg) or .webp", needle)
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []
+
+
+def test_skip_existing_recognises_its_jpeg(tiny_sd1, tmp_path):
+    assert cli(*render_args(tiny_sd1, "-o", "i/{index}.jpg")).exit_code == 0
+    result = cli(*render_args(tiny_sd1, "-n", "2", "-o", "i/{index}.jpg", "--skip-existing"))
+    assert result.exit_code == 0 and "skipping 1 of 2" in result.stderr and files_in(tmp_path / "i") == ["0.jpg", "1.jpg"]

@@ -119,14 +119,12 @@ def expected_config(target) -> dict:
 
 
 def _recorded(path: Path) -> dict | None:
-    from PIL import Image
-
-    from sdcli.output.metadata import SDCLI_JSON_KEY
+    """sdcli's JSON metadata of the image at `path` (PNG, JPEG or WebP), None when it has none."""
+    from sdcli.output.metadata import read_image_metadata
+    from sdcli.runtime.errors import BadInputError
 
     try:
-        with Image.open(path) as img:
-            text = img.text.get(SDCLI_JSON_KEY) if hasattr(img, "text") else None
-        data = json.loads(text) if text else None
-    except (OSError, ValueError, SyntaxError):
+        data = read_image_metadata(path).get("sdcli")
+    except BadInputError:
         return None
     return data if isinstance(data, dict) else None
