@@ -354,3 +354,30 @@ def test_skip_existing_recognises_its_jpeg(tiny_sd1, tmp_path):
     assert cli(*render_args(tiny_sd1, "-o", "i/{index}.jpg")).exit_code == 0
     result = cli(*render_args(tiny_sd1, "-n", "2", "-o", "i/{index}.jpg", "--skip-existing"))
     assert result.exit_code == 0 and "skipping 1 of 2" in result.stderr and files_in(tmp_path / "i") == ["0.jpg", "1.jpg"]
+
+
+# --- 18: progress says the image's place in the run and the run's time left ------------------------------------
+
+def test_progress_events_carry_the_run_position_and_estimate(tiny_sd1, tmp_path):
+    import json
+
+    result = cli(*render_args(tiny_sd1, "-n", "3", "--batch-size", "2", "-o", "p/{index}.png", "--progress", "json",
+                              steps=2))
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    steps = [e for e in events if e.get("event") == "step"]
+    assert [(e["seeds"], e["step"], e["image"], e["images"]) for e in steps] == [
+        ([1, 2], 1, 1, 3), ([1, 2], 2, 1, 3), ([3], 1, 3, 3), ([3], 2, 3, 3)]
+    assert all(e["run_left_s"] >= 0 for e in steps) and steps[-1]["run_left_s"] == 0
+    assert steps[0]["run_left_s"] > steps[1]["run_left_s"] > 0  # a third image still to come after batch 1
+
+
+def test_progress_bar_label_names_the_images_place_in_the_run():
+    from sdcli.app.progress import Progress, run
+
+    with run(5) as r:
+        r.done = 1
+        assert Progress([7], 20).label == "image 2/5 seed 7"
+        r.done = 2
+        assert Progress([8, 9], 20).label == "images 3-4/5 seed 8..9"
+    assert Progress([7], 20).label == "seed 7"  # outside a run (one image): as before

@@ -21,6 +21,7 @@ from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
 from sdcli.app.progress import Progress
+from sdcli.app.progress import run as progress_run
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,11 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
     saved: list[save.Saved] = []
-    for n, (key, group) in enumerate(by_job.items()):
-        use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
-                             last=n == len(by_job) - 1)
+    with progress_run(len(targets)):  # each batch's bar says its place in the run and the run's time left
+        for n, (key, group) in enumerate(by_job.items()):
+            use_loras(state, loras[key])
+            saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
+                                 last=n == len(by_job) - 1)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
