@@ -68,6 +68,12 @@ def _flags(**given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax, s_noise) -> dict:
+    """A1111's noise and sampler-parameter flags as config keys (those given)."""
+    return _flags(rng=rng, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                  ensd=ensd, eta=eta, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+
+
 def _progress_mode(mode: str) -> str:
     if mode not in ("auto", "json", "none"):
         from sdcli.runtime.errors import UsageError
@@ -103,6 +109,16 @@ def generate(
     schedule: opt.ScheduleOpt = None,
     sigmas: opt.SigmasOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     n: opt.CountOpt = None,
     batch_size: opt.BatchOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
@@ -177,7 +193,9 @@ def generate(
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, ray=ray,
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                   refiner=refiner, refiner_switch=refiner_switch)
+                   refiner=refiner, refiner_switch=refiner_switch,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
                        control_resize, control_preprocess)
     if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
@@ -225,6 +243,16 @@ def img2img(
     sampler: opt.SamplerOpt = None,
     schedule: opt.ScheduleOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     n: opt.CountOpt = None,
     batch_size: opt.BatchOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
@@ -279,7 +307,9 @@ def img2img(
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur,
                    inpaint_fill=inpaint_fill, inpaint_area=inpaint_area, inpaint_padding=inpaint_padding,
-                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad)
+                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
     guard.stdout_needed(output, json_out or print_config)
@@ -322,6 +352,16 @@ def sweep(
     schedule: opt.ScheduleOpt = None,
     sigmas: opt.SigmasOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
     seamless: opt.SeamlessOpt = None,
     hires_scale: opt.HiresScaleOpt = None,
@@ -351,7 +391,9 @@ def sweep(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
                    hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
-                   dtype=dtype, device=device, offload=offload)
+                   dtype=dtype, device=device, offload=offload,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
                            progress=_progress_mode(progress)))

@@ -50,6 +50,24 @@ SamplerOpt = Annotated[
 ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...).")]
 SigmasOpt = Annotated[Optional[str], typer.Option("--sigmas", help="Custom comma-separated sigma list.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed; -1 or absent draws one (recorded).")]
+# A1111's noise and sampler parameters (config keys of the same names; README "Noise")
+RngOpt = Annotated[Optional[str], typer.Option("--rng", help="Noise source: cpu (default; torch's CPU generator), "
+                                               "gpu or nv (A1111's GPU / NV Philox noise, the same on any device).")]
+SubseedOpt = Annotated[Optional[int], typer.Option("--subseed", help="Variation seed (A1111); -1 draws one. Image k "
+                                                   "of a batch gets subseed+k.")]
+SubseedStrengthOpt = Annotated[Optional[float], typer.Option("--subseed-strength", help="Variation strength 0..1: "
+                                                             "how far the noise moves towards the variation seed's.")]
+SeedResizeOpt = Annotated[Optional[str], typer.Option("--seed-resize-from", help="WxH: draw the seed's noise at this "
+                                                      "size and paste it centred (A1111 'Resize seed from').")]
+EnsdOpt = Annotated[Optional[int], typer.Option("--ensd", help="Eta noise seed delta (A1111): the sampler's noise "
+                                                "comes from seed + ENSD after the initial noise.")]
+EtaOpt = Annotated[Optional[float], typer.Option("--eta", help="Eta of the ancestral / SDE samplers (default 1) or "
+                                                 "of DDIM (default 0).")]
+SChurnOpt = Annotated[Optional[float], typer.Option("--s-churn", help="Euler / Heun / DPM2: sigma churn (0).")]
+STminOpt = Annotated[Optional[float], typer.Option("--s-tmin", help="Euler / Heun / DPM2: churn from this sigma (0).")]
+STmaxOpt = Annotated[Optional[float], typer.Option("--s-tmax", help="Euler / Heun / DPM2: churn up to this sigma "
+                                                   "(0 = no limit).")]
+SNoiseOpt = Annotated[Optional[float], typer.Option("--s-noise", help="Euler / Heun / DPM2: churn noise scale (1).")]
 CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet batch (-n is how many).")]
 ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]

@@ -16,6 +16,7 @@ from typing import Any
 
 from sdcli.runtime.errors import BadInputError, UsageError
 from sdcli.runtime.paths import xdg_path
+from sdcli.sampling.a1111_params import SOURCES
 
 SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -55,6 +56,20 @@ class RunConfig:
     cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))
     guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
+    # A1111's noise (sampling/rng.py): its source, variation seed (subseed -1 is drawn when the strength is not 0),
+    # "Resize seed from" WxH, "Eta noise seed delta"; like the sampler parameters below, recorded only when set
+    rng: str = field(default="cpu", metadata=_range(choices=SOURCES, sparse=True))
+    subseed: int = field(default=-1, metadata=_range(-1, SEED_MAX, sparse=True))
+    subseed_strength: float = field(default=0.0, metadata=_range(0.0, 1.0, sparse=True))
+    seed_resize_from: str | None = field(default=None, metadata=_range(sparse=True))
+    ensd: int = field(default=0, metadata=_range(-SEED_MAX, SEED_MAX, sparse=True))
+    # A1111's sampler parameters (sampling/a1111_params.py): eta (None: the sampler's own, 1 or DDIM's 0) and the
+    # churn of Euler / Heun / DPM2 (s_tmax 0 = infinity, as A1111's setting)
+    eta: float | None = field(default=None, metadata=_range(0.0, 1.0, sparse=True))
+    s_churn: float = field(default=0.0, metadata=_range(0.0, 100.0, sparse=True))
+    s_tmin: float = field(default=0.0, metadata=_range(0.0, 1000.0, sparse=True))
+    s_tmax: float = field(default=0.0, metadata=_range(0.0, 1000.0, sparse=True))
+    s_noise: float = field(default=1.0, metadata=_range(0.0, 2.0, sparse=True))
     width: int | None = field(default=None, metadata=_range(64, 4096))
     height: int | None = field(default=None, metadata=_range(64, 4096))
     negative: str = field(default="", metadata=_range())
@@ -228,6 +243,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         value = _as_float(key, value, where)
     elif not isinstance(value, str):
         raise BadInputError(f"{where}: '{key}' must be text, got {_type_name(value)} {_show(value)}")
+    if key == "rng":  # A1111's infotext writes the source in upper case ("RNG: NV")
+        value = value.strip().lower()
     return _check_range(key, value, f.metadata, where)
 
 
@@ -259,7 +276,9 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     if key in ("width", "height") and value % 8:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     if key in PAIRS:
-        pair_of(key, value, where)
+        pair = pair_of(key, value, where)
+        if key == "seed_resize_from" and max(pair) > SEED_RESIZE_MAX:  # noise is drawn at this size
+            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got {value}")
     if key == "pad":
         pad_of(value, where)
     return value
@@ -277,7 +296,9 @@ def pad_of(value: str, where: str = "config") -> tuple[int, int, int, int]:
     return pad
 
 
-PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT")}
+SEED_RESIZE_MAX = 8192
+PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT"),
+         "seed_resize_from": ("x", "WxH")}
 
 
 def pair_of(key: str, value: str, where: str = "config") -> tuple[int, int]:

@@ -77,14 +77,15 @@ class Inpaint:
         h, w = latent_shape[-2:]
         return 1 - torch.from_numpy(latent_mask(self.mask, (w, h)))[None, None]
 
-    def start(self, latent, seeds: list[int]):
-        """The latent img2img starts from for these seeds: A1111's latent masked content, if chosen."""
+    def start(self, latent, seeds: list[int], source: str = "cpu"):
+        """The latent img2img starts from for these seeds: A1111's latent masked content, if chosen (its noise from
+        the run's noise source, as A1111's create_random_tensors)."""
         from sdcli.sampling.inpaint import masked_start, seed_noise
 
         if self.settings.fill not in ("latent-noise", "latent-nothing"):
             return latent
         keep = self.keep(latent.shape).to(latent)
-        noise = seed_noise(seeds, tuple(latent.shape[1:])).to(latent) if self.settings.fill == "latent-noise" \
+        noise = seed_noise(seeds, tuple(latent.shape[1:]), source).to(latent) if self.settings.fill == "latent-noise" \
             else None
         return masked_start(latent, keep, self.settings.fill, noise)
 

@@ -49,7 +49,7 @@ def adopt_seeds(jobs: list, req) -> list:
 
 
 def _recorded_seeds(job, first_index: int) -> set[int]:
-    """The base seeds (recorded seed - k) of the job's existing outputs that are otherwise this job's images."""
+    """The base seeds (recorded seed - k; with a variation seed, the seed) of the job's existing outputs that are otherwise this job's images."""
     from sdcli.output.targets import STDOUT, expand_template
 
     if job.cfg.output == STDOUT:
@@ -59,11 +59,14 @@ def _recorded_seeds(job, first_index: int) -> set[int]:
         path = expand_template(job.cfg.output, first_index + k, job.cfg.seed + k, job.prompt)
         recorded = _recorded(path) if path.exists() else None
         seed = recorded.get("seed") if recorded else None
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed - k < 0:
+        if not isinstance(seed, int) or isinstance(seed, bool):
             continue
-        job_there = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed - k))
+        base = seed - k if job.cfg.subseed_strength == 0 else seed  # a variation keeps the seed (render.image_seeds)
+        if base < 0:
+            continue
+        job_there = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=base))
         if matches(path, SimpleNamespace(job=job_there, seed=seed)):
-            seeds.add(seed - k)
+            seeds.add(base)
     return seeds
 
 
@@ -98,15 +101,16 @@ def matches(path: Path, target) -> bool:
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
-    absent = json.loads(json.dumps(sparse_keys()))  # a sparse key is recorded only when not at its default
-    return all(config.get(key, absent.get(key)) == value for key, value in expected.items())
+    sparse = sparse_keys()  # recorded only when not at their defaults (save.metadata): absent means the default
+    return all(config.get(key, sparse.get(key)) == value for key, value in expected.items())
 
 
 def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
-    expected = dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler, schedule=schedule).to_dict()
+    expected = dataclasses.replace(cfg, seed=target.seed, subseed=target.image_subseed, n=1, sampler=sampler,
+                                   schedule=schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
     for key in ("model", "vae"):

@@ -113,6 +113,7 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
+    params.update(noise_fields(cfg, sampler, target.image_subseed))
     if init is not None:
         params["denoising_strength"] = init.strength
     if init is not None and init.inpaint is not None:  # A1111's inpaint fields (Mask blur, Masked content, ...)
@@ -139,6 +140,27 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
                            "Refiner switch at": cfg.refiner_switch}
     return format_infotext(params)
+
+
+def noise_fields(cfg: RunConfig, sampler: str, subseed: int) -> dict:
+    """The noise and sampler-parameter fields of the infotext, by A1111's rules: the source (`RNG`, written always,
+    so that an sdcli image never reads as A1111's default GPU noise by accident), the variation seed and strength
+    when the strength is not 0, "Seed resize from" when set, then Eta / Sigma ... / ENSD where A1111 writes them
+    (sampling/a1111_params.infotext_fields)."""
+    from sdcli.sampling.a1111_params import infotext_fields
+
+    fields = {"rng": cfg.rng.upper()}
+    if cfg.subseed_strength != 0:
+        fields.update(subseed=subseed, subseed_strength=cfg.subseed_strength)
+    if cfg.seed_resize_from:
+        from sdcli.config import pair_of
+
+        h, w = pair_of("seed_resize_from", cfg.seed_resize_from)
+        if w > 0 and h > 0:
+            fields["seed_resize_from"] = f"{w}x{h}"
+    churn = {"s_churn": cfg.s_churn, "s_tmin": cfg.s_tmin, "s_tmax": cfg.s_tmax, "s_noise": cfg.s_noise}
+    fields["sampler_fields"] = infotext_fields(sampler, cfg.eta, churn, cfg.ensd)
+    return fields
 
 
 def token_merging_fields(cfg: RunConfig, hires: bool) -> dict:
@@ -176,7 +198,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
 
     job_cfg = target.job.cfg
     sampler, schedule = sampler_schedule(job_cfg)
-    cfg = dataclasses.replace(job_cfg, seed=target.seed, width=size[1], height=size[0], n=1, sampler=sampler,
+    cfg = dataclasses.replace(job_cfg, seed=target.seed, subseed=target.image_subseed, width=size[1], height=size[0],
+                              n=1, sampler=sampler,
                               schedule=schedule, prediction=models.info.prediction,
                               device=models.placement.device, dtype=models.placement.dtype_name)
     recorded = cfg.to_dict()

@@ -75,7 +75,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                                                                  control.get("images", []))}  # fmt: skip
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
-    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
+    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay), warn=False)
     specs = render.lora_specs(loras, job)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
@@ -139,7 +139,8 @@ def _rerender(models, c: Check, refiner=None):
     init = _init(models, c) if c.inputs is not None else None
     p = render.prepare(models, cfg, c.job, init, refiner=refiner, nets=control_config.load_nets([c.job], models))
     with pipeline.seamless(models, cfg.seamless):
-        latents = render.sample_batch(models, p, [cfg.seed], init)
+        latents = render.sample_batch(models, p, [cfg.seed], init,
+                                       noise=render.noise_settings(cfg, [cfg.subseed]))
         decoded = pipeline.decode_latents(refine.decoder(models, p.refiner), latents)
         again = images.tensor_to_pil(decoded.images[0])
     if init is not None and init.inpaint is not None:

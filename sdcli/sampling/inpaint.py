@@ -50,8 +50,12 @@ def masked_start(original: Tensor, keep: Tensor, fill: str, noise: Tensor | None
     return original
 
 
-def seed_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
-    """(B, *shape) fp32: a fresh CPU generator per seed, drawn once (A1111's create_random_tensors: the same
-    numbers as the first draw of each image's noise)."""
+def seed_noise(seeds: list[int], shape: tuple[int, ...], source: str = "cpu") -> Tensor:
+    """(B, *shape) fp32: a fresh generator of the noise source (sampling/rng.py) per seed, drawn once (A1111's
+    create_random_tensors: the same numbers as the first draw of each image's noise, without a variation)."""
+    if source != "cpu":
+        from sdcli.sampling.rng import randn
+
+        return torch.stack([randn(s, shape, source) for s in seeds])
     draws = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     return torch.cat(draws)
