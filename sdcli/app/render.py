@@ -117,7 +117,7 @@ def image_seeds(cfg: RunConfig) -> tuple[list[int], list[int]]:
     """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (rng.batch_seeds: seed+k,
     or with a variation the seed for all and subseed+k); without a variation every subseed is the job's own, so the
     record of each image says what was given."""
-    from sdcli.sampling.rng import batch_seeds
+    from sdcli.sampling.a1111_params import batch_seeds  # torch-free: planned before torch is imported
 
     seeds, subseeds = batch_seeds(cfg.seed, cfg.n, cfg.subseed, cfg.subseed_strength)
     return seeds, subseeds if cfg.subseed_strength != 0 else [cfg.subseed] * cfg.n

@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 from sdcli.config import sparse_keys
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
 from sdcli.runtime.errors import OutputError
-from sdcli.app import save
+from sdcli.app import render, save
 
 LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
 
@@ -65,7 +64,8 @@ def _recorded_seeds(job, first_index: int) -> set[int]:
         if base < 0:
             continue
         job_there = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=base))
-        if matches(path, SimpleNamespace(job=job_there, seed=seed)):
+        image_seeds, subseeds = render.image_seeds(job_there.cfg)
+        if matches(path, render.Target(job_there, first_index + k, image_seeds[k], path, None, subseeds[k])):
             seeds.add(base)
     return seeds
 

@@ -201,3 +201,12 @@ def unknown_ensd(sampler: str, eta: float | None, fields: dict[str, Any]) -> str
         return None
     return (f"A1111 does not record ENSD for {row.label}, yet draws its noise from seed + ENSD when its setting "
             "'Eta noise seed delta' is set: if it was, give it with --ensd")
+
+
+def batch_seeds(seed: int, count: int, subseed: int = 0, subseed_strength: float = 0.0
+                ) -> tuple[list[int], list[int]]:
+    """(seeds, variation seeds) of a batch of `count` images, as A1111's process_images_inner numbers them: image k
+    has seed + k, except with a variation (strength != 0), where every image keeps `seed` and image k's variation
+    seed is subseed + k. The infotext of image k records its own pair, so a replay of one image is a batch of one."""
+    seeds = [int(seed) + (k if subseed_strength == 0 else 0) for k in range(count)]
+    return seeds, [int(subseed) + k for k in range(count)]
