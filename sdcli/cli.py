@@ -16,7 +16,7 @@ import typer
 from sdcli import __version__
 from sdcli import cli_guard as guard
 from sdcli import cli_options as opt
-from sdcli.runtime.errors import SdcliError
+from sdcli.runtime.errors import SdcliError, UsageError
 
 app = typer.Typer(
     name="sdcli",
@@ -175,6 +175,8 @@ def generate(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
@@ -215,7 +217,7 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         control=control,
-        preview_vae=preview_vae,
+        preview_vae=preview_vae, preview_interval=preview_interval, quality=quality,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
         server=server,
@@ -291,6 +293,8 @@ def img2img(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
@@ -325,7 +329,8 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               grid_only=grid_only, skip_existing=skip_existing, server=server,
+                               preview_interval=preview_interval, quality=quality, grid_only=grid_only,
+                               skip_existing=skip_existing, server=server,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
@@ -636,6 +641,9 @@ def main() -> None:
     """Console-script entry point."""
     guard.prepare_process()
     try:
+        hint = opt.peer_flag(sys.argv[1:])
+        if hint is not None:
+            raise UsageError(hint)
         app()
     except SdcliError as e:  # outside a command (`--help` with stdout closed): the same one line
         from sdcli.runtime import console

@@ -8,6 +8,28 @@ from typing import Annotated, Optional
 
 import typer
 
+# Short flags the peers use for different things, so sdcli has none of them: a habit carried over would silently
+# change the result (`-s 42`: 42 steps here, seed 42 in stable-diffusion.cpp; `-b 4`: four images in A1111 and
+# stable-diffusion.cpp, one image per UNet batch here). Given, they are refused with what to write instead.
+PEER_FLAGS = {
+    "-s": "sdcli has no -s: write --steps N for sampling steps or --seed N for the seed "
+          "(stable-diffusion.cpp's -s is the seed)",
+    "-b": "sdcli has no -b: write -n N for how many images, --batch-size N for how many share one UNet batch "
+          "(A1111's batch size and stable-diffusion.cpp's -b both make that many images)",
+}
+
+
+def peer_flag(args: list[str]) -> str | None:
+    """The hint for the first peer short flag among the command-line `args` (`-s`, `-s42`), else None."""
+    for arg in args:
+        if arg == "--":
+            return None
+        for flag, hint in PEER_FLAGS.items():
+            if arg == flag or (arg.startswith(flag) and arg[2:].lstrip("-").isdigit()):
+                return hint
+    return None
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
@@ -19,7 +41,7 @@ OutputOpt = Annotated[
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
 WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Sampling steps.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
 CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")]
 RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
 SamplerOpt = Annotated[
@@ -47,7 +69,7 @@ STmaxOpt = Annotated[Optional[float], typer.Option("--s-tmax", help="Euler / Heu
                                                    "(0 = no limit).")]
 SNoiseOpt = Annotated[Optional[float], typer.Option("--s-noise", help="Euler / Heun / DPM2: churn noise scale (1).")]
 CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per UNet batch.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet batch (-n is how many).")]
 ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")]
@@ -71,6 +93,14 @@ EmbeddingsDirOpt = Annotated[
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
+]
+QualityOpt = Annotated[
+    Optional[int], typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality, 1-100 (-o x.jpg, x.webp; "
+                                "default 90; WebP 100 is lossless).")
+]
+PreviewIntervalOpt = Annotated[
+    float, typer.Option("--preview-interval", help="Seconds between --preview rewrites (the last step is always "
+                        "written; 0: every step).")
 ]
 ControlNetOpt = Annotated[
     Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "

@@ -29,6 +29,7 @@ from sdcli.runtime import cuda_graphs
 from sdcli.sampling import samplers
 
 from sdcli.sampling import schedule
+from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/render.py checks with it)
 from sdcli.sampling.conditioning import Cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
@@ -72,16 +73,6 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
         sigmas = schedule.get_sigmas(schedule_used, steps, schedule.sigmas_of(family.schedule))
     options = tuple(sampler_options(name, **(sampler_params or {})).items())
     return SamplingPlan(name, sigmas, cfg, guidance_rescale, options=options)
-
-
-def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
-    """(canonical sampler, schedule): a schedule in the label wins, then an explicit one, then the sampler's own."""
-    name, label_schedule = samplers.resolve_sampler(sampler)
-    if label_schedule:
-        return name, label_schedule
-    if schedule_name != "auto":
-        return name, schedule_name
-    return name, samplers.SAMPLERS[name].default_schedule
 
 
 # --- text ----------------------------------------------------------------------------------------

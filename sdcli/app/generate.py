@@ -34,6 +34,8 @@ class GenerateRequest:
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
     control: dict = field(default_factory=dict)  # the ControlNet flags as given (cli._control), for a replay
     preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
+    preview_interval: float = 0.5  # --preview-interval SECONDS between preview rewrites
+    quality: int | None = None  # --quality for -o x.jpg / x.webp (targets.DEFAULT_QUALITY)
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
     grid_only: bool = False  # write the grid, not the single images
@@ -70,10 +72,13 @@ def run_generate(req: GenerateRequest) -> None:
     if req.server:
         remote.check_request(req, base)
     if replay is not None:
-        from sdcli.output.replay import check_embeddings, check_refiner_given
+        from sdcli.output.replay import check_embeddings, check_model, check_refiner_given
 
+        check_model(replay, base.model)
         check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
+    render.check_model_given(base)
+    jobs = resume.adopt_seeds(jobs, req)
     targets, outputs = render.plan_outputs(jobs, req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)

@@ -29,6 +29,8 @@ class Img2ImgRequest:
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None
     preview_vae: str | None = None
+    preview_interval: float = 0.5  # --preview-interval SECONDS
+    quality: int | None = None  # --quality for -o x.jpg / x.webp
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1
     grid_only: bool = False
@@ -38,8 +40,6 @@ class Img2ImgRequest:
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
-    from sdcli.formats import images
-
     base = cfgmod.resolve(req.flags, req.config_file)
     masked = bool(req.mask or base.pad)
     if masked and cfgmod.origin("strength", req.flags, req.config_file) == "default":
@@ -49,12 +49,15 @@ def run_img2img(req: Img2ImgRequest) -> None:
     if req.server:
         remote.check_request(req, base)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    render.check_model_given(base)
+    from sdcli.formats import images  # imports torch: after the checks that need none
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
     width, height = inpaint.canvas_size(img.size, base.pad)
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=width, height=height))
+    job, = resume.adopt_seeds([job], req)
     targets, outputs = render.plan_outputs([job], req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)

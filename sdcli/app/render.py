@@ -22,6 +22,7 @@ from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
 from sdcli.app.progress import Progress
+from sdcli.app.progress import run as progress_run
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
     """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
     the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
     calls `plan.check()`, before the model loads."""
-    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out, formats=True)
     latent_out = getattr(req, "latent_out", None)
     targets, index = [], 0
     for job in jobs:
@@ -95,8 +96,22 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
             targets.append(Target(job, index, seed, path, latent, subseed))
             index += 1
     if getattr(req, "preview", None):
-        plan.add("preview", req.preview)
+        plan.add("preview", _preview_name(req.preview))
+        interval = getattr(req, "preview_interval", 0.5)
+        if not 0 <= interval < float("inf"):
+            raise UsageError(f"--preview-interval must be a number of seconds, 0 or more, got {interval}")
     return targets, plan
+
+
+def _preview_name(name: str) -> str:
+    """--preview names a PNG file; a name without .png (`--preview tae`) is more likely meant for --preview-vae."""
+    suffix = Path(name).suffix.lower()
+    if name == "-" or suffix == ".png":
+        return name
+    if not suffix:
+        raise UsageError(f"--preview {name}: --preview names the PNG file to keep the preview in (FILE.png); "
+                         "the decoder that draws it is --preview-vae FILE")
+    raise UsageError(f"--preview {name}: the preview is a PNG, name it FILE.png")
 
 
 def image_seeds(cfg: RunConfig) -> tuple[list[int], list[int]]:
@@ -151,25 +166,25 @@ def _name(template: str, index: int, seed: int, prompt: str) -> Path:
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, warn: bool = True) -> None:
     """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from;
     with `warn`, say once per sampler which A1111 parameters it does not take (warn_unused_params)."""
-    from sdcli.sampling import samplers
-    from sdcli.sampling import schedule
-    from sdcli.pipeline import resolve_sampler_schedule
+    from sdcli.sampling import names
 
     for job in jobs:
         if job.cfg.sampler == "help":
-            print(samplers.sampler_help())  # asked-for data: stdout
+            print(names.sampler_help())  # asked-for data: stdout
             raise SystemExit(0)
         try:
-            _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
+            _name, schedule_used = names.resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
         except UsageError as e:
             raise _located(e, job, "sampler", base, origin) from None
         if job.cfg.sigmas:
+            from sdcli.sampling import schedule  # parses into a tensor: torch only when --sigmas is given
+
             try:
                 schedule.parse_sigmas(job.cfg.sigmas)
             except UsageError as e:
                 raise _located(e, job, "sigmas", base, origin) from None
-        elif schedule_used not in schedule.SCHEDULES:
-            known = ", ".join(schedule.SCHEDULES)
+        elif schedule_used not in names.SCHEDULE_NAMES:
+            known = ", ".join(names.SCHEDULE_NAMES)
             e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
     if warn:
@@ -179,8 +194,8 @@ def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, 
 def warn_unused_params(jobs: list[Job]) -> None:
     """A1111's sampler parameters set for a sampler that does not take them (eta for Euler, churn for Euler a):
     A1111 ignores them, so sdcli does too, and says so once per sampler and parameter on stderr."""
-    from sdcli.pipeline import resolve_sampler_schedule
     from sdcli.sampling.a1111_params import unused
+    from sdcli.sampling.names import resolve_sampler_schedule  # torch-free, as the checks before it
 
     said = set()
     for job in jobs:
@@ -230,8 +245,7 @@ def load(cfg: RunConfig, lazy: bool = False):
     from sdcli.runtime import device
     from sdcli.loading import residency
 
-    if not cfg.model:
-        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_model_given(cfg)
     check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
@@ -241,6 +255,12 @@ def load(cfg: RunConfig, lazy: bool = False):
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement,
                                     policy)
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_model_given(cfg: RunConfig) -> None:
+    """Before any heavy import: a run needs a model."""
+    if not cfg.model:
+        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
 
 
 def check_embeddings_dir(cfg: RunConfig) -> None:
@@ -278,10 +298,11 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
     saved: list[save.Saved] = []
-    for n, (key, group) in enumerate(by_job.items()):
-        use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
-                             last=n == len(by_job) - 1)
+    with progress_run(len(targets)):  # each batch's bar says its place in the run and the run's time left
+        for n, (key, group) in enumerate(by_job.items()):
+            use_loras(state, loras[key])
+            saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
+                                 last=n == len(by_job) - 1)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
@@ -500,7 +521,7 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     out_size = p.hires.size if p.hires else p.size
     pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
                                  p.refiner) for k, t in enumerate(batch)]
-    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+    return [Rendered(t, save.file_bytes(pic, t.path, req), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 
@@ -527,7 +548,7 @@ def _with_preview(progress, req, models, vae_dir: str | None):
 
     latent = models.family.latent
     preview = req.preview
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors, downscale=latent.downscale,
                            decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
     callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]

@@ -45,6 +45,14 @@ def png_of(picture: Saved) -> bytes:
     return png_bytes(picture.image, picture.infotext, picture.meta)
 
 
+def file_bytes(picture: Saved, path, req) -> bytes:
+    """The image's file in the format its name asks for (-o x.jpg: JPEG, at --quality), metadata included."""
+    from sdcli.output.targets import DEFAULT_QUALITY, image_bytes, image_format
+
+    quality = getattr(req, "quality", None) or DEFAULT_QUALITY
+    return image_bytes(picture.image, picture.infotext, picture.meta, image_format(path), quality)
+
+
 def save_rendered(models, done, req) -> None:
     """A rendered image (render.Rendered): its PNG written atomically (not with --grid-only: the image goes on the
     grid only), its latent when asked, then the report."""

@@ -150,7 +150,25 @@ def _rerender(models, c: Check, refiner=None):
         again = images.tensor_to_pil(decoded.images[0])
     if init is not None and init.inpaint is not None:
         again = init.inpaint.finish(again)
-    return images.load_image(c.image)[0], again
+    return images.load_image(c.image)[0], _as_stored(again, c.image)
+
+
+def _as_stored(picture, path):
+    """A JPEG or WebP keeps its pixels lossily: the re-render goes through the same encoder, at the format and
+    quality the file records, before it is compared (a PNG's re-render is compared as it is)."""
+    import io
+
+    from PIL import Image
+
+    from sdcli.output.metadata import read_image_metadata
+    from sdcli.output.targets import DEFAULT_QUALITY, image_bytes
+
+    stored = (read_image_metadata(path).get("sdcli") or {}).get("file")
+    if not isinstance(stored, dict) or stored.get("format") not in ("JPEG", "WEBP"):
+        return picture
+    quality = stored.get("quality") if isinstance(stored.get("quality"), int) else DEFAULT_QUALITY
+    with Image.open(io.BytesIO(image_bytes(picture, "", {}, stored["format"], quality))) as img:
+        return img.convert("RGB")
 
 
 def _init(models, c: Check):

@@ -46,6 +46,8 @@ class Replay:
     path: str = ""  # the image, for messages
     embeddings: dict[str, str] = field(default_factory=dict)  # textual-inversion name -> recorded hash
     refiner: str | None = None  # the SDXL refiner it was made with (a file of the user's, like the model)
+    model: str | None = None  # the checkpoint it was made with: its file name (A1111: the name without extension)
+    model_hash: str | None = None  # its sha256 (sdcli: whole; A1111: the first 10 digits; older A1111: 8, not ours)
 
 
 def from_image(path: str | Path) -> Replay:
@@ -60,11 +62,13 @@ def from_image(path: str | Path) -> Replay:
         values = {k: v for k, v in ours.get("config", {}).items() if k in RENDER_KEYS}
         prompt, mode = ours.get("prompt", ""), ours.get("mode", "txt2img")
         refiner = (ours.get("refiner") or {}).get("name")
+        model, model_hash = (ours.get("model") or {}).get("name"), (ours.get("model") or {}).get("sha256")
     else:
         params = meta["parameters"]
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
         extra = params.get("extra") or {}
         refiner = extra.get("Refiner")
+        model, model_hash = params.get("model"), params.get("model_hash")
         values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
                        if extra.get(field) is not None})
         _hires_values(values, extra)
@@ -93,7 +97,49 @@ def from_image(path: str | Path) -> Replay:
     check_prompt(values.get("negative") if isinstance(values.get("negative"), str) else "", where, steps, tags=False)
     return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
                   embeddings=_embeddings(ours, meta["parameters"]),
-                  refiner=refiner if isinstance(refiner, str) else None)
+                  refiner=refiner if isinstance(refiner, str) else None,
+                  model=model if isinstance(model, str) and model else None,
+                  model_hash=model_hash.lower() if isinstance(model_hash, str) and model_hash else None)
+
+
+def check_model(replay: Replay, model: str | None) -> None:
+    """--from-image with no model: UsageError naming the checkpoint the image was made with. With another
+    checkpoint than the image's (by hash where both are known, else by name): a warning naming both, since the
+    render goes on and cannot give that image (verify says the same after its re-render)."""
+    from sdcli.runtime import console
+    from sdcli.runtime.errors import UsageError
+
+    made = _model_words(replay.model, replay.model_hash)
+    if not model:
+        if made:
+            raise UsageError(f"no model given: {replay.path} was made with {made}; pass --model with that "
+                             "checkpoint (FILE.safetensors | FOLDER | HUB_ID)")
+        return  # render.load says no model given
+    if made is None:
+        return
+    ours = _sha256(model)
+    if ours is not None and replay.model_hash is not None and len(replay.model_hash) >= 10:
+        same = ours.startswith(replay.model_hash)
+    else:  # a folder, a hub id, or an old A1111 hash (of 64 KiB of the file): the names are all there is
+        same = replay.model in (None, Path(model).name, Path(model).stem)
+    if not same:
+        console.info(f"warning: {replay.path} was made with {made}, but this render uses "
+                     f"{_model_words(Path(model).name, ours)}: the result will not be that image")
+
+
+def _model_words(name: str | None, sha256: str | None) -> str | None:
+    if name is None and sha256 is None:
+        return None
+    return f"{name or 'an unnamed checkpoint'}" + (f" (sha256 {sha256[:10]})" if sha256 else "")
+
+
+def _sha256(model: str) -> str | None:
+    from sdcli.formats.hashing import file_sha256
+
+    try:
+        return file_sha256(model) if Path(model).is_file() else None
+    except OSError:
+        return None
 
 
 # A1111's hires fix fields -> config keys (processing.py StableDiffusionProcessingTxt2Img: extra_generation_params)
