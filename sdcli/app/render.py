@@ -435,8 +435,7 @@ _HIRES_MODELS: dict = {}
 
 def check_hires_upscalers(jobs: list[Job]) -> None:
     """Every hires upscaler the jobs name, found (exit 4 naming the file and where it was looked for) and known
-    to be an upscaler (exit 3 / 8): said before the (slow) model load."""
-    from sdcli.upscale.files import inspect_upscaler
+    to be an upscaler (exit 3 / 8): said before the (slow) model load. Imports torch only for a model file."""
     from sdcli.upscale.names import choose
 
     checked = set()
@@ -445,6 +444,8 @@ def check_hires_upscalers(jobs: list[Job]) -> None:
             continue
         choice = choose(job.cfg.hires_upscaler, job.cfg.upscaler_dir)
         if choice.kind == "model" and choice.path not in checked:
+            from sdcli.upscale.files import inspect_upscaler
+
             inspect_upscaler(choice.path)
             checked.add(choice.path)
 
