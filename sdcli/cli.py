@@ -109,6 +109,11 @@ def generate(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
@@ -173,7 +178,8 @@ def generate(
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                   refiner=refiner, refiner_switch=refiner_switch)
+                   refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
+                   guidance=guidance, flow_shift=flow_shift)
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
                        control_resize, control_preprocess)
     if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
@@ -218,6 +224,11 @@ def img2img(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
@@ -261,7 +272,8 @@ def img2img(
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
-                   negative_aesthetic_score=negative_aesthetic_score)
+                   negative_aesthetic_score=negative_aesthetic_score, clip_l=clip_l, clip_g=clip_g, t5=t5,
+                   guidance=guidance, flow_shift=flow_shift)
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
     guard.stdout_needed(output, json_out or print_config)
@@ -347,6 +359,9 @@ def encode(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     dtype: opt.DtypeOpt = None,
@@ -361,7 +376,7 @@ def encode(
 
     set_quiet(quiet)
     flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -450,6 +465,9 @@ def verify(
     images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     config: opt.ConfigOpt = None,
@@ -481,7 +499,7 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload)
+                   refiner=refiner, offload=offload, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])})
 

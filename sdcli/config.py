@@ -20,7 +20,7 @@ from sdcli.runtime.paths import xdg_path
 SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PREDICTIONS = ("auto", "eps", "v")
+PREDICTIONS = ("auto", "eps", "v", "flow")
 
 
 def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
@@ -41,7 +41,7 @@ class RunConfig:
     schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule
     sigmas: str | None = field(default=None, metadata=_range())
     steps: int = field(default=20, metadata=_range(1, 1000))
-    cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))
+    cfg: float | None = field(default=None, metadata=_range(0.0, 100.0))  # None: the family's (7; FLUX 1)
     guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
     width: int | None = field(default=None, metadata=_range(64, 4096))
@@ -71,6 +71,13 @@ class RunConfig:
     controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
     offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (loading/residency.py)
+    # The flow transformers (SD3, FLUX). Recorded only when set (OPTIONAL_KEYS): text encoders as files of their
+    # own (ComfyUI's clip_l / clip_g / t5xxl files), FLUX dev's distilled guidance, a shift replacing the family's
+    clip_l: str | None = field(default=None, metadata=_range())
+    clip_g: str | None = field(default=None, metadata=_range())
+    t5: str | None = field(default=None, metadata=_range())
+    guidance: float | None = field(default=None, metadata=_range(0.0, 100.0))  # None: the family's (dev 3.5)
+    flow_shift: float | None = field(default=None, metadata=_range(0.01, 100.0))  # None: the family's rule
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -79,6 +86,18 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
+OPTIONAL_KEYS = ("clip_l", "clip_g", "t5", "guidance", "flow_shift")  # left out of records while None
+TEXT_FILE_KEYS = ("clip_l", "clip_g", "t5")  # text encoders given as files of their own (loading/components.py)
+
+
+def recorded_dict(cfg: RunConfig) -> dict[str, Any]:
+    """cfg.to_dict() without the optional keys that are not set: what images record (a render of a family
+    without them records what it always has)."""
+    out = cfg.to_dict()
+    for key in OPTIONAL_KEYS:
+        if out[key] is None:
+            del out[key]
+    return out
 
 
 # --- YAML 1.2-ish safe loading -------------------------------------------------------------------

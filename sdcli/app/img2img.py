@@ -72,6 +72,11 @@ def _init(base, img, mask, notes, mask_path, models) -> tuple:
     from sdcli.formats import images
 
     render.check_inpaint_model(models, base, mask_path)
+    if mask is None:  # a transformer's 2x2 patches need sides that are multiples of 16
+        img, cropped = images.crop_to_multiple(img, models.family.size_multiple)
+        notes = [*notes, *cropped]
+        for note in cropped:
+            console.info(note)
     pixels = images.pil_to_tensor(img)
     latent = pipeline.encode_image(models, pixels)
     concat = pipeline.inpaint_conditioning(models, pixels, mask) if mask is not None else None

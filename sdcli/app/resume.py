@@ -19,7 +19,8 @@ from sdcli.control import settings as control_config
 from sdcli.runtime.errors import OutputError
 from sdcli.app import save
 
-LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
+# 'auto'/None: known once the model is loaded (the size, cfg and guidance are the family's when not given)
+LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height", "cfg", "guidance", "schedule")
 
 
 def skip_done(targets: list, outputs, req) -> list:
@@ -58,15 +59,20 @@ def matches(path: Path, target) -> bool:
 
 def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
+    from sdcli.config import recorded_dict
+
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
-    expected = dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler, schedule=schedule).to_dict()
+    auto = cfg.schedule == "auto" and not cfg.sigmas  # a flow family's schedule is its own: known at load
+    expected = recorded_dict(dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler,
+                                                 schedule="auto" if auto else schedule))  # fmt: skip
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
-    for key in ("model", "vae"):
-        expected[key] = Path(expected[key]).name if expected[key] else expected[key]
+    for key in ("model", "vae", "clip_l", "clip_g", "t5"):
+        if key in expected:
+            expected[key] = Path(expected[key]).name if expected[key] else expected[key]
     for key in LOAD_TIME_KEYS:
-        if expected[key] in (None, "auto"):
+        if key in expected and expected[key] in (None, "auto"):
             del expected[key]
     control_config.put_record(expected, cfg.controlnets)
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists

@@ -18,11 +18,13 @@ from sdcli.text.prompts import check_prompt
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
                "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
-               "refiner_switch")
+               "refiner_switch", "guidance", "flow_shift")
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
                  "denoising_strength": "strength"}
+
+FORGE_KEYS = {"Distilled CFG Scale": "guidance", "Shift": "flow_shift"}  # infotext label -> config key
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ def from_image(path: str | Path) -> Replay:
         refiner = extra.get("Refiner")
         if extra.get("Refiner switch at") is not None:
             values["refiner_switch"] = _number(extra["Refiner switch at"])
+        for label, key in FORGE_KEYS.items():  # Forge's fields of the flow models
+            if extra.get(label) is not None:
+                values[key] = _number(extra[label])
         prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
         ours = {}
         if meta["source"] == "a1111":
