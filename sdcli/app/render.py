@@ -425,7 +425,8 @@ def _with_preview(progress, req, models, vae_dir: str | None):
     latent = models.family.latent
     preview = req.preview
     writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
-                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
+                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir),
+                           rgb_bias=latent.rgb_bias) \
         if preview else None
     callbacks = [c for c in (progress, writer) if c is not None]
     if len(callbacks) < 2:
