@@ -56,7 +56,8 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     default; `size` (H, W) in pixels and `shift` (--flow-shift) only matter to flow families."""
     cfg = family.default_cfg if cfg is None else cfg
     if family.flow is not None:
-        return flow_plan(sampler, schedule_name, steps, custom_sigmas, cfg, family, size, shift)
+        plan = flow_plan(sampler, schedule_name, steps, custom_sigmas, cfg, family, size, shift)
+        return replace(plan, guidance_rescale=guidance_rescale)
     name, schedule_used = resolve_sampler_schedule(sampler, schedule_name)
     if custom_sigmas:
         sigmas = schedule.parse_sigmas(custom_sigmas)
@@ -90,7 +91,8 @@ def flow_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     if spec.spacing == "table":
         return SamplingPlan(name, flow.sd3_sigmas(steps, spec.shift if shift is None else shift), cfg)
     height, width = size or (family.native_size("flow"),) * 2
-    tokens = (height // 16) * (width // 16)  # packed 2x2 latent cells: diffusers' image_seq_len
+    cell = family.size_multiple  # one packed token: a 2x2 patch of 8-pixel latent cells
+    tokens = (height // cell) * (width // cell)  # diffusers' image_seq_len
     sigmas = flow.flux_sigmas(steps, tokens, dynamic=spec.dynamic and shift is None,
                               shift=spec.shift if shift is None else shift)  # fmt: skip
     return SamplingPlan(name, sigmas, cfg)

@@ -197,3 +197,49 @@ def test_missing_text_encoder_and_vae_exit_4_naming_the_option(tiny_flux, dit_co
     assert no_vae.exit_code == 4 and "--vae" in no_vae.stderr
     stray = runner.invoke(app, [*base, "--clip-g", str(dit_components["clip_g"])])
     assert stray.exit_code == 2 and "--clip-g" in stray.stderr
+
+
+# --- prompt weights on T5, residency, hires -------------------------------------------------------
+
+def test_t5_weights_as_forge_and_unweighted_prompts_unchanged(dev):
+    """A1111 weights on T5 tokens (Forge's T5 engine: scale, then restore the mean); the weighted pieces tokenize
+    to the ids of the plain text, BREAK only separates pieces."""
+    from sdcli.text.prompts import _apply_weights, encode_t5, t5_units
+    from sdcli.text.t5_tokenizer import t5_tokenizer
+
+    _, models = dev
+    tok, t5 = t5_tokenizer(), models.text_encoders[1]
+    ids, weights = t5_units("a (cat:1.5) BREAK on a [mat]", tok, 16)
+    assert ids == tok.encode("a cat on a mat", 16)
+    assert weights[:6] == [1.0, 1.5, 1.0, 1.0, 1 / 1.1, 1.0] and set(weights[6:]) == {1.0}
+    assert t5_units(PROMPT, tok, 512) == (tok.encode(PROMPT, 512), [1.0] * 512)
+    with torch.no_grad():
+        plain = t5(torch.tensor([ids]))
+        got = encode_t5("a (cat:1.5) BREAK on a [mat]", t5, tok, 16)
+    want = _apply_weights(plain, torch.tensor([weights]))
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    assert torch.allclose(got.mean(), plain.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_lean_residency_frees_t5_with_the_clip_encoder(tiny_flux, dit_components):  # noqa: F811
+    models = load(tiny_flux, dit_components, residency="lean")
+    cond, _ = conds(models, PROMPT, None)
+    assert models.parts.peek("text") is not None
+    plan = P.make_plan("euler", "auto", 1, family=models.family, size=(SIZE, SIZE))
+    P.txt2img(models, plan, cond, None, [1], SIZE, SIZE)
+    assert models.parts.peek("text") is None and ("release", "text") in models.parts.events
+
+
+def test_hires_fix_and_preview_run_on_flux(tiny_flux, dit_components, tmp_path):  # noqa: F811
+    """The second pass at 1.5x (rounded to 16 px), its own resolution shift; the cheap preview maps 16 channels."""
+    from PIL import Image
+
+    runner = CliRunner()
+    out = tmp_path / "h.png"
+    result = runner.invoke(app, ["generate", "a cat", "-m", str(tiny_flux), "--vae", str(dit_components["vae"]),
+                                 "--clip-l", str(dit_components["clip_l"]), "--t5", str(dit_components["t5"]),
+                                 "--steps", "2", "-W", "64", "-H", "64", "--hires-scale", "1.4", "-o", str(out),
+                                 "--preview", str(tmp_path / "p.png"), "--sampler", "euler_a"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (96, 96) and Image.open(tmp_path / "p.png").size == (96, 96)
+    assert "Hires upscale: 1.4" in read_image_metadata(out)["raw"]["parameters"]

@@ -221,3 +221,46 @@ def test_missing_t5_is_optional_but_a_missing_clip_names_its_option(tiny_sd3, di
     result = CliRunner().invoke(app, ["generate", "a cat", "-m", str(path), "-o", str(tmp_path / "x.png"),
                                       "--steps", "1", "-W", "64", "-H", "64"])
     assert result.exit_code == 4 and "--clip-g" in result.stderr
+
+
+def test_taesd3_draws_the_preview_and_a_taesd_file_is_refused(tiny_sd3, tmp_path):  # noqa: F811
+    """A 16-channel tiny decoder named taesd3_* decodes SD3's scaled latents; SD1's taesd_* does not fit."""
+    from _fixtures_taesd import write_taesd_files
+
+    _, paths = write_taesd_files(tmp_path / "tae", latent_channels=16)
+    taesd3 = paths["decoder"].with_name("taesd3_decoder.safetensors")
+    paths["decoder"].rename(taesd3)
+    base = ["generate", "a cat", "-m", str(tiny_sd3), "--steps", "1", "-W", "64", "-H", "64"]
+    runner = CliRunner()
+    ok = runner.invoke(app, [*base, "-o", str(tmp_path / "a.png"), "--preview", str(tmp_path / "p.png"),
+                             "--preview-vae", str(taesd3)])
+    assert ok.exit_code == 0, ok.output
+    assert "taesd3_decoder" in ok.stderr and Image.open(tmp_path / "p.png").size == (64, 64)
+    wrong = paths["encoder"].with_name("taesd_decoder.safetensors")
+    taesd3.rename(wrong)
+    bad = runner.invoke(app, [*base, "-o", str(tmp_path / "b.png"), "--vae", str(wrong)])
+    assert bad.exit_code == 3 and "taesd3" in bad.stderr
+
+
+def test_encode_decode_16_channel_latents_in_both_file_formats(sd3, tiny_sd3, tmp_path):  # noqa: F811
+    """encode writes the scaled latent ((z - 0.0609) * 1.5305) with the family and shift; ComfyUI's .latent holds
+    raw VAE space; both decode to the same picture as decoding the latent directly."""
+    from sdcli.output.latents import load_latent
+
+    _, models = sd3
+    init_image().save(tmp_path / "in.png")
+    runner = CliRunner()
+    for name in ("in.safetensors", "in.latent"):
+        enc = runner.invoke(app, ["encode", str(tmp_path / "in.png"), "-m", str(tiny_sd3), "-o", str(tmp_path / name)])
+        assert enc.exit_code == 0, enc.output
+    ours, comfy = load_latent(tmp_path / "in.safetensors"), load_latent(tmp_path / "in.latent")
+    want = P.encode_image(models, pil_to_tensor(init_image()))
+    assert (ours.family, ours.shift_factor, ours.scaled, comfy.scaled) == ("sd3", 0.0609, True, False)
+    torch.testing.assert_close(ours.latent, want, rtol=0, atol=0)
+    torch.testing.assert_close(comfy.latent, want / 1.5305 + 0.0609, rtol=0, atol=1e-6)
+    for name in ("in.safetensors", "in.latent"):
+        out = tmp_path / f"{name}.png"
+        dec = runner.invoke(app, ["decode", str(tmp_path / name), "-m", str(tiny_sd3), "-o", str(out)])
+        assert dec.exit_code == 0, dec.output
+        diff = np.abs(np.asarray(Image.open(out)).astype(int) - pixels(models, want)[0].astype(int))
+        assert diff.max() <= 1
