@@ -324,6 +324,11 @@ def sweep(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     prediction: opt.PredictionOpt = None,
     dtype: opt.DtypeOpt = None,
@@ -343,7 +348,8 @@ def sweep(
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
                    hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
-                   dtype=dtype, device=device, offload=offload)
+                   dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g, t5=t5,
+                   guidance=guidance, flow_shift=flow_shift)
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
                            progress=_progress_mode(progress)))

@@ -188,6 +188,11 @@ def load(cfg: RunConfig, lazy: bool = False):
     text_files = {key: getattr(cfg, key) for key in TEXT_FILE_KEYS}
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement,
                                     policy, text_files)
+    from sdcli.loading.components import absent_optional
+
+    for flag in absent_optional(models.family, models.info.texts):
+        console.info(f"{models.family.title} without its optional text encoder: it conditions on zeros in its "
+                     f"place (diffusers' rule); give the file with {flag} for the full conditioning")
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
 
 

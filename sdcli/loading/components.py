@@ -14,6 +14,7 @@ from pathlib import Path
 from sdcli.runtime.errors import ModelNotFoundError, UsageError
 from sdcli.formats.source import Entry, WeightSource, open_file
 from sdcli.formats.strict import Plan, identity_plan
+from sdcli.models.t5 import EMBEDDING_ALIAS
 
 # What each encoder option's file usually is (for the message when one is missing)
 EXAMPLES = {"--clip-l": "clip_l.safetensors", "--clip-g": "clip_g.safetensors", "--t5": "t5xxl_fp16.safetensors"}
@@ -51,6 +52,9 @@ def with_text_files(source: WeightSource, family, files: dict[str, str | None]) 
              if spec.flag and files.get(config_key(spec.flag))}  # fmt: skip
     if not given:
         return source
+    if source._tensors is not None:  # a pickle's tensors are held in memory by name: no file can join them
+        raise UsageError(f"{source.path}: text encoder files (--clip-l, --clip-g, --t5) go with a .safetensors "
+                         "model; convert this .ckpt first (sdcli convert)")
     for path in given.values():
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such text encoder file")
@@ -59,6 +63,12 @@ def with_text_files(source: WeightSource, family, files: dict[str, str | None]) 
         entries.update(_entries(path, prefix))
     return WeightSource(source.path, entries, source.metadata, source.prediction_hint, source.layout,
                         source._tensors)  # fmt: skip
+
+
+def absent_optional(family, texts) -> list[str]:
+    """The options of the optional encoders the loaded model runs without (SD3 without T5: zeros in its place)."""
+    return [spec.flag for spec, cfg in zip(family.text, texts or (None,) * len(family.text))
+            if spec.optional and cfg is None]
 
 
 def missing_encoder(family, spec, model: Path) -> ModelNotFoundError:
@@ -72,8 +82,6 @@ def missing_encoder(family, spec, model: Path) -> ModelNotFoundError:
 def t5_plan(keys: list[str], prefix: str) -> tuple[Plan, list[str]]:
     """T5's strict plan: every key under `prefix` by name, the embedding under either of its names (one kept)."""
     plan, unplaced = identity_plan(keys, prefix)
-    from sdcli.models.t5 import EMBEDDING_ALIAS
-
     alias, name = EMBEDDING_ALIAS
     if alias in plan:
         key = plan.pop(alias)
