@@ -7,15 +7,22 @@ MODEL  ?= stable-diffusion-v1-5/stable-diffusion-v1-5
 PROMPT ?= a photo of a cat, highly detailed
 OUT    ?= demo.png
 PY     := $(VENV)/bin/python
+# Two levels: what rendering needs (torch and sdcli's runtime dependencies: `make demo`), and the test and
+# benchmark oracles on top (diffusers, transformers, opencv, pytest...: `make test`, `make bench`).
+RUNTIME_STAMP := $(VENV)/.sdcli-runtime-installed
 STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
+.PHONY: install install-runtime install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# open_clip's tokenizer is our tokenizer oracle; its package pulls torchvision, which we do not need.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps open-clip-torch==3.3.0
@@ -25,6 +32,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) browser
+
+install-runtime: $(RUNTIME_STAMP)
 
 # The optional Ray extra (`--ray`, ~80 MB); `make test` installs it too, since the Ray tests are in the suite.
 $(RAY_STAMP): $(STAMP)
@@ -47,11 +56,11 @@ browser:
 
 # Needs a Stable Diffusion 1.x/2.x checkpoint: MODEL=path/to/model.safetensors works offline;
 # a hub id (the default) is downloaded once into the Hugging Face cache.
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model "$(MODEL)" --seed 42 -o "$(OUT)" --overwrite
 
 # Offline smoke render with a tiny random-weight checkpoint (the image is noise; the path is real).
-demo-tiny: $(STAMP)
+demo-tiny: $(RUNTIME_STAMP)
 	$(PY) scripts/make_checkpoint.py .bench/tiny-sd1.safetensors --family sd1 --size tiny --seed 0
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model .bench/tiny-sd1.safetensors --steps 4 -W 64 -H 64 \
 		--seed 42 -o tiny-demo.png --overwrite

@@ -68,6 +68,12 @@ def _flags(**given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax, s_noise) -> dict:
+    """A1111's noise and sampler-parameter flags as config keys (those given)."""
+    return _flags(rng=rng, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                  ensd=ensd, eta=eta, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+
+
 def _progress_mode(mode: str) -> str:
     if mode not in ("auto", "json", "none"):
         from sdcli.runtime.errors import UsageError
@@ -103,6 +109,16 @@ def generate(
     schedule: opt.ScheduleOpt = None,
     sigmas: opt.SigmasOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     n: opt.CountOpt = None,
     batch_size: opt.BatchOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
@@ -134,6 +150,8 @@ def generate(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     grid: opt.GridOpt = None,
     grid_rows: opt.GridRowsOpt = -1,
@@ -175,11 +193,13 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, ray=ray,
                    original_size=original_size, target_size=target_size, crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
-                   guidance=guidance, flow_shift=flow_shift)
+                   guidance=guidance, flow_shift=flow_shift,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
                        control_resize, control_preprocess)
     if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
@@ -208,16 +228,35 @@ def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).")],
     strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
-    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (needs a "
-                                                "9-channel inpainting model; strength defaults to 1).")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (any model; "
+                                                "strength defaults to 0.75, 1 with a 9-channel inpainting "
+                                                "model).")] = None,
+    mask_blur: opt.MaskBlurOpt = None,
+    inpaint_fill: opt.InpaintFillOpt = None,
+    inpaint_area: opt.InpaintAreaOpt = None,
+    inpaint_padding: opt.InpaintPaddingOpt = None,
+    mask_invert: opt.MaskInvertOpt = False,
+    overlay: opt.OverlayOpt = None,
+    pad: opt.PadOpt = None,
     output: opt.OutputOpt = None,
     negative: opt.NegativeOpt = None,
     steps: opt.StepsOpt = None,
     cfg: opt.CfgOpt = None,
     guidance_rescale: opt.RescaleOpt = None,
+    tome_ratio: opt.TomeOpt = None,
     sampler: opt.SamplerOpt = None,
     schedule: opt.ScheduleOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     n: opt.CountOpt = None,
     batch_size: opt.BatchOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
@@ -265,15 +304,20 @@ def img2img(
     skip_existing: opt.SkipExistingOpt = False,
     print_config: opt.PrintConfigOpt = False,
 ) -> None:
-    """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
+    """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
+    --pad, inpaint or outpaint it as A1111 does."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
-                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
+                   guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
-                   negative_aesthetic_score=negative_aesthetic_score, clip_l=clip_l, clip_g=clip_g, t5=t5,
-                   guidance=guidance, flow_shift=flow_shift)
+                   negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur,
+                   inpaint_fill=inpaint_fill, inpaint_area=inpaint_area, inpaint_padding=inpaint_padding,
+                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad, clip_l=clip_l, clip_g=clip_g,
+                   t5=t5, guidance=guidance, flow_shift=flow_shift,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
     guard.stdout_needed(output, json_out or print_config)
@@ -316,11 +360,23 @@ def sweep(
     schedule: opt.ScheduleOpt = None,
     sigmas: opt.SigmasOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
     seamless: opt.SeamlessOpt = None,
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
@@ -347,9 +403,11 @@ def sweep(
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
+                   hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
                    dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g, t5=t5,
-                   guidance=guidance, flow_shift=flow_shift)
+                   guidance=guidance, flow_shift=flow_shift,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
                            progress=_progress_mode(progress)))
@@ -484,6 +542,10 @@ def verify(
     offload: opt.OffloadOpt = None,
     controlnet: opt.ControlNetOpt = None,
     control_image: opt.ControlImageOpt = None,
+    image: Annotated[Optional[str], typer.Option("--image", "-i", help="img2img / inpainting images: the input "
+                                                 "picture they were made from.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpainting images: their mask (default: the "
+                                                "recorded mask file beside the image).")] = None,
     report: Annotated[
         Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
                                     "re-render, a difference heat map, the numbers; failures first.")
@@ -507,7 +569,7 @@ def verify(
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
                    refiner=refiner, offload=offload, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
-               {"models": list(controlnet or []), "images": list(control_image or [])})
+               {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
 
 
 def main() -> None:

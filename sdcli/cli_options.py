@@ -40,6 +40,24 @@ SamplerOpt = Annotated[
 ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...).")]
 SigmasOpt = Annotated[Optional[str], typer.Option("--sigmas", help="Custom comma-separated sigma list.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed; -1 or absent draws one (recorded).")]
+# A1111's noise and sampler parameters (config keys of the same names; README "Noise")
+RngOpt = Annotated[Optional[str], typer.Option("--rng", help="Noise source: cpu (default; torch's CPU generator), "
+                                               "gpu or nv (A1111's GPU / NV Philox noise, the same on any device).")]
+SubseedOpt = Annotated[Optional[int], typer.Option("--subseed", help="Variation seed (A1111); -1 draws one. Image k "
+                                                   "of a batch gets subseed+k.")]
+SubseedStrengthOpt = Annotated[Optional[float], typer.Option("--subseed-strength", help="Variation strength 0..1: "
+                                                             "how far the noise moves towards the variation seed's.")]
+SeedResizeOpt = Annotated[Optional[str], typer.Option("--seed-resize-from", help="WxH: draw the seed's noise at this "
+                                                      "size and paste it centred (A1111 'Resize seed from').")]
+EnsdOpt = Annotated[Optional[int], typer.Option("--ensd", help="Eta noise seed delta (A1111): the sampler's noise "
+                                                "comes from seed + ENSD after the initial noise.")]
+EtaOpt = Annotated[Optional[float], typer.Option("--eta", help="Eta of the ancestral / SDE samplers (default 1) or "
+                                                 "of DDIM (default 0).")]
+SChurnOpt = Annotated[Optional[float], typer.Option("--s-churn", help="Euler / Heun / DPM2: sigma churn (0).")]
+STminOpt = Annotated[Optional[float], typer.Option("--s-tmin", help="Euler / Heun / DPM2: churn from this sigma (0).")]
+STmaxOpt = Annotated[Optional[float], typer.Option("--s-tmax", help="Euler / Heun / DPM2: churn up to this sigma "
+                                                   "(0 = no limit).")]
+SNoiseOpt = Annotated[Optional[float], typer.Option("--s-noise", help="Euler / Heun / DPM2: churn noise scale (1).")]
 CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per UNet batch.")]
 ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
@@ -113,6 +131,13 @@ HiresScaleOpt = Annotated[
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
 ]
+TomeOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio", help="Token merging (ToMe, as A1111): merge this fraction of "
+                                  "the full-resolution self-attention tokens (0 off, up to 0.9); faster, lossy.")
+]
+TomeHrOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio-hr", help="Token merging of the hires fix pass (default: --tome-ratio).")
+]
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
 ]
@@ -144,7 +169,7 @@ ProgressOpt = Annotated[
 ]
 RayOpt = Annotated[
     Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
-                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+                                "local (start one on this machine) or ray://HOST:PORT. Needs the ray extra (make install-ray).")
 ]
 WorkersOpt = Annotated[
     Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "
@@ -161,3 +186,21 @@ SkipExistingOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
                        "metadata is this job's counts as done (resumes an interrupted batch).")
 ]
+# Inpainting and outpainting (img2img --mask / --pad; app/inpaint.py), A1111's img2img inpaint settings
+MaskBlurOpt = Annotated[Optional[int], typer.Option("--mask-blur", help="Blur the mask by this Gaussian radius in "
+                                                    "pixels (A1111 'Mask blur'; default 4, 0 with a 9-channel "
+                                                    "inpainting model).")]
+InpaintFillOpt = Annotated[Optional[str], typer.Option("--inpaint-fill", help="What the masked area starts from "
+                                                       "(A1111 'Masked content'): original (default), fill, "
+                                                       "latent-noise or latent-nothing.")]
+InpaintAreaOpt = Annotated[Optional[str], typer.Option("--inpaint-area", help="whole (default) or masked: render "
+                                                       "only the mask's region, scaled up to the image size, and "
+                                                       "paste it back (A1111 'Only masked').")]
+InpaintPaddingOpt = Annotated[Optional[int], typer.Option("--inpaint-padding", help="--inpaint-area masked: pixels "
+                                                          "around the mask's region (32).")]
+MaskInvertOpt = Annotated[bool, typer.Option("--mask-invert", help="Repaint the black area, keep the white "
+                                             "(A1111 'Inpaint not masked').")]
+OverlayOpt = Annotated[Optional[bool], typer.Option("--overlay/--no-overlay", help="Put the original back outside "
+                                                    "the blurred mask (default on; off with a 9-channel model).")]
+PadOpt = Annotated[Optional[str], typer.Option("--pad", help="Outpaint: grow the canvas by LEFT,TOP,RIGHT,BOTTOM "
+                                               "pixels (edge colours repeated) and paint the new border.")]

@@ -55,9 +55,14 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
-def with_seed(cfg: RunConfig) -> RunConfig:
-    """Replace seed -1 by a drawn one, so it can be recorded and replayed."""
-    return cfg if cfg.seed >= 0 else dataclasses.replace(cfg, seed=draw_seed())
+def with_seed(cfg: RunConfig, variation: bool = False) -> RunConfig:
+    """Replace seed -1 by a drawn one, so it can be recorded and replayed; the variation seed (subseed) too when a
+    variation strength is set, or `variation` says one will be (a sweep axis), as A1111 draws it."""
+    if cfg.seed < 0:
+        cfg = dataclasses.replace(cfg, seed=draw_seed())
+    if cfg.subseed < 0 and (cfg.subseed_strength != 0 or variation):
+        cfg = dataclasses.replace(cfg, subseed=draw_seed())
+    return cfg
 
 
 def single_job(prompt: str | None, cfg: RunConfig) -> Job:

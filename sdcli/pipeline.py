@@ -4,11 +4,16 @@ images. The CLI's commands are thin layers over these; nothing here prints.
 Nothing here branches on the model family: the latent space, the training schedule, the text encoder's padding and
 the denoiser kind come from the family's declaration (`models.family`, families/).
 
-Reproducibility contract: image k of a run uses its own CPU `torch.Generator` seeded with seed+k. Its initial noise
-`randn((1, 4, H/8, W/8))` is drawn first, every later stochastic draw (ancestral / SDE noise) comes from the same
-generator in step order, always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch
-is bit-identical to a single run with seed+k, and the same seed gives the same noise on every device. The hires
-fix's second pass keeps drawing from the same generators, continuing their state after the first pass.
+Reproducibility contract: image k of a run draws only from its own generators (sampling/rng.py ImageNoise, A1111's
+ImageRNG): by default a CPU `torch.Generator` seeded with its seed (seed+k), `gpu` / `nv` a Philox generator
+emulating torch's CUDA one (A1111's GPU and NV noise), computed on the CPU. Its initial noise `randn((4, H/8, W/8))`
+is drawn first (blended with its variation seed's, or drawn at the "resize seed from" size and pasted, as A1111),
+every later stochastic draw (ancestral / SDE noise, churn) comes from the same generator in step order (or from one
+seeded seed + ENSD), always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch is
+bit-identical to a single run with its seeds, and the same seed gives the same noise on every device. The hires
+fix's second pass keeps drawing from the same generators with `cpu` noise, continuing their state after the first
+pass (sdcli's rule, kept so that every render keeps its bytes); with `gpu` / `nv` it starts new ones at the second
+pass's size, as A1111 does.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from sdcli.sampling import samplers
 from sdcli.sampling import schedule
 from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
+from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
+from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
@@ -40,6 +47,8 @@ class SamplingPlan:
     sigmas: torch.Tensor  # descending, ends with 0
     cfg: float = 7.0
     guidance_rescale: float = 0.0
+    token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
+    options: tuple = ()  # the sampler's keyword parameters as (name, value) pairs: a1111_params.sampler_options
 
 
 @dataclass
@@ -50,10 +59,14 @@ class DecodeResult:
 
 def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None = None,
               cfg: float | None = None, guidance_rescale: float = 0.0, family: Family = DEFAULT,
-              size: tuple[int, int] | None = None, shift: float | None = None) -> SamplingPlan:
+              sampler_params: dict | None = None, size: tuple[int, int] | None = None,
+              shift: float | None = None) -> SamplingPlan:
     """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan over the
-    family's training schedule; a flow family's sigmas are its own (`flow_plan`). `cfg` None: the family's
-    default; `size` (H, W) in pixels and `shift` (--flow-shift) only matter to flow families."""
+    family's training schedule. `sampler_params`: eta / s_churn / s_tmin / s_tmax / s_noise as config values; the
+    sampler gets those it takes (a1111_params.sampler_options). `cfg` None: the family's default. A flow family's
+    sigmas are its own (`flow_plan`: `size` (H, W) in pixels and `shift` (--flow-shift) matter there only)."""
+    from sdcli.sampling.a1111_params import sampler_options
+
     cfg = family.default_cfg if cfg is None else cfg
     if family.flow is not None:
         plan = flow_plan(sampler, schedule_name, steps, custom_sigmas, cfg, family, size, shift)
@@ -63,7 +76,8 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
         sigmas = schedule.parse_sigmas(custom_sigmas)
     else:
         sigmas = schedule.get_sigmas(schedule_used, steps, schedule.sigmas_of(family.schedule))
-    return SamplingPlan(name, sigmas, cfg, guidance_rescale)
+    options = tuple(sampler_options(name, **(sampler_params or {})).items())
+    return SamplingPlan(name, sigmas, cfg, guidance_rescale, options=options)
 
 
 FLOW_SCHEDULES = ("auto", "simple")  # a flow family's sigmas are diffusers' pipeline's, named as Forge does
@@ -305,12 +319,42 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Where a run's noise comes from besides the seeds (A1111's, sampling/rng.py ImageNoise): the source, each
+    image's variation seed and the strength, "resize seed from" (width, height) in pixels, ENSD."""
+
+    source: str = "cpu"
+    subseeds: tuple[int, ...] | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] = (0, 0)
+    ensd: int = 0
+
+    @property
+    def fresh_hires_noise(self) -> bool:
+        """Whether the hires fix's second pass starts new generators (A1111) rather than continuing the first
+        pass's (sdcli's rule for `cpu` noise: see the module docstring)."""
+        return self.source != "cpu"
+
+
+def image_noise(models, seeds: list[int], shape: tuple[int, ...], settings: NoiseSettings | None = None):
+    """noise() of a batch with these seeds at one image's latent shape (C, h, w): sampling/rng.py ImageNoise,
+    fp32 on the run's device. Its first call is the initial noise, later calls the sampler's draws."""
+    from sdcli.sampling.rng import ImageNoise
+
+    s = settings or NoiseSettings()
+    return ImageNoise(shape, seeds, s.source, subseeds=s.subseeds, subseed_strength=s.subseed_strength,
+                      seed_resize_from=s.seed_resize_from, ensd=s.ensd, downscale=models.family.latent.downscale,
+                      device=models.device, dtype=torch.float32)
+
+
 def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor,
             seeds: list[int] | list[torch.Generator], height: int, width: int, callback: Callable | None = None,
             extra: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled.
     `cond`, `uncond`: context tensors, conditioning.Cond, or prompt-editing schedules of them.
-    `seeds`: one seed or one CPU generator per image (a generator is drawn from in place, continuing its state).
+    `seeds`: one seed or one CPU generator per image (a generator is drawn from in place, continuing its state), or
+    an `image_noise` made at this shape (not drawn from yet: its first call is the initial noise).
     `extra`: channels the UNet sees after the latent (inpainting: see inpaint_conditioning), for callers that do
     not carry them in a Cond already."""
     latent = models.family.latent
@@ -321,19 +365,24 @@ def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor
 
 def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
             seeds: list[int] | list[torch.Generator], strength: float, callback: Callable | None = None,
-            extra: torch.Tensor | None = None) -> torch.Tensor:
+            extra: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule.
-    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass)."""
+    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass; an `image_noise` already
+    drawn from goes on at this shape).
+    `keep` (1 or B, 1, h, w; 1 = keep): inpainting with any model (sampling/inpaint.py): every x0, and the result,
+    is `init_latent` where it keeps (A1111 blends with the latent it started from, its latent fills included).
+    A flow family noises as x = sigma noise + (1 - sigma) x0 and runs diffusers' get_timesteps' steps."""
     flow = models.family.flow is not None
     sigmas = _flow_tail(plan.sigmas, strength) if flow else schedule.img2img_sigmas(plan.sigmas, strength)
-    plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
+    plan = replace(plan, sigmas=sigmas)
     noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
     first = noise()
     x0 = init_latent.to(first).expand_as(first)
     if len(sigmas) < 2:  # strength 0 (or too few steps): nothing to run
         return x0.clone()
     x = _flow_noised(x0, first, sigmas[0]) if flow else x0 + first * sigmas[0]
-    return _sample(models, plan, x, cond, uncond, noise, callback, extra)
+    pin = None if keep is None else (x0, keep.to(first))
+    return _sample(models, plan, x, cond, uncond, noise, callback, extra, pin)
 
 
 def _flow_tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
@@ -366,9 +415,9 @@ def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[
 
 
 def continue_sampling(models, plan: SamplingPlan, latents: torch.Tensor, cond, uncond,
-                      gens: list[torch.Generator], callback: Callable | None = None) -> torch.Tensor:
+                      gens, callback: Callable | None = None) -> torch.Tensor:
     """Run `plan` on scaled latents already at its first sigma (the refiner taking over from the base), drawing any
-    noise from the same per-image generators, which continue their state."""
+    noise from the same per-image generators (or `image_noise`), which continue their state."""
     noise = _noise_source(gens, tuple(latents.shape[1:]), models)
     return _sample(models, plan, latents.to(models.device), cond, uncond, noise, callback)
 
@@ -395,11 +444,10 @@ def hires_size(height: int, width: int, scale: float, downscale: int = DEFAULT.l
 
 
 def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-              gens: list[torch.Generator], strength: float, size: tuple[int, int], callback: Callable | None = None
-              ) -> torch.Tensor:
+              gens, strength: float, size: tuple[int, int], callback: Callable | None = None) -> torch.Tensor:
     """A1111's "Hires. fix" second pass with the "Latent" upscaler: bilinear upscaling of the pass-1 latents
-    (B, 4, h, w) to `size` (H, W) in pixels, then img2img at `strength` on them, drawing noise from the pass-1
-    generators. A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass (latent_upscale_modes
+    (B, 4, h, w) to `size` (H, W) in pixels, then img2img at `strength` on them, drawing noise from `gens`: the
+    pass-1 generators (or its `image_noise`), continuing, or a new `image_noise` at the second pass's size. A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass (latent_upscale_modes
     "Latent" = bilinear, antialias False): https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
     down = models.family.latent.downscale
     target = (size[0] // down, size[1] // down)
@@ -411,7 +459,11 @@ def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Ten
     return img2img(models, plan, big, cond, uncond, gens, strength, callback)
 
 
-def _noise_source(seeds: list[int] | list[torch.Generator], shape: tuple[int, ...], models):
+def _noise_source(seeds, shape: tuple[int, ...], models):
+    from sdcli.sampling.rng import ImageNoise
+
+    if isinstance(seeds, ImageNoise):
+        return seeds if seeds.shape == tuple(shape) else seeds.continued(shape)
     device = models.device
     gens = [s if isinstance(s, torch.Generator) else generators([s])[0] for s in seeds]
     return samplers.make_noise_source(gens, shape, device, torch.float32)
@@ -442,10 +494,11 @@ def _run_sampler(models, plan, model, x, sigmas, noise, callback):
         name = samplers.resolve_sampler(plan.sampler)[0]
         if name in FLOW_VARIANTS:
             return FLOW_VARIANTS[name](model, x, sigmas, noise, callback)
-    return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=callback)
+    return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=callback, **dict(plan.options))
 
 
-def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
+def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None):
+    """`pin`: (original, keep) for inpainting with any model (sampling/inpaint.MaskedDenoiser)."""
     from sdcli.families.shapes import network_call
 
     batch = x.shape[0]
@@ -456,6 +509,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
     model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    if pin is not None:
+        model = MaskedDenoiser(model, *pin)
     sigmas = plan.sigmas.to(x.device)
 
     def on_step(i, total, x_i, denoised):
@@ -465,8 +520,9 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode():
-        return _run_sampler(models, plan, model, x, sigmas, noise, on_step)
+    with torch.inference_mode(), token_merging(net, plan.token_merging):
+        out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
+        return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 
 
 class _UNetAdapter:

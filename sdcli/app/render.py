@@ -2,8 +2,9 @@
 LoRAs merged (lora.LoraState), the conditioning built (conditioning.Cond), the passes run batch by batch, each
 image saved through save.py.
 
-Reproducibility: image k of a batch equals a single run with seed+k (see pipeline.py); the hires fix's second pass
-continues the same per-image generators.
+Reproducibility: image k of a batch equals a single run with its own seeds (seed+k, or with a variation the seed and
+subseed+k: A1111's numbering, sampling/rng.py batch_seeds; see pipeline.py); the hires fix's second pass continues
+the same per-image generators (`cpu` noise) or starts new ones from the same seeds (`gpu` / `nv`, as A1111).
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ from sdcli.app.progress import Progress
 
 @dataclass(frozen=True)
 class Target:
-    """One image to render: which job, which seed, where it goes."""
+    """One image to render: which job, which seed (and variation seed), where it goes."""
 
     job: Job
     index: int  # position in the whole run, for {index}
     seed: int
     path: Path
     latent_path: Path | None = None  # --latent-out's name for this image
+    subseed: int | None = None  # its variation seed; None: the job's (a batch of one)
+
+    @property
+    def image_subseed(self) -> int:
+        return self.job.cfg.subseed if self.subseed is None else self.subseed
 
 
 @dataclass
@@ -43,6 +49,8 @@ class Init:
     notes: list[str] = field(default_factory=list)
     concat: Any = None  # inpainting: the UNet's mask + masked-image channels (pipeline.inpaint_conditioning)
     mask: str | None = None  # inpainting: the mask file, for the metadata
+    inpaint: Any = None  # inpainting / outpainting: app/inpaint.Inpaint (its fills, overlay and infotext)
+    keep: Any = None  # inpainting with any model: (1, 1, h, w) latent mask, 1 = keep (sampling/inpaint.py)
 
 
 @dataclass(frozen=True)
@@ -77,17 +85,42 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
     latent_out = getattr(req, "latent_out", None)
     targets, index = [], 0
     for job in jobs:
-        for k in range(job.cfg.n):
-            seed = job.cfg.seed + k
+        seeds, subseeds = image_seeds(job.cfg)
+        for k, (seed, subseed) in enumerate(zip(seeds, subseeds)):
             path = _name(job.cfg.output, index, seed, job.prompt)
             if not getattr(req, "grid_only", False):  # --grid-only: the name is never written
                 plan.add("image", path)
             latent = plan.add("latent", _name(latent_out, index, seed, job.prompt)) if latent_out else None
-            targets.append(Target(job, index, seed, path, latent))
+            targets.append(Target(job, index, seed, path, latent, subseed))
             index += 1
     if getattr(req, "preview", None):
         plan.add("preview", req.preview)
     return targets, plan
+
+
+def image_seeds(cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (rng.batch_seeds: seed+k,
+    or with a variation the seed for all and subseed+k); without a variation every subseed is the job's own, so the
+    record of each image says what was given."""
+    from sdcli.sampling.rng import batch_seeds
+
+    seeds, subseeds = batch_seeds(cfg.seed, cfg.n, cfg.subseed, cfg.subseed_strength)
+    return seeds, subseeds if cfg.subseed_strength != 0 else [cfg.subseed] * cfg.n
+
+
+def noise_settings(cfg: RunConfig, subseeds: list[int]):
+    """pipeline.NoiseSettings of the job's noise for images with these variation seeds."""
+    from sdcli import config
+    from sdcli.pipeline import NoiseSettings
+
+    resize = config.pair_of("seed_resize_from", cfg.seed_resize_from) if cfg.seed_resize_from else (0, 0)
+    return NoiseSettings(cfg.rng, tuple(subseeds), cfg.subseed_strength, (resize[1], resize[0]), cfg.ensd)
+
+
+def sampler_params(cfg: RunConfig) -> dict:
+    """The A1111 sampler parameters of the config, as make_plan takes them."""
+    return {"eta": cfg.eta, "s_churn": cfg.s_churn, "s_tmin": cfg.s_tmin, "s_tmax": cfg.s_tmax,
+            "s_noise": cfg.s_noise}
 
 
 def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
@@ -114,8 +147,9 @@ def _name(template: str, index: int, seed: int, prompt: str) -> Path:
     return Path(STDOUT) if template == STDOUT else expand_template(template, index, seed, prompt)
 
 
-def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
-    """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from."""
+def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, warn: bool = True) -> None:
+    """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from;
+    with `warn`, say once per sampler which A1111 parameters it does not take (warn_unused_params)."""
     from sdcli.sampling import samplers
     from sdcli.sampling import schedule
     from sdcli.pipeline import resolve_sampler_schedule
@@ -137,6 +171,26 @@ def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) 
             known = ", ".join(schedule.SCHEDULES)
             e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
+    if warn:
+        warn_unused_params(jobs)
+
+
+def warn_unused_params(jobs: list[Job]) -> None:
+    """A1111's sampler parameters set for a sampler that does not take them (eta for Euler, churn for Euler a):
+    A1111 ignores them, so sdcli does too, and says so once per sampler and parameter on stderr."""
+    from sdcli.pipeline import resolve_sampler_schedule
+    from sdcli.sampling.a1111_params import unused
+
+    said = set()
+    for job in jobs:
+        cfg = job.cfg
+        sampler = resolve_sampler_schedule(cfg.sampler, cfg.schedule)[0]
+        params = sampler_params(cfg)
+        for key in unused(sampler, cfg.eta, params):
+            if (sampler, key) not in said:
+                said.add((sampler, key))
+                console.info(f"{key} {params[key]} is not a parameter of sampler {sampler} (A1111 ignores it "
+                             "there too): it changes nothing")
 
 
 def _located(e: Exception, job: Job, key: str, base: RunConfig | None, origin) -> Exception:
@@ -203,13 +257,10 @@ def check_embeddings_dir(cfg: RunConfig) -> None:
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
-    """An inpainting UNet cannot run without a mask, and a plain one has no input for it."""
+    """An inpainting UNet cannot run without a mask (any model inpaints with one: app/inpaint.py)."""
     if models.info.inpaint and not mask:
         raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): use "
-                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint)")
-    if mask and not models.info.inpaint:
-        raise UsageError(f"--mask needs an inpainting model (9-channel UNet, e.g. SD1.5-inpainting); "
-                         f"{cfg.model} is not one")
+                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint) or --pad")
 
 
 def use_loras(state, specs: list) -> None:
@@ -257,7 +308,8 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
 
     width, height = _size(cfg, models, init)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
-                              models.family, (height, width), cfg.flow_shift)
+                              models.family, sampler_params(cfg), size=(height, width), shift=cfg.flow_shift)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
     concat = init.concat if init is not None else None
     negative = cfg.negative if guided(plan.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
@@ -342,7 +394,9 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     multiple = max(models.family.latent.downscale, models.family.size_multiple)
     out = pipeline.hires_size(*size, cfg.hires_scale, multiple)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
-                              cfg.guidance_rescale, models.family, out, cfg.flow_shift)
+                              cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
+                              shift=cfg.flow_shift)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
     console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
@@ -351,23 +405,29 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
-                   callback=None, refiner=None):
+                   callback=None, refiner=None, noise=None):
     """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
-    when asked. All draw from the same per-image generators, each part continuing their state, so image k of a
-    batch still equals a single run with seed+k."""
+    when asked. Pass 1 and the refiner draw from the same per-image generators (pipeline.image_noise with `noise`,
+    a pipeline.NoiseSettings, default `cpu`); pass 2 continues them or, with `gpu` / `nv` noise, starts new ones at
+    its size as A1111 does. Image k of a batch still equals a single run with its seeds."""
     from sdcli import pipeline
 
-    gens = pipeline.generators(seeds)
-    latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback)
+    down = models.family.latent.downscale
+    shape = (models.family.latent.channels, size[0] // down, size[1] // down)
+    draws = pipeline.image_noise(models, seeds, shape, noise)
+    latents = pipeline.txt2img(models, plan, cond, uncond, draws, *size, callback=callback)
     if refiner is not None:
         offset = refiner.steps_before
         step = None if callback is None else (lambda i, total, *rest: callback(i + offset, total + offset, *rest))
         latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond, refiner.uncond,
-                                             gens, step)
+                                             draws, step)
     if hires is None:
         return latents
+    if noise is not None and noise.fresh_hires_noise:
+        big = (shape[0], hires.size[0] // down, hires.size[1] // down)
+        draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
-    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
+    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback)
 
 
 @dataclass(frozen=True)
@@ -400,16 +460,12 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     from sdcli.app.refine import decoder
 
     seeds = [t.seed for t in batch]
+    noise = noise_settings(batch[0].job.cfg, [t.image_subseed for t in batch])
     t0 = time.perf_counter()
     steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
     with Progress(seeds, steps if init is None else None, req.progress) as progress:
         step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
-        if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
-            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step,
-                                     refiner=p.refiner)
-        else:
-            latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
-                                       callback=step)
+        latents = sample_batch(models, p, seeds, init, step, noise)
     t1 = time.perf_counter()
     if last:
         models.parts.done_sampling()
@@ -421,6 +477,22 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
                                  p.refiner) for k, t in enumerate(batch)]
     return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
+
+
+def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callback=None, noise=None):
+    """The final latents of one batch: from noise (txt2img, its hires pass and refiner; a 9-channel inpainting
+    model at strength 1), else img2img from the init latent, the inpainting's latent fill and mask applied.
+    `noise`: pipeline.NoiseSettings (noise_settings), default `cpu`."""
+    from sdcli import pipeline
+
+    if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
+        return txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=callback,
+                              refiner=p.refiner, noise=noise)
+    source = noise.source if noise is not None else "cpu"
+    start = init.inpaint.start(init.latent, seeds, source) if init.inpaint is not None else init.latent
+    draws = pipeline.image_noise(models, seeds, tuple(start.shape[1:]), noise)
+    return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
+                            keep=init.keep)
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):

@@ -16,6 +16,7 @@ from pathlib import Path
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
+from sdcli.config import sparse_keys
 from sdcli.runtime.errors import OutputError
 from sdcli.app import save
 
@@ -54,25 +55,23 @@ def matches(path: Path, target) -> bool:
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
-    return all(config.get(key) == value for key, value in expected.items())
+    sparse = sparse_keys()  # recorded only when not at their defaults (save.metadata): absent means the default
+    return all(config.get(key, sparse.get(key)) == value for key, value in expected.items())
 
 
 def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
-    from sdcli.config import recorded_dict
-
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
     auto = cfg.schedule == "auto" and not cfg.sigmas  # a flow family's schedule is its own: known at load
-    expected = recorded_dict(dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler,
-                                                 schedule="auto" if auto else schedule))  # fmt: skip
+    expected = dataclasses.replace(cfg, seed=target.seed, subseed=target.image_subseed, n=1, sampler=sampler,
+                                   schedule="auto" if auto else schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
     for key in ("model", "vae", "clip_l", "clip_g", "t5"):
-        if key in expected:
-            expected[key] = Path(expected[key]).name if expected[key] else expected[key]
+        expected[key] = Path(expected[key]).name if expected[key] else expected[key]
     for key in LOAD_TIME_KEYS:
-        if key in expected and expected[key] in (None, "auto"):
+        if expected[key] in (None, "auto"):
             del expected[key]
     control_config.put_record(expected, cfg.controlnets)
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists

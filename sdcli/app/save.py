@@ -13,7 +13,7 @@ from sdcli import __version__
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
-from sdcli.config import RunConfig
+from sdcli.config import RunConfig, sparse_keys
 
 
 class Saved(NamedTuple):
@@ -32,7 +32,10 @@ def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
     text = infotext(models, target, size, init, hires, loras, refiner)
-    return Saved(images.tensor_to_pil(image), target.seed, text, meta)
+    picture = images.tensor_to_pil(image)
+    if init is not None and init.inpaint is not None:  # the original put back as the inpaint settings say
+        picture = init.inpaint.finish(picture)
+    return Saved(picture, target.seed, text, meta)
 
 
 def png_of(picture: Saved) -> bytes:
@@ -103,12 +106,16 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
+    params.update(noise_fields(cfg, sampler, target.image_subseed))
     if init is not None:
         params["denoising_strength"] = init.strength
+    if init is not None and init.inpaint is not None:  # A1111's inpaint fields (Mask blur, Masked content, ...)
+        params["extra"] = init.inpaint.fields()
     if hires is not None:  # as A1111 writes a hires fix render; Hires steps only when set
         params["denoising_strength"] = cfg.hires_strength
         params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
                            "Hires upscaler": "Latent"}  # format_infotext drops the None
+    params["extra"] = {**params.get("extra", {}), **token_merging_fields(cfg, hires is not None)}
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
@@ -126,6 +133,35 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
                            "Refiner switch at": cfg.refiner_switch}
     return format_infotext(params)
+
+
+def noise_fields(cfg: RunConfig, sampler: str, subseed: int) -> dict:
+    """The noise and sampler-parameter fields of the infotext, by A1111's rules: the source (`RNG`, written always,
+    so that an sdcli image never reads as A1111's default GPU noise by accident), the variation seed and strength
+    when the strength is not 0, "Seed resize from" when set, then Eta / Sigma ... / ENSD where A1111 writes them
+    (sampling/a1111_params.infotext_fields)."""
+    from sdcli.sampling.a1111_params import infotext_fields
+
+    fields = {"rng": cfg.rng.upper()}
+    if cfg.subseed_strength != 0:
+        fields.update(subseed=subseed, subseed_strength=cfg.subseed_strength)
+    if cfg.seed_resize_from:
+        from sdcli.config import pair_of
+
+        h, w = pair_of("seed_resize_from", cfg.seed_resize_from)
+        if w > 0 and h > 0:
+            fields["seed_resize_from"] = f"{w}x{h}"
+    churn = {"s_churn": cfg.s_churn, "s_tmin": cfg.s_tmin, "s_tmax": cfg.s_tmax, "s_noise": cfg.s_noise}
+    fields["sampler_fields"] = infotext_fields(sampler, cfg.eta, churn, cfg.ensd)
+    return fields
+
+
+def token_merging_fields(cfg: RunConfig, hires: bool) -> dict:
+    """A1111's token merging fields (processing.py create_infotext): each written only when not 0; the hires ratio
+    is the pass's own, falling back to the base ratio, and only when there is a hires pass."""
+    hr = (cfg.tome_ratio_hr or cfg.tome_ratio) if hires else 0
+    fields = {"Token merging ratio": cfg.tome_ratio or None, "Token merging ratio hr": hr or None}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def size_fields(cfg: RunConfig, models) -> dict:
@@ -172,23 +208,23 @@ def used_embeddings(models, job) -> list:
 def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refiner=None) -> dict:
     import torch
 
-    from sdcli.config import recorded_dict
-
     job_cfg = target.job.cfg
     sampler, schedule = sampler_schedule(job_cfg, models.family)
-    cfg = dataclasses.replace(job_cfg, seed=target.seed, width=size[1], height=size[0], n=1, sampler=sampler,
+    cfg = dataclasses.replace(job_cfg, seed=target.seed, subseed=target.image_subseed, width=size[1], height=size[0],
+                              n=1, sampler=sampler,
                               schedule=schedule, prediction=models.info.prediction,
                               device=models.placement.device, dtype=models.placement.dtype_name,
                               cfg=cfg_of(job_cfg, models.family), guidance=guidance_of(job_cfg, models.family))
-    recorded = recorded_dict(cfg)
+    recorded = cfg.to_dict()
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
     for key in ("model", "vae", "refiner", "clip_l", "clip_g", "t5"):
-        if key not in recorded:
-            continue
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     # the user's folders, and where and how it ran
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray", "offload"):
         del recorded[key]
+    for key, default in sparse_keys().items():  # features that are off stay out of the record (config._range)
+        if recorded[key] == default:
+            del recorded[key]
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
@@ -222,7 +258,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
 def mode(init) -> str:
     if init is None:
         return "txt2img"
-    return "inpaint" if init.concat is not None else "img2img"
+    return "inpaint" if init.concat is not None or init.inpaint is not None else "img2img"
 
 
 def sampler_schedule(cfg: RunConfig, family=None) -> tuple[str, str]:

@@ -153,6 +153,14 @@ def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = 
     mask processor (VaeImageProcessor(do_binarize=True, do_convert_grayscale=True), image_processor.py
     `preprocess` + `binarize`): any mode -> L (ITU-R 601 luma), then x / 255 binarised at 0.5. A mask of another
     size is resized to the image's (noted)."""
+    img, notes = load_mask_image(path, size, max_pixels)
+    return binarize(img), notes
+
+
+def load_mask_image(path: str | Path, size: tuple[int, int], max_pixels: int | None = None
+                    ) -> tuple[Image.Image, list[str]]:
+    """An inpainting mask as a grayscale ("L") image of `size` = (width, height), its levels kept (load_mask
+    binarises them): any mode -> L (ITU-R 601 luma), EXIF orientation applied, another size resized (noted)."""
     name, data = _read_source(path)
     img = _open_checked(name, data, max_pixels)
     notes: list[str] = []
@@ -168,6 +176,10 @@ def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = 
     if img.size != tuple(size):
         notes.append(f"mask {img.width}x{img.height} resized to the image size {size[0]}x{size[1]}")
         img = img.resize(tuple(size), Image.Resampling.LANCZOS)  # diffusers' default resample
-    arr = np.asarray(img).astype(np.float32) / 255.0  # (H, W) in [0, 1]
-    mask = torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)
-    return mask, notes
+    return img, notes
+
+
+def binarize(mask: Image.Image) -> torch.Tensor:
+    """A grayscale mask as (1, 1, H, W) float32 of 0/1: level / 255 >= 0.5 repaints."""
+    arr = np.asarray(mask.convert("L")).astype(np.float32) / 255.0  # (H, W) in [0, 1]
+    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)

@@ -184,8 +184,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    token_merging = None  # models/tome.TokenMerging shared with the UNet when --tome-ratio is set
+
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, HW, C)
+        plan = self.token_merging.plan(x) if self.token_merging is not None else None
+        if plan is None:
+            x = x + self.attn1(self.norm1(x))  # (B, HW, C)
+        else:  # self-attention over merged tokens, its output copied back to each merged token (models/tome.py)
+            merge, unmerge = plan
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

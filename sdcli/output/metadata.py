@@ -45,6 +45,11 @@ _FIELDS = [
     ("Model hash", "model_hash", str), ("Model", "model", str), ("VAE hash", "vae_hash", str),
     ("VAE", "vae", str), ("Denoising strength", "denoising_strength", float), ("Clip skip", "clip_skip", int),
     ("RNG", "rng", str), ("Version", "version", str),
+    # A1111's noise and sampler parameters (sampling/a1111_params.py INFOTEXT_FIELDS says when each is written)
+    ("Variation seed", "subseed", int), ("Variation seed strength", "subseed_strength", float),
+    ("Seed resize from", "seed_resize_from", str), ("ENSD", "ensd", int), ("Eta", "eta", float),
+    ("Eta DDIM", "eta_ddim", float), ("Sigma churn", "s_churn", float), ("Sigma tmin", "s_tmin", float),
+    ("Sigma tmax", "s_tmax", float), ("Sigma noise", "s_noise", float),
 ]
 _LABEL_TO_KEY = {label: (key, typ) for label, key, typ in _FIELDS}
 
@@ -105,11 +110,15 @@ def _pairs(p: dict) -> list[tuple[str, Any]]:
         ("CFG scale", p.get("cfg_scale", p.get("cfg"))), ("Seed", p.get("seed")), ("Size", size),
         ("Model hash", p.get("model_hash")), ("Model", p.get("model")),
         ("VAE hash", p.get("vae_hash")), ("VAE", p.get("vae")),
+        ("Variation seed", p.get("subseed")), ("Variation seed strength", p.get("subseed_strength")),
+        ("Seed resize from", p.get("seed_resize_from")),
         ("Denoising strength", p.get("denoising_strength")),
         # A1111 writes Clip skip only when it is not the default (1 = last layer).
         ("Clip skip", clip_skip if clip_skip not in (None, 0, 1) else None),
-        # sdcli's noise is A1111's CPU scheme (torch's CPU generator); without the field A1111 assumes GPU noise.
+        # sdcli's default noise is A1111's CPU scheme (torch's CPU generator); without the field A1111 assumes GPU
+        # noise, so it is written always.
         ("RNG", p.get("rng", "CPU")),
+        *(p.get("sampler_fields") or {}).items(),  # Eta, Sigma churn, ..., ENSD where A1111 writes them
     ]
     pairs += list((p.get("extra") or {}).items())
     pairs.append(("Version", p.get("version") or f"sdcli {__version__}"))
@@ -128,7 +137,8 @@ def _value(label: str, value: Any) -> str:
 
 def format_infotext(p: dict) -> str:
     """A1111 `parameters` text from a dict with keys prompt, negative_prompt, steps, sampler, schedule,
-    cfg_scale, seed, width, height (or size "WxH"), model_hash, model, [vae, vae_hash, denoising_strength, clip_skip, extra, version].
+    cfg_scale, seed, width, height (or size "WxH"), model_hash, model, [vae, vae_hash, subseed, subseed_strength,
+    seed_resize_from, denoising_strength, clip_skip, rng, sampler_fields ({label: value}), extra, version].
 
     Prompts keep their text (A1111 does too); every value on the last line is sanitised."""
     lines = [str(p.get("prompt") or "")]

@@ -18,13 +18,24 @@ from sdcli.text.prompts import check_prompt
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
                "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
-               "refiner_switch", "guidance", "flow_shift")
+               "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur", "inpaint_fill", "inpaint_area",
+               "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed", "subseed_strength",
+               "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "guidance", "flow_shift")
+# A1111 infotext fields of the "extra" part that replay as numbers -> config key (the last two: Forge's fields of
+# the flow models)
+INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
+                    "Token merging ratio hr": "tome_ratio_hr", "Distilled CFG Scale": "guidance",
+                    "Shift": "flow_shift"}
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
                  "denoising_strength": "strength"}
-
-FORGE_KEYS = {"Distilled CFG Scale": "guidance", "Shift": "flow_shift"}  # infotext label -> config key
+# A1111's noise fields: parse_infotext key -> config key (sampler parameters: a1111_params.from_infotext)
+A1111_NOISE_KEYS = {"subseed": "subseed", "subseed_strength": "subseed_strength",
+                    "seed_resize_from": "seed_resize_from", "ensd": "ensd"}
+# parse_infotext key -> infotext label, for the fields a1111_params reads by label
+_SAMPLER_LABELS = {"eta": "Eta", "eta_ddim": "Eta DDIM", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin",
+                   "s_tmax": "Sigma tmax", "s_noise": "Sigma noise", "ensd": "ENSD"}
 
 
 @dataclass(frozen=True)
@@ -56,20 +67,20 @@ def from_image(path: str | Path) -> Replay:
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
         extra = params.get("extra") or {}
         refiner = extra.get("Refiner")
-        if extra.get("Refiner switch at") is not None:
-            values["refiner_switch"] = _number(extra["Refiner switch at"])
-        for label, key in FORGE_KEYS.items():  # Forge's fields of the flow models
-            if extra.get(label) is not None:
-                values[key] = _number(extra[label])
-        prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
+        values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
+                       if extra.get(field) is not None})
+        masked = _inpaint_values(extra)
+        values.update(masked)
+        mode = "inpaint" if masked else "img2img" if "strength" in values else "txt2img"
+        prompt = params.get("prompt", "")
         ours = {}
         if meta["source"] == "a1111":
-            rng_note(params.get("rng"), path)
+            values.update(a1111_noise(params, path))
         else:  # sd.cpp draws its own noise (a CUDA-like Philox by default)
             from sdcli.runtime import console
 
-            console.info(f"{path}: made by stable-diffusion.cpp, whose noise differs from sdcli's (A1111's CPU "
-                         "noise), so the same seed gives a different image")
+            console.info(f"{path}: made by stable-diffusion.cpp, which draws its noise and steps its samplers its "
+                         "own way (not A1111's), so the same seed gives a different image")
     if values.get("schedule") is None:
         values.pop("schedule", None)
     where = f"{path} (metadata)"
@@ -79,6 +90,37 @@ def from_image(path: str | Path) -> Replay:
     return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
                   embeddings=_embeddings(ours, meta["parameters"]),
                   refiner=refiner if isinstance(refiner, str) else None)
+
+
+# A1111's inpaint fields -> (config key, {A1111's word: ours}; None: a number)
+_INPAINT_FIELDS = {
+    "Mask blur": ("mask_blur", None),
+    "Masked content": ("inpaint_fill", {"original": "original", "fill": "fill", "latent noise": "latent-noise",
+                                        "latent nothing": "latent-nothing"}),
+    "Inpaint area": ("inpaint_area", {"Whole picture": "whole", "Only masked": "masked"}),
+    "Masked area padding": ("inpaint_padding", None),
+    "Mask mode": ("mask_invert", {"Inpaint masked": False, "Inpaint not masked": True}),
+}
+
+
+def _inpaint_values(extra: dict) -> dict:
+    """The config values of A1111's inpaint fields (and sdcli's "Outpaint pad"), as written by app/inpaint.py. A
+    value that is no known word or number is kept as text, for check_mapping to refuse naming the image."""
+    values = {}
+    for label, (key, words) in _INPAINT_FIELDS.items():
+        if label in extra:
+            raw = str(extra[label]).strip()
+            values[key] = _whole_number(raw) if words is None else words.get(raw, raw)
+    if "Outpaint pad" in extra:
+        values["pad"] = ",".join(str(extra["Outpaint pad"]).split())
+    return values
+
+
+def _whole_number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _number(text: str):
@@ -130,17 +172,33 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {short(value)}"
 
 
-def rng_note(rng: Any, path: str | Path) -> None:
-    """sdcli draws A1111's CPU noise ("RNG: CPU"); an image made with GPU or NV noise ("RNG: GPU", "RNG: NV", or no
-    RNG field at all, which A1111 reads as GPU) replays with the same settings but different noise: say so."""
+def a1111_noise(params: dict, path: str | Path) -> dict[str, Any]:
+    """Config values of an A1111 / Forge image's noise: the source (no RNG field is A1111's default, GPU), the
+    variation seed and strength, "Seed resize from", ENSD and the sampler parameters (Eta, Eta DDIM, Sigma ...).
+    What sdcli cannot draw again is said on stderr, named: an RNG value A1111 does not have, the SDE samplers'
+    Brownian tree, an ENSD the infotext does not record."""
     from sdcli.runtime import console
+    from sdcli.sampling import a1111_params
 
+    values = {A1111_NOISE_KEYS[k]: v for k, v in params.items() if k in A1111_NOISE_KEYS and v is not None}
+    rng = params.get("rng")
     if rng is None:
-        console.info(f"{path}: no RNG field (A1111 then used GPU noise); sdcli draws A1111's CPU noise, so the same "
-                     "seed gives a different image")
-    elif rng.strip().upper() != "CPU":
-        console.info(f"{path}: made with RNG: {rng.strip()} noise; sdcli draws A1111's CPU noise, so the same seed "
-                     "gives a different image")
+        values["rng"] = "gpu"
+    elif str(rng).strip().lower() in a1111_params.SOURCES:
+        values["rng"] = str(rng).strip().lower()
+    else:
+        console.info(f"{path}: made with RNG: {str(rng).strip()}, a noise source A1111 does not have; sdcli draws "
+                     "CPU noise for it, so the same seed gives a different image")
+    sampler = params.get("sampler")
+    if not isinstance(sampler, str):
+        return values
+    fields = {label: params[key] for key, label in _SAMPLER_LABELS.items() if params.get(key) is not None}
+    values.update(a1111_params.from_infotext(sampler, fields))
+    eta = values.get("eta")
+    for note in (a1111_params.unreplayable(sampler, eta), a1111_params.unknown_ensd(sampler, eta, fields)):
+        if note:
+            console.info(f"{path}: {note}")
+    return values
 
 
 def _embeddings(ours: dict, params: dict) -> dict[str, str]:

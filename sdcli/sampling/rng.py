@@ -38,6 +38,7 @@ computes the Box-Muller as NV does, so `gpu` (emulated) == `nv` bit for bit wher
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Protocol, Sequence
 
@@ -46,8 +47,7 @@ import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import UsageError
-
-SOURCES = ("cpu", "gpu", "nv")
+from sdcli.sampling.a1111_params import SOURCES  # noqa: F401 - the source names, kept with A1111's other rules
 
 # Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), as cuRAND's
 # curand_philox4x32_x.h and Random123's philox.h define it.
@@ -269,6 +269,13 @@ class ImageNoise:
 
     def _generator(self, seed: int) -> NoiseGenerator:
         return make_generator(seed, self.source, self._cuda_threads, self._native)
+
+    def continued(self, shape: Sequence[int]) -> "ImageNoise":
+        """The same generators drawing on at another shape, every call a plain draw (no variation, no resize):
+        sdcli's hires pass with `cpu` noise, which goes on from the first pass's generator state."""
+        other = copy.copy(self)
+        other.shape, other._drawn = tuple(int(n) for n in shape), True
+        return other
 
     def __call__(self) -> Tensor:
         if not self._drawn:
