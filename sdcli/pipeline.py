@@ -70,6 +70,11 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     cfg = family.default_cfg if cfg is None else cfg
     if family.flow is not None:
         plan = flow_plan(sampler, schedule_name, steps, custom_sigmas, cfg, family, size, shift)
+        if sampler_options(plan.sampler, **(sampler_params or {})):
+            from sdcli.runtime.errors import UsageError
+
+            raise UsageError(f"eta / sigma churn / noise settings have no rectified-flow form for {family.title} "
+                             "yet: leave them at their defaults")
         return replace(plan, guidance_rescale=guidance_rescale)
     name, schedule_used = resolve_sampler_schedule(sampler, schedule_name)
     if custom_sigmas:
