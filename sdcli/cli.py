@@ -16,7 +16,7 @@ import typer
 from sdcli import __version__
 from sdcli import cli_guard as guard
 from sdcli import cli_options as opt
-from sdcli.runtime.errors import SdcliError
+from sdcli.runtime.errors import SdcliError, UsageError
 
 app = typer.Typer(
     name="sdcli",
@@ -150,6 +150,8 @@ def generate(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     tome_ratio: opt.TomeOpt = None,
     tome_ratio_hr: opt.TomeHrOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
@@ -178,12 +180,15 @@ def generate(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
     skip_existing: opt.SkipExistingOpt = False,
+    server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -193,8 +198,10 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, ray=ray,
-                   original_size=original_size, target_size=target_size, crop_coords=crop_coords,
+                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
+                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio=tome_ratio,
+                   tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
+                   crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
                    guidance=guidance, flow_shift=flow_shift,
@@ -216,9 +223,10 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         control=control,
-        preview_vae=preview_vae,
+        preview_vae=preview_vae, preview_interval=preview_interval, quality=quality,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
+        server=server,
     ))
 
 
@@ -296,12 +304,15 @@ def img2img(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
     skip_existing: opt.SkipExistingOpt = False,
+    server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
@@ -330,7 +341,8 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               grid_only=grid_only, skip_existing=skip_existing,
+                               preview_interval=preview_interval, quality=quality, grid_only=grid_only,
+                               skip_existing=skip_existing, server=server,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
@@ -375,6 +387,8 @@ def sweep(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     tome_ratio: opt.TomeOpt = None,
     tome_ratio_hr: opt.TomeHrOpt = None,
     config: opt.ConfigOpt = None,
@@ -403,9 +417,10 @@ def sweep(
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
-                   dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g, t5=t5,
-                   guidance=guidance, flow_shift=flow_shift,
+                   hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
+                   tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
+                   prediction=prediction, dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g,
+                   t5=t5, guidance=guidance, flow_shift=flow_shift,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
@@ -472,16 +487,49 @@ def decode(
 @app.command()
 @guard.handled
 def inspect(
-    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, upscaler, image, latent or embedding file.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
     hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     json_out: opt.JsonOpt = False,
 ) -> None:
-    """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
+    """Explain an artifact: checkpoint, upscaler, image metadata, latent/embedding file, or a prompt's tokens."""
     from sdcli.app.inspect import run_inspect
 
     run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
+
+
+@app.command()
+@guard.handled
+def upscale(
+    images: Annotated[list[str], typer.Argument(help="Images to upscale ('-' = stdin).")],
+    upscaler: Annotated[str, typer.Option("--upscaler", "-u", help="An upscaler model file (ESRGAN, Real-ESRGAN, "
+                                          "...), a name in --upscaler-dir (R-ESRGAN 4x+, 4x-UltraSharp), or Lanczos / "
+                                          "Nearest (with --scale).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template "
+                                                  "with {index} {stem} {seed} {prompt} (default: {stem}-upscaled.png).")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="Scale factor (default: the model's own); the "
+                                                   "model runs up to 3 times, then one Lanczos resize.")] = None,
+    tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (0 = the whole image at once).")] = 512,
+    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Pixels neighbouring tiles share.")] = 32,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    config: opt.ConfigOpt = None,
+    dtype: opt.DtypeOpt = None,
+    device: opt.DeviceOpt = None,
+    overwrite: opt.OverwriteOpt = False,
+    quiet: opt.QuietOpt = False,
+    json_out: opt.JsonOpt = False,
+) -> None:
+    """Upscale images with an upscaler model (A1111's Extras tab); metadata carried over."""
+    from sdcli.app.upscale import UpscaleRequest, run_upscale
+    from sdcli.runtime.console import set_quiet
+
+    set_quiet(quiet)
+    guard.stdout_needed(output, json_out)
+    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device)
+    run_upscale(UpscaleRequest(images=list(images), upscaler=upscaler, output=output, scale=scale, tile=tile,
+                               overlap=tile_overlap, flags=flags, config_file=config, overwrite=overwrite,
+                               json_out=json_out))
 
 
 @app.command()
@@ -513,14 +561,22 @@ def preprocess(
 @app.command()
 @guard.handled
 def convert(
-    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to convert.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
+    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to make .safetensors; with "
+                                           "--quantize any model sdcli reads; a .gguf to dequantize.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors or .gguf file to write.")],
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Write a GGUF file of this type: q8_0, "
+                        "q5_1, q5_0, q4_1, q4_0 (or f16, bf16, f32); the VAE, norms and biases stay float.")] = None,
+    type_rules: Annotated[Optional[str], typer.Option("--tensor-type-rules", help="Per-tensor types, "
+                          "stable-diffusion.cpp's syntax: REGEX=TYPE,... (first match wins).")] = None,
+    convs: Annotated[bool, typer.Option("--quantize-convs", help="Quantize conv kernels too, as 256-wide rows "
+                     "(city96's layout: much smaller UNets; ComfyUI-GGUF reads it, stable-diffusion.cpp not).")] = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
-    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run)."""
+    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run); write a model as
+    a quantized GGUF file (--quantize), or a GGUF back to .safetensors."""
     from sdcli.app.convert import run_convert
 
-    run_convert(source, output, overwrite)
+    run_convert(source, output, overwrite, quantize, type_rules, convs)
 
 
 @app.command()
@@ -534,6 +590,7 @@ def verify(
     t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     config: opt.ConfigOpt = None,
     device: opt.DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
@@ -567,15 +624,50 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload, clip_l=clip_l, clip_g=clip_g, t5=t5)
+                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
+
+
+@app.command()
+@guard.handled
+def serve(
+    model: opt.ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; beyond loopback it needs --api-auth "
+                                      "(or --insecure).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: a free one, said on stderr).")] = 7860,
+    models_dir: Annotated[Optional[str], typer.Option("--models-dir", help="Checkpoints a request may switch to "
+                                                      "(A1111's sd_model_checkpoint).")] = None,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", help="USER:PASS[,USER:PASS...]: HTTP basic "
+                                                    "auth, as A1111's --api-auth.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Listen beyond loopback without --api-auth.")] = False,
+    max_request_mb: Annotated[float, typer.Option("--max-request-mb", help="Largest request body taken.")] = 64.0,
+    config: opt.ConfigOpt = None,
+    vae: opt.VaeOpt = None,
+    lora_dir: opt.LoraDirOpt = None,
+    embeddings_dir: opt.EmbeddingsDirOpt = None,
+    dtype: opt.DtypeOpt = None,
+    device: opt.DeviceOpt = None,
+    offload: opt.OffloadOpt = None,
+    quiet: opt.QuietOpt = False,
+) -> None:
+    """Keep a model loaded and answer A1111's web API, OpenAI's images API and `generate --server`."""
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.serve import ServeRequest, run_serve
+
+    set_quiet(quiet)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, dtype=dtype,
+                   device=device, offload=offload)
+    run_serve(ServeRequest(flags, config, host, port, models_dir, api_auth, insecure, max_request_mb))
 
 
 def main() -> None:
     """Console-script entry point."""
     guard.prepare_process()
     try:
+        hint = opt.peer_flag(sys.argv[1:])
+        if hint is not None:
+            raise UsageError(hint)
         app()
     except SdcliError as e:  # outside a command (`--help` with stdout closed): the same one line
         from sdcli.runtime import console

@@ -8,6 +8,28 @@ from typing import Annotated, Optional
 
 import typer
 
+# Short flags the peers use for different things, so sdcli has none of them: a habit carried over would silently
+# change the result (`-s 42`: 42 steps here, seed 42 in stable-diffusion.cpp; `-b 4`: four images in A1111 and
+# stable-diffusion.cpp, one image per UNet batch here). Given, they are refused with what to write instead.
+PEER_FLAGS = {
+    "-s": "sdcli has no -s: write --steps N for sampling steps or --seed N for the seed "
+          "(stable-diffusion.cpp's -s is the seed)",
+    "-b": "sdcli has no -b: write -n N for how many images, --batch-size N for how many share one UNet batch "
+          "(A1111's batch size and stable-diffusion.cpp's -b both make that many images)",
+}
+
+
+def peer_flag(args: list[str]) -> str | None:
+    """The hint for the first peer short flag among the command-line `args` (`-s`, `-s42`), else None."""
+    for arg in args:
+        if arg == "--":
+            return None
+        for flag, hint in PEER_FLAGS.items():
+            if arg == flag or (arg.startswith(flag) and arg[2:].lstrip("-").isdigit()):
+                return hint
+    return None
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
@@ -30,7 +52,7 @@ OutputOpt = Annotated[
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
 WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Sampling steps.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
 CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default "
                                                 "7, FLUX 1).")]
 RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
@@ -59,7 +81,7 @@ STmaxOpt = Annotated[Optional[float], typer.Option("--s-tmax", help="Euler / Heu
                                                    "(0 = no limit).")]
 SNoiseOpt = Annotated[Optional[float], typer.Option("--s-noise", help="Euler / Heun / DPM2: churn noise scale (1).")]
 CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per UNet batch.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet batch (-n is how many).")]
 ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")]
@@ -83,6 +105,14 @@ EmbeddingsDirOpt = Annotated[
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
+]
+QualityOpt = Annotated[
+    Optional[int], typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality, 1-100 (-o x.jpg, x.webp; "
+                                "default 90; WebP 100 is lossless).")
+]
+PreviewIntervalOpt = Annotated[
+    float, typer.Option("--preview-interval", help="Seconds between --preview rewrites (the last step is always "
+                        "written; 0: every step).")
 ]
 ControlNetOpt = Annotated[
     Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
@@ -125,8 +155,8 @@ SeamlessOpt = Annotated[
     Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
 ]
 HiresScaleOpt = Annotated[
-    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the first pass by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix'; --hires-upscaler says how).")
 ]
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
@@ -140,6 +170,15 @@ TomeHrOpt = Annotated[
 ]
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
+HiresUpscalerOpt = Annotated[
+    Optional[str], typer.Option("--hires-upscaler", help="Hires fix: how pass 1 is enlarged: Latent (default), "
+                                "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), Lanczos, "
+                                "Nearest, None, or an upscaler model: a file, or a name in --upscaler-dir.")
+]
+UpscalerDirOpt = Annotated[
+    Optional[str], typer.Option("--upscaler-dir", help="Folder where upscaler models are found by name (A1111's "
+                                "models/ layout: ESRGAN/, RealESRGAN/, ... and sub-folders).")
 ]
 GridOpt = Annotated[
     Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
@@ -204,3 +243,7 @@ OverlayOpt = Annotated[Optional[bool], typer.Option("--overlay/--no-overlay", he
                                                     "the blurred mask (default on; off with a 9-channel model).")]
 PadOpt = Annotated[Optional[str], typer.Option("--pad", help="Outpaint: grow the canvas by LEFT,TOP,RIGHT,BOTTOM "
                                                "pixels (edge colours repeated) and paint the new border.")]
+ServerOpt = Annotated[
+    Optional[str], typer.Option("--server", envvar="SDCLI_SERVER", help="Render in a warm `sdcli serve` at this URL "
+                                "(http://HOST:PORT; user:pass@ for --api-auth); the files are written here.")
+]

@@ -90,6 +90,9 @@ class RunConfig:
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
     hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
     hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
+    # how pass 1 is brought to the hires size: an A1111 latent mode, Lanczos/Nearest/None, or a model (file or name)
+    hires_upscaler: str = field(default="Latent", metadata=_range())
+    upscaler_dir: str | None = field(default=None, metadata=_range())  # upscaler files by name (A1111's models/)
     # Token merging (models/tome.py), A1111's "Token merging ratio" (and "... hr" for the hires pass; 0 there: the
     # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
     tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
@@ -289,6 +292,12 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
             raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got {value}")
     if key == "pad":
         pad_of(value, where)
+    if key == "hires_upscaler":
+        if not value.strip():
+            raise BadInputError(f"{where}: '{key}' must name an upscaler (Latent, Lanczos, a model...), got ''")
+        from sdcli.upscale.names import canonical
+
+        value = canonical(value)
     return value
 
 

@@ -32,6 +32,7 @@ class Job:
     prompt: str  # as written (recorded in the image's metadata)
     cfg: RunConfig  # seed already drawn when it was -1
     source: str  # "command line" or "FILE:LINE", for messages
+    seed_drawn: bool = False  # the seed was -1 and drawn here: --skip-existing may take the one its images record
 
     # The extra-network tags are taken out of `prompt` once per job (after _checked has named any bad one with its
     # line): `text` is what the encoder sees, `loras` the <lora:...> tags it named.
@@ -68,7 +69,7 @@ def with_seed(cfg: RunConfig, variation: bool = False) -> RunConfig:
 def single_job(prompt: str | None, cfg: RunConfig) -> Job:
     if prompt is None:
         raise UsageError("give a PROMPT or --prompts-file FILE")
-    return _checked(Job(prompt, with_seed(cfg), "command line"))
+    return _checked(Job(prompt, with_seed(cfg), "command line", cfg.seed < 0))
 
 
 def _checked(job: Job) -> Job:
@@ -99,7 +100,7 @@ def read_prompts_file(path: str, base: RunConfig) -> list[Job]:
         if stripped.startswith("{"):
             jobs.append(_checked(_json_job(stripped, base, where)))
         else:
-            jobs.append(_checked(Job(stripped, with_seed(base), where)))
+            jobs.append(_checked(Job(stripped, with_seed(base), where, base.seed < 0)))
     if not jobs:
         raise BadInputError(f"{name}: no prompts in the file")
     return jobs
@@ -143,4 +144,5 @@ def _json_job(line: str, base: RunConfig, where: str) -> Job:
     if fixed:
         raise BadInputError(f"{where}: '{sorted(fixed)[0]}' cannot change per job (the model is loaded once)")
     overrides = {key: check_value(key, value, where) for key, value in obj.items()}
-    return Job(prompt, with_seed(dataclasses.replace(base, **overrides)), where)
+    cfg = dataclasses.replace(base, **overrides)
+    return Job(prompt, with_seed(cfg), where, cfg.seed < 0)

@@ -29,6 +29,7 @@ from sdcli.runtime import cuda_graphs
 from sdcli.sampling import samplers
 
 from sdcli.sampling import schedule
+from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/render.py checks with it)
 from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
@@ -115,16 +116,6 @@ def flow_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     sigmas = flow.flux_sigmas(steps, tokens, dynamic=spec.dynamic and shift is None,
                               shift=spec.shift if shift is None else shift)  # fmt: skip
     return SamplingPlan(name, sigmas, cfg)
-
-
-def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
-    """(canonical sampler, schedule): a schedule in the label wins, then an explicit one, then the sampler's own."""
-    name, label_schedule = samplers.resolve_sampler(sampler)
-    if label_schedule:
-        return name, label_schedule
-    if schedule_name != "auto":
-        return name, schedule_name
-    return name, samplers.SAMPLERS[name].default_schedule
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -449,19 +440,50 @@ def hires_size(height: int, width: int, scale: float, downscale: int = DEFAULT.l
 
 
 def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-              gens, strength: float, size: tuple[int, int], callback: Callable | None = None) -> torch.Tensor:
-    """A1111's "Hires. fix" second pass with the "Latent" upscaler: bilinear upscaling of the pass-1 latents
-    (B, 4, h, w) to `size` (H, W) in pixels, then img2img at `strength` on them, drawing noise from `gens`: the
-    pass-1 generators (or its `image_noise`), continuing, or a new `image_noise` at the second pass's size. A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass (latent_upscale_modes
-    "Latent" = bilinear, antialias False): https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
+              gens, strength: float, size: tuple[int, int], callback: Callable | None = None,
+              upscaler=None) -> torch.Tensor:
+    """A1111's "Hires. fix" second pass: the pass-1 latents (B, 4, h, w) brought to `size` (H, W) in pixels by
+    `upscaler` (hires_latents), then img2img at `strength` on them, drawing noise from `gens`: the pass-1
+    generators (or its `image_noise`), continuing, or a new `image_noise` at the second pass's size.
+    A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass:
+    https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
+    big = hires_latents(models, latents, size, upscaler)  # (B, 4, H/8, W/8)
+    return img2img(models, plan, big, cond, uncond, gens, strength, callback)
+
+
+def hires_latents(models, latents: torch.Tensor, size: tuple[int, int], upscaler=None) -> torch.Tensor:
+    """The pass-1 latents at the second pass's size. `upscaler` (upscale.resize.HiresUpscaler): None or a latent
+    mode interpolates the latents (None: "Latent", bilinear without antialias); anything else goes through
+    pixels as A1111 does (hires_through_pixels)."""
+    if upscaler is not None and upscaler.in_pixels:
+        return hires_through_pixels(models, latents, size, upscaler)
+    mode, antialias = ("bilinear", False) if upscaler is None else (upscaler.choice.mode, upscaler.choice.antialias)
     down = models.family.latent.downscale
     target = (size[0] // down, size[1] // down)
 
     def upscale(z):  # (1, 4, h, w) -> (1, 4, H/8, W/8); one image at a time, as every batched CPU kernel here
-        return torch.nn.functional.interpolate(z, size=target, mode="bilinear", antialias=False)
+        return torch.nn.functional.interpolate(z, size=target, mode=mode, antialias=antialias)
 
-    big = _per_image(upscale, latents)  # (B, 4, H/8, W/8)
-    return img2img(models, plan, big, cond, uncond, gens, strength, callback)
+    return _per_image(upscale, latents)
+
+
+def hires_through_pixels(models, latents: torch.Tensor, size: tuple[int, int], upscaler) -> torch.Tensor:
+    """A1111's sample_hr_pass with an upscaler that is not a latent mode: decode, clamp to [0, 1], to 8 bits
+    by truncation (numpy astype(uint8), as A1111), resize to `size` with the upscaler (images.resize_image),
+    back to [-1, 1] and VAE-encode (the posterior mean, as every encode here; A1111 samples the posterior)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdcli.formats.images import pil_to_tensor
+
+    decoded = decode_latents(models, latents).images  # (B, 3, h, w) in [-1, 1]
+    out = []
+    for x in decoded:
+        low = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)  # (3, h, w)
+        pixels = (255.0 * np.moveaxis(low.cpu().numpy(), 0, 2)).astype(np.uint8)  # (h, w, 3), truncated
+        big = upscaler.resize(Image.fromarray(pixels), (size[1], size[0]))
+        out.append(encode_image(models, pil_to_tensor(big)))  # (1, 4, H/8, W/8)
+    return torch.cat(out)
 
 
 def _noise_source(seeds, shape: tuple[int, ...], models):

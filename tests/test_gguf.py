@@ -527,6 +527,15 @@ def _named(tmp_path: Path, names: list[str], arch: str | None) -> Path:
      ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"]),
     (None, ["joint_blocks.0.x_block.attn.qkv.weight"], ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]),
     (None, ["encoder.conv_in.weight"], ["encoder.conv_in.weight"]),  # a VAE alone: left to the VAE loader
+    # stable-diffusion.cpp's SDXL text encoders, back where an sgm file has them; its SD1 names are the file's
+    (None, ["cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            "cond_stage_model.1.transformer.text_model.text_projection",
+            "cond_stage_model.1.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"],
+     ["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+      "conditioner.embedders.1.transformer.text_projection",
+      "conditioner.embedders.1.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"]),
+    (None, ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
+     ["cond_stage_model.transformer.text_model.final_layer_norm.weight"]),
     ("t5encoder", ["token_embd.weight", "enc.blk.3.attn_q.weight", "enc.blk.0.attn_rel_b.weight",
                    "enc.blk.1.ffn_gate.weight", "enc.output_norm.weight"],
      ["shared.weight", "encoder.block.3.layer.0.SelfAttention.q.weight",
@@ -540,3 +549,82 @@ def test_names_seen_through_the_ldm_lens(tmp_path, arch, stored, expected):
 def test_language_models_are_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="llama"):
         load_gguf_state(_named(tmp_path, ["blk.0.attn_q.weight"], "llama"))
+
+
+# --- what the loader relies on ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BLOCK_TYPES)
+def test_scale_check_finds_every_scale(name):
+    """QuantizedTensor.scales_finite reads SCALE_OFFSETS only: every listed offset is a scale (a NaN there makes
+    that block's values non-finite), and no other field can make them non-finite (random bytes elsewhere, finite
+    scales: finite values)."""
+    t = BY_NAME[name]
+    raw = _random_blocks(name, 64).reshape(64, t.type_size)
+    for off in SCALE_OFFSETS[name]:
+        raw[:, off:off + 2] = np.array([0x3C00], np.uint16).view(np.uint8)  # 1.0
+    shape = (64 * t.block_size // 256, 256) if t.block_size == 256 else (64, t.block_size)
+    clean = QuantizedTensor(torch.from_numpy(raw.reshape(-1).copy()), name, shape)
+    assert clean.scales_finite() and bool(torch.isfinite(clean.dequantize()).all())
+    for off in SCALE_OFFSETS[name]:
+        for bad in (0x7E00, 0x7C00, 0xFC00):  # NaN, +Inf, -Inf
+            blocks = raw.copy()
+            blocks[5, off:off + 2] = np.array([bad], np.uint16).view(np.uint8)
+            q = QuantizedTensor(torch.from_numpy(blocks.reshape(-1)), name, shape)
+            values = q.dequantize().reshape(-1, t.block_size)
+            assert not q.scales_finite() and not bool(torch.isfinite(values[5]).all())
+
+
+def test_the_header_decides_between_gguf_and_safetensors(tmp_path):
+    """is_gguf: a valid safetensors file is safetensors whatever its name; a GGUF named .safetensors is GGUF; a .gguf
+    that is neither is explained as a bad GGUF file."""
+    from safetensors.torch import save_file
+
+    from sdcli.formats.gguf import is_gguf
+    from sdcli.formats.source import open_file
+
+    st = tmp_path / "model.gguf"
+    save_file({"a": torch.zeros(2)}, str(st))
+    assert not is_gguf(st) and open_file(st).layout == "single"
+    gg = _file(tmp_path, _valid(), name="model.safetensors")
+    assert is_gguf(gg) and open_file(gg).layout == "gguf"
+    junk = _file(tmp_path, b"not a model at all", name="junk.gguf")
+    assert is_gguf(junk)
+    with pytest.raises(BadInputError, match="not a valid GGUF file"):
+        open_file(junk)
+
+
+def test_unit_dims_added_or_dropped_by_a_writer(tmp_path):
+    """A GGUF writer may trim dims of size 1 (ggml keeps trailing ones out of n_dims): a 1x1 conv stored as (C, C),
+    float or quantized, loads into the model's (C, C, 1, 1) and computes the same; a non-GGUF file keeps the exact
+    shape check."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from make_checkpoint import make_checkpoint
+
+    from sdcli.formats.strict import is_ignored
+    from sdcli.loading.checkpoint import load_models
+
+    src = make_checkpoint(tmp_path / "sd1.safetensors", family="sd1", size="tiny", seed=0)
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(src).items() if not is_ignored(k)}
+    squeezed = {k: v.reshape(v.shape[:2]) if "skip_connection" in k or ".attn_1." in k and v.dim() == 4 else v
+                for k, v in state.items()}  # (proj_in's shape says SD1 or SD2: a writer trimming it would be wrong)
+    assert sum(v.dim() == 2 for v in squeezed.values()) > sum(v.dim() == 2 for v in state.values())
+    rules = parse_type_rules("skip_connection=q8_0")  # quantized once squeezed (rows of 32, not of 1)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    for k in [k for k in state if "skip_connection.weight" in k]:  # A holds B's Q8_0 values as plain floats
+        blocks = gguf.quants.quantize(squeezed[k].numpy(), QT.Q8_0)
+        state[k] = torch.from_numpy(gguf.quants.dequantize(blocks, QT.Q8_0)).reshape(state[k].shape)
+    write_gguf(a, state, "f32")
+    write_gguf(b, squeezed, "f32", rules=rules)
+    assert read_gguf_header(b).tensors["model.diffusion_model.input_blocks.4.0.skip_connection.weight"].qtype.name \
+        == "Q8_0"  # (64, 32) once squeezed: quantized, where (64, 32, 1, 1) has rows of 1
+    ma, mb = load_models(a), load_models(b)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 5, 64, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(ma.unet(x, torch.tensor([300.0]), ctx), mb.unet(x, torch.tensor([300.0]), ctx))
+        z = torch.randn(1, 4, 4, 4, generator=gen)
+        assert torch.equal(ma.vae.decode(z), mb.vae.decode(z))

@@ -422,7 +422,7 @@ def test_cli_bad_inpaint_values_are_usage_errors(cli, tiny_sd1, tmp_path):  # no
 def test_cli_batch_image_k_is_the_single_run_with_seed_k(cli, tiny_sd1, tmp_path):  # noqa: F811
     args = ["--mask", "mask.png", "--steps", "3", "--dtype", "fp32", "--sampler", "euler_a",
             "--inpaint-fill", "latent-noise"]
-    cli(tiny_sd1, *args, "--seed", "4", "-n", "2", "-b", "2", "-o", "b_{index}.png")
+    cli(tiny_sd1, *args, "--seed", "4", "-n", "2", "--batch-size", "2", "-o", "b_{index}.png")
     cli(tiny_sd1, *args, "--seed", "5", "-o", "single.png")
     assert np.array_equal(np.asarray(Image.open("b_1.png")), np.asarray(Image.open("single.png")))
 

@@ -108,7 +108,7 @@ def _commands(models: dict[str, Path], inp: dict[str, Path]) -> list[list[str]]:
     return [
         ["generate", "a watercolor fox, (autumn:1.2)", *render, "--seed", "1", "--sampler", "euler_a",
          "-o", "t2i.png", "--latent-out", "t2i.safetensors"],
-        ["generate", "a fox BREAK in the snow", *render, "--seed", "2", "-n", "3", "-b", "2", "--sampler",
+        ["generate", "a fox BREAK in the snow", *render, "--seed", "2", "-n", "3", "--batch-size", "2", "--sampler",
          "DPM++ 2M Karras", "-o", "batch_{index}.png"],
         ["img2img", "a fox", *image, *sd1, *fast, "--strength", "0.6", "--seed", "3", "-o", "i2i.png"],
         ["img2img", "a fox", *image, "--mask", str(inp["mask"]), "-m", str(models["inpaint"]), *place, *fast,

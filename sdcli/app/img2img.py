@@ -13,7 +13,7 @@ from sdcli import config as cfgmod
 from sdcli.runtime import console
 from sdcli.control import settings as control_config
 from sdcli.jobs import single_job
-from sdcli.app import cluster, inpaint, refine, render, resume
+from sdcli.app import cluster, inpaint, refine, remote, render, resume
 
 
 @dataclass
@@ -29,35 +29,43 @@ class Img2ImgRequest:
     loras: list[str] = field(default_factory=list)  # --lora FILE[:WEIGHT], merged after loading
     preview: str | None = None
     preview_vae: str | None = None
+    preview_interval: float = 0.5  # --preview-interval SECONDS
+    quality: int | None = None  # --quality for -o x.jpg / x.webp
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1
     grid_only: bool = False
     skip_existing: bool = False
     workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
+    server: str | None = None  # --server URL: rendered by a warm `sdcli serve`, written here (app/remote.py)
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
-    from sdcli.formats import images
-
     base = cfgmod.resolve(req.flags, req.config_file)
     masked = bool(req.mask or base.pad)
     if masked and cfgmod.origin("strength", req.flags, req.config_file) == "default":
         base = dataclasses.replace(base, strength=_inpaint_strength(base))
     job = single_job(req.prompt, base)
     refine.check_refiner_use(base, txt2img=False)
+    if req.server:
+        remote.check_request(req, base)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
+    render.check_model_given(base)
+    from sdcli.formats import images  # imports torch: after the checks that need none
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
     width, height = inpaint.canvas_size(img.size, base.pad)
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=width, height=height))
+    job, = resume.adopt_seeds([job], req)
     targets, outputs = render.plan_outputs([job], req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)
     outputs.check()
     if not targets:
         return console.info("nothing to render: every image exists")
+    if req.server:  # the picture as loaded here, so the server encodes the same pixels
+        return remote.render_on_server(req.server, targets, req, (img, notes, mask, req.mask))
     loras = render.job_loras([job], req.loras)
     control_config.check_files([job], base.model)
     setup = functools.partial(prepare_init, base, img, mask, notes, req.mask)
@@ -91,7 +99,8 @@ def _inpaint_strength(cfg) -> float:
 def prepare_init(base, img, mask, notes, mask_path, models) -> tuple:
     """(Init, no embedding) for a loaded model: the image encoded; when masked (or padded), inpainting's pixels
     prepared (app/inpaint.py) and either the 9-channel model's extra channels or the latent mask that pins the
-    kept area. A Ray worker calls it too, once its own model is loaded."""
+    kept area. A Ray worker calls it too, once its own model is loaded, and the server (app/serve_device.py)
+    for each request."""
     from sdcli import pipeline
     from sdcli.formats import images
 

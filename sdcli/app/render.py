@@ -3,7 +3,7 @@ LoRAs merged (lora.LoraState), the conditioning built (conditioning.Cond), the p
 image saved through save.py.
 
 Reproducibility: image k of a batch equals a single run with its own seeds (seed+k, or with a variation the seed and
-subseed+k: A1111's numbering, sampling/rng.py batch_seeds; see pipeline.py); the hires fix's second pass continues
+subseed+k: A1111's numbering, sampling/seeds.py batch_seeds; see pipeline.py); the hires fix's second pass continues
 the same per-image generators (`cpu` noise) or starts new ones from the same seeds (`gpu` / `nv`, as A1111).
 """
 
@@ -22,6 +22,7 @@ from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
 from sdcli.app.progress import Progress
+from sdcli.app.progress import run as progress_run
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,13 @@ class Init:
 
 @dataclass(frozen=True)
 class Hires:
-    """The hires fix's second pass (A1111 "Hires. fix", Latent upscaler): its plan, output size and strength."""
+    """The hires fix's second pass (A1111 "Hires. fix"): its plan, output size, strength and upscaler."""
 
     plan: Any  # pipeline.SamplingPlan with hires_steps (or steps)
     size: tuple[int, int]  # (height, width) of the output, multiples of 8
     strength: float
     conds: tuple | None = None  # (cond, uncond) when prompt editing schedules this pass apart; else pass 1's
+    upscaler: Any = None  # upscale.resize.HiresUpscaler: how pass 1 reaches the size (None: "Latent")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
     """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
     the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
     calls `plan.check()`, before the model loads."""
-    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out, formats=True)
     latent_out = getattr(req, "latent_out", None)
     targets, index = [], 0
     for job in jobs:
@@ -94,15 +96,29 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
             targets.append(Target(job, index, seed, path, latent, subseed))
             index += 1
     if getattr(req, "preview", None):
-        plan.add("preview", req.preview)
+        plan.add("preview", _preview_name(req.preview))
+        interval = getattr(req, "preview_interval", 0.5)
+        if not 0 <= interval < float("inf"):
+            raise UsageError(f"--preview-interval must be a number of seconds, 0 or more, got {interval}")
     return targets, plan
 
 
+def _preview_name(name: str) -> str:
+    """--preview names a PNG file; a name without .png (`--preview tae`) is more likely meant for --preview-vae."""
+    suffix = Path(name).suffix.lower()
+    if name == "-" or suffix == ".png":
+        return name
+    if not suffix:
+        raise UsageError(f"--preview {name}: --preview names the PNG file to keep the preview in (FILE.png); "
+                         "the decoder that draws it is --preview-vae FILE")
+    raise UsageError(f"--preview {name}: the preview is a PNG, name it FILE.png")
+
+
 def image_seeds(cfg: RunConfig) -> tuple[list[int], list[int]]:
-    """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (rng.batch_seeds: seed+k,
+    """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (seeds.batch_seeds: seed+k,
     or with a variation the seed for all and subseed+k); without a variation every subseed is the job's own, so the
     record of each image says what was given."""
-    from sdcli.sampling.rng import batch_seeds
+    from sdcli.sampling.seeds import batch_seeds  # no torch: a --server client plans with it
 
     seeds, subseeds = batch_seeds(cfg.seed, cfg.n, cfg.subseed, cfg.subseed_strength)
     return seeds, subseeds if cfg.subseed_strength != 0 else [cfg.subseed] * cfg.n
@@ -150,25 +166,25 @@ def _name(template: str, index: int, seed: int, prompt: str) -> Path:
 def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, warn: bool = True) -> None:
     """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from;
     with `warn`, say once per sampler which A1111 parameters it does not take (warn_unused_params)."""
-    from sdcli.sampling import samplers
-    from sdcli.sampling import schedule
-    from sdcli.pipeline import resolve_sampler_schedule
+    from sdcli.sampling import names
 
     for job in jobs:
         if job.cfg.sampler == "help":
-            print(samplers.sampler_help())  # asked-for data: stdout
+            print(names.sampler_help())  # asked-for data: stdout
             raise SystemExit(0)
         try:
-            _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
+            _name, schedule_used = names.resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
         except UsageError as e:
             raise _located(e, job, "sampler", base, origin) from None
         if job.cfg.sigmas:
+            from sdcli.sampling import schedule  # parses into a tensor: torch only when --sigmas is given
+
             try:
                 schedule.parse_sigmas(job.cfg.sigmas)
             except UsageError as e:
                 raise _located(e, job, "sigmas", base, origin) from None
-        elif schedule_used not in schedule.SCHEDULES:
-            known = ", ".join(schedule.SCHEDULES)
+        elif schedule_used not in names.SCHEDULE_NAMES:
+            known = ", ".join(names.SCHEDULE_NAMES)
             e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
     if warn:
@@ -178,8 +194,8 @@ def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, 
 def warn_unused_params(jobs: list[Job]) -> None:
     """A1111's sampler parameters set for a sampler that does not take them (eta for Euler, churn for Euler a):
     A1111 ignores them, so sdcli does too, and says so once per sampler and parameter on stderr."""
-    from sdcli.pipeline import resolve_sampler_schedule
     from sdcli.sampling.a1111_params import unused
+    from sdcli.sampling.names import resolve_sampler_schedule  # torch-free, as the checks before it
 
     said = set()
     for job in jobs:
@@ -229,8 +245,7 @@ def load(cfg: RunConfig, lazy: bool = False):
     from sdcli.runtime import device
     from sdcli.loading import residency
 
-    if not cfg.model:
-        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_model_given(cfg)
     check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
@@ -248,6 +263,12 @@ def load(cfg: RunConfig, lazy: bool = False):
         console.info(f"{models.family.title} without its optional text encoder: it conditions on zeros in its "
                      f"place (diffusers' rule); give the file with {flag} for the full conditioning")
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_model_given(cfg: RunConfig) -> None:
+    """Before any heavy import: a run needs a model."""
+    if not cfg.model:
+        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
 
 
 def check_embeddings_dir(cfg: RunConfig) -> None:
@@ -285,10 +306,11 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
     saved: list[save.Saved] = []
-    for n, (key, group) in enumerate(by_job.items()):
-        use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
-                             last=n == len(by_job) - 1)
+    with progress_run(len(targets)):  # each batch's bar says its place in the run and the run's time left
+        for n, (key, group) in enumerate(by_job.items()):
+            use_loras(state, loras[key])
+            saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
+                                 last=n == len(by_job) - 1)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
@@ -399,9 +421,49 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
+    upscaler = hires_upscaler(cfg, models)
+    named = "" if upscaler.choice.name == "Latent" else f", upscaler {upscaler.choice.name}"
     console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
-                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps")
-    return Hires(plan, out, cfg.hires_strength)
+                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps{named}")
+    return Hires(plan, out, cfg.hires_strength, upscaler=upscaler)
+
+
+def hires_upscaler(cfg: RunConfig, models):
+    """The job's hires upscaler (upscale.resize.HiresUpscaler), its network loaded once per run on the model's
+    device and dtype when it is a model file."""
+    from sdcli.upscale.names import choose
+    from sdcli.upscale.resize import HiresUpscaler
+
+    choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
+    if choice.kind != "model":
+        return HiresUpscaler(choice)
+    key = (str(choice.path), models.dtype, models.device)
+    if key not in _HIRES_MODELS:
+        from sdcli.upscale.files import load_upscaler
+
+        _HIRES_MODELS.clear()  # one run, one hires upscaler
+        console.info(f"hires upscaler: {choice.path}")
+        _HIRES_MODELS[key] = load_upscaler(choice.path, models.dtype, models.device)
+    return HiresUpscaler(choice, _HIRES_MODELS[key])
+
+
+_HIRES_MODELS: dict = {}
+
+
+def check_hires_upscalers(jobs: list[Job]) -> None:
+    """Every hires upscaler the jobs name, found (exit 4 naming the file and where it was looked for) and known
+    to be an upscaler (exit 3 / 8): said before the (slow) model load."""
+    from sdcli.upscale.files import inspect_upscaler
+    from sdcli.upscale.names import choose
+
+    checked = set()
+    for job in jobs:
+        if job.cfg.hires_scale == 1.0:
+            continue
+        choice = choose(job.cfg.hires_upscaler, job.cfg.upscaler_dir)
+        if choice.kind == "model" and choice.path not in checked:
+            inspect_upscaler(choice.path)
+            checked.add(choice.path)
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
@@ -427,7 +489,8 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
         big = (shape[0], hires.size[0] // down, hires.size[1] // down)
         draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
-    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback)
+    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback,
+                              hires.upscaler)
 
 
 @dataclass(frozen=True)
@@ -475,7 +538,7 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     out_size = p.hires.size if p.hires else p.size
     pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
                                  p.refiner) for k, t in enumerate(batch)]
-    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+    return [Rendered(t, save.file_bytes(pic, t.path, req), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 
@@ -496,16 +559,17 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):
-    """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
+    """The sampler callback: progress, the live preview when asked for, and the request's own `on_step` hook
+    (the server's: its progress and interrupt; any may be absent)."""
     from sdcli.output.preview import PreviewWriter
 
     latent = models.family.latent
     preview = req.preview
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
-                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir),
-                           rgb_bias=latent.rgb_bias) \
+    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors,
+                           downscale=latent.downscale, rgb_bias=latent.rgb_bias,
+                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
-    callbacks = [c for c in (progress, writer) if c is not None]
+    callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]

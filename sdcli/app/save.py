@@ -45,6 +45,14 @@ def png_of(picture: Saved) -> bytes:
     return png_bytes(picture.image, picture.infotext, picture.meta)
 
 
+def file_bytes(picture: Saved, path, req) -> bytes:
+    """The image's file in the format its name asks for (-o x.jpg: JPEG, at --quality), metadata included."""
+    from sdcli.output.targets import DEFAULT_QUALITY, image_bytes, image_format
+
+    quality = getattr(req, "quality", None) or DEFAULT_QUALITY
+    return image_bytes(picture.image, picture.infotext, picture.meta, image_format(path), quality)
+
+
 def save_rendered(models, done, req) -> None:
     """A rendered image (render.Rendered): its PNG written atomically (not with --grid-only: the image goes on the
     grid only), its latent when asked, then the report."""
@@ -114,7 +122,7 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
     if hires is not None:  # as A1111 writes a hires fix render; Hires steps only when set
         params["denoising_strength"] = cfg.hires_strength
         params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
-                           "Hires upscaler": "Latent"}  # format_infotext drops the None
+                           "Hires upscaler": hires_upscaler_name(hires)}  # format_infotext drops the None
     params["extra"] = {**params.get("extra", {}), **token_merging_fields(cfg, hires is not None)}
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
@@ -133,6 +141,25 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
         params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
                            "Refiner switch at": cfg.refiner_switch}
     return format_infotext(params)
+
+
+def hires_upscaler_name(hires) -> str:
+    """The hires upscaler as A1111 names it (a model file by its stem): what replay looks up again."""
+    return "Latent" if hires.upscaler is None else hires.upscaler.choice.name
+
+
+def record_hires_upscaler(recorded: dict, cfg: RunConfig) -> None:
+    """The recorded config's hires upscaler: its A1111 name when the hires fix ran with one other than the default
+    "Latent", else no key at all (so images rendered before upscalers existed, and every image whose hires fix
+    is the default, keep their bytes); upscaler_dir is the user's folder, never recorded."""
+    from sdcli.upscale.names import DEFAULT, display_name
+
+    recorded.pop("upscaler_dir", None)
+    name = display_name(cfg.hires_upscaler)
+    if cfg.hires_scale == 1.0 or name == DEFAULT:
+        recorded.pop("hires_upscaler", None)
+    else:
+        recorded["hires_upscaler"] = name
 
 
 def noise_fields(cfg: RunConfig, sampler: str, subseed: int) -> dict:
@@ -225,6 +252,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     for key, default in sparse_keys().items():  # features that are off stay out of the record (config._range)
         if recorded[key] == default:
             del recorded[key]
+    record_hires_upscaler(recorded, cfg)
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
@@ -235,6 +263,9 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    quantized = quantization(models)
+    if quantized:  # a GGUF holding GGML blocks: which types, per part (the sha256 names the file itself)
+        meta["model"]["quantization"] = quantized
     if models.vae_source is not None:
         meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
                        "kind": "taesd" if models.vae_is_tiny else "full"}
@@ -242,6 +273,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    if hires is not None and hires.upscaler is not None and hires.upscaler.choice.path is not None:
+        meta["hires_upscaler"] = upscaler_record(hires.upscaler.choice)
     used = used_embeddings(models, target.job)
     if used:  # the file name (A1111's name is its stem) and the whole file's sha256
         meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
@@ -253,6 +286,13 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         meta["loras"] = [{"name": r.path.name, "sha256": r.sha256, "weight": r.weight, "applied": r.applied,
                           "modules": r.total} for r in loras]
     return meta
+
+
+def upscaler_record(choice) -> dict:
+    """An upscaler model file as images record it: its A1111 name, file name and sha256 (not the user's folder)."""
+    from sdcli.formats.hashing import file_sha256
+
+    return {"name": choice.name, "file": choice.path.name, "sha256": file_sha256(choice.path)}
 
 
 def mode(init) -> str:
@@ -270,6 +310,16 @@ def sampler_schedule(cfg: RunConfig, family=None) -> tuple[str, str]:
     if family is not None and family.flow is not None and not cfg.sigmas:
         return sampler, FLOW_SCHEDULES[-1]
     return sampler, "custom" if cfg.sigmas else schedule
+
+
+def quantization(models) -> dict[str, dict[str, int]] | None:
+    """part -> {ggml type: tensors} of a model whose file holds GGML blocks (a quantized GGUF), else None."""
+    from sdcli.formats.safetensors import FLOAT_DTYPES
+
+    dtypes = models.info.dtypes
+    if not any(t not in FLOAT_DTYPES for counts in dtypes.values() for t in counts):
+        return None
+    return {part: dict(sorted(counts.items())) for part, counts in sorted(dtypes.items())}
 
 
 def model_hash(models) -> str | None:

@@ -66,6 +66,10 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     if replay.source != "sdcli" or replay.mode not in ("txt2img", "img2img", "inpaint"):
         raise UsageError(f"{image}: verify re-renders PNGs written by sdcli (this is {replay.source} "
                          f"{replay.mode}); use `generate --from-image` to replay other images")
+    upscaled = replay.recorded.get("postprocessing")
+    if isinstance(upscaled, list) and upscaled:  # `sdcli upscale` output: the render's record, another image
+        steps = ", ".join(str(step.get("name")) for step in upscaled if isinstance(step, dict))
+        raise UsageError(f"{image} was upscaled after it was rendered ({steps}): verify the image as it was rendered")
     inputs = _inputs(image, replay, *given) if replay.mode != "txt2img" else None
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
@@ -84,6 +88,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
+    render.check_hires_upscalers([job])
     control_config.check_files([job], cfg.model)
     return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"), inputs)
 
@@ -145,7 +150,25 @@ def _rerender(models, c: Check, refiner=None):
         again = images.tensor_to_pil(decoded.images[0])
     if init is not None and init.inpaint is not None:
         again = init.inpaint.finish(again)
-    return images.load_image(c.image)[0], again
+    return images.load_image(c.image)[0], _as_stored(again, c.image)
+
+
+def _as_stored(picture, path):
+    """A JPEG or WebP keeps its pixels lossily: the re-render goes through the same encoder, at the format and
+    quality the file records, before it is compared (a PNG's re-render is compared as it is)."""
+    import io
+
+    from PIL import Image
+
+    from sdcli.output.metadata import read_image_metadata
+    from sdcli.output.targets import DEFAULT_QUALITY, image_bytes
+
+    stored = (read_image_metadata(path).get("sdcli") or {}).get("file")
+    if not isinstance(stored, dict) or stored.get("format") not in ("JPEG", "WEBP"):
+        return picture
+    quality = stored.get("quality") if isinstance(stored.get("quality"), int) else DEFAULT_QUALITY
+    with Image.open(io.BytesIO(image_bytes(picture, "", {}, stored["format"], quality))) as img:
+        return img.convert("RGB")
 
 
 def _init(models, c: Check):

@@ -145,6 +145,8 @@ def infer_text_config(shapes: dict, family: str, spec) -> tuple[TextConfig | Non
         inter = _need(shapes, p + "encoder.layers.0.mlp.fc1.weight", "text encoder")[0]
         positions = _need(shapes, p + "embeddings.position_embedding.weight", "text encoder")[0]
         projection = shapes.get(p.removesuffix("text_model.") + "text_projection.weight", (None,))[0]
+        if projection is None:  # stable-diffusion.cpp's files: OpenCLIP's (width, proj) P under its bare name
+            projection = shapes.get(p.removesuffix("text_model.") + "text_projection", (0, None))[1]
     projected = spec.pooled and spec.projected
     if projected and projection is None:
         raise BadInputError(f"the {family} text encoder at {spec.prefix} has no text_projection (its pooled "

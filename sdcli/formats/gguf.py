@@ -257,6 +257,30 @@ def read_gguf_header(path: str | Path) -> GGUFInfo:
         buf.close()
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether `path` is to be read as GGUF: a file named ``.gguf`` or starting with the magic that is not a valid
+    safetensors file. That only picks the reader: read_gguf_header's checks then decide (and say what is wrong),
+    and a valid safetensors header wins over a name or a magic number."""
+    from sdcli.formats.safetensors import is_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() != ".gguf":
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                    return False
+        except OSError:
+            return False
+    return not is_safetensors(path)
+
+
+def tensor_ranges(path: str | Path) -> dict[str, tuple[int, int]]:
+    """Stored name -> absolute byte range of each tensor (read_gguf_header checked that each lies in the file)."""
+    return {t.name: (t.offset, t.offset + t.nbytes) for t in read_gguf_header(path).tensors.values()}
+
+
 # city96's convert.py (ComfyUI-GGUF tools/) writes an architecture (flux, sdxl, ...) for a denoiser alone, with the checkpoint's prefix
 # ("model.diffusion_model.") removed; his T5 files use llama.cpp's names; stable-diffusion.cpp writes no
 # architecture and keeps the checkpoint's own names.
@@ -279,6 +303,26 @@ T5_NAMES = {"token_embd.weight": "shared.weight", "enc.output_norm.weight": "enc
 _T5_BLOCK = re.compile(r"enc\.blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 
 
+# stable-diffusion.cpp's own names for SDXL's two text encoders (name_conversion.cpp: conditioner.embedders.0. ->
+# cond_stage_model., .1. -> cond_stage_model.1., OpenCLIP turned into transformers names with q/k/v split), put back
+# where an sgm file has them. Its bigG projection is OpenCLIP's (width, proj) matrix under the bare name
+# ``text_projection`` (formats/clip_layouts reads a bare one transposed). Only for files with ``cond_stage_model.1.``:
+# an SD1 file of its has SD1's own names.
+SDCPP_SDXL_TEXT = (
+    ("cond_stage_model.1.transformer.text_model.text_projection", "conditioner.embedders.1.transformer.text_projection"),
+    ("cond_stage_model.1.transformer.", "conditioner.embedders.1.transformer."),
+    ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."),
+)  # fmt: skip
+SDCPP_SDXL_MARK = "cond_stage_model.1."
+
+
+def _sdcpp_sdxl_name(name: str) -> str:
+    for old, new in SDCPP_SDXL_TEXT:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def _t5_name(name: str) -> str:
     m = _T5_BLOCK.fullmatch(name)
     if m and m.group(2) in T5_LAYERS:
@@ -290,7 +334,8 @@ def ldm_names(info: GGUFInfo) -> dict[str, str]:
     """Stored name -> the name a safetensors file of the same model gives the tensor, seen through sdcli's LDM lens
     (formats/ldm.py): city96's bare denoiser names get ``model.diffusion_model.`` back, so detection and
     ``strict.identity_plan`` (which strips the prefix per part, as for any checkpoint) work unchanged; T5 names
-    become transformers'; stable-diffusion.cpp's names stay (a bare denoiser of its is prefixed as city96's)."""
+    become transformers'; stable-diffusion.cpp's names stay (a bare denoiser of its is prefixed as city96's), but
+    for its SDXL text encoders, put back where an sgm file has them (SDCPP_SDXL_TEXT)."""
     arch, names = info.architecture, list(info.tensors)
     if arch in T5_ARCHS:
         out = {n: _t5_name(n) for n in names}
@@ -301,7 +346,8 @@ def ldm_names(info: GGUFInfo) -> dict[str, str]:
     # a safetensors file, so no architecture name is listed here
     elif arch is None and (any(n.startswith(PART_PREFIXES) for n in names) or
                            not any(n.startswith(DENOISER_ROOTS) for n in names)):  # fmt: skip
-        out = {n: n for n in names}
+        sdxl = any(n.startswith(SDCPP_SDXL_MARK) for n in names)
+        out = {n: _sdcpp_sdxl_name(n) if sdxl else n for n in names}
     else:
         out = {n: n if n.startswith(UNET_PREFIX) else UNET_PREFIX + n for n in names}
     if len(set(out.values())) != len(out):

@@ -145,6 +145,29 @@ def load_image(path: str | Path, multiple: int = 8, max_pixels: int | None = Non
     return img.copy(), notes
 
 
+def load_image_as_is(path: str | Path, max_pixels: int | None = None, data: bytes | None = None
+                     ) -> tuple[Image.Image, list[str]]:
+    """Read any image keeping its mode (gray, alpha: what an upscaler keeps), as load_image reads it otherwise:
+    the first frame, EXIF orientation applied; 16-bit and float images reduced to 8-bit gray (noted). `data`:
+    the file's bytes when they were read already (stdin can be read once)."""
+    name, data = _read_source(path) if data is None else (str(path), data)
+    img = _open_checked(name, data, max_pixels)
+    notes: list[str] = []
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"multi-frame image ({frames} frames): used the first frame")
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"EXIF orientation {orientation} applied")
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        try:
+            img = _to_rgb(img, notes).convert("L")  # the exact 8-bit reduction, then back to one channel
+        except _DECODE_ERRORS as exc:
+            raise BadInputError(f"{name}: cannot convert image mode {img.mode} to 8 bits ({exc})") from exc
+    return img.copy(), notes
+
+
 def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = None
               ) -> tuple[torch.Tensor, list[str]]:
     """An inpainting mask as (1, 1, H, W) float32 of 0/1 for an image of `size` = (width, height).

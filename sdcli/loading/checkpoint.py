@@ -25,6 +25,7 @@ from sdcli.families import Family, by_name, detect_family, hub_patterns
 from sdcli.families.shapes import build_denoiser, infer_denoiser_config, infer_text_config, infer_vae_config
 from sdcli.formats.clip_layouts import text_plan
 from sdcli.formats.diffusers import open_source, standalone_vae_source
+from sdcli.formats.gguf import is_gguf
 from sdcli.formats.hub import resolve_model
 from sdcli.formats.ldm import UNET_PREFIX, VAE_PREFIX, bare_denoiser, numel, part_of, shapes_of
 from sdcli.formats.pickle_ckpt import is_pickle
@@ -148,7 +149,7 @@ def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> 
         header = path_or_header
     else:
         path = Path(path_or_header)
-        if path.is_dir() or is_pickle(path):
+        if path.is_dir() or is_pickle(path) or is_gguf(path):
             header = open_source(path).header
         else:  # a diffusion transformer saved alone is seen under model.diffusion_model. (formats/ldm.py)
             header = read_header(path)

@@ -134,7 +134,8 @@ def vae_part(source: WeightSource, cfg: VAEConfig) -> tuple:
 
 
 def build_vae(source: WeightSource, cfg: VAEConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
-    return load_part(*vae_part(source, cfg), dtype, device)
+    """The VAE runs on plain weights: a GGUF's quantized ones (stable-diffusion.cpp files) are dequantized here."""
+    return load_part(*vae_part(source, cfg), dtype, device, quantized=False)
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKL:

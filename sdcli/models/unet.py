@@ -344,7 +344,7 @@ class UNetModel(nn.Module):
         H and W may be any size: an upsampler meets its skip connection at that skip's size.
         control: ControlNet residuals (one per skip connection, in push order; one for the middle output),
         added as cldm's ControlledUnetModel and diffusers' *_additional_residuals do (models/controlnet.py)."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.out[0].weight.dtype  # a norm: never quantized (a GGUF's time_embed may hold GGML blocks)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4mc)
         if (y is None) != (self.config.adm_in_channels is None):
             raise ValueError("an SDXL UNet needs the vector y, and only an SDXL UNet takes one")

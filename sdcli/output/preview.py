@@ -7,8 +7,9 @@ a fixed linear map from the latent channels to RGB, at 1/8 of the size and scale
 the model family's (``LatentSpec.rgb_factors``, families/); for SD 1.x/2.x they are what A1111's
 ``sd_vae_approx.cheap_approximation`` uses.
 
-Writes are atomic (an image viewer never sees half a file) and at most every `interval` seconds, plus the last
-step, so that a fast GPU is not slowed down by PNG encoding."""
+Writes are atomic (an image viewer never sees half a file) and at most every `interval` seconds (--preview-interval),
+plus the last step, so that a fast GPU is not slowed down by PNG encoding. Each file carries the PREVIEW_KEY text
+chunk (output/metadata.py): a later run replaces its own scratch file without --overwrite, and nothing else."""
 
 from __future__ import annotations
 
@@ -74,6 +75,12 @@ class PreviewWriter:
 def _png_bytes(img) -> bytes:
     import io
 
+    from PIL.PngImagePlugin import PngInfo
+
+    from sdcli.output.metadata import PREVIEW_KEY
+
+    info = PngInfo()
+    info.add_text(PREVIEW_KEY, "1")  # the mark that lets the next run replace this file without --overwrite
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)  # fast: it is rewritten while the render runs
+    img.save(buf, format="PNG", compress_level=1, pnginfo=info)  # fast: it is rewritten while the render runs
     return buf.getvalue()

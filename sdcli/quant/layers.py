@@ -69,6 +69,11 @@ class _QuantizedWeight:
         return None if self.bias is None else self.bias.to(dtype)
 
 
+def holds_blocks(module: nn.Module) -> bool:
+    """Whether `module` is a QuantizedLinear/QuantizedConv2d (its `weight` is GGML blocks, its LoRAs run-time)."""
+    return isinstance(module, _QuantizedWeight)
+
+
 class QuantizedLinear(_QuantizedWeight, nn.Linear):
     """nn.Linear (isinstance holds) computing with the dequantized weight."""
 
@@ -96,7 +101,11 @@ class QuantizedConv2d(_QuantizedWeight, nn.Conv2d):
         self._hold(weight, like.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
-        return self._conv_forward(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
+        w = self.dequantized_weight(x.dtype)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # the layout a float model's weights have then (models/layout.py): the same kernels, the same bits
+            w = w.contiguous(memory_format=torch.channels_last)
+        return self._conv_forward(x, w, self._bias(x.dtype))
 
 
 def _fit(key: str, q: QuantizedTensor, shape: tuple[int, ...]) -> QuantizedTensor:

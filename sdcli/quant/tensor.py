@@ -12,6 +12,16 @@ from sdcli.quant.dequantize import dequantize
 from sdcli.quant.ggml_types import GGMLType, ggml_type
 
 
+# Byte offsets of the float16 scales in each block (ggml-common.h block layouts; quant/dequantize.py lists them):
+# every value of a block is such a scale times a small integer (minus a scaled minimum), so the blocks hold NaN or
+# Inf exactly when one of these does. Checked at load instead of dequantizing the whole model once.
+SCALE_OFFSETS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,),
+}  # fmt: skip
+
+
 class QuantizedTensor:
     """GGML blocks in memory: `raw` (uint8, 1-d, the blocks in file order: a view of the memory-mapped file as
     read), `qtype`, and `shape`, the logical shape in torch order (outermost first; GGUF lists dims innermost
@@ -32,6 +42,14 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight as `dtype` on raw's device (float32 is bit-equal to gguf.quants.dequantize)."""
         return dequantize(self.raw, self.qtype, self.shape, dtype)
+
+    def scales_finite(self) -> bool:
+        """Whether every block's scales are finite (SCALE_OFFSETS); types without an entry are dequantized."""
+        offsets = SCALE_OFFSETS.get(self.qtype.name)
+        if offsets is None:
+            return bool(torch.isfinite(self.dequantize()).all())
+        blocks = self.raw.view(-1, self.qtype.type_size)
+        return all(bool(torch.isfinite(blocks[:, o:o + 2].contiguous().view(torch.float16)).all()) for o in offsets)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         return QuantizedTensor(self.raw.to(device), self.qtype, self.shape)

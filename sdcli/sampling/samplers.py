@@ -24,16 +24,15 @@ Brownian tree's correlation (see sample_dpmpp_sde).
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import UsageError
-from sdcli.sampling.schedule import SCHEDULE_LABELS
+from sdcli.sampling.names import SAMPLER_NAMES, SamplerName, resolve_sampler, sampler_help  # noqa: F401 (re-exported)
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
@@ -461,76 +460,19 @@ def sample_lcm(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=N
 # ----------------------------------------------------------------------------- registry and names
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler and the names other tools use for it. a1111/comfy/diffusers are '' where none exists."""
+class SamplerSpec(SamplerName):
+    """A sampler's names (names.py, torch-free) and its function."""
 
-    name: str
-    fn: Callable[..., Tensor]
-    stochastic: bool
-    default_schedule: str
-    a1111: str = ""
-    comfy: str = ""
-    diffusers: str = ""
-    extra_aliases: tuple[str, ...] = ()
-
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        return tuple(a for a in (self.a1111, self.comfy, self.diffusers, *self.extra_aliases) if a)
+    fn: Callable[..., Tensor] | None = None
 
 
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
-    SamplerSpec("euler", sample_euler, False, "normal", "Euler", "euler", "EulerDiscreteScheduler"),
-    SamplerSpec("euler_a", sample_euler_a, True, "normal", "Euler a", "euler_ancestral",
-                "EulerAncestralDiscreteScheduler"),
-    SamplerSpec("heun", sample_heun, False, "normal", "Heun", "heun", "HeunDiscreteScheduler"),
-    SamplerSpec("dpm2", sample_dpm2, False, "normal", "DPM2", "dpm_2", "KDPM2DiscreteScheduler"),
-    SamplerSpec("dpm2_a", sample_dpm2_a, True, "normal", "DPM2 a", "dpm_2_ancestral",
-                "KDPM2AncestralDiscreteScheduler"),
-    SamplerSpec("dpm++_2m", sample_dpmpp_2m, False, "karras", "DPM++ 2M", "dpmpp_2m",
-                "DPMSolverMultistepScheduler"),
-    SamplerSpec("dpm++_2m_sde", sample_dpmpp_2m_sde, True, "karras", "DPM++ 2M SDE", "dpmpp_2m_sde"),
-    SamplerSpec("dpm++_2s_a", sample_dpmpp_2s_a, True, "karras", "DPM++ 2S a", "dpmpp_2s_ancestral"),
-    SamplerSpec("dpm++_sde", sample_dpmpp_sde, True, "karras", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler"),
-    SamplerSpec("lms", sample_lms, False, "normal", "LMS", "lms", "LMSDiscreteScheduler"),
-    SamplerSpec("ddim", sample_ddim, False, "ddim_uniform", "DDIM", "ddim", "DDIMScheduler"),
-    SamplerSpec("plms", sample_plms, False, "ddim_uniform", "PLMS", "", "PNDMScheduler"),
-    SamplerSpec("unipc", sample_unipc, False, "normal", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler"),
-    SamplerSpec("lcm", sample_lcm, True, "lcm", "LCM", "lcm", "LCMScheduler"),
-]}
-
-# Schedule words that A1111 / ComfyUI append to a sampler label ("DPM++ 2M Karras", "dpmpp_2m_sgm_uniform"):
-# schedule.py's one table of names.
-_SCHEDULE_SUFFIXES = {**{name: name for name in SCHEDULE_LABELS}, "automatic": None, "uniform": "normal"}
-
-
-def _norm(label: str) -> str:
-    return "_".join(label.strip().lower().replace("-", " ").split())
-
-
-def _alias_table() -> dict[str, str]:
-    table = {}
-    for spec in SAMPLERS.values():
-        for alias in (spec.name, *spec.aliases):
-            table[_norm(alias)] = spec.name
-    return table
-
-
-def resolve_sampler(label: str) -> tuple[str, str | None]:
-    """A sampler label in any known spelling -> (canonical name, schedule or None).
-
-    "DPM++ 2M Karras" -> ("dpm++_2m", "karras"); "euler_ancestral" -> ("euler_a", None);
-    "DPMSolverMultistepScheduler" -> ("dpm++_2m", None). UsageError with close matches otherwise.
-    """
-    table, key = _alias_table(), _norm(label)
-    if key in table:
-        return table[key], None
-    for suffix, schedule in _SCHEDULE_SUFFIXES.items():
-        base = key[: -len(suffix) - 1]
-        if key.endswith("_" + suffix) and base in table:
-            return table[base], schedule
-    close = difflib.get_close_matches(key, list(table), n=4, cutoff=0.5)
-    hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown sampler {label!r}{hint} (see --sampler help)")
+_FUNCTIONS = {"euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun, "dpm2": sample_dpm2,
+              "dpm2_a": sample_dpm2_a, "dpm++_2m": sample_dpmpp_2m, "dpm++_2m_sde": sample_dpmpp_2m_sde,
+              "dpm++_2s_a": sample_dpmpp_2s_a, "dpm++_sde": sample_dpmpp_sde, "lms": sample_lms,
+              "ddim": sample_ddim, "plms": sample_plms, "unipc": sample_unipc, "lcm": sample_lcm}
+SAMPLERS: dict[str, SamplerSpec] = {
+    name: SamplerSpec(**{f.name: getattr(spec, f.name) for f in fields(SamplerName)}, fn=_FUNCTIONS[name])
+    for name, spec in SAMPLER_NAMES.items()}
 
 
 def sample(name: str, model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None,
@@ -543,16 +485,3 @@ def sample(name: str, model: Model, x: Tensor, sigmas: Tensor, noise: Noise | No
     if (spec.stochastic or options.get("eta") or options.get("s_churn")) and noise is None:
         raise UsageError(f"sampler {spec.name} draws noise: pass a noise source")
     return spec.fn(model, x, sigmas, noise, callback, **options)
-
-
-def sampler_help() -> str:
-    """Plain-text table of samplers and the names A1111, ComfyUI and diffusers use for them."""
-    rows = [("name", "A1111", "ComfyUI", "diffusers", "default schedule")]
-    rows += [(s.name, s.a1111 or "-", s.comfy or "-", s.diffusers or "-", s.default_schedule)
-             for s in SAMPLERS.values()]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append("")
-    lines.append("A schedule can follow the name, as in A1111: \"DPM++ 2M Karras\", \"euler_a exponential\".")
-    lines.append("Names are case-insensitive; spaces, '-' and '_' are interchangeable.")
-    return "\n".join(lines)
