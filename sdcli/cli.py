@@ -125,6 +125,11 @@ def generate(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
@@ -198,7 +203,8 @@ def generate(
                    tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
                    crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                   refiner=refiner, refiner_switch=refiner_switch,
+                   refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
+                   guidance=guidance, flow_shift=flow_shift,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
@@ -265,6 +271,11 @@ def img2img(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
@@ -314,7 +325,8 @@ def img2img(
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur,
                    inpaint_fill=inpaint_fill, inpaint_area=inpaint_area, inpaint_padding=inpaint_padding,
-                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad,
+                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad, clip_l=clip_l, clip_g=clip_g,
+                   t5=t5, guidance=guidance, flow_shift=flow_shift,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
@@ -382,6 +394,11 @@ def sweep(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     prediction: opt.PredictionOpt = None,
     dtype: opt.DtypeOpt = None,
@@ -402,7 +419,8 @@ def sweep(
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
                    hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
                    tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
-                   prediction=prediction, dtype=dtype, device=device, offload=offload,
+                   prediction=prediction, dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g,
+                   t5=t5, guidance=guidance, flow_shift=flow_shift,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
@@ -420,6 +438,9 @@ def encode(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     dtype: opt.DtypeOpt = None,
@@ -434,7 +455,7 @@ def encode(
 
     set_quiet(quiet)
     flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -564,6 +585,9 @@ def verify(
     images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     upscaler_dir: opt.UpscalerDirOpt = None,
@@ -600,7 +624,7 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir)
+                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
                {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
 

@@ -35,6 +35,17 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoi
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
                                                "file (taesd_decoder.safetensors) for fast decodes.")]
 PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
+ClipLOpt = Annotated[Optional[str], typer.Option("--clip-l", help="SD3 / FLUX: the CLIP-L text encoder as a file of "
+                                                 "its own (ComfyUI's clip_l.safetensors).")]
+ClipGOpt = Annotated[Optional[str], typer.Option("--clip-g", help="SD3: the CLIP-G (bigG) text encoder as a file "
+                                                 "of its own (clip_g.safetensors).")]
+T5Opt = Annotated[Optional[str], typer.Option("--t5", help="SD3 / FLUX: the T5-XXL text encoder as a file of its "
+                                              "own (t5xxl_fp16.safetensors; fp8 files are up-cast).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="FLUX dev: the distilled guidance "
+                                                      "strength (3.5); --cfg above 1 adds true CFG on top.")]
+FlowShiftOpt = Annotated[Optional[float], typer.Option("--flow-shift", help="SD3 / FLUX: a constant time shift "
+                                                       "replacing the family's (SD3 3.0; FLUX dev's resolution "
+                                                       "rule; schnell 1.0).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
 ]
@@ -42,7 +53,8 @@ NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative
 WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
-CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default "
+                                                "7, FLUX 1).")]
 RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
 SamplerOpt = Annotated[
     Optional[str], typer.Option("--sampler", help="Sampler name or alias ('DPM++ 2M Karras'); 'help' lists them.")

@@ -21,7 +21,7 @@ from sdcli.sampling.a1111_params import SOURCES
 SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PREDICTIONS = ("auto", "eps", "v")
+PREDICTIONS = ("auto", "eps", "v", "flow")
 INPAINT_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 MAX_PAD = 4096
 
@@ -53,7 +53,7 @@ class RunConfig:
     schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule
     sigmas: str | None = field(default=None, metadata=_range())
     steps: int = field(default=20, metadata=_range(1, 1000))
-    cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))
+    cfg: float | None = field(default=None, metadata=_range(0.0, 100.0))  # None: the family's (7; FLUX 1)
     guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
     # A1111's noise (sampling/rng.py): its source, variation seed (subseed -1 is drawn when the strength is not 0),
@@ -112,6 +112,13 @@ class RunConfig:
     controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
     offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (loading/residency.py)
+    # The flow transformers (SD3, FLUX), recorded only when set: text encoders as files of their own (ComfyUI's
+    # clip_l / clip_g / t5xxl files), FLUX dev's distilled guidance, a shift replacing the family's
+    clip_l: str | None = field(default=None, metadata=_range(sparse=True))
+    clip_g: str | None = field(default=None, metadata=_range(sparse=True))
+    t5: str | None = field(default=None, metadata=_range(sparse=True))
+    guidance: float | None = field(default=None, metadata=_range(0.0, 100.0, sparse=True))  # None: the family's (3.5)
+    flow_shift: float | None = field(default=None, metadata=_range(0.01, 100.0, sparse=True))  # None: the family's
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -120,6 +127,7 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
+TEXT_FILE_KEYS = ("clip_l", "clip_g", "t5")  # text encoders given as files of their own (loading/components.py)
 
 
 # --- YAML 1.2-ish safe loading -------------------------------------------------------------------

@@ -30,7 +30,7 @@ from sdcli.sampling import samplers
 
 from sdcli.sampling import schedule
 from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/render.py checks with it)
-from sdcli.sampling.conditioning import Cond, conditioning, for_batch
+from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
@@ -59,13 +59,24 @@ class DecodeResult:
 
 
 def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None = None,
-              cfg: float = 7.0, guidance_rescale: float = 0.0, family: Family = DEFAULT,
-              sampler_params: dict | None = None) -> SamplingPlan:
+              cfg: float | None = None, guidance_rescale: float = 0.0, family: Family = DEFAULT,
+              sampler_params: dict | None = None, size: tuple[int, int] | None = None,
+              shift: float | None = None) -> SamplingPlan:
     """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan over the
     family's training schedule. `sampler_params`: eta / s_churn / s_tmin / s_tmax / s_noise as config values; the
-    sampler gets those it takes (a1111_params.sampler_options)."""
+    sampler gets those it takes (a1111_params.sampler_options). `cfg` None: the family's default. A flow family's
+    sigmas are its own (`flow_plan`: `size` (H, W) in pixels and `shift` (--flow-shift) matter there only)."""
     from sdcli.sampling.a1111_params import sampler_options
 
+    cfg = family.default_cfg if cfg is None else cfg
+    if family.flow is not None:
+        plan = flow_plan(sampler, schedule_name, steps, custom_sigmas, cfg, family, size, shift)
+        if sampler_options(plan.sampler, **(sampler_params or {})):
+            from sdcli.runtime.errors import UsageError
+
+            raise UsageError(f"eta / sigma churn / noise settings have no rectified-flow form for {family.title} "
+                             "yet: leave them at their defaults")
+        return replace(plan, guidance_rescale=guidance_rescale)
     name, schedule_used = resolve_sampler_schedule(sampler, schedule_name)
     if custom_sigmas:
         sigmas = schedule.parse_sigmas(custom_sigmas)
@@ -73,6 +84,38 @@ def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
         sigmas = schedule.get_sigmas(schedule_used, steps, schedule.sigmas_of(family.schedule))
     options = tuple(sampler_options(name, **(sampler_params or {})).items())
     return SamplingPlan(name, sigmas, cfg, guidance_rescale, options=options)
+
+
+FLOW_SCHEDULES = ("auto", "simple")  # a flow family's sigmas are diffusers' pipeline's, named as Forge does
+
+
+def flow_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None, cfg: float, family: Family,
+              size: tuple[int, int] | None, shift: float | None) -> SamplingPlan:  # fmt: skip
+    """The plan of a rectified-flow family: sampling/flow.py's sigmas (SD3: diffusers' scheduler spacing; FLUX:
+    1 .. 1/N, shifted by the image's token count on dev), `shift` replacing the family's (and dev's dynamic rule).
+    Samplers that add noise run their flow variants; one without a variant is refused (exit 2)."""
+    from sdcli.runtime.errors import UsageError
+    from sdcli.sampling import flow
+
+    name, label_schedule = samplers.resolve_sampler(sampler)
+    if name in flow.NO_FLOW_VARIANT:
+        usable = ", ".join(n for n in samplers.SAMPLERS if n not in flow.NO_FLOW_VARIANT)
+        raise UsageError(f"sampler {name} has no rectified-flow form for {family.title}; use one of: {usable}")
+    chosen = label_schedule or schedule_name
+    if chosen not in FLOW_SCHEDULES and not custom_sigmas:
+        raise UsageError(f"schedule {chosen!r}: {family.title} samples on its own flow sigmas "
+                         "(--schedule auto or simple, or --sigmas)")
+    if custom_sigmas:
+        return SamplingPlan(name, schedule.parse_sigmas(custom_sigmas), cfg)
+    spec = family.flow
+    if spec.spacing == "table":
+        return SamplingPlan(name, flow.sd3_sigmas(steps, spec.shift if shift is None else shift), cfg)
+    height, width = size or (family.native_size("flow"),) * 2
+    cell = family.size_multiple  # one packed token: a 2x2 patch of 8-pixel latent cells
+    tokens = (height // cell) * (width // cell)  # diffusers' image_seq_len
+    sigmas = flow.flux_sigmas(steps, tokens, dynamic=spec.dynamic and shift is None,
+                              shift=spec.shift if shift is None else shift)  # fmt: skip
+    return SamplingPlan(name, sigmas, cfg)
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -88,6 +131,8 @@ def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     from sdcli.text.clip_tokenizer import get_tokenizer
 
     family, tokenizer = models.family, get_tokenizer()
+    if any(spec.kind == "t5" for spec in family.text):
+        return _encode_joint(models, prompt, negative)
     encoders = models.stage("text")
 
     def encode(text: str):
@@ -109,22 +154,67 @@ def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     return result(cond, pooled), result(uncond, uncond_pooled)
 
 
+def _encode_joint(models, prompt: str, negative: str | None):
+    """encode_text for a flow transformer's encoders (text/prompts.encode_joint): the CLIP contexts of cond and
+    uncond padded to one chunk count as encode_text does, then [CLIP zero-padded to T5's width | T5 tokens]."""
+    from sdcli.text.prompts import encode_joint, pad_chunks
+    from sdcli.text.clip_tokenizer import get_tokenizer
+    from sdcli.text.t5_tokenizer import t5_tokenizer
+
+    family, encoders = models.family, models.stage("text")
+    tokenizers = {"clip": get_tokenizer(), "t5": t5_tokenizer()}
+    width = next((cfg.d_model for spec, cfg in zip(family.text, models.info.texts) if spec.kind == "t5" and cfg),
+                 getattr(models.info.unet, "context_dim", 0))  # SD3 without T5: its zeros are the MMDiT's width
+
+    def encode(text: str):
+        return encode_joint(text, encoders, family.text, tokenizers, width, models.embeddings)
+
+    def result(parts):
+        return Cond(parts.context(width), pooled=parts.pooled)
+
+    with torch.inference_mode():
+        cond = encode(prompt)
+        if negative is None:
+            return result(cond), None
+        uncond = encode(negative)
+        if cond.clip is not None:
+            clip, clip_u = pad_chunks(cond.clip, uncond.clip, lambda: encode("").clip)
+            cond, uncond = replace(cond, clip=clip), replace(uncond, clip=clip_u)
+    return result(cond), result(uncond)
+
+
 def with_size_vector(models, value, size: SizeCond, negative: bool = False):
-    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings) built into a Cond
-    (or each entry of a prompt-editing schedule) that carries a pooled vector; anything else is returned as is."""
+    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings; SD3 and FLUX: the
+    pooled text itself) built into a Cond (or each entry of a prompt-editing schedule) that carries a pooled
+    vector; anything else is returned as is."""
     if isinstance(value, ScheduledCond):
         return ScheduledCond(tuple((end, with_size_vector(models, c, size, negative)) for end, c in value.entries))
     if not isinstance(value, Cond) or value.pooled is None:
         return value
+    if models.family.size_values is None:
+        return replace(value, y=value.pooled)
     from sdcli.models.unet import sdxl_vector
 
     values = models.family.size_values(size, negative)
     return replace(value, y=sdxl_vector(value.pooled, values, models.info.unet.adm_in_channels))
 
 
+def with_guidance(models, value, guidance: float | None = None):
+    """A guidance-distilled family's strength (FLUX dev: --guidance, else the family's default) carried in the
+    Cond (or each entry of a schedule); other families' conditioning is returned as is."""
+    family = models.family
+    if family.guidance != "distilled" or value is None:
+        return value
+    if isinstance(value, ScheduledCond):
+        return ScheduledCond(tuple((end, with_guidance(models, c, guidance)) for end, c in value.entries))
+    strength = family.default_guidance if guidance is None else guidance
+    return replace(as_cond(value), guidance=torch.tensor([float(strength)]))
+
+
 def embedding_widths(models) -> dict[str, int]:
     """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
-    return {spec.embedding_key: cfg.hidden_size for spec, cfg in zip(models.family.text, models.info.texts)}
+    return {spec.embedding_key: cfg.hidden_size for spec, cfg in zip(models.family.text, models.info.texts)
+            if spec.kind == "clip" and cfg is not None}
 
 
 def with_embeddings(models, folder):
@@ -276,17 +366,33 @@ def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.T
     `seeds`: as for txt2img (generators continue their state: the hires fix's second pass; an `image_noise` already
     drawn from goes on at this shape).
     `keep` (1 or B, 1, h, w; 1 = keep): inpainting with any model (sampling/inpaint.py): every x0, and the result,
-    is `init_latent` where it keeps (A1111 blends with the latent it started from, its latent fills included)."""
-    sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
+    is `init_latent` where it keeps (A1111 blends with the latent it started from, its latent fills included).
+    A flow family noises as x = sigma noise + (1 - sigma) x0 and runs diffusers' get_timesteps' steps."""
+    flow = models.family.flow is not None
+    sigmas = _flow_tail(plan.sigmas, strength) if flow else schedule.img2img_sigmas(plan.sigmas, strength)
     plan = replace(plan, sigmas=sigmas)
     noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
     first = noise()
     x0 = init_latent.to(first).expand_as(first)
     if len(sigmas) < 2:  # strength 0 (or too few steps): nothing to run
         return x0.clone()
-    x = x0 + first * sigmas[0]
+    x = _flow_noised(x0, first, sigmas[0]) if flow else x0 + first * sigmas[0]
     pin = None if keep is None else (x0, keep.to(first))
     return _sample(models, plan, x, cond, uncond, noise, callback, extra, pin)
+
+
+def _flow_tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The steps a flow img2img runs: diffusers' SD3/FLUX get_timesteps (sampling/flow.img2img_start)."""
+    from sdcli.sampling.flow import img2img_start
+
+    return sigmas[img2img_start(len(sigmas) - 1, strength):]
+
+
+def _flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow forward process x = sigma noise + (1 - sigma) x0 (diffusers' scale_noise)."""
+    from sdcli.sampling.flow import noise_latent
+
+    return noise_latent(x0, noise, sigma)
 
 
 def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[SamplingPlan, SamplingPlan | None]:
@@ -327,8 +433,9 @@ def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def hires_size(height: int, width: int, scale: float, downscale: int = DEFAULT.latent.downscale) -> tuple[int, int]:
-    """(height, width) of the hires fix's second pass: the latent size scaled and rounded, so the pixel size is a
-    multiple of the VAE's downscale, 8 (A1111 floors the pixel size, then divides by 8)."""
+    """(height, width) of the hires fix's second pass: the size scaled and rounded to a multiple of `downscale`:
+    the VAE's 8 (A1111 floors the pixel size, then divides by 8), or the family's size multiple (16 for the
+    transformers' 2x2 patches)."""
     return round(height / downscale * scale) * downscale, round(width / downscale * scale) * downscale
 
 
@@ -389,14 +496,43 @@ def _noise_source(seeds, shape: tuple[int, ...], models):
     return samplers.make_noise_source(gens, shape, device, torch.float32)
 
 
+def _denoiser(models, plan, unet):
+    """x0 = D(x, sigma, cond) over the network: a flow family's FlowDenoiser, else by prediction type. An
+    LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
+    denoiser too, as it always has (LCM-LoRA merged models do not say what they are)."""
+    flow = models.family.flow
+    if flow is not None:
+        from sdcli.sampling.flow import FlowDenoiser
+
+        def velocity(x, t, cond):  # (B, C, h, w) at t = sigma * timestep_scale
+            cond = as_cond(cond)
+            return unet(x, t, cond.context, **cond.unet_kwargs())
+
+        return FlowDenoiser(velocity, flow.timestep_scale)
+    kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
+    return kind(unet, schedule.alphas_cumprod_of(models.family.schedule), models.info.prediction)
+
+
+def _run_sampler(models, plan, model, x, sigmas, noise, callback):
+    """The plan's sampler; a flow family runs the flow variant of a sampler that adds noise (sampling/flow.py)."""
+    if models.family.flow is not None:
+        from sdcli.sampling.flow import FLOW_VARIANTS
+
+        name = samplers.resolve_sampler(plan.sampler)[0]
+        if name in FLOW_VARIANTS:
+            return FLOW_VARIANTS[name](model, x, sigmas, noise, callback)
+    return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=callback, **dict(plan.options))
+
+
 def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None):
     """`pin`: (original, keep) for inpainting with any model (sampling/inpaint.MaskedDenoiser)."""
+    from sdcli.families.shapes import network_call
+
     batch = x.shape[0]
-    # An LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
-    # denoiser too, as it always has (LCM-LoRA merged models do not say what they are).
-    kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
-    unet = _UNetAdapter(models.stage("unet"), images=batch)
-    denoiser = kind(unet, schedule.alphas_cumprod_of(models.family.schedule), models.info.prediction)
+    net = models.stage("unet")
+    kind = models.family.denoiser
+    unet = _UNetAdapter(net, images=batch, call=network_call(kind, net), graphs=kind == DEFAULT.denoiser)
+    denoiser = _denoiser(models, plan, unet)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
     model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
@@ -411,8 +547,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode(), token_merging(models.stage("unet"), plan.token_merging):
-        out = samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step, **dict(plan.options))
+    with torch.inference_mode(), token_merging(net, plan.token_merging):
+        out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 
 
@@ -421,11 +557,12 @@ class _UNetAdapter:
     conditioning tensors (the vector y) are cast and split per image like the context. A ControlNet step
     (control.ControlStep) computes its residuals on each image's own rows, right before the UNet takes them."""
 
-    def __init__(self, unet, images: int):
+    def __init__(self, unet, images: int, call=None, graphs: bool = True):
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.eager = unet
-        self.unet = cuda_graphs.graphed(unet) if cuda_graphs.enabled(self.device) else unet
+        self.eager = call or unet  # `call`: the network as (x, t, context, **cond) when its own call differs
+        graphed = graphs and cuda_graphs.enabled(self.device)  # CUDA graphs are captured for the UNet only
+        self.unet = cuda_graphs.graphed(unet) if graphed else self.eager
         self.images = images
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **optional) -> torch.Tensor:
@@ -472,26 +609,31 @@ def scale_factor(models) -> float:
     return models.family.latent.scale_factor
 
 
+def shift_factor(models) -> float:
+    """The family's VAE latent shift (0 but for the 16-channel VAEs: scaled = (z - shift) * scale)."""
+    return models.family.latent.shift_factor
+
+
 def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
     posterior's std is tiny for SD's VAE, so sampling it would only spend random draws. A TAESD encoder gives
     scaled latents itself."""
-    from sdcli.loading.vae import is_tiny, latent_scale
+    from sdcli.loading.vae import is_tiny, latent_scale, latent_shift
 
     vae = models.stage("vae")
     param = next(vae.parameters())
     encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
     with torch.inference_mode():
-        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
-    return latent.float() * latent_scale(vae, models.family)
+        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, C, H/8, W/8)
+    return (latent.float() - latent_shift(vae, models.family)) * latent_scale(vae, models.family)
 
 
 def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
     """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
-    from sdcli.loading.vae import latent_scale
+    from sdcli.loading.vae import latent_scale, latent_shift
 
     vae = models.stage("vae")
-    return decode_with(vae, latents / latent_scale(vae, models.family))
+    return decode_with(vae, latents / latent_scale(vae, models.family) + latent_shift(vae, models.family))
 
 
 def decode_with(vae, z: torch.Tensor) -> DecodeResult:

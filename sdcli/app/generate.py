@@ -118,9 +118,10 @@ def _init_latent_file(path: Path, jobs: list[Job]):
 
 
 def _latent_init(path: Path, lf, cfg, models) -> render.Init:
-    from sdcli.pipeline import scale_factor
+    from sdcli.pipeline import scale_factor, shift_factor
 
-    return render.Init(lf.unet_space(scale_factor(models)), cfg.strength, [f"started from latent file {path}"])
+    return render.Init(lf.unet_space(scale_factor(models), shift_factor(models)), cfg.strength,
+                       [f"started from latent file {path}"])
 
 
 def _replay(req: GenerateRequest):
@@ -156,7 +157,7 @@ def _load_cond(path: Path, models):
     from sdcli.output import latents
 
     emb = latents.load_embedding(path)
-    if models.family.size_values is not None:
+    if any(spec.pooled or spec.kind != "clip" for spec in models.family.text):
         raise UnsupportedModelError(f"--cond: {models.family.title} also needs the pooled text vector, which an "
                                     "embedding file does not hold: give the prompt instead")
     width = models.info.text.hidden_size

@@ -106,8 +106,12 @@ def prepare_init(base, img, mask, notes, mask_path, models) -> tuple:
 
     render.check_inpaint_model(models, base, mask_path or base.pad)
     if mask is None and not base.pad:
+        # a transformer's 2x2 patches need sides that are multiples of 16
+        img, cropped = images.crop_to_multiple(img, models.family.size_multiple)
+        for note in cropped:
+            console.info(note)
         latent = pipeline.encode_image(models, images.pil_to_tensor(img))
-        return render.Init(latent, base.strength, notes), None
+        return render.Init(latent, base.strength, [*notes, *cropped]), None
     work = inpaint.prepare(img, mask, inpaint.settings(base, models.info.inpaint))
     pixels = images.pil_to_tensor(work.image)
     latent = pipeline.encode_image(models, pixels)

@@ -17,7 +17,9 @@ from sdcli.runtime import console
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
-         "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2"}
+         "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2",
+         "text_encoders.clip_l.": "text_encoder", "text_encoders.clip_g.": "text_encoder_2",
+         "text_encoders.t5xxl.": "text_encoder_3"}  # the last three: SD3-style files (diffusers' component names)
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
 
 
@@ -214,7 +216,9 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
                               "prediction": info.prediction, "inpaint": info.inpaint}
     if path.is_file() and path.suffix != ".ckpt":
         header = read_header(path)
-        report.update(_header_summary(header))
+        report.update(_header_summary(_as_single_file(header)))
+        if info.spec.denoiser != "unet":  # diffusers calls a diffusion transformer "transformer"
+            report["parameters"] = {("transformer" if k == "unet" else k): v for k, v in report["parameters"].items()}
         if hashes:
             report.update(_hashes(path, header))
     elif path.is_dir():
@@ -281,6 +285,15 @@ def _numel(shape: list[int]) -> int:
     for dim in shape:
         count *= dim
     return count
+
+
+def _as_single_file(header: dict) -> dict:
+    """A diffusion transformer saved alone (BFL's files) seen under model.diffusion_model., as the loader sees it."""
+    from sdcli.formats.ldm import UNET_PREFIX, bare_denoiser
+
+    if not bare_denoiser(k for k in header if k != "__metadata__"):
+        return header
+    return {(k if k == "__metadata__" else UNET_PREFIX + k): v for k, v in header.items()}
 
 
 def _header_summary(header: dict) -> dict[str, Any]:

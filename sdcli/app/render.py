@@ -252,8 +252,16 @@ def load(cfg: RunConfig, lazy: bool = False):
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
     policy = residency.choose(cfg.offload, placement.device, lazy)
+    from sdcli.config import TEXT_FILE_KEYS
+
+    text_files = {key: getattr(cfg, key) for key in TEXT_FILE_KEYS}
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement,
-                                    policy)
+                                    policy, text_files)
+    from sdcli.loading.components import absent_optional
+
+    for flag in absent_optional(models.family, models.info.texts):
+        console.info(f"{models.family.title} without its optional text encoder: it conditions on zeros in its "
+                     f"place (diffusers' rule); give the file with {flag} for the full conditioning")
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
 
 
@@ -320,25 +328,25 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     from sdcli import pipeline
     from sdcli.sampling.denoise import guided
 
+    width, height = _size(cfg, models, init)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
-                              models.family, sampler_params(cfg))
+                              models.family, sampler_params(cfg), size=(height, width), shift=cfg.flow_shift)
     plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
     concat = init.concat if init is not None else None
-    negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
+    negative = cfg.negative if guided(plan.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
         cond, uncond = _with_negative(models, cond_override, cfg) if negative is not None else (cond_override, None)
     else:
         encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
         cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
-    width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
     if hires is not None and cond_override is None:
         conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
     if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
-        hires = dataclasses.replace(hires, conds=sized(models, cfg, hires.conds, hires.size))
-    cond, uncond = sized(models, cfg, (cond, uncond), (height, width))
+        hires = dataclasses.replace(hires, conds=_guided(models, cfg, sized(models, cfg, hires.conds, hires.size)))
+    cond, uncond = _guided(models, cfg, sized(models, cfg, (cond, uncond), (height, width)))
     refined = None
     if refiner is not None:
         plan, rest = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
@@ -347,6 +355,13 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if cfg.controlnets:
         cond, uncond, hires = _with_control(models, cfg, nets, cond, uncond, hires)
     return Prepared(plan, cond, uncond, (height, width), hires, refined)
+
+
+def _guided(models, cfg: RunConfig, conds: tuple) -> tuple:
+    """(cond, uncond) with a guidance-distilled family's strength (--guidance) in each (pipeline.with_guidance)."""
+    from sdcli import pipeline
+
+    return tuple(pipeline.with_guidance(models, c, cfg.guidance) for c in conds)
 
 
 def _conditioning(value, concat=None):
@@ -398,12 +413,14 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
 
     if cfg.hires_scale == 1.0:
         return None
+    multiple = max(models.family.latent.downscale, models.family.size_multiple)
+    out = pipeline.hires_size(*size, cfg.hires_scale, multiple)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
-                              cfg.guidance_rescale, models.family, sampler_params(cfg))
+                              cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
+                              shift=cfg.flow_shift)
     plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
-    out = pipeline.hires_size(*size, cfg.hires_scale, models.family.latent.downscale)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
-    rounded = " (rounded to a multiple of 8)" if exact != (out[1], out[0]) else ""
+    rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
     upscaler = hires_upscaler(cfg, models)
     named = "" if upscaler.choice.name == "Latent" else f", upscaler {upscaler.choice.name}"
     console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
@@ -549,7 +566,8 @@ def _with_preview(progress, req, models, vae_dir: str | None):
 
     latent = models.family.latent
     preview = req.preview
-    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors,
+                           downscale=latent.downscale, rgb_bias=latent.rgb_bias,
                            decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
     callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]
@@ -592,5 +610,10 @@ def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
         _, _, h, w = init.latent.shape
         down = models.family.latent.downscale
         return w * down, h * down
-    native = models.family.native_size(models.info.prediction)
-    return cfg.width or native, cfg.height or native
+    family = models.family
+    native = family.native_size(models.info.prediction)
+    width, height = cfg.width or native, cfg.height or native
+    if width % family.size_multiple or height % family.size_multiple:
+        raise UsageError(f"{family.title} renders sides that are multiples of {family.size_multiple} px; "
+                         f"got {width}x{height}")
+    return width, height

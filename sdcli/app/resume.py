@@ -24,7 +24,8 @@ from sdcli.control import settings as control_config
 from sdcli.runtime.errors import OutputError
 from sdcli.app import render, save
 
-LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
+# 'auto'/None: known once the model is loaded (the size, cfg and guidance are the family's when not given)
+LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height", "cfg", "guidance", "schedule")
 
 
 def adopt_seeds(jobs: list, req) -> list:
@@ -109,15 +110,16 @@ def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
+    auto = cfg.schedule == "auto" and not cfg.sigmas  # a flow family's schedule is its own: known at load
     expected = dataclasses.replace(cfg, seed=target.seed, subseed=target.image_subseed, n=1, sampler=sampler,
-                                   schedule=schedule).to_dict()
+                                   schedule="auto" if auto else schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
     for key, default in sparse_keys().items():  # as save.metadata: a feature that is off is not recorded
         if expected.get(key) == default:
             del expected[key]
     save.record_hires_upscaler(expected, cfg)
-    for key in ("model", "vae"):
+    for key in ("model", "vae", "clip_l", "clip_g", "t5"):
         expected[key] = Path(expected[key]).name if expected[key] else expected[key]
     for key in LOAD_TIME_KEYS:
         if expected[key] in (None, "auto"):

@@ -94,19 +94,20 @@ def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -
 
 def save_latent_out(models, req, target, latent, size) -> None:
     from sdcli.output import latents
-    from sdcli.pipeline import scale_factor
+    from sdcli.pipeline import scale_factor, shift_factor
 
     latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
-                        source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
+                        source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite,
+                        shift_factor=shift_factor(models))
 
 
 def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> str:
     from sdcli.output.metadata import format_infotext
 
     cfg = target.job.cfg
-    sampler, schedule = sampler_schedule(cfg)
+    sampler, schedule = sampler_schedule(cfg, models.family)
     params = {"prompt": target.job.prompt, "negative_prompt": cfg.negative, "steps": cfg.steps,
-              "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
+              "sampler": sampler, "schedule": schedule, "cfg_scale": cfg_of(cfg, models.family), "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
     if models.vae_source is not None:  # as A1111 records a VAE chosen apart from the checkpoint
@@ -134,7 +135,7 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
     if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
         params["extra"] = {**params.get("extra", {}),
                            "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
-    params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models)}
+    params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models), **flow_fields(cfg, models.family)}
     if refiner is not None:  # A1111: "Refiner: NAME [shorthash], Refiner switch at: 0.8"
         short = (model_hash(refiner.models) or "")[:10]
         params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
@@ -199,6 +200,25 @@ def size_fields(cfg: RunConfig, models) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def cfg_of(cfg: RunConfig, family) -> float:
+    """The guidance scale the render used: the run's, else the family's default."""
+    return family.default_cfg if cfg.cfg is None else cfg.cfg
+
+
+def guidance_of(cfg: RunConfig, family) -> float | None:
+    """A guidance-distilled family's strength (the run's --guidance, else its default); None for others."""
+    if family.guidance != "distilled":
+        return None
+    return family.default_guidance if cfg.guidance is None else cfg.guidance
+
+
+def flow_fields(cfg: RunConfig, family) -> dict:
+    """Forge's infotext fields of the flow models: "Distilled CFG Scale" (FLUX dev's guidance) and "Shift" (when
+    the run replaced the family's)."""
+    fields = {"Distilled CFG Scale": guidance_of(cfg, family), "Shift": cfg.flow_shift}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def used_embeddings(models, job) -> list:
     """The textual-inversion embeddings the job's prompt and negative place, at any step of any pass."""
     from sdcli.text.editing import prompt_schedule
@@ -216,14 +236,15 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     import torch
 
     job_cfg = target.job.cfg
-    sampler, schedule = sampler_schedule(job_cfg)
+    sampler, schedule = sampler_schedule(job_cfg, models.family)
     cfg = dataclasses.replace(job_cfg, seed=target.seed, subseed=target.image_subseed, width=size[1], height=size[0],
                               n=1, sampler=sampler,
                               schedule=schedule, prediction=models.info.prediction,
-                              device=models.placement.device, dtype=models.placement.dtype_name)
+                              device=models.placement.device, dtype=models.placement.dtype_name,
+                              cfg=cfg_of(job_cfg, models.family), guidance=guidance_of(job_cfg, models.family))
     recorded = cfg.to_dict()
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
-    for key in ("model", "vae", "refiner"):
+    for key in ("model", "vae", "refiner", "clip_l", "clip_g", "t5"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     # the user's folders, and where and how it ran
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray", "offload"):
@@ -280,11 +301,14 @@ def mode(init) -> str:
     return "inpaint" if init.concat is not None or init.inpaint is not None else "img2img"
 
 
-def sampler_schedule(cfg: RunConfig) -> tuple[str, str]:
-    """The canonical sampler and the schedule actually used ('auto' resolved; 'custom' for --sigmas)."""
-    from sdcli.pipeline import resolve_sampler_schedule
+def sampler_schedule(cfg: RunConfig, family=None) -> tuple[str, str]:
+    """The canonical sampler and the schedule actually used ('auto' resolved; 'custom' for --sigmas; a flow
+    family's own sigmas are "simple", as Forge names them)."""
+    from sdcli.pipeline import FLOW_SCHEDULES, resolve_sampler_schedule
 
     sampler, schedule = resolve_sampler_schedule(cfg.sampler, cfg.schedule)
+    if family is not None and family.flow is not None and not cfg.sigmas:
+        return sampler, FLOW_SCHEDULES[-1]
     return sampler, "custom" if cfg.sigmas else schedule
 
 

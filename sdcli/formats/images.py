@@ -112,6 +112,12 @@ def _center_crop(img: Image.Image, multiple: int, notes: list[str]) -> Image.Ima
     return img.crop((left, top, left + cw, top + ch))
 
 
+def crop_to_multiple(img: Image.Image, multiple: int) -> tuple[Image.Image, list[str]]:
+    """(the image centre-cropped to sides that are multiples of `multiple`, notes saying so when it was)."""
+    notes: list[str] = []
+    return _center_crop(img, multiple, notes), notes
+
+
 def load_image(path: str | Path, multiple: int = 8, max_pixels: int | None = None
                ) -> tuple[Image.Image, list[str]]:
     """Read any image as RGB with a size that is a multiple of `multiple`.

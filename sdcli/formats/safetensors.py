@@ -15,7 +15,9 @@ from torch import Tensor
 from sdcli.runtime.errors import BadInputError
 from sdcli.formats.safetensors_header import decode_header
 
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fp8: up-cast when loaded
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -161,8 +161,13 @@ def entries_from_header(path: Path, header: dict, prefix: str = "", rename_fn: C
 
 
 def single_file_source(path: Path) -> WeightSource:
+    """A single file under LDM names: as stored, or under ``model.diffusion_model.`` when it holds a diffusion
+    transformer alone (ldm.bare_denoiser)."""
+    from sdcli.formats.ldm import UNET_PREFIX, bare_denoiser
+
     header = read_header(path)
-    return WeightSource(path, entries_from_header(path, header), header.get("__metadata__"))
+    prefix = UNET_PREFIX if bare_denoiser(k for k in header if k != "__metadata__") else ""
+    return WeightSource(path, entries_from_header(path, header, prefix), header.get("__metadata__"))
 
 
 def gguf_source(path: Path) -> WeightSource:

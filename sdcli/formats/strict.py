@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sdcli.runtime.device import prefers_channels_last
 from sdcli.runtime.errors import BadInputError, NumericalError
-from sdcli.formats.safetensors import FLOAT_DTYPES
+from sdcli.formats.safetensors import FLOAT_DTYPES, FP8_DTYPES
 from sdcli.quant.dequantize import check_supported
 from sdcli.quant.layers import quantize_modules
 
@@ -34,6 +34,7 @@ IGNORED_KEYS = [
     re.compile(r"^conditioner\.embedders\.\d+\.model\.logit_scale$"),  # SDXL's OpenCLIP: CLIP's training only
     re.compile(r"^denoiser\.sigmas$"),  # sgm's DiscreteDenoiser buffer (computed, as the schedule above)
     re.compile(r"^lora_"),  # LoRA keys merged into some files' headers are not weights of this model
+    re.compile(r"^text_encoders\.\w+\.(transformer\.)?logit_scale$"),  # SD3 files' CLIPs: CLIP's training only
 ]
 
 
@@ -116,12 +117,13 @@ def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device,
         entry = source.entries[key]
         if entry.dtype not in FLOAT_DTYPES and not _quantized(entry):
             raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
-        if device.type == "cpu" and chunk is None and entry.dtype in FLOAT_DTYPES:
+        if entry.dtype in FP8_DTYPES:  # fp8 files: up-cast here; e4m3 has NaN codes, zeroed as ComfyUI does
+            t = _slice(source.get(key).to(device, torch.float32).nan_to_num_(nan=0.0), chunk)
+            state[name], total = _cast_and_sum(t, dtype)
+        elif device.type == "cpu" and chunk is None and entry.dtype in FLOAT_DTYPES:
             state[name], total = _streamed(source, key, dtype, channels_last)
         else:  # a fused q/k/v part, a stored transpose, an accelerator, GGML blocks: whole tensor, then cast
-            t = source.get(key).to(device)
-            t = t.t() if chunk == "T" else t if chunk is None else t.chunk(3, dim=0)[chunk]
-            state[name], total = _cast_and_sum(t, dtype)
+            state[name], total = _cast_and_sum(_slice(source.get(key).to(device), chunk), dtype)
         sums.append(total)
     if sums:
         bad = ~torch.isfinite(torch.stack(sums))
@@ -131,6 +133,11 @@ def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device,
                 return state  # only the float32 sum overflowed; every element is finite
             raise NumericalError(f"{source.path}: NaN or Inf in the weights of {listing(names)}")
     return state
+
+
+def _slice(t: Tensor, chunk: int | str | None) -> Tensor:
+    """The module's tensor from the stored one: itself, its transpose ("T") or a third of a fused q/k/v."""
+    return t.t() if chunk == "T" else t if chunk is None else t.chunk(3, dim=0)[chunk]
 
 
 def _quantized(entry) -> bool:
@@ -147,7 +154,7 @@ def _check_dtypes(part: str, source, plan: Plan) -> None:
     bad = sorted(f"{key} has dtype {source.entries[key].dtype}" for key, _ in plan.values()
                  if source.entries[key].dtype not in FLOAT_DTYPES and not _quantized(source.entries[key]))
     if bad:
-        raise BadInputError(f"{source.path}: {part} tensors must be floating point (F32/F16/BF16): "
+        raise BadInputError(f"{source.path}: {part} tensors must be floating point (F32/F16/BF16/F8): "
                             f"{listing(sorted(set(bad)))}")
 
 

@@ -34,7 +34,7 @@ from sdcli.formats.hashing import file_sha256
 from sdcli.formats.safetensors import FLOAT_DTYPES, read_header
 from sdcli.quant.layers import RuntimeLora, holds_blocks
 from sdcli.runtime import cuda_graphs
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError, UsageError
 
 UNET_KEY = "lora_unet_"
 TEXT_KEY = "lora_te_"
@@ -286,6 +286,9 @@ class LoraState:
         key = [(s.path.resolve(), s.weight) for s in specs]
         if key == self.key:
             return []
+        family = self.models.family
+        if specs and family.denoiser != "unet":  # the key maps are written for the UNet families
+            raise UnsupportedModelError(f"{specs[0].path}: LoRAs for {family.title} are not supported yet")
         if self.key:
             if not self.keep_originals:
                 raise RuntimeError("LoRA switch without the original weights kept")  # a bug, not bad input

@@ -24,7 +24,8 @@ from sdcli.formats.source import WeightSource
 from sdcli.formats.strict import identity_plan, load_part
 from sdcli.models.vae import AutoencoderKL, VAEConfig
 
-TAESD_KINDS = ("taesdxl", "taesd")  # longest first: "taesdxl_decoder" also starts with "taesd"
+# longest first: "taesdxl_decoder" also starts with "taesd"; taesd3 (SD3) and taef1 (FLUX) are 16-channel
+TAESD_KINDS = ("taesdxl", "taesd3", "taesd", "taef1")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -101,6 +102,11 @@ def check_taesd_fits(path: Path, family) -> None:
 def latent_scale(vae, family) -> float:
     """What the VAE's own latent is multiplied by to give the UNet's (scaled) latent: 1 for TAESD."""
     return 1.0 if is_tiny(vae) else family.latent.scale_factor
+
+
+def latent_shift(vae, family) -> float:
+    """What is taken from the VAE's own latent before the scale (the 16-channel VAEs'): 0 for TAESD."""
+    return 0.0 if is_tiny(vae) else family.latent.shift_factor
 
 
 def is_tiny(vae) -> bool:

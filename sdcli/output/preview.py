@@ -22,10 +22,13 @@ from sdcli.runtime.errors import OutputError
 from sdcli.families import DEFAULT
 
 
-def cheap_rgb(latent: torch.Tensor, rgb_factors=DEFAULT.latent.rgb_factors) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) -> a rough image (B, 3, h, w) in [-1, 1]; `rgb_factors` (C, 3)."""
+def cheap_rgb(latent: torch.Tensor, rgb_factors=DEFAULT.latent.rgb_factors, bias=None) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> a rough image (B, 3, h, w) in [-1, 1]; `rgb_factors` (C, 3), `bias` (3,)
+    added after (ComfyUI's latent_rgb_factors_bias of the 16-channel spaces)."""
     factors = torch.tensor(rgb_factors, device=latent.device)
     rgb = torch.einsum("bchw,cr->brhw", latent.float(), factors)
+    if bias is not None and any(bias):
+        rgb = rgb + torch.tensor(bias, device=latent.device).view(1, 3, 1, 1)
     return rgb.clamp(-1, 1)
 
 
@@ -33,10 +36,10 @@ class PreviewWriter:
     """A sampler callback (step, total, x, denoised) that keeps `path` showing image 0's current estimate."""
 
     def __init__(self, path: str | Path, interval: float = 0.5, rgb_factors=DEFAULT.latent.rgb_factors,
-                 downscale: int = DEFAULT.latent.downscale, decoder=None):
+                 downscale: int = DEFAULT.latent.downscale, decoder=None, rgb_bias=None):
         self.path, self.interval = Path(path), interval
         self.decoder = decoder  # a TAESD (models/taesd.py): a real picture of the estimate, on scaled latents
-        self.rgb_factors, self.downscale = rgb_factors, downscale
+        self.rgb_factors, self.downscale, self.rgb_bias = rgb_factors, downscale, rgb_bias
         self.last = -float("inf")
         self.failed = False
 
@@ -64,7 +67,7 @@ class PreviewWriter:
             with torch.inference_mode():
                 img = tensor_to_pil(self.decoder.decode(latent).float().cpu()[0])  # clamped to [-1, 1] there
         else:
-            rgb = cheap_rgb(latent.cpu(), self.rgb_factors)[0]
+            rgb = cheap_rgb(latent.cpu(), self.rgb_factors, self.rgb_bias)[0]
             img = tensor_to_pil(rgb).resize((w * self.downscale, h * self.downscale), Image.BILINEAR)
         atomic_write_bytes(self.path, _png_bytes(img), overwrite=True)
 

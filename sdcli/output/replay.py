@@ -20,10 +20,13 @@ RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "gui
                "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score",
                "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur",
                "inpaint_fill", "inpaint_area", "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed",
-               "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
-# A1111 infotext fields of the "extra" part that replay as numbers -> config key
+               "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise",
+               "guidance", "flow_shift")
+# A1111 infotext fields of the "extra" part that replay as numbers -> config key (the last two: Forge's fields of
+# the flow models)
 INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
-                    "Token merging ratio hr": "tome_ratio_hr"}
+                    "Token merging ratio hr": "tome_ratio_hr", "Distilled CFG Scale": "guidance",
+                    "Shift": "flow_shift"}
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
