@@ -330,3 +330,58 @@ def test_nan_scales_exit_5(files, tmp_path):
     t = next(t for t in header.tensors.values() if t.qtype.name == "Q8_0" and t.name.startswith("model."))
     bad = _patched(files["q8"], tmp_path / "nan.gguf", t.offset, np.float16(np.nan).tobytes())
     _render(tmp_path, bad, expect=5)
+
+
+# --- files that hold one part: city96's UNets, FLUX and T5 GGUFs, SD3 ------------------------------------------
+
+def _comfy_clip(state: dict, prefix: str, into: str = "") -> dict:
+    """A text encoder as ComfyUI's clip_l / clip_g files hold it: transformers names (what follows `prefix`, under
+    `into`), and CLIP's logit_scale."""
+    out = {into + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "position_ids" not in k}
+    return {**out, "logit_scale": torch.tensor(4.6052)}
+
+
+def _city96_unet(src: Path, out: Path, arch: str) -> None:
+    """city96's SD1/SDXL GGUF: the UNet alone, its names without model.diffusion_model., general.architecture
+    set, convolutions as 256-wide Q8_0 rows (comfy.gguf.orig_shape)."""
+    prefix = "model.diffusion_model."
+    state = {k[len(prefix):]: v for k, v in load_file(src).items() if k.startswith(prefix)}
+    write_gguf(out, state, "q8_0", arch=arch, convs=True)
+
+
+def test_sd1_unet_gguf_with_vae_and_clip_files(files, tmp_path):
+    """A city96 UNet-only SD1 file runs with --vae (here the full checkpoint: its VAE is taken) and --clip-l
+    (ComfyUI's clip_l.safetensors): the bytes of a whole-model GGUF quantized the same way (text encoder float);
+    without one of them, exit 4 naming the option, nothing written."""
+    unet, clip_l, whole = tmp_path / "sd1-unet-q8_0.gguf", tmp_path / "clip_l.safetensors", tmp_path / "whole.gguf"
+    _city96_unet(files["st32"], unet, "sd1")
+    save_file(_comfy_clip(load_file(files["st32"]), "cond_stage_model.transformer."), str(clip_l))
+    invoker({})("convert", str(files["st32"]), "-o", str(whole), "--quantize", "q8_0", "--quantize-convs",
+                "--tensor-type-rules", r"^cond_stage_model\.=f32")  # fmt: skip
+    parts = ("--vae", str(files["st32"]), "--clip-l", str(clip_l))
+    _same(_render(tmp_path, unet, *parts, name="unet"), _render(tmp_path, whole, name="whole"))
+    for missing, flag in ((parts[2:], "--vae"), (parts[:2], "--clip-l")):
+        result = invoker({})("generate", "a fox", "-m", str(unet), *missing, *RENDER, "-o", str(tmp_path / "x.png"),
+                             expect=4)  # fmt: skip
+        assert flag in result.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_sdxl_unet_gguf_with_vae_and_clip_files(tiny_sdxl, tmp_path):  # noqa: F811
+    """The same for SDXL: --clip-l and --clip-g (bigG in transformers names with its projection, as ComfyUI's
+    clip_g.safetensors) beside a city96 UNet-only file."""
+    unet, whole = tmp_path / "sdxl-unet-q8_0.gguf", tmp_path / "whole.gguf"
+    _city96_unet(tiny_sdxl, unet, "sdxl")
+    big_g = load_models(tiny_sdxl).text_encoders[1].state_dict()
+    clips = {"clip_l": _comfy_clip(load_file(tiny_sdxl), "conditioner.embedders.0.transformer."),
+             "clip_g": {**_comfy_clip(big_g, "transformer.", "text_model."),
+                        "text_projection.weight": big_g["text_projection.weight"]}}
+    for name, state in clips.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    invoker({})("convert", str(tiny_sdxl), "-o", str(whole), "--quantize", "q8_0", "--quantize-convs",
+                "--tensor-type-rules", r"^conditioner\.=f32")  # fmt: skip
+    parts = ("--vae", str(tiny_sdxl), "--clip-l", str(tmp_path / "clip_l.safetensors"), "--clip-g",
+             str(tmp_path / "clip_g.safetensors"))  # fmt: skip
+    _same(_render(tmp_path, unet, *parts, name="unet"), _render(tmp_path, whole, name="whole"))
+    result = invoker({})("generate", "a fox", "-m", str(unet), *parts[:4], *RENDER, "-o", str(tmp_path / "x.png"),
+                         expect=4)  # fmt: skip
+    assert "--clip-g" in result.stderr and not (tmp_path / "x.png").exists()
