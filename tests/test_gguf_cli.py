@@ -389,7 +389,7 @@ def test_sdxl_unet_gguf_with_vae_and_clip_files(tiny_sdxl, tmp_path):  # noqa: F
     assert "--clip-g" in result.stderr and not (tmp_path / "x.png").exists()
 
 
-FLUX_LLAMA_T5 = {v: k for k, v in T5_LAYERS.items()}  # transformers' T5 layer names -> llama.cpp's
+LLAMA_T5_LAYERS = {v: k for k, v in T5_LAYERS.items()}  # transformers' T5 layer names -> llama.cpp's
 
 
 def _llama_t5(state: dict) -> dict:
@@ -398,7 +398,7 @@ def _llama_t5(state: dict) -> dict:
     for k, v in state.items():
         m = re.fullmatch(r"encoder\.block\.(\d+)\.(layer\.\d\.\w+\.\w+|layer\.\d\.layer_norm)\.(weight|bias)", k)
         if m:
-            out[f"enc.blk.{m.group(1)}.{FLUX_LLAMA_T5[m.group(2)]}.{m.group(3)}"] = v
+            out[f"enc.blk.{m.group(1)}.{LLAMA_T5_LAYERS[m.group(2)]}.{m.group(3)}"] = v
         elif k in T5_NAMES.values():
             out[{b: a for a, b in T5_NAMES.items()}[k]] = v
     return out
