@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import gguf
@@ -30,8 +31,9 @@ from safetensors.torch import load_file, save_file
 from _cli import invoker, pixels
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
+from _fixtures_dit import dit_components, dit_dir, tiny_flux, tiny_sd3  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
-from sdcli.formats.gguf import read_gguf_header
+from sdcli.formats.gguf import T5_LAYERS, T5_NAMES, read_gguf_header
 from sdcli.loading import residency
 from sdcli.loading.checkpoint import load_models
 from sdcli.loading.lora import _part_targets
@@ -330,3 +332,106 @@ def test_nan_scales_exit_5(files, tmp_path):
     t = next(t for t in header.tensors.values() if t.qtype.name == "Q8_0" and t.name.startswith("model."))
     bad = _patched(files["q8"], tmp_path / "nan.gguf", t.offset, np.float16(np.nan).tobytes())
     _render(tmp_path, bad, expect=5)
+
+
+# --- files that hold one part: city96's UNets, FLUX and T5 GGUFs, SD3 ------------------------------------------
+
+def _comfy_clip(state: dict, prefix: str, into: str = "") -> dict:
+    """A text encoder as ComfyUI's clip_l / clip_g files hold it: transformers names (what follows `prefix`, under
+    `into`), and CLIP's logit_scale."""
+    out = {into + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "position_ids" not in k}
+    return {**out, "logit_scale": torch.tensor(4.6052)}
+
+
+def _city96_unet(src: Path, out: Path, arch: str) -> None:
+    """city96's SD1/SDXL GGUF: the UNet alone, its names without model.diffusion_model., general.architecture
+    set, convolutions as 256-wide Q8_0 rows (comfy.gguf.orig_shape)."""
+    prefix = "model.diffusion_model."
+    state = {k[len(prefix):]: v for k, v in load_file(src).items() if k.startswith(prefix)}
+    write_gguf(out, state, "q8_0", arch=arch, convs=True)
+
+
+def test_sd1_unet_gguf_with_vae_and_clip_files(files, tmp_path):
+    """A city96 UNet-only SD1 file runs with --vae (here the full checkpoint: its VAE is taken) and --clip-l
+    (ComfyUI's clip_l.safetensors): the bytes of a whole-model GGUF quantized the same way (text encoder float);
+    without one of them, exit 4 naming the option, nothing written."""
+    unet, clip_l, whole = tmp_path / "sd1-unet-q8_0.gguf", tmp_path / "clip_l.safetensors", tmp_path / "whole.gguf"
+    _city96_unet(files["st32"], unet, "sd1")
+    save_file(_comfy_clip(load_file(files["st32"]), "cond_stage_model.transformer."), str(clip_l))
+    invoker({})("convert", str(files["st32"]), "-o", str(whole), "--quantize", "q8_0", "--quantize-convs",
+                "--tensor-type-rules", r"^cond_stage_model\.=f32")  # fmt: skip
+    parts = ("--vae", str(files["st32"]), "--clip-l", str(clip_l))
+    _same(_render(tmp_path, unet, *parts, name="unet"), _render(tmp_path, whole, name="whole"))
+    for missing, flag in ((parts[2:], "--vae"), (parts[:2], "--clip-l")):
+        result = invoker({})("generate", "a fox", "-m", str(unet), *missing, *RENDER, "-o", str(tmp_path / "x.png"),
+                             expect=4)  # fmt: skip
+        assert flag in result.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_sdxl_unet_gguf_with_vae_and_clip_files(tiny_sdxl, tmp_path):  # noqa: F811
+    """The same for SDXL: --clip-l and --clip-g (bigG in transformers names with its projection, as ComfyUI's
+    clip_g.safetensors) beside a city96 UNet-only file."""
+    unet, whole = tmp_path / "sdxl-unet-q8_0.gguf", tmp_path / "whole.gguf"
+    _city96_unet(tiny_sdxl, unet, "sdxl")
+    big_g = load_models(tiny_sdxl).text_encoders[1].state_dict()
+    clips = {"clip_l": _comfy_clip(load_file(tiny_sdxl), "conditioner.embedders.0.transformer."),
+             "clip_g": {**_comfy_clip(big_g, "transformer.", "text_model."),
+                        "text_projection.weight": big_g["text_projection.weight"]}}
+    for name, state in clips.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    invoker({})("convert", str(tiny_sdxl), "-o", str(whole), "--quantize", "q8_0", "--quantize-convs",
+                "--tensor-type-rules", r"^conditioner\.=f32")  # fmt: skip
+    parts = ("--vae", str(tiny_sdxl), "--clip-l", str(tmp_path / "clip_l.safetensors"), "--clip-g",
+             str(tmp_path / "clip_g.safetensors"))  # fmt: skip
+    _same(_render(tmp_path, unet, *parts, name="unet"), _render(tmp_path, whole, name="whole"))
+    result = invoker({})("generate", "a fox", "-m", str(unet), *parts[:4], *RENDER, "-o", str(tmp_path / "x.png"),
+                         expect=4)  # fmt: skip
+    assert "--clip-g" in result.stderr and not (tmp_path / "x.png").exists()
+
+
+LLAMA_T5_LAYERS = {v: k for k, v in T5_LAYERS.items()}  # transformers' T5 layer names -> llama.cpp's
+
+
+def _llama_t5(state: dict) -> dict:
+    """A T5 encoder under llama.cpp's names, as city96's t5-v1_1-xxl-encoder GGUFs hold it (one embedding)."""
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"encoder\.block\.(\d+)\.(layer\.\d\.\w+\.\w+|layer\.\d\.layer_norm)\.(weight|bias)", k)
+        if m:
+            out[f"enc.blk.{m.group(1)}.{LLAMA_T5_LAYERS[m.group(2)]}.{m.group(3)}"] = v
+        elif k in T5_NAMES.values():
+            out[{b: a for a, b in T5_NAMES.items()}[k]] = v
+    return out
+
+
+def test_flux_and_t5_gguf_from_city96(tiny_flux, dit_components, tmp_path):  # noqa: F811
+    """city96's FLUX.1 GGUF (the DiT alone, bare BFL names, general.architecture flux) with his T5 encoder GGUF
+    (llama.cpp names, t5encoder) as --t5: the bytes of the same weights dequantized into safetensors files."""
+    dit, t5 = tmp_path / "flux1-dev-Q8_0.gguf", tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    write_gguf(dit, load_file(tiny_flux), "q8_0", arch="flux")
+    t5_state = _llama_t5(load_file(dit_components["t5"]))
+    assert len(t5_state) == len(load_file(dit_components["t5"])) - 1  # all but the second name of the embedding
+    write_gguf(t5, t5_state, "q8_0", arch="t5encoder")
+    assert any(t.qtype.name == "Q8_0" for t in read_gguf_header(t5).tensors.values())
+    run = invoker({})
+    for path in (dit, t5):
+        run("convert", str(path), "-o", str(path.with_suffix(".safetensors")))
+    parts = ("--vae", str(dit_components["vae"]), "--clip-l", str(dit_components["clip_l"]))
+    q = _render(tmp_path, dit, *parts, "--t5", str(t5), name="q")
+    _same(q, _render(tmp_path, dit.with_suffix(".safetensors"), *parts, "--t5", str(t5.with_suffix(".safetensors")),
+                     name="deq"))  # fmt: skip
+    held = load_models(dit, dit_components["vae"], text_files={"clip_l": dit_components["clip_l"], "t5": t5})
+    assert any(holds_blocks(m) for m in held.unet.modules())
+    assert any(holds_blocks(m) for m in held.text_encoders[1].modules())  # T5's Linears hold blocks too
+
+
+def test_sd3_gguf_round_trip(tiny_sd3, tmp_path):  # noqa: F811
+    """An SD3.5 single file (MMDiT, CLIP-L, CLIP-G, T5, 16-channel VAE) as a Q8_0 GGUF: the bytes of its dequantized
+    weights."""
+    gg, deq = tmp_path / "sd35-q8_0.gguf", tmp_path / "sd35-deq.safetensors"
+    run = invoker({})
+    run("convert", str(tiny_sd3), "-o", str(gg), "--quantize", "q8_0")
+    run("convert", str(gg), "-o", str(deq))
+    types = {t.qtype.name for t in read_gguf_header(gg).tensors.values() if t.name.startswith("model.")}
+    assert "Q8_0" in types
+    _same(_render(tmp_path, gg, name="q"), _render(tmp_path, deq, name="deq"))

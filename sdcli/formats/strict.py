@@ -35,6 +35,8 @@ IGNORED_KEYS = [
     re.compile(r"^denoiser\.sigmas$"),  # sgm's DiscreteDenoiser buffer (computed, as the schedule above)
     re.compile(r"^lora_"),  # LoRA keys merged into some files' headers are not weights of this model
     re.compile(r"^text_encoders\.\w+\.(transformer\.)?logit_scale$"),  # SD3 files' CLIPs: CLIP's training only
+    # a ComfyUI clip_l / clip_g file given for SD1/SDXL (--clip-l, --clip-g) carries CLIP's logit_scale too
+    re.compile(r"^(cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.logit_scale$"),
 ]
 
 

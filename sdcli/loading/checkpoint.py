@@ -143,8 +143,10 @@ def _tally(header: dict) -> tuple[dict, dict, int]:
     return {k: dict(c) for k, c in dtypes.items()}, dict(params), ignored
 
 
-def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> ModelInfo:
-    """Family, prediction type, inpainting and network shapes, from the header alone (no tensor data read)."""
+def detect(path_or_header: str | Path | dict, prediction: str | None = None, family: Family | None = None) -> ModelInfo:
+    """Family, prediction type, inpainting and network shapes, from the header alone (no tensor data read).
+    `family`: already known from the checkpoint alone (text encoder files merged in since cannot change it: an SDXL
+    UNet given only --clip-l would otherwise look like a refiner, whose one encoder sits where CLIP-L does)."""
     if isinstance(path_or_header, dict):
         header = path_or_header
     else:
@@ -156,7 +158,7 @@ def detect(path_or_header: str | Path | dict, prediction: str | None = None) -> 
             if bare_denoiser(k for k in header if k != "__metadata__"):
                 header = {(k if k == "__metadata__" else UNET_PREFIX + k): v for k, v in header.items()}
     shapes = shapes_of(header)
-    family = detect_family(shapes)
+    family = family or detect_family(shapes)
     _check_text_places(shapes, family)
     unet = infer_denoiser_config(shapes, family)
     found = [infer_text_config(shapes, family.name, spec) for spec in family.text]
@@ -415,7 +417,7 @@ def _read_all(parts: Residency, source: WeightSource, info: ModelInfo, vae: str 
 
 def _open_model(path: Path, text_files: dict | None):
     """(a function opening the checkpoint with its separate text encoder files in place, its source now, the
-    family): components.with_text_files."""
+    family the checkpoint alone shows): components.with_text_files."""
     source = open_source(path)
     try:
         family = detect_family(shapes_of(source.header))
@@ -433,7 +435,7 @@ def _open_model(path: Path, text_files: dict | None):
     except BaseException:
         source.close()
         raise
-    return opener, merged
+    return opener, merged, family
 
 
 def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -444,10 +446,10 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
     `text_files`: config key ("clip_l", "clip_g", "t5") -> a text encoder's own file (loading/components.py)."""
     path = resolve_model(str(model), hub_patterns())
     device = torch.device(device)
-    opener, source = _open_model(path, text_files)
+    opener, source, family = _open_model(path, text_files)
     try:
         try:
-            info = detect(source.header, prediction)
+            info = detect(source.header, prediction, family)
         except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
             raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
