@@ -120,10 +120,11 @@ def expected_config(target) -> dict:
             del expected[key]
     save.record_hires_upscaler(expected, cfg)
     for key in ("model", "vae", "clip_l", "clip_g", "t5"):
-        expected[key] = Path(expected[key]).name if expected[key] else expected[key]
-    for key in LOAD_TIME_KEYS:
-        if expected[key] in (None, "auto"):
-            del expected[key]
+        if key in expected:  # the encoder files are sparse: absent when not given
+            expected[key] = Path(expected[key]).name if expected[key] else expected[key]
+    for key in LOAD_TIME_KEYS:  # (guidance is sparse: absent when not given)
+        if expected.get(key, "auto") in (None, "auto"):
+            expected.pop(key, None)
     control_config.put_record(expected, cfg.controlnets)
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists
 
