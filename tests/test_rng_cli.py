@@ -116,7 +116,7 @@ def _latent(path):
 def test_initial_noise_is_philox(run, sampled, source):
     """--rng nv / gpu: image k's initial noise is PhiloxGenerator(seed + k).randn, A1111's NV (and any GPU's, up
     to its thread capacity)."""
-    run("generate", "a fox", *RENDER, "--sampler", "euler", "--rng", source, "--seed", "7", "-n", "2", "-b", "2",
+    run("generate", "a fox", *RENDER, "--sampler", "euler", "--rng", source, "--seed", "7", "-n", "2", "--batch-size", "2",
         "-o", "i{index}.png")
     call = sampled.calls[0]
     expected = torch.stack([PhiloxGenerator(7).randn(SHAPE), PhiloxGenerator(8).randn(SHAPE)])
@@ -128,7 +128,7 @@ def test_variation_seed_and_seed_resize_are_rng_functions(run, sampled):
     """Variation seeds and "resize seed from" through the command equal slerp / paste_centred on rng.randn draws:
     with a variation every image keeps the seed and image k takes subseed + k (A1111's numbering)."""
     run("generate", "a fox", *RENDER, "--sampler", "euler", "--rng", "nv", "--seed", "3", "--subseed", "10",
-        "--subseed-strength", "0.3", "--seed-resize-from", "96x48", "-n", "2", "-b", "2", "-o", "v{index}.png")
+        "--subseed-strength", "0.3", "--seed-resize-from", "96x48", "-n", "2", "--batch-size", "2", "-o", "v{index}.png")
     call = sampled.calls[0]
     expected = []
     for k in range(2):
@@ -175,7 +175,7 @@ def test_euler_a_with_eta_and_ensd_equals_k_diffusion(run, sampled, tmp_path):
     draws = philox_draws([9 + 1234, 10 + 1234])
     sampled.reference = lambda model, x, sigmas: k_euler_ancestral(model, x, sigmas, draws, eta=0.6)
     run("generate", "a fox", *RENDER, "--sampler", "euler_a", "--rng", "nv", "--seed", "9", "--ensd", "1234",
-        "--eta", "0.6", "-n", "2", "-b", "2", "-o", "a{index}.png")
+        "--eta", "0.6", "-n", "2", "--batch-size", "2", "-o", "a{index}.png")
     call = sampled.calls[0]
     assert call["options"] == {"eta": 0.6}
     assert torch.equal(call["out"], call["reference"])
@@ -195,7 +195,7 @@ def test_defaults_call_the_samplers_as_before(run, sampled):
 def test_image_k_of_a_batch_equals_a_single_run(run, tmp_path, source):
     noise = ["--rng", source, "--seed", "21", "--subseed", "40", "--subseed-strength", "0.4", "--ensd", "77",
              "--seed-resize-from", "72x56", "--sampler", "euler_a", "--eta", "0.8"]
-    run("generate", "a fox", *RENDER, *noise, "-n", "2", "-b", "2", "-o", "b{index}.png",
+    run("generate", "a fox", *RENDER, *noise, "-n", "2", "--batch-size", "2", "-o", "b{index}.png",
         "--latent-out", "b{index}.safetensors")
     single = [*noise[:5], "41", *noise[6:]]  # image 1: the same seed, variation seed 40 + 1
     run("generate", "a fox", *RENDER, *single, "-o", "one.png", "--latent-out", "one.safetensors")

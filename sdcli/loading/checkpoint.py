@@ -421,9 +421,10 @@ def _open_model(path: Path, text_files: dict | None):
     source = open_source(path)
     try:
         family = detect_family(shapes_of(source.header))
-    except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
-        source.close()
-        raise type(e)(f"{path}: {e}") from None
+    except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file, and
+        source.close()  # its format when the name suggests another
+        kind = "a GGUF file: " if path.suffix.lower() != ".gguf" and is_gguf(path) else ""
+        raise type(e)(f"{path}: {kind}{e}") from None
     files = {k: v for k, v in (text_files or {}).items() if v}
     components.check_flags(family, files)
 
