@@ -18,7 +18,7 @@ GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
 .PHONY: install install-runtime install-ray install-gguf install-spandrel install-serve browser demo demo-tiny test \
 	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale \
-	bench-serve clean
+	bench-serve bench-peers bench-peers-install bench-attention clean
 
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -135,6 +135,23 @@ bench-upscale: $(STAMP)
 SERVE_MODEL ?=
 bench-serve: $(SERVE_STAMP)
 	$(PY) scripts/bench_serve.py $(if $(SERVE_MODEL),--model $(SERVE_MODEL)) --write
+
+# sdcli against the CPU peers a user would pick instead: OpenVINO (optimum-intel, static shape) and
+# stable-diffusion.cpp's sd-cli, same random SD1.5 weights, noise and sigmas; per CFG step, whole image, peak RSS, and
+# how far each image is from sdcli's fp32 image. Each peer lives in its own environment under .bench/, installed on
+# demand (a venv with the pinned CPU torch + optimum-intel; sd-cli built from source with cmake, minutes on 2 cores):
+# never a dependency of sdcli. Steps, runs, threads, peers: `$(PY) scripts/bench_peers.py --help`.
+PEERS_ARGS ?=
+bench-peers-install:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" scripts/setup_bench_peers.sh
+
+bench-peers: $(STAMP) bench-peers-install
+	$(PY) scripts/bench_peers.py --write $(PEERS_ARGS)
+
+# attention at SD1.5's head dims (40, 80) on the CPU: sdcli's path, each SDPA backend, padding, GEMM formulations,
+# torch.compile(flex_attention), against a plain GEMM of the same FLOPs (printed, not written)
+bench-attention: $(STAMP)
+	$(PY) scripts/bench_attention.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench
