@@ -116,16 +116,17 @@ class Model:
 def models_for(a) -> dict[str, Model]:
     """Which checkpoint each peer runs: the full SD1.5 shapes, or in a rehearsal the tiny model where the peer
     takes one (sd.cpp does not: its network shapes are fixed per SD version)."""
-    from bench import CKPT, ensure_checkpoint
+    from bench import ensure_checkpoint
 
-    full = Model("sd15", ensure_checkpoint() if not CKPT.exists() else CKPT)
+    def full() -> Model:
+        return Model("sd15", ensure_checkpoint())  # scripts/bench.py's checkpoint, made once
+
     if not a.rehearse:
-        return {p: full for p in a.peers}
+        return {p: full() for p in a.peers}
     if not TINY_CKPT.exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_checkpoint.py"), str(TINY_CKPT), "--family",
                         "sd1", "--size", "tiny", "--dtype", "fp16", "--seed", "0"], check=True, cwd=ROOT)
-    tiny = Model("tiny", TINY_CKPT)
-    return {p: full if p == "sdcpp" else tiny for p in a.peers}
+    return {p: full() if p == "sdcpp" else Model("tiny", TINY_CKPT) for p in a.peers}
 
 
 def check_installed(peers) -> None:
@@ -386,11 +387,11 @@ def render(a, r: dict, rows: list[dict]) -> str:
     sd = next((x for x in rows if x["job"] == "sdcli"), None)
     n = f"{WHOLE_STEPS}-step image" + (" (extrapolated)" if a.steps < WHOLE_STEPS else "")
     head = ["peer", "weights / compute", "per CFG step", "CPU s per step", f"whole {n}, cold process",
-            "fixed: load, compile, text, VAE", "peak RSS", "step vs sdcli", "image vs sdcli fp32 (mean / max levels)"]
+            "fixed: load, compile, text, VAE", "peak RSS", "step time / sdcli's", "image vs sdcli fp32 (mean / max levels)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in rows:
         mean, mx, _ = x["diff"]
-        vs = f"{sd['step'] / x['step']:.2f}x" if sd else "n/a"
+        vs = f"{x['step'] / sd['step']:.2f}x" if sd else "n/a"
         lines.append(f"| {label(x, a)} | {precision(x, a)} | {x['step']:.2f} s | {x['cpu_step']:.2f} s | "
                      f"{x['whole']:.1f} s | {x['fixed']:.1f} s | {x['rss']:.2f} GB | {vs} | {mean:.2f} / {mx} |")
     notes = [f"{a.size}x{a.size}, CFG 7, euler, same prompt, seed and initial noise; {a.steps} steps timed per image, "
@@ -399,13 +400,14 @@ def render(a, r: dict, rows: list[dict]) -> str:
              "Whole image: the cold process's wall time" +
              (f" + {WHOLE_STEPS - a.steps} x the step time" if a.steps < WHOLE_STEPS else "") +
              "; fixed = that wall time less the steps. Peak RSS: os.wait4 (GB = 10^6 KiB, as the other tables). "
-             "\"step vs sdcli\" > 1: sdcli is faster."]  # fmt: skip
+             "\"step time / sdcli's\" above 1: sdcli is faster per step."]  # fmt: skip
     if sd is not None:
         notes.append(guard_note(a, r, rows, sd))
     if a.rehearse:
-        notes.append("REHEARSAL: tiny shapes, the timings mean nothing. stable-diffusion.cpp ran the full-size SD1.5 "
-                     "checkpoint at 64x64 (it cannot load the tiny model: its network shapes are fixed per SD "
-                     "version), compared with sdcli fp32 on that checkpoint.")
+        notes.append("REHEARSAL: tiny shapes, the timings mean nothing." + (
+            " stable-diffusion.cpp ran the full-size SD1.5 checkpoint at 64x64 (it cannot load the tiny model: its "
+            "network shapes are fixed per SD version), compared with sdcli fp32 on that checkpoint."
+            if "sdcpp" in a.peers else ""))
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n"
 
 
