@@ -14,6 +14,7 @@ q/k/v and compared with sdcli's output (exact, or the largest absolute differenc
   backend (sdpa_kernel); the efficient/cuDNN backends are CUDA-only and are reported as n/a;
 - sdpa-pad48 / sdpa-pad64: head dim zero-padded to 48 / 64 (scale kept at 1/sqrt(d): the zeros add nothing);
 - gemm-chunkN: scores as a batched GEMM per chunk of N queries (baddbmm), softmax, a batched GEMM with v;
+- gemm-head-chunkN: the same one head at a time, so the (N, Nk) score block stays in cache (OpenVINO's blocking);
 - flex-compiled: torch.compile(flex_attention), whose CPU lowering is inductor's C++ flash-attention template; it is
   compiled in a child process under --compile-timeout seconds (default 60) and left out when it takes longer.
 
@@ -102,6 +103,27 @@ def gemm_chunked(chunk: int):
     return run
 
 
+def gemm_per_head(chunk: int):
+    """One head at a time, `chunk` queries at a time: the score block (chunk, Nk) stays in L2 cache between the two
+    GEMMs and the softmax, the blocking OpenVINO's CPU SDPA/MHA kernels use (at the cost of a Python loop)."""
+
+    def run(q, k, v, heads):
+        qh, kh, vh = (packed(t, heads) for t in (q, k, v))
+        b, h, n, d = qh.shape
+        qf, kt, vf = qh.reshape(b * h, n, d), kh.reshape(b * h, -1, d).transpose(1, 2), vh.reshape(b * h, -1, d)
+        out = torch.empty_like(qf)
+        scores = torch.empty(min(chunk, n), kt.shape[-1], dtype=qf.dtype)
+        scale = 1 / math.sqrt(d)
+        for i in range(b * h):
+            for s in range(0, n, chunk):
+                rows = qf[i, s:s + chunk]
+                block = torch.mm(rows, kt[i], out=scores[: rows.shape[0]]).mul_(scale)  # (chunk, Nk)
+                torch.mm(torch.softmax(block, -1), vf[i], out=out[i, s:s + chunk])
+        return unpacked(out.reshape(b, h, n, d))
+
+    return run
+
+
 def flex_compiled():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -119,7 +141,8 @@ def variants(with_flex: bool) -> dict:
     out = {"sdcli": sdcli_attention, "sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
            "sdpa-math": sdpa_backend(SDPBackend.MATH), "sdpa-efficient": sdpa_backend(SDPBackend.EFFICIENT_ATTENTION),
            "sdpa-pad48": sdpa_padded(48), "sdpa-pad64": sdpa_padded(64), "gemm-chunk1024": gemm_chunked(1024),
-           "gemm-chunk256": gemm_chunked(256)}  # fmt: skip
+           "gemm-chunk256": gemm_chunked(256), "gemm-head-chunk64": gemm_per_head(64),
+           "gemm-head-chunk256": gemm_per_head(256)}  # fmt: skip
     if with_flex:
         out["flex-compiled"] = flex_compiled()
     return out
