@@ -22,6 +22,9 @@ install_openvino() {
     # torch first and pinned, so that optimum's dependencies do not pull another (CUDA) build.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $TORCH
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $OV_PACKAGES "$TORCH"
+    # optimum-intel pulls torchvision, whose index build does not match the CPU torch ("operator torchvision::nms
+    # does not exist" at import, and transformers then fails to import): the export and the pipeline never use it.
+    "$venv/bin/python" -m pip uninstall --quiet --yes torchvision
     "$venv/bin/python" -c "import openvino, optimum.intel; print('openvino', openvino.__version__)"
     touch "$stamp"
 }
