@@ -150,7 +150,11 @@ def write_diffusers_folder(model: Model) -> Path:
     print(f"  converting {model.ckpt.name} to a diffusers folder ...", file=sys.stderr, flush=True)
     size = "tiny" if model.name == "tiny" else "full"
     tmp = out.with_name(out.name + ".tmp")
-    write_diffusers(tmp, to_diffusers(load_file(str(model.ckpt)), "sd1", size), "sd1", size, None)
+    comps = to_diffusers(load_file(str(model.ckpt)), "sd1", size)
+    # the published SD1.5 folders keep CLIPTextModel's `text_model.` level in the file (transformers releases before
+    # 5.2x, as optimum-intel pins, load nothing without it and silently initialise the encoder at random)
+    comps["text_encoder"] = {f"text_model.{k}": t for k, t in comps["text_encoder"].items()}
+    write_diffusers(tmp, comps, "sd1", size, None)
     write_clip_tokenizer(tmp / "tokenizer")
     tmp.rename(out)
     return out
@@ -179,8 +183,8 @@ def write_clip_tokenizer(out: Path) -> None:
 
 
 def export_openvino(model: Model) -> Path:
-    """optimum-intel's export of the diffusers folder to OpenVINO IR (once; minutes at full size). Weights are stored
-    fp16 in the IR: lossless here, since the checkpoint is fp16; the CPU plugin computes in its own precision."""
+    """optimum-intel's export of the diffusers folder to OpenVINO IR (once; minutes at full size). The CPU plugin
+    computes in its own default precision whatever the IR holds."""
     out = model.openvino
     if (out / "model_index.json").exists():
         return out
@@ -242,6 +246,7 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+OV_STEP = re.compile(r"STEP (\d+)$")
 SDCPP_STEP = re.compile(r"(\d+)/(\d+) - [\d.]+(?:s/it|it/s)")
 
 
@@ -253,8 +258,9 @@ def step_of(peer: str, line: str, steps: int) -> int | None:
         except ValueError:
             return None
         return int(event["step"]) if event.get("event") == "step" else None
-    if peer == "openvino" and line.startswith("STEP "):
-        return int(line.split()[1])
+    if peer == "openvino":
+        m = OV_STEP.search(line)  # after a progress bar's \r too
+        return int(m.group(1)) if m else None
     if peer == "sdcpp":
         m = SDCPP_STEP.search(line)
         if m and int(m.group(2)) == steps:  # the sampling bar (loading bars count bytes, not steps)
@@ -422,7 +428,7 @@ def precision(x: dict, a) -> str:
     if x["peer"] == "sdcli":
         return f"fp16 file, {x['dtype']}"
     if x["peer"] == "openvino":
-        return (f"fp16 IR, {notes.get('precision', '?')} (OpenVINO {notes.get('version', '?')} default), static "
+        return (f"fp32 IR, {notes.get('precision', '?')} (OpenVINO {notes.get('version', '?')} default), static "
                 f"{a.size}x{a.size}, compile {notes.get('compile_s', float('nan')):.1f} s")
     extra = f", `{a.sdcpp_args}`" if a.sdcpp_args else ""
     return f"fp16 file, --type {a.sdcpp_type_used}{extra}"
@@ -457,10 +463,12 @@ def worker_main(argv: list[str]) -> None:
 
 
 def ov_export(src: str, out: str) -> None:
-    """optimum-cli export openvino, as a user runs it, fp16 weights in the IR."""
+    """optimum-cli export openvino, as a user runs it. fp32 weights: optimum's default for a model under 1B parameters
+    per part (SD1.5's UNet has 0.86B); `fp16` would also round every other float constant of the graph to fp16 (the
+    timestep embedding's frequencies among them), and above 1B the default is int8 weights."""
     cli = Path(sys.executable).with_name("optimum-cli")
     subprocess.run([str(cli), "export", "openvino", "--model", src, "--task", "text-to-image", "--weight-format",
-                    "fp16", out], check=True)  # fmt: skip
+                    "fp32", out], check=True)  # fmt: skip
 
 
 def note(**kw) -> None:
@@ -474,11 +482,12 @@ def ov_run(a) -> None:
     from optimum.intel import OVStableDiffusionPipeline
     from PIL import Image
 
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)  # the scheduler's and the pipeline's own torch ops
     pipe = OVStableDiffusionPipeline.from_pretrained(a.src, compile=False,
                                                      ov_config={"INFERENCE_NUM_THREADS": str(a.threads)})
     # k-diffusion's euler: x = noise * sigma_0 (diffusers' "linspace" spacing scales the latents by sigma_max)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
     pipe.reshape(batch_size=1, height=a.size, width=a.size, num_images_per_prompt=1)  # static shape (FastSD CPU)
     pipe.compile()
@@ -498,7 +507,8 @@ def ov_precision(pipe) -> str:
     """The UNet's compiled INFERENCE_PRECISION_HINT: what the CPU plugin computes in (optimum-intel keeps the
     CompiledModel as `request`)."""
     try:
-        return str(pipe.unet.request.get_property("INFERENCE_PRECISION_HINT"))
+        hint = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type
+        return hint.to_string() if hasattr(hint, "to_string") else str(hint)
     except Exception:  # noqa: BLE001 - a report, not a check: optimum's attribute names move between releases
         return "?"
 
