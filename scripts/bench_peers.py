@@ -279,14 +279,16 @@ def run_once(peer: str, cmd: list[str], steps: int, log: Path, env: dict) -> Run
         now, cpu = time.perf_counter() - t0, proc_cpu_seconds(proc.pid)
         buf += chunk
         *lines, buf = re.split(rb"[\r\n]", buf)
-        for raw in lines:
+        # a progress bar redraws its line after a \r and ends it only at the next one: read the unfinished line too
+        for raw, done in [(raw, True) for raw in lines] + [(buf, False)]:
             line = raw.decode(errors="replace").strip()
-            text.append(line)
             step = step_of(peer, line, steps)
             if step is not None and (not marks or step > marks[-1][0]):
                 marks.append((step, now, cpu))
-            if line.startswith("NOTE "):
-                notes.update(json.loads(line[5:]))
+            if done:
+                text.append(line)
+                if line.startswith("NOTE "):
+                    notes.update(json.loads(line[5:]))
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -391,13 +393,16 @@ def summarize(a, r: dict) -> list[dict]:
 
 def render(a, r: dict, rows: list[dict]) -> str:
     sd = next((x for x in rows if x["job"] == "sdcli"), None)
+    base = {x["model"]: x for x in rows if x["job"].startswith("sdcli-fp32-")}
+    base.update({x["model"]: x for x in rows if x["job"] == "sdcli"})  # sdcli in its default dtype, where it ran
     n = f"{WHOLE_STEPS}-step image" + (" (extrapolated)" if a.steps < WHOLE_STEPS else "")
     head = ["peer", "weights / compute", "per CFG step", "CPU s per step", f"whole {n}, cold process",
             "fixed: load, compile, text, VAE", "peak RSS", "step time / sdcli's", "image vs sdcli fp32 (mean / max levels)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in rows:
         mean, mx, _ = x["diff"]
-        vs = f"{x['step'] / sd['step']:.2f}x" if sd else "n/a"
+        ref = base.get(x["model"])
+        vs = f"{x['step'] / ref['step']:.2f}x" if ref else "n/a"
         lines.append(f"| {label(x, a)} | {precision(x, a)} | {x['step']:.2f} s | {x['cpu_step']:.2f} s | "
                      f"{x['whole']:.1f} s | {x['fixed']:.1f} s | {x['rss']:.2f} GB | {vs} | {mean:.2f} / {mx} |")
     notes = [f"{a.size}x{a.size}, CFG 7, euler, same prompt, seed and initial noise; {a.steps} steps timed per image, "

@@ -71,3 +71,25 @@ def test_proc_cpu_seconds_of_this_process():
     while time.process_time() - t < 0.05:
         pass
     assert bench_peers.proc_cpu_seconds(os.getpid()) >= before
+
+
+def test_run_once_times_a_progress_bar_step_when_it_is_drawn(tmp_path):
+    """sd-cli redraws its bar after a \\r and ends the line only at the next step: each step is timed when its bar
+    appears, not one step late; peak RSS and CPU time come back from wait4."""
+    fake = ("import sys, time\n"
+            "for i in (1, 2, 3):\n"
+            "    sys.stdout.write(f'\\r|====| {i}/3 - 0.30s/it\\033[K' + ('\\n' if i == 3 else ''))\n"
+            "    sys.stdout.flush()\n"
+            "    time.sleep(0.3)\n")  # fmt: skip
+    r = bench_peers.run_once("sdcpp", [sys.executable, "-c", fake], 3, tmp_path / "log.txt", dict(os.environ))
+    assert [m[0] for m in r.marks] == [1, 2, 3]
+    wall, _ = r.per_step()
+    assert 0.2 < wall < 1.5, r.marks
+    assert r.rss > 0 and r.wall >= 0.9
+    assert "3/3" in (tmp_path / "log.txt").read_text()
+
+
+def test_run_once_reports_a_failing_peer(tmp_path):
+    with pytest.raises(SystemExit, match="exit 3"):
+        bench_peers.run_once("sdcli", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 2,
+                             tmp_path / "log.txt", dict(os.environ))  # fmt: skip
