@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdcli.errors import UsageError
+from sdcli.models.invariant import gelu, sigmoid
 
 SD1_PAD_ID = 49407  # SD1 pads with <|endoftext|>
 SD2_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!"): SD2 and SDXL's bigG
@@ -204,8 +205,12 @@ def uninitialised_embedding(rows: int, dim: int) -> nn.Embedding:
 
 def quick_gelu(x: Tensor) -> Tensor:
     """OpenAI CLIP's GELU approximation (SD1)."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * sigmoid(1.702 * x, inplace=True)  # thread-count invariant sigmoid (invariant.py)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # SD1 (OpenAI CLIP), SD2 (OpenCLIP: exact GELU)
+def exact_gelu(x: Tensor) -> Tensor:
+    return gelu(x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}  # SD1 (OpenAI CLIP), SD2 (OpenCLIP: exact GELU)
 LAYER_NORM_EPS = 1e-5

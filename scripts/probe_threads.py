@@ -1,0 +1,200 @@
+"""Which ATen ops give other bits on another CPU thread count: record every op a workload runs (inputs, outputs)
+under one thread, replay each op alone under 2, 3, 4 threads on the recorded inputs, and list those whose
+output moves. Op by op, so a difference is the op's own, not one carried in from an earlier op.
+
+    python scripts/probe_threads.py MODEL.safetensors --dtype fp32 --threads 1 2 3 4 [--size 64] [--full-ops]
+
+`--full-ops` adds single ops at full SD1.5 shapes (64x64 latent): the tiny model's shapes are small enough that
+some kernels never split their work. `--check-switch` compares whole forwards with torch.set_num_threads
+switched in one process against fresh processes started with OMP_NUM_THREADS (the probe relies on the two
+agreeing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SKIP = {"aten.detach.default", "aten.empty.memory_format", "aten.empty_strided.default", "aten.randn.generator",
+        "aten.normal_.default", "aten._local_scalar_dense.default"}
+
+
+def _copy(x):
+    """A tensor with the same sizes, strides and values (a plain clone makes a non-dense view contiguous)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self, label: str):
+        super().__init__()
+        self.label, self.ops = label, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        keep = name not in SKIP
+        before = tree_map(_copy, (args, kwargs)) if keep else None
+        out = func(*args, **kwargs)
+        if keep:
+            self.ops.append((self.label, name, before, tree_map(_copy, out)))
+        return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return a.dtype == torch.bool and torch.equal(a, b) or torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0))
+    if isinstance(a, (list, tuple)):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return True
+
+
+def _shapes(args) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            cl = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+            parts.append("x".join(map(str, a.shape)) + ("cl" if cl else ""))
+    return " ".join(parts)
+
+
+def replay(ops, threads: list[int]) -> dict:
+    """{(label, op, shapes): [threads at which it differs from the recording]}"""
+    found = defaultdict(set)
+    for t in threads:
+        torch.set_num_threads(t)
+        for label, name, (args, kwargs), out in ops:
+            func = _resolve(name)
+            again = func(*tree_map(_copy, args), **tree_map(_copy, kwargs))
+            if not _same(out, again):
+                found[(label, name, _shapes(args))].add(t)
+    return found
+
+
+def _resolve(name: str):
+    ns, op, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), op), overload)
+
+
+def tiny_workloads(model: str, dtype: torch.dtype):
+    from sdcli.checkpoint import load_models
+
+    models = load_models(model, dtype=dtype)
+    unet, vae, text = models.unet, models.vae, models.text_encoder
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49407, (1, 77), generator=g)
+    ctx_dim = unet.config.context_dim
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, ctx_dim, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    return {
+        "text": lambda: text(ids),
+        "unet": lambda: unet(x.to(dtype), t, ctx.to(dtype)),
+        "vae.decode": lambda: vae.decode(z.to(dtype)),
+        "vae.encode": lambda: vae.encode(img.to(dtype)),
+    }
+
+
+def full_workloads(dtype: torch.dtype, side: int = 64):
+    """Single blocks at full SD1.5 shapes (random weights): a ResBlock with a skip conv, a transformer."""
+    from sdcli.models.layout import run_layout
+    from sdcli.models.unet import ResBlock, SpatialTransformer, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig()
+    res = ResBlock(640, 1280, 320).to(dtype)
+    st = SpatialTransformer(320, cfg, 1).to(dtype)
+    x = torch.randn(1, 640, side, side, dtype=dtype)
+    y = torch.randn(1, 320, side, side, dtype=dtype)
+    emb = torch.randn(1, 1280, dtype=dtype)
+    ctx = torch.randn(1, 77, 768, dtype=dtype)
+    return {
+        "full.resblock": lambda: res(run_layout(res, x), emb),
+        "full.transformer": lambda: st(run_layout(st, y), ctx),
+    }
+
+
+def record(workloads) -> list:
+    ops = []
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        for label, fn in workloads.items():
+            rec = Recorder(label)
+            with rec:
+                fn()
+            ops += rec.ops
+    return ops
+
+
+def whole(workloads) -> dict:
+    with torch.inference_mode():
+        outs = {k: fn() for k, fn in workloads.items()}
+    return {k: (v if isinstance(v, torch.Tensor) else v[0]).float() for k, v in outs.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--full-ops", action="store_true")
+    p.add_argument("--full-only", action="store_true")
+    p.add_argument("--check-switch", action="store_true")
+    p.add_argument("--dump", help="(internal) save whole-forward outputs here")
+    a = p.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    if a.dump:
+        torch.save(whole(tiny_workloads(a.model, dtype)), a.dump)
+        return
+    if a.check_switch:
+        return check_switch(a)
+    work = {} if a.full_only else tiny_workloads(a.model, dtype)
+    if a.full_ops or a.full_only:
+        work.update(full_workloads(dtype))
+    ops = record(work)
+    print(f"{len(ops)} ops recorded", file=sys.stderr)
+    found = replay(ops, a.threads)
+    for (label, name, shapes), ts in sorted(found.items()):
+        print(json.dumps({"where": label, "op": name, "inputs": shapes, "differs_at": sorted(ts)}))
+    if not found:
+        print("every op thread-invariant")
+
+
+def check_switch(a) -> None:
+    """Whole forwards: in-process switching vs fresh processes."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    work = tiny_workloads(a.model, dtype)
+    for t in [1, *a.threads]:
+        torch.set_num_threads(t)
+        inproc = whole(work)
+        path = f"/tmp/probe_threads_{os.getpid()}_{t}.pt"
+        env = dict(os.environ, OMP_NUM_THREADS=str(t))
+        subprocess.run([sys.executable, __file__, a.model, "--dtype", a.dtype, "--dump", path], env=env, check=True)
+        fresh = torch.load(path)
+        os.unlink(path)
+        print(t, {k: torch.equal(inproc[k], fresh[k]) for k in inproc})
+        if t == 1:
+            base = inproc
+        else:
+            print("  vs 1 thread:", {k: torch.equal(inproc[k], base[k]) for k in inproc})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The same bytes at any CPU thread count: the few operations of the networks whose result on the CPU depends on
+how many intra-op threads torch runs, in formulations that do not (scripts/probe_threads.py finds them, op by op).
+
+- Element-wise SiLU, GELU, sigmoid, tanh: torch splits an element-wise op into one chunk per thread, and each
+  chunk runs the SIMD loop from its start and the scalar code (another exp/erf than the SIMD one, last bits apart)
+  on its last few elements. Chunk edges that fall off the SIMD stride move results with the thread count (3, 6, 7
+  threads on 320x64x64). Here the op runs in pieces whose chunks all start on a 256-element boundary: every element
+  then takes the path it takes with one thread.
+- 1x1 convolutions in fp32: torch runs them as a GEMM (THNN) with one thread and through oneDNN with more
+  (Convolution.cpp, `use_mkldnn`: "MKLDNN is faster than THNN when multi-threaded"). Here they are that GEMM always.
+- GroupNorm on channels_last maps of 1024+ pixels (bf16 on the CPU): torch's kernel sums per thread and then
+  across the threads. Here the sums go per row of pixels, then over the rows, in a fixed order.
+
+Everything else the networks run was measured invariant here (AVX2, 1-8 threads): MKL/oneDNN GEMMs and 3x3
+convolutions, LayerNorm, softmax, scaled_dot_product_attention, reductions with several outputs. Off the CPU
+every function here is the plain torch op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits element-wise work into chunks of at least this many
+ALIGN = 256  # elements; a multiple of every SIMD loop's stride (2 vectors: 16 fp32 on AVX2 .. 64 bf16 on AVX512)
+GROUP_NORM_SPLIT = 1024  # pixels from which torch's channels_last GroupNorm sums per thread (impl-2)
+
+
+# --- element-wise ops -----------------------------------------------------------------------------------------
+
+def _chunk_aligned(numel: int, threads: int) -> bool:
+    """Whether torch's own split (at::parallel_for under OpenMP: ceil(numel / n) per thread, n = min(threads,
+    ceil(numel / GRAIN))) starts every chunk on an ALIGN boundary, so one call is already invariant."""
+    if threads == 1 or numel < GRAIN:
+        return True
+    chunks = min(threads, -(-numel // GRAIN))
+    return -(-numel // chunks) % ALIGN == 0
+
+
+def _flat(x: Tensor) -> Tensor | None:
+    """A 1-D view of `x` in memory order (contiguous or channels_last), else None."""
+    if x.is_contiguous():
+        return x.view(-1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
+def _pieces(numel: int, threads: int) -> list[tuple[int, int]]:
+    """Ranges that each split into whole GRAIN chunks: `threads` chunks at a time, then the remaining whole chunks
+    (fewer than threads: one chunk each), then the tail (under GRAIN: one chunk)."""
+    step = threads * GRAIN
+    whole = numel - numel % GRAIN
+    edges = list(range(0, whole - whole % step + 1, step))
+    if edges[-1] != whole:
+        edges.append(whole)
+    if whole != numel:
+        edges.append(numel)
+    return list(zip(edges, edges[1:]))
+
+
+def _plain(x: Tensor) -> bool:
+    """Whether to run torch's own op: off the CPU, and under autograd (`out=` ops do not record gradients)."""
+    return x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)
+
+
+def pointwise(op, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """`op` (an aten `.out` overload: op(src, out=dst)) applied to a CPU tensor `x` into `out` (a new tensor like
+    `x` when None; `x` itself for in-place), the same bytes for any number of threads. A strided view (a chunk of
+    a projection) is made dense first, at every thread count: torch runs strided element-wise loops partly in
+    scalar code, so a strided and a dense call differ even on one thread."""
+    dst = torch.empty_like(x) if out is None else out
+    src, flat_dst = _flat(x), _flat(dst)
+    if src is None or flat_dst is None or x.stride() != dst.stride():
+        dense = x.contiguous()
+        pointwise(op, dense, dense)
+        return dense if out is None else out.copy_(dense)
+    threads = torch.get_num_threads()
+    if _chunk_aligned(x.numel(), threads):
+        return op(x, out=dst)
+    for begin, end in _pieces(src.numel(), threads):
+        op(src[begin:end], out=flat_dst[begin:end])
+    return dst
+
+
+def silu(x: Tensor, inplace: bool = False) -> Tensor:
+    if _plain(x):
+        return F.silu(x, inplace=inplace)
+    return pointwise(torch.ops.aten.silu.out, x, x if inplace else None)
+
+
+def gelu(x: Tensor, inplace: bool = False) -> Tensor:
+    """Exact (erf) GELU; `inplace` may write into `x` (a fresh activation), or not."""
+    if _plain(x):
+        return F.gelu(x)
+    return pointwise(torch.ops.aten.gelu.out, x, x if inplace else None)
+
+
+def sigmoid(x: Tensor, inplace: bool = False) -> Tensor:
+    if _plain(x):
+        return x.sigmoid_() if inplace else x.sigmoid()
+    return pointwise(torch.ops.aten.sigmoid.out, x, x if inplace else None)
+
+
+def tanh(x: Tensor, inplace: bool = False) -> Tensor:
+    if _plain(x):
+        return x.tanh_() if inplace else x.tanh()
+    return pointwise(torch.ops.aten.tanh.out, x, x if inplace else None)
+
+
+class SiLU(nn.SiLU):
+    """nn.SiLU, thread-count invariant on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return silu(x, self.inplace)
+
+
+# --- 1x1 convolutions -------------------------------------------------------------------------------------
+
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution (stride 1, no padding; the weight is (out, in, 1, 1) as in the checkpoints). A
+    contiguous fp32 map on the CPU is multiplied per image as the GEMM torch runs with one thread, whatever the
+    thread count; anything else (bf16 and channels_last maps, which always take oneDNN, other devices) is
+    nn.Conv2d's."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _plain(x) or self.weight.requires_grad and torch.is_grad_enabled() or x.dtype != torch.float32 \
+                or not x.is_contiguous() or x.dim() != 4:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        weight = self.weight.view(self.out_channels, c)
+        out = x.new_empty(b, self.out_channels, h * w)  # (B, C_out, HW)
+        for i in range(b):
+            if self.bias is None:
+                torch.mm(weight, x[i].view(c, h * w), out=out[i])
+            else:
+                torch.addmm(self.bias[:, None], weight, x[i].view(c, h * w), out=out[i])
+        return out.view(b, self.out_channels, h, w)
+
+
+# --- GroupNorm ---------------------------------------------------------------------------------------------
+
+def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """F.group_norm; on a channels_last CPU map of GROUP_NORM_SPLIT+ pixels, with statistics summed in a fixed
+    order (see _channels_last_stats) and applied by batch_norm's inference kernel (one rounding, as torch's)."""
+    n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if x.device.type != "cpu" or grad or not cl or h * w < GROUP_NORM_SPLIT:
+        return F.group_norm(x, groups, weight, bias, eps)
+    mean, var = _channels_last_stats(x, groups)  # (N, C) each, fp32
+    weight = weight.float() if weight is not None else None
+    bias = bias.float() if bias is not None else None
+    if n == 1:
+        return F.batch_norm(x, mean[0], var[0], weight, bias, False, 0.0, eps)
+    out = torch.empty_like(x)
+    none = x.new_empty(0, dtype=torch.float32)
+    for i in range(n):  # batch_norm's statistics are per channel: one call per image, into its slice of `out`
+        torch.ops.aten.native_batch_norm.out(x[i : i + 1], weight, bias, mean[i], var[i], False, 0.0, eps,
+                                             out=out[i : i + 1], save_mean=none, save_invstd=none)  # fmt: skip
+    return out
+
+
+STATS_ROWS = 32  # pixel rows converted to fp32 at a time: bounds the temporary (8 MB at 512px x 128 channels)
+
+
+def _channels_last_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-image, per-channel (mean, biased variance) of the group each channel belongs to, in fp32. Sums of x and
+    x^2 per row of pixels (each a reduction with many outputs: torch gives every output to one thread, which sums
+    it in one order), then over the rows and the group's channels, then var = E[x^2] - mean^2 as torch's kernel."""
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view of the channels_last memory
+    s1 = torch.empty(n, h, c, dtype=torch.float32)
+    s2 = torch.empty(n, h, c, dtype=torch.float32)
+    for r in range(0, h, STATS_ROWS):
+        block = rows[:, r : r + STATS_ROWS].to(torch.float32, copy=True)  # (N, rows, W, C), squared in place below
+        torch.sum(block, 2, out=s1[:, r : r + STATS_ROWS])
+        torch.sum(block.square_(), 2, out=s2[:, r : r + STATS_ROWS])
+    d = c // groups
+    count = h * w * d
+    mean = s1.sum(1).view(n, groups, d).sum(2) / count  # (N, G)
+    var = (s2.sum(1).view(n, groups, d).sum(2) / count - mean * mean).clamp_min(0)
+    return mean.repeat_interleave(d, 1), var.repeat_interleave(d, 1)  # (N, C)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, thread-count invariant on channels_last CPU maps."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
