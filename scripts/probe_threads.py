@@ -4,8 +4,10 @@ output moves. Op by op, so a difference is the op's own, not one carried in from
 
     python scripts/probe_threads.py MODEL.safetensors --dtype fp32 --threads 1 2 3 4 [--size 64] [--full-ops]
 
-`--full-ops` adds single ops at full SD1.5 shapes (64x64 latent): the tiny model's shapes are small enough that
-some kernels never split their work. `--check-switch` compares whole forwards with torch.set_num_threads
+`--full-ops` adds blocks at full SD1.5 shapes (64x64 latent): the tiny model's shapes are small enough that
+some kernels never split their work. `--modules` runs whole workloads at each thread count instead and names the
+first module whose output moves: the check for a fix whose pieces depend on the thread count (models/invariant.py
+splits element-wise ops by it, so an op-by-op replay of one thread's calls would flag it). `--check-switch` compares whole forwards with torch.set_num_threads
 switched in one process against fresh processes started with OMP_NUM_THREADS (the probe relies on the two
 agreeing).
 """
@@ -105,30 +107,88 @@ def tiny_workloads(model: str, dtype: torch.dtype):
     z = torch.randn(1, 4, 8, 8, generator=g)
     img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     return {
-        "text": lambda: text(ids),
-        "unet": lambda: unet(x.to(dtype), t, ctx.to(dtype)),
-        "vae.decode": lambda: vae.decode(z.to(dtype)),
-        "vae.encode": lambda: vae.encode(img.to(dtype)),
+        "text": (lambda: text(ids), text),
+        "unet": (lambda: unet(x.to(dtype), t, ctx.to(dtype)), unet),
+        "vae.decode": (lambda: vae.decode(z.to(dtype)), vae),
+        "vae.encode": (lambda: vae.encode(img.to(dtype)), vae),
     }
 
 
 def full_workloads(dtype: torch.dtype, side: int = 64):
-    """Single blocks at full SD1.5 shapes (random weights): a ResBlock with a skip conv, a transformer."""
+    """Blocks at full SD1.5 shapes (random weights, CFG batch 2): a ResBlock with a skip conv, a transformer, the
+    VAE's mid block (attention over 4096 pixels) and a 256-channel decoder block at 256x256, CLIP-L, SDXL's
+    guidance-rescale std over a 128x128 latent."""
     from sdcli.models.layout import run_layout
+    from sdcli.models.text import TextConfig, TextEncoder
     from sdcli.models.unet import ResBlock, SpatialTransformer, UNetConfig
+    from sdcli.models.vae import Mid, ResnetBlock
 
     torch.manual_seed(0)
     cfg = UNetConfig()
     res = ResBlock(640, 1280, 320).to(dtype)
     st = SpatialTransformer(320, cfg, 1).to(dtype)
-    x = torch.randn(1, 640, side, side, dtype=dtype)
-    y = torch.randn(1, 320, side, side, dtype=dtype)
-    emb = torch.randn(1, 1280, dtype=dtype)
-    ctx = torch.randn(1, 77, 768, dtype=dtype)
+    mid, up = Mid(512).to(dtype), ResnetBlock(512, 256).to(dtype)
+    text = TextEncoder(TextConfig())
+    for p in text.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    text = text.to(dtype)
+    x = torch.randn(2, 640, side, side, dtype=dtype)
+    y = torch.randn(2, 320, side, side, dtype=dtype)
+    emb = torch.randn(2, 1280, dtype=dtype)
+    ctx = torch.randn(2, 77, 768, dtype=dtype)
+    z = torch.randn(1, 512, side, side, dtype=dtype)
+    u = torch.randn(1, 512, 4 * side, 4 * side, dtype=dtype)
+    ids = torch.randint(0, 49407, (2, 77))
+    f = torch.randn(1, 4, 128, 128)
     return {
-        "full.resblock": lambda: res(run_layout(res, x), emb),
-        "full.transformer": lambda: st(run_layout(st, y), ctx),
+        "full.resblock": (lambda: res(run_layout(res, x), emb), res),
+        "full.transformer": (lambda: st(run_layout(st, y), ctx), st),
+        "full.vae_mid": (lambda: mid(run_layout(mid, z)), mid),
+        "full.vae_up": (lambda: up(run_layout(up, u)), up),
+        "full.text": (lambda: text(ids), text),
+        "full.rescale_std": (lambda: f.std(dim=(1, 2, 3), keepdim=True), torch.nn.Module()),
     }
+
+
+def modules_differing(workloads, threads: list[int]) -> dict:
+    """{module path: [threads where its output differs from one thread's]} over whole workloads (forward hooks),
+    listing only the first differing modules of each workload in execution order (later ones inherit the
+    difference)."""
+    found = {}
+    for label, fn in workloads.items():
+        fn, root = fn
+        runs = {}
+        for t in [1, *threads]:
+            torch.set_num_threads(t)
+            runs[t] = _hooked_run(fn, root)
+        base = dict(runs[1])
+        for t in threads:
+            for name, out in runs[t]:
+                if not _same(base[name], out):
+                    found.setdefault(f"{label}: {name}", []).append(t)
+                    break
+    return found
+
+
+def _hooked_run(fn, root: torch.nn.Module) -> list:
+    """[(module path#call, output)] in call order for every module under `root` during fn(), then the result."""
+    outs, handles, calls = [], [], {}
+
+    def hook(name):
+        def record_output(module, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            outs.append((f"{name}#{calls[name]}", tree_map(_copy, out)))
+        return record_output
+
+    for name, module in root.named_modules():
+        handles.append(module.register_forward_hook(hook(name or "<root>")))
+    try:
+        with torch.inference_mode():
+            result = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return [*outs, ("<result>", tree_map(_copy, result))]
 
 
 def record(workloads) -> list:
@@ -138,14 +198,14 @@ def record(workloads) -> list:
         for label, fn in workloads.items():
             rec = Recorder(label)
             with rec:
-                fn()
+                fn[0]()
             ops += rec.ops
     return ops
 
 
 def whole(workloads) -> dict:
     with torch.inference_mode():
-        outs = {k: fn() for k, fn in workloads.items()}
+        outs = {k: fn() for k, (fn, _) in workloads.items()}
     return {k: (v if isinstance(v, torch.Tensor) else v[0]).float() for k, v in outs.items()}
 
 
@@ -153,10 +213,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--threads", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--full-ops", action="store_true")
     p.add_argument("--full-only", action="store_true")
     p.add_argument("--check-switch", action="store_true")
+    p.add_argument("--modules", action="store_true", help="whole workloads per thread count, module by module")
+    p.add_argument("--only", nargs="+", help="workload names to run (default: all)")
+    p.add_argument("--side", type=int, default=64, help="latent side of the full-size blocks")
     p.add_argument("--dump", help="(internal) save whole-forward outputs here")
     a = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
@@ -167,7 +230,15 @@ def main() -> None:
         return check_switch(a)
     work = {} if a.full_only else tiny_workloads(a.model, dtype)
     if a.full_ops or a.full_only:
-        work.update(full_workloads(dtype))
+        work.update(full_workloads(dtype, a.side))
+    if a.only:
+        work = {k: v for k, v in work.items() if k in a.only}
+    if a.modules:
+        found = modules_differing(work, a.threads)
+        for where, ts in found.items():
+            print(json.dumps({"first_differing": where, "threads": ts}))
+        print("every workload thread-invariant" if not found else f"{len(found)} workload(s) differ")
+        return
     ops = record(work)
     print(f"{len(ops)} ops recorded", file=sys.stderr)
     found = replay(ops, a.threads)

@@ -119,27 +119,39 @@ class SiLU(nn.SiLU):
 # --- 1x1 convolutions -------------------------------------------------------------------------------------
 
 class PointwiseConv(nn.Conv2d):
-    """A 1x1 convolution (stride 1, no padding; the weight is (out, in, 1, 1) as in the checkpoints). A
-    contiguous fp32 map on the CPU is multiplied per image as the GEMM torch runs with one thread, whatever the
-    thread count; anything else (bf16 and channels_last maps, which always take oneDNN, other devices) is
-    nn.Conv2d's."""
+    """A 1x1 convolution (stride 1, no padding; the weight is (out, in, 1, 1) as in the checkpoints). An fp32 map
+    on the CPU is multiplied per image as a GEMM (MKL's, as torch's own one-thread path), whatever the thread
+    count: contiguous maps as weight @ (C, HW), channels_last ones (the VAE's attention output) as
+    (HW, C) @ weight^T, keeping their layout. bf16 maps (always oneDNN there) and other devices: nn.Conv2d."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _plain(x) or self.weight.requires_grad and torch.is_grad_enabled() or x.dtype != torch.float32 \
-                or not x.is_contiguous() or x.dim() != 4:
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.device.type != "cpu" or grad or x.dtype != torch.float32 or x.dim() != 4:
             return super().forward(x)
         b, c, h, w = x.shape
         weight = self.weight.view(self.out_channels, c)
-        out = x.new_empty(b, self.out_channels, h * w)  # (B, C_out, HW)
+        if _flat(x) is None:
+            x = x.contiguous()
+        if x.is_contiguous():
+            out = x.new_empty(b, self.out_channels, h * w)  # (B, C_out, HW)
+            for i in range(b):
+                _gemm(weight, x[i].view(c, h * w), None if self.bias is None else self.bias[:, None], out[i])
+            return out.view(b, self.out_channels, h, w)
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # channels_last memory as (B, HW, C)
+        out = x.new_empty(b, h * w, self.out_channels)
         for i in range(b):
-            if self.bias is None:
-                torch.mm(weight, x[i].view(c, h * w), out=out[i])
-            else:
-                torch.addmm(self.bias[:, None], weight, x[i].view(c, h * w), out=out[i])
-        return out.view(b, self.out_channels, h, w)
+            _gemm(rows[i], weight.t(), self.bias, out[i])
+        return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)  # (B, C_out, H, W), channels_last
+
+
+def _gemm(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
 
 
 # --- GroupNorm ---------------------------------------------------------------------------------------------
