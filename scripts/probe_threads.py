@@ -1,15 +1,19 @@
 """Which ATen ops give other bits on another CPU thread count: record every op a workload runs (inputs, outputs)
-under one thread, replay each op alone under 2, 3, 4 threads on the recorded inputs, and list those whose
-output moves. Op by op, so a difference is the op's own, not one carried in from an earlier op.
+under one thread, replay each op alone under 2..8 threads on the recorded inputs, and list those whose output
+moves. Op by op, so a difference is the op's own, not one carried in from an earlier op.
 
-    python scripts/probe_threads.py MODEL.safetensors --dtype fp32 --threads 1 2 3 4 [--size 64] [--full-ops]
+    python scripts/probe_threads.py TINY.safetensors --dtype fp32 [--threads 2 3 4] [--full-ops] [--modules]
+    python scripts/probe_threads.py --full-only --modules --dtype bf16 --side 32    # full-size blocks alone
 
-`--full-ops` adds blocks at full SD1.5 shapes (64x64 latent): the tiny model's shapes are small enough that
-some kernels never split their work. `--modules` runs whole workloads at each thread count instead and names the
-first module whose output moves: the check for a fix whose pieces depend on the thread count (models/invariant.py
-splits element-wise ops by it, so an op-by-op replay of one thread's calls would flag it). `--check-switch` compares whole forwards with torch.set_num_threads
-switched in one process against fresh processes started with OMP_NUM_THREADS (the probe relies on the two
-agreeing).
+The workloads are a tiny checkpoint's networks (scripts/make_checkpoint.py --size tiny: text encoder, UNet, VAE
+decode and encode) and, with `--full-ops`/`--full-only`, blocks at full SD1.5 shapes with random weights.
+
+Full-size blocks matter: the tiny model's shapes are small enough that some kernels never split their work.
+`--modules` runs whole workloads at each thread count instead and names the first module whose output moves: the
+check for a fix whose pieces depend on the thread count (models/invariant.py splits element-wise ops by it, so an
+op-by-op replay of one thread's calls would flag it). `--check-switch`
+compares whole forwards with torch.set_num_threads switched in one process against fresh processes started with
+OMP_NUM_THREADS (the probe relies on the two agreeing; torch caps an OMP_NUM_THREADS above the core count).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
-        return a.dtype == torch.bool and torch.equal(a, b) or torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0))
+        return torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0))
     if isinstance(a, (list, tuple)):
         return all(_same(x, y) for x, y in zip(a, b))
     return True
@@ -211,7 +215,7 @@ def whole(workloads) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="a tiny checkpoint (not needed with --full-only)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--full-ops", action="store_true")
@@ -221,11 +225,15 @@ def main() -> None:
     p.add_argument("--only", nargs="+", help="workload names to run (default: all)")
     p.add_argument("--side", type=int, default=64, help="latent side of the full-size blocks")
     p.add_argument("--dump", help="(internal) save whole-forward outputs here")
+    p.add_argument("--dump-threads", type=int, help="(internal) torch threads for --dump")
     a = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     if a.dump:
+        torch.set_num_threads(a.dump_threads)
         torch.save(whole(tiny_workloads(a.model, dtype)), a.dump)
         return
+    if a.model is None and not a.full_only:
+        p.error("give a tiny checkpoint, or --full-only")
     if a.check_switch:
         return check_switch(a)
     work = {} if a.full_only else tiny_workloads(a.model, dtype)
@@ -249,7 +257,7 @@ def main() -> None:
 
 
 def check_switch(a) -> None:
-    """Whole forwards: in-process switching vs fresh processes."""
+    """Whole forwards: torch.set_num_threads switched in this process vs a fresh process set to that count."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     work = tiny_workloads(a.model, dtype)
     for t in [1, *a.threads]:
@@ -257,7 +265,8 @@ def check_switch(a) -> None:
         inproc = whole(work)
         path = f"/tmp/probe_threads_{os.getpid()}_{t}.pt"
         env = dict(os.environ, OMP_NUM_THREADS=str(t))
-        subprocess.run([sys.executable, __file__, a.model, "--dtype", a.dtype, "--dump", path], env=env, check=True)
+        child = [sys.executable, __file__, a.model, "--dtype", a.dtype, "--dump", path, "--dump-threads", str(t)]
+        subprocess.run(child, env=env, check=True)
         fresh = torch.load(path)
         os.unlink(path)
         print(t, {k: torch.equal(inproc[k], fresh[k]) for k in inproc})
