@@ -5,15 +5,18 @@ how many intra-op threads torch runs, in formulations that do not (scripts/probe
   chunk runs the SIMD loop from its start and the scalar code (another exp/erf than the SIMD one, last bits apart)
   on its last few elements. Chunk edges that fall off the SIMD stride move results with the thread count (3, 6, 7
   threads on 320x64x64). Here the op runs in pieces whose chunks all start on a 256-element boundary: every element
-  then takes the path it takes with one thread.
+  then takes the path it takes with one thread. Only where torch's own split is off the boundary; +0-5% of the op.
 - 1x1 convolutions in fp32: torch runs them as a GEMM (THNN) with one thread and through oneDNN with more
-  (Convolution.cpp, `use_mkldnn`: "MKLDNN is faster than THNN when multi-threaded"). Here they are that GEMM always.
+  (Convolution.cpp, `use_mkldnn`: "MKLDNN is faster than THNN when multi-threaded"). Here they are that GEMM always
+  (MKL's: the same CPU time as oneDNN's within the noise here).
 - GroupNorm on channels_last maps of 1024+ pixels (bf16 on the CPU): torch's kernel sums per thread and then
-  across the threads. Here the sums go per row of pixels, then over the rows, in a fixed order.
+  across the threads. Here the sums go per row of pixels, then over the rows, in a fixed order: 3-4.5x the fused
+  kernel's time (its fp32 copy and passes), ~+1% of a bf16 step where GroupNorm is 0.3-0.5% of it (Zen 4).
 
-Everything else the networks run was measured invariant here (AVX2, 1-8 threads): MKL/oneDNN GEMMs and 3x3
-convolutions, LayerNorm, softmax, scaled_dot_product_attention, reductions with several outputs. Off the CPU
-every function here is the plain torch op.
+A whole fp32 512px UNet step cost the same with and without these (CPU time on/off 0.93 at 2 threads, 0.97 at 3;
+scripts/bench_threads.py --toggle). Everything else the networks run was measured invariant here (AVX2, 1-8
+threads): MKL GEMMs, oneDNN 3x3 convolutions, LayerNorm, softmax, scaled_dot_product_attention, interpolation,
+reductions. Off the CPU, and under autograd, every function here is the plain torch op.
 """
 
 from __future__ import annotations
