@@ -31,7 +31,7 @@ from sdcli.formats.safetensors import read_header
 
 # A deliberate change of output bytes (a new infotext field, a numerics fix) moves this to the commit that made it;
 # a refactor never does.
-BASE_COMMIT = "224e85a"
+BASE_COMMIT = "043386f"  # issue 24: thread-count invariant CPU ops moved fp32 and bf16 bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """
