@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from make_checkpoint import make_checkpoint, make_controlnet
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
-from _fixtures_taesd import write_taesd_files
 from sdcli.models import invariant
+from sdcli.models.taesd import TinyDecoder
 
 THREADS = (1, 2, 3, 4)
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +91,11 @@ def files(tiny_sd1, tiny_sdxl, tiny_models_dir) -> dict[str, Path]:  # noqa: F81
     cn = folder / "cn.safetensors"
     if not cn.exists():
         make_controlnet(cn, "sd1")
-    _, taesd = write_taesd_files(folder / "taesd")
-    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl, "inpaint": inpaint, "cn": cn, "taesd": taesd["decoder"],
+    taesd = folder / "taesd_decoder.safetensors"
+    if not taesd.exists():  # our own module tree is the file's key tree (madebyollin's taesd_decoder layout)
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in TinyDecoder(4, 16).state_dict().items()}, taesd)
+    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl, "inpaint": inpaint, "cn": cn, "taesd": taesd,
             "image": folder / "in.png", "mask": folder / "mask.png"}
 
 
