@@ -3,9 +3,10 @@
 End to end: the CLI renders the same jobs (txt2img, img2img, hires fix, inpaint, ControlNet, SDXL with guidance
 rescale, a TAESD decode; fp32 and bf16; tiny random models at 64x64, 2-3 steps) in one subprocess per thread count
 (torch.set_num_threads 1, 2, 3, 4 before the CLI starts: OMP_NUM_THREADS alone is capped at the core count; the
-four run at once), and every PNG, and generate's final latent, must be the same at every count. 3 threads matters: torch's element-wise chunks only fall off the
-SIMD stride at counts that do not divide the map. The tiny maps still reach every fixed kernel: the VAE's 64x64
-maps are above torch's 32768-element grain and the 1024-pixel GroupNorm threshold.
+four run at once), and every PNG, and generate's final latent, must be the same at every count. 3 threads
+matters: torch's element-wise chunks only fall off the SIMD stride at counts that do not divide the map. The tiny
+maps still reach every fixed kernel: the VAE's 64x64 maps are above torch's 32768-element grain and the
+1024-pixel GroupNorm threshold.
 
 Unit level (models/invariant.py), in this process switching torch.set_num_threads (the same results as fresh
 processes, scripts/probe_threads.py --check-switch): each fixed op at full SD shapes gives one result for 1-8
