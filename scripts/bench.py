@@ -81,7 +81,7 @@ def ensure_checkpoint() -> Path:
 def token_ids(text: str):
     import torch
 
-    from sdcli.tokenizer import get_tokenizer
+    from sdcli.text.clip_tokenizer import get_tokenizer
 
     ids = get_tokenizer().encode(text)[:75]
     row = [49406] + ids + [49407] * (76 - len(ids))  # BOS, tokens, EOS padding (SD1 pads with EOS)
@@ -91,7 +91,7 @@ def token_ids(text: str):
 # ----------------------------------------------------------------------------------------------- workers
 class SdcliSide:
     def __init__(self, dtype, device: str = "cpu"):
-        from sdcli import checkpoint
+        from sdcli.loading import checkpoint
 
         self.models = checkpoint.load_models(CKPT, dtype=dtype, device=device)
         self.dtype, self.device = dtype, device
@@ -377,7 +377,7 @@ def cold_render_rss(size: int, steps: int, dtype: str, model: Path = CKPT, out: 
 def collect_bf16_full(a) -> dict:
     import torch
 
-    from sdcli.device import auto_dtype, cpu_has_native_bf16
+    from sdcli.runtime.device import auto_dtype, cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         raise SystemExit("--bf16-full needs a CPU with native bf16 (AVX512-BF16 or AMX): bf16 is emulated here, "

@@ -81,7 +81,9 @@ def rel(a, b) -> float:
 def run_worker(side_name: str, dtype_name: str, out: Path) -> dict:
     import torch
 
-    from sdcli import cuda_graphs, device
+    from sdcli.runtime import cuda_graphs
+
+    from sdcli.runtime import device
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     device.configure(device.Placement(DEV, dtype_name))  # fp32 means no TF32, for both sides alike
@@ -220,7 +222,7 @@ def cuda_paths(out: Path) -> dict:
     common = ["--model", str(TINY), "--steps", "8", "--overwrite", "-q", "--device", DEV]
     base = ["-W", "128", "-H", "128", *common]
     runs = {
-        "batch": ["generate", "a red fox", *base, "--seed", "7", "-n", "2", "-b", "2", "-o", str(out / "b-{seed}.png")],
+        "batch": ["generate", "a red fox", *base, "--seed", "7", "-n", "2", "--batch-size", "2", "-o", str(out / "b-{seed}.png")],
         "single": ["generate", "a red fox", *base, "--seed", "8", "-o", str(out / "s-8.png")],
         "hires": ["generate", "a red fox", *base, "--seed", "7", "--hires-scale", "2", "--hires-steps", "4",
                   "-o", str(out / "hires.png")],
@@ -245,7 +247,7 @@ def load_profile() -> dict:
     """Where load time goes on the GPU: CUDA start-up, then a cold and a warm load_models (no probe)."""
     import torch
 
-    from sdcli import checkpoint
+    from sdcli.loading import checkpoint
 
     t = time.perf_counter()
     torch.empty(1, device=DEV)

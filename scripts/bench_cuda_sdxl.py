@@ -48,7 +48,9 @@ def sdcli_worker(policy: str, capped: bool) -> dict:
     """Load, one timed UNet CFG step (keep only), a whole STEPS-step render through the pipeline, peak memory."""
     import torch
 
-    from sdcli import checkpoint, pipeline
+    from sdcli import pipeline
+
+    from sdcli.loading import checkpoint
     from sdcli.app.refine import sized
     from sdcli.config import RunConfig
 

@@ -52,7 +52,7 @@ def measure(name: str, model: Path, size: int, steps: int, dtype: str, images: i
 def collect(a) -> dict:
     import torch
 
-    from sdcli.device import auto_dtype
+    from sdcli.runtime.device import auto_dtype
 
     dtype = auto_dtype("cpu")
     r = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": dtype, "runs": {}}

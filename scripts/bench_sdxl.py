@@ -118,7 +118,7 @@ def write_diffusers_config(preset: str) -> Path:
 # ----------------------------------------------------------------------------------------------- the two sides
 class SdcliSide:
     def __init__(self, ckpt: Path, dtype):
-        from sdcli import checkpoint
+        from sdcli.loading import checkpoint
 
         self.models = checkpoint.load_models(ckpt, dtype=dtype)
         self.dtype = dtype
@@ -172,7 +172,7 @@ class DiffusersSide:
         """diffusers' encode_prompt given token ids: both penultimate states concatenated, bigG's projection."""
         import torch
 
-        from sdcli.tokenizer import get_tokenizer
+        from sdcli.text.clip_tokenizer import get_tokenizer
 
         ids = get_tokenizer().encode(text)[:75]
         rows = [[49406] + ids + [49407] + [pad] * (75 - len(ids)) for pad in (49407, 0)]  # CLIP-L / bigG padding
@@ -275,7 +275,7 @@ def worker(side: str, dtype: str, preset: str, size: int, **kw) -> dict:
 def collect(a) -> dict:
     import torch
 
-    from sdcli.device import auto_dtype
+    from sdcli.runtime.device import auto_dtype
 
     preset = "tiny" if a.tiny else "full"
     dtype = auto_dtype("cpu")

@@ -33,7 +33,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 if int(sys.argv[5]):
     torch.set_num_threads(int(sys.argv[5]))
-from sdcli import checkpoint
+from sdcli.loading import checkpoint
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3]]
 models = checkpoint.load_models(sys.argv[2], dtype=dtype)
 unet, size, steps = models.unet, int(sys.argv[4]), int(sys.argv[6])
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 if int(sys.argv[5]):
     torch.set_num_threads(int(sys.argv[5]))
-from sdcli import checkpoint
+from sdcli.loading import checkpoint
 from sdcli.models import invariant
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3]]
 models = checkpoint.load_models(sys.argv[2], dtype=dtype)

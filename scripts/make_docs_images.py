@@ -21,7 +21,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdcli import grid, report, sweep_axes  # noqa: E402
+from sdcli.output import grid
+
+from sdcli.output import report
+
+from sdcli.app import sweep_axes  # noqa: E402
 
 CELL = 96
 

@@ -98,7 +98,7 @@ def _resolve(name: str):
 
 
 def tiny_workloads(model: str, dtype: torch.dtype):
-    from sdcli.checkpoint import load_models
+    from sdcli.loading.checkpoint import load_models
 
     models = load_models(model, dtype=dtype)
     unet, vae, text = models.unet, models.vae, models.text_encoder

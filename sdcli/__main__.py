@@ -1,5 +1,5 @@
 """`python -m sdcli`."""
 
-from .cli import main
+from sdcli.cli import main
 
 main()

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError, Terminated
+from sdcli.runtime.errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError, Terminated
 
 
 def prepare_process() -> None:
@@ -30,7 +30,7 @@ def handled(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from . import console
+        from sdcli.runtime import console
 
         try:
             return fn(*args, **kwargs)
@@ -100,7 +100,7 @@ class _ClosedStdout:
     closed = False
 
     def write(self, _data) -> int:
-        from .errors import OutputError
+        from sdcli.runtime.errors import OutputError
 
         raise OutputError("stdout is closed: nowhere to write the output (redirect it, or drop -o - / --json)")
 

@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdcli.tokenizer import N_MERGES, VOCAB_FILE, _bytes_to_unicode
+    from sdcli.text.clip_tokenizer import N_MERGES, VOCAB_FILE, _bytes_to_unicode
 
     data = resources.files("sdcli").joinpath("data", VOCAB_FILE).read_bytes()
     lines = gzip.decompress(data).decode("utf-8").split("\n")
@@ -49,13 +49,13 @@ def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd1_models(tiny_sd1):  # noqa: F811
-    from sdcli.checkpoint import load_models
+    from sdcli.loading.checkpoint import load_models
 
     return load_models(tiny_sd1)
 
 
 @pytest.fixture(scope="session")
 def sd2_models(tiny_sd2):  # noqa: F811
-    from sdcli.checkpoint import load_models
+    from sdcli.loading.checkpoint import load_models
 
     return load_models(tiny_sd2)

@@ -89,7 +89,7 @@ def files_in(folder: Path) -> list[str]:
 
 
 def temp_files(folder: Path) -> list[str]:
-    """Leftovers of an interrupted atomic write (outputs.py names them .NAME.XXXX.tmp)."""
+    """Leftovers of an interrupted atomic write (output/targets.py names them .NAME.XXXX.tmp)."""
     return sorted(str(p) for p in Path(folder).rglob("*") if p.name.endswith((".tmp", ".partial")))
 
 
@@ -112,7 +112,7 @@ def sdcli_meta(png: Path) -> dict:
 
     from PIL import Image
 
-    from sdcli.metadata import SDCLI_JSON_KEY
+    from sdcli.output.metadata import SDCLI_JSON_KEY
 
     with Image.open(png) as img:
         return json.loads(img.text[SDCLI_JSON_KEY])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sdcli.schedule import t_to_sigma
+from sdcli.sampling.schedule import t_to_sigma
 
 SHAPE = (4, 8, 8)  # latent shape per image
 

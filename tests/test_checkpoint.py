@@ -16,14 +16,16 @@ from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd1_diffusers, tiny
 from make_checkpoint import ldm_shapes, make_checkpoint, unet_diffusers_config, vae_diffusers_config
 from safetensors.torch import load_file, save_file
 
-from sdcli import checkpoint as ck
+from sdcli.loading import checkpoint as ck
+from sdcli.loading.vae import load_vae
+from sdcli.families import hub_patterns
 from sdcli.families.sd2 import probe_v_prediction
 from sdcli.formats.hashing import file_sha256
 from sdcli.formats.hub import resolve_model
 from sdcli.formats.ldm import UNET_PREFIX, VAE_PREFIX
 from sdcli.formats.pickle_ckpt import convert_ckpt, load_ckpt
 from sdcli.formats.safetensors import read_header
-from sdcli.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError
 from sdcli.models import TextConfig, UNetConfig, VAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,16 +350,16 @@ def test_vae_override_from_standalone_and_diffusers_files(tiny_sd1, tiny_sd1_dif
     assert torch.equal(models.vae.decoder.conv_out.weight, standalone["decoder.conv_out.weight"])
     assert models.vae_source == tmp_path / "vae-ft-mse.safetensors"
     base = ck.load_models(tiny_sd1)
-    folder_vae = ck.load_vae(tiny_sd1_diffusers / "vae")
+    folder_vae = load_vae(tiny_sd1_diffusers / "vae")
     sa, sb = folder_vae.state_dict(), base.vae.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sb)
     with pytest.raises(ModelNotFoundError):
-        ck.load_vae(tmp_path / "nope.safetensors")
+        load_vae(tmp_path / "nope.safetensors")
 
 
 def test_missing_local_path_is_model_not_found(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file"):
-        resolve_model(str(tmp_path / "missing.safetensors"))
+        resolve_model(str(tmp_path / "missing.safetensors"), hub_patterns())
 
 
 def test_hub_id_offline_with_cold_cache(tmp_path, monkeypatch):
@@ -365,7 +367,7 @@ def test_hub_id_offline_with_cold_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(ModelNotFoundError) as e:
-        resolve_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        resolve_model("stable-diffusion-v1-5/stable-diffusion-v1-5", hub_patterns())
     msg = str(e.value)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "offline" in msg and "local" in msg
 
@@ -383,7 +385,7 @@ def test_stream_reads_pieces_into_final_dtype_and_layout(tmp_path, stored, targe
     casting it, for any piece size, every element written exactly once."""
     from safetensors.torch import save_file
 
-    from sdcli.formats.source import open_source
+    from sdcli.formats.diffusers import open_source
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(5, 7, generator=g).to(stored), "b": torch.randn(3, generator=g).to(stored),
@@ -407,7 +409,7 @@ def test_bf16_cpu_conv_weights_load_in_channels_last(tiny_sd1, monkeypatch):  # 
     """On a bf16 CPU run the UNet's and VAE's conv weights are read straight into channels_last (the layout they
     run in: converting them at the first call left the contiguous copies in the heap); fp32 stays contiguous,
     and so does everything with SDCLI_CPU_CHANNELS_LAST=0."""
-    from sdcli.checkpoint import load_models
+    from sdcli.loading.checkpoint import load_models
 
     def layouts(models):
         convs = [m.weight for part in (models.unet, models.vae) for m in part.modules()

@@ -104,7 +104,7 @@ def test_user_text_is_not_markup(tmp_path):
 
 
 def test_unexpected_error_hides_traceback_unless_debug(monkeypatch):
-    import sdcli.inspecting as insp
+    import sdcli.app.inspect as insp
 
     def boom(*a, **k):
         raise RuntimeError("kaboom")

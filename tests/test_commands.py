@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import torch
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
-from sdcli import latents
+from sdcli.output import latents
 from _cli import invoker, pixels
 from sdcli.cli import app
 

@@ -38,7 +38,7 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> No
 
 
 def _unet_pair(family: str, seed: int = 1) -> tuple[UNetModel, UNet2DConditionModel]:
-    """Our UNet and diffusers' with the same random weights (LDM -> diffusers by checkpoint.py's table)."""
+    """Our UNet and diffusers' with the same random weights (LDM -> diffusers by loading/checkpoint.py's table)."""
     cfg = controlnet_config(family).unet
     ours = UNetModel(cfg).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -213,7 +213,7 @@ def test_original_file_through_diffusers_single_file_loader(tmp_path, monkeypatc
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
     from safetensors.torch import load_file
 
-    from sdcli.controlnet_files import load_controlnet
+    from sdcli.control.files import load_controlnet
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the config is local: nothing may be fetched
     path = make_controlnet(tmp_path / "cn.safetensors", family, seed=4)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
-from sdcli import preprocess
+from sdcli.control import preprocess
 from _cli import invoker, pixels
 from sdcli.cli import app
-from sdcli.metadata import read_image_metadata
+from sdcli.output.metadata import read_image_metadata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ import torch
 from make_checkpoint import CONTROLNET_LAYOUTS, PRESETS, controlnet_config, controlnet_state_dict, make_controlnet
 from safetensors.torch import save_file
 
-from sdcli.controlnet_files import check_fits, describe, detect_controlnet, load_controlnet
-from sdcli.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
+from sdcli.control.files import check_fits, describe, detect_controlnet, load_controlnet
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
 
 
 def _name(layout: str) -> str:

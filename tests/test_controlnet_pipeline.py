@@ -25,8 +25,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd1_diffusers  # noqa: F401
 from _fixtures_pipeline import clip_tokenizer_dir, one_thread, sd1_models  # noqa: F401
 from sdcli import pipeline as P
-from sdcli.control import Unit, attach
-from sdcli.images import tensor_to_pil
+from sdcli.control.apply import Unit, attach
+from sdcli.formats.images import tensor_to_pil
 from sdcli.models.controlnet import ControlNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,7 @@ from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
 from test_pipeline_oracle import FinalLatents, assert_latents_close, assert_pixels_close, first_draws, pixels
 from test_sdxl import SD, SIZE, our_conds, xl  # noqa: F401
 from sdcli import pipeline as P
-from sdcli.control import Unit, attach
+from sdcli.control.apply import Unit, attach
 from sdcli.models.controlnet import ControlNet, ControlNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

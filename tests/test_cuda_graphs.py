@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdcli import cuda_graphs
-from sdcli.device import Placement, configure
-from sdcli.residency import Residency
+from sdcli.runtime import cuda_graphs
+from sdcli.runtime.device import Placement, configure
+from sdcli.loading.residency import Residency
 
 
 class FakeGraph:

@@ -6,9 +6,9 @@ from diffusers import EulerDiscreteScheduler, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from _fixtures_sampling import AC, SHAPE, SIGMAS, eps_unet, v_unet, x0_fn
-from sdcli.denoise import CFGDenoiser, Denoiser, LCMDenoiser
-from sdcli.errors import UsageError
-from sdcli.schedule import sigma_to_t
+from sdcli.sampling.denoise import CFGDenoiser, Denoiser, LCMDenoiser
+from sdcli.runtime.errors import UsageError
+from sdcli.sampling.schedule import sigma_to_t
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sdcli import device
-from sdcli.errors import UsageError
+from sdcli.runtime import device
+from sdcli.runtime.errors import UsageError
 
 ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
 ZEN5 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"

@@ -11,8 +11,8 @@ import torch
 from _fixtures_embeddings import random_vectors, write_embedding
 from _fixtures_pipeline import clip_tokenizer_dir  # noqa: F401
 
-from sdcli import prompts
-from sdcli.embeddings import (
+from sdcli.text import prompts
+from sdcli.text.embeddings import (
     ANY_ENCODER,
     EmbeddingRef,
     Skipped,
@@ -27,9 +27,9 @@ from sdcli.embeddings import (
     units_of_piece,
     units_of_text,
 )
-from sdcli.errors import BadInputError
-from sdcli.prompts import Slot
-from sdcli.tokenizer import get_tokenizer
+from sdcli.runtime.errors import BadInputError
+from sdcli.text.prompts import Slot
+from sdcli.text.clip_tokenizer import get_tokenizer
 
 SD1 = {"clip_l": 64}
 SDXL = {"clip_l": 32, "clip_g": 48}

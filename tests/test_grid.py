@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sdcli import grid
+from sdcli.output import grid
 
 
 def _a1111_rows(n: int, n_rows: int, batch_size: int, prevent_empty_spots: bool) -> tuple[int, int]:

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
-from sdcli import checkpoint, pipeline
+from sdcli import pipeline
+from sdcli.loading import checkpoint
 from sdcli.cli import app
-from sdcli.metadata import parse_infotext
+from sdcli.output.metadata import parse_infotext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,8 +10,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from sdcli.errors import BadInputError, NumericalError
-from sdcli.images import load_image, pil_to_tensor, tensor_to_pil
+from sdcli.runtime.errors import BadInputError, NumericalError
+from sdcli.formats.images import load_image, pil_to_tensor, tensor_to_pil
 
 
 def test_tensor_to_pil_matches_diffusers_exactly():

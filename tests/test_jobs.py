@@ -3,7 +3,7 @@
 import pytest
 
 from sdcli.config import RunConfig
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.jobs import read_prompts_file, single_job
 
 BASE = RunConfig(seed=100)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdcli.errors import BadInputError, OutputError, UsageError
-from sdcli.latents import load_embedding, load_latent, save_embedding, save_latent
+from sdcli.runtime.errors import BadInputError, OutputError, UsageError
+from sdcli.output.latents import load_embedding, load_latent, save_embedding, save_latent
 
 SF = 0.18215
 

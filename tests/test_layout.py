@@ -7,6 +7,7 @@ import copy
 import torch
 
 from sdcli.models import layout
+from sdcli.runtime.device import SWITCH_ENV
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
 
@@ -29,16 +30,19 @@ def _unet_inputs(dtype: torch.dtype):
     return torch.randn(2, 4, 12, 10, generator=g), torch.tensor([10.0, 500.0]), torch.randn(2, 7, 32, generator=g)
 
 
-@torch.inference_mode()
 def test_bf16_cpu_unet_runs_channels_last_and_matches_contiguous(monkeypatch):
+    # Built outside inference mode, as the loader builds them: a module made under inference_mode holds inference
+    # tensors, which CPUs without native bf16 convolutions (AVX2) refuse to convert in place.
     fast = _unet(torch.bfloat16)
     plain = copy.deepcopy(fast)
     x, t, ctx = _unet_inputs(torch.bfloat16)
-    out = fast(x, t, ctx)
+    with torch.inference_mode():
+        out = fast(x, t, ctx)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
     assert out.is_contiguous()  # callers may .view() the prediction
     monkeypatch.setattr(layout, "wants_channels_last", lambda x: False)
-    ref = plain(x, t, ctx)
+    with torch.inference_mode():
+        ref = plain(x, t, ctx)
     assert all(w.is_contiguous() for w in _conv_weights(plain))
     assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2  # bf16 rounding, not a layout bug
 
@@ -53,18 +57,19 @@ def test_fp32_stays_contiguous_and_bit_identical():
     assert torch.equal(first, unet(x, t, ctx))
 
 
-@torch.inference_mode()
 def test_bf16_cpu_vae_channels_last_matches_contiguous(monkeypatch):
     torch.manual_seed(0)
-    fast = AutoencoderKL(TINY_VAE).to(torch.bfloat16).eval()
+    fast = AutoencoderKL(TINY_VAE).to(torch.bfloat16).eval().requires_grad_(False)
     plain = copy.deepcopy(fast)
     z = torch.randn(1, 4, 6, 5)
-    img = fast.decode(z)
-    mean, _ = fast.encode(img)
+    with torch.inference_mode():
+        img = fast.decode(z)
+        mean, _ = fast.encode(img)
     assert img.is_contiguous() and mean.is_contiguous()
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(fast))
     monkeypatch.setattr(layout, "wants_channels_last", lambda x: False)
-    ref = plain.decode(z)
+    with torch.inference_mode():
+        ref = plain.decode(z)
     assert (img.float() - ref.float()).norm() / ref.float().norm() < 2e-2
 
 
@@ -83,7 +88,7 @@ def test_lora_style_weight_replacement_after_channels_last_still_runs():
 
 
 def test_switch_env_keeps_bf16_contiguous(monkeypatch):
-    monkeypatch.setenv(layout.SWITCH_ENV, "0")
+    monkeypatch.setenv(SWITCH_ENV, "0")
     unet = _unet(torch.bfloat16)
     with torch.inference_mode():
         unet(*_unet_inputs(torch.bfloat16))

@@ -21,11 +21,11 @@ from sd_parsers import ParserManager
 from transformers import CLIPTextModel
 from typer.testing import CliRunner
 
-from sdcli.checkpoint import load_models
+from sdcli.loading.checkpoint import load_models
 from sdcli.formats.hashing import file_sha256
 from sdcli.cli import app
-from sdcli.errors import BadInputError
-from sdcli.lora import LoraSpec, apply_lora, parse_spec
+from sdcli.runtime.errors import BadInputError
+from sdcli.loading.lora import LoraSpec, apply_lora, parse_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL = 1e-5

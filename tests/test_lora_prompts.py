@@ -15,8 +15,8 @@ from test_lora import lora_file, oracle  # noqa: F401 - the LoRA file and the mo
 from typer.testing import CliRunner
 
 from sdcli.cli import app
-from sdcli.errors import BadInputError, UnsupportedModelError
-from sdcli.prompts import PromptLora, split_extra_networks
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError
+from sdcli.text.prompts import PromptLora, split_extra_networks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sd_parsers import ParserManager
-from sdcli.errors import BadInputError
-from sdcli.metadata import (SDCLI_JSON_KEY, canonical_sampler, format_infotext, parse_infotext,
+from sdcli.runtime.errors import BadInputError
+from sdcli.output.metadata import (SDCLI_JSON_KEY, canonical_sampler, format_infotext, parse_infotext,
                             read_image_metadata)
-from sdcli.outputs import save_png
+from sdcli.output.targets import save_png
 
 PARAMS = dict(prompt="a photo of a cat, (sitting:1.2) on a mat", negative_prompt="blurry, low quality",
               steps=20, sampler="dpm++_2m", schedule="karras", cfg_scale=7.5, seed=1234, width=64, height=48,
@@ -203,7 +203,7 @@ def test_sampler_aliases():
 
 
 def test_metadata_module_does_not_import_torch():
-    code = "import sys, sdcli.metadata, sdcli.outputs; print('torch' in sys.modules)"
+    code = "import sys, sdcli.output.metadata, sdcli.output.targets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

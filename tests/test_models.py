@@ -26,8 +26,8 @@ from make_checkpoint import unet_diffusers_config, vae_diffusers_config
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdcli.checkpoint import load_models
-from sdcli.errors import UsageError
+from sdcli.loading.checkpoint import load_models
+from sdcli.runtime.errors import UsageError
 
 RTOL = 1e-5
 FAMILIES = ["sd1", "sd2"]

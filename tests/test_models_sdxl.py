@@ -40,7 +40,7 @@ from make_checkpoint import (
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from sdcli.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError
 from sdcli.models import TextConfig, TextEncoder, UNetConfig
 from sdcli.models.text import eos_index
 from sdcli.models.unet import base_size_values, infer_unet_config, refiner_size_values, sdxl_vector
@@ -263,8 +263,8 @@ def test_text_encoders_of_the_file_equal_transformers(request, family):
 
 def test_full_width_bigg_layers_equal_transformers():
     """bigG's real width, heads and projection (1280, 20 heads, 5120 MLP, gelu), on two layers to stay fast."""
-    cfg = TextConfig(family="sdxl", hidden_size=1280, num_layers=2, num_heads=20, intermediate_size=5120,
-                     hidden_act="gelu", projection_dim=1280, pad_token_id=0)  # fmt: skip
+    cfg = TextConfig(hidden_size=1280, num_layers=2, num_heads=20, intermediate_size=5120,
+                     hidden_act="gelu", projection_dim=1280, pad_id=0)  # fmt: skip
     with torch.device("meta"):  # transformers' own init of 66 M parameters takes ~5 s: fill them ourselves
         ref = CLIPTextModelWithProjection(clip_config(cfg)).eval()
     ref.to_empty(device="cpu")

@@ -22,9 +22,9 @@ from test_pipeline_oracle import CFG, NEGATIVE, PROMPT, Case, FinalLatents, diff
 from typer.testing import CliRunner
 
 from sdcli import pipeline as P
-from sdcli.checkpoint import load_models
+from sdcli.loading.checkpoint import load_models
 from sdcli.cli import app
-from sdcli.latents import load_latent
+from sdcli.output.latents import load_latent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

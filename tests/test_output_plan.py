@@ -13,7 +13,7 @@ from PIL import Image
 
 from _fixtures_reliability import *  # noqa: F403
 from sdcli.app.planning import OutputPlan
-from sdcli.errors import OutputError, UsageError
+from sdcli.runtime.errors import OutputError, UsageError
 
 MISSING_MODEL = "no-such-model.safetensors"
 
@@ -27,15 +27,15 @@ def generate(*extra: str) -> list[str]:
 def loads(monkeypatch) -> list:
     """Calls of the model loader (none may happen in these tests)."""
     calls: list = []
-    import sdcli.checkpoint
+    import sdcli.loading.checkpoint
 
-    real = sdcli.checkpoint.load_models
+    real = sdcli.loading.checkpoint.load_models
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sdcli.checkpoint, "load_models", spy)
+    monkeypatch.setattr(sdcli.loading.checkpoint, "load_models", spy)
     return calls
 
 
@@ -69,8 +69,8 @@ def test_existing_preview_without_overwrite_is_exit_7(loads):
 
 
 def test_preview_folder_is_exit_7(loads):
-    Path("taken").mkdir()
-    result = cli(*generate("-o", "a.png", "--preview", "taken"))  # noqa: F405
+    Path("taken.png").mkdir()
+    result = cli(*generate("-o", "a.png", "--preview", "taken.png"))  # noqa: F405
     assert_clean_error(result, 7, "taken", "folder")  # noqa: F405
     assert loads == [] and not Path("a.png").exists()
 
@@ -132,7 +132,7 @@ def test_img2img_preview_like_its_output_is_exit_2(loads):
 
 
 def test_encode_and_decode_to_stdout_with_json_are_exit_2(loads):
-    from sdcli.latents import save_latent
+    from sdcli.output.latents import save_latent
 
     Image.new("RGB", (64, 64), (90, 120, 150)).save("in.png")
     save_latent("z.safetensors", torch.zeros(1, 4, 8, 8), scaled=True, scale_factor=0.18215, family="sd1",

@@ -9,9 +9,9 @@ import types
 import pytest
 from PIL import Image
 
-from sdcli import outputs
-from sdcli.errors import OutputError, UsageError
-from sdcli.outputs import atomic_write_bytes, expand_template, save_png, slugify
+from sdcli.output import targets as outputs
+from sdcli.runtime.errors import OutputError, UsageError
+from sdcli.output.targets import atomic_write_bytes, expand_template, save_png, slugify
 
 
 def _img():

@@ -45,9 +45,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd1_diffusers, tiny_sd2, tiny_sd2_diffusers  # noqa: F401
 from _fixtures_pipeline import clip_tokenizer_dir, one_thread, sd1_models, sd2_models  # noqa: F401
 from sdcli import pipeline as P
-from sdcli import schedule
-from sdcli.images import pil_to_tensor, tensor_to_pil
-from sdcli.tokenizer import get_tokenizer
+from sdcli.sampling import schedule
+from sdcli.formats.images import pil_to_tensor, tensor_to_pil
+from sdcli.text.clip_tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

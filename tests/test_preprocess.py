@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from sdcli.preprocess import canny, inpaint_condition, inpaint_mask, invert, shuffle, threshold, tile
+from sdcli.control.preprocess import canny, inpaint_condition, inpaint_mask, invert, shuffle, threshold, tile
 
 
 def _square(size: int = 64, lo: int = 30, hi: int = 220) -> Image.Image:

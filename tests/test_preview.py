@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdcli.cli import app
-from sdcli.preview import PreviewWriter, cheap_rgb
+from sdcli.output.preview import PreviewWriter, cheap_rgb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ def test_writes_are_throttled_but_the_last_step_is_written(tmp_path, monkeypatch
 
 
 def test_the_preview_is_the_cheap_estimate_of_the_latent(tmp_path):
-    from sdcli.images import tensor_to_pil
+    from sdcli.formats.images import tensor_to_pil
 
     latent = torch.tensor([0.9, -0.4, 0.3, -0.2]).reshape(1, 4, 1, 1).expand(1, 4, 3, 5)  # one colour everywhere
     PreviewWriter(tmp_path / "p.png").write(latent)
@@ -67,16 +67,16 @@ def test_the_preview_is_the_cheap_estimate_of_the_latent(tmp_path):
 def test_a_preview_that_fails_while_sampling_is_turned_off_and_the_render_succeeds(run, tmp_path, monkeypatch):
     # A target that is wrong from the start (a folder) is refused before the load (tests/test_output_plan.py);
     # one that fails during the render (the folder removed, the disk full) only turns the preview off.
-    import sdcli.outputs
-    from sdcli.errors import OutputError
+    import sdcli.output.targets
+    from sdcli.runtime.errors import OutputError
 
-    real = sdcli.outputs.atomic_write_bytes
+    real = sdcli.output.targets.atomic_write_bytes
 
     def failing(path, data, overwrite=False):
         if str(path).endswith("p.png"):
             raise OutputError(f"{path}: cannot write (No space left on device)")
         return real(path, data, overwrite)
 
-    monkeypatch.setattr(sdcli.outputs, "atomic_write_bytes", failing)
+    monkeypatch.setattr(sdcli.output.targets, "atomic_write_bytes", failing)
     result = run("generate", "a fox", "-W", "64", "-H", "64", "-o", "a.png", "--preview", "p.png")
     assert "preview off:" in result.stderr and Path("a.png").exists() and not Path("p.png").exists()

@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdcli.cli import app
-from sdcli.denoise import CFGDenoiser
-from sdcli.prompt_schedule import ScheduledCond, prompt_schedule
+from sdcli.sampling.denoise import CFGDenoiser
+from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from sdcli.errors import BadInputError
-from sdcli.prompts import chunk_prompt, describe_prompt, encode_pair, encode_prompt, parse_attention
-from sdcli.tokenizer import get_tokenizer
+from sdcli.runtime.errors import BadInputError
+from sdcli.text.prompts import chunk_prompt, describe_prompt, encode_pair, encode_prompt, parse_attention
+from sdcli.text.clip_tokenizer import get_tokenizer
 
 BOS, EOS = 49406, 49407
 A, B, COMMA = 320, 321, 267  # "a</w>", "b</w>", ",</w>"
@@ -228,6 +228,6 @@ def test_prompts_import_does_not_need_torch():
     import subprocess
     import sys
 
-    code = ("import sys, sdcli.prompts as p, sdcli.tokenizer as t;"
+    code = ("import sys, sdcli.text.prompts as p, sdcli.text.clip_tokenizer as t;"
             "p.describe_prompt('(a:1.2) BREAK b', t.get_tokenizer(), 49407); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.formats.safetensors_header import decode_header
 
 DOCUMENTED_EXITS = {0, 2, 3, 4, 5, 7, 8, 9}  # README "Exit codes" (6 is out of memory, 130 and up are signals)

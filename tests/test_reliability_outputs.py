@@ -14,7 +14,7 @@ import pytest
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
-import sdcli.outputs
+import sdcli.output.targets
 
 
 def test_existing_target_is_refused_before_any_work(tiny_sd1, tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_existing_target_is_refused_before_any_work(tiny_sd1, tmp_path, monkeypa
     target.write_bytes(b"precious")
     before = target.stat().st_mtime_ns
     loaded = []
-    monkeypatch.setattr("sdcli.checkpoint.load_models", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("sdcli.loading.checkpoint.load_models", lambda *a, **k: loaded.append(1))
     assert_clean_error(cli(*render_args(tiny_sd1, "-o", "keep.png")), 7, "keep.png", "--overwrite")
     assert target.read_bytes() == b"precious" and target.stat().st_mtime_ns == before
     assert loaded == []  # refused up front, the model was never loaded
@@ -37,7 +37,7 @@ def test_output_is_written_to_a_temp_file_in_the_target_folder_then_renamed(tiny
             renames.append((os.fspath(src), os.fspath(dst)))
         return real(src, dst)
 
-    monkeypatch.setattr(sdcli.outputs.os, "link", spy)
+    monkeypatch.setattr(sdcli.output.targets.os, "link", spy)
     result = cli(*render_args(tiny_sd1, "-o", "sub/out.png"))
     assert result.exit_code == 0, result.output
     [(src, dst)] = renames
@@ -57,7 +57,7 @@ def test_ctrl_c_in_the_middle_of_a_batch_keeps_finished_images(tiny_sd1, tmp_pat
             raise KeyboardInterrupt
         return real(fd)
 
-    monkeypatch.setattr(sdcli.outputs.os, "fsync", fsync)
+    monkeypatch.setattr(sdcli.output.targets.os, "fsync", fsync)
     result = cli(*render_args(tiny_sd1, "-n", "4", "-o", "out/{index}.png"))
     assert_clean_error(result, 130, "interrupted")
     assert files_in(tmp_path / "out") == ["0.png", "1.png"]
@@ -78,8 +78,8 @@ def test_read_only_folder_or_full_disk_is_exit_7(tiny_sd1, tmp_path, monkeypatch
         raise PermissionError(code, os.strerror(code))
 
     if code == errno.EACCES:
-        monkeypatch.setattr(sdcli.outputs.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(sdcli.outputs.os, "fsync", failing)
+        monkeypatch.setattr(sdcli.output.targets.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(sdcli.output.targets.os, "fsync", failing)
     result = cli(*render_args(tiny_sd1, "-o", "out.png"))
     assert_clean_error(result, 7, "out.png", what)
     assert files_in(tmp_path) == [] and temp_files(tmp_path) == []

@@ -18,7 +18,7 @@ from _fixtures_reliability import *  # noqa: F403
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdcli.prompts import BREAK, check_prompt, chunk_prompt, parse_attention
+from sdcli.text.prompts import BREAK, check_prompt, chunk_prompt, parse_attention
 
 INFOTEXT = "a cat\nNegative prompt: blurry\n{pairs}"
 PAIRS = "Steps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Model: x"
@@ -177,17 +177,20 @@ def test_break_is_recognised_by_its_text_never_by_a_weight_of_minus_one():
     assert len(chunk_prompt("(BRE\\AK:-1)", Tok(), 0)) == 1
 
 
-def test_infotext_says_rng_cpu_and_replay_of_gpu_noise_is_flagged(tiny_sd1, tmp_path):
+def test_infotext_says_rng_cpu_and_replay_takes_the_rng(tiny_sd1, tmp_path):
+    """sdcli writes its noise source; a replay draws the source the image names (issue 29: GPU and NV too), and
+    only a source A1111 does not have is flagged."""
     result = cli(*render_args(tiny_sd1, "-o", "a.png"))
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "a.png") as img:
         assert ", RNG: CPU, " in img.text["parameters"]
-    gpu = _a1111(tmp_path, PAIRS + ", RNG: GPU")
-    assert "RNG: GPU" in _replay(gpu).stderr and "different image" in _replay(gpu).stderr
-    none = _a1111(tmp_path, PAIRS)
-    assert "no RNG field" in _replay(none).stderr
-    cpu = _a1111(tmp_path, PAIRS + ", RNG: CPU")
-    assert "different image" not in _replay(cpu).stderr
+    for pairs, source in ((PAIRS + ", RNG: GPU", "gpu"), (PAIRS, "gpu"), (PAIRS + ", RNG: CPU", "cpu"),
+                          (PAIRS + ", RNG: NV", "nv")):
+        replayed = _replay(_a1111(tmp_path, pairs))
+        assert json.loads(replayed.stdout.splitlines()[0])["config"]["rng"] == source
+        assert "different image" not in replayed.stderr
+    odd = _replay(_a1111(tmp_path, PAIRS + ", RNG: quantum"))
+    assert "RNG: quantum" in odd.stderr and "different image" in odd.stderr
 
 
 def test_inspect_prompt_shows_the_editing_schedule():
@@ -217,7 +220,7 @@ def test_bom_before_a_json_first_line_is_dropped(tmp_path):
 
 
 def test_invalid_utf8_in_a_prompts_file_names_the_line_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr("sdcli.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sdcli.loading.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "p.txt").write_bytes(b"a dog\n# note\ncaf\xe9 au lait\n")
     assert_clean_error(cli("generate", "--prompts-file", "p.txt", "-m", "x.safetensors"), 3, "p.txt:3", "UTF-8")
     (tmp_path / "c.yaml").write_bytes(b"steps: 3\nnegative: caf\xe9\n")
@@ -251,7 +254,7 @@ def test_huge_width_specifier_is_a_usage_error_at_once():
 
 
 def test_output_names_that_cannot_work_fail_before_the_model_loads(tiny_sd1, tmp_path, monkeypatch):
-    monkeypatch.setattr("sdcli.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("sdcli.loading.checkpoint.load_models", lambda *a, **k: pytest.fail("model loaded"))
     assert_clean_error(cli(*render_args(tiny_sd1, "-o", "x" * 300 + ".png")), 7, "255")
     (tmp_path / "existing_dir").mkdir()
     assert_clean_error(cli(*render_args(tiny_sd1, "-o", "existing_dir")), 7, "existing_dir", "folder")

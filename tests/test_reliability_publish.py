@@ -14,13 +14,13 @@ import pytest
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
-import sdcli.outputs as outputs
-from sdcli.errors import OutputError
+import sdcli.output.targets as outputs
+from sdcli.runtime.errors import OutputError
 
 
 def _no_model_load(monkeypatch) -> list:
     loaded = []
-    monkeypatch.setattr("sdcli.checkpoint.load_models", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("sdcli.loading.checkpoint.load_models", lambda *a, **k: loaded.append(1))
     return loaded
 
 

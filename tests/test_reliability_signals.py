@@ -11,8 +11,8 @@ import pytest
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
-import sdcli.outputs
-from sdcli.errors import Terminated
+import sdcli.output.targets
+from sdcli.runtime.errors import Terminated
 
 
 def test_termination_while_an_image_is_written_keeps_the_finished_ones(tiny_sd1, tmp_path, monkeypatch):
@@ -26,7 +26,7 @@ def test_termination_while_an_image_is_written_keeps_the_finished_ones(tiny_sd1,
             raise Terminated(signal.SIGTERM)
         return real(fd)
 
-    monkeypatch.setattr(sdcli.outputs.os, "fsync", fsync)
+    monkeypatch.setattr(sdcli.output.targets.os, "fsync", fsync)
     result = cli(*render_args(tiny_sd1, "-n", "4", "-o", "out/{index}.png"))
     assert_clean_error(result, 143, "terminated by SIGTERM", "kept")
     assert files_in(tmp_path / "out") == ["0.png", "1.png"] and temp_files(tmp_path) == []

@@ -120,7 +120,7 @@ def test_verify_and_replay_keep_hires_and_seamless(cli, tmp_path):
 @pytest.fixture
 def cpu_kind(monkeypatch):
     """Run as if the CPU had (True) or lacked (False) native bf16, whatever this machine is."""
-    from sdcli import device
+    from sdcli.runtime import device
 
     def pretend(native: bool):
         monkeypatch.setenv(device.FORCE_BF16_ENV, "1" if native else "0")

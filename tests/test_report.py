@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from _browser import find_browser, load_page
-from sdcli import report
-from sdcli.errors import OutputError
+from sdcli.output import report
+from sdcli.runtime.errors import OutputError
 
 EVIL = '<script>alert("x")</script> & "quotes" \'single\' </textarea> ]]> \u2028'
 

@@ -1,4 +1,4 @@
-"""Model residency (sdcli/residency.py): the policies keep, lean and offload write the same bytes, parts are built
+"""Model residency (loading/residency.py): the policies keep, lean and offload write the same bytes, parts are built
 when first used and really let go when released, a rebuilt part gets what changed its modules (LoRA merges,
 seamless padding), and a rebuild never reads a file rewritten since the load.
 
@@ -23,11 +23,12 @@ from _cli import invoker
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir, tiny_sdxl_refiner  # noqa: F401
-from sdcli import pipeline, residency
-from sdcli.checkpoint import load_models
-from sdcli.errors import BadInputError
-from sdcli.lora import _part_targets
-from sdcli.residency import Residency
+from sdcli import pipeline
+from sdcli.loading import residency
+from sdcli.loading.checkpoint import load_models
+from sdcli.runtime.errors import BadInputError
+from sdcli.loading.lora import _part_targets
+from sdcli.loading.residency import Residency
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

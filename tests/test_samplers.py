@@ -30,10 +30,10 @@ from diffusers import (
 )
 
 from _fixtures_sampling import AC, SHAPE, SIGMAS, eps_unet, run_diffusers, seeded
-from sdcli.denoise import Denoiser, LCMDenoiser
-from sdcli.errors import UsageError
-from sdcli.samplers import SAMPLERS, make_noise_source, resolve_sampler, sample, sampler_help
-from sdcli.schedule import get_sigmas, sigma_to_t
+from sdcli.sampling.denoise import Denoiser, LCMDenoiser
+from sdcli.runtime.errors import UsageError
+from sdcli.sampling.samplers import SAMPLERS, make_noise_source, resolve_sampler, sample, sampler_help
+from sdcli.sampling.schedule import get_sigmas, sigma_to_t
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 ATOL = 2e-5  # float32 latents of magnitude ~1 after 10-25 steps; measured max abs diffs are 2e-7 .. 4e-6

@@ -11,8 +11,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 
 from _fixtures_sampling import AC, SIGMAS
-from sdcli.errors import UsageError
-from sdcli.schedule import (
+from sdcli.runtime.errors import UsageError
+from sdcli.sampling.schedule import (
     AYS_SD1,
     SCHEDULES,
     beta_ppf,

@@ -29,15 +29,15 @@ from test_checkpoint import header_of, read_tsv
 from test_models_sdxl import _config_folder
 from test_pipeline_oracle import (FinalLatents, assert_latents_close, assert_pixels_close, first_draws, init_image,
                                   pixels, posterior_mean, unround_timesteps)  # noqa: F401
-from sdcli import checkpoint as ck
+from sdcli.loading import checkpoint as ck
 from sdcli import pipeline as P
 from sdcli.app import render
 from sdcli.app import refine
 from sdcli.app.refine import sized
 from sdcli.cli import app
 from sdcli.config import RunConfig
-from sdcli.errors import UnsupportedModelError
-from sdcli.images import pil_to_tensor
+from sdcli.runtime.errors import UnsupportedModelError
+from sdcli.formats.images import pil_to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -256,7 +256,7 @@ def test_base_and_refiner_ensemble_matches_diffusers(xl, refiner, sampler, steps
     plan = our_plan(models, sampler, steps)
     base_plan, rest = P.split_at_switch(plan, switch, models.family)
     assert rest is not None and 1 < len(base_plan.sigmas) - 1 < steps  # both models run
-    t = P.schedule.sigma_to_t(plan.sigmas[:-1], models.family.schedule.sigmas())
+    t = P.schedule.sigma_to_t(plan.sigmas[:-1], P.schedule.sigmas_of(models.family.schedule))
     assert (t - round(1000 * (1 - switch))).abs().min() > 0.5  # DPM-Solver rounds t: stay off the boundary
     cond, uncond = our_conds(models, "blurry")
     rcond, runcond = our_conds(ref_models, "blurry")
@@ -285,7 +285,7 @@ def test_base_and_refiner_ensemble_matches_diffusers(xl, refiner, sampler, steps
 
 def test_refiner_run_records_and_replays(tiny_sdxl, tiny_sdxl_refiner, tmp_path):  # noqa: F811
     """generate --refiner: A1111's Refiner fields, sdcli's record; verify and --from-image need it again."""
-    from sdcli.metadata import read_image_metadata
+    from sdcli.output.metadata import read_image_metadata
 
     runner = CliRunner()
     out = tmp_path / "r.png"
@@ -323,7 +323,7 @@ def test_kohya_sdxl_lora_reaches_both_text_encoders_and_the_unet(tiny_sdxl, tmp_
     as W + weight * alpha / rank * up @ down."""
     from safetensors.torch import save_file
 
-    from sdcli.lora import LoraSpec, apply_lora
+    from sdcli.loading.lora import LoraSpec, apply_lora
 
     models = ck.load_models(tiny_sdxl, dtype=torch.float32)
     l_enc, g_enc = models.text_encoders
@@ -366,7 +366,7 @@ def test_fp16_run_keeps_the_sdxl_vae_in_fp32_unless_a_vae_is_given(tiny_sdxl, tm
 
 
 def test_encode_decode_record_the_family_and_embeddings_are_refused(tiny_sdxl, tmp_path):  # noqa: F811
-    from sdcli.latents import load_latent
+    from sdcli.output.latents import load_latent
 
     runner = CliRunner()
     init_image().save(tmp_path / "in.png")
@@ -391,7 +391,7 @@ def test_inpaint_matches_diffusers(tiny_sdxl_dir, clip_tokenizer_dir, posterior_
     from make_checkpoint import make_checkpoint
     from test_inpaint import mask_image
 
-    from sdcli.images import load_mask
+    from sdcli.formats.images import load_mask
 
     path = make_checkpoint(tiny_sdxl_dir / "tiny_sdxl_inpaint.safetensors", family="sdxl", size="tiny", seed=2,
                            inpaint=True)
@@ -429,7 +429,7 @@ def test_each_pass_conditions_on_its_own_size(xl):
     from sdcli.families.sdxl import base_values
     from sdcli.jobs import single_job
     from sdcli.models.unet import sdxl_vector
-    from sdcli.prompt_schedule import ScheduledCond
+    from sdcli.text.editing import ScheduledCond
 
     _, models = xl
     cfg = RunConfig(steps=2, width=64, height=64, hires_scale=1.5, crop_coords="4,8", negative="blurry")
@@ -444,7 +444,7 @@ def test_each_pass_conditions_on_its_own_size(xl):
 
 
 def test_size_options_are_recorded_and_replayed(tiny_sdxl, tmp_path):  # noqa: F811
-    from sdcli.metadata import read_image_metadata
+    from sdcli.output.metadata import read_image_metadata
 
     runner = CliRunner()
     out = tmp_path / "s.png"
@@ -474,7 +474,7 @@ def test_seamless_and_preview_run_on_sdxl(tiny_sdxl, tmp_path):  # noqa: F811
 
 
 def test_refiner_sees_prompt_editing_where_the_base_left_it():
-    from sdcli.prompt_schedule import ScheduledCond
+    from sdcli.text.editing import ScheduledCond
 
     schedule = ScheduledCond(((4, "a"), (9, "b")))
     assert refine.after(schedule, 3).entries == ((1, "a"), (6, "b"))  # evaluation 0 of the refiner is 3 of the run

@@ -9,7 +9,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
-from sdcli import checkpoint, pipeline
+from sdcli import pipeline
+from sdcli.loading import checkpoint
 from sdcli.cli import app
 
 

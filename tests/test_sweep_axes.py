@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sdcli import sweep_axes as sa
-from sdcli.errors import UsageError
+from sdcli.app import sweep_axes as sa
+from sdcli.runtime.errors import UsageError
 
 
 def _a1111_int_range(start, end, step=None, count=None):

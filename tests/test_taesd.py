@@ -12,8 +12,8 @@ from _fixtures_taesd import original_layout, tiny_autoencoder, write_taesd_files
 from safetensors.torch import save_file
 
 from sdcli.formats.safetensors import read_header
-from sdcli.errors import BadInputError, NumericalError, UsageError
-from sdcli.images import tensor_to_pil
+from sdcli.runtime.errors import BadInputError, NumericalError, UsageError
+from sdcli.formats.images import tensor_to_pil
 from sdcli.models.taesd import (
     TinyDecoder,
     TinyEncoder,

@@ -17,7 +17,7 @@ from _fixtures_taesd import write_taesd_files
 from PIL import Image
 from typer.testing import CliRunner
 
-from sdcli import latents
+from sdcli.output import latents
 from sdcli.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -61,12 +61,12 @@ BF16_JOBS = ("txt2img", "hires", "inpaint", "controlnet", "sdxl")  # img2img's e
 
 def _jobs(files: dict[str, Path], dtype: str) -> dict[str, list[str]]:
     """name -> CLI arguments (without -o) of every job in fp32, of BF16_JOBS in bf16."""
-    base = ["--dtype", dtype, "--device", "cpu", "--seed", "4", "--cfg", "5", "-s", "2"]
+    base = ["--dtype", dtype, "--device", "cpu", "--seed", "4", "--cfg", "5", "--steps", "2"]
     sd1 = ["-m", str(files["sd1"]), *base]
     gen = ["generate", "a red fox", "-W", "64", "-H", "64"]
     jobs = {
         "txt2img": [*gen, *sd1, "-n", "2", "--sampler", "euler_a"],
-        "img2img": ["img2img", "a red door", "-i", str(files["image"]), *sd1, "--strength", "0.7", "-s", "3"],
+        "img2img": ["img2img", "a red door", "-i", str(files["image"]), *sd1, "--strength", "0.7", "--steps", "3"],
         "hires": [*gen, *sd1, "--hires-scale", "2", "--hires-steps", "2"],
         "inpaint": ["img2img", "a red door", "-i", str(files["image"]), "--mask", str(files["mask"]),
                     "-m", str(files["inpaint"]), *base],
@@ -148,7 +148,7 @@ def _content(path: Path) -> bytes | dict:
 
 def test_configure_sets_the_runs_thread_count():
     """device.configure(placement, threads): what `--threads N` (config key `threads`) passes; None keeps torch's."""
-    from sdcli import device
+    from sdcli.runtime import device
 
     before = torch.get_num_threads()
     try:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdcli.tiling import decode_tiled, tile_starts
+from sdcli.runtime.tiling import decode_tiled, tile_starts
 
 
 def _upsample(z: torch.Tensor) -> torch.Tensor:

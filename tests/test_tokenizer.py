@@ -1,4 +1,4 @@
-"""sdcli.tokenizer against the original CLIP SimpleTokenizer (open_clip's copy) as the oracle.
+"""sdcli.text.clip_tokenizer against the original CLIP SimpleTokenizer (open_clip's copy) as the oracle.
 
 open_clip/__init__ imports torchvision (which we must not install), so the oracle module is
 loaded from its file path. It needs ftfy and regex: test-only dependencies.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import sdcli
-from sdcli.errors import BadInputError
-from sdcli.tokenizer import ClipTokenizer, get_tokenizer
+from sdcli.runtime.errors import BadInputError
+from sdcli.text.clip_tokenizer import ClipTokenizer, get_tokenizer
 
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 DATA = Path(sdcli.__file__).parent / "data"
@@ -150,6 +150,6 @@ def test_load_is_fast_and_cached():
 
 
 def test_import_is_light():
-    code = ("import sys, sdcli.tokenizer as t; t.get_tokenizer().encode('a cat');"
+    code = ("import sys, sdcli.text.clip_tokenizer as t; t.get_tokenizer().encode('a cat');"
             "bad = {'torch', 'ftfy', 'regex'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

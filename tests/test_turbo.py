@@ -21,7 +21,7 @@ from _fixtures_pipeline import clip_tokenizer_dir, one_thread, sd1_models, sd2_m
 from test_pipeline_oracle import (SD, SIZE, FinalLatents, assert_latents_close, assert_pixels_close,  # noqa: F401
                                   diffusers_parts, first_draws, pixels)
 from sdcli import pipeline as P
-from sdcli import prompts
+from sdcli.text import prompts
 from sdcli.app import render
 from sdcli.cli import app
 from sdcli.config import RunConfig

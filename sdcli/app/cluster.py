@@ -9,7 +9,7 @@ as the very bytes a local run on the same device and dtype would write; the driv
 Faults are Ray's business: a worker that dies is restarted by Ray (max_restarts) and the batches it held are
 retried on it (max_task_retries), on whatever node Ray places it. Only a worker that is gone for good (restarts
 used up) has its batches handed back here, to the next free worker. Each batch's result arrives once and each
-image is written once, by name, with the no-clobber publish of outputs.py. A batch that fails for its own reasons
+image is written once, by name, with the no-clobber publish of output/targets.py. A batch that fails for its own reasons
 (a LoRA that fits nothing, NaNs) is reported with its prompts-file line; the others go on, and the run then ends
 with an error listing the failures.
 """
@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import console
-from ..errors import SdcliError, UsageError
-from . import render, save
+from sdcli.runtime import console
+from sdcli.runtime.extras import install_hint
+from sdcli.runtime.errors import SdcliError, UsageError
+from sdcli.app import render, save
 
-INSTALL = "pip install 'sdcli[ray]' (in a checkout: make install-ray)"
+INSTALL = install_hint("ray")
 ACTOR_RESTARTS = 3  # per worker: a job that kills its worker every time must not loop forever
 IN_FLIGHT = 2  # batches queued per worker: the next one is there when the current one ends
 NAME_PREFIX = "sdcli-worker"
@@ -294,7 +295,7 @@ class Worker:
 
     def render(self, job_number: int, batch: list) -> list[dict]:
         """One UNet batch of job `job_number`: for each image its PNG bytes, or the error that stopped it."""
-        from ..pipeline import seamless
+        from sdcli.pipeline import seamless
 
         self._ensure_loaded()
         job = batch[0].job
@@ -312,7 +313,7 @@ class Worker:
                  "worker": self.name, "pid": os.getpid()} for d in done]
 
     def _ensure_loaded(self) -> None:
-        from ..lora import LoraState
+        from sdcli.loading.lora import LoraState
 
         if self.models is not None:
             return

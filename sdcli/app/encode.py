@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__, console
-from .. import config as cfgmod
-from ..errors import UnsupportedModelError, UsageError
-from ..jobs import single_job
-from . import render
-from .planning import OutputPlan
-from .save import model_hash, report
+from sdcli import __version__
+
+from sdcli.runtime import console
+from sdcli import config as cfgmod
+from sdcli.runtime.errors import UnsupportedModelError, UsageError
+from sdcli.jobs import single_job
+from sdcli.app import render
+from sdcli.app.planning import OutputPlan
+from sdcli.app.save import model_hash, report
 
 
 @dataclass
@@ -50,9 +52,10 @@ def run_encode(req: EncodeRequest) -> None:
 
 
 def _encode_text(req: EncodeRequest, cfg) -> None:
-    from .. import latents, pipeline
-    from ..lora import LoraState
-    from ..prompt_schedule import prompt_schedule
+    from sdcli import pipeline
+    from sdcli.output import latents
+    from sdcli.loading.lora import LoraState
+    from sdcli.text.editing import prompt_schedule
 
     job = single_job(req.text, cfg)
     if len(prompt_schedule(job.text, cfg.steps)) > 1:
@@ -60,9 +63,10 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
                                     "embedding file holds one conditioning: give the prompt to generate")
     specs = render.lora_specs([], job)  # a <lora:...> tag changes the text encoder's weights
     models = render.load(cfg, lazy=True)  # the text encoders alone are read
-    if models.family.size_values is not None:
-        raise UnsupportedModelError(f"{models.family.title}: an embedding file holds one context, not the pooled "
-                                    "text vector this model also needs: give the prompt to generate")
+    if any(spec.pooled or spec.kind != "clip" for spec in models.family.text):
+        raise UnsupportedModelError(f"{models.family.title}: an embedding file holds one CLIP context, not the "
+                                    "pooled text vector (or T5 tokens) this model also needs: give the prompt "
+                                    "to generate")
     render.use_loras(LoraState(models), specs)
     cond, _ = pipeline.encode_text(models, job.text, "", cfg.clip_skip)
     path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
@@ -71,7 +75,9 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
 
 
 def _encode_image(req: EncodeRequest, cfg) -> None:
-    from .. import images, latents, pipeline
+    from sdcli import pipeline
+    from sdcli.formats import images
+    from sdcli.output import latents
 
     img, notes = images.load_image(req.image)
     for note in notes:
@@ -80,23 +86,27 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
     latent = pipeline.encode_image(models, images.pil_to_tensor(img))
     path = latents.save_latent(req.output, latent, scaled=True, scale_factor=pipeline.scale_factor(models),
                                family=models.info.family, source_size=(img.width, img.height),
-                               model_hash=model_hash(models), overwrite=req.overwrite)
+                               model_hash=model_hash(models), overwrite=req.overwrite,
+                               shift_factor=pipeline.shift_factor(models))
     report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
 
 
 def _decode_with_vae(cfg, lf, where: Path):
     """Decode with --vae alone. The latent file says its family (which TAESD fits, the VAE scale) when it was
     written by sdcli; a TAESD decodes the scaled latent, a full VAE the unscaled one."""
-    from .. import device, pipeline, vae_files
-    from ..families import FAMILIES
+    from sdcli import pipeline
+    from sdcli.runtime import device
+    from sdcli.loading import vae as vae_files
+    from sdcli.families import FAMILIES
 
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
     family = next((f for f in FAMILIES if f.name == lf.family), None)
     vae = vae_files.load_vae_file(cfg.vae, placement.dtype, placement.device, family)
     factor = lf.scale_factor or (family.latent.scale_factor if family else None)
+    shift = lf.shift_factor if lf.shift_factor is not None else (family.latent.shift_factor if family else 0.0)
     try:
-        z = lf.unet_space(factor) if vae_files.is_tiny(vae) else lf.vae_space(factor)
+        z = lf.unet_space(factor, shift) if vae_files.is_tiny(vae) else lf.vae_space(factor, shift)
     except UsageError:
         raise UsageError(f"{where}: the file does not record its VAE scale factor; give the checkpoint with "
                          "--model instead of --vae") from None
@@ -104,8 +114,10 @@ def _decode_with_vae(cfg, lf, where: Path):
 
 
 def run_decode(req: DecodeRequest) -> None:
-    from .. import images, latents, pipeline
-    from ..outputs import STDOUT, expand_template, save_png
+    from sdcli import pipeline
+    from sdcli.formats import images
+    from sdcli.output import latents
+    from sdcli.output.targets import STDOUT, expand_template, save_png
 
     cfg = cfgmod.resolve(req.flags, req.config_file)
     lf = latents.load_latent(req.latent)  # checked before the model is loaded
@@ -120,7 +132,8 @@ def run_decode(req: DecodeRequest) -> None:
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:
         models = render.load(cfg, lazy=True)  # the VAE alone is read
-        decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models)))
+        decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models),
+                                                                pipeline.shift_factor(models)))
     for k, p in enumerate(paths):
         meta = {"sdcli_version": __version__, "mode": "decode", "source": str(req.latent),
                 "fallbacks": decoded.fallbacks}

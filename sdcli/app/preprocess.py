@@ -8,8 +8,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import console
-from ..errors import UsageError
+from sdcli.runtime import console
+from sdcli.runtime.errors import UsageError
 
 KINDS = ("canny", "invert", "threshold", "scribble", "tile", "shuffle", "inpaint")
 
@@ -31,8 +31,8 @@ class PreprocessRequest:
 
 
 def run_preprocess(req: PreprocessRequest) -> None:
-    from ..images import load_image
-    from ..outputs import atomic_write_bytes, check_target
+    from sdcli.formats.images import load_image
+    from sdcli.output.targets import atomic_write_bytes, check_target
 
     if req.kind not in KINDS:
         raise UsageError(f"unknown preprocessor '{req.kind}' (known: {', '.join(KINDS)}; depth, pose, HED and "
@@ -51,8 +51,8 @@ def run_preprocess(req: PreprocessRequest) -> None:
 
 
 def _apply(req: PreprocessRequest, image):
-    from .. import preprocess as pp
-    from ..images import load_image
+    from sdcli.control import preprocess as pp
+    from sdcli.formats.images import load_image
 
     try:
         if req.kind == "canny":

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import console
-from ..config import RunConfig
-from ..errors import UsageError
-from ..jobs import Job
+from sdcli.runtime import console
+from sdcli.config import RunConfig
+from sdcli.runtime.errors import UsageError
+from sdcli.jobs import Job
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def load_refiner(cfg: RunConfig, models):
     """The --refiner checkpoint, loaded once beside the base model, or None. Its latent space must be the base's:
     it continues the base's latents. Its VAE (or --vae) decodes what it finished, as in A1111 (the refiner is then
     the loaded model) and diffusers' ensemble."""
-    from .. import checkpoint
+    from sdcli.loading import checkpoint
 
     if not cfg.refiner:
         return None
@@ -59,8 +59,8 @@ def check_refiner_use(cfg: RunConfig, txt2img: bool) -> None:
 def refiner_part(models, cfg: RunConfig, job: Job, plan, negative: str | None, size: tuple[int, int],
                  steps_before: int) -> Refiner | None:  # fmt: skip
     """The refiner's plan and conditioning, or None when the switch leaves it no step."""
-    from .. import pipeline
-    from ..conditioning import conditioning
+    from sdcli import pipeline
+    from sdcli.sampling.conditioning import conditioning
 
     if plan is None:
         return None
@@ -72,7 +72,7 @@ def refiner_part(models, cfg: RunConfig, job: Job, plan, negative: str | None, s
 def after(value, steps: int):
     """A prompt-editing schedule as seen by a sampler that starts `steps` evaluations in (the refiner counts its
     evaluations from 0; the schedule counts them over the whole run, as A1111's continuing sampler does)."""
-    from ..prompt_schedule import ScheduledCond
+    from sdcli.text.editing import ScheduledCond
 
     if not isinstance(value, ScheduledCond):
         return value
@@ -87,8 +87,8 @@ def decoder(models, refiner: Refiner | None):
 
 def size_cond(cfg: RunConfig, size: tuple[int, int]):
     """SDXL's size/crop conditioning for a pass rendering `size` (H, W): the configured sizes, else that size."""
-    from ..config import pair_of
-    from ..families.base import SizeCond
+    from sdcli.config import pair_of
+    from sdcli.families.base import SizeCond
 
     def pair(key: str, default: tuple[int, int]) -> tuple[int, int]:
         value = getattr(cfg, key)
@@ -102,7 +102,7 @@ def size_cond(cfg: RunConfig, size: tuple[int, int]):
 def sized(models, cfg: RunConfig, conds: tuple, size: tuple[int, int]) -> tuple:
     """(cond, uncond) with the family's vector y for a pass rendering `size` (unchanged for families without;
     an absent uncond stays absent)."""
-    from .. import pipeline
+    from sdcli import pipeline
 
     at = size_cond(cfg, size)
     return (pipeline.with_size_vector(models, conds[0], at), pipeline.with_size_vector(models, conds[1], at, True))

@@ -1,5 +1,5 @@
 """`sdcli sweep`: A1111's X/Y/Z plot from the command line. Every cell is a text-to-image render of the prompt
-with the axes' values set (sweep_axes.py parses and expands them); each z value gets one labelled plot
+with the axes' values set (app/sweep_axes.py parses and expands them); each z value gets one labelled plot
 (grid.plot_grid), and a JSON file beside the plot (STEM.json of -o, or --json-out) lists every cell's settings,
 its full config, its place in its plot and a `generate` command that renders it alone.
 
@@ -18,12 +18,16 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, console, sweep_axes
-from .. import config as cfgmod
-from ..config import RunConfig
-from ..errors import BadInputError, UsageError
-from ..jobs import Job, draw_seed, single_job, with_seed
-from . import render, save
+from sdcli import __version__
+
+from sdcli.runtime import console
+
+from sdcli.app import sweep_axes
+from sdcli import config as cfgmod
+from sdcli.config import RunConfig
+from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.jobs import Job, draw_seed, single_job, with_seed
+from sdcli.app import render, save
 
 # Config keys a text-to-image sweep cannot vary, beyond sweep_axes.FIXED_KEYS.
 NOT_SWEPT = {
@@ -54,20 +58,24 @@ class PlannedCell:
     job: Job  # the cell's prompt and full config
     loras: tuple  # lora.LoraSpec, --lora files then the LoRA axes
     keep: Path | None  # where its PNG goes with --keep-cells
+    given_loras: tuple = ()  # the LoRAs not named by the prompt's tags (--lora, the LoRA axes): the command's --lora
 
 
 def run_sweep(req: SweepRequest) -> None:
     x, y, z = (_axis(spec, option) if spec else None for spec, option in ((req.x, "--x"), (req.y, "--y"),
                                                                           (req.z, "--z")))
-    base = with_seed(cfgmod.resolve(req.flags, req.config_file))
+    varied = any(a is not None and a.key == "subseed_strength" for a in (x, y, z))
+    base = with_seed(cfgmod.resolve(req.flags, req.config_file), variation=varied)  # one subseed for every cell
     if base.refiner:
         raise UsageError("a refiner (config key 'refiner') is not supported by sweep yet")
     render.check_samplers([single_job(req.prompt, base)], base,
-                          lambda key: cfgmod.origin(key, req.flags, req.config_file))
+                          lambda key: cfgmod.origin(key, req.flags, req.config_file), warn=False)
     cells = sweep_axes.expand(req.prompt, base.negative, x, y, z)
     planned = [_plan_cell(c, base, req) for c in cells]
     for p in planned:
         _check_cell(p, base)
+    render.check_hires_upscalers([p.job for p in planned])
+    render.warn_unused_params([p.job for p in planned])
     plots = _plot_paths(req.output, len(z.values) if z else 1)
     json_path = Path(req.json_path) if req.json_path else Path(req.output).with_suffix(".json")
     _check_outputs(plots, json_path, [p.keep for p in planned if p.keep], req.overwrite)
@@ -89,13 +97,13 @@ def _axis(spec: str, option: str) -> sweep_axes.Axis:
     axis = sweep_axes.parse_axis(spec, option)
     if axis.key in NOT_SWEPT:
         raise UsageError(f"{option} {axis.key}: cannot be swept ({NOT_SWEPT[axis.key]})")
-    if axis.key == "seed":  # -1 draws a seed, once, so the cell can be replayed
+    if axis.key in ("seed", "subseed"):  # -1 draws a seed, once, so the cell can be replayed
         axis = dataclasses.replace(axis, values=tuple(draw_seed() if v == -1 else v for v in axis.values))
     return axis
 
 
 def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> PlannedCell:
-    from ..lora import check_file, resolve_prompt_lora
+    from sdcli.loading.lora import check_file, resolve_prompt_lora
 
     prefix = sweep_axes.LORA_PREFIX
     settings = {k: v for k, v in cell.settings.items() if not k.startswith(prefix)}
@@ -107,6 +115,7 @@ def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> Pla
             raise UsageError(f"lora:{tag.name}: the prompt's <lora:{tag.name}:...> tag sets this LoRA's weight too; "
                              "sweep the tag with prompt_sr instead, or drop it from the prompt")
     specs = render.lora_specs(req.loras, job)
+    tagged = specs[len(specs) - len(job.loras):] if job.loras else []  # the prompt's tags: the command keeps them
     for name, weight in swept.items():
         spec = resolve_prompt_lora(name, weight, cfg.lora_dir)
         check_file(spec)
@@ -114,13 +123,14 @@ def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> Pla
         specs = [s for i, s in enumerate(specs) if i not in same] + [spec]  # the axis's weight replaces --lora's
     ix, iy, iz = cell.index
     keep = Path(req.keep_cells) / f"z{iz}-y{iy}-x{ix}.png" if req.keep_cells else None
-    return PlannedCell(cell, job, tuple(specs), keep)
+    given = tuple(s for s in specs if not any(s is t for t in tagged))
+    return PlannedCell(cell, job, tuple(specs), keep, given)
 
 
 def _check_cell(p: PlannedCell, base: RunConfig) -> None:
     """The cell's sampler, schedule and sigmas (the base's are good, so an error is the axes')."""
     try:
-        render.check_samplers([p.job], base)
+        render.check_samplers([p.job], base, warn=False)
     except (UsageError, BadInputError) as e:
         swept = ", ".join(f"{k}={v}" for k, v in p.cell.settings.items())
         raise UsageError(f"sweep cell {swept}: {e}") from None
@@ -136,7 +146,7 @@ def _plot_paths(output: str, count: int) -> list[Path]:
 
 
 def _check_outputs(plots: list[Path], json_path: Path, kept: list[Path], overwrite: bool) -> None:
-    from ..outputs import check_target
+    from sdcli.output.targets import check_target
 
     seen: set[Path] = set()
     for path in [*plots, json_path, *kept]:
@@ -157,7 +167,7 @@ class Done:
 
 def _render_cells(models, planned: list[PlannedCell], req: SweepRequest) -> dict[int, Done]:
     """id(planned cell) -> its image, rendered grouped by LoRA set, text encodings shared where they can be."""
-    from ..lora import LoraState
+    from sdcli.loading.lora import LoraState
 
     def lora_key(p: PlannedCell) -> tuple:
         return tuple((s.path.resolve(), s.weight) for s in p.loras)
@@ -175,16 +185,18 @@ def _render_cells(models, planned: list[PlannedCell], req: SweepRequest) -> dict
 
 def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras: tuple) -> Done:
     """One cell as `generate` renders one image (render.prepare, txt2img_passes, decode, save.metadata)."""
-    from .. import images, pipeline
-    from ..outputs import save_png
-    from .progress import Progress
+    from sdcli import pipeline
+    from sdcli.formats import images
+    from sdcli.output.targets import save_png
+    from sdcli.app.progress import Progress
 
     cfg = p.job.cfg
     prepared = render.prepare(models, cfg, p.job, encoded=encoded)
     with pipeline.seamless(models, cfg.seamless):
         with Progress([cfg.seed], len(prepared.plan.sigmas) - 1, req.progress) as step:
             latents = render.txt2img_passes(models, prepared.plan, prepared.cond, prepared.uncond, [cfg.seed],
-                                            prepared.size, prepared.hires, callback=step)
+                                            prepared.size, prepared.hires, callback=step,
+                                            noise=render.noise_settings(cfg, [cfg.subseed]))
         decoded = pipeline.decode_latents(models, latents)
     target = render.Target(p.job, 0, cfg.seed, p.keep or Path("-"))
     meta = save.metadata(models, target, prepared.size, decoded.fallbacks, None, prepared.hires, loras)
@@ -204,8 +216,8 @@ def _describe(cell: sweep_axes.Cell) -> str:
 def _write_plot(path: Path, cells: list, axes: tuple, iz: int, req: SweepRequest, json_path: Path) -> list[dict]:
     """The plot of one z value: cells padded to one size (a width/height axis makes them differ), labelled;
     its metadata holds the first cell's infotext and, per cell, the settings and a command that renders it."""
-    from .. import grid
-    from ..outputs import save_png
+    from sdcli.output import grid
+    from sdcli.output.targets import save_png
 
     x, y, z = axes
     pictures = _same_size([done.image for _, done in cells])
@@ -244,14 +256,23 @@ def _record(p: PlannedCell, done: Done, plot: Path, box: tuple) -> dict:
 
 
 REPLAYED_FLAGS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
-                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "dtype")
+                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "hires_upscaler",
+                  "dtype")
+# A1111's noise and sampler parameters: on the command line only where they differ from their defaults.
+NOISE_FLAGS = ("rng", "subseed", "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax",
+               "s_noise")
 
 
 def reproduce_command(p: PlannedCell, meta: dict) -> str:
-    """A `generate` command line that renders this cell alone (the model and LoRAs by file name, as images record
-    them; `generate --from-image` on a kept cell does the same)."""
-    recorded = meta["config"]
-    words = ["sdcli", "generate", p.cell.prompt, "-m", recorded.get("model") or "MODEL"]
+    """A `generate` command line that renders this cell alone, run from the folder the sweep was run in: the
+    model, VAE, LoRA files and folders as the sweep was given them (an image records file names only), then
+    the recorded settings."""
+    recorded, cfg = meta["config"], p.job.cfg
+    words = ["sdcli", "generate", p.cell.prompt, "-m", cfg.model or "MODEL"]
+    for flag, value in (("--vae", cfg.vae), ("--lora-dir", cfg.lora_dir if p.job.loras else None),
+                        ("--embeddings-dir", cfg.embeddings_dir)):
+        if value:
+            words += [flag, str(value)]
     for key in REPLAYED_FLAGS:
         value = recorded.get(key)
         if value is None or (key == "negative" and value == "") or (key == "schedule" and recorded.get("sigmas")):
@@ -261,8 +282,13 @@ def reproduce_command(p: PlannedCell, meta: dict) -> str:
             words.append(flag if value else f"--no-{key}")
         else:
             words += [flag, str(value)]
-    for lora in meta.get("loras", []):
-        words += ["--lora", f"{lora['name']}:{lora['weight']}"]
+    defaults = RunConfig()
+    for key in NOISE_FLAGS:
+        value = recorded.get(key)
+        if value is not None and value != getattr(defaults, key):
+            words += ["--" + key.replace("_", "-"), str(value)]
+    for spec in p.given_loras:
+        words += ["--lora", f"{spec.path}:{spec.weight}"]
     return shlex.join(words)
 
 
@@ -275,7 +301,7 @@ def _write_json(path: Path, req: SweepRequest, base: RunConfig, axes: tuple, plo
                 records: list[dict]) -> None:
     import json
 
-    from ..outputs import atomic_write_bytes
+    from sdcli.output.targets import atomic_write_bytes
 
     doc = {"sdcli_version": __version__, "prompt": req.prompt, "negative": base.negative, "seed": base.seed,
            "axes": _axes_json(axes), "plots": [str(p) for p in plots], "cells": records}

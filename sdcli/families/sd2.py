@@ -12,7 +12,7 @@ import torch
 
 from sdcli.formats.ldm import OPENCLIP_TEXT, UNET_PREFIX
 
-from .base import Family, Shapes, TextEncoderSpec
+from sdcli.families.base import Family, Shapes, TextEncoderSpec
 
 
 def _is_sd2(shapes: Shapes) -> bool:

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 from sdcli.formats.ldm import OPENAI_TEXT, UNET_PREFIX, VAE_PREFIX
 from sdcli.formats.safetensors import read_header
-from sdcli.formats.source import Entry, WeightSource, entries_from_header, open_source
+from sdcli.formats.source import Entry, WeightSource, entries_from_header, is_diffusers_folder, open_file
 from sdcli.formats.strict import is_ignored
 
 # Inside a UNet ResBlock and a VAE resnet / attention block (diffusers name, LDM name).
@@ -213,7 +213,7 @@ def standalone_vae_source(path: Path) -> WeightSource:
         folder = path / "vae" if (path / "vae").is_dir() else path
         entries = component_entries(folder, "vae")
         return WeightSource(path, entries, layout="diffusers")
-    base = open_source(path)
+    base = open_file(path)
     keys = list(base.entries)
     if keys and all(k.startswith("lora_") for k in keys):
         raise BadInputError(f"{path}: a LoRA, not a VAE (lora_* keys): pass it with --lora")
@@ -228,3 +228,13 @@ def standalone_vae_source(path: Path) -> WeightSource:
         # vae-ft-mse style file; training leftovers (LPIPS "loss.*", EMA counters) are not VAE weights
         entries = {VAE_PREFIX + k: e for k, e in base.entries.items() if not (is_ignored(k) or k.startswith("loss."))}
     return WeightSource(path, entries, base.metadata, layout=base.layout, tensors=base._tensors)
+
+
+def open_source(path: str | Path) -> WeightSource:
+    """A WeightSource for a single file (.safetensors or, restricted, .ckpt) or a diffusers folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return open_file(path)
+    if not is_diffusers_folder(path):
+        raise BadInputError(f"{path}: a folder, but not a diffusers model (no model_index.json or unet/)")
+    return diffusers_source(path)

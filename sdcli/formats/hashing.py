@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from sdcli.runtime.paths import xdg_path
+
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -32,8 +34,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _hash_cache_path() -> Path | None:
-    from sdcli.config import xdg_path
-
     return xdg_path("XDG_CACHE_HOME", ".cache", "sdcli", "sha256.json")  # None: no home, so no cache
 
 

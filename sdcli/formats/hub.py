@@ -6,12 +6,12 @@ import os
 import re
 from pathlib import Path
 
-from sdcli.errors import ModelNotFoundError
+from sdcli.runtime.errors import ModelNotFoundError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model(model: str | Path, patterns: list[str] | None = None) -> Path:
+def resolve_model(model: str | Path, patterns: list[str]) -> Path:
     """A local file/folder, or a hub id (``owner/name``) fetched into / found in the HF cache. `patterns`: the files
     to fetch (the families' hub patterns, see families.hub_patterns)."""
     path = Path(model).expanduser()
@@ -21,10 +21,6 @@ def resolve_model(model: str | Path, patterns: list[str] | None = None) -> Path:
     if not _HUB_ID.match(text) or text.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
         raise ModelNotFoundError(f"{text}: no such file or folder (pass a .safetensors file, a diffusers folder "
                                  "or a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5)")  # fmt: skip
-    if patterns is None:
-        from sdcli.families import hub_patterns
-
-        patterns = hub_patterns()
     return _hub_snapshot(text, patterns)
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
+from sdcli.formats.safetensors import is_safetensors
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # read only through load_ckpt's restricted unpickler
 
@@ -21,12 +22,14 @@ def looks_pickled(head: bytes) -> bool:
 
 
 def is_pickle(path: Path) -> bool:
+    """Whether `path` is a pickle checkpoint: its first bytes say so AND it is not a valid safetensors file (whose
+    8-byte header length may itself begin with 0x80, a pickle's first byte)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
         return False
-    return looks_pickled(head)
+    return looks_pickled(head) and not is_safetensors(path)
 
 
 class _StateOnly:

@@ -16,7 +16,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_TEXT_CHUNK = 1 << 20  # bytes of one decompressed zTXt/iTXt value (PIL's MAX_TEXT_CHUNK)

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdcli.errors import BadInputError
+from sdcli.runtime.errors import BadInputError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
 MAX_RANK = 32

@@ -7,18 +7,12 @@ within noise on AVX2 and would move the fp32 bytes, and on CUDA it was slower: t
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
 
+from sdcli.runtime.device import prefers_channels_last
+
 CHANNELS_LAST = torch.channels_last
-# SDCLI_CPU_CHANNELS_LAST=0 keeps bf16 CPU runs contiguous: scripts/bench.py measures the lever with it.
-SWITCH_ENV = "SDCLI_CPU_CHANNELS_LAST"
-
-
-def prefers_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get(SWITCH_ENV, "1") != "0"
 
 
 def wants_channels_last(x: Tensor) -> bool:

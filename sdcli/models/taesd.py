@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sdcli.errors import BadInputError, NumericalError, UsageError
 from sdcli.models.invariant import PointwiseConv, tanh
+from sdcli.runtime.errors import BadInputError, NumericalError, UsageError
 
 ENCODER_BLOCKS = (1, 3, 3, 3)  # Blocks after the input conv, then after each stride-2 conv
 DECODER_BLOCKS = (3, 3, 3, 1)  # Blocks before each upsample, then the last Block

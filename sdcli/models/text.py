@@ -6,7 +6,7 @@ self_attn.q_proj, ..., final_layer_norm), so SD files and diffusers ``text_encod
 kohya LoRA keys (``lora_te_text_model_encoder_...``) map onto it; tests check the output against transformers'
 CLIPTextModel on the same weights. It is ours rather than transformers' because importing transformers costs
 ~3 s of every cold ``sdcli`` run. SD1 checkpoints store it under ``cond_stage_model.transformer.[text_model.]``;
-SD2 stores OpenCLIP names under ``cond_stage_model.model.`` which ``checkpoint.py`` converts at load (fused q/k/v
+SD2 stores OpenCLIP names under ``cond_stage_model.model.`` which ``loading/checkpoint.py`` converts at load (fused q/k/v
 split, last layer dropped because SD2 uses the penultimate layer). So for SD2 this model has one layer fewer
 than the file, exactly as the diffusers ``text_encoder/`` folder of SD2 does.
 SDXL (``encode_xl``) keeps every layer: it conditions on the penultimate hidden state WITHOUT the final norm,
@@ -25,19 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.errors import UsageError
 from sdcli.models.invariant import gelu, sigmoid
+from sdcli.runtime.errors import UsageError
 
-SD1_PAD_ID = 49407  # SD1 pads with <|endoftext|>
-SD2_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!"): SD2 and SDXL's bigG
-EOS_ID = 49407
+EOS_ID = 49407  # <|endoftext|>
 
 
 @dataclass(frozen=True)
 class TextConfig:
     """Shape of the text encoder; defaults are SD1's CLIP ViT-L/14."""
 
-    family: str = "sd1"
     vocab_size: int = 49408
     hidden_size: int = 768
     num_layers: int = 12  # layers actually built (SD2: the file's count minus the dropped last layer)
@@ -46,13 +43,10 @@ class TextConfig:
     max_positions: int = 77
     hidden_act: str = "quick_gelu"  # SD2/OpenCLIP: "gelu"
     projection_dim: int | None = None  # SDXL bigG: width of the pooled output (text_projection), else None
-    pad_token_id: int | None = None  # None: the family's rule; SDXL sets it per encoder (CLIP-L 49407, bigG 0)
-
-    @property
-    def pad_id(self) -> int:
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        return SD2_PAD_ID if self.family == "sd2" else SD1_PAD_ID
+    pooled: bool = False  # the pooled output is wanted without a projection (SD3's and FLUX's CLIP-L)
+    # The id that fills the window after the end token: OpenAI CLIP repeats <|endoftext|>, OpenCLIP pads with 0
+    # ("!"). The family's text-encoder declaration says which (families/base.TextEncoderSpec.pad_id).
+    pad_id: int = EOS_ID
 
 
 class TextEncoder(nn.Module):
@@ -61,7 +55,6 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
-        self.family = cfg.family
         self.pad_id = cfg.pad_id
         self.hidden_size = cfg.hidden_size
         self.transformer = CLIPTextTransformer(cfg)
@@ -93,13 +86,13 @@ class TextEncoder(nn.Module):
         `hidden_index` counts as transformers' ``hidden_states`` (0 = embeddings, -1 = last layer); SDXL uses
         -2, diffusers' clip_skip=c uses -(c + 2). The pooled vector (only with a text_projection) is the final
         norm of the LAST layer at the first EOS token (sgm takes argmax(ids): the same for CLIP's own ids),
-        projected.
+        projected when the encoder has a text_projection (SD3's and FLUX's CLIP-L: not projected).
         """
         n = self.config.num_layers
         index = hidden_index + n + 1 if hidden_index < 0 else hidden_index
         if not 0 <= index <= n:
             raise UsageError(f"hidden state {hidden_index} out of range for a {n}-layer text encoder")
-        pooled_wanted = self.config.projection_dim is not None
+        pooled_wanted = self.config.projection_dim is not None or self.config.pooled
         t = self.transformer
         h = picked = t.embeddings(ids, fixes)  # (N, T, D); fixes: textual-inversion rows, as for forward
         for i, layer in enumerate(t.encoder.layers[: n if pooled_wanted else index], start=1):
@@ -109,7 +102,8 @@ class TextEncoder(nn.Module):
         if not pooled_wanted:
             return picked, None
         last = t.final_layer_norm(h)  # (N, T, D)
-        return picked, self.text_projection(last[torch.arange(ids.shape[0], device=ids.device), eos_index(ids)])
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), eos_index(ids)]  # (N, D)
+        return picked, self.text_projection(pooled) if hasattr(self, "text_projection") else pooled
 
 
 class CLIPTextTransformer(nn.Module):

@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .invariant import GroupNorm, PointwiseConv, silu
-from .layout import run_layout
+from sdcli.models.invariant import GroupNorm, PointwiseConv, silu
+from sdcli.models.layout import run_layout
 
 # LDM's model.py ``Upsample`` (with conv) is the same block as the UNet's: nearest x2, then a 3x3 conv ``.conv``.
-from .unet import Upsample
+from sdcli.models.unet import Upsample
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Hyperparameters of the LDM AutoencoderKL; SD1/SD2 defaults. Inferred from shapes by checkpoint.py."""
+    """Hyperparameters of the LDM AutoencoderKL; SD1/SD2 defaults. Inferred from shapes by loading/checkpoint.py."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -35,6 +35,7 @@ class VAEConfig:
     z_channels: int = 4  # latent channels
     embed_dim: int = 4  # channels around quant_conv / post_quant_conv
     scale_factor: float = 0.18215  # SD1/SD2; the pipeline multiplies latents by this before the UNet
+    use_quant_conv: bool = True  # False for the 16-channel VAEs of SD3 and FLUX.1: no quant_conv/post_quant_conv
 
     @property
     def downscale(self) -> int:
@@ -182,24 +183,30 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """autoencoder.py ``AutoencoderKL``: encoder + quant_conv, post_quant_conv + decoder."""
+    """autoencoder.py ``AutoencoderKL``: encoder + quant_conv, post_quant_conv + decoder (the 1x1 quant convs
+    absent in the 16-channel VAEs of SD3 and FLUX.1: sgm's ``use_quant_conv=False``)."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = PointwiseConv(2 * cfg.z_channels, 2 * cfg.embed_dim)
-        self.post_quant_conv = PointwiseConv(cfg.embed_dim, cfg.z_channels)
+        if cfg.use_quant_conv:
+            self.quant_conv = PointwiseConv(2 * cfg.z_channels, 2 * cfg.embed_dim)
+            self.post_quant_conv = PointwiseConv(cfg.embed_dim, cfg.z_channels)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x in [-1, 1] (B, 3, H, W) -> (mean, logvar), each (B, z, H/f, W/f), unscaled."""
-        x = run_layout(self, x.to(self.quant_conv.weight.dtype))  # channels_last on a bf16 CPU (layout.py)
-        moments = self.quant_conv(self.encoder(x)).contiguous()  # (B, 2z, H/f, W/f)
-        mean, logvar = moments.chunk(2, dim=1)
+        x = run_layout(self, x.to(self.encoder.conv_in.weight.dtype))  # channels_last on a bf16 CPU (layout.py)
+        moments = self.encoder(x)  # (B, 2z, H/f, W/f)
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.contiguous().chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # the clamp of DiagonalGaussianDistribution
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latent (B, z, h, w) -> image in about [-1, 1] (B, 3, h*f, w*f)."""
-        z = run_layout(self, z.to(self.post_quant_conv.weight.dtype))  # channels_last on a bf16 CPU (layout.py)
-        return self.decoder(self.post_quant_conv(z)).contiguous()
+        z = run_layout(self, z.to(self.decoder.conv_in.weight.dtype))  # channels_last on a bf16 CPU (layout.py)
+        if self.config.use_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).contiguous()

@@ -24,7 +24,7 @@ from _fixtures_pipeline import clip_tokenizer_dir  # noqa: F401
 from bench_sdxl import ensure_checkpoint
 from test_models_sdxl import _config_folder
 from test_pipeline_oracle import first_draws
-from sdcli import checkpoint as ck
+from sdcli.loading import checkpoint as ck
 from sdcli import pipeline as P
 from sdcli.app.refine import sized
 from sdcli.config import RunConfig

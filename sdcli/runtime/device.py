@@ -1,0 +1,175 @@
+"""Device and dtype choice: `auto` picks CUDA+fp16, then MPS+fp16, then the CPU with bf16 where the CPU computes
+bf16 natively (AVX512-BF16 or AMX), else fp32. fp16 on a CPU is never chosen: it runs ~300x slower there."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from sdcli.runtime.errors import UsageError
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu" | "cuda" | "mps"
+    dtype_name: str  # "fp32" | "bf16" | "fp16"
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, DTYPE_NAMES[self.dtype_name])
+
+
+# Forces the CPU's bf16 answer, for running the whole suite as if `auto` had resolved the other way here:
+# SDCLI_CPU_BF16=1 (as on AVX512-BF16/AMX machines) or 0 (as on AVX2-only ones). Unset: read the CPU.
+FORCE_BF16_ENV = "SDCLI_CPU_BF16"
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags in /proc/cpuinfo
+
+
+def native_bf16_from_cpuinfo(text: str | None) -> bool:
+    """Whether a /proc/cpuinfo text lists a native bf16 unit. None (no such file: macOS, Windows) and ARM's
+    `Features:` lines count as no: torch's CPU bf16 kernels are only known to beat fp32 on those x86 units."""
+    for line in (text or "").splitlines():
+        if line.startswith("flags"):
+            return bool(NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    return False
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), or when SDCLI_CPU_BF16 says so."""
+    forced = os.environ.get(FORCE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UsageError(f"{FORCE_BF16_ENV}={forced!r}: use 1 (treat the CPU as bf16-native), 0 (as fp32-only) "
+                         "or leave it unset")
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = None
+    return native_bf16_from_cpuinfo(text)
+
+
+def _available(device: str) -> bool:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available()
+    if device == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return device == "cpu"
+
+
+def choose(device: str = "auto", dtype: str = "auto") -> Placement:
+    """Resolve `auto` values; UsageError when an explicit device is not there."""
+    if device == "auto":
+        device = next(d for d in ("cuda", "mps", "cpu") if _available(d))
+    elif not _available(device):
+        raise UsageError(f"--device {device} was asked for but is not available here (try --device cpu)")
+    return Placement(device, auto_dtype(device) if dtype == "auto" else dtype)
+
+
+def auto_dtype(device: str) -> str:
+    """fp16 on CUDA/MPS, bf16 on a CPU with native bf16, else fp32. fp16 on a CPU is never picked: ~300x slower."""
+    if device in ("cuda", "mps"):
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def runs_well(device: str, dtype: str) -> bool:
+    """Whether `dtype` is a sensible choice on `device`: what a replay may take from an image as it is. fp32 runs
+    everywhere; fp16 only on GPUs; bf16 on CPUs with native bf16 and on CUDA cards that support it."""
+    if dtype == "fp32":
+        return True
+    if device == "cpu":
+        return dtype == "bf16" and cpu_has_native_bf16()
+    if device == "cuda" and dtype == "bf16":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return dtype == "fp16"
+
+
+def replay_dtype(recorded: str | None, device: str) -> tuple[str, str | None]:
+    """The dtype a replay renders in on `device` (already resolved): the recorded one when it runs well here,
+    else what `auto` picks, with a one-line note naming both. No recorded dtype (A1111, ComfyUI): `auto`."""
+    if recorded is None:
+        return "auto", None
+    if recorded in DTYPE_NAMES and runs_well(device, recorded):
+        return recorded, None
+    chosen = auto_dtype(device)
+    return chosen, (f"the image was rendered in {recorded}, which does not run well on this {device}; "
+                    f"replaying in {chosen} (pixels may differ; --dtype {recorded} forces it)")
+
+
+def configure(placement: Placement, threads: int | None = None) -> None:
+    """fp32 on CUDA means fp32: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default, which moves
+    fp32 results ~1e-3 off the CPU's. Whoever asks for fp32 asks for that precision, so TF32 is turned off then.
+    `threads`: torch's intra-op CPU threads for the run (None: torch's default, one per core); the bytes do not
+    depend on it (models/invariant.py)."""
+    import torch
+
+    if placement.device == "cuda" and placement.dtype_name == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if threads is not None:
+        torch.set_num_threads(threads)
+    fix_heap_threshold()
+
+
+# glibc's M_MMAP_THRESHOLD (mallopt parameter -3): blocks above it get their own mapping, returned on free.
+MMAP_THRESHOLD = 32 << 20
+
+
+def fix_heap_threshold() -> bool:
+    """Pin glibc's mmap threshold at 32 MB (its dynamic maximum) instead of letting it float. Floating, it rises
+    with every freed mapping, and the heap then kept ~1.1 GB of freed read and reduction buffers beside the SDXL
+    weights at the peak of a load (8.1 GB vs 7.0 GB of weights and libraries, measured on 2 threads; SD1.5
+    0.1-0.3 GB); pinned, the peak is the weights. Step time was unchanged (5.5 s per 512px bf16 step either way;
+    a 4 MB threshold cost 15%). No-op outside glibc. Returns whether it was set."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(-3, MMAP_THRESHOLD))
+
+
+def trim_heap() -> None:
+    """Hand glibc's freed heap back to the system: it keeps what a released part or a finished stage freed
+    (0.45 GB measured after two 512px bf16 steps). No-op outside glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@lru_cache(maxsize=1)
+def _glibc():
+    """The C library when it is glibc (mallopt, malloc_trim), else None (macOS, musl, Windows)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+# SDCLI_CPU_CHANNELS_LAST=0 keeps bf16 CPU runs contiguous: scripts/bench.py measures the lever with it.
+SWITCH_ENV = "SDCLI_CPU_CHANNELS_LAST"
+
+
+def prefers_channels_last(device, dtype) -> bool:
+    """Whether convolutional networks run channels_last here (models/layout.py says why: bf16 on a CPU only)."""
+    import torch
+
+    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get(SWITCH_ENV, "1") != "0"
