@@ -4,6 +4,7 @@ moves. Op by op, so a difference is the op's own, not one carried in from an ear
 
     python scripts/probe_threads.py TINY.safetensors --dtype fp32 [--threads 2 3 4] [--full-ops] [--modules]
     python scripts/probe_threads.py --full-only --modules --dtype bf16 --side 32    # full-size blocks alone
+    python scripts/probe_threads.py --dit [--only dit.flux_single ...] [--modules]   # SD3/FLUX/T5/ESRGAN/ToMe blocks
 
 The workloads are a tiny checkpoint's networks (scripts/make_checkpoint.py --size tiny: text encoder, UNet, VAE
 decode and encode) and, with `--full-ops`/`--full-only`, blocks at full SD1.5 shapes with random weights.
@@ -40,6 +41,8 @@ def _copy(x):
     """A tensor with the same sizes, strides and values (a plain clone makes a non-dense view contiguous)."""
     if not isinstance(x, torch.Tensor):
         return x
+    if 0 in x.stride():  # an expanded view (ToMe's gather indices): its strides cannot be written to
+        return x.clone()
     out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return out.copy_(x)
 
@@ -80,15 +83,20 @@ def _shapes(args) -> str:
 
 
 def replay(ops, threads: list[int]) -> dict:
-    """{(label, op, shapes): [threads at which it differs from the recording]}"""
+    """{(label, op, shapes): [threads at which it differs from one thread]}. The base is the op replayed alone
+    on one thread, not the recording: a composite op (scaled_dot_product_attention) recorded under the dispatch
+    mode may run another kernel than the same call outside it."""
     found = defaultdict(set)
-    for t in threads:
-        torch.set_num_threads(t)
-        for label, name, (args, kwargs), out in ops:
-            func = _resolve(name)
-            again = func(*tree_map(_copy, args), **tree_map(_copy, kwargs))
-            if not _same(out, again):
+    for label, name, (args, kwargs), _ in ops:
+        func = _resolve(name)
+        outs = {}
+        for t in [1, *threads]:
+            torch.set_num_threads(t)
+            outs[t] = func(*tree_map(_copy, args), **tree_map(_copy, kwargs))
+        for t in threads:
+            if not _same(outs[1], outs[t]):
                 found[(label, name, _shapes(args))].add(t)
+    torch.set_num_threads(1)
     return found
 
 
@@ -153,6 +161,57 @@ def full_workloads(dtype: torch.dtype, side: int = 64):
         "full.rescale_std": (lambda: f.std(dim=(1, 2, 3), keepdim=True), torch.nn.Module()),
     }
 
+
+
+def dit_workloads(dtype: torch.dtype, side: int = 32):
+    """The networks added with SD3/FLUX, ESRGAN and ToMe, one block each at real widths (random weights) on a
+    `side` x `side` latent: an SD3.5-Medium joint block (dual attention, q/k RMS norm; CFG batch 2, 333 text
+    tokens) with its patch embedding and final layer, FLUX.1 double and single blocks at half the width with the
+    real 128-channel heads (the full 3072 width is 1.4 GB of weights per double block; the ops are the same),
+    a T5 v1.1-large block (d_ff 2816, 256 tokens), an RRDB and Compact body at 4 x side px, ToMe's merge of a
+    2 side x 2 side UNet map (320 channels)."""
+    from sdcli.models import esrgan, flux, mmdit, t5, tome
+
+    torch.manual_seed(0)
+    sd3 = mmdit.MMDiTConfig(depth=2, dual_attention_layers=(0,), qk_norm=True)
+    joint, embed, final = mmdit.JointBlock(sd3, 0), mmdit.PatchEmbed(sd3), mmdit.FinalLayer(sd3)
+    fcfg = flux.FluxConfig(hidden_size=1536, mlp_hidden_dim=6144, num_heads=12, depth=1, depth_single_blocks=1)
+    double, single = flux.DoubleStreamBlock(fcfg), flux.SingleStreamBlock(fcfg)
+    t5cfg = t5.T5Config(d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=1)
+    t5block = t5.T5Block(t5cfg, has_relative_bias=True)
+    rrdb = esrgan.RRDB(64, 32)
+    compact = esrgan.SRVGGNetCompact(esrgan.CompactConfig(num_convs=2))
+    modules = (joint, embed, final, double, single, t5block, rrdb, compact)
+    for m in modules:
+        for name, w in m.named_parameters():
+            torch.nn.init.normal_(w, mean=1.0 if "norm" in name or name.endswith("scale") else 0.0, std=0.02)
+        m.to(dtype)
+    n = (side // 2) ** 2  # image tokens (2x2 patches)
+    lat = torch.randn(2, 16, side, side, dtype=dtype)
+    x, ctx, c = (torch.randn(2, n, 1536, dtype=dtype), torch.randn(2, 333, 1536, dtype=dtype),
+                 torch.randn(2, 1536, dtype=dtype))  # fmt: skip
+    img, txt, vec = torch.randn(1, n, 1536, dtype=dtype), torch.randn(1, 512, 1536, dtype=dtype), c[:1]
+    ids = torch.cat([flux.text_ids(512), flux.image_ids(side, side)])[None]
+    pe = flux.rope(ids, fcfg.axes_dim, fcfg.theta)
+    h5 = torch.randn(1, 256, 1024, dtype=dtype)
+    bias = t5block.layer[0].SelfAttention.position_bias(256).to(dtype)
+    feat, pic = torch.randn(1, 64, 4 * side, 4 * side, dtype=dtype), torch.rand(1, 3, 4 * side, 4 * side, dtype=dtype)
+    tokens = torch.randn(2, 4 * side * side, 320, dtype=dtype)  # a (2 side x 2 side) map's tokens
+
+    def tome_merge():
+        merge, unmerge = tome.merge_plan(tokens, 2 * side, 2 * side, 2, 2, tokens.shape[1] // 2)
+        return unmerge(merge(tokens))
+
+    return {
+        "dit.sd3_joint": (lambda: joint(ctx, x, c), joint),
+        "dit.sd3_embed_final": (lambda: final(embed(lat), c), torch.nn.ModuleList([embed, final])),
+        "dit.flux_double": (lambda: double(img, txt, vec, pe), double),
+        "dit.flux_single": (lambda: single(torch.cat([txt, img], 1), vec, pe), single),
+        "dit.t5_block": (lambda: t5block(h5, bias), t5block),
+        "dit.esrgan_rrdb": (lambda: rrdb(feat), rrdb),
+        "dit.esrgan_compact": (lambda: compact(pic), compact),
+        "dit.tome": (tome_merge, torch.nn.Module()),
+    }
 
 def modules_differing(workloads, threads: list[int]) -> dict:
     """{module path: [threads where its output differs from one thread's]} over whole workloads (forward hooks),
@@ -224,6 +283,8 @@ def main() -> None:
     p.add_argument("--modules", action="store_true", help="whole workloads per thread count, module by module")
     p.add_argument("--only", nargs="+", help="workload names to run (default: all)")
     p.add_argument("--side", type=int, default=64, help="latent side of the full-size blocks")
+    p.add_argument("--dit", action="store_true", help="also blocks of SD3, FLUX, T5, ESRGAN and ToMe at real widths")
+    p.add_argument("--dit-side", type=int, default=32, help="latent side of the --dit blocks")
     p.add_argument("--dump", help="(internal) save whole-forward outputs here")
     p.add_argument("--dump-threads", type=int, help="(internal) torch threads for --dump")
     a = p.parse_args()
@@ -232,13 +293,15 @@ def main() -> None:
         torch.set_num_threads(a.dump_threads)
         torch.save(whole(tiny_workloads(a.model, dtype)), a.dump)
         return
-    if a.model is None and not a.full_only:
-        p.error("give a tiny checkpoint, or --full-only")
+    if a.model is None and not (a.full_only or a.dit):
+        p.error("give a tiny checkpoint, or --full-only / --dit")
     if a.check_switch:
         return check_switch(a)
-    work = {} if a.full_only else tiny_workloads(a.model, dtype)
+    work = {} if a.full_only or a.model is None else tiny_workloads(a.model, dtype)
     if a.full_ops or a.full_only:
         work.update(full_workloads(dtype, a.side))
+    if a.dit:
+        work.update(dit_workloads(dtype, a.dit_side))
     if a.only:
         work = {k: v for k, v in work.items() if k in a.only}
     if a.modules:

@@ -21,6 +21,8 @@ reductions. Off the CPU, and under autograd, every function here is the plain to
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -93,11 +95,14 @@ def silu(x: Tensor, inplace: bool = False) -> Tensor:
     return pointwise(torch.ops.aten.silu.out, x, x if inplace else None)
 
 
-def gelu(x: Tensor, inplace: bool = False) -> Tensor:
-    """Exact (erf) GELU; `inplace` may write into `x` (a fresh activation), or not."""
+def gelu(x: Tensor, inplace: bool = False, approximate: str = "none") -> Tensor:
+    """GELU, exact (erf) or `approximate="tanh"` (SD3's and FLUX's MLPs); `inplace` may write into `x` (a fresh
+    activation), or not."""
     if _plain(x):
-        return F.gelu(x)
-    return pointwise(torch.ops.aten.gelu.out, x, x if inplace else None)
+        return F.gelu(x, approximate=approximate)
+    if approximate == "none":
+        return pointwise(torch.ops.aten.gelu.out, x, x if inplace else None)
+    return pointwise(partial(torch.ops.aten.gelu.out, approximate=approximate), x, x if inplace else None)
 
 
 def sigmoid(x: Tensor, inplace: bool = False) -> Tensor:
@@ -117,6 +122,14 @@ class SiLU(nn.SiLU):
 
     def forward(self, x: Tensor) -> Tensor:
         return silu(x, self.inplace)
+
+
+class GELU(nn.GELU):
+    """nn.GELU (exact or tanh-approximated), thread-count invariant on the CPU; in place on its input, which in
+    every use here is the fresh output of the Linear before it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x, inplace=True, approximate=self.approximate)
 
 
 # --- 1x1 convolutions -------------------------------------------------------------------------------------
