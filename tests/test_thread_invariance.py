@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from make_checkpoint import make_checkpoint, make_controlnet
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from _fixtures_dit import dit_components, dit_dir, tiny_flux, tiny_sd3  # noqa: F401
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
 from sdcli.models import invariant
@@ -56,7 +58,7 @@ for args in json.loads(sys.argv[2]):
 """
 
 
-BF16_JOBS = ("txt2img", "hires", "inpaint", "controlnet", "sdxl")  # img2img's encoder: inpaint; TAESD: as fp32
+BF16_JOBS = ("txt2img", "hires", "inpaint", "controlnet", "sdxl", "sd3", "flux")  # img2img's encoder: inpaint
 
 
 def _jobs(files: dict[str, Path], dtype: str) -> dict[str, list[str]]:
@@ -73,12 +75,19 @@ def _jobs(files: dict[str, Path], dtype: str) -> dict[str, list[str]]:
         "controlnet": [*gen, *sd1, "--controlnet", str(files["cn"]), "--control-image", str(files["image"])],
         "sdxl": [*gen, "-m", str(files["sdxl"]), *base, "--guidance-rescale", "0.7", "--sampler", "dpm++_2m"],
         "taesd": [*gen, *sd1, "--vae", str(files["taesd"])],
+        # Two images per batch at sizes whose MLP activations torch splits off the SIMD stride at 3 threads (SD3:
+        # 56 image tokens; FLUX: the 512 text tokens of two images), as full-size models do at most counts
+        "sd3": ["generate", "a red fox", "-W", "128", "-H", "112", "-m", str(files["sd3"]), *base, "-n", "2",
+                "--batch-size", "2"],
+        "flux": ["generate", "a red fox", "-W", "80", "-H", "64", "-m", str(files["flux"]), *base, "-n", "2",
+                 "--batch-size", "2", "--vae", str(files["ae"]), "--clip-l", str(files["clip_l"]),
+                 "--t5", str(files["t5"])],
     }  # fmt: skip
     return jobs if dtype == "fp32" else {k: v for k, v in jobs.items() if k in BF16_JOBS}
 
 
 @pytest.fixture(scope="module")
-def files(tiny_sd1, tiny_sdxl, tiny_models_dir) -> dict[str, Path]:  # noqa: F811
+def files(tiny_sd1, tiny_sdxl, tiny_models_dir, tiny_sd3, tiny_flux, dit_components) -> dict[str, Path]:  # noqa: F811
     folder = tiny_models_dir / "thread_invariance"
     folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -97,7 +106,8 @@ def files(tiny_sd1, tiny_sdxl, tiny_models_dir) -> dict[str, Path]:  # noqa: F81
         torch.manual_seed(0)
         save_file({k: v.contiguous() for k, v in TinyDecoder(4, 16).state_dict().items()}, taesd)
     return {"sd1": tiny_sd1, "sdxl": tiny_sdxl, "inpaint": inpaint, "cn": cn, "taesd": taesd,
-            "image": folder / "in.png", "mask": folder / "mask.png"}
+            "image": folder / "in.png", "mask": folder / "mask.png", "sd3": tiny_sd3, "flux": tiny_flux,
+            "ae": dit_components["vae"], "clip_l": dit_components["clip_l"], "t5": dit_components["t5"]}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +137,8 @@ def renders(files, tmp_path_factory) -> dict[int, Path]:
 
 
 @pytest.mark.parametrize("name,dtype", [(n, "fp32") for n in ("txt2img", "img2img", "hires", "inpaint", "controlnet",
-                                                                "sdxl", "taesd")] + [(n, "bf16") for n in BF16_JOBS])
+                                                                "sdxl", "taesd", "sd3", "flux")] +
+                         [(n, "bf16") for n in BF16_JOBS])
 def test_cli_renders_the_same_bytes_at_every_thread_count(renders, name, dtype):
     """Every PNG the same file; the final latents (generate's --latent-out) the same tensor bytes, which also catches
     a UNet difference too small to move an 8-bit pixel."""
@@ -181,21 +192,29 @@ def _one_result(outs: list[torch.Tensor]) -> torch.Tensor:
     return outs[0]
 
 
-@pytest.mark.parametrize("numel", [32768 * 40, 320 * 54 * 96 + 7, 3 * 32768 + 100, 32768, 1000])
-@pytest.mark.parametrize("threads", [2, 3, 5, 7, 12])
-def test_pieces_make_every_chunk_a_whole_grain(numel, threads):
-    """Each piece splits (torch's formula) into chunks that start on ALIGN boundaries, and the pieces tile the range."""
-    pieces = invariant._pieces(numel, threads)
+@pytest.mark.parametrize("numel", [32768 * 40, 320 * 54 * 96 + 7, 3 * 32768 + 100, 32768, 1000, 2 * 333 * 6144,
+                                   16385, 20000])
+@pytest.mark.parametrize("threads", [2, 3, 5, 7, 12, 80])
+@pytest.mark.parametrize("rule", ["grain", "gelu"])
+def test_pieces_split_on_the_boundaries(numel, threads, rule):
+    """Each piece splits (torch's formula for the op: GELU's kernel has a grain of its own) into chunks that start
+    on ALIGN boundaries, and the pieces tile the range."""
+    pieces = invariant._pieces(numel, threads, rule)
     assert pieces[0][0] == 0 and pieces[-1][1] == numel and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
     for begin, end in pieces:
-        assert begin % invariant.ALIGN == 0 and invariant._chunk_aligned(end - begin, threads)
+        assert begin % invariant.ALIGN == 0 and invariant._chunk_aligned(end - begin, threads, rule)
 
 
 @pytest.mark.parametrize("op,ref", [(invariant.silu, F.silu), (invariant.gelu, F.gelu),
-                                    (invariant.sigmoid, torch.sigmoid), (invariant.tanh, torch.tanh)])  # fmt: skip
-def test_elementwise_ops_equal_torchs_one_thread_result_at_every_count(op, ref):
+                                    (invariant.sigmoid, torch.sigmoid), (invariant.tanh, torch.tanh),
+                                    (partial(invariant.gelu, approximate="tanh"),
+                                     partial(F.gelu, approximate="tanh"))])  # fmt: skip
+@pytest.mark.parametrize("shape", [(1, 320, 54, 96), (2, 333, 6144, 1)])
+def test_elementwise_ops_equal_torchs_one_thread_result_at_every_count(op, ref, shape):
+    """1.66M elements: torch's own chunks fall off the stride at 3, 6, 7 threads; SD3's MLP (2 x 333 x 6144): a
+    GELU piece of fewer than `threads` grains would (GELU's own grain)."""
     torch.manual_seed(0)
-    x = torch.randn(1, 320, 54, 96)  # 1.66M elements: torch's own chunks fall off the stride at 3, 6, 7 threads
+    x = torch.randn(shape)
     expected = _per_thread_count(lambda: ref(x), [1])[0]
     assert torch.equal(_one_result(_per_thread_count(lambda: op(x))), expected)
     assert torch.equal(_one_result(_per_thread_count(lambda: op(x.clone(), inplace=True))), expected)
@@ -249,3 +268,26 @@ def test_channels_last_group_norm_is_invariant_and_as_close_as_torchs(dtype, sha
     with torch.inference_mode():
         torchs = F.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
     assert (out.float() - exact).abs().max() <= (torchs.float() - exact).abs().max() * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sd3_and_flux_mlps_give_one_result_at_every_count(dtype):
+    """The tanh-GELU MLPs at real widths (SD3.5 Medium: 1536 -> 6144; a FLUX single block's fused linear1, whose
+    MLP half is a strided slice): one result for 1-8 threads, where torch's own GELU moves at 3, 5, 6, 7
+    (scripts/probe_threads.py --dit). The Mlp equals the plain torch one-thread computation."""
+    from sdcli.models import flux, mmdit
+
+    torch.manual_seed(0)
+    mlp = mmdit.Mlp(1536, 6144).to(dtype)
+    x = torch.randn(2, 333, 1536, dtype=dtype)
+    with torch.inference_mode():
+        plain = _per_thread_count(lambda: mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")), [1])[0]
+    assert torch.equal(_one_result(_per_thread_count(lambda: mlp(x))), plain)
+    cfg = flux.FluxConfig(hidden_size=256, mlp_hidden_dim=1024, num_heads=2, depth=1, depth_single_blocks=1)
+    block = flux.SingleStreamBlock(cfg).to(dtype)
+    for w in block.parameters():
+        torch.nn.init.normal_(w, std=0.05)
+    tokens = torch.randn(1, 300, 256, dtype=dtype)
+    ids = torch.cat([flux.text_ids(256), flux.image_ids(4, 44)])[None]  # 256 text + 44 image tokens
+    pe = flux.rope(ids, cfg.axes_dim, cfg.theta)
+    _one_result(_per_thread_count(lambda: block(tokens, torch.ones(1, 256, dtype=dtype), pe)))

@@ -6,6 +6,8 @@ how many intra-op threads torch runs, in formulations that do not (scripts/probe
   on its last few elements. Chunk edges that fall off the SIMD stride move results with the thread count (3, 6, 7
   threads on 320x64x64). Here the op runs in pieces whose chunks all start on a 256-element boundary: every element
   then takes the path it takes with one thread. Only where torch's own split is off the boundary; +0-5% of the op.
+  GELU's kernel has its own split (numel // threads per chunk above 16384 elements): its pieces follow that rule.
+  SD3's and FLUX's tanh-GELU MLPs (2 x 333 x 6144 at SD3.5 Medium) move at 3, 5, 6 and 7 threads without this.
 - 1x1 convolutions in fp32: torch runs them as a GEMM (THNN) with one thread and through oneDNN with more
   (Convolution.cpp, `use_mkldnn`: "MKLDNN is faster than THNN when multi-threaded"). Here they are that GEMM always
   (MKL's: the same CPU time as oneDNN's within the noise here).
@@ -29,18 +31,32 @@ from torch import Tensor, nn
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits element-wise work into chunks of at least this many
 ALIGN = 256  # elements; a multiple of every SIMD loop's stride (2 vectors: 16 fp32 on AVX2 .. 64 bf16 on AVX512)
+GELU_SPLIT = 16384  # elements above which GELU's kernel splits into numel // threads-element chunks
 GROUP_NORM_SPLIT = 1024  # pixels from which torch's channels_last GroupNorm sums per thread (impl-2)
 
 
 # --- element-wise ops -----------------------------------------------------------------------------------------
 
-def _chunk_aligned(numel: int, threads: int) -> bool:
-    """Whether torch's own split (at::parallel_for under OpenMP: ceil(numel / n) per thread, n = min(threads,
-    ceil(numel / GRAIN))) starts every chunk on an ALIGN boundary, so one call is already invariant."""
-    if threads == 1 or numel < GRAIN:
-        return True
-    chunks = min(threads, -(-numel // GRAIN))
-    return -(-numel // chunks) % ALIGN == 0
+def _chunks(numel: int, threads: int, rule: str) -> int:
+    """How many chunks at::parallel_for (OpenMP) cuts `numel` elements into: n = min(threads, ceil(numel / grain)),
+    one chunk under the grain. The grain is GRAIN, but GELU's kernel (Activation.cpp, GeluKernelImpl) takes
+    numel // threads above GELU_SPLIT elements: `rule` "gelu"."""
+    if rule == "gelu":
+        if numel <= GELU_SPLIT:
+            return 1
+        grain = max(1, numel // threads)
+    elif numel < GRAIN:
+        return 1
+    else:
+        grain = GRAIN
+    return min(threads, -(-numel // grain))
+
+
+def _chunk_aligned(numel: int, threads: int, rule: str = "grain") -> bool:
+    """Whether torch's own split (ceil(numel / n) per chunk, n = _chunks) starts every chunk on an ALIGN
+    boundary, so one call is already invariant."""
+    chunks = 1 if threads == 1 else _chunks(numel, threads, rule)
+    return chunks == 1 or -(-numel // chunks) % ALIGN == 0
 
 
 def _flat(x: Tensor) -> Tensor | None:
@@ -52,17 +68,25 @@ def _flat(x: Tensor) -> Tensor | None:
     return None
 
 
-def _pieces(numel: int, threads: int) -> list[tuple[int, int]]:
-    """Ranges that each split into whole GRAIN chunks: `threads` chunks at a time, then the remaining whole chunks
-    (fewer than threads: one chunk each), then the tail (under GRAIN: one chunk)."""
-    step = threads * GRAIN
-    whole = numel - numel % GRAIN
-    edges = list(range(0, whole - whole % step + 1, step))
-    if edges[-1] != whole:
-        edges.append(whole)
-    if whole != numel:
-        edges.append(numel)
+def _pieces(numel: int, threads: int, rule: str = "grain") -> list[tuple[int, int]]:
+    """Consecutive ranges covering [0, numel), each starting on an ALIGN boundary and split by torch (`rule`, see
+    _chunks) into chunks that all start on ALIGN boundaries."""
+    edges = [0]
+    while edges[-1] < numel:
+        edges.append(edges[-1] + _piece(numel - edges[-1], threads, rule))
     return list(zip(edges, edges[1:]))
+
+
+def _piece(rest: int, threads: int, rule: str) -> int:
+    """The length of the next piece of `rest` elements: all of them when torch splits them on the boundaries, else
+    whole GRAIN chunks (`threads` of them, or as many as there are), or for GELU a multiple of threads * ALIGN
+    (numel // threads chunks, each a multiple of ALIGN), or a part small enough for one chunk."""
+    if _chunk_aligned(rest, threads, rule):
+        return rest
+    if rule == "gelu":
+        split = rest - rest % (threads * ALIGN)
+        return split if split else GELU_SPLIT  # (rest under threads * ALIGN but over GELU_SPLIT: > 64 threads)
+    return min(threads, rest // GRAIN) * GRAIN
 
 
 def _plain(x: Tensor) -> bool:
@@ -70,7 +94,7 @@ def _plain(x: Tensor) -> bool:
     return x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)
 
 
-def pointwise(op, x: Tensor, out: Tensor | None = None) -> Tensor:
+def pointwise(op, x: Tensor, out: Tensor | None = None, rule: str = "grain") -> Tensor:
     """`op` (an aten `.out` overload: op(src, out=dst)) applied to a CPU tensor `x` into `out` (a new tensor like
     `x` when None; `x` itself for in-place), the same bytes for any number of threads. A strided view (a chunk of
     a projection) is made dense first, at every thread count: torch runs strided element-wise loops partly in
@@ -79,12 +103,12 @@ def pointwise(op, x: Tensor, out: Tensor | None = None) -> Tensor:
     src, flat_dst = _flat(x), _flat(dst)
     if src is None or flat_dst is None or x.stride() != dst.stride():
         dense = x.contiguous()
-        pointwise(op, dense, dense)
+        pointwise(op, dense, dense, rule)
         return dense if out is None else out.copy_(dense)
     threads = torch.get_num_threads()
-    if _chunk_aligned(x.numel(), threads):
+    if _chunk_aligned(x.numel(), threads, rule):
         return op(x, out=dst)
-    for begin, end in _pieces(src.numel(), threads):
+    for begin, end in _pieces(src.numel(), threads, rule):
         op(src[begin:end], out=flat_dst[begin:end])
     return dst
 
@@ -100,9 +124,8 @@ def gelu(x: Tensor, inplace: bool = False, approximate: str = "none") -> Tensor:
     activation), or not."""
     if _plain(x):
         return F.gelu(x, approximate=approximate)
-    if approximate == "none":
-        return pointwise(torch.ops.aten.gelu.out, x, x if inplace else None)
-    return pointwise(partial(torch.ops.aten.gelu.out, approximate=approximate), x, x if inplace else None)
+    op = torch.ops.aten.gelu.out if approximate == "none" else partial(torch.ops.aten.gelu.out, approximate=approximate)
+    return pointwise(op, x, x if inplace else None, rule="gelu")
 
 
 def sigmoid(x: Tensor, inplace: bool = False) -> Tensor:
