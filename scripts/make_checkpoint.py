@@ -634,6 +634,7 @@ def make(a: argparse.Namespace) -> Path:
     import make_extras as extras
 
     dtype = DTYPES[a.dtype]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if a.kind == "checkpoint" and a.family in DIT_FAMILIES:
         out = make_dit_checkpoint(a.out, a.family, a.size, dtype, a.seed)
         if a.components:

@@ -39,9 +39,10 @@ def run_list(folders: list[Path], kinds: list[str] | None, config_file: Path | N
             console.error(f"{label}: {e}" if label not in str(e) else str(e))
             worst = max(worst, e.exit_code)
             continue
+        entries = [e for e in entries if wanted is None or e["kind"] in wanted]
+        widths = [max((len(_columns(e)[i]) for e in entries), default=0) for i in range(3)]
         for entry in entries:
-            if wanted is None or entry["kind"] in wanted:
-                typer.echo(json.dumps(entry, ensure_ascii=False) if json_out else _line(entry))
+            typer.echo(json.dumps(entry, ensure_ascii=False) if json_out else _line(entry, widths))
     if worst:
         raise typer.Exit(worst)
 
@@ -104,17 +105,25 @@ def describe(path: Path, root: Path) -> dict[str, Any]:
         report = inspect_path(path, hashes=False)
     except SdcliError as e:
         return {"kind": "unknown", "family": None, **entry, "size": size, "error": str(e)}
-    family = report.get("family") or ", ".join(report.get("families") or ()) or None
-    if report["kind"] == "controlnet" and report.get("family", "").startswith("context width"):
-        family = None
-    return {"kind": report["kind"], "family": family, **entry, "size": size}
+    family = report.get("family")
+    if report["kind"] == "controlnet" and str(family).startswith("context width"):
+        family = None  # a width no release has (the ControlNet's report says it)
+    out = {"kind": report["kind"], "family": family, **entry, "size": size}
+    if "families" in report:  # a VAE, TAESD or text encoder: every family that takes it
+        out["families"] = report["families"]
+    return out
 
 
 def _unopened(path: Path, size: int | None) -> bool:
     return path.suffix.lower() == ".ckpt" or (size or 0) > PICKLE_LIMIT and path.suffix.lower() != ".gguf"
 
 
-def _line(entry: dict[str, Any]) -> str:
-    """`KIND  FAMILY  NAME  PATH`, the columns padded; a note or an error after the path."""
-    tail = f"  ({entry['error']})" if "error" in entry else ""
-    return f"{entry['kind']:<17} {entry['family'] or '-':<13} {entry['name']}  {entry['path']}{tail}"
+def _columns(entry: dict[str, Any]) -> tuple[str, str, str]:
+    families = entry["family"] or "/".join(entry.get("families") or ()) or "-"
+    return entry["kind"], families, entry["name"]
+
+
+def _line(entry: dict[str, Any], widths: list[int]) -> str:
+    """`KIND  FAMILY  NAME  PATH`, the columns padded to the folder's widest; an error after the path."""
+    columns = "  ".join(c.ljust(w) for c, w in zip(_columns(entry), widths))
+    return f"{columns}  {entry['path']}" + (f"  ({entry['error']})" if "error" in entry else "")
