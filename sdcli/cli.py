@@ -85,13 +85,13 @@ def _progress_mode(mode: str) -> str:
 def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
     from sdcli import config as cfgmod
 
-    cfg = cfgmod.resolve(flags, config)
+    cfg, shown = cfgmod.resolve(flags, config), cfgmod.sources(flags, config)
     if as_json:
         from sdcli.runtime.console import emit_json
 
-        emit_json(cfg.to_dict())
+        emit_json({**cfg.to_dict(), "sources": shown})
     else:
-        typer.echo(cfgmod.to_yaml(cfg), nl=False)
+        typer.echo(cfgmod.to_yaml(cfg, shown), nl=False)
 
 
 @app.command()

@@ -31,7 +31,7 @@ def run_inspect(paths: list[Path], prompt: str | None, hashes: bool, json_out: b
     if listing:
         from sdcli.app.inspect_list import run_list
 
-        return run_list(paths, kinds, config_file, json_out)
+        return run_list(paths, kinds, config_file, json_out, inspect_path)
     if kinds:
         raise UsageError("--kind chooses what --list shows: give --list too")
     if bool(paths) == (prompt is not None):

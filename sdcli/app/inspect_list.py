@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import typer
 
@@ -28,13 +28,15 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 PICKLE_LIMIT = 512 << 20  # bytes: a bigger pickle is a checkpoint, not opened by a listing
 
 
-def run_list(folders: list[Path], kinds: list[str] | None, config_file: Path | None, json_out: bool) -> None:
+def run_list(folders: list[Path], kinds: list[str] | None, config_file: Path | None, json_out: bool,
+             inspect_path: Callable[[Path, bool], dict]) -> None:
+    """`inspect_path(path, hashes)`: inspect.py's report of one file (passed in: inspect.py imports this module)."""
     wanted = _wanted(kinds)
     roots = [(str(f), Path(f), True) for f in folders] or _configured(config_file)
     worst = 0
     for label, root, recursive in roots:
         try:
-            entries = list_folder(root, recursive)
+            entries = list_folder(root, inspect_path, recursive)
         except SdcliError as e:
             console.error(f"{label}: {e}" if label not in str(e) else str(e))
             worst = max(worst, e.exit_code)
@@ -73,7 +75,7 @@ def _configured(config_file: Path | None) -> list[tuple[str, Path, bool]]:
     return roots
 
 
-def list_folder(root: Path, recursive: bool = True) -> list[dict[str, Any]]:
+def list_folder(root: Path, inspect_path: Callable[[Path, bool], dict], recursive: bool = True) -> list[dict[str, Any]]:
     """One entry per model file or diffusers folder under `root`, in sorted order (links followed, as A1111)."""
     if not root.is_dir():
         raise ModelNotFoundError(f"{root}: no such folder")
@@ -82,19 +84,17 @@ def list_folder(root: Path, recursive: bool = True) -> list[dict[str, Any]]:
         dirs.sort()
         here_path = Path(here)
         if here_path != root and (here_path / "model_index.json").is_file():
-            out.append(describe(here_path, root))
+            out.append(describe(here_path, root, inspect_path))
             dirs.clear()  # a diffusers model: one entry, its parts are not files of their own
             continue
-        out += [describe(here_path / name, root) for name in sorted(files) if name.lower().endswith(MODEL_SUFFIXES)]
+        out += [describe(here_path / name, root, inspect_path) for name in sorted(files) if name.lower().endswith(MODEL_SUFFIXES)]
         if not recursive:
             break
     return out
 
 
-def describe(path: Path, root: Path) -> dict[str, Any]:
+def describe(path: Path, root: Path, inspect_path: Callable[[Path, bool], dict]) -> dict[str, Any]:
     """kind, family, name, path and size of one file, from its header; an unreadable one says why."""
-    from sdcli.app.inspect import inspect_path
-
     entry: dict[str, Any] = {"name": str(path.relative_to(root).with_suffix("")) if path.is_file()
                              else str(path.relative_to(root)), "path": str(path)}  # fmt: skip
     size = path.stat().st_size if path.is_file() else None
@@ -102,7 +102,7 @@ def describe(path: Path, root: Path) -> dict[str, Any]:
         return {"kind": "checkpoint", "family": None, **entry, "size": size,
                 "note": "a pickle: not opened by a listing (sdcli inspect FILE reads it)"}  # fmt: skip
     try:
-        report = inspect_path(path, hashes=False)
+        report = inspect_path(path, False)
     except SdcliError as e:
         return {"kind": "unknown", "family": None, **entry, "size": size, "error": str(e)}
     family = report.get("family")
