@@ -1,4 +1,5 @@
-"""Random-weight Stable Diffusion checkpoints and every other kind of file sdcli reads, deterministic from a seed, for tests and benchmarks.
+"""Random-weight Stable Diffusion checkpoints and every other kind of file sdcli reads, deterministic from a seed,
+for tests and benchmarks.
 
     python scripts/make_checkpoint.py OUT --family sd1 --size full --dtype fp16 --layout single --seed 0
     python scripts/make_checkpoint.py flux.safetensors --family flux --components   # + ae, clip_l, clip_g, t5xxl
@@ -569,7 +570,7 @@ UNET_FAMILIES = ("sd1", "sd2", *SDXL_FAMILIES)
 def _parser() -> argparse.ArgumentParser:
     kinds = "\n".join(f"  {k:<11} {v}" for k, v in KINDS.items())
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " Every kind of file sdcli reads can be made here.",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"kinds (--kind):\n{kinds}\n\nexamples:\n"
                "  python scripts/make_checkpoint.py tiny.safetensors                      # tiny SD1 checkpoint\n"

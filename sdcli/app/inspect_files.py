@@ -96,8 +96,10 @@ def _text_encoder(shapes: dict) -> dict[str, Any] | None:
     for prefix in ("text_model.", ""):
         token = shapes.get(prefix + "embeddings.token_embedding.weight")
         if token is not None and any(k.startswith(prefix + "encoder.layers.") for k in keys):
-            return {"encoder": "CLIP", "width": token[1], "layers": _count(keys, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
-                    "projection": list(shapes["text_projection.weight"]) if "text_projection.weight" in shapes else None}
+            projection = shapes.get("text_projection.weight")
+            return {"encoder": "CLIP", "width": token[1],
+                    "layers": _count(keys, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
+                    "projection": list(projection) if projection else None}
     if "token_embedding.weight" in shapes and any(k.startswith("transformer.resblocks.") for k in keys):
         return {"encoder": "OpenCLIP", "width": shapes["token_embedding.weight"][1],
                 "layers": _count(keys, r"transformer\.resblocks\.(\d+)\."),
@@ -204,7 +206,8 @@ def _training(meta: dict) -> dict[str, Any]:
     tags = _tag_frequency(meta.get("ss_tag_frequency"))
     if tags:
         out["tags"] = dict(tags.most_common(MAX_TAGS))
-    training = {label: meta[key][:200] for key, label in TRAINING_KEYS.items() if meta.get(key) not in (None, "", "None")}
+    training = {label: meta[key][:200] for key, label in TRAINING_KEYS.items()
+                if meta.get(key) not in (None, "", "None")}
     if training:
         out["training"] = training
     rest = {k: v[:200] for k, v in meta.items() if k not in TRAINING_KEYS and k not in ("ss_tag_frequency",

@@ -87,7 +87,8 @@ def list_folder(root: Path, inspect_path: Callable[[Path, bool], dict], recursiv
             out.append(describe(here_path, root, inspect_path))
             dirs.clear()  # a diffusers model: one entry, its parts are not files of their own
             continue
-        out += [describe(here_path / name, root, inspect_path) for name in sorted(files) if name.lower().endswith(MODEL_SUFFIXES)]
+        out += [describe(here_path / name, root, inspect_path) for name in sorted(files)
+                if name.lower().endswith(MODEL_SUFFIXES)]
         if not recursive:
             break
     return out
