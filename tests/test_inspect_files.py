@@ -43,6 +43,7 @@ def made(tmp_path_factory) -> dict[str, Path]:
         "vae": ["vae/ae.safetensors", "--kind", "vae", "--family", "flux"],
         "upscaler": ["upscalers/2x-tiny.pth", "--kind", "upscaler", "--arch", "compact", "--scale", "2"],
         "controlnet": ["cn/control_tiny.safetensors", "--kind", "controlnet"],
+        "controlnet_pth": ["cn/control_tiny.pth", "--kind", "controlnet", "--layout", "pth"],
         "clip_l": ["text/clip_l.safetensors", "--kind", "clip-l"],
         "t5": ["text/t5xxl.safetensors", "--kind", "t5"],
     }
@@ -138,6 +139,7 @@ def test_text_encoders_upscaler_controlnet_and_checkpoints(made):
     assert (t5["encoder"], t5["width"], t5["layers"]) == ("T5", tiny_t5().d_model, tiny_t5().num_layers)
     assert _report(made["upscaler"], "--no-hash")["scale"] == 2
     assert _report(made["controlnet"], "--no-hash")["kind"] == "controlnet"
+    assert _report(made["controlnet_pth"], "--no-hash")["kind"] == "controlnet"  # a pickle, not an embedding
     assert _report(made["xl"], "--no-hash")["family"] == "sdxl"
     assert _report(made["flux"], "--no-hash")["family"] == "flux"
 
@@ -188,3 +190,38 @@ def test_make_checkpoint_help_describes_every_option_and_refuses_bad_combination
     with pytest.raises(SystemExit) as exit_:
         main(["x.safetensors", "--kind", "lora", "--family", "flux"])
     assert exit_.value.code == 2 and "UNet families" in capsys.readouterr().err
+
+
+def test_inspecting_images_never_imports_torch(tmp_path):
+    """Several images in one call stay a fast command: torch is never imported (a fresh process says)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    probe = ("import sys; from sdcli.cli import app; from typer.testing import CliRunner; "
+             "r = CliRunner().invoke(app, ['inspect', 'a.png', 'b.png', '--json']); "
+             "print(r.exit_code, len(r.stdout.splitlines()), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.split() == ["0", "2", "False"], out.stderr
+
+
+@pytest.mark.parametrize(("keys", "fmt", "family"), [
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 2048),
+      "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": (640, 4)},
+     "diffusers (PEFT)", "sdxl"),  # SDXL's 2048-wide context
+    ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (8, 3072),
+      "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": (9216, 8)}, "kohya", "flux"),
+    ({"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": (320, 4),
+      "lora_unet_mid_block_attentions_0_proj_in.hada_w1_b": (4, 320)}, "LyCORIS LoHa", None),
+])  # fmt: skip
+def test_other_lora_formats_and_families_from_the_header(tmp_path, keys, fmt, family):
+    import torch
+
+    path = tmp_path / "l.safetensors"
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
+    report = _report(path, "--no-hash")
+    assert (report["kind"], report["format"], report["family"]) == ("lora", fmt, family)

@@ -75,6 +75,8 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
         part = _pickled_report(path, hashes)
         if part is not None:
             return part
+        if _is_pickle(path):  # a ControlNet .pth, a checkpoint under another suffix
+            return _checkpoint_report(path, hashes)
     if path.suffix == ".latent" or _is_small_sdcli_file(path):
         return _tensor_file_report(path)
     part = _part_report(path, hashes)
@@ -82,6 +84,12 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
 
 
 PICKLED_PARTS = (".pt", ".bin", ".pth")
+
+
+def _is_pickle(path: Path) -> bool:
+    from sdcli.formats.pickle_ckpt import is_pickle
+
+    return is_pickle(path)
 
 
 def _part_report(path: Path, hashes: bool) -> dict[str, Any] | None:

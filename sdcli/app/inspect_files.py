@@ -165,24 +165,18 @@ def _lora(path: Path, header: dict) -> dict[str, Any]:
 def _lora_family(shapes: dict, meta: dict) -> dict[str, Any]:
     """From the shapes when they show a released model's width (or SDXL's two text encoders, or a DiT's blocks),
     else from the training metadata, as A1111 does; with where it was read."""
-    from sdcli.families import addons, by_name
+    from sdcli.families import addons
 
-    keys = list(shapes)
-    family = addons.by_dit_stems(keys)
-    if family is None and any(re.match(r"^(lora_te[12]_|te[12]\.|text_encoder_2\.)", k) for k in keys):
-        family = by_name(addons.SDXL.name)
-    if family is None:
-        width = next((s[1] for k, s in shapes.items() if k.endswith(DOWN_SUFFIXES) and re.search(r"attn2[._]to_k", k)),
-                     None)  # fmt: skip
-        family = addons.by_context(width) if width else None
-        if family is None and width:
-            out = {"context_width": width}
-            named = addons.by_metadata(meta)
-            return {**out, "family": named.name, "family_from": "metadata"} if named else {**out, "family": None}
+    width = next((s[1] for k, s in shapes.items() if k.endswith(DOWN_SUFFIXES) and re.search(r"attn2[._]to_k", k)),
+                 None)  # the cross-attention's input: the UNet's context width
+    two_encoders = any(re.match(r"^(lora_te[12]_|te[12]\.|text_encoder_2\.)", k) for k in shapes)
+    family = addons.by_dit_stems(shapes) or (addons.SDXL if two_encoders else None) or \
+        (addons.by_context(width) if width else None)  # fmt: skip
     if family is not None:
         return {"family": family.name, "family_from": "shapes"}
+    out = {"context_width": width} if width else {}
     named = addons.by_metadata(meta)
-    return {"family": named.name, "family_from": "metadata"} if named else {"family": None}
+    return {**out, "family": named.name, "family_from": "metadata"} if named else {**out, "family": None}
 
 
 TRAINING_KEYS = {  # kohya's ss_* keys worth a line, in the order A1111's metadata panel puts the first ones
