@@ -91,3 +91,17 @@ def test_presets_are_package_data():
     patterns = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]["package-data"]["sdcli"]
     files = sorted(p.relative_to(REPO / "sdcli").as_posix() for p in PRESETS.glob("*.yaml"))
     assert len(files) >= 6 and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+
+
+def test_values_replayed_from_an_image_name_the_image(cli, tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 9, Sampler: Euler, CFG scale: 5, Seed: 12, Size: 64x64")
+    Image.new("RGB", (64, 64)).save(tmp_path / "found.png", pnginfo=info)
+    result = CliRunner().invoke(app, ["generate", "--from-image", "found.png", "--seed", "3", "--print-config",
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["steps"], data["sources"]["steps"]) == (9, "image metadata found.png")
+    assert (data["seed"], data["sources"]["seed"]) == (3, "command line")
