@@ -350,8 +350,9 @@ def _kind_hashes(path: Path, kind: str, meta: dict) -> dict[str, str]:
     else:
         out = safetensors_hashes(path)
     if kind == "lora":  # A1111: the metadata's sshs_model_hash, else the addnet hash (a pickle: the whole file's)
-        addnet = meta.get("sshs_model_hash") or out.get("autov3") or out["sha256"]
-        out["a1111_hash"] = addnet[:12]
+        from sdcli.formats.hashing import a1111_lora_hash
+
+        out["a1111_hash"] = a1111_lora_hash(path)[:12]
     elif kind == "textual_inversion":
         out["a1111_hash"] = out["sha256"][:12]
     return out
