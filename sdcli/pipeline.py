@@ -33,7 +33,7 @@ from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/ren
 from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
-from sdcli.runtime.errors import NumericalError, OutOfMemoryError
+from sdcli.runtime.errors import NumericalError, OutOfMemoryError, UsageError
 from sdcli.runtime.tiling import VaeTiling
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
@@ -525,10 +525,19 @@ def _run_sampler(models, plan, model, x, sigmas, noise, callback):
     return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=callback, **dict(plan.options))
 
 
+def check_token_merging(models, *ratios: float) -> None:
+    """Token merging (models/tome.py) merges tokens in a UNet's transformer blocks: on SD3/FLUX it would do
+    nothing while the image's infotext said it was applied."""
+    if any(ratios) and models.family.denoiser != DEFAULT.denoiser:
+        raise UsageError(f"--tome-ratio: token merging applies to UNet models (SD 1.x/2.x/SDXL); {models.name} "
+                         f"is a {models.family.denoiser} model")
+
+
 def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None):
     """`pin`: (original, keep) for inpainting with any model (sampling/inpaint.MaskedDenoiser)."""
     from sdcli.families.shapes import network_call
 
+    check_token_merging(models, plan.token_merging)  # a sweep or prompts file can set it per job
     batch = x.shape[0]
     net = models.stage("unet")
     kind = models.family.denoiser

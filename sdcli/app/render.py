@@ -277,8 +277,16 @@ def check_embeddings_dir(cfg: RunConfig) -> None:
         raise ModelNotFoundError(f"embeddings_dir {cfg.embeddings_dir}: no such folder")
 
 
+def check_model_options(models, cfg: RunConfig, mask: str | None) -> None:
+    """What the loaded model cannot do with this run's options: an inpainting UNet without a mask (any model
+    inpaints with one: app/inpaint.py); token merging on a transformer (it merges tokens in a UNet's blocks)."""
+    from sdcli import pipeline
+
+    check_inpaint_model(models, cfg, mask)
+    pipeline.check_token_merging(models, cfg.tome_ratio, cfg.tome_ratio_hr)
+
+
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
-    """An inpainting UNet cannot run without a mask (any model inpaints with one: app/inpaint.py)."""
     if models.info.inpaint and not mask:
         raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): use "
                          "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint) or --pad")
