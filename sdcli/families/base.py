@@ -142,6 +142,7 @@ class Family:
     guidance: str = "cfg"
     default_cfg: float = 7.0  # --cfg when the run does not set it
     default_guidance: float | None = None  # "distilled": the strength when --guidance is not given
+    skip_layer_guidance: bool = False  # the network can skip blocks on request (SD3.5's SLG: sampling/slg.py)
     size_multiple: int = 8  # image sides must be multiples of this (2x2 patches of 8-pixel cells: 16)
 
     @property

@@ -55,5 +55,5 @@ SD3 = Family(
     prediction="flow", native_sizes={"flow": 1024},
     diffusers_components=("vae", "text_encoder", "text_encoder_2"), diffusers_sharded=("transformer", "text_encoder_3"),
     denoiser="mmdit", flow=FlowSpec(spacing="table", shift=3.0, timestep_scale=1000.0),
-    guidance="cfg", default_cfg=7.0, size_multiple=16,
+    guidance="cfg", default_cfg=7.0, size_multiple=16, skip_layer_guidance=True,
 )  # fmt: skip
