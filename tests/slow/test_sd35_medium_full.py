@@ -4,10 +4,12 @@ diffusers' StableDiffusion3Pipeline: 64x64, 2 euler steps, CFG 5.
 
 The text encoders are not the subject (tests/test_sd3_pipeline.py covers them at tiny size; T5-XXL alone is 19 GB
 in fp32): both sides get the same random conditioning of the real shapes (context (1, 77 + 256, 4096), pooled
-(1, 2048)). sdcli loads a Stability single file (the DiT and the VAE, no encoders); diffusers gets the same tensors
-through sdcli/formats/sd3_layouts.to_diffusers. The two never sit in memory together (fp32: ~9 GB each): sdcli
-renders and is freed, then diffusers runs. Latents within 1e-4 of their largest magnitude, pixels within 2 levels
-on 99%; the process's peak RSS stays under 24 GiB.
+(1, 2048)). sdcli loads a Stability single file (the DiT and the VAE, no encoders; scripts/bench_dit.py's random
+bf16 file in .bench/, written once, tensor by tensor: 4.5 GB); diffusers gets the same tensors through
+sdcli/formats/sd3_layouts.to_diffusers. Both compute in fp32. The two never sit in memory together (fp32: ~9 GB
+each): sdcli renders and is freed, then diffusers runs. Latents within 1e-4 of their largest magnitude, pixels
+within 2 levels on 99%; the process's peak RSS stays under 24 GiB (~14 GB expected: diffusers' fp32 weights beside
+the bf16 file's tensors not yet cast).
 
     SDCLI_SLOW=1 .venv/bin/python -m pytest tests/slow/test_sd35_medium_full.py -q            # full size
     SDCLI_SLOW=1 SDCLI_SLOW_PRESET=tiny .venv/bin/python -m pytest tests/slow/test_sd35_medium_full.py -q  # seconds
@@ -22,18 +24,17 @@ import resource
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from make_checkpoint import _state, dit_config, dit_state
+from bench_dit import sd3_checkpoint, sd3_configs
 from test_sd3_pipeline import assert_latents_close, assert_pixels_close, first_draws, pixels
 from sdcli import pipeline as P
 from sdcli.loading import checkpoint as ck
-from sdcli.models.vae import AutoencoderKL, VAEConfig
 from sdcli.sampling.conditioning import Cond
 
 PRESET = os.environ.get("SDCLI_SLOW_PRESET", "full")
 SIZE, STEPS, CFG, SEED = 64, 2, 5.0, 7
-VAE16 = VAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16, embed_dim=16, use_quant_conv=False)
+DIT, VAE16 = sd3_configs(PRESET)
 LIMIT = 24 << 30
 
 
@@ -45,15 +46,6 @@ def all_threads():
     torch.set_num_threads(before)
 
 
-def _checkpoint(path) -> None:
-    """model.diffusion_model.* (the MMDiT) and first_stage_model.* (the VAE), random, written once."""
-    state = {"model.diffusion_model." + k: v for k, v in dit_state("sd3", PRESET, seed=0).items()}
-    with torch.device("meta"):
-        vae = AutoencoderKL(VAE16)
-    state.update({"first_stage_model." + k: v for k, v in _state({"": vae}, 9, torch.float32).items()})
-    save_file(state, str(path))
-
-
 def _conds(width: int, pooled: int) -> tuple[Cond, Cond]:
     g = torch.Generator().manual_seed(1)
     make = lambda: Cond(context=torch.randn(1, 77 + 256, width, generator=g),  # noqa: E731
@@ -63,7 +55,7 @@ def _conds(width: int, pooled: int) -> tuple[Cond, Cond]:
 
 def _ours(path, cond, uncond):
     models = ck.load_models(path, residency="lean")  # the encoders are absent: never staged
-    assert models.info.unet == dit_config("sd3", PRESET) and models.info.vae == VAE16
+    assert models.info.unet == DIT and models.info.vae == VAE16
     plan = P.make_plan("euler", "auto", STEPS, cfg=CFG, family=models.family, size=(SIZE, SIZE))
     latents = P.txt2img(models, plan, cond, uncond, [SEED], SIZE, SIZE)
     return latents, pixels(models, latents)
@@ -76,8 +68,8 @@ def _diffusers(path, cond, uncond):
 
     from sdcli.formats.sd3_layouts import to_diffusers
 
-    cfg = dit_config("sd3", PRESET)
-    state = load_file(str(path))
+    cfg = DIT
+    state = load_file(str(path))  # bf16, cast to fp32 one tensor at a time below
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(
             sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, num_layers=cfg.depth,
@@ -85,7 +77,7 @@ def _diffusers(path, cond, uncond):
             caption_projection_dim=cfg.hidden_size, pooled_projection_dim=cfg.adm_in_channels,
             out_channels=cfg.out_channels, pos_embed_max_size=cfg.pos_embed_max_size,
             dual_attention_layers=cfg.dual_attention_layers, qk_norm="rms_norm")  # fmt: skip
-    dit = {k.removeprefix("model.diffusion_model."): state.pop(k) for k in list(state)
+    dit = {k.removeprefix("model.diffusion_model."): state.pop(k).float() for k in list(state)
            if k.startswith("model.diffusion_model.")}  # fmt: skip
     transformer.load_state_dict(to_diffusers(dit, cfg.depth), strict=True, assign=True)
     del dit
@@ -95,7 +87,7 @@ def _diffusers(path, cond, uncond):
                   up_block_types=["UpDecoderBlock2D"] * n, latent_channels=16, norm_num_groups=32,
                   use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
     vae = DiffusersVAE(**config).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint({k.removeprefix("first_stage_model."): v for k, v in state.items()},
+    vae.load_state_dict(convert_ldm_vae_checkpoint({k.removeprefix("first_stage_model."): v.float() for k, v in state.items()},
                                                    config), strict=True)  # fmt: skip
     pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), vae=vae,
                                     scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=None,
@@ -115,13 +107,12 @@ def _diffusers(path, cond, uncond):
     return final["latents"], [np.asarray(out.images[0])]
 
 
-def test_sd35_medium_architecture_matches_diffusers(tmp_path, all_threads):
-    cfg = dit_config("sd3", PRESET)
+def test_sd35_medium_architecture_matches_diffusers(all_threads):
+    cfg = DIT
     if PRESET == "full":  # the real SD3.5 Medium, as Stability's sd3.5_medium.safetensors header says
         assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.pos_embed_max_size) == (24, 1536, 24, 384)
         assert cfg.dual_attention_layers == tuple(range(13)) and cfg.qk_norm
-    path = tmp_path / f"sd3.5-medium-{PRESET}.safetensors"
-    _checkpoint(path)
+    path = sd3_checkpoint(PRESET)
     cond, uncond = _conds(cfg.context_dim, cfg.adm_in_channels)
     latents, images = _ours(path, cond, uncond)
     gc.collect()
