@@ -253,3 +253,24 @@ def test_pieces_stream_into_the_fused_tensor(tmp_path, stored, target):
             blocks = list(source.stream(name, out, piece))
             assert torch.equal(out, want.to(target)) and sum(b.numel() for b in blocks) == want.numel()
     source.close()
+
+
+def test_convert_quantizes_the_folder_as_the_single_file(sd3_folder, tiny_sd3, tmp_path):  # noqa: F811
+    """`convert --quantize` reads the folder through the same entries (the fused tensors from their pieces): every
+    GGUF tensor the same bytes as from the single file, which only adds T5's embedding under its second name
+    (real files carry both; transformers saves one). CLIP-L's projection, unused by SD3, is the identity in the
+    folder (tests/_fixtures_dit.py gives diffusers one, as its single-file loader does)."""
+    from sdcli.app.convert import run_convert
+    from sdcli.formats.diffusers import open_source
+
+    for src, out in ((sd3_folder, tmp_path / "folder.gguf"), (tiny_sd3, tmp_path / "single.gguf")):
+        run_convert(src, out, overwrite=False, quantize="q8_0", convs=False)
+    a, b = open_source(tmp_path / "folder.gguf"), open_source(tmp_path / "single.gguf")
+    assert set(b.entries) - set(a.entries) == {"text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"}
+    assert set(a.entries) < set(b.entries)
+    dits = [k for k in a.entries if k.startswith("model.diffusion_model.")]
+    assert any(a.entries[k].quantized for k in dits)
+    for k in set(a.entries) - {"text_encoders.clip_l.transformer.text_projection.weight"}:
+        qa, qb = (s.quantized(k).raw if s.entries[k].quantized else s.get(k) for s in (a, b))
+        assert torch.equal(qa, qb), k
+    a.close(), b.close()
