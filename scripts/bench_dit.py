@@ -167,42 +167,13 @@ def sd3_sdcli(a) -> dict:
 
 def sd3_diffusers(a) -> dict:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from safetensors.torch import load_file
-
-    from sdcli.formats.sd3_layouts import to_diffusers
+    # imported before the clock starts, as sdcli's side is: importing is not loading
+    import diffusers.loaders.single_file_utils  # noqa: F401
+    from diffusers import StableDiffusion3Pipeline  # noqa: F401
 
     dtype = torch_dtype(a.dtype)
-    dit, vae_cfg = sd3_configs(a.preset)
     t = time.perf_counter()
-    state = load_file(a.file)
-    with torch.device("meta"):
-        transformer = SD3Transformer2DModel(
-            sample_size=128, patch_size=dit.patch_size, in_channels=dit.in_channels, num_layers=dit.depth,
-            attention_head_dim=dit.head_dim, num_attention_heads=dit.num_heads, joint_attention_dim=dit.context_dim,
-            caption_projection_dim=dit.hidden_size, pooled_projection_dim=dit.adm_in_channels,
-            out_channels=dit.out_channels, pos_embed_max_size=dit.pos_embed_max_size,
-            dual_attention_layers=dit.dual_attention_layers, qk_norm="rms_norm")  # fmt: skip
-    weights = {k.removeprefix("model.diffusion_model."): state.pop(k).to(dtype) for k in list(state)
-               if k.startswith("model.diffusion_model.")}  # fmt: skip
-    transformer.load_state_dict(to_diffusers(weights, dit.depth), strict=True, assign=True)
-    del weights
-    n = len(vae_cfg.ch_mult)
-    config = dict(in_channels=3, out_channels=3, block_out_channels=[vae_cfg.ch * m for m in vae_cfg.ch_mult],
-                  layers_per_block=vae_cfg.num_res_blocks, down_block_types=["DownEncoderBlock2D"] * n,
-                  up_block_types=["UpDecoderBlock2D"] * n, latent_channels=16, norm_num_groups=32,
-                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
-    vae = AutoencoderKL(**config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint({k.removeprefix("first_stage_model."): v for k, v in state.items()},
-                                                   config), strict=True)  # fmt: skip
-    del state
-    pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), vae=vae.to(dtype).eval(),
-                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=None,
-                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                    tokenizer_3=None)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd3_pipeline(a.file, a.preset, dtype)
     out = {"load_s": time.perf_counter() - t}
     (c, cy), (u, uy) = sd3_conds(a.preset)
 
@@ -218,6 +189,51 @@ def sd3_diffusers(a) -> dict:
         if a.steps:
             out["image_s"] = render(a.steps, True)
     return out
+
+
+def sd3_pipeline(file: str, preset: str, dtype):
+    """StableDiffusion3Pipeline (no text encoders) holding the file's DiT (sd3_layouts.to_diffusers) and VAE."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from sdcli.formats.sd3_layouts import to_diffusers
+
+    dit, vae_cfg = sd3_configs(preset)
+    state = load_file(file)
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=dit.patch_size, in_channels=dit.in_channels, num_layers=dit.depth,
+            attention_head_dim=dit.head_dim, num_attention_heads=dit.num_heads, joint_attention_dim=dit.context_dim,
+            caption_projection_dim=dit.hidden_size, pooled_projection_dim=dit.adm_in_channels,
+            out_channels=dit.out_channels, pos_embed_max_size=dit.pos_embed_max_size,
+            dual_attention_layers=dit.dual_attention_layers, qk_norm="rms_norm")  # fmt: skip
+    weights = {k.removeprefix("model.diffusion_model."): state.pop(k).to(dtype) for k in list(state)
+               if k.startswith("model.diffusion_model.")}  # fmt: skip
+    transformer.load_state_dict(to_diffusers(weights, dit.depth), strict=True, assign=True)
+    del weights
+    vae = diffusers_vae16(vae_cfg, {k.removeprefix("first_stage_model."): v for k, v in state.items()})
+    pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), vae=vae.to(dtype).eval(),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_vae16(cfg, state: dict):
+    """diffusers' AutoencoderKL of SD3's 16-channel VAE from LDM-named tensors (its own converter)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    n = len(cfg.ch_mult)
+    config = dict(in_channels=3, out_channels=3, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+                  layers_per_block=cfg.num_res_blocks, down_block_types=["DownEncoderBlock2D"] * n,
+                  up_block_types=["UpDecoderBlock2D"] * n, latent_channels=16, norm_num_groups=32,
+                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    vae = AutoencoderKL(**config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, config), strict=True)
+    return vae
 
 
 # ----------------------------------------------------------------------------------------------- FLUX.1
@@ -247,46 +263,24 @@ def flux_fits(dtype: str) -> tuple[bool, str]:
 def flux_worker(a) -> dict:
     """One step of the whole network (--flux-depth full), or one double and one single block (blocks) timed."""
     import torch
-    from make_checkpoint import _random_dit
 
-    from sdcli.formats.flux_layouts import to_diffusers
-    from sdcli.models.flux import FluxModel, image_ids, rope, text_ids
+    from sdcli.models.flux import image_ids, rope, text_ids
 
     dtype = torch_dtype(a.dtype)
     cfg = flux_config(a.preset, a.flux_depth)
-    with torch.device("meta"):
-        ours = FluxModel(cfg)
-    gen = torch.Generator().manual_seed(SEED)
-    state = {k: _random_dit(k, tuple(v.shape), gen).to(dtype) for k, v in sorted(ours.state_dict().items())}
+    net = flux_network(a.side, cfg, dtype)
     h = w = a.flux_size // 16  # packed 2x2 tokens of the 1/8 latent
     g = torch.Generator().manual_seed(SEED + 1)
-    img = torch.randn(1, h * w, cfg.in_channels, generator=g).to(dtype)
-    txt = torch.randn(1, FLUX_TEXT, cfg.context_in_dim, generator=g).to(dtype)
-    y = torch.randn(1, cfg.vec_in_dim, generator=g).to(dtype)
-    t, guidance = torch.tensor([0.7]), torch.tensor([3.5])
     img_id, txt_id = image_ids(h * 2, w * 2), text_ids(FLUX_TEXT)
-    if a.side == "sdcli":
-        ours.load_state_dict(state, strict=True, assign=True)
-        net = ours.eval()
-    else:
-        from diffusers import FluxTransformer2DModel
-
-        with torch.device("meta"):
-            net = FluxTransformer2DModel(
-                patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-                num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
-                num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-                pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed,
-                axes_dims_rope=list(cfg.axes_dim))  # fmt: skip
-        net.load_state_dict(to_diffusers(state), strict=True, assign=True)
-        net = net.eval()
-    del state
     with torch.inference_mode():
         if a.flux_depth == "full":
+            img = torch.randn(1, h * w, cfg.in_channels, generator=g).to(dtype)
+            txt = torch.randn(1, FLUX_TEXT, cfg.context_in_dim, generator=g).to(dtype)
+            y = torch.randn(1, cfg.vec_in_dim, generator=g).to(dtype)
+            t, guidance = torch.tensor([0.7]), torch.tensor([3.5])
             return {"step_s": _timed(lambda: _flux_call(a.side, net, img, img_id, txt, txt_id, t, y, guidance))}
-        vec = torch.randn(1, cfg.hidden_size, generator=g).to(dtype)
-        x, ctx = torch.randn(1, h * w, cfg.hidden_size, generator=g).to(dtype), \
-            torch.randn(1, FLUX_TEXT, cfg.hidden_size, generator=g).to(dtype)  # fmt: skip
+        x, ctx, vec = (torch.randn(*shape, generator=g).to(dtype) for shape in
+                       ((1, h * w, cfg.hidden_size), (1, FLUX_TEXT, cfg.hidden_size), (1, cfg.hidden_size)))
         ids = torch.cat([txt_id, img_id])  # (T + L, 3)
         if a.side == "sdcli":
             pe = rope(ids[None], cfg.axes_dim, cfg.theta)
@@ -297,6 +291,35 @@ def flux_worker(a) -> dict:
             double = _timed(lambda: net.transformer_blocks[0](x, ctx, vec, pe))
             single = _timed(lambda: net.single_transformer_blocks[0](x, ctx, vec, pe))
     return {"double_s": double, "single_s": single, "step_s": FLUX_DOUBLE * double + FLUX_SINGLE * single}
+
+
+def flux_network(side: str, cfg, dtype):
+    """Our FluxModel with random weights in BFL's layout, or diffusers' FluxTransformer2DModel with the same
+    tensors (flux_layouts.to_diffusers)."""
+    import torch
+    from make_checkpoint import _random_dit
+
+    from sdcli.formats.flux_layouts import to_diffusers
+    from sdcli.models.flux import FluxModel
+
+    with torch.device("meta"):
+        ours = FluxModel(cfg)
+    gen = torch.Generator().manual_seed(SEED)
+    state = {k: _random_dit(k, tuple(v.shape), gen).to(dtype) for k, v in sorted(ours.state_dict().items())}
+    if side == "sdcli":
+        ours.load_state_dict(state, strict=True, assign=True)
+        return ours.eval()
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        net = FluxTransformer2DModel(
+            patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed,
+            axes_dims_rope=list(cfg.axes_dim))  # fmt: skip
+    net.load_state_dict(to_diffusers(state), strict=True, assign=True)
+    return net.eval()
 
 
 def _flux_call(side, net, img, img_id, txt, txt_id, t, y, guidance):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from typer.testing import CliRunner

@@ -427,7 +427,8 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
                               cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
                               shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio, slg=slg_of(cfg, models, plan.cfg))
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio,
+                               slg=slg_of(cfg, models, plan.cfg))
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
     upscaler = hires_upscaler(cfg, models)

@@ -24,7 +24,7 @@ from sdcli.formats import flux_layouts, sd3_layouts
 from sdcli.formats.folders import component_files
 from sdcli.formats.ldm import UNET_PREFIX
 from sdcli.formats.safetensors import read_header
-from sdcli.formats.sd3_layouts import QKV, SWAP, SWAP_IF_LAST
+from sdcli.formats.sd3_layouts import QKV, SWAP
 from sdcli.formats.source import Entry, entries_from_header
 
 TRANSFORMER_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -111,7 +111,8 @@ def composed(stored: str, names: tuple[str, ...], op: str | None, found: dict[st
 
 
 def transformer_entries(folder: Path) -> tuple[str, dict[str, Entry]]:
-    """(layout "mmdit" | "flux_dit" (Family.denoiser's names), the transformer's entries under the original names, after ``model.diffusion_model.``).
+    """(layout "mmdit" | "flux_dit" (Family.denoiser's names), the transformer's entries under the original names
+    after ``model.diffusion_model.``).
     A diffusers tensor no rule names is kept as ``unmapped.*`` so the strict load lists it."""
     found: dict[str, Entry] = {}
     for f in component_files(folder, TRANSFORMER_FILES):

@@ -24,9 +24,8 @@ import resource
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from bench_dit import sd3_checkpoint, sd3_configs
+from bench_dit import sd3_checkpoint, sd3_configs, sd3_pipeline
 from test_sd3_pipeline import assert_latents_close, assert_pixels_close, first_draws, pixels
 from sdcli import pipeline as P
 from sdcli.loading import checkpoint as ck
@@ -62,38 +61,7 @@ def _ours(path, cond, uncond):
 
 
 def _diffusers(path, cond, uncond):
-    from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    from sdcli.formats.sd3_layouts import to_diffusers
-
-    cfg = DIT
-    state = load_file(str(path))  # bf16, cast to fp32 one tensor at a time below
-    with torch.device("meta"):
-        transformer = SD3Transformer2DModel(
-            sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, num_layers=cfg.depth,
-            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
-            caption_projection_dim=cfg.hidden_size, pooled_projection_dim=cfg.adm_in_channels,
-            out_channels=cfg.out_channels, pos_embed_max_size=cfg.pos_embed_max_size,
-            dual_attention_layers=cfg.dual_attention_layers, qk_norm="rms_norm")  # fmt: skip
-    dit = {k.removeprefix("model.diffusion_model."): state.pop(k).float() for k in list(state)
-           if k.startswith("model.diffusion_model.")}  # fmt: skip
-    transformer.load_state_dict(to_diffusers(dit, cfg.depth), strict=True, assign=True)
-    del dit
-    n = len(VAE16.ch_mult)
-    config = dict(in_channels=3, out_channels=3, block_out_channels=[VAE16.ch * m for m in VAE16.ch_mult],
-                  layers_per_block=VAE16.num_res_blocks, down_block_types=["DownEncoderBlock2D"] * n,
-                  up_block_types=["UpDecoderBlock2D"] * n, latent_channels=16, norm_num_groups=32,
-                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
-    vae = DiffusersVAE(**config).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint({k.removeprefix("first_stage_model."): v.float() for k, v in state.items()},
-                                                   config), strict=True)  # fmt: skip
-    pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), vae=vae,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=None,
-                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                    tokenizer_3=None)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd3_pipeline(str(path), PRESET, torch.float32)  # the file's bf16 tensors cast one at a time
     final = {}
 
     def keep(pipe, i, t, kwargs):
