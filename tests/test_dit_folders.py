@@ -83,6 +83,8 @@ def test_sd3_folder_loads_the_single_files_weights(sd3_folder, tiny_sd3):  # noq
     info = ck.detect(sd3_folder)
     assert info.family == "sd3" and info.unet == ck.detect(tiny_sd3).unet and len(info.texts) == 3
     assert_same_weights(ck.load_models(sd3_folder), ck.load_models(tiny_sd3))
+    shown = CliRunner().invoke(app, ["inspect", str(sd3_folder)])
+    assert shown.exit_code == 0 and "sd3" in shown.output, shown.output
 
 
 def test_flux_folder_loads_the_bfl_files_weights(flux_folder, tiny_flux, dit_components):  # noqa: F811

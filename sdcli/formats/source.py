@@ -34,6 +34,11 @@ class Entry:
     pieces: tuple[tuple["Entry", int, int], ...] = ()
 
     @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file its bytes come from (a tensor of pieces may span shards)."""
+        return tuple(dict.fromkeys(p.file for p, _, _ in self.pieces)) if self.pieces else (self.file,)
+
+    @property
     def quantized(self) -> bool:
         """GGML blocks (Q8_0, Q4_K, ...): kept as such by loaders that can (WeightSource.quantized)."""
         return self.gguf and self.dtype not in FLOAT_DTYPES
