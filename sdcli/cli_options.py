@@ -48,6 +48,13 @@ GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="FLUX d
 FlowShiftOpt = Annotated[Optional[float], typer.Option("--flow-shift", help="SD3 / FLUX: a constant time shift "
                                                        "replacing the family's (SD3 3.0; FLUX dev's resolution "
                                                        "rule; schnell 1.0).")]
+SlgScaleOpt = Annotated[Optional[float], typer.Option("--slg-scale", help="SD3.5: skip-layer guidance strength "
+                                                      "(0 = off; 2.5 suits SD3.5 Medium).")]
+SkipLayersOpt = Annotated[Optional[str], typer.Option("--skip-layers", help="SD3.5: the joint blocks skip-layer "
+                                                      "guidance skips (default 7,8,9).")]
+SlgStartOpt = Annotated[Optional[float], typer.Option("--slg-start", help="SD3.5: skip-layer guidance from this "
+                                                      "fraction of the steps (0.01).")]
+SlgEndOpt = Annotated[Optional[float], typer.Option("--slg-end", help="SD3.5: ... until this fraction (0.2).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
 ]

@@ -126,6 +126,11 @@ class RunConfig:
     t5: str | None = field(default=None, metadata=_range(sparse=True))
     guidance: float | None = field(default=None, metadata=_range(0.0, 100.0, sparse=True))  # None: the family's (3.5)
     flow_shift: float | None = field(default=None, metadata=_range(0.01, 100.0, sparse=True))  # None: the family's
+    # SD3.5 skip-layer guidance (sampling/slg.py; stable-diffusion.cpp's names): 0 = off
+    slg_scale: float = field(default=0.0, metadata=_range(0.0, 100.0, sparse=True))
+    skip_layers: str = field(default="7,8,9", metadata=_range(sparse=True))
+    slg_start: float = field(default=0.01, metadata=_range(0.0, 1.0, sparse=True))
+    slg_end: float = field(default=0.2, metadata=_range(0.0, 1.0, sparse=True))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -51,6 +51,7 @@ class SamplingPlan:
     guidance_rescale: float = 0.0
     token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
     options: tuple = ()  # the sampler's keyword parameters as (name, value) pairs: a1111_params.sampler_options
+    slg: object = None  # sampling/slg.SkipLayerGuidance of an SD3.5 run that asks for it; None: off
 
 
 @dataclass
@@ -545,7 +546,10 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     denoiser = _denoiser(models, plan, unet)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
-    model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    if plan.slg is not None and uncond_b is not None:
+        model = _skip_layer_cfg(models, plan, net, batch, denoiser, cond_b, uncond_b)
+    else:
+        model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     if pin is not None:
         model = MaskedDenoiser(model, *pin)
     sigmas = plan.sigmas.to(x.device)
@@ -560,6 +564,19 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     with torch.inference_mode(), token_merging(net, plan.token_merging):
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
+
+
+def _skip_layer_cfg(models, plan, net, batch, denoiser, cond_b, uncond_b):
+    """CFG with SD3.5's skip-layer pass (sampling/slg.py): the same network called with its blocks skipped."""
+    from functools import partial
+
+    from sdcli.families.shapes import network_call
+    from sdcli.sampling.slg import SkipLayerCFG
+
+    call = partial(network_call(models.family.denoiser, net), skip_layers=plan.slg.layers)
+    skipping = _denoiser(models, plan, _UNetAdapter(net, images=batch, call=call, graphs=False))
+    return SkipLayerCFG(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale, skipping, plan.slg,
+                        plan.sigmas)
 
 
 class _UNetAdapter:

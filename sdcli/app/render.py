@@ -139,6 +139,15 @@ def sampler_params(cfg: RunConfig) -> dict:
             "s_noise": cfg.s_noise}
 
 
+def slg_of(cfg: RunConfig, models, guidance: float):
+    """The run's SD3.5 skip-layer guidance (sampling/slg.py), None when off; refused (exit 2) where it has no
+    meaning."""
+    from sdcli.sampling.slg import skip_layer_guidance
+
+    return skip_layer_guidance(cfg.slg_scale, cfg.skip_layers, cfg.slg_start, cfg.slg_end, models.family,
+                               getattr(models.info.unet, "depth", None), guidance)
+
+
 def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
     """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
     and one image size for the whole run (a contact sheet's cells are all alike)."""
@@ -339,7 +348,7 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     width, height = _size(cfg, models, init)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family, sampler_params(cfg), size=(height, width), shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio, slg=slg_of(cfg, models, plan.cfg))
     concat = init.concat if init is not None else None
     negative = cfg.negative if guided(plan.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
@@ -429,7 +438,8 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
                               cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
                               shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio,
+                               slg=slg_of(cfg, models, plan.cfg))
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
     upscaler = hires_upscaler(cfg, models)
