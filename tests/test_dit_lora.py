@@ -265,3 +265,136 @@ def test_flux_xlabs_lora_matches_diffusers(flux_pipe, flux_base, tiny_flux, dit_
         assert_flux_matches(_with_lora(flux_pipe, str(path), "xlabs"), models, flux_base)
     finally:
         flux_pipe.unload_lora_weights()
+
+
+def test_t5_kohya_lora_matches_transformers(tiny_flux, dit_components, tmp_path):  # noqa: F811
+    """``lora_te3_`` (sd-scripts' T5 prefix for FLUX and SD3) on T5: diffusers drops T5 LoRA keys, so the oracle is
+    transformers' T5EncoderModel with W + 0.8 * alpha / rank * up @ down added by module name here (fp32, within
+    1e-5 of the largest magnitude: one matmul order apart)."""
+    models = flux_models(tiny_flux, dit_components)
+    t5 = models.text_encoders[1]
+    modules = ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wi_1",
+               "encoder.block.1.layer.0.SelfAttention.o"]  # fmt: skip
+    path = _kohya_file(tmp_path / "t5.safetensors", _kohya_names(t5, "lora_te3_", modules),
+                       {"lora_te3_encoder_block_0_layer_0_SelfAttention_q": 2.0}, seed=14)  # fmt: skip
+    ref = t5_model(load_file(str(dit_components["t5"])))
+    state = load_file(str(path))
+    with torch.no_grad():
+        ids = torch.randint(0, 32000, (2, 19), generator=torch.Generator().manual_seed(3))
+        before = t5(ids)
+        for name in modules:
+            base = "lora_te3_" + name.replace(".", "_")
+            scale = float(state.get(f"{base}.alpha", torch.tensor(float(RANK)))) / RANK
+            delta = state[f"{base}.lora_up.weight"] @ state[f"{base}.lora_down.weight"]
+            ref.get_submodule(name).weight.add_(WEIGHT * scale * delta)
+        report = _sdcli(path, models)
+        got, want = models.text_encoders[1](ids), ref(input_ids=ids).last_hidden_state
+    assert (report.applied, report.total) == (3, 3)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got - before).abs().max() > 1e-2 * want.abs().max()
+
+
+# --- SD3.5 (Medium-shaped: dual attention in block 0, q/k norm) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tiny_sd3, clip_tokenizer_dir):  # noqa: F811
+    return sd3_pipeline(tiny_sd3, clip_tokenizer_dir)
+
+
+def sd3_run(pipe, models, seed: int = 4):
+    cond, uncond = P.encode_text(models, PROMPT, "")
+    cond, uncond = sized(models, RunConfig(), (cond, uncond), (SIZE, SIZE))
+    plan = P.make_plan("euler", "auto", STEPS, cfg=5.0, family=models.family, size=(SIZE, SIZE))
+    latents = P.txt2img(models, plan, cond, uncond, [seed], SIZE, SIZE)
+    final = FinalLatents()
+    out = pipe([PROMPT], negative_prompt=[""], height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0,
+               latents=first_draws([seed]), output_type="pil", callback_on_step_end=final)  # fmt: skip
+    return latents, pixels(models, latents), final.latents, [np.asarray(im) for im in out.images]
+
+
+@pytest.fixture(scope="module")
+def sd3_base(sd3_pipe, tiny_sd3):  # noqa: F811
+    return sd3_run(sd3_pipe, ck.load_models(tiny_sd3))[0]
+
+
+def assert_sd3_matches(pipe, models, base: torch.Tensor) -> None:
+    latents, images, ref, ref_images = sd3_run(pipe, models)
+    assert_latents_close(latents, ref)
+    assert_pixels_close(images, ref_images)
+    assert (latents - base).abs().max() > 1e-2 * base.abs().max()
+
+
+SD3_PEFT = {
+    "transformer": [
+        *(f"transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
+                                                "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "attn2.to_k",
+                                                "attn2.to_out.0", "ff.net.0.proj", "ff_context.net.2",
+                                                "norm1.linear")),
+        *(f"transformer_blocks.1.{m}" for m in ("attn.to_v", "attn.add_k_proj", "norm1_context.linear",
+                                                "ff.net.2")),
+        "norm_out.linear", "pos_embed.proj", "context_embedder", "time_text_embed.text_embedder.linear_1", "proj_out",
+    ],
+    "text_encoder": ["text_model.encoder.layers.0.self_attn.v_proj"],
+    "text_encoder_2": ["text_model.encoder.layers.1.mlp.fc1", "text_model.encoder.layers.0.self_attn.out_proj"],
+}  # fmt: skip
+
+
+def test_sd3_diffusers_peft_lora_matches_diffusers(sd3_pipe, sd3_base, tiny_sd3, tmp_path):  # noqa: F811
+    """to_q/to_k/to_v, add_*_proj and attn2's into their rows of the fused qkv; the last block's pre-only context
+    modulation and norm_out with their halves swapped; the 2x2 patch conv (LoCon); CLIP-L and CLIP-G."""
+    alphas = {"transformer": 2.0, "text_encoder": 8.0, "text_encoder_2": 4.0}
+    path = _peft_file(tmp_path / "sd3.safetensors", sd3_pipe, SD3_PEFT, alphas, seed=15, text_model=False)
+    models = ck.load_models(tiny_sd3)
+    report = _sdcli(path, models)
+    n = sum(len(v) for v in SD3_PEFT.values())
+    assert (report.applied, report.total) == (n, n)
+    try:
+        assert_sd3_matches(_with_lora(sd3_pipe, str(path), "peft"), models, sd3_base)
+    finally:
+        sd3_pipe.unload_lora_weights()
+
+
+SD3_KOHYA = ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.proj",
+             "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.1.context_block.adaLN_modulation.1",
+             "joint_blocks.1.context_block.attn.qkv", "joint_blocks.1.x_block.mlp.fc1",
+             "final_layer.adaLN_modulation.1", "x_embedder.proj", "t_embedder.mlp.0"]  # fmt: skip
+
+
+def _diffusers_kohya_sd3(path: Path, depth: int) -> dict:
+    """sd-scripts' SD3 names as PEFT keys of diffusers' SD3Transformer2DModel (diffusers has no converter for
+    them): per formats/sd3_layouts.py (checked against diffusers' single-file converter in test_sd3_models.py),
+    a fused qkv's up split into the three row blocks with down shared, a swapped modulation's up halves swapped."""
+    state, out = load_file(str(path)), {}
+    for name in SD3_KOHYA:
+        base = "lora_unet_" + name.replace(".", "_")
+        down, up = state[f"{base}.lora_down.weight"], state[f"{base}.lora_up.weight"]
+        scale = float(state.get(f"{base}.alpha", torch.tensor(float(RANK)))) / RANK
+        names, op = diffusers_names(name + ".weight", depth)
+        names = ["transformer." + n.removesuffix(".weight") for n in names]
+        if op == "swap":
+            up = torch.cat(up.chunk(2)[::-1])
+        out |= _split_rows(down, up, scale, [up.shape[0] // len(names)] * len(names), names)
+    for n, prefix in ((1, "text_encoder."), (2, "text_encoder_2.")):
+        for name in CLIP_KOHYA:
+            base = f"lora_te{n}_text_model_" + name.replace(".", "_")
+            out |= _split_rows(state[f"{base}.lora_down.weight"], state[f"{base}.lora_up.weight"], 1.0,
+                               [state[f"{base}.lora_up.weight"].shape[0]], [prefix + "text_model." + name])  # fmt: skip
+    return out
+
+
+def test_sd3_kohya_lora_matches_diffusers(sd3_pipe, sd3_base, tiny_sd3, tmp_path):  # noqa: F811
+    models = ck.load_models(tiny_sd3)
+    names = _kohya_names(models.unet, "lora_unet_", SD3_KOHYA)
+    clip_l, clip_g = models.text_encoders[0].transformer, models.text_encoders[1].transformer
+    names |= _kohya_names(clip_l, "lora_te1_text_model_", CLIP_KOHYA)
+    names |= _kohya_names(clip_g, "lora_te2_text_model_", CLIP_KOHYA)
+    alphas = {"lora_unet_joint_blocks_0_x_block_attn_qkv": 2.0, "lora_unet_final_layer_adaLN_modulation_1": 8.0,
+              "lora_unet_x_embedder_proj": 1.0}  # fmt: skip
+    path = _kohya_file(tmp_path / "sd3_kohya.safetensors", names, alphas, seed=16)
+    report = _sdcli(path, models)
+    assert (report.applied, report.total) == (len(names), len(names))
+    try:
+        oracle = _diffusers_kohya_sd3(path, models.unet.config.depth)
+        assert_sd3_matches(_with_lora(sd3_pipe, oracle, "kohya"), models, sd3_base)
+    finally:
+        sd3_pipe.unload_lora_weights()
