@@ -398,3 +398,99 @@ def test_sd3_kohya_lora_matches_diffusers(sd3_pipe, sd3_base, tiny_sd3, tmp_path
         assert_sd3_matches(_with_lora(sd3_pipe, oracle, "kohya"), models, sd3_base)
     finally:
         sd3_pipe.unload_lora_weights()
+
+
+# --- the command line, GGUF, wrong families ---------------------------------------------------------------------
+
+def _generate(model: Path, components: dict, out: Path, *args: str, expect: int = 0):
+    """One FLUX `generate` (or SD3 when `components` is empty) at 64x64, 2 steps; (result, latent)."""
+    files = [x for kind in ("vae", "clip_l", "t5") if kind in components
+             for x in (f"--{kind.replace('_', '-')}", str(components[kind]))]  # fmt: skip
+    latent = out.with_suffix(".latent.safetensors")
+    result = CliRunner().invoke(app, ["generate", *args, "-m", str(model), *files, "--steps", "2", "-W", "64", "-H",
+                                      "64", "--seed", "3", "--sampler", "euler", "-o", str(out),
+                                      "--latent-out", str(latent)])  # fmt: skip
+    assert result.exit_code == expect, (result.stdout, result.stderr, result.exception)
+    return result, (next(iter(load_file(str(latent)).values())) if expect == 0 else None)
+
+
+def test_cli_flag_tag_metadata_and_gguf_runtime_lora(flux_pipe, tiny_flux, dit_components, tmp_path):  # noqa: F811
+    """--lora FILE:0.8 and <lora:NAME:0.8> give the same image and record the file's hash (sdcli JSON, A1111's
+    Lora hashes); on a Q8_0 GGUF of the same DiT, where the LoRA is added to the dequantized weight in each
+    forward (its to_q/to_k/to_v into row blocks of the quantized qkv), the bytes of the LoRA merged into the
+    dequantized weights as floats."""
+    from sdcli.quant.layers import holds_blocks
+    from sdcli.quant.quantize import write_gguf
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    path = _peft_file(lora_dir / "ait_style.safetensors", flux_pipe, AI_TOOLKIT,
+                      {"transformer": 8.0, "text_encoder": 2.0}, seed=11, text_model=False)  # fmt: skip
+    gguf, deq = tmp_path / "flux1-dev-Q8_0.gguf", tmp_path / "flux1-dev-deq.safetensors"
+    write_gguf(gguf, load_file(str(tiny_flux)), "q8_0", arch="flux")
+    assert CliRunner().invoke(app, ["convert", str(gguf), "-o", str(deq)]).exit_code == 0
+
+    flag, flag_latent = _generate(deq, dit_components, tmp_path / "flag.png", "a cat", "--lora", f"{path}:0.8")
+    n = sum(len(v) for v in AI_TOOLKIT.values())
+    assert f"lora ait_style.safetensors: applied {n} of {n} modules (weight 0.8)" in flag.stderr
+    meta = read_image_metadata(tmp_path / "flag.png")
+    sha = file_sha256(path)
+    assert meta["sdcli"]["loras"] == [{"name": "ait_style.safetensors", "sha256": sha, "weight": 0.8, "applied": n,
+                                       "modules": n}]  # fmt: skip
+    assert f'Lora hashes: "ait_style: {sha[:12]}"' in meta["raw"]["parameters"]
+    # the tag's text is removed as A1111 removes it: "a cat <lora:...>" would leave "a cat ", whose trailing space
+    # is a token of its own for T5 (transformers' T5 tokenizer and Forge agree); in front it leaves "a cat"
+    tag, tag_latent = _generate(deq, dit_components, tmp_path / "tag.png", "<lora:ait_style:0.8>a cat", "--lora-dir",
+                                str(lora_dir))  # fmt: skip
+    assert torch.equal(tag_latent, flag_latent)
+    assert np.array_equal(pixels_of(tmp_path / "tag.png"), pixels_of(tmp_path / "flag.png"))
+    assert read_image_metadata(tmp_path / "tag.png")["sdcli"]["loras"] == meta["sdcli"]["loras"]
+    _, plain = _generate(deq, dit_components, tmp_path / "plain.png", "a cat")
+    assert (plain - flag_latent).abs().max() > 1e-2 * plain.abs().max()
+
+    _, q_latent = _generate(gguf, dit_components, tmp_path / "q.png", "a cat", "--lora", f"{path}:0.8")
+    assert torch.equal(q_latent, flag_latent)
+    assert np.array_equal(pixels_of(tmp_path / "q.png"), pixels_of(tmp_path / "flag.png"))
+    models = flux_models(gguf, dit_components)
+    _sdcli(path, models)
+    qkv = models.unet.double_blocks[0].img_attn.qkv
+    assert holds_blocks(qkv) and sorted(lora.rows for lora in qkv.loras) == [((0, 0, 32),), ((0, 32, 32),),
+                                                                             ((0, 64, 32),)]  # q, k, v rows
+
+
+def pixels_of(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _sd1_style(path: Path) -> Path:
+    """An SD1 LoRA (UNet in kohya's diffusers spelling, CLIP-L text encoder) whose text half fits FLUX's CLIP-L."""
+    g = torch.Generator().manual_seed(17)
+    state = {}
+    for name, (out, inp) in {"lora_unet_down_blocks_0_attentions_0_proj_in": (320, 320),
+                             "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (32, 32)}.items():  # fmt: skip
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = _pair(g, out, (inp,))
+    save_file(state, str(path))
+    return path
+
+
+def test_wrong_family_loras_exit_3_in_one_line(flux_pipe, tiny_flux, tiny_sd3, dit_components, tmp_path):  # noqa: F811
+    """An SD1 LoRA on FLUX (its text half alone would fit FLUX's CLIP-L: refused, not half applied), a FLUX kohya
+    LoRA on SD3.5 (no module matches), a FLUX AI-toolkit LoRA on SD3.5 (diffusers names that SD3 shares, other
+    widths): exit 3, one line naming the file, nothing written."""
+    flux_kohya = _kohya_file(tmp_path / "flux_kohya.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (96, 32)},
+                             {}, seed=18)  # fmt: skip
+    ait = _peft_file(tmp_path / "flux_ait.safetensors", flux_pipe, AI_TOOLKIT,
+                     {"transformer": 8.0, "text_encoder": 2.0}, seed=11, text_model=False)  # fmt: skip
+    cases = [(tiny_flux, dit_components, _sd1_style(tmp_path / "sd1.safetensors"), "another family than FLUX.1 dev"),
+             (tiny_sd3, {}, flux_kohya, "another family than SD3 / SD3.5"),
+             (tiny_sd3, {}, ait, "does not fit the model's")]  # fmt: skip
+    for model, components, lora, message in cases:
+        out = tmp_path / f"{lora.stem}.png"
+        result, _ = _generate(model, components, out, "a cat", "--lora", str(lora), expect=3)
+        assert message in result.stderr and lora.name in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr and not out.exists()
+    with pytest.raises(BadInputError, match="another family"):
+        _sdcli(tmp_path / "sd1.safetensors", flux_models(tiny_flux, dit_components))
