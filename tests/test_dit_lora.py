@@ -20,7 +20,6 @@ added at run time = the LoRA merged into its dequantized weights (bit for bit), 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from _fixtures_dit import dit_components, dit_dir, flux_pipeline, sd3_pipeline, t5_model, tiny_flux, tiny_sd3  # noqa: F401
+from _fixtures_dit import (dit_components, dit_dir, flux_pipeline, sd3_pipeline, t5_model, tiny_flux,  # noqa: F401
+                           tiny_sd3)  # fmt: skip
 from _fixtures_pipeline import clip_tokenizer_dir, one_thread  # noqa: F401
 from test_pipeline_oracle import FinalLatents
 from test_sd3_pipeline import assert_latents_close, assert_pixels_close, first_draws, pixels
@@ -107,8 +107,7 @@ def flux_models(tiny_flux, components):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def flux_pipe(tiny_flux, dit_components, clip_tokenizer_dir):  # noqa: F811
-    pipe = flux_pipeline(tiny_flux, dit_components, clip_tokenizer_dir, dev=True)
-    yield pipe
+    return flux_pipeline(tiny_flux, dit_components, clip_tokenizer_dir, dev=True)
 
 
 def flux_run(pipe, models, seed: int = 5):
@@ -155,7 +154,8 @@ AI_TOOLKIT = {
 }  # fmt: skip
 
 
-def test_flux_ai_toolkit_peft_lora_matches_diffusers(flux_pipe, flux_base, tiny_flux, dit_components, tmp_path):  # noqa: F811
+def test_flux_ai_toolkit_peft_lora_matches_diffusers(flux_pipe, flux_base, tiny_flux, dit_components,  # noqa: F811
+                                                     tmp_path):
     """diffusers' split q/k/v (and a single block's q/k/v/proj_mlp) land in their rows of our fused weights; the
     final modulation's halves swap; alphas come from the metadata (transformer 8 / rank 4, text encoder 2 / 4).
     transformers 5 names CLIP without ``text_model.``: the file spells its CLIP keys so that diffusers can load
@@ -294,7 +294,7 @@ def test_t5_kohya_lora_matches_transformers(tiny_flux, dit_components, tmp_path)
     assert (got - before).abs().max() > 1e-2 * want.abs().max()
 
 
-# --- SD3.5 (Medium-shaped: dual attention in block 0, q/k norm) ---------------------------------------------------------
+# --- SD3.5 (Medium-shaped: dual attention in block 0, q/k norm) ----------------------------------------
 
 @pytest.fixture(scope="module")
 def sd3_pipe(tiny_sd3, clip_tokenizer_dir):  # noqa: F811

@@ -134,16 +134,18 @@ def _part_slots(part: str, modules: tuple, unet_cfg) -> dict[str, Slot]:
         return denoiser_slots(modules[0])
     if part == "text" and not all(isinstance(m, TextEncoder) for m in modules):
         return text_slots(modules, transformer_family=True)  # SD3, FLUX: T5 (or SD3's place for it) beside CLIP
-    return {name: Slot(module) for name, module in _part_targets(part, modules, unet_cfg).items()}
+    return {name: Slot(module) for name, module in _unet_family_targets(part, modules, unet_cfg).items()}
 
 
 def _part_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
-    """kohya name -> the whole Linear/Conv2d it adapts in one part of the model: the UNet (diffusers and LDM
-    spellings), a diffusion transformer (its kohya spelling ``lora_unet_double_blocks_0_img_attn_qkv``) or the
-    text encoders."""
+    """kohya name -> the whole Linear/Conv2d it adapts, in every family (kohya's own spellings)."""
+    slots = _part_slots(part, modules, unet_cfg)
+    return {k: s.module for k, s in slots.items() if k.startswith((UNET_KEY, "lora_te")) and s.rows is None}
+
+
+def _unet_family_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
+    """kohya name -> module of SD 1.x/2.x/SDXL: the UNet (diffusers and LDM spellings) or the CLIP encoders."""
     out: dict[str, nn.Module] = {}
-    if part == "unet" and not isinstance(unet_cfg, UNetConfig):
-        return {k: s.module for k, s in denoiser_slots(modules[0]).items() if k.startswith(UNET_KEY)}
     if part == "unet":
         to_diffusers = {ldm: d for d, ldm in unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
                                                                unet_cfg.attention_levels)}  # fmt: skip
@@ -154,8 +156,6 @@ def _part_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
                 if diffusers is not None:
                     out[UNET_KEY + diffusers.removesuffix(".weight").replace(".", "_")] = module
     elif part == "text":
-        if not all(isinstance(m, TextEncoder) for m in modules):
-            return {k: s.module for k, s in text_slots(modules, True).items() if k.startswith("lora_te")}
         for n, encoder in enumerate(modules):
             # kohya: lora_te_ for the one text encoder; SDXL's lora_te1_ (CLIP-L) and lora_te2_ (bigG)
             prefix = TEXT_KEY if len(modules) == 1 else f"lora_te{n + 1}_"
