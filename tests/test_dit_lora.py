@@ -37,7 +37,7 @@ from sdcli import pipeline as P
 from sdcli.app.refine import sized
 from sdcli.cli import app
 from sdcli.config import RunConfig
-from sdcli.formats.hashing import file_sha256
+from sdcli.formats.hashing import a1111_lora_hash, file_sha256
 from sdcli.formats.sd3_layouts import diffusers_names
 from sdcli.loading import checkpoint as ck
 from sdcli.loading.lora import LoraSpec, LoraState
@@ -437,7 +437,7 @@ def test_cli_flag_tag_metadata_and_gguf_runtime_lora(flux_pipe, tiny_flux, dit_c
     sha = file_sha256(path)
     assert meta["sdcli"]["loras"] == [{"name": "ait_style.safetensors", "sha256": sha, "weight": 0.8, "applied": n,
                                        "modules": n}]  # fmt: skip
-    assert f'Lora hashes: "ait_style: {sha[:12]}"' in meta["raw"]["parameters"]
+    assert f'Lora hashes: "ait_style: {a1111_lora_hash(path)[:12]}"' in meta["raw"]["parameters"]
     # the tag's text is removed as A1111 removes it: "a cat <lora:...>" would leave "a cat ", whose trailing space
     # is a token of its own for T5 (transformers' T5 tokenizer and Forge agree); in front it leaves "a cat"
     tag, tag_latent = _generate(deq, dit_components, tmp_path / "tag.png", "<lora:ait_style:0.8>a cat", "--lora-dir",
