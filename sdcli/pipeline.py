@@ -34,6 +34,7 @@ from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
+from sdcli.runtime.tiling import VaeTiling
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
 from sdcli.models.tome import token_merging
@@ -628,27 +629,40 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     return (latent.float() - latent_shift(vae, models.family)) * latent_scale(vae, models.family)
 
 
-def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
+def decode_latents(models, latents: torch.Tensor, tiling: VaeTiling | None = None) -> DecodeResult:
     """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
     from sdcli.loading.vae import latent_scale, latent_shift
 
     vae = models.stage("vae")
-    return decode_with(vae, latents / latent_scale(vae, models.family) + latent_shift(vae, models.family))
+    return decode_with(vae, latents / latent_scale(vae, models.family) + latent_shift(vae, models.family), tiling)
 
 
-def decode_with(vae, z: torch.Tensor) -> DecodeResult:
-    """The VAE's own latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32;
-    out of memory is retried tiled. NumericalError when the image still is not finite: never a silent black
-    image."""
+def vae_tiling(cfg) -> VaeTiling:
+    """The run config's VAE tiling (keys vae_tiling, vae_tile_size)."""
+    return VaeTiling(cfg.vae_tiling, cfg.vae_tile_size)
+
+
+def decode_with(vae, z: torch.Tensor, tiling: VaeTiling | None = None) -> DecodeResult:
+    """The VAE's own latents -> images in [-1,1], tiled as `tiling` says (default auto: whole, and out of memory
+    retried tiled). A non-finite result (fp16 VAE overflow) is retried once in fp32. NumericalError when the image
+    still is not finite: never a silent black image."""
+    tiling = tiling or VaeTiling()
     fallbacks: list[str] = []
-    try:
-        images = _vae_decode(vae, z)
-    except torch.OutOfMemoryError:
-        fallbacks.append("vae-tiled")
-        images = _vae_decode_tiled(vae, z)
+    if tiling.mode == "on":
+        images = _vae_decode_tiled(vae, z, tiling)
+    else:
+        try:
+            images = _vae_decode(vae, z)
+        except torch.OutOfMemoryError:
+            if tiling.mode == "off":
+                raise OutOfMemoryError("out of memory in the VAE decoder with --vae-tiling off: use --vae-tiling "
+                                       "auto or on, a smaller size, or --dtype bf16/fp16") from None
+            fallbacks.append("vae-tiled")
+            images = _vae_decode_tiled(vae, z, tiling)
     if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
         fallbacks.append("vae-fp32-retry")
-        images = _vae_decode(_fp32_copy(vae), z)
+        fp32 = _fp32_copy(vae)
+        images = _vae_decode_tiled(fp32, z, tiling) if tiling.mode == "on" else _vae_decode(fp32, z)
     if not torch.isfinite(images).all():
         raise NumericalError("the VAE decoder produced NaN/Inf even in fp32; nothing was saved")
     return DecodeResult(images.clamp(-1, 1), fallbacks)
@@ -666,12 +680,12 @@ def _fp32_copy(vae):
     return copy.deepcopy(vae).float()
 
 
-def _vae_decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+def _vae_decode_tiled(vae, z: torch.Tensor, tiling: VaeTiling) -> torch.Tensor:
     """Decode overlapping latent tiles and blend them with linear ramps, so there are no seams."""
     from sdcli.runtime.tiling import decode_tiled
 
     try:
-        return decode_tiled(lambda t: _vae_decode(vae, t), z, tile, overlap)
+        return decode_tiled(lambda t: _vae_decode(vae, t), z, tiling.tile, tiling.overlap)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError("out of memory in the VAE decoder even tiled: use a smaller size, "
                                "--dtype bf16/fp16 or --device cpu") from None

@@ -252,6 +252,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     for key, default in sparse_keys().items():  # features that are off stay out of the record (config._range)
         if recorded[key] == default:
             del recorded[key]
+    recorded.pop("threads", None)  # how it ran, at any value: the bytes do not depend on it (models/invariant.py)
     record_hires_upscaler(recorded, cfg)
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {

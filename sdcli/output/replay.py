@@ -21,7 +21,7 @@ RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "gui
                "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur",
                "inpaint_fill", "inpaint_area", "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed",
                "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise",
-               "guidance", "flow_shift")
+               "guidance", "flow_shift", "vae_tiling", "vae_tile_size")
 # A1111 infotext fields of the "extra" part that replay as numbers -> config key (the last two: Forge's fields of
 # the flow models)
 INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
