@@ -15,6 +15,7 @@ import typer
 
 from sdcli import __version__
 from sdcli import cli_guard as guard
+from sdcli import cli_help
 from sdcli import cli_options as opt
 from sdcli.runtime.errors import SdcliError, UsageError
 
@@ -24,7 +25,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",  # the option panels (cli_help.py); help texts hold no rich markup
+    cls=guard.OneLineGroup,  # a bad option is one error line, exit 2
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -659,6 +662,9 @@ def serve(
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, dtype=dtype,
                    device=device, offload=offload)
     run_serve(ServeRequest(flags, config, host, port, models_dir, api_auth, insecure, max_request_mb))
+
+
+cli_help.dress(app)  # after the last command: panels, examples and shown defaults for every command
 
 
 def main() -> None:
