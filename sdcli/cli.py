@@ -139,13 +139,17 @@ def generate(
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
     prompts_file: Annotated[
-        Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.")
+        Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.",
+                                    autocompletion=cli_help.complete_any_file)
     ] = None,
     from_image: Annotated[
-        Optional[Path], typer.Option("--from-image", help="Replay the settings (and prompt) recorded in this image.")
+        Optional[Path], typer.Option("--from-image", help="Replay the settings (and prompt) recorded in this image.",
+                                     autocompletion=cli_help.complete_image)
     ] = None,
-    cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.")] = None,
-    latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.")] = None,
+    cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.",
+                                                                autocompletion=cli_help.complete_latent)] = None,
+    latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.",
+                                                                     autocompletion=cli_help.complete_latent)] = None,
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
@@ -237,11 +241,12 @@ def generate(
 @guard.handled
 def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
-    image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).")],
+    image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).",
+                                               autocompletion=cli_help.complete_image)],
     strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (any model; "
                                                 "strength defaults to 0.75, 1 with a 9-channel inpainting "
-                                                "model).")] = None,
+                                                "model).", autocompletion=cli_help.complete_image)] = None,
     mask_blur: opt.MaskBlurOpt = None,
     inpaint_fill: opt.InpaintFillOpt = None,
     inpaint_area: opt.InpaintAreaOpt = None,

@@ -188,31 +188,27 @@ LATENT_SUFFIXES = (".latent", ".safetensors")
 
 
 def complete_sampler(incomplete: str) -> list[str]:
-    """Sampler names and the A1111 / ComfyUI / diffusers names for them that start with what was typed (any case)."""
+    """sdcli's sampler names and ComfyUI's (none has a space a shell would split) that start with what was typed;
+    A1111's labels work as values too ('DPM++ 2M Karras', quoted) but are not offered."""
     from sdcli.sampling.names import SAMPLER_NAMES
 
-    words = [w for spec in SAMPLER_NAMES.values() for w in (spec.name, *spec.aliases)] + ["help"]
-    return _starting(words, incomplete)
+    return _starting([w for spec in SAMPLER_NAMES.values() for w in (spec.name, spec.comfy) if w] + ["help"],
+                     incomplete)
 
 
 def complete_schedule(incomplete: str) -> list[str]:
     from sdcli.sampling.names import SCHEDULE_NAMES
 
-    return _starting([*SCHEDULE_NAMES, "auto", "help"], incomplete)
+    return _starting(["auto", *SCHEDULE_NAMES, "help"], incomplete)
 
 
 def _starting(words: list[str], incomplete: str) -> list[str]:
-    # Typer keeps the completions that start with the typed text as typed: answer in the case it was typed
-    seen, out = set(), []
-    for word in words:
-        if word.lower().startswith(incomplete.lower()) and word not in seen:
-            seen.add(word)
-            out.append(incomplete + word[len(incomplete):])
-    return out
+    """The words that start with what was typed, once each, in order."""
+    return list(dict.fromkeys(w for w in words if w.startswith(incomplete.lower())))
 
 
 def complete_files(incomplete: str, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """File and folder names that start with what was typed (folders end in '/'; hidden ones only when the name
+    """File and folder names that start with what was typed (for an option that names a file) (folders end in '/'; hidden ones only when the name
     typed starts with '.'); with `suffixes`, only files with those extensions (any case) and folders."""
     cut = incomplete.rfind("/") + 1
     prefix, stem = incomplete[:cut], incomplete[cut:]
@@ -257,3 +253,7 @@ def complete_latent(incomplete: str) -> list[str]:
 
 def complete_any_file(incomplete: str) -> list[str]:
     return complete_files(incomplete)
+
+
+def complete_folder(incomplete: str) -> list[str]:
+    return [name for name in complete_files(incomplete) if name.endswith("/")]

@@ -118,3 +118,18 @@ def sampler_help() -> str:
     lines.append("A schedule can follow the name, as in A1111: \"DPM++ 2M Karras\", \"euler_a exponential\".")
     lines.append("Names are case-insensitive; spaces, '-' and '_' are interchangeable.")
     return "\n".join(lines)
+
+
+def schedule_help() -> str:
+    """Plain-text table of schedules, A1111's label for each and the other names sdcli reads as it."""
+    rows = [("name", "A1111", "also read as")]
+    for name in SCHEDULE_NAMES:
+        aliases = [alias for alias, ours in SCHEDULE_ALIASES.items() if ours == name]
+        rows.append((name, SCHEDULE_LABELS.get(name, "-"), ", ".join(aliases) or "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("")
+    lines.append("auto (the default) takes the sampler's own schedule (see --sampler help); automatic and default "
+                 "mean auto too.")
+    lines.append("A schedule named in the sampler label (\"DPM++ 2M Karras\") wins over --schedule.")
+    return "\n".join(lines)
