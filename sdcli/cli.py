@@ -90,9 +90,9 @@ def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
 
     cfg = cfgmod.resolve(flags, config)
     if as_json:
-        from sdcli.runtime.console import emit_json
+        from sdcli.runtime.console import emit_result
 
-        emit_json(cfg.to_dict())
+        emit_result("config", None, {"config": cfg.to_dict()})
     else:
         typer.echo(cfgmod.to_yaml(cfg), nl=False)
 

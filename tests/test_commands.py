@@ -135,7 +135,7 @@ def test_dry_run_plans_without_loading_or_writing(cli, tmp_path):
 def test_print_config_yaml_and_json(cli):
     text = cli("generate", PROMPT, "--print-config").stdout
     assert "steps: 3" in text and "sampler: euler_a" in text
-    data = json.loads(cli("generate", PROMPT, "--print-config", "--json").stdout)
+    data = json.loads(cli("generate", PROMPT, "--print-config", "--json").stdout)["config"]
     assert (data["steps"], data["width"], data["negative"]) == (3, 64, NEG)
 
 

@@ -165,7 +165,7 @@ def test_dtype_flag_beats_the_replayed_dtype(cli, original, tmp_path, cpu_kind):
 def test_print_config_shows_the_replayed_dtype(cli, original, cpu_kind):
     cpu_kind(True)
     result = cli("generate", "--from-image", str(original), "--print-config", "--json", with_model=False)
-    assert json.loads(result.stdout)["dtype"] == "fp32"
+    assert json.loads(result.stdout)["config"]["dtype"] == "fp32"
 
 
 def test_thread_count_moves_pixels_by_at_most_one_level(cli, tmp_path):

@@ -71,7 +71,7 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
     cond, _ = pipeline.encode_text(models, job.text, "", cfg.clip_skip)
     path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
                                   clip_skip=cfg.clip_skip, model_hash=model_hash(models), overwrite=req.overwrite)
-    report(req, {"path": str(path), "kind": "embedding", "shape": list(cond.shape)})
+    report(req, "embedding", path, {"shape": list(cond.shape)})
 
 
 def _encode_image(req: EncodeRequest, cfg) -> None:
@@ -88,7 +88,7 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
                                family=models.info.family, source_size=(img.width, img.height),
                                model_hash=model_hash(models), overwrite=req.overwrite,
                                shift_factor=pipeline.shift_factor(models))
-    report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
+    report(req, "latent", path, {"shape": list(latent.shape)})
 
 
 def _decode_with_vae(cfg, lf, where: Path):
@@ -140,4 +140,4 @@ def run_decode(req: DecodeRequest) -> None:
         if cfg.vae:
             meta["vae"] = Path(cfg.vae).name
         saved = save_png(images.tensor_to_pil(decoded.images[k]), p, "", meta, overwrite=req.overwrite)
-        report(req, {"path": str(saved), "index": k, "fallbacks": decoded.fallbacks})
+        report(req, "image", saved, {"index": k, "fallbacks": decoded.fallbacks})

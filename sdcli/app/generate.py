@@ -54,7 +54,9 @@ def run_generate(req: GenerateRequest) -> None:
     if replay is not None and "dtype" not in req.flags:  # a --dtype flag still wins over the image's
         base = _replayed_dtype(base, replay)
     if req.print_config:
-        return console.emit_json(base.to_dict()) if req.json_out else print(cfgmod.to_yaml(base), end="")
+        if req.json_out:
+            return console.emit_result("config", None, {"config": base.to_dict()})
+        return print(cfgmod.to_yaml(base), end="")
     if replay is not None and req.prompt is None and not req.prompts_file:
         req = dataclasses.replace(req, prompt=replay.prompt)
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]

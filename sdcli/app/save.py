@@ -74,7 +74,7 @@ def save_grid(saved: list[Saved], req, batch_size: int) -> None:
     meta = {**first.meta, "grid_seeds": [s.seed for s in saved],
             "grid_shape": dict(zip(("rows", "cols"), grid.grid_shape(len(saved), req.grid_rows, batch_size)))}
     path = save_png(sheet, req.grid, first.infotext, meta, overwrite=req.overwrite)
-    report(req, {"path": str(path), "grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
+    report(req, "grid", path, {"grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
 
 
 def write_png(target, png: bytes, req) -> Path:
@@ -86,8 +86,8 @@ def write_png(target, png: bytes, req) -> Path:
 def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -> None:
     """The line (or --json object) that says an image was saved; `extra` adds fields (e.g. the Ray worker)."""
     if req.json_out:
-        console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
-                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks, **extra})
+        console.emit_result("image", path, {"index": target.index, "seed": target.seed, "prompt": target.job.prompt,
+                                            "timings": timings, "fallbacks": fallbacks, **extra})
     elif str(path) != "-":
         console.info(f"saved {path} (seed {target.seed})")
 
@@ -342,8 +342,9 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
     check_target(path, overwrite)
 
 
-def report(req, obj: dict) -> None:
+def report(req, kind: str, path, fields: dict) -> None:
+    """A file written: its --json line (console.emit_result's envelope), or `saved PATH` on stderr."""
     if req.json_out:
-        console.emit_json(obj)
-    elif obj.get("path") != "-":
-        console.info(f"saved {obj['path']}")
+        console.emit_result(kind, path, fields)
+    elif str(path) != "-":
+        console.info(f"saved {path}")

@@ -199,8 +199,9 @@ def _upscale_one(item: Item, choice, model, record: dict, req: UpscaleRequest) -
     path = atomic_write_bytes(item.path, png_with_metadata(out, item.texts, choice.name, scale, step),
                               overwrite=req.overwrite)
     if req.json_out:
-        console.emit_json({"path": str(path), "index": item.index, "input": item.source, "upscaler": choice.name,
-                           "scale": scale, "from_size": step["from_size"], "size": step["size"], "seconds": seconds})
+        console.emit_result("image", path, {"index": item.index, "input": item.source, "upscaler": choice.name,
+                                            "scale": scale, "from_size": step["from_size"], "size": step["size"],
+                                            "seconds": seconds})
     elif str(path) != "-":
         console.info(f"saved {path} ({img.width}x{img.height} -> {out.width}x{out.height}, {choice.name})")
 

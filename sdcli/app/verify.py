@@ -218,7 +218,8 @@ def _report_verify(report: dict, json_out: bool) -> None:
     from sdcli.output.report import verify_json
 
     if json_out:
-        return console.emit_json(verify_json(report))
+        result = verify_json(report)
+        return console.emit_result(result.pop("kind"), result.pop("path"), result)
     verdict = "identical" if report["identical"] else f"PSNR {report['psnr']:.2f} dB, max diff {report['max_diff']}"
     if report.get("same_model") is False:
         verdict += "; note: not the checkpoint the image was made with (sha256 differs)"

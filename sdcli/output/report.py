@@ -46,7 +46,7 @@ class ReportEntry:
 def verify_json(result: dict[str, Any]) -> dict[str, Any]:
     """A verify result as `verify --json` prints it: PSNR rounded to 3 decimals, null when identical (inf)."""
     psnr = result["psnr"]
-    return {**result, "psnr": None if psnr == math.inf else round(psnr, 3)}
+    return {"kind": "verify", **result, "psnr": None if psnr == math.inf else round(psnr, 3)}
 
 
 def heat_map(stored: Image.Image, rerender: Image.Image) -> Image.Image | None:

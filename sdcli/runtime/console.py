@@ -57,6 +57,13 @@ def emit_event(obj: Any) -> None:
     sys.stderr.flush()
 
 
+def emit_result(kind: str, path: Any, fields: dict[str, Any] | None = None) -> None:
+    """One `--json` result line, in the envelope every command's lines share: `kind` says what the line is
+    (image, grid, latent, embedding, plot, cells, verify, plan, config), `path` the file it is about (the file
+    written; "-" for stdout; for verify the image checked; null when there is none), then the kind's own fields."""
+    emit_json({"kind": kind, "path": None if path is None else str(path), **(fields or {})})
+
+
 def emit_json(obj: Any) -> None:
     """One JSON object per line on stdout, flushed so a reading pipe sees it at once."""
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
