@@ -197,7 +197,7 @@ def generate(
     skip_existing: opt.SkipExistingOpt = False,
     server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
+    dry_run: opt.DryRunOpt = False,
 ) -> None:
     """Render images from a text prompt."""
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
@@ -256,6 +256,16 @@ def img2img(
     pad: opt.PadOpt = None,
     output: opt.OutputOpt = None,
     negative: opt.NegativeOpt = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Resize the input picture to this width "
+                                                 "(multiple of 8; alone: the aspect ratio kept).")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Resize the input picture to this height "
+                                                  "(multiple of 8; alone: the aspect ratio kept).")] = None,
+    hires_scale: opt.HiresScaleOpt = None,
+    hires_strength: opt.HiresStrengthOpt = None,
+    hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     steps: opt.StepsOpt = None,
     cfg: opt.CfgOpt = None,
     guidance_rescale: opt.RescaleOpt = None,
@@ -322,10 +332,13 @@ def img2img(
     skip_existing: opt.SkipExistingOpt = False,
     server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
+    dry_run: opt.DryRunOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
     --pad, inpaint or outpaint it as A1111 does."""
-    flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
+    flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg, width=width,
+                   height=height, hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
+                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio_hr=tome_ratio_hr,
                    guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
@@ -339,7 +352,7 @@ def img2img(
                             s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
-    guard.stdout_needed(output, json_out or print_config)
+    guard.stdout_needed(output, json_out or print_config or dry_run)
     if print_config:
         return _print_config(flags, config, json_out)
     from sdcli.runtime.console import set_quiet
@@ -350,7 +363,7 @@ def img2img(
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
                                preview_interval=preview_interval, quality=quality, grid_only=grid_only,
-                               skip_existing=skip_existing, server=server,
+                               skip_existing=skip_existing, server=server, dry_run=dry_run,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
@@ -416,12 +429,15 @@ def sweep(
     overwrite: opt.OverwriteOpt = False,
     quiet: opt.QuietOpt = False,
     progress: opt.ProgressOpt = "auto",
+    json_out: opt.JsonOpt = False,
+    print_config: opt.PrintConfigOpt = False,
 ) -> None:
     """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
     from sdcli.runtime.console import set_quiet
     from sdcli.app.sweep import SweepRequest, run_sweep
 
     set_quiet(quiet)
+    guard.stdout_needed(None, json_out or print_config)
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
@@ -431,9 +447,11 @@ def sweep(
                    t5=t5, guidance=guidance, flow_shift=flow_shift,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
+    if print_config:  # the config every cell starts from, before the axes vary it
+        return _print_config(flags, config, json_out)
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
-                           progress=_progress_mode(progress)))
+                           progress=_progress_mode(progress), json_out=json_out))
 
 
 @app.command()

@@ -118,6 +118,9 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and exit, nothing loaded or written: the "
+                                         "files it would write, size, seeds, sigmas, prompt schedule, tokens "
+                                         "(--json: one JSON line per job).")]
 LoraOpt = Annotated[
     Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
                                       "repeatable; weight 1 by default), merged before sampling.",

@@ -339,7 +339,8 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     else:
         encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
         cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
-    hires = _hires(cfg, (height, width), models) if init is None else None
+    # img2img's result gets the second pass too (its callers refuse it with inpainting and --latent-in)
+    hires = _hires(cfg, (height, width), models) if init is None or init.inpaint is None else None
     if hires is not None and cond_override is None:
         conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
@@ -484,10 +485,20 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
         step = None if callback is None else (lambda i, total, *rest: callback(i + offset, total + offset, *rest))
         latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond, refiner.uncond,
                                              draws, step)
+    return hires_pass(models, hires, latents, cond, uncond, seeds, draws, callback, noise)
+
+
+def hires_pass(models, hires: Hires | None, latents, cond, uncond, seeds: list[int], draws, callback=None,
+               noise=None):
+    """The hires fix's pass 2 on pass 1's `latents` (text to image or img2img), drawing from pass 1's generators
+    `draws` or, with `gpu` / `nv` noise, new ones at its size as A1111 does; the latents as they are without one."""
+    from sdcli import pipeline
+
     if hires is None:
         return latents
     if noise is not None and noise.fresh_hires_noise:
-        big = (shape[0], hires.size[0] // down, hires.size[1] // down)
+        down = models.family.latent.downscale
+        big = (models.family.latent.channels, hires.size[0] // down, hires.size[1] // down)
         draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
     return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback,
@@ -555,8 +566,9 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
     source = noise.source if noise is not None else "cpu"
     start = init.inpaint.start(init.latent, seeds, source) if init.inpaint is not None else init.latent
     draws = pipeline.image_noise(models, seeds, tuple(start.shape[1:]), noise)
-    return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
-                            keep=init.keep)
+    latents = pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
+                               keep=init.keep)
+    return hires_pass(models, p.hires, latents, p.cond, p.uncond, seeds, draws, callback, noise)
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):

@@ -43,7 +43,7 @@ def adopt_seeds(jobs: list, req) -> list:
         if seeds:
             seed = seeds.pop()
             console.info(f"resuming with seed {seed}, recorded in the existing images")
-            job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed))
+            job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed), seed_drawn=False)
         adopted.append(job)
     return adopted
 

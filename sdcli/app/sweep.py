@@ -50,6 +50,7 @@ class SweepRequest:
     json_path: str | None = None  # default: STEM.json beside the plot
     overwrite: bool = False
     progress: str = "auto"
+    json_out: bool = False  # --json: a line per file written (each kept cell, each plot, the cells' JSON file)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,11 @@ def run_sweep(req: SweepRequest) -> None:
     records = []
     for iz, path in enumerate(plots):
         in_plot = [(p, done[id(p)]) for p in planned if p.cell.index[2] == iz]
-        records += _write_plot(path, in_plot, (x, y, z), iz, req, json_path)
+        plot_records = _write_plot(path, in_plot, (x, y, z), iz, req, json_path)
+        _said(req, "plot", path, {"z": z.labels()[iz] if z else None, "cells": len(plot_records)})
+        records += plot_records
     _write_json(json_path, req, base, (x, y, z), plots, records)
+    _said(req, "cells", json_path, {"cells": len(records), "plots": [str(p) for p in plots]})
     console.info(f"sweep: {len(planned)} cells in {len(plots)} plot{'s' if len(plots) > 1 else ''}: "
                  f"{', '.join(map(str, plots))}; cells listed in {json_path}")
 
@@ -204,7 +208,15 @@ def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras
     image = images.tensor_to_pil(decoded.images[0])
     if p.keep is not None:
         save_png(image, p.keep, text, meta, overwrite=req.overwrite)
+        _said(req, "cell", p.keep, {"index": list(p.cell.index), "seed": cfg.seed, "prompt": p.job.prompt,
+                                    "settings": dict(p.cell.settings)})
     return Done(image, text, meta)
+
+
+def _said(req: SweepRequest, kind: str, path: Path, fields: dict) -> None:
+    """With --json, the line of one file written (console.emit_result's envelope); stderr says the rest."""
+    if req.json_out:
+        console.emit_result(kind, path, fields)
 
 
 def _describe(cell: sweep_axes.Cell) -> str:
