@@ -63,7 +63,7 @@ def _a1111_png(path, text):
 def test_from_a1111_infotext(cli, tmp_path):
     png = _a1111_png(tmp_path / "w.png", "a castle\nNegative prompt: fog\nSteps: 7, Sampler: DPM++ 2M, "
                      "Schedule type: Karras, CFG scale: 4.5, Seed: 99, Size: 96x64, Model: x")
-    result = cli("generate", "--from-image", str(png), "--dry-run", with_model=False)
+    result = cli("generate", "--from-image", str(png), "--dry-run", "--json", with_model=False)
     plan = json.loads(result.stdout.splitlines()[0])
     assert plan["prompt"] == "a castle"
     cfg = plan["config"]
