@@ -37,7 +37,7 @@ def _a1111(tmp_path, pairs: str):
 
 
 def _replay(png, *extra):
-    return cli("generate", "--from-image", png, "--dry-run", *extra)
+    return cli("generate", "--from-image", png, "--dry-run", "--json", *extra)
 
 
 # ---------------------------------------------------------------- item 6: one typed validation

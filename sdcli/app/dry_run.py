@@ -56,7 +56,7 @@ def model_view(cfg) -> ModelView:
     default_prediction = DEFAULT.default_prediction(False)[0]
     if not cfg.model:
         return ModelView(DEFAULT, default_prediction, "no model given: SD1's tokenizer and schedule")
-    if not Path(cfg.model).exists():
+    if not _exists(cfg.model):
         return ModelView(DEFAULT, default_prediction, f"{cfg.model} is not a local file or folder, so it was not "
                                                       "read: SD1's tokenizer and schedule")
     from sdcli.loading.checkpoint import detect
@@ -186,8 +186,12 @@ def _outputs(job, targets: list, todo: set, req) -> list[dict]:
     return out
 
 
-def _exists(path: Path) -> bool:
-    return str(path) != "-" and Path(path).exists()
+def _exists(path) -> bool:
+    """Whether a file or folder is there ('-', stdout, is not; nor a name the system refuses, too long...)."""
+    try:
+        return str(path) != "-" and Path(path).exists()
+    except (OSError, ValueError):  # ENAMETOOLONG, a NUL byte: the run's own checks name those
+        return False
 
 
 # --- the readable summary ------------------------------------------------------------------------------------------
