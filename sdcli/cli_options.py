@@ -47,8 +47,9 @@ def _name_table(table: str):
     return callback
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).",
-                                autocompletion=cli_help.complete_config)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file, or a preset shipped "
+                                                    "with sdcli by name (default, fast, lcm, quality, sd21-768-v, "
+                                                    "sdxl-turbo).", autocompletion=cli_help.complete_config)]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.",
                                 autocompletion=cli_help.complete_model)]
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
@@ -117,7 +118,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
-PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config, each value "
+                                                                      "with its source, and exit.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and exit, nothing loaded or written: the "
                                          "files it would write, size, seeds, sigmas, prompt schedule, tokens "
                                          "(--json: one JSON line per job).")]
