@@ -50,7 +50,7 @@ PANELS: dict[str, tuple[str, ...]] = {  # panel -> the options (Python parameter
     AXES: ("x", "y", "z"),
     COMMAND: ("scale", "tile", "tile_overlap", "host", "port", "api_auth", "insecure", "max_request_mb", "quantize",
               "type_rules", "convs", "low", "high", "blur", "level", "invert_first", "factor", "min_psnr", "prompt",
-              "hashes"),
+              "listing", "kind", "hashes"),
     OUTPUT: ("output", "overwrite", "skip_existing", "json_out", "quiet", "progress", "preview", "preview_vae",
              "preview_interval", "quality", "grid", "grid_rows", "grid_only", "latent_out", "keep_cells", "json_path",
              "report", "report_dir", "dry_run", "print_config"),
@@ -91,9 +91,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "sdcli decode photo.latent --vae taesd_decoder.safetensors -o quick.png",
     ),
     "inspect": (
-        "sdcli inspect sd15.safetensors   # family, prediction, dtypes, parameters, hashes",
-        "sdcli inspect out.png --json     # the generation metadata",
-        'sdcli inspect --prompt "a (red:1.3) car BREAK night"',
+        "sdcli inspect sd15.safetensors out.png   # a model's family, sizes, hashes; an image's settings",
+        'sdcli inspect --prompt "a (red:1.3) car BREAK night"   # weights, tokens, chunks',
+        "sdcli inspect --list --kind loras --json   # the LoRAs in the configured folders",
     ),
     "upscale": (
         "sdcli upscale photo.png -u 4x-UltraSharp.pth -o photo-4x.png",
