@@ -147,9 +147,9 @@ def generate(
                                      autocompletion=cli_help.complete_image)
     ] = None,
     cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.",
-                                                                autocompletion=cli_help.complete_latent)] = None,
+                                                 autocompletion=cli_help.complete_latent)] = None,
     latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.",
-                                                                     autocompletion=cli_help.complete_latent)] = None,
+                                                      autocompletion=cli_help.complete_latent)] = None,
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
@@ -242,7 +242,7 @@ def generate(
 def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).",
-                                               autocompletion=cli_help.complete_image)],
+                                       autocompletion=cli_help.complete_image)],
     strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (any model; "
                                                 "strength defaults to 0.75, 1 with a 9-channel inpainting "

@@ -51,10 +51,10 @@ PANELS: dict[str, tuple[str, ...]] = {  # panel -> the options (Python parameter
     COMMAND: ("scale", "tile", "tile_overlap", "host", "port", "api_auth", "insecure", "max_request_mb", "quantize",
               "type_rules", "convs", "low", "high", "blur", "level", "invert_first", "factor", "min_psnr", "prompt",
               "listing", "kind", "hashes"),
-    OUTPUT: ("output", "overwrite", "skip_existing", "json_out", "quiet", "progress", "preview", "preview_vae",
+    OUTPUT: ("output", "overwrite", "skip_existing", "json_out", "quiet", "verbose", "progress", "preview", "preview_vae",
              "preview_interval", "quality", "grid", "grid_rows", "grid_only", "latent_out", "keep_cells", "json_path",
              "report", "report_dir", "dry_run", "print_config"),
-    DEVICE: ("device", "dtype", "offload", "tome_ratio"),
+    DEVICE: ("device", "dtype", "threads", "offload", "vae_tiling", "vae_tile_size", "tome_ratio"),
     CLUSTER: ("server", "ray", "workers", "gpus_per_worker", "cpus_per_worker"),
 }
 # Where one command shows an option elsewhere than PANELS says (the same name meaning that command's own thing).
