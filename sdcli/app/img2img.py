@@ -147,7 +147,7 @@ def prepare_init(base, img, mask, notes, mask_path, models) -> tuple:
     from sdcli import pipeline
     from sdcli.formats import images
 
-    render.check_inpaint_model(models, base, mask_path or base.pad)
+    render.check_model_options(models, base, mask_path or base.pad)
     img, mask, resized = fit_picture(base, img, mask)
     notes = [*notes, *resized]
     for note in resized:
