@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.runtime.paths import xdg_path
 
 SEED_MAX = 2**32 - 1
@@ -184,7 +184,7 @@ def check_value(key: str, value: Any, where: str, error: type[Exception] = BadIn
 def _check_value(key: str, value: Any, where: str) -> Any:
     if key not in FIELDS:
         close = ", ".join(k for k in FIELDS if k[:3] == str(key)[:3]) or ", ".join(FIELDS)
-        raise BadInputError(f"{where}: unknown key '{key}' (known: {close})")
+        raise BadInputError(f"{where}: unknown key '{quote(key, 60)}' (known: {close})")
     f = FIELDS[key]
     if key == "controlnets":  # a list of unit objects, checked by their own rules
         from sdcli.control.settings import parse_specs
@@ -197,7 +197,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         raise BadInputError(f"{where}: '{key}' must not be empty")
     if kind.startswith("bool"):
         if not isinstance(value, bool):
-            raise BadInputError(f"{where}: '{key}' must be true or false, got {_type_name(value)} {value!r}")
+            raise BadInputError(f"{where}: '{key}' must be true or false, got {_type_name(value)} "
+                                f"{quote(repr(value))}")
         return value
     if kind.startswith("int"):
         value = _as_int(key, value, where)

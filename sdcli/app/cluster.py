@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdcli.runtime import console
-from sdcli.runtime.errors import SdcliError, UsageError
+from sdcli.runtime.errors import SdcliError, UsageError, quote
 from sdcli.app import render, save
 
 INSTALL = "pip install 'sdcli[ray]' (in a checkout: make install-ray)"
@@ -97,7 +97,7 @@ def _connect(ray, address: str) -> bool:
     if ray.is_initialized():  # a program (or test) that drives sdcli in-process and brought its own Ray
         return False
     if address not in ("auto", "local") and ":" not in address:
-        raise UsageError(f"--ray: expected auto, local or ray://HOST:PORT, got {address!r}")
+        raise UsageError(f"--ray: expected auto, local or ray://HOST:PORT, got {quote(repr(address))}")
     try:
         ray.init(address=address, log_to_driver=False, logging_level="error", include_dashboard=False)
     except ConnectionError as e:

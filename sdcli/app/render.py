@@ -16,7 +16,7 @@ from typing import Any
 
 from sdcli.runtime import console
 from sdcli.config import RunConfig
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError, quote
 from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
@@ -135,7 +135,7 @@ def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) 
                 raise _located(e, job, "sigmas", base, origin) from None
         elif schedule_used not in schedule.SCHEDULES:
             known = ", ".join(schedule.SCHEDULES)
-            e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
+            e = UsageError(f"unknown schedule '{quote(job.cfg.schedule, 60)}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from sdcli.formats.diffusers import rename, unet_prefix_pairs
 from sdcli.formats.hashing import file_sha256
 from sdcli.formats.safetensors import FLOAT_DTYPES, read_header
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError, quote
 
 UNET_KEY = "lora_unet_"
 TEXT_KEY = "lora_te_"
@@ -75,7 +75,7 @@ def parse_spec(spec: str) -> LoraSpec:
         except ValueError:
             pass
     if not math.isfinite(weight):
-        raise UsageError(f"option --lora: weight must be a finite number, got {spec!r}")
+        raise UsageError(f"option --lora: weight must be a finite number, got {quote(repr(spec))}")
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: no such LoRA file")
     return LoraSpec(path, weight)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.runtime.errors import BadInputError, NumericalError, UsageError
+from sdcli.formats.ldm import refuse_empty
 
 ENCODER_BLOCKS = (1, 3, 3, 3)  # Blocks after the input conv, then after each stride-2 conv
 DECODER_BLOCKS = (3, 3, 3, 1)  # Blocks before each upsample, then the last Block
@@ -196,6 +197,10 @@ def read_taesd_file(path: str | Path) -> TaesdParts:
     path = Path(path)
     state = _read_state(path)
     shapes = shapes_of(state)
+    try:
+        refuse_empty(shapes, shapes)
+    except BadInputError as e:
+        raise BadInputError(f"{path}: {e}") from None
     if is_taesd_decoder(shapes):
         return TaesdParts(path, None, state)
     if is_taesd_encoder(shapes):

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import UsageError, quote
 from sdcli.sampling.schedule import SCHEDULE_LABELS
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -475,7 +475,7 @@ def resolve_sampler(label: str) -> tuple[str, str | None]:
             return table[base], schedule
     close = difflib.get_close_matches(key, list(table), n=4, cutoff=0.5)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown sampler {label!r}{hint} (see --sampler help)")
+    raise UsageError(f"unknown sampler {quote(repr(label))}{hint} (see --sampler help)")
 
 
 def sample(name: str, model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None,
