@@ -219,6 +219,9 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     refine.load_refiner's models, or None."""
     from sdcli.loading.lora import LoraState
 
+    if getattr(req, "grid", None):  # the sheet's size is known now (the family's size): refuse it before the work
+        save.check_grid(req, len(targets), _final_size(targets[0].job.cfg, models, init),
+                        targets[0].job.cfg.batch_size)
     started = time.perf_counter()
     by_job: dict[int, list[Target]] = {}
     for t in targets:
@@ -448,6 +451,17 @@ def _load_preview_decoder(path: str, dtype, device, family):
         raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
     console.info(f"preview: decoded by {Path(path).name}")
     return vae
+
+
+def _final_size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
+    """(width, height) of the saved images: after the hires pass when there is one."""
+    from sdcli import pipeline
+
+    w, h = _size(cfg, models, init)
+    if cfg.hires_scale == 1.0:
+        return w, h
+    h, w = pipeline.hires_size(h, w, cfg.hires_scale, models.family.latent.downscale)
+    return w, h
 
 
 def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:

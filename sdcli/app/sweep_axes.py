@@ -40,6 +40,7 @@ FIXED_KEYS = {
 _NUM = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
 _RANGE = re.compile(rf"\s*({_NUM})\s*-\s*({_NUM})\s*(?:\(\s*({_NUM})\s*\)|\[\s*(\d+)\s*\])?\s*")
 MAX_RANGE_VALUES = 10000
+MAX_CELLS = 10000  # cells of one sweep, all axes together: checked before a cell is made
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ def parse_axis(spec: str, option: str = "--x") -> Axis:
 def expand(prompt: str, negative: str, x: Axis, y: Axis | None = None, z: Axis | None = None) -> list[Cell]:
     """Every cell of the plot in the order the plots are drawn: z outer, then rows (y), then columns (x)."""
     axes = [x, y or _NOTHING, z or _NOTHING]
+    total = math.prod(len(a.values) for a in axes)
+    if total > MAX_CELLS:
+        shape = " x ".join(str(len(a.values)) for a in axes if a is not _NOTHING)
+        raise UsageError(f"the sweep has {shape} = {total:,} cells, more than {MAX_CELLS:,}: use fewer values")
     keys = [a.key for a in axes if a is not _NOTHING]
     for key in set(keys):
         if keys.count(key) > 1 and key != PROMPT_SR:

@@ -41,8 +41,11 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
         raise UsageError("give --report FILE or --report-dir DIR, not both")
     if report:
         check_target(report, overwrite)
-    if report_dir:
-        check_target(Path(report_dir) / "index.html", overwrite)
+    if report_dir:  # every file the folder will get, not only its page: nothing there is replaced unasked
+        from sdcli.output.report import report_dir_files
+
+        for target in report_dir_files(report_dir, images):
+            check_target(target, overwrite)
     entries = _verify_all(checks, min_psnr, json_out)
     _write_report(entries, report, report_dir, overwrite)
     failed = [e.result for e in entries if not e.result["passed"]]
@@ -59,6 +62,9 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     from sdcli.output.replay import check_embeddings, check_refiner_given, from_image
 
     replay = from_image(image)
+    if "grid_seeds" in replay.recorded:  # its metadata is the first image's: a re-render of that is not the sheet
+        raise UsageError(f"{image}: a contact sheet (--grid), not one render: verify the images it shows (render "
+                         "them without --grid-only), each against its own metadata")
     if replay.source != "sdcli" or replay.mode != "txt2img":
         raise UsageError(f"{image}: verify re-renders text-to-image PNGs written by sdcli (this is {replay.source} "
                          f"{replay.mode}); use `generate --from-image` to replay other images")

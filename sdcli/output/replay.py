@@ -101,6 +101,12 @@ def _checked_record(ours: dict, where: str) -> dict:
         if key in ours and not ok:
             raise BadInputError(f"{where}: '{key}' must be {what}, got {_show(ours[key])}")
 
+    if ours.get("mode") == "sweep":
+        from sdcli.runtime.errors import UsageError
+
+        raise UsageError(f"{where.removesuffix(' (sdcli metadata)')}: a sweep plot, not one render: its metadata "
+                         "lists each cell's `sdcli generate` command (sdcli inspect shows them); replay or verify "
+                         "a cell kept with --keep-cells")
     need("config", isinstance(ours.get("config"), dict), "an object of config keys")
     need("prompt", isinstance(ours.get("prompt"), str), "text")
     need("mode", ours.get("mode") in _MODES, "one of " + ", ".join(_MODES))
