@@ -16,7 +16,7 @@ from pathlib import Path
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
-from sdcli.runtime.errors import OutputError
+from sdcli.runtime.errors import BadInputError, OutputError
 from sdcli.app import save
 
 LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
@@ -27,7 +27,8 @@ def skip_done(targets: list, outputs, req) -> list:
     names) leave the output plan, so the plan's checks do not refuse them as existing files."""
     if not getattr(req, "skip_existing", False):
         return targets
-    done = {id(t) for t in targets if _done(t, req.overwrite)}
+    sized = not getattr(req, "latent_in", None)  # a --latent-in run renders the latent's size, not -W/-H
+    done = {id(t) for t in targets if _done(t, req.overwrite, sized)}
     if not done:
         return targets
     console.info(f"skipping {len(done)} of {len(targets)} images that exist already")
@@ -36,20 +37,21 @@ def skip_done(targets: list, outputs, req) -> list:
     return [t for t in targets if id(t) not in done]
 
 
-def _done(target, overwrite: bool) -> bool:
+def _done(target, overwrite: bool, sized: bool = True) -> bool:
     if str(target.path) == "-" or not target.path.exists():
         return False
-    if matches(target.path, target):
+    if matches(target.path, target, sized):
         return True
     if overwrite:
         return False
-    raise OutputError(f"{target.path} exists but is not this job's image (its metadata differs); "
-                      "pass --overwrite to replace it")
+    raise OutputError(f"{target.path} exists but is not this job's image (its metadata differs, or it is not a "
+                      "whole PNG of the job's size); pass --overwrite to replace it")
 
 
-def matches(path: Path, target) -> bool:
-    """Whether the PNG at `path` records exactly the image `target` would make."""
-    recorded = _recorded(path)
+def matches(path: Path, target, sized: bool = True) -> bool:
+    """Whether the PNG at `path` records exactly the image `target` would make (and, when `sized`, has the size
+    the job asks for)."""
+    recorded = _recorded(path, target.job.cfg if sized else None)
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
@@ -72,15 +74,29 @@ def expected_config(target) -> dict:
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists
 
 
-def _recorded(path: Path) -> dict | None:
-    from PIL import Image
-
-    from sdcli.output.metadata import SDCLI_JSON_KEY
+def _recorded(path: Path, cfg) -> dict | None:
+    """The sdcli metadata of the file at `path` when it is a whole PNG of the job's size, else None. Read as every
+    image's metadata is (output/metadata.py: no pixel decoded, text and zlib bombs refused), never with a bare
+    PIL reader: the file is anything that happens to be at an output name."""
+    from sdcli.formats.png_text import complete_png_size
+    from sdcli.output.metadata import read_image_metadata
 
     try:
-        with Image.open(path) as img:
-            text = img.text.get(SDCLI_JSON_KEY) if hasattr(img, "text") else None
-        data = json.loads(text) if text else None
-    except (OSError, ValueError, SyntaxError):
+        data = read_image_metadata(path).get("sdcli")
+    except BadInputError:
         return None
-    return data if isinstance(data, dict) else None
+    size = complete_png_size(path)
+    if not isinstance(data, dict) or size is None or (cfg is not None and not _right_size(size, cfg)):
+        return None  # a damaged file, or one whose metadata claims a render its pixels are not
+    return data
+
+
+def _right_size(size: tuple[int, int], cfg) -> bool:
+    """The PNG's (width, height) is the job's, when the job fixes it before a model is loaded."""
+    from sdcli.pipeline import hires_size
+
+    if cfg.width is None or cfg.height is None:
+        return True
+    height, width = hires_size(cfg.height, cfg.width, cfg.hires_scale) if cfg.hires_scale != 1.0 else \
+        (cfg.height, cfg.width)
+    return size == (width, height)

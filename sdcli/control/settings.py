@@ -151,11 +151,15 @@ def check_files(jobs, base_model: str | None) -> None:
     specs = all_specs(jobs)
     if not specs:
         return
+    from sdcli.formats.images import load_image
+
     base = _base_unet(base_model)
     for spec in specs:
         if not Path(spec.image).is_file():
             raise BadInputError(f"{spec.image}: no such control image")
         _detect(spec.model, base)
+    for image in dict.fromkeys(spec.image for spec in specs):  # decoded once now: a damaged or oversized hint
+        load_image(image, multiple=1)  # is exit 3 before the slow load, not after it
 
 
 def _detect(model: str, base):
