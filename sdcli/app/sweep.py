@@ -25,7 +25,7 @@ from sdcli.runtime import console
 from sdcli.app import sweep_axes
 from sdcli import config as cfgmod
 from sdcli.config import RunConfig
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.jobs import Job, draw_seed, single_job, with_seed
 from sdcli.app import render, save
 
@@ -134,7 +134,7 @@ def _check_cell(p: PlannedCell, base: RunConfig) -> None:
     try:
         render.check_samplers([p.job], base)
     except (UsageError, BadInputError) as e:
-        swept = ", ".join(f"{k}={v}" for k, v in p.cell.settings.items())
+        swept = ", ".join(f"{k}={quote(v, 60)}" for k, v in p.cell.settings.items())
         raise UsageError(f"sweep cell {swept}: {e}") from None
 
 
@@ -224,7 +224,7 @@ def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras
 
 
 def _describe(cell: sweep_axes.Cell) -> str:
-    return ", ".join([sweep_axes.label(k, v) for k, v in cell.settings.items()] + [repr(cell.prompt)])
+    return ", ".join([quote(sweep_axes.label(k, v), 80) for k, v in cell.settings.items()] + [quote(repr(cell.prompt))])
 
 
 # --- plots and the JSON file ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from sdcli import config as cfgmod
 from sdcli.runtime import console
 from sdcli.control import settings as control_config
-from sdcli.runtime.errors import UsageError, VerificationError
+from sdcli.runtime.errors import UsageError, VerificationError, quote_list
 from sdcli.jobs import Job, single_job
 from sdcli.output.replay import RENDER_KEYS
 from sdcli.app import refine, render
@@ -55,7 +55,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
                                 f"(max difference {r['max_diff']} levels)")
     if failed:
         raise VerificationError(f"{len(failed)} of {len(entries)} images drifted (PSNR < {min_psnr} dB): "
-                                + ", ".join(r["path"] for r in failed))
+                                + quote_list([r["path"] for r in failed], each=200))
 
 
 def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict) -> Check:
@@ -81,7 +81,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
     if missing:
-        raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
+        raise UsageError(f"{image} was made with LoRA {quote_list(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdcli.runtime.errors import BadInputError, UsageError, quote
+from sdcli.runtime.errors import BadInputError, UsageError, quote, quote_list
 
 RESIZE_MODES = ("just", "crop", "fill")
 RESIZE_LABELS = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # A1111's names
@@ -284,7 +284,7 @@ def replayed(entries: Any, image: Path, models: list[str], images: list[str]) ->
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise BadInputError(f"{where}: 'controlnets' must be a list of objects")
     if len(models) != len(entries):
-        names = ", ".join(str(e.get("model")) for e in entries)
+        names = quote_list(str(e.get("model")) for e in entries)  # from the image's metadata: bounded
         raise UsageError(f"{image} was made with {len(entries)} ControlNet unit(s) ({names}): give each file again "
                          f"with --controlnet FILE, in order ({len(models)} given)")  # fmt: skip
     if images and len(images) != len(entries):

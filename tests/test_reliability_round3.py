@@ -1,0 +1,438 @@
+"""Hostile input, round 3 (issue 24, items 3 and 4): each root cause the crafted-input runs found, through the real
+command. Every case ends in one `error:` line with a documented exit code (or runs), before the slow work when
+it can be known then; nothing is replaced unasked, nothing hangs, no memory grows with what the input claims."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from make_checkpoint import make_controlnet
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import load_file, save_file
+
+from _fixtures_embeddings import random_vectors, write_embedding
+from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
+from _fixtures_reliability import *  # noqa: F403
+from _fixtures_taesd import write_taesd_files
+
+
+@contextmanager
+def deadline(seconds: int, what: str):
+    """Fail, instead of hanging the suite, when a command runs past `seconds`."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"hang: {what} ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def rendered(tiny_sd1, tmp_path_factory) -> Path:  # noqa: F811
+    """One real sdcli PNG of the tiny model (64x64, 1 step, seed 3)."""
+    out = tmp_path_factory.mktemp("round3") / "a.png"
+    result = cli(*render_args(tiny_sd1, "-o", out, "--seed", "3"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _with_sdcli_json(src: Path, dst: Path, text: str, size: tuple[int, int] | None = None) -> Path:
+    """`src` with its sdcli JSON chunk replaced by `text` (and its pixels by black ones of `size`)."""
+    with Image.open(src) as img:
+        img.load()
+        info = PngInfo()
+        info.add_text("parameters", img.text["parameters"])
+        info.add_itxt("sdcli", text)
+        (img if size is None else Image.new("RGB", size)).save(dst, pnginfo=info)
+    return dst
+
+
+def _zero_dim(src: Path, dst: Path, key: str, dim: int = 0) -> Path:
+    state = load_file(str(src))
+    shape = list(state[key].shape)
+    shape[dim] = 0
+    state[key] = torch.zeros(shape)
+    save_file(state, str(dst))
+    return dst
+
+
+# ---------------------------------------------------------------- item 3: zero-sized weights, echoed input
+
+
+def test_zero_sized_weights_are_refused_by_name(tiny_sd1, tmp_path):
+    """A zero-sized dimension is valid safetensors: the channel multipliers read from it divided by zero (exit 1)."""
+    for key in ("model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"):
+        path = _zero_dim(tiny_sd1, tmp_path / "z.safetensors", key)
+        result = cli(*render_args(path, "-o", "o.png"))
+        assert_clean_error(result, 3, "z.safetensors", key, "zero-sized dimension")
+        assert_clean_error(cli("inspect", path, "--no-hash"), 3, "z.safetensors", key)
+    cn = _zero_dim(make_controlnet(tmp_path / "cn.safetensors"), tmp_path / "zcn.safetensors",
+                   "control_model.input_blocks.0.0.weight")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "hint.png")
+    result = cli(*render_args(tiny_sd1, "--controlnet", cn, "--control-image", "hint.png", "-o", "o.png"))
+    assert_clean_error(result, 3, "zcn.safetensors", "input_blocks.0.0.weight", "zero-sized dimension")
+    assert "loading" not in result.stderr  # the ControlNet is checked before the model loads
+    assert_clean_error(cli("inspect", cn, "--no-hash"), 3, "zcn.safetensors", "zero-sized dimension")
+    _, taesd = write_taesd_files(tmp_path / "taesd")
+    tiny = _zero_dim(taesd["decoder"], tmp_path / "taesd_decoder.safetensors", "1.weight", 1)
+    assert_clean_error(cli(*render_args(tiny_sd1, "--vae", tiny, "-o", "o.png")), 3, "taesd_decoder", "zero-sized")
+    assert files_in(tmp_path) == ["cn.safetensors", "hint.png", "taesd_decoder.safetensors", "z.safetensors",
+                                  "zcn.safetensors"]
+
+
+BIG = "x" * 62_000
+LONG_LINES = {
+    "weight": (f"a ({BIG}:1.2.3)", 3),
+    "lora tag": (f"a <lora:{BIG}:abc>", 3),
+    "other network": (f"a <hypernet:{BIG}>", 8),
+    "unknown key": (json.dumps({"prompt": "a", BIG: 1}), 3),
+    "sampler": (json.dumps({"prompt": "a", "sampler": BIG}), 3),
+    "schedule": (json.dumps({"prompt": "a", "schedule": BIG}), 3),
+    "sigmas": (json.dumps({"prompt": "a", "sigmas": BIG}), 3),
+    "control key": (json.dumps({"prompt": "a", "controlnets": [{"model": "m", "image": "i", BIG: 1}]}), 3),
+    "control resize": (json.dumps({"prompt": "a", "controlnets": [{"model": "m", "image": "i", "resize": BIG}]}), 3),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(LONG_LINES))
+def test_an_error_quotes_at_most_a_short_piece_of_a_long_line(tmp_path, case):
+    """A 62 KB prompts-file line was echoed whole in its error: now the start of the quoted text and its length."""
+    line, code = LONG_LINES[case]
+    (tmp_path / "p.txt").write_text(line + "\n", encoding="utf-8")
+    error = assert_clean_error(cli("generate", "--prompts-file", "p.txt", "--dry-run"), code, "p.txt:1")
+    assert len(error) < 700, error
+    assert re.search(r"\.\.\. \(6\d,\d{3} characters\)", error) or error.endswith("..."), error
+
+
+def test_other_quoted_input_is_capped_too(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"? {BIG}\n: 1\n")  # an explicit key: a plain one stops at 1024
+    error = assert_clean_error(cli("generate", "x", "--config", "c.yaml", "--dry-run"), 3, "c.yaml", "unknown key")
+    assert len(error) < 700 and "(62,000 characters)" in error
+    error = assert_clean_error(cli("sweep", "a cat", "--x", f"sampler={BIG}", "-o", "p.png"), 2, "sampler")
+    assert len(error) < 700
+    error = assert_clean_error(cli("generate", "x", "--sigmas", BIG, "--dry-run"), 2, "sigmas")
+    assert len(error) < 700
+
+
+def test_console_caps_any_error_line():
+    from sdcli.runtime.errors import LINE_LIMIT, cap_line, quote, quote_list
+
+    assert quote("abc") == "abc" and quote("y" * 500) == "y" * 200 + "... (500 characters)"
+    assert quote_list([f"n{i}" for i in range(10)]) == "n0, n1, n2, n3, n4, n5, ... (10 in all)"
+    long = "start " + "z" * 10_000 + " pass --overwrite"
+    capped = cap_line(long)
+    assert len(capped) < LINE_LIMIT + 100 and capped.startswith("start ") and capped.endswith("pass --overwrite")
+
+
+# ---------------------------------------------------------------- verify: reports, sheets, plots
+
+
+def test_report_dir_never_replaces_a_file_without_overwrite(tiny_sd1, rendered, tmp_path):
+    """Its PNGs were written with overwrite=True: a file of one of their names was destroyed."""
+    (tmp_path / "rep").mkdir()
+    kept = tmp_path / "rep" / "001-a-stored.png"
+    kept.write_bytes(b"precious")
+    result = cli("verify", rendered, "-m", tiny_sd1, "--report-dir", tmp_path / "rep")
+    assert_clean_error(result, 7, "001-a-stored.png", "--overwrite")
+    assert "loading" not in result.stderr and kept.read_bytes() == b"precious"
+    assert files_in(tmp_path / "rep") == ["001-a-stored.png"]
+    result = cli("verify", rendered, "-m", tiny_sd1, "--report-dir", tmp_path / "rep", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert files_in(tmp_path / "rep") == ["001-a-diff.png", "001-a-rerender.png", "001-a-stored.png", "index.html",
+                                          "legend.png"]
+    assert Image.open(kept).size == (64, 64)
+
+
+def test_verify_refuses_contact_sheets_and_sweep_plots(tiny_sd1, tmp_path):
+    """A sheet carries its first image's metadata: its re-render was compared with the whole sheet (exit 9)."""
+    result = cli(*render_args(tiny_sd1, "-n", "2", "-o", "g{index}.png", "--grid", "sheet.png"))
+    assert result.exit_code == 0, result.output
+    result = cli("verify", "sheet.png", "-m", tiny_sd1)
+    assert_clean_error(result, 2, "sheet.png", "contact sheet")
+    assert "loading" not in result.stderr
+    assert cli("verify", "g1.png", "-m", tiny_sd1).exit_code == 0  # its images verify
+    sweep = cli("sweep", "a cat", "-m", tiny_sd1, "--steps", "1", "-W", "64", "-H", "64", "--dtype", "fp32",
+                "--x", "cfg=3,7", "-o", "plot.png")
+    assert sweep.exit_code == 0, sweep.output
+    assert_clean_error(cli("verify", "plot.png", "-m", tiny_sd1), 2, "plot.png", "sweep plot")
+    assert_clean_error(cli("generate", "--from-image", "plot.png", "--dry-run"), 2, "plot.png", "sweep plot")
+
+
+# ---------------------------------------------------------------- sweeps and sheets
+
+
+@pytest.mark.parametrize("key", ["refiner", "refiner_switch", "aesthetic_score", "negative_aesthetic_score", "ray"])
+def test_sweep_refuses_keys_no_cell_would_use(key):
+    """`--x refiner=...` was accepted and recorded in every cell's metadata, but sweep runs no refiner."""
+    value = {"refiner": "a.safetensors,b.safetensors", "ray": "auto,local"}.get(key, "0.5,0.7")
+    result = cli("sweep", "a cat", "--x", f"{key}={value}", "-o", "p.png")
+    assert_clean_error(result, 2, f"--x {key}", "cannot be swept")
+
+
+def test_sweep_size_is_bounded_before_any_work(tiny_sd1, tmp_path):
+    with deadline(20, "a 10^9-cell sweep"):
+        result = cli("sweep", "a cat", "-m", tiny_sd1, "--x", "seed=1-10000", "--y", "cfg=1-100 [10000]",
+                     "--z", "steps=1-10", "-o", "p.png")
+    assert_clean_error(result, 2, "10000 x 10000 x 10", "cells")
+    assert "loading" not in result.stderr
+    result = cli("sweep", "a cat", "-m", tiny_sd1, "--steps", "1", "-W", "4096", "-H", "4096", "--dtype", "fp32",
+                 "--x", "seed=1-20", "-o", "p.png")
+    assert_clean_error(result, 2, "p.png", "81920x4096 pixels")
+    assert "cell 1/" not in result.stderr
+    result = cli(*render_args(tiny_sd1, "-n", "20", "-o", "g/{index}.png", "--grid", "g.png"), "-W", "4096",
+                 "-H", "4096")  # the later -W/-H win
+    assert_clean_error(result, 2, "--grid g.png", "20480x16384 pixels")
+    assert "saved" not in result.stderr and files_in(tmp_path) == []
+
+
+def test_plot_labels_of_any_text_are_drawn():
+    from sdcli.output import grid
+
+    cell = Image.new("RGB", (64, 64))
+    labels = ["a\x00b\x07\u202e\u05e9\u05dc\u05d5\u05dd\u200f\r\n\t", "\x1b[31mred", "z" * 3000]
+    plot = grid.plot_grid([cell] * 3, labels, ["\u202e\x00"], title="t\x00")
+    assert plot.width >= 64 * 3 and plot.height > 64
+
+
+# ---------------------------------------------------------------- ControlNet
+
+
+def test_crop_resize_resamples_only_what_stays(tiny_sd1, tmp_path, monkeypatch):
+    """A 1x40000 hint, `crop` to 64x64: the whole hint was first scaled to 64x2560000 (491 MB of RGB)."""
+    from sdcli.control.apply import fit_hint
+
+    cn = make_controlnet(tmp_path / "cn.safetensors")
+    Image.new("RGB", (1, 40_000), "white").save(tmp_path / "thin.png")
+    sizes = []
+    resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(size[0] * size[1])
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    result = cli(*render_args(tiny_sd1, "--controlnet", cn, "--control-image", "thin.png", "--control-resize",
+                              "crop", "-o", "o.png"))
+    assert result.exit_code == 0, result.output
+    assert sizes and max(sizes) <= 64 * 64 * 16, max(sizes)
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    rng = np.random.default_rng(0)  # the same picture as scaling all of it and cutting the middle
+    for src, dst in [((100, 37), (64, 64)), ((37, 100), (96, 64)), ((33, 1000), (64, 128)), ((640, 480), (72, 200))]:
+        img = Image.fromarray(rng.integers(0, 256, (src[1], src[0], 3), dtype=np.uint8))
+        scale = max(dst[0] / src[0], dst[1] / src[1])
+        w, h = max(1, round(src[0] * scale)), max(1, round(src[1] * scale))
+        left, top = (w - dst[0]) // 2, (h - dst[1]) // 2
+        whole = img.resize((w, h), Image.Resampling.LANCZOS).crop((left, top, left + dst[0], top + dst[1]))
+        ours = fit_hint(img, *dst, "crop")
+        assert ours.size == dst
+        assert np.abs(np.asarray(ours, dtype=int) - np.asarray(whole, dtype=int)).max() <= 1, (src, dst)
+
+
+def test_controlnet_whose_hint_block_is_not_rgb_is_refused_before_the_load(tiny_sd1, tmp_path):
+    """It loaded, then crashed in its first convolution while sampling (exit 1)."""
+    state = load_file(str(make_controlnet(tmp_path / "cn.safetensors")))
+    state["control_model.input_hint_block.0.weight"] = torch.randn(8, 1, 3, 3)
+    save_file(state, str(tmp_path / "gray.safetensors"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "hint.png")
+    result = cli(*render_args(tiny_sd1, "--controlnet", "gray.safetensors", "--control-image", "hint.png", "-o",
+                              "o.png"))
+    assert_clean_error(result, 8, "gray.safetensors", "1 channels", "RGB")
+    assert "loading" not in result.stderr and not (tmp_path / "o.png").exists()
+
+
+def test_diffusers_folder_configs_go_through_the_json_guard(tiny_sd1, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    folder = make_controlnet(tmp_path / "cnf", layout="diffusers-folder")
+    (folder / "config.json").write_text(deep)
+    Image.new("RGB", (64, 64)).save(tmp_path / "hint.png")
+    result = cli(*render_args(tiny_sd1, "--controlnet", folder, "--control-image", "hint.png", "-o", "o.png"))
+    assert_clean_error(result, 3, "config.json")
+    assert_clean_error(cli("inspect", folder), 3, "config.json")
+    _, taesd = write_taesd_files(tmp_path / "taesd")
+    (tmp_path / "taesd" / "config.json").write_text(deep)
+    assert_clean_error(cli("inspect", tmp_path / "taesd"), 3, "config.json")
+
+
+def test_hint_images_are_read_before_the_load_and_a_bomb_is_one_line(tiny_sd1, tmp_path):
+    """PIL's DecompressionBombWarning was printed before the error line, and only after the model loaded."""
+    make_controlnet(tmp_path / "cn.safetensors")
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "bomb.png")  # 100 M pixels, 12 KB
+    # A process of its own: pytest catches warnings in-process, so a printed one would not show there.
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(tmp_path / "xdg"), NO_COLOR="1",
+               PYTHONPATH=str(ROOT))  # this checkout's sdcli, whatever is installed
+    env.pop("SDCLI_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "sdcli", "generate", "x", "-m", str(tiny_sd1), "--controlnet",
+                           "cn.safetensors", "--control-image", "bomb.png", "--steps", "1", "-W", "64", "-H", "64",
+                           "-o", "o.png"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    err = proc.stderr
+    assert proc.returncode == 3, err
+    assert err.strip().splitlines() == [next(line for line in err.splitlines() if line.startswith("error:"))], err
+    assert "bomb.png" in err and "pixel limit" in err
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "ok.png", compress_level=0)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:-2000])
+    result = cli(*render_args(tiny_sd1, "--controlnet", "cn.safetensors", "--control-image", "cut.png", "-o",
+                              "o.png"))
+    assert_clean_error(result, 3, "cut.png")
+    assert "loading" not in result.stderr
+
+
+# ---------------------------------------------------------------- embeddings folders
+
+
+def test_embeddings_folder_with_link_loops_is_walked_once(tmp_path):
+    """os.walk(followlinks=True) went round a link to a parent forever, its paths (and memory) growing."""
+    write_embedding(tmp_path / "emb" / "sub" / "myemb.safetensors", "emb_params", {"*": random_vectors(2, 64)})
+    os.symlink("..", tmp_path / "emb" / "sub" / "up")
+    os.symlink(".", tmp_path / "emb" / "self")
+    os.symlink("../sub", tmp_path / "emb" / "sub" / "again")
+    with deadline(30, "an embeddings folder with link loops"):
+        result = cli("inspect", "--prompt", "a myemb", "--embeddings-dir", tmp_path / "emb")
+    assert result.exit_code == 0, result.output
+    assert "embedding: myemb (2 vectors" in result.stdout
+
+
+def test_embeddings_folder_walk_is_bounded(tmp_path, monkeypatch):
+    from sdcli.text import embeddings
+
+    monkeypatch.setattr(embeddings, "MAX_WALKED", 50)
+    for i in range(60):
+        (tmp_path / "emb" / f"d{i}").mkdir(parents=True)
+    result = cli("inspect", "--prompt", "a cat", "--embeddings-dir", tmp_path / "emb")
+    assert_clean_error(result, 3, "emb", "more than 50 files and folders")
+
+
+# ---------------------------------------------------------------- metadata read back
+
+
+def test_skip_existing_takes_only_whole_pngs_of_the_job(tiny_sd1, rendered, tmp_path):
+    """Outputs were read with a bare PIL reader: a declared 30000x30000 size was DecompressionBombError (exit 1),
+    and any file carrying the job's metadata counted as its image, pixels or not."""
+    args = render_args(tiny_sd1, "-o", "a.png", "--seed", "3", "--skip-existing")
+    meta = json.dumps(sdcli_meta(rendered))
+    real = rendered.read_bytes()
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    huge = real[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + real[33:]
+    crafted = {"huge": huge, "cut": real[:-20], "claims": None}
+    for name, data in crafted.items():
+        if data is None:
+            _with_sdcli_json(rendered, tmp_path / "a.png", meta, size=(1, 1))
+        else:
+            (tmp_path / "a.png").write_bytes(data)
+        before = (tmp_path / "a.png").read_bytes()
+        assert_clean_error(cli(*args), 7, "a.png", "not this job's image")
+        assert (tmp_path / "a.png").read_bytes() == before, name
+    (tmp_path / "a.png").write_bytes(real)
+    result = cli(*args)
+    assert result.exit_code == 0 and "nothing to render" in result.stderr, result.output
+
+
+def test_metadata_with_a_lone_surrogate_is_unreadable_not_a_crash(rendered, tmp_path):
+    """JSON may spell "\\ud800"; inspect then failed to print it (UnicodeEncodeError, exit 1)."""
+    text = json.dumps(sdcli_meta(rendered)).replace('"prompt": "a cat"', '"prompt": "a cat \\ud800"')
+    assert "\\ud800" in text
+    path = _with_sdcli_json(rendered, tmp_path / "s.png", text)
+    result = cli("inspect", path)
+    assert result.exit_code == 0 and "source: a1111" in result.stdout, result.output  # the infotext still reads
+    report = json.loads(cli("inspect", path, "--json").stdout)
+    assert report["source"] == "a1111" and "\\ud800" in report["raw"]["sdcli"]  # the chunk as written
+    emoji = json.dumps(sdcli_meta(rendered)).replace('"prompt": "a cat"', '"prompt": "a cat \\ud83d\\ude00"')
+    result = cli("inspect", _with_sdcli_json(rendered, tmp_path / "e.png", emoji), "--json")
+    assert json.loads(result.stdout)["source"] == "sdcli"  # an escaped pair is one character: kept
+
+
+def test_names_from_metadata_are_bounded_in_errors(tiny_sd1, rendered, tmp_path):
+    meta = sdcli_meta(rendered)
+    many = [{"name": f"{'n' * 300}{i}", "sha256": "0" * 64, "weight": 1.0} for i in range(5000)]
+    path = _with_sdcli_json(rendered, tmp_path / "l.png", json.dumps({**meta, "loras": many}))
+    error = assert_clean_error(cli("verify", path, "-m", tiny_sd1), 2, "l.png", "(5000 in all)")
+    assert len(error) < 1000
+    path = _with_sdcli_json(rendered, tmp_path / "t.png", json.dumps({**meta, "embeddings": many}))
+    error = assert_clean_error(cli("generate", "--from-image", path, "-m", tiny_sd1, "-o", "o.png"), 4, "t.png",
+                               "(5000 in all)")
+    assert len(error) < 1000
+
+
+# ---------------------------------------------------------------- Ray and residency
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, what", [("x:y", "a port from 1 to 65535"), ("ray://", "HOST:PORT"),
+                                           ("a b:1", "HOST:PORT"), ("h:99999", "a port"), ("closed", "nothing answers")])
+def test_bad_ray_addresses_are_refused_before_ray_starts(tiny_sd1, address, what, tmp_path):
+    """A dead HOST:PORT kept Ray retrying for minutes; `x:y` and a ray:// address without ray[client] were
+    ValueErrors (exit 1)."""
+    address = f"127.0.0.1:{_closed_port()}" if address == "closed" else address
+    with deadline(60, f"--ray {address}"):
+        result = cli(*render_args(tiny_sd1, "--ray", address, "-o", "o.png"))
+    assert_clean_error(result, 2, "--ray", what)
+    ray = __import__("sys").modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+
+
+@pytest.mark.parametrize("workers", ["0", "5000", "100000"])
+def test_worker_counts_no_machine_takes_are_refused_before_ray_starts(tiny_sd1, workers):
+    with deadline(60, f"--workers {workers}"):
+        result = cli(*render_args(tiny_sd1, "--ray", "local", "--workers", workers, "-o", "o.png"))
+    assert result.exit_code == 2 and "--workers" in result.stderr, result.output
+    ray = __import__("sys").modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+
+
+@pytest.mark.parametrize("change", ["remove", "cut", "rewrite in place"])
+def test_checkpoint_changed_while_a_part_is_read_again(tiny_sd1, tmp_path, monkeypatch, change):
+    """Lean residency reads the text encoder again for job 2; the file went away meanwhile (FileNotFoundError,
+    exit 1), was cut (named as a damaged file) or rewritten with its size and mtime put back (used)."""
+    from sdcli.app import save
+    from sdcli.loading import residency
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(tiny_sd1.read_bytes())
+    write = save.save_rendered
+
+    def write_then_change(*args, **kwargs):
+        write(*args, **kwargs)
+        if not model.exists():
+            return
+        st = model.stat()
+        if change == "remove":
+            model.unlink()
+        elif change == "cut":
+            os.truncate(model, st.st_size // 2)
+        else:
+            data = bytearray(model.read_bytes())
+            data[-64:] = bytes(64)
+            model.write_bytes(bytes(data))
+            os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(save, "save_rendered", write_then_change)
+    monkeypatch.setenv(residency.POLICY_ENV, "lean")
+    (tmp_path / "jobs.txt").write_text("a fox\na cat\n")
+    result = cli("generate", "--prompts-file", "jobs.txt", "-m", model, "--steps", "1", "-W", "64", "-H", "64",
+                 "--dtype", "fp32", "--device", "cpu", "-o", "j-{index}.png")
+    assert_clean_error(result, 3, str(model), "removed since it was loaded" if change == "remove" else "changed on disk")
+    assert (tmp_path / "j-0.png").exists() and not (tmp_path / "j-1.png").exists()
+    assert temp_files(tmp_path) == []
