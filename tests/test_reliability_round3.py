@@ -4,6 +4,7 @@ it can be known then; nothing is replaced unasked, nothing hangs, no memory grow
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -444,3 +445,56 @@ def test_checkpoint_changed_while_a_part_is_read_again(tiny_sd1, tmp_path, monke
     assert_clean_error(result, 3, str(model), "removed since it was loaded" if change == "remove" else "changed on disk")
     assert (tmp_path / "j-0.png").exists() and not (tmp_path / "j-1.png").exists()
     assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the HTML report stays inert
+
+
+EVIL_PROMPT = 'a cat </style><script>alert(1)</script> "><img src=x onerror=alert(2)> javascript:alert(3)'
+
+
+@pytest.mark.parametrize("variant", ["--report", "--report-dir"])
+def test_report_of_hostile_prompts_and_names_is_inert(tiny_sd1, tmp_path, variant):
+    """Markup, quotes, `</style>` and `javascript:` in a prompt and an image's file name: the page holds no element,
+    attribute or URL the input made (every <img> source is a data: URI or a PNG beside the page)."""
+    from html.parser import HTMLParser
+
+    name = 'x"><script>alert(4)<\u2215script>javascript:alert(5).png'
+    result = cli("generate", EVIL_PROMPT, *render_args(tiny_sd1, "-o", name)[2:])
+    assert result.exit_code == 0, result.output
+    target = "r.html" if variant == "--report" else "rep"
+    result = cli("verify", name, "-m", tiny_sd1, variant, target)
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / target if variant == "--report" else tmp_path / "rep" / "index.html").read_text()
+
+    class Seen(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.sources, self.handlers, self.data, self.open = [], [], [], {}, None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.sources += [v for k, v in attrs if k in ("src", "href", "action", "srcset")]
+            self.handlers += [k for k, _ in attrs if k.startswith("on")]
+            self.open = tag
+
+        def handle_data(self, data):
+            if self.open in ("script", "style"):
+                self.data[self.open] = self.data.get(self.open, "") + data
+
+    seen = Seen()
+    seen.feed(page)
+    assert seen.tags.count("script") == 1 and seen.tags.count("style") == 1  # the page's own (JSON data, CSS)
+    assert seen.tags.count("img") == 4  # stored, re-render, difference, legend: none from the prompt
+    assert not {"a", "iframe", "object", "embed", "form", "base", "link"} & set(seen.tags)
+    assert not seen.handlers and "javascript:" not in "".join(seen.sources)
+    assert all(s.startswith("data:image/png;base64,") or re.fullmatch(r"[\w.-]+\.png", s) for s in seen.sources)
+    assert "</style>" not in seen.data["style"] and "script" not in seen.data["style"]
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page  # and nothing may be fetched
+    assert EVIL_PROMPT.replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;") in page  # shown as text
+    assert html.escape(name, quote=True) in page
+    (result_json,) = json.loads(seen.data["script"])  # the data block round-trips the name, holding no '<'
+    assert result_json["path"].endswith(name) and "<" not in seen.data["script"]
+    if variant == "--report-dir":
+        assert all(re.fullmatch(r"[\w.-]+\.(png|html)", f) for f in files_in(tmp_path / "rep"))
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [name]  # nothing outside the folder
