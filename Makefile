@@ -7,15 +7,26 @@ MODEL  ?= stable-diffusion-v1-5/stable-diffusion-v1-5
 PROMPT ?= a photo of a cat, highly detailed
 OUT    ?= demo.png
 PY     := $(VENV)/bin/python
+# Two levels: what rendering needs (torch and sdcli's runtime dependencies: `make demo`), and the test and
+# benchmark oracles on top (diffusers, transformers, opencv, pytest...: `make test`, `make bench`).
+RUNTIME_STAMP := $(VENV)/.sdcli-runtime-installed
 STAMP  := $(VENV)/.sdcli-installed
 
 RAY_STAMP := $(VENV)/.sdcli-ray-installed
+SERVE_STAMP := $(VENV)/.sdcli-serve-installed
+GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
-.PHONY: install install-ray browser demo demo-tiny test bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-avx2 clean
+.PHONY: install install-runtime install-ray install-gguf install-spandrel install-serve browser demo demo-tiny test \
+	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale \
+	bench-serve clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# open_clip's tokenizer is our tokenizer oracle; its package pulls torchvision, which we do not need.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps open-clip-torch==3.3.0
@@ -26,12 +37,34 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) browser
 
+install-runtime: $(RUNTIME_STAMP)
+
 # The optional Ray extra (`--ray`, ~80 MB); `make test` installs it too, since the Ray tests are in the suite.
 $(RAY_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[ray]"
 	touch $(RAY_STAMP)
 
 install-ray: $(RAY_STAMP)
+
+# The optional server extra (`sdcli serve`: Starlette + uvicorn, 4.4 MB); `make test` installs it for tests/test_serve.py.
+$(SERVE_STAMP): $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[serve]"
+	touch $(SERVE_STAMP)
+
+install-serve: $(SERVE_STAMP)
+
+# The optional gguf extra: writing GGUF files (`sdcli convert --quantize`); reading needs nothing more. The dev extra
+# has it too (the dequantizers' oracle), so `make test` gets it either way.
+$(GGUF_STAMP): $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[gguf]"
+	touch $(GGUF_STAMP)
+
+install-gguf: $(GGUF_STAMP)
+
+# The optional spandrel extra: upscaler architectures sdcli does not run itself (SwinIR, HAT, DAT, ...). It pulls
+# torchvision, which must match the installed torch (pass the same index as TORCH).
+install-spandrel: $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[spandrel]"
 
 # tests/test_report.py opens the verify report in a real headless browser. Best effort: Debian's chromium when no
 # browser is on PATH and we are root with apt-get; never fails the install (the test then says it was skipped).
@@ -47,16 +80,16 @@ browser:
 
 # Needs a Stable Diffusion 1.x/2.x checkpoint: MODEL=path/to/model.safetensors works offline;
 # a hub id (the default) is downloaded once into the Hugging Face cache.
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model "$(MODEL)" --seed 42 -o "$(OUT)" --overwrite
 
 # Offline smoke render with a tiny random-weight checkpoint (the image is noise; the path is real).
-demo-tiny: $(STAMP)
+demo-tiny: $(RUNTIME_STAMP)
 	$(PY) scripts/make_checkpoint.py .bench/tiny-sd1.safetensors --family sd1 --size tiny --seed 0
 	$(VENV)/bin/sdcli generate "$(PROMPT)" --model .bench/tiny-sd1.safetensors --steps 4 -W 64 -H 64 \
 		--seed 42 -o tiny-demo.png --overwrite
 
-test: $(STAMP) $(RAY_STAMP) browser
+test: $(STAMP) $(RAY_STAMP) $(GGUF_STAMP) $(SERVE_STAMP) browser
 	$(PY) -m pytest
 
 # sdcli vs diffusers on a full-size random SD1.5 checkpoint; writes docs/benchmarks.md. Slow on a CPU (~20 min).
@@ -84,9 +117,24 @@ bench-sdxl: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) scripts/bench_memory.py
 
+# GGUF Q8_0 / Q4_0 (convolutions quantized too) against bf16 on an SD1.5-shaped random checkpoint: size, peak RSS,
+# load and step time, PSNR, per-type layer error (`scripts/bench_gguf.py --help` for a real file, SDXL, Q4_K).
+bench-gguf: $(STAMP)
+	$(PY) scripts/bench_gguf.py --convs
+
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)
 	$(PY) scripts/bench.py --avx2
+
+# ESRGAN x4 (23 blocks, 64 features) 512 -> 2048 untiled and tiled vs spandrel; the table into docs/benchmarks.md
+bench-upscale: $(STAMP)
+	$(PY) scripts/bench_upscale.py --write
+
+# A shell loop of 20 prompts three ways (cold generate each, --server, one prompts file) and the server's own
+# overhead per request; tiny model by default, SERVE_MODEL=path/to/sd15.safetensors for a full-size one.
+SERVE_MODEL ?=
+bench-serve: $(SERVE_STAMP)
+	$(PY) scripts/bench_serve.py $(if $(SERVE_MODEL),--model $(SERVE_MODEL)) --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .bench

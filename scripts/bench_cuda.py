@@ -222,7 +222,7 @@ def cuda_paths(out: Path) -> dict:
     common = ["--model", str(TINY), "--steps", "8", "--overwrite", "-q", "--device", DEV]
     base = ["-W", "128", "-H", "128", *common]
     runs = {
-        "batch": ["generate", "a red fox", *base, "--seed", "7", "-n", "2", "-b", "2", "-o", str(out / "b-{seed}.png")],
+        "batch": ["generate", "a red fox", *base, "--seed", "7", "-n", "2", "--batch-size", "2", "-o", str(out / "b-{seed}.png")],
         "single": ["generate", "a red fox", *base, "--seed", "8", "-o", str(out / "s-8.png")],
         "hires": ["generate", "a red fox", *base, "--seed", "7", "--hires-scale", "2", "--hires-steps", "4",
                   "-o", str(out / "hires.png")],

@@ -3,6 +3,7 @@ RealESRGAN_x4plus and 4x-UltraSharp) untiled and tiled, against spandrel's direc
 
     python scripts/bench_upscale.py                        # 512 -> 2048, tile 256 (minutes per run on a CPU)
     python scripts/bench_upscale.py --size 64 --tile 32 --blocks 2 --features 16    # rehearsal, seconds
+    python scripts/bench_upscale.py --write                # ... and the table into docs/benchmarks.md
 
 Each run is its own subprocess (``--worker``), so its load time and peak RSS are its own. The file is written
 once to .bench/ in the original ESRGAN layout (model.N, as 4x-UltraSharp): sdcli renames it, spandrel converts
@@ -131,6 +132,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--write", action="store_true", help="also write the table into docs/benchmarks.md "
+                   "(its bench-upscale section)")
     p.add_argument("--worker", choices=["sdcli", "spandrel"], help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -145,17 +148,28 @@ def main() -> None:
     for name, side, tile in runs:
         out = BENCH / f"upscale-{side}-{tile}.npy"
         results.append((name, worker(a, side, tile, out), out))
+    report = table(a, results)
+    print(report)
+    if a.write:
+        from bench import write_section  # scripts/bench.py: replaces one generated section of docs/benchmarks.md
+
+        write_section("bench-upscale", f"## Upscalers (`scripts/bench_upscale.py`)\n\n{report}\n")
+
+
+def table(a, results: list) -> str:
+    """The run's heading line and its markdown table."""
     base = results[0][1]["run_s"]
-    print(f"RRDBNet x4 ({a.blocks} blocks, {a.features} features), {a.size} -> {4 * a.size} px, {a.dtype} on "
-          f"{a.device}; {machine(a.threads)}\n")  # fmt: skip
     cuda = a.device.startswith("cuda")
-    print("| run | load (s) | upscale (s) | vs spandrel | RSS loaded (GB) | peak RSS (GB) |"
-          + (" CUDA peak (GB) |" if cuda else "") + " pixels equal / within 2 levels of spandrel |")
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|")
+    lines = [f"RRDBNet x4 ({a.blocks} blocks, {a.features} features), {a.size} -> {4 * a.size} px, {a.dtype} on "
+             f"{a.device}; {machine(a.threads)}", "",
+             "| run | load (s) | upscale (s) | vs spandrel | RSS loaded (GB) | peak RSS (GB) |"
+             + (" CUDA peak (GB) |" if cuda else "") + " pixels equal / within 2 levels of spandrel |",
+             "|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|"]  # fmt: skip
     for name, r, out in results:
         extra = f" {r['cuda_peak_gb']:.2f} |" if cuda else ""
-        print(f"| {name} | {r['load_s']:.2f} | {r['run_s']:.2f} | {r['run_s'] / base:.2f}x | "
-              f"{r['loaded_rss_gb']:.2f} | {r['peak_rss_gb']:.2f} |{extra} {compare(out, results[0][2])} |")
+        lines.append(f"| {name} | {r['load_s']:.2f} | {r['run_s']:.2f} | {r['run_s'] / base:.2f}x | "
+                     f"{r['loaded_rss_gb']:.2f} | {r['peak_rss_gb']:.2f} |{extra} {compare(out, results[0][2])} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Random-weight Stable Diffusion checkpoints, deterministic from a seed, for tests and benchmarks.
 
     python scripts/make_checkpoint.py OUT --family sd1 --size full --dtype fp16 --layout single --seed 0
+    python scripts/make_checkpoint.py flux.safetensors --family flux --components   # + ae, clip_l, clip_g, t5xxl
 
 Layouts: ``single`` = one LDM-named .safetensors file (SD1: cond_stage_model.transformer.text_model.*,
 SD2: OpenCLIP cond_stage_model.model.*; SDXL: conditioner.embedders.0.transformer.text_model.* (CLIP-L) and
@@ -408,18 +409,160 @@ def make_controlnet(out: str | Path, family: str = "sd1", size: str = "tiny", la
     return out
 
 
+# --- SD3 / SD3.5 and FLUX.1 (issue 25): the flow transformers' files in their original layouts ---------------------
+
+DIT_FAMILIES = ("sd3", "flux", "flux-schnell")
+TINY_VAE16 = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16, embed_dim=16,
+                       use_quant_conv=False)  # fmt: skip
+# Tiny encoders keep the real structure: CLIP-L (quick GELU, pads with its end token), bigG (GELU, pads with 0, a
+# non-square projection) whose contexts together (32 + 64) are narrower than T5's width (128), T5 with the real
+# vocabulary and bucket count (the shipped tokenizer's ids must fit).
+TINY_CLIP_L = TextConfig(hidden_size=32, num_layers=2, num_heads=1, intermediate_size=64, hidden_act="quick_gelu",
+                         pad_id=49407)  # fmt: skip
+TINY_CLIP_G = TextConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128, hidden_act="gelu",
+                         pad_id=0, projection_dim=40)  # fmt: skip
+
+
+def tiny_t5():
+    from sdcli.models.t5 import T5Config
+
+    return T5Config(d_model=128, d_kv=16, num_heads=2, d_ff=64, num_layers=2)
+
+
+def dit_config(family: str, size: str = "tiny"):
+    """The diffusion transformer of a preset: SD3.5-Medium-shaped MMDiT (dual attention in block 0, q/k RMS norm,
+    2x2 patches, 64-channel heads as every release), or a FLUX DiT (dev: with guidance_in)."""
+    from sdcli.models.flux import FluxConfig
+    from sdcli.models.mmdit import MMDiTConfig
+
+    if size != "tiny":
+        return MMDiTConfig(dual_attention_layers=tuple(range(13)), qk_norm=True) if family == "sd3" else \
+            FluxConfig(guidance_embed=family == "flux")  # fmt: skip
+    if family == "sd3":
+        return MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=8, mlp_hidden=512,
+                           adm_in_channels=TINY_CLIP_L.hidden_size + TINY_CLIP_G.projection_dim,
+                           context_dim=tiny_t5().d_model, dual_attention_layers=(0,), qk_norm=True)  # fmt: skip
+    return FluxConfig(vec_in_dim=TINY_CLIP_L.hidden_size, context_in_dim=tiny_t5().d_model, hidden_size=32,
+                      mlp_hidden_dim=128, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+                      guidance_embed=family == "flux")  # fmt: skip
+
+
+def _random_dit(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """As _random, and the RMS-norm scales (FLUX ``.scale``, SD3 ``ln_q``/``ln_k``) around 1."""
+    t = _random(key, shape, gen)
+    return t.mul_(0.0).add_(torch.randn(shape, generator=gen).mul_(0.1).add_(1.0)) if key.endswith(".scale") else t
+
+
+def _state(modules: dict[str, torch.nn.Module], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """prefix -> module built on meta: every tensor random, in sorted key order from one seeded generator."""
+    shapes = {}
+    for prefix, module in modules.items():
+        shapes.update(_meta_shapes(module, prefix))
+    gen = torch.Generator().manual_seed(seed)
+    return {k: _random_dit(k, shapes[k], gen).to(dtype) for k in sorted(shapes)}
+
+
+def dit_state(family: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """The diffusion transformer's tensors under their own names (Stability's after model.diffusion_model.,
+    BFL's for FLUX)."""
+    from sdcli.models.flux import FluxModel
+    from sdcli.models.mmdit import MMDiT
+
+    cfg = dit_config(family, size)
+    with torch.device("meta"):
+        net = MMDiT(cfg) if family == "sd3" else FluxModel(cfg)
+    return _state({"": net}, seed, dtype)
+
+
+def text_state(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A tiny text encoder as ComfyUI's separate files hold it: CLIP in transformers names (``text_model.*``, a
+    ``text_projection.weight`` even where the family does not use it, and ``logit_scale``); T5 with both names of
+    its embedding (``shared.weight``, ``encoder.embed_tokens.weight``), as real files."""
+    from sdcli.models.t5 import T5Encoder
+
+    if kind == "t5":
+        with torch.device("meta"):
+            module = T5Encoder(tiny_t5())
+        state = _state({"": module}, seed, dtype)
+        state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
+        return state
+    cfg = TINY_CLIP_L if kind == "clip_l" else TINY_CLIP_G
+    with torch.device("meta"):
+        module = TextEncoder(TextConfig(**{**cfg.__dict__, "projection_dim": cfg.projection_dim or cfg.hidden_size}))
+    state = _state({"": module}, seed, dtype)
+    state = {k.replace("transformer.text_model.", "text_model.").replace("transformer.", "text_model."): v
+             for k, v in state.items()}
+    state["logit_scale"] = torch.tensor(4.6052, dtype=dtype)
+    return state
+
+
+def vae16_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The 16-channel VAE (no quant convs) under its own names, as BFL's ae.safetensors."""
+    with torch.device("meta"):
+        module = AutoencoderKL(TINY_VAE16)
+    return _state({"": module}, seed, dtype)
+
+
+def _save(state: dict, out: Path, seed: int) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out),
+              metadata={"format": "pt", "sdcli.random_seed": str(seed)})  # fmt: skip
+    return out
+
+
+def make_dit_checkpoint(out: str | Path, family: str = "sd3", size: str = "tiny", dtype: torch.dtype = torch.float32,
+                        seed: int = 0, encoders: tuple[str, ...] = ("clip_l", "clip_g", "t5"),
+                        vae: bool = True) -> Path:  # fmt: skip
+    """SD3: a Stability single file (model.diffusion_model.*, text_encoders.{clip_l,clip_g,t5xxl}.transformer.* for
+    each of `encoders`, first_stage_model.* when `vae`). FLUX: BFL's file, the DiT alone without a prefix (its
+    companions: make_dit_components)."""
+    out = Path(out)
+    dit = dit_state(family, size, seed, dtype)
+    if family != "sd3":
+        return _save(dit, out, seed)
+    state = {"model.diffusion_model." + k: v for k, v in dit.items()}
+    for n, kind in enumerate(encoders):
+        place = "t5xxl" if kind == "t5" else kind
+        state.update({f"text_encoders.{place}.transformer.{k}": v
+                      for k, v in text_state(kind, seed + 1 + n, dtype).items()})  # fmt: skip
+    if vae:
+        state.update({"first_stage_model." + k: v for k, v in vae16_state(seed + 9, dtype).items()})
+    return _save(state, out, seed)
+
+
+def make_dit_components(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        t5_dtype: torch.dtype | None = None) -> dict[str, Path]:
+    """ae.safetensors (VAE, no prefix), clip_l.safetensors, clip_g.safetensors and t5xxl.safetensors (ComfyUI's
+    text encoder files) in `folder`; `t5_dtype`: the T5 file's own (torch.float8_e4m3fn for an fp8 file)."""
+    folder = Path(folder)
+    files = {"vae": _save(vae16_state(seed + 9, dtype), folder / "ae.safetensors", seed)}
+    for n, kind in enumerate(("clip_l", "clip_g", "t5")):
+        state = text_state(kind, seed + 1 + n, dtype)
+        if kind == "t5" and t5_dtype is not None:
+            state = {k: v.to(t5_dtype) for k, v in state.items()}
+        files[kind] = _save(state, folder / f"{'t5xxl' if kind == 't5' else kind}.safetensors", seed)
+    return files
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--family", choices=["sd1", "sd2", *SDXL_FAMILIES], default="sd1")
+    ap.add_argument("--family", choices=["sd1", "sd2", *SDXL_FAMILIES, *DIT_FAMILIES], default="sd1")
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--layout", choices=["single", "diffusers"], default="single")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prediction", choices=["eps", "v"], default=None)
     ap.add_argument("--inpaint", action="store_true")
+    ap.add_argument("--components", action="store_true", help="SD3/FLUX: also write ae.safetensors, clip_l, "
+                    "clip_g and t5xxl .safetensors beside OUT (FLUX's file holds the DiT alone)")
     a = ap.parse_args(argv)
-    make_checkpoint(a.out, a.family, a.size, DTYPES[a.dtype], a.layout, a.seed, a.prediction, a.inpaint)
+    if a.family in DIT_FAMILIES:
+        make_dit_checkpoint(a.out, a.family, a.size, DTYPES[a.dtype], a.seed)
+        if a.components:
+            make_dit_components(Path(a.out).parent, a.seed, DTYPES[a.dtype])
+    else:
+        make_checkpoint(a.out, a.family, a.size, DTYPES[a.dtype], a.layout, a.seed, a.prediction, a.inpaint)
     print(a.out)
 
 

@@ -16,7 +16,7 @@ import typer
 from sdcli import __version__
 from sdcli import cli_guard as guard
 from sdcli import cli_options as opt
-from sdcli.runtime.errors import SdcliError
+from sdcli.runtime.errors import SdcliError, UsageError
 
 app = typer.Typer(
     name="sdcli",
@@ -68,6 +68,12 @@ def _flags(**given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax, s_noise) -> dict:
+    """A1111's noise and sampler-parameter flags as config keys (those given)."""
+    return _flags(rng=rng, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                  ensd=ensd, eta=eta, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+
+
 def _progress_mode(mode: str) -> str:
     if mode not in ("auto", "json", "none"):
         from sdcli.runtime.errors import UsageError
@@ -103,12 +109,27 @@ def generate(
     schedule: opt.ScheduleOpt = None,
     sigmas: opt.SigmasOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     n: opt.CountOpt = None,
     batch_size: opt.BatchOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
@@ -129,6 +150,10 @@ def generate(
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
     grid: opt.GridOpt = None,
     grid_rows: opt.GridRowsOpt = -1,
@@ -155,12 +180,15 @@ def generate(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
     skip_existing: opt.SkipExistingOpt = False,
+    server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
 ) -> None:
@@ -171,9 +199,14 @@ def generate(
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
-                   original_size=original_size, target_size=target_size, crop_coords=crop_coords,
+                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio=tome_ratio,
+                   tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
+                   crop_coords=crop_coords,
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                   refiner=refiner, refiner_switch=refiner_switch)
+                   refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
+                   guidance=guidance, flow_shift=flow_shift,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
                        control_resize, control_preprocess)
     if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
@@ -190,9 +223,10 @@ def generate(
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
         print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
         control=control,
-        preview_vae=preview_vae,
+        preview_vae=preview_vae, preview_interval=preview_interval, quality=quality,
         grid=grid, grid_rows=grid_rows, grid_only=grid_only,
         skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
+        server=server,
     ))
 
 
@@ -202,22 +236,46 @@ def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).")],
     strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
-    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (needs a "
-                                                "9-channel inpainting model; strength defaults to 1).")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (any model; "
+                                                "strength defaults to 0.75, 1 with a 9-channel inpainting "
+                                                "model).")] = None,
+    mask_blur: opt.MaskBlurOpt = None,
+    inpaint_fill: opt.InpaintFillOpt = None,
+    inpaint_area: opt.InpaintAreaOpt = None,
+    inpaint_padding: opt.InpaintPaddingOpt = None,
+    mask_invert: opt.MaskInvertOpt = False,
+    overlay: opt.OverlayOpt = None,
+    pad: opt.PadOpt = None,
     output: opt.OutputOpt = None,
     negative: opt.NegativeOpt = None,
     steps: opt.StepsOpt = None,
     cfg: opt.CfgOpt = None,
     guidance_rescale: opt.RescaleOpt = None,
+    tome_ratio: opt.TomeOpt = None,
     sampler: opt.SamplerOpt = None,
     schedule: opt.ScheduleOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     n: opt.CountOpt = None,
     batch_size: opt.BatchOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
@@ -246,22 +304,31 @@ def img2img(
     progress: opt.ProgressOpt = "auto",
     preview: opt.PreviewOpt = None,
     preview_vae: opt.PreviewVaeOpt = None,
+    preview_interval: opt.PreviewIntervalOpt = 0.5,
+    quality: opt.QualityOpt = None,
     ray: opt.RayOpt = None,
     offload: opt.OffloadOpt = None,
     workers: opt.WorkersOpt = None,
     gpus_per_worker: opt.GpusPerWorkerOpt = None,
     cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
     skip_existing: opt.SkipExistingOpt = False,
+    server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
 ) -> None:
-    """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest)."""
+    """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
+    --pad, inpaint or outpaint it as A1111 does."""
     flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
-                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, seed=seed, n=n,
+                   guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
-                   negative_aesthetic_score=negative_aesthetic_score)
+                   negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur,
+                   inpaint_fill=inpaint_fill, inpaint_area=inpaint_area, inpaint_padding=inpaint_padding,
+                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad, clip_l=clip_l, clip_g=clip_g,
+                   t5=t5, guidance=guidance, flow_shift=flow_shift,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
     guard.stdout_needed(output, json_out or print_config)
@@ -274,7 +341,8 @@ def img2img(
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               grid_only=grid_only, skip_existing=skip_existing,
+                               preview_interval=preview_interval, quality=quality, grid_only=grid_only,
+                               skip_existing=skip_existing, server=server,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
@@ -304,14 +372,33 @@ def sweep(
     schedule: opt.ScheduleOpt = None,
     sigmas: opt.SigmasOpt = None,
     seed: opt.SeedOpt = None,
+    rng: opt.RngOpt = None,
+    subseed: opt.SubseedOpt = None,
+    subseed_strength: opt.SubseedStrengthOpt = None,
+    seed_resize_from: opt.SeedResizeOpt = None,
+    ensd: opt.EnsdOpt = None,
+    eta: opt.EtaOpt = None,
+    s_churn: opt.SChurnOpt = None,
+    s_tmin: opt.STminOpt = None,
+    s_tmax: opt.STmaxOpt = None,
+    s_noise: opt.SNoiseOpt = None,
     clip_skip: opt.ClipSkipOpt = None,
     seamless: opt.SeamlessOpt = None,
     hires_scale: opt.HiresScaleOpt = None,
     hires_strength: opt.HiresStrengthOpt = None,
     hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    tome_ratio: opt.TomeOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
+    guidance: opt.GuidanceOpt = None,
+    flow_shift: opt.FlowShiftOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     prediction: opt.PredictionOpt = None,
     dtype: opt.DtypeOpt = None,
@@ -330,8 +417,12 @@ def sweep(
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, model=model, vae=vae, lora_dir=lora_dir, prediction=prediction,
-                   dtype=dtype, device=device, offload=offload)
+                   hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
+                   tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
+                   prediction=prediction, dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g,
+                   t5=t5, guidance=guidance, flow_shift=flow_shift,
+                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
+                            s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
                            progress=_progress_mode(progress)))
@@ -347,6 +438,9 @@ def encode(
     config: opt.ConfigOpt = None,
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     dtype: opt.DtypeOpt = None,
@@ -361,7 +455,7 @@ def encode(
 
     set_quiet(quiet)
     flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -393,16 +487,49 @@ def decode(
 @app.command()
 @guard.handled
 def inspect(
-    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, image, latent or embedding file.")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, upscaler, image, latent or embedding file.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
     hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     json_out: opt.JsonOpt = False,
 ) -> None:
-    """Explain an artifact: checkpoint, image metadata, latent/embedding file, or a prompt's tokens."""
+    """Explain an artifact: checkpoint, upscaler, image metadata, latent/embedding file, or a prompt's tokens."""
     from sdcli.app.inspect import run_inspect
 
     run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
+
+
+@app.command()
+@guard.handled
+def upscale(
+    images: Annotated[list[str], typer.Argument(help="Images to upscale ('-' = stdin).")],
+    upscaler: Annotated[str, typer.Option("--upscaler", "-u", help="An upscaler model file (ESRGAN, Real-ESRGAN, "
+                                          "...), a name in --upscaler-dir (R-ESRGAN 4x+, 4x-UltraSharp), or Lanczos / "
+                                          "Nearest (with --scale).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template "
+                                                  "with {index} {stem} {seed} {prompt} (default: {stem}-upscaled.png).")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="Scale factor (default: the model's own); the "
+                                                   "model runs up to 3 times, then one Lanczos resize.")] = None,
+    tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (0 = the whole image at once).")] = 512,
+    tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Pixels neighbouring tiles share.")] = 32,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    config: opt.ConfigOpt = None,
+    dtype: opt.DtypeOpt = None,
+    device: opt.DeviceOpt = None,
+    overwrite: opt.OverwriteOpt = False,
+    quiet: opt.QuietOpt = False,
+    json_out: opt.JsonOpt = False,
+) -> None:
+    """Upscale images with an upscaler model (A1111's Extras tab); metadata carried over."""
+    from sdcli.app.upscale import UpscaleRequest, run_upscale
+    from sdcli.runtime.console import set_quiet
+
+    set_quiet(quiet)
+    guard.stdout_needed(output, json_out)
+    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device)
+    run_upscale(UpscaleRequest(images=list(images), upscaler=upscaler, output=output, scale=scale, tile=tile,
+                               overlap=tile_overlap, flags=flags, config_file=config, overwrite=overwrite,
+                               json_out=json_out))
 
 
 @app.command()
@@ -434,14 +561,22 @@ def preprocess(
 @app.command()
 @guard.handled
 def convert(
-    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to convert.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors file to write.")],
+    source: Annotated[Path, typer.Argument(help="A pickle checkpoint (.ckpt / .pt) to make .safetensors; with "
+                                           "--quantize any model sdcli reads; a .gguf to dequantize.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors or .gguf file to write.")],
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Write a GGUF file of this type: q8_0, "
+                        "q5_1, q5_0, q4_1, q4_0 (or f16, bf16, f32); the VAE, norms and biases stay float.")] = None,
+    type_rules: Annotated[Optional[str], typer.Option("--tensor-type-rules", help="Per-tensor types, "
+                          "stable-diffusion.cpp's syntax: REGEX=TYPE,... (first match wins).")] = None,
+    convs: Annotated[bool, typer.Option("--quantize-convs", help="Quantize conv kernels too, as 256-wide rows "
+                     "(city96's layout: much smaller UNets; ComfyUI-GGUF reads it, stable-diffusion.cpp not).")] = False,
     overwrite: opt.OverwriteOpt = False,
 ) -> None:
-    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run)."""
+    """Convert a .ckpt to .safetensors through the restricted loader (no code in the file can run); write a model as
+    a quantized GGUF file (--quantize), or a GGUF back to .safetensors."""
     from sdcli.app.convert import run_convert
 
-    run_convert(source, output, overwrite)
+    run_convert(source, output, overwrite, quantize, type_rules, convs)
 
 
 @app.command()
@@ -450,8 +585,12 @@ def verify(
     images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
     model: opt.ModelOpt = None,
     vae: opt.VaeOpt = None,
+    clip_l: opt.ClipLOpt = None,
+    clip_g: opt.ClipGOpt = None,
+    t5: opt.T5Opt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
     config: opt.ConfigOpt = None,
     device: opt.DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
@@ -460,6 +599,10 @@ def verify(
     offload: opt.OffloadOpt = None,
     controlnet: opt.ControlNetOpt = None,
     control_image: opt.ControlImageOpt = None,
+    image: Annotated[Optional[str], typer.Option("--image", "-i", help="img2img / inpainting images: the input "
+                                                 "picture they were made from.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpainting images: their mask (default: the "
+                                                "recorded mask file beside the image).")] = None,
     report: Annotated[
         Optional[str], typer.Option("--report", help="Write one self-contained HTML page: each stored image, its "
                                     "re-render, a difference heat map, the numbers; failures first.")
@@ -481,15 +624,50 @@ def verify(
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
     set_quiet(quiet)
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload)
+                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
-               {"models": list(controlnet or []), "images": list(control_image or [])})
+               {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
+
+
+@app.command()
+@guard.handled
+def serve(
+    model: opt.ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; beyond loopback it needs --api-auth "
+                                      "(or --insecure).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: a free one, said on stderr).")] = 7860,
+    models_dir: Annotated[Optional[str], typer.Option("--models-dir", help="Checkpoints a request may switch to "
+                                                      "(A1111's sd_model_checkpoint).")] = None,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", help="USER:PASS[,USER:PASS...]: HTTP basic "
+                                                    "auth, as A1111's --api-auth.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Listen beyond loopback without --api-auth.")] = False,
+    max_request_mb: Annotated[float, typer.Option("--max-request-mb", help="Largest request body taken.")] = 64.0,
+    config: opt.ConfigOpt = None,
+    vae: opt.VaeOpt = None,
+    lora_dir: opt.LoraDirOpt = None,
+    embeddings_dir: opt.EmbeddingsDirOpt = None,
+    dtype: opt.DtypeOpt = None,
+    device: opt.DeviceOpt = None,
+    offload: opt.OffloadOpt = None,
+    quiet: opt.QuietOpt = False,
+) -> None:
+    """Keep a model loaded and answer A1111's web API, OpenAI's images API and `generate --server`."""
+    from sdcli.runtime.console import set_quiet
+    from sdcli.app.serve import ServeRequest, run_serve
+
+    set_quiet(quiet)
+    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, dtype=dtype,
+                   device=device, offload=offload)
+    run_serve(ServeRequest(flags, config, host, port, models_dir, api_auth, insecure, max_request_mb))
 
 
 def main() -> None:
     """Console-script entry point."""
     guard.prepare_process()
     try:
+        hint = opt.peer_flag(sys.argv[1:])
+        if hint is not None:
+            raise UsageError(hint)
         app()
     except SdcliError as e:  # outside a command (`--help` with stdout closed): the same one line
         from sdcli.runtime import console

@@ -8,19 +8,53 @@ from typing import Annotated, Optional
 
 import typer
 
+# Short flags the peers use for different things, so sdcli has none of them: a habit carried over would silently
+# change the result (`-s 42`: 42 steps here, seed 42 in stable-diffusion.cpp; `-b 4`: four images in A1111 and
+# stable-diffusion.cpp, one image per UNet batch here). Given, they are refused with what to write instead.
+PEER_FLAGS = {
+    "-s": "sdcli has no -s: write --steps N for sampling steps or --seed N for the seed "
+          "(stable-diffusion.cpp's -s is the seed)",
+    "-b": "sdcli has no -b: write -n N for how many images, --batch-size N for how many share one UNet batch "
+          "(A1111's batch size and stable-diffusion.cpp's -b both make that many images)",
+}
+
+
+def peer_flag(args: list[str]) -> str | None:
+    """The hint for the first peer short flag among the command-line `args` (`-s`, `-s42`), else None."""
+    for arg in args:
+        if arg == "--":
+            return None
+        for flag, hint in PEER_FLAGS.items():
+            if arg == flag or (arg.startswith(flag) and arg[2:].lstrip("-").isdigit()):
+                return hint
+    return None
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
                                                "file (taesd_decoder.safetensors) for fast decodes.")]
 PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
+ClipLOpt = Annotated[Optional[str], typer.Option("--clip-l", help="SD3 / FLUX: the CLIP-L text encoder as a file of "
+                                                 "its own (ComfyUI's clip_l.safetensors).")]
+ClipGOpt = Annotated[Optional[str], typer.Option("--clip-g", help="SD3: the CLIP-G (bigG) text encoder as a file "
+                                                 "of its own (clip_g.safetensors).")]
+T5Opt = Annotated[Optional[str], typer.Option("--t5", help="SD3 / FLUX: the T5-XXL text encoder as a file of its "
+                                              "own (t5xxl_fp16.safetensors; fp8 files are up-cast).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="FLUX dev: the distilled guidance "
+                                                      "strength (3.5); --cfg above 1 adds true CFG on top.")]
+FlowShiftOpt = Annotated[Optional[float], typer.Option("--flow-shift", help="SD3 / FLUX: a constant time shift "
+                                                       "replacing the family's (SD3 3.0; FLUX dev's resolution "
+                                                       "rule; schnell 1.0).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
 ]
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
 WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
 HeightOpt = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in pixels (multiple of 8).")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Sampling steps.")]
-CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps.")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = off; default "
+                                                "7, FLUX 1).")]
 RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
 SamplerOpt = Annotated[
     Optional[str], typer.Option("--sampler", help="Sampler name or alias ('DPM++ 2M Karras'); 'help' lists them.")
@@ -28,8 +62,26 @@ SamplerOpt = Annotated[
 ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...).")]
 SigmasOpt = Annotated[Optional[str], typer.Option("--sigmas", help="Custom comma-separated sigma list.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed; -1 or absent draws one (recorded).")]
+# A1111's noise and sampler parameters (config keys of the same names; README "Noise")
+RngOpt = Annotated[Optional[str], typer.Option("--rng", help="Noise source: cpu (default; torch's CPU generator), "
+                                               "gpu or nv (A1111's GPU / NV Philox noise, the same on any device).")]
+SubseedOpt = Annotated[Optional[int], typer.Option("--subseed", help="Variation seed (A1111); -1 draws one. Image k "
+                                                   "of a batch gets subseed+k.")]
+SubseedStrengthOpt = Annotated[Optional[float], typer.Option("--subseed-strength", help="Variation strength 0..1: "
+                                                             "how far the noise moves towards the variation seed's.")]
+SeedResizeOpt = Annotated[Optional[str], typer.Option("--seed-resize-from", help="WxH: draw the seed's noise at this "
+                                                      "size and paste it centred (A1111 'Resize seed from').")]
+EnsdOpt = Annotated[Optional[int], typer.Option("--ensd", help="Eta noise seed delta (A1111): the sampler's noise "
+                                                "comes from seed + ENSD after the initial noise.")]
+EtaOpt = Annotated[Optional[float], typer.Option("--eta", help="Eta of the ancestral / SDE samplers (default 1) or "
+                                                 "of DDIM (default 0).")]
+SChurnOpt = Annotated[Optional[float], typer.Option("--s-churn", help="Euler / Heun / DPM2: sigma churn (0).")]
+STminOpt = Annotated[Optional[float], typer.Option("--s-tmin", help="Euler / Heun / DPM2: churn from this sigma (0).")]
+STmaxOpt = Annotated[Optional[float], typer.Option("--s-tmax", help="Euler / Heun / DPM2: churn up to this sigma "
+                                                   "(0 = no limit).")]
+SNoiseOpt = Annotated[Optional[float], typer.Option("--s-noise", help="Euler / Heun / DPM2: churn noise scale (1).")]
 CountOpt = Annotated[Optional[int], typer.Option("-n", "--images", help="Number of images.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per UNet batch.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per UNet batch (-n is how many).")]
 ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")]
@@ -53,6 +105,14 @@ EmbeddingsDirOpt = Annotated[
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
                                 "latent-to-RGB estimate, rewritten at most twice a second).")
+]
+QualityOpt = Annotated[
+    Optional[int], typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality, 1-100 (-o x.jpg, x.webp; "
+                                "default 90; WebP 100 is lossless).")
+]
+PreviewIntervalOpt = Annotated[
+    float, typer.Option("--preview-interval", help="Seconds between --preview rewrites (the last step is always "
+                        "written; 0: every step).")
 ]
 ControlNetOpt = Annotated[
     Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
@@ -95,14 +155,30 @@ SeamlessOpt = Annotated[
     Optional[bool], typer.Option("--seamless/--no-seamless", help="Tileable output (wraps at the edges).")
 ]
 HiresScaleOpt = Annotated[
-    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the latents by this (1..4; 1 = off) "
-                                  "and run a second img2img pass (A1111 'Hires. fix', Latent upscaler).")
+    Optional[float], typer.Option("--hires-scale", help="Hires fix: upscale the first pass by this (1..4; 1 = off) "
+                                  "and run a second img2img pass (A1111 'Hires. fix'; --hires-upscaler says how).")
 ]
 HiresStrengthOpt = Annotated[
     Optional[float], typer.Option("--hires-strength", help="Hires fix: denoising strength of the second pass (0..1).")
 ]
+TomeOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio", help="Token merging (ToMe, as A1111): merge this fraction of "
+                                  "the full-resolution self-attention tokens (0 off, up to 0.9); faster, lossy.")
+]
+TomeHrOpt = Annotated[
+    Optional[float], typer.Option("--tome-ratio-hr", help="Token merging of the hires fix pass (default: --tome-ratio).")
+]
 HiresStepsOpt = Annotated[
     Optional[int], typer.Option("--hires-steps", help="Hires fix: steps of the second pass (default: --steps).")
+]
+HiresUpscalerOpt = Annotated[
+    Optional[str], typer.Option("--hires-upscaler", help="Hires fix: how pass 1 is enlarged: Latent (default), "
+                                "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), Lanczos, "
+                                "Nearest, None, or an upscaler model: a file, or a name in --upscaler-dir.")
+]
+UpscalerDirOpt = Annotated[
+    Optional[str], typer.Option("--upscaler-dir", help="Folder where upscaler models are found by name (A1111's "
+                                "models/ layout: ESRGAN/, RealESRGAN/, ... and sub-folders).")
 ]
 GridOpt = Annotated[
     Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
@@ -132,7 +208,7 @@ ProgressOpt = Annotated[
 ]
 RayOpt = Annotated[
     Optional[str], typer.Option("--ray", help="Render on a Ray cluster: auto (RAY_ADDRESS or the running cluster), "
-                                "local (start one on this machine) or ray://HOST:PORT. Needs sdcli[ray].")
+                                "local (start one on this machine) or ray://HOST:PORT. Needs the ray extra (make install-ray).")
 ]
 WorkersOpt = Annotated[
     Optional[int], typer.Option("--workers", min=1, help="With --ray: model replicas (default: one per GPU, or "
@@ -148,4 +224,26 @@ CpusPerWorkerOpt = Annotated[
 SkipExistingOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Render only the images missing: an existing output whose "
                        "metadata is this job's counts as done (resumes an interrupted batch).")
+]
+# Inpainting and outpainting (img2img --mask / --pad; app/inpaint.py), A1111's img2img inpaint settings
+MaskBlurOpt = Annotated[Optional[int], typer.Option("--mask-blur", help="Blur the mask by this Gaussian radius in "
+                                                    "pixels (A1111 'Mask blur'; default 4, 0 with a 9-channel "
+                                                    "inpainting model).")]
+InpaintFillOpt = Annotated[Optional[str], typer.Option("--inpaint-fill", help="What the masked area starts from "
+                                                       "(A1111 'Masked content'): original (default), fill, "
+                                                       "latent-noise or latent-nothing.")]
+InpaintAreaOpt = Annotated[Optional[str], typer.Option("--inpaint-area", help="whole (default) or masked: render "
+                                                       "only the mask's region, scaled up to the image size, and "
+                                                       "paste it back (A1111 'Only masked').")]
+InpaintPaddingOpt = Annotated[Optional[int], typer.Option("--inpaint-padding", help="--inpaint-area masked: pixels "
+                                                          "around the mask's region (32).")]
+MaskInvertOpt = Annotated[bool, typer.Option("--mask-invert", help="Repaint the black area, keep the white "
+                                             "(A1111 'Inpaint not masked').")]
+OverlayOpt = Annotated[Optional[bool], typer.Option("--overlay/--no-overlay", help="Put the original back outside "
+                                                    "the blurred mask (default on; off with a 9-channel model).")]
+PadOpt = Annotated[Optional[str], typer.Option("--pad", help="Outpaint: grow the canvas by LEFT,TOP,RIGHT,BOTTOM "
+                                               "pixels (edge colours repeated) and paint the new border.")]
+ServerOpt = Annotated[
+    Optional[str], typer.Option("--server", envvar="SDCLI_SERVER", help="Render in a warm `sdcli serve` at this URL "
+                                "(http://HOST:PORT; user:pass@ for --api-auth); the files are written here.")
 ]

@@ -16,15 +16,27 @@ from typing import Any
 
 from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.runtime.paths import xdg_path
+from sdcli.sampling.a1111_params import SOURCES
 
 SEED_MAX = 2**32 - 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PREDICTIONS = ("auto", "eps", "v")
+PREDICTIONS = ("auto", "eps", "v", "flow")
+INPAINT_FILLS = ("original", "fill", "latent-noise", "latent-nothing")
+MAX_PAD = 4096
 
 
-def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "choices": choices}
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] | None = None,
+           sparse: bool = False) -> dict:
+    """A key's checks. `sparse`: recorded in an image's sdcli metadata only when not at its default (a feature
+    that is off unless asked for, added after images existed: those images keep their bytes, and an image without
+    the key replays with the feature off, as it was made)."""
+    return {"lo": lo, "hi": hi, "choices": choices, "sparse": sparse}
+
+
+def sparse_keys() -> dict[str, Any]:
+    """The sparse keys (see _range) and their defaults."""
+    return {f.name: f.default for f in fields(RunConfig) if f.metadata.get("sparse")}
 
 
 @dataclass(frozen=True)
@@ -41,9 +53,23 @@ class RunConfig:
     schedule: str = field(default="auto", metadata=_range())  # auto = the sampler's usual schedule
     sigmas: str | None = field(default=None, metadata=_range())
     steps: int = field(default=20, metadata=_range(1, 1000))
-    cfg: float = field(default=7.0, metadata=_range(0.0, 100.0))
+    cfg: float | None = field(default=None, metadata=_range(0.0, 100.0))  # None: the family's (7; FLUX 1)
     guidance_rescale: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = field(default=-1, metadata=_range(-1, SEED_MAX))
+    # A1111's noise (sampling/rng.py): its source, variation seed (subseed -1 is drawn when the strength is not 0),
+    # "Resize seed from" WxH, "Eta noise seed delta"; like the sampler parameters below, recorded only when set
+    rng: str = field(default="cpu", metadata=_range(choices=SOURCES, sparse=True))
+    subseed: int = field(default=-1, metadata=_range(-1, SEED_MAX, sparse=True))
+    subseed_strength: float = field(default=0.0, metadata=_range(0.0, 1.0, sparse=True))
+    seed_resize_from: str | None = field(default=None, metadata=_range(sparse=True))
+    ensd: int = field(default=0, metadata=_range(-SEED_MAX, SEED_MAX, sparse=True))
+    # A1111's sampler parameters (sampling/a1111_params.py): eta (None: the sampler's own, 1 or DDIM's 0) and the
+    # churn of Euler / Heun / DPM2 (s_tmax 0 = infinity, as A1111's setting)
+    eta: float | None = field(default=None, metadata=_range(0.0, 1.0, sparse=True))
+    s_churn: float = field(default=0.0, metadata=_range(0.0, 100.0, sparse=True))
+    s_tmin: float = field(default=0.0, metadata=_range(0.0, 1000.0, sparse=True))
+    s_tmax: float = field(default=0.0, metadata=_range(0.0, 1000.0, sparse=True))
+    s_noise: float = field(default=1.0, metadata=_range(0.0, 2.0, sparse=True))
     width: int | None = field(default=None, metadata=_range(64, 4096))
     height: int | None = field(default=None, metadata=_range(64, 4096))
     negative: str = field(default="", metadata=_range())
@@ -51,11 +77,26 @@ class RunConfig:
     n: int = field(default=1, metadata=_range(1, 100000))
     clip_skip: int = field(default=1, metadata=_range(1, 12))
     strength: float = field(default=0.75, metadata=_range(0.0, 1.0))
+    # Inpainting (img2img --mask), A1111's inpaint settings (app/inpaint.py); None: the model's default
+    mask_blur: int | None = field(default=None, metadata=_range(0, 64, sparse=True))  # Gaussian radius in pixels (4; 0 9-channel)
+    inpaint_fill: str = field(default="original", metadata=_range(choices=INPAINT_FILLS, sparse=True))  # A1111 "Masked content"
+    inpaint_area: str = field(default="whole", metadata=_range(choices=("whole", "masked"), sparse=True))  # "Only masked"
+    inpaint_padding: int = field(default=32, metadata=_range(0, 256, sparse=True))  # "Only masked padding, pixels"
+    mask_invert: bool = field(default=False, metadata=_range(sparse=True))  # A1111 "Inpaint not masked"
+    overlay: bool | None = field(default=None, metadata=_range(sparse=True))  # the original put back outside the mask
+    pad: str | None = field(default=None, metadata=_range(sparse=True))  # outpainting: "LEFT,TOP,RIGHT,BOTTOM" pixels added
     seamless: bool = field(default=False, metadata=_range())  # tileable output: circular padding in UNet and VAE
     # A1111 "Hires. fix": a second img2img pass on the latents upscaled by hires_scale (1 = off)
     hires_scale: float = field(default=1.0, metadata=_range(1.0, 4.0))
     hires_strength: float = field(default=0.5, metadata=_range(0.0, 1.0))  # the second pass's denoising strength
     hires_steps: int | None = field(default=None, metadata=_range(1, 1000))  # None: the same as steps
+    # how pass 1 is brought to the hires size: an A1111 latent mode, Lanczos/Nearest/None, or a model (file or name)
+    hires_upscaler: str = field(default="Latent", metadata=_range())
+    upscaler_dir: str | None = field(default=None, metadata=_range())  # upscaler files by name (A1111's models/)
+    # Token merging (models/tome.py), A1111's "Token merging ratio" (and "... hr" for the hires pass; 0 there: the
+    # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
+    tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
+    tome_ratio_hr: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
     # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
     original_size: str | None = field(default=None, metadata=_range())
     target_size: str | None = field(default=None, metadata=_range())
@@ -71,6 +112,13 @@ class RunConfig:
     controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
     offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (loading/residency.py)
+    # The flow transformers (SD3, FLUX), recorded only when set: text encoders as files of their own (ComfyUI's
+    # clip_l / clip_g / t5xxl files), FLUX dev's distilled guidance, a shift replacing the family's
+    clip_l: str | None = field(default=None, metadata=_range(sparse=True))
+    clip_g: str | None = field(default=None, metadata=_range(sparse=True))
+    t5: str | None = field(default=None, metadata=_range(sparse=True))
+    guidance: float | None = field(default=None, metadata=_range(0.0, 100.0, sparse=True))  # None: the family's (3.5)
+    flow_shift: float | None = field(default=None, metadata=_range(0.01, 100.0, sparse=True))  # None: the family's
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -79,6 +127,7 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
+TEXT_FILE_KEYS = ("clip_l", "clip_g", "t5")  # text encoders given as files of their own (loading/components.py)
 
 
 # --- YAML 1.2-ish safe loading -------------------------------------------------------------------
@@ -206,6 +255,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         value = _as_float(key, value, where)
     elif not isinstance(value, str):
         raise BadInputError(f"{where}: '{key}' must be text, got {_type_name(value)} {_show(value)}")
+    if key == "rng":  # A1111's infotext writes the source in upper case ("RNG: NV")
+        value = value.strip().lower()
     return _check_range(key, value, f.metadata, where)
 
 
@@ -237,11 +288,35 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     if key in ("width", "height") and value % 8:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     if key in PAIRS:
-        pair_of(key, value, where)
+        pair = pair_of(key, value, where)
+        if key == "seed_resize_from" and max(pair) > SEED_RESIZE_MAX:  # noise is drawn at this size
+            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got {value}")
+    if key == "pad":
+        pad_of(value, where)
+    if key == "hires_upscaler":
+        if not value.strip():
+            raise BadInputError(f"{where}: '{key}' must name an upscaler (Latent, Lanczos, a model...), got ''")
+        from sdcli.upscale.names import canonical
+
+        value = canonical(value)
     return value
 
 
-PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT")}
+def pad_of(value: str, where: str = "config") -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) from "LEFT,TOP,RIGHT,BOTTOM": whole pixels, 0 to MAX_PAD, not all 0."""
+    parts = value.replace(" ", "").split(",")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 5 and int(p) <= MAX_PAD for p in parts):
+        raise BadInputError(f"{where}: 'pad' must be LEFT,TOP,RIGHT,BOTTOM (four whole numbers of pixels, 0 to "
+                            f"{MAX_PAD}), got {_show(value)}")
+    pad = tuple(int(p) for p in parts)
+    if not any(pad):
+        raise BadInputError(f"{where}: 'pad' adds nothing (all four are 0)")
+    return pad
+
+
+SEED_RESIZE_MAX = 8192
+PAIRS = {"original_size": ("x", "WxH"), "target_size": ("x", "WxH"), "crop_coords": (",", "TOP,LEFT"),
+         "seed_resize_from": ("x", "WxH")}
 
 
 def pair_of(key: str, value: str, where: str = "config") -> tuple[int, int]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from sdcli.config import SEED_MAX, RunConfig, check_value, decode_utf8
 from sdcli.runtime.errors import BadInputError, UsageError
 
-PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir", "ray", "offload"}
+PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir", "ray", "offload",
+                "clip_l", "clip_g", "t5"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Job:
     prompt: str  # as written (recorded in the image's metadata)
     cfg: RunConfig  # seed already drawn when it was -1
     source: str  # "command line" or "FILE:LINE", for messages
+    seed_drawn: bool = False  # the seed was -1 and drawn here: --skip-existing may take the one its images record
 
     # The extra-network tags are taken out of `prompt` once per job (after _checked has named any bad one with its
     # line): `text` is what the encoder sees, `loras` the <lora:...> tags it named.
@@ -54,15 +56,20 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
-def with_seed(cfg: RunConfig) -> RunConfig:
-    """Replace seed -1 by a drawn one, so it can be recorded and replayed."""
-    return cfg if cfg.seed >= 0 else dataclasses.replace(cfg, seed=draw_seed())
+def with_seed(cfg: RunConfig, variation: bool = False) -> RunConfig:
+    """Replace seed -1 by a drawn one, so it can be recorded and replayed; the variation seed (subseed) too when a
+    variation strength is set, or `variation` says one will be (a sweep axis), as A1111 draws it."""
+    if cfg.seed < 0:
+        cfg = dataclasses.replace(cfg, seed=draw_seed())
+    if cfg.subseed < 0 and (cfg.subseed_strength != 0 or variation):
+        cfg = dataclasses.replace(cfg, subseed=draw_seed())
+    return cfg
 
 
 def single_job(prompt: str | None, cfg: RunConfig) -> Job:
     if prompt is None:
         raise UsageError("give a PROMPT or --prompts-file FILE")
-    return _checked(Job(prompt, with_seed(cfg), "command line"))
+    return _checked(Job(prompt, with_seed(cfg), "command line", cfg.seed < 0))
 
 
 def _checked(job: Job) -> Job:
@@ -93,7 +100,7 @@ def read_prompts_file(path: str, base: RunConfig) -> list[Job]:
         if stripped.startswith("{"):
             jobs.append(_checked(_json_job(stripped, base, where)))
         else:
-            jobs.append(_checked(Job(stripped, with_seed(base), where)))
+            jobs.append(_checked(Job(stripped, with_seed(base), where, base.seed < 0)))
     if not jobs:
         raise BadInputError(f"{name}: no prompts in the file")
     return jobs
@@ -137,4 +144,5 @@ def _json_job(line: str, base: RunConfig, where: str) -> Job:
     if fixed:
         raise BadInputError(f"{where}: '{sorted(fixed)[0]}' cannot change per job (the model is loaded once)")
     overrides = {key: check_value(key, value, where) for key, value in obj.items()}
-    return Job(prompt, with_seed(dataclasses.replace(base, **overrides)), where)
+    cfg = dataclasses.replace(base, **overrides)
+    return Job(prompt, with_seed(cfg), where, cfg.seed < 0)

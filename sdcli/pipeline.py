@@ -4,11 +4,16 @@ images. The CLI's commands are thin layers over these; nothing here prints.
 Nothing here branches on the model family: the latent space, the training schedule, the text encoder's padding and
 the denoiser kind come from the family's declaration (`models.family`, families/).
 
-Reproducibility contract: image k of a run uses its own CPU `torch.Generator` seeded with seed+k. Its initial noise
-`randn((1, 4, H/8, W/8))` is drawn first, every later stochastic draw (ancestral / SDE noise) comes from the same
-generator in step order, always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch
-is bit-identical to a single run with seed+k, and the same seed gives the same noise on every device. The hires
-fix's second pass keeps drawing from the same generators, continuing their state after the first pass.
+Reproducibility contract: image k of a run draws only from its own generators (sampling/rng.py ImageNoise, A1111's
+ImageRNG): by default a CPU `torch.Generator` seeded with its seed (seed+k), `gpu` / `nv` a Philox generator
+emulating torch's CUDA one (A1111's GPU and NV noise), computed on the CPU. Its initial noise `randn((4, H/8, W/8))`
+is drawn first (blended with its variation seed's, or drawn at the "resize seed from" size and pasted, as A1111),
+every later stochastic draw (ancestral / SDE noise, churn) comes from the same generator in step order (or from one
+seeded seed + ENSD), always in fp32 on the CPU, then moved to the run's device and dtype. So image k of a batch is
+bit-identical to a single run with its seeds, and the same seed gives the same noise on every device. The hires
+fix's second pass keeps drawing from the same generators with `cpu` noise, continuing their state after the first
+pass (sdcli's rule, kept so that every render keeps its bytes); with `gpu` / `nv` it starts new ones at the second
+pass's size, as A1111 does.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from sdcli.runtime import cuda_graphs
 from sdcli.sampling import samplers
 
 from sdcli.sampling import schedule
-from sdcli.sampling.conditioning import Cond, conditioning, for_batch
+from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/render.py checks with it)
+from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
+from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
+from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 
 
@@ -40,6 +48,8 @@ class SamplingPlan:
     sigmas: torch.Tensor  # descending, ends with 0
     cfg: float = 7.0
     guidance_rescale: float = 0.0
+    token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
+    options: tuple = ()  # the sampler's keyword parameters as (name, value) pairs: a1111_params.sampler_options
 
 
 @dataclass
@@ -49,25 +59,63 @@ class DecodeResult:
 
 
 def make_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None = None,
-              cfg: float = 7.0, guidance_rescale: float = 0.0, family: Family = DEFAULT) -> SamplingPlan:
+              cfg: float | None = None, guidance_rescale: float = 0.0, family: Family = DEFAULT,
+              sampler_params: dict | None = None, size: tuple[int, int] | None = None,
+              shift: float | None = None) -> SamplingPlan:
     """Resolve a sampler label (which may carry a schedule, 'DPM++ 2M Karras') into a sampling plan over the
-    family's training schedule."""
+    family's training schedule. `sampler_params`: eta / s_churn / s_tmin / s_tmax / s_noise as config values; the
+    sampler gets those it takes (a1111_params.sampler_options). `cfg` None: the family's default. A flow family's
+    sigmas are its own (`flow_plan`: `size` (H, W) in pixels and `shift` (--flow-shift) matter there only)."""
+    from sdcli.sampling.a1111_params import sampler_options
+
+    cfg = family.default_cfg if cfg is None else cfg
+    if family.flow is not None:
+        plan = flow_plan(sampler, schedule_name, steps, custom_sigmas, cfg, family, size, shift)
+        if sampler_options(plan.sampler, **(sampler_params or {})):
+            from sdcli.runtime.errors import UsageError
+
+            raise UsageError(f"eta / sigma churn / noise settings have no rectified-flow form for {family.title} "
+                             "yet: leave them at their defaults")
+        return replace(plan, guidance_rescale=guidance_rescale)
     name, schedule_used = resolve_sampler_schedule(sampler, schedule_name)
     if custom_sigmas:
         sigmas = schedule.parse_sigmas(custom_sigmas)
     else:
         sigmas = schedule.get_sigmas(schedule_used, steps, schedule.sigmas_of(family.schedule))
-    return SamplingPlan(name, sigmas, cfg, guidance_rescale)
+    options = tuple(sampler_options(name, **(sampler_params or {})).items())
+    return SamplingPlan(name, sigmas, cfg, guidance_rescale, options=options)
 
 
-def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
-    """(canonical sampler, schedule): a schedule in the label wins, then an explicit one, then the sampler's own."""
+FLOW_SCHEDULES = ("auto", "simple")  # a flow family's sigmas are diffusers' pipeline's, named as Forge does
+
+
+def flow_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str | None, cfg: float, family: Family,
+              size: tuple[int, int] | None, shift: float | None) -> SamplingPlan:  # fmt: skip
+    """The plan of a rectified-flow family: sampling/flow.py's sigmas (SD3: diffusers' scheduler spacing; FLUX:
+    1 .. 1/N, shifted by the image's token count on dev), `shift` replacing the family's (and dev's dynamic rule).
+    Samplers that add noise run their flow variants; one without a variant is refused (exit 2)."""
+    from sdcli.runtime.errors import UsageError
+    from sdcli.sampling import flow
+
     name, label_schedule = samplers.resolve_sampler(sampler)
-    if label_schedule:
-        return name, label_schedule
-    if schedule_name != "auto":
-        return name, schedule_name
-    return name, samplers.SAMPLERS[name].default_schedule
+    if name in flow.NO_FLOW_VARIANT:
+        usable = ", ".join(n for n in samplers.SAMPLERS if n not in flow.NO_FLOW_VARIANT)
+        raise UsageError(f"sampler {name} has no rectified-flow form for {family.title}; use one of: {usable}")
+    chosen = label_schedule or schedule_name
+    if chosen not in FLOW_SCHEDULES and not custom_sigmas:
+        raise UsageError(f"schedule {chosen!r}: {family.title} samples on its own flow sigmas "
+                         "(--schedule auto or simple, or --sigmas)")
+    if custom_sigmas:
+        return SamplingPlan(name, schedule.parse_sigmas(custom_sigmas), cfg)
+    spec = family.flow
+    if spec.spacing == "table":
+        return SamplingPlan(name, flow.sd3_sigmas(steps, spec.shift if shift is None else shift), cfg)
+    height, width = size or (family.native_size("flow"),) * 2
+    cell = family.size_multiple  # one packed token: a 2x2 patch of 8-pixel latent cells
+    tokens = (height // cell) * (width // cell)  # diffusers' image_seq_len
+    sigmas = flow.flux_sigmas(steps, tokens, dynamic=spec.dynamic and shift is None,
+                              shift=spec.shift if shift is None else shift)  # fmt: skip
+    return SamplingPlan(name, sigmas, cfg)
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -83,6 +131,8 @@ def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     from sdcli.text.clip_tokenizer import get_tokenizer
 
     family, tokenizer = models.family, get_tokenizer()
+    if any(spec.kind == "t5" for spec in family.text):
+        return _encode_joint(models, prompt, negative)
     encoders = models.stage("text")
 
     def encode(text: str):
@@ -104,22 +154,67 @@ def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
     return result(cond, pooled), result(uncond, uncond_pooled)
 
 
+def _encode_joint(models, prompt: str, negative: str | None):
+    """encode_text for a flow transformer's encoders (text/prompts.encode_joint): the CLIP contexts of cond and
+    uncond padded to one chunk count as encode_text does, then [CLIP zero-padded to T5's width | T5 tokens]."""
+    from sdcli.text.prompts import encode_joint, pad_chunks
+    from sdcli.text.clip_tokenizer import get_tokenizer
+    from sdcli.text.t5_tokenizer import t5_tokenizer
+
+    family, encoders = models.family, models.stage("text")
+    tokenizers = {"clip": get_tokenizer(), "t5": t5_tokenizer()}
+    width = next((cfg.d_model for spec, cfg in zip(family.text, models.info.texts) if spec.kind == "t5" and cfg),
+                 getattr(models.info.unet, "context_dim", 0))  # SD3 without T5: its zeros are the MMDiT's width
+
+    def encode(text: str):
+        return encode_joint(text, encoders, family.text, tokenizers, width, models.embeddings)
+
+    def result(parts):
+        return Cond(parts.context(width), pooled=parts.pooled)
+
+    with torch.inference_mode():
+        cond = encode(prompt)
+        if negative is None:
+            return result(cond), None
+        uncond = encode(negative)
+        if cond.clip is not None:
+            clip, clip_u = pad_chunks(cond.clip, uncond.clip, lambda: encode("").clip)
+            cond, uncond = replace(cond, clip=clip), replace(uncond, clip=clip_u)
+    return result(cond), result(uncond)
+
+
 def with_size_vector(models, value, size: SizeCond, negative: bool = False):
-    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings) built into a Cond
-    (or each entry of a prompt-editing schedule) that carries a pooled vector; anything else is returned as is."""
+    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings; SD3 and FLUX: the
+    pooled text itself) built into a Cond (or each entry of a prompt-editing schedule) that carries a pooled
+    vector; anything else is returned as is."""
     if isinstance(value, ScheduledCond):
         return ScheduledCond(tuple((end, with_size_vector(models, c, size, negative)) for end, c in value.entries))
     if not isinstance(value, Cond) or value.pooled is None:
         return value
+    if models.family.size_values is None:
+        return replace(value, y=value.pooled)
     from sdcli.models.unet import sdxl_vector
 
     values = models.family.size_values(size, negative)
     return replace(value, y=sdxl_vector(value.pooled, values, models.info.unet.adm_in_channels))
 
 
+def with_guidance(models, value, guidance: float | None = None):
+    """A guidance-distilled family's strength (FLUX dev: --guidance, else the family's default) carried in the
+    Cond (or each entry of a schedule); other families' conditioning is returned as is."""
+    family = models.family
+    if family.guidance != "distilled" or value is None:
+        return value
+    if isinstance(value, ScheduledCond):
+        return ScheduledCond(tuple((end, with_guidance(models, c, guidance)) for end, c in value.entries))
+    strength = family.default_guidance if guidance is None else guidance
+    return replace(as_cond(value), guidance=torch.tensor([float(strength)]))
+
+
 def embedding_widths(models) -> dict[str, int]:
     """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
-    return {spec.embedding_key: cfg.hidden_size for spec, cfg in zip(models.family.text, models.info.texts)}
+    return {spec.embedding_key: cfg.hidden_size for spec, cfg in zip(models.family.text, models.info.texts)
+            if spec.kind == "clip" and cfg is not None}
 
 
 def with_embeddings(models, folder):
@@ -220,12 +315,42 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Where a run's noise comes from besides the seeds (A1111's, sampling/rng.py ImageNoise): the source, each
+    image's variation seed and the strength, "resize seed from" (width, height) in pixels, ENSD."""
+
+    source: str = "cpu"
+    subseeds: tuple[int, ...] | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] = (0, 0)
+    ensd: int = 0
+
+    @property
+    def fresh_hires_noise(self) -> bool:
+        """Whether the hires fix's second pass starts new generators (A1111) rather than continuing the first
+        pass's (sdcli's rule for `cpu` noise: see the module docstring)."""
+        return self.source != "cpu"
+
+
+def image_noise(models, seeds: list[int], shape: tuple[int, ...], settings: NoiseSettings | None = None):
+    """noise() of a batch with these seeds at one image's latent shape (C, h, w): sampling/rng.py ImageNoise,
+    fp32 on the run's device. Its first call is the initial noise, later calls the sampler's draws."""
+    from sdcli.sampling.rng import ImageNoise
+
+    s = settings or NoiseSettings()
+    return ImageNoise(shape, seeds, s.source, subseeds=s.subseeds, subseed_strength=s.subseed_strength,
+                      seed_resize_from=s.seed_resize_from, ensd=s.ensd, downscale=models.family.latent.downscale,
+                      device=models.device, dtype=torch.float32)
+
+
 def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor,
             seeds: list[int] | list[torch.Generator], height: int, width: int, callback: Callable | None = None,
             extra: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one latent per seed from pure noise. Returns the final latents (B, 4, H/8, W/8), fp32, scaled.
     `cond`, `uncond`: context tensors, conditioning.Cond, or prompt-editing schedules of them.
-    `seeds`: one seed or one CPU generator per image (a generator is drawn from in place, continuing its state).
+    `seeds`: one seed or one CPU generator per image (a generator is drawn from in place, continuing its state), or
+    an `image_noise` made at this shape (not drawn from yet: its first call is the initial noise).
     `extra`: channels the UNet sees after the latent (inpainting: see inpaint_conditioning), for callers that do
     not carry them in a Cond already."""
     latent = models.family.latent
@@ -236,18 +361,38 @@ def txt2img(models, plan: SamplingPlan, cond: torch.Tensor, uncond: torch.Tensor
 
 def img2img(models, plan: SamplingPlan, init_latent: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
             seeds: list[int] | list[torch.Generator], strength: float, callback: Callable | None = None,
-            extra: torch.Tensor | None = None) -> torch.Tensor:
+            extra: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Noise `init_latent` (1 or B scaled latents) to the strength's sigma and run the rest of the schedule.
-    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass)."""
-    sigmas = schedule.img2img_sigmas(plan.sigmas, strength)
-    plan = SamplingPlan(plan.sampler, sigmas, plan.cfg, plan.guidance_rescale)
+    `seeds`: as for txt2img (generators continue their state: the hires fix's second pass; an `image_noise` already
+    drawn from goes on at this shape).
+    `keep` (1 or B, 1, h, w; 1 = keep): inpainting with any model (sampling/inpaint.py): every x0, and the result,
+    is `init_latent` where it keeps (A1111 blends with the latent it started from, its latent fills included).
+    A flow family noises as x = sigma noise + (1 - sigma) x0 and runs diffusers' get_timesteps' steps."""
+    flow = models.family.flow is not None
+    sigmas = _flow_tail(plan.sigmas, strength) if flow else schedule.img2img_sigmas(plan.sigmas, strength)
+    plan = replace(plan, sigmas=sigmas)
     noise = _noise_source(seeds, tuple(init_latent.shape[1:]), models)
     first = noise()
     x0 = init_latent.to(first).expand_as(first)
     if len(sigmas) < 2:  # strength 0 (or too few steps): nothing to run
         return x0.clone()
-    x = x0 + first * sigmas[0]
-    return _sample(models, plan, x, cond, uncond, noise, callback, extra)
+    x = _flow_noised(x0, first, sigmas[0]) if flow else x0 + first * sigmas[0]
+    pin = None if keep is None else (x0, keep.to(first))
+    return _sample(models, plan, x, cond, uncond, noise, callback, extra, pin)
+
+
+def _flow_tail(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The steps a flow img2img runs: diffusers' SD3/FLUX get_timesteps (sampling/flow.img2img_start)."""
+    from sdcli.sampling.flow import img2img_start
+
+    return sigmas[img2img_start(len(sigmas) - 1, strength):]
+
+
+def _flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow forward process x = sigma noise + (1 - sigma) x0 (diffusers' scale_noise)."""
+    from sdcli.sampling.flow import noise_latent
+
+    return noise_latent(x0, noise, sigma)
 
 
 def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[SamplingPlan, SamplingPlan | None]:
@@ -266,9 +411,9 @@ def split_at_switch(plan: SamplingPlan, switch: float, family: Family) -> tuple[
 
 
 def continue_sampling(models, plan: SamplingPlan, latents: torch.Tensor, cond, uncond,
-                      gens: list[torch.Generator], callback: Callable | None = None) -> torch.Tensor:
+                      gens, callback: Callable | None = None) -> torch.Tensor:
     """Run `plan` on scaled latents already at its first sigma (the refiner taking over from the base), drawing any
-    noise from the same per-image generators, which continue their state."""
+    noise from the same per-image generators (or `image_noise`), which continue their state."""
     noise = _noise_source(gens, tuple(latents.shape[1:]), models)
     return _sample(models, plan, latents.to(models.device), cond, uncond, noise, callback)
 
@@ -288,44 +433,111 @@ def inpaint_conditioning(models, image: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 def hires_size(height: int, width: int, scale: float, downscale: int = DEFAULT.latent.downscale) -> tuple[int, int]:
-    """(height, width) of the hires fix's second pass: the latent size scaled and rounded, so the pixel size is a
-    multiple of the VAE's downscale, 8 (A1111 floors the pixel size, then divides by 8)."""
+    """(height, width) of the hires fix's second pass: the size scaled and rounded to a multiple of `downscale`:
+    the VAE's 8 (A1111 floors the pixel size, then divides by 8), or the family's size multiple (16 for the
+    transformers' 2x2 patches)."""
     return round(height / downscale * scale) * downscale, round(width / downscale * scale) * downscale
 
 
 def hires_fix(models, plan: SamplingPlan, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-              gens: list[torch.Generator], strength: float, size: tuple[int, int], callback: Callable | None = None
-              ) -> torch.Tensor:
-    """A1111's "Hires. fix" second pass with the "Latent" upscaler: bilinear upscaling of the pass-1 latents
-    (B, 4, h, w) to `size` (H, W) in pixels, then img2img at `strength` on them, drawing noise from the pass-1
-    generators. A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass (latent_upscale_modes
-    "Latent" = bilinear, antialias False): https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
+              gens, strength: float, size: tuple[int, int], callback: Callable | None = None,
+              upscaler=None) -> torch.Tensor:
+    """A1111's "Hires. fix" second pass: the pass-1 latents (B, 4, h, w) brought to `size` (H, W) in pixels by
+    `upscaler` (hires_latents), then img2img at `strength` on them, drawing noise from `gens`: the pass-1
+    generators (or its `image_noise`), continuing, or a new `image_noise` at the second pass's size.
+    A1111: processing.py StableDiffusionProcessingTxt2Img.sample_hr_pass:
+    https://github.com/AUTOMATIC1111/stable-diffusion-webui"""
+    big = hires_latents(models, latents, size, upscaler)  # (B, 4, H/8, W/8)
+    return img2img(models, plan, big, cond, uncond, gens, strength, callback)
+
+
+def hires_latents(models, latents: torch.Tensor, size: tuple[int, int], upscaler=None) -> torch.Tensor:
+    """The pass-1 latents at the second pass's size. `upscaler` (upscale.resize.HiresUpscaler): None or a latent
+    mode interpolates the latents (None: "Latent", bilinear without antialias); anything else goes through
+    pixels as A1111 does (hires_through_pixels)."""
+    if upscaler is not None and upscaler.in_pixels:
+        return hires_through_pixels(models, latents, size, upscaler)
+    mode, antialias = ("bilinear", False) if upscaler is None else (upscaler.choice.mode, upscaler.choice.antialias)
     down = models.family.latent.downscale
     target = (size[0] // down, size[1] // down)
 
     def upscale(z):  # (1, 4, h, w) -> (1, 4, H/8, W/8); one image at a time, as every batched CPU kernel here
-        return torch.nn.functional.interpolate(z, size=target, mode="bilinear", antialias=False)
+        return torch.nn.functional.interpolate(z, size=target, mode=mode, antialias=antialias)
 
-    big = _per_image(upscale, latents)  # (B, 4, H/8, W/8)
-    return img2img(models, plan, big, cond, uncond, gens, strength, callback)
+    return _per_image(upscale, latents)
 
 
-def _noise_source(seeds: list[int] | list[torch.Generator], shape: tuple[int, ...], models):
+def hires_through_pixels(models, latents: torch.Tensor, size: tuple[int, int], upscaler) -> torch.Tensor:
+    """A1111's sample_hr_pass with an upscaler that is not a latent mode: decode, clamp to [0, 1], to 8 bits
+    by truncation (numpy astype(uint8), as A1111), resize to `size` with the upscaler (images.resize_image),
+    back to [-1, 1] and VAE-encode (the posterior mean, as every encode here; A1111 samples the posterior)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdcli.formats.images import pil_to_tensor
+
+    decoded = decode_latents(models, latents).images  # (B, 3, h, w) in [-1, 1]
+    out = []
+    for x in decoded:
+        low = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)  # (3, h, w)
+        pixels = (255.0 * np.moveaxis(low.cpu().numpy(), 0, 2)).astype(np.uint8)  # (h, w, 3), truncated
+        big = upscaler.resize(Image.fromarray(pixels), (size[1], size[0]))
+        out.append(encode_image(models, pil_to_tensor(big)))  # (1, 4, H/8, W/8)
+    return torch.cat(out)
+
+
+def _noise_source(seeds, shape: tuple[int, ...], models):
+    from sdcli.sampling.rng import ImageNoise
+
+    if isinstance(seeds, ImageNoise):
+        return seeds if seeds.shape == tuple(shape) else seeds.continued(shape)
     device = models.device
     gens = [s if isinstance(s, torch.Generator) else generators([s])[0] for s in seeds]
     return samplers.make_noise_source(gens, shape, device, torch.float32)
 
 
-def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
-    batch = x.shape[0]
-    # An LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
-    # denoiser too, as it always has (LCM-LoRA merged models do not say what they are).
+def _denoiser(models, plan, unet):
+    """x0 = D(x, sigma, cond) over the network: a flow family's FlowDenoiser, else by prediction type. An
+    LCM-distilled checkpoint's x0 carries the consistency boundary condition; the LCM sampler asks for that
+    denoiser too, as it always has (LCM-LoRA merged models do not say what they are)."""
+    flow = models.family.flow
+    if flow is not None:
+        from sdcli.sampling.flow import FlowDenoiser
+
+        def velocity(x, t, cond):  # (B, C, h, w) at t = sigma * timestep_scale
+            cond = as_cond(cond)
+            return unet(x, t, cond.context, **cond.unet_kwargs())
+
+        return FlowDenoiser(velocity, flow.timestep_scale)
     kind = DENOISERS["lcm" if plan.sampler == "lcm" else models.info.denoiser]
-    unet = _UNetAdapter(models.stage("unet"), images=batch)
-    denoiser = kind(unet, schedule.alphas_cumprod_of(models.family.schedule), models.info.prediction)
+    return kind(unet, schedule.alphas_cumprod_of(models.family.schedule), models.info.prediction)
+
+
+def _run_sampler(models, plan, model, x, sigmas, noise, callback):
+    """The plan's sampler; a flow family runs the flow variant of a sampler that adds noise (sampling/flow.py)."""
+    if models.family.flow is not None:
+        from sdcli.sampling.flow import FLOW_VARIANTS
+
+        name = samplers.resolve_sampler(plan.sampler)[0]
+        if name in FLOW_VARIANTS:
+            return FLOW_VARIANTS[name](model, x, sigmas, noise, callback)
+    return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=callback, **dict(plan.options))
+
+
+def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None):
+    """`pin`: (original, keep) for inpainting with any model (sampling/inpaint.MaskedDenoiser)."""
+    from sdcli.families.shapes import network_call
+
+    batch = x.shape[0]
+    net = models.stage("unet")
+    kind = models.family.denoiser
+    unet = _UNetAdapter(net, images=batch, call=network_call(kind, net), graphs=kind == DEFAULT.denoiser)
+    denoiser = _denoiser(models, plan, unet)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
     model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    if pin is not None:
+        model = MaskedDenoiser(model, *pin)
     sigmas = plan.sigmas.to(x.device)
 
     def on_step(i, total, x_i, denoised):
@@ -335,8 +547,9 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None):
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    with torch.inference_mode():
-        return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=on_step)
+    with torch.inference_mode(), token_merging(net, plan.token_merging):
+        out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
+        return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 
 
 class _UNetAdapter:
@@ -344,11 +557,12 @@ class _UNetAdapter:
     conditioning tensors (the vector y) are cast and split per image like the context. A ControlNet step
     (control.ControlStep) computes its residuals on each image's own rows, right before the UNet takes them."""
 
-    def __init__(self, unet, images: int):
+    def __init__(self, unet, images: int, call=None, graphs: bool = True):
         param = next(unet.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.eager = unet
-        self.unet = cuda_graphs.graphed(unet) if cuda_graphs.enabled(self.device) else unet
+        self.eager = call or unet  # `call`: the network as (x, t, context, **cond) when its own call differs
+        graphed = graphs and cuda_graphs.enabled(self.device)  # CUDA graphs are captured for the UNet only
+        self.unet = cuda_graphs.graphed(unet) if graphed else self.eager
         self.images = images
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **optional) -> torch.Tensor:
@@ -395,26 +609,31 @@ def scale_factor(models) -> float:
     return models.family.latent.scale_factor
 
 
+def shift_factor(models) -> float:
+    """The family's VAE latent shift (0 but for the 16-channel VAEs: scaled = (z - shift) * scale)."""
+    return models.family.latent.shift_factor
+
+
 def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) in [-1,1] -> scaled latents (B,4,H/8,W/8), fp32. Uses the posterior mean: deterministic, and the
     posterior's std is tiny for SD's VAE, so sampling it would only spend random draws. A TAESD encoder gives
     scaled latents itself."""
-    from sdcli.loading.vae import is_tiny, latent_scale
+    from sdcli.loading.vae import is_tiny, latent_scale, latent_shift
 
     vae = models.stage("vae")
     param = next(vae.parameters())
     encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
     with torch.inference_mode():
-        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, 4, H/8, W/8)
-    return latent.float() * latent_scale(vae, models.family)
+        latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, C, H/8, W/8)
+    return (latent.float() - latent_shift(vae, models.family)) * latent_scale(vae, models.family)
 
 
 def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
     """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
-    from sdcli.loading.vae import latent_scale
+    from sdcli.loading.vae import latent_scale, latent_shift
 
     vae = models.stage("vae")
-    return decode_with(vae, latents / latent_scale(vae, models.family))
+    return decode_with(vae, latents / latent_scale(vae, models.family) + latent_shift(vae, models.family))
 
 
 def decode_with(vae, z: torch.Tensor) -> DecodeResult:

@@ -24,8 +24,12 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_defaults_are_sd15_like():
+    from sdcli.families import DEFAULT
+
     cfg = config.resolve({})
-    assert (cfg.steps, cfg.cfg, cfg.sampler, cfg.schedule, cfg.seed) == (20, 7.0, "dpm++_2m", "auto", -1)
+    # cfg None: the model family's default, 7 for SD (FLUX: 1), decided once the model is loaded
+    assert (cfg.steps, cfg.cfg, cfg.sampler, cfg.schedule, cfg.seed) == (20, None, "dpm++_2m", "auto", -1)
+    assert DEFAULT.default_cfg == 7.0
 
 
 def test_order_defaults_user_file_flags(tmp_path):

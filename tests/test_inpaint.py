@@ -199,10 +199,12 @@ def test_cli_inpaint_model_without_mask_is_usage_error(cli, tiny_inpaint, tmp_pa
     assert not (tmp_path / "out.png").exists()
 
 
-def test_cli_mask_with_plain_model_is_usage_error(cli, tiny_sd1, tmp_path):  # noqa: F811
-    result = cli(tiny_sd1, "--mask", "mask.png", "-o", "out.png", expect=2)
-    assert "--mask needs an inpainting model" in result.stderr
-    assert not (tmp_path / "out.png").exists()
+def test_cli_mask_with_plain_model_inpaints(cli, tiny_sd1, tmp_path):  # noqa: F811
+    """Issue 28: an ordinary model inpaints too (A1111's latent blend, tests/test_inpaint_any.py); the refusal this
+    test used to check is gone."""
+    cli(tiny_sd1, "--mask", "mask.png", "-o", "out.png")
+    meta = json.loads(CliRunner().invoke(app, ["inspect", "out.png", "--json"]).stdout)
+    assert meta["sdcli"]["mode"] == "inpaint" and meta["sdcli"]["config"]["strength"] == 0.75  # A1111's default
 
 
 def test_generate_with_an_inpainting_model_is_usage_error(tiny_inpaint, tmp_path, monkeypatch):

@@ -69,8 +69,8 @@ def test_existing_preview_without_overwrite_is_exit_7(loads):
 
 
 def test_preview_folder_is_exit_7(loads):
-    Path("taken").mkdir()
-    result = cli(*generate("-o", "a.png", "--preview", "taken"))  # noqa: F405
+    Path("taken.png").mkdir()
+    result = cli(*generate("-o", "a.png", "--preview", "taken.png"))  # noqa: F405
     assert_clean_error(result, 7, "taken", "folder")  # noqa: F405
     assert loads == [] and not Path("a.png").exists()
 

@@ -108,7 +108,7 @@ def _commands(models: dict[str, Path], inp: dict[str, Path]) -> list[list[str]]:
     return [
         ["generate", "a watercolor fox, (autumn:1.2)", *render, "--seed", "1", "--sampler", "euler_a",
          "-o", "t2i.png", "--latent-out", "t2i.safetensors"],
-        ["generate", "a fox BREAK in the snow", *render, "--seed", "2", "-n", "3", "-b", "2", "--sampler",
+        ["generate", "a fox BREAK in the snow", *render, "--seed", "2", "-n", "3", "--batch-size", "2", "--sampler",
          "DPM++ 2M Karras", "-o", "batch_{index}.png"],
         ["img2img", "a fox", *image, *sd1, *fast, "--strength", "0.6", "--seed", "3", "-o", "i2i.png"],
         ["img2img", "a fox", *image, "--mask", str(inp["mask"]), "-m", str(models["inpaint"]), *place, *fast,
@@ -174,7 +174,9 @@ def test_outputs_are_byte_identical_to_the_base_commit(tmp_path, tiny_sd1, tiny_
 # Config keys added since the base commit: the sdcli metadata chunk records the whole config, so at their
 # defaults they are left out of the comparison (everything else of the PNG is compared: pixels, every chunk).
 NEW_KEYS = {"original_size": None, "target_size": None, "crop_coords": None, "aesthetic_score": 6.0,
-            "negative_aesthetic_score": 2.5, "refiner": None, "refiner_switch": 0.8}
+            "negative_aesthetic_score": 2.5, "refiner": None, "refiner_switch": 0.8,
+            "mask_blur": None, "inpaint_fill": "original", "inpaint_area": "whole", "inpaint_padding": 32,
+            "mask_invert": False, "overlay": None, "pad": None}
 
 
 def _content(path: Path):

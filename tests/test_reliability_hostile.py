@@ -381,11 +381,11 @@ def test_several_latents_need_batches_of_that_size(tiny_sd1, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"latent": torch.randn(3, 4, 8, 8)}, str(tmp_path / "three.safetensors"))
-    for flags in (["-n", "1"], ["-n", "3"], ["-n", "3", "-b", "2"], ["-n", "4", "-b", "3"]):
+    for flags in (["-n", "1"], ["-n", "3"], ["-n", "3", "--batch-size", "2"], ["-n", "4", "--batch-size", "3"]):
         result = cli(*render_args(tiny_sd1, "--latent-in", "three.safetensors", "-o", "o{index}.png", *flags))
         assert_clean_error(result, 2, "three.safetensors", "holds 3 latents", "--batch-size 3")
         assert "loading" not in result.stderr
-    result = cli(*render_args(tiny_sd1, "--latent-in", "three.safetensors", "-o", "o{index}.png", "-n", "3", "-b", "3"))
+    result = cli(*render_args(tiny_sd1, "--latent-in", "three.safetensors", "-o", "o{index}.png", "-n", "3", "--batch-size", "3"))
     assert result.exit_code == 0, result.output
     assert files_in(tmp_path) == ["o0.png", "o1.png", "o2.png", "three.safetensors"]
 

@@ -177,17 +177,20 @@ def test_break_is_recognised_by_its_text_never_by_a_weight_of_minus_one():
     assert len(chunk_prompt("(BRE\\AK:-1)", Tok(), 0)) == 1
 
 
-def test_infotext_says_rng_cpu_and_replay_of_gpu_noise_is_flagged(tiny_sd1, tmp_path):
+def test_infotext_says_rng_cpu_and_replay_takes_the_rng(tiny_sd1, tmp_path):
+    """sdcli writes its noise source; a replay draws the source the image names (issue 29: GPU and NV too), and
+    only a source A1111 does not have is flagged."""
     result = cli(*render_args(tiny_sd1, "-o", "a.png"))
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "a.png") as img:
         assert ", RNG: CPU, " in img.text["parameters"]
-    gpu = _a1111(tmp_path, PAIRS + ", RNG: GPU")
-    assert "RNG: GPU" in _replay(gpu).stderr and "different image" in _replay(gpu).stderr
-    none = _a1111(tmp_path, PAIRS)
-    assert "no RNG field" in _replay(none).stderr
-    cpu = _a1111(tmp_path, PAIRS + ", RNG: CPU")
-    assert "different image" not in _replay(cpu).stderr
+    for pairs, source in ((PAIRS + ", RNG: GPU", "gpu"), (PAIRS, "gpu"), (PAIRS + ", RNG: CPU", "cpu"),
+                          (PAIRS + ", RNG: NV", "nv")):
+        replayed = _replay(_a1111(tmp_path, pairs))
+        assert json.loads(replayed.stdout.splitlines()[0])["config"]["rng"] == source
+        assert "different image" not in replayed.stderr
+    odd = _replay(_a1111(tmp_path, PAIRS + ", RNG: quantum"))
+    assert "RNG: quantum" in odd.stderr and "different image" in odd.stderr
 
 
 def test_inspect_prompt_shows_the_editing_schedule():

@@ -365,4 +365,3 @@ def test_a1111_params_table_is_consistent():
         assert row.sdcli is None or row.sdcli in SAMPLERS
         assert row.sdcli is None or SAMPLERS[row.sdcli].a1111 == row.label
         assert row.eta is None or row.eta in a1111_params.INFOTEXT_FIELDS
-    assert set(a1111_params.SDCLI_GAPS) <= set(SAMPLERS)

@@ -44,7 +44,7 @@ def sdcli_meta(path) -> dict:
 # --- generate --grid -----------------------------------------------------------------------------
 
 def test_grid_sheet_rows_cols_and_seeds(cli, tmp_path):
-    cli("generate", PROMPT, "--seed", "10", "-n", "3", "-b", "2", "-o", "img-{index}.png", "--grid", "sheet.png")
+    cli("generate", PROMPT, "--seed", "10", "-n", "3", "--batch-size", "2", "-o", "img-{index}.png", "--grid", "sheet.png")
     singles = [pixels(tmp_path / f"img-{k}.png") for k in range(3)]
     sheet = pixels(tmp_path / "sheet.png")
     rows, cols = grid.grid_shape(3)  # automatic rows: round(sqrt(3)) = 2, so 2 x 2 with one empty spot
@@ -60,7 +60,7 @@ def test_grid_sheet_rows_cols_and_seeds(cli, tmp_path):
 
 
 def test_grid_rows_per_batch_and_grid_only(cli, tmp_path):
-    cli("generate", PROMPT, "--seed", "3", "-n", "2", "-b", "2", "-o", "x-{index}.png", "--grid", "g.png",
+    cli("generate", PROMPT, "--seed", "3", "-n", "2", "--batch-size", "2", "-o", "x-{index}.png", "--grid", "g.png",
         "--grid-rows", "0", "--grid-only")
     assert not list(tmp_path.glob("x-*.png"))  # the single images are not written
     assert pixels(tmp_path / "g.png").shape == (2 * 64, 64, 3)  # --grid-rows 0: one row per batch (2 rows)
@@ -81,12 +81,11 @@ def test_grid_refused_before_the_model_loads(cli, tmp_path):
 # --- sweep ---------------------------------------------------------------------------------------
 
 def _run_command(cli, command: str, model: Path, out: str):
-    """A cell's recorded `generate` command, run with the model's folder filled in and an output added."""
+    """A cell's recorded `generate` command, run as it is (the model as the sweep was given it) with an output added."""
     import shlex
 
     words = shlex.split(command)
-    assert words[:2] == ["sdcli", "generate"] and words[4] == model.name
-    words[4] = str(model)
+    assert words[:2] == ["sdcli", "generate"] and words[3:5] == ["-m", str(model)]
     return cli(words[1], *words[2:], "-o", out)
 
 
@@ -225,7 +224,7 @@ def test_sweep_lora_weight_axis_equals_generate_with_lora(cli, tmp_path, lora_fi
     cli("sweep", "a fox", "--seed", "9", "--x", f"lora:{path}=0.8,0", "-o", "l.png", "--keep-cells", "k")
     doc = json.loads((tmp_path / "l.png").with_suffix(".json").read_text())
     assert [c["loras"][0]["weight"] for c in doc["cells"]] == [0.8, 0.0]
-    assert doc["cells"][0]["command"].endswith(f"--lora {path.name}:0.8")
+    assert doc["cells"][0]["command"].endswith(f"--lora {path}:0.8")
     for c, weight in zip(doc["cells"], ("0.8", "0")):  # rendered weight 0 first (grouped), then merged 0.8
         cli("generate", "a fox", "--seed", "9", "--lora", f"{path}:{weight}", "-o", f"alone-{weight}.png")
         assert (tmp_path / f"alone-{weight}.png").read_bytes() == (tmp_path / c["path"]).read_bytes()

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdcli.runtime import console
+from sdcli.runtime.extras import install_hint
 from sdcli.runtime.errors import SdcliError, UsageError, quote
 from sdcli.app import render, save
 
-INSTALL = "pip install 'sdcli[ray]' (in a checkout: make install-ray)"
+INSTALL = install_hint("ray")
 ACTOR_RESTARTS = 3  # per worker: a job that kills its worker every time must not loop forever
 IN_FLIGHT = 2  # batches queued per worker: the next one is there when the current one ends
 NAME_PREFIX = "sdcli-worker"

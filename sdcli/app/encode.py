@@ -63,9 +63,10 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
                                     "embedding file holds one conditioning: give the prompt to generate")
     specs = render.lora_specs([], job)  # a <lora:...> tag changes the text encoder's weights
     models = render.load(cfg, lazy=True)  # the text encoders alone are read
-    if models.family.size_values is not None:
-        raise UnsupportedModelError(f"{models.family.title}: an embedding file holds one context, not the pooled "
-                                    "text vector this model also needs: give the prompt to generate")
+    if any(spec.pooled or spec.kind != "clip" for spec in models.family.text):
+        raise UnsupportedModelError(f"{models.family.title}: an embedding file holds one CLIP context, not the "
+                                    "pooled text vector (or T5 tokens) this model also needs: give the prompt "
+                                    "to generate")
     render.use_loras(LoraState(models), specs)
     cond, _ = pipeline.encode_text(models, job.text, "", cfg.clip_skip)
     path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
@@ -85,7 +86,8 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
     latent = pipeline.encode_image(models, images.pil_to_tensor(img))
     path = latents.save_latent(req.output, latent, scaled=True, scale_factor=pipeline.scale_factor(models),
                                family=models.info.family, source_size=(img.width, img.height),
-                               model_hash=model_hash(models), overwrite=req.overwrite)
+                               model_hash=model_hash(models), overwrite=req.overwrite,
+                               shift_factor=pipeline.shift_factor(models))
     report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
 
 
@@ -102,8 +104,9 @@ def _decode_with_vae(cfg, lf, where: Path):
     family = next((f for f in FAMILIES if f.name == lf.family), None)
     vae = vae_files.load_vae_file(cfg.vae, placement.dtype, placement.device, family)
     factor = lf.scale_factor or (family.latent.scale_factor if family else None)
+    shift = lf.shift_factor if lf.shift_factor is not None else (family.latent.shift_factor if family else 0.0)
     try:
-        z = lf.unet_space(factor) if vae_files.is_tiny(vae) else lf.vae_space(factor)
+        z = lf.unet_space(factor, shift) if vae_files.is_tiny(vae) else lf.vae_space(factor, shift)
     except UsageError:
         raise UsageError(f"{where}: the file does not record its VAE scale factor; give the checkpoint with "
                          "--model instead of --vae") from None
@@ -129,7 +132,8 @@ def run_decode(req: DecodeRequest) -> None:
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:
         models = render.load(cfg, lazy=True)  # the VAE alone is read
-        decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models)))
+        decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models),
+                                                                pipeline.shift_factor(models)))
     for k, p in enumerate(paths):
         meta = {"sdcli_version": __version__, "mode": "decode", "source": str(req.latent),
                 "fallbacks": decoded.fallbacks}

@@ -12,7 +12,7 @@ from sdcli.runtime import console
 from sdcli.control import settings as control_config
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.jobs import Job, read_prompts_file, single_job
-from sdcli.app import cluster, refine, render, resume
+from sdcli.app import cluster, refine, remote, render, resume
 
 
 @dataclass
@@ -34,11 +34,14 @@ class GenerateRequest:
     preview: str | None = None  # --preview FILE: the current estimate of the image, rewritten while sampling
     control: dict = field(default_factory=dict)  # the ControlNet flags as given (cli._control), for a replay
     preview_vae: str | None = None  # --preview-vae: a TAESD decoder that draws the preview
+    preview_interval: float = 0.5  # --preview-interval SECONDS between preview rewrites
+    quality: int | None = None  # --quality for -o x.jpg / x.webp (targets.DEFAULT_QUALITY)
     grid: str | None = None  # --grid FILE: a contact sheet of the run's images
     grid_rows: int = -1  # grid.AUTO_ROWS; 0 = one row per batch
     grid_only: bool = False  # write the grid, not the single images
     skip_existing: bool = False  # render only the outputs missing (or not this job's image)
     workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
+    server: str | None = None  # --server URL: rendered by a warm `sdcli serve`, written here (app/remote.py)
 
 
 def run_generate(req: GenerateRequest) -> None:
@@ -57,23 +60,33 @@ def run_generate(req: GenerateRequest) -> None:
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
     if req.prompts_file and req.prompt:
         raise UsageError("give either a PROMPT or --prompts-file, not both")
-    render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
+    if not req.server or any(job.cfg.sampler == "help" for job in jobs):
+        # with --server the server checks them (its exit code comes back): this process need not import torch
+        render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
         return _dry_run(jobs)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
+    render.check_hires_upscalers(jobs)
+    if req.server:
+        remote.check_request(req, base)
     if replay is not None:
-        from sdcli.output.replay import check_embeddings, check_refiner_given
+        from sdcli.output.replay import check_embeddings, check_model, check_refiner_given
 
+        check_model(replay, base.model)
         check_embeddings(req.from_image, replay, base.embeddings_dir)
         check_refiner_given(replay, req.from_image, base.refiner)
+    render.check_model_given(base)
+    jobs = resume.adopt_seeds(jobs, req)
     targets, outputs = render.plan_outputs(jobs, req)
     render.plan_grid(req, targets, outputs)
     targets = resume.skip_done(targets, outputs, req)
     outputs.check()
     if not targets:
         return console.info("nothing to render: every image exists")
+    if req.server:  # the server finds the LoRA files in its own folder
+        return remote.render_on_server(req.server, targets, req)
     loras = render.job_loras(jobs, req.loras)
     init_file = _init_latent_file(req.latent_in, jobs) if req.latent_in else None  # checked before the load
     control_config.check_files(jobs, base.model)
@@ -105,9 +118,10 @@ def _init_latent_file(path: Path, jobs: list[Job]):
 
 
 def _latent_init(path: Path, lf, cfg, models) -> render.Init:
-    from sdcli.pipeline import scale_factor
+    from sdcli.pipeline import scale_factor, shift_factor
 
-    return render.Init(lf.unet_space(scale_factor(models)), cfg.strength, [f"started from latent file {path}"])
+    return render.Init(lf.unet_space(scale_factor(models), shift_factor(models)), cfg.strength,
+                       [f"started from latent file {path}"])
 
 
 def _replay(req: GenerateRequest):
@@ -143,7 +157,7 @@ def _load_cond(path: Path, models):
     from sdcli.output import latents
 
     emb = latents.load_embedding(path)
-    if models.family.size_values is not None:
+    if any(spec.pooled or spec.kind != "clip" for spec in models.family.text):
         raise UnsupportedModelError(f"--cond: {models.family.title} also needs the pooled text vector, which an "
                                     "embedding file does not hold: give the prompt instead")
     width = models.info.text.hidden_size

@@ -17,7 +17,9 @@ from sdcli.runtime import console
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
-         "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2"}
+         "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2",
+         "text_encoders.clip_l.": "text_encoder", "text_encoders.clip_g.": "text_encoder_2",
+         "text_encoders.t5xxl.": "text_encoder_3"}  # the last three: SD3-style files (diffusers' component names)
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
 
 
@@ -42,15 +44,106 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
     head = _head(path)
     if head.startswith(IMAGE_MAGIC) and not _is_safetensors(path):  # the header decides, not a magic number
         return _image_report(path)
+    if _is_gguf(path):
+        return _gguf_report(path, hashes)
+    if path.suffix.lower() == ".pth":  # a pickle: an upscaler's usual file (others fail the header read below)
+        upscaler = _upscaler_report(path, hashes)
+        if upscaler is not None:
+            return upscaler
     if path.suffix == ".latent" or _is_small_sdcli_file(path):
         return _tensor_file_report(path)
     return _checkpoint_report(path, hashes)
 
 
-def _is_safetensors(path: Path) -> bool:
-    from sdcli.formats.safetensors import is_safetensors  # imports torch: only asked of files that look like images
+def _is_gguf(path: Path) -> bool:
+    from sdcli.formats.gguf import is_gguf
 
-    return is_safetensors(path)
+    return is_gguf(path)
+
+
+def _gguf_report(path: Path, hashes: bool) -> dict[str, Any]:
+    """A GGUF file from its header: the family (as for any checkpoint), and per part the tensor types, the bytes
+    they take and the bits per weight; the sha256 and A1111's short hash of the whole file with --hash."""
+    from sdcli.formats.gguf import T5_ARCHS, ldm_names, read_gguf_header
+    from sdcli.quant.dequantize import is_supported
+
+    info = read_gguf_header(path)
+    names = ldm_names(info)
+    report: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "format": f"GGUF v{info.version}",
+                              "architecture": info.architecture, **_gguf_family(path)}  # fmt: skip
+    parts: dict[str, dict[str, Any]] = {}
+    for t in info.tensors.values():
+        name = names[t.name]
+        part = "t5" if info.architecture in T5_ARCHS else \
+            next((p for prefix, p in PARTS.items() if name.startswith(prefix)), "other")  # fmt: skip
+        entry = parts.setdefault(part, {"types": Counter(), "parameters": 0, "bytes": 0})
+        entry["types"][t.qtype.name] += 1
+        entry["parameters"] += _numel(list(t.shape))
+        entry["bytes"] += t.nbytes
+    for entry in (*parts.values(), total := _total(parts)):
+        entry["types"] = dict(sorted(entry["types"].items()))
+        entry["bits_per_weight"] = round(8 * entry["bytes"] / max(entry["parameters"], 1), 2)
+    report.update(parts=parts, total=total, tensors=len(info.tensors))
+    unread = sorted({t.qtype.name for t in info.tensors.values() if not is_supported(t.qtype)})
+    if unread:
+        report["unsupported_types"] = unread  # a load refuses these (exit 8)
+    report["header_metadata"] = {k: str(v)[:200] for k, v in info.metadata.items() if not isinstance(v, list)}
+    if hashes:
+        from sdcli.formats.hashing import file_sha256
+
+        digest = file_sha256(path)
+        report.update(sha256=digest, autov2=digest[:10])
+    return report
+
+
+def _total(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    types: Counter = Counter()
+    for entry in parts.values():
+        types.update(entry["types"])
+    return {"types": types, "parameters": sum(e["parameters"] for e in parts.values()),
+            "bytes": sum(e["bytes"] for e in parts.values())}  # fmt: skip
+
+
+def _gguf_family(path: Path) -> dict[str, Any]:
+    """family/prediction/inpaint as detection says; a file it cannot place (a T5 encoder, a denoiser whose other
+    parts come from elsewhere) keeps the family its shapes show, or none, and the reason."""
+    from sdcli.loading.checkpoint import detect
+
+    try:
+        info = detect(path)
+    except (BadInputError, UnsupportedModelError) as e:
+        return {"family": _family_only(path), "note": str(e)}
+    return {"family": info.family, "prediction": info.prediction, "inpaint": info.inpaint}
+
+
+def _family_only(path: Path) -> str | None:
+    from sdcli.families import detect_family
+    from sdcli.formats.gguf import header_view, read_gguf_header
+    from sdcli.formats.ldm import shapes_of
+
+    try:
+        return detect_family(shapes_of(header_view(read_gguf_header(path)))).name
+    except (BadInputError, UnsupportedModelError):
+        return None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """formats/safetensors.is_safetensors's test (a valid length and a JSON header that passes every check), asked
+    of files that look like images, without importing torch: `inspect IMAGE` stays a fast command."""
+    import struct
+
+    from sdcli.formats.safetensors_header import decode_header
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 * 1024 * 1024):  # safetensors._MAX_HEADER
+                return False
+            decode_header(path, f.read(n), size - 8 - n)
+    except (OSError, struct.error, BadInputError):
+        return False
+    return True
 
 
 def _head(path: Path) -> bytes:
@@ -108,6 +201,9 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
     from sdcli.control.settings import inspect_report
     from sdcli.formats.safetensors import read_header
 
+    upscaler = _upscaler_report(path, hashes)  # first: ControlNet's T2I-Adapter test takes an RRDBNet's `body.N`
+    if upscaler is not None:
+        return upscaler
     controlnet = inspect_report(path, hashes)
     if controlnet is not None:
         return controlnet
@@ -120,12 +216,52 @@ def _checkpoint_report(path: Path, hashes: bool) -> dict[str, Any]:
                               "prediction": info.prediction, "inpaint": info.inpaint}
     if path.is_file() and path.suffix != ".ckpt":
         header = read_header(path)
-        report.update(_header_summary(header))
+        report.update(_header_summary(_as_single_file(header)))
+        if info.spec.denoiser != "unet":  # diffusers calls a diffusion transformer "transformer"
+            report["parameters"] = {("transformer" if k == "unet" else k): v for k, v in report["parameters"].items()}
         if hashes:
             report.update(_hashes(path, header))
     elif path.is_dir():
         report.update(_folder_summary(path))
     return report
+
+
+def _upscaler_report(path: Path, hashes: bool) -> dict[str, Any] | None:
+    """An upscaler file (ESRGAN, Real-ESRGAN, Compact; other architectures through spandrel): what it is, its
+    scale and purpose, what sizes it takes and how `upscale` tiles it. None for anything that is not one: a
+    .safetensors file by its header, a .pth (an upscaler's usual suffix) by its tensors; other pickles (.ckpt)
+    are not read twice."""
+    from sdcli.upscale import files
+
+    if path.is_dir() or path.suffix.lower() not in (".pth", ".safetensors"):
+        return None
+    try:
+        stored = files.read_stored(path)
+        layout = files.classify(set(stored.entries))
+    except (BadInputError, UnsupportedModelError):
+        return None  # not an upscaler's tensors: the checkpoint path says what the file is
+    if layout == "other" and not any(test(set(stored.entries)) for test, _ in files.SPANDREL_NAMES):
+        return None
+    info = files.inspect_upscaler(path)
+    report = {"kind": "upscaler", "path": str(path), **files.describe(path, info), **_upscaler_sizes(info.config)}
+    if hashes:
+        from sdcli.formats.hashing import file_sha256
+
+        report["sha256"] = file_sha256(path)
+    return report
+
+
+def _upscaler_sizes(cfg) -> dict[str, Any]:
+    """What input sizes it takes and how `sdcli upscale` runs it: ESRGAN and Compact take any size (an x2 or x1
+    RRDBNet pads to a multiple of its pixel-unshuffle factor itself); every model runs in tiles of 512 px with
+    32 px shared between neighbours by default (--tile, --tile-overlap)."""
+    from sdcli.upscale import tiled
+
+    multiple = getattr(cfg, "unshuffle", 1) if cfg is not None else None
+    sizes = ("any" if multiple == 1 else f"any (padded to a multiple of {multiple})" if multiple
+             else "as spandrel requires")
+    return {"input_size": sizes, "tiling": f"tiles of {tiled.DEFAULT_TILE} px, {tiled.DEFAULT_OVERLAP} px overlap "
+                                           "by default (--tile, --tile-overlap); 0 = untiled"}
 
 
 def _folder_summary(folder: Path) -> dict[str, Any]:
@@ -149,6 +285,15 @@ def _numel(shape: list[int]) -> int:
     for dim in shape:
         count *= dim
     return count
+
+
+def _as_single_file(header: dict) -> dict:
+    """A diffusion transformer saved alone (BFL's files) seen under model.diffusion_model., as the loader sees it."""
+    from sdcli.formats.ldm import UNET_PREFIX, bare_denoiser
+
+    if not bare_denoiser(k for k in header if k != "__metadata__"):
+        return header
+    return {(k if k == "__metadata__" else UNET_PREFIX + k): v for k, v in header.items()}
 
 
 def _header_summary(header: dict) -> dict[str, Any]:

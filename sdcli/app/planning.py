@@ -4,22 +4,24 @@ register with `OutputPlan.add`). Found here, a bad plan costs nothing; found aft
 and leaves half of the outputs written.
 
 The checks, in order (usage errors, exit 2, before any look at the disk):
+- binary output never goes to a terminal (`-o -` with stdout not redirected: curl refuses it too);
 - stdout carries one stream: one binary output (`-o -` or `--latent-out -`, one image), and never binary and
   text together (`--json`'s lines);
 - no two outputs share a name, whatever their kinds (`--preview X -o X`, a latent name without {index} for
   several images);
 then each target through outputs.check_target (exit 7: an existing file without --overwrite, a folder, a device,
-a name too long).
+a name too long). An existing --preview file that an earlier run wrote (its PNG marked as a preview) is replaced.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdcli.runtime.errors import UsageError
-from sdcli.output.targets import STDOUT, check_target
+from sdcli.output.targets import STDOUT, check_target, image_format
 
 # What the kinds are called in messages (one, several); a kind not listed is shown as given.
 _WHAT = {"image": ("image", "images"), "latent": ("latent file (--latent-out)", "latent files (--latent-out)"),
@@ -40,6 +42,7 @@ class OutputPlan:
 
     overwrite: bool = False
     json_stdout: bool = False  # --json: result lines (text) on stdout
+    formats: bool = False  # images are written in the format their extension names (targets.image_format)
     outputs: list[Output] = field(default_factory=list)
 
     def add(self, kind: str, path: str | Path) -> Path:
@@ -54,13 +57,18 @@ class OutputPlan:
         self._check_collisions()
         for out in self.outputs:
             if str(out.path) != STDOUT:
-                check_target(out.path, self.overwrite)
+                check_target(out.path, self.overwrite or (out.kind == "preview" and _own_preview(out.path)))
+                if self.formats and out.kind == "image":
+                    image_format(out.path)  # exit 2: an extension that names no format we write
 
     def _check_stdout(self) -> None:
         on_stdout = [o for o in self.outputs if str(o.path) == STDOUT]
         if not on_stdout:
             return
         kinds = {o.kind for o in on_stdout}
+        if _terminal(sys.stdout):  # PNG or latent bytes would garble the terminal, and the output is lost
+            raise UsageError(f"the {_what(on_stdout[0].kind)} goes to stdout (-), which is a terminal: redirect it "
+                             "(> FILE, or | a viewer) or give a file name")
         if "preview" in kinds:  # rewritten while sampling: a stream of PNGs is no file a viewer can show
             raise UsageError("--preview is a file rewritten while sampling; it cannot go to stdout (-)")
         if len(on_stdout) > 1 and kinds == {"image"}:
@@ -88,6 +96,20 @@ class OutputPlan:
                 raise UsageError(f"two {_what(out.kind, plural=True)} would be written to {out.path}: {hint}")
             raise UsageError(f"the {_what(out.kind)} and the {_what(first.kind)} would both be written to "
                              f"{out.path}: give them different names")
+
+
+def _own_preview(path: Path) -> bool:
+    """A preview file an earlier run wrote (marked so): a scratch file, replaced without --overwrite."""
+    from sdcli.output.metadata import is_preview_file
+
+    return path.is_file() and not path.is_symlink() and is_preview_file(path)
+
+
+def _terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _what(kind: str, plural: bool = False) -> str:

@@ -2,8 +2,9 @@
 LoRAs merged (lora.LoraState), the conditioning built (conditioning.Cond), the passes run batch by batch, each
 image saved through save.py.
 
-Reproducibility: image k of a batch equals a single run with seed+k (see pipeline.py); the hires fix's second pass
-continues the same per-image generators.
+Reproducibility: image k of a batch equals a single run with its own seeds (seed+k, or with a variation the seed and
+subseed+k: A1111's numbering, sampling/seeds.py batch_seeds; see pipeline.py); the hires fix's second pass continues
+the same per-image generators (`cpu` noise) or starts new ones from the same seeds (`gpu` / `nv`, as A1111).
 """
 
 from __future__ import annotations
@@ -21,17 +22,23 @@ from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
 from sdcli.app.progress import Progress
+from sdcli.app.progress import run as progress_run
 
 
 @dataclass(frozen=True)
 class Target:
-    """One image to render: which job, which seed, where it goes."""
+    """One image to render: which job, which seed (and variation seed), where it goes."""
 
     job: Job
     index: int  # position in the whole run, for {index}
     seed: int
     path: Path
     latent_path: Path | None = None  # --latent-out's name for this image
+    subseed: int | None = None  # its variation seed; None: the job's (a batch of one)
+
+    @property
+    def image_subseed(self) -> int:
+        return self.job.cfg.subseed if self.subseed is None else self.subseed
 
 
 @dataclass
@@ -43,16 +50,19 @@ class Init:
     notes: list[str] = field(default_factory=list)
     concat: Any = None  # inpainting: the UNet's mask + masked-image channels (pipeline.inpaint_conditioning)
     mask: str | None = None  # inpainting: the mask file, for the metadata
+    inpaint: Any = None  # inpainting / outpainting: app/inpaint.Inpaint (its fills, overlay and infotext)
+    keep: Any = None  # inpainting with any model: (1, 1, h, w) latent mask, 1 = keep (sampling/inpaint.py)
 
 
 @dataclass(frozen=True)
 class Hires:
-    """The hires fix's second pass (A1111 "Hires. fix", Latent upscaler): its plan, output size and strength."""
+    """The hires fix's second pass (A1111 "Hires. fix"): its plan, output size, strength and upscaler."""
 
     plan: Any  # pipeline.SamplingPlan with hires_steps (or steps)
     size: tuple[int, int]  # (height, width) of the output, multiples of 8
     strength: float
     conds: tuple | None = None  # (cond, uncond) when prompt editing schedules this pass apart; else pass 1's
+    upscaler: Any = None  # upscale.resize.HiresUpscaler: how pass 1 reaches the size (None: "Latent")
 
 
 @dataclass(frozen=True)
@@ -73,21 +83,60 @@ def plan_outputs(jobs: list[Job], req) -> tuple[list[Target], OutputPlan]:
     """Every image of the run with its name (and its --latent-out name), and the run's OutputPlan holding them and
     the --preview file. Not yet checked: a command registers what else it writes (`plan.add("grid", path)`), then
     calls `plan.check()`, before the model loads."""
-    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out)
+    plan = OutputPlan(overwrite=req.overwrite, json_stdout=req.json_out, formats=True)
     latent_out = getattr(req, "latent_out", None)
     targets, index = [], 0
     for job in jobs:
-        for k in range(job.cfg.n):
-            seed = job.cfg.seed + k
+        seeds, subseeds = image_seeds(job.cfg)
+        for k, (seed, subseed) in enumerate(zip(seeds, subseeds)):
             path = _name(job.cfg.output, index, seed, job.prompt)
             if not getattr(req, "grid_only", False):  # --grid-only: the name is never written
                 plan.add("image", path)
             latent = plan.add("latent", _name(latent_out, index, seed, job.prompt)) if latent_out else None
-            targets.append(Target(job, index, seed, path, latent))
+            targets.append(Target(job, index, seed, path, latent, subseed))
             index += 1
     if getattr(req, "preview", None):
-        plan.add("preview", req.preview)
+        plan.add("preview", _preview_name(req.preview))
+        interval = getattr(req, "preview_interval", 0.5)
+        if not 0 <= interval < float("inf"):
+            raise UsageError(f"--preview-interval must be a number of seconds, 0 or more, got {interval}")
     return targets, plan
+
+
+def _preview_name(name: str) -> str:
+    """--preview names a PNG file; a name without .png (`--preview tae`) is more likely meant for --preview-vae."""
+    suffix = Path(name).suffix.lower()
+    if name == "-" or suffix == ".png":
+        return name
+    if not suffix:
+        raise UsageError(f"--preview {name}: --preview names the PNG file to keep the preview in (FILE.png); "
+                         "the decoder that draws it is --preview-vae FILE")
+    raise UsageError(f"--preview {name}: the preview is a PNG, name it FILE.png")
+
+
+def image_seeds(cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """(seeds, variation seeds) of the job's n images, numbered as A1111 numbers a batch (seeds.batch_seeds: seed+k,
+    or with a variation the seed for all and subseed+k); without a variation every subseed is the job's own, so the
+    record of each image says what was given."""
+    from sdcli.sampling.seeds import batch_seeds  # no torch: a --server client plans with it
+
+    seeds, subseeds = batch_seeds(cfg.seed, cfg.n, cfg.subseed, cfg.subseed_strength)
+    return seeds, subseeds if cfg.subseed_strength != 0 else [cfg.subseed] * cfg.n
+
+
+def noise_settings(cfg: RunConfig, subseeds: list[int]):
+    """pipeline.NoiseSettings of the job's noise for images with these variation seeds."""
+    from sdcli import config
+    from sdcli.pipeline import NoiseSettings
+
+    resize = config.pair_of("seed_resize_from", cfg.seed_resize_from) if cfg.seed_resize_from else (0, 0)
+    return NoiseSettings(cfg.rng, tuple(subseeds), cfg.subseed_strength, (resize[1], resize[0]), cfg.ensd)
+
+
+def sampler_params(cfg: RunConfig) -> dict:
+    """The A1111 sampler parameters of the config, as make_plan takes them."""
+    return {"eta": cfg.eta, "s_churn": cfg.s_churn, "s_tmin": cfg.s_tmin, "s_tmax": cfg.s_tmax,
+            "s_noise": cfg.s_noise}
 
 
 def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
@@ -114,29 +163,50 @@ def _name(template: str, index: int, seed: int, prompt: str) -> Path:
     return Path(STDOUT) if template == STDOUT else expand_template(template, index, seed, prompt)
 
 
-def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None) -> None:
-    """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from."""
-    from sdcli.sampling import samplers
-    from sdcli.sampling import schedule
-    from sdcli.pipeline import resolve_sampler_schedule
+def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, warn: bool = True) -> None:
+    """Fail on a bad sampler/schedule/sigma list before the model is loaded, naming where the value came from;
+    with `warn`, say once per sampler which A1111 parameters it does not take (warn_unused_params)."""
+    from sdcli.sampling import names
 
     for job in jobs:
         if job.cfg.sampler == "help":
-            print(samplers.sampler_help())  # asked-for data: stdout
+            print(names.sampler_help())  # asked-for data: stdout
             raise SystemExit(0)
         try:
-            _name, schedule_used = resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
+            _name, schedule_used = names.resolve_sampler_schedule(job.cfg.sampler, job.cfg.schedule)
         except UsageError as e:
             raise _located(e, job, "sampler", base, origin) from None
         if job.cfg.sigmas:
+            from sdcli.sampling import schedule  # parses into a tensor: torch only when --sigmas is given
+
             try:
                 schedule.parse_sigmas(job.cfg.sigmas)
             except UsageError as e:
                 raise _located(e, job, "sigmas", base, origin) from None
-        elif schedule_used not in schedule.SCHEDULES:
-            known = ", ".join(schedule.SCHEDULES)
+        elif schedule_used not in names.SCHEDULE_NAMES:
+            known = ", ".join(names.SCHEDULE_NAMES)
             e = UsageError(f"unknown schedule '{quote(job.cfg.schedule, 60)}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
+    if warn:
+        warn_unused_params(jobs)
+
+
+def warn_unused_params(jobs: list[Job]) -> None:
+    """A1111's sampler parameters set for a sampler that does not take them (eta for Euler, churn for Euler a):
+    A1111 ignores them, so sdcli does too, and says so once per sampler and parameter on stderr."""
+    from sdcli.sampling.a1111_params import unused
+    from sdcli.sampling.names import resolve_sampler_schedule  # torch-free, as the checks before it
+
+    said = set()
+    for job in jobs:
+        cfg = job.cfg
+        sampler = resolve_sampler_schedule(cfg.sampler, cfg.schedule)[0]
+        params = sampler_params(cfg)
+        for key in unused(sampler, cfg.eta, params):
+            if (sampler, key) not in said:
+                said.add((sampler, key))
+                console.info(f"{key} {params[key]} is not a parameter of sampler {sampler} (A1111 ignores it "
+                             "there too): it changes nothing")
 
 
 def _located(e: Exception, job: Job, key: str, base: RunConfig | None, origin) -> Exception:
@@ -175,17 +245,30 @@ def load(cfg: RunConfig, lazy: bool = False):
     from sdcli.runtime import device
     from sdcli.loading import residency
 
-    if not cfg.model:
-        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
+    check_model_given(cfg)
     check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
     device.configure(placement)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
     policy = residency.choose(cfg.offload, placement.device, lazy)
+    from sdcli.config import TEXT_FILE_KEYS
+
+    text_files = {key: getattr(cfg, key) for key in TEXT_FILE_KEYS}
     models = checkpoint.load_models(cfg.model, cfg.vae, placement.dtype, placement.device, prediction, placement,
-                                    policy)
+                                    policy, text_files)
+    from sdcli.loading.components import absent_optional
+
+    for flag in absent_optional(models.family, models.info.texts):
+        console.info(f"{models.family.title} without its optional text encoder: it conditions on zeros in its "
+                     f"place (diffusers' rule); give the file with {flag} for the full conditioning")
     return pipeline.with_embeddings(models, cfg.embeddings_dir) if cfg.embeddings_dir else models
+
+
+def check_model_given(cfg: RunConfig) -> None:
+    """Before any heavy import: a run needs a model."""
+    if not cfg.model:
+        raise UsageError("no model given: pass --model FILE.safetensors | FOLDER | HUB_ID, or set 'model:' in a config")
 
 
 def check_embeddings_dir(cfg: RunConfig) -> None:
@@ -195,13 +278,10 @@ def check_embeddings_dir(cfg: RunConfig) -> None:
 
 
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
-    """An inpainting UNet cannot run without a mask, and a plain one has no input for it."""
+    """An inpainting UNet cannot run without a mask (any model inpaints with one: app/inpaint.py)."""
     if models.info.inpaint and not mask:
         raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): use "
-                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint)")
-    if mask and not models.info.inpaint:
-        raise UsageError(f"--mask needs an inpainting model (9-channel UNet, e.g. SD1.5-inpainting); "
-                         f"{cfg.model} is not one")
+                         "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint) or --pad")
 
 
 def use_loras(state, specs: list) -> None:
@@ -229,10 +309,11 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     switching = len({tuple((s.path.resolve(), s.weight) for s in specs) for specs in loras.values()}) > 1
     state = LoraState(models, keep_originals=switching)
     saved: list[save.Saved] = []
-    for n, (key, group) in enumerate(by_job.items()):
-        use_loras(state, loras[key])
-        saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
-                             last=n == len(by_job) - 1)
+    with progress_run(len(targets)):  # each batch's bar says its place in the run and the run's time left
+        for n, (key, group) in enumerate(by_job.items()):
+            use_loras(state, loras[key])
+            saved += _render_job(models, group, init, cond, req, tuple(state.reports), refiner=refiner, nets=nets,
+                                 last=n == len(by_job) - 1)
     if getattr(req, "grid", None):
         save.save_grid(saved, req, targets[0].job.cfg.batch_size)
     took = time.perf_counter() - started
@@ -250,24 +331,25 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     from sdcli import pipeline
     from sdcli.sampling.denoise import guided
 
+    width, height = _size(cfg, models, init)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
-                              models.family)
+                              models.family, sampler_params(cfg), size=(height, width), shift=cfg.flow_shift)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
     concat = init.concat if init is not None else None
-    negative = cfg.negative if guided(cfg.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
+    negative = cfg.negative if guided(plan.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
         cond, uncond = _with_negative(models, cond_override, cfg) if negative is not None else (cond_override, None)
     else:
         encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
         cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
-    width, height = _size(cfg, models, init)
     hires = _hires(cfg, (height, width), models) if init is None else None
     if hires is not None and cond_override is None:
         conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
                                           hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
     if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
-        hires = dataclasses.replace(hires, conds=sized(models, cfg, hires.conds, hires.size))
-    cond, uncond = sized(models, cfg, (cond, uncond), (height, width))
+        hires = dataclasses.replace(hires, conds=_guided(models, cfg, sized(models, cfg, hires.conds, hires.size)))
+    cond, uncond = _guided(models, cfg, sized(models, cfg, (cond, uncond), (height, width)))
     refined = None
     if refiner is not None:
         plan, rest = pipeline.split_at_switch(plan, cfg.refiner_switch, models.family)
@@ -276,6 +358,13 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if cfg.controlnets:
         cond, uncond, hires = _with_control(models, cfg, nets, cond, uncond, hires)
     return Prepared(plan, cond, uncond, (height, width), hires, refined)
+
+
+def _guided(models, cfg: RunConfig, conds: tuple) -> tuple:
+    """(cond, uncond) with a guidance-distilled family's strength (--guidance) in each (pipeline.with_guidance)."""
+    from sdcli import pipeline
+
+    return tuple(pipeline.with_guidance(models, c, cfg.guidance) for c in conds)
 
 
 def _conditioning(value, concat=None):
@@ -327,34 +416,85 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
 
     if cfg.hires_scale == 1.0:
         return None
+    multiple = max(models.family.latent.downscale, models.family.size_multiple)
+    out = pipeline.hires_size(*size, cfg.hires_scale, multiple)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
-                              cfg.guidance_rescale, models.family)
-    out = pipeline.hires_size(*size, cfg.hires_scale, models.family.latent.downscale)
+                              cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
+                              shift=cfg.flow_shift)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
-    rounded = " (rounded to a multiple of 8)" if exact != (out[1], out[0]) else ""
+    rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
+    upscaler = hires_upscaler(cfg, models)
+    named = "" if upscaler.choice.name == "Latent" else f", upscaler {upscaler.choice.name}"
     console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
-                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps")
-    return Hires(plan, out, cfg.hires_strength)
+                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps{named}")
+    return Hires(plan, out, cfg.hires_strength, upscaler=upscaler)
+
+
+def hires_upscaler(cfg: RunConfig, models):
+    """The job's hires upscaler (upscale.resize.HiresUpscaler), its network loaded once per run on the model's
+    device and dtype when it is a model file."""
+    from sdcli.upscale.names import choose
+    from sdcli.upscale.resize import HiresUpscaler
+
+    choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
+    if choice.kind != "model":
+        return HiresUpscaler(choice)
+    key = (str(choice.path), models.dtype, models.device)
+    if key not in _HIRES_MODELS:
+        from sdcli.upscale.files import load_upscaler
+
+        _HIRES_MODELS.clear()  # one run, one hires upscaler
+        console.info(f"hires upscaler: {choice.path}")
+        _HIRES_MODELS[key] = load_upscaler(choice.path, models.dtype, models.device)
+    return HiresUpscaler(choice, _HIRES_MODELS[key])
+
+
+_HIRES_MODELS: dict = {}
+
+
+def check_hires_upscalers(jobs: list[Job]) -> None:
+    """Every hires upscaler the jobs name, found (exit 4 naming the file and where it was looked for) and known
+    to be an upscaler (exit 3 / 8): said before the (slow) model load. Imports torch only for a model file."""
+    from sdcli.upscale.names import choose
+
+    checked = set()
+    for job in jobs:
+        if job.cfg.hires_scale == 1.0:
+            continue
+        choice = choose(job.cfg.hires_upscaler, job.cfg.upscaler_dir)
+        if choice.kind == "model" and choice.path not in checked:
+            from sdcli.upscale.files import inspect_upscaler
+
+            inspect_upscaler(choice.path)
+            checked.add(choice.path)
 
 
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
-                   callback=None, refiner=None):
+                   callback=None, refiner=None, noise=None):
     """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
-    when asked. All draw from the same per-image generators, each part continuing their state, so image k of a
-    batch still equals a single run with seed+k."""
+    when asked. Pass 1 and the refiner draw from the same per-image generators (pipeline.image_noise with `noise`,
+    a pipeline.NoiseSettings, default `cpu`); pass 2 continues them or, with `gpu` / `nv` noise, starts new ones at
+    its size as A1111 does. Image k of a batch still equals a single run with its seeds."""
     from sdcli import pipeline
 
-    gens = pipeline.generators(seeds)
-    latents = pipeline.txt2img(models, plan, cond, uncond, gens, *size, callback=callback)
+    down = models.family.latent.downscale
+    shape = (models.family.latent.channels, size[0] // down, size[1] // down)
+    draws = pipeline.image_noise(models, seeds, shape, noise)
+    latents = pipeline.txt2img(models, plan, cond, uncond, draws, *size, callback=callback)
     if refiner is not None:
         offset = refiner.steps_before
         step = None if callback is None else (lambda i, total, *rest: callback(i + offset, total + offset, *rest))
         latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond, refiner.uncond,
-                                             gens, step)
+                                             draws, step)
     if hires is None:
         return latents
+    if noise is not None and noise.fresh_hires_noise:
+        big = (shape[0], hires.size[0] // down, hires.size[1] // down)
+        draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
-    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, gens, hires.strength, hires.size, callback)
+    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback,
+                              hires.upscaler)
 
 
 @dataclass(frozen=True)
@@ -387,16 +527,12 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     from sdcli.app.refine import decoder
 
     seeds = [t.seed for t in batch]
+    noise = noise_settings(batch[0].job.cfg, [t.image_subseed for t in batch])
     t0 = time.perf_counter()
     steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
     with Progress(seeds, steps if init is None else None, req.progress) as progress:
         step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
-        if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
-            latents = txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=step,
-                                     refiner=p.refiner)
-        else:
-            latents = pipeline.img2img(models, p.plan, init.latent, p.cond, p.uncond, seeds, init.strength,
-                                       callback=step)
+        latents = sample_batch(models, p, seeds, init, step, noise)
     t1 = time.perf_counter()
     if last:
         models.parts.done_sampling()
@@ -406,20 +542,38 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     out_size = p.hires.size if p.hires else p.size
     pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
                                  p.refiner) for k, t in enumerate(batch)]
-    return [Rendered(t, save.png_of(pic), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
+    return [Rendered(t, save.file_bytes(pic, t.path, req), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
             for k, (t, pic) in enumerate(zip(batch, pictures))]
 
 
+def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callback=None, noise=None):
+    """The final latents of one batch: from noise (txt2img, its hires pass and refiner; a 9-channel inpainting
+    model at strength 1), else img2img from the init latent, the inpainting's latent fill and mask applied.
+    `noise`: pipeline.NoiseSettings (noise_settings), default `cpu`."""
+    from sdcli import pipeline
+
+    if init is None or (init.concat is not None and init.strength >= 1.0):  # inpainting at 1: pure noise
+        return txt2img_passes(models, p.plan, p.cond, p.uncond, seeds, p.size, p.hires, callback=callback,
+                              refiner=p.refiner, noise=noise)
+    source = noise.source if noise is not None else "cpu"
+    start = init.inpaint.start(init.latent, seeds, source) if init.inpaint is not None else init.latent
+    draws = pipeline.image_noise(models, seeds, tuple(start.shape[1:]), noise)
+    return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
+                            keep=init.keep)
+
+
 def _with_preview(progress, req, models, vae_dir: str | None):
-    """The sampler callback: progress, and the live preview when asked for (either may be absent)."""
+    """The sampler callback: progress, the live preview when asked for, and the request's own `on_step` hook
+    (the server's: its progress and interrupt; any may be absent)."""
     from sdcli.output.preview import PreviewWriter
 
     latent = models.family.latent
     preview = req.preview
-    writer = PreviewWriter(preview, rgb_factors=latent.rgb_factors, downscale=latent.downscale,
+    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors,
+                           downscale=latent.downscale, rgb_bias=latent.rgb_bias,
                            decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
         if preview else None
-    callbacks = [c for c in (progress, writer) if c is not None]
+    callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]
     if len(callbacks) < 2:
         return callbacks[0] if callbacks else None
     return lambda *args: [c(*args) for c in callbacks]
@@ -470,5 +624,10 @@ def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
         _, _, h, w = init.latent.shape
         down = models.family.latent.downscale
         return w * down, h * down
-    native = models.family.native_size(models.info.prediction)
-    return cfg.width or native, cfg.height or native
+    family = models.family
+    native = family.native_size(models.info.prediction)
+    width, height = cfg.width or native, cfg.height or native
+    if width % family.size_multiple or height % family.size_multiple:
+        raise UsageError(f"{family.title} renders sides that are multiples of {family.size_multiple} px; "
+                         f"got {width}x{height}")
+    return width, height

@@ -5,6 +5,10 @@ seed and model file, and every setting the job fixes before a model is loaded (t
 sampler and schedule canonical). Settings decided at load time (device, dtype, prediction and the size when
 'auto') are compared only when the job names them. Anything else at that path is refused as a plain run refuses
 an existing file. Outputs are published atomically, so an existing one is never a half-written file.
+
+A job whose seed was drawn (seed -1, the default) would draw another on the rerun, and no image of the first run
+would be its own: with --skip-existing such a job takes the seed its existing images record (`adopt_seeds`), when
+they are otherwise this job's images and agree on it.
 """
 
 from __future__ import annotations
@@ -13,13 +17,61 @@ import dataclasses
 import json
 from pathlib import Path
 
+from sdcli.config import sparse_keys
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
 from sdcli.runtime.errors import BadInputError, OutputError
-from sdcli.app import save
+from sdcli.app import render, save
 
-LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height")  # 'auto'/None: known once the model is loaded
+# 'auto'/None: known once the model is loaded (the size, cfg and guidance are the family's when not given)
+LOAD_TIME_KEYS = ("device", "dtype", "prediction", "width", "height", "cfg", "guidance", "schedule")
+
+
+def adopt_seeds(jobs: list, req) -> list:
+    """With --skip-existing: each job whose seed was drawn takes the base seed its existing outputs record (image
+    k of a job has seed+k), so an interrupted random-seed run resumes; OutputError when they disagree."""
+    if not getattr(req, "skip_existing", False):
+        return jobs
+    sized = not getattr(req, "latent_in", None)  # a --latent-in run renders the latent's size, not -W/-H
+    adopted, index = [], 0
+    for job in jobs:
+        seeds = _recorded_seeds(job, index, sized) if job.seed_drawn else set()
+        index += job.cfg.n
+        if len(seeds) > 1:
+            raise OutputError(f"the existing images of this run ({job.source}) record different seeds "
+                              f"({', '.join(map(str, sorted(seeds)))}): pass --seed to say which run to resume")
+        if seeds:
+            seed = seeds.pop()
+            console.info(f"resuming with seed {seed}, recorded in the existing images")
+            job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed))
+        adopted.append(job)
+    return adopted
+
+
+def _recorded_seeds(job, first_index: int, sized: bool = True) -> set[int]:
+    """The base seeds (recorded seed - k; with a variation seed, the seed) of the job's existing outputs that are
+    otherwise this job's images."""
+    from sdcli.output.targets import STDOUT, expand_template
+
+    if job.cfg.output == STDOUT:
+        return set()
+    seeds = set()
+    for k in range(job.cfg.n):
+        path = expand_template(job.cfg.output, first_index + k, job.cfg.seed + k, job.prompt)
+        recorded = _recorded(path, job.cfg if sized else None) if path.exists() else None
+        seed = recorded.get("seed") if recorded else None
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            continue
+        base = seed - k if job.cfg.subseed_strength == 0 else seed  # a variation keeps the seed (render.image_seeds)
+        if base < 0:
+            continue
+        job_there = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=base))
+        image_seeds, subseeds = render.image_seeds(job_there.cfg)
+        target = render.Target(job_there, first_index + k, image_seeds[k], path, None, subseeds[k])
+        if matches(path, target, sized):
+            seeds.add(base)
+    return seeds
 
 
 def skip_done(targets: list, outputs, req) -> list:
@@ -45,58 +97,89 @@ def _done(target, overwrite: bool, sized: bool = True) -> bool:
     if overwrite:
         return False
     raise OutputError(f"{target.path} exists but is not this job's image (its metadata differs, or it is not a "
-                      "whole PNG of the job's size); pass --overwrite to replace it")
+                      "whole image of the job's size); pass --overwrite to replace it")
 
 
 def matches(path: Path, target, sized: bool = True) -> bool:
-    """Whether the PNG at `path` records exactly the image `target` would make (and, when `sized`, has the size
+    """Whether the image at `path` records exactly the image `target` would make (and, when `sized`, has the size
     the job asks for)."""
     recorded = _recorded(path, target.job.cfg if sized else None)
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
-    return all(config.get(key) == value for key, value in expected.items())
+    sparse = sparse_keys()  # recorded only when not at their defaults (save.metadata): absent means the default
+    return all(config.get(key, sparse.get(key)) == value for key, value in expected.items())
 
 
 def expected_config(target) -> dict:
     """The recorded config (save.metadata) as far as it is known before a model is loaded."""
     cfg = target.job.cfg
     sampler, schedule = save.sampler_schedule(cfg)
-    expected = dataclasses.replace(cfg, seed=target.seed, n=1, sampler=sampler, schedule=schedule).to_dict()
+    auto = cfg.schedule == "auto" and not cfg.sigmas  # a flow family's schedule is its own: known at load
+    expected = dataclasses.replace(cfg, seed=target.seed, subseed=target.image_subseed, n=1, sampler=sampler,
+                                   schedule="auto" if auto else schedule).to_dict()
     for key in ("output", "lora_dir", "ray", "offload"):
         expected.pop(key, None)
-    for key in ("model", "vae"):
-        expected[key] = Path(expected[key]).name if expected[key] else expected[key]
-    for key in LOAD_TIME_KEYS:
-        if expected[key] in (None, "auto"):
+    for key, default in sparse_keys().items():  # as save.metadata: a feature that is off is not recorded
+        if expected.get(key) == default:
             del expected[key]
+    save.record_hires_upscaler(expected, cfg)
+    for key in ("model", "vae", "clip_l", "clip_g", "t5"):
+        if key in expected:  # the encoder files are sparse: absent when not given
+            expected[key] = Path(expected[key]).name if expected[key] else expected[key]
+    for key in LOAD_TIME_KEYS:  # (guidance is sparse: absent when not given)
+        if expected.get(key, "auto") in (None, "auto"):
+            expected.pop(key, None)
     control_config.put_record(expected, cfg.controlnets)
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists
 
 
 def _recorded(path: Path, cfg) -> dict | None:
-    """The sdcli metadata of the file at `path` when it is a whole PNG of the job's size, else None. Read as every
-    image's metadata is (output/metadata.py: no pixel decoded, text and zlib bombs refused), never with a bare
-    PIL reader: the file is anything that happens to be at an output name."""
-    from sdcli.formats.png_text import complete_png_size
+    """sdcli's JSON metadata of the image at `path` (PNG, JPEG or WebP) when it is a whole image of the job's size
+    (`cfg`'s; any size when None), else None. Read as every image's metadata is (output/metadata.py: text and
+    zlib bombs refused), never with a bare PIL reader: the file is anything that happens to be at an output name."""
     from sdcli.output.metadata import read_image_metadata
 
     try:
         data = read_image_metadata(path).get("sdcli")
     except BadInputError:
         return None
-    size = complete_png_size(path)
-    if not isinstance(data, dict) or size is None or (cfg is not None and not _right_size(size, cfg)):
+    if not isinstance(data, dict) or not _whole_image(path, cfg):
         return None  # a damaged file, or one whose metadata claims a render its pixels are not
     return data
 
 
-def _right_size(size: tuple[int, int], cfg) -> bool:
-    """The PNG's (width, height) is the job's, when the job fixes it before a model is loaded."""
-    from sdcli.pipeline import hires_size
+def _whole_image(path: Path, cfg) -> bool:
+    """A PNG is walked chunk by chunk (every CRC, IEND last: no pixel decoded); a JPEG or WebP is decoded, but
+    only once its header says it has the job's size, so the memory is the job's image at most."""
+    import warnings
 
+    from PIL import Image
+
+    from sdcli.formats.png_text import complete_png_size
+
+    size = complete_png_size(path)
+    if size is not None:
+        return cfg is None or _right_size(size, cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=("JPEG", "WEBP")) as img:
+                if cfg is not None and not _right_size(img.size, cfg):
+                    return False
+                img.load()  # a cut JPEG/WebP fails here (PIL's LOAD_TRUNCATED_IMAGES is off)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def _right_size(size: tuple[int, int], cfg) -> bool:
+    """The image's (width, height) is the job's, when the job fixes it before a model is loaded. After a hires
+    pass it is pipeline.hires_size's rounding to the family's latent grid, 8 or 16 px (not known before the load;
+    written out here so that a cheap check imports no torch)."""
     if cfg.width is None or cfg.height is None:
         return True
-    height, width = hires_size(cfg.height, cfg.width, cfg.hires_scale) if cfg.hires_scale != 1.0 else \
-        (cfg.height, cfg.width)
-    return size == (width, height)
+    if cfg.hires_scale == 1.0:
+        return size == (cfg.width, cfg.height)
+    return any(size == (round(cfg.width / m * cfg.hires_scale) * m, round(cfg.height / m * cfg.hires_scale) * m)
+               for m in (8, 16))

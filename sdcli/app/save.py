@@ -13,7 +13,7 @@ from sdcli import __version__
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
-from sdcli.config import RunConfig
+from sdcli.config import RunConfig, sparse_keys
 
 
 class Saved(NamedTuple):
@@ -32,7 +32,10 @@ def picture_for(models, target, image, fallbacks, size, init, hires=None, loras=
 
     meta = metadata(models, target, size, fallbacks, init, hires, loras, refiner)
     text = infotext(models, target, size, init, hires, loras, refiner)
-    return Saved(images.tensor_to_pil(image), target.seed, text, meta)
+    picture = images.tensor_to_pil(image)
+    if init is not None and init.inpaint is not None:  # the original put back as the inpaint settings say
+        picture = init.inpaint.finish(picture)
+    return Saved(picture, target.seed, text, meta)
 
 
 def png_of(picture: Saved) -> bytes:
@@ -40,6 +43,14 @@ def png_of(picture: Saved) -> bytes:
     from sdcli.output.targets import png_bytes
 
     return png_bytes(picture.image, picture.infotext, picture.meta)
+
+
+def file_bytes(picture: Saved, path, req) -> bytes:
+    """The image's file in the format its name asks for (-o x.jpg: JPEG, at --quality), metadata included."""
+    from sdcli.output.targets import DEFAULT_QUALITY, image_bytes, image_format
+
+    quality = getattr(req, "quality", None) or DEFAULT_QUALITY
+    return image_bytes(picture.image, picture.infotext, picture.meta, image_format(path), quality)
 
 
 def save_rendered(models, done, req) -> None:
@@ -90,31 +101,36 @@ def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -
 
 def save_latent_out(models, req, target, latent, size) -> None:
     from sdcli.output import latents
-    from sdcli.pipeline import scale_factor
+    from sdcli.pipeline import scale_factor, shift_factor
 
     latents.save_latent(target.latent_path, latent, scaled=True, scale_factor=scale_factor(models), family=models.info.family,
-                        source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite)
+                        source_size=(size[1], size[0]), model_hash=model_hash(models), overwrite=req.overwrite,
+                        shift_factor=shift_factor(models))
 
 
 def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> str:
     from sdcli.output.metadata import format_infotext
 
     cfg = target.job.cfg
-    sampler, schedule = sampler_schedule(cfg)
+    sampler, schedule = sampler_schedule(cfg, models.family)
     params = {"prompt": target.job.prompt, "negative_prompt": cfg.negative, "steps": cfg.steps,
-              "sampler": sampler, "schedule": schedule, "cfg_scale": cfg.cfg, "seed": target.seed,
+              "sampler": sampler, "schedule": schedule, "cfg_scale": cfg_of(cfg, models.family), "seed": target.seed,
               "size": f"{size[1]}x{size[0]}", "model_hash": (model_hash(models) or "")[:10],
               "model": models.name, "version": f"sdcli {__version__}"}
     if models.vae_source is not None:  # as A1111 records a VAE chosen apart from the checkpoint
         params["vae"], params["vae_hash"] = models.vae_source.name, (vae_hash(models) or "")[:10]
     if cfg.clip_skip > 1:
         params["clip_skip"] = cfg.clip_skip
+    params.update(noise_fields(cfg, sampler, target.image_subseed))
     if init is not None:
         params["denoising_strength"] = init.strength
+    if init is not None and init.inpaint is not None:  # A1111's inpaint fields (Mask blur, Masked content, ...)
+        params["extra"] = init.inpaint.fields()
     if hires is not None:  # as A1111 writes a hires fix render; Hires steps only when set
         params["denoising_strength"] = cfg.hires_strength
         params["extra"] = {"Hires upscale": cfg.hires_scale, "Hires steps": cfg.hires_steps,
-                           "Hires upscaler": "Latent"}  # format_infotext drops the None
+                           "Hires upscaler": hires_upscaler_name(hires)}  # format_infotext drops the None
+    params["extra"] = {**params.get("extra", {}), **token_merging_fields(cfg, hires is not None)}
     if loras:  # A1111's field: "name: shorthash" per LoRA (A1111 also puts <lora:name:w> in the prompt)
         params["extra"] = {**params.get("extra", {}),
                            "Lora hashes": ", ".join(f"{r.name}: {r.short_hash}" for r in loras)}
@@ -126,12 +142,60 @@ def infotext(models, target, size, init, hires=None, loras=(), refiner=None) -> 
     if used:  # A1111's field: "name: shorthash" per textual-inversion embedding the prompts placed
         params["extra"] = {**params.get("extra", {}),
                            "TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)}
-    params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models)}
+    params["extra"] = {**params.get("extra", {}), **size_fields(cfg, models), **flow_fields(cfg, models.family)}
     if refiner is not None:  # A1111: "Refiner: NAME [shorthash], Refiner switch at: 0.8"
         short = (model_hash(refiner.models) or "")[:10]
         params["extra"] = {**params.get("extra", {}), "Refiner": f"{refiner.models.name} [{short}]",
                            "Refiner switch at": cfg.refiner_switch}
     return format_infotext(params)
+
+
+def hires_upscaler_name(hires) -> str:
+    """The hires upscaler as A1111 names it (a model file by its stem): what replay looks up again."""
+    return "Latent" if hires.upscaler is None else hires.upscaler.choice.name
+
+
+def record_hires_upscaler(recorded: dict, cfg: RunConfig) -> None:
+    """The recorded config's hires upscaler: its A1111 name when the hires fix ran with one other than the default
+    "Latent", else no key at all (so images rendered before upscalers existed, and every image whose hires fix
+    is the default, keep their bytes); upscaler_dir is the user's folder, never recorded."""
+    from sdcli.upscale.names import DEFAULT, display_name
+
+    recorded.pop("upscaler_dir", None)
+    name = display_name(cfg.hires_upscaler)
+    if cfg.hires_scale == 1.0 or name == DEFAULT:
+        recorded.pop("hires_upscaler", None)
+    else:
+        recorded["hires_upscaler"] = name
+
+
+def noise_fields(cfg: RunConfig, sampler: str, subseed: int) -> dict:
+    """The noise and sampler-parameter fields of the infotext, by A1111's rules: the source (`RNG`, written always,
+    so that an sdcli image never reads as A1111's default GPU noise by accident), the variation seed and strength
+    when the strength is not 0, "Seed resize from" when set, then Eta / Sigma ... / ENSD where A1111 writes them
+    (sampling/a1111_params.infotext_fields)."""
+    from sdcli.sampling.a1111_params import infotext_fields
+
+    fields = {"rng": cfg.rng.upper()}
+    if cfg.subseed_strength != 0:
+        fields.update(subseed=subseed, subseed_strength=cfg.subseed_strength)
+    if cfg.seed_resize_from:
+        from sdcli.config import pair_of
+
+        h, w = pair_of("seed_resize_from", cfg.seed_resize_from)
+        if w > 0 and h > 0:
+            fields["seed_resize_from"] = f"{w}x{h}"
+    churn = {"s_churn": cfg.s_churn, "s_tmin": cfg.s_tmin, "s_tmax": cfg.s_tmax, "s_noise": cfg.s_noise}
+    fields["sampler_fields"] = infotext_fields(sampler, cfg.eta, churn, cfg.ensd)
+    return fields
+
+
+def token_merging_fields(cfg: RunConfig, hires: bool) -> dict:
+    """A1111's token merging fields (processing.py create_infotext): each written only when not 0; the hires ratio
+    is the pass's own, falling back to the base ratio, and only when there is a hires pass."""
+    hr = (cfg.tome_ratio_hr or cfg.tome_ratio) if hires else 0
+    fields = {"Token merging ratio": cfg.tome_ratio or None, "Token merging ratio hr": hr or None}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def size_fields(cfg: RunConfig, models) -> dict:
@@ -140,6 +204,25 @@ def size_fields(cfg: RunConfig, models) -> dict:
     if models.family.size_values is None:
         return {}
     fields = {"Original size": cfg.original_size, "Target size": cfg.target_size, "Crop coords": cfg.crop_coords}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def cfg_of(cfg: RunConfig, family) -> float:
+    """The guidance scale the render used: the run's, else the family's default."""
+    return family.default_cfg if cfg.cfg is None else cfg.cfg
+
+
+def guidance_of(cfg: RunConfig, family) -> float | None:
+    """A guidance-distilled family's strength (the run's --guidance, else its default); None for others."""
+    if family.guidance != "distilled":
+        return None
+    return family.default_guidance if cfg.guidance is None else cfg.guidance
+
+
+def flow_fields(cfg: RunConfig, family) -> dict:
+    """Forge's infotext fields of the flow models: "Distilled CFG Scale" (FLUX dev's guidance) and "Shift" (when
+    the run replaced the family's)."""
+    fields = {"Distilled CFG Scale": guidance_of(cfg, family), "Shift": cfg.flow_shift}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -160,17 +243,23 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     import torch
 
     job_cfg = target.job.cfg
-    sampler, schedule = sampler_schedule(job_cfg)
-    cfg = dataclasses.replace(job_cfg, seed=target.seed, width=size[1], height=size[0], n=1, sampler=sampler,
+    sampler, schedule = sampler_schedule(job_cfg, models.family)
+    cfg = dataclasses.replace(job_cfg, seed=target.seed, subseed=target.image_subseed, width=size[1], height=size[0],
+                              n=1, sampler=sampler,
                               schedule=schedule, prediction=models.info.prediction,
-                              device=models.placement.device, dtype=models.placement.dtype_name)
+                              device=models.placement.device, dtype=models.placement.dtype_name,
+                              cfg=cfg_of(job_cfg, models.family), guidance=guidance_of(job_cfg, models.family))
     recorded = cfg.to_dict()
     # Images get shared: record file names, not the user's folders, and not where this copy was written.
-    for key in ("model", "vae", "refiner"):
+    for key in ("model", "vae", "refiner", "clip_l", "clip_g", "t5"):
         recorded[key] = Path(recorded[key]).name if recorded[key] else recorded[key]
     # the user's folders, and where and how it ran
     for key in ("output", "lora_dir", "embeddings_dir", "vae_dir", "ray", "offload"):
         del recorded[key]
+    for key, default in sparse_keys().items():  # features that are off stay out of the record (config._range)
+        if recorded[key] == default:
+            del recorded[key]
+    record_hires_upscaler(recorded, cfg)
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {
         "sdcli_version": __version__, "torch_version": torch.__version__,
@@ -181,6 +270,9 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         "device": models.placement.device, "dtype": models.placement.dtype_name,
         "fallbacks": fallbacks, "notes": init.notes if init else [],
     }
+    quantized = quantization(models)
+    if quantized:  # a GGUF holding GGML blocks: which types, per part (the sha256 names the file itself)
+        meta["model"]["quantization"] = quantized
     if models.vae_source is not None:
         meta["vae"] = {"name": models.vae_source.name, "sha256": vae_hash(models),
                        "kind": "taesd" if models.vae_is_tiny else "full"}
@@ -188,6 +280,8 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
         meta["mask"] = Path(init.mask).name  # a file name, as for the model: not the user's folders
     if hires is not None:
         meta["hires_size"] = {"width": hires.size[1], "height": hires.size[0]}  # the output's size
+    if hires is not None and hires.upscaler is not None and hires.upscaler.choice.path is not None:
+        meta["hires_upscaler"] = upscaler_record(hires.upscaler.choice)
     used = used_embeddings(models, target.job)
     if used:  # the file name (A1111's name is its stem) and the whole file's sha256
         meta["embeddings"] = [{"name": e.name, "file": e.path.name, "sha256": e.sha256, "vectors": e.n_vectors}
@@ -201,18 +295,38 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     return meta
 
 
+def upscaler_record(choice) -> dict:
+    """An upscaler model file as images record it: its A1111 name, file name and sha256 (not the user's folder)."""
+    from sdcli.formats.hashing import file_sha256
+
+    return {"name": choice.name, "file": choice.path.name, "sha256": file_sha256(choice.path)}
+
+
 def mode(init) -> str:
     if init is None:
         return "txt2img"
-    return "inpaint" if init.concat is not None else "img2img"
+    return "inpaint" if init.concat is not None or init.inpaint is not None else "img2img"
 
 
-def sampler_schedule(cfg: RunConfig) -> tuple[str, str]:
-    """The canonical sampler and the schedule actually used ('auto' resolved; 'custom' for --sigmas)."""
-    from sdcli.pipeline import resolve_sampler_schedule
+def sampler_schedule(cfg: RunConfig, family=None) -> tuple[str, str]:
+    """The canonical sampler and the schedule actually used ('auto' resolved; 'custom' for --sigmas; a flow
+    family's own sigmas are "simple", as Forge names them)."""
+    from sdcli.pipeline import FLOW_SCHEDULES, resolve_sampler_schedule
 
     sampler, schedule = resolve_sampler_schedule(cfg.sampler, cfg.schedule)
+    if family is not None and family.flow is not None and not cfg.sigmas:
+        return sampler, FLOW_SCHEDULES[-1]
     return sampler, "custom" if cfg.sigmas else schedule
+
+
+def quantization(models) -> dict[str, dict[str, int]] | None:
+    """part -> {ggml type: tensors} of a model whose file holds GGML blocks (a quantized GGUF), else None."""
+    from sdcli.formats.safetensors import FLOAT_DTYPES
+
+    dtypes = models.info.dtypes
+    if not any(t not in FLOAT_DTYPES for counts in dtypes.values() for t in counts):
+        return None
+    return {part: dict(sorted(counts.items())) for part, counts in sorted(dtypes.items())}
 
 
 def model_hash(models) -> str | None:

@@ -65,20 +65,24 @@ class PlannedCell:
     job: Job  # the cell's prompt and full config
     loras: tuple  # lora.LoraSpec, --lora files then the LoRA axes
     keep: Path | None  # where its PNG goes with --keep-cells
+    given_loras: tuple = ()  # the LoRAs not named by the prompt's tags (--lora, the LoRA axes): the command's --lora
 
 
 def run_sweep(req: SweepRequest) -> None:
     x, y, z = (_axis(spec, option) if spec else None for spec, option in ((req.x, "--x"), (req.y, "--y"),
                                                                           (req.z, "--z")))
-    base = with_seed(cfgmod.resolve(req.flags, req.config_file))
+    varied = any(a is not None and a.key == "subseed_strength" for a in (x, y, z))
+    base = with_seed(cfgmod.resolve(req.flags, req.config_file), variation=varied)  # one subseed for every cell
     if base.refiner:
         raise UsageError("a refiner (config key 'refiner') is not supported by sweep yet")
     render.check_samplers([single_job(req.prompt, base)], base,
-                          lambda key: cfgmod.origin(key, req.flags, req.config_file))
+                          lambda key: cfgmod.origin(key, req.flags, req.config_file), warn=False)
     cells = sweep_axes.expand(req.prompt, base.negative, x, y, z)
     planned = [_plan_cell(c, base, req) for c in cells]
     for p in planned:
         _check_cell(p, base)
+    render.check_hires_upscalers([p.job for p in planned])
+    render.warn_unused_params([p.job for p in planned])
     plots = _plot_paths(req.output, len(z.values) if z else 1)
     json_path = Path(req.json_path) if req.json_path else Path(req.output).with_suffix(".json")
     _check_outputs(plots, json_path, [p.keep for p in planned if p.keep], req.overwrite)
@@ -101,7 +105,7 @@ def _axis(spec: str, option: str) -> sweep_axes.Axis:
     axis = sweep_axes.parse_axis(spec, option)
     if axis.key in NOT_SWEPT:
         raise UsageError(f"{option} {axis.key}: cannot be swept ({NOT_SWEPT[axis.key]})")
-    if axis.key == "seed":  # -1 draws a seed, once, so the cell can be replayed
+    if axis.key in ("seed", "subseed"):  # -1 draws a seed, once, so the cell can be replayed
         axis = dataclasses.replace(axis, values=tuple(draw_seed() if v == -1 else v for v in axis.values))
     return axis
 
@@ -119,6 +123,7 @@ def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> Pla
             raise UsageError(f"lora:{tag.name}: the prompt's <lora:{tag.name}:...> tag sets this LoRA's weight too; "
                              "sweep the tag with prompt_sr instead, or drop it from the prompt")
     specs = render.lora_specs(req.loras, job)
+    tagged = specs[len(specs) - len(job.loras):] if job.loras else []  # the prompt's tags: the command keeps them
     for name, weight in swept.items():
         spec = resolve_prompt_lora(name, weight, cfg.lora_dir)
         check_file(spec)
@@ -126,13 +131,14 @@ def _plan_cell(cell: sweep_axes.Cell, base: RunConfig, req: SweepRequest) -> Pla
         specs = [s for i, s in enumerate(specs) if i not in same] + [spec]  # the axis's weight replaces --lora's
     ix, iy, iz = cell.index
     keep = Path(req.keep_cells) / f"z{iz}-y{iy}-x{ix}.png" if req.keep_cells else None
-    return PlannedCell(cell, job, tuple(specs), keep)
+    given = tuple(s for s in specs if not any(s is t for t in tagged))
+    return PlannedCell(cell, job, tuple(specs), keep, given)
 
 
 def _check_cell(p: PlannedCell, base: RunConfig) -> None:
     """The cell's sampler, schedule and sigmas (the base's are good, so an error is the axes')."""
     try:
-        render.check_samplers([p.job], base)
+        render.check_samplers([p.job], base, warn=False)
     except (UsageError, BadInputError) as e:
         swept = ", ".join(f"{k}={quote(v, 60)}" for k, v in p.cell.settings.items())
         raise UsageError(f"sweep cell {swept}: {e}") from None
@@ -212,7 +218,8 @@ def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras
     with pipeline.seamless(models, cfg.seamless):
         with Progress([cfg.seed], len(prepared.plan.sigmas) - 1, req.progress) as step:
             latents = render.txt2img_passes(models, prepared.plan, prepared.cond, prepared.uncond, [cfg.seed],
-                                            prepared.size, prepared.hires, callback=step)
+                                            prepared.size, prepared.hires, callback=step,
+                                            noise=render.noise_settings(cfg, [cfg.subseed]))
         decoded = pipeline.decode_latents(models, latents)
     target = render.Target(p.job, 0, cfg.seed, p.keep or Path("-"))
     meta = save.metadata(models, target, prepared.size, decoded.fallbacks, None, prepared.hires, loras)
@@ -272,14 +279,23 @@ def _record(p: PlannedCell, done: Done, plot: Path, box: tuple) -> dict:
 
 
 REPLAYED_FLAGS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
-                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "dtype")
+                  "height", "clip_skip", "seamless", "hires_scale", "hires_strength", "hires_steps", "hires_upscaler",
+                  "dtype")
+# A1111's noise and sampler parameters: on the command line only where they differ from their defaults.
+NOISE_FLAGS = ("rng", "subseed", "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax",
+               "s_noise")
 
 
 def reproduce_command(p: PlannedCell, meta: dict) -> str:
-    """A `generate` command line that renders this cell alone (the model and LoRAs by file name, as images record
-    them; `generate --from-image` on a kept cell does the same)."""
-    recorded = meta["config"]
-    words = ["sdcli", "generate", p.cell.prompt, "-m", recorded.get("model") or "MODEL"]
+    """A `generate` command line that renders this cell alone, run from the folder the sweep was run in: the
+    model, VAE, LoRA files and folders as the sweep was given them (an image records file names only), then
+    the recorded settings."""
+    recorded, cfg = meta["config"], p.job.cfg
+    words = ["sdcli", "generate", p.cell.prompt, "-m", cfg.model or "MODEL"]
+    for flag, value in (("--vae", cfg.vae), ("--lora-dir", cfg.lora_dir if p.job.loras else None),
+                        ("--embeddings-dir", cfg.embeddings_dir)):
+        if value:
+            words += [flag, str(value)]
     for key in REPLAYED_FLAGS:
         value = recorded.get(key)
         if value is None or (key == "negative" and value == "") or (key == "schedule" and recorded.get("sigmas")):
@@ -289,8 +305,13 @@ def reproduce_command(p: PlannedCell, meta: dict) -> str:
             words.append(flag if value else f"--no-{key}")
         else:
             words += [flag, str(value)]
-    for lora in meta.get("loras", []):
-        words += ["--lora", f"{lora['name']}:{lora['weight']}"]
+    defaults = RunConfig()
+    for key in NOISE_FLAGS:
+        value = recorded.get(key)
+        if value is not None and value != getattr(defaults, key):
+            words += ["--" + key.replace("_", "-"), str(value)]
+    for spec in p.given_loras:
+        words += ["--lora", f"{spec.path}:{spec.weight}"]
     return shlex.join(words)
 
 

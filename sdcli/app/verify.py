@@ -1,5 +1,6 @@
-"""`sdcli verify`: re-render sdcli text-to-image PNGs from their recorded settings and compare the pixels; with
---report / --report-dir, one HTML page showing each stored image, its re-render and their difference."""
+"""`sdcli verify`: re-render sdcli PNGs from their recorded settings and compare the pixels; with --report /
+--report-dir, one HTML page showing each stored image, its re-render and their difference. An img2img or inpainting
+image is re-rendered from its input picture (--image) and mask (--mask, or the recorded mask file beside it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from sdcli import config as cfgmod
 from sdcli.runtime import console
 from sdcli.control import settings as control_config
-from sdcli.runtime.errors import UsageError, VerificationError, quote_list
+from sdcli.runtime.errors import UsageError, VerificationError, quote, quote_list
 from sdcli.jobs import Job, single_job
 from sdcli.output.replay import RENDER_KEYS
 from sdcli.app import refine, render
@@ -24,11 +25,13 @@ class Check:
     job: Job
     loras: list  # lora.LoraSpec
     recorded_hash: str | None  # the sha256 of the checkpoint the image records
+    inputs: tuple[str, str | None] | None = None  # img2img / inpainting: (input picture, mask or None)
 
 
 def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_psnr: float, json_out: bool,
                loras: list[str] | None = None, report: str | None = None, report_dir: str | None = None,
-               overwrite: bool = False, control: dict | None = None) -> None:
+               overwrite: bool = False, control: dict | None = None, init_image: str | None = None,
+               mask: str | None = None) -> None:
     """Re-render sdcli images from their recorded settings (dtype included) and compare the pixels. LoRAs are
     files of the user's, like the model: they are given again with --lora, and checked against the record; so
     are ControlNets (--controlnet; the hint beside the image or --control-image: control_config.replayed).
@@ -36,7 +39,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
     after every image; then exit 9 when any drifted."""
     from sdcli.output.targets import check_target
 
-    checks = [_check(image, flags, config_file, loras or [], control or {}) for image in images]
+    checks = [_check(image, flags, config_file, loras or [], control or {}, (init_image, mask)) for image in images]
     if report and report_dir:
         raise UsageError("give --report FILE or --report-dir DIR, not both")
     if report:
@@ -58,16 +61,22 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
                                 + quote_list([r["path"] for r in failed], each=200))
 
 
-def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict) -> Check:
+def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict,
+           given: tuple[str | None, str | None] = (None, None)) -> Check:  # fmt: skip
     from sdcli.output.replay import check_embeddings, check_refiner_given, from_image
 
     replay = from_image(image)
     if "grid_seeds" in replay.recorded:  # its metadata is the first image's: a re-render of that is not the sheet
         raise UsageError(f"{image}: a contact sheet (--grid), not one render: verify the images it shows (render "
                          "them without --grid-only), each against its own metadata")
-    if replay.source != "sdcli" or replay.mode != "txt2img":
-        raise UsageError(f"{image}: verify re-renders text-to-image PNGs written by sdcli (this is {replay.source} "
+    if replay.source != "sdcli" or replay.mode not in ("txt2img", "img2img", "inpaint"):
+        raise UsageError(f"{image}: verify re-renders PNGs written by sdcli (this is {replay.source} "
                          f"{replay.mode}); use `generate --from-image` to replay other images")
+    upscaled = replay.recorded.get("postprocessing")
+    if isinstance(upscaled, list) and upscaled:  # `sdcli upscale` output: the render's record, another image
+        steps = quote_list([str(step.get("name")) for step in upscaled if isinstance(step, dict)], each=60)
+        raise UsageError(f"{image} was upscaled after it was rendered ({steps}): verify the image as it was rendered")
+    inputs = _inputs(image, replay, *given) if replay.mode != "txt2img" else None
     recorded_dtype = replay.recorded.get("dtype")
     flags = {"dtype": recorded_dtype, **flags} if recorded_dtype else flags
     recorded_units = (replay.recorded.get("config") or {}).get("controlnets")
@@ -76,7 +85,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                                                                  control.get("images", []))}  # fmt: skip
     cfg = cfgmod.resolve(flags, config_file, replay.values)
     job = single_job(replay.prompt, cfg)
-    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay))
+    render.check_samplers([job], cfg, lambda key: cfgmod.origin(key, flags, config_file, replay), warn=False)
     specs = render.lora_specs(loras, job)
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
@@ -85,8 +94,25 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
+    render.check_hires_upscalers([job])
     control_config.check_files([job], cfg.model)
-    return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"))
+    return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"), inputs)
+
+
+def _inputs(image: Path, replay, init_image: str | None, mask: str | None) -> tuple[str, str | None]:
+    """(input picture, mask) of an img2img / inpainting image: the picture from --image (sdcli records no copy
+    of it), the mask from --mask or beside the image under the name it recorded."""
+    recorded = replay.recorded.get("mask")
+    if init_image is None:
+        raise UsageError(f"{image} was made by {replay.mode} from an input picture: give it with --image FILE"
+                         + (" (and --mask FILE, unless the mask lies beside the image)" if recorded else ""))
+    if mask is None and isinstance(recorded, str):
+        mask = str(image.parent / Path(recorded).name)
+        if not Path(mask).is_file():
+            raise UsageError(f"{image} was made with the mask '{quote(recorded, 100)}', which is not beside it: give "
+                             "it with "
+                             "--mask FILE")
+    return init_image, mask
 
 
 def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
@@ -104,8 +130,8 @@ def _verify_all(checks: list[Check], min_psnr: float, json_out: bool) -> list:
             loaded = refiner = None  # let the previous models go before the next ones load
             loaded, key = render.load(cfg), wanted
             refiner = refine.load_refiner(cfg, loaded)
-            render.check_inpaint_model(loaded, cfg, None)
             state = LoraState(loaded, keep_originals=switching)
+        render.check_inpaint_model(loaded, cfg, (c.inputs or (None, None))[1] or cfg.pad)
         render.use_loras(state, c.loras)
         stored, again = _rerender(loaded, c, refiner)
         result = compare_images(stored, again)
@@ -122,13 +148,45 @@ def _rerender(models, c: Check, refiner=None):
     from sdcli.formats import images
 
     cfg = c.job.cfg
-    p = render.prepare(models, cfg, c.job, refiner=refiner, nets=control_config.load_nets([c.job], models))
+    init = _init(models, c) if c.inputs is not None else None
+    p = render.prepare(models, cfg, c.job, init, refiner=refiner, nets=control_config.load_nets([c.job], models))
     with pipeline.seamless(models, cfg.seamless):
-        latents = render.txt2img_passes(models, p.plan, p.cond, p.uncond, [cfg.seed], p.size, p.hires,
-                                        refiner=p.refiner)
+        latents = render.sample_batch(models, p, [cfg.seed], init,
+                                       noise=render.noise_settings(cfg, [cfg.subseed]))
         decoded = pipeline.decode_latents(refine.decoder(models, p.refiner), latents)
         again = images.tensor_to_pil(decoded.images[0])
-    return images.load_image(c.image)[0], again
+    if init is not None and init.inpaint is not None:
+        again = init.inpaint.finish(again)
+    return images.load_image(c.image)[0], _as_stored(again, c.image)
+
+
+def _as_stored(picture, path):
+    """A JPEG or WebP keeps its pixels lossily: the re-render goes through the same encoder, at the format and
+    quality the file records, before it is compared (a PNG's re-render is compared as it is)."""
+    import io
+
+    from PIL import Image
+
+    from sdcli.output.metadata import read_image_metadata
+    from sdcli.output.targets import DEFAULT_QUALITY, image_bytes
+
+    stored = (read_image_metadata(path).get("sdcli") or {}).get("file")
+    if not isinstance(stored, dict) or stored.get("format") not in ("JPEG", "WEBP"):
+        return picture
+    quality = stored.get("quality") if isinstance(stored.get("quality"), int) else DEFAULT_QUALITY
+    with Image.open(io.BytesIO(image_bytes(picture, "", {}, stored["format"], quality))) as img:
+        return img.convert("RGB")
+
+
+def _init(models, c: Check):
+    """The img2img / inpainting start of a re-render, made from the given picture and mask as img2img makes it."""
+    from sdcli.app import img2img
+    from sdcli.formats import images
+
+    picture, mask = c.inputs
+    img = images.load_image(picture)[0]
+    mask_image = images.load_mask_image(mask, img.size)[0] if mask else None
+    return img2img.prepare_init(c.job.cfg, img, mask_image, [], mask, models)[0]
 
 
 def _settings(job: Job) -> dict:

@@ -198,7 +198,12 @@ def _base_unet(model: str | None):
 def load_nets(jobs, models) -> dict[str, tuple]:
     """model path -> (ControlNet, ControlNetInfo), each file loaded once for the run, in the model's dtype on
     its device, checked against the loaded base UNet."""
-    return _load(all_specs(jobs), models)
+    specs = all_specs(jobs)
+    if specs and models.family.denoiser != "unet":  # ControlNets here are the UNet families' encoder copies
+        from sdcli.runtime.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"--controlnet with {models.family.title} is not supported yet")
+    return _load(specs, models)
 
 
 def _load(specs, models) -> dict[str, tuple]:

@@ -9,15 +9,18 @@ from __future__ import annotations
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 from sdcli.formats.ldm import UNET_PREFIX, part_of
 
-from sdcli.families.base import Family, LatentSpec, Shapes, TextEncoderSpec, TrainingSchedule
+from sdcli.families.base import Family, FlowSpec, LatentSpec, Shapes, TextEncoderSpec, TrainingSchedule
+from sdcli.families.flux import FLUX_DEV, FLUX_OTHER, FLUX_SCHNELL
 from sdcli.families.sd1 import SD1
 from sdcli.families.sd2 import SD2
+from sdcli.families.sd3 import SD3
 from sdcli.families.sdxl import SDXL, SDXL_REFINER
 
-FAMILIES: tuple[Family, ...] = (SDXL_REFINER, SDXL, SD2, SD1)  # most specific first
+# most specific first
+FAMILIES: tuple[Family, ...] = (SD3, FLUX_OTHER, FLUX_DEV, FLUX_SCHNELL, SDXL_REFINER, SDXL, SD2, SD1)
 DEFAULT = SD1  # what a prompt is shown for, and the schedule planned on, before any model is loaded
 
-__all__ = ["DEFAULT", "FAMILIES", "Family", "LatentSpec", "TextEncoderSpec", "TrainingSchedule", "by_name",
+__all__ = ["DEFAULT", "FAMILIES", "Family", "FlowSpec", "LatentSpec", "TextEncoderSpec", "TrainingSchedule", "by_name",
            "detect_family", "hub_patterns"]
 
 

@@ -31,7 +31,7 @@ class TextEncoderSpec:
 
     prefix: str  # where its weights sit in an LDM single file (OpenCLIP names under ``.model.``)
     pad_id: int  # the id that fills a 77-token window after the end token
-    hidden_act: str  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP)
+    hidden_act: str  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP); unused for T5
     # "last": the last layer, final norm (clip skip counts back from it); "penultimate": the file's last layer is
     # dropped at load (SD2's conditioning); "penultimate-raw": every layer kept, the penultimate hidden state taken
     # WITHOUT the final norm (SDXL: sgm's layer="penultimate"/"hidden", and the pooled output needs the last layer)
@@ -40,6 +40,17 @@ class TextEncoderSpec:
     # Which vectors of a textual-inversion file it takes: "clip_l" (OpenAI ViT-L), "clip_g" (OpenCLIP bigG) are
     # the keys of SDXL embedding files; a single-tensor file fits any one-encoder model of its width.
     embedding_key: str = "clip_l"
+    # "clip" (CLIP / OpenCLIP text tower) | "t5" (T5 v1.1 encoder: its tokens are appended on the sequence axis,
+    # after the CLIP contexts, which are then zero-padded to its width: SD3's rule)
+    kind: str = "clip"
+    context: bool = True  # its hidden states go into the context (FLUX's CLIP-L only gives the pooled vector)
+    # the pooled vector goes through the file's text_projection (SDXL's and SD3's bigG); False: the final norm at
+    # the end token as it is (SD3's and FLUX's CLIP-L: their files still carry a projection, left unused)
+    projected: bool = True
+    length: int = 77  # T5: the padded sequence length (the model cards': SD3 256, FLUX dev 512, schnell 256)
+    # Absent from a file, it is refused unless optional: SD3 runs without T5 on zeros (diffusers' rule)
+    optional: bool = False
+    flag: str = ""  # the option that names a separate file for it ("--clip-l", "--t5"), for messages
 
     @property
     def prefixes(self) -> tuple[str, ...]:
@@ -65,10 +76,24 @@ class LatentSpec:
     """The VAE latent space."""
 
     channels: int = 4
-    scale_factor: float = 0.18215  # scaled latent = VAE latent * scale_factor (the space the UNet works in)
+    # scaled latent = (VAE latent - shift_factor) * scale_factor: the space the denoiser works in
+    scale_factor: float = 0.18215
     downscale: int = 8  # pixels per latent cell
     rgb_factors: tuple[tuple[float, ...], ...] = SD_LATENT_RGB  # (channels, 3): the cheap preview's map
-    taesd: str = "taesd"  # which tiny autoencoder decodes this space: madebyollin's taesd_* or taesdxl_* files
+    taesd: str = "taesd"  # which tiny autoencoder decodes this space: madebyollin's taesd_*, taesdxl_*, ... files
+    shift_factor: float = 0.0  # the 16-channel VAEs of SD3 and FLUX center their latents (0 before them)
+    rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added after the cheap preview's map
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """A rectified-flow model's sigma schedule (sampling/flow.py): how diffusers' pipeline of the family spaces
+    the steps, and the shift it applies."""
+
+    spacing: str  # "table": SD3's scheduler spacing (its shifted table's minimum); "linspace": FLUX's 1 .. 1/N
+    shift: float = 1.0  # the constant time shift sigma' = s t / (1 + (s - 1) t)
+    dynamic: bool = False  # FLUX dev: the shift grows with the image's token count (mu, flow.flux_mu)
+    timestep_scale: float = 1000.0  # the network is given t = sigma * this (SD3: 1000; FLUX scales inside: 1)
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,16 @@ class Family:
     zero_empty_negative: bool = False
     # The VAE overflows in fp16 (SDXL's): on a GPU in fp16 it runs in this dtype instead, unless --vae is given
     vae_fp16_fallback: str | None = None
+    # The denoising network: "unet" (models/unet.py), "mmdit" (models/mmdit.py), "flux_dit" (models/flux.py); its
+    # sizes are read from the header shapes (families/shapes.py)
+    denoiser: str = "unet"
+    flow: FlowSpec | None = None  # set for rectified-flow families (prediction "flow")
+    # "cfg": classifier-free guidance with the negative prompt; "distilled": the guidance strength is an input of
+    # the network (FLUX dev: one call per step; a --cfg above 1 adds true CFG on top); "none": neither
+    guidance: str = "cfg"
+    default_cfg: float = 7.0  # --cfg when the run does not set it
+    default_guidance: float | None = None  # "distilled": the strength when --guidance is not given
+    size_multiple: int = 8  # image sides must be multiples of this (2x2 patches of 8-pixel cells: 16)
 
     @property
     def inpaint_in_channels(self) -> int:

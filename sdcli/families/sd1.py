@@ -17,7 +17,8 @@ def _is_sd1(shapes: Shapes) -> bool:
 
 SD1 = Family(
     name="sd1", title="SD 1.x", a1111_name="SD1", matches=_is_sd1,
-    text=(TextEncoderSpec(prefix=OPENAI_TEXT, pad_id=49407, hidden_act="quick_gelu"),),  # pads with <|endoftext|>
+    # pads with <|endoftext|>; a UNet-only file (city96's GGUF) takes it from a CLIP-L file of its own
+    text=(TextEncoderSpec(prefix=OPENAI_TEXT, pad_id=49407, hidden_act="quick_gelu", flag="--clip-l"),),
     unet_heads=dict(num_heads=8, head_dim=None),
     prediction="eps",
     native_sizes={"eps": 512, "v": 512},

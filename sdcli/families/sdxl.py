@@ -51,16 +51,17 @@ def refiner_values(size: SizeCond, negative: bool) -> tuple[float, ...]:
     return (*map(float, size.original), *map(float, size.crop), float(score))
 
 
+# flags: a UNet-only file (city96's GGUF) takes its encoders from files of their own (ComfyUI's clip_l / clip_g)
 CLIP_L = TextEncoderSpec(prefix=CONDITIONER_PREFIX + "0.transformer.", pad_id=49407, hidden_act="quick_gelu",
-                         hidden_layer="penultimate-raw")  # fmt: skip
+                         hidden_layer="penultimate-raw", flag="--clip-l")  # fmt: skip
 # OpenCLIP's tokenizer pads with 0 ("!") after the first end token: one vocabulary, two pad rules
 BIG_G = TextEncoderSpec(prefix=CONDITIONER_PREFIX + "1.model.", pad_id=0, hidden_act="gelu",
-                        hidden_layer="penultimate-raw", pooled=True, embedding_key="clip_g")  # fmt: skip
+                        hidden_layer="penultimate-raw", pooled=True, embedding_key="clip_g", flag="--clip-g")  # fmt: skip
 
 SDXL_REFINER = Family(
     name="sdxl-refiner", title="SDXL refiner", a1111_name="SDXL", matches=_is_refiner,
     text=(TextEncoderSpec(prefix=CONDITIONER_PREFIX + "0.model.", pad_id=0, hidden_act="gelu",
-                          hidden_layer="penultimate-raw", pooled=True, embedding_key="clip_g"),),
+                          hidden_layer="penultimate-raw", pooled=True, embedding_key="clip_g", flag="--clip-g"),),
     unet_heads=dict(num_heads=None, head_dim=64), latent=SDXL_LATENT,
     native_sizes={"eps": 1024, "v": 1024},
     diffusers_components=("unet", "vae", "text_encoder_2"),

@@ -29,7 +29,7 @@ TRANSPOSED = "T"  # plan marker: the stored tensor is the transpose of the modul
 def _projection(name: str, layout: str):
     """The pooled output's projection, at the module's root: OpenCLIP stores P (width, proj) used as x @ P, so the
     Linear weight is its transpose (square in the real bigG: a missed transpose gives no shape error)."""
-    if layout == "openclip" and name == "text_projection":
+    if name == "text_projection":  # OpenCLIP's bare P; stable-diffusion.cpp keeps it so beside transformers names
         return "text_projection.weight", TRANSPOSED
     if layout == "openai" and name == "text_projection.weight":
         return name, None

@@ -115,6 +115,12 @@ def _center_crop(img: Image.Image, multiple: int, notes: list[str]) -> Image.Ima
     return img.crop((left, top, left + cw, top + ch))
 
 
+def crop_to_multiple(img: Image.Image, multiple: int) -> tuple[Image.Image, list[str]]:
+    """(the image centre-cropped to sides that are multiples of `multiple`, notes saying so when it was)."""
+    notes: list[str] = []
+    return _center_crop(img, multiple, notes), notes
+
+
 def load_image(path: str | Path, multiple: int = 8, max_pixels: int | None = None
                ) -> tuple[Image.Image, list[str]]:
     """Read any image as RGB with a size that is a multiple of `multiple`.
@@ -142,6 +148,29 @@ def load_image(path: str | Path, multiple: int = 8, max_pixels: int | None = Non
     return img.copy(), notes
 
 
+def load_image_as_is(path: str | Path, max_pixels: int | None = None, data: bytes | None = None
+                     ) -> tuple[Image.Image, list[str]]:
+    """Read any image keeping its mode (gray, alpha: what an upscaler keeps), as load_image reads it otherwise:
+    the first frame, EXIF orientation applied; 16-bit and float images reduced to 8-bit gray (noted). `data`:
+    the file's bytes when they were read already (stdin can be read once)."""
+    name, data = _read_source(path) if data is None else (str(path), data)
+    img = _open_checked(name, data, max_pixels)
+    notes: list[str] = []
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"multi-frame image ({frames} frames): used the first frame")
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        notes.append(f"EXIF orientation {orientation} applied")
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        try:
+            img = _to_rgb(img, notes).convert("L")  # the exact 8-bit reduction, then back to one channel
+        except _DECODE_ERRORS as exc:
+            raise BadInputError(f"{name}: cannot convert image mode {img.mode} to 8 bits ({exc})") from exc
+    return img.copy(), notes
+
+
 def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = None
               ) -> tuple[torch.Tensor, list[str]]:
     """An inpainting mask as (1, 1, H, W) float32 of 0/1 for an image of `size` = (width, height).
@@ -150,6 +179,14 @@ def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = 
     mask processor (VaeImageProcessor(do_binarize=True, do_convert_grayscale=True), image_processor.py
     `preprocess` + `binarize`): any mode -> L (ITU-R 601 luma), then x / 255 binarised at 0.5. A mask of another
     size is resized to the image's (noted)."""
+    img, notes = load_mask_image(path, size, max_pixels)
+    return binarize(img), notes
+
+
+def load_mask_image(path: str | Path, size: tuple[int, int], max_pixels: int | None = None
+                    ) -> tuple[Image.Image, list[str]]:
+    """An inpainting mask as a grayscale ("L") image of `size` = (width, height), its levels kept (load_mask
+    binarises them): any mode -> L (ITU-R 601 luma), EXIF orientation applied, another size resized (noted)."""
     name, data = _read_source(path)
     img = _open_checked(name, data, max_pixels)
     notes: list[str] = []
@@ -165,6 +202,10 @@ def load_mask(path: str | Path, size: tuple[int, int], max_pixels: int | None = 
     if img.size != tuple(size):
         notes.append(f"mask {img.width}x{img.height} resized to the image size {size[0]}x{size[1]}")
         img = img.resize(tuple(size), Image.Resampling.LANCZOS)  # diffusers' default resample
-    arr = np.asarray(img).astype(np.float32) / 255.0  # (H, W) in [0, 1]
-    mask = torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)
-    return mask, notes
+    return img, notes
+
+
+def binarize(mask: Image.Image) -> torch.Tensor:
+    """A grayscale mask as (1, 1, H, W) float32 of 0/1: level / 255 >= 0.5 repaints."""
+    arr = np.asarray(mask.convert("L")).astype(np.float32) / 255.0  # (H, W) in [0, 1]
+    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)

@@ -14,8 +14,20 @@ TEXT_PREFIX = "cond_stage_model."
 OPENAI_TEXT = "cond_stage_model.transformer."  # OpenAI CLIP in transformers naming (SD1 files, diffusers folders)
 OPENCLIP_TEXT = "cond_stage_model.model."  # OpenCLIP naming (SD2 files)
 CONDITIONER_PREFIX = "conditioner.embedders."  # sgm (SDXL) files: one embedder per text encoder
+TEXT_ENCODERS_PREFIX = "text_encoders."  # SD3-style files: text_encoders.clip_l. / clip_g. / t5xxl.
 
-PARTS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text", TEXT_PREFIX), ("text", CONDITIONER_PREFIX))
+PARTS = (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text", TEXT_PREFIX), ("text", CONDITIONER_PREFIX),
+         ("text", TEXT_ENCODERS_PREFIX))
+# Blocks of a diffusion transformer saved alone, at the file's root (Black Forest Labs' flux1-*.safetensors,
+# diffusion-model-only SD3 files): such a file is the denoiser, seen under UNET_PREFIX like a single file's.
+BARE_DENOISER_BLOCKS = ("double_blocks.", "joint_blocks.")
+
+
+def bare_denoiser(keys) -> bool:
+    """Whether `keys` are a diffusion transformer saved alone: no part prefix anywhere, DiT blocks at the root."""
+    keys = list(keys)
+    return any(k.startswith(BARE_DENOISER_BLOCKS) for k in keys) and \
+        not any(k.startswith(prefix) for k in keys for _, prefix in PARTS)  # fmt: skip
 
 
 def part_of(key: str) -> str:

@@ -5,15 +5,19 @@ File knowledge only: nothing here knows what a model family is.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import BadInputError
 from sdcli.formats.safetensors_header import decode_header
 
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fp8: up-cast when loaded
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -98,3 +102,27 @@ def tensor_ranges(path: Path) -> dict[str, tuple[int, int]]:
 def dtype_name(t: Tensor) -> str:
     names = {v: k for k, v in FLOAT_DTYPES.items()}
     return names.get(t.dtype, str(t.dtype).removeprefix("torch.").upper())
+
+
+def write_streamed(path: str | Path, described: dict[str, tuple[str, tuple[int, ...]]], read,
+                   metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Write a safetensors file one tensor at a time: `described` maps each name to (dtype name, shape), in the
+    order written; ``read(name)`` gives its values (cast to that dtype here). The header comes first (its offsets
+    follow from the shapes), padded with spaces to 8 bytes as the safetensors library pads it."""
+    import json
+
+    from sdcli.formats.safetensors_header import DTYPE_SIZES
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in described.items():
+        size = DTYPE_SIZES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, (dtype, shape) in described.items():
+            t = read(name).to(FLOAT_DTYPES[dtype]).contiguous().reshape(-1)
+            f.write(t.view(torch.uint8).numpy())

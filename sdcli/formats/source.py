@@ -1,5 +1,5 @@
 """Weight sources: LDM key -> where its tensor lives (a single safetensors file, a diffusers folder, an in-memory
-.ckpt), read lazily, one tensor at a time, never through a memory map kept open."""
+.ckpt, a GGUF file), read lazily, one tensor at a time, never through a memory map kept open."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from torch import Tensor
 
 from sdcli.runtime.errors import BadInputError, ModelNotFoundError
 from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_ckpt
+from sdcli.formats.gguf import is_gguf, ldm_names, read_gguf_header
+from sdcli.formats.gguf import tensor_ranges as gguf_ranges
 from sdcli.formats.safetensors import FLOAT_DTYPES, dtype_name, read_header, tensor_ranges
+from sdcli.quant.ggml_types import ggml_type
+from sdcli.quant.tensor import QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,12 @@ class Entry:
     dtype: str  # safetensors dtype string ("F16", ...)
     shape: tuple[int, ...]  # shape under its LDM name
     as_conv: bool = False  # stored (C, C) Linear, presented as (C, C, 1, 1) conv (diffusers VAE attention)
+    gguf: bool = False  # in a GGUF file: `dtype` is the ggml type's name (F16, Q8_0, ...), `shape` the logical one
+
+    @property
+    def quantized(self) -> bool:
+        """GGML blocks (Q8_0, Q4_K, ...): kept as such by loaders that can (WeightSource.quantized)."""
+        return self.gguf and self.dtype not in FLOAT_DTYPES
 
 
 class WeightSource:
@@ -48,7 +58,10 @@ class WeightSource:
         return head
 
     def get(self, key: str) -> Tensor:
+        """The tensor as stored (a GGUF's quantized one dequantized to float32, bit-equal to gguf.quants)."""
         e = self.entries[key]
+        if e.quantized:
+            return self.quantized(key).dequantize(torch.float32)
         if self._tensors is not None:
             t = self._tensors[e.key]
         elif e.dtype in FLOAT_DTYPES:
@@ -60,6 +73,16 @@ class WeightSource:
                 self._handles[e.file] = safe_open(str(e.file), framework="pt", device="cpu")
             t = self._handles[e.file].get_tensor(e.key)
         return t.reshape(e.shape) if e.as_conv else t
+
+    def quantized(self, key: str) -> QuantizedTensor:
+        """A GGUF entry's GGML blocks, read into memory of their own (a uint8 tensor of the stored bytes)."""
+        e = self.entries[key]
+        qtype = ggml_type(e.dtype)
+        raw = torch.empty(qtype.nbytes(math.prod(e.shape)), dtype=torch.uint8)
+        f, start = self._locate(e)
+        f.seek(start)
+        self._fill(f, e, raw)
+        return QuantizedTensor(raw, qtype, e.shape)
 
     def _read(self, e: Entry) -> Tensor:
         """One float tensor read with a plain file read into its own buffer, not through a memory map: mapped
@@ -104,7 +127,8 @@ class WeightSource:
     def _locate(self, e: Entry) -> tuple[Any, int]:
         """(the open file, the entry's first byte), checking the entry's byte length against its shape."""
         if e.file not in self._files:
-            self._files[e.file] = (open(e.file, "rb", buffering=0), tensor_ranges(e.file))
+            ranges = gguf_ranges(e.file) if e.gguf else tensor_ranges(e.file)
+            self._files[e.file] = (open(e.file, "rb", buffering=0), ranges)
         f, ranges = self._files[e.file]
         return f, ranges[e.key][0]  # read_header checked that the range holds exactly the shape's bytes
 
@@ -137,15 +161,33 @@ def entries_from_header(path: Path, header: dict, prefix: str = "", rename_fn: C
 
 
 def single_file_source(path: Path) -> WeightSource:
+    """A single file under LDM names: as stored, or under ``model.diffusion_model.`` when it holds a diffusion
+    transformer alone (ldm.bare_denoiser)."""
+    from sdcli.formats.ldm import UNET_PREFIX, bare_denoiser
+
     header = read_header(path)
-    return WeightSource(path, entries_from_header(path, header), header.get("__metadata__"))
+    prefix = UNET_PREFIX if bare_denoiser(k for k in header if k != "__metadata__") else ""
+    return WeightSource(path, entries_from_header(path, header, prefix), header.get("__metadata__"))
+
+
+def gguf_source(path: Path) -> WeightSource:
+    """A GGUF file under LDM names (formats/gguf.ldm_names), its scalar metadata as strings: float tensors read as
+    any file's, quantized ones kept as GGML blocks by the loaders that can (WeightSource.quantized)."""
+    info = read_gguf_header(path)
+    names = ldm_names(info)
+    entries = {names[t.name]: Entry(path, t.name, t.qtype.name, t.shape, gguf=True) for t in info.tensors.values()}
+    metadata = {k: str(v) for k, v in info.metadata.items() if not isinstance(v, list)}
+    return WeightSource(path, entries, metadata, layout="gguf")
 
 
 def open_file(path: str | Path) -> WeightSource:
-    """A WeightSource for a single file: .safetensors or, restricted, .ckpt (diffusers.open_source adds folders)."""
+    """A WeightSource for a single file: .safetensors, .gguf or, restricted, .ckpt (diffusers.open_source adds
+    folders)."""
     path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file")
+    if is_gguf(path):  # named .gguf or starting with its magic, and not a valid safetensors file
+        return gguf_source(path)
     # Only a pickle extension opts in to the restricted unpickler; a pickle under any other name (say
     # .safetensors) is refused by read_header's sniffing, so renaming a file can never make us unpickle it. A valid
     # safetensors file is read as one whatever its name and first bytes (is_pickle asks the header first).

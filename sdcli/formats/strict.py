@@ -2,10 +2,13 @@
 problems listed in one error; known extras of real files skipped on purpose by IGNORED_KEYS.
 
 A plan maps each module key to (LDM key, chunk of a fused q/k/v tensor, "T" for a stored transpose, or None).
+GGUF files (formats/gguf.py) may hold GGML blocks: a part that can keeps them so, its Linear/Conv2d layers
+dequantizing in their forward (quant/layers.py); any other quantized tensor is dequantized at load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -13,7 +16,9 @@ from torch import Tensor, nn
 
 from sdcli.runtime.device import prefers_channels_last
 from sdcli.runtime.errors import BadInputError, NumericalError
-from sdcli.formats.safetensors import FLOAT_DTYPES
+from sdcli.formats.safetensors import FLOAT_DTYPES, FP8_DTYPES
+from sdcli.quant.dequantize import check_supported
+from sdcli.quant.layers import quantize_modules
 
 # Known extras in real files, skipped on purpose (never loaded, never an error):
 IGNORED_KEYS = [
@@ -29,6 +34,9 @@ IGNORED_KEYS = [
     re.compile(r"^conditioner\.embedders\.\d+\.model\.logit_scale$"),  # SDXL's OpenCLIP: CLIP's training only
     re.compile(r"^denoiser\.sigmas$"),  # sgm's DiscreteDenoiser buffer (computed, as the schedule above)
     re.compile(r"^lora_"),  # LoRA keys merged into some files' headers are not weights of this model
+    re.compile(r"^text_encoders\.\w+\.(transformer\.)?logit_scale$"),  # SD3 files' CLIPs: CLIP's training only
+    # a ComfyUI clip_l / clip_g file given for SD1/SDXL (--clip-l, --clip-g) carries CLIP's logit_scale too
+    re.compile(r"^(cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.logit_scale$"),
 ]
 
 
@@ -109,14 +117,15 @@ def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device,
     state, sums = {}, []
     for name, (key, chunk) in plan.items():
         entry = source.entries[key]
-        if entry.dtype not in FLOAT_DTYPES:
+        if entry.dtype not in FLOAT_DTYPES and not _quantized(entry):
             raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
-        if device.type == "cpu" and chunk is None:
-            state[name], total = _streamed(source, key, dtype, channels_last)
-        else:  # a fused q/k/v part, a stored transpose, or an accelerator: whole tensor, then cast
-            t = source.get(key).to(device)
-            t = t.t() if chunk == "T" else t if chunk is None else t.chunk(3, dim=0)[chunk]
+        if entry.dtype in FP8_DTYPES:  # fp8 files: up-cast here; e4m3 has NaN codes, zeroed as ComfyUI does
+            t = _slice(source.get(key).to(device, torch.float32).nan_to_num_(nan=0.0), chunk)
             state[name], total = _cast_and_sum(t, dtype)
+        elif device.type == "cpu" and chunk is None and entry.dtype in FLOAT_DTYPES:
+            state[name], total = _streamed(source, key, dtype, channels_last)
+        else:  # a fused q/k/v part, a stored transpose, an accelerator, GGML blocks: whole tensor, then cast
+            state[name], total = _cast_and_sum(_slice(source.get(key).to(device), chunk), dtype)
         sums.append(total)
     if sums:
         bad = ~torch.isfinite(torch.stack(sums))
@@ -128,29 +137,79 @@ def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device,
     return state
 
 
+def _slice(t: Tensor, chunk: int | str | None) -> Tensor:
+    """The module's tensor from the stored one: itself, its transpose ("T") or a third of a fused q/k/v."""
+    return t.t() if chunk == "T" else t if chunk is None else t.chunk(3, dim=0)[chunk]
+
+
+def _quantized(entry) -> bool:
+    """GGML blocks of a GGUF file (formats/source.Entry.quantized)."""
+    return getattr(entry, "quantized", False)
+
+
 def _check_dtypes(part: str, source, plan: Plan) -> None:
-    """List every non-float tensor at once (load_state_dict would silently cast integers to floats)."""
+    """List every non-float tensor at once (load_state_dict would silently cast integers to floats); a GGML type
+    sdcli cannot dequantize is refused by name (exit 8)."""
+    for key, _ in plan.values():
+        if _quantized(source.entries[key]):
+            check_supported(source.entries[key].dtype, f"{source.path}: tensor {key}")
     bad = sorted(f"{key} has dtype {source.entries[key].dtype}" for key, _ in plan.values()
-                 if source.entries[key].dtype not in FLOAT_DTYPES)
+                 if source.entries[key].dtype not in FLOAT_DTYPES and not _quantized(source.entries[key]))
     if bad:
-        raise BadInputError(f"{source.path}: {part} tensors must be floating point (F32/F16/BF16): "
+        raise BadInputError(f"{source.path}: {part} tensors must be floating point (F32/F16/BF16/F8): "
                             f"{listing(sorted(set(bad)))}")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def _fit_unit_dims(source, plan: Plan, expected: dict[str, tuple[int, ...]]) -> None:
+    """GGUF writers add or drop dims of size 1 (ggml trims trailing ones: a (C, C, 1, 1) conv can come as (C, C);
+    stable-diffusion.cpp stores SD2/SDXL's linear proj_in (C, C) as a (C, C, 1, 1) conv): such a GGUF entry is
+    taken in the module's shape, the element order being the same. Other layouts keep the exact check."""
+    for name, (key, chunk) in plan.items():
+        entry, want = source.entries[key], expected.get(name)
+        if getattr(entry, "gguf", False) and chunk is None and want is not None and entry.shape != want \
+                and _squeezed(entry.shape) == _squeezed(want):  # fmt: skip
+            source.entries[key] = dataclasses.replace(entry, shape=want)
 
 
 def check_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str]) -> None:
     """Everything load_part checks before reading a value: names, shapes, stored dtypes (the header alone)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    _fit_unit_dims(source, plan, expected)
     check_strict(part, source, plan, expected, unplaced)
     _check_dtypes(part, source, plan)
 
 
+def _hold_quantized(module: nn.Module, source, plan: Plan, dtype: torch.dtype, device: torch.device) -> Plan:
+    """Give `module` its GGML-block weights as they are (quant.layers.quantize_modules: a Linear/Conv2d becomes a
+    layer that dequantizes in its forward; another owner gets the weight dequantized); returns the plan left."""
+    held = {name: key for name, (key, chunk) in plan.items() if chunk is None and _quantized(source.entries[key])}
+    if not held:
+        return plan
+    weights = {name: source.quantized(key).to(device) for name, key in held.items()}
+    bad = [held[name] for name, q in weights.items() if not q.scales_finite()]
+    if bad:
+        raise NumericalError(f"{source.path}: NaN or Inf in the weights of {listing(sorted(bad))}")
+    quantize_modules(module, weights, dtype)
+    return {name: v for name, v in plan.items() if name not in held}
+
+
 def load_part(part: str, module: nn.Module, source, plan: Plan, unplaced: list[str],
-              dtype: torch.dtype, device: torch.device) -> nn.Module:  # fmt: skip
+              dtype: torch.dtype, device: torch.device, quantized: bool = True) -> nn.Module:  # fmt: skip
     """Strictly fill a meta-built `module` from `source` by `plan` (assign: no copy, no random init), its conv
-    weights already in the layout the module will run in (models/layout.py)."""
+    weights already in the layout the module will run in (models/layout.py). GGML blocks stay so where the module
+    takes them (`quantized`); with quantized=False (the VAE) every weight is dequantized to `dtype` at load."""
     check_part(part, module, source, plan, unplaced)
     channels_last = prefers_channels_last(device, dtype) and any(isinstance(m, nn.Conv2d) for m in module.modules())
-    module.load_state_dict(_read_cast(source, plan, dtype, device, channels_last), strict=True, assign=True)
+    rest = _hold_quantized(module, source, plan, dtype, device) if quantized else plan
+    state = _read_cast(source, rest, dtype, device, channels_last)
+    if len(rest) < len(plan):  # the held weights are in place already: given back as they are, so strict holds
+        live = module.state_dict(keep_vars=True)
+        state.update({name: live[name] for name in plan if name not in rest})
+    module.load_state_dict(state, strict=True, assign=True)
     module._channels_last = channels_last  # run_layout's conversion is done
     return module.requires_grad_(False).eval()
 

@@ -12,6 +12,10 @@ rename table the diffusers-folder loader uses (``formats.diffusers.unet_prefix_p
 (``lora_unet_input_blocks_1_1_proj_in``) are accepted too.
 Upstream: kohya-ss sd-scripts networks/lora.py (LoRAModule, LORA_PREFIX_*), A1111
 extensions-builtin/Lora/networks.py and network_lora.py (key conversion, calc_updown).
+
+A layer holding GGML blocks (a GGUF model: quant/layers.py) cannot take a merged weight: the LoRA is added to its
+dequantized weight in each forward instead (quant.layers.RuntimeLora, ComfyUI's way and stable-diffusion.cpp's
+``at_runtime``), with the float32 steps of a merge, so the result has the bits of merging into the dequantized model.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from torch import Tensor, nn
 from sdcli.formats.diffusers import rename, unet_prefix_pairs
 from sdcli.formats.hashing import file_sha256
 from sdcli.formats.safetensors import FLOAT_DTYPES, read_header
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError, quote
+from sdcli.quant.layers import RuntimeLora, holds_blocks
+from sdcli.runtime import cuda_graphs
+from sdcli.runtime.errors import (BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError, UsageError,
+                                  quote)
 
 UNET_KEY = "lora_unet_"
 TEXT_KEY = "lora_te_"
@@ -167,6 +174,11 @@ def _groups(path: Path, state: dict) -> dict[str, dict]:
     return groups
 
 
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The adapted weight's shape: its logical one for a layer holding GGML blocks (its `weight` is the bytes)."""
+    return tuple(getattr(module, "weight_shape", None) or module.weight.shape)
+
+
 def _check_fits(path: Path, base: str, up: tuple, down: tuple, target: tuple) -> None:
     """up @ down must reshape to the target's weight: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
     if up[0] != target[0] or up[0] * math.prod(down[1:]) != math.prod(target):
@@ -203,6 +215,9 @@ def _merge(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module], original
         module = targets.get(base)
         if module is None:
             continue
+        if holds_blocks(module):
+            _add_runtime(spec, base, groups[base], module, originals, device)
+            continue
         w = module.weight
         here = w.to(device)
         delta = _delta(spec.path, base, groups[base], here)
@@ -213,6 +228,23 @@ def _merge(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module], original
             originals.setdefault(module, w)
         # A new Parameter, not an in-place edit: the old tensor may be shared with a caller.
         module.weight = nn.Parameter(merged.to(w.dtype).to(w.device), requires_grad=False)
+
+
+def _add_runtime(spec: LoraSpec, base: str, parts: dict[str, Tensor], module: nn.Module,
+                 originals: dict | None, device: torch.device) -> None:  # fmt: skip
+    """One LoRA on a layer holding GGML blocks: its up/down factors kept (on the run's device) and added to the
+    dequantized weight in every forward, in _delta's and _merge's float32 steps (quant.layers.RuntimeLora)."""
+    down, up = (parts[k].to(device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
+    rank = down.shape[0]
+    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+    _check_fits(spec.path, base, tuple(up.shape), tuple(down.shape), _weight_shape(module))
+    lora = RuntimeLora(up, down, alpha / rank, spec.weight)
+    delta = (up.flatten(1) @ down.flatten(1)) * lora.ratio * lora.weight
+    if not bool(torch.isfinite(delta).all()):
+        raise NumericalError(f"{spec.path}: {base}: NaN or Inf in the LoRA's update")
+    if originals is not None:
+        originals.setdefault(module, tuple(module.loras))  # the layer's LoRAs before any of this set
+    module.loras.append(lora)
 
 
 def _read(spec: LoraSpec) -> dict:
@@ -255,6 +287,9 @@ class LoraState:
         key = [(s.path.resolve(), s.weight) for s in specs]
         if key == self.key:
             return []
+        family = self.models.family
+        if specs and family.denoiser != "unet":  # the key maps are written for the UNet families
+            raise UnsupportedModelError(f"{specs[0].path}: LoRAs for {family.title} are not supported yet")
         if self.key:
             if not self.keep_originals:
                 raise RuntimeError("LoRA switch without the original weights kept")  # a bug, not bad input
@@ -265,12 +300,18 @@ class LoraState:
             value = self.models.parts.peek(part)
             if value is not None:
                 self._merge_part(part, tuple(value) if part == "text" else (value,))
+        unet = self.models.parts.peek("unet")
+        if unet is not None:  # run-time LoRAs change no parameter a captured CUDA graph would see change
+            cuda_graphs.forget(unet)
         return self.reports
 
     def restore(self) -> None:
         """Back to the weights as loaded, before the LoRAs merged with keep_originals."""
         for by_module in self.originals.values():
             for module, weight in by_module.items():
+                if isinstance(weight, tuple):  # a layer holding GGML blocks: its run-time LoRAs as they were
+                    module.loras[:] = weight
+                    continue
                 if weight.device != module.weight.device:  # moved by the residency since (offload)
                     weight = nn.Parameter(weight.to(module.weight.device), requires_grad=False)
                 module.weight = weight
@@ -292,7 +333,7 @@ class LoraState:
         for base, module in matched.items():
             parts = groups[base]
             _check_fits(spec.path, base, tuple(parts["lora_up.weight"]["shape"]),
-                        tuple(parts["lora_down.weight"]["shape"]), tuple(module.weight.shape))
+                        tuple(parts["lora_down.weight"]["shape"]), _weight_shape(module))
         return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
 
     def _merge_part(self, part: str, modules: tuple) -> None:

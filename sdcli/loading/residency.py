@@ -261,7 +261,8 @@ class Residency:
 
 
 def _modules(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    """The modules a part holds (an optional text encoder that is absent, None, is no module)."""
+    return tuple(v for v in value if v is not None) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _to(module: torch.nn.Module, device: torch.device) -> None:

@@ -24,7 +24,8 @@ from sdcli.formats.source import WeightSource
 from sdcli.formats.strict import identity_plan, load_part
 from sdcli.models.vae import AutoencoderKL, VAEConfig
 
-TAESD_KINDS = ("taesdxl", "taesd")  # longest first: "taesdxl_decoder" also starts with "taesd"
+# longest first: "taesdxl_decoder" also starts with "taesd"; taesd3 (SD3) and taef1 (FLUX) are 16-channel
+TAESD_KINDS = ("taesdxl", "taesd3", "taesd", "taef1")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -103,6 +104,11 @@ def latent_scale(vae, family) -> float:
     return 1.0 if is_tiny(vae) else family.latent.scale_factor
 
 
+def latent_shift(vae, family) -> float:
+    """What is taken from the VAE's own latent before the scale (the 16-channel VAEs'): 0 for TAESD."""
+    return 0.0 if is_tiny(vae) else family.latent.shift_factor
+
+
 def is_tiny(vae) -> bool:
     from sdcli.models.taesd import TinyAutoencoder
 
@@ -128,7 +134,8 @@ def vae_part(source: WeightSource, cfg: VAEConfig) -> tuple:
 
 
 def build_vae(source: WeightSource, cfg: VAEConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
-    return load_part(*vae_part(source, cfg), dtype, device)
+    """The VAE runs on plain weights: a GGUF's quantized ones (stable-diffusion.cpp files) are dequantized here."""
+    return load_part(*vae_part(source, cfg), dtype, device, quantized=False)
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> AutoencoderKL:

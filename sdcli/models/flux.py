@@ -365,7 +365,7 @@ class FluxModel(nn.Module):
 
     def vector(self, t: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
         """(B, D) conditioning vector: time embedding (+ guidance embedding on dev) + pooled text."""
-        dtype = self.img_in.weight.dtype
+        dtype = self.img_in.bias.dtype  # a bias: never quantized (a GGUF's img_in may hold GGML blocks)
         vec = self.time_in(timestep_embedding(t).to(dtype))
         if self.config.guidance_embed:
             if guidance is None:
@@ -377,7 +377,7 @@ class FluxModel(nn.Module):
                 guidance: Tensor | None = None) -> Tensor:  # fmt: skip
         # img: (B, L, C) packed latent tokens; txt: (B, T, 4096); ids: (B, N, 3) or (N, 3); t: (B,) sigma in [0, 1];
         # y: (B, 768) pooled CLIP-L; guidance: (B,) (dev)
-        dtype = self.img_in.weight.dtype
+        dtype = self.img_in.bias.dtype  # a bias: never quantized (a GGUF's img_in may hold GGML blocks)
         vec = self.vector(t, y, guidance)  # (B, D)
         x = self.img_in(img.to(dtype))  # (B, L, D)
         ctx = self.txt_in(txt.to(dtype))  # (B, T, D)

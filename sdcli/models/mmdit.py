@@ -282,7 +282,7 @@ class MMDiT(nn.Module):
         h, w = height // p, width // p
         if h * p != height or w * p != width or h > m or w > m:
             raise BadInputError(f"SD3 latent {height}x{width} must be a multiple of {p} and at most {m * p} a side")
-        dtype = self.x_embedder.proj.weight.dtype
+        dtype = self.x_embedder.proj.bias.dtype  # a bias: never quantized (GGUF files may quantize the rest)
         tokens = (self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w)).contiguous()  # (B, T, D)
         c = self.t_embedder(timestep_embedding(t, self.config.frequency_embedding_size).to(dtype))  # (B, D)
         c = c + self.y_embedder(y.to(dtype))

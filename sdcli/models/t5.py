@@ -146,7 +146,9 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         h = gelu_new(self.wi_0(h)) * self.wi_1(h)  # (B, T, d_ff)
-        return self.wo(h.to(self.wo.weight.dtype))
+        if self.wo.weight.is_floating_point():  # a GGUF's quantized wo holds GGML blocks: it takes h's dtype
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 def gelu_new(x: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ class TextConfig:
     max_positions: int = 77
     hidden_act: str = "quick_gelu"  # SD2/OpenCLIP: "gelu"
     projection_dim: int | None = None  # SDXL bigG: width of the pooled output (text_projection), else None
+    pooled: bool = False  # the pooled output is wanted without a projection (SD3's and FLUX's CLIP-L)
     # The id that fills the window after the end token: OpenAI CLIP repeats <|endoftext|>, OpenCLIP pads with 0
     # ("!"). The family's text-encoder declaration says which (families/base.TextEncoderSpec.pad_id).
     pad_id: int = EOS_ID
@@ -84,13 +85,13 @@ class TextEncoder(nn.Module):
         `hidden_index` counts as transformers' ``hidden_states`` (0 = embeddings, -1 = last layer); SDXL uses
         -2, diffusers' clip_skip=c uses -(c + 2). The pooled vector (only with a text_projection) is the final
         norm of the LAST layer at the first EOS token (sgm takes argmax(ids): the same for CLIP's own ids),
-        projected.
+        projected when the encoder has a text_projection (SD3's and FLUX's CLIP-L: not projected).
         """
         n = self.config.num_layers
         index = hidden_index + n + 1 if hidden_index < 0 else hidden_index
         if not 0 <= index <= n:
             raise UsageError(f"hidden state {hidden_index} out of range for a {n}-layer text encoder")
-        pooled_wanted = self.config.projection_dim is not None
+        pooled_wanted = self.config.projection_dim is not None or self.config.pooled
         t = self.transformer
         h = picked = t.embeddings(ids, fixes)  # (N, T, D); fixes: textual-inversion rows, as for forward
         for i, layer in enumerate(t.encoder.layers[: n if pooled_wanted else index], start=1):
@@ -100,7 +101,8 @@ class TextEncoder(nn.Module):
         if not pooled_wanted:
             return picked, None
         last = t.final_layer_norm(h)  # (N, T, D)
-        return picked, self.text_projection(last[torch.arange(ids.shape[0], device=ids.device), eos_index(ids)])
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), eos_index(ids)]  # (N, D)
+        return picked, self.text_projection(pooled) if hasattr(self, "text_projection") else pooled
 
 
 class CLIPTextTransformer(nn.Module):

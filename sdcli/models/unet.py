@@ -184,8 +184,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    token_merging = None  # models/tome.TokenMerging shared with the UNet when --tome-ratio is set
+
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, HW, C)
+        plan = self.token_merging.plan(x) if self.token_merging is not None else None
+        if plan is None:
+            x = x + self.attn1(self.norm1(x))  # (B, HW, C)
+        else:  # self-attention over merged tokens, its output copied back to each merged token (models/tome.py)
+            merge, unmerge = plan
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -337,7 +344,7 @@ class UNetModel(nn.Module):
         H and W may be any size: an upsampler meets its skip connection at that skip's size.
         control: ControlNet residuals (one per skip connection, in push order; one for the middle output),
         added as cldm's ControlledUnetModel and diffusers' *_additional_residuals do (models/controlnet.py)."""
-        dtype = self.time_embed[0].weight.dtype
+        dtype = self.out[0].weight.dtype  # a norm: never quantized (a GGUF's time_embed may hold GGML blocks)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4mc)
         if (y is None) != (self.config.adm_in_channels is None):
             raise ValueError("an SDXL UNet needs the vector y, and only an SDXL UNet takes one")

@@ -4,13 +4,14 @@ Both are safetensors files (https://github.com/huggingface/safetensors): an 8-by
 length, a JSON header, then raw tensor bytes. Metadata values are strings (a safetensors rule).
 
 sdcli latent (any name except *.latent), format version 1:
-  tensor   "latent"        float32 (N, 4, H/8, W/8)
+  tensor   "latent"        float32 (N, C, H/8, W/8): C = 4 (SD 1.x/2.x, SDXL) or 16 (SD3, FLUX)
   metadata "format"        "sdcli.latent"
            "version"       "1"
            "family"        model family the VAE belongs to, e.g. "sd1", "sd2", "sdxl" ("" if unknown)
-           "scaled"        "true": the tensor is in UNet space (VAE output * scale_factor);
+           "scaled"        "true": the tensor is in UNet space ((VAE output - shift_factor) * scale_factor);
                            "false": raw VAE space
            "scale_factor"  the VAE scale factor as a decimal string, e.g. "0.18215" ("" if unknown)
+           "shift_factor"  only for a VAE that centres its latent (SD3 "0.0609", FLUX "0.1159"); absent: 0
            "source_size"   "WxH" of the image it came from, or ""
            "model_hash"    sha256 (hex) of the checkpoint/VAE used, or ""
 
@@ -69,6 +70,7 @@ class LatentFile:
     model_hash: str | None = None
     format: str = "sdcli"  # "sdcli", "comfyui" or "comfyui-legacy"
     metadata: dict = field(default_factory=dict)
+    shift_factor: float | None = None  # None: not recorded (0, or the model's when it centres its latents)
 
     def _factor(self, scale_factor: float | None) -> float:
         factor = scale_factor if scale_factor is not None else self.scale_factor
@@ -76,13 +78,22 @@ class LatentFile:
             raise UsageError("this latent file does not record its VAE scale factor; the model's is needed")
         return factor
 
-    def vae_space(self, scale_factor: float | None = None) -> torch.Tensor:
-        """The latent as the VAE encoder outputs it / the decoder expects it."""
-        return self.latent / self._factor(scale_factor) if self.scaled else self.latent
+    def _shift(self, shift_factor: float | None) -> float:
+        return shift_factor if shift_factor is not None else self.shift_factor or 0.0
 
-    def unet_space(self, scale_factor: float | None = None) -> torch.Tensor:
-        """The latent as the sampler works on it (VAE space * scale factor)."""
-        return self.latent if self.scaled else self.latent * self._factor(scale_factor)
+    def vae_space(self, scale_factor: float | None = None, shift_factor: float | None = None) -> torch.Tensor:
+        """The latent as the VAE encoder outputs it / the decoder expects it."""
+        if not self.scaled:
+            return self.latent
+        shift = self._shift(shift_factor)
+        return self.latent / self._factor(scale_factor) + shift if shift else self.latent / self._factor(scale_factor)
+
+    def unet_space(self, scale_factor: float | None = None, shift_factor: float | None = None) -> torch.Tensor:
+        """The latent as the sampler works on it ((VAE space - shift) * scale factor)."""
+        if self.scaled:
+            return self.latent
+        shift = self._shift(shift_factor)
+        return (self.latent - shift) * self._factor(scale_factor) if shift else self.latent * self._factor(scale_factor)
 
 
 @dataclass
@@ -125,14 +136,18 @@ def _size_str(size: tuple[int, int] | None) -> str:
 
 
 def save_latent(path, latent: torch.Tensor, *, scaled: bool, scale_factor: float, family: str,
-                source_size: tuple[int, int] | None, model_hash: str | None, overwrite: bool = False) -> Path:
+                source_size: tuple[int, int] | None, model_hash: str | None, overwrite: bool = False,
+                shift_factor: float = 0.0) -> Path:
     """Write a latent file: ComfyUI's format when `path` ends in '.latent', sdcli's otherwise (see top)."""
     _check_latent(latent, str(path), family)
     meta = {"format": LATENT_FORMAT, "version": FORMAT_VERSION, "family": family or "",
             "scaled": "true" if scaled else "false", "scale_factor": repr(float(scale_factor)),
             "source_size": _size_str(source_size), "model_hash": model_hash or ""}
+    if shift_factor:
+        meta["shift_factor"] = repr(float(shift_factor))
     if str(path).endswith(COMFY_SUFFIX):
-        raw = latent / scale_factor if scaled else latent  # ComfyUI stores raw VAE space next to the marker
+        # ComfyUI stores raw VAE space next to the marker
+        raw = (latent / scale_factor + shift_factor if shift_factor else latent / scale_factor) if scaled else latent
         meta["scaled"] = "false"
         tensors = {COMFY_TENSOR: _cpu32(raw), COMFY_MARKER: torch.tensor([])}
     else:
@@ -185,7 +200,8 @@ def load_latent(path) -> LatentFile:
     """Read an sdcli latent file or a ComfyUI .latent file (with or without the version marker)."""
     tensors, meta = _read_safetensors(path)
     common = dict(family=meta.get("family") or None, source_size=_parse_size(meta.get("source_size")),
-                  model_hash=meta.get("model_hash") or None, metadata=meta)
+                  model_hash=meta.get("model_hash") or None, metadata=meta,
+                  shift_factor=_float_or_none(meta.get("shift_factor")))
     if COMFY_TENSOR in tensors:
         t = tensors[COMFY_TENSOR]
         _check_latent(t, str(path), common["family"])

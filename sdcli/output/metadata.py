@@ -32,11 +32,10 @@ PARAMETERS_KEY = "parameters"
 
 def _names():
     """(sampler -> A1111 label, schedule -> A1111 label, schedule aliases): sampling/samplers.py's and schedule.py's
-    tables, the one place each name is kept. Imported when needed: they import torch, reading metadata does not."""
-    from sdcli.sampling.samplers import SAMPLERS
-    from sdcli.sampling.schedule import SCHEDULE_ALIASES, SCHEDULE_LABELS
+    tables (sampling/names.py, torch-free), the one place each name is kept."""
+    from sdcli.sampling.names import SAMPLER_NAMES, SCHEDULE_ALIASES, SCHEDULE_LABELS
 
-    return {spec.name: spec.a1111 for spec in SAMPLERS.values() if spec.a1111}, SCHEDULE_LABELS, SCHEDULE_ALIASES
+    return {spec.name: spec.a1111 for spec in SAMPLER_NAMES.values() if spec.a1111}, SCHEDULE_LABELS, SCHEDULE_ALIASES
 
 # infotext label -> (our key, type); anything else lands in "extra" as text.
 _FIELDS = [
@@ -45,6 +44,11 @@ _FIELDS = [
     ("Model hash", "model_hash", str), ("Model", "model", str), ("VAE hash", "vae_hash", str),
     ("VAE", "vae", str), ("Denoising strength", "denoising_strength", float), ("Clip skip", "clip_skip", int),
     ("RNG", "rng", str), ("Version", "version", str),
+    # A1111's noise and sampler parameters (sampling/a1111_params.py INFOTEXT_FIELDS says when each is written)
+    ("Variation seed", "subseed", int), ("Variation seed strength", "subseed_strength", float),
+    ("Seed resize from", "seed_resize_from", str), ("ENSD", "ensd", int), ("Eta", "eta", float),
+    ("Eta DDIM", "eta_ddim", float), ("Sigma churn", "s_churn", float), ("Sigma tmin", "s_tmin", float),
+    ("Sigma tmax", "s_tmax", float), ("Sigma noise", "s_noise", float),
 ]
 _LABEL_TO_KEY = {label: (key, typ) for label, key, typ in _FIELDS}
 
@@ -70,7 +74,7 @@ def _num(value: Any) -> str:
 def canonical_sampler(name: str) -> str:
     """Any known spelling (A1111 label, ComfyUI, sd.cpp, diffusers, ours) -> our canonical name; unknown names
     (samplers sdcli does not implement) unchanged."""
-    from sdcli.sampling.samplers import resolve_sampler
+    from sdcli.sampling.names import resolve_sampler
 
     try:
         return resolve_sampler(name)[0]
@@ -105,11 +109,15 @@ def _pairs(p: dict) -> list[tuple[str, Any]]:
         ("CFG scale", p.get("cfg_scale", p.get("cfg"))), ("Seed", p.get("seed")), ("Size", size),
         ("Model hash", p.get("model_hash")), ("Model", p.get("model")),
         ("VAE hash", p.get("vae_hash")), ("VAE", p.get("vae")),
+        ("Variation seed", p.get("subseed")), ("Variation seed strength", p.get("subseed_strength")),
+        ("Seed resize from", p.get("seed_resize_from")),
         ("Denoising strength", p.get("denoising_strength")),
         # A1111 writes Clip skip only when it is not the default (1 = last layer).
         ("Clip skip", clip_skip if clip_skip not in (None, 0, 1) else None),
-        # sdcli's noise is A1111's CPU scheme (torch's CPU generator); without the field A1111 assumes GPU noise.
+        # sdcli's default noise is A1111's CPU scheme (torch's CPU generator); without the field A1111 assumes GPU
+        # noise, so it is written always.
         ("RNG", p.get("rng", "CPU")),
+        *(p.get("sampler_fields") or {}).items(),  # Eta, Sigma churn, ..., ENSD where A1111 writes them
     ]
     pairs += list((p.get("extra") or {}).items())
     pairs.append(("Version", p.get("version") or f"sdcli {__version__}"))
@@ -128,7 +136,8 @@ def _value(label: str, value: Any) -> str:
 
 def format_infotext(p: dict) -> str:
     """A1111 `parameters` text from a dict with keys prompt, negative_prompt, steps, sampler, schedule,
-    cfg_scale, seed, width, height (or size "WxH"), model_hash, model, [vae, vae_hash, denoising_strength, clip_skip, extra, version].
+    cfg_scale, seed, width, height (or size "WxH"), model_hash, model, [vae, vae_hash, subseed, subseed_strength,
+    seed_resize_from, denoising_strength, clip_skip, rng, sampler_fields ({label: value}), extra, version].
 
     Prompts keep their text (A1111 does too); every value on the last line is sanitised."""
     lines = [str(p.get("prompt") or "")]
@@ -326,6 +335,20 @@ def _exif_user_comment(exif_of) -> str | None:
     return body.decode("utf-8", "replace").rstrip("\0")
 
 
+SDCLI_EXIF_MARK = b"sdcli-json\0"  # sdcli's JSON in a JPEG/WebP: the Exif MakerNote, after this mark
+
+
+def _exif_sdcli_json(exif_of) -> str | None:
+    """sdcli's JSON in a JPEG/WebP it wrote: the Exif MakerNote after the mark (output/targets.image_bytes)."""
+    try:
+        raw = exif_of().get_ifd(0x8769).get(0x927C)
+    except Exception:  # as _exif_user_comment: a malformed EXIF block is skipped
+        return None
+    if isinstance(raw, bytes) and raw.startswith(SDCLI_EXIF_MARK):
+        return raw[len(SDCLI_EXIF_MARK):].decode("utf-8", "replace")
+    return None
+
+
 def _text_chunks(path: Path) -> dict[str, str]:
     """All text metadata of an image file (PNG tEXt/zTXt/iTXt, JPEG/WebP EXIF UserComment)."""
     from PIL import Image, UnidentifiedImageError  # pillow only when a file is actually read
@@ -342,6 +365,9 @@ def _text_chunks(path: Path) -> dict[str, str]:
             with Image.open(path) as img:
                 texts = {key: value for key, value in img.info.items() if isinstance(value, str)}
                 comment = _exif_user_comment(img.getexif)
+                ours = _exif_sdcli_json(img.getexif)
+                if ours is not None:
+                    texts.setdefault(SDCLI_JSON_KEY, ours)
     except UnidentifiedImageError as exc:
         raise BadInputError(f"{path}: not an image file") from exc
     except Image.DecompressionBombError as exc:  # raised by Image.open for a huge declared size
@@ -424,3 +450,17 @@ def read_image_metadata(path: str | Path) -> dict:
         elif isinstance(workflow, dict):
             result.update(source="comfyui", parameters=_summarize_comfy_workflow(workflow))
     return result
+
+
+# --- the live preview's mark -------------------------------------------------------------------------------------
+
+PREVIEW_KEY = "sdcli-preview"  # a PNG text chunk: this file is a --preview scratch file, replaced on every run
+
+
+def is_preview_file(path: str | Path) -> bool:
+    """Whether `path` is a PNG sdcli wrote as a live preview (so a rerun may replace it without --overwrite)."""
+    try:
+        texts, _ = read_png_text(path)
+    except (OSError, BadInputError):
+        return False
+    return PREVIEW_KEY in texts

@@ -17,12 +17,26 @@ from sdcli.text.prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
                "height", "clip_skip", "strength", "seamless", "hires_scale", "hires_strength", "hires_steps",
-               "original_size", "target_size", "crop_coords", "aesthetic_score", "negative_aesthetic_score",
-               "refiner_switch")
+               "hires_upscaler", "original_size", "target_size", "crop_coords", "aesthetic_score",
+               "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur",
+               "inpaint_fill", "inpaint_area", "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed",
+               "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise",
+               "guidance", "flow_shift")
+# A1111 infotext fields of the "extra" part that replay as numbers -> config key (the last two: Forge's fields of
+# the flow models)
+INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
+                    "Token merging ratio hr": "tome_ratio_hr", "Distilled CFG Scale": "guidance",
+                    "Shift": "flow_shift"}
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
                  "denoising_strength": "strength"}
+# A1111's noise fields: parse_infotext key -> config key (sampler parameters: a1111_params.from_infotext)
+A1111_NOISE_KEYS = {"subseed": "subseed", "subseed_strength": "subseed_strength",
+                    "seed_resize_from": "seed_resize_from", "ensd": "ensd"}
+# parse_infotext key -> infotext label, for the fields a1111_params reads by label
+_SAMPLER_LABELS = {"eta": "Eta", "eta_ddim": "Eta DDIM", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin",
+                   "s_tmax": "Sigma tmax", "s_noise": "Sigma noise", "ensd": "ENSD"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,8 @@ class Replay:
     path: str = ""  # the image, for messages
     embeddings: dict[str, str] = field(default_factory=dict)  # textual-inversion name -> recorded hash
     refiner: str | None = None  # the SDXL refiner it was made with (a file of the user's, like the model)
+    model: str | None = None  # the checkpoint it was made with: its file name (A1111: the name without extension)
+    model_hash: str | None = None  # its sha256 (sdcli: whole; A1111: the first 10 digits; older A1111: 8, not ours)
 
 
 def from_image(path: str | Path) -> Replay:
@@ -49,36 +65,148 @@ def from_image(path: str | Path) -> Replay:
         values = {k: v for k, v in ours.get("config", {}).items() if k in RENDER_KEYS}
         prompt, mode = ours.get("prompt", ""), ours.get("mode", "txt2img")
         refiner = (ours.get("refiner") or {}).get("name")
+        model, model_hash = (ours.get("model") or {}).get("name"), (ours.get("model") or {}).get("sha256")
     else:
         params = meta["parameters"]
         values = {INFOTEXT_KEYS[k]: v for k, v in params.items() if k in INFOTEXT_KEYS and v is not None}
         extra = params.get("extra") or {}
         refiner = extra.get("Refiner")
-        if extra.get("Refiner switch at") is not None:
-            values["refiner_switch"] = _number(extra["Refiner switch at"])
-        prompt, mode = params.get("prompt", ""), "img2img" if "strength" in values else "txt2img"
+        model, model_hash = params.get("model"), params.get("model_hash")
+        values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
+                       if extra.get(field) is not None})
+        _hires_values(values, extra)
+        masked = _inpaint_values(extra)
+        values.update(masked)
+        mode = "inpaint" if masked else "img2img" if "strength" in values else "txt2img"
+        prompt = params.get("prompt", "")
         ours = {}
         if meta["source"] == "a1111":
-            rng_note(params.get("rng"), path)
+            values.update(a1111_noise(params, path))
+            _cpu_hires_note(values, path)
         else:  # sd.cpp draws its own noise (a CUDA-like Philox by default)
             from sdcli.runtime import console
 
-            console.info(f"{path}: made by stable-diffusion.cpp, whose noise differs from sdcli's (A1111's CPU "
-                         "noise), so the same seed gives a different image")
+            console.info(f"{path}: made by stable-diffusion.cpp, which draws its noise and steps its samplers its "
+                         "own way (not A1111's), so the same seed gives a different image")
     if values.get("schedule") is None:
         values.pop("schedule", None)
+    if isinstance(values.get("hires_upscaler"), str):  # a name, found in the user's upscaler_dir: never a path
+        from sdcli.upscale.names import display_name  # that an image's metadata points at
+
+        values["hires_upscaler"] = display_name(values["hires_upscaler"])
     where = f"{path} (metadata)"
     steps = values.get("steps") if isinstance(values.get("steps"), int) else 20
     check_prompt(prompt, where, steps)
     check_prompt(values.get("negative") if isinstance(values.get("negative"), str) else "", where, steps, tags=False)
     return Replay(prompt, check_mapping(values, where), meta["source"], mode, ours, path=str(path),
                   embeddings=_embeddings(ours, meta["parameters"]),
-                  refiner=refiner if isinstance(refiner, str) else None)
+                  refiner=refiner if isinstance(refiner, str) else None,
+                  model=model if isinstance(model, str) and model else None,
+                  model_hash=model_hash.lower() if isinstance(model_hash, str) and model_hash else None)
 
 
-def _number(text: str):
+def check_model(replay: Replay, model: str | None) -> None:
+    """--from-image with no model: UsageError naming the checkpoint the image was made with. With another
+    checkpoint than the image's (by hash where both are known, else by name): a warning naming both, since the
+    render goes on and cannot give that image (verify says the same after its re-render)."""
+    from sdcli.runtime import console
+    from sdcli.runtime.errors import UsageError
+
+    made = _model_words(replay.model, replay.model_hash)
+    if not model:
+        if made:
+            raise UsageError(f"no model given: {replay.path} was made with {made}; pass --model with that "
+                             "checkpoint (FILE.safetensors | FOLDER | HUB_ID)")
+        return  # render.load says no model given
+    if made is None:
+        return
+    ours = _sha256(model)
+    if ours is not None and replay.model_hash is not None and len(replay.model_hash) >= 10:
+        same = ours.startswith(replay.model_hash)
+    else:  # a folder, a hub id, or an old A1111 hash (of 64 KiB of the file): the names are all there is
+        same = replay.model in (None, Path(model).name, Path(model).stem)
+    if not same:
+        console.info(f"warning: {replay.path} was made with {made}, but this render uses "
+                     f"{_model_words(Path(model).name, ours)}: the result will not be that image")
+
+
+def _model_words(name: str | None, sha256: str | None) -> str | None:
+    if name is None and sha256 is None:
+        return None
+    return f"{name or 'an unnamed checkpoint'}" + (f" (sha256 {sha256[:10]})" if sha256 else "")
+
+
+def _sha256(model: str) -> str | None:
+    from sdcli.formats.hashing import file_sha256
+
     try:
-        return float(text)
+        return file_sha256(model) if Path(model).is_file() else None
+    except OSError:
+        return None
+
+
+# A1111's hires fix fields -> config keys (processing.py StableDiffusionProcessingTxt2Img: extra_generation_params)
+HIRES_FIELDS = {"Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+                "Hires upscaler": ("hires_upscaler", str)}
+
+
+def _hires_values(values: dict, extra: dict) -> None:
+    """An A1111 hires fix render: its Hires fields, and its Denoising strength as the second pass's (it is not an
+    img2img strength there)."""
+    if extra.get("Hires upscale") is None:
+        return
+    for label, (key, kind) in HIRES_FIELDS.items():
+        if extra.get(label) is not None:
+            values[key] = extra[label] if kind is str else _number(extra[label], kind)
+    if "strength" in values:
+        values["hires_strength"] = values.pop("strength")
+
+
+def _cpu_hires_note(values: dict, path) -> None:
+    """An A1111 hires fix render made with CPU noise: A1111 starts new generators for the second pass, sdcli's `cpu`
+    noise goes on with the first pass's (pipeline.NoiseSettings.fresh_hires_noise), so the second pass differs."""
+    if values.get("hires_scale", 1) != 1 and str(values.get("rng", "")).lower() == "cpu":
+        from sdcli.runtime import console
+
+        console.info(f"{path}: a hires fix with CPU noise: A1111 draws the second pass's noise from new generators, "
+                     "sdcli's cpu noise goes on with the first pass's, so the hires pass differs")
+
+
+# A1111's inpaint fields -> (config key, {A1111's word: ours}; None: a number)
+_INPAINT_FIELDS = {
+    "Mask blur": ("mask_blur", None),
+    "Masked content": ("inpaint_fill", {"original": "original", "fill": "fill", "latent noise": "latent-noise",
+                                        "latent nothing": "latent-nothing"}),
+    "Inpaint area": ("inpaint_area", {"Whole picture": "whole", "Only masked": "masked"}),
+    "Masked area padding": ("inpaint_padding", None),
+    "Mask mode": ("mask_invert", {"Inpaint masked": False, "Inpaint not masked": True}),
+}
+
+
+def _inpaint_values(extra: dict) -> dict:
+    """The config values of A1111's inpaint fields (and sdcli's "Outpaint pad"), as written by app/inpaint.py. A
+    value that is no known word or number is kept as text, for check_mapping to refuse naming the image."""
+    values = {}
+    for label, (key, words) in _INPAINT_FIELDS.items():
+        if label in extra:
+            raw = str(extra[label]).strip()
+            values[key] = _whole_number(raw) if words is None else words.get(raw, raw)
+    if "Outpaint pad" in extra:
+        values["pad"] = ",".join(str(extra["Outpaint pad"]).split())
+    return values
+
+
+def _whole_number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _number(text: str, kind=float):
+    try:
+        value = float(text)
+        return int(value) if kind is int and value.is_integer() else value
     except ValueError:
         return text  # refused by check_mapping, naming the image and the key
 
@@ -132,17 +260,33 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {short(value)}"
 
 
-def rng_note(rng: Any, path: str | Path) -> None:
-    """sdcli draws A1111's CPU noise ("RNG: CPU"); an image made with GPU or NV noise ("RNG: GPU", "RNG: NV", or no
-    RNG field at all, which A1111 reads as GPU) replays with the same settings but different noise: say so."""
+def a1111_noise(params: dict, path: str | Path) -> dict[str, Any]:
+    """Config values of an A1111 / Forge image's noise: the source (no RNG field is A1111's default, GPU), the
+    variation seed and strength, "Seed resize from", ENSD and the sampler parameters (Eta, Eta DDIM, Sigma ...).
+    What sdcli cannot draw again is said on stderr, named: an RNG value A1111 does not have, the SDE samplers'
+    Brownian tree, an ENSD the infotext does not record."""
     from sdcli.runtime import console
+    from sdcli.sampling import a1111_params
 
+    values = {A1111_NOISE_KEYS[k]: v for k, v in params.items() if k in A1111_NOISE_KEYS and v is not None}
+    rng = params.get("rng")
     if rng is None:
-        console.info(f"{path}: no RNG field (A1111 then used GPU noise); sdcli draws A1111's CPU noise, so the same "
-                     "seed gives a different image")
-    elif rng.strip().upper() != "CPU":
-        console.info(f"{path}: made with RNG: {rng.strip()} noise; sdcli draws A1111's CPU noise, so the same seed "
-                     "gives a different image")
+        values["rng"] = "gpu"
+    elif str(rng).strip().lower() in a1111_params.SOURCES:
+        values["rng"] = str(rng).strip().lower()
+    else:
+        console.info(f"{path}: made with RNG: {str(rng).strip()}, a noise source A1111 does not have; sdcli draws "
+                     "CPU noise for it, so the same seed gives a different image")
+    sampler = params.get("sampler")
+    if not isinstance(sampler, str):
+        return values
+    fields = {label: params[key] for key, label in _SAMPLER_LABELS.items() if params.get(key) is not None}
+    values.update(a1111_params.from_infotext(sampler, fields))
+    eta = values.get("eta")
+    for note in (a1111_params.unreplayable(sampler, eta), a1111_params.unknown_ensd(sampler, eta, fields)):
+        if note:
+            console.info(f"{path}: {note}")
+    return values
 
 
 def _embeddings(ours: dict, params: dict) -> dict[str, str]:

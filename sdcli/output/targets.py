@@ -21,7 +21,7 @@ import unicodedata
 from pathlib import Path
 
 from sdcli.runtime.errors import OutputError, UsageError, quote
-from sdcli.output.metadata import PARAMETERS_KEY, SDCLI_JSON_KEY
+from sdcli.output.metadata import PARAMETERS_KEY, SDCLI_EXIF_MARK, SDCLI_JSON_KEY
 
 STDOUT = "-"
 TEMPLATE_FIELDS = ("index", "seed", "prompt")
@@ -317,6 +317,42 @@ def png_bytes(img, infotext: str, meta: dict) -> bytes:
     info.add_itxt(SDCLI_JSON_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str))
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+# -o's extension -> the format written (stdout: PNG). JPEG and WebP carry the parameters as A1111 writes them
+# (modules/images.py save_image_with_geninfo: EXIF UserComment, "UNICODE\0" then UTF-16 big-endian, as piexif's
+# UserComment.dump(encoding="unicode")), and sdcli's JSON in the Exif MakerNote after SDCLI_EXIF_MARK.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEFAULT_QUALITY = 90  # --quality for JPEG and WebP (A1111's default is 80); WebP at 100 is lossless
+
+
+def image_format(path: Path | str) -> str:
+    """"PNG", "JPEG" or "WEBP" from the name's extension (stdout: PNG); UsageError naming the supported ones."""
+    if str(path) == STDOUT:
+        return "PNG"
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_FORMATS:
+        return IMAGE_FORMATS[suffix]
+    what = f"{suffix!r} is not one of them" if suffix else "the name has none"
+    raise UsageError(f"-o {path}: the extension names the image format, .png, .jpg (.jpeg) or .webp; {what}")
+
+
+def image_bytes(img, infotext: str, meta: dict, fmt: str = "PNG", quality: int = DEFAULT_QUALITY) -> bytes:
+    """The image file's bytes in `fmt`, with the parameters and our metadata where that format keeps them."""
+    if fmt == "PNG":
+        return png_bytes(img, infotext, meta)
+    from PIL import Image
+
+    meta = {**meta, "file": {"format": fmt, "quality": quality}}  # verify encodes its re-render the same way
+    exif = Image.Exif()
+    exif[0x8769] = {  # the Exif IFD: UserComment, MakerNote
+        0x9286: b"UNICODE\0" + infotext.encode("utf-16-be"),
+        0x927C: SDCLI_EXIF_MARK + json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8"),
+    }
+    buf = io.BytesIO()
+    options = {"lossless": True} if fmt == "WEBP" and quality >= 100 else {"quality": quality}
+    img.convert("RGB").save(buf, format=fmt, exif=exif.tobytes(), **options)
     return buf.getvalue()
 
 

@@ -1,7 +1,7 @@
 """What AUTOMATIC1111's webui (v1.6 - v1.10) does with the sampler noise parameters, as data: which sampler takes
 `eta` / `s_churn` / `s_tmin` / `s_tmax` / `s_noise`, their defaults, which infotext field records them and when,
-and where each sampler's noise comes from. sdcli reads infotexts and replays images with it (sampling/rng.py
-has the noise itself).
+and where each sampler's noise comes from. sdcli passes the parameters to its samplers, writes and reads the
+infotext fields, and says which noise it cannot draw again, with it (sampling/rng.py has the noise itself).
 
 Where each rule lives in A1111 (github.com/AUTOMATIC1111/stable-diffusion-webui):
 - modules/sd_samplers_kdiffusion.py: `samplers_k_diffusion` (label, k-diffusion function, options `uses_ensd`,
@@ -27,7 +27,12 @@ and applies churn only where s_tmin <= sigma <= s_tmax, gamma = min(s_churn / st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+# The noise sources, as config values (`rng`) and infotext values (`RNG: CPU|GPU|NV`, upper case there).
+SOURCES = ("cpu", "gpu", "nv")
 
 # Infotext field -> (sampler keyword or setting, default, when A1111 writes it).
 INFOTEXT_FIELDS: dict[str, tuple[str, object, str]] = {
@@ -80,18 +85,119 @@ A1111_SAMPLERS: tuple[SamplerNoise, ...] = (
     SamplerNoise("DDIM", "ddim", "Eta DDIM", False, False, "rng", "ddim"),
     SamplerNoise("PLMS", "plms", None, False, False, "none", "plms"),
     SamplerNoise("UniPC", "unipc", None, False, False, "none", "unipc"),
+    SamplerNoise("LCM", "sample_lcm", None, False, False, "rng", "lcm"),
 )
 
-# What sdcli's samplers (samplers.py) lack to replay these parameters: nothing is added there yet (the lead wires
-# it after the layout move).
-SDCLI_GAPS: dict[str, str] = {
-    "euler": "no s_churn/s_tmin/s_tmax/s_noise; A1111 (k-diffusion ab527a9) draws one noise per step when they apply",
-    "heun": "no s_churn/s_tmin/s_tmax/s_noise (same per-step draw as euler)",
-    "dpm2": "no s_churn/s_tmin/s_tmax/s_noise (same per-step draw as euler)",
-    "euler_a": "eta fixed at 1 (k-diffusion get_ancestral_step(eta) is in samplers._ancestral_step, not exposed)",
-    "dpm2_a": "eta fixed at 1",
-    "dpm++_2s_a": "eta fixed at 1",
-    "dpm++_sde": "eta fixed at 1; A1111 draws from a Brownian tree (torchsde), not ImageRNG: not replayable",
-    "dpm++_2m_sde": "eta fixed at 1; Brownian tree noise in A1111, as dpm++_sde",
-    "ddim": "eta fixed at 0 ('Eta DDIM'); A1111's DDIM draws one ImageRNG noise per step even at eta 0",
-}
+
+_BY_SDCLI = {row.sdcli: row for row in A1111_SAMPLERS if row.sdcli}
+CHURN_KEYS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+# sdcli's config defaults (s_tmax 0 stands for infinity, as in A1111's setting) and the infotext label of each.
+CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+CHURN_LABELS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+
+
+def row_of(sampler: str) -> SamplerNoise | None:
+    """A1111's row for one of sdcli's samplers (canonical name), None when A1111 has no such sampler."""
+    return _BY_SDCLI.get(sampler)
+
+
+def eta_default(sampler: str) -> float | None:
+    """The eta A1111 gives `sampler` when none is set: 1 (setting eta_ancestral) for the k-diffusion functions that
+    take one, 0 (eta_ddim) for DDIM; None for a sampler without eta."""
+    row = row_of(sampler)
+    if row is None or row.eta is None:
+        return None
+    return float(INFOTEXT_FIELDS[row.eta][1])
+
+
+def sampler_options(sampler: str, eta: float | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                    s_tmax: float = 0.0, s_noise: float = 1.0) -> dict[str, float]:
+    """The keyword arguments samplers.py's function for `sampler` takes, as A1111 passes them: eta to the samplers
+    that have one (None: left at the function's default, A1111's), s_churn / s_tmin / s_tmax / s_noise to Euler,
+    Heun and DPM2 (s_tmax 0 = infinity). Only values that differ from the function's defaults are given, so a
+    render at the defaults calls the function exactly as before these parameters existed."""
+    row, options = row_of(sampler), {}
+    if row is None:
+        return options
+    if row.eta is not None and eta is not None and eta != eta_default(sampler):
+        options["eta"] = float(eta)
+    if row.churn:
+        given = {"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise}
+        for key, value in given.items():
+            if value != CHURN_DEFAULTS[key]:
+                options[key] = math.inf if key == "s_tmax" and value == 0 else float(value)
+    return options
+
+
+def unused(sampler: str, eta: float | None, churn: dict[str, float]) -> list[str]:
+    """The parameters set away from their defaults that `sampler` does not take (A1111 ignores them there):
+    config keys, for a warning."""
+    row = row_of(sampler)
+    out = []
+    if eta is not None and (row is None or row.eta is None):
+        out.append("eta")
+    if row is None or not row.churn:
+        out += [key for key in CHURN_KEYS if churn.get(key, CHURN_DEFAULTS[key]) != CHURN_DEFAULTS[key]]
+    return out
+
+
+def infotext_fields(sampler: str, eta: float | None, churn: dict[str, float], ensd: int) -> dict[str, Any]:
+    """The sampler fields A1111 writes for a render, by its rules (sd_samplers_common.Sampler.initialize,
+    processing.create_infotext): `Eta` / `Eta DDIM` when the sampler takes eta and it differs from the default,
+    `Sigma churn` ... `Sigma noise` for Euler / Heun / DPM2 when not at their defaults (tmax as a number),
+    `ENSD` when it is set, the sampler is one A1111 says uses it, and eta is not 0."""
+    row, fields = row_of(sampler), {}
+    if row is None:
+        return fields
+    used_eta = eta_default(sampler) if eta is None else float(eta)
+    if row.eta is not None and used_eta != eta_default(sampler):
+        fields[row.eta] = used_eta
+    if row.churn:
+        for key in CHURN_KEYS:
+            value = churn.get(key, CHURN_DEFAULTS[key])
+            if value != CHURN_DEFAULTS[key]:
+                fields[CHURN_LABELS[key]] = value
+    if ensd and row.uses_ensd and used_eta:
+        fields["ENSD"] = ensd
+    return fields
+
+
+def from_infotext(sampler: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Config values (eta, s_churn, s_tmin, s_tmax, s_noise) from A1111 infotext fields, as A1111 reads them
+    back: `Eta` or `Eta DDIM` whichever field is `sampler`'s, the Sigma fields for any sampler (A1111 writes them
+    only for those that take them). Absent fields are left out: the defaults are A1111's."""
+    row, out = row_of(sampler), {}
+    if row is not None and row.eta is not None and fields.get(row.eta) is not None:
+        out["eta"] = fields[row.eta]
+    for key, label in CHURN_LABELS.items():
+        if fields.get(label) is not None:
+            out[key] = fields[label]
+    return out
+
+
+def unreplayable(sampler: str, eta: float | None) -> str | None:
+    """Why A1111's noise for `sampler` cannot be drawn again, or None when it can: the SDE samplers draw from a
+    torchsde Brownian tree (not from the image's generators) unless eta is 0."""
+    row = row_of(sampler)
+    used_eta = eta_default(sampler) if eta is None else eta
+    if row is not None and row.noise == "brownian" and used_eta:
+        return (f"A1111 draws {row.label}'s noise from a torchsde Brownian tree seeded with the image seeds; sdcli "
+                "draws Gaussian steps of the same law from the image's generator, so the same seed gives a "
+                "different image")
+    return None
+
+
+def unknown_ensd(sampler: str, eta: float | None, fields: dict[str, Any]) -> str | None:
+    """A1111 re-seeds every sampler's noise with seed + ENSD but writes `ENSD` only for the samplers it says use
+    it (and eta != 0): for the others that draw noise (Euler / Heun / DPM2 with churn, DDIM with eta, LCM) an
+    infotext cannot say whether ENSD was set. None when it can."""
+    row = row_of(sampler)
+    if row is None or "ENSD" in fields:
+        return None
+    used_eta = eta_default(sampler) if eta is None else eta
+    churned = row.noise == "churn" and float(fields.get("Sigma churn") or 0) > 0
+    draws = churned or (row.noise == "rng" and (row.eta is None or bool(used_eta)))
+    if not draws or (row.uses_ensd and used_eta):
+        return None
+    return (f"A1111 does not record ENSD for {row.label}, yet draws its noise from seed + ENSD when its setting "
+            "'Eta noise seed delta' is set: if it was, give it with --ensd")

@@ -29,6 +29,8 @@ class Cond:
     # (B, P) pooled text (SDXL's bigG), carried from the prompt encoding until the family's size vector turns it
     # into `y` (pipeline.with_size_vector); never given to the UNet itself
     pooled: Tensor | None = None
+    # (B,) the strength of a guidance-distilled network (FLUX dev), an input of every call
+    guidance: Tensor | None = None
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Cond:
         """`fn` applied to every tensor held (tuples element-wise); absent fields stay None."""
@@ -37,7 +39,8 @@ class Cond:
     def unet_kwargs(self, sigma: Tensor | None = None) -> dict[str, Any]:
         """The optional UNet arguments, only those present; `control` as it stands at noise level `sigma`."""
         control = self.control.at(sigma) if hasattr(self.control, "at") and sigma is not None else self.control
-        return {name: value for name, value in (("y", self.y), ("control", control)) if value is not None}
+        present = (("y", self.y), ("guidance", self.guidance), ("control", control))
+        return {name: value for name, value in present if value is not None}
 
     @property
     def batch(self) -> int:

@@ -38,6 +38,7 @@ computes the Box-Muller as NV does, so `gpu` (emulated) == `nv` bit for bit wher
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Protocol, Sequence
 
@@ -46,8 +47,8 @@ import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import UsageError
-
-SOURCES = ("cpu", "gpu", "nv")
+from sdcli.sampling.a1111_params import SOURCES  # noqa: F401 - the source names, kept with A1111's other rules
+from sdcli.sampling.seeds import batch_seeds  # noqa: F401 - re-exported
 
 # Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"), as cuRAND's
 # curand_philox4x32_x.h and Random123's philox.h define it.
@@ -231,13 +232,8 @@ def paste_centred(small: Tensor, big: Tensor) -> Tensor:
     return out
 
 
-def batch_seeds(seed: int, count: int, subseed: int = 0, subseed_strength: float = 0.0
-                ) -> tuple[list[int], list[int]]:
-    """(seeds, variation seeds) of a batch of `count` images, as A1111's process_images_inner numbers them: image k
-    has seed + k, except with a variation (strength != 0), where every image keeps `seed` and image k's variation
-    seed is subseed + k. The infotext of image k records its own pair, so a replay of one image is a batch of one."""
-    seeds = [int(seed) + (k if subseed_strength == 0 else 0) for k in range(count)]
-    return seeds, [int(subseed) + k for k in range(count)]
+# batch_seeds (A1111's numbering of a batch) lives in sampling/seeds.py, without torch: a `--server` client plans
+# its images with it and never imports torch. Kept importable from here.
 
 
 class ImageNoise:
@@ -269,6 +265,13 @@ class ImageNoise:
 
     def _generator(self, seed: int) -> NoiseGenerator:
         return make_generator(seed, self.source, self._cuda_threads, self._native)
+
+    def continued(self, shape: Sequence[int]) -> "ImageNoise":
+        """The same generators drawing on at another shape, every call a plain draw (no variation, no resize):
+        sdcli's hires pass with `cpu` noise, which goes on from the first pass's generator state."""
+        other = copy.copy(self)
+        other.shape, other._drawn = tuple(int(n) for n in shape), True
+        return other
 
     def __call__(self) -> Tensor:
         if not self._drawn:

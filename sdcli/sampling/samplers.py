@@ -10,6 +10,10 @@
 - noise() returns a fresh standard-normal tensor shaped like x; it is the ONLY source of randomness,
   called once per stochastic draw in step order (see `make_noise_source`).
 - callback(step_index, total, x, denoised) after each step; it may raise to stop sampling.
+- keyword parameters, A1111's (sampling/a1111_params.py says which sampler takes which, as A1111 passes them):
+  `eta` for the ancestral and SDE samplers (default 1) and DDIM (default 0); `s_churn`, `s_tmin`, `s_tmax`,
+  `s_noise` for Euler, Heun and DPM2 (Karras et al. 2022 Alg. 2's churn; defaults 0, 0, inf, 1). At their
+  defaults every function computes exactly what it did before it took them.
 
 Most functions follow k-diffusion `k_diffusion/sampling.py` (crowsonkb/k-diffusion, linked per function).
 The SDE samplers take their noise from noise() where k-diffusion uses a Brownian tree: for dpm++_2m_sde
@@ -20,16 +24,15 @@ Brownian tree's correlation (see sample_dpmpp_sde).
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from sdcli.runtime.errors import UsageError, quote
-from sdcli.sampling.schedule import SCHEDULE_LABELS
+from sdcli.runtime.errors import UsageError
+from sdcli.sampling.names import SAMPLER_NAMES, SamplerName, resolve_sampler, sampler_help  # noqa: F401 (re-exported)
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
@@ -64,6 +67,32 @@ def _ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tup
     return (sigma_to**2 - up**2) ** 0.5, up
 
 
+class _Churn:
+    """Karras et al. 2022 Alg. 2's "churn" as k-diffusion's sample_euler / sample_heun / sample_dpm_2 apply it:
+    before step i, gamma = min(s_churn / steps, sqrt 2 - 1) where s_tmin <= sigma_i <= s_tmax, and x gains
+    eps * s_noise * sqrt(sigma_hat^2 - sigma_i^2) to sit at sigma_hat = sigma_i (1 + gamma). k-diffusion draws eps
+    at every step once churn is on, where gamma is 0 too, so the draws line up with A1111's; with s_churn 0 it
+    draws nothing (its draw would be unused) and the step is the plain one."""
+
+    def __init__(self, steps: int, noise: Noise | None, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float):
+        self.on = s_churn > 0
+        if self.on and noise is None:
+            raise UsageError("s_churn > 0 draws noise: pass a noise source")
+        self.steps, self.noise, self.churn, self.tmin, self.tmax, self.s_noise = \
+            steps, noise, s_churn, s_tmin, s_tmax, s_noise
+
+    def __call__(self, x: Tensor, sigma: float) -> tuple[Tensor, float]:
+        """(x at sigma_hat, sigma_hat) for the step from `sigma`."""
+        if not self.on:
+            return x, sigma
+        gamma = min(self.churn / self.steps, 2**0.5 - 1) if self.tmin <= sigma <= self.tmax else 0.0
+        eps = self.noise() * self.s_noise
+        if gamma <= 0:
+            return x, sigma
+        sigma_hat = sigma * (gamma + 1)
+        return x + eps * (sigma_hat**2 - sigma**2) ** 0.5, sigma_hat
+
+
 class _Stepper:
     """Calls the model with a (B,) sigma and reports steps: keeps each sampler's loop to its math."""
 
@@ -83,24 +112,27 @@ class _Stepper:
 
 # ----------------------------------------------------------------------------- first/second order
 
-def sample_euler(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None) -> Tensor:
-    """Euler (Karras et al. 2022 Alg. 2 with s_churn = 0); k-diffusion sample_euler."""
+def sample_euler(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> Tensor:
+    """Euler (Karras et al. 2022 Alg. 2, churn as `_Churn`); k-diffusion sample_euler."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
+    churn = _Churn(run.total, noise, s_churn, s_tmin, s_tmax, s_noise)
     for i in range(run.total):
-        denoised = run(x, s[i])
-        x = x + _to_d(x, s[i], denoised) * (s[i + 1] - s[i])
+        x, sigma = churn(x, s[i])
+        denoised = run(x, sigma)
+        x = x + _to_d(x, sigma, denoised) * (s[i + 1] - sigma)
         run.done(i, x, denoised)
     return x
 
 
-def sample_euler_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
-    """Euler ancestral (eta = 1); k-diffusion sample_euler_ancestral. One noise() per step but the last."""
+def sample_euler_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None, eta: float = 1.0) -> Tensor:
+    """Euler ancestral; k-diffusion sample_euler_ancestral. One noise() per step but the last (at any eta)."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
     for i in range(run.total):
         denoised = run(x, s[i])
-        down, up = _ancestral_step(s[i], s[i + 1])
+        down, up = _ancestral_step(s[i], s[i + 1], eta)
         x = x + _to_d(x, s[i], denoised) * (down - s[i])
         if s[i + 1] > 0:
             x = x + noise() * up
@@ -108,14 +140,18 @@ def sample_euler_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callba
     return x
 
 
-def sample_heun(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None) -> Tensor:
-    """Heun's method (Karras et al. 2022 Alg. 2, s_churn = 0); Euler for the step to sigma = 0."""
+def sample_heun(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None,
+                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> Tensor:
+    """Heun's method (Karras et al. 2022 Alg. 2, churn as `_Churn`); Euler for the step to sigma = 0;
+    k-diffusion sample_heun."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
+    churn = _Churn(run.total, noise, s_churn, s_tmin, s_tmax, s_noise)
     for i in range(run.total):
-        denoised = run(x, s[i])
-        d = _to_d(x, s[i], denoised)
-        dt = s[i + 1] - s[i]
+        x, sigma = churn(x, s[i])
+        denoised = run(x, sigma)
+        d = _to_d(x, sigma, denoised)
+        dt = s[i + 1] - sigma
         if s[i + 1] == 0:
             x = x + d * dt
         else:
@@ -126,30 +162,34 @@ def sample_heun(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = N
     return x
 
 
-def sample_dpm2(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None) -> Tensor:
-    """DPM-Solver-2 (midpoint in log-sigma); k-diffusion sample_dpm_2."""
+def sample_dpm2(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None,
+                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> Tensor:
+    """DPM-Solver-2 (midpoint in log-sigma, churn as `_Churn`); k-diffusion sample_dpm_2."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
+    churn = _Churn(run.total, noise, s_churn, s_tmin, s_tmax, s_noise)
     for i in range(run.total):
-        denoised = run(x, s[i])
-        d = _to_d(x, s[i], denoised)
+        x, sigma = churn(x, s[i])
+        denoised = run(x, sigma)
+        d = _to_d(x, sigma, denoised)
         if s[i + 1] == 0:
-            x = x + d * (s[i + 1] - s[i])
+            x = x + d * (s[i + 1] - sigma)
         else:
-            mid = math.exp((math.log(s[i]) + math.log(s[i + 1])) / 2)
-            x_2 = x + d * (mid - s[i])
-            x = x + _to_d(x_2, mid, run(x_2, mid)) * (s[i + 1] - s[i])
+            mid = math.exp((math.log(sigma) + math.log(s[i + 1])) / 2)
+            x_2 = x + d * (mid - sigma)
+            x = x + _to_d(x_2, mid, run(x_2, mid)) * (s[i + 1] - sigma)
         run.done(i, x, denoised)
     return x
 
 
-def sample_dpm2_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
-    """Ancestral DPM-Solver-2; k-diffusion sample_dpm_2_ancestral. One noise() per step but the last."""
+def sample_dpm2_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None, eta: float = 1.0) -> Tensor:
+    """Ancestral DPM-Solver-2; k-diffusion sample_dpm_2_ancestral. One noise() per step but the last (at any
+    eta)."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
     for i in range(run.total):
         denoised = run(x, s[i])
-        down, up = _ancestral_step(s[i], s[i + 1])
+        down, up = _ancestral_step(s[i], s[i + 1], eta)
         d = _to_d(x, s[i], denoised)
         if down == 0:
             x = x + d * (down - s[i])
@@ -186,10 +226,11 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None
     return x
 
 
-def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
-    """DPM-Solver++(2M) SDE, midpoint, eta = 1; k-diffusion sample_dpmpp_2m_sde with Gaussian noise().
+def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None,
+                        eta: float = 1.0) -> Tensor:
+    """DPM-Solver++(2M) SDE, midpoint; k-diffusion sample_dpmpp_2m_sde with Gaussian noise().
 
-    One noise() per step but the last.
+    One noise() per step but the last (none with eta 0: the ODE solver DPM-Solver++(2M) with these weights).
     """
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
@@ -200,23 +241,27 @@ def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, c
             x = denoised
         else:
             h = math.log(s[i]) - math.log(s[i + 1])
-            x = (s[i + 1] / s[i]) * math.exp(-h) * x - math.expm1(-2 * h) * denoised
+            eta_h = eta * h  # h itself at eta 1, so the default computes what it always did
+            x = (s[i + 1] / s[i]) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
             if old is not None:
-                x = x - 0.5 * math.expm1(-2 * h) * (h / h_last) * (denoised - old)
-            x = x + noise() * (s[i + 1] * math.sqrt(-math.expm1(-2 * h)))
+                x = x - 0.5 * math.expm1(-h - eta_h) * (h / h_last) * (denoised - old)
+            if eta:
+                x = x + noise() * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)))
             h_last = h
         old = denoised
         run.done(i, x, denoised)
     return x
 
 
-def sample_dpmpp_2s_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
-    """DPM-Solver++(2S) ancestral, r = 1/2; k-diffusion sample_dpmpp_2s_ancestral. One noise() per step but the last."""
+def sample_dpmpp_2s_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None,
+                      eta: float = 1.0) -> Tensor:
+    """DPM-Solver++(2S) ancestral, r = 1/2; k-diffusion sample_dpmpp_2s_ancestral. One noise() per step but the
+    last (at any eta)."""
     run = _Stepper(model, x, sigmas, callback)
     s = run.sigmas
     for i in range(run.total):
         denoised = run(x, s[i])
-        down, up = _ancestral_step(s[i], s[i + 1])
+        down, up = _ancestral_step(s[i], s[i + 1], eta)
         if down == 0:
             x = x + _to_d(x, s[i], denoised) * (down - s[i])
         else:
@@ -230,8 +275,8 @@ def sample_dpmpp_2s_a(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, cal
     return x
 
 
-def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
-    """DPM-Solver++ SDE (2 stages, r = 1/2, eta = 1); k-diffusion sample_dpmpp_sde.
+def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None, eta: float = 1.0) -> Tensor:
+    """DPM-Solver++ SDE (2 stages, r = 1/2); k-diffusion sample_dpmpp_sde.
 
     k-diffusion draws both stages' noise from one Brownian motion in sigma: the stage-2 increment over
     [sigma_next, sigma] contains the stage-1 increment over [sigma_mid, sigma]. We build exactly that joint
@@ -248,12 +293,12 @@ def sample_dpmpp_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, call
             x = x + _to_d(x, s[i], denoised) * (s[i + 1] - s[i])
         else:
             mid = math.sqrt(s[i] * s[i + 1])  # sigma at t + h/2
-            down, up = _ancestral_step(s[i], mid)
+            down, up = _ancestral_step(s[i], mid, eta)
             x_2 = (down / s[i]) * x - math.expm1(math.log(down) - math.log(s[i])) * denoised
             z1 = noise()
             x_2 = x_2 + z1 * up
             denoised_d = run(x_2, mid)  # (1 - fac) * d1 + fac * d2 with fac = 1 / (2r) = 1
-            down, up = _ancestral_step(s[i], s[i + 1])
+            down, up = _ancestral_step(s[i], s[i + 1], eta)
             x = (down / s[i]) * x - math.expm1(math.log(down) - math.log(s[i])) * denoised_d
             d1, d2 = s[i] - mid, s[i] - s[i + 1]
             z2 = (math.sqrt(d1) * z1 + math.sqrt(d2 - d1) * noise()) / math.sqrt(d2)  # Brownian bridge
@@ -382,10 +427,19 @@ def sample_unipc(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = 
 
 # ----------------------------------------------------------------------------- DDIM, LCM
 
-def sample_ddim(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None) -> Tensor:
-    """DDIM with eta = 0 (Song et al. 2021). In sigma space its update is exactly an Euler step:
-    x0 + sigma_next * eps with eps = (x - x0) / sigma. Usually run on the `ddim_uniform` schedule."""
-    return sample_euler(model, x, sigmas, noise, callback)
+def sample_ddim(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback=None,
+                eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021). In sigma space its eta = 0 update is exactly an Euler step: x0 + sigma_next * eps
+    with eps = (x - x0) / sigma. With eta, DDIM's sigma_t = eta sqrt((1 - a') / (1 - a) (1 - a / a')) (a, a' the
+    alphas_cumprod of this step and the next) divided by sqrt(a') is k-diffusion's sigma_up for that eta, and the
+    rest of its step is the step down to sqrt(sigma_next^2 - sigma_up^2): an ancestral Euler step, one noise() per
+    step but the last (A1111 sd_samplers_timesteps_impl.ddim draws one at every step, also at eta 0, where it is
+    multiplied by 0). Usually run on the `ddim_uniform` schedule."""
+    if not eta:
+        return sample_euler(model, x, sigmas, noise, callback)
+    if noise is None:
+        raise UsageError("DDIM with eta > 0 draws noise: pass a noise source")
+    return sample_euler_a(model, x, sigmas, noise, callback, eta=eta)
 
 
 def sample_lcm(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=None) -> Tensor:
@@ -406,97 +460,28 @@ def sample_lcm(model: Model, x: Tensor, sigmas: Tensor, noise: Noise, callback=N
 # ----------------------------------------------------------------------------- registry and names
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler and the names other tools use for it. a1111/comfy/diffusers are '' where none exists."""
+class SamplerSpec(SamplerName):
+    """A sampler's names (names.py, torch-free) and its function."""
 
-    name: str
-    fn: Callable[..., Tensor]
-    stochastic: bool
-    default_schedule: str
-    a1111: str = ""
-    comfy: str = ""
-    diffusers: str = ""
-    extra_aliases: tuple[str, ...] = ()
-
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        return tuple(a for a in (self.a1111, self.comfy, self.diffusers, *self.extra_aliases) if a)
+    fn: Callable[..., Tensor] | None = None
 
 
-SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
-    SamplerSpec("euler", sample_euler, False, "normal", "Euler", "euler", "EulerDiscreteScheduler"),
-    SamplerSpec("euler_a", sample_euler_a, True, "normal", "Euler a", "euler_ancestral",
-                "EulerAncestralDiscreteScheduler"),
-    SamplerSpec("heun", sample_heun, False, "normal", "Heun", "heun", "HeunDiscreteScheduler"),
-    SamplerSpec("dpm2", sample_dpm2, False, "normal", "DPM2", "dpm_2", "KDPM2DiscreteScheduler"),
-    SamplerSpec("dpm2_a", sample_dpm2_a, True, "normal", "DPM2 a", "dpm_2_ancestral",
-                "KDPM2AncestralDiscreteScheduler"),
-    SamplerSpec("dpm++_2m", sample_dpmpp_2m, False, "karras", "DPM++ 2M", "dpmpp_2m",
-                "DPMSolverMultistepScheduler"),
-    SamplerSpec("dpm++_2m_sde", sample_dpmpp_2m_sde, True, "karras", "DPM++ 2M SDE", "dpmpp_2m_sde"),
-    SamplerSpec("dpm++_2s_a", sample_dpmpp_2s_a, True, "karras", "DPM++ 2S a", "dpmpp_2s_ancestral"),
-    SamplerSpec("dpm++_sde", sample_dpmpp_sde, True, "karras", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler"),
-    SamplerSpec("lms", sample_lms, False, "normal", "LMS", "lms", "LMSDiscreteScheduler"),
-    SamplerSpec("ddim", sample_ddim, False, "ddim_uniform", "DDIM", "ddim", "DDIMScheduler"),
-    SamplerSpec("plms", sample_plms, False, "ddim_uniform", "PLMS", "", "PNDMScheduler"),
-    SamplerSpec("unipc", sample_unipc, False, "normal", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler"),
-    SamplerSpec("lcm", sample_lcm, True, "lcm", "LCM", "lcm", "LCMScheduler"),
-]}
-
-# Schedule words that A1111 / ComfyUI append to a sampler label ("DPM++ 2M Karras", "dpmpp_2m_sgm_uniform"):
-# schedule.py's one table of names.
-_SCHEDULE_SUFFIXES = {**{name: name for name in SCHEDULE_LABELS}, "automatic": None, "uniform": "normal"}
-
-
-def _norm(label: str) -> str:
-    return "_".join(label.strip().lower().replace("-", " ").split())
-
-
-def _alias_table() -> dict[str, str]:
-    table = {}
-    for spec in SAMPLERS.values():
-        for alias in (spec.name, *spec.aliases):
-            table[_norm(alias)] = spec.name
-    return table
-
-
-def resolve_sampler(label: str) -> tuple[str, str | None]:
-    """A sampler label in any known spelling -> (canonical name, schedule or None).
-
-    "DPM++ 2M Karras" -> ("dpm++_2m", "karras"); "euler_ancestral" -> ("euler_a", None);
-    "DPMSolverMultistepScheduler" -> ("dpm++_2m", None). UsageError with close matches otherwise.
-    """
-    table, key = _alias_table(), _norm(label)
-    if key in table:
-        return table[key], None
-    for suffix, schedule in _SCHEDULE_SUFFIXES.items():
-        base = key[: -len(suffix) - 1]
-        if key.endswith("_" + suffix) and base in table:
-            return table[base], schedule
-    close = difflib.get_close_matches(key, list(table), n=4, cutoff=0.5)
-    hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown sampler {quote(repr(label))}{hint} (see --sampler help)")
+_FUNCTIONS = {"euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun, "dpm2": sample_dpm2,
+              "dpm2_a": sample_dpm2_a, "dpm++_2m": sample_dpmpp_2m, "dpm++_2m_sde": sample_dpmpp_2m_sde,
+              "dpm++_2s_a": sample_dpmpp_2s_a, "dpm++_sde": sample_dpmpp_sde, "lms": sample_lms,
+              "ddim": sample_ddim, "plms": sample_plms, "unipc": sample_unipc, "lcm": sample_lcm}
+SAMPLERS: dict[str, SamplerSpec] = {
+    name: SamplerSpec(**{f.name: getattr(spec, f.name) for f in fields(SamplerName)}, fn=_FUNCTIONS[name])
+    for name, spec in SAMPLER_NAMES.items()}
 
 
 def sample(name: str, model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None,
-           callback=None) -> Tensor:
-    """Run the named sampler (any alias) from x at sigmas[0] down the schedule; returns the final x."""
+           callback=None, **options: float) -> Tensor:
+    """Run the named sampler (any alias) from x at sigmas[0] down the schedule; returns the final x. `options`:
+    the sampler's keyword parameters (eta, s_churn, ...: see the module docstring)."""
     spec = SAMPLERS[resolve_sampler(name)[0]]
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise UsageError(f"sigmas must be a 1-D list of at least 2 values, got shape {tuple(sigmas.shape)}")
-    if spec.stochastic and noise is None:
+    if (spec.stochastic or options.get("eta") or options.get("s_churn")) and noise is None:
         raise UsageError(f"sampler {spec.name} draws noise: pass a noise source")
-    return spec.fn(model, x, sigmas, noise, callback)
-
-
-def sampler_help() -> str:
-    """Plain-text table of samplers and the names A1111, ComfyUI and diffusers use for them."""
-    rows = [("name", "A1111", "ComfyUI", "diffusers", "default schedule")]
-    rows += [(s.name, s.a1111 or "-", s.comfy or "-", s.diffusers or "-", s.default_schedule)
-             for s in SAMPLERS.values()]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append("")
-    lines.append("A schedule can follow the name, as in A1111: \"DPM++ 2M Karras\", \"euler_a exponential\".")
-    lines.append("Names are case-insensitive; spaces, '-' and '_' are interchangeable.")
-    return "\n".join(lines)
+    return spec.fn(model, x, sigmas, noise, callback, **options)

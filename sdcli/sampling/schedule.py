@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import UsageError, quote
+from sdcli.sampling.names import SCHEDULE_ALIASES, SCHEDULE_LABELS, SCHEDULE_NAMES  # noqa: F401 (re-exported)
 
 MAX_STEPS = 1000
 
@@ -227,19 +228,8 @@ SCHEDULES = {
     "lcm": _lcm,
 }
 
-# The one table of schedule names: ours -> A1111's "Schedule type" label (modules/sd_schedulers.py), where A1111 has
-# the schedule; output/metadata.py writes and reads infotext with it, sampling/samplers.py reads schedule words in sampler labels.
-# "Trailing" is not one of A1111's: it is written in A1111's style, and A1111 reads a label it does not know as
-# "Automatic" (sd_samplers.get_sampler_and_scheduler); sdcli reads it back as `trailing`.
-SCHEDULE_LABELS = {
-    "normal": "Normal", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-    "simple": "Simple", "trailing": "Trailing", "ddim_uniform": "DDIM", "beta": "Beta",
-    "align_your_steps": "Align Your Steps",
-}
-# Other spellings -> ours (None: the sampler's default). A1111's "Uniform" is k-diffusion's default discretisation,
-# uniform in t, which is the schedule we (and ComfyUI) call "normal".
-SCHEDULE_ALIASES = {"automatic": None, "default": None, "uniform": "normal", "sgmuniform": "sgm_uniform",
-                    "ays": "align_your_steps", "ddim": "ddim_uniform"}
+# The names (ours, A1111's labels, other spellings) are kept torch-free in names.py.
+assert tuple(SCHEDULES) == SCHEDULE_NAMES
 
 
 def get_sigmas(schedule: str, steps: int, model_sigmas: Tensor) -> Tensor:

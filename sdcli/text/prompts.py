@@ -445,3 +445,73 @@ def _token_names(chunk: PromptChunk, tokenizer, lengths: dict[str, int]) -> list
         for k in range(lengths[name]):
             names[offset + k] = f"<{name}>" if k == 0 else f"<{name}#{k}>"
     return names
+
+
+# --- text encoders of the flow transformers (SD3, FLUX): CLIP windows and a T5 sequence ---------------------------
+
+
+def t5_units(text: str, tokenizer, length: int) -> tuple[list[int], list[float]]:
+    """(ids, weights) of a prompt for T5, `length` long: the attention-weighted pieces tokenized one by one (each
+    without its surrounding spaces, so an unweighted prompt gives exactly the tokenizer's ids of the whole text),
+    truncated to keep the end token, then padded. BREAK has no meaning for a single T5 sequence: it only
+    separates pieces. Weights as Forge's T5 engine (A1111's EmphasisOriginal on T5 tokens)."""
+    from sdcli.text.t5_tokenizer import EOS_ID, PAD_ID
+
+    pieces = [item for item in parse_attention(text) if item is not BREAK and item[0].strip()]
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece_text, weight in pieces:
+        piece = tokenizer.tokenize(piece_text if len(pieces) == 1 else piece_text.strip(), limit=length)
+        ids += piece
+        weights += [weight] * len(piece)
+    ids, weights = ids[: length - 1] + [EOS_ID], weights[: length - 1] + [1.0]
+    pad = length - len(ids)
+    return ids + [PAD_ID] * pad, weights + [1.0] * pad
+
+
+def encode_t5(text: str, encoder, tokenizer, length: int):
+    """(1, length, D) T5 hidden states of a prompt, weighted as `_apply_weights` (the mean restored)."""
+    import torch
+
+    ids, weights = t5_units(text, tokenizer, length)
+    device = _device_of(encoder)
+    z = encoder(torch.tensor([ids], dtype=torch.long, device=device))  # (1, L, D)
+    return _apply_weights(z, torch.tensor([weights], dtype=torch.float32))
+
+
+@dataclass(frozen=True)
+class JointText:
+    """One prompt through a flow transformer's text encoders, before cond and uncond are lined up."""
+
+    clip: object | None  # (1, 77 * n, sum of CLIP widths): the CLIP contexts, or None (FLUX uses none)
+    sequence: object | None  # (1, L, D): T5's tokens (zeros for an optional encoder that is absent)
+    pooled: object | None  # (1, P): the pooled CLIP vectors side by side
+
+    def context(self, width: int):
+        """[CLIP contexts zero-padded to `width` | T5 tokens] on the token axis (SD3's layout; FLUX: T5 alone)."""
+        import torch
+        import torch.nn.functional as F
+
+        parts = [] if self.clip is None else [F.pad(self.clip, (0, width - self.clip.shape[-1]))]
+        parts += [] if self.sequence is None else [self.sequence.to(parts[0].dtype if parts else self.sequence)]
+        return torch.cat(parts, dim=1)
+
+
+def encode_joint(text: str, encoders, specs, tokenizers: dict, width: int, embeddings=None) -> JointText:
+    """A prompt through every text encoder of a flow transformer (`specs`: families/base.TextEncoderSpec; an
+    encoder may be None where the spec is optional). CLIP encoders chunk and weight the prompt as for SDXL
+    (penultimate state without the final norm, pooled from the first chunk); the contexts of those that give one
+    are joined on the channels; T5 gives the sequence; `width`: T5's width (the zeros of an absent one)."""
+    import torch
+
+    contexts, pooled, sequence = [], [], None
+    for encoder, spec in zip(encoders, specs, strict=True):
+        if spec.kind == "t5":
+            sequence = torch.zeros(1, spec.length, width) if encoder is None else \
+                encode_t5(text, encoder, tokenizers["t5"], spec.length).float()  # fmt: skip
+            continue
+        context, vector = encode_with(text, (encoder,), (spec,), tokenizers["clip"], 1, embeddings)
+        contexts += [context.float()] if spec.context else []
+        pooled += [vector.float()] if spec.pooled else []
+    return JointText(torch.cat(contexts, dim=-1) if contexts else None, sequence,
+                     torch.cat(pooled, dim=-1) if pooled else None)

@@ -283,12 +283,14 @@ class Upscaler:
 
 def _spandrel():
     """The spandrel package, or UnsupportedModelError saying why it cannot be used."""
+    from sdcli.runtime.extras import install_hint
+
     try:
         import spandrel
     except Exception as e:  # ImportError, or the RuntimeError of a torchvision built for another torch
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"runs only through spandrel, which cannot be imported ({why}): "
-                                    "`pip install spandrel` (it needs a torchvision matching this torch)") from None
+                                    f"{install_hint('spandrel')}; it needs a torchvision matching this torch") from None
     return spandrel
 
 
@@ -346,9 +348,9 @@ def inspect_upscaler(path: str | Path) -> UpscalerInfo:
     return _native(stored, layout)[0]
 
 
-def describe(path: str | Path) -> dict:
-    """Fields for `sdcli inspect` on an upscaler file."""
-    info = inspect_upscaler(path)
+def describe(path: str | Path, info: UpscalerInfo | None = None) -> dict:
+    """Fields for `sdcli inspect` on an upscaler file (`info`: inspect_upscaler's, when it was read already)."""
+    info = inspect_upscaler(path) if info is None else info
     cfg = info.config
     return {
         "kind": "upscaler", "architecture": info.architecture, "layout": LAYOUT_NAMES[info.layout],

@@ -155,7 +155,7 @@ def upscale(model: Any, image: Tensor, tile: int | None = DEFAULT_TILE, overlap:
 _AS_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 
 
-def _normal_mode(img: Image.Image) -> Image.Image:
+def normal_mode(img: Image.Image) -> Image.Image:
     """The image as L, LA, RGB or RGBA: palettes and premultiplied or other colour spaces converted."""
     if img.mode in ("L", "LA", "RGB", "RGBA"):
         return img
@@ -177,7 +177,9 @@ def _to_tensor(img: Image.Image) -> Tensor:
 
 
 def _to_pil(x: Tensor) -> Image.Image:
-    arr = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (H, W, C), rounded as A1111 does
+    # (H, W, C), rounded as spandrel and chaiNNer do: A1111 (upscaler_utils.upscale_without_tiling) truncates
+    # with astype(uint8), which darkens by half a level on average
+    arr = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[-1]])
 
 
@@ -218,7 +220,7 @@ def upscale_pil(img: Image.Image, model: Any, scale: float | None = None, tile: 
     resized with Lanczos where the model's passes do not land exactly there. L, LA, RGB and RGBA keep their mode
     (palette images come back RGB/RGBA). Alpha: a constant alpha stays that constant; any other alpha goes
     through the model on its own as a gray image (chaiNNer's "separate alpha"; A1111 drops alpha)."""
-    img = _normal_mode(img)
+    img = normal_mode(img)
     target = _target(img, model, scale, size)
     colour, alpha = (img.convert(img.mode[:-1]), img.getchannel("A")) if img.mode in ("LA", "RGBA") else (img, None)
     out = _passes(colour, model, target, tile, overlap)

@@ -1,0 +1,141 @@
+"""Linear and Conv2d layers whose weights stay GGML blocks in memory and are dequantized in each forward.
+
+A model is built by its usual classes (models/unet.py ...); ``quantize_modules`` then swaps each Linear/Conv2d
+whose weight came quantized for a QuantizedLinear/QuantizedConv2d at the same attribute path. The blocks are the
+layer's ``weight`` buffer (1-d uint8, so ``.to(device)`` moves them and code that treats the weight as a float
+matrix fails loudly instead of computing garbage); the bias stays a float Parameter. The forward dequantizes to the
+input's dtype on the input's device: the weight exists at full size only while its layer runs (ComfyUI-GGUF
+``ops.py`` GGMLOps, diffusers ``GGUFLinear.forward_native`` do the same).
+
+LoRA cannot be merged into blocks, so it is applied at run time, after dequantization (ComfyUI's way;
+stable-diffusion.cpp's ``--lora-apply-mode at_runtime``): ``layer.loras`` holds RuntimeLora updates, added to the
+weight in each forward with the float32 steps sdcli.loading.lora takes to merge them into a float weight (the same bits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdcli.runtime.errors import BadInputError
+from sdcli.quant.dequantize import dequantize
+from sdcli.quant.tensor import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class RuntimeLora:
+    """One LoRA's update of one layer: W + weight * ratio * (up @ down), ratio = alpha / rank, in float32 in the
+    order of sdcli.loading.lora._delta and _merge (so the result has the merged weight's bits). Keep up/down on the run
+    device: elsewhere they are copied there in every forward."""
+
+    up: Tensor  # (out, rank[, 1, 1])
+    down: Tensor  # (rank, in[, kh, kw])
+    ratio: float  # alpha / rank
+    weight: float  # the user's LoRA weight
+
+    def add_to(self, w: Tensor) -> Tensor:
+        up, down = (t.to(w.device, torch.float32).flatten(1) for t in (self.up, self.down))
+        return w + self.weight * (self.ratio * (up @ down).reshape(w.shape))  # (out, in[, kh, kw])
+
+
+class _QuantizedWeight:
+    """What both layers share: the blocks as the ``weight`` buffer, their type and logical shape, the LoRAs."""
+
+    def _hold(self, q: QuantizedTensor, bias: Tensor | None) -> None:
+        self.register_buffer("weight", q.raw)
+        self.qtype, self.weight_shape = q.qtype, q.shape
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        self.loras: list[RuntimeLora] = []
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.weight, self.qtype, self.weight_shape)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight as `dtype` with the runtime LoRAs added, each in float32 then rounded to `dtype`: the steps
+        sdcli.loading.lora takes merging LoRAs one by one into a `dtype` weight, so the bits are those of a dequantized
+        model with the LoRAs merged."""
+        w = dequantize(self.weight, self.qtype, self.weight_shape, dtype)
+        for lora in self.loras:
+            w = lora.add_to(w.float()).to(dtype)
+        return w
+
+    def _bias(self, dtype: torch.dtype) -> Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+
+def holds_blocks(module: nn.Module) -> bool:
+    """Whether `module` is a QuantizedLinear/QuantizedConv2d (its `weight` is GGML blocks, its LoRAs run-time)."""
+    return isinstance(module, _QuantizedWeight)
+
+
+class QuantizedLinear(_QuantizedWeight, nn.Linear):
+    """nn.Linear (isinstance holds) computing with the dequantized weight."""
+
+    def __init__(self, weight: QuantizedTensor, bias: Tensor | None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self._hold(weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
+
+
+_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+               "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")  # fmt: skip
+
+
+class QuantizedConv2d(_QuantizedWeight, nn.Conv2d):
+    """nn.Conv2d (isinstance holds; padding_mode changes such as seamless tiling apply) with the dequantized
+    weight; its geometry is copied from the Conv2d it replaces."""
+
+    def __init__(self, like: nn.Conv2d, weight: QuantizedTensor):
+        nn.Module.__init__(self)
+        for name in _CONV_ATTRS:
+            setattr(self, name, getattr(like, name))
+        self._hold(weight, like.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        w = self.dequantized_weight(x.dtype)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # the layout a float model's weights have then (models/layout.py): the same kernels, the same bits
+            w = w.contiguous(memory_format=torch.channels_last)
+        return self._conv_forward(x, w, self._bias(x.dtype))
+
+
+def _fit(key: str, q: QuantizedTensor, shape: tuple[int, ...]) -> QuantizedTensor:
+    """`q` under the model's shape: equal, or equal but for dims of size 1 (ggml drops trailing ones when it
+    writes: stable-diffusion.cpp files hold a (C, C, 1, 1) 1x1 conv as (C, C) and SD3's (1, N, C) pos_embed as
+    (N, C)); the blocks' element order is the same, so the reshape is exact."""
+    if q.shape == shape:
+        return q
+    if math.prod(q.shape) == math.prod(shape) and [d for d in q.shape if d != 1] == [d for d in shape if d != 1]:
+        return QuantizedTensor(q.raw, q.qtype, shape)
+    raise BadInputError(f"{key}: quantized weight of shape {list(q.shape)} does not fit the model's {list(shape)}")
+
+
+def quantize_modules(model: nn.Module, weights: Mapping[str, QuantizedTensor], dtype: torch.dtype) -> None:
+    """Give `model` the quantized `weights` (state-dict keys of `model`, e.g. ``input_blocks.1.0.in_layers.2.weight``):
+    the Linear/Conv2d owning each is replaced by its quantized counterpart at the same path (keeping its bias
+    Parameter, which a later strict load may still fill); a weight of any other module (an Embedding, a bare
+    Parameter) is dequantized to `dtype` and assigned, as it could not be used quantized. Works on meta-built
+    models. Keys that are no parameter of `model` are refused (BadInputError) before anything changes."""
+    params = dict(model.named_parameters())
+    unknown = sorted(k for k in weights if k not in params)
+    if unknown:
+        raise BadInputError(f"quantized weights the model has no parameter for: {', '.join(unknown[:6])}")
+    for key, q in weights.items():
+        path, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(path)
+        q = _fit(key, q, tuple(params[key].shape))
+        if leaf == "weight" and path and type(owner) in (nn.Linear, nn.Conv2d):
+            layer = QuantizedLinear(q, owner.bias) if type(owner) is nn.Linear else QuantizedConv2d(owner, q)
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, layer)
+        else:
+            setattr(owner, leaf, nn.Parameter(q.dequantize(dtype), requires_grad=False))
