@@ -290,7 +290,8 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     if key in PAIRS:
         pair = pair_of(key, value, where)
         if key == "seed_resize_from" and max(pair) > SEED_RESIZE_MAX:  # noise is drawn at this size
-            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got {value}")
+            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got "
+                                  f"{quote(value, 60)}")
     if key == "pad":
         pad_of(value, where)
     if key == "hires_upscaler":

@@ -6,7 +6,7 @@ formats/clip_layouts.py; detection (families/) and loading (loading/checkpoint.p
 
 from __future__ import annotations
 
-from sdcli.runtime.errors import BadInputError
+from sdcli.runtime.errors import BadInputError, quote
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -43,15 +43,17 @@ def shapes_of(header: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def refuse_empty(shapes: dict[str, tuple[int, ...]], names) -> None:
-    """BadInputError when a weight among `names` has a zero-sized dimension. The safetensors format allows such
-    tensors, but no network has one, and the sizes read from the header (a channel multiplier is one width divided
-    by another) would divide by zero or build a network that cannot run."""
+def refuse_empty(shapes: dict[str, tuple[int, ...]], names, path=None) -> None:
+    """BadInputError (naming `path` when given) when a weight among `names` has a zero-sized dimension. The
+    safetensors and GGUF formats allow such tensors, but no network has one, and the sizes read from the header
+    (a channel multiplier is one width divided by another) would divide by zero or build a network that cannot
+    run."""
     empty = sorted(k for k in names if 0 in shapes[k])
     if empty:
         more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise BadInputError(f"tensor {empty[0]!r} has a zero-sized dimension {list(shapes[empty[0]])}{more}: "
-                            "network weights never do; the file is damaged or not model weights")
+        raise BadInputError(f"{f'{path}: ' if path is not None else ''}tensor '{quote(empty[0], 120)}' has a "
+                            f"zero-sized dimension {list(shapes[empty[0]])}{more}: network weights never do; the "
+                            "file is damaged or not model weights")
 
 
 def numel(shape) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError, UsageError, quote
 from sdcli.families import Family, by_name, detect_family, hub_patterns
 from sdcli.families.shapes import build_denoiser, infer_denoiser_config, infer_text_config, infer_vae_config
 from sdcli.formats.clip_layouts import text_plan
@@ -93,11 +93,11 @@ def _prediction(family: Family, inpaint: bool, header: dict, override: str | Non
     """(prediction, how we know): the user, then the file, then the family (which may only guess; see
     Family.settle_prediction). A flow family predicts flow whatever is asked."""
     if override is not None and (override == "flow") != (family.flow is not None):
-        raise UsageError(f"--prediction {override}: a {family.title} model predicts "
+        raise UsageError(f"--prediction {quote(override, 60)}: a {family.title} model predicts "
                          f"{'flow' if family.flow else 'eps or v'}")
     if override is not None:
         if override not in _PREDICTION_NAMES:
-            raise BadInputError(f"unknown prediction type {override!r} (use eps or v)")
+            raise BadInputError(f"unknown prediction type {quote(repr(override), 60)} (use eps or v)")
         return _PREDICTION_NAMES[override], "override"
     if family.flow is not None:
         return family.default_prediction(inpaint)

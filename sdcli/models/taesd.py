@@ -197,10 +197,7 @@ def read_taesd_file(path: str | Path) -> TaesdParts:
     path = Path(path)
     state = _read_state(path)
     shapes = shapes_of(state)
-    try:
-        refuse_empty(shapes, shapes)
-    except BadInputError as e:
-        raise BadInputError(f"{path}: {e}") from None
+    refuse_empty(shapes, shapes, path)
     if is_taesd_decoder(shapes):
         return TaesdParts(path, None, state)
     if is_taesd_encoder(shapes):
