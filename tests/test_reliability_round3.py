@@ -100,6 +100,64 @@ def test_zero_sized_weights_are_refused_by_name(tiny_sd1, tmp_path):
                                   "zcn.safetensors"]
 
 
+def _unet_gguf(src: Path, dst: Path, zero_key: str | None = None) -> Path:
+    """city96's UNet-only GGUF of the tiny SD1 (names without model.diffusion_model.), F32; one weight emptied."""
+    from sdcli.quant.quantize import write_gguf
+
+    prefix = "model.diffusion_model."
+    state = {k[len(prefix):]: v for k, v in load_file(str(src)).items() if k.startswith(prefix)}
+    if zero_key is not None:
+        state[zero_key] = torch.zeros(0, *state[zero_key].shape[1:])
+    write_gguf(dst, state, "f32", arch="sd1")
+    return dst
+
+
+def _clip_file(src: Path, dst: Path, zero: bool = False) -> Path:
+    """ComfyUI's clip_l.safetensors of the tiny SD1 (transformers names); its token embedding 0 wide when `zero`."""
+    prefix = "cond_stage_model.transformer."
+    state = {k[len(prefix):]: v for k, v in load_file(str(src)).items() if k.startswith(prefix)}
+    if zero:
+        key = "text_model.embeddings.token_embedding.weight"
+        state[key] = torch.zeros(state[key].shape[0], 0)
+    save_file(state, str(dst))
+    return dst
+
+
+def test_zero_sized_weights_in_gguf_encoder_and_upscaler_files(tiny_sd1, tmp_path):
+    """Main's new files under the same rule, each named: a GGUF tensor (the reader refuses it, so generate,
+    inspect and convert all do), a --clip-l file (the error named the checkpoint it was merged into) and an
+    upscaler file (it reached the strict load; inspect reported a 0-wide model), refused before the model loads."""
+    from make_upscaler import write_rrdb
+
+    from sdcli.models.esrgan import RRDBConfig
+
+    gguf = _unet_gguf(tiny_sd1, tmp_path / "zu.gguf", "input_blocks.0.0.weight")
+    clip, zclip = _clip_file(tiny_sd1, tmp_path / "clip_l.safetensors"), \
+        _clip_file(tiny_sd1, tmp_path / "zclip_l.safetensors", zero=True)  # fmt: skip
+    result = cli(*render_args(gguf, "--vae", tiny_sd1, "--clip-l", clip, "-o", "o.png"))
+    assert_clean_error(result, 3, "zu.gguf", "input_blocks.0.0.weight", "zero-sized dimension")
+    assert_clean_error(cli("inspect", gguf, "--no-hash"), 3, "zu.gguf", "zero-sized dimension")
+    assert_clean_error(cli("convert", gguf, "-o", "c.safetensors"), 3, "zu.gguf", "zero-sized dimension")
+    good = _unet_gguf(tiny_sd1, tmp_path / "u.gguf")
+    result = cli(*render_args(good, "--vae", tiny_sd1, "--clip-l", zclip, "-o", "o.png"))
+    error = assert_clean_error(result, 3, "zclip_l.safetensors", "token_embedding.weight", "zero-sized dimension")
+    assert "u.gguf" not in error
+    up = write_rrdb(tmp_path / "4x-T.pth", RRDBConfig(num_features=8, num_blocks=1), layout="old")
+    state = torch.load(up, weights_only=True)
+    state["model.0.weight"] = torch.zeros(0, *state["model.0.weight"].shape[1:])
+    save_file(state, str(tmp_path / "4x-Z.safetensors"))
+    torch.save(state, tmp_path / "4x-Z.pth")
+    Image.new("RGB", (32, 32)).save(tmp_path / "pic.png")
+    for bad in ("4x-Z.safetensors", "4x-Z.pth"):
+        result = cli("upscale", "pic.png", "-u", bad, "-o", "u.png")
+        assert_clean_error(result, 3, bad, "model.0.weight", "zero-sized dimension")
+        assert_clean_error(cli("inspect", bad), 3, bad, "zero-sized dimension")
+        result = cli(*render_args(tiny_sd1, "--hires-scale", "2", "--hires-upscaler", bad, "-o", "o.png"))
+        assert_clean_error(result, 3, bad, "zero-sized dimension")
+        assert "loading" not in result.stderr  # the hires upscaler is checked before the model loads
+    assert not {"o.png", "u.png", "c.safetensors"} & set(files_in(tmp_path))
+
+
 BIG = "x" * 62_000
 LONG_LINES = {
     "weight": (f"a ({BIG}:1.2.3)", 3),
@@ -111,6 +169,9 @@ LONG_LINES = {
     "sigmas": (json.dumps({"prompt": "a", "sigmas": BIG}), 3),
     "control key": (json.dumps({"prompt": "a", "controlnets": [{"model": "m", "image": "i", BIG: 1}]}), 3),
     "control resize": (json.dumps({"prompt": "a", "controlnets": [{"model": "m", "image": "i", "resize": BIG}]}), 3),
+    "noise source": (json.dumps({"prompt": "a", "rng": BIG}), 3),
+    "inpaint fill": (json.dumps({"prompt": "a", "inpaint_fill": BIG}), 3),
+    "seed resize": (json.dumps({"prompt": "a", "seed_resize_from": "0" * 62_000 + "64x64"}), 3),
 }  # fmt: skip
 
 
@@ -120,8 +181,8 @@ def test_an_error_quotes_at_most_a_short_piece_of_a_long_line(tmp_path, case):
     line, code = LONG_LINES[case]
     (tmp_path / "p.txt").write_text(line + "\n", encoding="utf-8")
     error = assert_clean_error(cli("generate", "--prompts-file", "p.txt", "--dry-run"), code, "p.txt:1")
-    assert "x" * 201 not in error and len(error) < 1500, error  # (an unknown key's error lists the known ones)
-    assert re.search(r"\.\.\. \(6\d,\d{3} characters\)", error) or error.endswith("..."), error
+    assert not re.search(r"(.)\1{200}", error) and len(error) < 1500, error  # (an unknown key's lists the known)
+    assert re.search(r"\.\.\. \(6\d,\d{3} characters\)", error) or "..." in error, error
 
 
 def test_other_quoted_input_is_capped_too(tmp_path):
@@ -132,6 +193,51 @@ def test_other_quoted_input_is_capped_too(tmp_path):
     assert len(error) < 700
     error = assert_clean_error(cli("generate", "x", "--sigmas", BIG, "--dry-run"), 2, "sigmas")
     assert len(error) < 700
+
+
+LONG_NAME = "n" * 300  # one name over the 255 bytes of every file system: Path.is_file() raised ENAMETOOLONG
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", LONG_NAME], ["--vae", LONG_NAME], ["--lora", LONG_NAME], ["--clip-l", LONG_NAME],
+    ["--controlnet", LONG_NAME, "--control-image", "h.png"], ["--control-image", LONG_NAME, "--controlnet",
+    "cn.safetensors"], ["--embeddings-dir", LONG_NAME], ["--lora-dir", LONG_NAME],
+    ["--hires-scale", "2", "--hires-upscaler", LONG_NAME], ["--latent-in", LONG_NAME], ["--refiner", LONG_NAME]],
+    ids=lambda a: a[0])
+def test_an_input_name_too_long_for_any_file_system_is_one_line(tiny_sd1, tmp_path, args):
+    """`unexpected OSError: [Errno 36] File name too long` (exit 1) from most options naming an input file."""
+    make_controlnet(tmp_path / "cn.safetensors")
+    Image.new("RGB", (64, 64)).save(tmp_path / "h.png")
+    base = render_args(tiny_sd1, "-o", "o.png")
+    if args[0] == "-m":
+        base = base[:2] + base[4:]
+    if args[0] == "--lora-dir":
+        base[1] = "a cat <lora:x:1>"
+    assert_clean_error(cli(*base, *args), 3, "n" * 100, "over 255 bytes")
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "upscale", "convert", "from-image"])
+def test_commands_given_a_name_too_long_for_any_file_system(tiny_sd1, tmp_path, command):
+    args = {"inspect": ["inspect", LONG_NAME], "verify": ["verify", LONG_NAME, "-m", tiny_sd1],
+            "upscale": ["upscale", LONG_NAME, "-u", "Lanczos", "--scale", "2", "-o", "u.png"],
+            "convert": ["convert", LONG_NAME, "-o", "c.safetensors"],
+            "from-image": ["generate", "--from-image", LONG_NAME, "-m", tiny_sd1, "-o", "o.png"]}[command]
+    assert_clean_error(cli(*args), 3, "n" * 100, "over 255 bytes" if command != "convert" else "cannot read")
+    assert files_in(tmp_path) == []
+
+
+def test_an_upscaler_name_is_quoted_short_when_not_found(tiny_sd1, tmp_path):
+    name = "u" * 240  # a valid file name, not there
+    (tmp_path / "ups").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "pic.png")
+    error = assert_clean_error(cli("upscale", "pic.png", "-u", name, "--upscaler-dir", "ups", "-o", "x.png"), 4,
+                               "not found under ups")
+    assert "u" * 121 not in error and "(240 characters)" in error
+    (tmp_path / "p.txt").write_text(json.dumps({"prompt": "a", "hires_scale": 2, "hires_upscaler": name}) + "\n")
+    result = cli("generate", "--prompts-file", "p.txt", "-m", tiny_sd1, "--upscaler-dir", "ups", "-o", "o.png")
+    error = assert_clean_error(result, 4, "not found under ups")
+    assert "u" * 121 not in error and "loading" not in result.stderr
 
 
 def test_console_caps_any_error_line():
