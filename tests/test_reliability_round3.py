@@ -553,6 +553,67 @@ def test_checkpoint_changed_while_a_part_is_read_again(tiny_sd1, tmp_path, monke
     assert temp_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("changed", ["unet gguf", "clip-l file"])
+@pytest.mark.parametrize("change", ["remove", "rewrite in place"])
+def test_gguf_and_encoder_files_changed_while_a_part_is_read_again(tiny_sd1, tmp_path, monkeypatch, changed, change):
+    """The same rule for main's separate files: a city96 UNet GGUF with --vae and --clip-l, lean residency reading
+    the parts again for job 2; whichever file changed is named, and job 2 is not written."""
+    from sdcli.app import save
+    from sdcli.loading import residency
+
+    unet, clip = _unet_gguf(tiny_sd1, tmp_path / "u.gguf"), _clip_file(tiny_sd1, tmp_path / "clip_l.safetensors")
+    target = unet if changed == "unet gguf" else clip
+    write = save.save_rendered
+
+    def write_then_change(*args, **kwargs):
+        write(*args, **kwargs)
+        if not target.exists():
+            return
+        st = target.stat()
+        if change == "remove":
+            target.unlink()
+        else:
+            data = bytearray(target.read_bytes())
+            data[-64:] = bytes(64)
+            target.write_bytes(bytes(data))
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(save, "save_rendered", write_then_change)
+    monkeypatch.setenv(residency.POLICY_ENV, "lean")
+    (tmp_path / "jobs.txt").write_text("a fox\na cat\n")
+    result = cli("generate", "--prompts-file", "jobs.txt", "-m", unet, "--vae", tiny_sd1, "--clip-l", clip, "--steps",
+                 "1", "-W", "64", "-H", "64", "--dtype", "fp32", "--device", "cpu", "-o", "j-{index}.png")
+    assert_clean_error(result, 3, str(target), "removed since it was loaded" if change == "remove" else "changed on disk")
+    assert (tmp_path / "j-0.png").exists() and not (tmp_path / "j-1.png").exists()
+    assert temp_files(tmp_path) == []
+
+
+def test_a_hires_upscaler_replaced_between_runs_of_one_process_is_read_again(tiny_sd1, tmp_path):
+    """The hires upscaler's network was cached by path for the process: a second run (as `serve` makes, or any
+    in-process caller) after the file was replaced used the old network, and recorded the new file's hash."""
+    from make_upscaler import write_rrdb
+
+    from sdcli.models.esrgan import RRDBConfig
+
+    cfg = RRDBConfig(num_features=8, num_blocks=1)
+    path, other = tmp_path / "4x-A.pth", write_rrdb(tmp_path / "4x-B.pth", cfg, layout="old", seed=1)
+    write_rrdb(path, cfg, layout="old", seed=0)
+    hires = ["--hires-scale", "2", "--hires-steps", "1", "--hires-upscaler"]
+
+    def render(upscaler: Path, name: str) -> np.ndarray:
+        result = cli(*render_args(tiny_sd1, *hires, upscaler, "-o", name))
+        assert result.exit_code == 0, result.output
+        return np.asarray(Image.open(tmp_path / name))
+
+    first = render(path, "first.png")
+    path.write_bytes(other.read_bytes())  # 4x-A.pth is now B's weights
+    again, fresh = render(path, "again.png"), render(other, "fresh.png")
+    assert not np.array_equal(first, fresh)  # the two networks do give different images
+    assert np.array_equal(again, fresh)
+    recorded = [sdcli_meta(tmp_path / name)["hires_upscaler"]["sha256"] for name in ("again.png", "fresh.png")]
+    assert recorded[0] == recorded[1]  # and the record names the network that ran
+
+
 # ---------------------------------------------------------------- the HTML report stays inert
 
 

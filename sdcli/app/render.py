@@ -437,10 +437,14 @@ def hires_upscaler(cfg: RunConfig, models):
     from sdcli.upscale.names import choose
     from sdcli.upscale.resize import HiresUpscaler
 
+    from sdcli.loading.residency import stamps
+
     choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
     if choice.kind != "model":
         return HiresUpscaler(choice)
-    key = (str(choice.path), models.dtype, models.device)
+    # the file's stamp in the key: a process that runs again (serve, a test) must not keep a network whose file
+    # was replaced since, while the metadata records the new file's hash
+    key = (str(choice.path), tuple(stamps([choice.path]).values()), models.dtype, models.device)
     if key not in _HIRES_MODELS:
         from sdcli.upscale.files import load_upscaler
 
