@@ -479,3 +479,110 @@ def test_fuzzed_control_images_through_preprocess(tmp_path):
             if result.exit_code:
                 assert result.exit_code == 3 and name in result.stderr, result.stderr
     assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- main's new file kinds: GGUF, upscalers, encoders
+
+ODD_U64 = [0, 1, 2, 3, 31, 32, 255, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def mutate_gguf(data: bytes, head: int, rng: random.Random) -> bytes:
+    """One mutation of a GGUF file inside its first `head` bytes (header, metadata, tensor infos: what the reader
+    parses before any tensor data): bytes flipped, a 4- or 8-byte field set to an odd value, or the file cut."""
+    raw = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randrange(1, 6)):
+            raw[rng.randrange(head)] = rng.randrange(256)
+    elif kind in (1, 2):  # somewhere a count, a length, a dimension, a type id or an offset lies
+        width = 8 if kind == 1 else 4
+        at = rng.randrange(4, head - width)
+        raw[at:at + width] = (rng.choice(ODD_U64) % 2 ** (8 * width)).to_bytes(width, "little")
+    else:
+        return bytes(raw[: rng.choice([rng.randrange(head), rng.randrange(head, len(raw))])])
+    return bytes(raw)
+
+
+def test_fuzzed_gguf_files_through_inspect_convert_and_generate(tiny_sd1, tmp_path):
+    """Mutants of a Q8_0 GGUF of the tiny SD1 (and of a city96 UNet-only one) through `inspect` (60), `convert`
+    to safetensors (10) and `generate` (10): read, or one clean error; nothing half-written."""
+    from safetensors.torch import load_file
+
+    from sdcli.formats.gguf import read_gguf_header
+    from sdcli.quant.quantize import write_gguf
+
+    whole, unet = tmp_path / "whole.gguf", tmp_path / "unet.gguf"
+    state = load_file(str(tiny_sd1))
+    write_gguf(whole, state, "q8_0")
+    prefix = "model.diffusion_model."
+    write_gguf(unet, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, "q8_0", arch="sd1")
+    sources = [(p.read_bytes(), read_gguf_header(p).data_offset) for p in (whole, unet)]
+    rng = random.Random(26)
+    refused = 0
+    for i in range(60):
+        data, head = sources[i % 2]
+        path = tmp_path / f"g{i}.gguf"
+        path.write_bytes(mutate_gguf(data, head, rng))
+        refused += run("inspect", path, "--no-hash", what=f"gguf mutant {i}").exit_code != 0
+        if i % 6 == 0:
+            run("convert", path, "-o", tmp_path / f"c{i}.safetensors", what=f"gguf mutant {i} through convert")
+        if i % 6 == 3:
+            extra = ["--vae", tiny_sd1, "--clip-l", tiny_sd1] if i % 2 else []
+            run(*render_args(path, *extra, "-o", tmp_path / f"o{i}.png"), what=f"gguf mutant {i} through generate")
+        path.unlink()
+    assert refused > 20 and temp_files(tmp_path) == []
+
+
+def test_fuzzed_upscaler_files_through_inspect_and_upscale(tmp_path):
+    """Header mutants of ESRGAN (old layout) and Compact .safetensors files and byte mutants of their .pth twins
+    (the restricted unpickler) through `inspect` and `upscale`: an image, or one clean error; nothing runs."""
+    from make_upscaler import compact_state, old_layout, rrdb_state, write
+    from PIL import Image
+
+    from sdcli.models.esrgan import CompactConfig, RRDBConfig
+
+    rrdb = RRDBConfig(num_features=8, num_blocks=1)
+    states = [old_layout(rrdb_state(rrdb), rrdb), compact_state(CompactConfig(num_features=8, num_convs=2))]
+    sources = []
+    for n, state in enumerate(states):
+        sources += [write(state, tmp_path / f"u{n}.safetensors").read_bytes(),
+                    write(state, tmp_path / f"u{n}.pth").read_bytes()]
+    Image.new("RGB", (16, 12), "gray").save(tmp_path / "pic.png")
+    rng = random.Random(28)
+    upscaled = 0
+    for i in range(40):
+        data = sources[i % 4]
+        path = tmp_path / f"m{i}{'.pth' if i % 2 else '.safetensors'}"
+        path.write_bytes(_mutate_pickle(data, rng) if i % 2 else mutate_safetensors(data, rng))
+        run("inspect", path, "--no-hash", what=f"upscaler mutant {i}")
+        result = run("upscale", tmp_path / "pic.png", "-u", path, "-o", tmp_path / f"o{i}.png",
+                     what=f"upscaler mutant {i} through upscale")
+        upscaled += result.exit_code == 0
+        path.unlink()
+    assert upscaled < 40 and temp_files(tmp_path) == []
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_fuzzed_text_encoder_files_through_generate(tiny_sd1, tmp_path):
+    """Header mutants of a --clip-l file (ComfyUI's clip_l.safetensors) beside a city96 UNet-only GGUF: a render,
+    or one clean error naming the encoder file when the fault is in it."""
+    from safetensors.torch import load_file, save_file
+
+    from sdcli.quant.quantize import write_gguf
+
+    state = load_file(str(tiny_sd1))
+    unet, clip = tmp_path / "unet.gguf", tmp_path / "clip_l.safetensors"
+    prefix, text = "model.diffusion_model.", "cond_stage_model.transformer."
+    write_gguf(unet, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, "f32", arch="sd1")
+    save_file({k[len(text):]: v for k, v in state.items() if k.startswith(text)}, str(clip))
+    rng = random.Random(29)
+    data = clip.read_bytes()
+    for i in range(12):
+        path = tmp_path / f"clip{i}.safetensors"
+        path.write_bytes(mutate_safetensors(data, rng))
+        result = run(*render_args(unet, "--vae", tiny_sd1, "--clip-l", path, "-o", tmp_path / f"o{i}.png"),
+                     what=f"clip-l mutant {i}")
+        if result.exit_code == 3:
+            assert path.name in result.stderr or "unet.gguf" not in result.stderr, result.stderr
+        path.unlink()
+    assert temp_files(tmp_path) == []
