@@ -139,9 +139,10 @@ def sampler_params(cfg: RunConfig) -> dict:
             "s_noise": cfg.s_noise}
 
 
-def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
+def plan_grid(req, targets: list[Target], outputs: OutputPlan, sized: bool = False) -> None:
     """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
-    and one image size for the whole run (a contact sheet's cells are all alike)."""
+    and one image size for the whole run (a contact sheet's cells are all alike). `sized`: the jobs' -W/-H, when
+    given, are the images' size (txt2img without a hires pass), so a sheet too big is refused now."""
     grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
     if grid is None:
         if grid_only:
@@ -154,6 +155,9 @@ def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
     sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
     if len(sizes) > 1:
         raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
+    width, height, scale = sizes.pop() if sizes else (None, None, 1.0)
+    if sized and width and height and scale == 1.0 and not getattr(req, "latent_in", None):
+        save.check_grid(req, len(targets), (width, height), targets[0].job.cfg.batch_size)
     outputs.add("grid", grid)
 
 

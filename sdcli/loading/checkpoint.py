@@ -329,10 +329,8 @@ def _check_headers(source: WeightSource, info: ModelInfo, vae: str | Path | None
         texts = []
     for part in (_unet_part(source, info), *texts):
         check_part(*part)
-    if vae is None:
+    if vae is None:  # (a --vae file is checked by load_models, whatever the policy)
         check_part(*vae_part(source, _vae_config(info, source.path)))
-    else:
-        check_vae_file(vae, info.spec)
 
 
 def _vae_config(info: ModelInfo, path: Path) -> VAEConfig:
@@ -357,11 +355,15 @@ def check_vae_file(path: str | Path, family: Family | None) -> bool:
         return True
     source = standalone_vae_source(path)
     try:
-        check_part(*vae_part(source, infer_vae_config(shapes_of(source.header))))
+        cfg = infer_vae_config(shapes_of(source.header))
+        check_part(*vae_part(source, cfg))
     except BadInputError as e:  # as load_vae says it
         raise e if str(path) in str(e) else BadInputError(f"{path}: {e}") from None
     finally:
         source.close()
+    if family is not None and cfg.embed_dim != family.latent.channels:  # it would fail in its first convolution
+        raise BadInputError(f"{path}: a VAE of {cfg.embed_dim} latent channels; {family.title} latents have "
+                            f"{family.latent.channels}")  # fmt: skip
     return False
 
 
@@ -456,6 +458,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         _check_leftovers(source)
         files = stamps({e.file for e in source.entries.values()} | ({Path(vae)} if vae is not None else set()))
         home = home_of(residency, device)
+        if vae is not None:  # its header, before any part is read: a VAE of another latent space cannot decode
+            check_vae_file(vae, info.spec)
         parts = Residency(_builders(opener, info, vae, dtype, home), _skeletons(info), residency, device, dtype,
                           files)  # fmt: skip
         # A pickle has no tensor to read alone: reading a part again unpickles the whole file, which would cost

@@ -6,6 +6,7 @@ schedule name with its sigmas; tests/test_new_user.py checks the tables agree.""
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 
 from sdcli.runtime.errors import UsageError, quote
@@ -71,6 +72,7 @@ def _norm(label: str) -> str:
     return "_".join(label.strip().lower().replace("-", " ").split())
 
 
+@functools.cache  # a prompts file of 100,000 lines resolves its sampler on each
 def _alias_table() -> dict[str, str]:
     table = {}
     for spec in SAMPLER_NAMES.values():
