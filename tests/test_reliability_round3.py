@@ -614,6 +614,74 @@ def test_a_hires_upscaler_replaced_between_runs_of_one_process_is_read_again(tin
     assert recorded[0] == recorded[1]  # and the record names the network that ran
 
 
+def test_a_vae_of_another_latent_space_is_refused_before_the_load(tiny_sd1, tmp_path):
+    """A 16-channel VAE (SD3/FLUX's ae.safetensors) with an SD model, or its latents decoded by SD's VAE: exit 1 in
+    the VAE's first convolution, after the whole render. Now named, before any part is read."""
+    from make_checkpoint import vae16_state
+
+    from sdcli.output import latents
+
+    save_file({f"first_stage_model.{k}" if not k.startswith("first_stage_model.") else k: v
+               for k, v in vae16_state(9).items()}, str(tmp_path / "ae.safetensors"))  # fmt: skip
+    result = cli(*render_args(tiny_sd1, "--vae", "ae.safetensors", "-o", "o.png"))
+    assert_clean_error(result, 3, "ae.safetensors", "16 latent channels", "have 4")
+    assert "loading" in result.stderr and not (tmp_path / "o.png").exists()
+    latents.save_latent(tmp_path / "z.safetensors", torch.zeros(1, 16, 8, 8), scaled=True, scale_factor=0.3611,
+                        family=None, source_size=None, model_hash=None)  # fmt: skip
+    for flag in ("--vae", "-m"):
+        result = cli("decode", "z.safetensors", flag, tiny_sd1, "--device", "cpu", "-o", "d.png")
+        assert_clean_error(result, 3, "z.safetensors", "latents of 16 channels", "decodes 4")
+    assert files_in(tmp_path) == ["ae.safetensors", "z.safetensors"]
+
+
+def test_a_prompts_file_of_100000_lines_and_a_sheet_of_them_end_before_the_load(tiny_sd1, tmp_path):
+    """100,000 lines read and planned in bounded time; their contact sheet (20288x20224 at 64 px) was refused only
+    after the model loaded; a bad last line is named by its number."""
+    (tmp_path / "p.txt").write_text("".join(f"a cat {i}\n" for i in range(100_000)))
+    with deadline(120, "a 100,000-line prompts file"):
+        result = cli("generate", "--prompts-file", "p.txt", *render_args(tiny_sd1)[2:], "-o", "g/{index}.png",
+                     "--grid", "g.png")
+    assert_clean_error(result, 2, "--grid g.png", "pixels")
+    assert "loading" not in result.stderr and not (tmp_path / "g").exists()
+    with open(tmp_path / "p.txt", "a") as f:
+        f.write(json.dumps({"prompt": "a", "stepz": 1}) + "\n")
+    with deadline(120, "a 100,001-line prompts file"):
+        result = cli("generate", "--prompts-file", "p.txt", "--dry-run")
+    assert_clean_error(result, 3, "p.txt:100001", "unknown key 'stepz'")
+
+
+def test_ray_skip_existing_refuses_a_crafted_file_before_ray_starts(tiny_sd1, rendered, tmp_path, ray_never_starts):
+    """A file that claims this job's metadata but holds other pixels, under --ray: refused in the plan, Ray unused."""
+    meta = json.dumps(sdcli_meta(rendered))
+    _with_sdcli_json(rendered, tmp_path / "a.png", meta, size=(1, 1))
+    before = (tmp_path / "a.png").read_bytes()
+    result = cli(*render_args(tiny_sd1, "-o", "a.png", "--seed", "3", "--skip-existing", "--ray", "local"))
+    assert_clean_error(result, 7, "a.png", "not this job's image")
+    assert (tmp_path / "a.png").read_bytes() == before
+
+
+def test_sweep_labels_of_control_and_right_to_left_text_through_the_command(tiny_sd1, tmp_path):
+    values = "\x1b[31mred,\u202e\u05e9\u05dc\u05d5\u05dd\u200f x,a\x07b\x00c"
+    result = cli("sweep", "a cat", "-m", tiny_sd1, "--steps", "1", "-W", "64", "-H", "64", "--dtype", "fp32",
+                 "--x", f"negative={values}", "-o", "plot.png")
+    assert result.exit_code == 0, result.output
+    plot = json.loads((tmp_path / "plot.json").read_text())
+    assert Image.open(tmp_path / "plot.png").width >= 3 * 64 and len(json.dumps(plot)) > 0
+
+
+def test_embeddings_named_like_words_and_syntax_are_shown_where_they_take_the_prompt(tiny_sd1, tmp_path):
+    """Files named `a`, `cat`, `BREAK`, `AND` or `(`: A1111 takes a word that is an embedding's name for it; sdcli
+    does the same, and `inspect --prompt` shows which words became vectors; BREAK and weights keep their meaning."""
+    for name in ("cat", "BREAK", "AND", "("):
+        write_embedding(tmp_path / "emb" / f"{name}.safetensors", "emb_params", {"*": random_vectors(2, 64)})
+    result = cli("inspect", "--prompt", "a cat BREAK (dog:1.2) AND x", "--embeddings-dir", "emb")
+    assert result.exit_code == 0, result.output
+    assert "embedding: cat (2 vectors" in result.stdout and "embedding: AND (2 vectors" in result.stdout
+    assert "embedding: BREAK" not in result.stdout and "embedding: (" not in result.stdout
+    result = cli(*render_args(tiny_sd1, "--embeddings-dir", "emb", "-o", "o.png"))
+    assert result.exit_code == 0, result.output
+
+
 # ---------------------------------------------------------------- the HTML report stays inert
 
 
