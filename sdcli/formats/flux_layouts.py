@@ -1,13 +1,14 @@
 """FLUX.1 DiT key layouts: Black Forest Labs' file names (our FluxModel's, after ``model.diffusion_model.``) <->
-diffusers' ``FluxTransformer2DModel`` names (the ``transformer/`` folder of a diffusers repository), as rules in
-the form of sd3_layouts.RULES.
+diffusers' ``FluxTransformer2DModel`` names (the ``transformer/`` folder of a diffusers repository, and the
+module names of diffusers/PEFT LoRA files), as rules in the form of sd3_layouts.RULES.
 
 Not renames: each fused ``qkv`` is three diffusers matrices, a single block's ``linear1`` four (q, k, v, then the
 MLP input ``proj_mlp``), concatenated along dim 0 in that order; the final layer stores (shift, scale) where
 diffusers stores (scale, shift). The q/k RMS norms are ``...norm.scale`` in BFL files, ``...norm_q.weight`` in
-diffusers.
+diffusers. `row_splits` says, for each diffusers module, which rows of ours it is (what a LoRA of that module
+updates).
 Upstream: diffusers ``loaders/single_file_utils.py`` convert_flux_transformer_checkpoint_to_diffusers (it assumes
-width 3072; these rules read every size from the tensors).
+width 3072; these rules read every size from the tensors), and the reverse in ``loaders/lora_conversion_utils.py``.
 """
 
 from __future__ import annotations
@@ -84,3 +85,32 @@ def to_diffusers(state: dict[str, Tensor]) -> dict[str, Tensor]:
             parts = (swap_halves(tensor) if op == SWAP else tensor,)
         out.update(zip(names, (p.contiguous() for p in parts)))
     return out
+
+
+QKV_MLP = "qkv_mlp"  # a single block's linear1: q, k, v (hidden rows each), then the MLP input (the rest)
+Pieces = tuple[tuple[int, int, int], ...]  # (row in the diffusers weight, row in ours, count)
+
+
+def row_splits(op: str | None, out_features: int, in_features: int) -> list[Pieces]:
+    """For each diffusers module of an `op` rule (in template order), which rows of our (out, in) weight it is."""
+    if op == QKV:
+        n = out_features // 3
+        return [((0, i * n, n),) for i in range(3)]
+    if op == QKV_MLP:  # q, k, v are hidden (= in_features) rows each, the MLP input the rest
+        h = in_features
+        return [((0, 0, h),), ((0, h, h),), ((0, 2 * h, h),), ((0, 3 * h, out_features - 3 * h),)]
+    if op == SWAP:  # their first half (scale) is our second, and the reverse
+        half = out_features // 2
+        return [((0, half, half), (half, 0, half))]
+    return [((0, 0, out_features),)]
+
+
+def diffusers_modules(name: str, out_features: int, in_features: int) -> list[tuple[str, Pieces]]:
+    """(diffusers module name, the rows of ours it holds) for one of our FluxModel module names; [] if it has no
+    diffusers counterpart (a norm, an activation)."""
+    for pattern, templates, op in RULES:
+        if m := re.fullmatch(pattern, name):
+            op = QKV_MLP if op == QKV and len(templates) == 4 else op
+            splits = row_splits(op, out_features, in_features)
+            return [(m.expand(t), rows) for t, rows in zip(templates, splits)]
+    return []
