@@ -5,6 +5,7 @@ locale."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -14,7 +15,9 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from sdcli.runtime.errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError, Terminated
+from sdcli.runtime.errors import INTERRUPTED_EXIT_CODE, BadInputError, OutOfMemoryError, SdcliError, Terminated, quote
+
+NAME_MAX = 255  # bytes of one file name: ext4, XFS, btrfs, APFS, NTFS (output/targets.NAME_MAX_BYTES)
 
 
 def prepare_process() -> None:
@@ -58,6 +61,12 @@ def handled(fn):
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if os.environ.get("SDCLI_DEBUG"):
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+                # Path.exists()/is_file() raise it (rather than say False) for an input path; outputs are refused
+                # before (output/targets.py, exit 7)
+                console.error(f"{quote(e.filename, 120)}: no such file: a name in the path is over {NAME_MAX} "
+                              "bytes, more than file systems allow")
+                raise typer.Exit(BadInputError.exit_code) from None
             if _is_out_of_memory(e):
                 console.error(f"{_OOM_ADVICE} ({_first_line(e)})")
                 raise typer.Exit(OutOfMemoryError.exit_code) from None

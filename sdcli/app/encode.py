@@ -10,7 +10,7 @@ from sdcli import __version__
 
 from sdcli.runtime import console
 from sdcli import config as cfgmod
-from sdcli.runtime.errors import UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.jobs import single_job
 from sdcli.app import render
 from sdcli.app.planning import OutputPlan
@@ -103,6 +103,7 @@ def _decode_with_vae(cfg, lf, where: Path):
     device.configure(placement, cfg.threads)
     family = next((f for f in FAMILIES if f.name == lf.family), None)
     vae = vae_files.load_vae_file(cfg.vae, placement.dtype, placement.device, family)
+    _check_channels(lf, vae_files.latent_channels(vae), cfg.vae, where)
     factor = lf.scale_factor or (family.latent.scale_factor if family else None)
     shift = lf.shift_factor if lf.shift_factor is not None else (family.latent.shift_factor if family else 0.0)
     try:
@@ -111,6 +112,13 @@ def _decode_with_vae(cfg, lf, where: Path):
         raise UsageError(f"{where}: the file does not record its VAE scale factor; give the checkpoint with "
                          "--model instead of --vae") from None
     return pipeline.decode_with(vae, z, pipeline.vae_tiling(cfg))
+
+
+def _check_channels(lf, channels: int, vae, where: Path) -> None:
+    """A latent of another latent space (16 channels for SD3/FLUX, 4 for SD) failed in the VAE's first
+    convolution (exit 1): the file and the VAE are named instead."""
+    if lf.latent.shape[1] != channels:
+        raise BadInputError(f"{where}: latents of {lf.latent.shape[1]} channels; {vae} decodes {channels}")
 
 
 def run_decode(req: DecodeRequest) -> None:
@@ -132,6 +140,7 @@ def run_decode(req: DecodeRequest) -> None:
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:
         models = render.load(cfg, lazy=True)  # the VAE alone is read
+        _check_channels(lf, models.family.latent.channels, models.source, req.latent)
         latent = lf.unet_space(pipeline.scale_factor(models), pipeline.shift_factor(models))
         with console.stage("VAE decode"):
             decoded = pipeline.decode_latents(models, latent, pipeline.vae_tiling(cfg))

@@ -82,7 +82,7 @@ def run_generate(req: GenerateRequest) -> None:
     render.check_model_given(base)
     jobs = resume.adopt_seeds(jobs, req)
     targets, outputs = render.plan_outputs(jobs, req)
-    render.plan_grid(req, targets, outputs)
+    render.plan_grid(req, targets, outputs, sized=True)
     targets = resume.skip_done(targets, outputs, req)
     outputs.check()
     if not targets:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sdcli.runtime import console
 from sdcli.config import RunConfig
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError, quote
 from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
@@ -148,9 +148,10 @@ def slg_of(cfg: RunConfig, models, guidance: float):
                                getattr(models.info.unet, "depth", None), guidance)
 
 
-def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
+def plan_grid(req, targets: list[Target], outputs: OutputPlan, sized: bool = False) -> None:
     """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
-    and one image size for the whole run (a contact sheet's cells are all alike)."""
+    and one image size for the whole run (a contact sheet's cells are all alike). `sized`: the jobs' -W/-H, when
+    given, are the images' size (txt2img without a hires pass), so a sheet too big is refused now."""
     grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
     if grid is None:
         if grid_only:
@@ -163,6 +164,9 @@ def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
     sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
     if len(sizes) > 1:
         raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
+    width, height, scale = sizes.pop() if sizes else (None, None, 1.0)
+    if sized and width and height and scale == 1.0 and not getattr(req, "latent_in", None):
+        save.check_grid(req, len(targets), (width, height), targets[0].job.cfg.batch_size)
     outputs.add("grid", grid)
 
 
@@ -194,7 +198,7 @@ def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, 
                 raise _located(e, job, "sigmas", base, origin) from None
         elif schedule_used not in names.SCHEDULE_NAMES:
             known = ", ".join(names.SCHEDULE_NAMES)
-            e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
+            e = UsageError(f"unknown schedule '{quote(job.cfg.schedule, 60)}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
     if warn:
         warn_unused_params(jobs)
@@ -316,6 +320,9 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     refine.load_refiner's models, or None."""
     from sdcli.loading.lora import LoraState
 
+    if getattr(req, "grid", None):  # the sheet's size is known now (the family's size): refuse it before the work
+        save.check_grid(req, len(targets), _final_size(targets[0].job.cfg, models, init),
+                        targets[0].job.cfg.batch_size)
     started = time.perf_counter()
     by_job: dict[int, list[Target]] = {}
     for t in targets:
@@ -456,10 +463,14 @@ def hires_upscaler(cfg: RunConfig, models):
     from sdcli.upscale.names import choose
     from sdcli.upscale.resize import HiresUpscaler
 
+    from sdcli.loading.residency import stamps
+
     choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
     if choice.kind != "model":
         return HiresUpscaler(choice)
-    key = (str(choice.path), models.dtype, models.device)
+    # the file's stamp in the key: a process that runs again (serve, a test) must not keep a network whose file
+    # was replaced since, while the metadata records the new file's hash
+    key = (str(choice.path), tuple(stamps([choice.path]).values()), models.dtype, models.device)
     if key not in _HIRES_MODELS:
         from sdcli.upscale.files import load_upscaler
 
@@ -642,6 +653,17 @@ def _load_preview_decoder(path: str, dtype, device, family):
         raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
     console.info(f"preview: decoded by {Path(path).name}")
     return vae
+
+
+def _final_size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
+    """(width, height) of the saved images: after the hires pass when there is one."""
+    from sdcli import pipeline
+
+    w, h = _size(cfg, models, init)
+    if cfg.hires_scale == 1.0:
+        return w, h
+    h, w = pipeline.hires_size(h, w, cfg.hires_scale, models.family.latent.downscale)
+    return w, h
 
 
 def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:

@@ -63,6 +63,13 @@ def save_rendered(models, done, req) -> None:
         announce(req, done.target, path, done.timings, done.fallbacks)
 
 
+def check_grid(req, count: int, cell: tuple[int, int], batch_size: int) -> None:
+    """--grid: the sheet of `count` images of size `cell` can be made (grid.check_sheet_size), before any render."""
+    from sdcli.output import grid
+
+    grid.check_sheet_size(*grid.sheet_size(count, cell, req.grid_rows, batch_size), f"--grid {req.grid}")
+
+
 def save_grid(saved: list[Saved], req, batch_size: int) -> None:
     """--grid FILE: a contact sheet of the run's images (grid.image_grid: A1111's rows and columns) carrying the
     first image's infotext and metadata, plus every image's seed in order."""

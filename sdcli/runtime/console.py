@@ -70,8 +70,10 @@ def error(message: str) -> None:
     """One-line error on stderr, printed even with --quiet."""
     from rich.text import Text
 
+    from sdcli.runtime.errors import cap_line
+
     line = Text("error: ", style="bold red")
-    line.append(message.replace("\n", " "))
+    line.append(cap_line(message.replace("\n", " ")))
     stderr().print(line)
 
 

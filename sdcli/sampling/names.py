@@ -6,9 +6,10 @@ schedule name with its sigmas; tests/test_new_user.py checks the tables agree.""
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import UsageError, quote
 
 # Ours, in schedule.SCHEDULES' order.
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "trailing", "ddim_uniform", "beta",
@@ -71,6 +72,7 @@ def _norm(label: str) -> str:
     return "_".join(label.strip().lower().replace("-", " ").split())
 
 
+@functools.cache  # a prompts file of 100,000 lines resolves its sampler on each
 def _alias_table() -> dict[str, str]:
     table = {}
     for spec in SAMPLER_NAMES.values():
@@ -94,7 +96,7 @@ def resolve_sampler(label: str) -> tuple[str, str | None]:
             return table[base], schedule
     close = difflib.get_close_matches(key, list(table), n=4, cutoff=0.5)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown sampler {label!r}{hint} (see --sampler help)")
+    raise UsageError(f"unknown sampler {quote(repr(label))}{hint} (see --sampler help)")
 
 
 def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
