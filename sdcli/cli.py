@@ -15,6 +15,7 @@ import typer
 
 from sdcli import __version__
 from sdcli import cli_guard as guard
+from sdcli import cli_help
 from sdcli import cli_options as opt
 from sdcli.runtime.errors import SdcliError, UsageError
 
@@ -24,7 +25,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",  # the option panels (cli_help.py); help texts hold no rich markup
+    cls=guard.OneLineGroup,  # a bad option is one error line, exit 2
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -87,9 +90,9 @@ def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
 
     cfg, shown = cfgmod.resolve(flags, config), cfgmod.sources(flags, config)
     if as_json:
-        from sdcli.runtime.console import emit_json
+        from sdcli.runtime.console import emit_result
 
-        emit_json({**cfg.to_dict(), "sources": shown})
+        emit_result("config", None, {"config": cfg.to_dict(), "sources": shown})
     else:
         typer.echo(cfgmod.to_yaml(cfg, shown), nl=False)
 
@@ -144,13 +147,17 @@ def generate(
     vae_tile_size: opt.VaeTileSizeOpt = None,
     verbose: opt.VerboseOpt = False,
     prompts_file: Annotated[
-        Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.")
+        Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.",
+                                    autocompletion=cli_help.complete_any_file)
     ] = None,
     from_image: Annotated[
-        Optional[Path], typer.Option("--from-image", help="Replay the settings (and prompt) recorded in this image.")
+        Optional[Path], typer.Option("--from-image", help="Replay the settings (and prompt) recorded in this image.",
+                                     autocompletion=cli_help.complete_image)
     ] = None,
-    cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.")] = None,
-    latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.")] = None,
+    cond: Annotated[Optional[Path], typer.Option("--cond", help="Embedding file from `sdcli encode --text`.",
+                                                 autocompletion=cli_help.complete_latent)] = None,
+    latent_in: Annotated[Optional[Path], typer.Option("--latent-in", help="Start from this latent file.",
+                                                      autocompletion=cli_help.complete_latent)] = None,
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
@@ -198,7 +205,7 @@ def generate(
     skip_existing: opt.SkipExistingOpt = False,
     server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (config, sigmas, tokens) and exit.")] = False,
+    dry_run: opt.DryRunOpt = False,
 ) -> None:
     """Render images from a text prompt."""
     flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
@@ -245,11 +252,12 @@ def generate(
 @guard.handled
 def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
-    image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).")],
+    image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).",
+                                       autocompletion=cli_help.complete_image)],
     strength: Annotated[Optional[float], typer.Option("--strength", help="0..1: fraction of the schedule re-run.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (any model; "
                                                 "strength defaults to 0.75, 1 with a 9-channel inpainting "
-                                                "model).")] = None,
+                                                "model).", autocompletion=cli_help.complete_image)] = None,
     mask_blur: opt.MaskBlurOpt = None,
     inpaint_fill: opt.InpaintFillOpt = None,
     inpaint_area: opt.InpaintAreaOpt = None,
@@ -259,6 +267,16 @@ def img2img(
     pad: opt.PadOpt = None,
     output: opt.OutputOpt = None,
     negative: opt.NegativeOpt = None,
+    width: Annotated[Optional[int], typer.Option("--width", "-W", help="Resize the input picture to this width "
+                                                 "(multiple of 8; alone: the aspect ratio kept).")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", "-H", help="Resize the input picture to this height "
+                                                  "(multiple of 8; alone: the aspect ratio kept).")] = None,
+    hires_scale: opt.HiresScaleOpt = None,
+    hires_strength: opt.HiresStrengthOpt = None,
+    hires_steps: opt.HiresStepsOpt = None,
+    hires_upscaler: opt.HiresUpscalerOpt = None,
+    upscaler_dir: opt.UpscalerDirOpt = None,
+    tome_ratio_hr: opt.TomeHrOpt = None,
     steps: opt.StepsOpt = None,
     cfg: opt.CfgOpt = None,
     guidance_rescale: opt.RescaleOpt = None,
@@ -333,10 +351,13 @@ def img2img(
     skip_existing: opt.SkipExistingOpt = False,
     server: opt.ServerOpt = None,
     print_config: opt.PrintConfigOpt = False,
+    dry_run: opt.DryRunOpt = False,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
     --pad, inpaint or outpaint it as A1111 does."""
-    flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg,
+    flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg, width=width,
+                   height=height, hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
+                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio_hr=tome_ratio_hr,
                    guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
@@ -352,7 +373,7 @@ def img2img(
                             s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
                                               guess_mode, control_resize, control_preprocess))
-    guard.stdout_needed(output, json_out or print_config)
+    guard.stdout_needed(output, json_out or print_config or dry_run)
     if print_config:
         return _print_config(flags, config, json_out)
     from sdcli.runtime.console import set_quiet, set_verbose
@@ -364,7 +385,7 @@ def img2img(
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
                                preview_interval=preview_interval, quality=quality, grid_only=grid_only,
-                               skip_existing=skip_existing, server=server,
+                               skip_existing=skip_existing, server=server, dry_run=dry_run,
                                workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
 
 
@@ -435,12 +456,15 @@ def sweep(
     overwrite: opt.OverwriteOpt = False,
     quiet: opt.QuietOpt = False,
     progress: opt.ProgressOpt = "auto",
+    json_out: opt.JsonOpt = False,
+    print_config: opt.PrintConfigOpt = False,
 ) -> None:
     """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
     from sdcli.runtime.console import set_quiet
     from sdcli.app.sweep import SweepRequest, run_sweep
 
     set_quiet(quiet)
+    guard.stdout_needed(None, json_out or print_config)
     flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
                    guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
                    clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
@@ -451,9 +475,11 @@ def sweep(
                    slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
+    if print_config:  # the config every cell starts from, before the axes vary it
+        return _print_config(flags, config, json_out)
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
                            loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
-                           progress=_progress_mode(progress)))
+                           progress=_progress_mode(progress), json_out=json_out))
 
 
 @app.command()
@@ -706,6 +732,9 @@ def serve(
     flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, dtype=dtype,
                    device=device, offload=offload)
     run_serve(ServeRequest(flags, config, host, port, models_dir, api_auth, insecure, max_request_mb))
+
+
+cli_help.dress(app)  # after the last command: panels, examples and shown defaults for every command
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """What every command run gets around it: the one error handler (each error class is one line on stderr and its
-documented exit code; anything unexpected is exit 1), SIGTERM/SIGHUP unwound like Ctrl-C, a closed stdout, and a
-UTF-8 re-run in an ASCII locale."""
+documented exit code; anything unexpected is exit 1), usage errors that Typer finds (a bad option, a missing
+argument) on one line too, SIGTERM/SIGHUP unwound like Ctrl-C, a closed stdout, and a UTF-8 re-run in an ASCII
+locale."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -11,8 +13,11 @@ import sys
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-from sdcli.runtime.errors import INTERRUPTED_EXIT_CODE, OutOfMemoryError, SdcliError, Terminated
+from sdcli.runtime.errors import INTERRUPTED_EXIT_CODE, BadInputError, OutOfMemoryError, SdcliError, Terminated, quote
+
+NAME_MAX = 255  # bytes of one file name: ext4, XFS, btrfs, APFS, NTFS (output/targets.NAME_MAX_BYTES)
 
 
 def prepare_process() -> None:
@@ -56,6 +61,12 @@ def handled(fn):
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if os.environ.get("SDCLI_DEBUG"):
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+                # Path.exists()/is_file() raise it (rather than say False) for an input path; outputs are refused
+                # before (output/targets.py, exit 7)
+                console.error(f"{quote(e.filename, 120)}: no such file: a name in the path is over {NAME_MAX} "
+                              "bytes, more than file systems allow")
+                raise typer.Exit(BadInputError.exit_code) from None
             if _is_out_of_memory(e):
                 console.error(f"{_OOM_ADVICE} ({_first_line(e)})")
                 raise typer.Exit(OutOfMemoryError.exit_code) from None
@@ -63,6 +74,45 @@ def handled(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+class OneLineGroup(TyperGroup):
+    """The app's command group: a usage error Typer (Click) finds while parsing, in the group or in a command (an
+    unknown option, a value of the wrong type, a missing argument), is one `error: ...` line on stderr and exit 2,
+    like every error sdcli finds itself, instead of Click's usage box. `sdcli` alone still prints the help."""
+
+    def make_context(self, *args, **kwargs):
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+class one_line_usage_errors:  # noqa: N801 - used as a context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, _tb):
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+        if not isinstance(e, ClickException) or isinstance(e, NoArgsIsHelpError):
+            return False
+        from sdcli.runtime import console
+
+        console.error(usage_line(e))
+        raise typer.Exit(e.exit_code) from None
+
+
+def usage_line(e) -> str:
+    """Click's message as one line, in sdcli's style, with where the options are listed."""
+    text = " ".join(e.format_message().split()).rstrip(".")
+    text = text[:1].lower() + text[1:]
+    ctx = getattr(e, "ctx", None)
+    if ctx is None:
+        return text
+    return f"{text} (see '{ctx.command_path} --help')"
 
 
 _OOM_ADVICE = ("out of memory: try a smaller -W/-H, a smaller --batch-size, --dtype fp16 or bf16, "

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from sdcli import cli_help
+
 # Short flags the peers use for different things, so sdcli has none of them: a habit carried over would silently
 # change the result (`-s 42`: 42 steps here, seed 42 in stable-diffusion.cpp; `-b 4`: four images in A1111 and
 # stable-diffusion.cpp, one image per UNet batch here). Given, they are refused with what to write instead.
@@ -30,19 +32,39 @@ def peer_flag(args: list[str]) -> str | None:
     return None
 
 
+def _name_table(table: str):
+    """An eager callback: `--sampler help` / `--schedule help` print their table and exit before anything else is
+    checked (no PROMPT, no model, img2img's required --image); any other value passes through."""
+
+    def callback(value: Optional[str]) -> Optional[str]:
+        if value is not None and value.strip().lower() == "help":
+            from sdcli.sampling import names
+
+            typer.echo(getattr(names, table)())
+            raise typer.Exit()
+        return value
+
+    return callback
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file, or a preset shipped "
                                                     "with sdcli by name (default, fast, lcm, quality, sd21-768-v, "
-                                                    "sdxl-turbo).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
+                                                    "sdxl-turbo).", autocompletion=cli_help.complete_config)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.",
+                                autocompletion=cli_help.complete_model)]
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
-                                               "file (taesd_decoder.safetensors) for fast decodes.")]
+                                               "file (taesd_decoder.safetensors) for fast decodes.",
+                                autocompletion=cli_help.complete_model)]
 PredictionOpt = Annotated[Optional[str], typer.Option("--prediction", help="auto, eps or v (override detection).")]
 ClipLOpt = Annotated[Optional[str], typer.Option("--clip-l", help="SD3 / FLUX: the CLIP-L text encoder as a file of "
-                                                 "its own (ComfyUI's clip_l.safetensors).")]
+                                                 "its own (ComfyUI's clip_l.safetensors).",
+                                autocompletion=cli_help.complete_model)]
 ClipGOpt = Annotated[Optional[str], typer.Option("--clip-g", help="SD3: the CLIP-G (bigG) text encoder as a file "
-                                                 "of its own (clip_g.safetensors).")]
+                                                 "of its own (clip_g.safetensors).",
+                                autocompletion=cli_help.complete_model)]
 T5Opt = Annotated[Optional[str], typer.Option("--t5", help="SD3 / FLUX: the T5-XXL text encoder as a file of its "
-                                              "own (t5xxl_fp16.safetensors; fp8 files are up-cast).")]
+                                              "own (t5xxl_fp16.safetensors; fp8 files are up-cast).",
+                                autocompletion=cli_help.complete_model)]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="FLUX dev: the distilled guidance "
                                                       "strength (3.5); --cfg above 1 adds true CFG on top.")]
 FlowShiftOpt = Annotated[Optional[float], typer.Option("--flow-shift", help="SD3 / FLUX: a constant time shift "
@@ -56,7 +78,8 @@ SlgStartOpt = Annotated[Optional[float], typer.Option("--slg-start", help="SD3.5
                                                       "fraction of the steps (0.01).")]
 SlgEndOpt = Annotated[Optional[float], typer.Option("--slg-end", help="SD3.5: ... until this fraction (0.2).")]
 OutputOpt = Annotated[
-    Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
+    Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.",
+                                autocompletion=cli_help.complete_any_file)
 ]
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt.")]
 WidthOpt = Annotated[Optional[int], typer.Option("--width", "-W", help="Width in pixels (multiple of 8).")]
@@ -66,9 +89,14 @@ CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free 
                                                 "7, FLUX 1).")]
 RescaleOpt = Annotated[Optional[float], typer.Option("--guidance-rescale", help="Guidance rescale phi (0..1).")]
 SamplerOpt = Annotated[
-    Optional[str], typer.Option("--sampler", help="Sampler name or alias ('DPM++ 2M Karras'); 'help' lists them.")
+    Optional[str], typer.Option("--sampler", help="Sampler name or alias ('DPM++ 2M Karras'); 'help' lists them.",
+                                is_eager=True, callback=_name_table("sampler_help"),
+                                autocompletion=cli_help.complete_sampler)
 ]
-ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...).")]
+ScheduleOpt = Annotated[Optional[str], typer.Option("--schedule", help="Sigma schedule (karras, normal, ...); "
+                                                    "'help' lists them.", is_eager=True,
+                                                    callback=_name_table("schedule_help"),
+                                                    autocompletion=cli_help.complete_schedule)]
 SigmasOpt = Annotated[Optional[str], typer.Option("--sigmas", help="Custom comma-separated sigma list.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed; -1 or absent draws one (recorded).")]
 # A1111's noise and sampler parameters (config keys of the same names; README "Noise")
@@ -107,22 +135,29 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or me
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config, each value "
                                                                       "with its source, and exit.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and exit, nothing loaded or written: the "
+                                         "files it would write, size, seeds, sigmas, prompt schedule, tokens "
+                                         "(--json: one JSON line per job).")]
 LoraOpt = Annotated[
     Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
-                                      "repeatable; weight 1 by default), merged before sampling.")
+                                      "repeatable; weight 1 by default), merged before sampling.",
+                                autocompletion=cli_help.complete_model)
 ]
 LoraDirOpt = Annotated[
     Optional[str], typer.Option("--lora-dir", help="Folder where <lora:NAME[:WEIGHT]> in a prompt finds NAME.safetensors "
-                                "(sub-folders too).")
+                                "(sub-folders too).",
+                                autocompletion=cli_help.complete_folder)
 ]
 EmbeddingsDirOpt = Annotated[
     Optional[str], typer.Option("--embeddings-dir", help="Folder of textual-inversion embeddings (A1111's "
                                 "embeddings/, sub-folders too): a file's name in the prompt, or embedding:NAME, "
-                                "places its vectors.")
+                                "places its vectors.",
+                                autocompletion=cli_help.complete_folder)
 ]
 PreviewOpt = Annotated[
     Optional[str], typer.Option("--preview", help="Keep this PNG showing the image being sampled (a cheap "
-                                "latent-to-RGB estimate, rewritten at most twice a second).")
+                                "latent-to-RGB estimate, rewritten at most twice a second).",
+                                autocompletion=cli_help.complete_any_file)
 ]
 QualityOpt = Annotated[
     Optional[int], typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality, 1-100 (-o x.jpg, x.webp; "
@@ -134,11 +169,13 @@ PreviewIntervalOpt = Annotated[
 ]
 ControlNetOpt = Annotated[
     Optional[list[str]], typer.Option("--controlnet", help="ControlNet FILE or diffusers folder (repeatable: one "
-                                      "unit each; needs --control-image).")
+                                      "unit each; needs --control-image).",
+                                autocompletion=cli_help.complete_model)
 ]
 ControlImageOpt = Annotated[
     Optional[list[str]], typer.Option("--control-image", help="The hint image of the n-th --controlnet (an edge, "
-                                      "depth, pose... map; resized to the output).")
+                                      "depth, pose... map; resized to the output).",
+                                autocompletion=cli_help.complete_image)
 ]
 ControlWeightOpt = Annotated[
     Optional[list[float]], typer.Option("--control-weight", help="ControlNet weight (once: every unit; else the "
@@ -163,7 +200,8 @@ ControlPreprocessOpt = Annotated[
 ]
 PreviewVaeOpt = Annotated[
     Optional[str], typer.Option("--preview-vae", help="TAESD decoder (taesd_decoder.safetensors; taesdxl_ for SDXL) "
-                                "that draws the --preview picture; by default the family's taesd file in vae_dir.")
+                                "that draws the --preview picture; by default the family's taesd file in vae_dir.",
+                                autocompletion=cli_help.complete_model)
 ]
 OffloadOpt = Annotated[
     Optional[bool], typer.Option("--offload/--no-offload", help="Low memory: one of text encoders, UNet, VAE in "
@@ -192,15 +230,18 @@ HiresStepsOpt = Annotated[
 HiresUpscalerOpt = Annotated[
     Optional[str], typer.Option("--hires-upscaler", help="Hires fix: how pass 1 is enlarged: Latent (default), "
                                 "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact), Lanczos, "
-                                "Nearest, None, or an upscaler model: a file, or a name in --upscaler-dir.")
+                                "Nearest, None, or an upscaler model: a file, or a name in --upscaler-dir.",
+                                autocompletion=cli_help.complete_model)
 ]
 UpscalerDirOpt = Annotated[
     Optional[str], typer.Option("--upscaler-dir", help="Folder where upscaler models are found by name (A1111's "
-                                "models/ layout: ESRGAN/, RealESRGAN/, ... and sub-folders).")
+                                "models/ layout: ESRGAN/, RealESRGAN/, ... and sub-folders).",
+                                autocompletion=cli_help.complete_folder)
 ]
 GridOpt = Annotated[
     Optional[str], typer.Option("--grid", help="Also write a contact sheet of the run's images to this PNG "
-                                "(the first image's metadata plus every seed).")
+                                "(the first image's metadata plus every seed).",
+                                autocompletion=cli_help.complete_any_file)
 ]
 GridRowsOpt = Annotated[
     int, typer.Option("--grid-rows", help="Rows of the --grid sheet: -1 = about sqrt(n), 0 = one per batch "
@@ -218,7 +259,8 @@ AestheticOpt = Annotated[Optional[float], typer.Option("--aesthetic-score", help
 NegAestheticOpt = Annotated[Optional[float], typer.Option("--negative-aesthetic-score", help="SDXL refiner: the "
                                                           "negative prompt's aesthetic score (2.5).")]
 RefinerOpt = Annotated[Optional[str], typer.Option("--refiner", help="SDXL refiner checkpoint: it takes over the "
-                                                   "sampling at --refiner-switch.")]
+                                                   "sampling at --refiner-switch.",
+                                autocompletion=cli_help.complete_model)]
 RefinerSwitchOpt = Annotated[Optional[float], typer.Option("--refiner-switch", help="Fraction of the steps the "
                                                            "base model runs before the refiner (0.8).")]
 ProgressOpt = Annotated[

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.runtime.paths import xdg_path
 from sdcli.sampling.a1111_params import SOURCES
 
@@ -245,7 +245,7 @@ def check_value(key: str, value: Any, where: str, error: type[Exception] = BadIn
 def _check_value(key: str, value: Any, where: str) -> Any:
     if key not in FIELDS:
         close = ", ".join(k for k in FIELDS if k[:3] == str(key)[:3]) or ", ".join(FIELDS)
-        raise BadInputError(f"{where}: unknown key '{key}' (known: {close})")
+        raise BadInputError(f"{where}: unknown key '{quote(key, 60)}' (known: {close})")
     f = FIELDS[key]
     if key == "controlnets":  # a list of unit objects, checked by their own rules
         from sdcli.control.settings import parse_specs
@@ -258,7 +258,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         raise BadInputError(f"{where}: '{key}' must not be empty")
     if kind.startswith("bool"):
         if not isinstance(value, bool):
-            raise BadInputError(f"{where}: '{key}' must be true or false, got {_type_name(value)} {value!r}")
+            raise BadInputError(f"{where}: '{key}' must be true or false, got {_type_name(value)} "
+                                f"{quote(repr(value))}")
         return value
     if kind.startswith("int"):
         value = _as_int(key, value, where)
@@ -301,7 +302,8 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
     if key in PAIRS:
         pair = pair_of(key, value, where)
         if key == "seed_resize_from" and max(pair) > SEED_RESIZE_MAX:  # noise is drawn at this size
-            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got {value}")
+            raise BadInputError(f"{where}: '{key}' must be at most {SEED_RESIZE_MAX}x{SEED_RESIZE_MAX}, got "
+                                  f"{quote(value, 60)}")
     if key == "pad":
         pad_of(value, where)
     if key == "hires_upscaler":

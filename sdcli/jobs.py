@@ -33,6 +33,7 @@ class Job:
     cfg: RunConfig  # seed already drawn when it was -1
     source: str  # "command line" or "FILE:LINE", for messages
     seed_drawn: bool = False  # the seed was -1 and drawn here: --skip-existing may take the one its images record
+    subseed_drawn: bool = False  # the variation seed was -1 and drawn here (--dry-run cannot say it in advance)
 
     # The extra-network tags are taken out of `prompt` once per job (after _checked has named any bad one with its
     # line): `text` is what the encoder sees, `loras` the <lora:...> tags it named.
@@ -61,15 +62,24 @@ def with_seed(cfg: RunConfig, variation: bool = False) -> RunConfig:
     variation strength is set, or `variation` says one will be (a sweep axis), as A1111 draws it."""
     if cfg.seed < 0:
         cfg = dataclasses.replace(cfg, seed=draw_seed())
-    if cfg.subseed < 0 and (cfg.subseed_strength != 0 or variation):
+    if _draws_subseed(cfg, variation):
         cfg = dataclasses.replace(cfg, subseed=draw_seed())
     return cfg
+
+
+def _draws_subseed(cfg: RunConfig, variation: bool = False) -> bool:
+    return cfg.subseed < 0 and (cfg.subseed_strength != 0 or variation)
+
+
+def _job(prompt: str, cfg: RunConfig, where: str) -> Job:
+    """A job of `cfg` (seed -1 not drawn yet), its seeds drawn and what was drawn noted."""
+    return Job(prompt, with_seed(cfg), where, cfg.seed < 0, _draws_subseed(cfg))
 
 
 def single_job(prompt: str | None, cfg: RunConfig) -> Job:
     if prompt is None:
         raise UsageError("give a PROMPT or --prompts-file FILE")
-    return _checked(Job(prompt, with_seed(cfg), "command line", cfg.seed < 0))
+    return _checked(_job(prompt, cfg, "command line"))
 
 
 def _checked(job: Job) -> Job:
@@ -100,7 +110,7 @@ def read_prompts_file(path: str, base: RunConfig) -> list[Job]:
         if stripped.startswith("{"):
             jobs.append(_checked(_json_job(stripped, base, where)))
         else:
-            jobs.append(_checked(Job(stripped, with_seed(base), where, base.seed < 0)))
+            jobs.append(_checked(_job(stripped, base, where)))
     if not jobs:
         raise BadInputError(f"{name}: no prompts in the file")
     return jobs
@@ -145,4 +155,4 @@ def _json_job(line: str, base: RunConfig, where: str) -> Job:
         raise BadInputError(f"{where}: '{sorted(fixed)[0]}' cannot change per job (the model is loaded once)")
     overrides = {key: check_value(key, value, where) for key, value in obj.items()}
     cfg = dataclasses.replace(base, **overrides)
-    return Job(prompt, with_seed(cfg), where, cfg.seed < 0)
+    return _job(prompt, cfg, where)

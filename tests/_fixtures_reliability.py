@@ -100,8 +100,10 @@ def render_args(model: Path, *extra: str, steps: int = 1, size: int = 64) -> lis
 
 
 def run_module(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
-    """Start `python -m sdcli ARGS` in its own process (for real signals and pipes)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1")
+    """Start `python -m sdcli ARGS` in its own process (for real signals and pipes). PYTHONPATH names this
+    checkout: run from `cwd`, `-m sdcli` would otherwise import whatever sdcli the venv has installed."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1", PYTHONPATH=path)
     env.pop("SDCLI_DEBUG", None)
     return subprocess.Popen([sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env, **kw)
 

@@ -54,7 +54,9 @@ def test_print_config_json_reflects_flags_and_file(tmp_path):
     cfg.write_text("steps: 9\nsampler: euler\n")
     result = runner.invoke(app, ["generate", "x", "--config", str(cfg), "--cfg", "3.5", "--print-config", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    line = json.loads(result.stdout)
+    assert (line["kind"], line["path"]) == ("config", None)  # the --json envelope (README "JSON lines")
+    data = line["config"]
     assert (data["steps"], data["sampler"], data["cfg"]) == (9, "euler", 3.5)
 
 

@@ -122,7 +122,7 @@ def test_stdout_png_bytes(cli, tmp_path):
 
 
 def test_dry_run_plans_without_loading_or_writing(cli, tmp_path):
-    result = CliRunner().invoke(app, ["generate", PROMPT, "--dry-run", "-m", str(tmp_path / "absent.safetensors"),
+    result = CliRunner().invoke(app, ["generate", PROMPT, "--dry-run", "--json", "-m", str(tmp_path / "absent.safetensors"),
                                       "--steps", "4", "--sampler", "DPM++ 2M Karras", "--seed", "3"])
     assert result.exit_code == 0, result.output
     (plan,) = json_lines(result)
@@ -135,7 +135,7 @@ def test_dry_run_plans_without_loading_or_writing(cli, tmp_path):
 def test_print_config_yaml_and_json(cli):
     text = cli("generate", PROMPT, "--print-config").stdout
     assert "steps: 3" in text and "sampler: euler_a" in text
-    data = json.loads(cli("generate", PROMPT, "--print-config", "--json").stdout)
+    data = json.loads(cli("generate", PROMPT, "--print-config", "--json").stdout)["config"]
     assert (data["steps"], data["width"], data["negative"]) == (3, 64, NEG)
 
 

@@ -40,9 +40,10 @@ def _user_config(tmp_path: Path, text: str) -> Path:
 
 def test_each_value_names_its_source(cli, tmp_path):
     user = _user_config(tmp_path, "steps: 33\nnegative: blurry\n")
-    data = json.loads(cli("--config", "fast", "--cfg", "5", "--print-config", "--json").stdout)
+    line = json.loads(cli("--config", "fast", "--cfg", "5", "--print-config", "--json").stdout)
     fast = yaml.safe_load((PRESETS / "fast.yaml").read_text())
-    sources = data.pop("sources")
+    assert (line["kind"], line["path"]) == ("config", None)  # the --json envelope
+    data, sources = line["config"], line["sources"]
     assert "steps" in fast and "cfg" in fast  # the preset sets both: steps over the user config, cfg under the flag
     assert {k: data[k] for k in fast if k != "cfg"} == {k: v for k, v in fast.items() if k != "cfg"}
     assert sources["steps"] == sources["sampler"] == f"preset fast ({PRESETS / 'fast.yaml'})"
@@ -64,8 +65,7 @@ def test_yaml_comments_and_the_printed_config_resolves_to_itself(cli, tmp_path):
     printed.write_text(text)
     again = json.loads(cli("--config", str(printed), "--print-config", "--json").stdout)
     first = json.loads(cli("--config", str(own), "--steps", "7", "--print-config", "--json").stdout)
-    again.pop("sources"), first.pop("sources")
-    assert again == first
+    assert again["config"] == first["config"]
 
 
 def test_presets_by_name_and_through_configs_folder(cli):
@@ -73,14 +73,14 @@ def test_presets_by_name_and_through_configs_folder(cli):
     with_suffix = json.loads(cli("--config", "sdxl-turbo.yaml", "--print-config", "--json").stdout)
     through_repo = json.loads(cli("--config", str(REPO / "configs" / "sdxl-turbo.yaml"), "--print-config",
                                   "--json").stdout)  # fmt: skip
-    values = [{k: v for k, v in d.items() if k != "sources"} for d in (by_name, with_suffix, through_repo)]
+    values = [d["config"] for d in (by_name, with_suffix, through_repo)]
     assert values[0] == values[1] == values[2] and (values[0]["steps"], values[0]["cfg"]) == (1, 0.0)
     assert through_repo["sources"]["steps"].startswith("--config ")
 
 
 def test_a_file_of_that_name_wins_and_an_unknown_name_lists_the_presets(cli, tmp_path):
     (tmp_path / "fast").write_text("steps: 3\n")
-    assert json.loads(cli("--config", "fast", "--print-config", "--json").stdout)["steps"] == 3
+    assert json.loads(cli("--config", "fast", "--print-config", "--json").stdout)["config"]["steps"] == 3
     result = cli("--config", "nosuch", "--print-config", expect=3)
     assert "nosuch" in result.stderr and all(p.stem in result.stderr for p in PRESETS.glob("*.yaml"))
 
@@ -103,5 +103,5 @@ def test_values_replayed_from_an_image_name_the_image(cli, tmp_path):
                                       "--json"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert (data["steps"], data["sources"]["steps"]) == (9, "image metadata found.png")
-    assert (data["seed"], data["sources"]["seed"]) == (3, "command line")
+    assert (data["config"]["steps"], data["sources"]["steps"]) == (9, "image metadata found.png")
+    assert (data["config"]["seed"], data["sources"]["seed"]) == (3, "command line")

@@ -106,7 +106,7 @@ def test_verify_resolves_the_tag_again(run, tiny_sd1, lora_dir):  # noqa: F811
 
 
 def test_dry_run_lists_the_tags_and_tokenizes_the_text_without_them(run):
-    result = run("a fox <lora:detail_tweak:0.8>", "--dry-run")
+    result = run("a fox <lora:detail_tweak:0.8>", "--dry-run", "--json")
     plan = json.loads(result.stdout.splitlines()[0])
     assert plan["prompt_loras"] == [{"name": "detail_tweak", "weight": 0.8}]
     assert "lora" not in json.dumps(plan["tokens"])

@@ -77,6 +77,16 @@ def _yaml_documents() -> list[tuple[str, bytes]]:
                                       for p, c in zip("abcdefgh", "bcdefghi"))
                            + b"*i]\n"),
         ("huge line", b"negative: " + b"x" * 2_000_000 + b"\n"),
+        # round 3: the keys added since (ControlNet units, SDXL sizes, refiner, ray) under the same abuse
+        ("unit alias bomb", b"controlnets: &a [{model: m, image: i}, *a]\n"),
+        ("units laughs", b"controlnets: [&a {model: m, image: i}, " + b", ".join([b"*a"] * 5000) + b"]\n"),
+        ("unit set tag", b"controlnets: [!!set {a, b}]\n"),
+        ("unit nested deep", b"controlnets: [{model: m, image: i, weight: " + b"[" * 5000 + b"]" * 5000 + b"}]\n"),
+        ("custom tag", b"refiner: !foo bar\n"),
+        ("timestamp tag", b"seed: !!timestamp 2001-12-14\n"),
+        ("size not a pair", b"original_size: 1024x1024x3\n"),
+        ("size huge", b"target_size: 99999999x1\n"),
+        ("ray a mapping", b"ray: {address: auto}\n"),
     ]  # fmt: skip
     for i in range(40):  # random bytes that start like a config
         docs.append((f"random {i}", b"steps: " + rng.randbytes(rng.randrange(1, 64))))
@@ -126,6 +136,12 @@ def _jsonl_lines() -> list[tuple[str, bytes]]:
         ("bad sampler", b'{"prompt": "a", "sampler": "no"}'),
         ("bad schedule", b'{"prompt": "a", "schedule": "on"}'),
         ("bad sigmas", b'{"prompt": "a", "sigmas": "1,2,x"}'),
+        ("unit nested", b'{"prompt": "a", "controlnets": [{"model": "m", "image": "i", "weight": [[[[1]]]]}]}'),
+        ("unit deep", b'{"prompt": "a", "controlnets": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("unit not a list", b'{"prompt": "a", "controlnets": {"model": "m"}}'),
+        ("unit bad resize", b'{"prompt": "a", "controlnets": [{"model": "m", "image": "i", "resize": "\\u202e"}]}'),
+        ("ray per job", b'{"prompt": "a", "ray": "auto"}'),
+        ("size per job", b'{"prompt": "a", "crop_coords": "-1,0"}'),
     ]  # fmt: skip
     for i in range(30):
         lines.append((f"random {i}", b'{"prompt": "a", "seed": ' + rng.randbytes(rng.randrange(1, 32))))

@@ -321,3 +321,268 @@ def test_fuzzed_sdcli_metadata_through_verify(sdcli_png, tiny_sd1, tmp_path):
             path = tmp_path / f"v{i}.png"
             img.save(path, pnginfo=info)
             run("verify", path, "--model", tiny_sd1, what=f"verify mutant {i}")
+
+
+# ---------------------------------------------------------------- round 3: ControlNet, TAESD and embedding files
+
+
+def _mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    """Byte-level damage anywhere: flipped bytes, a cut, a repeated or dropped run (pickles, zip archives)."""
+    data = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randrange(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == 1:
+        del data[rng.randrange(1, len(data)):]
+    elif kind == 2:
+        at, n = rng.randrange(len(data)), rng.randrange(1, 64)
+        data[at:at] = data[at : at + n] * rng.randrange(1, 4)
+    else:
+        at = rng.randrange(len(data))
+        del data[at : at + rng.randrange(1, 64)]
+    return bytes(data)
+
+
+def _mutate_pickle(data: bytes, rng: random.Random) -> bytes:
+    """A torch.save archive whose pickle (data.pkl) is damaged inside an intact zip, so the restricted unpickler
+    meets the broken opcodes (a damaged zip is refused before it); half the time the zip itself is damaged."""
+    import io
+    import zipfile
+
+    if rng.random() < 0.5:
+        return _mutate_bytes(data, rng)
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            body = src.read(info)
+            dst.writestr(info.filename, _mutate_bytes(body, rng) if info.filename.endswith("data.pkl") else body)
+    return out.getvalue()
+
+
+def test_fuzzed_controlnet_files_through_inspect_and_generate(tiny_sd1, tmp_path):
+    """Header mutants of a ControlNet (original and diffusers layouts) through `inspect` (40) and `generate
+    --controlnet` (12, each either renders or is one clean error, checked before the model loads or after)."""
+    from make_checkpoint import make_controlnet
+    from PIL import Image
+
+    rng = random.Random(2024)
+    sources = [make_controlnet(tmp_path / "cn.safetensors").read_bytes(),
+               make_controlnet(tmp_path / "cnd.safetensors", layout="diffusers").read_bytes()]
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "hint.png")
+    for i in range(40):
+        path = tmp_path / f"c{i}.safetensors"
+        path.write_bytes(mutate_safetensors(sources[i % 2], rng))
+        run("inspect", path, "--no-hash", what=f"controlnet mutant {i}")
+        if i % 4 == 0:
+            run(*render_args(tiny_sd1, "--controlnet", path, "--control-image", tmp_path / "hint.png", "-o",
+                             tmp_path / f"o{i}.png"), what=f"controlnet mutant {i} through generate")
+        path.unlink()
+    assert temp_files(tmp_path) == []
+
+
+def test_fuzzed_taesd_files_through_decode(tmp_path):
+    """Header mutants of TAESD decoders (safetensors) and byte mutants of their .pth twins (the restricted
+    unpickler) through `decode --vae`: a latent decoded, or one clean error."""
+    from _fixtures_taesd import write_taesd_files
+
+    _, paths = write_taesd_files(tmp_path / "t")
+    latent = tmp_path / "l.safetensors"
+    latent.write_bytes(st_save({"latent": torch.randn(1, 4, 8, 8)}, metadata={"format": "sdcli.latent",
+                                                                               "scaled": "true"}))
+    rng = random.Random(31)
+    st, pth = paths["decoder"].read_bytes(), paths["decoder_pth"].read_bytes()
+    decoded = 0
+    for i in range(30):
+        if i % 2:
+            path = tmp_path / f"taesd_decoder_{i}.pth"
+            path.write_bytes(_mutate_pickle(pth, rng))
+        else:
+            path = tmp_path / f"taesd_decoder_{i}.safetensors"
+            path.write_bytes(mutate_safetensors(st, rng))
+        result = run("decode", latent, "--vae", path, "-o", tmp_path / f"d{i}.png", what=f"taesd mutant {i}")
+        decoded += result.exit_code == 0
+    assert decoded < 30 and temp_files(tmp_path) == []
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_fuzzed_embeddings_through_inspect_prompt(tmp_path):
+    """Mutants of every embedding format in one folder (A1111 .pt and diffusers .bin through the restricted
+    unpickler byte-mutated; kohya and SDXL .safetensors header-mutated; odd shapes, NaN, huge vector counts),
+    each mentioned in a prompt: `inspect --prompt` places it or fails in one line naming the file."""
+    from _fixtures_embeddings import random_vectors, write_embedding
+
+    rng = random.Random(77)
+    good = tmp_path / "good"
+    originals = {
+        "a1111_pt": write_embedding(good / "a.pt", "a1111_pt", {"*": random_vectors(2, 64)}),
+        "old_pt": write_embedding(good / "o.pt", "old_pt", {"*": random_vectors(1, 64)}),
+        "diffusers_bin": write_embedding(good / "d.bin", "diffusers_bin", {"*": random_vectors(1, 64)}),
+        "emb_params": write_embedding(good / "k.safetensors", "emb_params", {"*": random_vectors(3, 64)}),
+        "sdxl": write_embedding(good / "x.safetensors", "sdxl", {"clip_l": random_vectors(2, 64),
+                                                                 "clip_g": random_vectors(2, 128)}),
+    }
+    odd = {"nan": torch.full((2, 64), float("nan")), "wide": random_vectors(2, 4096), "many": random_vectors(5000, 8),
+           "flat": torch.zeros(0, 64), "ints": torch.ones(2, 64, dtype=torch.int32), "three_d": torch.zeros(1, 2, 64)}
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    for name, t in odd.items():
+        save_file_st({"emb_params": t}, folder / f"{name}.safetensors")
+    for i in range(40):
+        kind = sorted(originals)[i % len(originals)]
+        data = originals[kind].read_bytes()
+        mutant = _mutate_pickle(data, rng) if data.startswith(b"PK") else mutate_safetensors(data, rng)
+        (folder / f"m{i}{originals[kind].suffix}").write_bytes(mutant)
+    for name in [*odd, *(f"m{i}" for i in range(40))]:
+        result = run("inspect", "--prompt", f"a photo of {name}", "--embeddings-dir", folder, what=f"embedding {name}")
+        if result.exit_code:
+            assert name in result.stderr, result.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def save_file_st(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
+def test_fuzzed_control_images_through_preprocess(tmp_path):
+    """ControlNet hints of every mode, bit depth and kind of damage through `preprocess` (no model needed):
+    a map written, or one clean error naming the image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(5)
+    arr = np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    base = Image.fromarray(arr)
+    made = {}
+    for mode in ("1", "L", "P", "RGBA", "LA", "I", "I;16", "F", "CMYK", "RGB"):
+        image = base.convert(mode) if mode not in ("I;16",) else base.convert("L").convert("I;16")
+        fmt = "TIFF" if mode in ("F", "CMYK", "LA", "I") else "PNG"
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        made[f"{mode.replace(';', '_')}.{fmt.lower()}"] = buf.getvalue()
+    buf = io.BytesIO()
+    base.save(buf, format="GIF", save_all=True, append_images=[base.rotate(90, expand=True)])
+    made["frames.gif"] = buf.getvalue()
+    for n in range(16):  # damaged copies of the PNG and JPEG encodings
+        buf = io.BytesIO()
+        base.save(buf, format="PNG" if n % 2 else "JPEG")
+        made[f"damaged{n}.{'png' if n % 2 else 'jpg'}"] = _mutate_bytes(buf.getvalue(), rng)
+    for name, data in made.items():
+        (tmp_path / name).write_bytes(data)
+        for kind in ("canny", "invert", "tile"):
+            result = run("preprocess", kind, tmp_path / name, "-o", tmp_path / f"{name}.{kind}.png",
+                         what=f"{kind} of {name}")
+            if result.exit_code:
+                assert result.exit_code == 3 and name in result.stderr, result.stderr
+    assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- main's new file kinds: GGUF, upscalers, encoders
+
+ODD_U64 = [0, 1, 2, 3, 31, 32, 255, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def mutate_gguf(data: bytes, head: int, rng: random.Random) -> bytes:
+    """One mutation of a GGUF file inside its first `head` bytes (header, metadata, tensor infos: what the reader
+    parses before any tensor data): bytes flipped, a 4- or 8-byte field set to an odd value, or the file cut."""
+    raw = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randrange(1, 6)):
+            raw[rng.randrange(head)] = rng.randrange(256)
+    elif kind in (1, 2):  # somewhere a count, a length, a dimension, a type id or an offset lies
+        width = 8 if kind == 1 else 4
+        at = rng.randrange(4, head - width)
+        raw[at:at + width] = (rng.choice(ODD_U64) % 2 ** (8 * width)).to_bytes(width, "little")
+    else:
+        return bytes(raw[: rng.choice([rng.randrange(head), rng.randrange(head, len(raw))])])
+    return bytes(raw)
+
+
+def test_fuzzed_gguf_files_through_inspect_convert_and_generate(tiny_sd1, tmp_path):
+    """Mutants of a Q8_0 GGUF of the tiny SD1 (and of a city96 UNet-only one) through `inspect` (60), `convert`
+    to safetensors (10) and `generate` (10): read, or one clean error; nothing half-written."""
+    from safetensors.torch import load_file
+
+    from sdcli.formats.gguf import read_gguf_header
+    from sdcli.quant.quantize import write_gguf
+
+    whole, unet = tmp_path / "whole.gguf", tmp_path / "unet.gguf"
+    state = load_file(str(tiny_sd1))
+    write_gguf(whole, state, "q8_0")
+    prefix = "model.diffusion_model."
+    write_gguf(unet, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, "q8_0", arch="sd1")
+    sources = [(p.read_bytes(), read_gguf_header(p).data_offset) for p in (whole, unet)]
+    rng = random.Random(26)
+    refused = 0
+    for i in range(60):
+        data, head = sources[i % 2]
+        path = tmp_path / f"g{i}.gguf"
+        path.write_bytes(mutate_gguf(data, head, rng))
+        refused += run("inspect", path, "--no-hash", what=f"gguf mutant {i}").exit_code != 0
+        if i % 6 == 0:
+            run("convert", path, "-o", tmp_path / f"c{i}.safetensors", what=f"gguf mutant {i} through convert")
+        if i % 6 == 3:
+            extra = ["--vae", tiny_sd1, "--clip-l", tiny_sd1] if i % 2 else []
+            run(*render_args(path, *extra, "-o", tmp_path / f"o{i}.png"), what=f"gguf mutant {i} through generate")
+        path.unlink()
+    assert refused > 20 and temp_files(tmp_path) == []
+
+
+def test_fuzzed_upscaler_files_through_inspect_and_upscale(tmp_path):
+    """Header mutants of ESRGAN (old layout) and Compact .safetensors files and byte mutants of their .pth twins
+    (the restricted unpickler) through `inspect` and `upscale`: an image, or one clean error; nothing runs."""
+    from make_upscaler import compact_state, old_layout, rrdb_state, write
+    from PIL import Image
+
+    from sdcli.models.esrgan import CompactConfig, RRDBConfig
+
+    rrdb = RRDBConfig(num_features=8, num_blocks=1)
+    states = [old_layout(rrdb_state(rrdb), rrdb), compact_state(CompactConfig(num_features=8, num_convs=2))]
+    sources = []
+    for n, state in enumerate(states):
+        sources += [write(state, tmp_path / f"u{n}.safetensors").read_bytes(),
+                    write(state, tmp_path / f"u{n}.pth").read_bytes()]
+    Image.new("RGB", (16, 12), "gray").save(tmp_path / "pic.png")
+    rng = random.Random(28)
+    upscaled = 0
+    for i in range(40):
+        data = sources[i % 4]
+        path = tmp_path / f"m{i}{'.pth' if i % 2 else '.safetensors'}"
+        path.write_bytes(_mutate_pickle(data, rng) if i % 2 else mutate_safetensors(data, rng))
+        run("inspect", path, "--no-hash", what=f"upscaler mutant {i}")
+        result = run("upscale", tmp_path / "pic.png", "-u", path, "-o", tmp_path / f"o{i}.png",
+                     what=f"upscaler mutant {i} through upscale")
+        upscaled += result.exit_code == 0
+        path.unlink()
+    assert upscaled < 40 and temp_files(tmp_path) == []
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_fuzzed_text_encoder_files_through_generate(tiny_sd1, tmp_path):
+    """Header mutants of a --clip-l file (ComfyUI's clip_l.safetensors) beside a city96 UNet-only GGUF: a render,
+    or one clean error naming the encoder file when the fault is in it."""
+    from safetensors.torch import load_file, save_file
+
+    from sdcli.quant.quantize import write_gguf
+
+    state = load_file(str(tiny_sd1))
+    unet, clip = tmp_path / "unet.gguf", tmp_path / "clip_l.safetensors"
+    prefix, text = "model.diffusion_model.", "cond_stage_model.transformer."
+    write_gguf(unet, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, "f32", arch="sd1")
+    save_file({k[len(text):]: v for k, v in state.items() if k.startswith(text)}, str(clip))
+    rng = random.Random(29)
+    data = clip.read_bytes()
+    for i in range(12):
+        path = tmp_path / f"clip{i}.safetensors"
+        path.write_bytes(mutate_safetensors(data, rng))
+        result = run(*render_args(unet, "--vae", tiny_sd1, "--clip-l", path, "-o", tmp_path / f"o{i}.png"),
+                     what=f"clip-l mutant {i}")
+        if result.exit_code == 3:
+            assert path.name in result.stderr or "unet.gguf" not in result.stderr, result.stderr
+        path.unlink()
+    assert temp_files(tmp_path) == []

@@ -273,7 +273,7 @@ def test_pixel_bombs_are_not_decoded_to_read_metadata(tmp_path, monkeypatch):
         result = cli("inspect", name, "--json")
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["parameters"]["seed"] == 5
-        replay = cli("generate", "--from-image", name, "--dry-run")
+        replay = cli("generate", "--from-image", name, "--dry-run", "--json")
         assert replay.exit_code == 0, replay.output
         assert json.loads(replay.stdout.splitlines()[0])["config"]["seed"] == 5
         assert time.perf_counter() - start < 5

@@ -37,7 +37,7 @@ def _a1111(tmp_path, pairs: str):
 
 
 def _replay(png, *extra):
-    return cli("generate", "--from-image", png, "--dry-run", *extra)
+    return cli("generate", "--from-image", png, "--dry-run", "--json", *extra)
 
 
 # ---------------------------------------------------------------- item 6: one typed validation
@@ -213,7 +213,7 @@ def test_schedule_numbers_that_overflow_and_deep_brackets_do_not_crash():
 
 def test_bom_before_a_json_first_line_is_dropped(tmp_path):
     (tmp_path / "p.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a cat", "seed": 77, "steps": 3}\n')
-    result = cli("generate", "--prompts-file", "p.jsonl", "--dry-run")
+    result = cli("generate", "--prompts-file", "p.jsonl", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout.splitlines()[0])
     assert plan["prompt"] == "a cat" and plan["config"]["seed"] == 77 and plan["config"]["steps"] == 3

@@ -63,7 +63,7 @@ def _a1111_png(path, text):
 def test_from_a1111_infotext(cli, tmp_path):
     png = _a1111_png(tmp_path / "w.png", "a castle\nNegative prompt: fog\nSteps: 7, Sampler: DPM++ 2M, "
                      "Schedule type: Karras, CFG scale: 4.5, Seed: 99, Size: 96x64, Model: x")
-    result = cli("generate", "--from-image", str(png), "--dry-run", with_model=False)
+    result = cli("generate", "--from-image", str(png), "--dry-run", "--json", with_model=False)
     plan = json.loads(result.stdout.splitlines()[0])
     assert plan["prompt"] == "a castle"
     cfg = plan["config"]
@@ -165,7 +165,7 @@ def test_dtype_flag_beats_the_replayed_dtype(cli, original, tmp_path, cpu_kind):
 def test_print_config_shows_the_replayed_dtype(cli, original, cpu_kind):
     cpu_kind(True)
     result = cli("generate", "--from-image", str(original), "--print-config", "--json", with_model=False)
-    assert json.loads(result.stdout)["dtype"] == "fp32"
+    assert json.loads(result.stdout)["config"]["dtype"] == "fp32"
 
 
 def test_thread_count_moves_no_byte(cli, tmp_path):

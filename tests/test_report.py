@@ -100,7 +100,7 @@ def test_embedded_json_is_verify_json_in_page_order():
     page = _parse(report.render_html(entries, lambda i, kind, img: report.data_uri(img)))
     assert len(page.scripts) == 1 and page.scripts[0][0] == {"type": "application/json", "id": "verify-results"}
     data = json.loads(page.scripts[0][1])
-    expected = [dict(e.result, psnr=None if e.result["psnr"] == math.inf else round(e.result["psnr"], 3))
+    expected = [dict(e.result, kind="verify", psnr=None if e.result["psnr"] == math.inf else round(e.result["psnr"], 3))
                 for e in report.ordered(entries)]
     assert data == expected
     assert data[2]["path"] == "same.png" and data[2]["psnr"] is None  # identical: first of the passes

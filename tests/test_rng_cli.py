@@ -293,7 +293,8 @@ def test_a1111_infotext_replays_its_noise_without_a_note(run, tmp_path):
 
 
 def _dry_replay(run, tmp_path, text):
-    result = run("generate", "--from-image", str(_a1111_png(tmp_path / "p.png", text)), "--dry-run")
+    result = run("generate", "--from-image", str(_a1111_png(tmp_path / "p.png", text)), "--dry-run",
+                 "--json")
     return json.loads(result.stdout.splitlines()[0])["config"], result.stderr
 
 

@@ -214,7 +214,7 @@ def test_encode_text_and_inspect_prompt(cli, tmp_path):
     report = json.loads(cli("inspect", "--prompt", "a fooemb", "--embeddings-dir", "emb", "--json").stdout)
     assert [(e["name"], e["vectors"]) for e in report["embeddings"]] == [("fooemb", 2)]
     assert report["tokens"] == ["a</w>", "<fooemb>", "<fooemb#1>"]
-    plan = json.loads(cli("generate", "a fooemb", "--embeddings-dir", "emb", "--dry-run").stdout)
+    plan = json.loads(cli("generate", "a fooemb", "--embeddings-dir", "emb", "--dry-run", "--json").stdout)
     assert plan["tokens"]["tokens"] == ["a</w>", "<fooemb>", "<fooemb#1>"]
 
 

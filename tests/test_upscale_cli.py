@@ -378,7 +378,7 @@ def test_verify_rerenders_with_the_upscaler(run, tmp_path, model_file, tiny_sd1)
 
 def test_config_key_and_print_config(run, tmp_path):
     (tmp_path / "c.yaml").write_text("hires_upscaler: latent (nearest-exact)\nupscaler_dir: somewhere\n")
-    printed = json.loads(run("generate", PROMPT, "--config", "c.yaml", "--print-config", "--json").stdout)
+    printed = json.loads(run("generate", PROMPT, "--config", "c.yaml", "--print-config", "--json").stdout)["config"]
     assert (printed["hires_upscaler"], printed["upscaler_dir"]) == ("Latent (nearest-exact)", "somewhere")
     (tmp_path / "bad.yaml").write_text("hires_upscaler: ''\n")
     assert "'hires_upscaler'" in one_line_error(run("generate", PROMPT, "--config", "bad.yaml", "--print-config",

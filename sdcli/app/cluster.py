@@ -23,7 +23,7 @@ from typing import Any
 
 from sdcli.runtime import console
 from sdcli.runtime.extras import install_hint
-from sdcli.runtime.errors import SdcliError, UsageError
+from sdcli.runtime.errors import SdcliError, UsageError, quote
 from sdcli.app import render, save
 
 INSTALL = install_hint("ray")
@@ -77,8 +77,10 @@ def render_on_ray(address: str, workers: Workers, base, targets: list, loras: di
     """Render `targets` on the Ray cluster at `address` (auto | local | ray://host:port); `setup(models)` gives a
     worker its (init, cond) once its model is loaded (img2img's encoded image); None: text to image."""
     check_request(req, targets)
+    _check_workers(workers)
+    host_port(address)  # its form, before Ray is imported
     ray = import_ray()
-    started_here = _connect(ray, address)
+    started_here = _connect(ray, address, workers)
     actors: list = []
     try:
         actors = _start_workers(ray, workers, base, targets, loras, setup)
@@ -93,18 +95,86 @@ def render_on_ray(address: str, workers: Workers, base, targets: list, loras: di
         raise JobsFailed(failures, len(targets))
 
 
-def _connect(ray, address: str) -> bool:
-    """Join (or, for `local`, start) the cluster; True when this call did, so the run ends it again."""
+def _connect(ray, address: str, workers: Workers = Workers()) -> bool:
+    """Join (or, for `local`, start) the cluster; True when this call did, so the run ends it again. Whatever can
+    be known without Ray is checked first: the address's form, that something answers there (Ray itself retries a
+    dead address for minutes), and that `local` workers fit this machine."""
+    where = host_port(address)
     if ray.is_initialized():  # a program (or test) that drives sdcli in-process and brought its own Ray
         return False
-    if address not in ("auto", "local") and ":" not in address:
-        raise UsageError(f"--ray: expected auto, local or ray://HOST:PORT, got {address!r}")
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        where = host_port(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
+    if address == "local":
+        _fits_this_machine(workers)
+    elif where is not None:
+        _answers(address, *where)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="error", include_dashboard=False)
     except ConnectionError as e:
-        raise UsageError(f"--ray {address}: no Ray cluster found ({e}); start one with `ray start --head` "
-                         "or use --ray local") from None
+        raise UsageError(f"--ray {quote(address)}: no Ray cluster found ({quote(e)}); start one with "
+                         "`ray start --head` or use --ray local") from None
+    except (ValueError, RuntimeError) as e:  # Ray's own refusals: no ray[client] for ray://, a bad address
+        raise UsageError(f"--ray {quote(address)}: {quote(e)}") from None
     return True
+
+
+CONNECT_TIMEOUT_S = 10.0  # for the TCP check of a cluster address; Ray's own connection retries take minutes
+MAX_WORKERS = 4096
+
+
+def host_port(address: str, name: str = "--ray") -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT or ray://HOST:PORT address (IPv6 in brackets); None for auto and local;
+    UsageError for anything else, before Ray is imported."""
+    if address in ("auto", "local") and name == "--ray":
+        return None
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ok_host = bool(host) and host.isprintable() and not any(c.isspace() or c in "/@?#[]" for c in host)
+    if not sep or not ok_host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"{name}: expected auto, local, HOST:PORT or ray://HOST:PORT (a port from 1 to 65535), "
+                         f"got {quote(repr(address))}")
+    return host, int(port)
+
+
+def _answers(address: str, host: str, port: int) -> None:
+    """Something accepts a connection at host:port, or UsageError now (Ray would retry for minutes)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UsageError(f"--ray {quote(address)}: nothing answers at {quote(host, 80)}:{port} ({why}); start the "
+                         "cluster with `ray start --head`, or use --ray local") from None
+
+
+def _check_workers(workers: Workers) -> None:
+    """--workers, --gpus-per-worker and --cpus-per-worker that no cluster could take, refused before Ray starts."""
+    import math
+
+    if workers.count is not None and not 1 <= workers.count <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 1 to {MAX_WORKERS}, got {workers.count}")
+    for flag, value in (("--gpus-per-worker", workers.gpus), ("--cpus-per-worker", workers.cpus)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
+
+
+def _fits_this_machine(workers: Workers) -> None:
+    """`--ray local` starts Ray on this machine: workers that need more CPUs or GPUs than it has never start."""
+    if workers.count is None:
+        return
+    cpus = os.cpu_count() or 1
+    if workers.count * workers.cpus > cpus + 1e-9:
+        raise UsageError(f"--ray local: {workers.count} workers x {workers.cpus:g} CPU do not fit this machine "
+                         f"({cpus} CPUs); pass fewer --workers or less per worker")
+    if workers.gpus:
+        import torch
+
+        have = torch.cuda.device_count()
+        if workers.count * workers.gpus > have + 1e-9:
+            raise UsageError(f"--ray local: {workers.count} workers x {workers.gpus:g} GPU do not fit this machine "
+                             f"({have} GPUs); pass fewer --workers or less per worker")
 
 
 def _start_workers(ray, workers: Workers, base, targets: list, loras: dict, setup) -> list:

@@ -56,6 +56,8 @@ def _to_safetensors(source: Path, output: Path) -> None:
     try:
         saved = _dequantized(source, output) if is_gguf(source) else convert_ckpt(source, output)
     except OSError as e:
+        if e.filename is not None and Path(e.filename) == Path(source):  # reading it failed, not the write
+            raise BadInputError(f"{source}: cannot read ({e.strerror or e})") from None
         raise OutputError(f"{output}: cannot write ({e.strerror or e})") from None
     console.info(f"saved {saved}")
 

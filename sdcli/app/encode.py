@@ -10,7 +10,7 @@ from sdcli import __version__
 
 from sdcli.runtime import console
 from sdcli import config as cfgmod
-from sdcli.runtime.errors import UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.jobs import single_job
 from sdcli.app import render
 from sdcli.app.planning import OutputPlan
@@ -71,7 +71,7 @@ def _encode_text(req: EncodeRequest, cfg) -> None:
     cond, _ = pipeline.encode_text(models, job.text, "", cfg.clip_skip)
     path = latents.save_embedding(req.output, cond, prompt=req.text, family=models.info.family,
                                   clip_skip=cfg.clip_skip, model_hash=model_hash(models), overwrite=req.overwrite)
-    report(req, {"path": str(path), "kind": "embedding", "shape": list(cond.shape)})
+    report(req, "embedding", path, {"shape": list(cond.shape)})
 
 
 def _encode_image(req: EncodeRequest, cfg) -> None:
@@ -88,7 +88,7 @@ def _encode_image(req: EncodeRequest, cfg) -> None:
                                family=models.info.family, source_size=(img.width, img.height),
                                model_hash=model_hash(models), overwrite=req.overwrite,
                                shift_factor=pipeline.shift_factor(models))
-    report(req, {"path": str(path), "kind": "latent", "shape": list(latent.shape)})
+    report(req, "latent", path, {"shape": list(latent.shape)})
 
 
 def _decode_with_vae(cfg, lf, where: Path):
@@ -103,6 +103,7 @@ def _decode_with_vae(cfg, lf, where: Path):
     device.configure(placement, cfg.threads)
     family = next((f for f in FAMILIES if f.name == lf.family), None)
     vae = vae_files.load_vae_file(cfg.vae, placement.dtype, placement.device, family)
+    _check_channels(lf, vae_files.latent_channels(vae), cfg.vae, where)
     factor = lf.scale_factor or (family.latent.scale_factor if family else None)
     shift = lf.shift_factor if lf.shift_factor is not None else (family.latent.shift_factor if family else 0.0)
     try:
@@ -111,6 +112,13 @@ def _decode_with_vae(cfg, lf, where: Path):
         raise UsageError(f"{where}: the file does not record its VAE scale factor; give the checkpoint with "
                          "--model instead of --vae") from None
     return pipeline.decode_with(vae, z, pipeline.vae_tiling(cfg))
+
+
+def _check_channels(lf, channels: int, vae, where: Path) -> None:
+    """A latent of another latent space (16 channels for SD3/FLUX, 4 for SD) failed in the VAE's first
+    convolution (exit 1): the file and the VAE are named instead."""
+    if lf.latent.shape[1] != channels:
+        raise BadInputError(f"{where}: latents of {lf.latent.shape[1]} channels; {vae} decodes {channels}")
 
 
 def run_decode(req: DecodeRequest) -> None:
@@ -132,6 +140,7 @@ def run_decode(req: DecodeRequest) -> None:
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:
         models = render.load(cfg, lazy=True)  # the VAE alone is read
+        _check_channels(lf, models.family.latent.channels, models.source, req.latent)
         latent = lf.unet_space(pipeline.scale_factor(models), pipeline.shift_factor(models))
         with console.stage("VAE decode"):
             decoded = pipeline.decode_latents(models, latent, pipeline.vae_tiling(cfg))
@@ -141,4 +150,4 @@ def run_decode(req: DecodeRequest) -> None:
         if cfg.vae:
             meta["vae"] = Path(cfg.vae).name
         saved = save_png(images.tensor_to_pil(decoded.images[k]), p, "", meta, overwrite=req.overwrite)
-        report(req, {"path": str(saved), "index": k, "fallbacks": decoded.fallbacks})
+        report(req, "image", saved, {"index": k, "fallbacks": decoded.fallbacks})

@@ -64,7 +64,9 @@ def run_generate(req: GenerateRequest) -> None:
         # with --server the server checks them (its exit code comes back): this process need not import torch
         render.check_samplers(jobs, base, lambda key: cfgmod.origin(key, req.flags, req.config_file, replay))
     if req.dry_run:
-        return _dry_run(jobs)
+        from sdcli.app import dry_run
+
+        return dry_run.show(jobs, req, base)
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
@@ -80,7 +82,7 @@ def run_generate(req: GenerateRequest) -> None:
     render.check_model_given(base)
     jobs = resume.adopt_seeds(jobs, req)
     targets, outputs = render.plan_outputs(jobs, req)
-    render.plan_grid(req, targets, outputs)
+    render.plan_grid(req, targets, outputs, sized=True)
     targets = resume.skip_done(targets, outputs, req)
     outputs.check()
     if not targets:
@@ -107,7 +109,7 @@ def _print_config(req: GenerateRequest, base, replay) -> None:
     if replay is not None and base.dtype != cfgmod.resolve(req.flags, req.config_file, replay.values).dtype:
         shown["dtype"] = f"image metadata {req.from_image}"  # set by _replayed_dtype
     if req.json_out:
-        return console.emit_json({**base.to_dict(), "sources": shown})
+        return console.emit_result("config", None, {"config": base.to_dict(), "sources": shown})
     print(cfgmod.to_yaml(base, shown), end="")
 
 
@@ -175,28 +177,3 @@ def _load_cond(path: Path, models):
     if emb.cond.shape[-1] != width:
         raise BadInputError(f"{path}: embedding width {emb.cond.shape[-1]} does not fit this model's text width {width}")
     return emb.cond
-
-
-def _dry_run(jobs: list[Job]) -> None:
-    """Print the plan as JSON lines on stdout: resolved config, sigmas and token chunks. Loads no model, so the
-    tokens are shown as the default family's text encoder pads them."""
-    from sdcli.families import DEFAULT
-    from sdcli.pipeline import make_plan
-    from sdcli.text.editing import prompt_schedule
-    from sdcli.text.prompts import describe_prompt
-    from sdcli.text.clip_tokenizer import get_tokenizer
-
-    library = None
-    if jobs[0].cfg.embeddings_dir:  # no model: every file taken as it is, as inspect --prompt does
-        from sdcli.text.embeddings import EmbeddingLibrary
-
-        library = EmbeddingLibrary(jobs[0].cfg.embeddings_dir, None, get_tokenizer().encode, console.info)
-    for job in jobs:
-        plan = make_plan(job.cfg.sampler, job.cfg.schedule, job.cfg.steps, job.cfg.sigmas)
-        schedule = prompt_schedule(job.text, job.cfg.steps)
-        console.emit_json({"source": job.source, "prompt": job.prompt, "sampler": plan.sampler,
-                           "config": job.cfg.to_dict(), "sigmas": [round(float(s), 5) for s in plan.sigmas],
-                           "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
-                           "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
-                           "tokens": describe_prompt(schedule[-1][1], get_tokenizer(), DEFAULT.text[0].pad_id,
-                                                     library)})

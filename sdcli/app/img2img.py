@@ -1,6 +1,11 @@
 """`sdcli img2img`: an input image noised to --strength and re-sampled; with --mask (white = repaint) or --pad
 (outpainting) it inpaints as A1111 does (app/inpaint.py): any model, or a 9-channel inpainting model, which also
-sees the mask and the kept picture through Cond.concat."""
+sees the mask and the kept picture through Cond.concat.
+
+-W/-H resize the input picture first (A1111's "Just resize"; one side alone keeps the aspect ratio), before --pad
+grows the canvas; the job records the canvas size, and `prepare_init` brings the picture (and mask) to the size
+the job records, so a replay (`verify`), a Ray worker and a server resize it the same way. The hires fix
+(--hires-scale) runs a second pass on the img2img result, as for text to image; not with --mask or --pad."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from sdcli import config as cfgmod
 from sdcli.runtime import console
+from sdcli.runtime.errors import UsageError
 from sdcli.control import settings as control_config
 from sdcli.jobs import single_job
 from sdcli.app import cluster, inpaint, refine, remote, render, resume
@@ -37,10 +43,13 @@ class Img2ImgRequest:
     skip_existing: bool = False
     workers: cluster.Workers = field(default_factory=cluster.Workers)  # with --ray (or config key ray)
     server: str | None = None  # --server URL: rendered by a warm `sdcli serve`, written here (app/remote.py)
+    dry_run: bool = False  # --dry-run: print the plan (app/dry_run.py), render nothing
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
     base = cfgmod.resolve(req.flags, req.config_file)
+    if "hires_scale" not in req.flags:  # a config's hires_scale is for text to image: img2img's is asked for
+        base = dataclasses.replace(base, hires_scale=1.0)
     masked = bool(req.mask or base.pad)
     if masked and cfgmod.origin("strength", req.flags, req.config_file) == "default":
         base = dataclasses.replace(base, strength=_inpaint_strength(base))
@@ -49,14 +58,23 @@ def run_img2img(req: Img2ImgRequest) -> None:
     if req.server:
         remote.check_request(req, base)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
-    render.check_model_given(base)
+    if base.hires_scale != 1.0 and masked:
+        raise UsageError("--hires-scale re-renders the whole picture larger; it cannot be used with --mask or --pad")
+    if not req.dry_run:
+        render.check_model_given(base)
+    render.check_hires_upscalers([job])
     from sdcli.formats import images  # imports torch: after the checks that need none
     img, notes = images.load_image(req.image)
     for note in notes:
         console.info(f"{req.image}: {note}")
     mask = _load_mask(req.mask, img) if req.mask else None
-    width, height = inpaint.canvas_size(img.size, base.pad)
+    sized = picture_size(img.size, req.flags.get("width"), req.flags.get("height"))
+    width, height = inpaint.canvas_size(sized, base.pad)
     job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, width=width, height=height))
+    if req.dry_run:
+        from sdcli.app import dry_run
+
+        return dry_run.show([job], req, base, init_strength=job.cfg.strength)
     job, = resume.adopt_seeds([job], req)
     targets, outputs = render.plan_outputs([job], req)
     render.plan_grid(req, targets, outputs)
@@ -68,12 +86,37 @@ def run_img2img(req: Img2ImgRequest) -> None:
         return remote.render_on_server(req.server, targets, req, (img, notes, mask, req.mask))
     loras = render.job_loras([job], req.loras)
     control_config.check_files([job], base.model)
-    setup = functools.partial(prepare_init, base, img, mask, notes, req.mask)
+    setup = functools.partial(prepare_init, job.cfg, img, mask, notes, req.mask)
     if base.ray:
         return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req, setup)
     models = render.load(base)
     init, _ = setup(models)
     render.render_all(models, targets, init, None, req, loras, nets=control_config.load_nets([job], models))
+
+
+def picture_size(size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """(width, height) the input picture is rendered at: its own, or -W/-H (both: stretched to them, as A1111's
+    "Just resize"; one: the other side follows the aspect ratio, rounded to a multiple of 8)."""
+    if width is None and height is None:
+        return size
+    if width is None:
+        width = max(8, round(size[0] * height / size[1] / 8) * 8)
+    if height is None:
+        height = max(8, round(size[1] * width / size[0] / 8) * 8)
+    return width, height
+
+
+def fit_picture(cfg, img, mask) -> tuple:
+    """(picture, mask, notes): both resized (Lanczos) to the size the job renders before --pad, when it differs."""
+    from PIL import Image
+
+    left, top, right, bottom = cfgmod.pad_of(cfg.pad) if cfg.pad else (0, 0, 0, 0)
+    size = (cfg.width - left - right, cfg.height - top - bottom) if cfg.width and cfg.height else img.size
+    if tuple(img.size) == size:
+        return img, mask, []
+    note = f"input {img.width}x{img.height} resized to {size[0]}x{size[1]}"
+    resized = img.resize(size, Image.Resampling.LANCZOS)
+    return resized, None if mask is None else mask.resize(size, Image.Resampling.LANCZOS), [note]
 
 
 def _inpaint_strength(cfg) -> float:
@@ -105,6 +148,10 @@ def prepare_init(base, img, mask, notes, mask_path, models) -> tuple:
     from sdcli.formats import images
 
     render.check_model_options(models, base, mask_path or base.pad)
+    img, mask, resized = fit_picture(base, img, mask)
+    notes = [*notes, *resized]
+    for note in resized:
+        console.info(note)
     if mask is None and not base.pad:
         # a transformer's 2x2 patches need sides that are multiples of 16
         img, cropped = images.crop_to_multiple(img, models.family.size_multiple)

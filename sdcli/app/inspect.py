@@ -38,7 +38,7 @@ def run_inspect(paths: list[Path], prompt: str | None, hashes: bool, json_out: b
         raise UsageError("give PATHs to inspect or --prompt TEXT")
     if prompt is not None:
         report = _prompt_report(prompt, embeddings_dir)
-        return typer.echo(json.dumps(report, ensure_ascii=False)) if json_out else _print_prompt(report)
+        return emit(report) if json_out else _print_prompt(report)
     worst = 0
     for n, path in enumerate(paths):
         try:
@@ -48,13 +48,19 @@ def run_inspect(paths: list[Path], prompt: str | None, hashes: bool, json_out: b
             worst = max(worst, e.exit_code)
             continue
         if json_out:
-            typer.echo(json.dumps(report, ensure_ascii=False))
+            emit(report)
             continue
         if n:
             typer.echo("")  # a blank line between two files' blocks
         _print_report({k: v for k, v in report.items() if k != "raw"})  # --json keeps the raw text chunks
     if worst:
         raise typer.Exit(worst)
+
+
+def emit(report: dict[str, Any]) -> None:
+    """A report as its --json line, in the envelope every command's lines have: kind, path, then the rest."""
+    rest = {k: v for k, v in report.items() if k not in ("kind", "path")}
+    console.emit_result(report["kind"], report.get("path"), rest)
 
 
 def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:

@@ -9,7 +9,6 @@ over PICKLE_LIMIT) is not opened: unpickling means reading it all.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +43,11 @@ def run_list(folders: list[Path], kinds: list[str] | None, config_file: Path | N
         entries = [e for e in entries if wanted is None or e["kind"] in wanted]
         widths = [max((len(_columns(e)[i]) for e in entries), default=0) for i in range(3)]
         for entry in entries:
-            typer.echo(json.dumps(entry, ensure_ascii=False) if json_out else _line(entry, widths))
+            if json_out:  # the envelope of every --json line: kind, path, then the rest
+                console.emit_result(entry["kind"], entry.get("path"),
+                                    {k: v for k, v in entry.items() if k not in ("kind", "path")})
+            else:
+                typer.echo(_line(entry, widths))
     if worst:
         raise typer.Exit(worst)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sdcli import __version__
 from sdcli.runtime import console
-from sdcli.runtime.errors import SdcliError, UsageError
+from sdcli.runtime.errors import SdcliError, UsageError, quote
 from sdcli.app import save
 from sdcli.app.progress import Progress
 
@@ -65,12 +65,12 @@ class Server:
     def __init__(self, url: str):
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"--server {url!r}: expected http://HOST:PORT")
+            raise UsageError(f"--server {quote(repr(url))}: expected http://HOST:PORT")
         self.scheme, self.host, self.prefix = parts.scheme, parts.hostname, parts.path.rstrip("/")
         try:
             self.port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise UsageError(f"--server {url!r}: bad port") from None
+            raise UsageError(f"--server {quote(repr(url))}: bad port") from None
         self.name = f"{parts.scheme}://{parts.hostname}:{self.port}{self.prefix}"
         self.headers = {"Content-Type": "application/json"}
         if parts.username is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from sdcli.runtime import console
 from sdcli.config import RunConfig
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError, quote
 from sdcli.jobs import Job
 from sdcli.app import save
 from sdcli.app.planning import OutputPlan
@@ -148,9 +148,10 @@ def slg_of(cfg: RunConfig, models, guidance: float):
                                getattr(models.info.unet, "depth", None), guidance)
 
 
-def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
+def plan_grid(req, targets: list[Target], outputs: OutputPlan, sized: bool = False) -> None:
     """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
-    and one image size for the whole run (a contact sheet's cells are all alike)."""
+    and one image size for the whole run (a contact sheet's cells are all alike). `sized`: the jobs' -W/-H, when
+    given, are the images' size (txt2img without a hires pass), so a sheet too big is refused now."""
     grid, grid_only = getattr(req, "grid", None), getattr(req, "grid_only", False)
     if grid is None:
         if grid_only:
@@ -163,6 +164,9 @@ def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
     sizes = {(t.job.cfg.width, t.job.cfg.height, t.job.cfg.hires_scale) for t in targets}
     if len(sizes) > 1:
         raise UsageError("--grid puts every image of the run on one sheet, but the jobs render different sizes")
+    width, height, scale = sizes.pop() if sizes else (None, None, 1.0)
+    if sized and width and height and scale == 1.0 and not getattr(req, "latent_in", None):
+        save.check_grid(req, len(targets), (width, height), targets[0].job.cfg.batch_size)
     outputs.add("grid", grid)
 
 
@@ -194,7 +198,7 @@ def check_samplers(jobs: list[Job], base: RunConfig | None = None, origin=None, 
                 raise _located(e, job, "sigmas", base, origin) from None
         elif schedule_used not in names.SCHEDULE_NAMES:
             known = ", ".join(names.SCHEDULE_NAMES)
-            e = UsageError(f"unknown schedule '{job.cfg.schedule}' (known: {known})")
+            e = UsageError(f"unknown schedule '{quote(job.cfg.schedule, 60)}' (known: {known})")
             raise _located(e, job, "schedule", base, origin)
     if warn:
         warn_unused_params(jobs)
@@ -316,6 +320,9 @@ def render_all(models, targets: list[Target], init: Init | None, cond, req, lora
     refine.load_refiner's models, or None."""
     from sdcli.loading.lora import LoraState
 
+    if getattr(req, "grid", None):  # the sheet's size is known now (the family's size): refuse it before the work
+        save.check_grid(req, len(targets), _final_size(targets[0].job.cfg, models, init),
+                        targets[0].job.cfg.batch_size)
     started = time.perf_counter()
     by_job: dict[int, list[Target]] = {}
     for t in targets:
@@ -358,7 +365,8 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
         with console.stage("text encode"):
             cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None,
                                                      encoded)  # fmt: skip
-    hires = _hires(cfg, (height, width), models) if init is None else None
+    # img2img's result gets the second pass too (its callers refuse it with inpainting and --latent-in)
+    hires = _hires(cfg, (height, width), models) if init is None or init.inpaint is None else None
     if hires is not None and cond_override is None:
         with console.stage("text encode (hires pass)"):
             conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
@@ -455,10 +463,14 @@ def hires_upscaler(cfg: RunConfig, models):
     from sdcli.upscale.names import choose
     from sdcli.upscale.resize import HiresUpscaler
 
+    from sdcli.loading.residency import stamps
+
     choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
     if choice.kind != "model":
         return HiresUpscaler(choice)
-    key = (str(choice.path), models.dtype, models.device)
+    # the file's stamp in the key: a process that runs again (serve, a test) must not keep a network whose file
+    # was replaced since, while the metadata records the new file's hash
+    key = (str(choice.path), tuple(stamps([choice.path]).values()), models.dtype, models.device)
     if key not in _HIRES_MODELS:
         from sdcli.upscale.files import load_upscaler
 
@@ -507,10 +519,20 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
         with console.stage("sampling (refiner)"):
             latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond,
                                                  refiner.uncond, draws, step)  # fmt: skip
+    return hires_pass(models, hires, latents, cond, uncond, seeds, draws, callback, noise)
+
+
+def hires_pass(models, hires: Hires | None, latents, cond, uncond, seeds: list[int], draws, callback=None,
+               noise=None):
+    """The hires fix's pass 2 on pass 1's `latents` (text to image or img2img), drawing from pass 1's generators
+    `draws` or, with `gpu` / `nv` noise, new ones at its size as A1111 does; the latents as they are without one."""
+    from sdcli import pipeline
+
     if hires is None:
         return latents
     if noise is not None and noise.fresh_hires_noise:
-        big = (shape[0], hires.size[0] // down, hires.size[1] // down)
+        down = models.family.latent.downscale
+        big = (models.family.latent.channels, hires.size[0] // down, hires.size[1] // down)
         draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
     with console.stage("sampling pass 2 (hires fix)"):
@@ -583,8 +605,9 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
     start = init.inpaint.start(init.latent, seeds, source) if init.inpaint is not None else init.latent
     draws = pipeline.image_noise(models, seeds, tuple(start.shape[1:]), noise)
     with console.stage("sampling (img2img)"):
-        return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
-                                keep=init.keep)
+        latents = pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
+                                   keep=init.keep)
+    return hires_pass(models, p.hires, latents, p.cond, p.uncond, seeds, draws, callback, noise)
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):
@@ -630,6 +653,17 @@ def _load_preview_decoder(path: str, dtype, device, family):
         raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
     console.info(f"preview: decoded by {Path(path).name}")
     return vae
+
+
+def _final_size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
+    """(width, height) of the saved images: after the hires pass when there is one."""
+    from sdcli import pipeline
+
+    w, h = _size(cfg, models, init)
+    if cfg.hires_scale == 1.0:
+        return w, h
+    h, w = pipeline.hires_size(h, w, cfg.hires_scale, models.family.latent.downscale)
+    return w, h
 
 
 def _size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:

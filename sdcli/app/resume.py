@@ -21,7 +21,7 @@ from sdcli.config import sparse_keys
 from sdcli.runtime import console
 
 from sdcli.control import settings as control_config
-from sdcli.runtime.errors import OutputError
+from sdcli.runtime.errors import BadInputError, OutputError
 from sdcli.app import render, save
 
 # 'auto'/None: known once the model is loaded (the size, cfg and guidance are the family's when not given)
@@ -33,9 +33,10 @@ def adopt_seeds(jobs: list, req) -> list:
     k of a job has seed+k), so an interrupted random-seed run resumes; OutputError when they disagree."""
     if not getattr(req, "skip_existing", False):
         return jobs
+    sized = not getattr(req, "latent_in", None)  # a --latent-in run renders the latent's size, not -W/-H
     adopted, index = [], 0
     for job in jobs:
-        seeds = _recorded_seeds(job, index) if job.seed_drawn else set()
+        seeds = _recorded_seeds(job, index, sized) if job.seed_drawn else set()
         index += job.cfg.n
         if len(seeds) > 1:
             raise OutputError(f"the existing images of this run ({job.source}) record different seeds "
@@ -43,13 +44,14 @@ def adopt_seeds(jobs: list, req) -> list:
         if seeds:
             seed = seeds.pop()
             console.info(f"resuming with seed {seed}, recorded in the existing images")
-            job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed))
+            job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=seed), seed_drawn=False)
         adopted.append(job)
     return adopted
 
 
-def _recorded_seeds(job, first_index: int) -> set[int]:
-    """The base seeds (recorded seed - k; with a variation seed, the seed) of the job's existing outputs that are otherwise this job's images."""
+def _recorded_seeds(job, first_index: int, sized: bool = True) -> set[int]:
+    """The base seeds (recorded seed - k; with a variation seed, the seed) of the job's existing outputs that are
+    otherwise this job's images."""
     from sdcli.output.targets import STDOUT, expand_template
 
     if job.cfg.output == STDOUT:
@@ -57,7 +59,7 @@ def _recorded_seeds(job, first_index: int) -> set[int]:
     seeds = set()
     for k in range(job.cfg.n):
         path = expand_template(job.cfg.output, first_index + k, job.cfg.seed + k, job.prompt)
-        recorded = _recorded(path) if path.exists() else None
+        recorded = _recorded(path, job.cfg if sized else None) if path.exists() else None
         seed = recorded.get("seed") if recorded else None
         if not isinstance(seed, int) or isinstance(seed, bool):
             continue
@@ -66,7 +68,8 @@ def _recorded_seeds(job, first_index: int) -> set[int]:
             continue
         job_there = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, seed=base))
         image_seeds, subseeds = render.image_seeds(job_there.cfg)
-        if matches(path, render.Target(job_there, first_index + k, image_seeds[k], path, None, subseeds[k])):
+        target = render.Target(job_there, first_index + k, image_seeds[k], path, None, subseeds[k])
+        if matches(path, target, sized):
             seeds.add(base)
     return seeds
 
@@ -76,7 +79,8 @@ def skip_done(targets: list, outputs, req) -> list:
     names) leave the output plan, so the plan's checks do not refuse them as existing files."""
     if not getattr(req, "skip_existing", False):
         return targets
-    done = {id(t) for t in targets if _done(t, req.overwrite)}
+    sized = not getattr(req, "latent_in", None)  # a --latent-in run renders the latent's size, not -W/-H
+    done = {id(t) for t in targets if _done(t, req.overwrite, sized)}
     if not done:
         return targets
     console.info(f"skipping {len(done)} of {len(targets)} images that exist already")
@@ -85,20 +89,21 @@ def skip_done(targets: list, outputs, req) -> list:
     return [t for t in targets if id(t) not in done]
 
 
-def _done(target, overwrite: bool) -> bool:
+def _done(target, overwrite: bool, sized: bool = True) -> bool:
     if str(target.path) == "-" or not target.path.exists():
         return False
-    if matches(target.path, target):
+    if matches(target.path, target, sized):
         return True
     if overwrite:
         return False
-    raise OutputError(f"{target.path} exists but is not this job's image (its metadata differs); "
-                      "pass --overwrite to replace it")
+    raise OutputError(f"{target.path} exists but is not this job's image (its metadata differs, or it is not a "
+                      "whole image of the job's size); pass --overwrite to replace it")
 
 
-def matches(path: Path, target) -> bool:
-    """Whether the PNG at `path` records exactly the image `target` would make."""
-    recorded = _recorded(path)
+def matches(path: Path, target, sized: bool = True) -> bool:
+    """Whether the image at `path` records exactly the image `target` would make (and, when `sized`, has the size
+    the job asks for)."""
+    recorded = _recorded(path, target.job.cfg if sized else None)
     if recorded is None or recorded.get("prompt") != target.job.prompt or recorded.get("seed") != target.seed:
         return False
     expected, config = expected_config(target), recorded.get("config") or {}
@@ -130,13 +135,52 @@ def expected_config(target) -> dict:
     return json.loads(json.dumps(expected))  # as read back from JSON: tuples become lists
 
 
-def _recorded(path: Path) -> dict | None:
-    """sdcli's JSON metadata of the image at `path` (PNG, JPEG or WebP), None when it has none."""
+def _recorded(path: Path, cfg) -> dict | None:
+    """sdcli's JSON metadata of the image at `path` (PNG, JPEG or WebP) when it is a whole image of the job's size
+    (`cfg`'s; any size when None), else None. Read as every image's metadata is (output/metadata.py: text and
+    zlib bombs refused), never with a bare PIL reader: the file is anything that happens to be at an output name."""
     from sdcli.output.metadata import read_image_metadata
-    from sdcli.runtime.errors import BadInputError
 
     try:
         data = read_image_metadata(path).get("sdcli")
     except BadInputError:
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not _whole_image(path, cfg):
+        return None  # a damaged file, or one whose metadata claims a render its pixels are not
+    return data
+
+
+def _whole_image(path: Path, cfg) -> bool:
+    """A PNG is walked chunk by chunk (every CRC, IEND last: no pixel decoded); a JPEG or WebP is decoded, but
+    only once its header says it has the job's size, so the memory is the job's image at most."""
+    import warnings
+
+    from PIL import Image
+
+    from sdcli.formats.png_text import complete_png_size
+
+    size = complete_png_size(path)
+    if size is not None:
+        return cfg is None or _right_size(size, cfg)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=("JPEG", "WEBP")) as img:
+                if cfg is not None and not _right_size(img.size, cfg):
+                    return False
+                img.load()  # a cut JPEG/WebP fails here (PIL's LOAD_TRUNCATED_IMAGES is off)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def _right_size(size: tuple[int, int], cfg) -> bool:
+    """The image's (width, height) is the job's, when the job fixes it before a model is loaded. After a hires
+    pass it is pipeline.hires_size's rounding to the family's latent grid, 8 or 16 px (not known before the load;
+    written out here so that a cheap check imports no torch)."""
+    if cfg.width is None or cfg.height is None:
+        return True
+    if cfg.hires_scale == 1.0:
+        return size == (cfg.width, cfg.height)
+    return any(size == (round(cfg.width / m * cfg.hires_scale) * m, round(cfg.height / m * cfg.hires_scale) * m)
+               for m in (8, 16))

@@ -63,6 +63,13 @@ def save_rendered(models, done, req) -> None:
         announce(req, done.target, path, done.timings, done.fallbacks)
 
 
+def check_grid(req, count: int, cell: tuple[int, int], batch_size: int) -> None:
+    """--grid: the sheet of `count` images of size `cell` can be made (grid.check_sheet_size), before any render."""
+    from sdcli.output import grid
+
+    grid.check_sheet_size(*grid.sheet_size(count, cell, req.grid_rows, batch_size), f"--grid {req.grid}")
+
+
 def save_grid(saved: list[Saved], req, batch_size: int) -> None:
     """--grid FILE: a contact sheet of the run's images (grid.image_grid: A1111's rows and columns) carrying the
     first image's infotext and metadata, plus every image's seed in order."""
@@ -74,7 +81,7 @@ def save_grid(saved: list[Saved], req, batch_size: int) -> None:
     meta = {**first.meta, "grid_seeds": [s.seed for s in saved],
             "grid_shape": dict(zip(("rows", "cols"), grid.grid_shape(len(saved), req.grid_rows, batch_size)))}
     path = save_png(sheet, req.grid, first.infotext, meta, overwrite=req.overwrite)
-    report(req, {"path": str(path), "grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
+    report(req, "grid", path, {"grid": True, "seeds": meta["grid_seeds"], **meta["grid_shape"]})
 
 
 def write_png(target, png: bytes, req) -> Path:
@@ -86,8 +93,8 @@ def write_png(target, png: bytes, req) -> Path:
 def announce(req, target, path: Path, timings: dict, fallbacks: list, **extra) -> None:
     """The line (or --json object) that says an image was saved; `extra` adds fields (e.g. the Ray worker)."""
     if req.json_out:
-        console.emit_json({"path": str(path), "index": target.index, "seed": target.seed,
-                           "prompt": target.job.prompt, "timings": timings, "fallbacks": fallbacks, **extra})
+        console.emit_result("image", path, {"index": target.index, "seed": target.seed, "prompt": target.job.prompt,
+                                            "timings": timings, "fallbacks": fallbacks, **extra})
     elif str(path) != "-":
         console.info(f"saved {path} (seed {target.seed})")
 
@@ -349,8 +356,9 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
     check_target(path, overwrite)
 
 
-def report(req, obj: dict) -> None:
+def report(req, kind: str, path, fields: dict) -> None:
+    """A file written: its --json line (console.emit_result's envelope), or `saved PATH` on stderr."""
     if req.json_out:
-        console.emit_json(obj)
-    elif obj.get("path") != "-":
-        console.info(f"saved {obj['path']}")
+        console.emit_result(kind, path, fields)
+    elif str(path) != "-":
+        console.info(f"saved {path}")

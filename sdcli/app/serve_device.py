@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from sdcli.config import RunConfig
 from sdcli.runtime import console
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, SdcliError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, SdcliError, UsageError, quote
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".pth")
@@ -74,7 +74,7 @@ class Folders:
                      or Path(name).stem == candidate]
             if len(stems) == 1:
                 return stems[0]
-        raise ModelNotFoundError(f"model {asked!r} not found (the server serves {', '.join(models)})")
+        raise ModelNotFoundError(f"model {quote(repr(asked))} not found (the server serves {', '.join(models)})")
 
     def vaes(self) -> dict[str, str]:
         return _files(self.vae_dir, VAE_SUFFIXES)
@@ -89,7 +89,7 @@ class Folders:
         stems = [path for name, path in vaes.items() if Path(name).stem == asked]
         if len(stems) == 1:
             return stems[0]
-        raise ModelNotFoundError(f"VAE {asked!r} not found in the server's vae_dir")
+        raise ModelNotFoundError(f"VAE {quote(repr(asked))} not found in the server's vae_dir")
 
     def loras(self) -> dict[str, str]:
         return _files(self.lora_dir, (".safetensors",))
@@ -98,12 +98,12 @@ class Folders:
         """A LoRA by stem (a <lora:NAME> tag) or file name (a --lora flag sent by `--server`) under lora_dir:
         sub-folders too, as A1111 and sdcli's own tags look; a name with a path in it is refused."""
         if not asked or Path(asked).name != asked or asked in (".", ".."):
-            raise UsageError(f"LoRA {asked!r}: name a file of the server's lora_dir, without a folder")
+            raise UsageError(f"LoRA {quote(repr(asked))}: name a file of the server's lora_dir, without a folder")
         matches = [p for name, p in self.loras().items() if Path(name).name in (asked, f"{asked}.safetensors")]
         if len(matches) != 1:
             where = "no lora_dir is configured on the server" if self.lora_dir is None else \
                 f"{len(matches) or 'no'} match{'es' if len(matches) > 1 else ''} in the server's lora_dir"
-            raise ModelNotFoundError(f"LoRA {asked!r}: {where}")
+            raise ModelNotFoundError(f"LoRA {quote(repr(asked))}: {where}")
         return Path(matches[0])
 
 

@@ -278,8 +278,8 @@ def spec_for(state: State, ask: api.Ask) -> RenderSpec:
     if ask.hires_size is not None:
         cfg = dataclasses.replace(cfg, hires_scale=_hires_scale(cfg, *ask.hires_size))
     init = _decode_init(state, ask) if ask.images else None
-    if init is not None:
-        cfg = dataclasses.replace(cfg, width=init.image.width, height=init.image.height)
+    if init is not None:  # A1111's img2img has no hires fix: enable_hr (or the server's config) is not for it
+        cfg = dataclasses.replace(cfg, width=init.image.width, height=init.image.height, hires_scale=1.0)
     job = single_job(ask.prompt, cfg)
     check_sampler(job)
     seeds, subseeds = image_seeds(job.cfg)  # A1111's numbering: seed+k, or with a variation subseed+k

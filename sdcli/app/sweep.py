@@ -25,14 +25,21 @@ from sdcli.runtime import console
 from sdcli.app import sweep_axes
 from sdcli import config as cfgmod
 from sdcli.config import RunConfig
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.jobs import Job, draw_seed, single_job, with_seed
 from sdcli.app import render, save
 
-# Config keys a text-to-image sweep cannot vary, beyond sweep_axes.FIXED_KEYS.
+# Config keys a text-to-image sweep cannot vary, beyond sweep_axes.FIXED_KEYS: a value no cell would use would
+# still be recorded in the cell's metadata, claiming a render that never happened.
+_NO_REFINER = "sweep does not run an SDXL refiner yet, so no cell would use it"
 NOT_SWEPT = {
     "strength": "sweep renders text to image; strength is img2img's (sweep hires_strength with hires_scale)",
     "prediction": "the model is loaded once per sweep",
+    "refiner": _NO_REFINER,
+    "refiner_switch": _NO_REFINER,
+    "aesthetic_score": _NO_REFINER,
+    "negative_aesthetic_score": _NO_REFINER,
+    "ray": "a sweep renders here, not on a cluster",
 }
 
 
@@ -50,6 +57,7 @@ class SweepRequest:
     json_path: str | None = None  # default: STEM.json beside the plot
     overwrite: bool = False
     progress: str = "auto"
+    json_out: bool = False  # --json: a line per file written (each kept cell, each plot, the cells' JSON file)
 
 
 @dataclass(frozen=True)
@@ -81,12 +89,16 @@ def run_sweep(req: SweepRequest) -> None:
     _check_outputs(plots, json_path, [p.keep for p in planned if p.keep], req.overwrite)
     models = render.load(base)
     render.check_inpaint_model(models, base, None)
+    _check_plot_sizes(models, planned, (x, y, z), plots)
     done = _render_cells(models, planned, req)
     records = []
     for iz, path in enumerate(plots):
         in_plot = [(p, done[id(p)]) for p in planned if p.cell.index[2] == iz]
-        records += _write_plot(path, in_plot, (x, y, z), iz, req, json_path)
+        plot_records = _write_plot(path, in_plot, (x, y, z), iz, req, json_path)
+        _said(req, "plot", path, {"z": z.labels()[iz] if z else None, "cells": len(plot_records)})
+        records += plot_records
     _write_json(json_path, req, base, (x, y, z), plots, records)
+    _said(req, "cells", json_path, {"cells": len(records), "plots": [str(p) for p in plots]})
     console.info(f"sweep: {len(planned)} cells in {len(plots)} plot{'s' if len(plots) > 1 else ''}: "
                  f"{', '.join(map(str, plots))}; cells listed in {json_path}")
 
@@ -132,7 +144,7 @@ def _check_cell(p: PlannedCell, base: RunConfig) -> None:
     try:
         render.check_samplers([p.job], base, warn=False)
     except (UsageError, BadInputError) as e:
-        swept = ", ".join(f"{k}={v}" for k, v in p.cell.settings.items())
+        swept = ", ".join(f"{k}={quote(v, 60)}" for k, v in p.cell.settings.items())
         raise UsageError(f"sweep cell {swept}: {e}") from None
 
 
@@ -154,6 +166,21 @@ def _check_outputs(plots: list[Path], json_path: Path, kept: list[Path], overwri
             raise UsageError(f"two outputs of this sweep would be written to {path}")
         seen.add(path)
         check_target(path, overwrite)
+
+
+def _check_plot_sizes(models, planned: list[PlannedCell], axes: tuple, plots: list[Path]) -> None:
+    """Each plot's size from its cells' sizes (the family's, now that it is loaded) and its labels: one that could
+    not be made is refused before the first cell renders (grid.check_sheet_size)."""
+    from sdcli.output import grid
+
+    x, y, z = axes
+    for iz, path in enumerate(plots):
+        sizes = [render._final_size(p.job.cfg, models, None) for p in planned if p.cell.index[2] == iz]
+        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        columns, rows = w * len(x.values), h * (len(y.values) if y else 1)
+        grid.check_sheet_size(columns, rows, f"the plot {path}")  # the cells alone, before laying out labels
+        layout = grid.plot_layout(w, h, x.labels(), y.labels() if y else [""], z.labels()[iz] if z else "")
+        grid.check_sheet_size(*layout.size, f"the plot {path}")
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -204,11 +231,19 @@ def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras
     image = images.tensor_to_pil(decoded.images[0])
     if p.keep is not None:
         save_png(image, p.keep, text, meta, overwrite=req.overwrite)
+        _said(req, "cell", p.keep, {"index": list(p.cell.index), "seed": cfg.seed, "prompt": p.job.prompt,
+                                    "settings": dict(p.cell.settings)})
     return Done(image, text, meta)
 
 
+def _said(req: SweepRequest, kind: str, path: Path, fields: dict) -> None:
+    """With --json, the line of one file written (console.emit_result's envelope); stderr says the rest."""
+    if req.json_out:
+        console.emit_result(kind, path, fields)
+
+
 def _describe(cell: sweep_axes.Cell) -> str:
-    return ", ".join([sweep_axes.label(k, v) for k, v in cell.settings.items()] + [repr(cell.prompt)])
+    return ", ".join([quote(sweep_axes.label(k, v), 80) for k, v in cell.settings.items()] + [quote(repr(cell.prompt))])
 
 
 # --- plots and the JSON file ---------------------------------------------------------------------

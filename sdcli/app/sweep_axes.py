@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdcli import config
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote
 
 PROMPT_SR = "prompt_sr"
 LORA_PREFIX = "lora:"
@@ -41,6 +41,7 @@ FIXED_KEYS = {
 _NUM = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
 _RANGE = re.compile(rf"\s*({_NUM})\s*-\s*({_NUM})\s*(?:\(\s*({_NUM})\s*\)|\[\s*(\d+)\s*\])?\s*")
 MAX_RANGE_VALUES = 10000
+MAX_CELLS = 10000  # cells of one sweep, all axes together: checked before a cell is made
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def parse_axis(spec: str, option: str = "--x") -> Axis:
     else:
         key = key.lower().replace("-", "_")
     if not sep or not key:
-        raise UsageError(f"{option} {spec!r}: expected KEY=V1,V2,... (e.g. cfg=5,7.5,10)")
+        raise UsageError(f"{option} {quote(repr(spec))}: expected KEY=V1,V2,... (e.g. cfg=5,7.5,10)")
     kind = _kind(key, option)
     raw = _split_values(text, option, key)
     values = _expand_ranges(raw, kind, option, key) if kind in ("int", "float") else raw
@@ -94,13 +95,17 @@ def parse_axis(spec: str, option: str = "--x") -> Axis:
 def expand(prompt: str, negative: str, x: Axis, y: Axis | None = None, z: Axis | None = None) -> list[Cell]:
     """Every cell of the plot in the order the plots are drawn: z outer, then rows (y), then columns (x)."""
     axes = [x, y or _NOTHING, z or _NOTHING]
+    total = math.prod(len(a.values) for a in axes)
+    if total > MAX_CELLS:
+        shape = " x ".join(str(len(a.values)) for a in axes if a is not _NOTHING)
+        raise UsageError(f"the sweep has {shape} = {total:,} cells, more than {MAX_CELLS:,}: use fewer values")
     keys = [a.key for a in axes if a is not _NOTHING]
     for key in set(keys):
         if keys.count(key) > 1 and key != PROMPT_SR:
             raise UsageError(f"{key} is swept on two axes; give each key to one of --x/--y/--z")
     for name, axis in zip(("--x", "--y", "--z"), axes):
         if axis.key == PROMPT_SR and axis.values[0] not in prompt and axis.values[0] not in negative:
-            raise UsageError(f"{name} prompt_sr: {axis.values[0]!r} is not in the prompt or the negative prompt "
+            raise UsageError(f"{name} prompt_sr: {quote(repr(axis.values[0]))} is not in the prompt or the negative prompt "
                              "(the first value is what the others replace)")
     cells = []
     for iz, vz in enumerate(axes[2].values):
@@ -152,7 +157,7 @@ def _split_values(text: str, option: str, key: str) -> list[str]:
         raise UsageError(f"{option} {key}: cannot read the values ({e})") from None
     values = [v.strip() for row in rows for v in row]
     if any(v == "" for v in values):
-        raise UsageError(f"{option} {key}: empty value in {text!r}")
+        raise UsageError(f"{option} {key}: empty value in {quote(repr(text))}")
     return values
 
 
@@ -172,19 +177,19 @@ def _range(m: re.Match, kind: str, option: str, key: str, text: str) -> list[flo
         start, end = (num(g.replace(" ", "")) for g in m.group(1, 2))
         step = num(m.group(3).replace(" ", "")) if m.group(3) else None
     except ValueError:
-        raise UsageError(f"{option} {key}: {text!r} is not a range of {kind}s") from None
+        raise UsageError(f"{option} {key}: {quote(repr(text))} is not a range of {kind}s") from None
     if m.group(4) is not None:  # [count]: evenly spaced, ends included (numpy.linspace)
         count = int(m.group(4))
         if count < 1 or count > MAX_RANGE_VALUES:
-            raise UsageError(f"{option} {key}: {text!r}: the count must be 1 to {MAX_RANGE_VALUES}")
+            raise UsageError(f"{option} {key}: {quote(repr(text))}: the count must be 1 to {MAX_RANGE_VALUES}")
         spaced = [start + (end - start) * i / (count - 1) for i in range(count)] if count > 1 else [start]
         return [int(v) if kind == "int" else _tidy(v) for v in spaced]
     step = step if step is not None else 1
     if step == 0 or (end - start) * step < 0:
-        raise UsageError(f"{option} {key}: {text!r}: the step {step} never gets from {start} to {end}")
+        raise UsageError(f"{option} {key}: {quote(repr(text))}: the step {step} never gets from {start} to {end}")
     count = math.floor((end - start) / step + 1e-9) + 1  # ends included, as A1111
     if count > MAX_RANGE_VALUES:
-        raise UsageError(f"{option} {key}: {text!r} has more than {MAX_RANGE_VALUES} values")
+        raise UsageError(f"{option} {key}: {quote(repr(text))} has more than {MAX_RANGE_VALUES} values")
     return [start + i * step if kind == "int" else _tidy(start + i * step) for i in range(count)]
 
 
@@ -215,9 +220,9 @@ def _from_text(key: str, kind: str, text: str, option: str) -> Any:
         if kind == "float":
             return float(text)
     except ValueError:
-        raise UsageError(f"{option} {key}: {text!r} is not a{'n integer' if kind == 'int' else ' number'}") from None
+        raise UsageError(f"{option} {key}: {quote(repr(text))} is not a{'n integer' if kind == 'int' else ' number'}") from None
     if kind == "bool":
         if text.lower() not in ("true", "false"):
-            raise UsageError(f"{option} {key}: {text!r} is not true or false")
+            raise UsageError(f"{option} {key}: {quote(repr(text))} is not true or false")
         return text.lower() == "true"
     return text

@@ -21,7 +21,7 @@ from typing import Any
 from sdcli import __version__
 from sdcli import config as cfgmod
 from sdcli.runtime import console
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import UsageError, quote
 
 DEFAULT_OUTPUT = "{stem}-upscaled.png"
 MAX_SCALE = 16.0
@@ -146,11 +146,11 @@ def output_name(template: str, index: int, source: str, texts: dict) -> Path:
         return Path(STDOUT)
     stem = "stdin" if source == "-" else Path(source).stem
     if "{stem:" in template or "{stem!" in template:
-        raise UsageError(f"output template {template!r}: {{stem}} takes no format spec")
+        raise UsageError(f"output template {quote(repr(template))}: {{stem}} takes no format spec")
     expanded = template.replace("{stem}", stem.replace("{", "{{").replace("}", "}}"))
     seed, prompt = _recorded_seed_prompt(texts)
     if seed is None and "{seed" in expanded:
-        raise UsageError(f"output template {template!r}: {source} records no seed for {{seed}}")
+        raise UsageError(f"output template {quote(repr(template))}: {source} records no seed for {{seed}}")
     return expand_template(expanded, index, seed if seed is not None else -1, prompt)
 
 
@@ -199,8 +199,9 @@ def _upscale_one(item: Item, choice, model, record: dict, req: UpscaleRequest) -
     path = atomic_write_bytes(item.path, png_with_metadata(out, item.texts, choice.name, scale, step),
                               overwrite=req.overwrite)
     if req.json_out:
-        console.emit_json({"path": str(path), "index": item.index, "input": item.source, "upscaler": choice.name,
-                           "scale": scale, "from_size": step["from_size"], "size": step["size"], "seconds": seconds})
+        console.emit_result("image", path, {"index": item.index, "input": item.source, "upscaler": choice.name,
+                                            "scale": scale, "from_size": step["from_size"], "size": step["size"],
+                                            "seconds": seconds})
     elif str(path) != "-":
         console.info(f"saved {path} ({img.width}x{img.height} -> {out.width}x{out.height}, {choice.name})")
 

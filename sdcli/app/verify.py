@@ -10,7 +10,7 @@ from pathlib import Path
 from sdcli import config as cfgmod
 from sdcli.runtime import console
 from sdcli.control import settings as control_config
-from sdcli.runtime.errors import UsageError, VerificationError
+from sdcli.runtime.errors import UsageError, VerificationError, quote, quote_list
 from sdcli.jobs import Job, single_job
 from sdcli.output.replay import RENDER_KEYS
 from sdcli.app import refine, render
@@ -44,8 +44,11 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
         raise UsageError("give --report FILE or --report-dir DIR, not both")
     if report:
         check_target(report, overwrite)
-    if report_dir:
-        check_target(Path(report_dir) / "index.html", overwrite)
+    if report_dir:  # every file the folder will get, not only its page: nothing there is replaced unasked
+        from sdcli.output.report import report_dir_files
+
+        for target in report_dir_files(report_dir, images):
+            check_target(target, overwrite)
     entries = _verify_all(checks, min_psnr, json_out)
     _write_report(entries, report, report_dir, overwrite)
     failed = [e.result for e in entries if not e.result["passed"]]
@@ -55,7 +58,7 @@ def run_verify(images: list[Path], flags: dict, config_file: Path | None, min_ps
                                 f"(max difference {r['max_diff']} levels)")
     if failed:
         raise VerificationError(f"{len(failed)} of {len(entries)} images drifted (PSNR < {min_psnr} dB): "
-                                + ", ".join(r["path"] for r in failed))
+                                + quote_list([r["path"] for r in failed], each=200))
 
 
 def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str], control: dict,
@@ -63,12 +66,15 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     from sdcli.output.replay import check_embeddings, check_refiner_given, from_image
 
     replay = from_image(image)
+    if "grid_seeds" in replay.recorded:  # its metadata is the first image's: a re-render of that is not the sheet
+        raise UsageError(f"{image}: a contact sheet (--grid), not one render: verify the images it shows (render "
+                         "them without --grid-only), each against its own metadata")
     if replay.source != "sdcli" or replay.mode not in ("txt2img", "img2img", "inpaint"):
         raise UsageError(f"{image}: verify re-renders PNGs written by sdcli (this is {replay.source} "
                          f"{replay.mode}); use `generate --from-image` to replay other images")
     upscaled = replay.recorded.get("postprocessing")
     if isinstance(upscaled, list) and upscaled:  # `sdcli upscale` output: the render's record, another image
-        steps = ", ".join(str(step.get("name")) for step in upscaled if isinstance(step, dict))
+        steps = quote_list([str(step.get("name")) for step in upscaled if isinstance(step, dict)], each=60)
         raise UsageError(f"{image} was upscaled after it was rendered ({steps}): verify the image as it was rendered")
     inputs = _inputs(image, replay, *given) if replay.mode != "txt2img" else None
     recorded_dtype = replay.recorded.get("dtype")
@@ -84,7 +90,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
     recorded_loras = [entry.get("name", "?") for entry in replay.recorded.get("loras", [])]
     missing = [name for name in recorded_loras if name not in {s.path.name for s in specs}]
     if missing:
-        raise UsageError(f"{image} was made with LoRA {', '.join(missing)}: give them again with "
+        raise UsageError(f"{image} was made with LoRA {quote_list(missing)}: give them again with "
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
@@ -103,7 +109,8 @@ def _inputs(image: Path, replay, init_image: str | None, mask: str | None) -> tu
     if mask is None and isinstance(recorded, str):
         mask = str(image.parent / Path(recorded).name)
         if not Path(mask).is_file():
-            raise UsageError(f"{image} was made with the mask {recorded!r}, which is not beside it: give it with "
+            raise UsageError(f"{image} was made with the mask '{quote(recorded, 100)}', which is not beside it: give "
+                             "it with "
                              "--mask FILE")
     return init_image, mask
 
@@ -218,7 +225,8 @@ def _report_verify(report: dict, json_out: bool) -> None:
     from sdcli.output.report import verify_json
 
     if json_out:
-        return console.emit_json(verify_json(report))
+        result = verify_json(report)
+        return console.emit_result(result.pop("kind"), result.pop("path"), result)
     verdict = "identical" if report["identical"] else f"PSNR {report['psnr']:.2f} dB, max diff {report['max_diff']}"
     if report.get("same_model") is False:
         verdict += "; note: not the checkpoint the image was made with (sha256 differs)"

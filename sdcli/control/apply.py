@@ -19,6 +19,7 @@ unconditional half gets no residual; scaled by `scale_residuals`; summed over un
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -43,13 +44,34 @@ def fit_hint(image: Image.Image, width: int, height: int, mode: str = "just") ->
     sx, sy = width / image.width, height / image.height
     scale = max(sx, sy) if mode == "crop" else min(sx, sy)
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    scaled = image.resize((w, h), Image.Resampling.LANCZOS)
     if mode == "crop":
-        left, top = (w - width) // 2, (h - height) // 2
-        return scaled.crop((left, top, left + width, top + height))
+        return _cover_crop(image, (w, h), width, height)
+    scaled = image.resize((w, h), Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (width, height))
     canvas.paste(scaled, ((width - w) // 2, (height - h) // 2))
     return canvas
+
+
+def _cover_crop(image: Image.Image, scaled: tuple[int, int], width: int, height: int) -> Image.Image:
+    """The middle (width, height) of `image` scaled to `scaled`, resampling only the part that stays: scaling all
+    of a 1x20000 hint to cover 512x512 would make a 512x10240000 picture first. The same two Lanczos passes as
+    the whole resize (horizontal, then vertical: PIL's order), each over the source pixels its filter reaches,
+    so the result equals scale-then-crop (within one level where float rounding moves a filter weight)."""
+    w, h = scaled
+    left, top = (w - width) // 2, (h - height) // 2
+    kx, ky = image.width / w, image.height / h  # source pixels per scaled pixel
+    x0, x1, y0, y1 = left * kx, (left + width) * kx, top * ky, (top + height) * ky
+    c0, c1 = _reach(x0, x1, kx, image.width)
+    r0, r1 = _reach(y0, y1, ky, image.height)
+    part = image.crop((c0, r0, c1, r1))  # exact: no resampling
+    rows = part.resize((width, part.height), Image.Resampling.LANCZOS, box=(x0 - c0, 0, x1 - c0, part.height))
+    return rows.resize((width, height), Image.Resampling.LANCZOS, box=(0, y0 - r0, width, y1 - r0))
+
+
+def _reach(start: float, end: float, step: float, size: int) -> tuple[int, int]:
+    """Source pixels a Lanczos filter (support 3, widened by `step` when shrinking) reads for [start, end)."""
+    support = 3 * max(step, 1.0) + 2  # + 2: whole pixels past PIL's rounding of the filter's ends
+    return max(0, math.floor(start - support)), min(size, math.ceil(end + support))
 
 
 def hint_tensor(image: Image.Image, bgr: bool = False) -> Tensor:

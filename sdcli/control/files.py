@@ -18,7 +18,6 @@ Upstream detection: ComfyUI ``comfy/controlnet.py::load_controlnet_state_dict``;
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sdcli.formats.diffusers import component_files, count, rename, unet_prefix_pairs
-from sdcli.formats.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdcli.formats.diffusers import component_files, count, read_json_object, rename, unet_prefix_pairs
+from sdcli.formats.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, refuse_empty
 from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_ckpt
 from sdcli.formats.safetensors import dtype_name, read_header
 from sdcli.formats.source import Entry, WeightSource
@@ -136,12 +135,7 @@ def _folder_entries(folder: Path) -> tuple[dict[str, Entry], dict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise BadInputError(f"{folder}: a folder, but not a diffusers ControlNet (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{config_file}: unreadable ({e})") from e
-    if not isinstance(config, dict):
-        raise BadInputError(f"{config_file}: not a JSON object")
+    config = read_json_object(config_file, "ControlNet config")  # size and nesting bounded, an object
     entries = {}
     for f in component_files(folder, FOLDER_WEIGHTS):
         header = read_header(f)
@@ -232,6 +226,9 @@ def infer_controlnet_config(shapes: dict, base: UNetConfig | None = None, global
     widths = tuple(_need(shapes, f"input_hint_block.{i}.weight")[0] for i in (0, 4, 8, 12))
     if "input_hint_block.14.weight" not in shapes or "input_hint_block.16.weight" in shapes:
         raise BadInputError("the ControlNet's hint block is not the usual 8 convolutions (x8 downsampling)")
+    if first[1] != 3:  # every hint sdcli makes is an RGB image; another width would only fail while sampling
+        raise UnsupportedModelError(f"the ControlNet's hint block takes {first[1]} channels: sdcli feeds it RGB "
+                                    "hints (3 channels)")
     return ControlNetConfig(unet=_encoder_config(shapes, base), hint_channels=first[1], hint_widths=widths,
                             global_pool=global_pool)  # fmt: skip
 
@@ -243,7 +240,12 @@ def detect_controlnet(path: str | Path, base: UNetConfig | None = None) -> tuple
     shapes = {k: e.shape for k, e in source.entries.items()}
     # shuffle: diffusers says so in config.json; single files only by name (ComfyUI's rule: "*shuffle")
     pool = bool(config.get("global_pool_conditions", path.stem.lower().endswith("shuffle")))
-    cfg = infer_controlnet_config(shapes, base, pool)
+    try:
+        refuse_empty(shapes, shapes)
+        cfg = infer_controlnet_config(shapes, base, pool)
+    except (BadInputError, UnsupportedModelError) as e:  # read from shapes alone: say which file
+        source.close()
+        raise e if path.name in str(e) else type(e)(f"{path}: {e}") from None
     dtypes = Counter(e.dtype for e in source.entries.values())
     params = sum(_numel(e.shape) for e in source.entries.values())
     info = ControlNetInfo(path, layout, cfg, family_name(cfg.unet),

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote, quote_list
 
 RESIZE_MODES = ("just", "crop", "fill")
 RESIZE_LABELS = {"just": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}  # A1111's names
@@ -66,7 +66,7 @@ def _spec(entry: Any, where: str) -> ControlSpec:
         raise BadInputError(f"{where}: must be an object with 'model' and 'image'")
     unknown = sorted(set(entry) - set(KEYS))
     if unknown:
-        raise BadInputError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(KEYS)})")
+        raise BadInputError(f"{where}: unknown key '{quote(unknown[0], 60)}' (known: {', '.join(KEYS)})")
     for key in ("model", "image"):
         if not isinstance(entry.get(key), str) or not entry[key]:
             raise BadInputError(f"{where}: '{key}' must be given as a file name")
@@ -78,12 +78,13 @@ def _spec(entry: Any, where: str) -> ControlSpec:
         spec = replace(spec, guess_mode=entry["guess_mode"])
     if entry.get("resize") is not None:
         if entry["resize"] not in RESIZE_MODES:
-            raise BadInputError(f"{where}: 'resize' must be one of {', '.join(RESIZE_MODES)}, got {entry['resize']!r}")
+            raise BadInputError(f"{where}: 'resize' must be one of {', '.join(RESIZE_MODES)}, "
+                                f"got {quote(repr(entry['resize']))}")
         spec = replace(spec, resize=entry["resize"])
     if entry.get("preprocess") not in (None, "none"):
         if entry["preprocess"] not in preprocess_kinds():
             raise BadInputError(f"{where}: 'preprocess' must be one of {', '.join(preprocess_kinds())}, "
-                                f"got {entry['preprocess']!r}")  # fmt: skip
+                                f"got {quote(repr(entry['preprocess']))}")  # fmt: skip
         spec = replace(spec, preprocess=entry["preprocess"])
     _check_ranges(spec, where)
     return spec
@@ -91,7 +92,7 @@ def _spec(entry: Any, where: str) -> ControlSpec:
 
 def _number(value: Any, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInputError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        raise BadInputError(f"{where}: '{key}' must be a finite number, got {quote(repr(value))}")
     return float(value)
 
 
@@ -150,11 +151,15 @@ def check_files(jobs, base_model: str | None) -> None:
     specs = all_specs(jobs)
     if not specs:
         return
+    from sdcli.formats.images import load_image
+
     base = _base_unet(base_model)
     for spec in specs:
         if not Path(spec.image).is_file():
             raise BadInputError(f"{spec.image}: no such control image")
         _detect(spec.model, base)
+    for image in dict.fromkeys(spec.image for spec in specs):  # decoded once now: a damaged or oversized hint
+        load_image(image, multiple=1)  # is exit 3 before the slow load, not after it
 
 
 def _detect(model: str, base):
@@ -284,7 +289,7 @@ def replayed(entries: Any, image: Path, models: list[str], images: list[str]) ->
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise BadInputError(f"{where}: 'controlnets' must be a list of objects")
     if len(models) != len(entries):
-        names = ", ".join(str(e.get("model")) for e in entries)
+        names = quote_list(str(e.get("model")) for e in entries)  # from the image's metadata: bounded
         raise UsageError(f"{image} was made with {len(entries)} ControlNet unit(s) ({names}): give each file again "
                          f"with --controlnet FILE, in order ({len(models)} given)")  # fmt: skip
     if images and len(images) != len(entries):
@@ -293,8 +298,8 @@ def replayed(entries: Any, image: Path, models: list[str], images: list[str]) ->
     for k, entry in enumerate(entries):
         hint = images[k] if images else str(image.parent / Path(str(entry.get("image", ""))).name)
         if not Path(hint).is_file():
-            raise UsageError(f"{image} was made with control image {entry.get('image')!r} (unit {k}), which is not "
-                             f"beside it: give it with --control-image FILE")  # fmt: skip
+            raise UsageError(f"{image} was made with control image {quote(repr(entry.get('image')))} (unit {k}), "
+                             "which is not beside it: give it with --control-image FILE")  # fmt: skip
         units.append({**{key: entry[key] for key in KEYS if key in entry}, "model": models[k], "image": hint})
     parse_specs(units, where)
     return units
@@ -312,6 +317,10 @@ def inspect_report(path: Path, hashes: bool = True) -> dict | None:
                   or path.is_file() and path.suffix.lower() in (".safetensors", ".pth"))  # fmt: skip
     if not looks_like:
         return None
+    if path.is_dir():  # a config.json that cannot be read is named as such, not taken for another kind of folder
+        from sdcli.formats.diffusers import read_json_object
+
+        read_json_object(path / "config.json", "config")
     try:  # Control-LoRA, T2I-Adapter and other look-alikes are refused here, named (exit 8)
         open_controlnet(path)[0].close()
     except BadInputError:

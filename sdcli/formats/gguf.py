@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError
+from sdcli.formats.ldm import refuse_empty
 from sdcli.quant.dequantize import check_supported
 from sdcli.quant.ggml_types import GGML_TYPES, GGMLType
 from sdcli.quant.tensor import QuantizedTensor
@@ -239,6 +240,7 @@ def _parse(path: Path, buf: Any) -> GGUFInfo:
         if name in tensors:
             raise _refuse(path, f"tensor {_short(name)} appears twice")
         shape = _logical_shape(path, name, dims, meta)
+        refuse_empty({name: shape}, [name], path)  # valid GGUF, but no network's weight: sizes read would be 0
         tensors[name] = GGUFTensor(name, shape, qtype, data_offset + offset, qtype.nbytes(math.prod(dims)))
     _check_ranges(path, list(tensors.values()), cur.size, alignment, data_offset)
     arch = meta.get("general.architecture")

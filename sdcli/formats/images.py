@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -58,10 +59,12 @@ def _open_checked(name: str, data: bytes, max_pixels: int | None) -> Image.Image
         raise BadInputError(f"{name}: empty file")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL warns on stderr past its limit; the size is refused just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         w, h = img.size
         if limit and w * h > limit:
-            raise BadInputError(f"{name}: {w}x{h} pixels is over the {limit}-pixel limit "
+            raise BadInputError(f"{name}: {w}x{h} pixels is over the {limit:,}-pixel limit "
                                 "(a decompression bomb?)")
         img.seek(0)
         img.load()

@@ -6,6 +6,8 @@ formats/clip_layouts.py; detection (families/) and loading (loading/checkpoint.p
 
 from __future__ import annotations
 
+from sdcli.runtime.errors import BadInputError, quote
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
@@ -34,8 +36,24 @@ def part_of(key: str) -> str:
 
 
 def shapes_of(header: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from a safetensors-style header (``__metadata__`` left out)."""
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    """Tensor name -> shape, from a safetensors-style header (``__metadata__`` left out); a network's weight with
+    a zero-sized dimension is refused (refuse_empty). Tensors outside the networks (``other``) are not checked."""
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    refuse_empty(shapes, [k for k in shapes if part_of(k) != "other"])
+    return shapes
+
+
+def refuse_empty(shapes: dict[str, tuple[int, ...]], names, path=None) -> None:
+    """BadInputError (naming `path` when given) when a weight among `names` has a zero-sized dimension. The
+    safetensors and GGUF formats allow such tensors, but no network has one, and the sizes read from the header
+    (a channel multiplier is one width divided by another) would divide by zero or build a network that cannot
+    run."""
+    empty = sorted(k for k in names if 0 in shapes[k])
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise BadInputError(f"{f'{path}: ' if path is not None else ''}tensor '{quote(empty[0], 120)}' has a "
+                            f"zero-sized dimension {list(shapes[empty[0]])}{more}: network weights never do; the "
+                            "file is damaged or not model weights")
 
 
 def numel(shape) -> int:

@@ -58,6 +58,40 @@ def read_png_text(path: str | Path) -> tuple[dict[str, str], bytes | None]:
     raise BadInputError(f"{path}: more than {MAX_CHUNKS} PNG chunks")
 
 
+def complete_png_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) of a PNG that is whole: IHDR first, every chunk's CRC right, IEND last and nothing after
+    it; None for anything else (cut short, damaged, not a PNG). Reads the file once, decodes no pixel: what
+    --skip-existing asks of a file before it takes it for a finished image."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return None
+            size = None
+            for n in range(MAX_CHUNKS):
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", head)
+                if length > 0x7FFFFFFF or (n == 0) != (kind == b"IHDR"):
+                    return None
+                crc = zlib.crc32(kind)
+                for left in range(length, 0, -(1 << 20)):
+                    piece = f.read(min(left, 1 << 20))
+                    if not piece:
+                        return None
+                    crc = zlib.crc32(piece, crc)
+                    if kind == b"IHDR" and size is None and len(piece) >= 8:
+                        size = struct.unpack(">II", piece[:8])
+                stored = f.read(4)
+                if len(stored) < 4 or struct.unpack(">I", stored)[0] != crc:
+                    return None
+                if kind == b"IEND":
+                    return size if f.read(1) == b"" else None
+    except OSError:
+        return None
+    return None
+
+
 def _next_chunk(path: Path, f) -> tuple[bytes, bytes | None]:
     """(type, data) of the next chunk; data only for the chunks we read (text, eXIf), the rest is skipped."""
     head = f.read(8)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, quote
 from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_ckpt
 from sdcli.formats.gguf import is_gguf, ldm_names, read_gguf_header
 from sdcli.formats.gguf import tensor_ranges as gguf_ranges
@@ -160,7 +160,7 @@ class WeightSource:
         """Read exactly t's bytes from `f` into t's memory (no zero-filled bytearray, no second copy)."""
         n = t.numel() * t.element_size()
         if n and f.readinto((ctypes.c_char * n).from_address(t.data_ptr())) != n:
-            raise BadInputError(f"{e.file}: truncated: tensor {e.key!r} ends past the end of the file")
+            raise BadInputError(f"{e.file}: truncated: tensor '{quote(e.key, 120)}' ends past the end of the file")
 
     def close(self) -> None:
         self._handles.clear()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError, UsageError, quote
 from sdcli.families import Family, by_name, detect_family, hub_patterns
 from sdcli.families.shapes import build_denoiser, infer_denoiser_config, infer_text_config, infer_vae_config
 from sdcli.formats.clip_layouts import text_plan
@@ -93,11 +93,11 @@ def _prediction(family: Family, inpaint: bool, header: dict, override: str | Non
     """(prediction, how we know): the user, then the file, then the family (which may only guess; see
     Family.settle_prediction). A flow family predicts flow whatever is asked."""
     if override is not None and (override == "flow") != (family.flow is not None):
-        raise UsageError(f"--prediction {override}: a {family.title} model predicts "
+        raise UsageError(f"--prediction {quote(override, 60)}: a {family.title} model predicts "
                          f"{'flow' if family.flow else 'eps or v'}")
     if override is not None:
         if override not in _PREDICTION_NAMES:
-            raise BadInputError(f"unknown prediction type {override!r} (use eps or v)")
+            raise BadInputError(f"unknown prediction type {quote(repr(override), 60)} (use eps or v)")
         return _PREDICTION_NAMES[override], "override"
     if family.flow is not None:
         return family.default_prediction(inpaint)
@@ -329,10 +329,8 @@ def _check_headers(source: WeightSource, info: ModelInfo, vae: str | Path | None
         texts = []
     for part in (_unet_part(source, info), *texts):
         check_part(*part)
-    if vae is None:
+    if vae is None:  # (a --vae file is checked by load_models, whatever the policy)
         check_part(*vae_part(source, _vae_config(info, source.path)))
-    else:
-        check_vae_file(vae, info.spec)
 
 
 def _vae_config(info: ModelInfo, path: Path) -> VAEConfig:
@@ -357,11 +355,15 @@ def check_vae_file(path: str | Path, family: Family | None) -> bool:
         return True
     source = standalone_vae_source(path)
     try:
-        check_part(*vae_part(source, infer_vae_config(shapes_of(source.header))))
+        cfg = infer_vae_config(shapes_of(source.header))
+        check_part(*vae_part(source, cfg))
     except BadInputError as e:  # as load_vae says it
         raise e if str(path) in str(e) else BadInputError(f"{path}: {e}") from None
     finally:
         source.close()
+    if family is not None and cfg.embed_dim != family.latent.channels:  # it would fail in its first convolution
+        raise BadInputError(f"{path}: a VAE of {cfg.embed_dim} latent channels; {family.title} latents have "
+                            f"{family.latent.channels}")  # fmt: skip
     return False
 
 
@@ -457,6 +459,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         files = {f for e in source.entries.values() for f in e.files}
         files = stamps(files | ({Path(vae)} if vae is not None else set()))
         home = home_of(residency, device)
+        if vae is not None:  # its header, before any part is read: a VAE of another latent space cannot decode
+            check_vae_file(vae, info.spec)
         parts = Residency(_builders(opener, info, vae, dtype, home), _skeletons(info), residency, device, dtype,
                           files)  # fmt: skip
         # A pickle has no tensor to read alone: reading a part again unpickles the whole file, which would cost

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdcli.runtime.errors import ModelNotFoundError, UsageError
+from sdcli.formats.ldm import refuse_empty
 from sdcli.formats.source import Entry, WeightSource, open_file
 from sdcli.formats.strict import Plan, identity_plan
 from sdcli.models.t5 import EMBEDDING_ALIAS
@@ -37,7 +38,8 @@ def check_flags(family, files: dict[str, str | None]) -> None:
 def _entries(path: Path, prefix: str) -> dict[str, Entry]:
     """A text encoder file's entries under `prefix`: its keys as stored, or without that prefix when it has it."""
     source = open_file(path)
-    try:
+    try:  # its own file named: once merged, the checkpoint's name would be on the error (formats/ldm.shapes_of)
+        refuse_empty({k: e.shape for k, e in source.entries.items()}, source.entries, path)
         keys = list(source.entries)
         strip = prefix if keys and all(k.startswith(prefix) for k in keys) else ""
         return {prefix + k[len(strip):]: e for k, e in source.entries.items()}

@@ -40,7 +40,7 @@ from sdcli.quant.layers import RuntimeLora, add_update, holds_blocks
 from sdcli.runtime import cuda_graphs
 from sdcli.models.text import TextEncoder
 from sdcli.models.unet import UNetConfig
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError, quote
 
 UNET_KEY = "lora_unet_"
 TEXT_KEY = "lora_te_"
@@ -89,7 +89,7 @@ def parse_spec(spec: str) -> LoraSpec:
         except ValueError:
             pass
     if not math.isfinite(weight):
-        raise UsageError(f"option --lora: weight must be a finite number, got {spec!r}")
+        raise UsageError(f"option --lora: weight must be a finite number, got {quote(repr(spec))}")
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: no such LoRA file")
     return LoraSpec(path, weight)

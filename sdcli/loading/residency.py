@@ -56,15 +56,17 @@ def home_of(policy: str, device: torch.device) -> torch.device:
     return torch.device("cpu") if policy == "offload" and device.type != "cpu" else device
 
 
-def stamps(paths) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of each file: what a rebuild compares to see that nothing changed since the load."""
+def stamps(paths) -> dict[str, tuple[int, ...]]:
+    """(size, mtime_ns, inode, ctime_ns) of each file: what a rebuild compares to see that nothing changed since
+    the load. The inode tells a file replaced by another (a rename over it); ctime, which no program can set
+    back, tells a file rewritten in place with its size and mtime put back."""
     out = {}
     for path in paths:
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             st = f.stat()
-            out[str(f)] = (st.st_size, st.st_mtime_ns)
+            out[str(f)] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     return out
 
 
@@ -193,9 +195,19 @@ class Residency:
     # --- the work ---------------------------------------------------------------------------------
 
     def _build(self, part: str) -> None:
-        if self.loaded:
+        if self.loaded:  # checked before and after the read: a file swapped while it was read is not used
             self._check_files()
-        value = self.builders[part]()
+            try:
+                value = self.builders[part]()
+            except (OSError, BadInputError) as e:  # a file cut, removed or swapped while it was read: say that
+                self._check_files()
+                if isinstance(e, BadInputError):
+                    raise
+                raise BadInputError(f"{getattr(e, 'filename', None) or 'a model file'}: cannot be read again "
+                                    f"({e.strerror or e}); run the command again") from None
+            self._check_files()
+        else:
+            value = self.builders[part]()
         self.parts[part], self.where[part] = value, self.home
         for module in self.companions[part]:
             _to(module, self.home)
@@ -236,9 +248,15 @@ class Residency:
 
     def _check_files(self) -> None:
         """A rebuild reads the files of the load; one rewritten since would mix two models' weights."""
-        now = stamps([Path(p) for p in self.files if Path(p).exists()])
+        try:
+            now = stamps([Path(p) for p in self.files if Path(p).exists()])
+        except OSError:  # a file went away while it was looked at
+            now = {}
         for path, stamp in self.files.items():
-            if now.get(path) != stamp:
+            if path not in now:
+                raise BadInputError(f"{path}: removed since it was loaded (a part had to be read again); run the "
+                                    "command again")
+            if now[path] != stamp:
                 raise BadInputError(f"{path}: changed on disk since it was loaded; run the command again")
 
 

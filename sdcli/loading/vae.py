@@ -92,6 +92,11 @@ def load_tiny(path: Path, dtype: torch.dtype, device, family=None):
     return vae
 
 
+def latent_channels(vae) -> int:
+    """The channels of the latents `vae` decodes (TAESD or the full AutoencoderKL)."""
+    return vae.latent_channels if is_tiny(vae) else vae.config.embed_dim
+
+
 def check_taesd_fits(path: Path, family) -> None:
     """TAESD for SD1/SD2, TAESDXL for SDXL: the shapes cannot tell, the name can."""
     kind = taesd_kind(path)

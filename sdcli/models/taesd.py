@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from sdcli.models.invariant import PointwiseConv, tanh
 from sdcli.runtime.errors import BadInputError, NumericalError, UsageError
+from sdcli.formats.ldm import refuse_empty
 
 ENCODER_BLOCKS = (1, 3, 3, 3)  # Blocks after the input conv, then after each stride-2 conv
 DECODER_BLOCKS = (3, 3, 3, 1)  # Blocks before each upsample, then the last Block
@@ -197,6 +198,7 @@ def read_taesd_file(path: str | Path) -> TaesdParts:
     path = Path(path)
     state = _read_state(path)
     shapes = shapes_of(state)
+    refuse_empty(shapes, shapes, path)
     if is_taesd_decoder(shapes):
         return TaesdParts(path, None, state)
     if is_taesd_encoder(shapes):

@@ -16,11 +16,30 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdcli.runtime.errors import UsageError
+
 AUTO_ROWS = -1  # A1111's n_rows default: round(sqrt(n)) rows
 BATCH_ROWS = 0  # A1111: one row per batch
 MIN_FONT = 12  # pixels; smaller than this is not read, whatever the cell size
 TEXT_COLOUR = (0, 0, 0)
 BACKGROUND = (255, 255, 255)
+# PIL refuses to open a bigger image (DecompressionBombError at twice Image.MAX_IMAGE_PIXELS): a sheet past it
+# could be read by no PIL-based tool, and would hold 0.5 GB of RGB in memory before it is written.
+MAX_SHEET_PIXELS = 2 * 89_478_485
+
+
+def check_sheet_size(width: int, height: int, what: str) -> None:
+    """A contact sheet or plot of this size can be made (before any image of it is rendered, and again before
+    the canvas is allocated): UsageError naming the size otherwise."""
+    if width * height > MAX_SHEET_PIXELS:
+        raise UsageError(f"{what} would be {width}x{height} pixels, over the {MAX_SHEET_PIXELS:,} a PNG reader "
+                         "accepts: use fewer images, smaller images or fewer values per axis")
+
+
+def sheet_size(count: int, cell: tuple[int, int], rows: int = -1, batch_size: int = 1) -> tuple[int, int]:
+    """(width, height) of image_grid's sheet of `count` images of size `cell`."""
+    n_rows, n_cols = grid_shape(count, rows, batch_size)
+    return n_cols * cell[0], n_rows * cell[1]
 
 
 # --- contact sheets ------------------------------------------------------------------------------
@@ -50,6 +69,7 @@ def image_grid(images: list[Image.Image], rows: int = AUTO_ROWS, batch_size: int
     """A contact sheet: the images left to right, top to bottom, on black (A1111's look)."""
     n_rows, n_cols = grid_shape(len(images), rows, batch_size, prevent_empty_spots)
     w, h = _same_size(images)
+    check_sheet_size(n_cols * w, n_rows * h, "the contact sheet")
     sheet = Image.new("RGB", (n_cols * w, n_rows * h), "black")
     for i, img in enumerate(images):
         sheet.paste(img.convert("RGB"), (i % n_cols * w, i // n_cols * h))
@@ -113,6 +133,7 @@ def plot_grid(images: list[Image.Image], x_labels: list[str], y_labels: list[str
         raise ValueError(f"a {cols}x{rows} plot needs {cols * rows} images, got {len(images)}")
     w, h = _same_size(images)
     layout = plot_layout(w, h, x_labels, y_labels, title, margin)
+    check_sheet_size(*layout.size, "the plot")
     plot = Image.new("RGB", layout.size, BACKGROUND)
     for img, corner in zip(images, layout.cells):
         plot.paste(img.convert("RGB"), corner)

@@ -40,7 +40,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sdcli.families import FAMILIES
-from sdcli.runtime.errors import BadInputError, UsageError
+from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.formats.safetensors_header import METADATA_KEY, decode_header
 from sdcli.formats.inputs import read_input
 from sdcli.output.targets import atomic_write_bytes
@@ -214,7 +214,7 @@ def load_latent(path) -> LatentFile:
     if "latent" not in tensors:
         raise BadInputError(f"{path}: no 'latent' or 'latent_tensor' tensor (has: {', '.join(sorted(tensors))})")
     if meta.get("format") not in (None, LATENT_FORMAT):
-        raise BadInputError(f"{path}: format {meta.get('format')!r} is not a latent file")
+        raise BadInputError(f"{path}: format {quote(repr(meta.get('format')), 60)} is not a latent file")
     t = tensors["latent"]
     _check_latent(t, str(path), common["family"])
     scaled = meta.get("scaled", "true").lower() == "true"

@@ -397,11 +397,34 @@ def _png_head(path: Path) -> bool:
 
 def _load_json(text: str | None) -> Any:
     """A JSON text chunk, or None when it is not usable JSON (malformed, nested past Python's recursion limit,
-    or an integer past its digit limit): metadata we cannot read is metadata we do not have."""
+    an integer past its digit limit, or text that is not Unicode): metadata we cannot read is metadata we do
+    not have."""
     try:
-        return json.loads(text) if text else None
+        data = json.loads(text) if text else None
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return None
+    return data if _all_text(data) else None
+
+
+def _all_text(data: Any) -> bool:
+    """No string in `data` (keys included) holds a lone surrogate. JSON escapes can spell one ("\\ud800"), which
+    RFC 8259 leaves undefined and no writer of real metadata produces (an escaped emoji is a surrogate *pair*,
+    decoded to one character); such a string cannot be printed or written as UTF-8. Walked without recursion:
+    json.loads accepted the nesting, a recursive walk might not."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 def read_image_metadata(path: str | Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcli.config import check_mapping, check_value
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, quote, quote_list
 from sdcli.text.prompts import check_prompt
 
 RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "guidance_rescale", "seed", "width",
@@ -233,7 +233,8 @@ def check_refiner_given(replay: Replay, image, refiner: str | None) -> None:
     from sdcli.runtime.errors import UsageError
 
     if replay.refiner and not refiner:
-        raise UsageError(f"{image} was made with the refiner {replay.refiner}: give it again with --refiner FILE")
+        raise UsageError(f"{image} was made with the refiner {quote(replay.refiner, 80)}: give it again with "
+                         "--refiner FILE")
 
 
 _MODES = ("txt2img", "img2img", "inpaint", "decode")
@@ -246,6 +247,12 @@ def _checked_record(ours: dict, where: str) -> dict:
         if key in ours and not ok:
             raise BadInputError(f"{where}: '{key}' must be {what}, got {_show(ours[key])}")
 
+    if ours.get("mode") == "sweep":
+        from sdcli.runtime.errors import UsageError
+
+        raise UsageError(f"{where.removesuffix(' (sdcli metadata)')}: a sweep plot, not one render: its metadata "
+                         "lists each cell's `sdcli generate` command (sdcli inspect shows them); replay or verify "
+                         "a cell kept with --keep-cells")
     need("config", isinstance(ours.get("config"), dict), "an object of config keys")
     need("prompt", isinstance(ours.get("prompt"), str), "text")
     need("mode", ours.get("mode") in _MODES, "one of " + ", ".join(_MODES))
@@ -322,14 +329,14 @@ def check_embeddings(image: str | Path, replay: Replay, folder: str | None) -> N
 
     if not replay.embeddings:
         return
-    names = ", ".join(replay.embeddings)
+    names = quote_list(replay.embeddings)  # names from the image's metadata: any number, any length
     if not folder:
         raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {names}: give their folder "
                                  "with --embeddings-dir (or embeddings_dir: in a config)")
     paths = find_embeddings(folder).paths
     missing = [n for n in replay.embeddings if n not in paths]
     if missing:
-        raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {', '.join(missing)}: "
+        raise ModelNotFoundError(f"{image} was made with textual-inversion embedding(s) {quote_list(missing)}: "
                                  f"not found under {folder}")
     for name, digest in replay.embeddings.items():
         if digest and not file_sha256(paths[name]).startswith(digest.lower()):

@@ -46,7 +46,7 @@ class ReportEntry:
 def verify_json(result: dict[str, Any]) -> dict[str, Any]:
     """A verify result as `verify --json` prints it: PSNR rounded to 3 decimals, null when identical (inf)."""
     psnr = result["psnr"]
-    return {**result, "psnr": None if psnr == math.inf else round(psnr, 3)}
+    return {"kind": "verify", **result, "psnr": None if psnr == math.inf else round(psnr, 3)}
 
 
 def heat_map(stored: Image.Image, rerender: Image.Image) -> Image.Image | None:
@@ -110,21 +110,36 @@ def write_report(entries: list[ReportEntry], path: str | Path, overwrite: bool =
     return atomic_write_bytes(path, page.encode("utf-8"), overwrite=overwrite)
 
 
+def report_dir_files(folder: str | Path, paths: list) -> list[Path]:
+    """Every file `write_report_dir` may write for images `paths` (in the order given), index.html last: known
+    before any image is verified, so all of them are checked before a model loads (verify's plan)."""
+    folder = Path(folder)
+    files = [folder / _png_name(n, path, kind) for n, path in enumerate(paths) for kind in KINDS]
+    return [*files, folder / "legend.png", folder / "index.html"]
+
+
+def _png_name(n: int, path, kind: str) -> str:
+    """NNN-NAME-KIND.png, NNN the image's place on the command line (not on the page, which sorts failures first):
+    so the names do not depend on the outcome, and can be checked before the work."""
+    return f"{n + 1:03d}-{slugify(Path(str(path)).stem)}-{kind}.png"
+
+
 def write_report_dir(entries: list[ReportEntry], folder: str | Path, overwrite: bool = False) -> Path:
-    """`folder`/index.html linking PNGs written beside it (NNN-NAME-stored.png, -rerender.png, -diff.png).
-    The page is written last, so a report that stopped half-way has no page pointing at missing images."""
+    """`folder`/index.html linking PNGs written beside it (report_dir_files names them). Nothing there is replaced
+    without `overwrite`. The page is written last, so a report that stopped half-way has no page pointing at
+    missing images."""
     folder = Path(folder)
     index = folder / "index.html"
     if index.exists() and not overwrite:
         raise OutputError(f"{index}: already exists (pass --overwrite to replace it)")
+    place = {id(e): n for n, e in enumerate(entries)}
     names: dict[tuple[int, str], str] = {}
     entries = ordered(entries)
 
     def link(i: int, kind: str, img: Image.Image) -> str:
         if (i, kind) not in names:
-            stem = "legend" if i < 0 else f"{i + 1:03d}-{slugify(Path(str(entries[i].result.get('path', ''))).stem)}"
-            name = f"{stem}-{kind}.png" if i >= 0 else "legend.png"
-            atomic_write_bytes(folder / name, png(img), overwrite=True)
+            name = "legend.png" if i < 0 else _png_name(place[id(entries[i])], entries[i].result.get("path", ""), kind)
+            atomic_write_bytes(folder / name, png(img), overwrite=overwrite)
             names[(i, kind)] = name
         return names[(i, kind)]
 

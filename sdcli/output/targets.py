@@ -20,7 +20,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from sdcli.runtime.errors import OutputError, UsageError
+from sdcli.runtime.errors import OutputError, UsageError, quote
 from sdcli.output.metadata import PARAMETERS_KEY, SDCLI_EXIF_MARK, SDCLI_JSON_KEY
 
 STDOUT = "-"
@@ -45,9 +45,9 @@ def template_fields(template: str) -> set[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise UsageError(f"output template {template!r}: {exc}") from exc
+        raise UsageError(f"output template {quote(repr(template))}: {exc}") from exc
     if template.endswith(("/", os.sep)):
-        raise UsageError(f"output {template!r} names a folder; give a file name or a template, "
+        raise UsageError(f"output {quote(repr(template))} names a folder; give a file name or a template, "
                          f"e.g. {template.rstrip('/' + os.sep)}/{{index}}.png")
     for _, name, spec, _ in parsed:
         if name is None:
@@ -55,7 +55,7 @@ def template_fields(template: str) -> set[str]:
         _check_spec(template, name, spec or "")
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
         if base not in TEMPLATE_FIELDS:
-            raise UsageError(f"output template {template!r}: unknown field {{{name}}}; "
+            raise UsageError(f"output template {quote(repr(template))}: unknown field {{{name}}}; "
                              f"use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
         names.add(base)
     return names
@@ -68,10 +68,10 @@ def _check_spec(template: str, name: str, spec: str) -> None:
     """A field's format spec may not nest fields ('{index:{seed}d}' takes its width from the seed) nor ask
     for a width or precision past MAX_FIELD_WIDTH."""
     if "{" in spec:
-        raise UsageError(f"output template {template!r}: no fields inside {{{name}:...}}")
+        raise UsageError(f"output template {quote(repr(template))}: no fields inside {{{name}:...}}")
     numbers = [int(n) for n in re.findall(r"\d+", spec)]
     if any(n > MAX_FIELD_WIDTH for n in numbers):
-        raise UsageError(f"output template {template!r}: {{{name}:{spec}}} asks for a width over {MAX_FIELD_WIDTH}")
+        raise UsageError(f"output template {quote(repr(template))}: {{{name}:{spec}}} asks for a width over {MAX_FIELD_WIDTH}")
 
 
 def expand_template(template: str, index: int, seed: int, prompt: str) -> Path:
@@ -80,7 +80,7 @@ def expand_template(template: str, index: int, seed: int, prompt: str) -> Path:
     try:
         return Path(template.format(index=index, seed=seed, prompt=slugify(prompt)))
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
-        raise UsageError(f"output template {template!r}: {exc}") from exc
+        raise UsageError(f"output template {quote(repr(template))}: {exc}") from exc
 
 
 def _write_stdout(data: bytes) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdcli.runtime.errors import BadInputError, OutputError, UsageError
+from sdcli.runtime.errors import BadInputError, OutputError, UsageError, quote
 from sdcli.quant.ggml_types import BY_NAME, GGMLType, ggml_type
 
 WRITABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf.quants.quantize makes
@@ -59,14 +59,14 @@ def parse_type_rules(text: str) -> list[TypeRule]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         pattern, sep, name = item.rpartition("=")
         if not sep or not pattern:
-            raise UsageError(f"tensor type rule {item!r} is not REGEX=TYPE")
+            raise UsageError(f"tensor type rule {quote(repr(item))} is not REGEX=TYPE")
         if name.upper() not in WRITABLE:
-            raise UsageError(f"tensor type rule {item!r}: type {name!r} cannot be written (use one of "
-                             f"{', '.join(t.lower() for t in WRITABLE)})")  # fmt: skip
+            raise UsageError(f"tensor type rule {quote(repr(item))}: type {quote(repr(name), 60)} cannot be written "
+                             f"(use one of {', '.join(t.lower() for t in WRITABLE)})")  # fmt: skip
         try:
             rules.append(TypeRule(re.compile(pattern), BY_NAME[name.upper()]))
         except re.error as e:
-            raise UsageError(f"tensor type rule {item!r}: bad regex ({e})") from None
+            raise UsageError(f"tensor type rule {quote(repr(item))}: bad regex ({e})") from None
     return rules
 
 

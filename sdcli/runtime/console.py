@@ -70,8 +70,10 @@ def error(message: str) -> None:
     """One-line error on stderr, printed even with --quiet."""
     from rich.text import Text
 
+    from sdcli.runtime.errors import cap_line
+
     line = Text("error: ", style="bold red")
-    line.append(message.replace("\n", " "))
+    line.append(cap_line(message.replace("\n", " ")))
     stderr().print(line)
 
 
@@ -79,6 +81,13 @@ def emit_event(obj: Any) -> None:
     """One JSON progress event per line on stderr (stdout stays for results)."""
     sys.stderr.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stderr.flush()
+
+
+def emit_result(kind: str, path: Any, fields: dict[str, Any] | None = None) -> None:
+    """One `--json` result line, in the envelope every command's lines share: `kind` says what the line is
+    (image, grid, latent, embedding, plot, cells, verify, plan, config), `path` the file it is about (the file
+    written; "-" for stdout; for verify the image checked; null when there is none), then the kind's own fields."""
+    emit_json({"kind": kind, "path": None if path is None else str(path), **(fields or {})})
 
 
 def emit_json(obj: Any) -> None:

@@ -61,6 +61,40 @@ class VerificationError(SdcliError):
 
 INTERRUPTED_EXIT_CODE = 130
 
+# --- user text inside a message ------------------------------------------------------------------------------
+# An error quotes what it refuses (a prompt, a key, a value, a name from an image's metadata), and all of these can
+# be as long as a file allows: a 62 KB prompts-file line must not become a 62 KB error line. Every message that
+# quotes input goes through `quote` (or `quote_list` for names), and console.error caps a whole line at
+# LINE_LIMIT as the last guard.
+
+QUOTE_LIMIT = 200  # characters of one quoted text
+LIST_LIMIT = 6  # names of a listing
+LINE_LIMIT = 2000  # characters of one error line, whatever it holds
+
+
+def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """`text` as an error message shows it: whole when short, else its first `limit` characters, an ellipsis
+    and its full length ("abc... (62,000 characters)")."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def quote_list(items, limit: int = LIST_LIMIT, each: int = 60) -> str:
+    """Names for a message: at most `limit` of them, each quoted to `each` characters, and how many in all."""
+    items = [quote(item, each) for item in items]
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def cap_line(message: str, limit: int = LINE_LIMIT) -> str:
+    """A whole message at most `limit` characters: its start and its end (which often says what to do) kept."""
+    if len(message) <= limit:
+        return message
+    head, tail = message[: limit * 3 // 4], message[-(limit // 4) :]
+    return f"{head} ... [{len(message) - len(head) - len(tail):,} characters left out] ... {tail}"
+
 
 class Terminated(BaseException):
     """SIGTERM or SIGHUP arrived: unwind like Ctrl-C (temp files removed by their `finally`, finished images kept)

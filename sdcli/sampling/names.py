@@ -6,9 +6,10 @@ schedule name with its sigmas; tests/test_new_user.py checks the tables agree.""
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass
 
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import UsageError, quote
 
 # Ours, in schedule.SCHEDULES' order.
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "trailing", "ddim_uniform", "beta",
@@ -71,6 +72,7 @@ def _norm(label: str) -> str:
     return "_".join(label.strip().lower().replace("-", " ").split())
 
 
+@functools.cache  # a prompts file of 100,000 lines resolves its sampler on each
 def _alias_table() -> dict[str, str]:
     table = {}
     for spec in SAMPLER_NAMES.values():
@@ -94,7 +96,7 @@ def resolve_sampler(label: str) -> tuple[str, str | None]:
             return table[base], schedule
     close = difflib.get_close_matches(key, list(table), n=4, cutoff=0.5)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown sampler {label!r}{hint} (see --sampler help)")
+    raise UsageError(f"unknown sampler {quote(repr(label))}{hint} (see --sampler help)")
 
 
 def resolve_sampler_schedule(sampler: str, schedule_name: str) -> tuple[str, str]:
@@ -117,4 +119,19 @@ def sampler_help() -> str:
     lines.append("")
     lines.append("A schedule can follow the name, as in A1111: \"DPM++ 2M Karras\", \"euler_a exponential\".")
     lines.append("Names are case-insensitive; spaces, '-' and '_' are interchangeable.")
+    return "\n".join(lines)
+
+
+def schedule_help() -> str:
+    """Plain-text table of schedules, A1111's label for each and the other names sdcli reads as it."""
+    rows = [("name", "A1111", "also read as")]
+    for name in SCHEDULE_NAMES:
+        aliases = [alias for alias, ours in SCHEDULE_ALIASES.items() if ours == name]
+        rows.append((name, SCHEDULE_LABELS.get(name, "-"), ", ".join(aliases) or "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("")
+    lines.append("auto (the default) takes the sampler's own schedule (see --sampler help); automatic and default "
+                 "mean auto too.")
+    lines.append("A schedule named in the sampler label (\"DPM++ 2M Karras\") wins over --schedule.")
     return "\n".join(lines)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import UsageError, quote
 from sdcli.sampling.a1111_params import SOURCES  # noqa: F401 - the source names, kept with A1111's other rules
 from sdcli.sampling.seeds import batch_seeds  # noqa: F401 - re-exported
 
@@ -177,7 +177,7 @@ def check_source(source: str) -> str:
     """A source name in any case ("GPU" as A1111's infotext writes it) -> "cpu" / "gpu" / "nv"."""
     name = str(source).strip().lower()
     if name not in SOURCES:
-        raise UsageError(f"unknown noise source {source!r}: choose one of {', '.join(SOURCES)}")
+        raise UsageError(f"unknown noise source {quote(repr(source), 60)}: choose one of {', '.join(SOURCES)}")
     return name
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from sdcli.runtime.errors import UsageError
+from sdcli.runtime.errors import UsageError, quote
 from sdcli.sampling.names import SCHEDULE_ALIASES, SCHEDULE_LABELS, SCHEDULE_NAMES  # noqa: F401 (re-exported)
 
 MAX_STEPS = 1000
@@ -238,7 +238,7 @@ def get_sigmas(schedule: str, steps: int, model_sigmas: Tensor) -> Tensor:
     Length is steps + 1 (the `beta` schedule may drop repeated timesteps at very high step counts).
     """
     if schedule not in SCHEDULES:
-        raise UsageError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown schedule {quote(repr(schedule))}; choose one of: {', '.join(SCHEDULES)}")
     if not 1 <= int(steps) <= MAX_STEPS or int(steps) != steps:
         raise UsageError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps}")
     ms = model_sigmas.detach().to("cpu", torch.float64)
@@ -250,13 +250,13 @@ def parse_sigmas(text: str) -> Tensor:
     try:
         values = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise UsageError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"--sigmas must be comma-separated numbers, got {quote(repr(text))}") from None
     if len(values) < 2:
-        raise UsageError(f"--sigmas needs at least two values (one step), got {text!r}")
+        raise UsageError(f"--sigmas needs at least two values (one step), got {quote(repr(text))}")
     if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise UsageError(f"--sigmas values must be finite and >= 0, got {text!r}")
+        raise UsageError(f"--sigmas values must be finite and >= 0, got {quote(repr(text))}")
     if any(b >= a for a, b in zip(values, values[1:])):
-        raise UsageError(f"--sigmas must be strictly descending, got {text!r}")
+        raise UsageError(f"--sigmas must be strictly descending, got {quote(repr(text))}")
     return torch.tensor(values, dtype=torch.float32)
 
 

@@ -170,14 +170,24 @@ def find_embeddings(folder: str | Path) -> EmbeddingFolder:
 
     Empty files are passed over as A1111 does. A1111 walks top-down and lets a later file with the same stem
     replace an earlier one, so a sub-folder's file wins over the top folder's; we walk in sorted order so the
-    outcome is the same on every machine. Images (A1111's PNG/WEBP embeds, previews) are not read."""
+    outcome is the same on every machine. Images (A1111's PNG/WEBP embeds, previews) are not read.
+
+    Unlike os.walk alone, a folder reached twice (a link to itself or to a parent: a loop) is walked once, and the
+    walk stops with an error past MAX_WALKED entries (a link to / or to a huge tree), instead of running on."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise BadInputError(f"embeddings folder {root}: no such folder")
     paths: dict[str, Path] = {}
     shadowed: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    _first_visit(root, seen)
+    walked = 0
     for here, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
+        walked += len(dirs) + len(files)
+        if walked > MAX_WALKED:
+            raise BadInputError(f"embeddings folder {root}: more than {MAX_WALKED:,} files and folders under it "
+                                "(a link to a large tree?); give a folder of embeddings")
+        dirs[:] = sorted(d for d in dirs if _first_visit(Path(here) / d, seen))
         for name in sorted(files):
             path = Path(here) / name
             if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file() or path.stat().st_size == 0:
@@ -186,6 +196,22 @@ def find_embeddings(folder: str | Path) -> EmbeddingFolder:
                 shadowed.append(paths[path.stem])
             paths[path.stem] = path
     return EmbeddingFolder(dict(sorted(paths.items(), key=lambda kv: kv[0].lower())), shadowed)
+
+
+MAX_WALKED = 100_000  # files and folders under an embeddings folder (A1111's folders hold hundreds)
+
+
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    """Whether `folder` (its real directory: device and inode) has not been walked yet; marks it walked."""
+    try:
+        st = folder.stat()
+    except OSError:  # a dangling link or no permission: nothing to walk
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from sdcli.runtime.errors import BadInputError, UnsupportedModelError
+from sdcli.runtime.errors import BadInputError, UnsupportedModelError, quote
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; with bos and eos a chunk is CLIP's 77
 COMMA_BACKTRACK = 20  # A1111 opts.comma_padding_backtrack default
@@ -65,20 +65,21 @@ def split_extra_networks(prompt: str) -> tuple[str, list[PromptLora]]:
 
     def take(match: re.Match) -> str:
         kind, args = match.group(1), [a.strip() for a in match.group(2).split(":")]
+        tag = quote(match.group(0))
         if kind.lower() != "lora":
-            raise UnsupportedModelError(f"prompt tag {match.group(0)}: only <lora:NAME[:WEIGHT]> is supported, "
-                                        f"not A1111 '{kind}' networks")  # fmt: skip
+            raise UnsupportedModelError(f"prompt tag {tag}: only <lora:NAME[:WEIGHT]> is supported, "
+                                        f"not A1111 '{quote(kind, 60)}' networks")  # fmt: skip
         if not args[0]:
-            raise BadInputError(f"prompt tag {match.group(0)}: no LoRA name")
+            raise BadInputError(f"prompt tag {tag}: no LoRA name")
         if len(args) > 2:
-            raise UnsupportedModelError(f"prompt tag {match.group(0)}: separate text-encoder/UNet weights are not "
+            raise UnsupportedModelError(f"prompt tag {tag}: separate text-encoder/UNet weights are not "
                                         "supported; use <lora:NAME:WEIGHT>")  # fmt: skip
         try:
             weight = float(args[1]) if len(args) == 2 else 1.0
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight):
-            raise BadInputError(f"prompt tag {match.group(0)}: the weight must be a finite number")
+            raise BadInputError(f"prompt tag {tag}: the weight must be a finite number")
         loras.append(PromptLora(args[0], weight))
         return ""
 
@@ -89,7 +90,7 @@ def _weight(value: str, text: str) -> float:
     try:
         return float(value)
     except ValueError:  # "[.\d]+" also matches "1.2.3"; A1111 crashes here
-        raise BadInputError(f"prompt weight ':{value})' is not a number in: {text}") from None
+        raise BadInputError(f"prompt weight ':{quote(value, 60)})' is not a number in: {_short(text)}") from None
 
 
 def _attention_pieces(text: str) -> tuple[list[list], list[int], list[int]]:
@@ -154,12 +155,12 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 def _check_weights(pieces: list, text: str) -> None:
     for piece in pieces:
         if piece is not BREAK and not (math.isfinite(piece[1]) and abs(piece[1]) <= MAX_WEIGHT):
-            raise BadInputError(f"prompt weight {piece[1]:g} of {piece[0]!r} is out of range "
+            raise BadInputError(f"prompt weight {piece[1]:g} of {quote(repr(piece[0]), 80)} is out of range "
                                 f"(-{MAX_WEIGHT:g} to {MAX_WEIGHT:g}) in: {_short(text)}")
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= 80 else text[:77] + "..."
+    return quote(text, 80)
 
 
 def check_prompt(text: str, where: str | None = None, steps: int = 20, tags: bool = True) -> str:

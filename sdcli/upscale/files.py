@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UnsupportedModelError
+from sdcli.formats.ldm import refuse_empty
 from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES, is_pickle, load_pickle
 from sdcli.formats.safetensors import dtype_name, read_header
 from sdcli.formats.source import Entry, WeightSource
@@ -334,9 +335,11 @@ def _spandrel_info(stored: StoredFile, desc) -> UpscalerInfo:
 def _identify(path: str | Path) -> tuple[StoredFile, str]:
     stored = read_stored(path)
     try:
-        return stored, classify(set(stored.entries))
+        layout = classify(set(stored.entries))
     except BadInputError as e:
         raise BadInputError(f"{stored.path}: {e}") from None
+    refuse_empty(stored.shapes, stored.entries, stored.path)  # a width of 0 read from a shape builds no network
+    return stored, layout
 
 
 def inspect_upscaler(path: str | Path) -> UpscalerInfo:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli.runtime.errors import ModelNotFoundError
+from sdcli.runtime.errors import ModelNotFoundError, quote
 
 DEFAULT = "Latent"  # the hires fix's upscaler when none is named: sdcli's behaviour before upscalers
 
@@ -94,21 +94,21 @@ def find_model(value: str, folder: str | None) -> Path:
     if _is_path(value) or Path(value).expanduser().is_file():
         path = Path(value).expanduser()
         if not path.is_file():
-            raise ModelNotFoundError(f"upscaler {value}: no such file")
+            raise ModelNotFoundError(f"upscaler {quote(value)}: no such file")
         return path
     stems = list(dict.fromkeys([BUILTIN_FILES.get(value, value), value]))
-    wanted = " or ".join(f"{s}.pth/.safetensors" for s in stems)
+    wanted = " or ".join(f"{quote(s, 120)}.pth/.safetensors" for s in stems)
     if not folder:
-        raise ModelNotFoundError(f"upscaler '{value}': not a latent mode, Lanczos, Nearest, None or a file; to find "
-                                 f"{wanted} by name give --upscaler-dir DIR (upscaler_dir: in a config)")
+        raise ModelNotFoundError(f"upscaler '{quote(value, 120)}': not a latent mode, Lanczos, Nearest, None or a "
+                                 f"file; to find {wanted} by name give --upscaler-dir DIR (upscaler_dir: in a config)")
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise ModelNotFoundError(f"upscaler_dir {folder}: no such folder (looking for {wanted})")
+        raise ModelNotFoundError(f"upscaler_dir {quote(folder)}: no such folder (looking for {wanted})")
     found = _direct(root, stems) or _below(root, stems)
     if found is None:
         places = ", ".join(f"{s}/" for s in SUBFOLDERS)
-        raise ModelNotFoundError(f"upscaler '{value}': {wanted} not found under {folder} (looked in {places}, the "
-                                 "folder itself and every sub-folder)")
+        raise ModelNotFoundError(f"upscaler '{quote(value, 120)}': {wanted} not found under {quote(folder)} (looked "
+                                 f"in {places}, the folder itself and every sub-folder)")
     return found
 
 
