@@ -1,7 +1,7 @@
 # sdcli: `make demo MODEL=...` renders an image, `make test` runs the suite. Both set everything up first.
 PYTHON ?= python3
 VENV   ?= .venv
-# The CPU wheel by default; pick another build with e.g. `make install TORCH="torch==2.13.0 --index-url ..."`.
+# PyPI's build by default (for Linux x86-64 the CUDA one, which also runs on a CPU); pick another with e.g. `make install TORCH="torch==2.13.0 --index-url ..."`.
 TORCH  ?= torch==2.13.0
 MODEL  ?= stable-diffusion-v1-5/stable-diffusion-v1-5
 PROMPT ?= a photo of a cat, highly detailed
