@@ -469,7 +469,7 @@ def test_type_rules():
     assert choose_type("first_stage_model.x.weight", (512, 512), torch.float16, "q8_0", rules).name == "F16"
     assert choose_type("model.diffusion_model.x.weight", (64, 64), torch.bfloat16, "q4_1", ()).name == "Q4_1"
     assert choose_type("model.diffusion_model.x.weight", (4, 4, 3, 3), torch.bfloat16, "q4_1", ()).name == "F32"
-    for bad in ("attn", "=q8_0", "x=q4_k", "(=q8_0"):
+    for bad in ("attn", "=q8_0", "x=iq4_xs", "(=q8_0"):
         with pytest.raises(UsageError):
             parse_type_rules(bad)
 

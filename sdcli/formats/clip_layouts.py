@@ -19,6 +19,8 @@ OPENCLIP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)",
      tuple(rf"encoder.layers.\1.self_attn.{x}_proj.\2" for x in "qkv")),  # fused q, k, v along dim 0
     (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", (r"encoder.layers.\1.self_attn.out_proj.\2",)),
+    # stable-diffusion.cpp's older SD2 GGUFs: in_proj already split (formats/gguf.py maps the rest of their names)
+    (r"transformer\.resblocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)", (r"encoder.layers.\1.self_attn.\2_proj.\3",)),
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", (r"encoder.layers.\1.mlp.fc1.\2",)),
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", (r"encoder.layers.\1.mlp.fc2.\2",)),
     (r"ln_final\.(weight|bias)", (r"final_layer_norm.\1",)),
