@@ -400,9 +400,9 @@ def layer_errors(src: Path, types: list[str]) -> list[tuple[str, str, float]]:
             return F.conv2d(x, weight, padding=1) if w.dim() == 4 else x @ weight.t()
 
         ref = apply(w)
-        flat = w.reshape(-1, 256) if w.shape[-1] % 32 else w
         for name in types:
             qt = BY_NAME[name.upper()]
+            flat = w.reshape(-1, 256) if w.shape[-1] % qt.block_size else w  # as --quantize-convs stores it
             blocks = _blocks(flat, qt)  # gguf.quants, or sdcli's K-quant writer
             back = dequantize(torch.from_numpy(blocks.reshape(-1)), qt, tuple(w.shape))
             rows.append((key.removeprefix("model.diffusion_model."), qt.name,
@@ -460,8 +460,8 @@ def main() -> None:
         results[label] = {**run_worker(path, png, args), "file_mb": path.stat().st_size / 2**20, "png": png}
         results[label]["psnr"] = psnr(png, results[args.dtype]["png"])
         print(f"{label}: {json.dumps({k: v for k, v in results[label].items() if k != 'png'})}", file=sys.stderr)
-    types = sorted({label.split("+")[0] for label in variants if label.split("+")[0] in LAYER_TYPES + ("Q5_1", "Q5_0",
-                                                                                                       "Q4_1")})  # fmt: skip
+    made = {label.split("+")[0] for label in variants}
+    types = [t for t in ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K") if t in made]
     report(table(results, layer_errors(src, types), args, src.name), args)
 
 
