@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from _cli import invoker, pixels
 from _fixtures_models import tiny_models_dir, tiny_sd1, tiny_sd2  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
+from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
 from sdcli.loading.checkpoint import load_models
 from sdcli.quant.layers import holds_blocks
 from sdcli.quant.quantize import write_gguf
@@ -42,6 +43,7 @@ SDCPP_BLOCK = {"attn.in_proj_weight": "self_attn.in_proj.weight", "attn.in_proj_
                "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias", "ln_2.weight": "layer_norm2.weight",
                "ln_2.bias": "layer_norm2.bias", "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
                "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias"}  # fmt: skip
+SDCPP_UNUSED = ("logit_scale", "position_ids")  # model.cpp unused_tensors: its converter leaves them out
 OPENCLIP, SDCPP = "cond_stage_model.model.", "cond_stage_model.transformer.text_model."
 
 
@@ -61,6 +63,8 @@ def _sdcpp_sd2(state: dict, split: bool) -> dict:
     layer kept; with `split`, in_proj as q_proj/k_proj/v_proj (its older converter)."""
     out = {}
     for k, v in state.items():
+        if k.endswith(SDCPP_UNUSED):
+            continue
         name = k.removeprefix(OPENCLIP)
         m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name)
         if not k.startswith(OPENCLIP) or (name not in SDCPP_TOP and not m):
@@ -121,6 +125,33 @@ def test_sdcpp_sd2_renders_what_our_gguf_renders(sd2_files, tmp_path):
     random UNet is no test of the text encoder."""
     mine = _render(tmp_path, sd2_files["ours"], "--prediction", "v", name="ours")
     assert np.array_equal(mine, _render(tmp_path, sd2_files[False], "--prediction", "v", name="sdcpp"))
+
+
+def test_sdcpp_sdxl_with_fused_in_proj_renders_what_our_gguf_renders(tiny_sdxl, tmp_path):  # noqa: F811
+    """Current stable-diffusion.cpp keeps bigG's in_proj fused (self_attn.in_proj) in its SDXL files, beside its
+    other names (both encoders under cond_stage_model., the projection bare, in OpenCLIP's orientation)."""
+    rules = "text_projection=f32,proj_in=f32,proj_out=f32"  # what the layouts store differently stays float
+    ours = tmp_path / "ours.gguf"
+    invoker({})("convert", str(tiny_sdxl), "-o", str(ours), "--quantize", "q8_0", "--tensor-type-rules", rules)
+    state = load_file(tiny_sdxl)
+    out = {k: v for k, v in state.items() if not k.startswith("conditioner.")}
+    big_g = "conditioner.embedders.1.model."
+    for k, v in state.items():
+        if k.endswith(SDCPP_UNUSED):
+            continue
+        if k.startswith("conditioner.embedders.0.transformer."):  # CLIP-L: transformers names already
+            out[k.replace("conditioner.embedders.0.", "cond_stage_model.", 1)] = v
+        elif k.startswith(big_g):
+            name = k.removeprefix(big_g)
+            m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", name)
+            new = SDCPP_TOP.get(name) or (f"encoder.layers.{m.group(1)}.{SDCPP_BLOCK[m.group(2)]}" if m else None)
+            out[f"cond_stage_model.1.transformer.text_model.{new}"] = v
+    assert any("self_attn.in_proj.weight" in k for k in out) and not any(k.startswith("conditioner.") for k in out)
+    theirs = tmp_path / "sdcpp.gguf"
+    from sdcli.quant.quantize import parse_type_rules
+
+    write_gguf(theirs, out, "q8_0", rules=parse_type_rules(rules))
+    assert np.array_equal(_render(tmp_path, ours, name="ours"), _render(tmp_path, theirs, name="sdcpp"))
 
 
 # --- --vae x.gguf --------------------------------------------------------------------------------------------------
