@@ -96,6 +96,19 @@ def rss_gb() -> float:
     return float("nan")
 
 
+class _Stages(dict):
+    """stage -> RSS GB after it; each one also printed at once to stderr with the peak so far (a long full-size
+    run shows where it is, and what it held, before it ends)."""
+
+    def __setitem__(self, stage: str, value: float) -> None:
+        import resource
+
+        super().__setitem__(stage, value)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"[{time.strftime('%H:%M:%S')}] {stage}: RSS {value:.2f} GB, peak so far {peak:.2f} GB", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+
 def dit_worker(args: argparse.Namespace) -> None:
     """A DiT family: lean residency, each stage timed, the RSS after each; the DiT's build is the load time."""
     import torch
@@ -107,11 +120,13 @@ def dit_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     parts = json.loads(args.parts)
-    rss = {"start": rss_gb()}
+    rss = _Stages()
+    rss["start"] = rss_gb()
     t0 = time.perf_counter()
     models = load_models(args.worker, parts.pop("vae"), dtype=dtype, device="cpu", residency="lean",
                          text_files=parts)  # fmt: skip
     t1 = time.perf_counter()
+    rss["loaded"] = rss_gb()
     guided = models.family.default_cfg > 1  # FLUX: no negative pass; SD3: its cfg
     cond, uncond = pipeline.encode_text(models, PROMPT, NEGATIVE if guided else None)
     cond, uncond = (pipeline.with_guidance(models, pipeline.with_size_vector(models, c, None)) for c in (cond, uncond))
