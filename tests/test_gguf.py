@@ -504,8 +504,8 @@ def test_write_read_round_trip(tmp_path, qtype, arch):
 
 
 def test_write_refuses(tmp_path):
-    with pytest.raises(UsageError, match="Q4_K"):
-        write_gguf(tmp_path / "k.gguf", _checkpoint(), "Q4_K")
+    with pytest.raises(UsageError, match="IQ4_XS"):
+        write_gguf(tmp_path / "k.gguf", _checkpoint(), "IQ4_XS")
     with pytest.raises(BadInputError, match="position_ids"):
         write_gguf(tmp_path / "i.gguf", {"position_ids": torch.arange(4)}, "Q8_0")
     with pytest.raises(OutputError):
