@@ -17,7 +17,7 @@ SERVE_STAMP := $(VENV)/.sdcli-serve-installed
 GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
 .PHONY: install install-runtime install-ray install-gguf install-spandrel install-serve browser demo demo-tiny test \
-	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale \
+	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale bench-tome \
 	bench-serve clean
 
 $(RUNTIME_STAMP): pyproject.toml
@@ -125,6 +125,10 @@ bench-gguf: $(STAMP)
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)
 	$(PY) scripts/bench.py --avx2
+
+# --tome-ratio speed per ratio on the SD1.5 UNet step at 512 (interleaved, fastest of two), with its error vs ratio 0
+bench-tome: $(STAMP)
+	$(PY) scripts/bench_tome.py
 
 # ESRGAN x4 (23 blocks, 64 features) 512 -> 2048 untiled and tiled vs spandrel; the table into docs/benchmarks.md
 bench-upscale: $(STAMP)

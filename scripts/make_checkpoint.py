@@ -1,4 +1,5 @@
-"""Random-weight Stable Diffusion checkpoints, deterministic from a seed, for tests and benchmarks.
+"""Random-weight Stable Diffusion checkpoints and every other kind of file sdcli reads, deterministic from a seed,
+for tests and benchmarks.
 
     python scripts/make_checkpoint.py OUT --family sd1 --size full --dtype fp16 --layout single --seed 0
     python scripts/make_checkpoint.py flux.safetensors --family flux --components   # + ae, clip_l, clip_g, t5xxl
@@ -544,26 +545,148 @@ def make_dit_components(folder: str | Path, seed: int = 0, dtype: torch.dtype = 
     return files
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--family", choices=["sd1", "sd2", *SDXL_FAMILIES, *DIT_FAMILIES], default="sd1")
-    ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    ap.add_argument("--layout", choices=["single", "diffusers"], default="single")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prediction", choices=["eps", "v"], default=None)
-    ap.add_argument("--inpaint", action="store_true")
-    ap.add_argument("--components", action="store_true", help="SD3/FLUX: also write ae.safetensors, clip_l, "
-                    "clip_g and t5xxl .safetensors beside OUT (FLUX's file holds the DiT alone)")
-    a = ap.parse_args(argv)
-    if a.family in DIT_FAMILIES:
-        make_dit_checkpoint(a.out, a.family, a.size, DTYPES[a.dtype], a.seed)
+KINDS = {
+    "checkpoint": "a whole model (--family, --size, --layout single|diffusers, --inpaint, --prediction); SD3/FLUX: "
+                  "--components also writes ae, clip_l, clip_g and t5xxl .safetensors beside it",
+    "controlnet": "a ControlNet for the preset's UNet (sd1, sd2, sdxl; --layout " + "|".join(CONTROLNET_LAYOUTS) + ")",
+    "lora": "a kohya LoRA for a UNet family (sd1, sd2, sdxl, sdxl-refiner; --rank, --tags; --no-metadata leaves "
+            "out kohya's ss_* training metadata)",
+    "embedding": "a textual-inversion embedding for the family's text encoder(s) (--vectors; --layout a1111_pt "
+                 "(.pt), old_pt, emb_params (.safetensors), diffusers_bin, diffusers_st; SDXL: sdxl)",
+    "taesd": "madebyollin's TAESD pair, OUT is a folder: NAME_encoder/NAME_decoder.safetensors (taesd; "
+             "sd3/flux: 16 latent channels, taesd3 / taef1)",
+    "vae": "a VAE-only file (vae-ft-mse / ae.safetensors style: LDM names without first_stage_model.)",
+    "upscaler": "an ESRGAN upscaler (--arch rrdb|compact, --scale, --layout basicsr|old|2019 for rrdb)",
+    "clip-l": "a separate CLIP-L text encoder file (ComfyUI's clip_l.safetensors)",
+    "clip-g": "a separate OpenCLIP bigG text encoder file (clip_g.safetensors)",
+    "t5": "a separate T5 encoder file (t5xxl.safetensors)",
+}
+LAYOUTS = {"checkpoint": ("single", "diffusers"), "controlnet": CONTROLNET_LAYOUTS,
+           "embedding": ("a1111_pt", "old_pt", "emb_params", "diffusers_bin", "diffusers_st", "sdxl"),
+           "upscaler": ("basicsr", "old", "2019")}  # fmt: skip
+UNET_FAMILIES = ("sd1", "sd2", *SDXL_FAMILIES)
+
+
+def _parser() -> argparse.ArgumentParser:
+    kinds = "\n".join(f"  {k:<11} {v}" for k, v in KINDS.items())
+    ap = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"kinds (--kind):\n{kinds}\n\nexamples:\n"
+               "  python scripts/make_checkpoint.py tiny.safetensors                      # tiny SD1 checkpoint\n"
+               "  python scripts/make_checkpoint.py xl.safetensors --family sdxl\n"
+               "  python scripts/make_checkpoint.py flux/flux1.safetensors --family flux --components\n"
+               "  python scripts/make_checkpoint.py lora/mychar.safetensors --kind lora --rank 8\n"
+               "  python scripts/make_checkpoint.py emb/myemb.pt --kind embedding --vectors 4\n"
+               "  python scripts/make_checkpoint.py vae/ --kind taesd\n"
+               "  python scripts/make_checkpoint.py 4x-tiny.pth --kind upscaler --arch compact")  # fmt: skip
+    ap.add_argument("out", type=Path, help="the file to write (a folder for --layout diffusers, "
+                    "--layout diffusers-folder and --kind taesd)")
+    ap.add_argument("--kind", choices=list(KINDS), default="checkpoint", help="what to write (below; default "
+                    "checkpoint)")
+    ap.add_argument("--family", choices=["sd1", "sd2", *SDXL_FAMILIES, *DIT_FAMILIES], default="sd1",
+                    help="the model family the file is made for (default sd1)")
+    ap.add_argument("--size", choices=["tiny", "full"], default="tiny", help="tiny: test shapes, a few MB (default); "
+                    "full: the released models' shapes (GBs for a checkpoint)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="tensor dtype (default fp32)")
+    ap.add_argument("--layout", default=None, help="key layout; by kind: " + "; ".join(
+        f"{k}: {', '.join(v)}" for k, v in LAYOUTS.items()) + " (default: the first)")
+    ap.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes (default 0)")
+    ap.add_argument("--prediction", choices=["eps", "v"], default=None, help="checkpoint: recorded in the file "
+                    "(modelspec.prediction_type; diffusers: the scheduler config)")
+    ap.add_argument("--inpaint", action="store_true", help="checkpoint: a 9-channel inpainting UNet")
+    ap.add_argument("--components", action="store_true", help="SD3/FLUX checkpoint: also write ae.safetensors, "
+                    "clip_l, clip_g and t5xxl .safetensors beside OUT (FLUX's file holds the DiT alone)")
+    ap.add_argument("--rank", type=int, default=4, help="lora: the rank (alpha is half of it; default 4)")
+    ap.add_argument("--tags", default=None, help="lora: training tags and counts for ss_tag_frequency, "
+                    "'mychar:24,smile:7' (default: mychar, 1girl, smile)")
+    ap.add_argument("--no-metadata", action="store_true", help="lora: write no training metadata")
+    ap.add_argument("--vectors", type=int, default=2, help="embedding: vectors per encoder (default 2)")
+    ap.add_argument("--arch", choices=["rrdb", "compact"], default="rrdb", help="upscaler: RRDBNet (ESRGAN) or "
+                    "Real-ESRGAN Compact (default rrdb)")
+    ap.add_argument("--scale", type=int, choices=[1, 2, 4], default=4, help="upscaler: the factor (default 4)")
+    return ap
+
+
+def _tags(text: str | None) -> dict[str, int] | None:
+    if text is None:
+        return None
+    pairs = [item.rpartition(":") for item in text.split(",") if item.strip()]
+    return {tag.strip(): int(count) for tag, _, count in pairs}
+
+
+def _make_upscaler(a: argparse.Namespace) -> Path:
+    from make_upscaler import write_compact, write_rrdb
+
+    from sdcli.models.esrgan import CompactConfig, RRDBConfig
+
+    tiny = a.size == "tiny"
+    if a.arch == "compact":
+        return write_compact(a.out, CompactConfig(num_features=8 if tiny else 64, num_convs=2 if tiny else 16,
+                                                  scale=a.scale), a.seed)  # fmt: skip
+    unshuffle = 4 // a.scale
+    cfg = RRDBConfig(in_channels=3 * unshuffle**2, num_features=8 if tiny else 64, num_blocks=1 if tiny else 23,
+                     growth=4 if tiny else 32, unshuffle=unshuffle)  # fmt: skip
+    return write_rrdb(a.out, cfg, a.layout or "basicsr", a.seed)
+
+
+def make(a: argparse.Namespace) -> Path:
+    """The file (or folder) --kind asks for."""
+    import make_extras as extras
+
+    dtype = DTYPES[a.dtype]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if a.kind == "checkpoint" and a.family in DIT_FAMILIES:
+        out = make_dit_checkpoint(a.out, a.family, a.size, dtype, a.seed)
         if a.components:
-            make_dit_components(Path(a.out).parent, a.seed, DTYPES[a.dtype])
-    else:
-        make_checkpoint(a.out, a.family, a.size, DTYPES[a.dtype], a.layout, a.seed, a.prediction, a.inpaint)
-    print(a.out)
+            make_dit_components(Path(a.out).parent, a.seed, dtype)
+        return out
+    if a.kind == "checkpoint":
+        return make_checkpoint(a.out, a.family, a.size, dtype, a.layout or "single", a.seed, a.prediction, a.inpaint)
+    if a.kind == "controlnet":
+        return make_controlnet(a.out, a.family, a.size, a.layout or "original", a.seed, dtype)
+    if a.kind == "lora":
+        return extras.make_lora(a.out, a.family, a.size, a.rank, a.seed, dtype, _tags(a.tags), not a.no_metadata)
+    if a.kind == "embedding":
+        return extras.make_embedding(a.out, a.family, a.size, a.layout, a.vectors, a.seed)
+    if a.kind == "taesd":
+        channels = 16 if a.family in DIT_FAMILIES else 4
+        name = {"sd3": "taesd3", "flux": "taef1", "flux-schnell": "taef1"}.get(a.family, "taesdxl" if a.family in
+                                                                               SDXL_FAMILIES else "taesd")  # fmt: skip
+        extras.make_taesd(a.out, name, channels, 16 if a.size == "tiny" else 64, a.seed, dtype)
+        return a.out
+    if a.kind == "vae":
+        return extras.make_vae(a.out, a.family, a.size, a.seed, dtype)
+    if a.kind == "upscaler":
+        return _make_upscaler(a)
+    kind = a.kind.replace("-", "_")
+    return _save(text_state(kind, a.seed, dtype), Path(a.out), a.seed)
+
+
+def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The combinations a kind refuses, as usage errors (exit 2) rather than a traceback."""
+    if a.layout is not None and a.layout not in LAYOUTS.get(a.kind, ()):
+        ap.error(f"--layout {a.layout} is not one of {a.kind}'s: {', '.join(LAYOUTS.get(a.kind, ())) or 'none'}")
+    if a.kind in ("lora", "embedding") and a.family not in UNET_FAMILIES:
+        ap.error(f"--kind {a.kind} is made for the UNet families ({', '.join(UNET_FAMILIES)})")
+    if a.kind == "controlnet" and a.family not in ("sd1", "sd2", "sdxl"):
+        ap.error("--kind controlnet is made for sd1, sd2 and sdxl")
+    if a.kind in ("clip-l", "clip-g", "t5") and a.size != "tiny":
+        ap.error(f"--kind {a.kind} is made in the tiny size only")
+    if a.kind == "checkpoint" and a.family in SDXL_FAMILIES + DIT_FAMILIES and (a.layout or "single") != "single":
+        ap.error(f"{a.family} checkpoints are written in the single-file layout only")
+    if a.tags is not None:
+        try:
+            _tags(a.tags)
+        except ValueError:
+            ap.error(f"--tags must be TAG:COUNT,..., got {a.tags!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    _check(ap, a)
+    print(make(a))
 
 
 if __name__ == "__main__":

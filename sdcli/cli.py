@@ -85,13 +85,13 @@ def _progress_mode(mode: str) -> str:
 def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
     from sdcli import config as cfgmod
 
-    cfg = cfgmod.resolve(flags, config)
+    cfg, shown = cfgmod.resolve(flags, config), cfgmod.sources(flags, config)
     if as_json:
         from sdcli.runtime.console import emit_json
 
-        emit_json(cfg.to_dict())
+        emit_json({**cfg.to_dict(), "sources": shown})
     else:
-        typer.echo(cfgmod.to_yaml(cfg), nl=False)
+        typer.echo(cfgmod.to_yaml(cfg, shown), nl=False)
 
 
 @app.command()
@@ -487,16 +487,27 @@ def decode(
 @app.command()
 @guard.handled
 def inspect(
-    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint, upscaler, image, latent or embedding file.")] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="Files or folders: checkpoint, LoRA, embedding, VAE, TAESD, ControlNet, upscaler, text encoder, "
+             "image, latent. With --list: folders to list.", show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Show how this prompt is tokenized.")] = None,
-    hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash checkpoints (reads the whole file).")] = True,
+    listing: Annotated[bool, typer.Option("--list", help="List the model files in the configured folders "
+                                          "(lora_dir, embeddings_dir, vae_dir, upscaler_dir, the model's folder) "
+                                          "or in the folders given.")] = False,
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", help="With --list: only these (models, loras, "
+                                                      "embeddings, vaes, controlnets, upscalers, text-encoders).",
+                                                      show_default=False)] = None,
+    hashes: Annotated[bool, typer.Option("--hash/--no-hash", help="Hash the files (reads each whole file).")] = True,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
+    config: opt.ConfigOpt = None,
     json_out: opt.JsonOpt = False,
 ) -> None:
-    """Explain an artifact: checkpoint, upscaler, image metadata, latent/embedding file, or a prompt's tokens."""
+    """Explain files (checkpoint, LoRA, embedding, VAE, TAESD, ControlNet, upscaler, text encoder, image metadata,
+    latent), list the models in your folders (--list), or show a prompt's tokens."""
     from sdcli.app.inspect import run_inspect
 
-    run_inspect(path=path, prompt=prompt, hashes=hashes, json_out=json_out, embeddings_dir=embeddings_dir)
+    run_inspect(paths=list(paths or []), prompt=prompt, hashes=hashes, json_out=json_out,
+                embeddings_dir=embeddings_dir, listing=listing, kinds=kind, config_file=config)
 
 
 @app.command()

@@ -30,7 +30,9 @@ def peer_flag(args: list[str]) -> str | None:
     return None
 
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file, or a preset shipped "
+                                                    "with sdcli by name (default, fast, lcm, quality, sd21-768-v, "
+                                                    "sdxl-turbo).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint file, diffusers folder or hub id.")]
 VaeOpt = Annotated[Optional[str], typer.Option("--vae", help="VAE file or folder overriding the checkpoint's; a TAESD "
                                                "file (taesd_decoder.safetensors) for fast decodes.")]
@@ -88,7 +90,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]
-PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved config, each value "
+                                                                      "with its source, and exit.")]
 LoraOpt = Annotated[
     Optional[list[str]], typer.Option("--lora", help="kohya/A1111 LoRA FILE.safetensors[:WEIGHT] (SD1.x; "
                                       "repeatable; weight 1 by default), merged before sampling.")

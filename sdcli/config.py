@@ -1,4 +1,5 @@
-"""The run configuration: built-in defaults < user config < --config FILE < flags given on the command line.
+"""The run configuration: built-in defaults < user config < --config FILE (or a preset shipped with sdcli, by
+name) < settings replayed from an image < flags given on the command line; `--print-config` says which gave each.
 
 YAML here is plain data, read with a YAML 1.2-style safe loader: `no`, `off`, `1:30` stay strings instead of
 YAML 1.1's False / 90, so a typo cannot silently turn into a boolean or a number. Unknown keys, wrong types and
@@ -339,20 +340,74 @@ def user_config_path() -> Path | None:
     return xdg_path("XDG_CONFIG_HOME", ".config", "sdcli", "config.yaml")
 
 
-def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults < user config < `config_file` < `replay` (settings read from an image, already checked) <
-    `flags` (only the flags the user actually gave, None = not given)."""
-    values: dict[str, Any] = {}
+@dataclass(frozen=True)
+class Layer:
+    """One source of config values: what it is for people (with its file's path), and the values it sets."""
+
+    source: str
+    values: dict[str, Any]
+
+
+PRESETS = "presets"  # the folder of sdcli/ that holds the presets shipped with the package (configs/ in the repo)
+
+
+def presets() -> dict[str, Path]:
+    """name -> file of the presets shipped inside the package (`--config fast`)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("sdcli") / PRESETS))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find_config(value: Path) -> tuple[Path, str]:
+    """(file, how to name it) for a --config value: a file that exists, else a packaged preset named by its name
+    (`fast` or `fast.yaml`); a bare name that is neither is an error listing the presets."""
+    path = Path(value)
+    if path.exists() or len(path.parts) != 1:
+        return path, f"--config {path}"
+    name = path.stem if path.suffix.lower() in (".yaml", ".yml") else path.name
+    known = presets()
+    if name in known:
+        return known[name], f"preset {name} ({known[name]})"
+    raise BadInputError(f"{path}: config file not found, and no preset of that name (presets shipped with sdcli: "
+                        f"{', '.join(known) or 'none'})")
+
+
+def layers(flags: dict[str, Any], config_file: Path | None = None, replay: dict[str, Any] | None = None,
+           replay_source: str = "image metadata") -> list[Layer]:  # fmt: skip
+    """The sources above the built-in defaults, lowest first: user config < `config_file` (a file or a packaged
+    preset) < `replay` (settings read from an image, already checked) < `flags` (only the flags the user gave)."""
+    out = []
     user = user_config_path()
     if user is not None and user.is_file():
-        values.update(check_mapping(read_yaml(user), str(user)))
+        out.append(Layer(f"user config {user}", check_mapping(read_yaml(user), str(user))))
     if config_file is not None:
-        values.update(check_mapping(read_yaml(config_file), str(config_file)))
-    values.update(replay or {})
+        path, label = find_config(config_file)
+        out.append(Layer(label, check_mapping(read_yaml(path), str(path))))
+    if replay:
+        out.append(Layer(replay_source, dict(replay)))
     given = {k: v for k, v in flags.items() if v is not None}
     # Flags were typed by Typer already; a range error there is a usage error, not a bad file.
-    values.update(check_mapping(given, "command line", UsageError))
+    out.append(Layer("command line", check_mapping(given, "command line", UsageError)))
+    return out
+
+
+def resolve(flags: dict[str, Any], config_file: Path | None = None, replay: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < user config < `config_file` < `replay` < `flags` (see layers)."""
+    values: dict[str, Any] = {}
+    for layer in layers(flags, config_file, replay):
+        values.update(layer.values)
     return RunConfig(**values)
+
+
+def sources(flags: dict[str, Any], config_file: Path | None = None, replay: dict[str, Any] | None = None,
+            replay_source: str = "image metadata") -> dict[str, str]:  # fmt: skip
+    """key -> the source its resolved value came from ("default", "user config PATH", "preset NAME (PATH)",
+    "--config PATH", "image metadata ...", "command line"), for --print-config."""
+    out = {key: "default" for key in FIELDS}
+    for layer in layers(flags, config_file, replay, replay_source):
+        out.update({key: layer.source for key in layer.values})
+    return out
 
 
 def origin(key: str, flags: dict[str, Any], config_file: Path | None = None, replay: Any = None) -> str:
@@ -362,13 +417,28 @@ def origin(key: str, flags: dict[str, Any], config_file: Path | None = None, rep
         return "option --" + key.replace("_", "-")
     if replay is not None and key in replay.values:
         return f"{replay.path} (metadata): '{key}'"
-    for path in (config_file, user_config_path()):  # either may be None
+    files = [find_config(config_file)[0]] if config_file is not None else []
+    for path in (*files, user_config_path()):  # the user config may be None
         if path is not None and Path(path).is_file() and key in read_yaml(Path(path)):
             return f"{path}: '{key}'"
     return "default"
 
 
-def to_yaml(cfg: RunConfig) -> str:
+def to_yaml(cfg: RunConfig, shown: dict[str, str] | None = None) -> str:
+    """The config as YAML a --config file can be; with `shown` (sources()), each value's source as a comment
+    after it (before it, for a value that takes several lines) and the order of the sources on top."""
     import yaml
 
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    if shown is None:
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    user = user_config_path()
+    lines = ["# later wins: default < user config "
+             + (f"{user}{'' if user.is_file() else ' (none there)'}" if user is not None else "(no home folder)")
+             + " < --config FILE or preset < --from-image metadata < command line"]
+    for key, value in cfg.to_dict().items():
+        text = yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True, width=1 << 16).rstrip("\n")
+        if "\n" in text:
+            lines += [f"# {key}: {shown[key]}", text]
+        else:
+            lines.append(f"{text}  # {shown[key]}")
+    return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ the oracle models itself, by the diffusers module path that kohya's key spells o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import CLIPTextModel
 from typer.testing import CliRunner
 
 from sdcli.loading.checkpoint import load_models
-from sdcli.formats.hashing import file_sha256
+from sdcli.formats.hashing import a1111_lora_hash, file_sha256
 from sdcli.cli import app
 from sdcli.runtime.errors import BadInputError
 from sdcli.loading.lora import LoraSpec, apply_lora, parse_spec
@@ -226,7 +227,9 @@ def test_cli_records_lora_in_metadata(cli, lora_file, tmp_path):
     report = json.loads(CliRunner().invoke(app, ["inspect", "l.png", "--json"]).stdout)
     assert report["sdcli"]["loras"] == [{"name": "detail_tweak.safetensors", "sha256": sha, "weight": 0.8,
                                          "applied": len(deltas), "modules": len(deltas)}]
-    assert report["parameters"]["extra"]["Lora hashes"] == f"detail_tweak: {sha[:12]}"
+    raw = path.read_bytes()  # A1111 writes kohya's addnet hash: the sha256 of the bytes after the header
+    addnet = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+    assert addnet != sha and report["parameters"]["extra"]["Lora hashes"] == f"detail_tweak: {addnet[:12]}"
     info = ParserManager().parse(tmp_path / "l.png")
     assert [p.value for p in info.prompts] == ["a fox"]
     assert info.samplers[0].parameters["seed"] == "9"
@@ -259,3 +262,20 @@ def test_img2img_applies_and_records_loras(cli, tiny_sd1, lora_file, tmp_path): 
     meta = json.loads(Image.open(tmp_path / "q.png").text["sdcli"])
     assert [entry["name"] for entry in meta["loras"]] == ["detail_tweak.safetensors"]
     assert Image.open(tmp_path / "q.png").tobytes() != Image.open(tmp_path / "p.png").tobytes()
+
+
+def test_lora_hash_is_a1111s(tmp_path):
+    """A1111's "Lora hashes": the file's sshs_model_hash metadata if present, else the sha256 of the bytes after the
+    safetensors header (so rewriting the metadata keeps it), else (a pickle) the whole file's sha256."""
+    weights = {"lora_te_text_model_encoder_layers_0_self_attn_k_proj.alpha": torch.tensor(1.0)}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(weights, str(a))
+    save_file(weights, str(b), metadata={"ss_output_name": "b"})
+    assert a.read_bytes() != b.read_bytes()
+    assert a1111_lora_hash(a) == a1111_lora_hash(b) != file_sha256(a)
+    given = "ab" * 32
+    save_file(weights, str(b), metadata={"sshs_model_hash": given})
+    assert a1111_lora_hash(b) == given
+    pt = tmp_path / "c.pt"
+    torch.save(weights, pt)
+    assert a1111_lora_hash(pt) == hashlib.sha256(pt.read_bytes()).hexdigest()

@@ -54,7 +54,7 @@ def run_generate(req: GenerateRequest) -> None:
     if replay is not None and "dtype" not in req.flags:  # a --dtype flag still wins over the image's
         base = _replayed_dtype(base, replay)
     if req.print_config:
-        return console.emit_json(base.to_dict()) if req.json_out else print(cfgmod.to_yaml(base), end="")
+        return _print_config(req, base, replay)
     if replay is not None and req.prompt is None and not req.prompts_file:
         req = dataclasses.replace(req, prompt=replay.prompt)
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]
@@ -98,6 +98,17 @@ def run_generate(req: GenerateRequest) -> None:
     cond = _load_cond(req.cond, models) if req.cond else None
     render.render_all(models, targets, init, cond, req, loras, refiner=refine.load_refiner(base, models),
                       nets=control_config.load_nets(jobs, models))
+
+
+def _print_config(req: GenerateRequest, base, replay) -> None:
+    """The resolved config and each value's source (a replayed image's metadata named by the image's path)."""
+    shown = cfgmod.sources(req.flags, req.config_file, replay.values if replay else None,
+                           f"image metadata {req.from_image}")
+    if replay is not None and base.dtype != cfgmod.resolve(req.flags, req.config_file, replay.values).dtype:
+        shown["dtype"] = f"image metadata {req.from_image}"  # set by _replayed_dtype
+    if req.json_out:
+        return console.emit_json({**base.to_dict(), "sources": shown})
+    print(cfgmod.to_yaml(base, shown), end="")
 
 
 def _replayed_controlnets(req: GenerateRequest, replay) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from sdcli.runtime import console
-from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
+from sdcli.runtime.errors import BadInputError, SdcliError, UnsupportedModelError, UsageError
 
 PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder",
          "conditioner.embedders.0.": "text_encoder", "conditioner.embedders.1.": "text_encoder_2",
@@ -23,17 +23,38 @@ PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_st
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF", b"GIF8")
 
 
-def run_inspect(path: Path | None, prompt: str | None, hashes: bool, json_out: bool,
-                embeddings_dir: str | None = None) -> None:
-    if (path is None) == (prompt is None):
-        raise UsageError("give a PATH to inspect or --prompt TEXT")
-    report = _prompt_report(prompt, embeddings_dir) if prompt is not None else inspect_path(path, hashes)
-    if json_out:
-        typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
-    elif report["kind"] == "prompt":
-        _print_prompt(report)
-    else:  # the raw text chunks repeat what is parsed above; --json keeps them
-        _print_report({k: v for k, v in report.items() if k != "raw"})
+def run_inspect(paths: list[Path], prompt: str | None, hashes: bool, json_out: bool,
+                embeddings_dir: str | None = None, listing: bool = False, kinds: list[str] | None = None,
+                config_file: Path | None = None) -> None:
+    """One report per path (a block of `key: value` lines, or one JSON line each); a path that cannot be read
+    prints its error line and the others still print; the exit code is then the highest of their errors'."""
+    if listing:
+        from sdcli.app.inspect_list import run_list
+
+        return run_list(paths, kinds, config_file, json_out, inspect_path)
+    if kinds:
+        raise UsageError("--kind chooses what --list shows: give --list too")
+    if bool(paths) == (prompt is not None):
+        raise UsageError("give PATHs to inspect or --prompt TEXT")
+    if prompt is not None:
+        report = _prompt_report(prompt, embeddings_dir)
+        return typer.echo(json.dumps(report, ensure_ascii=False)) if json_out else _print_prompt(report)
+    worst = 0
+    for n, path in enumerate(paths):
+        try:
+            report = inspect_path(path, hashes)
+        except SdcliError as e:
+            console.error(str(e))
+            worst = max(worst, e.exit_code)
+            continue
+        if json_out:
+            typer.echo(json.dumps(report, ensure_ascii=False))
+            continue
+        if n:
+            typer.echo("")  # a blank line between two files' blocks
+        _print_report({k: v for k, v in report.items() if k != "raw"})  # --json keeps the raw text chunks
+    if worst:
+        raise typer.Exit(worst)
 
 
 def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
@@ -50,9 +71,57 @@ def inspect_path(path: Path, hashes: bool = True) -> dict[str, Any]:
         upscaler = _upscaler_report(path, hashes)
         if upscaler is not None:
             return upscaler
+    if path.suffix.lower() in PICKLED_PARTS:  # embeddings, TAESD .pth, a text encoder's pytorch_model.bin
+        part = _pickled_report(path, hashes)
+        if part is not None:
+            return part
+        if _is_pickle(path):  # a ControlNet .pth, a checkpoint under another suffix
+            return _checkpoint_report(path, hashes)
     if path.suffix == ".latent" or _is_small_sdcli_file(path):
         return _tensor_file_report(path)
-    return _checkpoint_report(path, hashes)
+    part = _part_report(path, hashes)
+    return part if part is not None else _checkpoint_report(path, hashes)
+
+
+PICKLED_PARTS = (".pt", ".bin", ".pth")
+
+
+def _is_pickle(path: Path) -> bool:
+    from sdcli.formats.pickle_ckpt import is_pickle
+
+    return is_pickle(path)
+
+
+def _part_report(path: Path, hashes: bool) -> dict[str, Any] | None:
+    """A LoRA, embedding, TAESD, VAE or text encoder .safetensors file (inspect_files.py), None for others."""
+    from sdcli.app import inspect_files
+
+    header = _header(path)
+    kind = inspect_files.kind_of(header)
+    return inspect_files.report(path, header, kind, hashes) if kind else None
+
+
+def _pickled_report(path: Path, hashes: bool) -> dict[str, Any] | None:
+    """A pickled embedding (A1111's .pt, diffusers' .bin) or a pickled state dict of a kind kind_of knows, read
+    through the restricted loader; None for anything else (a checkpoint: its own path says what it is)."""
+    import torch
+
+    from sdcli.app import inspect_files
+    from sdcli.formats.pickle_ckpt import is_pickle, load_pickle
+    from sdcli.formats.safetensors import dtype_name
+
+    if not is_pickle(path):
+        return None
+    embedding = inspect_files.pickled_embedding(path, hashes)
+    if embedding is not None:
+        return embedding
+    data = load_pickle(path, "file")
+    data = data.get("state_dict", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        return None
+    header = {str(k): {"dtype": dtype_name(v), "shape": list(v.shape)} for k, v in data.items()}
+    kind = inspect_files.kind_of(header)
+    return inspect_files.report(path, header, kind, hashes) if kind else None
 
 
 def _is_gguf(path: Path) -> bool:
@@ -313,20 +382,9 @@ def _header_summary(header: dict) -> dict[str, Any]:
 
 
 def _hashes(path: Path, header: dict) -> dict[str, str]:
-    """sha256 of the file, A1111's AutoV2 short hash (its first 10 hex) and AutoV3 (sha256 of the bytes after the
-    safetensors header), in one streamed pass."""
-    import hashlib
+    from sdcli.app.inspect_files import safetensors_hashes
 
-    full, body = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_bytes = f.read(int.from_bytes(prefix, "little"))
-        full.update(prefix + header_bytes)
-        for block in iter(lambda: f.read(1 << 24), b""):
-            full.update(block)
-            body.update(block)
-    digest = full.hexdigest()
-    return {"sha256": digest, "autov2": digest[:10], "autov3": body.hexdigest()}
+    return safetensors_hashes(path)
 
 
 def _prompt_report(prompt: str, embeddings_dir: str | None = None) -> dict[str, Any]:

@@ -16,15 +16,47 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a whole file, read in 8 MiB chunks. Cached per (path, size, mtime) in memory and in
     $XDG_CACHE_HOME/sdcli/sha256.json, so a shell loop of renders hashes a 2 GB checkpoint once, not per run."""
+    return _cached(path, "", lambda f: f)
+
+
+def body_sha256(path: str | Path) -> str:
+    """kohya's "addnet" hash of a safetensors file: the sha256 of the bytes after the header (A1111's AutoV3), so
+    that editing a file's metadata does not change it. Cached as file_sha256 is."""
+
+    def skip_header(f):
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        return f
+
+    return _cached(path, "body:", skip_header)
+
+
+def a1111_lora_hash(path: str | Path) -> str:
+    """The hash A1111 writes for a LoRA in "Lora hashes" (its first 12 digits): the file's own sshs_model_hash
+    metadata if it has one, else the addnet hash for safetensors, else the whole file's sha256
+    (extensions-builtin/Lora/network.py, NetworkOnDisk)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return file_sha256(path)
+    from sdcli.formats.safetensors import read_header
+
+    meta = read_header(path).get("__metadata__")
+    given = meta.get("sshs_model_hash") if isinstance(meta, dict) else None
+    if isinstance(given, str) and _SHA256_HEX.fullmatch(given.lower()):
+        return given.lower()
+    return body_sha256(path)
+
+
+def _cached(path: str | Path, tag: str, position) -> str:
+    """sha256 of what `position(file)` leaves to read, cached under `tag` + (path, size, mtime)."""
     path = Path(path).resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (tag + str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
         disk = _read_hash_cache()
         known = disk.get(_cache_key(key))
         if known is None:
             h = hashlib.sha256()
             with open(path, "rb") as f:
+                f = position(f)
                 while chunk := f.read(8 << 20):
                     h.update(chunk)
             known = h.hexdigest()

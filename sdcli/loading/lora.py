@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.formats.diffusers import rename, unet_prefix_pairs
-from sdcli.formats.hashing import file_sha256
+from sdcli.formats.hashing import a1111_lora_hash, file_sha256
 from sdcli.formats.safetensors import FLOAT_DTYPES, read_header
 from sdcli.quant.layers import RuntimeLora, holds_blocks
 from sdcli.runtime import cuda_graphs
@@ -63,7 +63,9 @@ class LoraReport:
 
     @property
     def short_hash(self) -> str:
-        return self.sha256[:12]  # A1111's shorthash of a LoRA file
+        """A1111's shorthash of a LoRA file ("Lora hashes"): not the file's sha256 for safetensors (see
+        formats/hashing.a1111_lora_hash), so that Civitai and A1111 recognise the LoRA."""
+        return a1111_lora_hash(self.path)[:12]
 
     def message(self) -> str:
         text = f"lora {self.path.name}: applied {self.applied} of {self.total} modules (weight {self.weight:g})"
