@@ -7,8 +7,8 @@ of one layer's output per quantization type.
     python scripts/bench_gguf.py --rehearse            # tiny model, 64x64, 2 steps: checks the script (~1 min)
     python scripts/bench_gguf.py --family flux --rehearse --types q8_0,q4_k      # a small Flux-shaped DiT
     python scripts/bench_gguf.py --family sd3 --types q8_0,q4_k --size 1024     # SD3.5-Medium-shaped, full size
-    python scripts/bench_gguf.py --family flux --types q4_k --no-baseline --size 1024 --steps 1 --tile-rows 64
-                                                       # the headline: FLUX.1-dev size at Q4_K (one variant)
+    python scripts/bench_gguf.py --family flux --types q4_k --t5-type q4_k --no-baseline --size 1024 --steps 1 \
+        --tile-rows 64 --dtype fp32                    # the headline: FLUX.1-dev size at Q4_K (one variant)
 
 Each variant (bf16 from the safetensors file, then each GGUF) loads and renders in its own subprocess
 (`--worker`), so load time and peak RSS (the child's own, from os.wait4) are honest. Every variant runs in bf16
@@ -461,6 +461,11 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    from sdcli.runtime.device import cpu_has_native_bf16
+
+    if args.dtype == "bf16" and not cpu_has_native_bf16():  # AVX2 only: torch's bf16 matmul ~400x below fp32 there
+        print("warning: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 compute crawls here and sdcli's auto "
+              "picks fp32; use --dtype fp32 for timings", file=sys.stderr)  # fmt: skip
     native = 1024 if args.family in ("sdxl", *DIT_FAMILIES) else 512
     args.size = args.size or (64 if args.rehearse else native)
     args.steps = args.steps or (2 if args.rehearse else 10)
