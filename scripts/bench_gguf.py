@@ -247,7 +247,8 @@ def _shapes(part: str, cfg, family: str) -> dict[str, tuple[int, ...]]:
     from sdcli.models.mmdit import MMDiT
     from sdcli.models.t5 import T5Encoder
 
-    build = {"dit": MMDiT if family == "sd3" else FluxModel, "vae": AutoencoderKL, "t5": T5Encoder}.get(part, TextEncoder)
+    builders = {"dit": MMDiT if family == "sd3" else FluxModel, "vae": AutoencoderKL, "t5": T5Encoder}
+    build = builders.get(part, TextEncoder)
     with torch.device("meta"):
         state = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
     if part.startswith("clip"):  # ComfyUI's clip_l/clip_g files: transformers names, and logit_scale
@@ -429,7 +430,8 @@ def layer_errors(src: Path, types: list[str]) -> list[tuple[str, str, float]]:
 def table(results: dict[str, dict], errors: list, args: argparse.Namespace, what: str) -> str:
     lines = [f"GGUF vs {args.dtype}: {what}, {args.size}x{args.size}, {args.steps} steps euler, compute {args.dtype}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default", "",
-             f"| weights | file MB | peak RSS GB | load s | step s | decode s | PSNR vs {args.dtype} dB | RSS GB after |",
+             f"| weights | file MB | peak RSS GB | load s | step s | decode s | PSNR vs {args.dtype} dB "
+             "| RSS GB after |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in results.items():
         after = " ".join(f"{k} {v}" for k, v in r.get("rss_after", {}).items())

@@ -327,9 +327,11 @@ SDCPP_SDXL_MARK = "cond_stage_model.1."
 # SD1's OpenAI CLIP has none, and a diffusers SD2 text encoder (already cut to 23 layers) neither.
 SDCPP_OPENCLIP_MARK = "cond_stage_model.transformer.text_model.text_projection"
 SDCPP_OPENCLIP_FROM = "cond_stage_model.transformer.text_model."
-SDCPP_OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight", "text_projection": "text_projection",
-                      "embeddings.position_embedding.weight": "positional_embedding",
-                      "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
+SDCPP_OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight", "text_projection": "text_projection",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
+}  # fmt: skip
 SDCPP_OPENCLIP_LAYER = (
     ("self_attn.in_proj.weight", "attn.in_proj_weight"), ("self_attn.in_proj.bias", "attn.in_proj_bias"),
     ("self_attn.", "attn."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),

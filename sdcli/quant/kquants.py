@@ -80,7 +80,8 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
         cur = _sum(w * err_of(this_scale * cand + this_min - x))
         better = ok & (cur < best)
         levels = np.where(better, cand, levels)
-        best, scale, lo = np.where(better, cur, best), np.where(better, this_scale, scale), np.where(better, this_min, lo)
+        best, scale = np.where(better, cur, best), np.where(better, this_scale, scale)
+        lo = np.where(better, this_min, lo)
     return np.where(flat, F32(0), scale), -lo, np.where(flat, F32(0), levels)
 
 
@@ -241,7 +242,8 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     ls = np.where(has_s[:, None], _uint8(F32(15) / np.where(has_s, top_s, F32(1))[:, None] * scales), 0)
     lm = np.where(has_m[:, None], _uint8(F32(15) / np.where(has_m, top_m, F32(1))[:, None] * mins), 0)
     packed = (ls | (lm << 4)).astype(np.uint8)
-    (d16, d), (m16, dmin) = _f16(np.where(has_s, top_s, F32(0)) / F32(15)), _f16(np.where(has_m, top_m, F32(0)) / F32(15))
+    d16, d = _f16(np.where(has_s, top_s, F32(0)) / F32(15))
+    m16, dmin = _f16(np.where(has_m, top_m, F32(0)) / F32(15))
     sub_d = (d[:, None] * (packed & 0xF).astype(F32)).reshape(-1)
     sub_m = (dmin[:, None] * (packed >> 4).astype(F32)).reshape(-1)
     q = _requantize(cols, sub_d, sub_m, levels, 0, 3).T.reshape(nb, QK_K).astype(np.uint8)
@@ -260,8 +262,8 @@ def _q3_k(x: np.ndarray) -> np.ndarray:
     ls = (np.clip(np.rint(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
     ls = np.where(live[:, None], ls, 0).astype(np.uint8)
     high = (ls >> 4).reshape(nb, 4, 4)
-    packed = np.concatenate([(ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4),
-                             high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)], axis=1)  # fmt: skip
+    high = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)  # 2 bits of each, 4 per byte
+    packed = np.concatenate([(ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4), high], axis=1)
     d16, d = _f16(np.where(live, F32(1) / iscale, F32(0)))
     sub_d = (d[:, None] * (ls.astype(F32) - 32)).reshape(-1)
     q = _requantize(cols, sub_d, F32(0), levels - 4, -4, 3) + 4
