@@ -18,7 +18,7 @@ GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
 .PHONY: install install-runtime install-ray install-gguf install-spandrel install-serve browser demo demo-tiny test \
 	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale bench-tome \
-	bench-serve clean
+	bench-serve bench-dit clean
 
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -121,6 +121,14 @@ bench-memory: $(STAMP)
 # load and step time, PSNR, per-type layer error (`scripts/bench_gguf.py --help` for a real file, SDXL, Q4_K).
 bench-gguf: $(STAMP)
 	$(PY) scripts/bench_gguf.py --convs
+
+# SD3.5 Medium at 1024 (load, one CFG step, a DIT_STEPS-step image, peak RSS) and a FLUX.1 step at full width
+# (whole network if it fits in memory, else per block x depth) vs diffusers, into docs/benchmarks.md. DIT_STEPS=0
+# DIT_ROUNDS=1 keeps it near 10 min on 2 cores (fp32); rehearsal: scripts/bench_dit.py --rehearse
+DIT_STEPS ?= 4
+DIT_ROUNDS ?= 2
+bench-dit: $(STAMP)
+	$(PY) scripts/bench_dit.py --steps $(DIT_STEPS) --rounds $(DIT_ROUNDS) --write
 
 # fp32 UNet step and VAE decode vs diffusers with the kernels capped at AVX2 (what an AVX2-only CPU runs)
 bench-avx2: $(STAMP)

@@ -130,11 +130,19 @@ def generate(
     t5: opt.T5Opt = None,
     guidance: opt.GuidanceOpt = None,
     flow_shift: opt.FlowShiftOpt = None,
+    slg_scale: opt.SlgScaleOpt = None,
+    skip_layers: opt.SkipLayersOpt = None,
+    slg_start: opt.SlgStartOpt = None,
+    slg_end: opt.SlgEndOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
+    threads: opt.ThreadsOpt = None,
+    vae_tiling: opt.VaeTilingOpt = None,
+    vae_tile_size: opt.VaeTileSizeOpt = None,
+    verbose: opt.VerboseOpt = False,
     prompts_file: Annotated[
         Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.")
     ] = None,
@@ -198,6 +206,7 @@ def generate(
                    n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
+                   threads=threads, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
                    hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
                    hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio=tome_ratio,
                    tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
@@ -205,6 +214,7 @@ def generate(
                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                    refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
                    guidance=guidance, flow_shift=flow_shift,
+                   slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
@@ -214,10 +224,11 @@ def generate(
     guard.stdout_needed(output, json_out or print_config or dry_run)
     if print_config and from_image is None:
         return _print_config(flags, config, json_out)
-    from sdcli.runtime.console import set_quiet
+    from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.generate import GenerateRequest, run_generate
 
     set_quiet(quiet)
+    set_verbose(verbose)
     run_generate(GenerateRequest(
         prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
         latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
@@ -276,11 +287,19 @@ def img2img(
     t5: opt.T5Opt = None,
     guidance: opt.GuidanceOpt = None,
     flow_shift: opt.FlowShiftOpt = None,
+    slg_scale: opt.SlgScaleOpt = None,
+    skip_layers: opt.SkipLayersOpt = None,
+    slg_start: opt.SlgStartOpt = None,
+    slg_end: opt.SlgEndOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     prediction: opt.PredictionOpt = None,
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
+    threads: opt.ThreadsOpt = None,
+    vae_tiling: opt.VaeTilingOpt = None,
+    vae_tile_size: opt.VaeTileSizeOpt = None,
+    verbose: opt.VerboseOpt = False,
     original_size: opt.OriginalSizeOpt = None,
     target_size: opt.TargetSizeOpt = None,
     crop_coords: opt.CropOpt = None,
@@ -322,11 +341,13 @@ def img2img(
                    batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, offload=offload,
                    prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
+                   threads=threads, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
                    target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
                    negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur,
                    inpaint_fill=inpaint_fill, inpaint_area=inpaint_area, inpaint_padding=inpaint_padding,
                    mask_invert=True if mask_invert else None, overlay=overlay, pad=pad, clip_l=clip_l, clip_g=clip_g,
                    t5=t5, guidance=guidance, flow_shift=flow_shift,
+                   slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
@@ -334,10 +355,11 @@ def img2img(
     guard.stdout_needed(output, json_out or print_config)
     if print_config:
         return _print_config(flags, config, json_out)
-    from sdcli.runtime.console import set_quiet
+    from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.img2img import Img2ImgRequest, run_img2img
 
     set_quiet(quiet)
+    set_verbose(verbose)
     run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out, progress=_progress_mode(progress), mask=mask,
                                loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
@@ -399,10 +421,15 @@ def sweep(
     t5: opt.T5Opt = None,
     guidance: opt.GuidanceOpt = None,
     flow_shift: opt.FlowShiftOpt = None,
+    slg_scale: opt.SlgScaleOpt = None,
+    skip_layers: opt.SkipLayersOpt = None,
+    slg_start: opt.SlgStartOpt = None,
+    slg_end: opt.SlgEndOpt = None,
     lora_dir: opt.LoraDirOpt = None,
     prediction: opt.PredictionOpt = None,
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
+    threads: opt.ThreadsOpt = None,
     lora: opt.LoraOpt = None,
     offload: opt.OffloadOpt = None,
     overwrite: opt.OverwriteOpt = False,
@@ -420,7 +447,8 @@ def sweep(
                    hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
                    tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
                    prediction=prediction, dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g,
-                   t5=t5, guidance=guidance, flow_shift=flow_shift,
+                   t5=t5, threads=threads, guidance=guidance, flow_shift=flow_shift,
+                   slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
                    **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
                             s_noise))
     run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
@@ -445,6 +473,7 @@ def encode(
     embeddings_dir: opt.EmbeddingsDirOpt = None,
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
+    threads: opt.ThreadsOpt = None,
     overwrite: opt.OverwriteOpt = False,
     quiet: opt.QuietOpt = False,
     json_out: opt.JsonOpt = False,
@@ -455,7 +484,7 @@ def encode(
 
     set_quiet(quiet)
     flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   dtype=dtype, device=device, clip_l=clip_l, clip_g=clip_g, t5=t5)
+                   dtype=dtype, device=device, threads=threads, clip_l=clip_l, clip_g=clip_g, t5=t5)
     run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
                              overwrite=overwrite, json_out=json_out))
 
@@ -470,16 +499,22 @@ def decode(
     vae: opt.VaeOpt = None,
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
+    threads: opt.ThreadsOpt = None,
+    vae_tiling: opt.VaeTilingOpt = None,
+    vae_tile_size: opt.VaeTileSizeOpt = None,
+    verbose: opt.VerboseOpt = False,
     overwrite: opt.OverwriteOpt = False,
     quiet: opt.QuietOpt = False,
     json_out: opt.JsonOpt = False,
 ) -> None:
     """Run the VAE decoder: a latent file -> PNG."""
-    from sdcli.runtime.console import set_quiet
+    from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.encode import DecodeRequest, run_decode
 
     set_quiet(quiet)
-    flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device)
+    set_verbose(verbose)
+    flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device, threads=threads,
+                   vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)
     guard.stdout_needed(output, json_out)
     run_decode(DecodeRequest(latent=latent, flags=flags, config_file=config, overwrite=overwrite, json_out=json_out))
 
@@ -527,6 +562,7 @@ def upscale(
     config: opt.ConfigOpt = None,
     dtype: opt.DtypeOpt = None,
     device: opt.DeviceOpt = None,
+    threads: opt.ThreadsOpt = None,
     overwrite: opt.OverwriteOpt = False,
     quiet: opt.QuietOpt = False,
     json_out: opt.JsonOpt = False,
@@ -537,7 +573,7 @@ def upscale(
 
     set_quiet(quiet)
     guard.stdout_needed(output, json_out)
-    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device)
+    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device, threads=threads)
     run_upscale(UpscaleRequest(images=list(images), upscaler=upscaler, output=output, scale=scale, tile=tile,
                                overlap=tile_overlap, flags=flags, config_file=config, overwrite=overwrite,
                                json_out=json_out))

@@ -48,6 +48,13 @@ GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="FLUX d
 FlowShiftOpt = Annotated[Optional[float], typer.Option("--flow-shift", help="SD3 / FLUX: a constant time shift "
                                                        "replacing the family's (SD3 3.0; FLUX dev's resolution "
                                                        "rule; schnell 1.0).")]
+SlgScaleOpt = Annotated[Optional[float], typer.Option("--slg-scale", help="SD3.5: skip-layer guidance strength "
+                                                      "(0 = off; 2.5 suits SD3.5 Medium).")]
+SkipLayersOpt = Annotated[Optional[str], typer.Option("--skip-layers", help="SD3.5: the joint blocks skip-layer "
+                                                      "guidance skips (default 7,8,9).")]
+SlgStartOpt = Annotated[Optional[float], typer.Option("--slg-start", help="SD3.5: skip-layer guidance from this "
+                                                      "fraction of the steps (0.01).")]
+SlgEndOpt = Annotated[Optional[float], typer.Option("--slg-end", help="SD3.5: ... until this fraction (0.2).")]
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="Output file, '-' for stdout, or a template with {index} {seed} {prompt}.")
 ]
@@ -87,6 +94,14 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images pe
 ClipSkipOpt = Annotated[Optional[int], typer.Option("--clip-skip", help="Use the text encoder's k-th last layer.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or mps.")]
+VaeTilingOpt = Annotated[Optional[str], typer.Option("--vae-tiling", help="Decode the image in tiles: auto (only "
+                                                    "when a whole decode runs out of memory), on or off.")]
+VaeTileSizeOpt = Annotated[Optional[int], typer.Option("--vae-tile-size", help="Side of a --vae-tiling tile in "
+                                                       "pixels (multiple of 8; 512).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print how long each stage took (text encode, "
+                                          "each sampling pass, VAE decode, save) on stderr.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, max=1024, help="CPU threads torch uses "
+                                                   "(default: one per core); the image's bytes do not depend on it.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result on stdout.")]

@@ -98,6 +98,9 @@ class RunConfig:
     # same as tome_ratio, as A1111's get_token_merging_ratio(for_hr=True)); 0 = off
     tome_ratio: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
     tome_ratio_hr: float = field(default=0.0, metadata=_range(0.0, 0.9, sparse=True))
+    # VAE decode in tiles (runtime/tiling.py): auto = only to retry a decode that ran out of memory, on, off
+    vae_tiling: str = field(default="auto", metadata=_range(choices=("auto", "on", "off"), sparse=True))
+    vae_tile_size: int = field(default=512, metadata=_range(64, 8192, sparse=True))  # a tile's side in pixels
     # SDXL size/crop conditioning (the vector y): "WxH" (default: the size being rendered), "TOP,LEFT" (default 0,0)
     original_size: str | None = field(default=None, metadata=_range())
     target_size: str | None = field(default=None, metadata=_range())
@@ -113,6 +116,9 @@ class RunConfig:
     controlnets: tuple = field(default=(), metadata=_range())
     ray: str | None = field(default=None, metadata=_range())  # render on a Ray cluster: auto | local | ray://HOST:PORT
     offload: bool = field(default=False, metadata=_range())  # one of text/UNet/VAE resident at a time (loading/residency.py)
+    # torch's intra-op CPU threads (None: torch's default, one per core). Never recorded in an image (save.metadata):
+    # the bytes do not depend on it (models/invariant.py)
+    threads: int | None = field(default=None, metadata=_range(1, 1024, sparse=True))
     # The flow transformers (SD3, FLUX), recorded only when set: text encoders as files of their own (ComfyUI's
     # clip_l / clip_g / t5xxl files), FLUX dev's distilled guidance, a shift replacing the family's
     clip_l: str | None = field(default=None, metadata=_range(sparse=True))
@@ -120,6 +126,11 @@ class RunConfig:
     t5: str | None = field(default=None, metadata=_range(sparse=True))
     guidance: float | None = field(default=None, metadata=_range(0.0, 100.0, sparse=True))  # None: the family's (3.5)
     flow_shift: float | None = field(default=None, metadata=_range(0.01, 100.0, sparse=True))  # None: the family's
+    # SD3.5 skip-layer guidance (sampling/slg.py; stable-diffusion.cpp's names): 0 = off
+    slg_scale: float = field(default=0.0, metadata=_range(0.0, 100.0, sparse=True))
+    skip_layers: str = field(default="7,8,9", metadata=_range(sparse=True))
+    slg_start: float = field(default=0.01, metadata=_range(0.0, 1.0, sparse=True))
+    slg_end: float = field(default=0.2, metadata=_range(0.0, 1.0, sparse=True))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -285,7 +296,7 @@ def _check_range(key: str, value: Any, meta: dict, where: str) -> Any:
         raise BadInputError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {_show(value)}")
     if lo is not None and value < lo or hi is not None and value > hi:
         raise BadInputError(f"{where}: '{key}' must be between {lo} and {hi}, got {_show(value)}")
-    if key in ("width", "height") and value % 8:
+    if key in ("width", "height", "vae_tile_size") and value % 8:
         raise BadInputError(f"{where}: '{key}' must be a multiple of 8, got {value}")
     if key in PAIRS:
         pair = pair_of(key, value, where)

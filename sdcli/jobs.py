@@ -24,7 +24,7 @@ from sdcli.config import SEED_MAX, RunConfig, check_value, decode_utf8
 from sdcli.runtime.errors import BadInputError, UsageError
 
 PER_RUN_KEYS = {"model", "vae", "dtype", "device", "prediction", "embeddings_dir", "vae_dir", "ray", "offload",
-                "clip_l", "clip_g", "t5"}
+                "clip_l", "clip_g", "t5", "threads"}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/ren
 from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
-from sdcli.runtime.errors import NumericalError, OutOfMemoryError
+from sdcli.runtime.errors import NumericalError, OutOfMemoryError, UsageError
+from sdcli.runtime.tiling import VaeTiling
 from sdcli.families import DEFAULT, Family
 from sdcli.families.base import SizeCond
 from sdcli.models.tome import token_merging
@@ -50,6 +51,7 @@ class SamplingPlan:
     guidance_rescale: float = 0.0
     token_merging: float = 0.0  # ToMe ratio of this pass (models/tome.py); 0: off
     options: tuple = ()  # the sampler's keyword parameters as (name, value) pairs: a1111_params.sampler_options
+    slg: object = None  # sampling/slg.SkipLayerGuidance of an SD3.5 run that asks for it; None: off
 
 
 @dataclass
@@ -524,10 +526,19 @@ def _run_sampler(models, plan, model, x, sigmas, noise, callback):
     return samplers.sample(plan.sampler, model, x, sigmas, noise, callback=callback, **dict(plan.options))
 
 
+def check_token_merging(models, *ratios: float) -> None:
+    """Token merging (models/tome.py) merges tokens in a UNet's transformer blocks: on SD3/FLUX it would do
+    nothing while the image's infotext said it was applied."""
+    if any(ratios) and models.family.denoiser != DEFAULT.denoiser:
+        raise UsageError(f"--tome-ratio: token merging applies to UNet models (SD 1.x/2.x/SDXL); {models.name} "
+                         f"is a {models.family.denoiser} model")
+
+
 def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None):
     """`pin`: (original, keep) for inpainting with any model (sampling/inpaint.MaskedDenoiser)."""
     from sdcli.families.shapes import network_call
 
+    check_token_merging(models, plan.token_merging)  # a sweep or prompts file can set it per job
     batch = x.shape[0]
     net = models.stage("unet")
     kind = models.family.denoiser
@@ -535,7 +546,10 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     denoiser = _denoiser(models, plan, unet)
     cond_b = for_batch(conditioning(cond, extra), batch, x.device, plan.sigmas)
     uncond_b = for_batch(conditioning(uncond, extra), batch, x.device, plan.sigmas) if guided(plan.cfg) else None
-    model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
+    if plan.slg is not None and uncond_b is not None:
+        model = _skip_layer_cfg(models, plan, net, batch, denoiser, cond_b, uncond_b)
+    else:
+        model = CFGDenoiser(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale)
     if pin is not None:
         model = MaskedDenoiser(model, *pin)
     sigmas = plan.sigmas.to(x.device)
@@ -550,6 +564,19 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     with torch.inference_mode(), token_merging(net, plan.token_merging):
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
+
+
+def _skip_layer_cfg(models, plan, net, batch, denoiser, cond_b, uncond_b):
+    """CFG with SD3.5's skip-layer pass (sampling/slg.py): the same network called with its blocks skipped."""
+    from functools import partial
+
+    from sdcli.families.shapes import network_call
+    from sdcli.sampling.slg import SkipLayerCFG
+
+    call = partial(network_call(models.family.denoiser, net), skip_layers=plan.slg.layers)
+    skipping = _denoiser(models, plan, _UNetAdapter(net, images=batch, call=call, graphs=False))
+    return SkipLayerCFG(denoiser, cond_b, uncond_b, plan.cfg, plan.guidance_rescale, skipping, plan.slg,
+                        plan.sigmas)
 
 
 class _UNetAdapter:
@@ -628,27 +655,40 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     return (latent.float() - latent_shift(vae, models.family)) * latent_scale(vae, models.family)
 
 
-def decode_latents(models, latents: torch.Tensor) -> DecodeResult:
+def decode_latents(models, latents: torch.Tensor, tiling: VaeTiling | None = None) -> DecodeResult:
     """Scaled latents -> images in [-1,1] through the models' VAE (full, or TAESD on the scaled latents)."""
     from sdcli.loading.vae import latent_scale, latent_shift
 
     vae = models.stage("vae")
-    return decode_with(vae, latents / latent_scale(vae, models.family) + latent_shift(vae, models.family))
+    return decode_with(vae, latents / latent_scale(vae, models.family) + latent_shift(vae, models.family), tiling)
 
 
-def decode_with(vae, z: torch.Tensor) -> DecodeResult:
-    """The VAE's own latents -> images in [-1,1]. A non-finite result (fp16 VAE overflow) is retried once in fp32;
-    out of memory is retried tiled. NumericalError when the image still is not finite: never a silent black
-    image."""
+def vae_tiling(cfg) -> VaeTiling:
+    """The run config's VAE tiling (keys vae_tiling, vae_tile_size)."""
+    return VaeTiling(cfg.vae_tiling, cfg.vae_tile_size)
+
+
+def decode_with(vae, z: torch.Tensor, tiling: VaeTiling | None = None) -> DecodeResult:
+    """The VAE's own latents -> images in [-1,1], tiled as `tiling` says (default auto: whole, and out of memory
+    retried tiled). A non-finite result (fp16 VAE overflow) is retried once in fp32. NumericalError when the image
+    still is not finite: never a silent black image."""
+    tiling = tiling or VaeTiling()
     fallbacks: list[str] = []
-    try:
-        images = _vae_decode(vae, z)
-    except torch.OutOfMemoryError:
-        fallbacks.append("vae-tiled")
-        images = _vae_decode_tiled(vae, z)
+    if tiling.mode == "on":
+        images = _vae_decode_tiled(vae, z, tiling)
+    else:
+        try:
+            images = _vae_decode(vae, z)
+        except torch.OutOfMemoryError:
+            if tiling.mode == "off":
+                raise OutOfMemoryError("out of memory in the VAE decoder with --vae-tiling off: use --vae-tiling "
+                                       "auto or on, a smaller size, or --dtype bf16/fp16") from None
+            fallbacks.append("vae-tiled")
+            images = _vae_decode_tiled(vae, z, tiling)
     if not torch.isfinite(images).all() and next(vae.parameters()).dtype != torch.float32:
         fallbacks.append("vae-fp32-retry")
-        images = _vae_decode(_fp32_copy(vae), z)
+        fp32 = _fp32_copy(vae)
+        images = _vae_decode_tiled(fp32, z, tiling) if tiling.mode == "on" else _vae_decode(fp32, z)
     if not torch.isfinite(images).all():
         raise NumericalError("the VAE decoder produced NaN/Inf even in fp32; nothing was saved")
     return DecodeResult(images.clamp(-1, 1), fallbacks)
@@ -666,12 +706,12 @@ def _fp32_copy(vae):
     return copy.deepcopy(vae).float()
 
 
-def _vae_decode_tiled(vae, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+def _vae_decode_tiled(vae, z: torch.Tensor, tiling: VaeTiling) -> torch.Tensor:
     """Decode overlapping latent tiles and blend them with linear ramps, so there are no seams."""
     from sdcli.runtime.tiling import decode_tiled
 
     try:
-        return decode_tiled(lambda t: _vae_decode(vae, t), z, tile, overlap)
+        return decode_tiled(lambda t: _vae_decode(vae, t), z, tiling.tile, tiling.overlap)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError("out of memory in the VAE decoder even tiled: use a smaller size, "
                                "--dtype bf16/fp16 or --device cpu") from None

@@ -245,3 +245,14 @@ def test_hires_fix_and_preview_run_on_flux(tiny_flux, dit_components, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(out).size == (96, 96) and Image.open(tmp_path / "p.png").size == (96, 96)
     assert "Hires upscale: 1.4" in read_image_metadata(out)["raw"]["parameters"]
+
+
+def test_token_merging_is_refused_on_a_transformer(tiny_flux, dit_components, tmp_path):  # noqa: F811
+    """--tome-ratio merges tokens in a UNet's blocks: on FLUX it would change nothing while the infotext said it
+    did, so it is a usage error before any sampling, and nothing is written."""
+    out = tmp_path / "t.png"
+    result = CliRunner().invoke(app, ["generate", "a cat", "-m", str(tiny_flux), "--vae", str(dit_components["vae"]),
+                                      "--clip-l", str(dit_components["clip_l"]), "--t5", str(dit_components["t5"]),
+                                      "--steps", "1", "-W", "64", "-H", "64", "--tome-ratio", "0.5", "-o", str(out)])
+    assert result.exit_code == 2 and "token merging applies to UNet models" in result.output
+    assert not out.exists()

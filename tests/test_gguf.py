@@ -24,6 +24,7 @@ from torch import nn
 from sdcli.runtime.errors import BadInputError, OutputError, UnsupportedModelError, UsageError
 from sdcli.formats.gguf import header_view, load_gguf_state, read_gguf_header
 from sdcli.loading.lora import LoraSpec, _merge
+from sdcli.loading.lora_keys import Slot
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.quant.dequantize import DEQUANTIZERS, dequantize
 from sdcli.quant.ggml_types import BY_NAME, GGML_TYPES
@@ -419,7 +420,8 @@ def test_runtime_lora_equals_merging_into_the_dequantized_weight(dtype, kind):
     plain = plain.to(dtype)
     for i in range(2):
         parts, weight = _lora(shape, rank=4 + i), 0.75 - i
-        _merge(LoraSpec(Path(f"l{i}.safetensors"), weight), {"m": parts}, {"m": plain}, None, torch.device("cpu"))
+        _merge(LoraSpec(Path(f"l{i}.safetensors"), weight), {"m": parts}, {"m": Slot(plain)}, None,
+               torch.device("cpu"))  # fmt: skip
         ratio = float(parts["alpha"].item()) / parts["lora_down.weight"].shape[0]  # alpha / rank
         layer.loras.append(RuntimeLora(parts["lora_up.weight"], parts["lora_down.weight"], ratio, weight))
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """`--ray`: a prompts file rendered by Ray workers gives the files and bytes of a local run (issue 18).
 
 One local Ray instance (2 CPUs) serves the whole module; the CLI runs in this process and joins it. The local
-reference render is made once, by the same command without --ray."""
+reference render is made once, by the same command without --ray, on 3 threads (the workers run on 1)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,12 @@ def work(tmp_path_factory, tiny_sd1):  # noqa: F811
     mixed = JOBS[:2] + [BAD_LORA_JOB] + JOBS[2:]
     (folder / "mixed.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
     work = {"folder": folder, "model": tiny_sd1}
-    result = _run(work, "jobs.txt", "local")
+    # The local reference runs on 3 torch threads, the workers on 1 (one CPU each: cluster.Worker): the bytes do
+    # not depend on the thread count (issue 24), so the files must still be the same.
+    result = _run(work, "jobs.txt", "local", "--threads", "3")
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(1)
     work["local"] = _pngs(folder / "local")
     assert len(work["local"]) == 6
     yield work

@@ -31,7 +31,7 @@ from sdcli.formats.safetensors import read_header
 
 # A deliberate change of output bytes (a new infotext field, a numerics fix) moves this to the commit that made it;
 # a refactor never does.
-BASE_COMMIT = "8680f33"  # A1111's LoRA hash in "Lora hashes" (a deliberate metadata change after issue 23's move)
+BASE_COMMIT = "031fae3"  # merge of main's LoRA hashes (8680f33) with issue 24's thread-invariant ops (043386f): both move bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """

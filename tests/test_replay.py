@@ -168,9 +168,9 @@ def test_print_config_shows_the_replayed_dtype(cli, original, cpu_kind):
     assert json.loads(result.stdout)["dtype"] == "fp32"
 
 
-def test_thread_count_moves_pixels_by_at_most_one_level(cli, tmp_path):
-    """The one thread-count dependence found: oneDNN's fp32 1x1 convolutions. Bounded, and verify passes."""
-    import numpy as np
+def test_thread_count_moves_no_byte(cli, tmp_path):
+    """1 and 2 threads give the same file, which verify passes at any threshold (every mode and 1-4 threads:
+    test_thread_invariance.py)."""
     import torch
 
     try:
@@ -178,8 +178,7 @@ def test_thread_count_moves_pixels_by_at_most_one_level(cli, tmp_path):
             torch.set_num_threads(threads)
             cli("generate", "a red fox", *SETTINGS[:2], "-W", "128", "-H", "128", "--seed", "4", "--dtype", "fp32",
                 "-o", name)
-        one, two = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("one.png", "two.png"))
-        assert np.abs(one - two).max() <= 1
+        assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
         cli("verify", "one.png")  # rendered again with 2 threads here
     finally:
         torch.set_num_threads(1)

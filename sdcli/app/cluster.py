@@ -332,6 +332,6 @@ class Worker:
 
 
 def _txt2img_setup(base, models):
-    render.check_inpaint_model(models, base, None)
+    render.check_model_options(models, base, None)
     return None, None
 

@@ -100,7 +100,7 @@ def _decode_with_vae(cfg, lf, where: Path):
     from sdcli.families import FAMILIES
 
     placement = device.choose(cfg.device, cfg.dtype)
-    device.configure(placement)
+    device.configure(placement, cfg.threads)
     family = next((f for f in FAMILIES if f.name == lf.family), None)
     vae = vae_files.load_vae_file(cfg.vae, placement.dtype, placement.device, family)
     factor = lf.scale_factor or (family.latent.scale_factor if family else None)
@@ -110,7 +110,7 @@ def _decode_with_vae(cfg, lf, where: Path):
     except UsageError:
         raise UsageError(f"{where}: the file does not record its VAE scale factor; give the checkpoint with "
                          "--model instead of --vae") from None
-    return pipeline.decode_with(vae, z)
+    return pipeline.decode_with(vae, z, pipeline.vae_tiling(cfg))
 
 
 def run_decode(req: DecodeRequest) -> None:
@@ -132,8 +132,9 @@ def run_decode(req: DecodeRequest) -> None:
         decoded = _decode_with_vae(cfg, lf, req.latent)
     else:
         models = render.load(cfg, lazy=True)  # the VAE alone is read
-        decoded = pipeline.decode_latents(models, lf.unet_space(pipeline.scale_factor(models),
-                                                                pipeline.shift_factor(models)))
+        latent = lf.unet_space(pipeline.scale_factor(models), pipeline.shift_factor(models))
+        with console.stage("VAE decode"):
+            decoded = pipeline.decode_latents(models, latent, pipeline.vae_tiling(cfg))
     for k, p in enumerate(paths):
         meta = {"sdcli_version": __version__, "mode": "decode", "source": str(req.latent),
                 "fallbacks": decoded.fallbacks}

@@ -93,7 +93,7 @@ def run_generate(req: GenerateRequest) -> None:
     if base.ray:
         return cluster.render_on_ray(base.ray, req.workers, base, targets, loras, req)
     models = render.load(base)
-    render.check_inpaint_model(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
+    render.check_model_options(models, base, None)  # text-to-image has no image and mask for an inpainting UNet
     init = _latent_init(req.latent_in, init_file, base, models) if init_file else None
     cond = _load_cond(req.cond, models) if req.cond else None
     render.render_all(models, targets, init, cond, req, loras, refiner=refine.load_refiner(base, models),

@@ -104,7 +104,7 @@ def prepare_init(base, img, mask, notes, mask_path, models) -> tuple:
     from sdcli import pipeline
     from sdcli.formats import images
 
-    render.check_inpaint_model(models, base, mask_path or base.pad)
+    render.check_model_options(models, base, mask_path or base.pad)
     if mask is None and not base.pad:
         # a transformer's 2x2 patches need sides that are multiples of 16
         img, cropped = images.crop_to_multiple(img, models.family.size_multiple)

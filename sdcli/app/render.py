@@ -139,6 +139,15 @@ def sampler_params(cfg: RunConfig) -> dict:
             "s_noise": cfg.s_noise}
 
 
+def slg_of(cfg: RunConfig, models, guidance: float):
+    """The run's SD3.5 skip-layer guidance (sampling/slg.py), None when off; refused (exit 2) where it has no
+    meaning."""
+    from sdcli.sampling.slg import skip_layer_guidance
+
+    return skip_layer_guidance(cfg.slg_scale, cfg.skip_layers, cfg.slg_start, cfg.slg_end, models.family,
+                               getattr(models.info.unet, "depth", None), guidance)
+
+
 def plan_grid(req, targets: list[Target], outputs: OutputPlan) -> None:
     """--grid FILE planned with the images, before the model loads (its name checked with theirs by the plan),
     and one image size for the whole run (a contact sheet's cells are all alike)."""
@@ -248,7 +257,7 @@ def load(cfg: RunConfig, lazy: bool = False):
     check_model_given(cfg)
     check_embeddings_dir(cfg)
     placement = device.choose(cfg.device, cfg.dtype)
-    device.configure(placement)
+    device.configure(placement, cfg.threads)
     prediction = None if cfg.prediction == "auto" else cfg.prediction
     console.info(f"loading {cfg.model} ({placement.device}, {placement.dtype_name})")
     policy = residency.choose(cfg.offload, placement.device, lazy)
@@ -277,8 +286,16 @@ def check_embeddings_dir(cfg: RunConfig) -> None:
         raise ModelNotFoundError(f"embeddings_dir {cfg.embeddings_dir}: no such folder")
 
 
+def check_model_options(models, cfg: RunConfig, mask: str | None) -> None:
+    """What the loaded model cannot do with this run's options: an inpainting UNet without a mask (any model
+    inpaints with one: app/inpaint.py); token merging on a transformer (it merges tokens in a UNet's blocks)."""
+    from sdcli import pipeline
+
+    check_inpaint_model(models, cfg, mask)
+    pipeline.check_token_merging(models, cfg.tome_ratio, cfg.tome_ratio_hr)
+
+
 def check_inpaint_model(models, cfg: RunConfig, mask: str | None) -> None:
-    """An inpainting UNet cannot run without a mask (any model inpaints with one: app/inpaint.py)."""
     if models.info.inpaint and not mask:
         raise UsageError(f"{cfg.model} is an inpainting model (9-channel UNet): use "
                          "`sdcli img2img PROMPT -i IMAGE --mask MASK.png` (white = repaint) or --pad")
@@ -331,18 +348,21 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     width, height = _size(cfg, models, init)
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
                               models.family, sampler_params(cfg), size=(height, width), shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio, slg=slg_of(cfg, models, plan.cfg))
     concat = init.concat if init is not None else None
     negative = cfg.negative if guided(plan.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
         cond, uncond = _with_negative(models, cond_override, cfg) if negative is not None else (cond_override, None)
     else:
         encoded = {} if encoded is None else encoded  # shared with the hires pass: a prompt is encoded once
-        cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None, encoded)
+        with console.stage("text encode"):
+            cond, uncond = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip, None,
+                                                     encoded)  # fmt: skip
     hires = _hires(cfg, (height, width), models) if init is None else None
     if hires is not None and cond_override is None:
-        conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
-                                          hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
+        with console.stage("text encode (hires pass)"):
+            conds = pipeline.encode_scheduled(models, job.text, negative, cfg.steps, cfg.clip_skip,
+                                              hires_steps=cfg.hires_steps or cfg.steps, encoded=encoded)
         hires = dataclasses.replace(hires, conds=tuple(_conditioning(c) for c in conds))
     if hires is not None and hires.conds is not None:  # A1111 conditions the hires pass on its own size
         hires = dataclasses.replace(hires, conds=_guided(models, cfg, sized(models, cfg, hires.conds, hires.size)))
@@ -418,7 +438,8 @@ def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
     plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
                               cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
                               shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio)
+    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio,
+                               slg=slg_of(cfg, models, plan.cfg))
     exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
     rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
     upscaler = hires_upscaler(cfg, models)
@@ -478,20 +499,23 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
     down = models.family.latent.downscale
     shape = (models.family.latent.channels, size[0] // down, size[1] // down)
     draws = pipeline.image_noise(models, seeds, shape, noise)
-    latents = pipeline.txt2img(models, plan, cond, uncond, draws, *size, callback=callback)
+    with console.stage("sampling pass 1"):
+        latents = pipeline.txt2img(models, plan, cond, uncond, draws, *size, callback=callback)
     if refiner is not None:
         offset = refiner.steps_before
         step = None if callback is None else (lambda i, total, *rest: callback(i + offset, total + offset, *rest))
-        latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond, refiner.uncond,
-                                             draws, step)
+        with console.stage("sampling (refiner)"):
+            latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond,
+                                                 refiner.uncond, draws, step)  # fmt: skip
     if hires is None:
         return latents
     if noise is not None and noise.fresh_hires_noise:
         big = (shape[0], hires.size[0] // down, hires.size[1] // down)
         draws = pipeline.image_noise(models, seeds, big, noise)
     cond, uncond = hires.conds or (cond, uncond)
-    return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size, callback,
-                              hires.upscaler)
+    with console.stage("sampling pass 2 (hires fix)"):
+        return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size,
+                                  callback, hires.upscaler)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -512,7 +536,8 @@ def _render_batch(models, p: Prepared, batch: list[Target], init: Init | None, r
                   last: bool = False) -> list:  # fmt: skip
     rendered = render_batch(models, p, batch, init, req, loras, last)
     for done in rendered:
-        save.save_rendered(models, done, req)
+        with console.stage(f"save (write {done.target.path})"):
+            save.save_rendered(models, done, req)
     return [done.picture for done in rendered]
 
 
@@ -533,14 +558,16 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     t1 = time.perf_counter()
     if last:
         models.parts.done_sampling()
-    decoded = pipeline.decode_latents(decoder(models, p.refiner), latents)
+    with console.stage("VAE decode"):
+        decoded = pipeline.decode_latents(decoder(models, p.refiner), latents, pipeline.vae_tiling(batch[0].job.cfg))
     t2 = time.perf_counter()
     timings = {"sample_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3)}
     out_size = p.hires.size if p.hires else p.size
-    pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
-                                 p.refiner) for k, t in enumerate(batch)]
-    return [Rendered(t, save.file_bytes(pic, t.path, req), latents[k:k + 1], out_size, timings, decoded.fallbacks, pic)
-            for k, (t, pic) in enumerate(zip(batch, pictures))]
+    with console.stage("save (encode the image files)"):
+        pictures = [save.picture_for(models, t, decoded.images[k], decoded.fallbacks, p.size, init, p.hires, loras,
+                                     p.refiner) for k, t in enumerate(batch)]  # fmt: skip
+        return [Rendered(t, save.file_bytes(pic, t.path, req), latents[k:k + 1], out_size, timings, decoded.fallbacks,
+                         pic) for k, (t, pic) in enumerate(zip(batch, pictures))]  # fmt: skip
 
 
 def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callback=None, noise=None):
@@ -555,8 +582,9 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
     source = noise.source if noise is not None else "cpu"
     start = init.inpaint.start(init.latent, seeds, source) if init.inpaint is not None else init.latent
     draws = pipeline.image_noise(models, seeds, tuple(start.shape[1:]), noise)
-    return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
-                            keep=init.keep)
+    with console.stage("sampling (img2img)"):
+        return pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
+                                keep=init.keep)
 
 
 def _with_preview(progress, req, models, vae_dir: str | None):

@@ -118,6 +118,7 @@ def expected_config(target) -> dict:
     for key, default in sparse_keys().items():  # as save.metadata: a feature that is off is not recorded
         if expected.get(key) == default:
             del expected[key]
+    expected.pop("threads", None)  # never recorded (save.metadata)
     save.record_hires_upscaler(expected, cfg)
     for key in ("model", "vae", "clip_l", "clip_g", "t5"):
         if key in expected:  # the encoder files are sparse: absent when not given

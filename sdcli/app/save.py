@@ -214,8 +214,14 @@ def guidance_of(cfg: RunConfig, family) -> float | None:
 
 def flow_fields(cfg: RunConfig, family) -> dict:
     """Forge's infotext fields of the flow models: "Distilled CFG Scale" (FLUX dev's guidance) and "Shift" (when
-    the run replaced the family's)."""
+    the run replaced the family's); stable-diffusion.cpp's of SD3.5's skip-layer guidance when it is on (its
+    "SLG scale" holds the scale here; "Skip layers" quoted, as its commas would split the field)."""
     fields = {"Distilled CFG Scale": guidance_of(cfg, family), "Shift": cfg.flow_shift}
+    if cfg.slg_scale:
+        from sdcli.sampling.slg import parse_layers
+
+        fields.update({"SLG scale": cfg.slg_scale, "Skip layers": str(list(parse_layers(cfg.skip_layers))),
+                       "Skip layer start": cfg.slg_start, "Skip layer end": cfg.slg_end})
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -252,6 +258,7 @@ def metadata(models, target, size, fallbacks, init, hires=None, loras=(), refine
     for key, default in sparse_keys().items():  # features that are off stay out of the record (config._range)
         if recorded[key] == default:
             del recorded[key]
+    recorded.pop("threads", None)  # how it ran, at any value: the bytes do not depend on it (models/invariant.py)
     record_hires_upscaler(recorded, cfg)
     control_config.put_record(recorded, cfg.controlnets)  # ControlNet files and hints: names, sha256, settings
     meta = {

@@ -20,7 +20,7 @@ from sdcli.app.serve_device import Init, RenderSpec, check_sampler, log, lora_sp
 from sdcli.runtime.errors import BadInputError, SdcliError, UsageError
 
 PER_RUN = ("model", "vae", "dtype", "device", "prediction")  # what the client may ask of the loaded model
-SERVERS_OWN = ("lora_dir", "embeddings_dir", "vae_dir", "ray", "offload", "output")  # the server's folders and ways
+SERVERS_OWN = ("lora_dir", "embeddings_dir", "vae_dir", "ray", "offload", "threads", "output")  # the server's folders and ways
 
 
 async def render(state: State, request):

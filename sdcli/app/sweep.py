@@ -197,7 +197,7 @@ def _render_cell(models, p: PlannedCell, req: SweepRequest, encoded: dict, loras
             latents = render.txt2img_passes(models, prepared.plan, prepared.cond, prepared.uncond, [cfg.seed],
                                             prepared.size, prepared.hires, callback=step,
                                             noise=render.noise_settings(cfg, [cfg.subseed]))
-        decoded = pipeline.decode_latents(models, latents)
+        decoded = pipeline.decode_latents(models, latents, pipeline.vae_tiling(cfg))
     target = render.Target(p.job, 0, cfg.seed, p.keep or Path("-"))
     meta = save.metadata(models, target, prepared.size, decoded.fallbacks, None, prepared.hires, loras)
     text = save.infotext(models, target, prepared.size, None, prepared.hires, loras)

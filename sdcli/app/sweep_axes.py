@@ -32,6 +32,7 @@ FIXED_KEYS = {
     "embeddings_dir": "embeddings are found once per sweep",
     "vae_dir": "the model is loaded once per sweep",
     "offload": "the model is loaded once per sweep",
+    "threads": "the thread count is set once per run (and changes no byte)",
     "output": "the sweep names its own files",
     "n": "a cell is one image",
     "batch_size": "a cell is one image",

@@ -168,7 +168,7 @@ def _load(choice, cfg):
     from sdcli.upscale.files import load_upscaler
 
     placement = device.choose(cfg.device, cfg.dtype)
-    device.configure(placement)
+    device.configure(placement, cfg.threads)
     console.info(f"loading {choice.path} ({placement.device}, {placement.dtype_name})")
     return load_upscaler(choice.path, placement.dtype, placement.device)
 

@@ -146,7 +146,7 @@ def _rerender(models, c: Check, refiner=None):
     with pipeline.seamless(models, cfg.seamless):
         latents = render.sample_batch(models, p, [cfg.seed], init,
                                        noise=render.noise_settings(cfg, [cfg.subseed]))
-        decoded = pipeline.decode_latents(refine.decoder(models, p.refiner), latents)
+        decoded = pipeline.decode_latents(refine.decoder(models, p.refiner), latents, pipeline.vae_tiling(cfg))
         again = images.tensor_to_pil(decoded.images[0])
     if init is not None and init.inpaint is not None:
         again = init.inpaint.finish(again)

@@ -124,6 +124,7 @@ class Family:
     inpaint_prediction: str = "eps"  # the inpainting variants' (in_channels = 2 * latent channels + 1)
     native_sizes: dict = field(default_factory=lambda: {"eps": 512, "v": 512})  # by prediction
     diffusers_components: tuple[str, ...] = ("unet", "vae", "text_encoder")
+    diffusers_sharded: tuple[str, ...] = ()  # components fetched whole or in shards (hub_patterns)
     supported: bool = True  # False: recognised, then refused with exit 8 naming the family
     # SDXL: the numbers the vector y embeds besides the pooled text, (SizeCond, negative) -> values; None: no y
     size_values: Callable[[SizeCond, bool], tuple[float, ...]] | None = None
@@ -141,6 +142,7 @@ class Family:
     guidance: str = "cfg"
     default_cfg: float = 7.0  # --cfg when the run does not set it
     default_guidance: float | None = None  # "distilled": the strength when --guidance is not given
+    skip_layer_guidance: bool = False  # the network can skip blocks on request (SD3.5's SLG: sampling/slg.py)
     size_multiple: int = 8  # image sides must be multiples of this (2x2 patches of 8-pixel cells: 16)
 
     @property
@@ -154,7 +156,11 @@ class Family:
     def hub_patterns(self) -> list[str]:
         """What a diffusers repo of this family must give us (safetensors only, full precision)."""
         files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
-        return [f"{c}/{files.get(c, 'model.safetensors')}" for c in self.diffusers_components]
+        out = [f"{c}/{files.get(c, 'model.safetensors')}" for c in self.diffusers_components]
+        for c in self.diffusers_sharded:  # big parts come in shards named by an index (SD3's T5, FLUX's DiT)
+            stem = "diffusion_pytorch_model" if c == "transformer" else "model"
+            out += [f"{c}/{stem}.safetensors", f"{c}/{stem}.safetensors.index.json", f"{c}/{stem}-*-of-*.safetensors"]
+        return out
 
     def default_prediction(self, inpaint: bool) -> tuple[str, str]:
         """(prediction, how we know) when neither the user nor the file says."""

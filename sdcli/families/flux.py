@@ -55,7 +55,8 @@ def _is_dev(shapes: Shapes) -> bool:
 
 def _common(**kw) -> dict:
     return dict(unet_heads={}, latent=FLUX_LATENT, prediction="flow", native_sizes={"flow": 1024},
-                diffusers_components=(), denoiser="flux_dit", default_cfg=1.0, size_multiple=16, **kw)
+                diffusers_components=("vae", "text_encoder"), diffusers_sharded=("transformer", "text_encoder_2"),
+                denoiser="flux_dit", default_cfg=1.0, size_multiple=16, **kw)
 
 
 FLUX_OTHER = Family(

@@ -52,7 +52,8 @@ SD3 = Family(
     name="sd3", title="SD3 / SD3.5", a1111_name="SD3", matches=_is_sd3,
     text=(CLIP_L, CLIP_G, t5_spec(256, optional=True)),
     unet_heads=dict(num_heads=None, head_dim=64), latent=SD3_LATENT,
-    prediction="flow", native_sizes={"flow": 1024}, diffusers_components=(),
+    prediction="flow", native_sizes={"flow": 1024},
+    diffusers_components=("vae", "text_encoder", "text_encoder_2"), diffusers_sharded=("transformer", "text_encoder_3"),
     denoiser="mmdit", flow=FlowSpec(spacing="table", shift=3.0, timestep_scale=1000.0),
-    guidance="cfg", default_cfg=7.0, size_multiple=16,
+    guidance="cfg", default_cfg=7.0, size_multiple=16, skip_layer_guidance=True,
 )  # fmt: skip

@@ -7,12 +7,13 @@ component folders a diffusers model is made of.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
 
 from sdcli.runtime.errors import BadInputError
+from sdcli.formats.dit_folders import dit_folder_entries, is_dit_folder
+from sdcli.formats.folders import component_files, read_json_object
 from sdcli.formats.ldm import OPENAI_TEXT, UNET_PREFIX, VAE_PREFIX
 from sdcli.formats.safetensors import read_header
 from sdcli.formats.source import Entry, WeightSource, entries_from_header, is_diffusers_folder, open_file
@@ -143,35 +144,6 @@ COMPONENTS: dict[str, tuple[str, Callable[[list[str]], dict[str, str]] | None, t
 }
 
 
-def read_json_object(path: Path, what: str, limit: int = 16 << 20) -> dict:
-    """A diffusers JSON file that must hold an object: anything else (unreadable, too big, not JSON, nested past
-    Python's recursion limit, a list) is a BadInputError naming the file, never a crash."""
-    try:
-        if path.stat().st_size > limit:
-            raise BadInputError(f"{path}: {what} is over {limit >> 20} MB")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise BadInputError(f"{path}: unreadable {what} ({type(e).__name__}: {str(e)[:120]})") from e
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def component_files(folder: Path, names: tuple[str, ...]) -> list[Path]:
-    """The safetensors file(s) of one diffusers component folder (a sharded index is followed)."""
-    for name in names:
-        if (folder / name).is_file():
-            return [folder / name]
-        index = folder / (name + ".index.json")
-        if index.is_file():
-            weight_map = read_json_object(index, "shard index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map or \
-                    not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values()):
-                raise BadInputError(f"{index}: 'weight_map' must map tensor names to shard file names in this folder")
-            return [folder / s for s in sorted(set(weight_map.values()))]
-    raise BadInputError(f"{folder}: no weights found (expected {' or '.join(names)}; .bin pickles are not read)")
-
-
 def component_entries(directory: Path, component: str, prefix: str | None = None) -> dict[str, Entry]:
     """The LDM-named entries of one component folder (``unet/``, ``vae/``, ``text_encoder/`` of a diffusers model,
     or a standalone VAE folder), read as `component` (under `prefix` instead of the component's own)."""
@@ -193,11 +165,16 @@ def component_entries(directory: Path, component: str, prefix: str | None = None
 def diffusers_source(folder: Path) -> WeightSource:
     """Every known component the folder holds (unet, vae, text_encoder at least), and the scheduler's prediction type as a hint."""
     entries: dict[str, Entry] = {}
-    texts = tuple(c for c in TEXT_COMPONENTS if (folder / c).is_dir()) or ("text_encoder",)
-    text_prefixes = dict(zip(texts, SGM_TEXT.get(texts, (OPENAI_TEXT,))))
-    for component in COMPONENTS:
-        if component in REQUIRED or component in texts or (folder / component).is_dir():
-            entries.update(component_entries(folder / component, component, text_prefixes.get(component)))
+    if is_dit_folder(folder):  # SD3 / FLUX.1: transformer/ and text encoders in their single files' names
+        entries.update(dit_folder_entries(folder))
+        if (folder / "vae").is_dir():
+            entries.update(component_entries(folder / "vae", "vae"))
+    else:
+        texts = tuple(c for c in TEXT_COMPONENTS if (folder / c).is_dir()) or ("text_encoder",)
+        text_prefixes = dict(zip(texts, SGM_TEXT.get(texts, (OPENAI_TEXT,))))
+        for component in COMPONENTS:
+            if component in REQUIRED or component in texts or (folder / component).is_dir():
+                entries.update(component_entries(folder / component, component, text_prefixes.get(component)))
     hint = None
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
@@ -236,5 +213,6 @@ def open_source(path: str | Path) -> WeightSource:
     if not path.is_dir():
         return open_file(path)
     if not is_diffusers_folder(path):
-        raise BadInputError(f"{path}: a folder, but not a diffusers model (no model_index.json or unet/)")
+        raise BadInputError(f"{path}: a folder, but not a diffusers model (no model_index.json, unet/ or "
+                            "transformer/)")
     return diffusers_source(path)

@@ -38,8 +38,9 @@ def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
             f"{repo_id}: could not get the model ({why}); download it when online, or pass a local "
             ".safetensors file or diffusers folder with --model PATH"
         ) from e
-    if not (folder / "unet").is_dir():
-        raise ModelNotFoundError(f"{repo_id}: the hub snapshot at {folder} has no unet/ safetensors weights")
+    if not ((folder / "unet").is_dir() or (folder / "transformer").is_dir()):
+        raise ModelNotFoundError(f"{repo_id}: the hub snapshot at {folder} has no unet/ or transformer/ safetensors "
+                                 "weights")
     return folder
 
 

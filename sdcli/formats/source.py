@@ -29,6 +29,14 @@ class Entry:
     shape: tuple[int, ...]  # shape under its LDM name
     as_conv: bool = False  # stored (C, C) Linear, presented as (C, C, 1, 1) conv (diffusers VAE attention)
     gguf: bool = False  # in a GGUF file: `dtype` is the ggml type's name (F16, Q8_0, ...), `shape` the logical one
+    # Set for a tensor stored as several (a diffusers folder's to_q, to_k, to_v of one fused qkv): the rows
+    # [start, stop) of each stored entry, concatenated along dim 0 in this order (formats/dit_folders.py)
+    pieces: tuple[tuple["Entry", int, int], ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file its bytes come from (a tensor of pieces may span shards)."""
+        return tuple(dict.fromkeys(p.file for p, _, _ in self.pieces)) if self.pieces else (self.file,)
 
     @property
     def quantized(self) -> bool:
@@ -60,8 +68,13 @@ class WeightSource:
     def get(self, key: str) -> Tensor:
         """The tensor as stored (a GGUF's quantized one dequantized to float32, bit-equal to gguf.quants)."""
         e = self.entries[key]
+        if e.pieces:
+            return torch.cat([self._get(p)[start:stop] for p, start, stop in e.pieces])
+        return self._get(e)
+
+    def _get(self, e: Entry) -> Tensor:
         if e.quantized:
-            return self.quantized(key).dequantize(torch.float32)
+            return self._quantized(e).dequantize(torch.float32)
         if self._tensors is not None:
             t = self._tensors[e.key]
         elif e.dtype in FLOAT_DTYPES:
@@ -76,7 +89,9 @@ class WeightSource:
 
     def quantized(self, key: str) -> QuantizedTensor:
         """A GGUF entry's GGML blocks, read into memory of their own (a uint8 tensor of the stored bytes)."""
-        e = self.entries[key]
+        return self._quantized(self.entries[key])
+
+    def _quantized(self, e: Entry) -> QuantizedTensor:
         qtype = ggml_type(e.dtype)
         raw = torch.empty(qtype.nbytes(math.prod(e.shape)), dtype=torch.uint8)
         f, start = self._locate(e)
@@ -105,15 +120,23 @@ class WeightSource:
         rows = out.reshape(1) if out.dim() == 0 else out
         row = math.prod(rows.shape[1:])
         step = max(1, piece // max(row, 1))  # rows per block
+        at = 0
+        for part, first, stop in e.pieces or ((e, 0, rows.shape[0]),):  # a stored tensor, or the stored pieces
+            yield from self._stream_rows(part, first, rows[at : at + stop - first], step)
+            at += stop - first
+
+    def _stream_rows(self, e: Entry, first: int, rows: Tensor, step: int) -> Iterator[Tensor]:
+        """Fill `rows` with the stored rows [first, first + len(rows)) of entry `e`, `step` rows at a time."""
         stored = FLOAT_DTYPES[e.dtype]
         if self._tensors is not None:  # a .ckpt: already in memory
-            src = self._tensors[e.key].reshape(rows.shape)
+            src = self._tensors[e.key].reshape(-1, *rows.shape[1:])[first:]
             for r in range(0, rows.shape[0], step):
                 yield rows[r : r + step].copy_(src[r : r + step])
             return
+        row = math.prod(rows.shape[1:])
         f, start = self._locate(e)
-        f.seek(start)
-        direct = stored == out.dtype and out.is_contiguous()  # every row block of `out` is then contiguous too
+        f.seek(start + first * row * stored.itemsize)
+        direct = stored == rows.dtype and rows.is_contiguous()  # every row block is then contiguous too
         buf = None if direct else torch.empty(min(step * row, rows.numel()), dtype=stored)
         for r in range(0, rows.shape[0], step):
             dst = rows[r : r + step]
@@ -199,4 +222,4 @@ def open_file(path: str | Path) -> WeightSource:
 
 
 def is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+    return path.is_dir() and any((path / name).exists() for name in ("model_index.json", "unet", "transformer"))

@@ -454,7 +454,8 @@ def load_models(model: str | Path, vae: str | Path | None = None, dtype: torch.d
         except (BadInputError, UnsupportedModelError) as e:  # detection sees only a header: name the file
             raise type(e)(f"{path}: {e}") from None
         _check_leftovers(source)
-        files = stamps({e.file for e in source.entries.values()} | ({Path(vae)} if vae is not None else set()))
+        files = {f for e in source.entries.values() for f in e.files}
+        files = stamps(files | ({Path(vae)} if vae is not None else set()))
         home = home_of(residency, device)
         parts = Residency(_builders(opener, info, vae, dtype, home), _skeletons(info), residency, device, dtype,
                           files)  # fmt: skip

@@ -1,4 +1,5 @@
-"""LoRA files in the kohya / A1111 format, merged into the loaded SD 1.x/2.x/SDXL weights before sampling: from --lora, or
+"""LoRA files merged into the loaded weights before sampling (SD 1.x/2.x/SDXL in the kohya / A1111 format; SD3/SD3.5 and
+FLUX.1 in the kohya, diffusers/PEFT, AI-toolkit and XLabs formats: loading/lora_keys.py): from --lora, or
 from a prompt's ``<lora:NAME:WEIGHT>`` tag (NAME looked up under lora_dir). Each set of LoRAs is merged once;
 jobs that switch sets get the loaded weights back first (kept only when a run needs them). A part the residency reads
 again (loading/residency.py: lean, offload) gets the set merged again, to the same bytes.
@@ -10,6 +11,8 @@ path with '.' -> '_'. kohya trains SD1 on the DIFFUSERS UNet, so its UNet names 
 (``lora_unet_down_blocks_0_attentions_0_proj_in``); they are mapped onto our LDM module names through the same
 rename table the diffusers-folder loader uses (``formats.diffusers.unet_prefix_pairs``). LDM-style names
 (``lora_unet_input_blocks_1_1_proj_in``) are accepted too.
+A diffusers/PEFT file names ``lora_A`` / ``lora_B`` (down / up) and keeps its alpha in the safetensors metadata (or
+none: alpha = rank). Its to_q, to_k, to_v of a fused weight update their row blocks of it (lora_keys.Slot.rows).
 Upstream: kohya-ss sd-scripts networks/lora.py (LoRAModule, LORA_PREFIX_*), A1111
 extensions-builtin/Lora/networks.py and network_lora.py (key conversion, calc_updown).
 
@@ -32,9 +35,12 @@ from torch import Tensor, nn
 from sdcli.formats.diffusers import rename, unet_prefix_pairs
 from sdcli.formats.hashing import a1111_lora_hash, file_sha256
 from sdcli.formats.safetensors import FLOAT_DTYPES, read_header
-from sdcli.quant.layers import RuntimeLora, holds_blocks
+from sdcli.loading.lora_keys import Slot, denoiser_slots, is_text_key, peft_alphas, split_key, text_slots
+from sdcli.quant.layers import RuntimeLora, add_update, holds_blocks
 from sdcli.runtime import cuda_graphs
-from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UnsupportedModelError, UsageError
+from sdcli.models.text import TextEncoder
+from sdcli.models.unet import UNetConfig
+from sdcli.runtime.errors import BadInputError, ModelNotFoundError, NumericalError, UsageError
 
 UNET_KEY = "lora_unet_"
 TEXT_KEY = "lora_te_"
@@ -90,7 +96,8 @@ def parse_spec(spec: str) -> LoraSpec:
 
 
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
-                       "encoder.", "decoder.", "text_model.", "down_blocks.", "mid_block.", "up_blocks.")
+                       "encoder.", "decoder.", "text_model.", "down_blocks.", "mid_block.", "up_blocks.",
+                       "img_in.")  # fmt: skip
 
 
 def check_file(spec: LoraSpec) -> dict:
@@ -120,10 +127,26 @@ def _check_shapes(path: Path, base: str, shapes: dict[str, tuple[int, ...]]) -> 
         raise BadInputError(f"{path}: {base}: alpha has shape {list(alpha)}, expected a single number")
 
 
+def _part_slots(part: str, modules: tuple, unet_cfg) -> dict[str, Slot]:
+    """LoRA module name (without .lora_*) -> the weight it adapts in one part of the model: the UNet (kohya's
+    diffusers and LDM spellings), a diffusion transformer (lora_keys.denoiser_slots), or the text encoders
+    (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``...). The modules may be meta-device skeletons
+    (residency.skeleton): names and shapes are all that is read then."""
+    if part == "unet" and not isinstance(unet_cfg, UNetConfig):
+        return denoiser_slots(modules[0])
+    if part == "text" and not all(isinstance(m, TextEncoder) for m in modules):
+        return text_slots(modules, transformer_family=True)  # SD3, FLUX: T5 (or SD3's place for it) beside CLIP
+    return {name: Slot(module) for name, module in _unet_family_targets(part, modules, unet_cfg).items()}
+
+
 def _part_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
-    """kohya name (without .lora_*) -> the Linear/Conv2d it adapts in one part of the model: the UNet (diffusers
-    and LDM spellings) or the text encoders (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``). The
-    modules may be meta-device skeletons (residency.skeleton): names and shapes are all that is read then."""
+    """kohya name -> the whole Linear/Conv2d it adapts, in every family (kohya's own spellings)."""
+    slots = _part_slots(part, modules, unet_cfg)
+    return {k: s.module for k, s in slots.items() if k.startswith((UNET_KEY, "lora_te")) and s.rows is None}
+
+
+def _unet_family_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
+    """kohya name -> module of SD 1.x/2.x/SDXL: the UNet (diffusers and LDM spellings) or the CLIP encoders."""
     out: dict[str, nn.Module] = {}
     if part == "unet":
         to_diffusers = {ldm: d for d, ldm in unet_prefix_pairs(len(unet_cfg.channel_mult), unet_cfg.num_res_blocks,
@@ -147,27 +170,28 @@ def _part_targets(part: str, modules: tuple, unet_cfg) -> dict[str, nn.Module]:
 MERGED_PARTS = ("unet", "text")  # the parts a LoRA changes
 
 
-def _targets(models, skeletons: bool = False) -> dict[str, nn.Module]:
+def _targets(models, skeletons: bool = False) -> dict[str, Slot]:
     """Every adapted module of the model; `skeletons`: parts not in memory as meta-device modules (not built)."""
-    out: dict[str, nn.Module] = {}
+    out: dict[str, Slot] = {}
     for part in MERGED_PARTS:
         modules = models.parts.skeleton(part) if skeletons else models.parts.get(part)
-        out.update(_part_targets(part, tuple(modules) if part == "text" else (modules,), models.info.unet))
+        out.update(_part_slots(part, tuple(modules) if part == "text" else (modules,), models.info.unet))
     return out
 
 
 def _groups(path: Path, state: dict) -> dict[str, dict]:
-    """{module name: {part: tensor or header entry}}; refuses full checkpoints and LyCORIS variants (LoHa, LoKr,
-    DoRA) by key."""
+    """{module name: {part: tensor or header entry}} with kohya's part names (lora_keys.split_key reads the other
+    formats' suffixes); refuses full checkpoints and LyCORIS variants (LoHa, LoKr, DoRA) by key."""
     groups: dict[str, dict] = {}
     for key, t in state.items():
-        base, _, part = key.partition(".")
         if key.startswith(CHECKPOINT_PREFIXES):
             raise BadInputError(f"{path}: not a LoRA but model weights ({key}): pass a checkpoint as --model, "
                                 "a VAE as --vae")  # fmt: skip
-        if part not in LORA_PARTS:
-            raise BadInputError(f"{path}: key {key}: only LoRA/LoCon (lora_down/lora_up/alpha) keys are supported, "
-                                "not LyCORIS LoHa/LoKr/DoRA")  # fmt: skip
+        split = split_key(key)
+        if split is None:
+            raise BadInputError(f"{path}: key {key}: only LoRA/LoCon (lora_down/lora_up/alpha or lora_A/lora_B) "
+                                "keys are supported, not LyCORIS LoHa/LoKr/DoRA")  # fmt: skip
+        base, part = split
         groups.setdefault(base, {})[part] = t
     for base, parts in groups.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
@@ -180,49 +204,62 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(getattr(module, "weight_shape", None) or module.weight.shape)
 
 
-def _check_fits(path: Path, base: str, up: tuple, down: tuple, target: tuple) -> None:
-    """up @ down must reshape to the target's weight: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
-    if up[0] != target[0] or up[0] * math.prod(down[1:]) != math.prod(target):
+def _check_fits(path: Path, base: str, up: tuple, down: tuple, target: tuple, rows=None) -> None:
+    """up @ down must reshape to the target's weight (Linear (out, in), 1x1 or 3x3 conv (LoCon)), or to the rows
+    of it that `rows` names."""
+    out = up[0] if rows is None else sum(n for _, _, n in rows)
+    fits = up[0] == out and math.prod(down[1:]) == math.prod(target[1:])
+    if rows is None:
+        fits = fits and up[0] == target[0]
+    else:
+        fits = fits and all(src + n <= up[0] and dst + n <= target[0] for src, dst, n in rows)
+    if not fits:
         raise BadInputError(f"{path}: {base}: LoRA shape {list(up[:1]) + list(down[1:])} does not fit "
                             f"the model's {list(target)} (a LoRA for another model family?)")  # fmt: skip
 
 
-def _delta(path: Path, base: str, parts: dict[str, Tensor], target: Tensor) -> Tensor:
-    """alpha/rank * up @ down in float32, shaped like `target`: Linear (out, in), 1x1 or 3x3 conv (LoCon)."""
-    down, up = (parts[k].to(target.device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
+def _factors(parts: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor, float]:
+    """(up, down, alpha / rank) in float32 on `device`; no alpha: scale 1."""
+    down, up = (parts[k].to(device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
     rank = down.shape[0]  # shapes were checked from the header by check_file
-    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)  # no alpha: scale 1
-    _check_fits(path, base, tuple(up.shape), tuple(down.shape), tuple(target.shape))
-    delta = up.flatten(1) @ down.flatten(1)  # (out, in * kh * kw)
-    return (alpha / rank) * delta.reshape(target.shape)
+    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+    return up, down, alpha / rank
 
 
-def _matched(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _matched(spec: LoraSpec, groups: dict, targets: dict[str, Slot], family) -> dict[str, Slot]:
+    """The file's modules this model has. None at all, or (a diffusion transformer) none of the file's
+    diffusion-model modules, is a LoRA for another family: FLUX's CLIP-L is SD1's text encoder, and an SD1 LoRA
+    must not apply its text half alone."""
     matched = {base: targets[base] for base in groups if base in targets}
-    if not matched:
+    denoiser = [base for base in groups if not is_text_key(base)]
+    dit = family.denoiser != "unet"
+    if not matched or dit and denoiser and all(base not in matched for base in denoiser):
+        example = next(iter(b for b in groups if b not in matched), "none")
         raise BadInputError(f"{spec.path}: no key of this LoRA matches the model: is it for another family "
-                            f"(SD1/SD2/SDXL)? "
-                            f"({len(groups)} modules, e.g. {next(iter(groups), 'none')})")  # fmt: skip
+                            f"than {family.title}? ({len(groups)} modules, e.g. {example})")  # fmt: skip
     return matched
 
 
 @torch.no_grad()
-def _merge(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module], originals: dict[nn.Module, Tensor] | None,
+def _merge(spec: LoraSpec, groups: dict, targets: dict[str, Slot], originals: dict[nn.Module, Tensor] | None,
            device: torch.device) -> None:  # fmt: skip
     """Merge one LoRA's matching modules into `targets` (weights replaced, in their dtype and device). The sum is
     taken on the run's `device` wherever the module waits (residency offload keeps it in CPU RAM), so a part
-    merged there has the bytes it has merged in place."""
+    merged there has the bytes it has merged in place. Several modules of the file may update row blocks of one
+    weight (diffusers' to_q, to_k, to_v of our qkv): each is merged in turn, in the file's order."""
     for base in groups:  # in the file's order, as a module named twice (both spellings) always merged
-        module = targets.get(base)
-        if module is None:
+        slot = targets.get(base)
+        if slot is None:
             continue
+        module = slot.module
         if holds_blocks(module):
-            _add_runtime(spec, base, groups[base], module, originals, device)
+            _add_runtime(spec, base, groups[base], slot, originals, device)
             continue
         w = module.weight
         here = w.to(device)
-        delta = _delta(spec.path, base, groups[base], here)
-        merged = here.float() + spec.weight * delta
+        up, down, ratio = _factors(groups[base], device)
+        _check_fits(spec.path, base, tuple(up.shape), tuple(down.shape), tuple(here.shape), slot.rows)
+        merged = add_update(here.float(), ratio * (up.flatten(1) @ down.flatten(1)), spec.weight, slot.rows)
         if not bool(torch.isfinite(merged).all()):
             raise NumericalError(f"{spec.path}: {base}: NaN or Inf after merging the LoRA")
         if originals is not None:
@@ -231,15 +268,14 @@ def _merge(spec: LoraSpec, groups: dict, targets: dict[str, nn.Module], original
         module.weight = nn.Parameter(merged.to(w.dtype).to(w.device), requires_grad=False)
 
 
-def _add_runtime(spec: LoraSpec, base: str, parts: dict[str, Tensor], module: nn.Module,
+def _add_runtime(spec: LoraSpec, base: str, parts: dict[str, Tensor], slot: Slot,
                  originals: dict | None, device: torch.device) -> None:  # fmt: skip
     """One LoRA on a layer holding GGML blocks: its up/down factors kept (on the run's device) and added to the
-    dequantized weight in every forward, in _delta's and _merge's float32 steps (quant.layers.RuntimeLora)."""
-    down, up = (parts[k].to(device, torch.float32) for k in ("lora_down.weight", "lora_up.weight"))
-    rank = down.shape[0]
-    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
-    _check_fits(spec.path, base, tuple(up.shape), tuple(down.shape), _weight_shape(module))
-    lora = RuntimeLora(up, down, alpha / rank, spec.weight)
+    dequantized weight in every forward, in _merge's float32 steps (quant.layers.RuntimeLora, add_update)."""
+    module = slot.module
+    up, down, ratio = _factors(parts, device)
+    _check_fits(spec.path, base, tuple(up.shape), tuple(down.shape), _weight_shape(module), slot.rows)
+    lora = RuntimeLora(up, down, ratio, spec.weight, slot.rows)
     delta = (up.flatten(1) @ down.flatten(1)) * lora.ratio * lora.weight
     if not bool(torch.isfinite(delta).all()):
         raise NumericalError(f"{spec.path}: {base}: NaN or Inf in the LoRA's update")
@@ -249,18 +285,24 @@ def _add_runtime(spec: LoraSpec, base: str, parts: dict[str, Tensor], module: nn
 
 
 def _read(spec: LoraSpec) -> dict:
+    """The file's groups as tensors; a diffusers/PEFT file's alphas (its metadata's LoraConfig) as alpha tensors
+    of the modules that have none of their own."""
     from safetensors.torch import load_file
 
-    check_file(spec)
-    return _groups(spec.path, load_file(str(spec.path)))
+    header = check_file(spec)
+    groups = _groups(spec.path, load_file(str(spec.path)))
+    bases = [(b, parts["lora_down.weight"].shape[0]) for b, parts in groups.items() if "alpha" not in parts]
+    for base, alpha in peft_alphas(header.get("__metadata__"), bases).items():
+        groups[base]["alpha"] = torch.tensor(alpha)
+    return groups
 
 
 def apply_lora(models, spec: LoraSpec, originals: dict[nn.Module, Tensor] | None = None) -> LoraReport:
-    """Merge one LoRA into the whole of `models` (UNet and text encoders, built if they are not in memory).
+    """Merge one LoRA into the whole of `models` (denoiser and text encoders, built if they are not in memory).
     `originals` collects each replaced module's weight from before any LoRA."""
     groups = _read(spec)
     targets = _targets(models)
-    matched = _matched(spec, groups, targets)
+    matched = _matched(spec, groups, targets, models.family)
     _merge(spec, groups, targets, originals, models.device)
     return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
 
@@ -288,9 +330,6 @@ class LoraState:
         key = [(s.path.resolve(), s.weight) for s in specs]
         if key == self.key:
             return []
-        family = self.models.family
-        if specs and family.denoiser != "unet":  # the key maps are written for the UNet families
-            raise UnsupportedModelError(f"{specs[0].path}: LoRAs for {family.title} are not supported yet")
         if self.key:
             if not self.keep_originals:
                 raise RuntimeError("LoRA switch without the original weights kept")  # a bug, not bad input
@@ -330,15 +369,15 @@ class LoraState:
         """The file checked against the model from headers and module shapes alone (no part is built)."""
         header = check_file(spec)
         groups = _groups(spec.path, {k: v for k, v in header.items() if k != "__metadata__"})
-        matched = _matched(spec, groups, _targets(self.models, skeletons=True))
-        for base, module in matched.items():
+        matched = _matched(spec, groups, _targets(self.models, skeletons=True), self.models.family)
+        for base, slot in matched.items():
             parts = groups[base]
             _check_fits(spec.path, base, tuple(parts["lora_up.weight"]["shape"]),
-                        tuple(parts["lora_down.weight"]["shape"]), _weight_shape(module))
+                        tuple(parts["lora_down.weight"]["shape"]), _weight_shape(slot.module), slot.rows)
         return LoraReport(spec.path, file_sha256(spec.path), spec.weight, len(matched), len(groups))
 
     def _merge_part(self, part: str, modules: tuple) -> None:
-        targets = _part_targets(part, modules, self.models.info.unet)
+        targets = _part_slots(part, modules, self.models.info.unet)
         originals = self.originals.setdefault(part, {}) if self.keep_originals else None
         for spec in self.specs:
             _merge(spec, _read(spec), targets, originals, self.models.device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sdcli.models.invariant import PointwiseConv, SiLU
 from sdcli.models.unet import (
     ResBlock,
     SpatialTransformer,
@@ -54,9 +55,10 @@ def hint_block(cfg: ControlNetConfig) -> nn.Sequential:
     """cldm's ``input_hint_block``: conv, then per width (conv, strided conv), then a conv to model_channels,
     SiLU between them, all 3x3. Indices 0, 2, ..., 14 hold the convolutions, as in the files."""
     w = cfg.hint_widths
-    layers: list[nn.Module] = [nn.Conv2d(cfg.hint_channels, w[0], 3, padding=1), nn.SiLU()]
+    layers: list[nn.Module] = [nn.Conv2d(cfg.hint_channels, w[0], 3, padding=1), SiLU(inplace=True)]
     for a, b in zip(w, w[1:]):
-        layers += [nn.Conv2d(a, a, 3, padding=1), nn.SiLU(), nn.Conv2d(a, b, 3, padding=1, stride=2), nn.SiLU()]
+        layers += [nn.Conv2d(a, a, 3, padding=1), SiLU(inplace=True), nn.Conv2d(a, b, 3, padding=1, stride=2),
+                   SiLU(inplace=True)]  # fmt: skip
     layers.append(nn.Conv2d(w[-1], cfg.unet.model_channels, 3, padding=1))  # a zero conv when trained from scratch
     return nn.Sequential(*layers)
 
@@ -69,19 +71,19 @@ class ControlNet(nn.Module):
         self.config = cfg
         u = cfg.unet
         mc, ted = u.model_channels, u.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), SiLU(), nn.Linear(ted, ted))
         if u.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(u.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+                nn.Sequential(nn.Linear(u.adm_in_channels, ted), SiLU(), nn.Linear(ted, ted))
             )
         self.input_hint_block = hint_block(cfg)
         self.input_blocks, skips = _input_blocks(u)
-        self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1)) for c in skips)
+        self.zero_convs = nn.ModuleList(nn.Sequential(PointwiseConv(c, c)) for c in skips)
         ch = u.channel_mult[-1] * mc
         self.middle_block = TimestepEmbedSequential(
             [ResBlock(ch, ted, ch), SpatialTransformer(ch, u, u.mid_depth), ResBlock(ch, ted, ch)]
         )
-        self.middle_block_out = nn.Sequential(nn.Conv2d(ch, ch, 1))
+        self.middle_block_out = nn.Sequential(PointwiseConv(ch, ch))
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor,
                 y: Tensor | None = None) -> Residuals:  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models.invariant import GELU, SiLU, gelu, silu
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 
 REAL_AXES_DIM = (16, 56, 56)  # RoPE channels per id axis (time/index, row, col) of every released FLUX.1
@@ -216,7 +217,7 @@ class MLPEmbedder(nn.Module):
         self.out_layer = nn.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
+        return self.out_layer(silu(self.in_layer(x), inplace=True))
 
 
 class RMSNorm(nn.Module):
@@ -267,12 +268,12 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, (6 if double else 3) * dim)
 
     def forward(self, vec: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        chunks = self.lin(F.silu(vec))[:, None, :].chunk(self.lin.out_features // vec.shape[-1], dim=-1)
+        chunks = self.lin(silu(vec))[:, None, :].chunk(self.lin.out_features // vec.shape[-1], dim=-1)
         return [tuple(chunks[i : i + 3]) for i in range(0, len(chunks), 3)]
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -326,7 +327,8 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)  # (B, H, N, Dh) each
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat([attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")], dim=2))
+        # mlp is a strided slice of linear1's output: the invariant GELU runs on its dense copy (invariant.py)
+        out = self.linear2(torch.cat([attention(q, k, v, pe), gelu(mlp, approximate="tanh")], dim=2))
         return _fp16_safe(x + gate * out)
 
 
@@ -336,7 +338,7 @@ class LastLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
         self.linear = nn.Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = nn.Sequential(SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # (B, D) each

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models.invariant import SiLU, gelu
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 
 PREFIX = "model.diffusion_model."
@@ -124,7 +125,7 @@ class Embedder(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x)
@@ -178,7 +179,8 @@ class Mlp(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        # thread-count invariant GELU (invariant.py), in place on fc1's fresh output
+        return self.fc2(gelu(self.fc1(x), inplace=True, approximate="tanh"))
 
 
 class DismantledBlock(nn.Module):
@@ -195,7 +197,7 @@ class DismantledBlock(nn.Module):
         if dual:
             self.attn2 = SelfAttention(cfg, pre_only=False)
         self.n_mods = 9 if dual else 2 if pre_only else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, self.n_mods * cfg.hidden_size))
+        self.adaLN_modulation = nn.Sequential(SiLU(), nn.Linear(cfg.hidden_size, self.n_mods * cfg.hidden_size))
         if not pre_only:
             self.mlp = Mlp(cfg.hidden_size, cfg.mlp_hidden)
 
@@ -245,7 +247,7 @@ class FinalLayer(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
+        self.adaLN_modulation = nn.Sequential(SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)

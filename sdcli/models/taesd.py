@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sdcli.models.invariant import PointwiseConv, tanh
 from sdcli.runtime.errors import BadInputError, NumericalError, UsageError
 
 ENCODER_BLOCKS = (1, 3, 3, 3)  # Blocks after the input conv, then after each stride-2 conv
@@ -49,7 +50,7 @@ class Clamp(nn.Module):
     """Soft clamp of the incoming latent to (-3, 3)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.tanh(x / 3) * 3
+        return tanh(x / 3, inplace=True) * 3  # thread-count invariant (invariant.py)
 
 
 class Block(nn.Module):
@@ -58,7 +59,7 @@ class Block(nn.Module):
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out))
-        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.skip = PointwiseConv(n_in, n_out, bias=False) if n_in != n_out else nn.Identity()
         self.fuse = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models.invariant import gelu, sigmoid
 from sdcli.runtime.errors import UsageError
 
 EOS_ID = 49407  # <|endoftext|>
@@ -198,8 +199,12 @@ def uninitialised_embedding(rows: int, dim: int) -> nn.Embedding:
 
 def quick_gelu(x: Tensor) -> Tensor:
     """OpenAI CLIP's GELU approximation (SD1)."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * sigmoid(1.702 * x, inplace=True)  # thread-count invariant sigmoid (invariant.py)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # SD1 (OpenAI CLIP), SD2 (OpenCLIP: exact GELU)
+def exact_gelu(x: Tensor) -> Tensor:
+    return gelu(x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}  # SD1 (OpenAI CLIP), SD2 (OpenCLIP: exact GELU)
 LAYER_NORM_EPS = 1e-5

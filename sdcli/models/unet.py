@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models.invariant import GroupNorm, PointwiseConv, SiLU, gelu
 from sdcli.runtime.errors import BadInputError
 from sdcli.models.layout import run_layout
 
@@ -107,23 +108,22 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 class ResBlock(nn.Module):
-    """openaimodel.py ``ResBlock`` (no up/down sampling inside, as SD uses it)."""
+    """openaimodel.py ``ResBlock`` (no up/down sampling inside, as SD uses it). Norms, SiLUs and the 1x1 skip are
+    the thread-count invariant ones of invariant.py; the SiLUs after a norm run in place on its fresh output."""
 
     def __init__(self, channels: int, emb_dim: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm(NORM_GROUPS, channels), SiLU(inplace=True), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.emb_layers = nn.Sequential(SiLU(), nn.Linear(emb_dim, out_channels))  # emb is shared: not in place
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, out_channels),
-            nn.SiLU(),
+            GroupNorm(NORM_GROUPS, out_channels),
+            SiLU(inplace=True),
             nn.Identity(),  # Dropout in the original
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if out_channels == channels else PointwiseConv(channels, out_channels)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)  # (B, C_out, H, W)
@@ -157,8 +157,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        value, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) views of one projection
+        return value * gelu(gate, inplace=True)  # gate is strided: gelu runs on a dense copy (invariant.py)
 
 
 class FeedForward(nn.Module):
@@ -205,12 +205,12 @@ class SpatialTransformer(nn.Module):
         heads, head_dim = cfg.heads_for(channels)
         inner = heads * head_dim
         self.linear = cfg.use_linear_in_transformer
-        self.norm = nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if self.linear else nn.Conv2d(channels, inner, 1)
+        self.norm = GroupNorm(NORM_GROUPS, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if self.linear else PointwiseConv(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, cfg.context_dim, heads, head_dim) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(inner, channels) if self.linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if self.linear else PointwiseConv(inner, channels)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -322,10 +322,10 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = cfg
         mc, ted = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), SiLU(), nn.Linear(ted, ted))
         if cfg.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), SiLU(), nn.Linear(ted, ted))
             )
         self.input_blocks, skips = _input_blocks(cfg)
         ch = cfg.channel_mult[-1] * mc
@@ -334,7 +334,7 @@ class UNetModel(nn.Module):
         )
         self.output_blocks = _output_blocks(cfg, skips)
         self.out = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, mc), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+            GroupNorm(NORM_GROUPS, mc), SiLU(inplace=True), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
         )
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models.invariant import GroupNorm, PointwiseConv, silu
 from sdcli.models.layout import run_layout
 
 # LDM's model.py ``Upsample`` (with conv) is the same block as the UNet's: nearest x2, then a 3x3 conv ``.conv``.
@@ -43,8 +44,8 @@ class VAEConfig:
 
 
 def normalize(channels: int) -> nn.GroupNorm:
-    """model.py ``Normalize``: 32 groups, eps 1e-6."""
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    """model.py ``Normalize``: 32 groups, eps 1e-6 (thread-count invariant: invariant.py)."""
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 def spatial_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -65,13 +66,13 @@ class ResnetBlock(nn.Module):
         self.norm2 = normalize(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = PointwiseConv(in_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         # SiLU and the residual add in place on fresh tensors (same values): at 512px+ each map of the last levels
         # is 67-134 MB in bf16, and one fewer alive at the peak is what a decode's working memory is made of.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, C_out, H, W)
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h = self.conv1(silu(self.norm1(x), inplace=True))  # (B, C_out, H, W)
+        h = self.conv2(silu(self.norm2(h), inplace=True))
         return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
 
 
@@ -81,10 +82,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = normalize(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = PointwiseConv(channels, channels)
+        self.k = PointwiseConv(channels, channels)
+        self.v = PointwiseConv(channels, channels)
+        self.proj_out = PointwiseConv(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)  # (B, C, H, W)
@@ -150,7 +151,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)  # (B, ch*mult[-1], H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/f, W/f)
+        return self.conv_out(silu(self.norm_out(h), inplace=True))  # (B, 2z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -178,7 +179,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+        return self.conv_out(silu(self.norm_out(h), inplace=True))  # (B, 3, H, W)
 
 
 class AutoencoderKL(nn.Module):
@@ -191,8 +192,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if cfg.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+            self.quant_conv = PointwiseConv(2 * cfg.z_channels, 2 * cfg.embed_dim)
+            self.post_quant_conv = PointwiseConv(cfg.embed_dim, cfg.z_channels)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x in [-1, 1] (B, 3, H, W) -> (mean, logvar), each (B, z, H/f, W/f), unscaled."""

@@ -125,7 +125,7 @@ def _pairs(p: dict) -> list[tuple[str, Any]]:
 
 
 # Values A1111 writes JSON-quoted because they hold ',' and ':' themselves ('Lora hashes: "name: 1a2b3c4d5e6f"').
-QUOTED_LABELS = ("Lora hashes", "TI hashes")
+QUOTED_LABELS = ("Lora hashes", "TI hashes", "Skip layers")
 
 
 def _value(label: str, value: Any) -> str:

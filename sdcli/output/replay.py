@@ -21,12 +21,14 @@ RENDER_KEYS = ("negative", "steps", "sampler", "schedule", "sigmas", "cfg", "gui
                "negative_aesthetic_score", "refiner_switch", "tome_ratio", "tome_ratio_hr", "mask_blur",
                "inpaint_fill", "inpaint_area", "inpaint_padding", "mask_invert", "overlay", "pad", "rng", "subseed",
                "subseed_strength", "seed_resize_from", "ensd", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise",
-               "guidance", "flow_shift")
-# A1111 infotext fields of the "extra" part that replay as numbers -> config key (the last two: Forge's fields of
-# the flow models)
+               "guidance", "flow_shift", "vae_tiling", "vae_tile_size", "slg_scale", "skip_layers", "slg_start",
+               "slg_end")
+# A1111 infotext fields of the "extra" part that replay as numbers -> config key (then Forge's fields of the flow
+# models, and stable-diffusion.cpp's of SD3.5's skip-layer guidance: "Skip layers" is read by _skip_layers)
 INFOTEXT_NUMBERS = {"Refiner switch at": "refiner_switch", "Token merging ratio": "tome_ratio",
                     "Token merging ratio hr": "tome_ratio_hr", "Distilled CFG Scale": "guidance",
-                    "Shift": "flow_shift"}
+                    "Shift": "flow_shift", "SLG scale": "slg_scale", "Skip layer start": "slg_start",
+                    "Skip layer end": "slg_end"}
 # parse_infotext / summarize_comfyui key -> config key
 INFOTEXT_KEYS = {"negative_prompt": "negative", "steps": "steps", "sampler": "sampler", "schedule": "schedule",
                  "cfg_scale": "cfg", "seed": "seed", "width": "width", "height": "height", "clip_skip": "clip_skip",
@@ -75,6 +77,7 @@ def from_image(path: str | Path) -> Replay:
         values.update({key: _number(extra[field]) for field, key in INFOTEXT_NUMBERS.items()
                        if extra.get(field) is not None})
         _hires_values(values, extra)
+        values.update(_skip_layers(extra, meta.get("raw") or {}))
         masked = _inpaint_values(extra)
         values.update(masked)
         mode = "inpaint" if masked else "img2img" if "strength" in values else "txt2img"
@@ -201,6 +204,20 @@ def _whole_number(text: str):
         return int(text)
     except ValueError:
         return text
+
+
+def _skip_layers(extra: dict, raw: dict) -> dict:
+    """"Skip layers" of an infotext: sdcli's quoted "[7, 8, 9]", or stable-diffusion.cpp's unquoted "[7, 8, 9, ]"
+    (its commas split the field: read from the raw text) -> {"skip_layers": "7,8,9"}."""
+    import re
+
+    if "Skip layers" not in extra:
+        return {}
+    text = str(extra["Skip layers"])
+    if text.count("[") != text.count("]"):
+        m = re.search(r"Skip layers:\s*\[([\d,\s]*)\]", str(raw.get("parameters", "")))
+        text = m.group(1) if m else text
+    return {"skip_layers": ",".join(re.findall(r"\d+", text))}
 
 
 def _number(text: str, kind=float):

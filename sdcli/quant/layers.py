@@ -37,10 +37,25 @@ class RuntimeLora:
     down: Tensor  # (rank, in[, kh, kw])
     ratio: float  # alpha / rank
     weight: float  # the user's LoRA weight
+    rows: tuple[tuple[int, int, int], ...] | None = None  # the rows of the weight it updates (add_update)
 
     def add_to(self, w: Tensor) -> Tensor:
         up, down = (t.to(w.device, torch.float32).flatten(1) for t in (self.up, self.down))
-        return w + self.weight * (self.ratio * (up @ down).reshape(w.shape))  # (out, in[, kh, kw])
+        return add_update(w, self.ratio * (up @ down), self.weight, self.rows)  # (out, in[, kh, kw])
+
+
+def add_update(w: Tensor, update: Tensor, weight: float, rows: tuple[tuple[int, int, int], ...] | None) -> Tensor:
+    """w + weight * update in float32, the one sum of a LoRA merge (sdcli.loading.lora) and of a run-time LoRA.
+    `update` is (out', in * kh * kw); `rows` None: out' = out, all of w; else (row of update, row of w, count)
+    blocks: a LoRA written for one of the q, k, v matrices that the file fuses into one weight (diffusers' to_q
+    into a Flux ``qkv``) updates only its rows."""
+    if rows is None:
+        return w + weight * update.reshape(w.shape)
+    update = update.reshape(update.shape[0], *w.shape[1:])
+    out = w.clone()
+    for src, dst, n in rows:
+        out[dst : dst + n] = w[dst : dst + n] + weight * update[src : src + n]
+    return out
 
 
 class _QuantizedWeight:

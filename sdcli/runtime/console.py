@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -31,6 +33,28 @@ def set_quiet(quiet: bool) -> None:
 
 def is_quiet() -> bool:
     return _quiet
+
+
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+@contextmanager
+def stage(name: str):
+    """With -v/--verbose, "time: NAME 1.234 s" on stderr when the stage ends (stdout stays for results); without
+    it, nothing. A stage that fails prints nothing: the error line says what happened."""
+    if not _verbose:
+        yield
+        return
+    from rich.text import Text
+
+    started = time.perf_counter()
+    yield
+    stderr().print(Text(f"time: {name} {time.perf_counter() - started:.3f} s", style="dim"))
 
 
 def info(*parts: str, style: str | None = None) -> None:

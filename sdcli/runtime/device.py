@@ -108,14 +108,18 @@ def replay_dtype(recorded: str | None, device: str) -> tuple[str, str | None]:
                     f"replaying in {chosen} (pixels may differ; --dtype {recorded} forces it)")
 
 
-def configure(placement: Placement) -> None:
+def configure(placement: Placement, threads: int | None = None) -> None:
     """fp32 on CUDA means fp32: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default, which moves
-    fp32 results ~1e-3 off the CPU's. Whoever asks for fp32 asks for that precision, so TF32 is turned off then."""
+    fp32 results ~1e-3 off the CPU's. Whoever asks for fp32 asks for that precision, so TF32 is turned off then.
+    `threads`: torch's intra-op CPU threads for the run (None: torch's default, one per core); the bytes do not
+    depend on it (models/invariant.py)."""
     import torch
 
     if placement.device == "cuda" and placement.dtype_name == "fp32":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    if threads is not None:
+        torch.set_num_threads(threads)
     fix_heap_threshold()
 
 

@@ -6,9 +6,33 @@ sides it shares with a neighbour, and the blend weights ramp linearly across tha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+TILING_MODES = ("auto", "on", "off")
+LATENT_SCALE = 8  # pixels per latent pixel a side of every VAE sdcli reads (SD, SDXL, SD3, FLUX, TAESD)
+
+
+@dataclass(frozen=True)
+class VaeTiling:
+    """How a VAE decode is tiled (config keys vae_tiling, vae_tile_size): `auto` decodes whole and tiles only as the
+    retry of a decode that ran out of memory; `on` always tiles (bounded memory; the blended seams move pixels a
+    little); `off` never (out of memory is an error). `tile_px`: a tile's side in image pixels."""
+
+    mode: str = "auto"
+    tile_px: int = 512
+
+    @property
+    def tile(self) -> int:
+        """The side in latent pixels (64 at the default 512 px, the out-of-memory retry's tile before the option)."""
+        return max(1, self.tile_px // LATENT_SCALE)
+
+    @property
+    def overlap(self) -> int:
+        """A quarter of the tile (16 latent pixels at 64: the retry's overlap before the option)."""
+        return self.tile // 4
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -156,6 +156,10 @@ class CFGDenoiser:
             x0_u, x0_c = both.chunk(2)  # (B, C, H, W) each
         else:
             x0_u, x0_c = self.denoiser(x, sigma, uncond), self.denoiser(x, sigma, cond)
+        return self.combine(x, sigma, cond, x0_u, x0_c)
+
+    def combine(self, x: Tensor, sigma: Tensor, cond, x0_u: Tensor, x0_c: Tensor) -> Tensor:
+        """The guided x0 from the two predictions (sampling/slg.py adds a third pass here)."""
         x0 = x0_u + self.scale * (x0_c - x0_u)
         return self._rescale(x, sigma, x0, x0_c) if self.rescale > 0 else x0
 
