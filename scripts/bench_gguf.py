@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def rss_gb() -> float:
-    """This process's resident set now (VmRSS), GB."""
+    """This process's resident set now (VmRSS), GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 2**20
@@ -105,7 +105,7 @@ class _Stages(dict):
 
         super().__setitem__(stage, value)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"[{time.strftime('%H:%M:%S')}] {stage}: RSS {value:.2f} GB, peak so far {peak:.2f} GB", file=sys.stderr,
+        print(f"[{time.strftime('%H:%M:%S')}] {stage}: RSS {value:.2f} GiB, peak so far {peak:.2f} GiB", file=sys.stderr,
               flush=True)  # fmt: skip
 
 
@@ -430,8 +430,8 @@ def layer_errors(src: Path, types: list[str]) -> list[tuple[str, str, float]]:
 def table(results: dict[str, dict], errors: list, args: argparse.Namespace, what: str) -> str:
     lines = [f"GGUF vs {args.dtype}: {what}, {args.size}x{args.size}, {args.steps} steps euler, compute {args.dtype}, "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default", "",
-             f"| weights | file MB | peak RSS GB | load s | step s | decode s | PSNR vs {args.dtype} dB "
-             "| RSS GB after |",
+             f"| weights | file MiB | peak RSS GiB | load s | step s | decode s | PSNR vs {args.dtype} dB "
+             "| RSS GiB after |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in results.items():
         after = " ".join(f"{k} {v}" for k, v in r.get("rss_after", {}).items())
