@@ -105,8 +105,8 @@ class _Stages(dict):
 
         super().__setitem__(stage, value)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"[{time.strftime('%H:%M:%S')}] {stage}: RSS {value:.2f} GiB, peak so far {peak:.2f} GiB", file=sys.stderr,
-              flush=True)  # fmt: skip
+        when = time.strftime("%H:%M:%S")
+        print(f"[{when}] {stage}: RSS {value:.2f} GiB, peak so far {peak:.2f} GiB", file=sys.stderr, flush=True)
 
 
 def dit_worker(args: argparse.Namespace) -> None:
