@@ -638,7 +638,8 @@ def convert(
                                            "--quantize any model sdcli reads; a .gguf to dequantize.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .safetensors or .gguf file to write.")],
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Write a GGUF file of this type: q8_0, "
-                        "q5_1, q5_0, q4_1, q4_0 (or f16, bf16, f32); the VAE, norms and biases stay float.")] = None,
+                        "q6_k, q5_k, q5_1, q5_0, q4_k, q4_1, q4_0, q3_k, q2_k (or f16, bf16, f32); the VAE, norms "
+                        "and biases stay float.")] = None,
     type_rules: Annotated[Optional[str], typer.Option("--tensor-type-rules", help="Per-tensor types, "
                           "stable-diffusion.cpp's syntax: REGEX=TYPE,... (first match wins).")] = None,
     convs: Annotated[bool, typer.Option("--quantize-convs", help="Quantize conv kernels too, as 256-wide rows "

@@ -8,8 +8,10 @@ Import in a test module with ``from _fixtures_reliability import *  # noqa: F403
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ class _Runner(CliRunner):
 
 RUNNER = _Runner()
 
-__all__ = ["ROOT", "cli", "assert_clean_error", "files_in", "temp_files", "render_args", "one_thread",
+__all__ = ["ROOT", "deadline", "cli", "assert_clean_error", "files_in", "temp_files", "render_args", "one_thread",
            "isolated", "run_module", "sdcli_meta"]
 
 
@@ -118,3 +120,19 @@ def sdcli_meta(png: Path) -> dict:
 
     with Image.open(png) as img:
         return json.loads(img.text[SDCLI_JSON_KEY])
+
+
+@contextmanager
+def deadline(seconds: int, what: str):
+    """Fail (instead of hanging the suite) when one command runs past `seconds`."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"hang: {what} ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

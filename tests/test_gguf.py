@@ -471,7 +471,7 @@ def test_type_rules():
     assert choose_type("first_stage_model.x.weight", (512, 512), torch.float16, "q8_0", rules).name == "F16"
     assert choose_type("model.diffusion_model.x.weight", (64, 64), torch.bfloat16, "q4_1", ()).name == "Q4_1"
     assert choose_type("model.diffusion_model.x.weight", (4, 4, 3, 3), torch.bfloat16, "q4_1", ()).name == "F32"
-    for bad in ("attn", "=q8_0", "x=q4_k", "(=q8_0"):
+    for bad in ("attn", "=q8_0", "x=iq4_xs", "(=q8_0"):
         with pytest.raises(UsageError):
             parse_type_rules(bad)
 
@@ -506,8 +506,8 @@ def test_write_read_round_trip(tmp_path, qtype, arch):
 
 
 def test_write_refuses(tmp_path):
-    with pytest.raises(UsageError, match="Q4_K"):
-        write_gguf(tmp_path / "k.gguf", _checkpoint(), "Q4_K")
+    with pytest.raises(UsageError, match="IQ4_XS"):
+        write_gguf(tmp_path / "k.gguf", _checkpoint(), "IQ4_XS")
     with pytest.raises(BadInputError, match="position_ids"):
         write_gguf(tmp_path / "i.gguf", {"position_ids": torch.arange(4)}, "Q8_0")
     with pytest.raises(OutputError):

@@ -289,10 +289,10 @@ def test_metadata_names_the_file_and_its_types_and_verify_replays_it(files, tmp_
     invoker({})("verify", str(tmp_path / "q8.png"), "-m", str(files["q8"]), "--min-psnr", "inf")
 
 
-def test_k_quants_are_refused_with_what_works(files, tmp_path):
-    result = invoker({})("convert", str(files["st32"]), "-o", str(tmp_path / "k.gguf"), "--quantize", "q4_k",
+def test_i_quants_are_refused_with_what_works(files, tmp_path):
+    result = invoker({})("convert", str(files["st32"]), "-o", str(tmp_path / "k.gguf"), "--quantize", "iq4_xs",
                          expect=2)  # fmt: skip
-    assert "llama-quantize" in result.stderr and "q4_0" in result.stderr and not (tmp_path / "k.gguf").exists()
+    assert "llama-quantize" in result.stderr and "q4_k" in result.stderr and not (tmp_path / "k.gguf").exists()
     invoker({})("convert", str(files["st32"]), "-o", str(tmp_path / "k.gguf"), expect=2)  # no type given
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import struct
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,22 +25,6 @@ from sdcli.formats.safetensors_header import decode_header
 
 DOCUMENTED_EXITS = {0, 2, 3, 4, 5, 7, 8, 9}  # README "Exit codes" (6 is out of memory, 130 and up are signals)
 SECONDS_PER_RUN = 20
-
-
-@contextmanager
-def deadline(seconds: int, what: str):
-    """Fail (instead of hanging the suite) when one command runs past `seconds`."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"hang: {what} ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def run(*args, what: str = ""):

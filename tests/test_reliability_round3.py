@@ -8,13 +8,11 @@ import html
 import json
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +27,6 @@ from _fixtures_embeddings import random_vectors, write_embedding
 from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 from _fixtures_taesd import write_taesd_files
-
-
-@contextmanager
-def deadline(seconds: int, what: str):
-    """Fail, instead of hanging the suite, when a command runs past `seconds`."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"hang: {what} ran past {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

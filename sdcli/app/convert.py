@@ -28,7 +28,7 @@ def run_convert(source: Path, output: Path, overwrite: bool, quantize: str | Non
     if suffix not in (".safetensors", ".gguf"):
         raise UsageError(f"{output}: the output of convert must be a .safetensors or .gguf file")
     if suffix == ".gguf" and quantize is None:
-        raise UsageError(f"{output}: a GGUF output needs --quantize TYPE (q8_0, q4_0, f16, ...)")
+        raise UsageError(f"{output}: a GGUF output needs --quantize TYPE (q8_0, q4_k, q4_0, f16, ...)")
     if suffix == ".safetensors" and (quantize is not None or type_rules is not None or convs):
         raise UsageError("--quantize, --tensor-type-rules and --quantize-convs write a GGUF file: name the output "
                          ".gguf")  # fmt: skip

@@ -19,10 +19,15 @@ OPENCLIP_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)",
      tuple(rf"encoder.layers.\1.self_attn.{x}_proj.\2" for x in "qkv")),  # fused q, k, v along dim 0
     (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", (r"encoder.layers.\1.self_attn.out_proj.\2",)),
+    # stable-diffusion.cpp's older SD2 GGUFs: in_proj already split (formats/gguf.py maps the rest of their names)
+    (r"transformer\.resblocks\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)", (r"encoder.layers.\1.self_attn.\2_proj.\3",)),
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", (r"encoder.layers.\1.mlp.fc1.\2",)),
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", (r"encoder.layers.\1.mlp.fc2.\2",)),
     (r"ln_final\.(weight|bias)", (r"final_layer_norm.\1",)),
 )
+# stable-diffusion.cpp's OpenCLIP towers (SD2's ViT-H, SDXL's bigG) in transformers names keep OpenCLIP's fused
+# in_proj (its name_conversion.cpp: attn.in_proj_weight -> self_attn.in_proj.weight)
+FUSED_IN_PROJ = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.in_proj\.(weight|bias)")
 TRANSPOSED = "T"  # plan marker: the stored tensor is the transpose of the module's (OpenCLIP text_projection)
 
 
@@ -52,7 +57,12 @@ def text_plan(keys: list[str], layout: str, layers: int, module_prefix: str = "t
             plan[projection[0]] = (k, projection[1])
             continue
         if name is not None and layout == "openai":
-            plan[module_prefix + name.removeprefix("text_model.")] = (k, None)
+            target = name.removeprefix("text_model.")
+            if m := FUSED_IN_PROJ.fullmatch(target):  # fused q, k, v along dim 0, as OpenCLIP's in_proj
+                for i, x in enumerate("qkv"):
+                    plan[f"{module_prefix}encoder.layers.{m.group(1)}.self_attn.{x}_proj.{m.group(2)}"] = (k, i)
+                continue
+            plan[module_prefix + target] = (k, None)
             continue
         for pattern, targets in OPENCLIP_RULES if name is not None else ():
             if m := re.fullmatch(pattern, name):

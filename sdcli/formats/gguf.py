@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError
-from sdcli.formats.ldm import refuse_empty
+from sdcli.formats.ldm import OPENCLIP_TEXT, refuse_empty
 from sdcli.quant.dequantize import check_supported
 from sdcli.quant.ggml_types import GGML_TYPES, GGMLType
 from sdcli.quant.tensor import QuantizedTensor
@@ -318,6 +318,42 @@ SDCPP_SDXL_TEXT = (
 SDCPP_SDXL_MARK = "cond_stage_model.1."
 
 
+# stable-diffusion.cpp's names for SD2's OpenCLIP ViT-H text tower (name_conversion.cpp
+# convert_open_clip_to_hf_clip_name: transformers names under cond_stage_model.transformer.text_model., the fused
+# in_proj kept as self_attn.in_proj, OpenCLIP's (width, proj) projection under the bare text_projection, and EVERY
+# layer: sd.cpp skips the last one at run time), put back under the OpenCLIP names of an SD2 file, so the load is an
+# SD2 safetensors file's: the last layer dropped (SD2 conditions on the penultimate), q/k/v split from in_proj. Older
+# sd.cpp versions split in_proj into q_proj/k_proj/v_proj before writing: those names are kept beside OpenCLIP's
+# (formats/clip_layouts.OPENCLIP_RULES places them). Only for files whose CLIP holds that bare text_projection:
+# SD1's OpenAI CLIP has none, and a diffusers SD2 text encoder (already cut to 23 layers) neither.
+SDCPP_OPENCLIP_MARK = "cond_stage_model.transformer.text_model.text_projection"
+SDCPP_OPENCLIP_FROM = "cond_stage_model.transformer.text_model."
+SDCPP_OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight", "text_projection": "text_projection",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
+}  # fmt: skip
+SDCPP_OPENCLIP_LAYER = (
+    ("self_attn.in_proj.weight", "attn.in_proj_weight"), ("self_attn.in_proj.bias", "attn.in_proj_bias"),
+    ("self_attn.", "attn."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+)  # fmt: skip
+_SDCPP_OPENCLIP_BLOCK = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+
+
+def _sdcpp_openclip_name(name: str) -> str:
+    if not name.startswith(SDCPP_OPENCLIP_FROM):
+        return name
+    rest = name[len(SDCPP_OPENCLIP_FROM):]
+    if rest in SDCPP_OPENCLIP_TOP:
+        return OPENCLIP_TEXT + SDCPP_OPENCLIP_TOP[rest]
+    if m := _SDCPP_OPENCLIP_BLOCK.fullmatch(rest):
+        for old, new in SDCPP_OPENCLIP_LAYER:
+            if m.group(2).startswith(old):
+                return f"{OPENCLIP_TEXT}transformer.resblocks.{m.group(1)}.{new}{m.group(2)[len(old):]}"
+    return name  # anything else stays as stored: a strict load lists it
+
+
 def _sdcpp_sdxl_name(name: str) -> str:
     for old, new in SDCPP_SDXL_TEXT:
         if name.startswith(old):
@@ -337,7 +373,8 @@ def ldm_names(info: GGUFInfo) -> dict[str, str]:
     (formats/ldm.py): city96's bare denoiser names get ``model.diffusion_model.`` back, so detection and
     ``strict.identity_plan`` (which strips the prefix per part, as for any checkpoint) work unchanged; T5 names
     become transformers'; stable-diffusion.cpp's names stay (a bare denoiser of its is prefixed as city96's), but
-    for its SDXL text encoders, put back where an sgm file has them (SDCPP_SDXL_TEXT)."""
+    for its SDXL text encoders, put back where an sgm file has them (SDCPP_SDXL_TEXT), and its SD2 OpenCLIP tower
+    under an SD2 file's OpenCLIP names (SDCPP_OPENCLIP_*)."""
     arch, names = info.architecture, list(info.tensors)
     if arch in T5_ARCHS:
         out = {n: _t5_name(n) for n in names}
@@ -349,7 +386,9 @@ def ldm_names(info: GGUFInfo) -> dict[str, str]:
     elif arch is None and (any(n.startswith(PART_PREFIXES) for n in names) or
                            not any(n.startswith(DENOISER_ROOTS) for n in names)):  # fmt: skip
         sdxl = any(n.startswith(SDCPP_SDXL_MARK) for n in names)
-        out = {n: _sdcpp_sdxl_name(n) if sdxl else n for n in names}
+        openclip = not sdxl and SDCPP_OPENCLIP_MARK in info.tensors
+        rename = _sdcpp_sdxl_name if sdxl else _sdcpp_openclip_name if openclip else (lambda n: n)
+        out = {n: rename(n) for n in names}
     else:
         out = {n: n if n.startswith(UNET_PREFIX) else UNET_PREFIX + n for n in names}
     if len(set(out.values())) != len(out):

@@ -32,6 +32,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 def tiny_file(path: Path) -> Path | None:
     """The TAESD weights `path` names (itself, or a diffusers AutoencoderTiny folder's file), or None when it is
     not a TAESD file. Header only for safetensors; a pickle is taken on its name (load_taesd checks its keys)."""
+    from sdcli.formats.gguf import is_gguf, read_gguf_header
     from sdcli.formats.pickle_ckpt import PICKLE_SUFFIXES
     from sdcli.formats.safetensors import read_header
     from sdcli.models.taesd import is_taesd, shapes_of
@@ -42,6 +43,8 @@ def tiny_file(path: Path) -> Path | None:
             return None
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return path if path.name.lower().startswith(TAESD_KINDS) else None
+    if is_gguf(path):  # stable-diffusion.cpp / city96 VAE files: a full VAE (load_vae dequantizes what is quantized)
+        return path if is_taesd({name: tuple(t.shape) for name, t in read_gguf_header(path).tensors.items()}) else None
     return path if is_taesd(shapes_of(read_header(path))) else None
 
 

@@ -15,9 +15,10 @@ for SD1/SDXL UNets (ComfyUI-GGUF convert.py ``shape_fix``), read by ComfyUI-GGUF
 by stable-diffusion.cpp, which keeps such convolutions float (most of a UNet's weights: the reason sd.cpp's q4_0
 SD1 file is 2.0 GB against 2.3 GB in f16).
 
-Writing uses the gguf package (the optional extra ``sdcli[gguf]``): ``gguf.quants.quantize`` makes the blocks,
-``gguf.GGUFWriter`` the file, one tensor in memory at a time. gguf.quants quantizes F32, F16, BF16, Q4_0, Q4_1,
-Q5_0, Q5_1 and Q8_0; K-quants need llama.cpp's ``llama-quantize`` (or stable-diffusion.cpp's ``convert``).
+Writing uses the gguf package (the optional extra ``sdcli[gguf]``): ``gguf.quants.quantize`` makes the blocks of
+F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, sdcli's own quant/kquants.py those of Q2_K..Q6_K (the gguf package
+cannot write K-quants; ours are ggml's reference quantizers, byte for byte), ``gguf.GGUFWriter`` the file, one
+tensor in memory at a time. i-quants need an importance matrix: llama.cpp's ``llama-quantize`` makes them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from torch import Tensor
 from sdcli.runtime.errors import BadInputError, OutputError, UsageError, quote
 from sdcli.quant.ggml_types import BY_NAME, GGMLType, ggml_type
 
-WRITABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf.quants.quantize makes
+GGUF_WRITES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf.quants.quantize makes
+WRITABLE = (*GGUF_WRITES, "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # the K-quants: quant/kquants.py
 MAX_DIMS = 4  # GGML_MAX_DIMS
 SMALL = 1024  # tensors of at most this many elements stay float (city96's QUANTIZATION_THRESHOLD)
 ROW = 256  # --quantize-convs: a kernel's elements as rows of this many (city96's shape_fix; a K-quant block too)
@@ -108,6 +110,10 @@ def _blocks(t: Tensor, qtype: GGMLType):
     import gguf
 
     data = t.detach().to("cpu", torch.float32).numpy()
+    if qtype.name not in GGUF_WRITES:
+        from sdcli.quant import kquants
+
+        return kquants.quantize(data, qtype.name)
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType(qtype.id))
 
 
@@ -136,9 +142,8 @@ def check_writable(qtype: GGMLType | str) -> GGMLType:
     name = str(getattr(qtype, "name", qtype)).upper()
     if name in WRITABLE:
         return BY_NAME[name]
-    if name in BY_NAME and (BY_NAME[name].block_size == 256 or name.startswith("IQ")):
-        why = "K-quants and i-quants are made by llama.cpp's llama-quantize or stable-diffusion.cpp's convert " \
-              "(sdcli reads their files)"  # fmt: skip
+    if name in BY_NAME and name.startswith("IQ"):
+        why = "i-quants need an importance matrix: llama.cpp's llama-quantize makes them (sdcli reads their files)"
     elif name in BY_NAME:
         why = "the gguf package does not quantize to it"
     else:
