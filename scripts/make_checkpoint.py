@@ -437,7 +437,9 @@ def dit_config(family: str, size: str = "tiny"):
     from sdcli.models.mmdit import MMDiTConfig
 
     if size != "tiny":
-        return MMDiTConfig(dual_attention_layers=tuple(range(13)), qk_norm=True) if family == "sd3" else \
+        # SD3.5 Medium: dual attention in blocks 0-12, q/k RMS norm, a 384 x 384 position table (SD3 Medium's: 192)
+        return MMDiTConfig(dual_attention_layers=tuple(range(13)), qk_norm=True, pos_embed_max_size=384) \
+            if family == "sd3" else \
             FluxConfig(guidance_embed=family == "flux")  # fmt: skip
     if family == "sd3":
         return MMDiTConfig(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=8, mlp_hidden=512,
