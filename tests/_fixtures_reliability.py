@@ -107,7 +107,16 @@ def run_module(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1", PYTHONPATH=path)
     env.pop("SDCLI_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env, **kw)
+    return subprocess.Popen([sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env,
+                            preexec_fn=_interruptible if os.name == "posix" else None, **kw)
+
+
+def _interruptible() -> None:
+    # The child starts as from a terminal: a suite started in the background by a non-interactive shell inherits
+    # SIGINT ignored (Python then never raises KeyboardInterrupt) and under nohup SIGHUP ignored (which sdcli
+    # keeps, by design): a test's Ctrl-C or hang-up would be lost.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def sdcli_meta(png: Path) -> dict:

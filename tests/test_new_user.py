@@ -14,17 +14,7 @@ from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_reliability import *  # noqa: F403
 
 
-def run_here(args: list[str], cwd, **kw):
-    """run_module with this checkout's sdcli first on the path (from the test's folder, `python -m sdcli` would
-    find whichever sdcli the venv has installed)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CONFIG_HOME=str(cwd / "xdg"), NO_COLOR="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("SDCLI_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "sdcli", *map(str, args)], cwd=cwd, env=env, **kw)
+run_here = run_module  # noqa: F405 (this checkout first on the path; SIGINT not ignored)
 
 
 def fast_args(model, *extra: str) -> list[str]:
