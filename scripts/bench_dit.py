@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import struct
 import subprocess
 import sys
@@ -368,7 +367,9 @@ def interleaved(a, part: str, **extra) -> dict[str, dict]:
 
 def machine(a) -> str:
     threads = a.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {threads} threads, {a.dtype}"
+    from bench import cpu_name  # the model name with its family/model numbers ("AMD EPYC" alone says no Zen)
+
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {threads} threads, {a.dtype}"
 
 
 def _ratio(ours: float, theirs: float) -> str:
