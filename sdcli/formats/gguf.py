@@ -98,11 +98,14 @@ class _Cursor:
     def scalar(self, code: str, what: str) -> Any:
         return struct.unpack_from("<" + code, self.buf, self.take(struct.calcsize(code), what))[0]
 
-    def string(self, what: str, strict: bool = True) -> str:
+    def string(self, what: str, lossy: bool = False) -> str:
+        """A length-prefixed UTF-8 string. Keys and tensor names must decode (a bad one refuses the file);
+        metadata values are `lossy`: llama.cpp writers store tokenizer byte-pieces that are not UTF-8, and sdcli
+        reads values only to show them or to match known names (general.architecture), so U+FFFD stands in."""
         n = self.scalar("Q", what)
         start = self.take(n, what)
         try:
-            return bytes(self.buf[start:start + n]).decode("utf-8", errors="strict" if strict else "replace")
+            return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace" if lossy else "strict")
         except UnicodeDecodeError:
             raise _refuse(self.path, f"{what} is not UTF-8") from None
 
@@ -110,7 +113,7 @@ class _Cursor:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == _STRING:
-            return self.string(what, strict=False)
+            return self.string(what, lossy=True)
         if vtype == _ARRAY:
             return self.array(what)
         raise _refuse(self.path, f"{what} has an unknown value type {vtype}")
@@ -119,7 +122,7 @@ class _Cursor:
         itype, count = self.scalar("I", what), self.scalar("Q", what)
         if itype == _STRING:
             self.need(8 * count, what)  # each string takes at least its length: a huge count stops here
-            return [self.string(what, strict=False) for _ in range(count)]
+            return [self.string(what, lossy=True) for _ in range(count)]
         if itype not in _SCALARS:
             raise _refuse(self.path, f"{what} is an array of value type {itype} (nested or unknown)")
         itemsize = struct.calcsize(_SCALARS[itype])
