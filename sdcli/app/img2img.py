@@ -19,7 +19,7 @@ from sdcli.runtime import console
 from sdcli.runtime.errors import UsageError
 from sdcli.control import settings as control_config
 from sdcli.jobs import single_job
-from sdcli.app import cluster, inpaint, refine, remote, render, resume
+from sdcli.app import cluster, hires_fix, inpaint, refine, remote, render, resume
 
 
 @dataclass
@@ -62,7 +62,7 @@ def run_img2img(req: Img2ImgRequest) -> None:
         raise UsageError("--hires-scale re-renders the whole picture larger; it cannot be used with --mask or --pad")
     if not req.dry_run:
         render.check_model_given(base)
-    render.check_hires_upscalers([job])
+    hires_fix.check_upscalers([job])
     from sdcli.formats import images  # imports torch: after the checks that need none
     img, notes = images.load_image(req.image)
     for note in notes:
