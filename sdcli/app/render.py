@@ -535,13 +535,12 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
 
 
 def _final_size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
-    """(width, height) of the saved images: after the hires pass when there is one."""
-    from sdcli import pipeline
-
+    """(width, height) of the saved images: after the hires pass when there is one, rounded as that pass rounds
+    (hires_fix.output_size), so a grid or plot checked with it has the images' size."""
     w, h = _size(cfg, models, init)
     if cfg.hires_scale == 1.0:
         return w, h
-    h, w = pipeline.hires_size(h, w, cfg.hires_scale, models.family.latent.downscale)
+    h, w = hires_fix.output_size(models.family, (h, w), cfg.hires_scale)
     return w, h
 
 
