@@ -52,7 +52,7 @@ def _flags(**given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-# --- the rendering commands: their own parameters, then the shared options they take (cli_params.py), panel by panel
+# --- the commands: their own parameters, then the shared options they take (cli_params.py), panel by panel
 @app.command()
 @guard.handled
 @params.takes(
@@ -179,65 +179,40 @@ def sweep(
 
 @app.command()
 @guard.handled
+@params.takes(*params.MODEL, "embeddings_dir", "clip_skip", "overwrite", "quiet", "json_out", *params.DEVICE)
 def encode(
     image: Annotated[Optional[str], typer.Argument(help="Image to encode into a VAE latent ('-' = stdin).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Latent (.safetensors or ComfyUI .latent) or embedding file.")] = "",
     text: Annotated[Optional[str], typer.Option("--text", help="Encode this prompt with CLIP instead of an image.")] = None,
-    clip_skip: opt.ClipSkipOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    embeddings_dir: opt.EmbeddingsDirOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Run one stage forward: an image -> a VAE latent file, or --text -> a CLIP embedding file."""
     from sdcli.runtime.console import set_quiet
     from sdcli.app.encode import EncodeRequest, run_encode
 
-    set_quiet(quiet)
-    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   dtype=dtype, device=device, threads=threads, clip_l=clip_l, clip_g=clip_g, t5=t5)
-    run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
-                             overwrite=overwrite, json_out=json_out))
+    set_quiet(given["quiet"])
+    run_encode(EncodeRequest(image=image, text=text, output=output, flags=params.config_flags(given),
+                             config_file=given["config"], overwrite=given["overwrite"], json_out=given["json_out"]))
 
 
 @app.command()
 @guard.handled
+@params.takes("config", "model", "vae", "output", "verbose", "overwrite", "quiet", "json_out", *params.DEVICE,
+              *params.VAE_TILING)
 def decode(
     latent: Annotated[Path, typer.Argument(help="Latent file (ours or ComfyUI .latent).")],
-    output: opt.OutputOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    vae_tiling: opt.VaeTilingOpt = None,
-    vae_tile_size: opt.VaeTileSizeOpt = None,
-    verbose: opt.VerboseOpt = False,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Run the VAE decoder: a latent file -> PNG."""
     from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.encode import DecodeRequest, run_decode
 
-    set_quiet(quiet)
-    set_verbose(verbose)
-    flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device, threads=threads,
-                   vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)
-    guard.stdout_needed(output, json_out)
-    run_decode(DecodeRequest(latent=latent, flags=flags, config_file=config, overwrite=overwrite, json_out=json_out))
+    set_quiet(given["quiet"])
+    set_verbose(given["verbose"])
+    flags = params.config_flags(given)
+    guard.stdout_needed(given["output"], given["json_out"])
+    run_decode(DecodeRequest(latent=latent, flags=flags, config_file=given["config"], overwrite=given["overwrite"],
+                             json_out=given["json_out"]))
 
 
 @app.command()
@@ -268,6 +243,7 @@ def inspect(
 
 @app.command()
 @guard.handled
+@params.takes("upscaler_dir", "config", "overwrite", "quiet", "json_out", *params.DEVICE)
 def upscale(
     images: Annotated[list[str], typer.Argument(help="Images to upscale ('-' = stdin).")],
     upscaler: Annotated[str, typer.Option("--upscaler", "-u", help="An upscaler model file (ESRGAN, Real-ESRGAN, "
@@ -279,25 +255,17 @@ def upscale(
                                                    "model runs up to 3 times, then one Lanczos resize.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (0 = the whole image at once).")] = 512,
     tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Pixels neighbouring tiles share.")] = 32,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    config: opt.ConfigOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Upscale images with an upscaler model (A1111's Extras tab); metadata carried over."""
     from sdcli.app.upscale import UpscaleRequest, run_upscale
     from sdcli.runtime.console import set_quiet
 
-    set_quiet(quiet)
-    guard.stdout_needed(output, json_out)
-    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device, threads=threads)
+    set_quiet(given["quiet"])
+    guard.stdout_needed(output, given["json_out"])
     run_upscale(UpscaleRequest(images=list(images), upscaler=upscaler, output=output, scale=scale, tile=tile,
-                               overlap=tile_overlap, flags=flags, config_file=config, overwrite=overwrite,
-                               json_out=json_out))
+                               overlap=tile_overlap, flags=params.config_flags(given), config_file=given["config"],
+                               overwrite=given["overwrite"], json_out=given["json_out"]))
 
 
 @app.command()
@@ -350,24 +318,11 @@ def convert(
 
 @app.command()
 @guard.handled
+@params.takes("model", "vae", "clip_l", "clip_g", "t5", "lora_dir", "embeddings_dir", "upscaler_dir", "config", "lora",
+              "controlnet", "control_image", "refiner", "overwrite", "quiet", "json_out", "device", "offload")
 def verify(
     images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    embeddings_dir: opt.EmbeddingsDirOpt = None,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    config: opt.ConfigOpt = None,
-    device: opt.DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
-    lora: opt.LoraOpt = None,
-    refiner: opt.RefinerOpt = None,
-    offload: opt.OffloadOpt = None,
-    controlnet: opt.ControlNetOpt = None,
-    control_image: opt.ControlImageOpt = None,
     image: Annotated[Optional[str], typer.Option("--image", "-i", help="img2img / inpainting images: the input "
                                                  "picture they were made from.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpainting images: their mask (default: the "
@@ -379,9 +334,7 @@ def verify(
     report_dir: Annotated[
         Optional[str], typer.Option("--report-dir", help="Like --report, as DIR/index.html with the PNGs beside it.")
     ] = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Re-render images from their recorded settings and compare (PSNR, max difference); exit 9 if any drifted."""
     from sdcli.runtime.console import set_quiet
@@ -391,11 +344,10 @@ def verify(
         from sdcli.runtime.errors import UsageError
 
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
-    set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir, clip_l=clip_l, clip_g=clip_g, t5=t5)
-    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
-               {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
+    set_quiet(given["quiet"])
+    controlnets = {"models": list(given["controlnet"] or []), "images": list(given["control_image"] or [])}
+    run_verify(images, params.config_flags(given), given["config"], min_psnr, given["json_out"],
+               list(given["lora"] or []), report, report_dir, given["overwrite"], controlnets, image, mask)
 
 
 @app.command()

@@ -1,9 +1,10 @@
-"""The options the rendering commands (generate, img2img, sweep) share, taken by name, and what a command does with
-them: the config keys given, the request fields every render takes, the ControlNet flags.
+"""The options the commands share (generate, img2img and sweep most of them; encode, decode, upscale and verify a
+few), taken by name, and what a command does with them: the config keys given, the request fields every render
+takes, the ControlNet flags.
 
-Typer reads a command's options from its signature, so each command used to spell out some sixty parameters and
-then name them all again to build its config flags. Here a command declares only its own parameters and lists the
-shared options it takes (`@takes(...)`); they reach it in `**given`, under their parameter names.
+Typer reads a command's options from its signature, so each rendering command used to spell out some sixty
+parameters and then name them all again to build its config flags. Here a command declares only its own parameters
+and lists the shared options it takes (`@takes(...)`); they reach it in `**given`, under their parameter names.
 
 The help shows options panel by panel (cli_help.HelpfulCommand), in the order they are listed inside a panel, so a
 command's list reads panel by panel in the order its help shows them.
