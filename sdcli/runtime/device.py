@@ -4,6 +4,7 @@ bf16 natively (AVX512-BF16 or AMX), else fp32. fp16 on a CPU is never chosen: it
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -123,18 +124,49 @@ def configure(placement: Placement, threads: int | None = None) -> None:
     fix_heap_threshold()
 
 
-# glibc's M_MMAP_THRESHOLD (mallopt parameter -3): blocks above it get their own mapping, returned on free.
+# glibc's mallopt parameters: M_TRIM_THRESHOLD (-1), free heap top kept before it is handed back;
+# M_MMAP_THRESHOLD (-3), blocks above it get their own mapping, returned (and page-faulted afresh) on free.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 128 << 10  # glibc's default
+SAMPLING_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: ~2 GiB, above any one activation of a step
 
 
 def fix_heap_threshold() -> bool:
-    """Pin glibc's mmap threshold at 32 MB (its dynamic maximum) instead of letting it float. Floating, it rises
-    with every freed mapping, and the heap then kept ~1.1 GB of freed read and reduction buffers beside the SDXL
-    weights at the peak of a load (8.1 GB vs 7.0 GB of weights and libraries, measured on 2 threads; SD1.5
-    0.1-0.3 GB); pinned, the peak is the weights. Step time was unchanged (5.5 s per 512px bf16 step either way;
-    a 4 MB threshold cost 15%). No-op outside glibc. Returns whether it was set."""
+    """Pin glibc's mmap threshold at 32 MB (its dynamic maximum) instead of letting it float, and its trim
+    threshold at glibc's default. Floating, it rises with every freed mapping, and the heap then kept ~1.1 GB of
+    freed read and reduction buffers beside the SDXL weights at the peak of a load (8.1 GB vs 7.0 GB of weights and
+    libraries, measured on 2 threads; SD1.5 0.1-0.3 GB); pinned, the peak is the weights. Step time was unchanged
+    (5.5 s per 512px bf16 step either way; a 4 MB threshold cost 15%). Sampling holds its heap instead
+    (`sampling_heap`). No-op outside glibc. Returns whether it was set."""
     libc = _glibc()
-    return libc is not None and bool(libc.mallopt(-3, MMAP_THRESHOLD))
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@contextmanager
+def sampling_heap(device):
+    """While a CPU samples, every block (up to ~2 GiB) comes from glibc's heap and the heap keeps what is freed:
+    the large activations of one UNet call (GEGLU's 84 MB projections, attention maps, oneDNN's per-call weight
+    reorders at 512px fp32) are then the same pages at every call instead of fresh mappings page-faulted each
+    time (PLACEHOLDER). The peak is the step's working set either way; the load happens before, under the pinned
+    thresholds (`fix_heap_threshold`), which come back at the end, with the heap trimmed. Allocation never changes
+    a result's bits. `device`: the torch.device sampled on. SDCLI_SAMPLING_HEAP=0 keeps the pinned thresholds
+    (what scripts/bench_heap.py compares)."""
+    libc = _glibc()
+    if libc is None or device.type != "cpu" or os.environ.get(HOLD_ENV, "1") == "0":
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, SAMPLING_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, SAMPLING_THRESHOLD)
+    try:
+        yield
+    finally:
+        fix_heap_threshold()
+        trim_heap()
+
+
+HOLD_ENV = "SDCLI_SAMPLING_HEAP"
 
 
 def trim_heap() -> None:

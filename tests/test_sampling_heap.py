@@ -1,0 +1,135 @@
+"""The sampling heap (runtime/device.py `sampling_heap`): glibc's mmap and trim thresholds are raised only while a
+CPU samples, after the part is built, and pinned again (with the heap trimmed) when sampling ends, even by an
+exception; every part is built under the pinned thresholds (the load peaks of fix_heap_threshold's docstring).
+Checked through the real pipeline with a recording stand-in for glibc, and on glibc itself: a block freed while
+held comes back without page faults. Allocation never changes bits; test_residency.py's byte comparisons and
+tests/test_refactor_bytes.py run with the hold on (the default)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+
+import pytest
+import torch
+
+from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
+from _fixtures_pipeline import one_thread  # noqa: F401
+from sdcli import pipeline
+from sdcli.loading.checkpoint import load_models
+from sdcli.loading.residency import Residency
+from sdcli.runtime import device
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PINNED = {device.M_MMAP_THRESHOLD: device.MMAP_THRESHOLD, device.M_TRIM_THRESHOLD: device.TRIM_THRESHOLD}
+HELD = {device.M_MMAP_THRESHOLD: device.SAMPLING_THRESHOLD, device.M_TRIM_THRESHOLD: device.SAMPLING_THRESHOLD}
+
+
+class RecordingGlibc:
+    """mallopt and malloc_trim as glibc answers them, remembering the thresholds and every call."""
+
+    def __init__(self):
+        self.thresholds: dict[int, int] = {}
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.thresholds[param] = value
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
+        return 1
+
+
+@pytest.fixture
+def libc(monkeypatch):
+    fake = RecordingGlibc()
+    monkeypatch.setattr(device, "_glibc", lambda: fake)
+    monkeypatch.delenv(device.HOLD_ENV, raising=False)
+    device.fix_heap_threshold()  # as device.configure does before a render
+    return fake
+
+
+def _watch(monkeypatch, libc):
+    """What the thresholds were at every part build and every UNet call."""
+    seen = []
+    build, call = Residency._build, pipeline._UNetAdapter.__call__
+
+    def building(self, part):
+        seen.append(("build " + part, dict(libc.thresholds)))
+        return build(self, part)
+
+    def calling(self, *args, **kwargs):
+        seen.append(("unet call", dict(libc.thresholds)))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Residency, "_build", building)
+    monkeypatch.setattr(pipeline._UNetAdapter, "__call__", calling)
+    return seen
+
+
+def _render(models, callback=None):
+    plan = pipeline.make_plan("euler", "auto", 2, cfg=5.0, family=models.family)
+    cond, uncond = pipeline.encode_text(models, "a fox", "")
+    latents = pipeline.txt2img(models, plan, cond, uncond, [1], 64, 64, callback=callback)
+    models.parts.done_sampling()
+    return pipeline.decode_latents(models, latents)
+
+
+def test_held_only_while_sampling_and_every_build_pinned(libc, tiny_sd1, monkeypatch):  # noqa: F811
+    seen = _watch(monkeypatch, libc)
+    _render(load_models(tiny_sd1, residency="lean"))
+    assert [what for what, _ in seen] == ["build text", "build unet"] + ["unet call"] * 2 + ["build vae"]
+    for what, thresholds in seen:
+        assert thresholds == (HELD if what == "unet call" else PINNED), what
+    end = libc.calls.index(("mallopt", device.M_MMAP_THRESHOLD, device.MMAP_THRESHOLD), 3)  # after the hold
+    assert libc.calls[end:end + 3] == [("mallopt", device.M_MMAP_THRESHOLD, device.MMAP_THRESHOLD),
+                                       ("mallopt", device.M_TRIM_THRESHOLD, device.TRIM_THRESHOLD), ("trim", 0)]
+    assert libc.thresholds == PINNED
+
+
+def test_an_interrupted_sampling_pins_the_thresholds_again(libc, tiny_sd1):  # noqa: F811
+    class Stop(Exception):
+        pass
+
+    def stop(i, total, x, denoised):
+        assert libc.thresholds == HELD
+        raise Stop
+
+    with pytest.raises(Stop):
+        _render(load_models(tiny_sd1, residency="lean"), callback=stop)
+    assert libc.thresholds == PINNED and libc.calls[-1] == ("trim", 0)
+
+
+def test_switched_off_the_thresholds_stay_pinned(libc, tiny_sd1, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(device.HOLD_ENV, "0")
+    seen = _watch(monkeypatch, libc)
+    _render(load_models(tiny_sd1, residency="keep"))
+    assert seen and all(thresholds == PINNED for _, thresholds in seen)
+    assert all(call[0] != "mallopt" or call[2] != device.SAMPLING_THRESHOLD for call in libc.calls)
+
+
+def test_not_held_off_the_cpu(libc):
+    with device.sampling_heap(torch.device("meta")):
+        assert libc.thresholds == PINNED
+    assert ("trim", 0) not in libc.calls
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's heap thresholds only")
+def test_on_glibc_a_block_freed_while_held_comes_back_without_page_faults():
+    """64 MB, above the pinned 32 MB threshold: pinned, each one is a fresh mapping (16k faults to fill)."""
+    pages = (64 << 20) // resource.getpagesize()
+
+    def faults_to_fill():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.empty(pages * resource.getpagesize(), dtype=torch.uint8)
+        block.fill_(1)
+        del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert device.fix_heap_threshold()
+    with device.sampling_heap(torch.device("cpu")):
+        held = [faults_to_fill() for _ in range(4)]
+    assert held[-1] < pages // 20, held  # the same pages again (the first fill faults them in)
