@@ -157,6 +157,11 @@ def fix_text(text: str) -> str:
     """Our stand-in for ``ftfy.fix_text`` with default settings, minus mojibake repair."""
     if _UNFIXED_RE.fullmatch(text):  # most prompts: the fixes cost 20 us a prompt for nothing
         return text
+    return _fix_lines(text)
+
+
+def _fix_lines(text: str) -> str:
+    """fix_text line by line."""
     out, pos, unescape = [], 0, True
     while pos < len(text):
         end = text.find("\n", pos) + 1 or len(text)
