@@ -17,7 +17,7 @@ SERVE_STAMP := $(VENV)/.sdcli-serve-installed
 GGUF_STAMP := $(VENV)/.sdcli-gguf-installed
 
 .PHONY: install install-runtime install-ray install-gguf install-spandrel install-serve browser demo demo-tiny test \
-	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-avx2 bench-upscale bench-tome \
+	bench bench-quick bench-taesd bench-controlnet bench-sdxl bench-memory bench-gguf bench-dequant bench-avx2 bench-upscale bench-tome \
 	bench-serve bench-dit bench-peers bench-peers-install bench-attention clean
 
 $(RUNTIME_STAMP): pyproject.toml
@@ -121,6 +121,11 @@ bench-memory: $(STAMP)
 # load and step time, PSNR, per-type layer error (`scripts/bench_gguf.py --help` for a real file, SDXL, Q4_K).
 bench-gguf: $(STAMP)
 	$(PY) scripts/bench_gguf.py --convs
+
+# what dequantizing GGUF weights adds to a FLUX.1 / SD3.5 Medium block at 512 and 1024 px (Q8_0, Q4_K vs dense
+# float32; the block's peak memory too), and each type's dequantization speed (~5 min quiet on 2 cores)
+bench-dequant: $(STAMP)
+	$(PY) scripts/bench_dequant.py
 
 # SD3.5 Medium at 1024 (load, one CFG step, a DIT_STEPS-step image, peak RSS) and a FLUX.1 step at full width
 # (whole network if it fits in memory, else per block x depth) vs diffusers, into docs/benchmarks.md. DIT_STEPS=0

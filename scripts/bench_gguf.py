@@ -116,7 +116,9 @@ def dit_worker(args: argparse.Namespace) -> None:
     from sdcli import pipeline
     from sdcli.formats.images import tensor_to_pil
     from sdcli.loading.checkpoint import load_models
+    from sdcli.runtime.device import fix_heap_threshold
 
+    fix_heap_threshold()  # as `sdcli generate` runs (device.configure): the heap's mmap threshold pinned
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     parts = json.loads(args.parts)

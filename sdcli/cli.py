@@ -17,6 +17,7 @@ from sdcli import __version__
 from sdcli import cli_guard as guard
 from sdcli import cli_help
 from sdcli import cli_options as opt
+from sdcli import cli_params as params
 from sdcli.runtime.errors import SdcliError, UsageError
 
 app = typer.Typer(
@@ -46,106 +47,23 @@ def _root(
     """Stable Diffusion from the command line."""
 
 
-# --- options shared by the rendering commands ----------------------------------------------------
-def _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode, control_resize,
-             control_preprocess) -> dict:  # fmt: skip
-    """The ControlNet flags as given (lists), for control_config.from_flags / replayed."""
-    return dict(models=list(controlnet or []), images=list(control_image or []), weights=list(control_weight or []),
-                starts=list(control_start or []), ends=list(control_end or []), guess=guess_mode,
-                resizes=list(control_resize or []), preprocesses=list(control_preprocess or []))  # fmt: skip
-
-def _with_controlnets(flags: dict, control: dict) -> dict:
-    from sdcli.control.settings import from_flags
-
-    units = from_flags(**control)
-    return flags if units is None else {**flags, "controlnets": units}
-
-def _workers(workers, gpus_per_worker, cpus_per_worker):
-    from sdcli.app.cluster import Workers
-
-    return Workers(workers, gpus_per_worker, cpus_per_worker)
-
-
 def _flags(**given) -> dict:
     """Config-key -> value for the options actually given (None = not given)."""
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax, s_noise) -> dict:
-    """A1111's noise and sampler-parameter flags as config keys (those given)."""
-    return _flags(rng=rng, subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
-                  ensd=ensd, eta=eta, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-
-
-def _progress_mode(mode: str) -> str:
-    if mode not in ("auto", "json", "none"):
-        from sdcli.runtime.errors import UsageError
-
-        raise UsageError(f"option --progress: must be auto, json or none, got {mode!r}")
-    return mode
-
-
-def _print_config(flags: dict, config: Optional[Path], as_json: bool) -> None:
-    from sdcli import config as cfgmod
-
-    cfg, shown = cfgmod.resolve(flags, config), cfgmod.sources(flags, config)
-    if as_json:
-        from sdcli.runtime.console import emit_result
-
-        emit_result("config", None, {"config": cfg.to_dict(), "sources": shown})
-    else:
-        typer.echo(cfgmod.to_yaml(cfg, shown), nl=False)
-
-
+# --- the commands: their own parameters, then the shared options they take (cli_params.py), panel by panel
 @app.command()
 @guard.handled
+@params.takes(
+    *params.MODEL, "embeddings_dir", "prediction", "upscaler_dir", "lora",
+    *params.PROMPT, *params.SAMPLING, "sigmas", *params.FLOW, *params.NOISE, "width", "height", *params.COUNT,
+    "seamless", *params.HIRES, *params.CONTROLNET, *params.SDXL, *params.REFINER,
+    "output", "verbose", "latent_out", *params.GRID, *params.OUTPUT,
+    *params.DEVICE, *params.VAE_TILING, "tome_ratio", "offload", *params.CLUSTER,
+)
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt (A1111 weights like (word:1.2) work).")] = None,
-    output: opt.OutputOpt = None,
-    negative: opt.NegativeOpt = None,
-    width: opt.WidthOpt = None,
-    height: opt.HeightOpt = None,
-    steps: opt.StepsOpt = None,
-    cfg: opt.CfgOpt = None,
-    guidance_rescale: opt.RescaleOpt = None,
-    sampler: opt.SamplerOpt = None,
-    schedule: opt.ScheduleOpt = None,
-    sigmas: opt.SigmasOpt = None,
-    seed: opt.SeedOpt = None,
-    rng: opt.RngOpt = None,
-    subseed: opt.SubseedOpt = None,
-    subseed_strength: opt.SubseedStrengthOpt = None,
-    seed_resize_from: opt.SeedResizeOpt = None,
-    ensd: opt.EnsdOpt = None,
-    eta: opt.EtaOpt = None,
-    s_churn: opt.SChurnOpt = None,
-    s_tmin: opt.STminOpt = None,
-    s_tmax: opt.STmaxOpt = None,
-    s_noise: opt.SNoiseOpt = None,
-    n: opt.CountOpt = None,
-    batch_size: opt.BatchOpt = None,
-    clip_skip: opt.ClipSkipOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    guidance: opt.GuidanceOpt = None,
-    flow_shift: opt.FlowShiftOpt = None,
-    slg_scale: opt.SlgScaleOpt = None,
-    skip_layers: opt.SkipLayersOpt = None,
-    slg_start: opt.SlgStartOpt = None,
-    slg_end: opt.SlgEndOpt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    embeddings_dir: opt.EmbeddingsDirOpt = None,
-    prediction: opt.PredictionOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    vae_tiling: opt.VaeTilingOpt = None,
-    vae_tile_size: opt.VaeTileSizeOpt = None,
-    verbose: opt.VerboseOpt = False,
     prompts_file: Annotated[
         Optional[str], typer.Option("--prompts-file", help="One prompt per line, or JSONL jobs; '-' = stdin.",
                                     autocompletion=cli_help.complete_any_file)
@@ -161,95 +79,36 @@ def generate(
     strength: Annotated[
         Optional[float], typer.Option("--strength", help="With --latent-in: fraction of the schedule re-run (0..1).")
     ] = None,
-    seamless: opt.SeamlessOpt = None,
-    hires_scale: opt.HiresScaleOpt = None,
-    hires_strength: opt.HiresStrengthOpt = None,
-    hires_steps: opt.HiresStepsOpt = None,
-    hires_upscaler: opt.HiresUpscalerOpt = None,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    tome_ratio: opt.TomeOpt = None,
-    tome_ratio_hr: opt.TomeHrOpt = None,
-    latent_out: Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")] = None,
-    grid: opt.GridOpt = None,
-    grid_rows: opt.GridRowsOpt = -1,
-    grid_only: opt.GridOnlyOpt = False,
-    original_size: opt.OriginalSizeOpt = None,
-    target_size: opt.TargetSizeOpt = None,
-    crop_coords: opt.CropOpt = None,
-    aesthetic_score: opt.AestheticOpt = None,
-    negative_aesthetic_score: opt.NegAestheticOpt = None,
-    refiner: opt.RefinerOpt = None,
-    refiner_switch: opt.RefinerSwitchOpt = None,
-    lora: opt.LoraOpt = None,
-    controlnet: opt.ControlNetOpt = None,
-    control_image: opt.ControlImageOpt = None,
-    control_weight: opt.ControlWeightOpt = None,
-    control_start: opt.ControlStartOpt = None,
-    control_end: opt.ControlEndOpt = None,
-    guess_mode: opt.GuessModeOpt = False,
-    control_resize: opt.ControlResizeOpt = None,
-    control_preprocess: opt.ControlPreprocessOpt = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
-    progress: opt.ProgressOpt = "auto",
-    preview: opt.PreviewOpt = None,
-    preview_vae: opt.PreviewVaeOpt = None,
-    preview_interval: opt.PreviewIntervalOpt = 0.5,
-    quality: opt.QualityOpt = None,
-    ray: opt.RayOpt = None,
-    offload: opt.OffloadOpt = None,
-    workers: opt.WorkersOpt = None,
-    gpus_per_worker: opt.GpusPerWorkerOpt = None,
-    cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
-    skip_existing: opt.SkipExistingOpt = False,
-    server: opt.ServerOpt = None,
-    print_config: opt.PrintConfigOpt = False,
-    dry_run: opt.DryRunOpt = False,
+    **given,
 ) -> None:
     """Render images from a text prompt."""
-    flags = _flags(output=output, negative=negative, width=width, height=height, steps=steps, cfg=cfg,
-                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
-                   n=n, batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir, offload=offload,
-                   prediction=prediction, dtype=dtype, device=device, strength=strength, seamless=seamless,
-                   threads=threads, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
-                   hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps, ray=ray,
-                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio=tome_ratio,
-                   tome_ratio_hr=tome_ratio_hr, original_size=original_size, target_size=target_size,
-                   crop_coords=crop_coords,
-                   aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-                   refiner=refiner, refiner_switch=refiner_switch, clip_l=clip_l, clip_g=clip_g, t5=t5,
-                   guidance=guidance, flow_shift=flow_shift,
-                   slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
-                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
-                            s_noise))
-    control = _control(controlnet, control_image, control_weight, control_start, control_end, guess_mode,
-                       control_resize, control_preprocess)
+    flags = params.config_flags(given, strength=strength)
+    control = params.control(given)
     if from_image is None:  # replayed units are resolved with the image's record (app/generate.py)
-        flags = _with_controlnets(flags, control)
-    guard.stdout_needed(output, json_out or print_config or dry_run)
-    if print_config and from_image is None:
-        return _print_config(flags, config, json_out)
+        flags = params.with_controlnets(flags, control)
+    guard.stdout_needed(given["output"], given["json_out"] or given["print_config"] or given["dry_run"])
+    if given["print_config"] and from_image is None:
+        return params.print_config(flags, given["config"], given["json_out"])
     from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.generate import GenerateRequest, run_generate
 
-    set_quiet(quiet)
-    set_verbose(verbose)
+    set_quiet(given["quiet"])
+    set_verbose(given["verbose"])
     run_generate(GenerateRequest(
-        prompt=prompt, flags=flags, config_file=config, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
-        latent_out=latent_out, overwrite=overwrite, json_out=json_out, dry_run=dry_run, from_image=from_image,
-        print_config=print_config, progress=_progress_mode(progress), loras=list(lora or []), preview=preview,
-        control=control,
-        preview_vae=preview_vae, preview_interval=preview_interval, quality=quality,
-        grid=grid, grid_rows=grid_rows, grid_only=grid_only,
-        skip_existing=skip_existing, workers=_workers(workers, gpus_per_worker, cpus_per_worker),
-        server=server,
+        prompt=prompt, flags=flags, prompts_file=prompts_file, cond=cond, latent_in=latent_in,
+        latent_out=given["latent_out"], from_image=from_image, print_config=given["print_config"], control=control,
+        **params.render_request(given),
     ))
 
 
 @app.command()
 @guard.handled
+@params.takes(
+    "upscaler_dir", *params.MODEL, "embeddings_dir", "prediction", "lora",
+    *params.PROMPT, *params.SAMPLING, *params.FLOW, *params.NOISE, *params.COUNT, *params.HIRES, *params.INPAINT,
+    *params.CONTROLNET, *params.SDXL, "output", "verbose", *params.GRID, *params.OUTPUT,
+    "tome_ratio", *params.DEVICE, *params.VAE_TILING, "offload", *params.CLUSTER,
+)
 def img2img(
     prompt: Annotated[str, typer.Argument(help="The prompt.")],
     image: Annotated[str, typer.Option("--image", "-i", help="Input image ('-' = stdin).",
@@ -258,139 +117,35 @@ def img2img(
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpaint: white = repaint, black = keep (any model; "
                                                 "strength defaults to 0.75, 1 with a 9-channel inpainting "
                                                 "model).", autocompletion=cli_help.complete_image)] = None,
-    mask_blur: opt.MaskBlurOpt = None,
-    inpaint_fill: opt.InpaintFillOpt = None,
-    inpaint_area: opt.InpaintAreaOpt = None,
-    inpaint_padding: opt.InpaintPaddingOpt = None,
-    mask_invert: opt.MaskInvertOpt = False,
-    overlay: opt.OverlayOpt = None,
-    pad: opt.PadOpt = None,
-    output: opt.OutputOpt = None,
-    negative: opt.NegativeOpt = None,
     width: Annotated[Optional[int], typer.Option("--width", "-W", help="Resize the input picture to this width "
                                                  "(multiple of 8; alone: the aspect ratio kept).")] = None,
     height: Annotated[Optional[int], typer.Option("--height", "-H", help="Resize the input picture to this height "
                                                   "(multiple of 8; alone: the aspect ratio kept).")] = None,
-    hires_scale: opt.HiresScaleOpt = None,
-    hires_strength: opt.HiresStrengthOpt = None,
-    hires_steps: opt.HiresStepsOpt = None,
-    hires_upscaler: opt.HiresUpscalerOpt = None,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    tome_ratio_hr: opt.TomeHrOpt = None,
-    steps: opt.StepsOpt = None,
-    cfg: opt.CfgOpt = None,
-    guidance_rescale: opt.RescaleOpt = None,
-    tome_ratio: opt.TomeOpt = None,
-    sampler: opt.SamplerOpt = None,
-    schedule: opt.ScheduleOpt = None,
-    seed: opt.SeedOpt = None,
-    rng: opt.RngOpt = None,
-    subseed: opt.SubseedOpt = None,
-    subseed_strength: opt.SubseedStrengthOpt = None,
-    seed_resize_from: opt.SeedResizeOpt = None,
-    ensd: opt.EnsdOpt = None,
-    eta: opt.EtaOpt = None,
-    s_churn: opt.SChurnOpt = None,
-    s_tmin: opt.STminOpt = None,
-    s_tmax: opt.STmaxOpt = None,
-    s_noise: opt.SNoiseOpt = None,
-    n: opt.CountOpt = None,
-    batch_size: opt.BatchOpt = None,
-    clip_skip: opt.ClipSkipOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    guidance: opt.GuidanceOpt = None,
-    flow_shift: opt.FlowShiftOpt = None,
-    slg_scale: opt.SlgScaleOpt = None,
-    skip_layers: opt.SkipLayersOpt = None,
-    slg_start: opt.SlgStartOpt = None,
-    slg_end: opt.SlgEndOpt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    embeddings_dir: opt.EmbeddingsDirOpt = None,
-    prediction: opt.PredictionOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    vae_tiling: opt.VaeTilingOpt = None,
-    vae_tile_size: opt.VaeTileSizeOpt = None,
-    verbose: opt.VerboseOpt = False,
-    original_size: opt.OriginalSizeOpt = None,
-    target_size: opt.TargetSizeOpt = None,
-    crop_coords: opt.CropOpt = None,
-    aesthetic_score: opt.AestheticOpt = None,
-    negative_aesthetic_score: opt.NegAestheticOpt = None,
-    lora: opt.LoraOpt = None,
-    controlnet: opt.ControlNetOpt = None,
-    control_image: opt.ControlImageOpt = None,
-    control_weight: opt.ControlWeightOpt = None,
-    control_start: opt.ControlStartOpt = None,
-    control_end: opt.ControlEndOpt = None,
-    guess_mode: opt.GuessModeOpt = False,
-    control_resize: opt.ControlResizeOpt = None,
-    control_preprocess: opt.ControlPreprocessOpt = None,
-    grid: opt.GridOpt = None,
-    grid_rows: opt.GridRowsOpt = -1,
-    grid_only: opt.GridOnlyOpt = False,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
-    progress: opt.ProgressOpt = "auto",
-    preview: opt.PreviewOpt = None,
-    preview_vae: opt.PreviewVaeOpt = None,
-    preview_interval: opt.PreviewIntervalOpt = 0.5,
-    quality: opt.QualityOpt = None,
-    ray: opt.RayOpt = None,
-    offload: opt.OffloadOpt = None,
-    workers: opt.WorkersOpt = None,
-    gpus_per_worker: opt.GpusPerWorkerOpt = None,
-    cpus_per_worker: opt.CpusPerWorkerOpt = 1.0,
-    skip_existing: opt.SkipExistingOpt = False,
-    server: opt.ServerOpt = None,
-    print_config: opt.PrintConfigOpt = False,
-    dry_run: opt.DryRunOpt = False,
+    **given,
 ) -> None:
     """Re-render an image guided by a prompt (VAE-encode, noise to the strength, sample the rest); with --mask or
     --pad, inpaint or outpaint it as A1111 does."""
-    flags = _flags(strength=strength, output=output, negative=negative, steps=steps, cfg=cfg, width=width,
-                   height=height, hires_scale=hires_scale, hires_strength=hires_strength, hires_steps=hires_steps,
-                   hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir, tome_ratio_hr=tome_ratio_hr,
-                   guidance_rescale=guidance_rescale, tome_ratio=tome_ratio, sampler=sampler, schedule=schedule, seed=seed, n=n,
-                   batch_size=batch_size, clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir, offload=offload,
-                   prediction=prediction, dtype=dtype, device=device, ray=ray, original_size=original_size,
-                   threads=threads, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size,
-                   target_size=target_size, crop_coords=crop_coords, aesthetic_score=aesthetic_score,
-                   negative_aesthetic_score=negative_aesthetic_score, mask_blur=mask_blur,
-                   inpaint_fill=inpaint_fill, inpaint_area=inpaint_area, inpaint_padding=inpaint_padding,
-                   mask_invert=True if mask_invert else None, overlay=overlay, pad=pad, clip_l=clip_l, clip_g=clip_g,
-                   t5=t5, guidance=guidance, flow_shift=flow_shift,
-                   slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
-                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
-                            s_noise))
-    flags = _with_controlnets(flags, _control(controlnet, control_image, control_weight, control_start, control_end,
-                                              guess_mode, control_resize, control_preprocess))
-    guard.stdout_needed(output, json_out or print_config or dry_run)
-    if print_config:
-        return _print_config(flags, config, json_out)
+    flags = params.config_flags(given, strength=strength, width=width, height=height)
+    flags = params.with_controlnets(flags, params.control(given))
+    guard.stdout_needed(given["output"], given["json_out"] or given["print_config"] or given["dry_run"])
+    if given["print_config"]:
+        return params.print_config(flags, given["config"], given["json_out"])
     from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.img2img import Img2ImgRequest, run_img2img
 
-    set_quiet(quiet)
-    set_verbose(verbose)
-    run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, config_file=config, overwrite=overwrite,
-                               json_out=json_out, progress=_progress_mode(progress), mask=mask,
-                               loras=list(lora or []), preview=preview, preview_vae=preview_vae, grid=grid, grid_rows=grid_rows,
-                               preview_interval=preview_interval, quality=quality, grid_only=grid_only,
-                               skip_existing=skip_existing, server=server, dry_run=dry_run,
-                               workers=_workers(workers, gpus_per_worker, cpus_per_worker)))
+    set_quiet(given["quiet"])
+    set_verbose(given["verbose"])
+    run_img2img(Img2ImgRequest(prompt=prompt, image=image, flags=flags, mask=mask, **params.render_request(given)))
 
 
 @app.command()
 @guard.handled
+@params.takes(
+    "upscaler_dir", *params.MODEL, "prediction", "lora",
+    *params.PROMPT, *params.SAMPLING, "sigmas", *params.FLOW, *params.NOISE, "width", "height", "seamless",
+    *params.HIRES, "overwrite", "quiet", "progress", "json_out", "print_config",
+    "tome_ratio", *params.DEVICE, "offload",
+)
 def sweep(
     prompt: Annotated[str, typer.Argument(help="The prompt every cell starts from.")],
     x: Annotated[str, typer.Option("--x", help="Columns: KEY=V1,V2,... (a config key, prompt_sr or lora:NAME; "
@@ -405,144 +160,59 @@ def sweep(
     json_path: Annotated[
         Optional[str], typer.Option("--json-out", help="Write the cells' JSON here instead of beside the plot.")
     ] = None,
-    negative: opt.NegativeOpt = None,
-    width: opt.WidthOpt = None,
-    height: opt.HeightOpt = None,
-    steps: opt.StepsOpt = None,
-    cfg: opt.CfgOpt = None,
-    guidance_rescale: opt.RescaleOpt = None,
-    sampler: opt.SamplerOpt = None,
-    schedule: opt.ScheduleOpt = None,
-    sigmas: opt.SigmasOpt = None,
-    seed: opt.SeedOpt = None,
-    rng: opt.RngOpt = None,
-    subseed: opt.SubseedOpt = None,
-    subseed_strength: opt.SubseedStrengthOpt = None,
-    seed_resize_from: opt.SeedResizeOpt = None,
-    ensd: opt.EnsdOpt = None,
-    eta: opt.EtaOpt = None,
-    s_churn: opt.SChurnOpt = None,
-    s_tmin: opt.STminOpt = None,
-    s_tmax: opt.STmaxOpt = None,
-    s_noise: opt.SNoiseOpt = None,
-    clip_skip: opt.ClipSkipOpt = None,
-    seamless: opt.SeamlessOpt = None,
-    hires_scale: opt.HiresScaleOpt = None,
-    hires_strength: opt.HiresStrengthOpt = None,
-    hires_steps: opt.HiresStepsOpt = None,
-    hires_upscaler: opt.HiresUpscalerOpt = None,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    tome_ratio: opt.TomeOpt = None,
-    tome_ratio_hr: opt.TomeHrOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    guidance: opt.GuidanceOpt = None,
-    flow_shift: opt.FlowShiftOpt = None,
-    slg_scale: opt.SlgScaleOpt = None,
-    skip_layers: opt.SkipLayersOpt = None,
-    slg_start: opt.SlgStartOpt = None,
-    slg_end: opt.SlgEndOpt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    prediction: opt.PredictionOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    lora: opt.LoraOpt = None,
-    offload: opt.OffloadOpt = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    progress: opt.ProgressOpt = "auto",
-    json_out: opt.JsonOpt = False,
-    print_config: opt.PrintConfigOpt = False,
+    **given,
 ) -> None:
     """X/Y/Z plot: render the prompt over axes of settings, one labelled plot per --z value (model loaded once)."""
     from sdcli.runtime.console import set_quiet
     from sdcli.app.sweep import SweepRequest, run_sweep
 
-    set_quiet(quiet)
-    guard.stdout_needed(None, json_out or print_config)
-    flags = _flags(negative=negative, width=width, height=height, steps=steps, cfg=cfg,
-                   guidance_rescale=guidance_rescale, sampler=sampler, schedule=schedule, sigmas=sigmas, seed=seed,
-                   clip_skip=clip_skip, seamless=seamless, hires_scale=hires_scale, hires_strength=hires_strength,
-                   hires_steps=hires_steps, hires_upscaler=hires_upscaler, upscaler_dir=upscaler_dir,
-                   tome_ratio=tome_ratio, tome_ratio_hr=tome_ratio_hr, model=model, vae=vae, lora_dir=lora_dir,
-                   prediction=prediction, dtype=dtype, device=device, offload=offload, clip_l=clip_l, clip_g=clip_g,
-                   t5=t5, threads=threads, guidance=guidance, flow_shift=flow_shift,
-                   slg_scale=slg_scale, skip_layers=skip_layers, slg_start=slg_start, slg_end=slg_end,
-                   **_noise(rng, subseed, subseed_strength, seed_resize_from, ensd, eta, s_churn, s_tmin, s_tmax,
-                            s_noise))
-    if print_config:  # the config every cell starts from, before the axes vary it
-        return _print_config(flags, config, json_out)
-    run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=config,
-                           loras=list(lora or []), keep_cells=keep_cells, json_path=json_path, overwrite=overwrite,
-                           progress=_progress_mode(progress), json_out=json_out))
+    set_quiet(given["quiet"])
+    guard.stdout_needed(None, given["json_out"] or given["print_config"])
+    flags = params.config_flags(given)
+    if given["print_config"]:  # the config every cell starts from, before the axes vary it
+        return params.print_config(flags, given["config"], given["json_out"])
+    run_sweep(SweepRequest(prompt=prompt, x=x, y=y, z=z, output=output, flags=flags, config_file=given["config"],
+                           loras=list(given["lora"] or []), keep_cells=keep_cells, json_path=json_path,
+                           overwrite=given["overwrite"], progress=params.progress_mode(given["progress"]),
+                           json_out=given["json_out"]))
 
 
 @app.command()
 @guard.handled
+@params.takes(*params.MODEL, "embeddings_dir", "clip_skip", "overwrite", "quiet", "json_out", *params.DEVICE)
 def encode(
     image: Annotated[Optional[str], typer.Argument(help="Image to encode into a VAE latent ('-' = stdin).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Latent (.safetensors or ComfyUI .latent) or embedding file.")] = "",
     text: Annotated[Optional[str], typer.Option("--text", help="Encode this prompt with CLIP instead of an image.")] = None,
-    clip_skip: opt.ClipSkipOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    embeddings_dir: opt.EmbeddingsDirOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Run one stage forward: an image -> a VAE latent file, or --text -> a CLIP embedding file."""
     from sdcli.runtime.console import set_quiet
     from sdcli.app.encode import EncodeRequest, run_encode
 
-    set_quiet(quiet)
-    flags = _flags(clip_skip=clip_skip, model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   dtype=dtype, device=device, threads=threads, clip_l=clip_l, clip_g=clip_g, t5=t5)
-    run_encode(EncodeRequest(image=image, text=text, output=output, flags=flags, config_file=config,
-                             overwrite=overwrite, json_out=json_out))
+    set_quiet(given["quiet"])
+    run_encode(EncodeRequest(image=image, text=text, output=output, flags=params.config_flags(given),
+                             config_file=given["config"], overwrite=given["overwrite"], json_out=given["json_out"]))
 
 
 @app.command()
 @guard.handled
+@params.takes("config", "model", "vae", "output", "verbose", "overwrite", "quiet", "json_out", *params.DEVICE,
+              *params.VAE_TILING)
 def decode(
     latent: Annotated[Path, typer.Argument(help="Latent file (ours or ComfyUI .latent).")],
-    output: opt.OutputOpt = None,
-    config: opt.ConfigOpt = None,
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    vae_tiling: opt.VaeTilingOpt = None,
-    vae_tile_size: opt.VaeTileSizeOpt = None,
-    verbose: opt.VerboseOpt = False,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Run the VAE decoder: a latent file -> PNG."""
     from sdcli.runtime.console import set_quiet, set_verbose
     from sdcli.app.encode import DecodeRequest, run_decode
 
-    set_quiet(quiet)
-    set_verbose(verbose)
-    flags = _flags(output=output, model=model, vae=vae, dtype=dtype, device=device, threads=threads,
-                   vae_tiling=vae_tiling, vae_tile_size=vae_tile_size)
-    guard.stdout_needed(output, json_out)
-    run_decode(DecodeRequest(latent=latent, flags=flags, config_file=config, overwrite=overwrite, json_out=json_out))
+    set_quiet(given["quiet"])
+    set_verbose(given["verbose"])
+    flags = params.config_flags(given)
+    guard.stdout_needed(given["output"], given["json_out"])
+    run_decode(DecodeRequest(latent=latent, flags=flags, config_file=given["config"], overwrite=given["overwrite"],
+                             json_out=given["json_out"]))
 
 
 @app.command()
@@ -573,6 +243,7 @@ def inspect(
 
 @app.command()
 @guard.handled
+@params.takes("upscaler_dir", "config", "overwrite", "quiet", "json_out", *params.DEVICE)
 def upscale(
     images: Annotated[list[str], typer.Argument(help="Images to upscale ('-' = stdin).")],
     upscaler: Annotated[str, typer.Option("--upscaler", "-u", help="An upscaler model file (ESRGAN, Real-ESRGAN, "
@@ -584,25 +255,17 @@ def upscale(
                                                    "model runs up to 3 times, then one Lanczos resize.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="Tile side in input pixels (0 = the whole image at once).")] = 512,
     tile_overlap: Annotated[int, typer.Option("--tile-overlap", help="Pixels neighbouring tiles share.")] = 32,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    config: opt.ConfigOpt = None,
-    dtype: opt.DtypeOpt = None,
-    device: opt.DeviceOpt = None,
-    threads: opt.ThreadsOpt = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Upscale images with an upscaler model (A1111's Extras tab); metadata carried over."""
     from sdcli.app.upscale import UpscaleRequest, run_upscale
     from sdcli.runtime.console import set_quiet
 
-    set_quiet(quiet)
-    guard.stdout_needed(output, json_out)
-    flags = _flags(upscaler_dir=upscaler_dir, dtype=dtype, device=device, threads=threads)
+    set_quiet(given["quiet"])
+    guard.stdout_needed(output, given["json_out"])
     run_upscale(UpscaleRequest(images=list(images), upscaler=upscaler, output=output, scale=scale, tile=tile,
-                               overlap=tile_overlap, flags=flags, config_file=config, overwrite=overwrite,
-                               json_out=json_out))
+                               overlap=tile_overlap, flags=params.config_flags(given), config_file=given["config"],
+                               overwrite=given["overwrite"], json_out=given["json_out"]))
 
 
 @app.command()
@@ -655,24 +318,11 @@ def convert(
 
 @app.command()
 @guard.handled
+@params.takes("model", "vae", "clip_l", "clip_g", "t5", "lora_dir", "embeddings_dir", "upscaler_dir", "config", "lora",
+              "controlnet", "control_image", "refiner", "overwrite", "quiet", "json_out", "device", "offload")
 def verify(
     images: Annotated[list[Path], typer.Argument(help="PNGs written by sdcli (their metadata holds the whole recipe).")],
-    model: opt.ModelOpt = None,
-    vae: opt.VaeOpt = None,
-    clip_l: opt.ClipLOpt = None,
-    clip_g: opt.ClipGOpt = None,
-    t5: opt.T5Opt = None,
-    lora_dir: opt.LoraDirOpt = None,
-    embeddings_dir: opt.EmbeddingsDirOpt = None,
-    upscaler_dir: opt.UpscalerDirOpt = None,
-    config: opt.ConfigOpt = None,
-    device: opt.DeviceOpt = None,
     min_psnr: Annotated[float, typer.Option("--min-psnr", help="Pass when the re-render is at least this close (dB).")] = 40.0,
-    lora: opt.LoraOpt = None,
-    refiner: opt.RefinerOpt = None,
-    offload: opt.OffloadOpt = None,
-    controlnet: opt.ControlNetOpt = None,
-    control_image: opt.ControlImageOpt = None,
     image: Annotated[Optional[str], typer.Option("--image", "-i", help="img2img / inpainting images: the input "
                                                  "picture they were made from.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpainting images: their mask (default: the "
@@ -684,9 +334,7 @@ def verify(
     report_dir: Annotated[
         Optional[str], typer.Option("--report-dir", help="Like --report, as DIR/index.html with the PNGs beside it.")
     ] = None,
-    overwrite: opt.OverwriteOpt = False,
-    quiet: opt.QuietOpt = False,
-    json_out: opt.JsonOpt = False,
+    **given,
 ) -> None:
     """Re-render images from their recorded settings and compare (PSNR, max difference); exit 9 if any drifted."""
     from sdcli.runtime.console import set_quiet
@@ -696,11 +344,10 @@ def verify(
         from sdcli.runtime.errors import UsageError
 
         raise UsageError("option --min-psnr: must be a number of dB (inf: identical), got nan")
-    set_quiet(quiet)
-    flags = _flags(model=model, vae=vae, lora_dir=lora_dir, embeddings_dir=embeddings_dir, device=device,
-                   refiner=refiner, offload=offload, upscaler_dir=upscaler_dir, clip_l=clip_l, clip_g=clip_g, t5=t5)
-    run_verify(images, flags, config, min_psnr, json_out, list(lora or []), report, report_dir, overwrite,
-               {"models": list(controlnet or []), "images": list(control_image or [])}, image, mask)
+    set_quiet(given["quiet"])
+    controlnets = {"models": list(given["controlnet"] or []), "images": list(given["control_image"] or [])}
+    run_verify(images, params.config_flags(given), given["config"], min_psnr, given["json_out"],
+               list(given["lora"] or []), report, report_dir, given["overwrite"], controlnets, image, mask)
 
 
 @app.command()

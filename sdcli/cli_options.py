@@ -248,6 +248,7 @@ GridRowsOpt = Annotated[
                       "(A1111's rules).")
 ]
 GridOnlyOpt = Annotated[bool, typer.Option("--grid-only", help="Write the --grid sheet only, not the single images.")]
+LatentOutOpt = Annotated[Optional[str], typer.Option("--latent-out", help="Also save the final latent here.")]
 # SDXL's conditioning and refiner (config keys of the same names)
 OriginalSizeOpt = Annotated[Optional[str], typer.Option("--original-size", help="SDXL: the original size WxH it "
                                                          "conditions on (default: the output size).")]

@@ -1,5 +1,5 @@
-"""The pipeline stages as short functions: text -> conditioning, noise -> latents (txt2img / img2img), latents <->
-images. The CLI's commands are thin layers over these; nothing here prints.
+"""The pipeline stages as short functions: text -> conditioning (text_conditioning.py, re-exported here), noise ->
+latents (txt2img / img2img), latents <-> images. The CLI's commands are thin layers over these; nothing here prints.
 
 Nothing here branches on the model family: the latent space, the training schedule, the text encoder's padding and
 the denoiser kind come from the family's declaration (`models.family`, families/).
@@ -18,7 +18,6 @@ pass's size, as A1111 does.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -30,15 +29,20 @@ from sdcli.sampling import samplers
 
 from sdcli.sampling import schedule
 from sdcli.sampling.names import resolve_sampler_schedule  # torch-free (app/render.py checks with it)
-from sdcli.sampling.conditioning import Cond, as_cond, conditioning, for_batch
+from sdcli.sampling.conditioning import as_cond, conditioning, for_batch
 from sdcli.sampling.denoise import DENOISERS, CFGDenoiser, guided
 from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError, UsageError
 from sdcli.runtime.tiling import VaeTiling
 from sdcli.families import DEFAULT, Family
-from sdcli.families.base import SizeCond
 from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
+# The text stage and seamless tiling live in modules of their own; callers and tests keep using them as pipeline.X
+# (and encode_scheduled below calls encode_text through this namespace).
+from sdcli.seamless import seamless  # noqa: F401
+from sdcli.text_conditioning import (  # noqa: F401
+    embedding_widths, encode_text, with_embeddings, with_guidance, with_size_vector,
+)
 
 
 @dataclass(frozen=True)
@@ -120,117 +124,7 @@ def flow_plan(sampler: str, schedule_name: str, steps: int, custom_sigmas: str |
     return SamplingPlan(name, sigmas, cfg)
 
 
-# --- text ----------------------------------------------------------------------------------------
-
-def encode_text(models, prompt: str, negative: str | None, clip_skip: int = 1):
-    """(cond, uncond), each (1, 77*k, D) with the same k, on the run's device, in fp32; for a family whose UNet
-    takes a pooled text vector, Conds carrying it (`pooled`, turned into y by with_size_vector). The shorter of
-    the two is extended by the empty prompt's encoding (prompts.pad_chunks); an empty negative is all zeros
-    where the family says so (SDXL: A1111's force_zero_negative_prompt). Textual-inversion embeddings the texts
-    trigger (models.embeddings) take the rows of each encoder's key. `negative` None (no guidance, cfg <= 1): the
-    prompt alone, unpadded, as diffusers encodes it then; uncond is None."""
-    from sdcli.text.prompts import CHUNK_LENGTH, encode_with, pad_chunks
-    from sdcli.text.clip_tokenizer import get_tokenizer
-
-    family, tokenizer = models.family, get_tokenizer()
-    if any(spec.kind == "t5" for spec in family.text):
-        return _encode_joint(models, prompt, negative)
-    encoders = models.stage("text")
-
-    def encode(text: str):
-        return encode_with(text, encoders, family.text, tokenizer, clip_skip, models.embeddings)
-
-    def result(context, pooled):
-        return context.float() if pooled is None else Cond(context.float(), pooled=pooled.float())
-
-    with torch.inference_mode():
-        cond, pooled = encode(prompt)
-        if negative is None:
-            return result(cond, pooled), None
-        if negative == "" and family.zero_empty_negative:
-            uncond = torch.zeros_like(cond[:, : CHUNK_LENGTH + 2])  # (1, 77, D)
-            uncond_pooled = None if pooled is None else torch.zeros_like(pooled)
-        else:
-            uncond, uncond_pooled = encode(negative)
-        cond, uncond = pad_chunks(cond, uncond, lambda: encode("")[0])
-    return result(cond, pooled), result(uncond, uncond_pooled)
-
-
-def _encode_joint(models, prompt: str, negative: str | None):
-    """encode_text for a flow transformer's encoders (text/prompts.encode_joint): the CLIP contexts of cond and
-    uncond padded to one chunk count as encode_text does, then [CLIP zero-padded to T5's width | T5 tokens]."""
-    from sdcli.text.prompts import encode_joint, pad_chunks
-    from sdcli.text.clip_tokenizer import get_tokenizer
-    from sdcli.text.t5_tokenizer import t5_tokenizer
-
-    family, encoders = models.family, models.stage("text")
-    tokenizers = {"clip": get_tokenizer(), "t5": t5_tokenizer()}
-    width = next((cfg.d_model for spec, cfg in zip(family.text, models.info.texts) if spec.kind == "t5" and cfg),
-                 getattr(models.info.unet, "context_dim", 0))  # SD3 without T5: its zeros are the MMDiT's width
-
-    def encode(text: str):
-        return encode_joint(text, encoders, family.text, tokenizers, width, models.embeddings)
-
-    def result(parts):
-        return Cond(parts.context(width), pooled=parts.pooled)
-
-    with torch.inference_mode():
-        cond = encode(prompt)
-        if negative is None:
-            return result(cond), None
-        uncond = encode(negative)
-        if cond.clip is not None:
-            clip, clip_u = pad_chunks(cond.clip, uncond.clip, lambda: encode("").clip)
-            cond, uncond = replace(cond, clip=clip), replace(uncond, clip=clip_u)
-    return result(cond), result(uncond)
-
-
-def with_size_vector(models, value, size: SizeCond, negative: bool = False):
-    """The family's vector y (SDXL: the pooled text, then the size/crop or aesthetic embeddings; SD3 and FLUX: the
-    pooled text itself) built into a Cond (or each entry of a prompt-editing schedule) that carries a pooled
-    vector; anything else is returned as is."""
-    if isinstance(value, ScheduledCond):
-        return ScheduledCond(tuple((end, with_size_vector(models, c, size, negative)) for end, c in value.entries))
-    if not isinstance(value, Cond) or value.pooled is None:
-        return value
-    if models.family.size_values is None:
-        return replace(value, y=value.pooled)
-    from sdcli.models.unet import sdxl_vector
-
-    values = models.family.size_values(size, negative)
-    return replace(value, y=sdxl_vector(value.pooled, values, models.info.unet.adm_in_channels))
-
-
-def with_guidance(models, value, guidance: float | None = None):
-    """A guidance-distilled family's strength (FLUX dev: --guidance, else the family's default) carried in the
-    Cond (or each entry of a schedule); other families' conditioning is returned as is."""
-    family = models.family
-    if family.guidance != "distilled" or value is None:
-        return value
-    if isinstance(value, ScheduledCond):
-        return ScheduledCond(tuple((end, with_guidance(models, c, guidance)) for end, c in value.entries))
-    strength = family.default_guidance if guidance is None else guidance
-    return replace(as_cond(value), guidance=torch.tensor([float(strength)]))
-
-
-def embedding_widths(models) -> dict[str, int]:
-    """{embedding key: width} of the model's text encoders: what a textual-inversion file must fit."""
-    return {spec.embedding_key: cfg.hidden_size for spec, cfg in zip(models.family.text, models.info.texts)
-            if spec.kind == "clip" and cfg is not None}
-
-
-def with_embeddings(models, folder):
-    """The models with the embeddings of `folder` (sub-folders too) available to every prompt; files that do
-    not fit the model are said once on stderr when a prompt names them, and left out."""
-    import dataclasses
-
-    from sdcli.runtime import console
-    from sdcli.text.embeddings import EmbeddingLibrary
-    from sdcli.text.clip_tokenizer import get_tokenizer
-
-    library = EmbeddingLibrary(folder, embedding_widths(models), get_tokenizer().encode, console.info)
-    return dataclasses.replace(models, embeddings=library)
-
+# --- text (the encoders themselves: text_conditioning.py) ---------------------------------------
 
 def encode_scheduled(models, prompt: str, negative: str | None, steps: int, clip_skip: int = 1,
                      hires_steps: int | None = None, encoded: dict | None = None):
@@ -261,57 +155,6 @@ def _text_at(schedule: list[tuple[int, str]], step: int) -> str:
 
 
 # --- latents -------------------------------------------------------------------------------------
-
-@contextmanager
-def seamless(models, enabled: bool = True):
-    """Tileable output: every padded convolution of the UNet and the VAE pads circularly while inside, so the
-    picture wraps around at its edges (A1111's "Tiling"). Attention and GroupNorm are global, so with it the
-    networks commute with circular shifts. A part built inside (residency lean/offload) gets the padding too;
-    the modules still in memory are restored on exit."""
-    if not enabled:
-        yield
-        return
-    padding = _CircularPadding()
-    models.parts.watch("seamless", padding)
-    try:
-        yield
-    finally:
-        models.parts.unwatch("seamless")
-        padding.undo()
-
-
-class _CircularPadding:
-    """The residency watcher of `seamless`: pads the UNet's and the VAE's convolutions circularly as they are
-    in memory or built, remembering each one's mode until undone."""
-
-    def __init__(self):
-        self.saved: dict[str, tuple] = {}  # part -> (its modules, [(conv, its mode before)])
-
-    def built(self, part: str, modules: tuple) -> None:
-        if part not in ("unet", "vae"):
-            return
-        convs = [m for module in modules for m in module.modules()
-                 if isinstance(m, torch.nn.Conv2d) and any(p > 0 for p in m.padding)]
-        self.saved[part] = (modules, [(m, m.padding_mode) for m in convs])
-        for m in convs:
-            m.padding_mode = "circular"  # Conv2d pads with F.pad(mode=padding_mode) when it is not "zeros"
-        self._forget_graphs(part, modules)
-
-    def released(self, part: str, modules: tuple) -> None:
-        self.saved.pop(part, None)
-
-    def undo(self) -> None:
-        for part, (modules, convs) in self.saved.items():
-            for m, mode in convs:
-                m.padding_mode = mode
-            self._forget_graphs(part, modules)
-        self.saved.clear()
-
-    @staticmethod
-    def _forget_graphs(part: str, modules: tuple) -> None:
-        if part == "unet":
-            cuda_graphs.forget(modules[0])  # a captured graph keeps the padding it was captured with
-
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdcli"
 # Lowest first: a module may import its own group and the groups before it, never one after it.
 LAYERS = [
     {"runtime"}, {"quant"}, {"formats"}, {"models"}, {"families"}, {"text"}, {"sampling"}, {"loading", "upscale"}, {"control"},
-    {"config"}, {"jobs"}, {"output"}, {"pipeline"}, {"app"}, {"cli_guard", "cli_options", "cli_help"},
+    {"config"}, {"jobs"}, {"output"}, {"pipeline", "text_conditioning", "seamless"}, {"app"},
+    {"cli_guard", "cli_options", "cli_help", "cli_params"},
     {"cli", "__main__", "__init__"},
 ]
 

@@ -167,12 +167,57 @@ def test_img2img_hires_fix_doubles_the_size_and_replays(tiny_sd1, picture):
                        "--hires-scale", "--mask")
 
 
-def test_a_configs_hires_scale_is_for_text_to_image_only(tiny_sd1, picture):
-    Path("c.yaml").write_text("hires_scale: 2\n")
-    assert cli(*img2img(tiny_sd1, picture, "-c", "c.yaml", "-o", "plain.png")).exit_code == 0
-    with Image.open("plain.png") as img:
-        assert img.size == (80, 64)
-    assert sdcli_meta("plain.png")["config"]["hires_scale"] == 1.0
+HIRES_KEYS = ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler")
+
+
+def _configs(user: str, given: str) -> None:
+    """A user config ($XDG_CONFIG_HOME/sdcli/config.yaml) and c.yaml, for --config."""
+    Path("xdg/sdcli").mkdir(parents=True, exist_ok=True)
+    Path("xdg/sdcli/config.yaml").write_text(user)
+    Path("c.yaml").write_text(given)
+
+
+def test_img2img_takes_the_hires_keys_from_the_configs_as_generate_does(tiny_sd1, picture):
+    """command line > --config file > user config > defaults, for every hires key (img2img used to drop a
+    config's hires_scale: the hires fix came only from its flag)."""
+    _configs("hires_scale: 1.5\nhires_steps: 1\n", "hires_scale: 2\nhires_strength: 0.3\n")
+    assert cli(*img2img(tiny_sd1, picture, "-o", "user.png")).exit_code == 0
+    assert cli(*img2img(tiny_sd1, picture, "-c", "c.yaml", "-o", "file.png")).exit_code == 0
+    assert cli(*img2img(tiny_sd1, picture, "-c", "c.yaml", "--hires-scale", "1", "-o", "flag.png")).exit_code == 0
+    expected = {"user.png": ((120, 96), 1.5, 0.5), "file.png": ((160, 128), 2.0, 0.3), "flag.png": ((80, 64), 1.0, 0.3)}
+    for name, (size, scale, strength) in expected.items():  # the 80x64 picture, scaled
+        with Image.open(name) as img:
+            assert img.size == size, name
+        config = sdcli_meta(name)["config"]
+        assert (config["hires_scale"], config["hires_strength"], config["hires_steps"]) == (scale, strength, 1), name
+    generated = cli(*fast(tiny_sd1, "-c", "c.yaml", "--seed", "5", "-o", "g.png"))
+    assert generated.exit_code == 0, generated.output
+    ours, theirs = sdcli_meta("file.png")["config"], sdcli_meta("g.png")["config"]
+    assert all(ours.get(key) == theirs.get(key) for key in HIRES_KEYS)  # the same values as generate takes
+
+
+def test_img2img_print_config_shows_the_hires_keys_the_run_uses_and_their_sources(tiny_sd1, picture):
+    _configs("hires_scale: 1.5\nhires_upscaler: Lanczos\n", "hires_scale: 2\nhires_strength: 0.3\n")
+    args = img2img(tiny_sd1, picture, "-c", "c.yaml", "--hires-steps", "1")
+    (shown,) = enveloped(cli(*args, "--print-config", "--json"), "config")
+    sources = shown["sources"]
+    assert sources["hires_scale"] == sources["hires_strength"] == "--config c.yaml"
+    assert sources["hires_upscaler"].startswith("user config ") and sources["hires_steps"] == "command line"
+    yaml_text = cli(*args, "--print-config").stdout
+    assert "hires_scale: 2.0  # --config c.yaml" in yaml_text and "hires_steps: 1  # command line" in yaml_text
+    assert cli(*args, "-o", "run.png").exit_code == 0
+    recorded = sdcli_meta("run.png")["config"]
+    assert {key: recorded.get(key) for key in HIRES_KEYS} == {key: shown["config"][key] for key in HIRES_KEYS}
+
+
+def test_a_configs_hires_scale_with_a_mask_is_refused_naming_the_file(tiny_sd1, picture):
+    _configs("", "hires_scale: 2\n")
+    Image.new("L", (80, 64), 255).save("mask.png")
+    assert_clean_error(cli(*img2img(tiny_sd1, picture, "-c", "c.yaml", "--mask", "mask.png")), 2,
+                       "c.yaml", "hires_scale", "--mask")
+    assert not Path("sdcli-5.png").exists()
+    ok = cli(*img2img(tiny_sd1, picture, "-c", "c.yaml", "--hires-scale", "1", "--mask", "mask.png", "-o", "m.png"))
+    assert ok.exit_code == 0, ok.output  # the command line turns it off
 
 
 # --- item 11: one JSON envelope --------------------------------------------------------------------------------------

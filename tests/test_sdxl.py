@@ -31,7 +31,7 @@ from test_pipeline_oracle import (FinalLatents, assert_latents_close, assert_pix
                                   pixels, posterior_mean, unround_timesteps)  # noqa: F401
 from sdcli.loading import checkpoint as ck
 from sdcli import pipeline as P
-from sdcli.app import render
+from sdcli.app import live_preview, render
 from sdcli.app import refine
 from sdcli.app.refine import sized
 from sdcli.cli import app
@@ -469,7 +469,7 @@ def test_seamless_and_preview_run_on_sdxl(tiny_sdxl, tmp_path):  # noqa: F811
     assert made.exit_code == 0, made.output
     assert (tmp_path / "p.png").is_file() and Image.open(tmp_path / "s.png").size == (64, 64)
     models = ck.load_models(tiny_sdxl, dtype=torch.float32)
-    writer = render._with_preview(None, SimpleNamespace(preview=str(tmp_path / "q.png")), models, None)
+    writer = live_preview.step_callback(None, SimpleNamespace(preview=str(tmp_path / "q.png")), models, None)
     assert writer.rgb_factors == by_name("sdxl").latent.rgb_factors != by_name("sd1").latent.rgb_factors
 
 

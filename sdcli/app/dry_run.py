@@ -153,12 +153,12 @@ def _size(cfg, model: ModelView) -> tuple[int, int] | None:
 
 
 def _hires_size(cfg, size, model: ModelView) -> list[int] | None:
-    from sdcli.pipeline import hires_size
+    """[width, height] after the hires pass, rounded as the pass rounds (hires_fix.output_size)."""
+    from sdcli.app.hires_fix import output_size
 
     if cfg.hires_scale == 1.0 or size is None:
         return None
-    multiple = max(model.family.latent.downscale, model.family.size_multiple)
-    height, width = hires_size(size[1], size[0], cfg.hires_scale, multiple)
+    height, width = output_size(model.family, (size[1], size[0]), cfg.hires_scale)
     return [width, height]
 
 

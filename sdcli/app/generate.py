@@ -12,7 +12,7 @@ from sdcli.runtime import console
 from sdcli.control import settings as control_config
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 from sdcli.jobs import Job, read_prompts_file, single_job
-from sdcli.app import cluster, refine, remote, render, resume
+from sdcli.app import cluster, hires_fix, refine, remote, render, resume
 
 
 @dataclass
@@ -72,7 +72,7 @@ def run_generate(req: GenerateRequest) -> None:
     if req.latent_in and base.hires_scale != 1.0:
         raise UsageError("--hires-scale upscales a text-to-image render; it cannot be used with --latent-in")
     refine.check_refiner_use(base, txt2img=not (req.latent_in or req.cond))
-    render.check_hires_upscalers(jobs)
+    hires_fix.check_upscalers(jobs)
     if req.server:
         remote.check_request(req, base)
     if replay is not None:

@@ -5,7 +5,8 @@ sees the mask and the kept picture through Cond.concat.
 -W/-H resize the input picture first (A1111's "Just resize"; one side alone keeps the aspect ratio), before --pad
 grows the canvas; the job records the canvas size, and `prepare_init` brings the picture (and mask) to the size
 the job records, so a replay (`verify`), a Ray worker and a server resize it the same way. The hires fix
-(--hires-scale) runs a second pass on the img2img result, as for text to image; not with --mask or --pad."""
+(--hires-scale, or hires_scale in a config, as for generate) runs a second pass on the img2img result, as for text
+to image; not with --mask or --pad."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sdcli.runtime import console
 from sdcli.runtime.errors import UsageError
 from sdcli.control import settings as control_config
 from sdcli.jobs import single_job
-from sdcli.app import cluster, inpaint, refine, remote, render, resume
+from sdcli.app import cluster, hires_fix, inpaint, refine, remote, render, resume
 
 
 @dataclass
@@ -47,9 +48,7 @@ class Img2ImgRequest:
 
 
 def run_img2img(req: Img2ImgRequest) -> None:
-    base = cfgmod.resolve(req.flags, req.config_file)
-    if "hires_scale" not in req.flags:  # a config's hires_scale is for text to image: img2img's is asked for
-        base = dataclasses.replace(base, hires_scale=1.0)
+    base = cfgmod.resolve(req.flags, req.config_file)  # the hires keys too, from the configs as for generate
     masked = bool(req.mask or base.pad)
     if masked and cfgmod.origin("strength", req.flags, req.config_file) == "default":
         base = dataclasses.replace(base, strength=_inpaint_strength(base))
@@ -61,10 +60,10 @@ def run_img2img(req: Img2ImgRequest) -> None:
         remote.check_request(req, base)
     render.check_samplers([job], base, lambda key: cfgmod.origin(key, req.flags, req.config_file))
     if base.hires_scale != 1.0 and masked:
-        raise UsageError("--hires-scale re-renders the whole picture larger; it cannot be used with --mask or --pad")
+        _refuse_hires_with_mask(req, base)
     if not req.dry_run:
         render.check_model_given(base)
-    render.check_hires_upscalers([job])
+    hires_fix.check_upscalers([job])
     from sdcli.formats import images  # imports torch: after the checks that need none
     img, notes = images.load_image(req.image)
     for note in notes:
@@ -94,6 +93,16 @@ def run_img2img(req: Img2ImgRequest) -> None:
     models = render.load(base)
     init, _ = setup(models)
     render.render_all(models, targets, init, None, req, loras, nets=control_config.load_nets([job], models))
+
+
+def _refuse_hires_with_mask(req: Img2ImgRequest, base) -> None:
+    """The hires fix re-renders the whole picture: not with inpainting. A hires_scale from a config is named with
+    its file, so the user knows what to change (or to give --hires-scale 1)."""
+    where = cfgmod.origin("hires_scale", req.flags, req.config_file)
+    if where.startswith("option "):
+        raise UsageError("--hires-scale re-renders the whole picture larger; it cannot be used with --mask or --pad")
+    raise UsageError(f"{where} {base.hires_scale}: the hires fix re-renders the whole picture larger; it cannot be "
+                     "used with --mask or --pad (--hires-scale 1 turns it off)")
 
 
 def picture_size(size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:

@@ -19,7 +19,8 @@ from sdcli.runtime import console
 from sdcli.config import RunConfig
 from sdcli.runtime.errors import BadInputError, ModelNotFoundError, UsageError, quote
 from sdcli.jobs import Job
-from sdcli.app import save
+from sdcli.app import hires_fix, live_preview, save
+from sdcli.app.hires_fix import Hires
 from sdcli.app.planning import OutputPlan
 from sdcli.app.progress import Progress
 from sdcli.app.progress import run as progress_run
@@ -52,17 +53,6 @@ class Init:
     mask: str | None = None  # inpainting: the mask file, for the metadata
     inpaint: Any = None  # inpainting / outpainting: app/inpaint.Inpaint (its fills, overlay and infotext)
     keep: Any = None  # inpainting with any model: (1, 1, h, w) latent mask, 1 = keep (sampling/inpaint.py)
-
-
-@dataclass(frozen=True)
-class Hires:
-    """The hires fix's second pass (A1111 "Hires. fix"): its plan, output size, strength and upscaler."""
-
-    plan: Any  # pipeline.SamplingPlan with hires_steps (or steps)
-    size: tuple[int, int]  # (height, width) of the output, multiples of 8
-    strength: float
-    conds: tuple | None = None  # (cond, uncond) when prompt editing schedules this pass apart; else pass 1's
-    upscaler: Any = None  # upscale.resize.HiresUpscaler: how pass 1 reaches the size (None: "Latent")
 
 
 @dataclass(frozen=True)
@@ -353,9 +343,7 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     from sdcli.sampling.denoise import guided
 
     width, height = _size(cfg, models, init)
-    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
-                              models.family, sampler_params(cfg), size=(height, width), shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio, slg=slg_of(cfg, models, plan.cfg))
+    plan = pass_plan(cfg, models, cfg.steps, (height, width), cfg.tome_ratio)
     concat = init.concat if init is not None else None
     negative = cfg.negative if guided(plan.cfg) else None  # cfg <= 1: the prompt alone, no negative encoded
     if cond_override is not None:  # the embedding file is the prompt: one conditioning, nothing to schedule
@@ -383,6 +371,25 @@ def prepare(models, cfg: RunConfig, job: Job, init: Init | None = None, cond_ove
     if cfg.controlnets:
         cond, uncond, hires = _with_control(models, cfg, nets, cond, uncond, hires)
     return Prepared(plan, cond, uncond, (height, width), hires, refined)
+
+
+def pass_plan(cfg: RunConfig, models, steps: int, size: tuple[int, int], tome_ratio: float):
+    """The sampling plan of one pass (pass 1, or the hires pass at its size and steps): the job's sampler and
+    schedule over the family's sigmas, its token merging and SD3.5 skip-layer guidance."""
+    from sdcli import pipeline
+
+    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale,
+                              models.family, sampler_params(cfg), size=size, shift=cfg.flow_shift)
+    return dataclasses.replace(plan, token_merging=tome_ratio, slg=slg_of(cfg, models, plan.cfg))
+
+
+def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
+    """The hires fix's second pass when hires_scale asks for one (app/hires_fix.py), planned at its own size."""
+    if cfg.hires_scale == 1.0:
+        return None
+    out = hires_fix.output_size(models.family, size, cfg.hires_scale)
+    plan = pass_plan(cfg, models, cfg.hires_steps or cfg.steps, out, cfg.tome_ratio_hr or cfg.tome_ratio)
+    return hires_fix.second_pass(cfg, models, size, out, plan)
 
 
 def _guided(models, cfg: RunConfig, conds: tuple) -> tuple:
@@ -435,71 +442,6 @@ def _render_job(models, targets: list[Target], init: Init | None, cond_override,
     return saved
 
 
-def _hires(cfg: RunConfig, size: tuple[int, int], models) -> Hires | None:
-    """The second pass when hires_scale asks for one; says the output size (rounded to the latent grid)."""
-    from sdcli import pipeline
-
-    if cfg.hires_scale == 1.0:
-        return None
-    multiple = max(models.family.latent.downscale, models.family.size_multiple)
-    out = pipeline.hires_size(*size, cfg.hires_scale, multiple)
-    plan = pipeline.make_plan(cfg.sampler, cfg.schedule, cfg.hires_steps or cfg.steps, cfg.sigmas, cfg.cfg,
-                              cfg.guidance_rescale, models.family, sampler_params(cfg), size=out,
-                              shift=cfg.flow_shift)
-    plan = dataclasses.replace(plan, token_merging=cfg.tome_ratio_hr or cfg.tome_ratio,
-                               slg=slg_of(cfg, models, plan.cfg))
-    exact = (size[1] * cfg.hires_scale, size[0] * cfg.hires_scale)
-    rounded = f" (rounded to a multiple of {multiple})" if exact != (out[1], out[0]) else ""
-    upscaler = hires_upscaler(cfg, models)
-    named = "" if upscaler.choice.name == "Latent" else f", upscaler {upscaler.choice.name}"
-    console.info(f"hires fix: {size[1]}x{size[0]} -> {out[1]}x{out[0]}{rounded}, "
-                 f"strength {cfg.hires_strength}, {cfg.hires_steps or cfg.steps} steps{named}")
-    return Hires(plan, out, cfg.hires_strength, upscaler=upscaler)
-
-
-def hires_upscaler(cfg: RunConfig, models):
-    """The job's hires upscaler (upscale.resize.HiresUpscaler), its network loaded once per run on the model's
-    device and dtype when it is a model file."""
-    from sdcli.upscale.names import choose
-    from sdcli.upscale.resize import HiresUpscaler
-
-    from sdcli.loading.residency import stamps
-
-    choice = choose(cfg.hires_upscaler, cfg.upscaler_dir)
-    if choice.kind != "model":
-        return HiresUpscaler(choice)
-    # the file's stamp in the key: a process that runs again (serve, a test) must not keep a network whose file
-    # was replaced since, while the metadata records the new file's hash
-    key = (str(choice.path), tuple(stamps([choice.path]).values()), models.dtype, models.device)
-    if key not in _HIRES_MODELS:
-        from sdcli.upscale.files import load_upscaler
-
-        _HIRES_MODELS.clear()  # one run, one hires upscaler
-        console.info(f"hires upscaler: {choice.path}")
-        _HIRES_MODELS[key] = load_upscaler(choice.path, models.dtype, models.device)
-    return HiresUpscaler(choice, _HIRES_MODELS[key])
-
-
-_HIRES_MODELS: dict = {}
-
-
-def check_hires_upscalers(jobs: list[Job]) -> None:
-    """Every hires upscaler the jobs name, found (exit 4 naming the file and where it was looked for) and known
-    to be an upscaler (exit 3 / 8): said before the (slow) model load. Imports torch only for a model file."""
-    from sdcli.upscale.names import choose
-
-    checked = set()
-    for job in jobs:
-        if job.cfg.hires_scale == 1.0:
-            continue
-        choice = choose(job.cfg.hires_upscaler, job.cfg.upscaler_dir)
-        if choice.kind == "model" and choice.path not in checked:
-            from sdcli.upscale.files import inspect_upscaler
-
-            inspect_upscaler(choice.path)
-            checked.add(choice.path)
-
-
 def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int, int], hires: Hires | None,
                    callback=None, refiner=None, noise=None):
     """Pass 1 at `size` (H, W) (handed to the refiner at the switch when there is one), then the hires fix's pass 2
@@ -519,25 +461,7 @@ def txt2img_passes(models, plan, cond, uncond, seeds: list[int], size: tuple[int
         with console.stage("sampling (refiner)"):
             latents = pipeline.continue_sampling(refiner.models, refiner.plan, latents, refiner.cond,
                                                  refiner.uncond, draws, step)  # fmt: skip
-    return hires_pass(models, hires, latents, cond, uncond, seeds, draws, callback, noise)
-
-
-def hires_pass(models, hires: Hires | None, latents, cond, uncond, seeds: list[int], draws, callback=None,
-               noise=None):
-    """The hires fix's pass 2 on pass 1's `latents` (text to image or img2img), drawing from pass 1's generators
-    `draws` or, with `gpu` / `nv` noise, new ones at its size as A1111 does; the latents as they are without one."""
-    from sdcli import pipeline
-
-    if hires is None:
-        return latents
-    if noise is not None and noise.fresh_hires_noise:
-        down = models.family.latent.downscale
-        big = (models.family.latent.channels, hires.size[0] // down, hires.size[1] // down)
-        draws = pipeline.image_noise(models, seeds, big, noise)
-    cond, uncond = hires.conds or (cond, uncond)
-    with console.stage("sampling pass 2 (hires fix)"):
-        return pipeline.hires_fix(models, hires.plan, latents, cond, uncond, draws, hires.strength, hires.size,
-                                  callback, hires.upscaler)  # fmt: skip
+    return hires_fix.run(models, hires, latents, cond, uncond, seeds, draws, callback, noise)
 
 
 @dataclass(frozen=True)
@@ -575,7 +499,7 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     t0 = time.perf_counter()
     steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
     with Progress(seeds, steps if init is None else None, req.progress) as progress:
-        step = _with_preview(progress, req, models, batch[0].job.cfg.vae_dir)
+        step = live_preview.step_callback(progress, req, models, batch[0].job.cfg.vae_dir)
         latents = sample_batch(models, p, seeds, init, step, noise)
     t1 = time.perf_counter()
     if last:
@@ -607,62 +531,16 @@ def sample_batch(models, p: Prepared, seeds: list[int], init: Init | None, callb
     with console.stage("sampling (img2img)"):
         latents = pipeline.img2img(models, p.plan, start, p.cond, p.uncond, draws, init.strength, callback=callback,
                                    keep=init.keep)
-    return hires_pass(models, p.hires, latents, p.cond, p.uncond, seeds, draws, callback, noise)
-
-
-def _with_preview(progress, req, models, vae_dir: str | None):
-    """The sampler callback: progress, the live preview when asked for, and the request's own `on_step` hook
-    (the server's: its progress and interrupt; any may be absent)."""
-    from sdcli.output.preview import PreviewWriter
-
-    latent = models.family.latent
-    preview = req.preview
-    writer = PreviewWriter(preview, getattr(req, "preview_interval", 0.5), rgb_factors=latent.rgb_factors,
-                           downscale=latent.downscale, rgb_bias=latent.rgb_bias,
-                           decoder=preview_decoder(models, getattr(req, "preview_vae", None), vae_dir)) \
-        if preview else None
-    callbacks = [c for c in (progress, writer, getattr(req, "on_step", None)) if c is not None]
-    if len(callbacks) < 2:
-        return callbacks[0] if callbacks else None
-    return lambda *args: [c(*args) for c in callbacks]
-
-
-def preview_decoder(models, preview_vae: str | None, vae_dir: str | None):
-    """The TAESD the live preview decodes with: --preview-vae, else the family's taesd decoder in vae_dir, else the
-    render's own VAE when it is a TAESD; None for the cheap linear estimate. Loaded once per run."""
-    from sdcli.loading import vae as vae_files
-
-    path = preview_vae or vae_files.find_preview_decoder(vae_dir, models.family)
-    if path is None:
-        return models.vae if models.vae_is_tiny else None
-    key = (str(path), models.dtype, models.device, models.family.name)
-    if key not in _PREVIEW_DECODERS:
-        _PREVIEW_DECODERS.clear()  # one run, one preview decoder
-        _PREVIEW_DECODERS[key] = _load_preview_decoder(str(path), models.dtype, models.device, models.family)
-    return _PREVIEW_DECODERS[key]
-
-
-_PREVIEW_DECODERS: dict = {}
-
-
-def _load_preview_decoder(path: str, dtype, device, family):
-    from sdcli.loading import vae as vae_files
-
-    vae = vae_files.load_vae_file(path, dtype, device, family)
-    if not vae_files.is_tiny(vae):
-        raise UsageError(f"--preview-vae {path}: not a TAESD decoder (taesd_decoder.safetensors, taesdxl_decoder...)")
-    console.info(f"preview: decoded by {Path(path).name}")
-    return vae
+    return hires_fix.run(models, p.hires, latents, p.cond, p.uncond, seeds, draws, callback, noise)
 
 
 def _final_size(cfg: RunConfig, models, init: Init | None) -> tuple[int, int]:
-    """(width, height) of the saved images: after the hires pass when there is one."""
-    from sdcli import pipeline
-
+    """(width, height) of the saved images: after the hires pass when there is one, rounded as that pass rounds
+    (hires_fix.output_size), so a grid or plot checked with it has the images' size."""
     w, h = _size(cfg, models, init)
     if cfg.hires_scale == 1.0:
         return w, h
-    h, w = pipeline.hires_size(h, w, cfg.hires_scale, models.family.latent.downscale)
+    h, w = hires_fix.output_size(models.family, (h, w), cfg.hires_scale)
     return w, h
 
 

@@ -27,7 +27,7 @@ from sdcli import config as cfgmod
 from sdcli.config import RunConfig
 from sdcli.runtime.errors import BadInputError, UsageError, quote
 from sdcli.jobs import Job, draw_seed, single_job, with_seed
-from sdcli.app import render, save
+from sdcli.app import hires_fix, render, save
 
 # Config keys a text-to-image sweep cannot vary, beyond sweep_axes.FIXED_KEYS: a value no cell would use would
 # still be recorded in the cell's metadata, claiming a render that never happened.
@@ -82,7 +82,7 @@ def run_sweep(req: SweepRequest) -> None:
     planned = [_plan_cell(c, base, req) for c in cells]
     for p in planned:
         _check_cell(p, base)
-    render.check_hires_upscalers([p.job for p in planned])
+    hires_fix.check_upscalers([p.job for p in planned])
     render.warn_unused_params([p.job for p in planned])
     plots = _plot_paths(req.output, len(z.values) if z else 1)
     json_path = Path(req.json_path) if req.json_path else Path(req.output).with_suffix(".json")

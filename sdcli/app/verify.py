@@ -13,7 +13,7 @@ from sdcli.control import settings as control_config
 from sdcli.runtime.errors import UsageError, VerificationError, quote, quote_list
 from sdcli.jobs import Job, single_job
 from sdcli.output.replay import RENDER_KEYS
-from sdcli.app import refine, render
+from sdcli.app import hires_fix, refine, render
 from sdcli.app.save import model_hash
 
 
@@ -94,7 +94,7 @@ def _check(image: Path, flags: dict, config_file: Path | None, loras: list[str],
                          "--lora FILE[:WEIGHT]")
     check_embeddings(image, replay, cfg.embeddings_dir)
     check_refiner_given(replay, image, cfg.refiner)
-    render.check_hires_upscalers([job])
+    hires_fix.check_upscalers([job])
     control_config.check_files([job], cfg.model)
     return Check(image, job, specs, (replay.recorded.get("model") or {}).get("sha256"), inputs)
 

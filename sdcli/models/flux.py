@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdcli.models.invariant import GELU, SiLU, gelu, silu
+from sdcli.quant.layers import linear_pieces, linear_rows, row_pieces
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
 
 REAL_AXES_DIM = (16, 56, 56)  # RoPE channels per id axis (time/index, row, col) of every released FLUX.1
@@ -182,18 +183,17 @@ def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    """(B, H, N, D) q, k, v -> (B, N, H*D): rotary positions on q and k, then softmax attention (BFL math.py)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, H, N, D) q, k (rotated: apply_rope), v -> (B, N, H*D): softmax attention (BFL math.py)."""
     out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
     return out.transpose(1, 2).flatten(2)
 
 
-def split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, N, 3*H*D) fused projection -> q, k, v each (B, H, N, D): q, k, v blocks, heads inside each."""
-    b, n, _ = qkv.shape
-    q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    return q, k, v
+def heads_of(qkv: nn.Linear, x: Tensor, part: int, heads: int) -> Tensor:
+    """Part `part` (0 q, 1 k, 2 v) of a fused q, k, v projection of x (B, N, D) as (B, H, N, D/H), from that part's
+    rows of the weight alone (linear_rows): the three are made and freed one by one, never the whole fused output."""
+    d = qkv.in_features
+    return linear_rows(qkv, x, part * d, (part + 1) * d).unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -239,8 +239,9 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+    def forward(self, x: Tensor, part: int) -> Tensor:
+        """q (part 0) or k (part 1), (B, H, N, Dh), normed in the projection's dtype."""
+        return (self.query_norm, self.key_norm)[part](x).to(x)
 
 
 class SelfAttention(nn.Module):
@@ -253,11 +254,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # x: (B, N, D) -> normed q, k and v, each (B, H, N, D/H)
-        q, k, v = split_heads(self.qkv(x), self.heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+    def head(self, x: Tensor, part: int) -> Tensor:
+        # x: (B, N, D) -> q, k (normed) or v (part 0, 1, 2), (B, H, N, D/H)
+        t = heads_of(self.qkv, x, part, self.heads)
+        return t if part == 2 else self.norm(t, part)
 
 
 class Modulation(nn.Module):
@@ -291,14 +291,21 @@ class DoubleStreamBlock(nn.Module):
         # img: (B, L, D), txt: (B, T, D), vec: (B, D)
         (img_shift1, img_scale1, img_gate1), img_mod2 = self.img_mod(vec)
         (txt_shift1, txt_scale1, txt_gate1), txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))  # (B, H, L, Dh)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))  # (B, H, T, Dh)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention(q, k, v, pe)  # (B, T + L, D)
+        img_h, txt_h = modulate(img, img_shift1, img_scale1), modulate(txt, txt_shift1, txt_scale1)
+        def joint(part: int) -> Tensor:  # q, k or v over [txt, img]: (B, H, T + L, Dh), one at a time
+            return torch.cat([self.txt_attn.head(txt_h, part), self.img_attn.head(img_h, part)], dim=2)
+
+        q, k, v = apply_rope(joint(0), pe), apply_rope(joint(1), pe), joint(2)
+        del img_h, txt_h
+        attn = attention(q, k, v)  # (B, T + L, D)
+        del q, k, v
         # each stream's rows made contiguous: a strided (B, L, D) input takes another GEMM path (other rounding)
-        txt_attn, img_attn = (part.contiguous() for part in attn.split([txt.shape[1], img.shape[1]], dim=1))
-        img = _residual(img, img_gate1, self.img_attn.proj(img_attn), self.img_mlp, img_mod2)
-        txt = _residual(txt, txt_gate1, self.txt_attn.proj(txt_attn), self.txt_mlp, txt_mod2)
+        projs, lengths = (self.txt_attn.proj, self.img_attn.proj), [txt.shape[1], img.shape[1]]
+        txt_out, img_out = (proj(part.contiguous()) for proj, part in zip(projs, attn.split(lengths, dim=1)))
+        del attn
+        img = _residual(img, img_gate1, img_out, self.img_mlp, img_mod2)
+        del img_out
+        txt = _residual(txt, txt_gate1, txt_out, self.txt_mlp, txt_mod2)
         return img, txt
 
 
@@ -306,7 +313,8 @@ def _residual(x: Tensor, gate: Tensor, attn_out: Tensor, mlp: nn.Module, mod2) -
     """One stream's gated attention residual, then its gated, modulated MLP residual."""
     shift, scale, gate2 = mod2
     x = x + gate * attn_out
-    return _fp16_safe(x + gate2 * mlp(modulate(x, shift, scale)))
+    hidden = gelu(linear_pieces(mlp[0], modulate(x, shift, scale)), inplace=True, approximate="tanh")
+    return _fp16_safe(x + gate2 * linear_pieces(mlp[2], hidden))
 
 
 class SingleStreamBlock(nn.Module):
@@ -324,12 +332,28 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe) -> Tensor:
         # x: (B, T + L, D), vec: (B, D)
         [(shift, scale, gate)] = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
-        q, k, v = split_heads(qkv, self.heads)  # (B, H, N, Dh) each
-        q, k = self.norm(q, k, v)
-        # mlp is a strided slice of linear1's output: the invariant GELU runs on its dense copy (invariant.py)
-        out = self.linear2(torch.cat([attention(q, k, v, pe), gelu(mlp, approximate="tanh")], dim=2))
-        return _fp16_safe(x + gate * out)
+        h = modulate(x, shift, scale)
+        fused = self._fused(h, self._attention(h, pe))  # (B, N, D + mlp_hidden)
+        del h
+        return _fp16_safe(x + gate * linear_pieces(self.linear2, fused))
+
+    def _attention(self, h: Tensor, pe) -> Tensor:
+        """(B, N, D) -> (B, N, D): q, k, v from their own rows of linear1, one at a time."""
+        qk = (apply_rope(self.norm(heads_of(self.linear1, h, i, self.heads), i), pe) for i in range(2))
+        return attention(*qk, heads_of(self.linear1, h, 2, self.heads))
+
+    def _fused(self, h: Tensor, attn: Tensor) -> Tensor:
+        """linear2's input [attention | GELU(linear1's MLP rows)], written piece by piece into one buffer: at 1024 px
+        (4608 tokens, fp32) neither the MLP's whole output (226 MB) beside its concatenation (283 MB) nor,
+        quantized, its whole dequantized weight (151 MB) is ever held."""
+        d = h.shape[-1]
+        fused = h.new_empty(*h.shape[:-1], d + self.mlp_hidden)
+        fused[..., :d] = attn
+        del attn
+        for start, stop in row_pieces(self.linear1, h, 3 * d, 3 * d + self.mlp_hidden):
+            mlp = linear_rows(self.linear1, h, start, stop)
+            fused[..., start - 2 * d : stop - 2 * d] = gelu(mlp, inplace=True, approximate="tanh")
+        return fused
 
 
 class LastLayer(nn.Module):

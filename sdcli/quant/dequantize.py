@@ -34,9 +34,19 @@ CPU_CHUNK = 1 << 18
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
+def _wide(b: Tensor, dtype: torch.dtype) -> Tensor:
+    """(n, k) bytes (a field of the blocks) read as little-endian `dtype` words, (n, k / size): a view in place
+    when the field is aligned for it (every field sdcli reads is, as the block sizes are even), else a copy.
+    Copying a 2-byte column out of every block first took half of a Q8_0 dequantization."""
+    size = dtype.itemsize
+    if b.stride(-1) != 1 or b.storage_offset() % size or any(st % size for st in b.stride()[:-1]):
+        b = b.contiguous()
+    return b.view(dtype)
+
+
 def _f16(b: Tensor) -> Tensor:
     """(n, 2k) bytes -> (n, k) float32: little-endian float16 scales."""
-    return b.contiguous().view(torch.float16).float()
+    return _wide(b, torch.float16).float()
 
 
 @functools.lru_cache(maxsize=64)
@@ -65,14 +75,27 @@ def _float(blocks: Tensor, dtype: torch.dtype) -> Tensor:
     return blocks.contiguous().view(dtype).float()
 
 
-def _q4_0(blocks: Tensor) -> Tensor:
+def _affine(scale: Tensor, q: Tensor, out: Tensor | None, minus: Tensor | None = None,
+            plus: Tensor | None = None) -> Tensor:  # fmt: skip
+    """scale * q (an integer tensor, converted inside the multiplication), then - minus or + plus: the float32 steps
+    of the references, written into `out` (float32, q's shape) when given, so no float copy of q nor of the
+    result is made (1.8x faster for Q8_0 on a CPU)."""
+    r = torch.mul(scale, q, out=out) if out is not None else scale * q
+    if minus is not None:
+        r.sub_(minus)
+    if plus is not None:
+        r.add_(plus)
+    return r
+
+
+def _q4_0(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     d, qs = _split(blocks, 2)
-    return _f16(d) * (_nibbles(qs).to(torch.int8) - 8).float()
+    return _affine(_f16(d), _nibbles(qs).to(torch.int8) - 8, out)
 
 
-def _q4_1(blocks: Tensor) -> Tensor:
+def _q4_1(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     d, m, qs = _split(blocks, 2, 2)
-    return _f16(d) * _nibbles(qs).float() + _f16(m)
+    return _affine(_f16(d), _nibbles(qs), out, plus=_f16(m))
 
 
 def _q5(qh: Tensor, qs: Tensor) -> Tensor:
@@ -80,19 +103,23 @@ def _q5(qh: Tensor, qs: Tensor) -> Tensor:
     return _nibbles(qs) | (_bits(qh, 32) << 4)
 
 
-def _q5_0(blocks: Tensor) -> Tensor:
+def _q5_0(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     d, qh, qs = _split(blocks, 2, 4)
-    return _f16(d) * (_q5(qh, qs).to(torch.int8) - 16).float()
+    return _affine(_f16(d), _q5(qh, qs).to(torch.int8) - 16, out)
 
 
-def _q5_1(blocks: Tensor) -> Tensor:
+def _q5_1(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     d, m, qh, qs = _split(blocks, 2, 2, 4)
-    return _f16(d) * _q5(qh, qs).float() + _f16(m)
+    return _affine(_f16(d), _q5(qh, qs), out, plus=_f16(m))
 
 
-def _q8_0(blocks: Tensor) -> Tensor:
+def _q8_0(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     d, qs = _split(blocks, 2)
-    return qs.contiguous().view(torch.int8).float() * _f16(d)
+    return _affine(_f16(d), qs.contiguous().view(torch.int8), out)
+
+
+def _view(out: Tensor | None, *shape: int) -> Tensor | None:
+    return None if out is None else out.view(*shape)
 
 
 def _crumbs(qs: Tensor, width: int) -> Tensor:
@@ -103,13 +130,13 @@ def _crumbs(qs: Tensor, width: int) -> Tensor:
 
 
 # Q2_K: ggml-quants.c dequantize_row_q2_K; gguf-py Q2_K.dequantize_blocks
-def _q2_k(blocks: Tensor) -> Tensor:
+def _q2_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     n = blocks.shape[0]
     scales, qs, d, dmin = _split(blocks, QK_K // 16, QK_K // 4, 2)
     dl = (_f16(d) * (scales & 0x0F).float()).reshape(n, 16, 1)  # 16 sub-blocks of 16
     ml = (_f16(dmin) * (scales >> 4).float()).reshape(n, 16, 1)
-    q = _crumbs(qs, 32).reshape(n, 16, 16).float()
-    return (dl * q - ml).reshape(n, QK_K)
+    q = _crumbs(qs, 32).reshape(n, 16, 16)
+    return _affine(dl, q, _view(out, n, 16, 16), minus=ml).reshape(n, QK_K)
 
 
 def _q3_k_scales(scales: Tensor) -> Tensor:
@@ -122,7 +149,7 @@ def _q3_k_scales(scales: Tensor) -> Tensor:
 
 
 # Q3_K: ggml-quants.c dequantize_row_q3_K; gguf-py Q3_K.dequantize_blocks
-def _q3_k(blocks: Tensor) -> Tensor:
+def _q3_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     n = blocks.shape[0]
     hmask, qs, scales, d = _split(blocks, QK_K // 8, QK_K // 4, 12)
     dl = (_f16(d) * _q3_k_scales(scales)).reshape(n, 16, 1)
@@ -130,16 +157,18 @@ def _q3_k(blocks: Tensor) -> Tensor:
     high = (hmask.reshape(n, 1, 1, 32) >> _shifts(blocks.device, *range(8)).reshape(1, 1, 8, 1)) & 1
     high = high.reshape(n, 16, 16) ^ 1  # a clear mask bit subtracts 4
     q = low.to(torch.int8) - (high << 2).to(torch.int8)
-    return (dl * q.float()).reshape(n, QK_K)
+    return _affine(dl, q, _view(out, n, 16, 16)).reshape(n, QK_K)
 
 
 def _k_scale_min(scales: Tensor) -> tuple[Tensor, Tensor]:
-    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit minimums (ggml get_scale_min_k4)."""
-    n = scales.shape[0]
-    d, m, md = scales.reshape(n, 3, 4).unbind(1)
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc.float(), mn.float()
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit minimums (ggml get_scale_min_k4). The bytes d[4],
+    m[4], md[4] are taken as three 32-bit words and masked four bytes at a time (a shift's bits that cross into
+    the next byte are masked off); byte by byte on (n, 4) slices this was 40% of a Q4_K dequantization."""
+    d, m, md = _wide(scales, torch.int32).unbind(1)  # (n,) each
+    low, six, high2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
+    sc = torch.stack([d & low, (md & six) | ((d >> 2) & high2)], dim=1)  # (n, 2) words = (n, 8) bytes
+    mn = torch.stack([m & low, ((md >> 4) & six) | ((m >> 2) & high2)], dim=1)
+    return sc.view(torch.uint8).float(), mn.view(torch.uint8).float()
 
 
 def _k_factors(d: Tensor, dmin: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,32 +184,32 @@ def _k_nibbles(qs: Tensor) -> Tensor:
 
 
 # Q4_K: ggml-quants.c dequantize_row_q4_K; gguf-py Q4_K.dequantize_blocks
-def _q4_k(blocks: Tensor) -> Tensor:
+def _q4_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     n = blocks.shape[0]
     d, dmin, scales, qs = _split(blocks, 2, 2, 12)
     scale, minimum = _k_factors(d, dmin, scales)
-    return (scale * _k_nibbles(qs).float() - minimum).reshape(n, QK_K)
+    return _affine(scale, _k_nibbles(qs), _view(out, n, 8, 32), minus=minimum).reshape(n, QK_K)
 
 
 # Q5_K: ggml-quants.c dequantize_row_q5_K; gguf-py Q5_K.dequantize_blocks
-def _q5_k(blocks: Tensor) -> Tensor:
+def _q5_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     n = blocks.shape[0]
     d, dmin, scales, qh, qs = _split(blocks, 2, 2, 12, QK_K // 8)
     scale, minimum = _k_factors(d, dmin, scales)
     high = (qh.reshape(n, 1, 32) >> _shifts(blocks.device, *range(8)).reshape(1, 8, 1)) & 1  # (n, 8, 32)
     q = _k_nibbles(qs) | (high << 4)
-    return (scale * q.float() - minimum).reshape(n, QK_K)
+    return _affine(scale, q, _view(out, n, 8, 32), minus=minimum).reshape(n, QK_K)
 
 
 # Q6_K: ggml-quants.c dequantize_row_q6_K; gguf-py Q6_K.dequantize_blocks
-def _q6_k(blocks: Tensor) -> Tensor:
+def _q6_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     n = blocks.shape[0]
     ql, qh, scales, d = _split(blocks, QK_K // 2, QK_K // 4, QK_K // 16)
     dl = (_f16(d) * scales.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
     low = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
     high = _crumbs(qh, 32).reshape(n, 8, 32)
     q = (low | (high << 4)).to(torch.int8) - 32
-    return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+    return _affine(dl, q.reshape(n, 16, 16), _view(out, n, 16, 16)).reshape(n, QK_K)
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,6 +246,10 @@ DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
 }  # fmt: skip
 
 
+# the dequantizers that can write their float32 result straight into a given (n, block_size) tensor
+WRITE_INTO = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
+
+
 def is_supported(qtype: GGMLType | int | str) -> bool:
     return ggml_type(qtype).name in DEQUANTIZERS
 
@@ -245,11 +278,15 @@ def dequantize(raw: Tensor, qtype: GGMLType | int | str, shape: Sequence[int],
         return blocks.contiguous().view(dtype).reshape(tuple(shape))
     if raw.device.type != "cpu" or numel <= CPU_CHUNK:
         return DEQUANTIZERS[t.name](blocks).reshape(tuple(shape)).to(dtype)
-    out = torch.empty(numel, dtype=dtype)
+    out = torch.empty(numel // t.block_size, t.block_size, dtype=dtype)
     step = CPU_CHUNK // t.block_size
+    direct = dtype == torch.float32 and t.name in WRITE_INTO  # else float32 first, then rounded once
     for start in range(0, blocks.shape[0], step):  # each piece's temporaries stay in cache
-        piece = DEQUANTIZERS[t.name](blocks[start:start + step])
-        out[start * t.block_size:start * t.block_size + piece.numel()] = piece.reshape(-1)
+        piece, dest = blocks[start:start + step], out[start:start + step]
+        if direct:
+            DEQUANTIZERS[t.name](piece, dest)
+        else:
+            dest.copy_(DEQUANTIZERS[t.name](piece).reshape(dest.shape))
     return out.reshape(tuple(shape))
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sdcli.runtime.errors import BadInputError
 from sdcli.quant.dequantize import dequantize
+from sdcli.quant.ggml_types import ggml_type
 from sdcli.quant.tensor import QuantizedTensor
 
 
@@ -83,6 +84,15 @@ class _QuantizedWeight:
     def _bias(self, dtype: torch.dtype) -> Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
 
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows [start, stop) of dequantized_weight(dtype): only those rows' blocks are dequantized, unless run-time
+        LoRAs need the whole weight or a row is no whole number of blocks (stored as 256-element rows)."""
+        if self.loras or self.weight_shape[-1] % ggml_type(self.qtype).block_size:
+            return self.dequantized_weight(dtype)[start:stop]
+        row_bytes = self.weight.numel() // self.weight_shape[0]
+        rows = self.weight[start * row_bytes : stop * row_bytes]
+        return dequantize(rows, self.qtype, (stop - start, *self.weight_shape[1:]), dtype)
+
 
 def holds_blocks(module: nn.Module) -> bool:
     """Whether `module` is a QuantizedLinear/QuantizedConv2d (its `weight` is GGML blocks, its LoRAs run-time)."""
@@ -99,6 +109,43 @@ class QuantizedLinear(_QuantizedWeight, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         return F.linear(x, self.dequantized_weight(x.dtype), self._bias(x.dtype))
+
+
+def linear_rows(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
+    """Output features [start, stop) of `layer(x)` (a Linear or a QuantizedLinear) from those rows of its weight alone:
+    a fused projection split into the parts a block uses one after the other never holds its whole output, nor
+    (quantized) its whole dequantized weight. The GEMM of a row block gives the bits of the fused GEMM's columns."""
+    if holds_blocks(layer):
+        weight = layer.dequantized_rows(start, stop, x.dtype)
+    else:
+        weight = layer.weight[start:stop]
+    bias = None if layer.bias is None else layer.bias[start:stop].to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+
+PIECE_BYTES = 32 << 20  # the most of a weight linear_pieces dequantizes (or reads) for one GEMM
+ROW_ALIGN = 256  # piece rows: a multiple of this, so an element-wise op on a piece's output runs whole SIMD loops
+
+
+def row_pieces(layer: nn.Linear, x: Tensor, start: int, stop: int) -> list[tuple[int, int]]:
+    """[start, stop) cut into consecutive row ranges of `layer`'s weight of at most PIECE_BYTES each in x's dtype,
+    every range but the last a multiple of ROW_ALIGN rows (one range when the whole fits)."""
+    rows = PIECE_BYTES // (layer.in_features * x.element_size()) // ROW_ALIGN * ROW_ALIGN
+    rows = max(rows, ROW_ALIGN)
+    return [(a, min(a + rows, stop)) for a in range(start, stop, rows)]
+
+
+def linear_pieces(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x), from row pieces of the weight (row_pieces, linear_rows): a quantized weight is never dequantized
+    whole. Dense and quantized layers take the same path, so a GGUF renders the bytes of its dequantized weights."""
+    pieces = row_pieces(layer, x, 0, layer.out_features)
+    if len(pieces) == 1:
+        return linear_rows(layer, x, 0, layer.out_features)
+    out = x.new_empty(*x.shape[:-1], layer.out_features)
+    for start, stop in pieces:
+        out[..., start:stop] = linear_rows(layer, x, start, stop)
+    return out
 
 
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",

@@ -158,10 +158,6 @@ def _glibc():
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
-    try:
-        return bool(ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 # SDCLI_CPU_CHANNELS_LAST=0 keeps bf16 CPU runs contiguous: scripts/bench.py measures the lever with it.

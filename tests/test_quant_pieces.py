@@ -1,0 +1,112 @@
+"""Linear layers computed from row pieces of their weight (sdcli.quant.layers.linear_pieces): the FLUX blocks use
+them so that a quantized weight is never dequantized whole, nor a fused projection's output held whole (1024 px).
+A piece's GEMM must give the bits of the whole GEMM's columns, and a GGUF must still render the bits of its
+dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdcli.models.flux import FluxConfig, FluxModel, image_ids, text_ids
+from sdcli.quant import layers
+from sdcli.quant.layers import QuantizedLinear, linear_pieces, linear_rows, quantize_modules, row_pieces
+from sdcli.quant.quantize import _blocks
+from sdcli.quant.ggml_types import BY_NAME
+from sdcli.quant.tensor import QuantizedTensor
+
+
+def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, qtype: str) -> QuantizedLinear:
+    stored = weight.reshape(-1, 256) if weight.shape[-1] % 256 else weight  # as the writer stores such rows
+    raw = torch.from_numpy(_blocks(stored, BY_NAME[qtype]).reshape(-1).copy())
+    return QuantizedLinear(QuantizedTensor(raw, qtype, tuple(weight.shape)), bias)
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of 256 rows for a 256-wide fp32 weight."""
+    monkeypatch.setattr(layers, "PIECE_BYTES", 256 * 256 * 4)
+
+
+def test_row_pieces_cover_the_rows_in_aligned_ranges(small_pieces):
+    lin, x = nn.Linear(256, 1000), torch.zeros(1, 256)
+    pieces = row_pieces(lin, x, 24, 1000)
+    assert pieces[0][0] == 24 and pieces[-1][1] == 1000
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert all(stop - start == 256 for start, stop in pieces[:-1]) and len(pieces) == 4
+    assert row_pieces(lin, x.bfloat16(), 0, 1000) == [(0, 512), (512, 1000)]  # half the bytes per row
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pieces_give_the_whole_gemms_bits(small_pieces, threads):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 1100)
+    x = torch.randn(2, 333, 256)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            assert torch.equal(linear_pieces(lin, x), lin(x))
+            assert torch.equal(linear_rows(lin, x, 300, 700), lin(x)[..., 300:700])
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_quantized_pieces_dequantize_only_their_rows(small_pieces, monkeypatch, qtype):
+    torch.manual_seed(1)
+    weight, bias = torch.randn(1100, 256) * 0.05, torch.randn(1100)
+    q = _quantized(weight, bias, qtype)
+    dense = nn.Linear(256, 1100)
+    dense.weight.data, dense.bias.data = q.dequantized_weight(torch.float32), bias.clone()
+    seen = []
+    real = layers.dequantize
+    monkeypatch.setattr(layers, "dequantize", lambda raw, t, shape, dtype: seen.append(shape) or real(raw, t, shape, dtype))
+    x = torch.randn(1, 77, 256)
+    with torch.no_grad():
+        out = linear_pieces(q, x)
+        assert torch.equal(out, dense(x))
+    assert [s[0] for s in seen] == [256, 256, 256, 256, 76]  # never the whole weight
+
+
+def test_rows_that_are_not_whole_blocks_fall_back_to_the_whole_weight():
+    torch.manual_seed(2)
+    weight = torch.randn(64, 96) * 0.05  # 96 is no whole Q4_K block: stored as 256-element rows
+    q = _quantized(weight, None, "Q4_K")
+    x = torch.randn(5, 96)
+    assert torch.equal(linear_rows(q, x, 10, 40), torch.nn.functional.linear(x, q.dequantized_weight(x.dtype))[:, 10:40])
+
+
+def _tiny_flux() -> FluxModel:
+    cfg = FluxConfig(in_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=256, mlp_hidden_dim=1024,
+                     num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(16, 56, 56))
+    torch.manual_seed(3)
+    model = FluxModel(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(1, 64, 64, generator=g), torch.randn(1, 7, 64, generator=g)
+    return (img, image_ids(16, 16)[None], txt, text_ids(7)[None], torch.tensor([0.7]), torch.randn(1, 32, generator=g),
+            torch.tensor([3.5]))
+
+
+def test_flux_gguf_in_pieces_has_the_bits_of_its_dequantized_weights(monkeypatch):
+    """A Q8_0 FLUX (every block Linear quantized) against the same model with the dequantized weights, with
+    pieces smaller than every weight, and against the dense model run whole."""
+    dense, quant = _tiny_flux(), _tiny_flux()
+    weights = {k: QuantizedTensor(torch.from_numpy(_blocks(p.data, BY_NAME["Q8_0"]).reshape(-1).copy()), "Q8_0",
+                                  tuple(p.shape))
+               for k, p in quant.named_parameters() if k.endswith(".weight") and p.dim() == 2 and "blocks" in k}
+    quantize_modules(quant, weights, torch.float32)
+    for k, q in weights.items():
+        dense.get_parameter(k).data = q.dequantize(torch.float32)
+    with torch.no_grad():
+        whole = dense(*_inputs())
+        monkeypatch.setattr(layers, "PIECE_BYTES", 256 * 256 * 4)
+        assert torch.equal(quant(*_inputs()), dense(*_inputs()))
+        assert torch.equal(dense(*_inputs()), whole)
