@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from sdcli.models.invariant import GroupNorm, PointwiseConv, SiLU, gelu
 from sdcli.runtime.errors import BadInputError
 from sdcli.models.layout import run_layout
+from sdcli.models.packed_conv import PackedConv2d
 
 NORM_GROUPS = 32  # GroupNorm32 in LDM: every norm of the UNet uses 32 groups
 
@@ -114,14 +115,14 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_dim: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm(NORM_GROUPS, channels), SiLU(inplace=True), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm(NORM_GROUPS, channels), SiLU(inplace=True), PackedConv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(SiLU(), nn.Linear(emb_dim, out_channels))  # emb is shared: not in place
         self.out_layers = nn.Sequential(
             GroupNorm(NORM_GROUPS, out_channels),
             SiLU(inplace=True),
             nn.Identity(),  # Dropout in the original
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            PackedConv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else PointwiseConv(channels, out_channels)
 
@@ -157,8 +158,11 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) views of one projection
-        return value * gelu(gate, inplace=True)  # gate is strided: gelu runs on a dense copy (invariant.py)
+        value, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) strided views of one projection
+        # the gate made dense once and kept so: gelu on it in place, then the product written into it (a strided
+        # gate would be copied for gelu, copied back, and multiplied in torch's slower strided loop); the same bytes
+        gate = gelu(gate.contiguous(), inplace=True)
+        return value * gate if gate.requires_grad else torch.mul(value, gate, out=gate)
 
 
 class FeedForward(nn.Module):
@@ -237,7 +241,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = PackedConv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -252,7 +256,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = PackedConv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         if size is None:
