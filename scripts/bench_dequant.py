@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from sdcli.models import flux, mmdit  # noqa: E402
 from sdcli.quant.dequantize import dequantize  # noqa: E402
@@ -159,16 +160,6 @@ def _secs(fn) -> float:
     return time.perf_counter() - t0
 
 
-def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    get = lambda key: next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith(key)), "?")  # noqa: E731,E741
-    flags = get("flags").split()
-    isa = "AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
-        "AVX-512" if "avx512f" in flags else "AVX2"  # fmt: skip
-    return (f"{get('model name')} (cpu family {get('cpu family')}, model {get('model')}, {isa}), "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", default="flux-double,flux-single,sd3")
@@ -179,7 +170,9 @@ def main() -> None:
     args = p.parse_args()
     fix_heap_threshold()  # as `sdcli generate` runs
     sizes = [64, 128] if args.rehearse else [int(s) for s in args.sizes.split(",")]
-    lines = [f"Machine: {machine()}; float32 compute; {time.strftime('%Y-%m-%d')}", "",
+    from bench import machine  # scripts/bench.py: CPU model, family/model numbers, flags, threads, date
+
+    lines = [f"Machine: {machine()}; float32 compute", "",
              "| block | image | type | dense f32 | GGUF (dequantized per forward) | dequantization adds "
              "| peak RSS added, dense / GGUF |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind in args.blocks.split(","):

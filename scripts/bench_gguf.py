@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import re
@@ -430,8 +429,11 @@ def layer_errors(src: Path, types: list[str]) -> list[tuple[str, str, float]]:
 
 
 def table(results: dict[str, dict], errors: list, args: argparse.Namespace, what: str) -> str:
-    lines = [f"GGUF vs {args.dtype}: {what}, {args.size}x{args.size}, {args.steps} steps euler, compute {args.dtype}, "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default", "",
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import machine  # scripts/bench.py: CPU model, family/model numbers, flags, threads, date
+
+    lines = [f"GGUF vs {args.dtype}: {what}, {args.size}x{args.size}, {args.steps} steps euler, compute {args.dtype}",
+             "", f"Machine: {machine()}", "",
              f"| weights | file MiB | peak RSS GiB | load s | step s | decode s | PSNR vs {args.dtype} dB "
              "| RSS GiB after |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -361,7 +361,8 @@ def test_quantize_modules_on_a_unet():
     state = ref.state_dict()
     quantized = {}
     for name, module in ref.named_modules():
-        if type(module) in (nn.Linear, nn.Conv2d) and module.weight.numel() % 256 == 0 and "time_embed" not in name:
+        plain = type(module) in (nn.Linear, nn.Conv2d) or getattr(type(module), "plain_conv", False)  # PackedConv2d
+        if plain and module.weight.numel() % 256 == 0 and "time_embed" not in name:
             flat = module.weight.detach().reshape(-1, 256).numpy()
             raw = torch.from_numpy(gguf.quants.quantize(flat, QT.Q8_0).reshape(-1))
             quantized[name + ".weight"] = QuantizedTensor(raw, "Q8_0", tuple(module.weight.shape))

@@ -31,23 +31,76 @@ class ModelView:
 
 def show(jobs: list, req, base, init_strength: float | None = None) -> None:
     """Print the plan of `jobs` (already checked as the run checks them). `init_strength`: img2img's strength,
-    so the sigmas shown are the ones it runs."""
+    so the sigmas shown are the ones it runs.
+
+    Each job's plan is printed as soon as it is made and then let go: a prompts file of 100,000 lines is planned
+    in seconds and in the memory of its jobs, not of 100,000 plans (their tokens, sigmas and configs) held until
+    the end. What many jobs share (the sampling plan, the negative prompt's tokens, the embeddings folder) is
+    worked out once (_Shared)."""
     model = model_view(base)
     jobs = resume.adopt_seeds(jobs, req)  # --skip-existing: the seeds the existing images record
     targets, outputs = render.plan_outputs(jobs, req)
     render.plan_grid(req, targets, outputs)
     todo = {id(t) for t in resume.skip_done(list(targets), outputs, req)}
-    plans = [_job_plan(job, [t for t in targets if t.job is job], todo, req, model, init_strength)
-             for job in jobs]
+    by_job: dict[int, list] = {}
+    for t in targets:
+        by_job.setdefault(id(t.job), []).append(t)
     extra = [{"kind": o.kind, "path": str(o.path), "exists": _exists(o.path)} for o in outputs.outputs
              if o.kind not in ("image", "latent")]
-    for n, plan in enumerate(plans):
-        if n == len(plans) - 1:
+    shared = _Shared(model, init_strength)
+    for job in jobs:  # a sampler refused for the family (exit 2) is refused before any plan is printed
+        shared.sampling(job.cfg)
+    for n, job in enumerate(jobs):
+        plan = _job_plan(job, by_job.get(id(job), []), todo, req, shared)
+        if n == len(jobs) - 1:
             plan["outputs"] += extra  # a grid or preview belongs to the run: listed with its last job
         if req.json_out:
             console.emit_result("plan", None, plan)
         else:
-            print(_summary(plan, n + 1, len(plans), model))
+            print(_summary(plan, n + 1, len(jobs), model))
+
+
+class _Shared:
+    """What the jobs of one dry run share, worked out once: the sampling plan of each distinct set of sampling
+    settings (make_plan builds the sigmas with torch), the tokens of a negative prompt, the embeddings folder."""
+
+    LIMIT = 1024  # distinct entries kept; a file whose lines all differ starts over, never grows without bound
+
+    def __init__(self, model: ModelView, init_strength: float | None):
+        self.model, self.init_strength = model, init_strength
+        self._plans: dict[tuple, tuple] = {}
+        self._negatives: dict[tuple, dict] = {}
+        self._embeddings: dict[str | None, object] = {}
+
+    def sampling(self, cfg) -> tuple:
+        """(sampler, cfg scale, sigmas rounded as shown) of the job's first pass."""
+        size = _size(cfg, self.model)
+        key = (cfg.sampler, cfg.schedule, cfg.steps, cfg.sigmas, cfg.cfg, cfg.guidance_rescale, cfg.flow_shift,
+               size, tuple(render.sampler_params(cfg).items()))
+        found = self._plans.get(key)
+        if found is None:
+            plan = _sampling(cfg, self.model, size, self.init_strength)
+            found = _keep(self._plans, key, (plan.sampler, plan.cfg, [round(float(s), 5) for s in plan.sigmas]))
+        return found
+
+    def negative_tokens(self, cfg) -> dict:
+        key = (cfg.negative, cfg.embeddings_dir)
+        found = self._negatives.get(key)
+        if found is None:
+            found = _keep(self._negatives, key, _tokens(cfg.negative, cfg, self, brief=True))
+        return found
+
+    def embeddings(self, cfg):
+        if cfg.embeddings_dir not in self._embeddings:  # a per-run key: one folder, read once
+            self._embeddings[cfg.embeddings_dir] = _embeddings(cfg)
+        return self._embeddings[cfg.embeddings_dir]
+
+
+def _keep(cache: dict, key, value):
+    if len(cache) >= _Shared.LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def model_view(cfg) -> ModelView:
@@ -65,12 +118,12 @@ def model_view(cfg) -> ModelView:
     return ModelView(by_name(info.family), info.prediction, "")
 
 
-def _job_plan(job, targets: list, todo: set, req, model: ModelView, init_strength: float | None) -> dict:
+def _job_plan(job, targets: list, todo: set, req, shared: _Shared) -> dict:
     from sdcli.text.editing import prompt_schedule
 
-    cfg = job.cfg
+    cfg, model = job.cfg, shared.model
     size = _size(cfg, model)
-    plan = _sampling(cfg, model, size, init_strength)
+    sampler, guidance, sigmas = shared.sampling(cfg)
     schedule = prompt_schedule(job.text, cfg.steps)
     config = cfg.to_dict()
     if job.seed_drawn:  # drawn here, and drawn again by the real run: what is known is that it is random
@@ -83,12 +136,12 @@ def _job_plan(job, targets: list, todo: set, req, model: ModelView, init_strengt
         "subseeds": None if job.subseed_drawn or cfg.subseed_strength == 0 else [t.image_subseed for t in targets],
         "size": list(size) if size else None, "hires_size": _hires_size(cfg, size, model),
         "outputs": _outputs(job, targets, todo, req),
-        "sampler": plan.sampler, "schedule": _schedule_used(cfg), "steps": cfg.steps, "cfg": plan.cfg,
-        "sigmas": [round(float(s), 5) for s in plan.sigmas],
+        "sampler": sampler, "schedule": _schedule_used(cfg), "steps": cfg.steps, "cfg": guidance,
+        "sigmas": sigmas,
         "prompt_loras": [{"name": t.name, "weight": t.weight} for t in job.loras],
         "prompt_schedule": [{"until_step": end, "text": t} for end, t in schedule],
-        "tokens": _tokens(schedule[-1][1], cfg, model),
-        "negative_tokens": _tokens(cfg.negative, cfg, model, brief=True) if cfg.negative else None,
+        "tokens": _tokens(schedule[-1][1], cfg, shared),
+        "negative_tokens": shared.negative_tokens(cfg) if cfg.negative else None,
         "config": config,
     }
 
@@ -134,14 +187,15 @@ def _schedule_used(cfg) -> str | None:
     return None if cfg.sigmas else resolve_sampler_schedule(cfg.sampler, cfg.schedule)[1]
 
 
-def _tokens(text: str, cfg, model: ModelView, brief: bool = False) -> dict:
+def _tokens(text: str, cfg, shared: _Shared, brief: bool = False) -> dict:
     """inspect --prompt's report of the text with the family's first CLIP tokenizer, without the padded arrays:
     the prompt's ids (begin and end included, no padding) and, per 75-token chunk, its count and tokens."""
     from sdcli.text.clip_tokenizer import get_tokenizer
     from sdcli.text.prompts import describe_prompt
 
-    spec = next((s for s in model.family.text if s.kind == "clip"), model.family.text[0])
-    described = describe_prompt(text, get_tokenizer(), spec.pad_id, _embeddings(cfg))
+    family = shared.model.family
+    spec = next((s for s in family.text if s.kind == "clip"), family.text[0])
+    described = describe_prompt(text, get_tokenizer(), spec.pad_id, shared.embeddings(cfg), arrays=False)
     if brief:
         return {"n_tokens": described["n_tokens"], "per_chunk": [c["n_tokens"] for c in described["chunks"]]}
     chunks = [{"n_tokens": c["n_tokens"], "tokens": c["tokens"], "embeddings": c["embeddings"]}

@@ -55,6 +55,8 @@ def run_generate(req: GenerateRequest) -> None:
         base = _replayed_dtype(base, replay)
     if req.print_config:
         return _print_config(req, base, replay)
+    if req.server and not base.model and not req.dry_run:  # rendered with the model the server has loaded
+        base = remote.with_server_model(req.server, base)
     if replay is not None and req.prompt is None and not req.prompts_file:
         req = dataclasses.replace(req, prompt=replay.prompt)
     jobs = read_prompts_file(req.prompts_file, base) if req.prompts_file else [single_job(req.prompt, base)]

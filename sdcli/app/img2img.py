@@ -52,6 +52,8 @@ def run_img2img(req: Img2ImgRequest) -> None:
     masked = bool(req.mask or base.pad)
     if masked and cfgmod.origin("strength", req.flags, req.config_file) == "default":
         base = dataclasses.replace(base, strength=_inpaint_strength(base))
+    if req.server and not base.model and not req.dry_run:  # rendered with the model the server has loaded
+        base = remote.with_server_model(req.server, base)
     job = single_job(req.prompt, base)
     refine.check_refiner_use(base, txt2img=False)
     if req.server:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdcli.runtime.errors import UsageError
-from sdcli.output.targets import STDOUT, check_target, image_format
+from sdcli.output.targets import STDOUT, as_path, check_target, image_format
 
 # What the kinds are called in messages (one, several); a kind not listed is shown as given.
 _WHAT = {"image": ("image", "images"), "latent": ("latent file (--latent-out)", "latent files (--latent-out)"),
@@ -47,7 +47,7 @@ class OutputPlan:
 
     def add(self, kind: str, path: str | Path) -> Path:
         """Register one output; returns its path (Path('-') for stdout)."""
-        path = Path(STDOUT) if str(path) == STDOUT else Path(path)
+        path = Path(STDOUT) if str(path) == STDOUT else as_path(path)
         self.outputs.append(Output(kind, path))
         return path
 
@@ -84,10 +84,11 @@ class OutputPlan:
 
     def _check_collisions(self) -> None:
         seen: dict[str, Output] = {}
+        folders: dict[Path, str] = {}  # the images of a run share a folder or a few: each resolved once
         for out in self.outputs:
             if str(out.path) == STDOUT:
                 continue
-            key = _identity(out.path)
+            key = _identity(out.path, folders)
             first = seen.setdefault(key, out)
             if first is out:
                 continue
@@ -117,7 +118,12 @@ def _what(kind: str, plural: bool = False) -> str:
     return several if plural else one
 
 
-def _identity(path: Path) -> str:
+def _identity(path: Path, folders: dict[Path, str]) -> str:
     """One spelling per file: './a.png', 'a.png' and 'x/../a.png' are the same target (folders' symbolic links
-    resolved; a link as the target itself is refused by check_target anyway)."""
-    return os.path.join(os.path.realpath(path.parent), path.name)
+    resolved; a link as the target itself is refused by check_target anyway). `folders`: the resolved folders
+    so far."""
+    parent = path.parent
+    real = folders.get(parent)
+    if real is None:
+        real = folders[parent] = os.path.realpath(parent)
+    return os.path.join(real, path.name)

@@ -17,17 +17,19 @@ import base64
 import http.client
 import io
 import json
+import re
 import time
 import urllib.parse
 from pathlib import Path
 
 from sdcli import __version__
 from sdcli.runtime import console
-from sdcli.runtime.errors import SdcliError, UsageError, quote
+from sdcli.runtime.errors import ModelNotFoundError, SdcliError, UsageError, quote
 from sdcli.app import save
 from sdcli.app.progress import Progress
 
 PROTOCOL = 1  # app/serve.py's PROTOCOL
+_HASH_SUFFIX = re.compile(r" \[[0-9a-fA-F]{8,64}\]$")  # A1111's checkpoint title: "NAME [shorthash]"
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0  # the server sends a heartbeat every few seconds, even while the job waits its turn
 
@@ -40,6 +42,18 @@ def check_request(req, base) -> None:
     for flag, value in refused.items():
         if value:
             raise UsageError(f"{flag} cannot be used with --server yet")
+
+
+def with_server_model(url: str, base):
+    """`base` with the model the server at `url` has loaded, when the run names none (-m left out): A1111's rule
+    for a request without a checkpoint. Asked once, before the jobs are read, so every job of a prompts file is
+    rendered with that one model (another client switching the server's model meanwhile changes nothing here),
+    and --skip-existing compares its name with the one the images record."""
+    from sdcli.jobs import with_values
+
+    name = Server(url).loaded_model()
+    console.info(f"--server: no --model given: rendering with the server's model {name}")
+    return with_values(base, model=name)
 
 
 def render_on_server(url: str, targets: list, req, init=None) -> None:
@@ -99,6 +113,30 @@ class Server:
             raise UsageError(f"--server {self.name}: the connection failed ({e})") from None
         finally:
             conn.close()  # also when this run is interrupted: the server then cancels the job
+
+    def loaded_model(self) -> str:
+        """The checkpoint the server renders a request that names none with: A1111's option
+        `sd_model_checkpoint` (GET /sdapi/v1/options), its " [hash]" dropped. ModelNotFoundError (exit 4) when the
+        server has none loaded."""
+        conn = self._connect()
+        try:
+            conn.request("GET", f"{self.prefix}/sdapi/v1/options", headers=self.headers)
+            response = conn.getresponse()
+            if response.status != 200:
+                raise self._refused(response)
+            options = json.loads(response.read(1 << 20))
+        except (OSError, http.client.HTTPException) as e:
+            raise UsageError(f"--server {self.name}: the connection failed ({e})") from None
+        except ValueError:
+            raise UsageError(f"--server {self.name}: /sdapi/v1/options did not answer JSON") from None
+        finally:
+            conn.close()
+        title = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
+        if not isinstance(title, str) or not title.strip():
+            raise ModelNotFoundError(f"--server {self.name}: the server has no model loaded; pass -m NAME (a "
+                                     "model it serves), or load one there (POST /sdapi/v1/options "
+                                     "sd_model_checkpoint)")
+        return _HASH_SUFFIX.sub("", title.strip())
 
     def _connect(self) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection

@@ -111,7 +111,7 @@ def spec_from_client(state: State, body: dict) -> RenderSpec:
 def _client_model(state: State, asked: dict) -> tuple:
     """The client's model, VAE, dtype, device and prediction against what this server runs: files by name among
     the served ones; a dtype or device it does not run is refused (the bytes would differ)."""
-    model = state.folders.find_model(Path(asked["model"]).name, state.service.titles()) if asked["model"] else None
+    model = state.folders.find_model(_served_name(state, asked["model"]), state.service.titles()) if asked["model"] else None
     vae = None  # no --vae on the client: the checkpoint's own, as its local run would use
     if asked["vae"]:
         name = Path(asked["vae"]).name
@@ -124,6 +124,12 @@ def _client_model(state: State, asked: dict) -> tuple:
             raise UsageError(f"--{key} {value}: the server runs {runs[key]}; drop the option, or start the "
                              f"server with --{key} {value}")
     return model, vae
+
+
+def _served_name(state: State, asked: str) -> str:
+    """The client's -m as a name among the served models: a name this server gave it (/options'
+    `sd_model_checkpoint`, maybe in a subfolder of --models-dir) as it is, else the file name of its path."""
+    return asked if asked in state.folders.models() else Path(asked).name
 
 
 def _client_targets(value) -> list[tuple[int, int, int | None]]:

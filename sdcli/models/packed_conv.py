@@ -39,6 +39,7 @@ def packing_enabled() -> bool:
 class PackedConv2d(nn.Conv2d):
     """nn.Conv2d (a 3x3 one in the UNet) that runs its small fp32 CPU maps on a weight packed once."""
 
+    plain_conv = True  # nn.Conv2d's math: a GGUF's quantized weight replaces it with QuantizedConv2d (quant/layers.py)
     _packed: Tensor | None = None
     _packed_key: tuple | None = None
 

@@ -8,6 +8,7 @@ read-only folder, a full disk or a closed pipe become an OutputError naming the 
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import os
@@ -29,6 +30,11 @@ PROMPT_SLUG_MAX_CHARS = 60
 PROMPT_SLUG_MAX_BYTES = 120  # file names are limited to 255 bytes on most file systems
 
 
+def as_path(path: str | Path) -> Path:
+    """`path` as a Path, not parsed again when it is one (a run of 100,000 images checks each name)."""
+    return path if isinstance(path, Path) else Path(path)
+
+
 def slugify(text: str) -> str:
     """A prompt as a file-name fragment: letters/digits/'-' kept, the rest '_', length-capped, never empty."""
     text = unicodedata.normalize("NFKC", text)
@@ -41,6 +47,11 @@ def slugify(text: str) -> str:
 
 def template_fields(template: str) -> set[str]:
     """Names of the {fields} a template uses; UsageError for positional or unknown ones."""
+    return set(_template_fields(template))
+
+
+@functools.lru_cache(maxsize=256)  # a run names every image with one template: parsed once, not per image
+def _template_fields(template: str) -> frozenset[str]:
     names = set()
     try:
         parsed = list(string.Formatter().parse(template))
@@ -58,7 +69,7 @@ def template_fields(template: str) -> set[str]:
             raise UsageError(f"output template {quote(repr(template))}: unknown field {{{name}}}; "
                              f"use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
         names.add(base)
-    return names
+    return frozenset(names)
 
 
 MAX_FIELD_WIDTH = 64  # '{index:999999999d}' would build a 1 GB name before the file system refused it
@@ -76,9 +87,10 @@ def _check_spec(template: str, name: str, spec: str) -> None:
 
 def expand_template(template: str, index: int, seed: int, prompt: str) -> Path:
     """'out/{seed}_{index:03d}_{prompt}.png' -> Path; the prompt is slugified so it cannot add folders."""
-    template_fields(template)
+    used = _template_fields(template)
+    slug = slugify(prompt) if "prompt" in used else ""  # not made for a name that does not show it
     try:
-        return Path(template.format(index=index, seed=seed, prompt=slugify(prompt)))
+        return Path(template.format(index=index, seed=seed, prompt=slug))
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
         raise UsageError(f"output template {quote(repr(template))}: {exc}") from exc
 
@@ -137,7 +149,7 @@ def check_target(path: str | Path, overwrite: bool) -> None:
     device, pipe, socket or link (never replaced, --overwrite or not), an existing file without --overwrite."""
     if str(path) == STDOUT:
         return
-    path = Path(path)
+    path = as_path(path)
     if len(path.name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
         raise OutputError(f"{str(path)[:60]}...: the file name is {len(path.name.encode('utf-8', 'surrogateescape'))}"
                           f" bytes; file systems allow at most {NAME_MAX_BYTES}")
@@ -331,7 +343,7 @@ def image_format(path: Path | str) -> str:
     """"PNG", "JPEG" or "WEBP" from the name's extension (stdout: PNG); UsageError naming the supported ones."""
     if str(path) == STDOUT:
         return "PNG"
-    suffix = Path(path).suffix.lower()
+    suffix = as_path(path).suffix.lower()
     if suffix in IMAGE_FORMATS:
         return IMAGE_FORMATS[suffix]
     what = f"{suffix!r} is not one of them" if suffix else "the name has none"

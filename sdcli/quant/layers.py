@@ -181,6 +181,13 @@ def _fit(key: str, q: QuantizedTensor, shape: tuple[int, ...]) -> QuantizedTenso
     raise BadInputError(f"{key}: quantized weight of shape {list(q.shape)} does not fit the model's {list(shape)}")
 
 
+def _plain_conv(module: nn.Module) -> bool:
+    """A Conv2d subclass whose math is nn.Conv2d's, so that QuantizedConv2d may replace it (models/packed_conv.py
+    says so with ``plain_conv = True``). Others keep a dequantized weight: models/invariant.PointwiseConv's
+    thread-count-invariant GEMM is not QuantizedConv2d's."""
+    return isinstance(module, nn.Conv2d) and getattr(type(module), "plain_conv", False)
+
+
 def quantize_modules(model: nn.Module, weights: Mapping[str, QuantizedTensor], dtype: torch.dtype) -> None:
     """Give `model` the quantized `weights` (state-dict keys of `model`, e.g. ``input_blocks.1.0.in_layers.2.weight``):
     the Linear/Conv2d owning each is replaced by its quantized counterpart at the same path (keeping its bias
@@ -195,7 +202,7 @@ def quantize_modules(model: nn.Module, weights: Mapping[str, QuantizedTensor], d
         path, _, leaf = key.rpartition(".")
         owner = model.get_submodule(path)
         q = _fit(key, q, tuple(params[key].shape))
-        if leaf == "weight" and path and type(owner) in (nn.Linear, nn.Conv2d):
+        if leaf == "weight" and path and (type(owner) in (nn.Linear, nn.Conv2d) or _plain_conv(owner)):
             layer = QuantizedLinear(q, owner.bias) if type(owner) is nn.Linear else QuantizedConv2d(owner, q)
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, layer)

@@ -148,8 +148,20 @@ def _fix_segment(text: str, unescape: bool) -> str:
             return text
 
 
+# Printable ASCII without '&', and tab, LF, FF: text no fix below changes (no entity, C1 byte, ligature, curly
+# quote, CR, surrogate, escape sequence or control; NFC keeps ASCII), returned as it is.
+_UNFIXED_RE = re.compile(r"[\t\n\f\x20-\x25\x27-\x7e]*")
+
+
 def fix_text(text: str) -> str:
     """Our stand-in for ``ftfy.fix_text`` with default settings, minus mojibake repair."""
+    if _UNFIXED_RE.fullmatch(text):  # most prompts: the fixes cost 20 us a prompt for nothing
+        return text
+    return _fix_lines(text)
+
+
+def _fix_lines(text: str) -> str:
+    """fix_text line by line."""
     out, pos, unescape = [], 0, True
     while pos < len(text):
         end = text.find("\n", pos) + 1 or len(text)
@@ -194,8 +206,21 @@ def _match_literal(text: str, i: int) -> str | None:
     return None
 
 
+# The pattern itself on ASCII text, where \p{L} is [a-zA-Z] and \p{N} is [0-9]: the `re` module runs it in C.
+# Same alternatives in the same order, so the same words (tests/test_prompts_file_scale.py compares the two).
+_ASCII_WORDS_RE = re.compile("|".join(re.escape(lit) for lit in (*_SPECIAL_TEXTS, *_CONTRACTIONS))
+                             + r"|[a-zA-Z]+|[0-9]|[^\sa-zA-Z0-9]+")
+
+
 def _split_words(text: str) -> list[str]:
     """Equivalent of ``regex.findall(pattern, text)`` on cleaned, lower-cased text."""
+    if text.isascii():  # most prompts: the scan below costs a Python call per character
+        return _ASCII_WORDS_RE.findall(text)
+    return _scan_words(text)
+
+
+def _scan_words(text: str) -> list[str]:
+    """_split_words for any text, a character at a time."""
     words, i, n = [], 0, len(text)
     while i < n:
         lit = _match_literal(text, i)

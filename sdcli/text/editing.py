@@ -176,6 +176,11 @@ def _text(nodes: list[Node], step: int) -> str:
 def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
     """[(last step, text), ...] covering steps 1..steps (or the hires pass's 1..hires_steps); one entry when the
     prompt has no edits."""
+    if "[" not in prompt and hires_steps != 0:
+        # Edits and alternations open with '['. Without one the parse gives the text back unchanged (or fails:
+        # used unscheduled), so the character-by-character parser is skipped: a 100,000-line prompts file
+        # checks every line's schedule before the first image.
+        return [(hires_steps or steps, prompt)]
     try:
         nodes = _Parser(prompt).top()
     except _NoParse:

@@ -24,6 +24,7 @@ No torch at import: ``sdcli inspect --prompt`` only parses and tokenizes.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -178,7 +179,8 @@ def check_prompt(text: str, where: str | None = None, steps: int = 20, tags: boo
                                 ) from None
         plain = split_extra_networks(text)[0] if tags else text
         for scheduled in {t for _, t in prompt_schedule(plain, steps)}:
-            parse_attention(scheduled)
+            if "(" in scheduled:  # only a round bracket sets a weight that can be bad (1.1 up, ':W)' or not
+                parse_attention(scheduled)  # a number); '[' divides by 1.1: a 100,000-line file skips most
     except (BadInputError, UnsupportedModelError) as e:
         if where is None:
             raise
@@ -214,6 +216,11 @@ class PromptChunk:
     fixes: list[tuple[int, str]] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=8)  # a chunker per prompt; the tokenizers are the run's few, held for good anyway
+def _comma_id(tokenizer) -> int:
+    return tokenizer.encode(",")[0]
+
+
 class _Chunker:
     """A1111 tokenize_line: fill 75-token chunks; at a full chunk, move the text after a comma that is at most 20
     tokens back into the next chunk so phrases are not cut in half. An embedding (Slot) moves whole to the next
@@ -222,7 +229,7 @@ class _Chunker:
 
     def __init__(self, tokenizer, pad_id: int):
         self.tok, self.pad_id = tokenizer, pad_id
-        self.comma_id = tokenizer.encode(",")[0]
+        self.comma_id = _comma_id(tokenizer)
         self.chunks: list[PromptChunk] = []
         self.ids: list[int] = []
         self.weights: list[float] = []
@@ -409,9 +416,11 @@ def pad_chunks(cond, uncond, empty):
     return torch.cat([cond, pad.repeat(1, -missing, 1)], dim=1), uncond
 
 
-def describe_prompt(text: str, tokenizer, pad_id: int, embeddings=None) -> dict:
+def describe_prompt(text: str, tokenizer, pad_id: int, embeddings=None, arrays: bool = True) -> dict:
     """What ``sdcli inspect --prompt`` shows: the parsed weights, the tokens, the 77-id chunks, and the
-    textual-inversion embeddings the prompt triggers (`embeddings`: an embeddings.EmbeddingLibrary, or None)."""
+    textual-inversion embeddings the prompt triggers (`embeddings`: an embeddings.EmbeddingLibrary, or None).
+    Without `arrays` the chunks leave out their padded ids and weights (--dry-run does not show them: 154
+    numbers a job, rounded one by one)."""
     parsed = parse_attention(text)
     chunks = chunk_prompt(text, tokenizer, pad_id, embeddings.units if embeddings is not None else None)
     prompt_ids = [i for c in chunks for i in c.ids[1 : 1 + c.n_tokens]]
@@ -425,17 +434,19 @@ def describe_prompt(text: str, tokenizer, pad_id: int, embeddings=None) -> dict:
         "tokens": [t for c in chunks for t in _token_names(c, tokenizer, lengths)],
         "ids": [tokenizer.bos_id, *prompt_ids, tokenizer.eos_id],
         "embeddings": used,
-        "chunks": [
-            {
-                "n_tokens": c.n_tokens,
-                "ids": c.ids,
-                "tokens": _token_names(c, tokenizer, lengths),
-                "weights": [round(w, 6) for w in c.weights],
-                "embeddings": [{"offset": offset, "name": name} for offset, name in c.fixes],
-            }
-            for c in chunks
-        ],
+        "chunks": [_chunk_report(c, tokenizer, lengths, arrays) for c in chunks],
     }
+
+
+def _chunk_report(chunk: PromptChunk, tokenizer, lengths: dict[str, int], arrays: bool) -> dict:
+    report = {"n_tokens": chunk.n_tokens}
+    if arrays:
+        report["ids"] = chunk.ids
+    report["tokens"] = _token_names(chunk, tokenizer, lengths)
+    if arrays:
+        report["weights"] = [round(w, 6) for w in chunk.weights]
+    report["embeddings"] = [{"offset": offset, "name": name} for offset, name in chunk.fixes]
+    return report
 
 
 def _token_names(chunk: PromptChunk, tokenizer, lengths: dict[str, int]) -> list[str]:
