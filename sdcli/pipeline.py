@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from sdcli.runtime import cuda_graphs
+from sdcli.quant.layers import holds_blocks
 from sdcli.runtime.device import sampling_heap
 
 from sdcli.sampling import samplers
@@ -405,8 +406,10 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap
-    with torch.inference_mode(), token_merging(net, plan.token_merging), sampling_heap(x.device):
+    # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap, unless its
+    # weights are GGUF blocks (memory first: device.sampling_heap)
+    hold = not any(holds_blocks(m) for m in net.modules())
+    with torch.inference_mode(), token_merging(net, plan.token_merging), sampling_heap(x.device, hold):
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 

@@ -111,6 +111,20 @@ def test_switched_off_the_thresholds_stay_pinned(libc, tiny_sd1, monkeypatch):  
     assert all(call[0] != "mallopt" or call[2] != device.SAMPLING_THRESHOLD for call in libc.calls)
 
 
+def test_a_gguf_denoiser_keeps_the_pinned_thresholds(libc, tiny_sd1, tmp_path, monkeypatch):  # noqa: F811
+    """Quantized weights are a choice of memory over speed: the held heap's fragments (+0.25 GiB beside a
+    full-size FLUX.1 Q4_K block at 1024 px) are not taken then."""
+    from safetensors.torch import load_file
+
+    from sdcli.quant.quantize import write_gguf
+
+    gguf = tmp_path / "sd1-q8_0.gguf"
+    write_gguf(gguf, load_file(tiny_sd1), "q8_0")
+    seen = _watch(monkeypatch, libc)
+    _render(load_models(gguf, residency="lean"))
+    assert ("unet call", PINNED) in seen and all(thresholds == PINNED for _, thresholds in seen)
+
+
 def test_not_held_off_the_cpu(libc):
     with device.sampling_heap(torch.device("meta")):
         assert libc.thresholds == PINNED
