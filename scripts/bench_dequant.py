@@ -10,11 +10,13 @@ overhead is given at 512 and 1024 px. Also per type: dequantization speed in ns 
 
     python scripts/bench_dequant.py                  # both sizes, all blocks, 2 rounds (~5 min quiet on 2 cores)
     python scripts/bench_dequant.py --rehearse       # tiny widths, seconds
+    python scripts/bench_dequant.py --fresh          # a fresh buffer per dequantization (before reused_buffers)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from sdcli.models import flux, mmdit  # noqa: E402
 from sdcli.quant.dequantize import dequantize  # noqa: E402
 from sdcli.quant.ggml_types import ggml_type  # noqa: E402
-from sdcli.quant.layers import quantize_modules  # noqa: E402
+from sdcli.quant.layers import quantize_modules, reused_buffers  # noqa: E402
 from sdcli.quant.tensor import QuantizedTensor  # noqa: E402
 from sdcli.runtime.device import fix_heap_threshold  # noqa: E402
 
@@ -146,10 +148,12 @@ def bench_block(kind: str, sizes: list[int], rounds: int, rehearse: bool) -> lis
 def dequant_speed(rehearse: bool) -> list[str]:
     shape = (256, 1024) if rehearse else (3072, 12288)
     gen, n, rows = torch.Generator().manual_seed(3), shape[0] * shape[1], []
+    out = torch.empty(shape)
     for qtype in ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"):
         q = random_blocks(qtype, shape, gen)
-        best = min(_secs(lambda: dequantize(q.raw, qtype, shape, torch.float32)) for _ in range(3))
-        rows.append(f"| {qtype} | {best / n * 1e9:.2f} ns |")
+        fresh = min(_secs(lambda: dequantize(q.raw, qtype, shape, torch.float32)) for _ in range(3))
+        reused = min(_secs(lambda: dequantize(q.raw, qtype, shape, torch.float32, out)) for _ in range(3))
+        rows.append(f"| {qtype} | {fresh / n * 1e9:.2f} ns | {reused / n * 1e9:.2f} ns |")
         print(rows[-1], flush=True)
     return rows
 
@@ -167,17 +171,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rehearse", action="store_true", help="tiny widths at 64 and 128 px")
     p.add_argument("--out", help="also write the tables to this Markdown file")
+    p.add_argument("--fresh", action="store_true", help="a fresh buffer per dequantization (no reused_buffers)")
     args = p.parse_args()
     fix_heap_threshold()  # as `sdcli generate` runs
     sizes = [64, 128] if args.rehearse else [int(s) for s in args.sizes.split(",")]
     from bench import machine  # scripts/bench.py: CPU model, family/model numbers, flags, threads, date
 
-    lines = [f"Machine: {machine()}; float32 compute", "",
+    buffers = "a fresh buffer per weight" if args.fresh else "one reused buffer (quant.layers.reused_buffers)"
+    lines = [f"Machine: {machine()}; float32 compute; GGUF weights dequantized into {buffers}", "",
              "| block | image | type | dense f32 | GGUF (dequantized per forward) | dequantization adds "
              "| peak RSS added, dense / GGUF |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for kind in args.blocks.split(","):
-        lines += bench_block(kind, sizes, args.rounds, args.rehearse)
-    lines += ["", "| type | dequantization to float32, per weight |", "|---|---|", *dequant_speed(args.rehearse)]
+    with contextlib.nullcontext() if args.fresh else reused_buffers():  # held over all the forwards, as sampling does
+        for kind in args.blocks.split(","):
+            lines += bench_block(kind, sizes, args.rounds, args.rehearse)
+    lines += ["", "| type | dequantization to float32, per weight: fresh buffer | reused buffer |", "|---|---|---|",
+              *dequant_speed(args.rehearse)]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from sdcli.runtime import cuda_graphs
-from sdcli.quant.layers import holds_blocks
+from sdcli.quant.layers import holds_blocks, reused_buffers
 from sdcli.runtime.device import sampling_heap
 
 from sdcli.sampling import samplers
@@ -407,9 +407,10 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
             callback(i, total, x_i, denoised)
 
     # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap, unless its
-    # weights are GGUF blocks (memory first: device.sampling_heap)
+    # weights are GGUF blocks (memory first: device.sampling_heap), which dequantize into one reused buffer instead
     hold = not any(holds_blocks(m) for m in net.modules())
-    with torch.inference_mode(), token_merging(net, plan.token_merging), sampling_heap(x.device, hold):
+    with torch.inference_mode(), token_merging(net, plan.token_merging), sampling_heap(x.device, hold), \
+            reused_buffers():
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 

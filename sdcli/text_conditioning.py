@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from sdcli.families.base import SizeCond
+from sdcli.quant.layers import reused_buffers
 from sdcli.sampling.conditioning import Cond, as_cond
 from sdcli.text.editing import ScheduledCond
 
@@ -70,7 +71,7 @@ def _encode_joint(models, prompt: str, negative: str | None):
     def result(parts):
         return Cond(parts.context(width), pooled=parts.pooled)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), reused_buffers():  # a GGUF T5's weights dequantize into one buffer
         cond = encode(prompt)
         if negative is None:
             return result(cond), None

@@ -262,6 +262,24 @@ def test_dequantize_in_pieces_on_a_cpu(monkeypatch, name):
         assert ours.dtype == dtype and _bits_equal(ours.float().numpy(), torch.from_numpy(ref).to(dtype).float().numpy())
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "F16"])
+def test_dequantize_into_a_given_buffer(monkeypatch, name):
+    """`out` (a buffer reused from forward to forward, quant.layers.reused_buffers) gets the bits a fresh tensor
+    gets, whatever it held; a buffer of another dtype or size is refused."""
+    import sdcli.quant.dequantize as dq
+
+    monkeypatch.setattr(dq, "CPU_CHUNK", 512)
+    t, shape = BY_NAME[name], (6, 512)
+    raw = torch.from_numpy(_random_blocks(name, math.prod(shape) // t.block_size).copy())
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((math.prod(shape),), float("nan"), dtype=dtype)
+        ours = dequantize(raw, t, shape, dtype, out)
+        fresh = dequantize(raw, t, shape, dtype)
+        assert ours.data_ptr() == out.data_ptr() and _bits_equal(ours.float().numpy(), fresh.float().numpy())
+        with pytest.raises(ValueError, match="out must be"):
+            dequantize(raw, t, shape, dtype, torch.empty(math.prod(shape) - 1, dtype=dtype))
+
+
 @pytest.mark.parametrize("name", sorted(DEQUANTIZERS))
 def test_dequantize_follows_the_device(name):
     """Every dequantizer runs on the meta device: no host round trip (.item(), numpy) and no CPU-made constant

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from sdcli.models.flux import FluxConfig, FluxModel, image_ids, text_ids
+from sdcli.quant import dequantize as dequantize_module
 from sdcli.quant import layers
-from sdcli.quant.layers import QuantizedLinear, linear_pieces, linear_rows, quantize_modules, row_pieces
+from sdcli.quant.layers import (QuantizedLinear, RuntimeLora, add_update, linear_pieces, linear_rows,
+                                quantize_modules, reused_buffers, row_pieces)  # fmt: skip
 from sdcli.quant.quantize import _blocks
 from sdcli.quant.ggml_types import BY_NAME
 from sdcli.quant.tensor import QuantizedTensor
@@ -62,7 +64,7 @@ def test_quantized_pieces_dequantize_only_their_rows(small_pieces, monkeypatch, 
     dense.weight.data, dense.bias.data = q.dequantized_weight(torch.float32), bias.clone()
     seen = []
     real = layers.dequantize
-    monkeypatch.setattr(layers, "dequantize", lambda raw, t, shape, dtype: seen.append(shape) or real(raw, t, shape, dtype))
+    monkeypatch.setattr(layers, "dequantize", lambda raw, t, shape, dtype, out=None: seen.append(shape) or real(raw, t, shape, dtype, out))
     x = torch.randn(1, 77, 256)
     with torch.no_grad():
         out = linear_pieces(q, x)
@@ -110,3 +112,73 @@ def test_flux_gguf_in_pieces_has_the_bits_of_its_dequantized_weights(monkeypatch
         monkeypatch.setattr(layers, "PIECE_BYTES", 256 * 256 * 4)
         assert torch.equal(quant(*_inputs()), dense(*_inputs()))
         assert torch.equal(dense(*_inputs()), whole)
+
+
+def test_flux_gguf_with_reused_buffers_has_the_same_bits(monkeypatch):
+    """The tiny Q8_0 FLUX inside reused_buffers (as sampling runs it), every weight dequantized into the one reused
+    buffer (CPU_CHUNK lowered so that the tiny weights take that path): the dense model's bits, and the buffer
+    freed when the context closes."""
+    dense, quant = _tiny_flux(), _tiny_flux()
+    weights = {k: QuantizedTensor(torch.from_numpy(_blocks(p.data, BY_NAME["Q8_0"]).reshape(-1).copy()), "Q8_0",
+                                  tuple(p.shape))
+               for k, p in quant.named_parameters() if k.endswith(".weight") and p.dim() == 2 and "blocks" in k}
+    quantize_modules(quant, weights, torch.float32)
+    for k, q in weights.items():
+        dense.get_parameter(k).data = q.dequantize(torch.float32)
+    monkeypatch.setattr(dequantize_module, "CPU_CHUNK", 1024)
+    buffers = []
+    real = layers.dequantize
+    monkeypatch.setattr(layers, "dequantize", lambda raw, t, shape, dtype, out=None: buffers.append(
+        None if out is None else out.untyped_storage().data_ptr()) or real(raw, t, shape, dtype, out))
+    with torch.no_grad():
+        expected = dense(*_inputs())
+        with reused_buffers():
+            first = quant(*_inputs())
+            with reused_buffers():  # nested: the same buffer, kept until the outer one closes
+                second = quant(*_inputs())
+            assert layers._REUSE.buffer is not None
+        assert layers._REUSE.buffer is None
+        outside = quant(*_inputs())
+    assert torch.equal(first, expected) and torch.equal(second, expected) and torch.equal(outside, expected)
+    used = buffers[: len(buffers) * 2 // 3]  # the two calls inside the contexts
+    assert None not in used and len(set(used)) == 1  # one buffer: the largest weight was the first one asked
+    assert set(buffers[len(used):]) == {None}  # outside: a fresh tensor each time
+
+
+def test_reused_buffers_are_per_thread_and_capped():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with reused_buffers():
+        mine = layers._reused_buffer(4096, torch.float32, torch.device("cpu"))
+        assert mine is not None and mine.numel() == 4096 and mine.dtype == torch.float32
+        with ThreadPoolExecutor(1) as pool:  # another thread has no context open: it allocates
+            assert pool.submit(layers._reused_buffer, 4096, torch.float32, torch.device("cpu")).result() is None
+        too_big = layers.REUSE_MAX_BYTES // 4 + 1
+        assert layers._reused_buffer(too_big, torch.float32, torch.device("cpu")) is None
+        assert layers._reused_buffer(16, torch.bfloat16, torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_runtime_loras_in_pieces_add_only_their_rows(small_pieces, monkeypatch, qtype):
+    """A quantized Linear with two run-time LoRAs, one over all rows and one written for two parts of a fused
+    weight (rows 200-499 and 700-999, as a to_q / to_v LoRA on a fused qkv), run in row pieces: the bits of
+    F.linear with both merged into the dequantized weight, and no piece dequantizes (or updates) the whole."""
+    torch.manual_seed(5)
+    q = _quantized(torch.randn(1100, 256) * 0.05, torch.randn(1100) * 0.1, qtype)
+    full = RuntimeLora(torch.randn(1100, 4) * 0.1, torch.randn(4, 256) * 0.1, 0.5, 0.8)
+    fused = RuntimeLora(torch.randn(600, 8) * 0.1, torch.randn(8, 256) * 0.1, 0.25, -1.0,
+                        rows=((0, 200, 300), (300, 700, 300)))  # fmt: skip
+    merged = q.dequantized_weight(torch.float32)
+    merged = add_update(merged, full.ratio * (full.up @ full.down), full.weight, None)
+    merged = add_update(merged, fused.ratio * (fused.up @ fused.down), fused.weight, fused.rows)
+    q.loras += [full, fused]
+    seen = []
+    real = layers.dequantize
+    monkeypatch.setattr(layers, "dequantize", lambda raw, t, shape, dtype, out=None: seen.append(shape[0]) or real(
+        raw, t, shape, dtype, out))
+    x = torch.randn(1, 77, 256)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, merged, q.bias)
+        assert torch.equal(linear_pieces(q, x), expected)
+        assert seen == [256, 256, 256, 256, 76]
+        assert torch.equal(q(x), expected)

@@ -88,14 +88,27 @@ def _affine(scale: Tensor, q: Tensor, out: Tensor | None, minus: Tensor | None =
     return r
 
 
-def _q4_0(blocks: Tensor, out: Tensor | None = None) -> Tensor:
-    d, qs = _split(blocks, 2)
-    return _affine(_f16(d), _nibbles(qs).to(torch.int8) - 8, out)
+# Each integer-coded type is two passes: its per-block factors (float16 scales, 6-bit sub-block scales and minimums:
+# small tensors, cheap but many ops) and the values from them. A CPU dequantization makes the factors once for all
+# blocks and then runs the values piece by piece (dequantize): per piece only the few large ops remain, where the
+# factors made per piece were ~60% of a Q4_K dequantization in op dispatch. Factors are (n, 1) per block or
+# (n, sub-blocks, 1); the ops are the same element by element either way, so the bits are too.
 
 
-def _q4_1(blocks: Tensor, out: Tensor | None = None) -> Tensor:
-    d, m, qs = _split(blocks, 2, 2)
-    return _affine(_f16(d), _nibbles(qs), out, plus=_f16(m))
+def _d_factors(blocks: Tensor) -> tuple[Tensor, ...]:
+    return (_f16(blocks[:, :2]),)
+
+
+def _q4_0(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
+    return _affine(factors[0], _nibbles(blocks[:, 2:]).to(torch.int8) - 8, out)
+
+
+def _d_m_factors(blocks: Tensor) -> tuple[Tensor, ...]:
+    return _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+
+
+def _q4_1(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
+    return _affine(factors[0], _nibbles(blocks[:, 4:]), out, plus=factors[1])
 
 
 def _q5(qh: Tensor, qs: Tensor) -> Tensor:
@@ -103,19 +116,16 @@ def _q5(qh: Tensor, qs: Tensor) -> Tensor:
     return _nibbles(qs) | (_bits(qh, 32) << 4)
 
 
-def _q5_0(blocks: Tensor, out: Tensor | None = None) -> Tensor:
-    d, qh, qs = _split(blocks, 2, 4)
-    return _affine(_f16(d), _q5(qh, qs).to(torch.int8) - 16, out)
+def _q5_0(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
+    return _affine(factors[0], _q5(blocks[:, 2:6], blocks[:, 6:]).to(torch.int8) - 16, out)
 
 
-def _q5_1(blocks: Tensor, out: Tensor | None = None) -> Tensor:
-    d, m, qh, qs = _split(blocks, 2, 2, 4)
-    return _affine(_f16(d), _q5(qh, qs), out, plus=_f16(m))
+def _q5_1(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
+    return _affine(factors[0], _q5(blocks[:, 4:8], blocks[:, 8:]), out, plus=factors[1])
 
 
-def _q8_0(blocks: Tensor, out: Tensor | None = None) -> Tensor:
-    d, qs = _split(blocks, 2)
-    return _affine(_f16(d), qs.contiguous().view(torch.int8), out)
+def _q8_0(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
+    return _affine(factors[0], blocks[:, 2:].contiguous().view(torch.int8), out)
 
 
 def _view(out: Tensor | None, *shape: int) -> Tensor | None:
@@ -130,13 +140,17 @@ def _crumbs(qs: Tensor, width: int) -> Tensor:
 
 
 # Q2_K: ggml-quants.c dequantize_row_q2_K; gguf-py Q2_K.dequantize_blocks
-def _q2_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
+def _q2_k_factors(blocks: Tensor) -> tuple[Tensor, ...]:
     n = blocks.shape[0]
-    scales, qs, d, dmin = _split(blocks, QK_K // 16, QK_K // 4, 2)
+    scales, _, d, dmin = _split(blocks, QK_K // 16, QK_K // 4, 2)
     dl = (_f16(d) * (scales & 0x0F).float()).reshape(n, 16, 1)  # 16 sub-blocks of 16
-    ml = (_f16(dmin) * (scales >> 4).float()).reshape(n, 16, 1)
-    q = _crumbs(qs, 32).reshape(n, 16, 16)
-    return _affine(dl, q, _view(out, n, 16, 16), minus=ml).reshape(n, QK_K)
+    return dl, (_f16(dmin) * (scales >> 4).float()).reshape(n, 16, 1)
+
+
+def _q2_k(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
+    n = blocks.shape[0]
+    q = _crumbs(blocks[:, QK_K // 16 : QK_K // 16 + QK_K // 4], 32).reshape(n, 16, 16)
+    return _affine(factors[0], q, _view(out, n, 16, 16), minus=factors[1]).reshape(n, QK_K)
 
 
 def _q3_k_scales(scales: Tensor) -> Tensor:
@@ -149,15 +163,19 @@ def _q3_k_scales(scales: Tensor) -> Tensor:
 
 
 # Q3_K: ggml-quants.c dequantize_row_q3_K; gguf-py Q3_K.dequantize_blocks
-def _q3_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
+def _q3_k_factors(blocks: Tensor) -> tuple[Tensor, ...]:
+    _, _, scales, d = _split(blocks, QK_K // 8, QK_K // 4, 12)
+    return ((_f16(d) * _q3_k_scales(scales)).reshape(blocks.shape[0], 16, 1),)
+
+
+def _q3_k(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
     n = blocks.shape[0]
-    hmask, qs, scales, d = _split(blocks, QK_K // 8, QK_K // 4, 12)
-    dl = (_f16(d) * _q3_k_scales(scales)).reshape(n, 16, 1)
+    hmask, qs, _ = _split(blocks, QK_K // 8, QK_K // 4)
     low = _crumbs(qs, 32).reshape(n, 16, 16)
     high = (hmask.reshape(n, 1, 1, 32) >> _shifts(blocks.device, *range(8)).reshape(1, 1, 8, 1)) & 1
     high = high.reshape(n, 16, 16) ^ 1  # a clear mask bit subtracts 4
     q = low.to(torch.int8) - (high << 2).to(torch.int8)
-    return _affine(dl, q, _view(out, n, 16, 16)).reshape(n, QK_K)
+    return _affine(factors[0], q, _view(out, n, 16, 16)).reshape(n, QK_K)
 
 
 def _k_scale_min(scales: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,8 +189,10 @@ def _k_scale_min(scales: Tensor) -> tuple[Tensor, Tensor]:
     return sc.view(torch.uint8).float(), mn.view(torch.uint8).float()
 
 
-def _k_factors(d: Tensor, dmin: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    n = scales.shape[0]
+def _k_factors(blocks: Tensor) -> tuple[Tensor, ...]:
+    """Q4_K/Q5_K: (n, 8, 1) scales and minimums, d * scale and dmin * min."""
+    n = blocks.shape[0]
+    d, dmin, scales, _ = _split(blocks, 2, 2, 12)
     sc, mn = _k_scale_min(scales)
     return (_f16(d) * sc).reshape(n, 8, 1), (_f16(dmin) * mn).reshape(n, 8, 1)
 
@@ -184,32 +204,34 @@ def _k_nibbles(qs: Tensor) -> Tensor:
 
 
 # Q4_K: ggml-quants.c dequantize_row_q4_K; gguf-py Q4_K.dequantize_blocks
-def _q4_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
+def _q4_k(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
     n = blocks.shape[0]
-    d, dmin, scales, qs = _split(blocks, 2, 2, 12)
-    scale, minimum = _k_factors(d, dmin, scales)
-    return _affine(scale, _k_nibbles(qs), _view(out, n, 8, 32), minus=minimum).reshape(n, QK_K)
+    q = _k_nibbles(blocks[:, 16:])
+    return _affine(factors[0], q, _view(out, n, 8, 32), minus=factors[1]).reshape(n, QK_K)
 
 
 # Q5_K: ggml-quants.c dequantize_row_q5_K; gguf-py Q5_K.dequantize_blocks
-def _q5_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
+def _q5_k(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
     n = blocks.shape[0]
-    d, dmin, scales, qh, qs = _split(blocks, 2, 2, 12, QK_K // 8)
-    scale, minimum = _k_factors(d, dmin, scales)
+    _, qh, qs = _split(blocks, 16, QK_K // 8)
     high = (qh.reshape(n, 1, 32) >> _shifts(blocks.device, *range(8)).reshape(1, 8, 1)) & 1  # (n, 8, 32)
     q = _k_nibbles(qs) | (high << 4)
-    return _affine(scale, q, _view(out, n, 8, 32), minus=minimum).reshape(n, QK_K)
+    return _affine(factors[0], q, _view(out, n, 8, 32), minus=factors[1]).reshape(n, QK_K)
 
 
 # Q6_K: ggml-quants.c dequantize_row_q6_K; gguf-py Q6_K.dequantize_blocks
-def _q6_k(blocks: Tensor, out: Tensor | None = None) -> Tensor:
+def _q6_k_factors(blocks: Tensor) -> tuple[Tensor, ...]:
+    _, scales, d = _split(blocks, QK_K // 2 + QK_K // 4, QK_K // 16)
+    return ((_f16(d) * scales.contiguous().view(torch.int8).float()).reshape(blocks.shape[0], 16, 1),)
+
+
+def _q6_k(blocks: Tensor, factors: tuple[Tensor, ...], out: Tensor | None) -> Tensor:
     n = blocks.shape[0]
-    ql, qh, scales, d = _split(blocks, QK_K // 2, QK_K // 4, QK_K // 16)
-    dl = (_f16(d) * scales.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    ql, qh, _ = _split(blocks, QK_K // 2, QK_K // 4)
     low = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
     high = _crumbs(qh, 32).reshape(n, 8, 32)
     q = (low | (high << 4)).to(torch.int8) - 32
-    return _affine(dl, q.reshape(n, 16, 16), _view(out, n, 16, 16)).reshape(n, QK_K)
+    return _affine(factors[0], q.reshape(n, 16, 16), _view(out, n, 16, 16)).reshape(n, QK_K)
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,19 +257,29 @@ def _iq4_xs(blocks: Tensor) -> Tensor:
     return (dl * _iq4_levels(blocks.device)[q.long()]).reshape(n, QK_K)
 
 
-DEQUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+# the integer-coded types made in two passes, (per-block factors, values): they can also write their float32 result
+# straight into a given (n, block_size) tensor
+TWO_PASS: dict[str, tuple[Callable, Callable]] = {
+    "Q4_0": (_d_factors, _q4_0), "Q4_1": (_d_m_factors, _q4_1), "Q5_0": (_d_factors, _q5_0),
+    "Q5_1": (_d_m_factors, _q5_1), "Q8_0": (_d_factors, _q8_0), "Q2_K": (_q2_k_factors, _q2_k),
+    "Q3_K": (_q3_k_factors, _q3_k), "Q4_K": (_k_factors, _q4_k), "Q5_K": (_k_factors, _q5_k),
+    "Q6_K": (_q6_k_factors, _q6_k),
+}  # fmt: skip
+
+
+def _both_passes(factors: Callable, values: Callable, blocks: Tensor, out: Tensor | None = None) -> Tensor:
+    return values(blocks, factors(blocks), out)
+
+
+# (n, type_size) blocks [, out] -> (n, block_size) float32 (float types: their own dtype)
+DEQUANTIZERS: dict[str, Callable[..., Tensor]] = {
     "F32": lambda b: _float(b, torch.float32),
     "F16": lambda b: _float(b, torch.float16),
     "BF16": lambda b: _float(b, torch.bfloat16),
     "F64": lambda b: _float(b, torch.float64),  # float64 -> float32 rounds, as numpy's astype does
-    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+    **{name: functools.partial(_both_passes, *passes) for name, passes in TWO_PASS.items()},
     "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
 }  # fmt: skip
-
-
-# the dequantizers that can write their float32 result straight into a given (n, block_size) tensor
-WRITE_INTO = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})
 
 
 def is_supported(qtype: GGMLType | int | str) -> bool:
@@ -265,9 +297,11 @@ def check_supported(qtype: GGMLType | int | str, what: str = "") -> GGMLType:
 
 
 def dequantize(raw: Tensor, qtype: GGMLType | int | str, shape: Sequence[int],
-               dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+               dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """The `shape` tensor (torch order) that the GGML blocks in `raw` (uint8, in file order) hold, as `dtype`, on
-    raw's device. F16/BF16/F32 asked as their own dtype come back as a view of `raw` (no copy)."""
+    raw's device. F16/BF16/F32 asked as their own dtype come back as a view of `raw` (no copy). `out`: a contiguous
+    CPU `dtype` tensor of as many elements to write a CPU result of more than CPU_CHUNK elements into (a buffer
+    reused from call to call, quant.layers.reused_buffers), else unused; the values do not depend on it."""
     t = check_supported(qtype)
     numel = math.prod(shape)
     if raw.dtype != torch.uint8 or numel % t.block_size or raw.numel() != t.nbytes(numel):
@@ -278,16 +312,33 @@ def dequantize(raw: Tensor, qtype: GGMLType | int | str, shape: Sequence[int],
         return blocks.contiguous().view(dtype).reshape(tuple(shape))
     if raw.device.type != "cpu" or numel <= CPU_CHUNK:
         return DEQUANTIZERS[t.name](blocks).reshape(tuple(shape)).to(dtype)
-    out = torch.empty(numel // t.block_size, t.block_size, dtype=dtype)
-    step = CPU_CHUNK // t.block_size
-    direct = dtype == torch.float32 and t.name in WRITE_INTO  # else float32 first, then rounded once
-    for start in range(0, blocks.shape[0], step):  # each piece's temporaries stay in cache
-        piece, dest = blocks[start:start + step], out[start:start + step]
-        if direct:
-            DEQUANTIZERS[t.name](piece, dest)
-        else:
-            dest.copy_(DEQUANTIZERS[t.name](piece).reshape(dest.shape))
+    if out is None:
+        out = torch.empty(numel // t.block_size, t.block_size, dtype=dtype)
+    elif out.dtype != dtype or out.numel() != numel or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"dequantize: out must be a contiguous CPU {dtype} tensor of {numel} elements")
+    else:
+        out = out.view(numel // t.block_size, t.block_size)
+    _in_pieces(t.name, blocks, out)
     return out.reshape(tuple(shape))
+
+
+def _in_pieces(name: str, blocks: Tensor, out: Tensor) -> None:
+    """blocks -> out, CPU_CHUNK elements at a time (each piece's temporaries stay in cache); a two-pass type's
+    factors made once for all blocks first, its values straight into out when out is float32 (else float32 first,
+    then rounded once)."""
+    factors, values = TWO_PASS.get(name, (None, None))
+    every = None if factors is None else factors(blocks)
+    step = CPU_CHUNK // (out.shape[1])
+    for start in range(0, blocks.shape[0], step):
+        piece, dest = blocks[start:start + step], out[start:start + step]
+        if every is None:
+            dest.copy_(DEQUANTIZERS[name](piece).reshape(dest.shape))
+            continue
+        mine = tuple(f[start:start + step] for f in every)
+        if out.dtype == torch.float32:
+            values(piece, mine, dest)
+        else:
+            dest.copy_(values(piece, mine, None).reshape(dest.shape))
 
 
 def _float_dtype(t: GGMLType) -> torch.dtype:
