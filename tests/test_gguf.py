@@ -28,7 +28,7 @@ from sdcli.loading.lora_keys import Slot
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.quant.dequantize import DEQUANTIZERS, dequantize
 from sdcli.quant.ggml_types import BY_NAME, GGML_TYPES
-from sdcli.quant.layers import QuantizedConv2d, QuantizedLinear, RuntimeLora, quantize_modules
+from sdcli.quant.layers import QuantizedConv2d, QuantizedLinear, RuntimeLora, quantize_modules, replaceable
 from sdcli.quant.quantize import choose_type, parse_type_rules, write_gguf
 from sdcli.quant.tensor import QuantizedTensor
 
@@ -379,8 +379,7 @@ def test_quantize_modules_on_a_unet():
     state = ref.state_dict()
     quantized = {}
     for name, module in ref.named_modules():
-        plain = type(module) in (nn.Linear, nn.Conv2d) or getattr(type(module), "plain_conv", False)  # PackedConv2d
-        if plain and module.weight.numel() % 256 == 0 and "time_embed" not in name:
+        if replaceable(module) and module.weight.numel() % 256 == 0 and "time_embed" not in name:
             flat = module.weight.detach().reshape(-1, 256).numpy()
             raw = torch.from_numpy(gguf.quants.quantize(flat, QT.Q8_0).reshape(-1))
             quantized[name + ".weight"] = QuantizedTensor(raw, "Q8_0", tuple(module.weight.shape))

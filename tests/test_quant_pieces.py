@@ -97,9 +97,8 @@ def _inputs():
             torch.tensor([3.5]))
 
 
-def test_flux_gguf_in_pieces_has_the_bits_of_its_dequantized_weights(monkeypatch):
-    """A Q8_0 FLUX (every block Linear quantized) against the same model with the dequantized weights, with
-    pieces smaller than every weight, and against the dense model run whole."""
+def _q8_0_flux_twins() -> tuple[FluxModel, FluxModel]:
+    """(the tiny FLUX holding the dequantization of its block Linears' Q8_0 blocks, the same FLUX holding the blocks)."""
     dense, quant = _tiny_flux(), _tiny_flux()
     weights = {k: QuantizedTensor(torch.from_numpy(_blocks(p.data, BY_NAME["Q8_0"]).reshape(-1).copy()), "Q8_0",
                                   tuple(p.shape))
@@ -107,6 +106,13 @@ def test_flux_gguf_in_pieces_has_the_bits_of_its_dequantized_weights(monkeypatch
     quantize_modules(quant, weights, torch.float32)
     for k, q in weights.items():
         dense.get_parameter(k).data = q.dequantize(torch.float32)
+    return dense, quant
+
+
+def test_flux_gguf_in_pieces_has_the_bits_of_its_dequantized_weights(monkeypatch):
+    """A Q8_0 FLUX (every block Linear quantized) against the same model with the dequantized weights, with
+    pieces smaller than every weight, and against the dense model run whole."""
+    dense, quant = _q8_0_flux_twins()
     with torch.no_grad():
         whole = dense(*_inputs())
         monkeypatch.setattr(layers, "PIECE_BYTES", 256 * 256 * 4)
@@ -118,13 +124,7 @@ def test_flux_gguf_with_reused_buffers_has_the_same_bits(monkeypatch):
     """The tiny Q8_0 FLUX inside reused_buffers (as sampling runs it), every weight dequantized into the one reused
     buffer (CPU_CHUNK lowered so that the tiny weights take that path): the dense model's bits, and the buffer
     freed when the context closes."""
-    dense, quant = _tiny_flux(), _tiny_flux()
-    weights = {k: QuantizedTensor(torch.from_numpy(_blocks(p.data, BY_NAME["Q8_0"]).reshape(-1).copy()), "Q8_0",
-                                  tuple(p.shape))
-               for k, p in quant.named_parameters() if k.endswith(".weight") and p.dim() == 2 and "blocks" in k}
-    quantize_modules(quant, weights, torch.float32)
-    for k, q in weights.items():
-        dense.get_parameter(k).data = q.dequantize(torch.float32)
+    dense, quant = _q8_0_flux_twins()
     monkeypatch.setattr(dequantize_module, "CPU_CHUNK", 1024)
     buffers = []
     real = layers.dequantize

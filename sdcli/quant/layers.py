@@ -243,10 +243,13 @@ def _fit(key: str, q: QuantizedTensor, shape: tuple[int, ...]) -> QuantizedTenso
     raise BadInputError(f"{key}: quantized weight of shape {list(q.shape)} does not fit the model's {list(shape)}")
 
 
-def _plain_conv(module: nn.Module) -> bool:
-    """A Conv2d subclass whose math is nn.Conv2d's, so that QuantizedConv2d may replace it (models/packed_conv.py
-    says so with ``plain_conv = True``). Others keep a dequantized weight: models/invariant.PointwiseConv's
-    thread-count-invariant GEMM is not QuantizedConv2d's."""
+def replaceable(module: nn.Module) -> bool:
+    """Whether quantize_modules swaps `module` for a QuantizedLinear/QuantizedConv2d: an exact nn.Linear or nn.Conv2d,
+    or a Conv2d subclass whose math is nn.Conv2d's (models/packed_conv.py says so with ``plain_conv = True``). Other
+    subclasses keep a dequantized weight: models/invariant.PointwiseConv's thread-count-invariant GEMM is not
+    QuantizedConv2d's."""
+    if type(module) in (nn.Linear, nn.Conv2d):
+        return True
     return isinstance(module, nn.Conv2d) and getattr(type(module), "plain_conv", False)
 
 
@@ -264,7 +267,7 @@ def quantize_modules(model: nn.Module, weights: Mapping[str, QuantizedTensor], d
         path, _, leaf = key.rpartition(".")
         owner = model.get_submodule(path)
         q = _fit(key, q, tuple(params[key].shape))
-        if leaf == "weight" and path and (type(owner) in (nn.Linear, nn.Conv2d) or _plain_conv(owner)):
+        if leaf == "weight" and path and replaceable(owner):
             layer = QuantizedLinear(q, owner.bias) if type(owner) is nn.Linear else QuantizedConv2d(owner, q)
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, layer)
