@@ -366,7 +366,9 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # (B, D) each
+        # row pieces: a quantized 6144 x 3072 weight (75 MB in fp32) is never dequantized whole, so the buffer a
+        # sampling loop reuses for dequantized weights stays at one block weight's size (quant.layers.reused_buffers)
+        shift, scale = linear_pieces(self.adaLN_modulation[1], silu(vec)).chunk(2, dim=1)  # (B, D) each
         return self.linear(modulate(x, shift[:, None], scale[:, None]))
 
 
@@ -407,7 +409,7 @@ class FluxModel(nn.Module):
         dtype = self.img_in.bias.dtype  # a bias: never quantized (a GGUF's img_in may hold GGML blocks)
         vec = self.vector(t, y, guidance)  # (B, D)
         x = self.img_in(img.to(dtype))  # (B, L, D)
-        ctx = self.txt_in(txt.to(dtype))  # (B, T, D)
+        ctx = linear_pieces(self.txt_in, txt.to(dtype))  # (B, T, D); 3072 x 4096 in pieces, as LastLayer's adaLN
         ids = torch.cat([_batched(txt_ids, ctx.shape[0]), _batched(img_ids, x.shape[0])], dim=1)  # (B, T + L, 3)
         pe = rope(ids, self.config.axes_dim, self.config.theta)
         for block in self.double_blocks:
