@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_dequant import inputs, random_blocks, variants  # noqa: E402
+from bench_dequant import cast_inputs, inputs, variants  # noqa: E402
 from sdcli.quant.dequantize import DEQUANTIZERS, dequantize  # noqa: E402
 from sdcli.quant.ggml_types import ggml_type  # noqa: E402
 
@@ -65,10 +65,6 @@ def dequantizers() -> dict[str, bool]:
     return out
 
 
-def _to_device(x):
-    return tuple(_to_device(t) for t in x) if isinstance(x, tuple) else x.to(DEV)
-
-
 def timed_forward(block: torch.nn.Module, args: tuple) -> tuple[float, float, object]:
     """(median seconds of a forward, peak GB allocated during one, the output)."""
     with torch.no_grad():
@@ -90,11 +86,7 @@ def blocks() -> list[dict]:
     rows = []
     for kind in ("flux-double", "flux-single", "sd3"):
         for qtype, (quant, dense) in variants(kind, DRY).items():
-            args = inputs(kind, dense, SIZE)
-            if kind.startswith("flux"):  # the rotary table stays float32, as FluxModel passes it
-                args = (*(a.to(DEV, torch.bfloat16) for a in args[:-1]), _to_device(args[-1]))
-            else:
-                args = tuple(a.to(DEV, torch.bfloat16) for a in args)
+            args = cast_inputs(kind, inputs(kind, dense, SIZE), torch.bfloat16, DEV)
             row = {"block": kind, "type": qtype, "size": SIZE}
             for label, block in (("dense", dense), ("quant", quant)):
                 block.to(DEV, torch.bfloat16)

@@ -11,6 +11,7 @@ overhead is given at 512 and 1024 px. Also per type: dequantization speed in ns 
     python scripts/bench_dequant.py                  # both sizes, all blocks, 2 rounds (~5 min quiet on 2 cores)
     python scripts/bench_dequant.py --rehearse       # tiny widths, seconds
     python scripts/bench_dequant.py --fresh          # a fresh buffer per dequantization (before reused_buffers)
+    python scripts/bench_dequant.py --dtype bf16     # bf16 compute, against dense bf16 (on a CPU with native bf16)
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def inputs(kind: str, block: torch.nn.Module, size: int) -> tuple:
     return torch.randn(1, img, d, generator=gen), torch.randn(1, 512, d, generator=gen), vec, pe
 
 
+def cast_inputs(kind: str, args: tuple, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple:
+    """inputs() in `dtype` on `device`; FLUX's rotary table (the last) stays float32, as FluxModel passes it."""
+    def move(x):
+        return tuple(move(t) for t in x) if isinstance(x, tuple) else x.to(device)
+
+    if kind.startswith("flux"):
+        return (*(a.to(device, dtype) for a in args[:-1]), move(args[-1]))
+    return tuple(a.to(device, dtype) for a in args)
+
+
 def rss_gib(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
@@ -123,11 +134,12 @@ def same(a, b) -> bool:
     return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
 
 
-def bench_block(kind: str, sizes: list[int], rounds: int, rehearse: bool) -> list[str]:
+def bench_block(kind: str, sizes: list[int], rounds: int, rehearse: bool, dtype: torch.dtype) -> list[str]:
     rows = []
     for qtype, (quant, dense) in variants(kind, rehearse).items():
+        quant.to(dtype), dense.to(dtype)  # the blocks stay uint8; GGUF dequantizes to the input's dtype
         for size in sizes:
-            args = inputs(kind, dense, size)
+            args = cast_inputs(kind, inputs(kind, dense, size), dtype)
             best = {"dense": (1e9, 0.0), "quant": (1e9, 0.0)}
             for _ in range(rounds):  # alternated, the faster of each
                 for label, block in (("dense", dense), ("quant", quant)):
@@ -145,14 +157,14 @@ def bench_block(kind: str, sizes: list[int], rounds: int, rehearse: bool) -> lis
     return rows
 
 
-def dequant_speed(rehearse: bool) -> list[str]:
+def dequant_speed(rehearse: bool, dtype: torch.dtype) -> list[str]:
     shape = (256, 1024) if rehearse else (3072, 12288)
     gen, n, rows = torch.Generator().manual_seed(3), shape[0] * shape[1], []
-    out = torch.empty(shape)
+    out = torch.empty(shape, dtype=dtype)
     for qtype in ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"):
         q = random_blocks(qtype, shape, gen)
-        fresh = min(_secs(lambda: dequantize(q.raw, qtype, shape, torch.float32)) for _ in range(3))
-        reused = min(_secs(lambda: dequantize(q.raw, qtype, shape, torch.float32, out)) for _ in range(3))
+        fresh = min(_secs(lambda: dequantize(q.raw, qtype, shape, dtype)) for _ in range(3))
+        reused = min(_secs(lambda: dequantize(q.raw, qtype, shape, dtype, out)) for _ in range(3))
         rows.append(f"| {qtype} | {fresh / n * 1e9:.2f} ns | {reused / n * 1e9:.2f} ns |")
         print(rows[-1], flush=True)
     return rows
@@ -172,20 +184,22 @@ def main() -> None:
     p.add_argument("--rehearse", action="store_true", help="tiny widths at 64 and 128 px")
     p.add_argument("--out", help="also write the tables to this Markdown file")
     p.add_argument("--fresh", action="store_true", help="a fresh buffer per dequantization (no reused_buffers)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: where native)")
     args = p.parse_args()
     fix_heap_threshold()  # as `sdcli generate` runs
     sizes = [64, 128] if args.rehearse else [int(s) for s in args.sizes.split(",")]
     from bench import machine  # scripts/bench.py: CPU model, family/model numbers, flags, threads, date
 
     buffers = "a fresh buffer per weight" if args.fresh else "one reused buffer (quant.layers.reused_buffers)"
-    lines = [f"Machine: {machine()}; float32 compute; GGUF weights dequantized into {buffers}", "",
-             "| block | image | type | dense f32 | GGUF (dequantized per forward) | dequantization adds "
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    lines = [f"Machine: {machine()}; {args.dtype} compute; GGUF weights dequantized into {buffers}", "",
+             "| block | image | type | dense | GGUF (dequantized per forward) | dequantization adds "
              "| peak RSS added, dense / GGUF |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     with contextlib.nullcontext() if args.fresh else reused_buffers():  # held over all the forwards, as sampling does
         for kind in args.blocks.split(","):
-            lines += bench_block(kind, sizes, args.rounds, args.rehearse)
-    lines += ["", "| type | dequantization to float32, per weight: fresh buffer | reused buffer |", "|---|---|---|",
-              *dequant_speed(args.rehearse)]  # fmt: skip
+            lines += bench_block(kind, sizes, args.rounds, args.rehearse, dtype)
+    lines += ["", f"| type | dequantization to {args.dtype}, per weight: fresh buffer | reused buffer |",
+              "|---|---|---|", *dequant_speed(args.rehearse, dtype)]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.out:

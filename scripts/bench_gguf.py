@@ -66,6 +66,7 @@ def worker(args: argparse.Namespace) -> None:
         return dit_worker(args)
 
     from sdcli import pipeline
+    from sdcli.families.base import SizeCond
     from sdcli.formats.images import tensor_to_pil
     from sdcli.loading.checkpoint import load_models
 
@@ -75,6 +76,8 @@ def worker(args: argparse.Namespace) -> None:
     models = load_models(args.worker, dtype=dtype, device="cpu", residency="keep")
     load_s = time.perf_counter() - t0
     cond, uncond = pipeline.encode_text(models, PROMPT, NEGATIVE)
+    size = SizeCond((args.size, args.size))  # SDXL's vector y (the pooled text with the size embeddings)
+    cond, uncond = (pipeline.with_size_vector(models, c, size, neg) for c, neg in ((cond, False), (uncond, True)))
     plan = pipeline.make_plan("euler", "auto", args.steps, cfg=7.0, family=models.family)
     t1 = time.perf_counter()
     latents = pipeline.txt2img(models, plan, cond, uncond, [SEED], args.size, args.size)
