@@ -407,12 +407,24 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
             callback(i, total, x_i, denoised)
 
     # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap, unless its
-    # weights are GGUF blocks (memory first: device.sampling_heap), which dequantize into one reused buffer instead
+    # weights are GGUF blocks (memory first: device.sampling_heap), which dequantize into one reused buffer and
+    # have the heap trimmed after each block instead
     hold = not any(holds_blocks(m) for m in net.modules())
-    with torch.inference_mode(), token_merging(net, plan.token_merging), sampling_heap(x.device, hold), \
-            reused_buffers():
+    heap = sampling_heap(x.device, hold, blocks=_blocks(net))
+    with torch.inference_mode(), token_merging(net, plan.token_merging), heap, reused_buffers():
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
+
+
+def _blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The members of the network's outermost ModuleLists: FLUX's double and single blocks, SD3's joint blocks, a
+    UNet's input and output blocks (where sampling_heap trims a GGUF denoiser's heap)."""
+    blocks, inside = [], set()
+    for m in net.modules():  # pre-order: an outer list comes before the lists inside its members
+        if isinstance(m, torch.nn.ModuleList) and id(m) not in inside:
+            blocks.extend(m)
+            inside.update(id(sub) for block in m for sub in block.modules())
+    return blocks
 
 
 def _skip_layer_cfg(models, plan, net, batch, denoiser, cond_b, uncond_b):

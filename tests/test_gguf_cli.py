@@ -33,7 +33,7 @@ from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_pipeline import one_thread  # noqa: F401
 from _fixtures_dit import dit_components, dit_dir, tiny_flux, tiny_sd3  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
-from sdcli.formats.gguf import T5_LAYERS, T5_NAMES, read_gguf_header
+from sdcli.formats.gguf import T5_LAYERS, T5_NAMES, ldm_names, read_gguf_header
 from sdcli.loading import residency
 from sdcli.loading.checkpoint import load_models
 from sdcli.loading.lora import _part_targets
@@ -130,6 +130,22 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_float_gguf_renders_the_safetensors_bytes(rendered, pair, dtype):
     st, gg = pair
     _same(rendered(st, dtype), rendered(gg, dtype))
+
+
+def test_f16_linears_stay_as_stored_under_fp32(files):
+    """fp32 compute: an F16 GGUF's Linear weights stay at 2 bytes and are cast in each forward (the test above
+    shows the bytes are the same), not held a second time at 4; conv kernels, and bf16 compute, load as any file."""
+    info = read_gguf_header(files["f16"])
+    stored = {ldm.removeprefix("model.diffusion_model."): info.tensors[name].qtype.name
+              for name, ldm in ldm_names(info).items()}  # fmt: skip
+    for dtype in (torch.float32, torch.bfloat16):
+        unet = load_models(files["f16"], dtype=dtype, residency="keep").unet
+        linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+        f16 = {n for n in linears if stored[n + ".weight"] == "F16"}  # the smallest stay F32 (convert's rules)
+        assert f16 and {n for n, m in linears.items() if holds_blocks(m)} == (f16 if dtype == torch.float32 else set())
+        assert all(linears[n].weight.numel() == 2 * math.prod(linears[n].weight_shape)
+                   for n in f16 if dtype == torch.float32)  # fmt: skip
+        assert not any(holds_blocks(m) for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
 
 
 # --- Q8_0: the dequantized model's bytes, close to the float one -------------------------------------------------

@@ -121,8 +121,36 @@ def test_a_gguf_denoiser_keeps_the_pinned_thresholds(libc, tiny_sd1, tmp_path, m
     gguf = tmp_path / "sd1-q8_0.gguf"
     write_gguf(gguf, load_file(tiny_sd1), "q8_0")
     seen = _watch(monkeypatch, libc)
-    _render(load_models(gguf, residency="lean"))
+    models = load_models(gguf, residency="keep")
+    trims_per_call, call = [], pipeline._UNetAdapter.__call__
+
+    def counting(self, *args, **kwargs):
+        before = libc.calls.count(("trim", 0))
+        out = call(self, *args, **kwargs)
+        trims_per_call.append(libc.calls.count(("trim", 0)) - before)
+        return out
+
+    monkeypatch.setattr(pipeline._UNetAdapter, "__call__", counting)
+    _render(models)
     assert ("unet call", PINNED) in seen and all(thresholds == PINNED for _, thresholds in seen)
+    # instead, the heap is trimmed after each of the UNet's outermost blocks: its input, middle and output blocks
+    unet = models.stage("unet")
+    names = {id(m): name for name, m in unet.named_modules()}
+    lists = {names[id(b)].rsplit(".", 1)[0] for b in pipeline._blocks(unet)}
+    assert lists == {"input_blocks", "middle_block", "output_blocks"}
+    assert trims_per_call == [len(unet.input_blocks) + len(unet.middle_block) + len(unet.output_blocks)] * 2
+    assert not any(b._forward_hooks for b in unet.modules())  # the hooks go when sampling ends
+
+
+def test_trimming_after_blocks_keeps_their_outputs(libc):
+    """A forward hook that returned malloc_trim's int would replace the block's output."""
+    blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    x = torch.randn(2, 4)
+    want = blocks[1](blocks[0](x))
+    with device.sampling_heap(torch.device("cpu"), hold=False, blocks=list(blocks)):
+        got = blocks[1](blocks[0](x))
+        assert libc.thresholds == PINNED
+    assert torch.equal(got, want) and libc.calls.count(("trim", 0)) == 2
 
 
 def test_not_held_off_the_cpu(libc):

@@ -179,13 +179,19 @@ def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
     cos, sin = pe
     xf = x.float().unflatten(-1, (-1, 2))  # (B, H, N, D/2, 2)
     even, odd = xf[..., 0], xf[..., 1]
-    out = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    out = torch.empty_like(xf)
+    # written into its halves with one temporary at a time, not four and a stack (a single block's peak at 1024 px);
+    # the same operations, so the same bits
+    torch.mul(even, cos, out=out[..., 0]).sub_(odd * sin)
+    torch.mul(odd, cos, out=out[..., 1]).add_(even * sin)
     return out.flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B, H, N, D) q, k (rotated: apply_rope), v -> (B, N, H*D): softmax attention (BFL math.py)."""
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+def attention(qkv: list[Tensor]) -> Tensor:
+    """[q, k, v], each (B, H, N, D), q and k rotated (apply_rope) -> (B, N, H*D): softmax attention (BFL math.py).
+    The list is emptied: q, k and v are freed before the heads are interleaved into the output's layout."""
+    out = F.scaled_dot_product_attention(*qkv)  # (B, H, N, D)
+    qkv.clear()
     return out.transpose(1, 2).flatten(2)
 
 
@@ -296,24 +302,22 @@ class DoubleStreamBlock(nn.Module):
         def joint(part: int) -> Tensor:  # q, k or v over [txt, img]: (B, H, T + L, Dh), one at a time
             return torch.cat([self.txt_attn.head(txt_h, part), self.img_attn.head(img_h, part)], dim=2)
 
-        q, k, v = apply_rope(joint(0), pe), apply_rope(joint(1), pe), joint(2)
+        qkv = [apply_rope(joint(0), pe), apply_rope(joint(1), pe), joint(2)]
         del img_h, txt_h
-        attn = attention(q, k, v)  # (B, T + L, D)
-        del q, k, v
+        attn = attention(qkv)  # (B, T + L, D)
         # each stream's rows made contiguous: a strided (B, L, D) input takes another GEMM path (other rounding)
         projs, lengths = (self.txt_attn.proj, self.img_attn.proj), [txt.shape[1], img.shape[1]]
         txt_out, img_out = (proj(part.contiguous()) for proj, part in zip(projs, attn.split(lengths, dim=1)))
         del attn
-        img = _residual(img, img_gate1, img_out, self.img_mlp, img_mod2)
-        del img_out
-        txt = _residual(txt, txt_gate1, txt_out, self.txt_mlp, txt_mod2)
-        return img, txt
+        img = img + img_gate1 * img_out  # each stream's gated attention residual, its projection freed before the MLP
+        txt = txt + txt_gate1 * txt_out
+        del img_out, txt_out
+        return _mlp_residual(img, self.img_mlp, img_mod2), _mlp_residual(txt, self.txt_mlp, txt_mod2)
 
 
-def _residual(x: Tensor, gate: Tensor, attn_out: Tensor, mlp: nn.Module, mod2) -> Tensor:
-    """One stream's gated attention residual, then its gated, modulated MLP residual."""
+def _mlp_residual(x: Tensor, mlp: nn.Module, mod2) -> Tensor:
+    """One stream's gated, modulated MLP residual."""
     shift, scale, gate2 = mod2
-    x = x + gate * attn_out
     hidden = gelu(linear_pieces(mlp[0], modulate(x, shift, scale)), inplace=True, approximate="tanh")
     return _fp16_safe(x + gate2 * linear_pieces(mlp[2], hidden))
 
@@ -340,8 +344,9 @@ class SingleStreamBlock(nn.Module):
 
     def _attention(self, h: Tensor, pe) -> Tensor:
         """(B, N, D) -> (B, N, D): q, k, v from their own rows of linear1, one at a time."""
-        qk = (apply_rope(self.norm(heads_of(self.linear1, h, i, self.heads), i), pe) for i in range(2))
-        return attention(*qk, heads_of(self.linear1, h, 2, self.heads))
+        qkv = [apply_rope(self.norm(heads_of(self.linear1, h, i, self.heads), i), pe) for i in range(2)]
+        qkv.append(heads_of(self.linear1, h, 2, self.heads))
+        return attention(qkv)
 
     def _fused(self, h: Tensor, attn: Tensor) -> Tensor:
         """linear2's input [attention | GELU(linear1's MLP rows)], written piece by piece into one buffer: at 1024 px

@@ -146,27 +146,41 @@ def fix_heap_threshold() -> bool:
 
 
 @contextmanager
-def sampling_heap(device, hold: bool = True):
+def sampling_heap(device, hold: bool = True, blocks=()):
     """While a CPU samples, every block (up to ~2 GiB) comes from glibc's heap and the heap keeps what is freed:
     the large blocks of one UNet call (GEGLU's 84 MB projections, oneDNN's per-call weight reorders, ...) are then
     the same pages at every call instead of fresh mappings faulted in each time (512px fp32: ~1M page faults and
     2-3 s of system CPU per step before, ~0 after; the same peak RSS). Parts are read before, under the pinned
     thresholds (`fix_heap_threshold`), which come back when sampling ends, the heap trimmed. Allocation never
-    changes a result's bits. `device`: the torch.device sampled on. `hold` False (a denoiser of GGUF blocks: a
-    run that chose memory) keeps the pinned thresholds: a held heap kept +0.25 GiB of fragments beside a full-size
-    FLUX.1 Q4_K block at 1024 px, over the 8 GB that run is meant to fit. SDCLI_SAMPLING_HEAP=0 keeps them too
+    changes a result's bits. `device`: the torch.device sampled on.
+
+    `hold` False (a denoiser of GGUF blocks: a run that chose memory) keeps the pinned thresholds (a held heap
+    kept +0.25 GiB of fragments beside a full-size FLUX.1 Q4_K block at 1024 px) and trims the heap after each
+    module of `blocks` (the network's blocks): left alone, the fragments one block's activations left behind
+    varied from 0 to 0.24 GiB under the next block's peak (FLUX.1 Q4_K, 1024 px, fp32), which is what put that
+    render over 8 GB in one run of three. SDCLI_SAMPLING_HEAP=0 keeps the pinned thresholds without trimming
     (what scripts/bench_heap.py compares)."""
     libc = _glibc()
-    if libc is None or device.type != "cpu" or not hold or os.environ.get(HOLD_ENV, "1") == "0":
+    if libc is None or device.type != "cpu" or os.environ.get(HOLD_ENV, "1") == "0":
         yield
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, SAMPLING_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, SAMPLING_THRESHOLD)
-    try:
-        yield
-    finally:
-        fix_heap_threshold()
-        trim_heap()
+    elif not hold:
+        def trim(*_) -> None:  # a forward hook's non-None return would replace the block's output
+            libc.malloc_trim(0)
+
+        hooks = [block.register_forward_hook(trim) for block in blocks]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+    else:
+        libc.mallopt(M_MMAP_THRESHOLD, SAMPLING_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, SAMPLING_THRESHOLD)
+        try:
+            yield
+        finally:
+            fix_heap_threshold()
+            trim_heap()
 
 
 def trim_heap() -> None:
