@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's sdcli, also in the workers (PYTHONPATH below)
 BENCH = ROOT / ".bench"
 PROMPT, NEGATIVE, SEED = "a photo of a cat, highly detailed", "blurry", 1
-LINEAR = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+LINEARS = ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",  # SD 1.x/2.x
+           "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight")  # SDXL: none at level 1
 CONV = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 DIT_FAMILIES = ("flux", "sd3")
 DIT_LINEAR = {"flux": "double_blocks.0.img_attn.qkv.weight", "sd3": "joint_blocks.0.x_block.attn.qkv.weight"}
@@ -397,7 +398,7 @@ def psnr(a: Path, b: Path) -> float:
 
 
 def layer_errors(src: Path, types: list[str]) -> list[tuple[str, str, float]]:
-    """(layer, type, relative error of its output) for LINEAR and CONV of the source model, each quantized by
+    """(layer, type, relative error of its output) for the LINEARS and CONV the source model has, each quantized by
     gguf.quants and dequantized by sdcli; the conv as --quantize-convs stores it (256-wide rows)."""
     import torch
     import torch.nn.functional as F
@@ -410,7 +411,7 @@ def layer_errors(src: Path, types: list[str]) -> list[tuple[str, str, float]]:
     source = open_source(src)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for key in (LINEAR, CONV):
+    for key in (*LINEARS, CONV):
         if key not in source.entries:
             continue
         w = source.get(key).float()

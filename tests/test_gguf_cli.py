@@ -2,7 +2,8 @@
 
 What is proved, on the tiny random checkpoints (tests/_fixtures_models.py, _fixtures_sdxl.py):
 - a float GGUF (F32, F16) of the same weights renders the SAME latents and pixels as the safetensors file, in fp32
-  and bf16 compute on the CPU: GGUF float tensors take the safetensors path byte for byte;
+  and bf16 compute on the CPU: GGUF float tensors take the safetensors path byte for byte (F16 Linear weights
+  under fp32 stay F16 and are cast in the forward: the same bytes again);
 - a Q8_0 GGUF renders exactly what its dequantized weights render through the ordinary float path (`convert
   q8.gguf -o deq.safetensors`, GGML blocks -> float32 bit-equal to gguf.quants, tests/test_gguf.py): the
   quantized layers compute with those weights, dequantized per layer; the dequantized weights are within Q8_0's
