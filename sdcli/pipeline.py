@@ -411,7 +411,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     # a DiT's heap is then trimmed after each block (a UNet's blocks leave little: SD1.5 Q8_0 at 512 px kept 0.06 GB
     # less trimmed, at +5% per step, where a FLUX.1 block at 1024 px left up to 0.24 GiB)
     hold = not any(holds_blocks(m) for m in net.modules())
-    heap = sampling_heap(x.device, hold, blocks=_blocks(net) if kind != DEFAULT.denoiser else ())
+    trimmed = () if hold or kind == DEFAULT.denoiser else _blocks(net)
+    heap = sampling_heap(x.device, hold, blocks=trimmed)
     with torch.inference_mode(), token_merging(net, plan.token_merging), heap, reused_buffers():
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more

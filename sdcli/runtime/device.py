@@ -165,7 +165,7 @@ def sampling_heap(device, hold: bool = True, blocks=()):
         yield
     elif not hold:
         def trim(*_) -> None:  # a forward hook's non-None return would replace the block's output
-            libc.malloc_trim(0)
+            trim_heap()
 
         hooks = [block.register_forward_hook(trim) for block in blocks]
         try:
