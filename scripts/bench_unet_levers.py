@@ -6,9 +6,10 @@
 Modes, alternated call by call (base, geglu, packed, base, ...) on the same model and inputs:
 - base: the code before the levers (GEGLU's gate gelu'd through a dense copy and back, multiplied strided; every
   3x3 convolution through torch's own path);
-- geglu: GEGLU's gate made dense once and multiplied into (models/unet.py GEGLU): must be the same bytes;
-- packed: geglu plus the 3x3 convolutions of maps <= 16x16 on weights packed once (models/packed_conv.py,
-  SDCLI_CPU_PACKED_CONV=1): a numerics change, its max relative error against base is printed.
+- geglu: GEGLU's gate made dense once and multiplied into (models/unet.py GEGLU), every 3x3 convolution through
+  torch's own path (what a render ran before the packed convolutions): must be the same bytes as base;
+- packed: geglu plus the large 3x3 convolutions of maps <= 16x16 on weights packed once (models/packed_conv.py, what
+  a render runs): a numerics change, its max relative error against base is printed.
 Wall and process CPU time per call (on a shared machine read the CPU time), best of the rounds; the output of
 every mode is compared with base's (torch.equal, else the max |difference| / max |base|).
 """
@@ -16,7 +17,7 @@ every mode is compared with base's (torch.equal, else the max |difference| / max
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,19 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sdcli.loading import checkpoint  # noqa: E402
-from sdcli.models import packed_conv, unet as unet_mod  # noqa: E402
+from sdcli.models import unet as unet_mod  # noqa: E402
+from sdcli.models.packed_conv import PackedConv2d, packed_convs  # noqa: E402
 from sdcli.models.invariant import gelu  # noqa: E402
+from sdcli.runtime.device import sampling_heap  # noqa: E402
 
 
 def old_geglu(self, x):
     value, gate = self.proj(x).chunk(2, dim=-1)
     return value * gelu(gate, inplace=True)
+
+
+def rss_gb() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1e6
 
 
 def main() -> None:
@@ -51,29 +58,39 @@ def main() -> None:
     ctx = torch.randn(2, 77, unet.config.context_dim, generator=g)
     t = torch.full((2,), 500.0)
     new_geglu = unet_mod.GEGLU.forward
+    cpu = torch.device("cpu")
 
-    def mode(name):
+    def call(name):
+        """One UNet call in mode `name`; packed: in a packed_convs session (packed by a first, untimed call, as
+        the first step of a render packs), the weights unpacked again after it."""
         unet_mod.GEGLU.forward = old_geglu if name == "base" else new_geglu
-        os.environ[packed_conv.SWITCH_ENV] = "1" if name == "packed" else "0"
+        with packed_convs(cpu) if name == "packed" else contextlib.nullcontext():
+            if name == "packed":
+                unet(x, t, ctx)
+            w, c = time.perf_counter(), time.process_time()
+            out = unet(x, t, ctx)
+            return out, time.perf_counter() - w, time.process_time() - c
 
     modes = a.modes.split(",")
     res = {m: {"wall": [], "cpu": []} for m in modes}
     outs = {}
-    with torch.inference_mode():
-        for m in modes:  # warm-up (and the packing) of each mode
-            mode(m)
-            outs[m] = unet(x, t, ctx)
+    packed = []
+    with torch.inference_mode(), sampling_heap(cpu):  # the heap a render samples with
+        for m in modes:  # warm-up of each mode
+            outs[m] = call(m)[0]
         for r in range(a.rounds):
             for m in modes:
-                mode(m)
-                w, c = time.perf_counter(), time.process_time()
-                out = unet(x, t, ctx)
-                res[m]["wall"].append(time.perf_counter() - w)
-                res[m]["cpu"].append(time.process_time() - c)
+                out, wall, cpu_s = call(m)
+                res[m]["wall"].append(wall)
+                res[m]["cpu"].append(cpu_s)
                 assert torch.equal(out, outs[m]), f"{m}: not the same bytes from call to call"
-                print(f"round {r} {m}: wall {res[m]['wall'][-1]:.2f} s, CPU {res[m]['cpu'][-1]:.2f} s", flush=True)
-    packed = [mod._packed for mod in unet.modules() if isinstance(mod, packed_conv.PackedConv2d) and mod._packed is not None]
-    print(f"packed weights: {len(packed)}, {sum(t.numel() for t in packed) * 4 / 1e6:.0f} MB")
+                print(f"round {r} {m}: wall {wall:.2f} s, CPU {cpu_s:.2f} s", flush=True)
+        before = rss_gb()
+        with packed_convs(cpu):
+            unet(x, t, ctx)
+            packed = [mod._packed for mod in unet.modules() if isinstance(mod, PackedConv2d) and mod._packed is not None]
+            print(f"packed weights: {len(packed)}, {sum(p.numel() for p in packed) * 4 / 1e6:.0f} MB, the plain ones "
+                  f"freed meanwhile: RSS {before:.2f} GB before the session, {rss_gb():.2f} GB in it", flush=True)
     base = outs.get("base", outs[modes[0]])
     for m in modes:
         eq = torch.equal(outs[m], base)

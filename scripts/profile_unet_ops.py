@@ -103,13 +103,16 @@ def sdcli_worker(a) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from sdcli.loading import checkpoint
+    from sdcli.models.packed_conv import packed_convs
+    from sdcli.runtime.device import sampling_heap
 
     torch.set_num_threads(a.threads)
     unet = checkpoint.load_models(a.model, dtype=torch.float32).unet
     x, ctx = (torch.from_numpy(t) for t in inputs(a.size))
     ctx = ctx[..., : unet.config.context_dim].contiguous()
     t = torch.full((2,), 500.0)
-    with torch.inference_mode():
+    cpu = torch.device("cpu")
+    with torch.inference_mode(), sampling_heap(cpu), packed_convs(cpu):  # as a render samples
         unet(x, t, ctx)  # warm-up
         wall, cpu = time.perf_counter(), time.process_time()
         unet(x, t, ctx)
@@ -119,7 +122,7 @@ def sdcli_worker(a) -> dict:
     cats: dict = defaultdict(float)
     detail: dict = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
-        if ev.cpu_parent is not None or not ev.name.startswith("aten::"):
+        if ev.cpu_parent is not None or not ev.name.startswith(("aten::", "mkldnn::")):  # mkldnn: packed convs
             continue
         cat, key = classify_torch(ev.name, ev.input_shapes)
         us = ev.cpu_time_total
@@ -131,8 +134,8 @@ def sdcli_worker(a) -> dict:
 
 
 def classify_torch(name: str, shapes: list) -> tuple[str, str]:
-    op = name.removeprefix("aten::")
-    if op in ("conv2d", "convolution", "_convolution", "mkldnn_convolution"):
+    op = name.split("::")[-1]
+    if op in ("conv2d", "convolution", "_convolution", "mkldnn_convolution", "_convolution_pointwise"):
         w = shapes[1]
         kind = "conv 1x1" if w[-1] == 1 and w[-2] == 1 else "conv 3x3"
         return kind, f"{w[1]}->{w[0]} @ {shapes[0][-2]}x{shapes[0][-1]}"

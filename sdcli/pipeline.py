@@ -37,6 +37,7 @@ from sdcli.sampling.inpaint import MaskedDenoiser, blend
 from sdcli.runtime.errors import NumericalError, OutOfMemoryError, UsageError
 from sdcli.runtime.tiling import VaeTiling
 from sdcli.families import DEFAULT, Family
+from sdcli.models.packed_conv import packed_convs
 from sdcli.models.tome import token_merging
 from sdcli.text.editing import ScheduledCond, prompt_schedule
 # The text stage and seamless tiling live in modules of their own; callers and tests keep using them as pipeline.X
@@ -413,7 +414,9 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     hold = not any(holds_blocks(m) for m in net.modules())
     trimmed = () if hold or kind == DEFAULT.denoiser else _blocks(net)
     heap = sampling_heap(x.device, hold, blocks=trimmed)
-    with torch.inference_mode(), token_merging(net, plan.token_merging), heap, reused_buffers():
+    # fp32 CPU: the large 3x3 convolutions of small maps run on weights packed once, unpacked on the way out
+    with torch.inference_mode(), token_merging(net, plan.token_merging), heap, reused_buffers(), \
+            packed_convs(x.device):
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)
         return out if pin is None else blend(out, *pin)  # A1111 blends the sampler's result once more
 

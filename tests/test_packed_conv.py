@@ -1,10 +1,13 @@
 """Issue 31's fp32 CPU levers in the UNet: GEGLU's dense gate (the same bytes) and the 3x3 convolutions on packed
-weights (models/packed_conv.py, SDCLI_CPU_PACKED_CONV=1: a few ulp from torch's own convolution).
+weights (models/packed_conv.py: inside `packed_convs`, which a render's sampling enters; a few ulp from torch's own
+convolution).
 
-The oracle is torch's own op on the same random weights: nn.Conv2d (F.conv2d) for the packed convolution, within
-1e-5 of the largest output (the brgemm kernel sums the 9 * C_in products in another order than the direct
-kernel; measured ~5e-6), and the pre-lever GEGLU expression, bit for bit. Both must give one result at 1-4 threads
-(the project's thread-count invariance, tests/test_thread_invariance.py).
+The oracle is torch's own op on the same random weights: F.conv2d for the packed convolution, within 1e-5 of the
+largest output (the brgemm kernel sums the 9 * C_in products in another order than the direct kernel; measured
+~5e-6), and the pre-lever GEGLU expression, bit for bit. Both must give one result at 1-4 threads (the project's
+thread-count invariance, tests/test_thread_invariance.py). While packed, the plain weight's storage is freed (a
+weight is held once) and it comes back bit for bit when the session ends, also by an exception; a render leaves
+every UNet weight as it found it.
 """
 
 from __future__ import annotations
@@ -14,17 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
+from _fixtures_pipeline import one_thread  # noqa: F401
+from sdcli import pipeline
+from sdcli.loading.checkpoint import load_models
 from sdcli.models import packed_conv
 from sdcli.models.invariant import gelu
-from sdcli.models.packed_conv import PackedConv2d
+from sdcli.models.packed_conv import PackedConv2d, packed_convs
 from sdcli.models.unet import GEGLU
 
 THREADS = (1, 2, 3, 4)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def packing(monkeypatch):
-    monkeypatch.setenv(packed_conv.SWITCH_ENV, "1")
+def small_weights(monkeypatch):
+    """Pack the small weights of these tests too (the floor keeps weights under 1 MiB on torch's path)."""
+    monkeypatch.setattr(packed_conv, "PACKED_MIN_BYTES", 0)
+    monkeypatch.delenv(packed_conv.SWITCH_ENV, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +52,8 @@ def conv(cin: int, cout: int, stride: int = 1, seed: int = 0) -> PackedConv2d:
     return m.requires_grad_(False)
 
 
-def plain(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, m.weight, m.bias, m.stride, m.padding)
+def plain(m: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    return F.conv2d(x, m.weight if weight is None else weight, m.bias, m.stride, m.padding)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,35 +61,62 @@ def close(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("cin,cout,hw,stride", [(64, 96, 16, 1), (96, 64, 8, 1), (64, 64, 16, 2), (4, 32, 8, 1)])
-def test_packed_matches_torch_and_threads(packing, cin, cout, hw, stride):
+def test_packed_matches_torch_and_threads(small_weights, cin, cout, hw, stride):
     m = conv(cin, cout, stride)
     x = torch.randn(2, cin, hw, hw)
-    with torch.inference_mode():
+    ref = plain(m, x)
+    with torch.inference_mode(), packed_convs(CPU):
         outs = []
         for t in THREADS:
             torch.set_num_threads(t)
             outs.append(m(x))
-        ref = plain(m, x)
-    assert m._packed is not None  # the packed path ran
+        assert m._packed is not None  # the packed path ran
     assert outs[0].is_contiguous() and outs[0].shape == ref.shape
     assert close(outs[0], ref) < 1e-5
     for t, o in zip(THREADS, outs):
         assert torch.equal(o, outs[0]), f"{t} threads"
 
 
-def test_off_by_default_is_torch(monkeypatch):
-    monkeypatch.delenv(packed_conv.SWITCH_ENV, raising=False)
+def test_a_full_size_weight_is_held_once_and_given_back():
+    m = conv(256, 256)  # 2.4 MB: above the real floor
+    saved = m.weight.clone()
+    x = torch.randn(2, 256, 8, 8)
+    with torch.inference_mode(), packed_convs(CPU):
+        out = m(x)
+        assert m._packed is not None
+        assert m.weight.untyped_storage().nbytes() == 0 and m.weight.shape == saved.shape  # freed, shape kept
+        assert torch.equal(m(x), out)
+    assert m._packed is None
+    assert m.weight.untyped_storage().nbytes() == saved.numel() * 4
+    assert torch.equal(m.weight, saved)  # bit for bit
+    assert close(out, plain(m, x)) < 1e-5
+
+
+def test_given_back_when_sampling_fails(small_weights):
+    m = conv(32, 32)
+    saved = m.weight.clone()
+    with pytest.raises(KeyboardInterrupt), torch.inference_mode(), packed_convs(CPU):
+        m(torch.randn(1, 32, 8, 8))
+        raise KeyboardInterrupt
+    assert m._packed is None and torch.equal(m.weight, saved)
+
+
+def test_torch_outside_a_session_and_when_switched_off(small_weights, monkeypatch):
     m = conv(32, 32)
     x = torch.randn(2, 32, 8, 8)
     with torch.inference_mode():
-        assert torch.equal(m(x), plain(m, x))
-    assert m._packed is None
+        assert torch.equal(m(x), plain(m, x))  # no session: torch's own convolution
+        assert m._packed is None
+        monkeypatch.setenv(packed_conv.SWITCH_ENV, "0")
+        with packed_convs(CPU):
+            assert torch.equal(m(x), plain(m, x))
+            assert m._packed is None
 
 
-def test_not_packed_where_it_does_not_apply(packing):
+def test_not_packed_where_it_does_not_apply(small_weights):
     m = conv(16, 16)
-    big = torch.randn(1, 16, 32, 32)  # above PACKED_MAX_PIXELS
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_convs(CPU):
+        big = torch.randn(1, 16, 32, 32)  # above PACKED_MAX_PIXELS
         assert torch.equal(m(big), plain(m, big))
         assert m._packed is None
         m.padding_mode = "circular"  # --seamless
@@ -90,26 +127,68 @@ def test_not_packed_where_it_does_not_apply(packing):
         m64 = conv(16, 16).double()
         assert torch.equal(m64(x.double()), plain(m64, x.double()))  # fp64: torch's own
         assert m64._packed is None
-    m = conv(16, 16).float()
-    x = torch.randn(1, 16, 8, 8, requires_grad=True)  # autograd: torch's own
-    assert torch.equal(m(x), plain(m, x))
+        buffer = torch.randn(2 * 16 * 16 * 9)  # a weight that is a view into a larger buffer: never freed
+        shared = conv(16, 16)
+        shared.weight = nn.Parameter(buffer[: 16 * 16 * 9].view(16, 16, 3, 3), requires_grad=False)
+        assert torch.equal(shared(x), plain(shared, x))
+        assert shared._packed is None and buffer.untyped_storage().nbytes() == buffer.numel() * 4
+    with packed_convs(CPU):
+        m = conv(16, 16).float()
+        x = torch.randn(1, 16, 8, 8, requires_grad=True)  # autograd: torch's own
+        assert torch.equal(m(x), plain(m, x))
+        assert m._packed is None
 
 
-def test_packed_again_when_the_weight_changes(packing):
+def test_under_the_floor_torch_even_in_a_session(monkeypatch):
+    monkeypatch.delenv(packed_conv.SWITCH_ENV, raising=False)
+    m = conv(64, 64)  # 0.15 MB
+    x = torch.randn(2, 64, 8, 8)
+    with torch.inference_mode(), packed_convs(CPU):
+        assert torch.equal(m(x), plain(m, x))
+        assert m._packed is None
+
+
+def test_another_shape_or_a_move_in_a_session_unpacks_first(small_weights):
     m = conv(32, 48)
+    saved = m.weight.clone()
     x = torch.randn(2, 32, 8, 8)
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_convs(CPU):
         m(x)
-    first = m._packed
-    m.weight = nn.Parameter(m.weight * 0.5, requires_grad=False)  # a LoRA merge: a new Parameter
-    with torch.inference_mode():
-        assert close(m(x), plain(m, x)) < 1e-5
-        assert m._packed is not first
-    with torch.no_grad():
-        m.weight.add_(1.0)  # an in-place edit
-    with torch.inference_mode():
-        assert close(m(x), plain(m, x)) < 1e-5
-        assert close(m(x[:1]), plain(m, x[:1])) < 1e-5  # another input shape
+        big = torch.randn(2, 32, 32, 32)
+        assert torch.equal(m(big), plain(m, big, saved))  # unpacked: torch's path on the plain weight
+        assert m._packed is None and torch.equal(m.weight, saved)
+        assert close(m(x[:1]), plain(m, x[:1], saved)) < 1e-5  # packed again, for this shape
+        assert m._packed is not None
+        m.double()  # .to() inside a session: from the plain weight
+        assert m._packed is None and torch.equal(m.weight, saved.double())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_render_packs_and_leaves_the_weights_as_it_found_them(tiny_sd1, small_weights, monkeypatch):  # noqa: F811
+    """Through the real pipeline (tiny SD1 model, fp32, 64 px: its UNet's maps are 8x8 and 4x4): the 3x3
+    convolutions are packed while sampling, every UNet weight is the same bits afterwards, and the image is
+    within the packed convolutions' ulps of torch's path."""
+    models = load_models(tiny_sd1, dtype=torch.float32, device="cpu")
+    unet = models.stage("unet")
+    saved = {k: v.clone() for k, v in unet.state_dict().items()}
+    packs = []
+    pack = PackedConv2d._pack
+    monkeypatch.setattr(PackedConv2d, "_pack", lambda self, x: (packs.append(self), pack(self, x))[1])
+
+    def render():
+        plan = pipeline.make_plan("euler", "auto", 2, cfg=5.0, family=models.family)
+        cond, uncond = pipeline.encode_text(models, "a fox", "")
+        return pipeline.txt2img(models, plan, cond, uncond, [1], 64, 64)
+
+    packed = render()
+    n_convs = sum(isinstance(m, PackedConv2d) for m in unet.modules())
+    assert n_convs > 0 and len(set(packs)) == n_convs  # every UNet 3x3 convolution, once per sampling
+    assert all(torch.equal(v, saved[k]) for k, v in unet.state_dict().items())
+    assert all(m._packed is None for m in unet.modules() if isinstance(m, PackedConv2d))
+    monkeypatch.setenv(packed_conv.SWITCH_ENV, "0")
+    reference = render()
+    assert not torch.equal(packed, reference)  # the packed path did run (another summation order)
+    assert close(packed, reference) < 1e-4
 
 
 def old_geglu(module: GEGLU, x: torch.Tensor) -> torch.Tensor:

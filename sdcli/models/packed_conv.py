@@ -1,54 +1,82 @@
-"""3x3 convolutions whose weight is packed once for oneDNN's brgemm kernel (fp32 on the CPU, small maps).
+"""3x3 convolutions whose weight is packed once for oneDNN's brgemm kernel while a CPU samples (fp32, small maps).
 
 torch runs an fp32 3x3 convolution on a contiguous map through oneDNN's direct kernel in 8-channel blocks and
-reorders the weight into that kernel's layout at every call: a 1280x1280x3x3 weight is 59 MB rewritten into a
-freshly mapped buffer (page faults above glibc's 32 MB mmap threshold) for a convolution of 128 pixels. On the
-UNet's 8x8 and 16x16 levels that reorder costs as much as the convolution itself. OpenVINO packs its weights once,
-at compile time, for oneDNN's brgemm convolution (brgconv) on channels-last maps. Here the same: the weight is
-packed once (`torch.ops.mkldnn._reorder_convolution_weight`) and the map runs through the brgemm convolution
-(`_convolution_pointwise`), whose output is made contiguous again for the ops after it.
+reorders the weight into that kernel's layout at every call: a 1280x1280x3x3 weight is 59 MB rewritten (out of the
+caches) for a convolution of 64 pixels. On the UNet's 8x8 and 16x16 levels that reorder costs about as much as the
+convolution itself. OpenVINO packs its weights once, at compile time, for oneDNN's brgemm convolution on
+channels-last maps. Here the same: the weight is packed once (`torch.ops.mkldnn._reorder_convolution_weight`) and
+the map runs through the brgemm convolution (`_convolution_pointwise`), whose output is made contiguous again for
+the ops after it. Measured (Zen 3, AVX2, fp32, 512px SD1.5 UNet call, alternated in one process): 0.84-0.89x the
+time; per convolution 0.67-0.91x on maps of 8x8 and 16x16 (docs/benchmarks.md).
 
-Where: fp32 CPU tensors, no autograd, zero padding (not `--seamless`'s circular), and maps of at most
-PACKED_MAX_PIXELS pixels, where the weight outweighs the map; on larger maps the direct kernel is as fast or
-faster (docs/benchmarks.md). The brgemm kernel sums in another order than the direct one: outputs move by a few
-ulp (~5e-6 of the largest value), so this is a numerics change of the fp32 CPU path, switched on only by
-SDCLI_CPU_PACKED_CONV=1 (see docs/benchmarks.md for what it gains). The result does not depend on the thread
-count (checked at 1-4 threads, tests/test_packed_conv.py).
+Memory: while packed, the packed copy *is* the weight. The plain weight's storage is freed (its shape, dtype and
+Parameter object stay), so a sampling run holds each weight once, as before. Packing lives only inside
+`packed_convs`, which `pipeline._sample` enters: on the way out every packed convolution gets its plain weight
+back, bit for bit (oneDNN's reorder back to the plain layout), so LoRA merges, `.to()`, state dicts and everything
+else outside sampling see an ordinary nn.Conv2d. Only a weight that owns its whole, resizable storage is packed
+(not a view into a shared or memory-mapped buffer).
 
-The packed weight is kept beside the module's weight (memory: the weights of the packed convolutions once more)
-and made again when the weight is replaced (a LoRA merge puts a new Parameter), edited in place, or the input
-shape changes.
+Where: fp32 CPU tensors, no autograd, zero padding (not `--seamless`'s circular), maps of at most
+PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast or faster) and weights of at least
+PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call there). The brgemm kernel sums in
+another order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image
+PSNR of ~82 dB against torch's path: far inside the bf16 guard). The result does not depend on the thread count
+(tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0 switches it off (torch's own path, the A/B).
+Calls are serialized per model (`sdcli serve` renders one request at a time), as the freed weights require.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
 PACKED_MAX_PIXELS = 256  # 16x16: at 512px the UNet's two deepest levels (1280 channels)
+PACKED_MIN_BYTES = 1 << 20  # 1 MiB of fp32 weight (~170 channels in and out)
+
+_session: list[PackedConv2d] | None = None  # the convolutions packed inside the current packed_convs
 
 
 def packing_enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "0") == "1"
+    return os.environ.get(SWITCH_ENV, "1") != "0"
+
+
+@contextmanager
+def packed_convs(device: torch.device):
+    """While a CPU samples: PackedConv2d packs its weight at its first eligible call; on the way out (also on an
+    error or an interrupt) every packed weight is unpacked. Nested uses leave the unpacking to the outermost."""
+    global _session
+    if device.type != "cpu" or not packing_enabled() or _session is not None:
+        yield
+        return
+    _session = []
+    try:
+        yield
+    finally:
+        convs, _session = _session, None
+        for conv in convs:
+            conv.unpack()
 
 
 class PackedConv2d(nn.Conv2d):
-    """nn.Conv2d (a 3x3 one in the UNet) that runs its small fp32 CPU maps on a weight packed once."""
+    """nn.Conv2d (a 3x3 one in the UNet) that runs its small fp32 CPU maps on a weight packed once per sampling."""
 
     plain_conv = True  # nn.Conv2d's math: a GGUF's quantized weight replaces it with QuantizedConv2d (quant/layers.py)
-    _packed: Tensor | None = None
-    _packed_key: tuple | None = None
+    _packed: Tensor | None = None  # oneDNN's packed weight; meanwhile the plain weight's storage is freed
+    _packed_shape: tuple | None = None  # the input shape it was packed for
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._packable(x):
-            return super().forward(x)
-        packed = self._packed_for(x)
+        if self._packed is not None and (tuple(x.shape) != self._packed_shape or not self._packable(x)):
+            self.unpack()  # another input shape in the same sampling (never in a render), or autograd
+        if self._packed is None:
+            if _session is None or not self._packable(x) or not _owns_storage(self.weight):
+                return super().forward(x)
+            self._pack(x)
         out = torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            x, self._packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "",
         )  # (B, C_out, H', W'), channels_last memory
         return out.contiguous()
@@ -56,29 +84,43 @@ class PackedConv2d(nn.Conv2d):
     def _packable(self, x: Tensor) -> bool:
         w = self.weight
         return (
-            packing_enabled()
-            and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS
+            and w.numel() * w.element_size() >= PACKED_MIN_BYTES
             and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             and type(w) in (Tensor, nn.Parameter)
         )  # fmt: skip
 
-    def _packed_for(self, x: Tensor) -> Tensor:
-        """The packed weight for this input shape, packed again when the weight tensor or its contents changed."""
+    def _pack(self, x: Tensor) -> None:
         w = self.weight
-        key = (tuple(x.shape), 0 if w.is_inference() else w._version)  # inference tensors keep no version
-        ref = self.__dict__.get("_packed_ref")
-        if self._packed is None or self._packed_key != key or ref is None or ref() is not w:
-            with torch.inference_mode(False), torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    w.detach().contiguous(), list(self.padding), list(self.stride), list(self.dilation),
-                    self.groups, list(x.shape),
-                )
-            self._packed_key = key
-            self.__dict__["_packed_ref"] = weakref.ref(w)
-        return self._packed
+        with torch.inference_mode(False), torch.no_grad():
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape),
+            )
+        w.untyped_storage().resize_(0)  # the packed copy is the weight now: held once
+        self._packed_shape = tuple(x.shape)
+        _session.append(self)
 
-    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the packed weight belongs to the old tensor
-        self._packed = None
+    def unpack(self) -> None:
+        """The plain weight back from the packed one (the same bits); no-op when not packed."""
+        packed, self._packed = self._packed, None
+        if packed is None:
+            return
+        w = self.weight
+        plain = packed.to_dense()
+        del packed
+        w.untyped_storage().resize_(w.numel() * w.element_size())
+        with torch.inference_mode():  # an in-place copy allowed into normal and inference tensors alike
+            w.copy_(plain)
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: from the plain weight
+        self.unpack()
         return super()._apply(fn, recurse)
+
+
+def _owns_storage(w: Tensor) -> bool:
+    """Whether freeing w's storage frees w alone: contiguous, from offset 0, the whole (resizable) storage."""
+    s = w.untyped_storage()
+    return (w.is_contiguous() and w.storage_offset() == 0 and s.nbytes() == w.numel() * w.element_size()
+            and s.resizable())  # fmt: skip
