@@ -33,6 +33,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from sdcli.runtime.device import pinned_heap, trim_heap
+
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
 PACKED_MAX_PIXELS = 256  # 16x16: at 512px the UNet's two deepest levels (1280 channels)
 PACKED_MIN_BYTES = 1 << 20  # 1 MiB of fp32 weight (~170 channels in and out)
@@ -59,6 +61,8 @@ def packed_convs(device: torch.device):
         convs, _session = _session, None
         for conv in convs:
             conv.unpack()
+        if convs:
+            trim_heap()  # what the packed weights and the unpacking's temporaries left in the heap
 
 
 class PackedConv2d(nn.Conv2d):
@@ -94,7 +98,7 @@ class PackedConv2d(nn.Conv2d):
 
     def _pack(self, x: Tensor) -> None:
         w = self.weight
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), pinned_heap():  # mapped alone, freed to the system
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape),
             )
