@@ -132,6 +132,10 @@ def test_not_packed_where_it_does_not_apply(small_weights):
         shared.weight = nn.Parameter(buffer[: 16 * 16 * 9].view(16, 16, 3, 3), requires_grad=False)
         assert torch.equal(shared(x), plain(shared, x))
         assert shared._packed is None and buffer.untyped_storage().nbytes() == buffer.numel() * 4
+        aliased = conv(16, 16)
+        alias = aliased.weight.detach()  # another tensor on the weight's storage (an original kept elsewhere)
+        assert torch.equal(aliased(x), plain(aliased, x))
+        assert aliased._packed is None and torch.equal(alias, aliased.weight)
     with packed_convs(CPU):
         m = conv(16, 16).float()
         x = torch.randn(1, 16, 8, 8, requires_grad=True)  # autograd: torch's own

@@ -124,7 +124,9 @@ class PackedConv2d(nn.Conv2d):
 
 
 def _owns_storage(w: Tensor) -> bool:
-    """Whether freeing w's storage frees w alone: contiguous, from offset 0, the whole (resizable) storage."""
+    """Whether freeing w's storage frees w alone: contiguous, from offset 0, the whole (resizable) storage, and no
+    other tensor on it (a view or an alias kept elsewhere would lose its data while packed; the use count is w's
+    reference and that of the storage object asked)."""
     s = w.untyped_storage()
     return (w.is_contiguous() and w.storage_offset() == 0 and s.nbytes() == w.numel() * w.element_size()
-            and s.resizable())  # fmt: skip
+            and s.resizable() and torch._C._storage_Use_Count(s._cdata) <= 2)  # fmt: skip
