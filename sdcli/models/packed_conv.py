@@ -16,9 +16,9 @@ back, bit for bit (oneDNN's reorder back to the plain layout), so LoRA merges, `
 else outside sampling see an ordinary nn.Conv2d. Only a weight that owns its whole, resizable storage is packed
 (not a view into a shared or memory-mapped buffer).
 
-Where: fp32 CPU tensors, no autograd, zero padding (not `--seamless`'s circular), maps of at most
-PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast or faster) and weights of at least
-PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call there). The brgemm kernel sums in
+Where: fp32 tensors on an x86-64 CPU (oneDNN's kernels, as measured), no autograd, zero padding (not
+`--seamless`'s circular), maps of at most PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast or
+faster) and weights of at least PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call there). The brgemm kernel sums in
 another order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image
 PSNR of ~82 dB against torch's path: far inside the bf16 guard). The result does not depend on the thread count
 (tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0 switches it off (torch's own path, the A/B).
@@ -28,7 +28,9 @@ Calls are serialized per model (`sdcli serve` renders one request at a time), as
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +45,13 @@ _session: list[PackedConv2d] | None = None  # the convolutions packed inside the
 
 
 def packing_enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1") != "0"
+    return os.environ.get(SWITCH_ENV, "1") != "0" and _x86_onednn()
+
+
+@lru_cache(maxsize=1)
+def _x86_onednn() -> bool:
+    """oneDNN's brgemm convolution is what was measured, on x86-64; elsewhere (an Arm Mac's CPU) torch's path."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
 @contextmanager
