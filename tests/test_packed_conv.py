@@ -216,3 +216,40 @@ def test_geglu_same_bytes(n):
     y = torch.randn(2, 8, 40, requires_grad=True)  # under autograd: the plain product, gradients flow
     m(y).sum().backward()
     assert y.grad is not None
+
+
+class _Thresholds:
+    """glibc's mallopt as device.py calls it, remembering the thresholds."""
+
+    def __init__(self):
+        self.thresholds: dict[int, int] = {}
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.thresholds[param] = value
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        return 1
+
+
+def test_packed_under_the_pinned_heap_thresholds(small_weights, monkeypatch):
+    """A packed weight is made under the pinned thresholds (device.pinned_heap: its temporaries get mappings of their
+    own instead of staying resident in the held heap), and the held ones are back for the sampling after it."""
+    from sdcli.runtime import device
+
+    libc = _Thresholds()
+    monkeypatch.setattr(device, "_glibc", lambda: libc)
+    monkeypatch.delenv(device.HOLD_ENV, raising=False)
+    pinned = {device.M_MMAP_THRESHOLD: device.MMAP_THRESHOLD, device.M_TRIM_THRESHOLD: device.TRIM_THRESHOLD}
+    held = {device.M_MMAP_THRESHOLD: device.SAMPLING_THRESHOLD, device.M_TRIM_THRESHOLD: device.SAMPLING_THRESHOLD}
+    seen = []
+    reorder = torch.ops.mkldnn._reorder_convolution_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight",
+                        lambda *a: (seen.append(dict(libc.thresholds)), reorder(*a))[1])
+    m = conv(32, 32)
+    with torch.inference_mode(), packed_convs(CPU), device.sampling_heap(CPU):
+        m(torch.randn(1, 32, 8, 8))
+        assert libc.thresholds == held
+    assert seen == [pinned] and m._packed is None
+    with device.pinned_heap():  # outside a held heap: nothing to change
+        assert libc.thresholds == pinned
