@@ -1,7 +1,8 @@
-"""A/B of the fp32 CPU UNet levers of issue 31 on one full-size SD1.5 UNet call (CFG batch 2), in one process.
+"""A/B of the CPU UNet levers of issue 31 on one full-size SD1.5 UNet call (CFG batch 2), in one process.
 
     python scripts/bench_unet_levers.py                       # 512px, 2 threads, 2 rounds
     python scripts/bench_unet_levers.py --size 64 --rounds 1  # rehearsal (the full-size model, tiny latent)
+    python scripts/bench_unet_levers.py --dtype bf16 --modes geglu,packed  # on a CPU with native bf16
 
 Modes, alternated call by call (base, geglu, packed, base, ...) on the same model and inputs:
 - base: the code before the levers (GEGLU's gate gelu'd through a dense copy and back, multiplied strided; every
@@ -50,12 +51,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--modes", default="base,geglu,packed")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: on a CPU with native bf16")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    unet = checkpoint.load_models(a.model, dtype=torch.float32).unet
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    unet = checkpoint.load_models(a.model, dtype=dtype).unet
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, a.size // 8, a.size // 8, generator=g)
-    ctx = torch.randn(2, 77, unet.config.context_dim, generator=g)
+    ctx = torch.randn(2, 77, unet.config.context_dim, generator=g).to(dtype)
     t = torch.full((2,), 500.0)
     new_geglu = unet_mod.GEGLU.forward
     cpu = torch.device("cpu")
@@ -89,7 +92,7 @@ def main() -> None:
         with packed_convs(cpu):
             unet(x, t, ctx)
             packed = [mod._packed for mod in unet.modules() if isinstance(mod, PackedConv2d) and mod._packed is not None]
-            print(f"packed weights: {len(packed)}, {sum(p.numel() for p in packed) * 4 / 1e6:.0f} MB, the plain ones "
+            print(f"packed weights: {len(packed)}, {sum(p.numel() * p.element_size() for p in packed) / 1e6:.0f} MB, the plain ones "
                   f"freed meanwhile: RSS {before:.2f} GB before the session, {rss_gb():.2f} GB in it", flush=True)
     base = outs.get("base", outs[modes[0]])
     for m in modes:

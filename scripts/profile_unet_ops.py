@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--worker", choices=["sdcli", "openvino"])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="sdcli's weights and compute (bf16: on a CPU with native bf16; OpenVINO keeps its default)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sides", default="sdcli,openvino")
     p.add_argument("--model", help="sdcli checkpoint (default .bench/sd15-full-fp16.safetensors)")
@@ -76,7 +78,7 @@ def main() -> None:
 def run_side(side: str, a, r: int) -> dict:
     python = sys.executable if side == "sdcli" else str(OV_PYTHON)
     cmd = [python, __file__, "--worker", side, "--size", str(a.size), "--threads", str(a.threads),
-           "--model", a.model, "--ir", a.ir]  # fmt: skip
+           "--dtype", a.dtype, "--model", a.model, "--ir", a.ir]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -107,9 +109,10 @@ def sdcli_worker(a) -> dict:
     from sdcli.runtime.device import sampling_heap
 
     torch.set_num_threads(a.threads)
-    unet = checkpoint.load_models(a.model, dtype=torch.float32).unet
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    unet = checkpoint.load_models(a.model, dtype=dtype).unet
     x, ctx = (torch.from_numpy(t) for t in inputs(a.size))
-    ctx = ctx[..., : unet.config.context_dim].contiguous()
+    ctx = ctx[..., : unet.config.context_dim].to(dtype).contiguous()
     t = torch.full((2,), 500.0)
     cpu = torch.device("cpu")
     with torch.inference_mode(), sampling_heap(cpu), packed_convs(cpu):  # as a render samples

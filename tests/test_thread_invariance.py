@@ -212,16 +212,19 @@ def test_pieces_split_on_the_boundaries(numel, threads, rule):
 @pytest.mark.parametrize("shape", [(1, 320, 54, 96), (2, 333, 6144, 1)])
 def test_elementwise_ops_equal_torchs_one_thread_result_at_every_count(op, ref, shape):
     """1.66M elements: torch's own chunks fall off the stride at 3, 6, 7 threads; SD3's MLP (2 x 333 x 6144): a
-    GELU piece of fewer than `threads` grains would (GELU's own grain)."""
+    GELU piece of fewer than `threads` grains would (GELU's own grain). A channels_last map in fp32 and bf16: torch
+    runs erf GELU through oneDNN on a contiguous tensor only (fp32; bf16 on AVX-512), so the map's pieces must not."""
     torch.manual_seed(0)
     x = torch.randn(shape)
     expected = _per_thread_count(lambda: ref(x), [1])[0]
     assert torch.equal(_one_result(_per_thread_count(lambda: op(x))), expected)
     assert torch.equal(_one_result(_per_thread_count(lambda: op(x.clone(), inplace=True))), expected)
-    cl = x.bfloat16().contiguous(memory_format=torch.channels_last)
-    out = _one_result(_per_thread_count(lambda: op(cl)))
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out, _per_thread_count(lambda: ref(cl), [1])[0])
+    for dtype in (torch.float32, torch.bfloat16):  # erf GELU's kernel on a channels_last map is not oneDNN's
+        cl = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        out = _one_result(_per_thread_count(lambda: op(cl)))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, _per_thread_count(lambda: ref(cl), [1])[0])
+    assert torch._C._get_mkldnn_enabled()  # switched back on after a channels_last map's pieces
 
 
 def test_a_strided_view_runs_as_its_dense_copy():

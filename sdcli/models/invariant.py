@@ -23,6 +23,7 @@ reductions. Off the CPU, and under autograd, every function here is the plain to
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -108,9 +109,27 @@ def pointwise(op, x: Tensor, out: Tensor | None = None, rule: str = "grain") -> 
     threads = torch.get_num_threads()
     if _chunk_aligned(x.numel(), threads, rule):
         return op(x, out=dst)
-    for begin, end in _pieces(src.numel(), threads, rule):
-        op(src[begin:end], out=flat_dst[begin:end])
+    with _kernel_for(x):
+        for begin, end in _pieces(src.numel(), threads, rule):
+            op(src[begin:end], out=flat_dst[begin:end])
     return dst
+
+
+@contextmanager
+def _kernel_for(x: Tensor):
+    """The kernel torch's own call on `x` runs, for x's flat pieces. torch picks some kernels by contiguity: erf
+    GELU runs oneDNN's eltwise (another approximation: most fp32 results and a few bf16 ones move by an ulp) on a
+    contiguous fp32 tensor, and on a bf16 one where oneDNN has bf16 (AVX-512), and torch's own loop on anything
+    else. A channels_last map's pieces are contiguous, so they run with oneDNN off, as the map itself would. (The
+    switch is global: torch runs on one thread at a time in sdcli, `serve`'s device thread included.)"""
+    if x.is_contiguous() or not torch._C._get_mkldnn_enabled():
+        yield
+        return
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(True)
 
 
 def silu(x: Tensor, inplace: bool = False) -> Tensor:
