@@ -77,6 +77,28 @@ def test_packed_matches_torch_and_threads(small_weights, cin, cout, hw, stride):
         assert torch.equal(o, outs[0]), f"{t} threads"
 
 
+@pytest.mark.parametrize("hw", [8, 64])
+def test_bf16_packed_where_onednn_has_bf16_the_same_bytes(small_weights, hw):
+    """bf16 (channels_last, as a bf16 CPU runs the UNet): packed at any map size where oneDNN has bf16 kernels
+    (AVX-512 and up), and then the very bytes of torch's own path, which runs the same brgemm kernel on a weight
+    reordered at every call; channels_last out, one result at every thread count. Elsewhere: torch's path."""
+    cl = torch.channels_last
+    m = conv(64, 96).to(torch.bfloat16, memory_format=cl)
+    saved = m.weight.clone()
+    x = torch.randn(2, 64, hw, hw).to(torch.bfloat16, memory_format=cl)
+    with torch.inference_mode(), packed_convs(CPU):
+        outs = []
+        for t in THREADS:
+            torch.set_num_threads(t)
+            outs.append(m(x))
+            assert torch.equal(outs[-1], plain(m, x, saved)), f"{t} threads"
+        assert (m._packed is not None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert outs[0].is_contiguous(memory_format=cl)
+    for t, o in zip(THREADS, outs):
+        assert torch.equal(o, outs[0]), f"{t} threads"
+    assert m._packed is None and torch.equal(m.weight, saved) and m.weight.is_contiguous(memory_format=cl)
+
+
 def test_a_full_size_weight_is_held_once_and_given_back():
     m = conv(256, 256)  # 2.4 MB: above the real floor
     saved = m.weight.clone()

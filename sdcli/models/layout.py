@@ -29,3 +29,10 @@ def run_layout(module: nn.Module, x: Tensor) -> Tensor:
             module.to(memory_format=CHANNELS_LAST)
         module._channels_last = True
     return x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def same_layout(t: Tensor, like: Tensor) -> Tensor:
+    """`t` in the memory format of `like` (a copy only when they differ): channels_last maps stay channels_last,
+    and a contiguous run keeps its convolutions on contiguous inputs (the same fp32 bytes as ever)."""
+    cl = like.dim() == 4 and like.is_contiguous(memory_format=CHANNELS_LAST) and not like.is_contiguous()
+    return t.contiguous(memory_format=CHANNELS_LAST if cl else torch.contiguous_format)

@@ -35,10 +35,11 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from sdcli.models.layout import same_layout
 from sdcli.runtime.device import pinned_heap, trim_heap
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
-PACKED_MAX_PIXELS = 256  # 16x16: at 512px the UNet's two deepest levels (1280 channels)
+PACKED_MAX_PIXELS = 256  # fp32: 16x16, at 512px the UNet's two deepest levels (1280 channels); bf16: any size
 PACKED_MIN_BYTES = 1 << 20  # 1 MiB of fp32 weight (~170 channels in and out)
 
 _session: list[PackedConv2d] | None = None  # the convolutions packed inside the current packed_convs
@@ -73,6 +74,12 @@ def packed_convs(device: torch.device):
             trim_heap()  # what the packed weights and the unpacking's temporaries left in the heap
 
 
+@lru_cache(maxsize=1)
+def _packed_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32; bf16 where oneDNN has bf16 kernels (AVX-512 and up), where sdcli's `auto` runs bf16."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 class PackedConv2d(nn.Conv2d):
     """nn.Conv2d (a 3x3 one in the UNet) that runs its small fp32 CPU maps on a weight packed once per sampling."""
 
@@ -91,13 +98,13 @@ class PackedConv2d(nn.Conv2d):
             x, self._packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "",
         )  # (B, C_out, H', W'), channels_last memory
-        return out.contiguous()
+        return same_layout(out, x)  # contiguous for a contiguous map (fp32), as it is for a channels_last one
 
     def _packable(self, x: Tensor) -> bool:
         w = self.weight
         return (
-            x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS
+            x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _packed_dtypes()
+            and x.dim() == 4 and (x.dtype == torch.bfloat16 or x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS)
             and w.numel() * w.element_size() >= PACKED_MIN_BYTES
             and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
@@ -111,6 +118,7 @@ class PackedConv2d(nn.Conv2d):
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape),
             )
         w.untyped_storage().resize_(0)  # the packed copy is the weight now: held once
+        trim_heap()  # a freed weight under the 32 MB mmap threshold (bf16's) is a heap hole: its pages go back now
         self._packed_shape = tuple(x.shape)
         _session.append(self)
 
@@ -132,9 +140,10 @@ class PackedConv2d(nn.Conv2d):
 
 
 def _owns_storage(w: Tensor) -> bool:
-    """Whether freeing w's storage frees w alone: contiguous, from offset 0, the whole (resizable) storage, and no
+    """Whether freeing w's storage frees w alone: dense (contiguous or channels_last), from offset 0, the whole (resizable) storage, and no
     other tensor on it (a view or an alias kept elsewhere would lose its data while packed; the use count is w's
     reference and that of the storage object asked)."""
     s = w.untyped_storage()
-    return (w.is_contiguous() and w.storage_offset() == 0 and s.nbytes() == w.numel() * w.element_size()
+    dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)  # bf16 CPU weights: the latter
+    return (dense and w.storage_offset() == 0 and s.nbytes() == w.numel() * w.element_size()
             and s.resizable() and torch._C._storage_Use_Count(s._cdata) <= 2)  # fmt: skip

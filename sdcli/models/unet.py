@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sdcli.models.invariant import GroupNorm, PointwiseConv, SiLU, gelu
 from sdcli.runtime.errors import BadInputError
-from sdcli.models.layout import run_layout
+from sdcli.models.layout import run_layout, same_layout
 from sdcli.models.packed_conv import PackedConv2d
 
 NORM_GROUPS = 32  # GroupNorm32 in LDM: every norm of the UNet uses 32 groups
@@ -86,13 +86,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2).contiguous() for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
     return out.transpose(1, 2).reshape(b, n, inner)
-
-
-def same_layout(t: Tensor, like: Tensor) -> Tensor:
-    """`t` in the memory format of `like` (a copy only when they differ): channels_last maps stay channels_last,
-    and a contiguous run keeps its convolutions on contiguous inputs (the same fp32 bytes as ever)."""
-    cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
