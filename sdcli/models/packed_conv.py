@@ -1,12 +1,13 @@
-"""3x3 convolutions whose weight is packed once for oneDNN's brgemm kernel while a CPU samples (fp32, small maps).
+"""3x3 convolutions whose weight is packed once for oneDNN's brgemm kernel while a CPU samples (fp32 on small maps,
+bf16 on all).
 
 torch runs an fp32 3x3 convolution on a contiguous map through oneDNN's direct kernel in 8-channel blocks and
 reorders the weight into that kernel's layout at every call: a 1280x1280x3x3 weight is 59 MB rewritten (out of the
 caches) for a convolution of 64 pixels. On the UNet's 8x8 and 16x16 levels that reorder costs about as much as the
 convolution itself. OpenVINO packs its weights once, at compile time, for oneDNN's brgemm convolution on
 channels-last maps. Here the same: the weight is packed once (`torch.ops.mkldnn._reorder_convolution_weight`) and
-the map runs through the brgemm convolution (`_convolution_pointwise`), whose output is made contiguous again for
-the ops after it. Measured (Zen 3, AVX2, fp32, 512px SD1.5 UNet call, alternated in one process): 0.84-0.89x the
+the map runs through the brgemm convolution (`_convolution_pointwise`), whose output comes back in the map's own
+layout (contiguous in fp32) for the ops after it. Measured (Zen 3, AVX2, fp32, 512px SD1.5 UNet call, alternated in one process): 0.84-0.89x the
 time; per convolution 0.67-0.91x on maps of 8x8 and 16x16 (docs/benchmarks.md).
 
 Memory: while packed, the packed copy *is* the weight. The plain weight's storage is freed (its shape, dtype and
@@ -16,10 +17,14 @@ back, bit for bit (oneDNN's reorder back to the plain layout), so LoRA merges, `
 else outside sampling see an ordinary nn.Conv2d. Only a weight that owns its whole, resizable storage is packed
 (not a view into a shared or memory-mapped buffer).
 
-Where: fp32 tensors on an x86-64 CPU (oneDNN's kernels, as measured), no autograd, zero padding (not
-`--seamless`'s circular), maps of at most PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast or
-faster) and weights of at least PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call there). The brgemm kernel sums in
-another order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image
+bf16 (channels_last maps, where oneDNN has bf16 kernels: AVX-512 and up): torch's own path already runs the brgemm
+kernel, on a weight reordered at every call; packed once, the same bytes, 0.45-0.79x the time per convolution on
+8x8 maps, 0.76-0.96x on 16x16, 0.98-1.0x on larger ones, the UNet call 0.94-0.97x (Zen 4, docs/benchmarks.md).
+
+Where: fp32 or bf16 tensors on an x86-64 CPU (oneDNN's kernels, as measured), no autograd, zero padding (not
+`--seamless`'s circular), fp32 maps of at most PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast or
+faster) and weights of at least PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call
+there). In fp32 the brgemm kernel sums in another order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image
 PSNR of ~82 dB against torch's path: far inside the bf16 guard). The result does not depend on the thread count
 (tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0 switches it off (torch's own path, the A/B).
 Calls are serialized per model (`sdcli serve` renders one request at a time), as the freed weights require.
