@@ -92,7 +92,8 @@ def main() -> None:
         with packed_convs(cpu):
             unet(x, t, ctx)
             packed = [mod._packed for mod in unet.modules() if isinstance(mod, PackedConv2d) and mod._packed is not None]
-            print(f"packed weights: {len(packed)}, {sum(p.numel() * p.element_size() for p in packed) / 1e6:.0f} MB, the plain ones "
+            mb = sum(p.numel() * p.element_size() for p in packed) / 1e6
+            print(f"packed weights: {len(packed)}, {mb:.0f} MB, the plain ones "
                   f"freed meanwhile: RSS {before:.2f} GB before the session, {rss_gb():.2f} GB in it", flush=True)
     base = outs.get("base", outs[modes[0]])
     for m in modes:

@@ -1,11 +1,11 @@
-"""The bf16 CPU attention in query blocks (models/unet.py `_attention_bf16_blocks`, issue 31): where it runs, what
-it computes, and one result at any thread count.
+"""The bf16 CPU attention in query blocks (models/unet.py `_attention_bf16_blocks`, issue 31): where it runs,
+what it computes, and one result at any thread count.
 
 Oracle: the same arithmetic in fp32 with its three bf16 roundings made explicit (q * scale, the scores q k^T, the
 probabilities), so what is left is fp32 summation order: within one bf16 rounding of the output's scale. (Against
 the exact fp32 attention the bf16 scores cost ~4x the flash kernel's error; the image-level guard, PSNR against
-fp32, is measured in docs/benchmarks.md.) Elsewhere (fp32, autograd, head dim 64+, fewer than 4096 keys, switched off) the attention is
-torch's SDPA, bit for bit.
+fp32, is measured in docs/benchmarks.md.) Elsewhere (fp32, autograd, head dim 64+, fewer than 4096 keys, switched
+off) the attention is torch's SDPA, bit for bit.
 """
 
 from __future__ import annotations

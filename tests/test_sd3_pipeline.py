@@ -261,7 +261,8 @@ def test_encode_decode_16_channel_latents_in_both_file_formats(sd3, tiny_sd3, tm
     torch.testing.assert_close(comfy.latent, want / 1.5305 + 0.0609, rtol=0, atol=1e-6)
     for name in ("in.safetensors", "in.latent"):
         out = tmp_path / f"{name}.png"
-        dec = runner.invoke(app, ["decode", str(tmp_path / name), "-m", str(tiny_sd3), "-o", str(out), "--dtype", "fp32"])
+        dec = runner.invoke(app, ["decode", str(tmp_path / name), "-m", str(tiny_sd3), "-o", str(out),
+                                  "--dtype", "fp32"])
         assert dec.exit_code == 0, dec.output
         diff = np.abs(np.asarray(Image.open(out)).astype(int) - pixels(models, want)[0].astype(int))
         assert diff.max() <= 1

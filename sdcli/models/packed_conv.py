@@ -7,8 +7,8 @@ caches) for a convolution of 64 pixels. On the UNet's 8x8 and 16x16 levels that 
 convolution itself. OpenVINO packs its weights once, at compile time, for oneDNN's brgemm convolution on
 channels-last maps. Here the same: the weight is packed once (`torch.ops.mkldnn._reorder_convolution_weight`) and
 the map runs through the brgemm convolution (`_convolution_pointwise`), whose output comes back in the map's own
-layout (contiguous in fp32) for the ops after it. Measured (Zen 3, AVX2, fp32, 512px SD1.5 UNet call, alternated in one process): 0.84-0.89x the
-time; per convolution 0.67-0.91x on maps of 8x8 and 16x16 (docs/benchmarks.md).
+layout (contiguous in fp32) for the ops after it. Measured (Zen 3, AVX2, fp32, 512px SD1.5 UNet call, alternated in
+one process): 0.84-0.89x the time; per convolution 0.67-0.91x on maps of 8x8 and 16x16 (docs/benchmarks.md).
 
 Memory: while packed, the packed copy *is* the weight. The plain weight's storage is freed (its shape, dtype and
 Parameter object stay), so a sampling run holds each weight once, as before. Packing lives only inside
@@ -22,12 +22,13 @@ kernel, on a weight reordered at every call; packed once, the same bytes, 0.45-0
 8x8 maps, 0.76-0.96x on 16x16, 0.98-1.0x on larger ones, the UNet call 0.94-0.97x (Zen 4, docs/benchmarks.md).
 
 Where: fp32 or bf16 tensors on an x86-64 CPU (oneDNN's kernels, as measured), no autograd, zero padding (not
-`--seamless`'s circular), fp32 maps of at most PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast or
-faster) and weights of at least PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call
-there). In fp32 the brgemm kernel sums in another order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image
-PSNR of ~82 dB against torch's path: far inside the bf16 guard). The result does not depend on the thread count
-(tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0 switches it off (torch's own path, the A/B).
-Calls are serialized per model (`sdcli serve` renders one request at a time), as the freed weights require.
+`--seamless`'s circular), fp32 maps of at most PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast
+or faster) and weights of at least PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call
+there). In fp32 the brgemm kernel sums in another order than the direct one: outputs move by a few ulp (~3e-6 of
+the largest value of a UNet call, an image PSNR of ~82 dB against torch's path: far inside the bf16 guard). The
+result does not depend on the thread count (tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0
+switches it off (torch's own path, the A/B). Calls are serialized per model (`sdcli serve` renders one request at
+a time), as the freed weights require.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _packed_dtypes() -> tuple[torch.dtype, ...]:
 
 
 class PackedConv2d(nn.Conv2d):
-    """nn.Conv2d (a 3x3 one in the UNet) that runs its small fp32 CPU maps on a weight packed once per sampling."""
+    """nn.Conv2d (a 3x3 one in the UNet) that runs its CPU maps (fp32 small ones, bf16 all) on a weight packed once
+    per sampling."""
 
     plain_conv = True  # nn.Conv2d's math: a GGUF's quantized weight replaces it with QuantizedConv2d (quant/layers.py)
     _packed: Tensor | None = None  # oneDNN's packed weight; meanwhile the plain weight's storage is freed
@@ -145,9 +147,9 @@ class PackedConv2d(nn.Conv2d):
 
 
 def _owns_storage(w: Tensor) -> bool:
-    """Whether freeing w's storage frees w alone: dense (contiguous or channels_last), from offset 0, the whole (resizable) storage, and no
-    other tensor on it (a view or an alias kept elsewhere would lose its data while packed; the use count is w's
-    reference and that of the storage object asked)."""
+    """Whether freeing w's storage frees w alone: dense (contiguous or channels_last), from offset 0, the whole
+    (resizable) storage, and no other tensor on it (a view or an alias kept elsewhere would lose its data while
+    packed; the use count is w's reference and that of the storage object asked)."""
     s = w.untyped_storage()
     dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)  # bf16 CPU weights: the latter
     return (dense and w.storage_offset() == 0 and s.nbytes() == w.numel() * w.element_size()

@@ -110,9 +110,10 @@ def _attention_bf16_blocks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     than p v at d = 40). torch's CPU flash kernel reaches a third of the bf16 GEMM rate at head dim 40 (its
     exponentials and per-block rescaling weigh more than the two thin GEMMs); OpenVINO's fused MHA runs SD1.5's
     4096-token attention 2.2x faster (Zen 4, 2 threads). This runs it in ~0.7x the flash kernel's time, the UNet
-    call in 0.88-0.95x, a 1-thread render's step in 0.91x (docs/benchmarks.md, round 3). The scores are rounded to bf16 before the softmax (the
-    flash kernel keeps them in fp32): ~4x its error against fp32 attention, and the image's PSNR against fp32 the
-    same (40.6 vs 40.6 dB, 512px, 4 steps). Every op here is one result at any thread count."""
+    call in 0.88-0.95x, a 1-thread render's step in 0.91x (docs/benchmarks.md, round 3). The scores are rounded to
+    bf16 before the softmax (the flash kernel keeps them in fp32): ~4x its error against fp32 attention, and the
+    image's PSNR against fp32 the same (40.6 vs 40.6 dB, 512px, 4 steps). Every op here is one result at any thread
+    count."""
     b, heads, n, d = q.shape
     out = torch.empty_like(q)
     qs = (q.float() * d**-0.5).to(q.dtype)  # the scale folded into q: one rounding, not one per score
