@@ -414,8 +414,8 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     hold = not any(holds_blocks(m) for m in net.modules())
     trimmed = () if hold or kind == DEFAULT.denoiser else _blocks(net)
     heap = sampling_heap(x.device, hold, blocks=trimmed)
-    # fp32 CPU: the large 3x3 convolutions of small maps run on weights packed once, unpacked on the way out, after
-    # the heap is pinned again (the plain weights then get mappings of their own, as at the load)
+    # CPU: the large 3x3 convolutions (fp32: of small maps) run on weights packed once, unpacked on the way out,
+    # after the heap is pinned again (the plain weights then get mappings of their own, as at the load)
     with torch.inference_mode(), token_merging(net, plan.token_merging), packed_convs(x.device), heap, \
             reused_buffers():
         out = _run_sampler(models, plan, model, x, sigmas, noise, on_step)

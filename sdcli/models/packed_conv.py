@@ -45,7 +45,9 @@ from sdcli.models.layout import same_layout
 from sdcli.runtime.device import pinned_heap, trim_heap
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
-PACKED_MAX_PIXELS = 256  # fp32: 16x16, at 512px the UNet's two deepest levels (1280 channels); bf16: any size
+# The largest map packed, in pixels, per dtype: fp32 16x16 (at 512px the UNet's two deepest levels, 1280 channels);
+# bf16 any size (the same bytes as torch's path, never slower: docs/benchmarks.md)
+PACKED_MAX_PIXELS = {torch.float32: 256, torch.bfloat16: float("inf")}
 PACKED_MIN_BYTES = 1 << 20  # 1 MiB of fp32 weight (~170 channels in and out)
 
 _session: list[PackedConv2d] | None = None  # the convolutions packed inside the current packed_convs
@@ -80,10 +82,13 @@ def packed_convs(device: torch.device):
             trim_heap()  # what the packed weights and the unpacking's temporaries left in the heap
 
 
-@lru_cache(maxsize=1)
-def _packed_dtypes() -> tuple[torch.dtype, ...]:
-    """fp32; bf16 where oneDNN has bf16 kernels (AVX-512 and up), where sdcli's `auto` runs bf16."""
-    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+@lru_cache(maxsize=None)
+def _max_pixels(dtype: torch.dtype) -> float:
+    """PACKED_MAX_PIXELS for `dtype`, 0 where it is not packed: bf16 only where oneDNN has bf16 kernels (AVX-512
+    and up, where sdcli's `auto` runs bf16)."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0
+    return PACKED_MAX_PIXELS.get(dtype, 0)
 
 
 class PackedConv2d(nn.Conv2d):
@@ -110,8 +115,8 @@ class PackedConv2d(nn.Conv2d):
     def _packable(self, x: Tensor) -> bool:
         w = self.weight
         return (
-            x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _packed_dtypes()
-            and x.dim() == 4 and (x.dtype == torch.bfloat16 or x.shape[-2] * x.shape[-1] <= PACKED_MAX_PIXELS)
+            x.device.type == "cpu" and x.dtype == w.dtype
+            and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= _max_pixels(x.dtype)
             and w.numel() * w.element_size() >= PACKED_MIN_BYTES
             and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
