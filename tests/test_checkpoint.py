@@ -228,6 +228,56 @@ def test_nan_weight_is_a_numerical_error(tiny_sd1, tmp_path):
         ck.load_models(_rewrite(tiny_sd1, tmp_path / "nan.safetensors", edit))
 
 
+@pytest.mark.parametrize("bad, where", [(float("inf"), 0), (float("nan"), 0), (float("-inf"), -1), (float("nan"), -1)])
+def test_non_finite_value_in_any_piece_is_found(tiny_sd1, tmp_path, monkeypatch, bad, where):
+    """Each weight is cast and checked in pieces: a bad value in the first or last piece of many counts."""
+    from sdcli.formats import strict
+
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+
+    def edit(state):
+        state[key].view(-1)[where] = bad
+
+    monkeypatch.setattr(strict, "CAST_CHUNK", 7)  # every tensor read in many pieces
+    with pytest.raises(NumericalError, match=key.replace(".", r"\.")):
+        ck.load_models(_rewrite(tiny_sd1, tmp_path / "bad.safetensors", edit), dtype=torch.bfloat16)
+
+
+def test_huge_finite_weights_load(tiny_sd1, tmp_path):
+    """Finite values near float32's limit load as they are (a float32 sum of them would overflow)."""
+    key = "first_stage_model.decoder.conv_out.weight"
+
+    def edit(state):
+        state[key].fill_(3.0e38)
+        state[key][0].fill_(-3.0e38)
+
+    models = ck.load_models(_rewrite(tiny_sd1, tmp_path / "huge.safetensors", edit))
+    assert torch.equal(models.vae.decoder.conv_out.weight, load_file(tmp_path / "huge.safetensors")[key])
+
+
+def test_half_to_half_cast_is_torchs_bit_for_bit():
+    """cast_copy_ goes fp16 <-> bf16 through float32 (faster): the same bits as torch's own cast, every pattern."""
+    from sdcli.formats.source import cast_copy_
+
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for src_dtype, dst_dtype in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        src = every.view(src_dtype)
+        out = torch.empty(src.shape, dtype=dst_dtype)
+        cast_copy_(out, src)
+        ref = src.to(dst_dtype)
+        nan = torch.isnan(ref)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(out.view(torch.int16)[~nan], ref.view(torch.int16)[~nan])
+
+
+def test_fp16_file_loads_in_bf16_as_torch_casts(tmp_path):
+    path = make_checkpoint(tmp_path / "half.safetensors", family="sd1", dtype=torch.float16)
+    models, ref = ck.load_models(path, dtype=torch.bfloat16), load_file(path)
+    w = models.unet.input_blocks[0][0].weight  # a conv weight: read into the layout it runs in
+    assert torch.equal(w, ref["model.diffusion_model.input_blocks.0.0.weight"].to(torch.bfloat16))
+    assert torch.equal(models.vae.decoder.conv_out.weight, ref["first_stage_model.decoder.conv_out.weight"].bfloat16())
+
+
 def test_integer_weight_is_bad_input(tiny_sd1, tmp_path):
     key = "model.diffusion_model.out.2.bias"
     path = _rewrite(tiny_sd1, tmp_path / "int.safetensors", lambda s: s.update({key: torch.zeros(4, dtype=torch.int32)}))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from sdcli.runtime.device import prefers_channels_last
 from sdcli.runtime.errors import BadInputError, NumericalError
 from sdcli.formats.safetensors import FLOAT_DTYPES, FP8_DTYPES
+from sdcli.formats.source import cast_copy_
 from sdcli.quant.dequantize import check_supported
 from sdcli.quant.layers import quantize_modules
 
@@ -79,60 +80,75 @@ def check_strict(part: str, source, plan: Plan, expected: dict[str, tuple[int, .
         raise BadInputError(f"{source.path}: {part} weights do not match the model: " + "; ".join(problems))
 
 
-CAST_CHUNK = 1 << 20  # elements per cast-and-sum piece: 4 MB in fp32, still in cache when it is summed
+CAST_CHUNK = 1 << 20  # elements per cast-and-check piece: 4 MB in fp32, still in cache when it is checked
 
 
-def _cast_and_sum(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(t cast to `dtype` contiguously, its float32 sum), the sum taken piece by piece right after each piece is
-    cast, while it is in cache: NaN/Inf anywhere makes the sum non-finite, without a second pass over RAM."""
+def extremes(piece: Tensor) -> Tensor:
+    """(min, max) of `piece` as float32: NaN anywhere makes one of them NaN, Inf makes one infinite, and unlike a
+    sum it cannot overflow. torch's aminmax runs ~4x faster than a float32 sum of bf16 (Zen 4, 2 threads)."""
+    if piece.numel() == 0:
+        return torch.zeros(2, device=piece.device)
+    if piece.dim() == 4 and not piece.is_contiguous() and piece.is_contiguous(memory_format=torch.channels_last):
+        piece = piece.permute(0, 2, 3, 1)  # the same memory, in order: 7x faster than reducing across its strides
+    lo, hi = torch.aminmax(piece)
+    return torch.stack([lo.float(), hi.float()])
+
+
+def _widen(seen: Tensor | None, piece: Tensor) -> Tensor:
+    """The running (min, max) of a tensor read piece by piece (NaN propagates through minimum/maximum)."""
+    now = extremes(piece)
+    return now if seen is None else torch.stack([torch.minimum(seen[0], now[0]), torch.maximum(seen[1], now[1])])
+
+
+def _cast_and_check(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(t cast to `dtype` contiguously, its (min, max)), taken piece by piece right after each piece is cast, while
+    it is in cache: NaN/Inf anywhere shows in them, without a second pass over RAM."""
     if t.device.type != "cpu" or t.numel() <= CAST_CHUNK:
         out = t.to(dtype).contiguous()
-        return out, out.sum(dtype=torch.float32)
+        return out, extremes(out)
     out = torch.empty(t.shape, dtype=dtype)
     src, dst = t.reshape(-1), out.view(-1)
-    total = torch.zeros((), dtype=torch.float32)
+    seen = None
     for i in range(0, dst.numel(), CAST_CHUNK):
         piece = dst[i : i + CAST_CHUNK]
-        piece.copy_(src[i : i + CAST_CHUNK])
-        total += piece.sum(dtype=torch.float32)
-    return out, total
+        cast_copy_(piece, src[i : i + CAST_CHUNK])
+        seen = _widen(seen, piece)
+    return out, seen
 
 
 def _streamed(source, key: str, dtype: torch.dtype, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """(the tensor read straight into its final dtype and layout on the CPU, its float32 sum), piece by piece
+    """(the tensor read straight into its final dtype and layout on the CPU, its (min, max)), piece by piece
     (WeightSource.stream): no whole stored-dtype or contiguous copy is ever allocated."""
     shape = source.entries[key].shape
     layout = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
     out = torch.empty(shape, dtype=dtype, memory_format=layout)
-    total = torch.zeros((), dtype=torch.float32)
+    seen = None
     for piece in source.stream(key, out, CAST_CHUNK):
-        total += piece.sum(dtype=torch.float32)
-    return out, total
+        seen = _widen(seen, piece)
+    return out, seen if seen is not None else extremes(out)
 
 
 def _read_cast(source, plan: Plan, dtype: torch.dtype, device: torch.device,
                channels_last: bool = False) -> dict[str, Tensor]:  # fmt: skip
     """Read every planned tensor once, move it, cast it once; check stored dtypes and finiteness.
     `channels_last`: 4-d weights are read into that layout (a convolutional part that runs in it)."""
-    state, sums = {}, []
+    state, seen = {}, []
     for name, (key, chunk) in plan.items():
         entry = source.entries[key]
         if entry.dtype not in FLOAT_DTYPES and not _quantized(entry):
             raise BadInputError(f"{source.path}: tensor {key} has dtype {entry.dtype}, expected a float type")
         if entry.dtype in FP8_DTYPES:  # fp8 files: up-cast here; e4m3 has NaN codes, zeroed as ComfyUI does
             t = _slice(source.get(key).to(device, torch.float32).nan_to_num_(nan=0.0), chunk)
-            state[name], total = _cast_and_sum(t, dtype)
+            state[name], bounds = _cast_and_check(t, dtype)
         elif device.type == "cpu" and chunk is None and entry.dtype in FLOAT_DTYPES:
-            state[name], total = _streamed(source, key, dtype, channels_last)
+            state[name], bounds = _streamed(source, key, dtype, channels_last)
         else:  # a fused q/k/v part, a stored transpose, an accelerator, GGML blocks: whole tensor, then cast
-            state[name], total = _cast_and_sum(_slice(source.get(key).to(device), chunk), dtype)
-        sums.append(total)
-    if sums:
-        bad = ~torch.isfinite(torch.stack(sums))
+            state[name], bounds = _cast_and_check(_slice(source.get(key).to(device), chunk), dtype)
+        seen.append(bounds)
+    if seen:
+        bad = ~torch.isfinite(torch.stack(seen).cpu()).all(dim=1)
         if bool(bad.any()):
             names = [plan[n][0] for n, b in zip(plan, bad.tolist()) if b]
-            if all(bool(torch.isfinite(state[n].float()).all()) for n, b in zip(plan, bad.tolist()) if b):
-                return state  # only the float32 sum overflowed; every element is finite
             raise NumericalError(f"{source.path}: NaN or Inf in the weights of {listing(names)}")
     return state
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.models.layout import same_layout
-from sdcli.runtime.device import pinned_heap, trim_heap
+from sdcli.runtime.device import free_storage, pinned_heap, trim_heap
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
 # The largest map packed, in pixels, per dtype: fp32 16x16 (at 512px the UNet's two deepest levels, 1280 channels);
@@ -129,8 +129,7 @@ class PackedConv2d(nn.Conv2d):
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 w.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape),
             )
-        w.untyped_storage().resize_(0)  # the packed copy is the weight now: held once
-        trim_heap()  # a freed weight under the 32 MB mmap threshold (bf16's) is a heap hole: its pages go back now
+        free_storage(w)  # the packed copy is the weight now: held once, the plain one's pages given back
         self._packed_shape = tuple(x.shape)
         _session.append(self)
 

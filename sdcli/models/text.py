@@ -131,7 +131,10 @@ class CLIPTextEmbeddings(nn.Module):
         # meta device, import torch._dynamo, 1.1 s of every cold start.
         self.token_embedding = uninitialised_embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = uninitialised_embedding(cfg.max_positions, cfg.hidden_size)
-        self.register_buffer("position_ids", torch.arange(cfg.max_positions).expand(1, -1), persistent=False)
+        home = self.position_embedding.weight.device  # a meta build's placeholder is made on the CPU: arange on
+        home = torch.device("cpu") if home.type == "meta" else home  # meta imports torch's Python refs, 0.3-0.5 s
+        ids = torch.arange(cfg.max_positions, device=home)  # of a cold start (CLIPTextModel.reset_buffers redoes it)
+        self.register_buffer("position_ids", ids.expand(1, -1), persistent=False)
 
     def forward(self, ids: Tensor, fixes: list | None = None) -> Tensor:
         if ids.shape[-1] > self.position_ids.shape[-1]:
