@@ -1,12 +1,12 @@
 """Page faults and CPU time of full-size UNet calls with and without the sampling heap (runtime/device.py
-`held_heap`), each mode in its own fresh process, alternated A/B/A/B (issue 31).
+`sampling_heap`), each mode in its own fresh process, alternated A/B/A/B (issue 31).
 
     python scripts/bench_heap.py                           # 512px fp32, 2 threads, 2 rounds of held/pinned
     python scripts/bench_heap.py --size 64 --rounds 1      # rehearsal (the full-size model, tiny latent)
     python scripts/bench_heap.py --render --steps 4        # whole `sdcli generate` renders instead
 
 Each process loads the SD1.5-shaped UNet under the pinned thresholds (device.fix_heap_threshold, as a render
-does), then runs a warm-up call and `--calls` measured calls of one CFG batch-2 step, inside `held_heap`
+does), then runs a warm-up call and `--calls` measured calls of one CFG batch-2 step, inside `sampling_heap`
 ("held") or with SDCLI_SAMPLING_HEAP=0 ("pinned"). Per measured call: minor page faults, user and system CPU
 seconds (getrusage), the RSS after it; for the whole sampling: its peak RSS (VmHWM, reset after the load) and the
 RSS after the stage ends. On a shared machine compare CPU seconds and faults, not wall time. Every process's
@@ -55,7 +55,7 @@ def child(a) -> None:
     device.trim_heap()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the sampling's peak, not the load's
     calls = []
-    with torch.inference_mode(), device.held_heap(torch.device("cpu")):
+    with torch.inference_mode(), device.sampling_heap(torch.device("cpu")):
         for i in range(a.calls + 1):
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             out = unet(x, t, ctx)

@@ -32,7 +32,7 @@ from sdcli.loading import checkpoint  # noqa: E402
 from sdcli.models import unet as unet_mod  # noqa: E402
 from sdcli.models.packed_conv import PackedConv2d, packed_convs  # noqa: E402
 from sdcli.models.invariant import gelu  # noqa: E402
-from sdcli.runtime.device import held_heap  # noqa: E402
+from sdcli.runtime.device import sampling_heap  # noqa: E402
 
 
 def old_geglu(self, x):
@@ -78,7 +78,7 @@ def main() -> None:
     res = {m: {"wall": [], "cpu": []} for m in modes}
     outs = {}
     packed = []
-    with torch.inference_mode(), held_heap(cpu):  # the heap a render samples with
+    with torch.inference_mode(), sampling_heap(cpu):  # the heap a render samples with
         for m in modes:  # warm-up of each mode
             outs[m] = call(m)[0]
         for r in range(a.rounds):

@@ -106,7 +106,7 @@ def sdcli_worker(a) -> dict:
 
     from sdcli.loading import checkpoint
     from sdcli.models.packed_conv import packed_convs
-    from sdcli.runtime.device import held_heap
+    from sdcli.runtime.device import sampling_heap
 
     torch.set_num_threads(a.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
@@ -115,7 +115,7 @@ def sdcli_worker(a) -> dict:
     ctx = ctx[..., : unet.config.context_dim].to(dtype).contiguous()
     t = torch.full((2,), 500.0)
     cpu = torch.device("cpu")
-    with torch.inference_mode(), held_heap(cpu), packed_convs(cpu):  # as a render samples
+    with torch.inference_mode(), sampling_heap(cpu), packed_convs(cpu):  # as a render samples
         unet(x, t, ctx)  # warm-up
         wall, cpu = time.perf_counter(), time.process_time()
         unet(x, t, ctx)

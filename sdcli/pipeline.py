@@ -25,7 +25,7 @@ import torch
 
 from sdcli.runtime import cuda_graphs
 from sdcli.quant.layers import holds_blocks, reused_buffers
-from sdcli.runtime.device import held_heap
+from sdcli.runtime.device import sampling_heap
 
 from sdcli.sampling import samplers
 
@@ -408,12 +408,12 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
             callback(i, total, x_i, denoised)
 
     # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap, unless its
-    # weights are GGUF blocks (memory first: device.held_heap), which dequantize into one reused buffer instead;
+    # weights are GGUF blocks (memory first: device.sampling_heap), which dequantize into one reused buffer instead;
     # a DiT's heap is then trimmed after each block (a UNet's blocks leave little: SD1.5 Q8_0 at 512 px kept 0.06 GB
     # less trimmed, at +5% per step, where a FLUX.1 block at 1024 px left up to 0.24 GiB)
     hold = not any(holds_blocks(m) for m in net.modules())
     trimmed = () if hold or kind == DEFAULT.denoiser else _blocks(net)
-    heap = held_heap(x.device, hold, blocks=trimmed)
+    heap = sampling_heap(x.device, hold, blocks=trimmed)
     # CPU: the large 3x3 convolutions (fp32: of small maps) run on weights packed once, unpacked on the way out,
     # after the heap is pinned again (the plain weights then get mappings of their own, as at the load)
     with torch.inference_mode(), token_merging(net, plan.token_merging), packed_convs(x.device), heap, \
@@ -424,7 +424,7 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
 
 def _blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
     """The members of the network's outermost ModuleLists: FLUX's double and single blocks, SD3's joint blocks (a
-    UNet's input, middle and output blocks), where held_heap trims a GGUF DiT's heap."""
+    UNet's input, middle and output blocks), where sampling_heap trims a GGUF DiT's heap."""
     blocks, inside = [], set()
     for m in net.modules():  # pre-order: an outer list comes before the lists inside its members
         if isinstance(m, torch.nn.ModuleList) and id(m) not in inside:
@@ -517,7 +517,7 @@ def encode_image(models, image: torch.Tensor) -> torch.Tensor:
     vae = models.stage("vae")
     param = next(vae.parameters())
     encode = vae.encode if is_tiny(vae) else (lambda x: vae.encode(x)[0])  # the full VAE: the posterior mean
-    with torch.inference_mode(), held_heap(param.device):
+    with torch.inference_mode():
         latent = _per_image(encode, image.to(param.device, param.dtype))  # (B, C, H/8, W/8)
     return (latent.float() - latent_shift(vae, models.family)) * latent_scale(vae, models.family)
 
@@ -539,11 +539,7 @@ def decode_with(vae, z: torch.Tensor, tiling: VaeTiling | None = None) -> Decode
     """The VAE's own latents -> images in [-1,1], tiled as `tiling` says (default auto: whole, and out of memory
     retried tiled). A non-finite result (fp16 VAE overflow) is retried once in fp32. NumericalError when the image
     still is not finite: never a silent black image."""
-    with held_heap(next(vae.parameters()).device):  # its large maps reuse pages, not fresh mappings
-        return _decode_checked(vae, z, tiling or VaeTiling())
-
-
-def _decode_checked(vae, z: torch.Tensor, tiling: VaeTiling) -> DecodeResult:
+    tiling = tiling or VaeTiling()
     fallbacks: list[str] = []
     if tiling.mode == "on":
         images = _vae_decode_tiled(vae, z, tiling)

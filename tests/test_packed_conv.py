@@ -272,7 +272,7 @@ def test_packed_under_the_pinned_heap_thresholds(small_weights, monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight",
                         lambda *a: (seen.append(dict(libc.thresholds)), reorder(*a))[1])
     m = conv(32, 32)
-    with torch.inference_mode(), packed_convs(CPU), device.held_heap(CPU):
+    with torch.inference_mode(), packed_convs(CPU), device.sampling_heap(CPU):
         m(torch.randn(1, 32, 8, 8))
         assert libc.thresholds == held
     assert seen == [pinned] and m._packed is None

@@ -139,21 +139,20 @@ def fix_heap_threshold() -> bool:
     freed read and reduction buffers beside the SDXL weights at the peak of a load (8.1 GB vs 7.0 GB of weights and
     libraries, measured on 2 threads; SD1.5 0.1-0.3 GB); pinned, the peak is the weights. Step time was unchanged
     (5.5 s per 512px bf16 step either way; a 4 MB threshold cost 15%). Sampling holds its heap instead
-    (`held_heap`). No-op outside glibc. Returns whether it was set."""
+    (`sampling_heap`). No-op outside glibc. Returns whether it was set."""
     libc = _glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 @contextmanager
-def held_heap(device, hold: bool = True, blocks=()):
-    """While a CPU samples (or runs the VAE), every block (up to ~2 GiB) comes from glibc's heap and the heap keeps
-    what is freed: the large blocks of one UNet call (GEGLU's 84 MB projections, oneDNN's per-call weight reorders,
-    ...) are then the same pages at every call instead of fresh mappings faulted in each time (512px fp32: ~1M page
-    faults and 2-3 s of system CPU per step before, ~0 after; the same peak RSS), and a VAE decode's 67 MB maps
-    reuse each other's pages (512px bf16: 0.5-0.78M faults and 7.1-7.4 s before, 0.14M and 6.3-6.5 s after, Zen 4).
-    Parts are read before, under the pinned thresholds (`fix_heap_threshold`), which come back when the block
-    ends, the heap trimmed. Allocation never changes a result's bits. `device`: the torch.device run on.
+def sampling_heap(device, hold: bool = True, blocks=()):
+    """While a CPU samples, every block (up to ~2 GiB) comes from glibc's heap and the heap keeps what is freed:
+    the large blocks of one UNet call (GEGLU's 84 MB projections, oneDNN's per-call weight reorders, ...) are then
+    the same pages at every call instead of fresh mappings faulted in each time (512px fp32: ~1M page faults and
+    2-3 s of system CPU per step before, ~0 after; the same peak RSS). Parts are read before, under the pinned
+    thresholds (`fix_heap_threshold`), which come back when sampling ends, the heap trimmed. Allocation never
+    changes a result's bits. `device`: the torch.device sampled on.
 
     `hold` False (a denoiser of GGUF blocks: a run that chose memory) keeps the pinned thresholds (a held heap
     kept +0.25 GiB of fragments beside a full-size FLUX.1 Q4_K block at 1024 px) and trims the heap after each
@@ -161,10 +160,9 @@ def held_heap(device, hold: bool = True, blocks=()):
     varied from 0 to 0.24 GiB under the next block's peak (FLUX.1 Q4_K, 1024 px, fp32), which is what put that
     render over 8 GB in one run of three. SDCLI_SAMPLING_HEAP=0 keeps the pinned thresholds without trimming
     (what scripts/bench_heap.py compares)."""
-    global _held
     libc = _glibc()
-    if libc is None or device.type != "cpu" or os.environ.get(HOLD_ENV, "1") == "0" or (hold and _held):
-        yield  # (a held heap inside a held one, a live preview's decode: the outer one lets go)
+    if libc is None or device.type != "cpu" or os.environ.get(HOLD_ENV, "1") == "0":
+        yield
     elif not hold:
         def trim(*_) -> None:  # a forward hook's non-None return would replace the block's output
             trim_heap()
@@ -176,6 +174,7 @@ def held_heap(device, hold: bool = True, blocks=()):
             for hook in hooks:
                 hook.remove()
     else:
+        global _held
         _hold_heap(libc)
         _held = True
         try:
@@ -186,7 +185,7 @@ def held_heap(device, hold: bool = True, blocks=()):
             trim_heap()
 
 
-_held = False  # inside a holding held_heap
+_held = False  # inside a holding sampling_heap
 
 
 def _hold_heap(libc) -> None:

@@ -1,5 +1,5 @@
-"""The held heap (runtime/device.py `held_heap`): glibc's mmap and trim thresholds are raised only while a
-CPU samples or runs the VAE, after the part is built, and pinned again (with the heap trimmed) when sampling ends, even by an
+"""The sampling heap (runtime/device.py `sampling_heap`): glibc's mmap and trim thresholds are raised only while a
+CPU samples, after the part is built, and pinned again (with the heap trimmed) when sampling ends, even by an
 exception; every part is built under the pinned thresholds (the load peaks of fix_heap_threshold's docstring).
 Checked through the real pipeline with a recording stand-in for glibc, and on glibc itself: a block freed while
 held comes back without page faults. Allocation never changes bits; test_residency.py's byte comparisons and
@@ -56,11 +56,9 @@ def libc(monkeypatch):
 
 
 def _watch(monkeypatch, libc):
-    """What the thresholds were at every part build, every UNet call and every VAE decode."""
-    from sdcli.models.vae import AutoencoderKL
-
+    """What the thresholds were at every part build and every UNet call."""
     seen = []
-    build, call, decode = Residency._build, pipeline._UNetAdapter.__call__, AutoencoderKL.decode
+    build, call = Residency._build, pipeline._UNetAdapter.__call__
 
     def building(self, part):
         seen.append(("build " + part, dict(libc.thresholds)))
@@ -70,13 +68,8 @@ def _watch(monkeypatch, libc):
         seen.append(("unet call", dict(libc.thresholds)))
         return call(self, *args, **kwargs)
 
-    def decoding(self, z):
-        seen.append(("vae decode", dict(libc.thresholds)))
-        return decode(self, z)
-
     monkeypatch.setattr(Residency, "_build", building)
     monkeypatch.setattr(pipeline._UNetAdapter, "__call__", calling)
-    monkeypatch.setattr(AutoencoderKL, "decode", decoding)
     return seen
 
 
@@ -88,29 +81,16 @@ def _render(models, callback=None):
     return pipeline.decode_latents(models, latents)
 
 
-def test_held_only_while_sampling_or_decoding_and_every_build_pinned(libc, tiny_sd1, monkeypatch):  # noqa: F811
+def test_held_only_while_sampling_and_every_build_pinned(libc, tiny_sd1, monkeypatch):  # noqa: F811
     seen = _watch(monkeypatch, libc)
     _render(load_models(tiny_sd1, residency="lean"))
-    assert [what for what, _ in seen] == ["build text", "build unet"] + ["unet call"] * 2 + ["build vae", "vae decode"]
+    assert [what for what, _ in seen] == ["build text", "build unet"] + ["unet call"] * 2 + ["build vae"]
     for what, thresholds in seen:
-        assert thresholds == (PINNED if what.startswith("build") else HELD), what
+        assert thresholds == (HELD if what == "unet call" else PINNED), what
     end = libc.calls.index(("mallopt", device.M_MMAP_THRESHOLD, device.MMAP_THRESHOLD), 3)  # after the hold
     assert libc.calls[end:end + 3] == [("mallopt", device.M_MMAP_THRESHOLD, device.MMAP_THRESHOLD),
                                        ("mallopt", device.M_TRIM_THRESHOLD, device.TRIM_THRESHOLD), ("trim", 0)]
     assert libc.thresholds == PINNED
-
-
-def test_a_decode_inside_sampling_leaves_the_heap_held(libc, tiny_sd1):  # noqa: F811
-    """A live preview decodes inside the sampling's held heap: its end must not pin the thresholds early."""
-    models = load_models(tiny_sd1, residency="keep")
-    after = []
-
-    def preview(i, total, x, denoised):
-        pipeline.decode_latents(models, denoised)
-        after.append(dict(libc.thresholds))
-
-    _render(models, callback=preview)
-    assert after == [HELD, HELD] and libc.thresholds == PINNED
 
 
 def test_an_interrupted_sampling_pins_the_thresholds_again(libc, tiny_sd1):  # noqa: F811
@@ -147,9 +127,7 @@ def test_a_gguf_denoiser_keeps_the_pinned_thresholds(libc, tiny_sd1, tmp_path, m
     models = load_models(gguf, residency="keep")
     trims = _trims_per_call(monkeypatch, libc)
     _render(models)
-    assert ("unet call", PINNED) in seen and all(thresholds == PINNED for what, thresholds in seen
-                                                 if what != "vae decode")
-    assert ("vae decode", HELD) in seen  # the VAE's GGML blocks are dequantized at load: its maps are as ever
+    assert ("unet call", PINNED) in seen and all(thresholds == PINNED for _, thresholds in seen)
     assert trims == [0, 0]  # a UNet's blocks leave little behind: not trimmed (pipeline._sample says why)
     unet = models.stage("unet")
     names = {id(m): name for name, m in unet.named_modules()}
@@ -199,14 +177,14 @@ def test_trimming_after_blocks_keeps_their_outputs(libc):
     blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
     x = torch.randn(2, 4)
     want = blocks[1](blocks[0](x))
-    with device.held_heap(torch.device("cpu"), hold=False, blocks=list(blocks)):
+    with device.sampling_heap(torch.device("cpu"), hold=False, blocks=list(blocks)):
         got = blocks[1](blocks[0](x))
         assert libc.thresholds == PINNED
     assert torch.equal(got, want) and libc.calls.count(("trim", 0)) == 2
 
 
 def test_not_held_off_the_cpu(libc):
-    with device.held_heap(torch.device("meta")):
+    with device.sampling_heap(torch.device("meta")):
         assert libc.thresholds == PINNED
     assert ("trim", 0) not in libc.calls
 
@@ -224,7 +202,7 @@ def test_on_glibc_a_block_freed_while_held_comes_back_without_page_faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     assert device.fix_heap_threshold()
-    with device.held_heap(torch.device("cpu")):
+    with device.sampling_heap(torch.device("cpu")):
         held = [faults_to_fill() for _ in range(4)]
     assert held[-1] < pages // 20, held  # the same pages again (the first fill faults them in)
 
