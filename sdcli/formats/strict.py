@@ -85,7 +85,8 @@ CAST_CHUNK = 1 << 20  # elements per cast-and-check piece: 4 MB in fp32, still i
 
 def extremes(piece: Tensor) -> Tensor:
     """(min, max) of `piece` as float32: NaN anywhere makes one of them NaN, Inf makes one infinite, and unlike a
-    sum it cannot overflow. torch's aminmax runs ~4x faster than a float32 sum of bf16 (Zen 4, 2 threads)."""
+    sum it cannot overflow. Per 1M elements (Zen 4, 2 threads): 0.06 ms on bf16/fp16 against 0.15 ms for their
+    float32 sum; on fp32, 0.08 against a sum's 0.03 ms (+0.05 s over an SD1.5 fp32 load: one check kept for all)."""
     if piece.numel() == 0:
         return torch.zeros(2, device=piece.device)
     if piece.dim() == 4 and not piece.is_contiguous() and piece.is_contiguous(memory_format=torch.channels_last):
