@@ -217,6 +217,49 @@ def test_a_render_packs_and_leaves_the_weights_as_it_found_them(tiny_sd1, small_
     assert close(packed, reference) < 1e-4
 
 
+def test_a_module_let_go_inside_the_session_is_not_unpacked(small_weights, monkeypatch):
+    """The session holds its convolutions weakly: one dropped before the end (lean's release of the UNet) goes with
+    its packed weight, without the reorder back; one still in use is unpacked as ever."""
+    unpacked = []
+    unpack = PackedConv2d.unpack
+    monkeypatch.setattr(PackedConv2d, "unpack", lambda self: (unpacked.append(self._packed is not None),
+                                                             unpack(self))[1])  # fmt: skip
+    kept, dropped = conv(32, 32, seed=1), conv(32, 32, seed=2)
+    want = kept.weight.clone()
+    with torch.inference_mode(), packed_convs(CPU):
+        kept(torch.randn(1, 32, 8, 8))
+        dropped(torch.randn(1, 32, 8, 8))
+        assert kept._packed is not None and dropped._packed is not None
+        del dropped
+    assert unpacked == [True] and kept._packed is None and torch.equal(kept.weight, want)
+
+
+def test_a_render_unpacks_only_a_unet_it_keeps(tiny_sd1, small_weights, monkeypatch, tmp_path):  # noqa: F811
+    """`sdcli generate` under lean lets the UNet go inside the packing session: its weights are not reordered back
+    for nothing; under keep the UNet stays and is unpacked. The images are the same bytes."""
+    from _cli import invoker, pixels
+
+    from sdcli.loading import residency
+
+    events = []
+    pack, unpack = PackedConv2d._pack, PackedConv2d.unpack
+    monkeypatch.setattr(PackedConv2d, "_pack", lambda self, x: (events.append("pack"), pack(self, x))[1])
+    monkeypatch.setattr(PackedConv2d, "unpack", lambda self: (events.append("unpack" if self._packed is not None
+                                                                            else "none"), unpack(self))[1])  # fmt: skip
+    run, seen = invoker({}), {}
+    for policy in ("lean", "keep"):
+        monkeypatch.setenv(residency.POLICY_ENV, policy)
+        events.clear()
+        out = tmp_path / f"{policy}.png"
+        run("generate", "a fox", "--model", str(tiny_sd1), "-W", "64", "-H", "64", "--steps", "2", "--seed", "3",
+            "--dtype", "fp32", "-o", str(out))  # fmt: skip
+        seen[policy] = (events.count("pack"), events.count("unpack"))
+        assert policy != "lean" or not (tmp_path / "keep.png").exists()
+    packs = seen["lean"][0]
+    assert packs > 0 and seen == {"lean": (packs, 0), "keep": (packs, packs)}
+    assert (pixels(tmp_path / "lean.png") == pixels(tmp_path / "keep.png")).all()
+
+
 def old_geglu(module: GEGLU, x: torch.Tensor) -> torch.Tensor:
     """GEGLU as it was before issue 31: gelu through a dense copy of the strided gate and back, a strided product."""
     value, gate = module.proj(x).chunk(2, dim=-1)

@@ -493,17 +493,20 @@ def render_batch(models, p: Prepared, batch: list[Target], init: Init | None, re
     no sampling follows in this run, so the residency may let the UNet go before the decode."""
     from sdcli import pipeline
     from sdcli.app.refine import decoder
+    from sdcli.models.packed_conv import packed_convs
 
     seeds = [t.seed for t in batch]
     noise = noise_settings(batch[0].job.cfg, [t.image_subseed for t in batch])
     t0 = time.perf_counter()
     steps = len(p.plan.sigmas) - 1 + (len(p.refiner.plan.sigmas) - 1 if p.refiner else 0)
-    with Progress(seeds, steps if init is None else None, req.progress) as progress:
-        step = live_preview.step_callback(progress, req, models, batch[0].job.cfg.vae_dir)
-        latents = sample_batch(models, p, seeds, init, step, noise)
-    t1 = time.perf_counter()
-    if last:
-        models.parts.done_sampling()
+    # one packing session over the sampling and lean's release of the UNet: a UNet let go is not unpacked first
+    with packed_convs(models.device):
+        with Progress(seeds, steps if init is None else None, req.progress) as progress:
+            step = live_preview.step_callback(progress, req, models, batch[0].job.cfg.vae_dir)
+            latents = sample_batch(models, p, seeds, init, step, noise)
+        t1 = time.perf_counter()
+        if last:
+            models.parts.done_sampling()
     with console.stage("VAE decode"):
         decoded = pipeline.decode_latents(decoder(models, p.refiner), latents, pipeline.vae_tiling(batch[0].job.cfg))
     t2 = time.perf_counter()
