@@ -174,8 +174,8 @@ def cast_copy_(dst: Tensor, src: Tensor) -> None:
     (a contiguous stored weight into a channels_last one) is done in the source dtype first, since a copy that
     both transposes and casts is slower, and a cast between two 16-bit float types (fp16 file -> bf16 run) goes
     through float32, since torch's direct fp16 <-> bf16 cast is not vectorized (both widen to float32 and round
-    to nearest even). 1M elements, Zen 4: 0.13 vs 0.67 ms contiguous, 0.35-0.45 vs 0.68 ms into channels_last:
-    ~1 s of an SD1.5 bf16 load."""
+    to nearest even). 1M elements, Zen 4: 0.13 vs 0.67 ms contiguous, 0.35-0.45 vs 0.68 ms into channels_last
+    (~0.35 s of an SD1.5 bf16 load, whose copies are mostly first-touch page faults)."""
     if dst.device.type != "cpu" or src.dtype == dst.dtype:
         dst.copy_(src)
         return
