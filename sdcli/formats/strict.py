@@ -103,8 +103,9 @@ def _widen(seen: Tensor | None, piece: Tensor) -> Tensor:
 
 def _cast_and_check(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(t cast to `dtype` contiguously, its (min, max)), taken piece by piece right after each piece is cast, while
-    it is in cache: NaN/Inf anywhere shows in them, without a second pass over RAM."""
-    if t.device.type != "cpu" or t.numel() <= CAST_CHUNK:
+    it is in cache: NaN/Inf anywhere shows in them, without a second pass over RAM. On the CPU every piece is cast
+    as a streamed one is (cast_copy_)."""
+    if t.device.type != "cpu":
         out = t.to(dtype).contiguous()
         return out, extremes(out)
     out = torch.empty(t.shape, dtype=dtype)
@@ -114,7 +115,7 @@ def _cast_and_check(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         piece = dst[i : i + CAST_CHUNK]
         cast_copy_(piece, src[i : i + CAST_CHUNK])
         seen = _widen(seen, piece)
-    return out, seen
+    return out, seen if seen is not None else extremes(out)
 
 
 def _streamed(source, key: str, dtype: torch.dtype, channels_last: bool) -> tuple[Tensor, Tensor]:
