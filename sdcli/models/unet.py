@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdcli.models.invariant import GroupNorm, PointwiseConv, SiLU, gelu
+from sdcli.runtime import device
 from sdcli.runtime.errors import BadInputError
 from sdcli.models.layout import run_layout, same_layout
 from sdcli.models.packed_conv import PackedConv2d
@@ -92,16 +93,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
-BLOCKED_ATTENTION_ENV = "SDCLI_CPU_BLOCKED_ATTENTION"  # 0: torch's flash kernel for bf16 too (the A/B)
+BLOCKED_ATTENTION_ENV = "SDCLI_CPU_BLOCKED_ATTENTION"  # 1 / 0: force the blocked path / torch's flash kernel (A/B)
 BLOCK_QUERIES = 256  # query rows per block: a (256, 4096) bf16 score block is 2 MB, its softmax in the caches
 BLOCKED_MIN_KEYS = 4096  # SD1.x's 64x64 self-attention at 512px and up: measured faster there (docs/benchmarks.md)
 
 
 def _blocked_bf16(q: Tensor, k: Tensor) -> bool:
-    """bf16 on a CPU, head dim under 64 (SD1.x's 40), 4096+ keys, no autograd: `_attention_bf16_blocks`."""
+    """bf16 on a CPU without AMX, head dim under 64 (SD1.x's 40), 4096+ keys, no autograd: `_attention_bf16_blocks`.
+    With AMX, torch's flash kernel runs its GEMMs on the tiles (brgemm) and is 2.4x faster than the blocks
+    (Sapphire Rapids-class, 2 threads: 82 vs 201 ms at 4096 tokens; docs/benchmarks.md, round 3)."""
+    forced = os.environ.get(BLOCKED_ATTENTION_ENV, "")
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] < 64
             and k.shape[2] >= BLOCKED_MIN_KEYS and not torch.is_grad_enabled()
-            and os.environ.get(BLOCKED_ATTENTION_ENV, "1") != "0")  # fmt: skip
+            and forced != "0" and (forced == "1" or not device.cpu_has_amx()))  # fmt: skip
 
 
 def _attention_bf16_blocks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

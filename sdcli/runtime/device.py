@@ -57,6 +57,17 @@ def cpu_has_native_bf16() -> bool:
     return native_bf16_from_cpuinfo(text)
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether torch's CPU kernels run bf16 matrix products on AMX tiles (Sapphire Rapids and later), as torch
+    itself decides (the CPU flag and the kernel's permission to use the tiles). Kernels tuned for AVX-512 can lose
+    there to torch's own: models/unet.py picks its bf16 attention by this."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x; absent: no AMX path
+    return bool(probe and probe())
+
+
 def _available(device: str) -> bool:
     import torch
 
