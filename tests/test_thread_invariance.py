@@ -36,6 +36,7 @@ from _fixtures_models import tiny_models_dir, tiny_sd1  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir  # noqa: F401
 from sdcli.models import invariant
 from sdcli.models.taesd import TinyDecoder
+from sdcli.runtime import device
 
 THREADS = (1, 2, 3, 4)
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,31 @@ def test_channels_last_group_norm_is_invariant_and_as_close_as_torchs(dtype, sha
     assert (out.float() - exact).abs().max() <= (torchs.float() - exact).abs().max() * 1.01 + 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# A known gap (docs/benchmarks.md, "On an AMX CPU"): oneDNN's bf16 GEMMs on AMX tiles split the sum over K between
+# threads for some shapes (512 x 5120 -> 1280 at 2 threads, 154 x 768 -> 320 at 3+), so there a bf16 result
+# depends on the thread count. strict: the day this passes on AMX, the mark must go.
+AMX_SPLITS_K = pytest.mark.xfail(device.cpu_has_amx(), strict=True,
+                                 reason="oneDNN's AMX bf16 GEMMs split K by thread count")
+
+
+def test_fp32_gemms_with_long_sums_give_one_result_at_every_count():
+    """MKL on Intel CPUs splits sums of 5120+ terms over threads (at 2, 6 and 8 of them on a Sapphire Rapids-class
+    CPU) unless strict CNR is on (sdcli sets MKL_CBWR on import, tests/test_thread_invariance.py's fp32 MLP too)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(512, 5120), torch.randn(1280, 5120) * 0.05
+    with torch.inference_mode():
+        _one_result(_per_thread_count(lambda: F.linear(x, w)))
+
+
+def test_sdcli_asks_mkl_for_one_order_and_leaves_a_callers_choice():
+    code = "import os, sdcli; print(os.environ['MKL_CBWR'])"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    run = partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run(env=env).stdout.strip() == "AUTO,STRICT"
+    assert run(env={**env, "MKL_CBWR": "COMPATIBLE"}).stdout.strip() == "COMPATIBLE"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=AMX_SPLITS_K)])
 def test_sd3_and_flux_mlps_give_one_result_at_every_count(dtype):
     """The tanh-GELU MLPs at real widths (SD3.5 Medium: 1536 -> 6144; a FLUX single block's fused linear1, whose
     MLP half is a strided slice): one result for 1-8 threads, where torch's own GELU moves at 3, 5, 6, 7
