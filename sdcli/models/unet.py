@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models import fused_linear
 from sdcli.models.invariant import GroupNorm, PointwiseConv, SiLU, gelu
 from sdcli.runtime import device
 from sdcli.runtime.errors import BadInputError
@@ -179,10 +180,11 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Identity())
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """The attention's output, plus `residual` when given (the add fused into the projection on a bf16 CPU)."""
         ctx = x if context is None else context  # (B, T, D_ctx)
         out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)  # (B, N, inner)
-        return self.to_out(out)
+        return fused_linear.linear_add(out, self.to_out[0], residual)
 
 
 class GEGLU(nn.Module):
@@ -193,6 +195,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_linear.fusable(x, self.proj):  # a bf16 CPU: the GELU and the product inside the GEMMs
+            return fused_linear.geglu(x, self.proj)
         value, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, inner) strided views of one projection
         # the gate made dense once and kept so: gelu on it in place, then the product written into it (a strided
         # gate would be copied for gelu, copied back, and multiplied in torch's slower strided loop); the same bytes
@@ -207,8 +211,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The feed-forward's output, plus `residual` when given (fused as in CrossAttention)."""
+        return fused_linear.linear_add(self.net[0](x), self.net[2], residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -228,12 +233,12 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         plan = self.token_merging.plan(x) if self.token_merging is not None else None
         if plan is None:
-            x = x + self.attn1(self.norm1(x))  # (B, HW, C)
+            x = self.attn1(self.norm1(x), residual=x)  # x + attn1(...), (B, HW, C)
         else:  # self-attention over merged tokens, its output copied back to each merged token (models/tome.py)
             merge, unmerge = plan
             x = x + unmerge(self.attn1(merge(self.norm1(x))))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
