@@ -16,7 +16,8 @@ guard. The partition of the GEMM over threads is oneDNN's own, as for the plain 
 there (tests/test_fused_linear.py).
 
 Where: bf16 tensors on an x86-64 CPU whose oneDNN has bf16 kernels (AVX512-BF16, AMX: where `auto` runs bf16), no
-autograd, a plain nn.Linear (a GGUF's QuantizedLinear keeps its own path). Elsewhere, the separate ops, as before.
+autograd, a plain nn.Linear or a GGUF's QuantizedLinear (its dequantized weight: a GGUF renders the bytes of its
+dequantized float file). Elsewhere, the separate ops, as before.
 SDCLI_CPU_FUSED_LINEAR=0 switches it off (the A/B).
 """
 
@@ -28,6 +29,8 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
+
+from sdcli.quant.layers import holds_blocks
 
 SWITCH_ENV = "SDCLI_CPU_FUSED_LINEAR"
 
@@ -41,12 +44,21 @@ def _onednn_bf16() -> bool:
 
 def fusable(x: Tensor, linear: nn.Module) -> bool:
     """Whether `linear` applied to `x` runs as oneDNN's post-op GEMM here."""
-    if type(linear) is not nn.Linear or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+    quantized = holds_blocks(linear) and isinstance(linear, nn.Linear)
+    if not (type(linear) is nn.Linear or quantized) or x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return False
     w = linear.weight
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in linear.parameters()))
-    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and not grad
+    return ((quantized or w.dtype == torch.bfloat16) and w.device.type == "cpu" and not grad
             and os.environ.get(SWITCH_ENV, "1") != "0" and _onednn_bf16())  # fmt: skip
+
+
+def _dense(linear: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The weight and bias the layer computes with: a GGUF layer's dequantized ones (valid until its next
+    dequantization, so used at once)."""
+    if holds_blocks(linear):
+        return linear._forward_weight(dtype), linear._bias(dtype)
+    return linear.weight, linear.bias
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -56,7 +68,7 @@ def _rows(x: Tensor) -> Tensor:
 def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
     """value * gelu(gate), with [value | gate] = proj(x) (erf GELU): two post-op GEMMs (`fusable` holds)."""
     inner = proj.out_features // 2
-    w, b = proj.weight, proj.bias
+    w, b = _dense(proj, x.dtype)
     bv, bg = (None, None) if b is None else (b[:inner], b[inner:])
     rows = _rows(x)
     gate = torch.ops.mkldnn._linear_pointwise(rows, w[inner:], bg, "gelu", [], "none")
@@ -70,6 +82,6 @@ def linear_add(x: Tensor, linear: nn.Module, residual: Tensor | None) -> Tensor:
         return linear(x)
     if not fusable(x, linear) or residual.dtype != torch.bfloat16 or residual.shape != (*x.shape[:-1], linear.out_features):
         return residual + linear(x)
-    out = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual.contiguous()), linear.weight,
-                                                    linear.bias, "add")  # fmt: skip
+    w, b = _dense(linear, x.dtype)
+    out = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual.contiguous()), w, b, "add")
     return out.view(residual.shape)
