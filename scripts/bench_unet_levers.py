@@ -2,7 +2,7 @@
 
     python scripts/bench_unet_levers.py                       # 512px, 2 threads, 2 rounds
     python scripts/bench_unet_levers.py --size 64 --rounds 1  # rehearsal (the full-size model, tiny latent)
-    python scripts/bench_unet_levers.py --dtype bf16 --modes geglu,packed  # on a CPU with native bf16
+    python scripts/bench_unet_levers.py --dtype bf16 --modes packed,fused --rounds 4  # a CPU with native bf16
 
 Modes, alternated call by call (base, geglu, packed, base, ...) on the same model and inputs:
 - base: the code before the levers (GEGLU's gate gelu'd through a dense copy and back, multiplied strided; every
@@ -10,7 +10,9 @@ Modes, alternated call by call (base, geglu, packed, base, ...) on the same mode
 - geglu: GEGLU's gate made dense once and multiplied into (models/unet.py GEGLU), every 3x3 convolution through
   torch's own path (what a render ran before the packed convolutions): must be the same bytes as base;
 - packed: geglu plus the large 3x3 convolutions of maps <= 16x16 on weights packed once (models/packed_conv.py, what
-  a render runs): a numerics change, its max relative error against base is printed.
+  a render ran before the fused linears): a numerics change, its max relative error against base is printed;
+- fused: packed plus, in bf16, GEGLU and the residual adds inside oneDNN's GEMMs (models/fused_linear.py, what a
+  render runs; the modes before it run with SDCLI_CPU_FUSED_LINEAR=0).
 Wall and process CPU time per call (on a shared machine read the CPU time), best of the rounds; the output of
 every mode is compared with base's (torch.equal, else the max |difference| / max |base|).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sdcli.loading import checkpoint  # noqa: E402
+from sdcli.models import fused_linear  # noqa: E402
 from sdcli.models import unet as unet_mod  # noqa: E402
 from sdcli.models.packed_conv import PackedConv2d, packed_convs  # noqa: E402
 from sdcli.models.invariant import gelu  # noqa: E402
@@ -67,8 +71,9 @@ def main() -> None:
         """One UNet call in mode `name`; packed: in a packed_convs session (packed by a first, untimed call, as
         the first step of a render packs), the weights unpacked again after it."""
         unet_mod.GEGLU.forward = old_geglu if name == "base" else new_geglu
-        with packed_convs(cpu) if name == "packed" else contextlib.nullcontext():
-            if name == "packed":
+        os.environ[fused_linear.SWITCH_ENV] = "1" if name == "fused" else "0"
+        with packed_convs(cpu) if name in ("packed", "fused") else contextlib.nullcontext():
+            if name in ("packed", "fused"):
                 unet(x, t, ctx)
             w, c = time.perf_counter(), time.process_time()
             out = unet(x, t, ctx)

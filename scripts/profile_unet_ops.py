@@ -148,6 +148,8 @@ def classify_torch(name: str, shapes: list) -> tuple[str, str]:
         q, k = shapes[0], shapes[1]
         cat = "cross-attention core" if k[-2] == 77 else "self-attention core"
         return cat, f"{q[-2]}x{k[-2]} d{q[-1]}"
+    if op == "_linear_pointwise":  # models/fused_linear.py: GEGLU's halves, projections with the residual add
+        return "linear", "with post-op " + "x".join(map(str, shapes[0]))
     if op in ("linear", "addmm", "mm", "matmul", "bmm"):
         return "linear", "x".join(map(str, shapes[0])) + " . " + "x".join(map(str, shapes[1]))
     if op in ("group_norm", "native_group_norm", "batch_norm", "native_batch_norm"):
