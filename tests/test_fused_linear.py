@@ -95,22 +95,20 @@ def test_linear_add_is_one_rounding_of_the_fp32_sum(k, n):
 
 
 @needs_onednn_bf16
-def test_fused_layers_are_one_result_at_every_thread_count_where_the_gemm_is():
-    """The post-op adds nothing that depends on the thread count: wherever the plain GEMM of that shape gives one
-    result for 1-4 threads (oneDNN's AMX kernels split some sums by thread count: tests/test_thread_invariance.py),
-    so do the fused layers."""
+def test_fused_layers_are_one_result_at_every_thread_count():
+    """Nothing of ours depends on the thread count (one oneDNN call per layer, no chunking). At these small shapes
+    (K <= 128) no CPU measured splits the GEMM's sum between threads; at larger ones oneDNN's AMX kernels do, for
+    the fused and the plain layers alike (the known gap: README, tests/test_thread_invariance.py)."""
     m, lin = layer(unet.GEGLU, 64, 128), layer(nn.Linear, 128, 64)
     x, residual = torch.randn(2, 256, 64).bfloat16(), torch.randn(2, 256, 64).bfloat16()
-    plain, fused = [], []
+    outs = []
     with torch.inference_mode():
         for t in (1, 2, 3, 4):
             torch.set_num_threads(t)
             h = m(x)
-            plain.append((m.proj(x), lin(h)))
-            fused.append((h, fused_linear.linear_add(h, lin, residual)))
-    for t, p, f in zip((1, 2, 3, 4), plain, fused):
-        if all(torch.equal(a, b) for a, b in zip(p, plain[0])):
-            assert all(torch.equal(a, b) for a, b in zip(f, fused[0])), f"{t} threads"
+            outs.append((h, fused_linear.linear_add(h, lin, residual)))
+    for t, o in zip((1, 2, 3, 4), outs):
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0])), f"{t} threads"
 
 
 @pytest.mark.parametrize("case", ["switched off", "fp32", "autograd", "Linear subclass", "no oneDNN bf16"])

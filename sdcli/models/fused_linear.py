@@ -12,8 +12,9 @@ Measured (Sapphire Rapids-class with AMX, 2 threads, bf16): GEGLU 0.50x the time
 0.89x at 256; the residual projections 0.57-0.95x (docs/benchmarks.md). The results are more exact, not less: one
 bf16 rounding where the separate ops took two or three (GEGLU's largest error against fp32 0.045 vs 0.076; the
 projections' about half), so these are not the same bits as the separate ops, and the image moves within the bf16
-guard. The partition of the GEMM over threads is oneDNN's own, as for the plain layer: the post-op changes nothing
-there (tests/test_fused_linear.py).
+guard. How the GEMM is split between threads is oneDNN's own choice (its inner-product primitive here, its matmul
+for the plain layer): without AMX neither splits a sum by thread count (168 shapes probed with oneDNN held to its
+AVX512-BF16 kernels); with AMX both do for some shapes, the known gap the README names.
 
 Where: bf16 tensors on an x86-64 CPU whose oneDNN has bf16 kernels (AVX512-BF16, AMX: where `auto` runs bf16), no
 autograd, a plain nn.Linear or a GGUF's QuantizedLinear (its dequantized weight: a GGUF renders the bytes of its
@@ -80,7 +81,8 @@ def linear_add(x: Tensor, linear: nn.Module, residual: Tensor | None) -> Tensor:
     """residual + linear(x), the add inside the GEMM where `fusable` holds; just linear(x) without a residual."""
     if residual is None:
         return linear(x)
-    if not fusable(x, linear) or residual.dtype != torch.bfloat16 or residual.shape != (*x.shape[:-1], linear.out_features):
+    same_shape = residual.shape == (*x.shape[:-1], linear.out_features)
+    if not fusable(x, linear) or residual.dtype != torch.bfloat16 or not same_shape:
         return residual + linear(x)
     w, b = _dense(linear, x.dtype)
     out = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual.contiguous()), w, b, "add")

@@ -213,7 +213,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """The feed-forward's output, plus `residual` when given (fused as in CrossAttention)."""
-        return fused_linear.linear_add(self.net[0](x), self.net[2], residual)
+        return fused_linear.linear_add(self.net[0](x), self.net[2], residual)  # net[1] is the Dropout's Identity
 
 
 class BasicTransformerBlock(nn.Module):
