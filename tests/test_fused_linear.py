@@ -75,6 +75,40 @@ def test_geglu_gate_is_the_erf_gelu_not_the_tanh_one():
     assert ((got - want).abs() <= 2 * BF16_ULP * want.abs()).all()
 
 
+@needs_onednn_bf16
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_is_one_rounding_of_the_fp32_gelu_it_names(approximate):
+    """y = x exactly (one input, weight 1), so the output is bf16(gelu(x)) of that formula: erf and tanh GELU are
+    10% apart at x = -3; and at real widths one rounding of the fp32 layer."""
+    one = nn.Linear(1, 1).bfloat16()
+    with torch.no_grad():
+        one.weight.fill_(1.0)
+        one.bias.zero_()
+    x = torch.linspace(-5, 5, 1001).bfloat16()[None, :, None]
+    with torch.inference_mode():
+        got = fused_linear.linear_gelu(x, one, approximate).float()
+    want = bf16(F.gelu(x.float(), approximate=approximate))
+    assert ((got - want).abs() <= 2 * BF16_ULP * want.abs()).all()
+    lin = layer(nn.Linear, 64, 96)
+    x = torch.randn(2, 300, 64).bfloat16()
+    with torch.inference_mode():
+        got = fused_linear.linear_gelu(x, lin, approximate).float()
+    exact = F.gelu(F.linear(x.float(), lin.weight.float(), lin.bias.float()), approximate=approximate)
+    assert float((got - bf16(exact)).abs().max()) <= BF16_ULP * float(exact.abs().max())
+
+
+@needs_onednn_bf16
+def test_sd3s_mlp_runs_its_gelu_in_the_gemm():
+    from sdcli.models import mmdit
+
+    mlp = layer(mmdit.Mlp, 64, 256)
+    x = torch.randn(2, 300, 64).bfloat16()
+    with torch.inference_mode():
+        got = mlp(x)
+        assert torch.equal(got, mlp.fc2(fused_linear.linear_gelu(x, mlp.fc1, "tanh")))
+        assert not torch.equal(got, mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")))
+
+
 def separate_geglu(m: unet.GEGLU, x: torch.Tensor) -> torch.Tensor:
     value, gate = m.proj(x).chunk(2, dim=-1)
     return value * F.gelu(gate)

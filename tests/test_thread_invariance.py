@@ -309,14 +309,18 @@ def test_sdcli_asks_mkl_for_one_order_and_leaves_a_callers_choice():
 def test_sd3_and_flux_mlps_give_one_result_at_every_count(dtype):
     """The tanh-GELU MLPs at real widths (SD3.5 Medium: 1536 -> 6144; a FLUX single block's fused linear1, whose
     MLP half is a strided slice): one result for 1-8 threads, where torch's own GELU moves at 3, 5, 6, 7
-    (scripts/probe_threads.py --dit). The Mlp equals the plain torch one-thread computation."""
-    from sdcli.models import flux, mmdit
+    (scripts/probe_threads.py --dit). The Mlp equals its plain one-thread computation: torch's GELU after fc1, or
+    on a bf16 CPU with oneDNN's bf16 GEMMs the GELU as fc1's post-op (models/fused_linear.py)."""
+    from sdcli.models import flux, fused_linear, mmdit
 
     torch.manual_seed(0)
     mlp = mmdit.Mlp(1536, 6144).to(dtype)
     x = torch.randn(2, 333, 1536, dtype=dtype)
     with torch.inference_mode():
-        plain = _per_thread_count(lambda: mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")), [1])[0]
+        fused = fused_linear.fusable(x, mlp.fc1)
+        hidden = ((lambda: fused_linear.linear_gelu(x, mlp.fc1, "tanh")) if fused
+                  else (lambda: F.gelu(mlp.fc1(x), approximate="tanh")))  # fmt: skip
+        plain = _per_thread_count(lambda: mlp.fc2(hidden()), [1])[0]
     assert torch.equal(_one_result(_per_thread_count(lambda: mlp(x))), plain)
     cfg = flux.FluxConfig(hidden_size=256, mlp_hidden_dim=1024, num_heads=2, depth=1, depth_single_blocks=1)
     block = flux.SingleStreamBlock(cfg).to(dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models import fused_linear
 from sdcli.models.invariant import SiLU, gelu
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 
@@ -179,6 +180,8 @@ class Mlp(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_linear.fusable(x, self.fc1):  # a bf16 CPU: the GELU inside fc1's GEMM
+            return self.fc2(fused_linear.linear_gelu(x, self.fc1, approximate="tanh"))
         # thread-count invariant GELU (invariant.py), in place on fc1's fresh output
         return self.fc2(gelu(self.fc1(x), inplace=True, approximate="tanh"))
 
