@@ -133,9 +133,10 @@ def renders(files, tmp_path_factory) -> dict[int, Path]:
                 latent = [str(folder / f"{name}-{dtype}-{{index}}.safetensors")] if job[0] == "generate" else []
                 args.append([*job, "-o", str(folder / f"{name}-{dtype}-{{index}}.png"),
                              *(["--latent-out", *latent] if latent else [])])
-        env = dict(os.environ, **ONE_RESULT_ENV, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", NO_COLOR="1",
-                   XDG_CONFIG_HOME=str(root / "xdg"), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get(
-                       "PYTHONPATH", "")]))  # this tree's sdcli; passive: oversubscribed threads sleep, not spin
+        # this tree's sdcli; passive: oversubscribed threads sleep, not spin
+        env = dict(os.environ, **ONE_RESULT_ENV, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
+                   NO_COLOR="1", XDG_CONFIG_HOME=str(root / "xdg"),
+                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         running[threads] = subprocess.Popen([sys.executable, "-c", DRIVER, str(threads), json.dumps(args)], env=env,
                                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for threads, proc in running.items():
@@ -281,8 +282,8 @@ def test_channels_last_group_norm_is_invariant_and_as_close_as_torchs(dtype, sha
     assert (out.float() - exact).abs().max() <= (torchs.float() - exact).abs().max() * 1.01 + 1e-6
 
 
-# A known gap (docs/benchmarks.md, "On an AMX CPU"): oneDNN's bf16 GEMMs on AMX tiles split the sum over K between
-# threads for some shapes (512 x 5120 -> 1280 at 2 threads, 154 x 768 -> 320 at 3+), so there a bf16 result
+# A known gap (docs/benchmarks.md, "Round 3 on an AMX CPU"): oneDNN's bf16 GEMMs on AMX tiles split the sum over K
+# between threads for some shapes (512 x 5120 -> 1280 at 2 threads, 154 x 768 -> 320 at 3+), so there a bf16 result
 # depends on the thread count. strict: the day this passes on AMX, the mark must go.
 AMX_SPLITS_K = pytest.mark.xfail(device.cpu_has_amx(), strict=True,
                                  reason="oneDNN's AMX bf16 GEMMs split K by thread count")
@@ -290,7 +291,7 @@ AMX_SPLITS_K = pytest.mark.xfail(device.cpu_has_amx(), strict=True,
 
 def test_fp32_gemms_with_long_sums_give_one_result_at_every_count():
     """MKL on Intel CPUs splits sums of 5120+ terms over threads (at 2, 6 and 8 of them on a Sapphire Rapids-class
-    CPU) unless strict CNR is on (sdcli sets MKL_CBWR on import, tests/test_thread_invariance.py's fp32 MLP too)."""
+    CPU) unless strict CNR is on: sdcli sets MKL_CBWR on import (the fp32 MLP test below failed there before)."""
     torch.manual_seed(0)
     x, w = torch.randn(512, 5120), torch.randn(1280, 5120) * 0.05
     with torch.inference_mode():
