@@ -17,7 +17,7 @@ from torch import nn
 from sdcli.models import fused_linear, unet
 
 BF16_ULP = 2.0**-8  # one bf16 rounding is at most half of 2^-7 of the value's binade
-ONEDNN_BF16 = fused_linear._onednn_bf16()
+ONEDNN_BF16 = fused_linear.device.cpu_onednn_bf16()
 needs_onednn_bf16 = pytest.mark.skipif(not ONEDNN_BF16, reason="oneDNN has no bf16 GEMM on this CPU (AVX2 only): "
                                        "the separate ops run there, as test_not_fused_where checks")
 
@@ -158,7 +158,7 @@ def test_not_fused_where(case, monkeypatch):
     if case == "switched off":
         monkeypatch.setenv(fused_linear.SWITCH_ENV, "0")
     if case == "no oneDNN bf16":
-        monkeypatch.setattr(fused_linear, "_onednn_bf16", lambda: False)
+        monkeypatch.setattr(fused_linear.device, "cpu_onednn_bf16", lambda: False)
     if case == "Linear subclass":  # as a GGUF's QuantizedLinear: its own forward, never oneDNN's post-op GEMM
         for owner, key in ((block.ff.net[0], "proj"), (block.ff.net, 2), (block.attn1.to_out, 0),
                            (block.attn2.to_out, 0)):  # fmt: skip

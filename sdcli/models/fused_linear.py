@@ -27,22 +27,14 @@ SDCLI_CPU_FUSED_LINEAR=0 switches it off (the A/B).
 from __future__ import annotations
 
 import os
-import platform
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
 from sdcli.quant.layers import holds_blocks
+from sdcli.runtime import device
 
 SWITCH_ENV = "SDCLI_CPU_FUSED_LINEAR"
-
-
-@lru_cache(maxsize=1)
-def _onednn_bf16() -> bool:
-    """x86-64 and oneDNN with native bf16 kernels: where the post-op GEMM was measured."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())  # fmt: skip
 
 
 def fusable(x: Tensor, linear: nn.Module) -> bool:
@@ -53,7 +45,7 @@ def fusable(x: Tensor, linear: nn.Module) -> bool:
     w = linear.weight
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in linear.parameters()))
     return ((quantized or w.dtype == torch.bfloat16) and w.device.type == "cpu" and not grad
-            and os.environ.get(SWITCH_ENV, "1") != "0" and _onednn_bf16())  # fmt: skip
+            and os.environ.get(SWITCH_ENV, "1") != "0" and device.cpu_onednn_bf16())  # fmt: skip
 
 
 def _dense(linear: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:

@@ -36,7 +36,6 @@ a time), as the freed weights require.
 from __future__ import annotations
 
 import os
-import platform
 import weakref
 from contextlib import contextmanager
 from functools import lru_cache
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from sdcli.models.layout import same_layout
-from sdcli.runtime.device import free_storage, pinned_heap, trim_heap
+from sdcli.runtime.device import cpu_onednn, cpu_onednn_bf16, free_storage, pinned_heap, trim_heap
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
 # The largest map packed, in pixels, per dtype: fp32 16x16 (at 512px the UNet's two deepest levels, 1280 channels);
@@ -57,13 +56,7 @@ _session: list[weakref.ref] | None = None  # the convolutions packed inside the 
 
 
 def packing_enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1") != "0" and _x86_onednn()
-
-
-@lru_cache(maxsize=1)
-def _x86_onednn() -> bool:
-    """oneDNN's brgemm convolution is what was measured, on x86-64; elsewhere (an Arm Mac's CPU) torch's path."""
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    return os.environ.get(SWITCH_ENV, "1") != "0" and cpu_onednn()
 
 
 @contextmanager
@@ -92,7 +85,7 @@ def packed_convs(device: torch.device):
 def _max_pixels(dtype: torch.dtype) -> float:
     """PACKED_MAX_PIXELS for `dtype`, 0 where it is not packed: bf16 only where oneDNN has bf16 kernels (AVX-512
     and up, where sdcli's `auto` runs bf16)."""
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not cpu_onednn_bf16():
         return 0
     return PACKED_MAX_PIXELS.get(dtype, 0)
 

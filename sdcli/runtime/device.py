@@ -68,6 +68,25 @@ def cpu_has_amx() -> bool:
     return bool(probe and probe())
 
 
+@lru_cache(maxsize=1)
+def cpu_onednn() -> bool:
+    """x86-64 with torch's oneDNN: where sdcli's oneDNN-specific CPU paths (packed convolutions, post-op linears)
+    were measured; elsewhere (an Arm Mac's CPU) torch's own ops run."""
+    import platform
+
+    import torch
+
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+@lru_cache(maxsize=1)
+def cpu_onednn_bf16() -> bool:
+    """cpu_onednn() with oneDNN's native bf16 kernels (AVX-512 and up: where sdcli's `auto` runs bf16)."""
+    import torch
+
+    return cpu_onednn() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _available(device: str) -> bool:
     import torch
 
