@@ -1,6 +1,7 @@
 """Attention at SD1.5's head dims (40 / 80) on the CPU: the ways to compute it, timed against a plain GEMM.
 
     python scripts/bench_attention.py                  # SD1.5 512x512 shapes, sdcli's default dtype, 2 threads
+    python scripts/bench_attention.py --dtype bf16 --shapes all --variants sdpa-flash   # every family, vs flash
     python scripts/bench_attention.py --dtype bf16     # (only where the CPU has native bf16)
     python scripts/bench_attention.py --threads 1 --reps 5
     python scripts/bench_attention.py --rehearse       # small shapes, 1 rep, seconds: checks the script end to end
@@ -9,7 +10,8 @@ Shapes (SD1.5 UNet at 512x512, CFG batch 2, 8 heads): self-attention at the 64x6
 at 32x32 (1024 tokens, head dim 80), and cross-attention on the 77 text tokens at both. Variants, each on the same
 q/k/v and compared with sdcli's output (exact, or the largest absolute difference):
 
-- sdcli: sdcli.models.unet.attention on (B, N, heads*d) tensors, as the UNet calls it (heads packed, SDPA);
+- sdcli: sdcli.models.unet.attention on (B, N, heads*d) tensors, as the UNet calls it (in bf16 on a CPU without
+  AMX models/cpu_attention.py's two GEMMs with the exponentials inside, else torch's SDPA on packed heads);
 - sdpa-flash / sdpa-math: torch's scaled_dot_product_attention on packed (B, H, N, d) heads, pinned to each CPU
   backend (sdpa_kernel); the efficient/cuDNN backends are CUDA-only and are reported as n/a;
 - sdpa-pad48 / sdpa-pad64: head dim zero-padded to 48 / 64 (scale kept at 1/sqrt(d): the zeros add nothing);
@@ -42,6 +44,12 @@ import torch.nn.functional as F  # noqa: E402
 # (name, batch, heads, query tokens, key tokens, head dim): SD1.5 at 512x512 with CFG (batch 2, 8 heads)
 SHAPES = [("self 64x64", 2, 8, 4096, 4096, 40), ("self 32x32", 2, 8, 1024, 1024, 80),
           ("cross 64x64", 2, 8, 4096, 77, 40), ("cross 32x32", 2, 8, 1024, 77, 80)]  # fmt: skip
+# --shapes all adds the other families' self-attention: SDXL at 1024x1024 (CFG; 10 heads of 64 at 64x64, 20 at
+# 32x32), SD3.5 Medium at 1024x1024 (CFG; 4096 image + 333 text tokens, 24 heads of 64), FLUX.1 at 1024x1024 (no
+# CFG; 4096 + 512 tokens, 24 heads of 128), and the VAE decoder's mid-block attention at 512x512 (one head of 512)
+OTHER_FAMILIES = [("sdxl 64x64", 2, 10, 4096, 4096, 64), ("sdxl 32x32", 2, 20, 1024, 1024, 64),
+                  ("sd3.5m 1024px", 2, 24, 4429, 4429, 64), ("flux 1024px", 1, 24, 4608, 4608, 128),
+                  ("vae 64x64", 1, 1, 4096, 4096, 512)]  # fmt: skip
 REHEARSE = [("self (small)", 2, 8, 256, 256, 40), ("self (small, d80)", 2, 8, 64, 64, 80),
             ("cross (small)", 2, 8, 256, 77, 40)]  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -259,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed calls per variant (best kept; default 3)")
     p.add_argument("--compile-timeout", type=float, default=60.0,
                    help="seconds torch.compile(flex_attention) may take before it is left out (0: skip it)")
+    p.add_argument("--shapes", choices=["sd15", "all"], default="sd15", help="all: also SDXL, SD3.5, FLUX, the VAE")
+    p.add_argument("--variants", help="comma-separated subset of the variants (sdcli always runs: the reference)")
     p.add_argument("--rehearse", action="store_true", help="small shapes, 1 rep: checks the script")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
@@ -271,8 +281,11 @@ def main(argv: list[str] | None = None) -> None:
 
     ok, flex = flex_compiles(dtype_name, a.compile_timeout, a.rehearse) if a.compile_timeout > 0 else (False, "skipped")
     fns = variants(with_flex=ok)
+    if a.variants:
+        fns = {name: fn for name, fn in fns.items() if name == "sdcli" or name in a.variants.split(",")}
+    shapes = REHEARSE if a.rehearse else SHAPES + (OTHER_FAMILIES if a.shapes == "all" else [])
     r = {"machine": machine(), "dtype": dtype_name, "threads": torch.get_num_threads(), "reps": a.reps, "flex": flex,
-         "shapes": [bench_shape(s, DTYPES[dtype_name], a.reps, fns) for s in (REHEARSE if a.rehearse else SHAPES)]}
+         "shapes": [bench_shape(s, DTYPES[dtype_name], a.reps, fns) for s in shapes]}
     table = render(r)
     print(table)
     if a.json:

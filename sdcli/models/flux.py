@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models import cpu_attention
 from sdcli.models.invariant import GELU, SiLU, gelu, silu
 from sdcli.quant.layers import linear_pieces, linear_rows, row_pieces
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
@@ -190,7 +191,7 @@ def apply_rope(x: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
 def attention(qkv: list[Tensor]) -> Tensor:
     """[q, k, v], each (B, H, N, D), q and k rotated (apply_rope) -> (B, N, H*D): softmax attention (BFL math.py).
     The list is emptied: q, k and v are freed before the heads are interleaved into the output's layout."""
-    out = F.scaled_dot_product_attention(*qkv)  # (B, H, N, D)
+    out = cpu_attention.scaled_dot_product(*qkv)  # (B, H, N, D)
     qkv.clear()
     return out.transpose(1, 2).flatten(2)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.models import fused_linear
+from sdcli.models import cpu_attention, fused_linear
 from sdcli.models.invariant import SiLU, gelu
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError
 
@@ -169,7 +169,7 @@ class SelfAttention(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, heads, T, d) each -> (B, T, heads * d); softmax scale 1/sqrt(d), no mask."""
     b, h, t, d = q.shape
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, h * d)
+    return cpu_attention.scaled_dot_product(q, k, v).transpose(1, 2).reshape(b, t, h * d)
 
 
 class Mlp(nn.Module):

@@ -14,7 +14,6 @@ Latent sides need not be powers of two: each upsampler resizes to its skip conne
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.models import fused_linear
+from sdcli.models import cpu_attention, fused_linear
 from sdcli.models.invariant import GroupNorm, PointwiseConv, SiLU, gelu
-from sdcli.runtime import device
 from sdcli.runtime.errors import BadInputError
 from sdcli.models.layout import run_layout, same_layout
 from sdcli.models.packed_conv import PackedConv2d
@@ -84,51 +82,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head attention on (B, N, heads*d) tensors; the one place to optimise later."""
     b, n, inner = q.shape
     d = inner // heads
-    # (B, N, H*d) -> (B, H, N, d), made contiguous: the CPU flash kernel runs its small-K (d = 40..64) GEMMs
-    # ~20% faster on packed heads than on strided views, and the three copies cost ~1% of the kernel
-    q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2).contiguous() for t in (q, k, v))
-    if _blocked_bf16(q, k):
-        out = _attention_bf16_blocks(q, k, v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+    q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d) views
+    if not cpu_attention.applies(q, k):  # the blocked path copies the heads itself
+        # the CPU flash kernel runs its small-K (d = 40..64) GEMMs ~20% faster on packed heads than on strided
+        # views, and the three copies cost ~1% of the kernel
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    out = cpu_attention.scaled_dot_product(q, k, v)  # (B, H, N, d)
     return out.transpose(1, 2).reshape(b, n, inner)
-
-
-BLOCKED_ATTENTION_ENV = "SDCLI_CPU_BLOCKED_ATTENTION"  # 1 / 0: force the blocked path / torch's flash kernel (A/B)
-BLOCK_QUERIES = 256  # query rows per block: a (256, 4096) bf16 score block is 2 MB, its softmax in the caches
-BLOCKED_MIN_KEYS = 4096  # SD1.x's 64x64 self-attention at 512px and up: measured faster there (docs/benchmarks.md)
-
-
-def _blocked_bf16(q: Tensor, k: Tensor) -> bool:
-    """bf16 on a CPU without AMX, head dim under 64 (SD1.x's 40), 4096+ keys, no autograd: `_attention_bf16_blocks`.
-    With AMX, torch's flash kernel runs its GEMMs on the tiles (brgemm) and is 2.4x faster than the blocks
-    (Sapphire Rapids-class, 2 threads: 82 vs 201 ms at 4096 tokens; docs/benchmarks.md, round 3)."""
-    forced = os.environ.get(BLOCKED_ATTENTION_ENV, "")
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] < 64
-            and k.shape[2] >= BLOCKED_MIN_KEYS and not torch.is_grad_enabled()
-            and forced != "0" and (forced == "1" or not device.cpu_has_amx()))  # fmt: skip
-
-
-def _attention_bf16_blocks(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Attention on (B, H, N, d) bf16 heads, one block of query rows at a time: scores = q k^T as a bf16 GEMM,
-    torch's softmax (fp32 inside, its fast exp), then v^T p^T (the (d, Nk) x (Nk, rows) form runs ~1.7x faster
-    than p v at d = 40). torch's CPU flash kernel reaches a third of the bf16 GEMM rate at head dim 40 (its
-    exponentials and per-block rescaling weigh more than the two thin GEMMs); OpenVINO's fused MHA runs SD1.5's
-    4096-token attention 2.2x faster (Zen 4, 2 threads). This runs it in ~0.7x the flash kernel's time, the UNet
-    call in 0.88-0.95x, a 1-thread render's step in 0.91x (docs/benchmarks.md, round 3). The scores are rounded to
-    bf16 before the softmax (the flash kernel keeps them in fp32): ~4x its error against fp32 attention, and the
-    image's PSNR against fp32 the same (40.6 vs 40.6 dB, 512px, 4 steps). Every op here is one result at any thread
-    count."""
-    b, heads, n, d = q.shape
-    out = torch.empty_like(q)
-    qs = (q.float() * d**-0.5).to(q.dtype)  # the scale folded into q: one rounding, not one per score
-    for i in range(b):
-        for h in range(heads):
-            kt, vt = k[i, h].t(), v[i, h].t()  # (d, Nk) views
-            for r in range(0, n, BLOCK_QUERIES):
-                p = torch.softmax(qs[i, h, r:r + BLOCK_QUERIES] @ kt, dim=-1)
-                out[i, h, r:r + BLOCK_QUERIES] = (vt @ p.t()).t()
-    return out
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

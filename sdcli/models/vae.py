@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.models import cpu_attention
 from sdcli.models.invariant import GroupNorm, PointwiseConv, silu
 from sdcli.models.layout import run_layout
 
@@ -52,7 +53,7 @@ def spatial_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Single-head attention over the pixels of (B, C, H, W) maps; the one place to optimise later."""
     b, c, h, w = q.shape
     q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (q, k, v))  # (B, 1, HW, C)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+    out = cpu_attention.scaled_dot_product(q, k, v)  # (B, 1, HW, C)
     return out.transpose(2, 3).reshape(b, c, h, w)
 
 
