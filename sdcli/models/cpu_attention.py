@@ -72,12 +72,14 @@ def _augmented(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]
     """[q / sqrt(d) | -shift | 0], [k | 1 | 0] (an even width for the bf16 kernels) and [v | 1]^T per head."""
     b, h, n, d = q.shape
     nk = k.shape[2]
-    qa = q.new_zeros(b, h, n, d + 2)
-    qa[..., :d] = q.float() * d**-0.5  # the scale folded into q: one rounding, not one per score
+    qa = q.new_empty(b, h, n, d + 2)
+    torch.mul(q, d**-0.5, out=qa[..., :d])  # the scale folded into q: one rounding, not one per score
     qa[..., d] = -(_score_bound(qa[..., :d].float(), k.float()) + MARGIN)
-    ka = k.new_zeros(b, h, nk, d + 2)
+    qa[..., d + 1] = 0
+    ka = k.new_empty(b, h, nk, d + 2)
     ka[..., :d] = k
     ka[..., d] = 1
+    ka[..., d + 1] = 0
     vt = v.new_empty(b, h, d + 1, nk)
     vt[:, :, :d] = v.transpose(-1, -2)
     vt[:, :, d] = 1
@@ -85,14 +87,16 @@ def _augmented(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def _score_bound(qs: Tensor, k: Tensor) -> Tensor:
-    """An upper bound on each query's largest score, (B, H, N): the smaller of |q| max|k| and, about the keys'
-    mean c, q.c + |q| max|k - c| (tight where the keys share a large common part, as activations do). Each
-    reduction is over a row or exact (float64 over bf16 values), so the bound is the same at any thread count."""
-    qn = qs.norm(dim=-1)
-    center = k.double().mean(-2, keepdim=True).float()  # (B, H, 1, d)
-    spread = (k - center).norm(dim=-1).amax(-1, keepdim=True)  # (B, H, 1)
-    plain = qn * k.norm(dim=-1).amax(-1, keepdim=True)
-    return torch.minimum(plain, (qs * center).sum(-1) + qn * spread)
+    """An upper bound on each query's largest score, (B, H, N), from fp32 qs and k (k is changed): the smaller of
+    |q| max|k| and, about the keys' mean c, q.c + |q| max|k - c| (tight where the keys share a large common part,
+    as activations do). Any c gives a bound, so c's rounding does not matter; every reduction is over one row,
+    or the keys' mean of each (head, channel): one result at any thread count."""
+    norm = torch.linalg.vector_norm
+    qn = norm(qs, dim=-1)
+    plain = qn * norm(k, dim=-1).amax(-1, keepdim=True)
+    center = k.mean(-2, keepdim=True)  # (B, H, 1, d)
+    spread = norm(k.sub_(center), dim=-1).amax(-1, keepdim=True)  # (B, H, 1)
+    return torch.minimum(plain, (qs @ center.transpose(-1, -2)).squeeze(-1) + qn * spread)
 
 
 def _block(qa: Tensor, ka: Tensor, vt: Tensor, into: Tensor) -> None:
