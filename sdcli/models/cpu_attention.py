@@ -59,10 +59,10 @@ def blocked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     qa, ka, vt = _augmented(q, k, v)
     sums = q.new_empty(b, h, d + 1, n)  # [o | l] per query, transposed: the second GEMM's natural output
     rows = max(64, BLOCK_SCORES // k.shape[2])
-    for i in range(b):
-        for j in range(h):
-            for r in range(0, n, rows):
-                _block(qa[i, j, r:r + rows], ka[i, j], vt[i, j], sums[i, j, :, r:r + rows])
+    heads = (t.flatten(0, 1).unbind(0) for t in (qa, ka, vt, sums))  # views made in one op each, not per block
+    for qh, kh, vh, into in zip(*heads):
+        for qb, ib in zip(qh.split(rows), into.split(rows, dim=1)):
+            _block(qb, kh, vh, ib)
     _redo_underflowed(qa, ka, vt, sums)
     out = sums[:, :, :d].float() / sums[:, :, d:].float()  # (B, H, d, N)
     return out.transpose(-1, -2).to(q.dtype).contiguous()
