@@ -12,6 +12,7 @@ q/k/v and compared with sdcli's output (exact, or the largest absolute differenc
 
 - sdcli: sdcli.models.unet.attention on (B, N, heads*d) tensors, as the UNet calls it (in bf16 on a CPU without
   AMX models/cpu_attention.py's two GEMMs with the exponentials inside, else torch's SDPA on packed heads);
+- exp-gemm: models/cpu_attention.py's two GEMMs (the exponentials inside the first) forced on, AMX or not;
 - sdpa-flash / sdpa-math: torch's scaled_dot_product_attention on packed (B, H, N, d) heads, pinned to each CPU
   backend (sdpa_kernel); the efficient/cuDNN backends are CUDA-only and are reported as n/a;
 - sdpa-pad48 / sdpa-pad64: head dim zero-padded to 48 / 64 (scale kept at 1/sqrt(d): the zeros add nothing);
@@ -59,6 +60,16 @@ def sdcli_attention(q, k, v, heads):
     from sdcli.models.unet import attention
 
     return attention(q, k, v, heads)
+
+
+def exp_gemm(q, k, v, heads):
+    """models/cpu_attention.py's two GEMMs wherever sdcli would run them (bf16; on an AMX CPU too, where sdcli
+    takes torch's flash kernel by default: what an AMX run compares)."""
+    from sdcli.models import cpu_attention
+
+    if q.dtype != torch.bfloat16:
+        raise ValueError("the exponentials-in-the-GEMM path is bf16 only")
+    return unpacked(cpu_attention.blocked(packed(q, heads), packed(k, heads), packed(v, heads)))
 
 
 def packed(t, heads):
@@ -146,7 +157,7 @@ def flex_compiled():
 def variants(with_flex: bool) -> dict:
     from torch.nn.attention import SDPBackend
 
-    out = {"sdcli": sdcli_attention, "sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
+    out = {"sdcli": sdcli_attention, "exp-gemm": exp_gemm, "sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION),
            "sdpa-math": sdpa_backend(SDPBackend.MATH), "sdpa-efficient": sdpa_backend(SDPBackend.EFFICIENT_ATTENTION),
            "sdpa-pad48": sdpa_padded(48), "sdpa-pad64": sdpa_padded(64), "gemm-chunk1024": gemm_chunked(1024),
            "gemm-chunk256": gemm_chunked(256), "gemm-head-chunk64": gemm_per_head(64),

@@ -57,7 +57,7 @@ def scaled_dot_product(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def blocked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The two-GEMM path on (B, H, N, d) bf16 heads -> (B, H, N, d), contiguous."""
+    """The two-GEMM path on (B, H, N, d) bf16 heads -> (B, H, N, d), a view of (B, N, H, d) memory."""
     b, h, n, d = q.shape
     qa, ka, vt = _augmented(q, k, v)
     sums = q.new_empty(b, h, d + 1, n)  # [o | l] per query, transposed: the second GEMM's natural output
@@ -67,8 +67,9 @@ def blocked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         for qb, ib in zip(qh.split(rows), into.split(rows, dim=1)):
             _block(qb, kh, vh, ib)
     _redo_underflowed(qa, ka, vt, sums, rows)
-    out = sums[:, :, :d].float() / sums[:, :, d:].float()  # (B, H, d, N)
-    return out.transpose(-1, -2).to(q.dtype).contiguous()
+    out = q.new_empty(b, n, h, d)  # the heads interleaved, as every caller lays them out next
+    torch.div(sums[:, :, :d], sums[:, :, d:], out=out.permute(0, 2, 3, 1))  # in fp32, rounded once
+    return out.transpose(1, 2)
 
 
 def _augmented(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
