@@ -109,6 +109,24 @@ def test_sd3s_mlp_runs_its_gelu_in_the_gemm():
         assert not torch.equal(got, mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh")))
 
 
+@needs_onednn_bf16
+def test_fluxs_mlps_run_their_gelu_in_the_gemm_piece_by_piece(monkeypatch):
+    """FLUX's MLP input projections go through row pieces of the weight (a GGUF weight is never dequantized whole):
+    each piece with the tanh GELU as its post-op, the same bits as one post-op GEMM over the whole weight."""
+    from sdcli.models import flux
+    from sdcli.quant import layers
+
+    monkeypatch.setattr(layers, "PIECE_BYTES", 256 * 64 * 2)  # 256-row pieces of the 64 -> 1024 weight
+    lin = layer(nn.Linear, 64, 1024)
+    x = torch.randn(2, 300, 64).bfloat16()
+    assert len(layers.row_pieces(lin, x, 0, 1024)) == 4
+    with torch.inference_mode():
+        got = layers.linear_pieces(lin, x, rows=flux.gelu_rows)
+        assert torch.equal(got, fused_linear.linear_gelu(x, lin, "tanh"))
+        assert torch.equal(flux.gelu_rows(lin, x, 256, 768), got[..., 256:768])
+        assert not torch.equal(got, F.gelu(lin(x), approximate="tanh"))
+
+
 def separate_geglu(m: unet.GEGLU, x: torch.Tensor) -> torch.Tensor:
     value, gate = m.proj(x).chunk(2, dim=-1)
     return value * F.gelu(gate)

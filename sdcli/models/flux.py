@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdcli.models import cpu_attention
+from sdcli.models import cpu_attention, fused_linear
 from sdcli.models.invariant import GELU, SiLU, gelu, silu
 from sdcli.quant.layers import linear_pieces, linear_rows, row_pieces
 from sdcli.runtime.errors import BadInputError, UnsupportedModelError, UsageError
@@ -316,10 +316,19 @@ class DoubleStreamBlock(nn.Module):
         return _mlp_residual(img, self.img_mlp, img_mod2), _mlp_residual(txt, self.txt_mlp, txt_mod2)
 
 
+def gelu_rows(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
+    """tanh-GELU of output features [start, stop) of layer(x): on a bf16 CPU the GELU runs inside the GEMM, as
+    SD3's MLP does (models/fused_linear.py); elsewhere after it, in place. Pieces are whole SIMD loops
+    (quant/layers.ROW_ALIGN), so GELU'ing each piece gives the bits of GELU'ing the whole."""
+    if fused_linear.fusable(x, layer):
+        return fused_linear.linear_gelu(x, layer, "tanh", (start, stop))
+    return gelu(linear_rows(layer, x, start, stop), inplace=True, approximate="tanh")
+
+
 def _mlp_residual(x: Tensor, mlp: nn.Module, mod2) -> Tensor:
     """One stream's gated, modulated MLP residual."""
     shift, scale, gate2 = mod2
-    hidden = gelu(linear_pieces(mlp[0], modulate(x, shift, scale)), inplace=True, approximate="tanh")
+    hidden = linear_pieces(mlp[0], modulate(x, shift, scale), rows=gelu_rows)
     return _fp16_safe(x + gate2 * linear_pieces(mlp[2], hidden))
 
 
@@ -358,8 +367,7 @@ class SingleStreamBlock(nn.Module):
         fused[..., :d] = attn
         del attn
         for start, stop in row_pieces(self.linear1, h, 3 * d, 3 * d + self.mlp_hidden):
-            mlp = linear_rows(self.linear1, h, start, stop)
-            fused[..., start - 2 * d : stop - 2 * d] = gelu(mlp, inplace=True, approximate="tanh")
+            fused[..., start - 2 * d : stop - 2 * d] = gelu_rows(self.linear1, h, start, stop)
         return fused
 
 

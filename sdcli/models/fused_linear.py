@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from sdcli.quant.layers import holds_blocks
+from sdcli.quant.layers import holds_blocks, weight_rows
 from sdcli.runtime import device
 
 SWITCH_ENV = "SDCLI_CPU_FUSED_LINEAR"
@@ -48,21 +48,19 @@ def fusable(x: Tensor, linear: nn.Module) -> bool:
             and os.environ.get(SWITCH_ENV, "1") != "0" and device.cpu_onednn_bf16())  # fmt: skip
 
 
-def _dense(linear: nn.Linear, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """The weight and bias the layer computes with: a GGUF layer's dequantized ones (valid until its next
-    dequantization, so used at once)."""
-    if holds_blocks(linear):
-        return linear._forward_weight(dtype), linear._bias(dtype)
-    return linear.weight, linear.bias
+def _dense(linear: nn.Linear, dtype: torch.dtype, rows: tuple[int, int] | None = None):
+    """The weight and bias (rows, default all) the layer computes with: a GGUF layer's dequantized ones."""
+    return weight_rows(linear, dtype, *(rows or (0, linear.out_features)))
 
 
 def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])  # (tokens, features): the 2-D GEMM oneDNN runs
 
 
-def linear_gelu(x: Tensor, linear: nn.Module, approximate: str = "none") -> Tensor:
-    """gelu(linear(x)) (`approximate` "none": erf, "tanh": SD3's MLP) with the GELU as a post-op (`fusable` holds)."""
-    w, b = _dense(linear, x.dtype)
+def linear_gelu(x: Tensor, linear: nn.Module, approximate: str = "none", rows: tuple[int, int] | None = None) -> Tensor:
+    """gelu(linear(x)) (`approximate` "none": erf, "tanh": SD3's and FLUX's MLPs) with the GELU as a post-op
+    (`fusable` holds); `rows`: only those output features (FLUX's MLPs, in pieces: quant/layers.row_pieces)."""
+    w, b = _dense(linear, x.dtype, rows)
     out = torch.ops.mkldnn._linear_pointwise(_rows(x), w, b, "gelu", [], approximate)
     return out.view(*x.shape[:-1], w.shape[0])
 

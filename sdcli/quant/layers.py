@@ -177,12 +177,14 @@ def linear_rows(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
     """Output features [start, stop) of `layer(x)` (a Linear or a QuantizedLinear) from those rows of its weight alone:
     a fused projection split into the parts a block uses one after the other never holds its whole output, nor
     (quantized) its whole dequantized weight. The GEMM of a row block gives the bits of the fused GEMM's columns."""
-    if holds_blocks(layer):
-        weight = layer._forward_weight(x.dtype, start, stop)
-    else:
-        weight = layer.weight[start:stop]
-    bias = None if layer.bias is None else layer.bias[start:stop].to(x.dtype)
-    return F.linear(x, weight, bias)
+    return F.linear(x, *weight_rows(layer, x.dtype, start, stop))
+
+
+def weight_rows(layer: nn.Linear, dtype: torch.dtype, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
+    """Rows [start, stop) of the weight and bias `layer` computes with in `dtype`: a QuantizedLinear's dequantized
+    ones, valid until its next dequantization (used at once, never kept)."""
+    weight = layer._forward_weight(dtype, start, stop) if holds_blocks(layer) else layer.weight[start:stop]
+    return weight, None if layer.bias is None else layer.bias[start:stop].to(dtype)
 
 
 
@@ -198,15 +200,17 @@ def row_pieces(layer: nn.Linear, x: Tensor, start: int, stop: int) -> list[tuple
     return [(a, min(a + rows, stop)) for a in range(start, stop, rows)]
 
 
-def linear_pieces(layer: nn.Linear, x: Tensor) -> Tensor:
-    """layer(x), from row pieces of the weight (row_pieces, linear_rows): a quantized weight is never dequantized
-    whole. Dense and quantized layers take the same path, so a GGUF renders the bytes of its dequantized weights."""
+def linear_pieces(layer: nn.Linear, x: Tensor, rows=None) -> Tensor:
+    """layer(x), from row pieces of the weight (row_pieces; `rows`, default linear_rows, computes each): a quantized
+    weight is never dequantized whole. Dense and quantized layers take the same path, so a GGUF renders the bytes
+    of its dequantized weights."""
+    rows = rows or linear_rows
     pieces = row_pieces(layer, x, 0, layer.out_features)
     if len(pieces) == 1:
-        return linear_rows(layer, x, 0, layer.out_features)
+        return rows(layer, x, 0, layer.out_features)
     out = x.new_empty(*x.shape[:-1], layer.out_features)
     for start, stop in pieces:
-        out[..., start:stop] = linear_rows(layer, x, start, stop)
+        out[..., start:stop] = rows(layer, x, start, stop)
     return out
 
 
