@@ -2,7 +2,7 @@
 
 The UNet's transformer blocks follow three of their linear layers with a memory-bound element-wise op: GEGLU's
 projection with gelu(gate) * value, and the attention output and feed-forward projections with the residual add;
-SD3's MLP follows its first layer with a tanh GELU.
+SD3's and FLUX's MLPs follow their first layer with a tanh GELU (FLUX's in row pieces of the weight: flux.gelu_rows).
 Run apart, each op reads and writes the whole activation again (GEGLU also copies its gate out of the projection):
 at 4096 tokens that is several 21-42 MB passes per block. oneDNN applies such ops to the GEMM's fp32 accumulator
 before it stores the result (`torch.ops.mkldnn._linear_pointwise`, the op inductor's CPU fusion emits): GEGLU
@@ -10,7 +10,8 @@ becomes two GEMMs (gate with a GELU post-op, then value with a multiply-by-gate 
 with an add post-op. OpenVINO's CPU plugin fuses the same way.
 
 Measured (Sapphire Rapids-class with AMX, 2 threads, bf16): GEGLU 0.50x the time at 4096 tokens, 0.63x at 1024,
-0.89x at 256; the residual projections 0.57-0.95x; SD3.5 Medium's MLP 0.82x at 512px, 0.93x at 1024px
+0.89x at 256; the residual projections 0.57-0.95x; SD3.5 Medium's MLP 0.82x at 512px, 0.93x at 1024px; FLUX's
+3072 -> 12288 projection with its GELU 0.88x at 1024px (Zen 5)
 (docs/benchmarks.md). The results are more exact, not less: one
 bf16 rounding where the separate ops took two or three (GEGLU's largest error against fp32 0.045 vs 0.076; the
 projections' about half), so these are not the same bits as the separate ops, and the image moves within the bf16
