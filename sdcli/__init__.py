@@ -1,19 +1,10 @@
 """sdcli: Stable Diffusion from the command line, in plain PyTorch."""
 
 import os
-import platform
+
+from sdcli.runtime.device import intel_cpu
 
 __version__ = "0.1.0"
-
-
-def _intel_cpu() -> bool:
-    """Whether this is an Intel CPU, from the first lines of /proc/cpuinfo (Windows: the processor string)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return "GenuineIntel" in f.read(512)
-    except OSError:
-        return "GenuineIntel" in platform.processor()
-
 
 # One result at any CPU thread count from torch's fp32 GEMMs (MKL on x86): on Intel CPUs MKL otherwise splits long
 # sums (K of 5120+) over threads, so an fp32 render at 2 threads differed from 1 (Sapphire Rapids-class, 2026-12).
@@ -21,5 +12,5 @@ def _intel_cpu() -> bool:
 # at its first call, so it is set here, before sdcli runs any (a caller's own setting wins). Not on AMD CPUs: there
 # MKL gives one result at any count by itself, and with MKL_CBWR set (any value) a GEMM of 2 rows moved at 3
 # threads (Zen 5, 2026-12; the time embedding's Linear under CFG).
-if _intel_cpu():
+if intel_cpu():
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

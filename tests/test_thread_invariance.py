@@ -301,13 +301,11 @@ def test_fp32_gemms_give_one_result_at_every_count(m, k, n):
 
 
 def test_sdcli_asks_mkl_for_one_order_on_intel_and_leaves_a_callers_choice():
-    import sdcli
-
     code = "import os, sdcli; print(os.environ.get('MKL_CBWR'))"
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
     run = partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, check=True)
     intel = "GenuineIntel" in Path("/proc/cpuinfo").read_text()
-    assert sdcli._intel_cpu() == intel
+    assert device.intel_cpu() == intel
     assert run(env=env).stdout.strip() == ("AUTO,STRICT" if intel else "None")
     assert run(env={**env, "MKL_CBWR": "COMPATIBLE"}).stdout.strip() == "COMPATIBLE"
 

@@ -17,10 +17,10 @@ sum is under MIN_SUM is done again with its true maximum as the shift. No step s
 count (without AMX oneDNN does not split a GEMM's sum between threads), so the result is the same at any count.
 Measured against torch's flash kernel (Zen 5, 2 threads, bf16; docs/benchmarks.md): 0.40x the time at SD1.5's 4096
 tokens (d = 40: 52% of the bf16 GEMM rate, flash 21%), 0.37x at SDXL's (d = 64), 0.45x at SD3.5's and FLUX's
-1024px attention, 0.33x in the VAE (d = 512); a UNet call 0.72x, a FLUX step 0.79x, an SD3.5 Medium step 0.67x. The
-error against fp32 attention is below that of the bf16-score softmax blocks this replaced, above flash's (o and l are rounded to bf16
-before the division); the image's PSNR against fp32 40.0 dB. Cross-attention on 77 text tokens stays with torch's
-kernel (as fast there).
+1024px attention, 0.33x in the VAE (d = 512); a UNet call 0.72x, a FLUX step 0.79x, an SD3.5 Medium step 0.67x.
+The error against fp32 attention is below that of the bf16-score softmax blocks this replaced and above flash's
+(o and l are rounded to bf16 before the division); the image's PSNR against fp32 40.0 dB. Cross-attention on 77
+text tokens stays with torch's kernel (as fast there).
 `SDCLI_CPU_BLOCKED_ATTENTION=0` / `=1` forces torch's kernel / this path (also with AMX, where torch's flash kernel
 runs its GEMMs on the tiles and is the default).
 """

@@ -321,7 +321,7 @@ def gelu_rows(layer: nn.Linear, x: Tensor, start: int, stop: int) -> Tensor:
     SD3's MLP does (models/fused_linear.py); elsewhere after it, in place. Pieces are whole SIMD loops
     (quant/layers.ROW_ALIGN), so GELU'ing each piece gives the bits of GELU'ing the whole."""
     if fused_linear.fusable(x, layer):
-        return fused_linear.linear_gelu(x, layer, "tanh", (start, stop))
+        return fused_linear.linear_gelu(x, layer, "tanh", start, stop)
     return gelu(linear_rows(layer, x, start, stop), inplace=True, approximate="tanh")
 
 

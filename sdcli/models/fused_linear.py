@@ -11,13 +11,12 @@ with an add post-op. OpenVINO's CPU plugin fuses the same way.
 
 Measured (Sapphire Rapids-class with AMX, 2 threads, bf16): GEGLU 0.50x the time at 4096 tokens, 0.63x at 1024,
 0.89x at 256; the residual projections 0.57-0.95x; SD3.5 Medium's MLP 0.82x at 512px, 0.93x at 1024px; FLUX's
-3072 -> 12288 projection with its GELU 0.88x at 1024px (Zen 5)
-(docs/benchmarks.md). The results are more exact, not less: one
-bf16 rounding where the separate ops took two or three (GEGLU's largest error against fp32 0.045 vs 0.076; the
-projections' about half), so these are not the same bits as the separate ops, and the image moves within the bf16
-guard. How the GEMM is split between threads is oneDNN's own choice (its inner-product primitive here, its matmul
-for the plain layer): without AMX neither splits a sum by thread count (168 shapes probed with oneDNN held to its
-AVX512-BF16 kernels); with AMX both do for some shapes, the known gap the README names.
+3072 -> 12288 projection with its GELU 0.88x at 1024px (Zen 5) (docs/benchmarks.md). The results are more exact,
+not less: one bf16 rounding where the separate ops took two or three (GEGLU's largest error against fp32 0.045 vs
+0.076; the projections' about half), so these are not the same bits as the separate ops, and the image moves
+within the bf16 guard. How the GEMM is split between threads is oneDNN's own choice (its inner-product primitive
+here, its matmul for the plain layer): without AMX neither splits a sum by thread count (168 shapes probed with
+oneDNN held to its AVX512-BF16 kernels); with AMX both do for some shapes, the known gap the README names.
 
 Where: bf16 tensors on an x86-64 CPU whose oneDNN has bf16 kernels (AVX512-BF16, AMX: where `auto` runs bf16), no
 autograd, a plain nn.Linear or a GGUF's QuantizedLinear (its dequantized weight: a GGUF renders the bytes of its
@@ -49,19 +48,15 @@ def fusable(x: Tensor, linear: nn.Module) -> bool:
             and os.environ.get(SWITCH_ENV, "1") != "0" and device.cpu_onednn_bf16())  # fmt: skip
 
 
-def _dense(linear: nn.Linear, dtype: torch.dtype, rows: tuple[int, int] | None = None):
-    """The weight and bias (rows, default all) the layer computes with: a GGUF layer's dequantized ones."""
-    return weight_rows(linear, dtype, *(rows or (0, linear.out_features)))
-
-
 def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])  # (tokens, features): the 2-D GEMM oneDNN runs
 
 
-def linear_gelu(x: Tensor, linear: nn.Module, approximate: str = "none", rows: tuple[int, int] | None = None) -> Tensor:
+def linear_gelu(x: Tensor, linear: nn.Module, approximate: str = "none", start: int = 0, stop: int | None = None):
     """gelu(linear(x)) (`approximate` "none": erf, "tanh": SD3's and FLUX's MLPs) with the GELU as a post-op
-    (`fusable` holds); `rows`: only those output features (FLUX's MLPs, in pieces: quant/layers.row_pieces)."""
-    w, b = _dense(linear, x.dtype, rows)
+    (`fusable` holds); only output features [start, stop) (FLUX's MLPs run in pieces: quant/layers.row_pieces).
+    A GGUF layer computes with its dequantized weight (quant/layers.weight_rows)."""
+    w, b = weight_rows(linear, x.dtype, start, linear.out_features if stop is None else stop)
     out = torch.ops.mkldnn._linear_pointwise(_rows(x), w, b, "gelu", [], approximate)
     return out.view(*x.shape[:-1], w.shape[0])
 
@@ -69,7 +64,7 @@ def linear_gelu(x: Tensor, linear: nn.Module, approximate: str = "none", rows: t
 def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
     """value * gelu(gate), with [value | gate] = proj(x) (erf GELU): two post-op GEMMs (`fusable` holds)."""
     inner = proj.out_features // 2
-    w, b = _dense(proj, x.dtype)
+    w, b = weight_rows(proj, x.dtype, 0, proj.out_features)
     bv, bg = (None, None) if b is None else (b[:inner], b[inner:])
     rows = _rows(x)
     gate = torch.ops.mkldnn._linear_pointwise(rows, w[inner:], bg, "gelu", [], "none")
@@ -84,6 +79,6 @@ def linear_add(x: Tensor, linear: nn.Module, residual: Tensor | None) -> Tensor:
     same_shape = residual.shape == (*x.shape[:-1], linear.out_features)
     if not fusable(x, linear) or residual.dtype != torch.bfloat16 or not same_shape:
         return residual + linear(x)
-    w, b = _dense(linear, x.dtype)
+    w, b = weight_rows(linear, x.dtype, 0, linear.out_features)
     out = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual.contiguous()), w, b, "add")
     return out.view(residual.shape)

@@ -83,11 +83,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d) views
-    if not cpu_attention.applies(q, k):  # the blocked path copies the heads itself
+    if cpu_attention.applies(q, k):
+        out = cpu_attention.blocked(q, k, v)  # (B, H, N, d); it copies the heads into its own layout
+    else:
         # the CPU flash kernel runs its small-K (d = 40..64) GEMMs ~20% faster on packed heads than on strided
         # views, and the three copies cost ~1% of the kernel
-        q, k, v = (t.contiguous() for t in (q, k, v))
-    out = cpu_attention.scaled_dot_product(q, k, v)  # (B, H, N, d)
+        out = F.scaled_dot_product_attention(*(t.contiguous() for t in (q, k, v)))
     return out.transpose(1, 2).reshape(b, n, inner)
 
 

@@ -4,6 +4,7 @@ bf16 natively (AVX512-BF16 or AMX), else fp32. fp16 on a CPU is never chosen: it
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,6 +42,20 @@ def native_bf16_from_cpuinfo(text: str | None) -> bool:
     return False
 
 
+def cpuinfo() -> str | None:
+    """/proc/cpuinfo's text; None where there is none (macOS, Windows). Its readers cache what they derive."""
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU (/proc/cpuinfo's vendor_id; elsewhere, Windows' processor string)."""
+    text = cpuinfo()
+    return "GenuineIntel" in (text if text is not None else platform.processor())
+
+
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), or when SDCLI_CPU_BF16 says so."""
@@ -50,11 +65,7 @@ def cpu_has_native_bf16() -> bool:
     if forced:
         raise UsageError(f"{FORCE_BF16_ENV}={forced!r}: use 1 (treat the CPU as bf16-native), 0 (as fp32-only) "
                          "or leave it unset")
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = None
-    return native_bf16_from_cpuinfo(text)
+    return native_bf16_from_cpuinfo(cpuinfo())
 
 
 @lru_cache(maxsize=1)
