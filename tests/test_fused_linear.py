@@ -38,27 +38,51 @@ def layer(cls, *args, seed: int = 0):
 @pytest.fixture(autouse=True)
 def _on(monkeypatch):
     monkeypatch.delenv(fused_linear.SWITCH_ENV, raising=False)
+    monkeypatch.delenv(fused_linear.BINARY_ENV, raising=False)
     saved = torch.get_num_threads()
     yield
     torch.set_num_threads(saved)
 
 
+def binary(monkeypatch, on: bool) -> None:
+    monkeypatch.setenv(fused_linear.BINARY_ENV, "1" if on else "0")
+
+
 @needs_onednn_bf16
-def test_geglu_is_one_rounding_of_the_fp32_gate_and_product():
+@pytest.mark.parametrize("post_op", [True, False], ids=["binary post-op", "in place"])
+def test_geglu_is_the_fp32_gelu_of_the_gate_rounded_once(post_op, monkeypatch):
+    """The gate is gelu of the fp32 accumulator, rounded once; the product is the value's post-op (one rounding)
+    or, without binary post-ops, the bf16 value times the gate in place (the value rounded first)."""
+    binary(monkeypatch, post_op)
     m = layer(unet.GEGLU, 64, 128)
     x = torch.randn(2, 300, 64).bfloat16()
     with torch.inference_mode():
         got = m(x).float()
     w, b = m.proj.weight.float(), m.proj.bias.float()
     value, gate = F.linear(x.float(), w, b).chunk(2, dim=-1)
-    emulated = bf16(value * bf16(F.gelu(gate)))  # the gate stored as bf16, the product rounded once
+    emulated = bf16((value if post_op else bf16(value)) * bf16(F.gelu(gate)))
     scale = float(emulated.abs().max())
     assert float((got - emulated).abs().max()) <= BF16_ULP * scale
     exact = value * F.gelu(gate)
     with torch.inference_mode():
         separate = separate_geglu(m, x).float()
-    assert float((got - exact).abs().max()) <= float((separate - exact).abs().max())
-    assert not torch.equal(got, separate)  # the fused path ran
+    if post_op:
+        assert float((got - exact).abs().max()) <= float((separate - exact).abs().max())
+    assert not torch.equal(got, separate)  # the GELU ran on the fp32 accumulator, not on the rounded gate
+
+
+@needs_onednn_bf16
+def test_binary_post_ops_only_with_amx(monkeypatch):
+    """Measured faster only there (models/fused_linear.py); the switch forces either way."""
+    monkeypatch.setattr(fused_linear.device, "cpu_has_amx", lambda: True)
+    assert fused_linear.binary_post_ops()
+    binary(monkeypatch, False)
+    assert not fused_linear.binary_post_ops()
+    monkeypatch.setattr(fused_linear.device, "cpu_has_amx", lambda: False)
+    monkeypatch.delenv(fused_linear.BINARY_ENV)
+    assert not fused_linear.binary_post_ops()
+    binary(monkeypatch, True)
+    assert fused_linear.binary_post_ops()
 
 
 @needs_onednn_bf16
@@ -134,7 +158,8 @@ def separate_geglu(m: unet.GEGLU, x: torch.Tensor) -> torch.Tensor:
 
 @needs_onednn_bf16
 @pytest.mark.parametrize("k, n", [(64, 64), (256, 64)])
-def test_linear_add_is_one_rounding_of_the_fp32_sum(k, n):
+def test_linear_add_is_one_rounding_of_the_fp32_sum(k, n, monkeypatch):
+    binary(monkeypatch, True)
     lin = layer(nn.Linear, k, n)
     x, residual = torch.randn(2, 300, k).bfloat16(), torch.randn(2, 300, n).bfloat16()
     with torch.inference_mode():
@@ -147,10 +172,26 @@ def test_linear_add_is_one_rounding_of_the_fp32_sum(k, n):
 
 
 @needs_onednn_bf16
-def test_fused_layers_are_one_result_at_every_thread_count():
+@pytest.mark.parametrize("k, n", [(64, 64), (256, 64)])
+def test_linear_add_without_binary_post_ops_is_the_separate_ops(k, n, monkeypatch):
+    """oneDNN's plain GEMM is torch's linear, bit for bit; the add then runs in place on its output."""
+    binary(monkeypatch, False)
+    lin = layer(nn.Linear, k, n)
+    x, residual = torch.randn(2, 300, k).bfloat16(), torch.randn(2, 300, n).bfloat16()
+    with torch.inference_mode():
+        got = fused_linear.linear_add(x, lin, residual)
+        assert torch.equal(got, residual + lin(x))
+        assert torch.equal(fused_linear.linear_add(x, lin, residual.transpose(0, 1).contiguous().transpose(0, 1)),
+                           got)  # a strided residual  # fmt: skip
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("post_op", [True, False], ids=["binary post-op", "in place"])
+def test_fused_layers_are_one_result_at_every_thread_count(post_op, monkeypatch):
     """Nothing of ours depends on the thread count (one oneDNN call per layer, no chunking). At these small shapes
     (K <= 128) no CPU measured splits the GEMM's sum between threads; at larger ones oneDNN's AMX kernels do, for
     the fused and the plain layers alike (the known gap: README, tests/test_thread_invariance.py)."""
+    binary(monkeypatch, post_op)
     m, lin = layer(unet.GEGLU, 64, 128), layer(nn.Linear, 128, 64)
     x, residual = torch.randn(2, 256, 64).bfloat16(), torch.randn(2, 256, 64).bfloat16()
     outs = []

@@ -18,6 +18,13 @@ within the bf16 guard. How the GEMM is split between threads is oneDNN's own cho
 here, its matmul for the plain layer): without AMX neither splits a sum by thread count (168 shapes probed with
 oneDNN held to its AVX512-BF16 kernels); with AMX both do for some shapes, the known gap the README names.
 
+The binary post-ops (GEGLU's product, the residual add) pay only with AMX. Without it (Zen 5, AVX512-BF16) oneDNN's
+binary post-op made its GEMM slower than the GEMM alone plus a separate in-place pass: at 4096 tokens, 2 threads, in
+a UNet call, GEGLU 29.6 against 25.0 ms, the K = 320 projections with the add 4.3 against ~3.4 ms. There GEGLU's
+value is a plain GEMM multiplied by the gate in place (the gate keeps its GELU post-op: an eltwise post-op costs
+little), and the projections are the plain GEMM with the residual added in place: the separate ops' bits, faster.
+`binary_post_ops()` picks; SDCLI_CPU_BINARY_POST_OPS=1 / =0 forces it either way (the A/B).
+
 Where: bf16 tensors on an x86-64 CPU whose oneDNN has bf16 kernels (AVX512-BF16, AMX: where `auto` runs bf16), no
 autograd, a plain nn.Linear or a GGUF's QuantizedLinear (its dequantized weight: a GGUF renders the bytes of its
 dequantized float file). Elsewhere, the separate ops, as before.
@@ -35,6 +42,7 @@ from sdcli.quant.layers import holds_blocks, weight_rows
 from sdcli.runtime import device
 
 SWITCH_ENV = "SDCLI_CPU_FUSED_LINEAR"
+BINARY_ENV = "SDCLI_CPU_BINARY_POST_OPS"
 
 
 def fusable(x: Tensor, linear: nn.Module) -> bool:
@@ -46,6 +54,12 @@ def fusable(x: Tensor, linear: nn.Module) -> bool:
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in linear.parameters()))
     return ((quantized or w.dtype == torch.bfloat16) and w.device.type == "cpu" and not grad
             and os.environ.get(SWITCH_ENV, "1") != "0" and device.cpu_onednn_bf16())  # fmt: skip
+
+
+def binary_post_ops() -> bool:
+    """Whether GEGLU's product and the residual add run as the GEMM's binary post-op (AMX; see the module's text)."""
+    forced = os.environ.get(BINARY_ENV, "")
+    return forced == "1" or (forced != "0" and device.cpu_has_amx())
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -62,23 +76,30 @@ def linear_gelu(x: Tensor, linear: nn.Module, approximate: str = "none", start: 
 
 
 def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
-    """value * gelu(gate), with [value | gate] = proj(x) (erf GELU): two post-op GEMMs (`fusable` holds)."""
+    """value * gelu(gate), with [value | gate] = proj(x) (erf GELU): two GEMMs, the gate's with the GELU as its
+    post-op, the value's with the product as its post-op where `binary_post_ops`, else in place (`fusable` holds)."""
     inner = proj.out_features // 2
     w, b = weight_rows(proj, x.dtype, 0, proj.out_features)
     bv, bg = (None, None) if b is None else (b[:inner], b[inner:])
     rows = _rows(x)
     gate = torch.ops.mkldnn._linear_pointwise(rows, w[inner:], bg, "gelu", [], "none")
-    out = torch.ops.mkldnn._linear_pointwise.binary(rows, gate, w[:inner], bv, "mul")
+    if binary_post_ops():
+        out = torch.ops.mkldnn._linear_pointwise.binary(rows, gate, w[:inner], bv, "mul")
+    else:  # the value rounded to bf16, then the product in place: one more rounding than the post-op
+        out = torch.ops.mkldnn._linear_pointwise(rows, w[:inner], bv, "none", [], "").mul_(gate)
     return out.view(*x.shape[:-1], inner)
 
 
 def linear_add(x: Tensor, linear: nn.Module, residual: Tensor | None) -> Tensor:
-    """residual + linear(x), the add inside the GEMM where `fusable` holds; just linear(x) without a residual."""
+    """residual + linear(x), the add inside the GEMM where `fusable` and `binary_post_ops` hold (else in place on
+    the GEMM's fresh output); just linear(x) without a residual."""
     if residual is None:
         return linear(x)
     same_shape = residual.shape == (*x.shape[:-1], linear.out_features)
     if not fusable(x, linear) or residual.dtype != torch.bfloat16 or not same_shape:
         return residual + linear(x)
     w, b = weight_rows(linear, x.dtype, 0, linear.out_features)
+    if not binary_post_ops():  # the separate ops' bits (oneDNN's GEMM is torch's linear), the add in place
+        return torch.ops.mkldnn._linear_pointwise(_rows(x), w, b, "none", [], "").view(residual.shape).add_(residual)
     out = torch.ops.mkldnn._linear_pointwise.binary(_rows(x), _rows(residual.contiguous()), w, b, "add")
     return out.view(residual.shape)
