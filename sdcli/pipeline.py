@@ -407,12 +407,14 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
         if callback is not None:
             callback(i, total, x_i, denoised)
 
-    # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap, unless its
-    # weights are GGUF blocks (memory first: device.sampling_heap), which dequantize into one reused buffer instead;
-    # a DiT's heap is then trimmed after each block (a UNet's blocks leave little: SD1.5 Q8_0 at 512 px kept 0.06 GB
-    # less trimmed, at +5% per step, where a FLUX.1 block at 1024 px left up to 0.24 GiB)
-    hold = not any(holds_blocks(m) for m in net.modules())
-    trimmed = () if hold or kind == DEFAULT.denoiser else _blocks(net)
+    # the part is built by now (under the pinned heap thresholds); its steps then reuse one held heap, unless the
+    # run chose memory (device.sampling_heap): GGUF blocks, which dequantize into one reused buffer instead, and
+    # --offload. A DiT's heap is then trimmed after each block (a FLUX.1 block at 1024 px left up to 0.24 GiB), and
+    # under --offload a UNet's too (SDXL at 1024 px: the held heap grew 0.5 GB over a call whose largest live set
+    # is ~0.3 GB); a GGUF UNet's blocks alone leave little (SD1.5 Q8_0 at 512 px: 0.06 GB less, at +5% per step)
+    offload = models.parts.policy == "offload"
+    hold = not (offload or any(holds_blocks(m) for m in net.modules()))
+    trimmed = () if hold or (kind == DEFAULT.denoiser and not offload) else _blocks(net)
     heap = sampling_heap(x.device, hold, blocks=trimmed)
     # CPU: the large 3x3 convolutions (fp32: of small maps) run on weights packed once, unpacked on the way out,
     # after the heap is pinned again (the plain weights then get mappings of their own, as at the load)
