@@ -12,7 +12,10 @@ Modes, alternated call by call (base, geglu, packed, base, ...) on the same mode
 - packed: geglu plus the large 3x3 convolutions of maps <= 16x16 on weights packed once (models/packed_conv.py, what
   a render ran before the fused linears): a numerics change, its max relative error against base is printed;
 - fused: packed plus, in bf16, GEGLU and the residual adds inside oneDNN's GEMMs (models/fused_linear.py, what a
-  render runs; the modes before it run with SDCLI_CPU_FUSED_LINEAR=0).
+  render runs; the modes before it run with SDCLI_CPU_FUSED_LINEAR=0);
+- fused-binary / fused-inplace: fused with GEGLU's product and the residual add forced to oneDNN's binary post-op /
+  to an in-place pass after the plain GEMM (SDCLI_CPU_BINARY_POST_OPS=1 / 0; `fused` takes the CPU's default:
+  the post-op with AMX). On an AMX CPU: `--dtype bf16 --modes fused-binary,fused-inplace --rounds 6`.
 Wall and process CPU time per call (on a shared machine read the CPU time), best of the rounds; the output of
 every mode is compared with base's (torch.equal, else the max |difference| / max |base|).
 """
@@ -71,9 +74,15 @@ def main() -> None:
         """One UNet call in mode `name`; packed: in a packed_convs session (packed by a first, untimed call, as
         the first step of a render packs), the weights unpacked again after it."""
         unet_mod.GEGLU.forward = old_geglu if name == "base" else new_geglu
-        os.environ[fused_linear.SWITCH_ENV] = "1" if name == "fused" else "0"
-        with packed_convs(cpu) if name in ("packed", "fused") else contextlib.nullcontext():
-            if name in ("packed", "fused"):
+        fused = name.startswith("fused")
+        os.environ[fused_linear.SWITCH_ENV] = "1" if fused else "0"
+        binary = {"fused-binary": "1", "fused-inplace": "0"}.get(name)
+        if binary is None:
+            os.environ.pop(fused_linear.BINARY_ENV, None)
+        else:
+            os.environ[fused_linear.BINARY_ENV] = binary
+        with packed_convs(cpu) if name == "packed" or fused else contextlib.nullcontext():
+            if name == "packed" or fused:
                 unet(x, t, ctx)
             w, c = time.perf_counter(), time.process_time()
             out = unet(x, t, ctx)
