@@ -183,25 +183,6 @@ def test_offload_keeps_one_part_and_keep_keeps_all(tiny_sd1):  # noqa: F811
     assert all(parts == {"text": "cpu", "unet": "cpu", "vae": "cpu"} for parts in seen.values())
 
 
-@pytest.mark.parametrize("policy", ["keep", "lean", "offload"])
-def test_offload_samples_on_a_trimmed_heap(policy, tiny_sd1, monkeypatch):  # noqa: F811
-    """--offload chose memory: the sampling heap is not held, and is trimmed after each of the UNet's blocks; the
-    other policies hold it (runtime/device.sampling_heap)."""
-    calls = []
-    real = pipeline.sampling_heap
-
-    def spy(device, hold=True, blocks=()):
-        calls.append((hold, [type(b).__name__ for b in blocks]))
-        return real(device, hold, blocks)
-
-    monkeypatch.setattr(pipeline, "sampling_heap", spy)
-    models = load_models(tiny_sd1, residency=policy)
-    _stages(models)
-    unet = models.stage("unet")  # (offload let the sampled one go: a rebuilt one, the same structure)
-    blocks = [type(b).__name__ for b in (*unet.input_blocks, *unet.middle_block, *unet.output_blocks)]
-    assert calls == ([(False, blocks)] if policy == "offload" else [(True, [])])
-
-
 def test_offload_cli_run_never_holds_two_parts(tiny_sdxl, tiny_sdxl_refiner, tmp_path, monkeypatch):  # noqa: F811
     """Across a whole run with a refiner (two models, one group): at most one part in memory at any build."""
     most = []
