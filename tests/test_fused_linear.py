@@ -156,12 +156,16 @@ def separate_geglu(m: unet.GEGLU, x: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
+def linear_add_case(k: int, n: int):
+    """A (k -> n) layer, its input and a residual: (2, 300, .) bf16."""
+    return layer(nn.Linear, k, n), torch.randn(2, 300, k).bfloat16(), torch.randn(2, 300, n).bfloat16()
+
+
 @needs_onednn_bf16
 @pytest.mark.parametrize("k, n", [(64, 64), (256, 64)])
 def test_linear_add_is_one_rounding_of_the_fp32_sum(k, n, monkeypatch):
     binary(monkeypatch, True)
-    lin = layer(nn.Linear, k, n)
-    x, residual = torch.randn(2, 300, k).bfloat16(), torch.randn(2, 300, n).bfloat16()
+    lin, x, residual = linear_add_case(k, n)
     with torch.inference_mode():
         got = fused_linear.linear_add(x, lin, residual).float()
         separate = (residual + lin(x)).float()
@@ -176,8 +180,7 @@ def test_linear_add_is_one_rounding_of_the_fp32_sum(k, n, monkeypatch):
 def test_linear_add_without_binary_post_ops_is_the_separate_ops(k, n, monkeypatch):
     """oneDNN's plain GEMM is torch's linear, bit for bit; the add then runs in place on its output."""
     binary(monkeypatch, False)
-    lin = layer(nn.Linear, k, n)
-    x, residual = torch.randn(2, 300, k).bfloat16(), torch.randn(2, 300, n).bfloat16()
+    lin, x, residual = linear_add_case(k, n)
     with torch.inference_mode():
         got = fused_linear.linear_add(x, lin, residual)
         assert torch.equal(got, residual + lin(x))

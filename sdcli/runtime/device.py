@@ -195,9 +195,9 @@ def sampling_heap(device, hold: bool = True, blocks=()):
     thresholds (`fix_heap_threshold`), which come back when sampling ends, the heap trimmed. Allocation never
     changes a result's bits. `device`: the torch.device sampled on.
 
-    `hold` False (a denoiser of GGUF blocks: a run that chose memory) keeps the pinned thresholds (a held heap
-    kept +0.25 GiB of fragments beside a full-size FLUX.1 Q4_K block at 1024 px) and trims the heap after each
-    module of `blocks` (the network's blocks): left alone, the fragments one block's activations left behind
+    `hold` False (a denoiser of GGUF blocks, or --offload: a run that chose memory) keeps the pinned thresholds (a
+    held heap kept +0.25 GiB of fragments beside a full-size FLUX.1 Q4_K block at 1024 px) and trims the heap after
+    each module of `blocks` (the network's blocks): left alone, the fragments one block's activations left behind
     varied from 0 to 0.24 GiB under the next block's peak (FLUX.1 Q4_K, 1024 px, fp32), which is what put that
     render over 8 GB in one run of three. SDCLI_SAMPLING_HEAP=0 keeps the pinned thresholds without trimming
     (what scripts/bench_heap.py compares)."""
