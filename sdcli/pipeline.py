@@ -413,9 +413,9 @@ def _sample(models, plan, x, cond, uncond, noise, callback, extra=None, pin=None
     # under --offload a UNet's too (SDXL at 1024 px: the held heap grew 0.5 GB over a call whose largest live set
     # is ~0.3 GB); a GGUF UNet's blocks alone leave little (SD1.5 Q8_0 at 512 px: 0.06 GB less, at +5% per step)
     offload = models.parts.policy == "offload"
-    hold = not (offload or any(holds_blocks(m) for m in net.modules()))
-    trimmed = () if hold or (kind == DEFAULT.denoiser and not offload) else _blocks(net)
-    heap = sampling_heap(x.device, hold, blocks=trimmed)
+    quantized = any(holds_blocks(m) for m in net.modules())
+    trim = offload or (quantized and kind != DEFAULT.denoiser)
+    heap = sampling_heap(x.device, hold=not (offload or quantized), blocks=_blocks(net) if trim else ())
     # CPU: the large 3x3 convolutions (fp32: of small maps) run on weights packed once, unpacked on the way out,
     # after the heap is pinned again (the plain weights then get mappings of their own, as at the load)
     with torch.inference_mode(), token_merging(net, plan.token_merging), packed_convs(x.device), heap, \
