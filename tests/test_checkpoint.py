@@ -457,8 +457,9 @@ def test_stream_reads_pieces_into_final_dtype_and_layout(tmp_path, stored, targe
 
 def test_bf16_cpu_conv_weights_load_in_channels_last(tiny_sd1, monkeypatch):  # noqa: F811
     """On a bf16 CPU run the UNet's and VAE's conv weights are read straight into channels_last (the layout they
-    run in: converting them at the first call left the contiguous copies in the heap); fp32 stays contiguous,
-    and so does everything with SDCLI_CPU_CHANNELS_LAST=0."""
+    run in: converting them at the first call left the contiguous copies in the heap); fp32 too on an x86-64 CPU;
+    everything stays contiguous with SDCLI_CPU_CHANNELS_LAST=0."""
+    from sdcli.runtime.device import cpu_onednn
     from sdcli.loading.checkpoint import load_models
 
     def layouts(models):
@@ -467,6 +468,7 @@ def test_bf16_cpu_conv_weights_load_in_channels_last(tiny_sd1, monkeypatch):  # 
         return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs}
 
     assert layouts(load_models(tiny_sd1, dtype=torch.bfloat16)) == {True}
-    assert layouts(load_models(tiny_sd1, dtype=torch.float32)) == {False}
+    assert layouts(load_models(tiny_sd1, dtype=torch.float32)) == {cpu_onednn()}
     monkeypatch.setenv("SDCLI_CPU_CHANNELS_LAST", "0")
     assert layouts(load_models(tiny_sd1, dtype=torch.bfloat16)) == {False}
+    assert layouts(load_models(tiny_sd1, dtype=torch.float32)) == {False}

@@ -25,6 +25,8 @@ from sdcli.models import packed_conv
 from sdcli.models.invariant import gelu
 from sdcli.models.packed_conv import PackedConv2d, packed_convs
 from sdcli.models.unet import GEGLU
+from sdcli.runtime import device
+from sdcli.runtime.device import cpu_onednn
 
 THREADS = (1, 2, 3, 4)
 CPU = torch.device("cpu")
@@ -78,21 +80,23 @@ def test_packed_matches_torch_and_threads(small_weights, cin, cout, hw, stride):
 
 
 @pytest.mark.parametrize("hw", [8, 64])
-def test_bf16_packed_where_onednn_has_bf16_the_same_bytes(small_weights, hw):
-    """bf16 (channels_last, as a bf16 CPU runs the UNet): packed at any map size where oneDNN has bf16 kernels
-    (AVX-512 and up), and then the very bytes of torch's own path, which runs the same brgemm kernel on a weight
-    reordered at every call; channels_last out, one result at every thread count. Elsewhere: torch's path."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_channels_last_packed_at_any_size_the_same_bytes(small_weights, hw, dtype):
+    """channels_last maps (as a CPU runs the UNet in bf16 and fp32): packed at any map size, bf16 where oneDNN has
+    bf16 kernels (AVX-512 and up), and then the very bytes of torch's own path, which runs the same brgemm kernel on
+    a weight reordered at every call; channels_last out, one result at every thread count. Elsewhere: torch's path."""
     cl = torch.channels_last
-    m = conv(64, 96).to(torch.bfloat16, memory_format=cl)
+    m = conv(64, 96).to(dtype, memory_format=cl)
     saved = m.weight.clone()
-    x = torch.randn(2, 64, hw, hw).to(torch.bfloat16, memory_format=cl)
+    x = torch.randn(2, 64, hw, hw).to(dtype, memory_format=cl)
     with torch.inference_mode(), packed_convs(CPU):
         outs = []
         for t in THREADS:
             torch.set_num_threads(t)
             outs.append(m(x))
             assert torch.equal(outs[-1], plain(m, x, saved)), f"{t} threads"
-        assert (m._packed is not None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        has_kernels = torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else cpu_onednn()
+        assert (m._packed is not None) == has_kernels
     assert outs[0].is_contiguous(memory_format=cl)
     for t, o in zip(THREADS, outs):
         assert torch.equal(o, outs[0]), f"{t} threads"
@@ -138,7 +142,7 @@ def test_torch_outside_a_session_and_when_switched_off(small_weights, monkeypatc
 def test_not_packed_where_it_does_not_apply(small_weights):
     m = conv(16, 16)
     with torch.inference_mode(), packed_convs(CPU):
-        big = torch.randn(1, 16, 32, 32)  # above PACKED_MAX_PIXELS
+        big = torch.randn(1, 16, 32, 32)  # a contiguous map above PACKED_MAX_PIXELS
         assert torch.equal(m(big), plain(m, big))
         assert m._packed is None
         m.padding_mode = "circular"  # --seamless
@@ -211,7 +215,9 @@ def test_a_render_packs_and_leaves_the_weights_as_it_found_them(tiny_sd1, small_
     assert n_convs > 0 and len(set(packs)) == n_convs  # every UNet 3x3 convolution, once per sampling
     assert all(torch.equal(v, saved[k]) for k, v in unet.state_dict().items())
     assert all(m._packed is None for m in unet.modules() if isinstance(m, PackedConv2d))
-    monkeypatch.setenv(packed_conv.SWITCH_ENV, "0")
+    monkeypatch.setenv(packed_conv.SWITCH_ENV, "0")  # torch's own path: the direct kernel on contiguous maps
+    monkeypatch.setenv(device.SWITCH_ENV, "0")
+    models = load_models(tiny_sd1, dtype=torch.float32, device="cpu")
     reference = render()
     assert not torch.equal(packed, reference)  # the packed path did run (another summation order)
     assert close(packed, reference) < 1e-4

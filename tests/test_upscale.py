@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from sdcli.runtime.errors import BadInputError, NumericalError, OutOfMemoryError, UnsupportedModelError
 from sdcli.models.esrgan import CompactConfig, RRDBConfig, RRDBNet
+from sdcli.models.layout import wants_channels_last
 from sdcli.upscale.files import describe, inspect_upscaler, load_upscaler
 from sdcli.upscale.tiled import spans, upscale, upscale_pil
 
@@ -75,6 +76,16 @@ def levels(x: torch.Tensor) -> torch.Tensor:
 # --- the networks against spandrel -------------------------------------------------------------------------
 
 
+def spandrel_in_our_layout(spandrel, x: torch.Tensor) -> torch.Tensor:
+    """spandrel's network (a model, or its descriptor's call) run in the memory layout ours runs in here
+    (channels_last on an x86-64 CPU: layout.py), so that both run the same convolution kernels: then the same ops in
+    the same order give the same bits."""
+    if wants_channels_last(x):
+        getattr(spandrel, "model", spandrel).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return spandrel(x)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("case", list(RRDB_CASES))
 def test_rrdbnet_equals_spandrel(tmp_path, spandrel_oracle, case, suffix):
@@ -86,7 +97,7 @@ def test_rrdbnet_equals_spandrel(tmp_path, spandrel_oracle, case, suffix):
                                                                        theirs.output_channels) == (cfg.scale, 3, 3)
     x = smooth_image(13, 18)  # odd sizes: the unshuffle models pad (reflect) and crop as spandrel's model does
     with torch.no_grad():
-        a, b = ours.net(x), theirs.model(x)
+        a, b = ours.net(x), spandrel_in_our_layout(theirs.model, x)
     assert a.shape == (1, 3, 13 * cfg.scale, 18 * cfg.scale)
     assert torch.equal(a, b), f"fp32 max abs diff {(a - b).abs().max().item():.3g}"  # same ops in the same order
 
@@ -101,7 +112,7 @@ def test_compact_equals_spandrel(tmp_path, spandrel_oracle, case, suffix):
     assert (ours.scale, ours.input_channels, ours.output_channels) == (theirs.scale, 3, 3) == (cfg.scale, 3, 3)
     x = smooth_image(13, 18)
     with torch.no_grad():
-        a, b = ours.net(x), theirs.model(x)
+        a, b = ours.net(x), spandrel_in_our_layout(theirs.model, x)
     assert torch.equal(a, b), f"fp32 max abs diff {(a - b).abs().max().item():.3g}"
     assert (a - torch.nn.functional.interpolate(x, scale_factor=cfg.scale)).abs().mean() > 0.02  # not trivial
 
@@ -178,7 +189,7 @@ def test_untiled_upscale_equals_spandrel_call(tmp_path, spandrel_oracle):
     for path in (rrdb_file(tmp_path, "old-x4", ".pth")[0], compact_file(tmp_path, "compact-x4", ".safetensors")[0]):
         x = smooth_image(40, 36)
         ours = upscale(load_upscaler(path), x, tile=None)
-        theirs = spandrel_oracle.ModelLoader().load_from_file(path)(x)
+        theirs = spandrel_in_our_layout(spandrel_oracle.ModelLoader().load_from_file(path), x)
         assert (levels(ours) - levels(theirs)).abs().max() <= 1
         assert torch.equal(ours, theirs)  # measured: identical (one window is the direct call)
 

@@ -1,8 +1,12 @@
 """Memory layout of the convolutional models: channels_last where it measured faster, contiguous elsewhere.
 
 On a CPU in bf16 (oneDNN, AVX512-BF16/AMX) channels_last convolutions run 1.1-2.5x faster than contiguous ones
-(docs/benchmarks.md: UNet ResBlocks 0.78-0.90x the time, 1x1 projections 0.4x, VAE decode 0.93x). In fp32 it was
-within noise on AVX2 and would move the fp32 bytes, and on CUDA it was slower: those stay contiguous.
+(docs/benchmarks.md: UNet ResBlocks 0.78-0.90x the time, 1x1 projections 0.4x, VAE decode 0.93x). In fp32 on an
+x86-64 CPU too, since issue 31's round 4 (Zen 3, AVX2, alternated in one process): the UNet call 0.94-0.97x with
+every large 3x3 convolution on a packed weight (packed_conv.py: oneDNN's brgemm kernel, what OpenVINO runs; the
+transformer blocks' reshapes to tokens become free), the VAE decode ~0.86x, ESRGAN 0.7-0.9x. The fp32 results move
+by a few ulp (another summation order of the same convolutions; ~4e-6 of a UNet call's largest value). On CUDA it
+was slower, and an Arm CPU was not measured: those stay contiguous.
 """
 
 from __future__ import annotations
@@ -34,5 +38,9 @@ def run_layout(module: nn.Module, x: Tensor) -> Tensor:
 def same_layout(t: Tensor, like: Tensor) -> Tensor:
     """`t` in the memory format of `like` (a copy only when they differ): channels_last maps stay channels_last,
     and a contiguous run keeps its convolutions on contiguous inputs (the same fp32 bytes as ever)."""
-    cl = like.dim() == 4 and like.is_contiguous(memory_format=CHANNELS_LAST) and not like.is_contiguous()
-    return t.contiguous(memory_format=CHANNELS_LAST if cl else torch.contiguous_format)
+    return t.contiguous(memory_format=CHANNELS_LAST if is_channels_last(like) else torch.contiguous_format)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D map in channels_last memory (and not also contiguous, as a 1x1 map or one channel is)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=CHANNELS_LAST) and not t.is_contiguous()

@@ -1,5 +1,5 @@
-"""3x3 convolutions whose weight is packed once for oneDNN's brgemm kernel while a CPU samples (fp32 on small maps,
-bf16 on all).
+"""3x3 convolutions whose weight is packed once for oneDNN's brgemm kernel while a CPU samples (channels_last maps,
+what a CPU runs in fp32 and bf16, of any size; contiguous fp32 maps when small).
 
 torch runs an fp32 3x3 convolution on a contiguous map through oneDNN's direct kernel in 8-channel blocks and
 reorders the weight into that kernel's layout at every call: a 1280x1280x3x3 weight is 59 MB rewritten (out of the
@@ -19,15 +19,18 @@ sampling and the lean residency's release of the UNet, so that UNet goes without
 cold 512px SD1.5 render). Only a weight that owns its whole, resizable storage is packed
 (not a view into a shared or memory-mapped buffer).
 
-bf16 (channels_last maps, where oneDNN has bf16 kernels: AVX-512 and up): torch's own path already runs the brgemm
-kernel, on a weight reordered at every call; packed once, the same bytes, 0.45-0.79x the time per convolution on
-8x8 maps, 0.76-0.96x on 16x16, 0.98-1.0x on larger ones, the UNet call 0.94-0.97x (Zen 4, docs/benchmarks.md).
+channels_last maps (a CPU's fp32 and bf16 runs: layout.py; bf16 where oneDNN has bf16 kernels, AVX-512 and up):
+torch's own path already runs the brgemm kernel, on a weight reordered at every call; packed once, the same bytes,
+in bf16 0.45-0.79x the time per convolution on 8x8 maps, 0.76-0.96x on 16x16, 0.98-1.0x on larger ones, the UNet
+call 0.94-0.97x (Zen 4). In fp32 (Zen 3, AVX2) the UNet call channels_last with every large convolution packed took
+0.94-0.97x the time of the contiguous one with the small maps packed (docs/benchmarks.md, round 4).
 
 Where: fp32 or bf16 tensors on an x86-64 CPU (oneDNN's kernels, as measured), no autograd, zero padding (not
-`--seamless`'s circular), fp32 maps of at most PACKED_MAX_PIXELS pixels (on larger ones the direct kernel is as fast
-or faster) and weights of at least PACKED_MIN_BYTES (smaller ones stay in the caches; packing saves < 0.05 ms a call
-there). In fp32 the brgemm kernel sums in another order than the direct one: outputs move by a few ulp (~3e-6 of
-the largest value of a UNet call, an image PSNR of ~82 dB against torch's path: far inside the bf16 guard). The
+`--seamless`'s circular), channels_last maps of any size and contiguous fp32 maps of at most PACKED_MAX_PIXELS
+pixels (on larger contiguous ones the direct kernel is as fast or faster), weights of at least PACKED_MIN_BYTES
+(smaller ones stay in the caches; packing saves < 0.05 ms a call there). In fp32 the brgemm kernel sums in another
+order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image PSNR of
+~82 dB against torch's path: far inside the bf16 guard). The
 result does not depend on the thread count (tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0
 switches it off (torch's own path, the A/B). Calls are serialized per model (`sdcli serve` renders one request at
 a time), as the freed weights require.
@@ -43,12 +46,13 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from sdcli.models.layout import same_layout
+from sdcli.models.layout import is_channels_last, same_layout
 from sdcli.runtime.device import cpu_onednn, cpu_onednn_bf16, free_storage, pinned_heap, trim_heap
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
-# The largest map packed, in pixels, per dtype: fp32 16x16 (at 512px the UNet's two deepest levels, 1280 channels);
-# bf16 any size (the same bytes as torch's path, never slower: docs/benchmarks.md)
+# The largest contiguous map packed, in pixels, per dtype: fp32 16x16 (at 512px the UNet's two deepest levels, 1280
+# channels; a larger contiguous map runs as fast on the direct kernel), bf16 any size. channels_last maps (what a
+# CPU runs in bf16 and fp32: layout.py) are packed at any size: the brgemm kernel is torch's own path for them.
 PACKED_MAX_PIXELS = {torch.float32: 256, torch.bfloat16: float("inf")}
 PACKED_MIN_BYTES = 1 << 20  # 1 MiB of fp32 weight (~170 channels in and out)
 
@@ -82,12 +86,12 @@ def packed_convs(device: torch.device):
 
 
 @lru_cache(maxsize=None)
-def _max_pixels(dtype: torch.dtype) -> float:
-    """PACKED_MAX_PIXELS for `dtype`, 0 where it is not packed: bf16 only where oneDNN has bf16 kernels (AVX-512
-    and up, where sdcli's `auto` runs bf16)."""
-    if dtype == torch.bfloat16 and not cpu_onednn_bf16():
+def _max_pixels(dtype: torch.dtype, channels_last: bool) -> float:
+    """The largest map packed (PACKED_MAX_PIXELS; any size channels_last), 0 where `dtype` is not packed: bf16
+    only where oneDNN has bf16 kernels (AVX-512 and up, where sdcli's `auto` runs bf16)."""
+    if dtype not in PACKED_MAX_PIXELS or (dtype == torch.bfloat16 and not cpu_onednn_bf16()):
         return 0
-    return PACKED_MAX_PIXELS.get(dtype, 0)
+    return float("inf") if channels_last else PACKED_MAX_PIXELS[dtype]
 
 
 class PackedConv2d(nn.Conv2d):
@@ -109,13 +113,13 @@ class PackedConv2d(nn.Conv2d):
             x, self._packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "",
         )  # (B, C_out, H', W'), channels_last memory
-        return same_layout(out, x)  # contiguous for a contiguous map (fp32), as it is for a channels_last one
+        return same_layout(out, x)  # channels_last out of a channels_last map; contiguous out of a contiguous one
 
     def _packable(self, x: Tensor) -> bool:
         w = self.weight
         return (
             x.device.type == "cpu" and x.dtype == w.dtype
-            and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= _max_pixels(x.dtype)
+            and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= _max_pixels(x.dtype, is_channels_last(x))
             and w.numel() * w.element_size() >= PACKED_MIN_BYTES
             and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))

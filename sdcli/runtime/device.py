@@ -295,12 +295,14 @@ def _glibc():
         return None
 
 
-# SDCLI_CPU_CHANNELS_LAST=0 keeps bf16 CPU runs contiguous: scripts/bench.py measures the lever with it.
+# SDCLI_CPU_CHANNELS_LAST=0 keeps CPU runs contiguous: scripts/bench.py measures the lever with it.
 SWITCH_ENV = "SDCLI_CPU_CHANNELS_LAST"
 
 
 def prefers_channels_last(device, dtype) -> bool:
-    """Whether convolutional networks run channels_last here (models/layout.py says why: bf16 on a CPU only)."""
+    """Whether convolutional networks run channels_last here (models/layout.py says why): bf16 on a CPU, and fp32
+    on an x86-64 CPU (oneDNN's brgemm convolutions, where it was measured)."""
     import torch
 
-    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get(SWITCH_ENV, "1") != "0"
+    wanted = dtype == torch.bfloat16 or (dtype == torch.float32 and cpu_onednn())
+    return device.type == "cpu" and wanted and os.environ.get(SWITCH_ENV, "1") != "0"
