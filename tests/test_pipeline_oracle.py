@@ -47,6 +47,7 @@ from _fixtures_pipeline import clip_tokenizer_dir, one_thread, sd1_models, sd2_m
 from sdcli import pipeline as P
 from sdcli.sampling import schedule
 from sdcli.formats.images import pil_to_tensor, tensor_to_pil
+from sdcli.runtime.device import prefers_channels_last
 from sdcli.text.clip_tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,6 +98,15 @@ class Case:
         return {"sigmas": plan.sigmas.tolist()} if self.sampler == "euler" else {"num_inference_steps": self.steps}
 
 
+def in_our_layout(*modules: torch.nn.Module) -> None:
+    """diffusers' convolutional parts in the memory layout ours run in on this CPU (models/layout.py: channels_last
+    in fp32 on x86-64), so that both sides run the same convolution kernels and a comparison sees the pipelines'
+    differences, not two kernels' summation orders (a few ulp per convolution, compounding over steps)."""
+    if prefers_channels_last(torch.device("cpu"), torch.float32):
+        for m in modules:
+            m.to(memory_format=torch.channels_last)
+
+
 @pytest.fixture(scope="session")
 def diffusers_parts(tiny_sd1_diffusers, tiny_sd2_diffusers, clip_tokenizer_dir):  # noqa: F811
     """Components per family, loaded once; a pipeline is cheap to assemble around them."""
@@ -110,6 +120,7 @@ def diffusers_parts(tiny_sd1_diffusers, tiny_sd2_diffusers, clip_tokenizer_dir):
             vae=AutoencoderKL.from_pretrained(folder / "vae").eval(),
             text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
             tokenizer=tokenizer)
+        in_our_layout(parts[family]["unet"], parts[family]["vae"])
     return parts
 
 

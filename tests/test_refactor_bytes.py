@@ -31,7 +31,7 @@ from sdcli.formats.safetensors import read_header
 
 # A deliberate change of output bytes (a new infotext field, a numerics fix) moves this to the commit that made it;
 # a refactor never does.
-BASE_COMMIT = "27b30d1"  # issue 31 round 4: fp32 on an x86-64 CPU runs channels_last, its large 3x3 convolutions packed (a few ulp)
+BASE_COMMIT = "27b30d1"  # issue 31 round 4: fp32 on x86-64 runs channels_last, large 3x3 convolutions packed
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = """

@@ -27,8 +27,8 @@ from _fixtures_pipeline import clip_tokenizer_dir, one_thread  # noqa: F401
 from _fixtures_sdxl import tiny_sdxl, tiny_sdxl_dir, tiny_sdxl_refiner  # noqa: F401
 from test_checkpoint import header_of, read_tsv
 from test_models_sdxl import _config_folder
-from test_pipeline_oracle import (FinalLatents, assert_latents_close, assert_pixels_close, first_draws, init_image,
-                                  pixels, posterior_mean, unround_timesteps)  # noqa: F401
+from test_pipeline_oracle import (FinalLatents, assert_latents_close, assert_pixels_close, first_draws, in_our_layout,
+                                  init_image, pixels, posterior_mean, unround_timesteps)  # noqa: F401
 from sdcli.loading import checkpoint as ck
 from sdcli import pipeline as P
 from sdcli.app import live_preview, render
@@ -83,6 +83,7 @@ def xl(tiny_sdxl, tmp_path_factory, clip_tokenizer_dir):  # noqa: F811
     pipe = StableDiffusionXLPipeline.from_single_file(str(tiny_sdxl), config=str(config), local_files_only=True,
                                                       torch_dtype=torch.float32, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
+    in_our_layout(pipe.unet, pipe.vae)
     return pipe, ck.load_models(tiny_sdxl, dtype=torch.float32)
 
 
