@@ -2,8 +2,8 @@
 
 On a CPU in bf16 (oneDNN, AVX512-BF16/AMX) channels_last convolutions run 1.1-2.5x faster than contiguous ones
 (docs/benchmarks.md: UNet ResBlocks 0.78-0.90x the time, 1x1 projections 0.4x, VAE decode 0.93x). In fp32 on an
-x86-64 CPU too, since issue 31's round 4 (Zen 3, AVX2, alternated in one process): the UNet call 0.94-0.97x with
-every large 3x3 convolution on a packed weight (packed_conv.py: oneDNN's brgemm kernel, what OpenVINO runs; the
+x86-64 CPU too, since issue 31's round 4 (Zen 3, AVX2, alternated in one process): the UNet call a median 0.94x
+and 0.97x in two runs (1.04x in a third, the machine drifting), with every large 3x3 convolution on a packed weight (packed_conv.py: oneDNN's brgemm kernel, what OpenVINO runs; the
 transformer blocks' reshapes to tokens become free), the VAE decode ~0.86x, ESRGAN 0.7-0.9x. The fp32 results move
 by a few ulp (another summation order of the same convolutions; ~4e-6 of a UNet call's largest value). On CUDA it
 was slower, and an Arm CPU was not measured: those stay contiguous.

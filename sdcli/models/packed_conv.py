@@ -23,17 +23,17 @@ channels_last maps (a CPU's fp32 and bf16 runs: layout.py; bf16 where oneDNN has
 torch's own path already runs the brgemm kernel, on a weight reordered at every call; packed once, the same bytes,
 in bf16 0.45-0.79x the time per convolution on 8x8 maps, 0.76-0.96x on 16x16, 0.98-1.0x on larger ones, the UNet
 call 0.94-0.97x (Zen 4). In fp32 (Zen 3, AVX2) the UNet call channels_last with every large convolution packed took
-0.94-0.97x the time of the contiguous one with the small maps packed (docs/benchmarks.md, round 4).
+a median 0.94x and 0.97x the time of the contiguous one with the small maps packed (1.04x in a third run; oneDNN's
+convolution time per call 5.4-6.2 -> 5.1-5.2 s; docs/benchmarks.md, round 4).
 
 Where: fp32 or bf16 tensors on an x86-64 CPU (oneDNN's kernels, as measured), no autograd, zero padding (not
 `--seamless`'s circular), channels_last maps of any size and contiguous fp32 maps of at most PACKED_MAX_PIXELS
 pixels (on larger contiguous ones the direct kernel is as fast or faster), weights of at least PACKED_MIN_BYTES
 (smaller ones stay in the caches; packing saves < 0.05 ms a call there). In fp32 the brgemm kernel sums in another
 order than the direct one: outputs move by a few ulp (~3e-6 of the largest value of a UNet call, an image PSNR of
-~82 dB against torch's path: far inside the bf16 guard). The
-result does not depend on the thread count (tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0
-switches it off (torch's own path, the A/B). Calls are serialized per model (`sdcli serve` renders one request at
-a time), as the freed weights require.
+~82 dB against torch's path: far inside the bf16 guard). The result does not depend on the thread count
+(tests/test_packed_conv.py, 1-4 threads). SDCLI_CPU_PACKED_CONV=0 switches it off (torch's own path, the A/B).
+Calls are serialized per model (`sdcli serve` renders one request at a time), as the freed weights require.
 """
 
 from __future__ import annotations
