@@ -459,8 +459,8 @@ def test_bf16_cpu_conv_weights_load_in_channels_last(tiny_sd1, monkeypatch):  # 
     """On a bf16 CPU run the UNet's and VAE's conv weights are read straight into channels_last (the layout they
     run in: converting them at the first call left the contiguous copies in the heap); fp32 too on an x86-64 CPU;
     everything stays contiguous with SDCLI_CPU_CHANNELS_LAST=0."""
-    from sdcli.runtime.device import cpu_onednn
     from sdcli.loading.checkpoint import load_models
+    from sdcli.runtime.device import cpu_onednn
 
     def layouts(models):
         convs = [m.weight for part in (models.unet, models.vae) for m in part.modules()

@@ -10,7 +10,6 @@ import torch
 from sdcli.models import layout
 from sdcli.models.unet import UNetConfig, UNetModel
 from sdcli.models.vae import AutoencoderKL, VAEConfig
-from sdcli.runtime import device
 from sdcli.runtime.device import SWITCH_ENV, cpu_onednn
 
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True), num_heads=2,
@@ -61,7 +60,7 @@ def test_fp32_cpu_unet_channels_last_on_x86_within_ulps_of_contiguous(monkeypatc
     assert getattr(fast, "_channels_last", False) == cpu_onednn()
     assert all(w.is_contiguous(memory_format=torch.channels_last) == cpu_onednn() for w in _conv_weights(fast))
     assert out.is_contiguous()
-    monkeypatch.setenv(device.SWITCH_ENV, "0")
+    monkeypatch.setenv(SWITCH_ENV, "0")
     with torch.inference_mode():
         ref = plain(x, t, ctx)
     assert all(w.is_contiguous() for w in _conv_weights(plain))
@@ -77,7 +76,7 @@ def test_fp32_cpu_vae_channels_last_within_ulps_of_contiguous(monkeypatch):
         img = fast.decode(z)
     assert img.is_contiguous()
     assert all(w.is_contiguous(memory_format=torch.channels_last) == cpu_onednn() for w in _conv_weights(fast))
-    monkeypatch.setenv(device.SWITCH_ENV, "0")
+    monkeypatch.setenv(SWITCH_ENV, "0")
     with torch.inference_mode():
         ref = plain.decode(z)
     assert (img - ref).abs().max() / ref.abs().max() < 1e-5

@@ -26,7 +26,6 @@ from sdcli.models.invariant import gelu
 from sdcli.models.packed_conv import PackedConv2d, packed_convs
 from sdcli.models.unet import GEGLU
 from sdcli.runtime import device
-from sdcli.runtime.device import cpu_onednn
 
 THREADS = (1, 2, 3, 4)
 CPU = torch.device("cpu")
@@ -95,7 +94,7 @@ def test_channels_last_packed_at_any_size_the_same_bytes(small_weights, hw, dtyp
             torch.set_num_threads(t)
             outs.append(m(x))
             assert torch.equal(outs[-1], plain(m, x, saved)), f"{t} threads"
-        has_kernels = torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else cpu_onednn()
+        has_kernels = torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else device.cpu_onednn()
         assert (m._packed is not None) == has_kernels
     assert outs[0].is_contiguous(memory_format=cl)
     for t, o in zip(THREADS, outs):

@@ -14,7 +14,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from sdcli.runtime.device import prefers_channels_last
+from sdcli.runtime.device import is_channels_last, prefers_channels_last
 from sdcli.runtime.errors import BadInputError, NumericalError
 from sdcli.formats.safetensors import FLOAT_DTYPES, FP8_DTYPES
 from sdcli.formats.source import cast_copy_
@@ -89,7 +89,7 @@ def extremes(piece: Tensor) -> Tensor:
     float32 sum; on fp32, 0.08 against a sum's 0.03 ms (+0.05 s over an SD1.5 fp32 load: one check kept for all)."""
     if piece.numel() == 0:
         return torch.zeros(2, device=piece.device)
-    if piece.dim() == 4 and not piece.is_contiguous() and piece.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(piece):
         piece = piece.permute(0, 2, 3, 1)  # the same memory, in order: 7x faster than reducing across its strides
     lo, hi = torch.aminmax(piece)
     return torch.stack([lo.float(), hi.float()])

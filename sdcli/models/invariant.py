@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.runtime.device import is_channels_last
+
 GRAIN = 32768  # at::internal::GRAIN_SIZE: torch splits element-wise work into chunks of at least this many
 ALIGN = 256  # elements; a multiple of every SIMD loop's stride (2 vectors: 16 fp32 on AVX2 .. 64 bf16 on AVX512)
 GELU_SPLIT = 16384  # elements above which GELU's kernel splits into numel // threads-element chunks
@@ -218,7 +220,7 @@ def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | Non
     """F.group_norm; on a channels_last CPU map of GROUP_NORM_SPLIT+ pixels, with statistics summed in a fixed
     order (see _channels_last_stats) and applied by batch_norm's inference kernel (one rounding, as torch's)."""
     n, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = is_channels_last(x)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if x.device.type != "cpu" or grad or not cl or h * w < GROUP_NORM_SPLIT:
         return F.group_norm(x, groups, weight, bias, eps)

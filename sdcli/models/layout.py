@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdcli.runtime.device import prefers_channels_last
+from sdcli.runtime.device import is_channels_last, prefers_channels_last
 
 CHANNELS_LAST = torch.channels_last
 
@@ -40,7 +40,3 @@ def same_layout(t: Tensor, like: Tensor) -> Tensor:
     and a contiguous run keeps its convolutions on contiguous inputs (the same fp32 bytes as ever)."""
     return t.contiguous(memory_format=CHANNELS_LAST if is_channels_last(like) else torch.contiguous_format)
 
-
-def is_channels_last(t: Tensor) -> bool:
-    """A 4-D map in channels_last memory (and not also contiguous, as a 1x1 map or one channel is)."""
-    return t.dim() == 4 and t.is_contiguous(memory_format=CHANNELS_LAST) and not t.is_contiguous()

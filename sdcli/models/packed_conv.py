@@ -46,8 +46,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from sdcli.models.layout import is_channels_last, same_layout
-from sdcli.runtime.device import cpu_onednn, cpu_onednn_bf16, free_storage, pinned_heap, trim_heap
+from sdcli.models.layout import same_layout
+from sdcli.runtime.device import (cpu_onednn, cpu_onednn_bf16, free_storage, is_channels_last, pinned_heap,
+                                  trim_heap)
 
 SWITCH_ENV = "SDCLI_CPU_PACKED_CONV"
 # The largest contiguous map packed, in pixels, per dtype: fp32 16x16 (at 512px the UNet's two deepest levels, 1280

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdcli.runtime.device import is_channels_last
 from sdcli.runtime.errors import BadInputError
 from sdcli.quant.dequantize import dequantize
 from sdcli.quant.ggml_types import ggml_type
@@ -230,7 +231,7 @@ class QuantizedConv2d(_QuantizedWeight, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         w = self._forward_weight(x.dtype)
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if is_channels_last(x):
             # the layout a float model's weights have then (models/layout.py): the same kernels, the same bits
             w = w.contiguous(memory_format=torch.channels_last)
         return self._conv_forward(x, w, self._bias(x.dtype))

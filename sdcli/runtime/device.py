@@ -306,3 +306,10 @@ def prefers_channels_last(device, dtype) -> bool:
 
     wanted = dtype == torch.bfloat16 or (dtype == torch.float32 and cpu_onednn())
     return device.type == "cpu" and wanted and os.environ.get(SWITCH_ENV, "1") != "0"
+
+
+def is_channels_last(t) -> bool:
+    """A 4-D map in channels_last memory (and not also contiguous, as a 1x1 map or one channel is)."""
+    import torch
+
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
